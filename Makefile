@@ -1,0 +1,48 @@
+# loramux: two commands matter, `make demo` (the main job) and `make test` (what CI runs).
+# Both create .venv when absent, install torch first (the CPU build where no GPU is present, so no multi-GB
+# CUDA download), then this project with its dev extra, then fetch the model and BIG-bench assets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.loramux-installed
+# Where no NVIDIA GPU is present, torch 2.13.0 (the CPU build, where the registry offers it: set TORCH_INDEX to a
+# CPU wheel index such as PyTorch's own if yours only has CUDA builds). With a GPU, any torch the range admits.
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+TORCH_SPEC ?= $(if $(HAS_GPU),torch>=2.5$(comma)<2.15,torch==2.13.0)
+TORCH_INDEX ?=
+comma := ,
+PYTEST_ARGS ?=
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
+export WANDB_MODE ?= offline
+
+.PHONY: install assets test test-fast demo lint clean-venv
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+assets: $(STAMP)
+	$(BIN)/python -m data.fetch --model --bigbench
+
+test: assets
+	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not gpu and not slow and not slurm" $(PYTEST_ARGS)
+
+demo: assets
+	$(BIN)/python -m pipeline.reproduce experiment=demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean-venv:
+	rm -rf $(VENV)

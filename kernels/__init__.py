@@ -1,0 +1,14 @@
+"""The fused multi-LoRA op that every loramux stage shares.
+
+One call adds the routed LoRA deltas of an adapter bank to a base projection's output:
+
+    out[t] = base[t] + sum_k w[t, k] * s[a] * (x[t] @ A[a, :, :r[a]]) @ B[a, :r[a], :],   a = ids[t, k]
+
+``ids == -1`` marks an empty slot. Token routing (MeteoRA) passes ids/weights of shape [T, K]; sentence routing
+(DLP-LoRA) passes per-sequence ids/weights [S, K] plus ``seq_ids`` [T] naming each token's sequence, so the
+routing is never expanded per token. See ``kernels.reference`` for the readable definition.
+"""
+
+from kernels.op import multi_lora
+
+__all__ = ["multi_lora"]

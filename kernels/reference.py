@@ -1,0 +1,47 @@
+"""Plain-torch reference of the multi-LoRA op: readable first, it defines the semantics.
+
+Loops over adapters and routing slots, gathers the tokens routed to each, and ``index_add``s their deltas.
+Differentiable by ordinary autograd in every input (x, A, B, weights), so it is also the CPU path and the
+float64 oracle that the Triton kernels are tested against.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def expand_sequence_routing(ids: torch.Tensor, weights: torch.Tensor, seq_ids: torch.Tensor | None):
+    """Per-sequence routing [S, K] + seq_ids [T] -> per-token routing [T, K] (identity for token routing)."""
+    if seq_ids is None:
+        return ids, weights
+    return ids[seq_ids], weights[seq_ids]
+
+
+def multi_lora_reference(
+    x: torch.Tensor,  # [T, d_in]
+    base: torch.Tensor,  # [T, d_out], output of the frozen base projection
+    A: torch.Tensor,  # [L, d_in, R]
+    B: torch.Tensor,  # [L, R, d_out]
+    scales: torch.Tensor,  # [L] alpha / r per adapter
+    ranks: torch.Tensor,  # [L] int, r_a <= R; columns past r_a are ignored
+    ids: torch.Tensor,  # [T, K] or [S, K] int, -1 = empty slot
+    weights: torch.Tensor,  # same shape as ids
+    seq_ids: torch.Tensor | None = None,  # [T] int sequence index of each token, for sentence routing
+) -> torch.Tensor:
+    """Return ``base`` plus the routed LoRA deltas; accumulates in fp32 (or fp64 for fp64 inputs)."""
+    ids, weights = expand_sequence_routing(ids, weights, seq_ids)
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    out = base.to(acc_dtype)
+    xa = x.to(acc_dtype)
+    for a in range(A.shape[0]):
+        r = int(ranks[a])
+        if r == 0:
+            continue
+        for k in range(ids.shape[1]):
+            tok = (ids[:, k] == a).nonzero().squeeze(1)
+            if tok.numel() == 0:
+                continue
+            h = xa[tok] @ A[a, :, :r].to(acc_dtype)
+            delta = (h @ B[a, :r, :].to(acc_dtype)) * (scales[a].to(acc_dtype) * weights[tok, k, None].to(acc_dtype))
+            out = out.index_add(0, tok, delta)
+    return out.to(base.dtype)
