@@ -1,0 +1,28 @@
+"""Shared bits of the ``python -m pipeline.<stage>`` entry points: where conf/ is, how user errors end a run.
+
+A user error (unknown task, missing adapter, bad value) ends the process with ONE line on stderr naming the
+thing and the fix, and exit status 2: no traceback noise. Bugs still show their traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from pathlib import Path
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, KeyError, FloatingPointError)
+
+log = logging.getLogger("loramux")
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Turn a user-facing exception into ``error: <message>`` + exit status 2."""
+    try:
+        yield
+    except USER_ERRORS as e:
+        msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+        print(f"error: {msg.splitlines()[0] if msg else type(e).__name__}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None

@@ -1,0 +1,116 @@
+"""Stage ``finetune``: train one PEFT LoRA adapter per task (or the mixed LoRA-B adapter).
+
+    python -m pipeline.finetune experiment=demo task=arithmetic
+    python -m pipeline.finetune -m experiment=demo task=arithmetic,object_counting,lora_b   # a sweep
+
+The adapter (r, alpha, dropout, target modules: ``adapter=meteora|dlp``) is trained with answer-only loss for
+``trainer.max_steps`` steps at ``optim.lr``; validation loss is logged every ``trainer.val_check_interval``
+steps and once at the end (the run's main metric, for sweepers). The result is a standard PEFT directory
+(``adapter_config.json`` + ``adapter_model.safetensors``) written atomically twice: ``<run_dir>/adapter`` and
+``${paths.adapters_dir}/<task>``, the shared dir that ``route`` and ``evaluate`` read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.atomic import atomic_dir
+from pipeline.entry import CONF_DIR, user_errors
+from pipeline.stage import StageRun
+
+log = logging.getLogger(__name__)
+
+
+def _loaders(cfg: DictConfig, tokenizer):
+    from torch.utils.data import DataLoader
+
+    from pipeline.answer_batches import AnswerOnlyCollator, encode_pair
+    from pipeline.task_rows import rows_for
+
+    d, task, tasks = cfg.data, str(cfg.task), list(cfg.tasks)
+    enc = lambda rows: [encode_pair(tokenizer, r["prompt"], r["answer"], int(d.max_length), bool(d.append_eos))
+                        for r in rows]
+    train = enc(rows_for(task, tasks, d.train_split, d, int(cfg.seed), d.train_limit))
+    val = enc(rows_for(task, tasks, d.val_split, d, int(cfg.seed), d.val_limit))
+    if not train:
+        raise ValueError(f"task {task!r} has no training rows in split {d.train_split!r}; pick another task")
+    collate = AnswerOnlyCollator(tokenizer.pad_token_id)
+    bs = int(cfg.optim.batch_size)
+    train_dl = DataLoader(train, batch_size=bs, shuffle=True, collate_fn=collate, num_workers=int(d.num_workers))
+    val_dl = DataLoader(val, batch_size=bs, shuffle=False, collate_fn=collate) if val else None
+    return train_dl, val_dl, len(train), len(val)
+
+
+def save_adapter(peft_model, dest, meta: dict) -> Path:
+    """``save_pretrained`` into ``dest`` atomically, with ``loramux.json`` (task, base model, training facts)."""
+    with atomic_dir(dest) as tmp:
+        peft_model.save_pretrained(tmp)
+        (Path(tmp) / "loramux.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return Path(dest)
+
+
+def finetune(cfg: DictConfig) -> float | None:
+    """Train the adapter of ``cfg.task``; write it, metrics.json; return the final validation loss."""
+    from hydra.utils import instantiate
+    from peft import get_peft_model
+
+    from pipeline.lora_finetune import LoRAFinetuneModule
+
+    if cfg.get("task") in (None, ""):
+        raise ValueError(f"finetune needs task=<name> (one of {list(cfg.tasks)} or lora_b); "
+                         f"sweep them with -m task=a,b")
+    steps = int(cfg.trainer.max_steps)
+    if steps <= 0:
+        raise ValueError(f"trainer.max_steps={steps} must be > 0")
+    if int(cfg.adapter.r) <= 0:
+        raise ValueError(f"adapter.r={cfg.adapter.r} must be > 0")
+    task = str(cfg.task)
+    with StageRun(cfg) as run:
+        model, tokenizer = instantiate(cfg.model)
+        train_dl, val_dl, n_train, n_val = _loaders(cfg, tokenizer)
+        peft_model = get_peft_model(model, instantiate(cfg.adapter))
+        trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+        module = LoRAFinetuneModule(peft_model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+                                    warmup_steps=cfg.optim.warmup_steps, total_steps=steps)
+        trainer_kw = {"logger": run.tracker.lightning}
+        if val_dl is None:
+            trainer_kw.update(limit_val_batches=0)
+        elif int(cfg.trainer.val_check_interval) > steps:
+            trainer_kw.update(val_check_interval=steps)
+        trainer = instantiate(cfg.trainer, **trainer_kw)
+        peft_model.train()
+        t0 = time.perf_counter()
+        trainer.fit(module, train_dataloaders=train_dl, val_dataloaders=val_dl)
+        seconds = time.perf_counter() - t0
+        train_loss = trainer.callback_metrics.get("train/loss")
+        val_loss = None
+        if val_dl is not None:
+            val_loss = float(trainer.validate(module, dataloaders=val_dl, verbose=False)[0]["val/loss"])
+        meta = {"task": task, "tasks": list(cfg.tasks) if task == "lora_b" else [task],
+                "base_model": str(cfg.model.name_or_path), "steps": int(trainer.global_step),
+                "val_loss": val_loss, "adapter": OmegaConf.to_container(cfg.adapter, resolve=True)}
+        save_adapter(peft_model, run.run_dir / "adapter", meta)
+        shared = save_adapter(peft_model, Path(str(cfg.paths.adapters_dir)) / task, meta)
+        log.info("finetune: adapter for %s saved to %s", task, shared)
+        metrics = {"val_loss": val_loss, "train_loss": float(train_loss) if train_loss is not None else None,
+                   "steps": int(trainer.global_step), "train_rows": n_train, "val_rows": n_val,
+                   "trainable_params": trainable, "train_seconds": round(seconds, 3),
+                   "answer_tokens_per_s": round(module.answer_tokens / max(seconds, 1e-9), 2)}
+        return run.finish(tasks=[task], strategy="peft", metrics=metrics, main_metric="val_loss",
+                          extra={"adapter_dir": str(shared)})
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="finetune")
+def main(cfg: DictConfig) -> float | None:
+    with user_errors():
+        return finetune(cfg)
+
+
+if __name__ == "__main__":
+    main()

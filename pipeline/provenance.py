@@ -1,0 +1,52 @@
+"""Provenance: enough to tell where a number came from (code version, machine, library versions, date, seed)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+PACKAGES = ("torch", "transformers", "peft", "lightning", "hydra-core", "triton", "wandb", "datasets")
+
+
+def git_sha(cwd=None) -> str:
+    """The checkout's HEAD (``+dirty`` when tracked files changed), or ``unknown`` outside git."""
+    cwd = cwd or Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], check=False, cwd=cwd, capture_output=True, text=True,
+                             timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], check=False, cwd=cwd,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (sha + ("+dirty" if dirty else "")) if sha else "unknown"
+
+
+def device_name() -> str:
+    """``cuda:<GPU name>`` when CUDA is present, else ``cpu:<processor> x<cores>``."""
+    import os
+
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cuda:{torch.cuda.get_device_name(0)}"
+    return f"cpu:{platform.processor() or platform.machine()} x{os.cpu_count()}"
+
+
+def versions() -> dict[str, str]:
+    """Installed versions of the libraries whose behaviour shapes the numbers."""
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def provenance(seed) -> dict:
+    """The ``provenance`` block of every metrics.json."""
+    return {"git_sha": git_sha(), "device": device_name(), "versions": versions(),
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "seed": seed}

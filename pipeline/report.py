@@ -1,0 +1,100 @@
+"""Stage ``report``: every metrics.json of an experiment -> Markdown + CSV tables, PNG plots, wandb Tables.
+
+    python -m pipeline.report experiment=demo                 # reads outputs/demo/, writes outputs/demo/report.md
+    python -m pipeline.report source_dir=multirun/... out_dir=/tmp/r
+
+Reads only metrics.json files (wandb is a mirror, never the source): see ``pipeline.report_tables`` for which
+record feeds which table. Writes ``<out_dir>/report.md``, ``<out_dir>/tables/<name>.{md,csv}`` and
+``<out_dir>/plots/<name>.png``, logs each table as a wandb Table and each plot as an image, and its own
+metrics.json (number of records and tables) in its run dir.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from pipeline.atomic import atomic_write_text
+from pipeline.entry import CONF_DIR, user_errors
+from pipeline.metrics_file import find_metrics, read_metrics
+from pipeline.report_render import bar_plot, latency_plot, radar_plot, to_markdown, write_table_files
+from pipeline.report_tables import build_tables
+
+log = logging.getLogger(__name__)
+SKIP_STAGES = ("report", "reproduce")
+
+
+def collect_records(source_dir) -> list[dict]:
+    """Every valid metrics.json below ``source_dir`` except reports' own; a broken file is skipped loudly."""
+    source = Path(source_dir)
+    if not source.is_dir():
+        raise FileNotFoundError(f"report source_dir {str(source)!r} does not exist; run the experiment's stages "
+                                f"first (python -m pipeline.reproduce experiment=<name>) or set source_dir=")
+    records = []
+    for path in find_metrics(source):
+        try:
+            rec = read_metrics(path)
+        except ValueError as e:
+            log.warning("report: skipping %s", e)
+            continue
+        if rec["stage"] not in SKIP_STAGES:
+            rec["_path"] = str(path)
+            records.append(rec)
+    return records
+
+
+def render_report(records: list[dict], out_dir, title: str, tracker=None) -> tuple[Path, list]:
+    """Write tables, plots and report.md into ``out_dir``; mirror them to ``tracker``; return (report, tables)."""
+    out = Path(out_dir)
+    tables = build_tables(records)
+    parts = [f"# {title}", "", (f"{len(records)} result files, {len(tables)} tables. Each table is also in "
+                                "`tables/<name>.csv`; numbers come from the metrics.json files of this run."), ""]
+    for table in tables:
+        write_table_files(table, out)
+        plot = None
+        if table.name == "tasks":
+            plot = radar_plot(table, out / "plots" / "tasks_radar.png")
+        elif table.name.startswith("composite_"):
+            plot = bar_plot(table, out / "plots" / f"{table.name}.png")
+        elif table.name == "latency":
+            plot = latency_plot(table, out / "plots" / "latency.png")
+        parts.append(to_markdown(table))
+        if plot is not None:
+            parts.append(f"![{table.name}](plots/{plot.name})\n")
+        if tracker is not None:
+            tracker.log_table(f"report/{table.name}", table.columns, table.rows)
+            if plot is not None:
+                tracker.log_image(f"report/{table.name}_plot", plot)
+    if not tables:
+        parts.append("_No results yet: run finetune / evaluate / bench first._\n")
+    sources = sorted({r["provenance"].get("git_sha", "?") for r in records})
+    parts.append(f"\n<sub>git: {', '.join(sources) or '–'}</sub>\n")
+    report = atomic_write_text(out / "report.md", "\n".join(parts))
+    return report, tables
+
+
+def report(cfg: DictConfig) -> float | None:
+    """Build the report of ``cfg.source_dir`` into ``cfg.out_dir``; return the number of tables."""
+    from pipeline.stage import StageRun
+
+    with StageRun(cfg) as run:
+        records = collect_records(cfg.source_dir)
+        path, tables = render_report(records, cfg.out_dir, str(cfg.title), tracker=run.tracker)
+        print(f"report: {path.resolve()}")
+        tasks = sorted({t for r in records for t in r.get("tasks", [])})
+        return run.finish(tasks=tasks, strategy=None, main_metric="tables",
+                          metrics={"records": len(records), "tables": len(tables)},
+                          extra={"report": str(path), "table_names": [t.name for t in tables]})
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="report")
+def main(cfg: DictConfig) -> float | None:
+    with user_errors():
+        return report(cfg)
+
+
+if __name__ == "__main__":
+    main()

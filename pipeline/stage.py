@@ -1,0 +1,79 @@
+"""What every stage does around its own work: seed, show and save the config, track, write metrics.json.
+
+    with StageRun(cfg) as run:                       # seeds, prints the config tree, opens the tracker
+        trainer = instantiate(cfg.trainer, logger=run.tracker.lightning)
+        ...
+        return run.finish(tasks=[...], strategy="oracle", metrics={"main": 0.4}, main_metric="main")
+
+``finish`` writes ``<run_dir>/metrics.json`` atomically, mirrors the metrics to the tracker and returns the
+main metric, which the @hydra.main entry returns so sweepers (Optuna) can optimise it.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.config_tree import show_and_save_config
+from pipeline.metrics_file import write_metrics
+from pipeline.provenance import provenance
+
+log = logging.getLogger(__name__)
+
+
+def run_dir_of(cfg: DictConfig) -> Path:
+    """The run's output dir: ``paths.run_dir`` (Hydra's output dir under @hydra.main, set directly by tests)."""
+    return Path(str(cfg.paths.run_dir))
+
+
+def build_tracker(cfg: DictConfig):
+    """Instantiate ``cfg.logger`` (wandb / csv / none); a missing logger group means no tracking."""
+    from hydra.utils import instantiate
+
+    from pipeline.tracking import NullTracker
+
+    if cfg.get("logger") is None:
+        return NullTracker()
+    return instantiate(cfg.logger)
+
+
+class StageRun:
+    """One stage's run: seed + config tree + tracker on enter, metrics.json + main metric on ``finish``."""
+
+    def __init__(self, cfg: DictConfig, print_config: bool | None = None):
+        self.cfg = cfg
+        self.stage = str(cfg.stage)
+        self.run_dir = run_dir_of(cfg)
+        self.print_config = cfg.get("print_config", True) if print_config is None else print_config
+        self.tracker = None
+        self.finished = False
+
+    def __enter__(self) -> StageRun:  # noqa: PYI034
+        import lightning
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        lightning.seed_everything(int(self.cfg.seed), workers=True, verbose=False)
+        show_and_save_config(self.cfg, self.run_dir, print_tree=self.print_config)
+        self.tracker = build_tracker(self.cfg)
+        plain = OmegaConf.to_container(self.cfg, resolve=True, throw_on_missing=False)
+        plain.pop("hydra", None)
+        self.tracker.log_config(plain)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.tracker is not None:
+            self.tracker.finish()
+
+    def finish(self, *, tasks, strategy, metrics: dict, main_metric: str | None = None, rows=None,
+               extra: dict | None = None) -> float | None:
+        """Write metrics.json, mirror it to the tracker, return ``metrics[main_metric]`` (None without one)."""
+        path = write_metrics(self.run_dir, stage=self.stage, experiment=str(self.cfg.name), tasks=tasks,
+                             strategy=strategy, metrics=metrics, provenance=provenance(int(self.cfg.seed)),
+                             main_metric=main_metric, rows=rows, extra=extra)
+        self.tracker.log_metrics({f"{self.stage}/{k}": v for k, v in metrics.items()})
+        log.info("%s: wrote %s", self.stage, path)
+        self.finished = True
+        value = metrics.get(main_metric) if main_metric else None
+        return float(value) if value is not None else None
