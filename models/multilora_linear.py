@@ -1,0 +1,53 @@
+"""MultiLoRALinear: a frozen base ``nn.Linear`` plus the routed deltas of every adapter in the bank.
+
+    y = base(x) + sum_k w_k * s_a * (x @ A_a) @ B_a        computed by ``kernels.multi_lora`` in one call
+
+The layer owns no adapter weights: it reads its projection's stacked ``(A, B, scales, ranks)`` from the shared
+``AdapterBank`` on every call (so hot swaps need no rewiring) and asks the current router (``ctx.router``) for
+the route; ``None`` (the ``base`` strategy) returns the base output untouched. There is no per-adapter Python loop
+here: selection is data (``ids``/``weights``), compute is the kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kernels import multi_lora
+
+
+class MultiLoRALinear(nn.Module):
+    def __init__(self, base_layer: nn.Linear, module_name: str, ctx):
+        super().__init__()
+        self.base_layer = base_layer
+        self.module_name = module_name
+        object.__setattr__(self, "ctx", ctx)  # shared RouteContext (holds bank and router), not a submodule
+
+    # what HF code may read off a projection
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self):
+        return self.base_layer.bias
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        router = self.ctx.router
+        route = router.route(self.module_name, x) if router is not None else None
+        if route is None or len(self.ctx.bank) == 0:
+            return y
+        A, B, scales, ranks = route.tensors or self.ctx.bank.tensors(self.module_name)
+        return multi_lora(x, y, A, B, scales, ranks, route.ids, route.weights, route.seq_ids)
+
+    def extra_repr(self) -> str:
+        return f"{self.module_name}, adapters={len(self.ctx.bank)}"

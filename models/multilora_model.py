@@ -1,0 +1,231 @@
+"""MultiLoRAModel: one HF causal LM, one AdapterBank, one routing strategy chosen by name.
+
+    mm = MultiLoRAModel.from_adapters(model, {"a": dir_a, "b": dir_b}, router="oracle", tokenizer=tok)
+    out = mm(input_ids, attention_mask, labels=labels, task_ids=["a", "b"])     # HF output; loss (+ aux)
+    gen = mm.generate(input_ids, attention_mask=mask, task_ids=["a", "b"], max_new_tokens=8)
+    mm.set_router("meteora", top_k=2, temperature=1.0)      # same model and bank, new strategy
+    mm.set_trainable("gates")                                # -> the parameters to optimise
+    mm.save_router("routers/meteora"); mm.load_router("routers/meteora", temperature=30)
+
+Construction replaces every wrapped ``nn.Linear`` of ``model`` in place by a ``MultiLoRALinear`` and registers a
+forward pre-hook on ``model`` that tells the router a forward is starting (and whether it is a prefill); so the
+HF model's own ``model.generate`` works too, with the KV cache and batched left-padded inputs. Routing inputs
+(``task_ids``: adapter names or indices per sequence; ``route_mask``; ``force_gates``) are passed per call to
+``forward`` / ``generate`` or set persistently with ``set_routing``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from models.adapter_bank import AdapterBank
+from models.multilora_linear import MultiLoRALinear
+from models.router_checkpoint import align_router_state, read_router_checkpoint, save_router_checkpoint
+from models.router_dlp import DLPRouter, DLPSegmentRouter
+from models.router_fixed import BaseRouter, MergeRouter, OracleRouter, SingleAdapterRouter
+from models.router_meteora import MeteoraRouter
+from models.routing import RouteContext, Router, validate_task_ids
+
+METEORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DLP_TARGETS = ("q_proj", "v_proj")
+ROUTERS = {r.name: r for r in (OracleRouter, MeteoraRouter, DLPRouter, DLPSegmentRouter, SingleAdapterRouter,
+                               MergeRouter, BaseRouter)}
+TRAINABLE = ("none", "router", "gates", "adapters", "router+adapters", "gates+adapters")
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+class MultiLoRAModel(nn.Module):
+    """A causal LM whose wrapped projections add routed LoRA deltas from a shared, hot-swappable AdapterBank."""
+
+    def __init__(self, model: nn.Module, bank: AdapterBank, router: str | Router = "oracle", tokenizer=None,
+                 **router_kwargs):
+        super().__init__()
+        self.model = model
+        self.bank = bank
+        self.tokenizer = tokenizer
+        self.ctx = RouteContext()
+        self.ctx.bank, self.ctx.tokenizer = bank, tokenizer
+        for name in bank.modules_wrapped:
+            base = model.get_submodule(name)
+            if isinstance(base, MultiLoRALinear):
+                raise ValueError(f"{name} is already wrapped; build one MultiLoRAModel per base model")
+            _set_submodule(model, name, MultiLoRALinear(base, name, self.ctx))
+        self._hook = model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+        self.router: Router = BaseRouter(self.ctx)
+        self.set_router(router, **router_kwargs)
+
+    @classmethod
+    def from_adapters(cls, model, adapters, *, targets=None, router: str = "oracle", tokenizer=None,
+                      check_base_name: bool = True, **router_kwargs) -> "MultiLoRAModel":
+        """Build from PEFT LoRA dirs: ``adapters`` is ``{name: dir}`` or a list of dirs (names = dir names).
+
+        ``targets`` = projection names to wrap (e.g. ``METEORA_TARGETS``, ``DLP_TARGETS``); None wraps the union
+        of what the adapters touch. ``router`` and ``router_kwargs`` as in ``set_router``.
+        """
+        bank = AdapterBank.from_peft_dirs(model, adapters, targets, check_base_name=check_base_name)
+        return cls(model, bank, router, tokenizer, **router_kwargs)
+
+    # ---- strategy ----------------------------------------------------------------------------------------------
+    def build_router(self, name: str, **kwargs) -> Router:
+        """A fresh router of strategy ``name`` for this model and bank (not installed)."""
+        if name not in ROUTERS:
+            raise ValueError(f"router={name!r} is not known; choose one of {sorted(ROUTERS)}")
+        cls = ROUTERS[name]
+        try:
+            if issubclass(cls, DLPRouter):
+                return cls(self.ctx, self.model.get_input_embeddings(), **kwargs)
+            return cls(self.ctx, **kwargs)
+        except TypeError as e:
+            raise ValueError(f"router={name!r}: {e}") from None
+
+    def set_router(self, router: str | Router, **kwargs) -> Router:
+        """Switch the routing strategy: ``oracle | meteora | dlp | dlp_segments | lora_b | merge | base``.
+
+        meteora: top_k=2, temperature=1.0, aux_loss_coef=50.0 — dlp / dlp_segments: top_p=0.6,
+        fusion="softmax"|"renorm", hidden=1408, layers=4, dropout=0.0 — lora_b: adapter=<name> —
+        merge: mode="delta"|"linear". A ready ``Router`` instance is installed as is.
+        """
+        r = router if isinstance(router, Router) else self.build_router(router, **kwargs)
+        self.router = r
+        self.ctx.router = r
+        return r
+
+    @property
+    def strategy(self) -> str:
+        return self.router.name
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.bank.names)
+
+    def set_routing(self, task_ids=None, route_mask=None, force_gates: bool = False) -> None:
+        """Persistent routing inputs (used until changed): task per sequence (adapter names or indices; the oracle's
+        choice and the meteora / dlp training label), tokens the sentence router reads, forced one-hot gates."""
+        self.ctx.task_ids = validate_task_ids(task_ids, self.bank)
+        self.ctx.route_mask = route_mask
+        self.ctx.force_gates = bool(force_gates)
+
+    @contextlib.contextmanager
+    def routing(self, task_ids=None, route_mask=None, force_gates=None):
+        """Temporarily override routing inputs (None keeps the persistent value)."""
+        old = (self.ctx.task_ids, self.ctx.route_mask, self.ctx.force_gates)
+        if task_ids is not None:
+            self.ctx.task_ids = validate_task_ids(task_ids, self.bank)
+        if route_mask is not None:
+            self.ctx.route_mask = route_mask
+        if force_gates is not None:
+            self.ctx.force_gates = bool(force_gates)
+        try:
+            yield
+        finally:
+            self.ctx.task_ids, self.ctx.route_mask, self.ctx.force_gates = old
+
+    def _before_forward(self, module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        pkv = kwargs.get("past_key_values")
+        cache_pos = kwargs.get("cache_position")
+        if pkv is not None and hasattr(pkv, "get_seq_length"):
+            is_prefill = pkv.get_seq_length() == 0
+        elif cache_pos is not None:
+            is_prefill = int(cache_pos.reshape(-1)[0]) == 0
+        else:
+            is_prefill = pkv is None
+        self.router.begin_forward(input_ids, kwargs.get("attention_mask"), kwargs.get("inputs_embeds"), is_prefill)
+
+    # ---- compute -----------------------------------------------------------------------------------------------
+    def forward(self, input_ids=None, attention_mask=None, labels=None, task_ids=None, route_mask=None,
+                force_gates=None, **kwargs):
+        """HF forward with routing inputs. With ``labels`` and a router that has an auxiliary loss (meteora with
+        task_ids), ``out.loss = lm_loss + aux_loss_coef * aux_loss`` and ``out.lm_loss`` / ``out.aux_loss`` are set."""
+        with self.routing(task_ids, route_mask, force_gates):
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+            aux = self.router.aux_loss()
+        if aux is not None:
+            out["aux_loss"] = aux
+            if out.get("loss") is not None:
+                out["lm_loss"] = out["loss"]
+                out["loss"] = out["loss"] + self.router.aux_loss_coef * aux
+        return out
+
+    @torch.no_grad()
+    def generate(self, input_ids=None, attention_mask=None, task_ids=None, route_mask=None, **kwargs):
+        """``model.generate`` with routing inputs; sentence routers decide once per sequence at prefill."""
+        with self.routing(task_ids, route_mask, None):
+            return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    def last_route(self):
+        """``(ids [B, K], weights [B, K])`` a sentence router chose at the last prefill (None for token routers)."""
+        return getattr(self.router, "_seq", None)
+
+    # ---- training ----------------------------------------------------------------------------------------------
+    def set_trainable(self, which: str = "router") -> list[nn.Parameter]:
+        """Freeze everything, then unfreeze ``which``: none | router | gates | adapters | router+adapters |
+        gates+adapters ("gates" = the meteora router). Returns the trainable parameters."""
+        if which not in TRAINABLE:
+            raise ValueError(f"trainable={which!r} is not known; choose one of {TRAINABLE}")
+        self.requires_grad_(False)
+        if "router" in which or "gates" in which:
+            if "gates" in which and self.router.name != "meteora":
+                raise ValueError(f"trainable={which!r} needs router='meteora' (current: {self.router.name!r})")
+            if not self.router.trainable:
+                raise ValueError(f"router {self.router.name!r} has no parameters to train; use meteora or dlp")
+            self.router.requires_grad_(True)
+        if "adapters" in which:
+            for s in self.bank.slots.values():
+                s.A.requires_grad_(True)
+                s.B.requires_grad_(True)
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def router_loss(self, input_ids, attention_mask, task_ids) -> torch.Tensor:
+        """DLP router objective (CE on the task id), computed without the LM."""
+        if not isinstance(self.router, DLPRouter):
+            raise ValueError(f"router_loss is the dlp router's objective; router is {self.router.name!r} "
+                             "(meteora trains through forward(labels=..., task_ids=...))")
+        return self.router.classification_loss(input_ids, attention_mask, validate_task_ids(task_ids, self.bank))
+
+    # ---- hot swap ----------------------------------------------------------------------------------------------
+    def add_adapter(self, name: str, adapter_dir) -> None:
+        """Add a PEFT adapter as a new slot; routers with per-adapter rows get a fresh (untrained) row."""
+        old = self.adapter_names
+        self.bank.add(name, adapter_dir)
+        self.router.on_adapters_changed(old, self.adapter_names)
+
+    def replace_adapter(self, name: str, adapter_dir) -> None:
+        """Swap slot ``name``'s weights for another PEFT dir; routing rows stay."""
+        self.bank.replace(name, adapter_dir)
+
+    def remove_adapter(self, name: str) -> None:
+        old = self.adapter_names
+        self.bank.remove(name)
+        self.router.on_adapters_changed(old, self.adapter_names)
+
+    # ---- router checkpoints ------------------------------------------------------------------------------------
+    def save_router(self, directory):
+        """Save the current router (weights + strategy + config + adapter names) atomically into ``directory``."""
+        return save_router_checkpoint(directory, self.router.name, self.router.config(), self.router.state_dict(),
+                                      self.adapter_names, getattr(self.model.config, "name_or_path", None))
+
+    def load_router(self, directory, **overrides) -> Router:
+        """Install the router saved in ``directory``; ``overrides`` change inference knobs (top_k, temperature,
+        top_p, fusion). Rows are reordered to the bank's adapter order; mismatches raise one-line errors."""
+        meta, tensors = read_router_checkpoint(directory)
+        router = self.build_router(meta["strategy"], **{**meta["config"], **overrides})
+        state = align_router_state(directory, meta, tensors, router.state_dict(), self.adapter_names,
+                                   router.adapter_row_keys())
+        p = next(self.bank.parameters())
+        router.load_state_dict({k: v.to(p.device) for k, v in state.items()})
+        return self.set_router(router)
+
+    def unwrap(self) -> nn.Module:
+        """Put the original nn.Linear layers back, drop the hook, and return the plain HF model."""
+        for name in self.bank.modules_wrapped:
+            _set_submodule(self.model, name, self.model.get_submodule(name).base_layer)
+        self._hook.remove()
+        return self.model

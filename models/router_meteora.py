@@ -1,0 +1,107 @@
+"""MeteoRA: a token-level gate in every wrapped projection.
+
+Each wrapped projection (every layer, every target) owns ``gate = Linear(d_in, L, bias=False)``. For each token
+``x`` of that projection's input: ``logits = gate(x)``, ``ids = topk(logits, k)``, ``w = softmax(topk / T)``, and
+the projection adds ``sum_k w_k * s_a * B_a A_a x`` through the fused op, so the gate is trained by the LM loss
+(through ``w``) as well as by MeteoRA's auxiliary loss:
+
+    loss = LM loss + aux_loss_coef * CE(concat of every gate's logits, the token's task id)      (coef 50)
+
+``aux_loss()`` returns the unscaled CE of the last forward (collected only while grad is enabled and task ids
+are set); the model adds ``aux_loss_coef *`` it. Top-k is 1 or 2 in the paper (any k <= L works); T = 1 for single
+tasks, 15 / 20 / 30 for composite-3 / 5 / 10. ``ctx.force_gates`` replaces the logits by one-hot task logits,
+which makes the gated model exactly the oracle (a test and teacher-forcing switch).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.adapter_bank import slot_key
+from models.routing import Route, Router, gate_ce, route_top_k
+
+
+class MeteoraRouter(Router):
+    name = "meteora"
+    trainable = True
+
+    def __init__(self, ctx, top_k: int = 2, temperature: float = 1.0, aux_loss_coef: float = 50.0):
+        super().__init__(ctx)
+        L = len(ctx.bank)
+        if not isinstance(top_k, int) or not 1 <= top_k <= L:
+            raise ValueError(f"meteora top_k={top_k!r} must be an integer in [1, number of adapters = {L}]")
+        if not temperature > 0:
+            raise ValueError(f"meteora temperature={temperature!r} must be > 0 (MeteoRA: 1 single task, 15-30 composite)")
+        if not aux_loss_coef >= 0:
+            raise ValueError(f"meteora aux_loss_coef={aux_loss_coef!r} must be >= 0 (MeteoRA used 50)")
+        self.top_k, self.temperature, self.aux_loss_coef = top_k, float(temperature), float(aux_loss_coef)
+        bank = ctx.bank
+        p = next(bank.parameters())
+        self.gates = nn.ModuleDict({
+            slot_key(m): nn.Linear(bank.module_shapes[m][0], L, bias=False, dtype=p.dtype, device=p.device)
+            for m in bank.modules_wrapped})
+        self._labels: torch.Tensor | None = None
+        self._logits: list = []
+
+    def config(self):
+        return {"top_k": self.top_k, "temperature": self.temperature, "aux_loss_coef": self.aux_loss_coef}
+
+    def adapter_row_keys(self):
+        return [f"gates.{k}.weight" for k in self.gates]
+
+    def begin_forward(self, input_ids, attention_mask, inputs_embeds, is_prefill):
+        self._logits = []
+        self._labels = None
+        tid = self.ctx.task_ids
+        if tid is None:
+            return
+        ref = input_ids if input_ids is not None else inputs_embeds
+        B, S = ref.shape[0], ref.shape[1]
+        tid = tid.to(ref.device)
+        if tid.shape[0] != B:
+            tid = tid.repeat_interleave(B // max(tid.shape[0], 1))
+        labels = tid[:, None].expand(B, S).clone()
+        if attention_mask is not None:
+            labels[attention_mask[:, -S:] == 0] = -100
+        self._labels = labels.reshape(-1)
+
+    def route(self, module_name, x):
+        x2 = x.reshape(-1, x.shape[-1])
+        logits = self.gates[slot_key(module_name)](x2)
+        if self._labels is not None and torch.is_grad_enabled():
+            self._logits.append(logits)
+        if self.ctx.force_gates:
+            if self._labels is None:
+                raise ValueError("force_gates needs task_ids: pass task_ids= with force_gates=True")
+            onehot = F.one_hot(self._labels.clamp(min=0), logits.shape[-1]).to(torch.float32)
+            logits = onehot * 1e4
+        ids, w = route_top_k(logits, self.top_k, self.temperature)
+        return Route(ids, w.to(x.dtype))
+
+    def aux_loss(self):
+        if not self._logits or self._labels is None:
+            return None
+        return gate_ce(self._logits, self._labels)
+
+    def gate_accuracy(self) -> float | None:
+        """Fraction of (token, projection) pairs whose top-1 gate choice is the token's task, in the last forward."""
+        if not self._logits or self._labels is None:
+            return None
+        lab = self._labels.repeat(len(self._logits))
+        pred = torch.cat([g.argmax(-1) for g in self._logits])
+        ok = lab != -100
+        return float((pred[ok] == lab[ok]).float().mean()) if ok.any() else None
+
+    @torch.no_grad()
+    def on_adapters_changed(self, old_names, new_names):
+        for key, gate in self.gates.items():
+            new = nn.Linear(gate.in_features, len(new_names), bias=False, dtype=gate.weight.dtype,
+                            device=gate.weight.device)
+            for j, n in enumerate(new_names):
+                if n in old_names:
+                    new.weight[j] = gate.weight[old_names.index(n)]
+            new.weight.requires_grad_(gate.weight.requires_grad)
+            self.gates[key] = new
+        self.top_k = min(self.top_k, max(len(new_names), 1))

@@ -1,0 +1,180 @@
+"""The routing interface every strategy implements, and the two selection rules the papers use.
+
+A *route* says, for the tokens of one projection call, which adapters to add and with which weights:
+
+    token routing      ids/weights [T, K]                  (MeteoRA: each token picks its own top-k)
+    sentence routing   ids/weights [S, K] + seq_ids [T]    (oracle, DLP-LoRA, merge: one choice per sequence)
+
+``ids == -1`` is an empty slot. A ``Router`` is an ``nn.Module`` with two hooks:
+
+    begin_forward(input_ids, attention_mask, inputs_embeds, is_prefill, ctx)
+        called once per model forward (before any layer runs); sentence routers decide here, at prefill, and
+        keep the decision for every later decode step of ``generate``;
+    route(module_name, x) -> Route | None
+        called by every ``MultiLoRALinear``; token routers (MeteoRA gates) compute the route from ``x`` here.
+
+``route_top_k`` (MeteoRA) and ``route_top_p`` (DLP-LoRA) are the selection rules, written once and tested.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class Route:
+    """Arguments of ``kernels.multi_lora`` beyond x/base; ``tensors`` overrides the bank's (A, B, scales, ranks)."""
+
+    ids: torch.Tensor
+    weights: torch.Tensor
+    seq_ids: torch.Tensor | None = None
+    tensors: tuple | None = None
+
+
+class RouteContext:
+    """Per-call routing inputs shared by the model, its router and every wrapped layer (plain object, no params).
+
+    task_ids      [B] adapter index per sequence: the oracle's choice, the gate / router training label
+    route_mask    [B, S] tokens a sentence router reads (e.g. the prompt only, during teacher-forced training)
+    force_gates   MeteoRA gates replaced by one-hot logits of task_ids (a test / teacher-forcing switch)
+    """
+
+    def __init__(self):
+        self.task_ids: torch.Tensor | None = None
+        self.route_mask: torch.Tensor | None = None
+        self.force_gates: bool = False
+        self.router: Router | None = None
+        self.bank = None
+        self.tokenizer = None
+
+
+def route_top_k(logits: torch.Tensor, k: int, temperature: float = 1.0):
+    """MeteoRA: ``ids, w = topk(logits, k); w = softmax(top-k logits / T)`` over the last dim ([T, L] -> [T, k])."""
+    vals, ids = torch.topk(logits, k, dim=-1)
+    return ids, torch.softmax(vals.float() / temperature, dim=-1)
+
+
+def route_top_p(probs: torch.Tensor, p: float, fusion: str = "softmax"):
+    """DLP-LoRA: nucleus over ``probs`` [S, L]: keep the most likely adapters until their mass reaches ``p``
+    (at least one); fusion weights = softmax over the kept probabilities (DLP-LoRA's code) or the kept
+    probabilities renormalised to sum 1 (``fusion="renorm"``). Returns ids/weights [S, K], K = most kept in a
+    row, dropped slots id -1 weight 0. Differentiable in ``probs``.
+    """
+    sorted_p, order = torch.sort(probs, dim=-1, descending=True)
+    mass_before = torch.cumsum(sorted_p, dim=-1) - sorted_p
+    keep = mass_before < p
+    keep[..., 0] = True
+    K = int(keep.sum(-1).max())
+    sorted_p, order, keep = sorted_p[..., :K], order[..., :K], keep[..., :K]
+    if fusion == "softmax":
+        w = torch.softmax(sorted_p.masked_fill(~keep, float("-inf")), dim=-1)
+    elif fusion == "renorm":
+        kept = sorted_p * keep
+        w = kept / kept.sum(-1, keepdim=True)
+    else:
+        raise ValueError(f"fusion={fusion!r} is not known; use 'softmax' (DLP-LoRA's code) or 'renorm'")
+    return order.masked_fill(~keep, -1), w.masked_fill(~keep, 0.0)
+
+
+def sequence_ids(batch: int, seq_len: int, device) -> torch.Tensor:
+    """seq_ids [B*S] for a [B, S, d] activation: the row index of every token."""
+    return torch.arange(batch, device=device).repeat_interleave(seq_len)
+
+
+def expand_rows(t: torch.Tensor, batch: int, what: str) -> torch.Tensor:
+    """Per-sequence tensor of S rows -> ``batch`` rows (beam search / num_return_sequences repeat each row)."""
+    if t.shape[0] == batch:
+        return t
+    if t.shape[0] > 0 and batch % t.shape[0] == 0:
+        return t.repeat_interleave(batch // t.shape[0], dim=0)
+    raise ValueError(f"{what} has {t.shape[0]} rows but the batch has {batch}; give one per sequence")
+
+
+class Router(nn.Module):
+    """Base of all routing strategies; subclasses set ``name`` and override the hooks they need."""
+
+    name = "router"
+    #: True when the router has trainable parameters (meteora gates, dlp MLP)
+    trainable = False
+
+    def __init__(self, ctx: RouteContext):
+        super().__init__()
+        object.__setattr__(self, "ctx", ctx)  # shared, not a submodule
+
+    def begin_forward(self, input_ids, attention_mask, inputs_embeds, is_prefill: bool) -> None:
+        """Called before every model forward; default: nothing."""
+
+    def route(self, module_name: str, x: torch.Tensor) -> Route | None:
+        """The route for one projection call on ``x`` [B, S, d_in]; None = base output only."""
+        return None
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """Extra training loss from the last forward (MeteoRA's gate CE), unscaled; None when there is none."""
+        return None
+
+    def config(self) -> dict:
+        """Hyper-parameters saved with a router checkpoint and passed back to the constructor on load."""
+        return {}
+
+    def adapter_row_keys(self) -> list:
+        """Names of state tensors whose dim 0 runs over adapters (reordered when a checkpoint's order differs)."""
+        return []
+
+    def on_adapters_changed(self, old_names: list, new_names: list) -> None:
+        """The bank was hot-swapped; routers with per-adapter rows remap them (kept rows stay, new rows are fresh)."""
+
+
+class SequenceRouter(Router):
+    """A router that decides once per sequence at prefill (``decide``) and reuses it for every decode step."""
+
+    def __init__(self, ctx: RouteContext):
+        super().__init__(ctx)
+        self._seq: tuple | None = None  # (ids [B, K], weights [B, K])
+        self._tok: tuple | None = None  # optional per-token prefill route (ids [B, S, K], weights [B, S, K])
+
+    def decide(self, input_ids, attention_mask, inputs_embeds):
+        """Return ``(ids [B, K], weights [B, K])`` for the sequences of this prefill."""
+        raise NotImplementedError
+
+    def begin_forward(self, input_ids, attention_mask, inputs_embeds, is_prefill):
+        if is_prefill:
+            self._tok = None
+            self._seq = self.decide(input_ids, attention_mask, inputs_embeds)
+
+    def route(self, module_name, x):
+        if self._seq is None:
+            raise RuntimeError(f"router {self.name!r} has no route: call the model (forward / generate) through the "
+                               "MultiLoRAModel or its wrapped HF model, not a submodule")
+        B, S = x.shape[0], (x.shape[1] if x.dim() == 3 else 1)
+        if self._tok is not None and self._tok[0].shape[:2] == (B, S):
+            ids, w = self._tok
+            return Route(ids.reshape(B * S, -1), w.reshape(B * S, -1).to(x.dtype))
+        ids, w = self._seq
+        if ids.shape[0] != B:
+            ids, w = expand_rows(ids, B, "the route"), expand_rows(w, B, "the route")
+            self._seq = (ids, w)
+        return Route(ids, w.to(x.dtype), sequence_ids(B, S, x.device))
+
+
+def validate_task_ids(task_ids, bank, batch: int | None = None) -> torch.Tensor:
+    """Adapter names or indices -> LongTensor of bank indices; one-line error for unknown names / out of range."""
+    if task_ids is None:
+        return None
+    if isinstance(task_ids, str):
+        task_ids = [task_ids]
+    if isinstance(task_ids, (list, tuple)):
+        task_ids = [bank.index(t) if isinstance(t, str) else int(t) for t in task_ids]
+    t = torch.as_tensor(task_ids, dtype=torch.long).reshape(-1)
+    if len(t) and (int(t.min()) < 0 or int(t.max()) >= len(bank)):
+        raise ValueError(f"task ids {t.tolist()} are out of range for {len(bank)} adapters {bank.names}")
+    return t
+
+
+def gate_ce(logits: list, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of every collected gate's logits [T, L] against the token labels [T] (-100 ignored)."""
+    cat = torch.cat([g.float() for g in logits], dim=0)
+    return F.cross_entropy(cat, labels.repeat(len(logits)), ignore_index=-100)
