@@ -43,6 +43,7 @@ class MeteoraRouter(Router):
             slot_key(m): nn.Linear(bank.module_shapes[m][0], L, bias=False, dtype=p.dtype, device=p.device)
             for m in bank.modules_wrapped})
         self._labels: torch.Tensor | None = None
+        self._forced: torch.Tensor | None = None
         self._logits: list = []
 
     def config(self):
@@ -63,6 +64,7 @@ class MeteoraRouter(Router):
         if tid.shape[0] != B:
             tid = tid.repeat_interleave(B // max(tid.shape[0], 1))
         labels = tid[:, None].expand(B, S).clone()
+        self._forced = labels.reshape(-1).clone()  # pad tokens too, exactly as the oracle routes them
         if attention_mask is not None:
             labels[attention_mask[:, -S:] == 0] = -100
         self._labels = labels.reshape(-1)
@@ -75,7 +77,7 @@ class MeteoraRouter(Router):
         if self.ctx.force_gates:
             if self._labels is None:
                 raise ValueError("force_gates needs task_ids: pass task_ids= with force_gates=True")
-            onehot = F.one_hot(self._labels.clamp(min=0), logits.shape[-1]).to(torch.float32)
+            onehot = F.one_hot(self._forced, logits.shape[-1]).to(torch.float32)
             logits = onehot * 1e4
         ids, w = route_top_k(logits, self.top_k, self.temperature)
         return Route(ids, w.to(x.dtype))

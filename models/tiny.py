@@ -53,3 +53,40 @@ def save_tiny_llama(path, seed: int = 0, **config_overrides) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def save_random_peft_adapter(base_dir, out_dir, *, r: int = 8, lora_alpha: int = 16, targets=("q_proj", "v_proj"),
+                             seed: int = 0, b_std: float = 0.2, **lora_kwargs) -> Path:
+    """Train-free PEFT LoRA for tests: ``peft.get_peft_model`` on the model in ``base_dir`` with lora_B drawn from
+    N(0, b_std) (peft initialises it to zero, which would make every delta vanish), saved with save_pretrained."""
+    from peft import LoraConfig, get_peft_model
+
+    from models.base import load_base_model
+
+    model, _ = load_base_model(base_dir)
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=list(targets), lora_dropout=0.0, **lora_kwargs)
+    peft_model = get_peft_model(model, cfg)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, b_std)
+    peft_model.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+#: the three test adapters: mixed ranks, rsLoRA, different target sets (a and c share r = 8 for peft's linear merge)
+TEST_ADAPTERS = {
+    "a": dict(r=8, lora_alpha=16, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
+    "b": dict(r=4, lora_alpha=8, targets=("q_proj", "v_proj"), use_rslora=True),
+    "c": dict(r=8, lora_alpha=32, targets=("q_proj", "v_proj", "down_proj")),
+}
+
+
+def save_test_assets(root) -> tuple[Path, dict]:
+    """Tiny LLaMA in ``root/tiny`` + the TEST_ADAPTERS in ``root/adapters/<name>``; returns (model dir, {name: dir})."""
+    root = Path(root)
+    base = save_tiny_llama(root / "tiny")
+    dirs = {name: save_random_peft_adapter(base, root / "adapters" / name, seed=i + 1, **spec)
+            for i, (name, spec) in enumerate(TEST_ADAPTERS.items())}
+    return base, dirs

@@ -1,0 +1,226 @@
+"""Every routing strategy against peft itself, on a tiny random LLaMA and real peft adapters (fp32, CPU)."""
+
+import pytest
+import torch
+from peft import PeftModel
+
+from models import MultiLoRAModel, load_base_model, route_top_p
+from models.multilora_linear import MultiLoRALinear
+from models.tiny import save_test_assets
+
+PROMPTS = ["hello world, this is a test", "[INST] what is 2+2? [/INST]\n", "abc"]
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return save_test_assets(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def peft_ref(assets):
+    """One PeftModel holding all three adapters; ``set_adapter`` picks one."""
+    base, dirs = assets
+    pm = PeftModel.from_pretrained(load_base_model(base)[0], str(dirs["a"]), adapter_name="a")
+    for n in ("b", "c"):
+        pm.load_adapter(str(dirs[n]), adapter_name=n)
+    return pm.eval()
+
+
+@pytest.fixture()
+def mm(assets):
+    base, dirs = assets
+    model, tok = load_base_model(base)
+    return MultiLoRAModel.from_adapters(model, {n: str(d) for n, d in dirs.items()}, router="oracle", tokenizer=tok)
+
+
+def _batch(mm):
+    return mm.tokenizer(PROMPTS, return_tensors="pt", padding=True)
+
+
+@torch.no_grad()
+def _peft_logits(pm, batch, adapter):
+    pm.set_adapter(adapter)
+    return pm(**batch).logits
+
+
+def test_wraps_union_of_adapter_targets(mm):
+    wrapped = {n.rsplit(".", 1)[-1] for n in mm.bank.modules_wrapped}
+    assert wrapped == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert sum(isinstance(m, MultiLoRALinear) for m in mm.model.modules()) == 14  # 7 projections x 2 layers
+    A, B, scales, ranks = mm.bank.tensors("model.layers.0.self_attn.q_proj")
+    assert A.shape[0] == 3 and A.shape[2] % 16 == 0 and ranks.tolist() == [8, 4, 8]
+    assert scales.tolist() == pytest.approx([16 / 8, 8 / 4 ** 0.5, 32 / 8])  # b uses rsLoRA: alpha / sqrt(r)
+    assert mm.bank.tensors("model.layers.0.self_attn.k_proj")[3].tolist() == [8, 0, 0]  # b, c leave k alone
+
+
+@torch.no_grad()
+def test_oracle_equals_peft_single_adapter(mm, peft_ref):
+    batch = _batch(mm)
+    mm.set_router("base")
+    plain = mm(**batch).logits
+    mm.set_router("oracle")
+    for name in ("a", "b", "c"):
+        ours = mm(**batch, task_ids=[name] * len(PROMPTS)).logits
+        ref = _peft_logits(peft_ref, batch, name)
+        assert (ref - plain).abs().max() > 1e-2, "adapter delta must be visible for the test to mean anything"
+        torch.testing.assert_close(ours, ref, atol=ATOL, rtol=0)
+    # mixed routes in one batch: each row equals its own adapter
+    mixed = mm(**batch, task_ids=["c", "a", "b"]).logits
+    for i, name in enumerate(["c", "a", "b"]):
+        torch.testing.assert_close(mixed[i], _peft_logits(peft_ref, batch, name)[i], atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_meteora_forced_one_hot_equals_oracle(mm):
+    batch = _batch(mm)
+    task = ["b", "c", "a"]
+    oracle = mm(**batch, task_ids=task).logits
+    mm.set_router("meteora", top_k=2, temperature=30.0)
+    forced = mm(**batch, task_ids=task, force_gates=True).logits
+    torch.testing.assert_close(forced, oracle, atol=ATOL, rtol=0)
+    free = mm(**batch, task_ids=task).logits  # untrained gates route elsewhere
+    assert (free - oracle).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_meteora_top1_uses_gate_argmax(mm):
+    """top-1 weight is exactly 1: the output equals the oracle with each token's own argmax adapter (one layer)."""
+    mm.set_router("meteora", top_k=1)
+    lin = mm.model.get_submodule("model.layers.0.self_attn.q_proj")
+    x = torch.randn(2, 5, lin.in_features)
+    mm.router.begin_forward(None, None, x, True)
+    out = lin(x)
+    choice = mm.router.gates[lin.module_name.replace(".", "__")](x).argmax(-1)
+    A, B, s, r = mm.bank.tensors(lin.module_name)
+    want = lin.base_layer(x)
+    for a in range(3):
+        sel = choice == a
+        want[sel] += s[a] * (x[sel] @ A[a, :, : r[a]]) @ B[a, : r[a]]
+    torch.testing.assert_close(out, want, atol=ATOL, rtol=0)
+
+
+def test_route_top_p_rules():
+    probs = torch.tensor([[0.2, 0.5, 0.3], [0.9, 0.05, 0.05]])
+    ids, w = route_top_p(probs, 0.6)
+    assert ids.tolist() == [[1, 2], [0, -1]]
+    torch.testing.assert_close(w[0], torch.softmax(torch.tensor([0.5, 0.3]), 0))  # DLP-LoRA: softmax of kept probs
+    assert w[1].tolist() == [1.0, 0.0]
+    ids, w = route_top_p(probs, 0.6, fusion="renorm")
+    torch.testing.assert_close(w[0], torch.tensor([0.625, 0.375]))
+    ids, _ = route_top_p(probs, 1.0)
+    assert sorted(ids[0].tolist()) == [0, 1, 2]
+    ids, w = route_top_p(probs, 1e-9)
+    assert ids.tolist() == [[1], [0]] and w.tolist() == [[1.0], [1.0]]
+
+
+@torch.no_grad()
+def test_dlp_small_p_equals_top1_oracle(mm):
+    batch = _batch(mm)
+    mm.set_router("dlp", hidden=32, top_p=1e-6)
+    torch.manual_seed(0)
+    for p in mm.router.parameters():
+        p.normal_(0, 1.0)  # spread the logits so the choice differs per prompt
+    out = mm(**batch).logits
+    ids, w = mm.last_route()
+    top1 = mm.router.logits(batch["input_ids"], batch["attention_mask"]).argmax(-1)
+    assert ids.shape[1] == 1 and ids[:, 0].tolist() == top1.tolist() and w.eq(1).all()
+    mm.set_router("oracle")
+    torch.testing.assert_close(out, mm(**batch, task_ids=top1.tolist()).logits, atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_dlp_route_ignores_left_padding(mm):
+    """The sentence embedding averages real tokens only: a padded row routes exactly as when alone."""
+    mm.set_router("dlp", hidden=32, top_p=0.9)
+    batch = _batch(mm)
+    mm(**batch)
+    ids_b, w_b = mm.last_route()
+    for i, p in enumerate(PROMPTS):
+        mm(**mm.tokenizer([p], return_tensors="pt"))
+        ids_1, w_1 = mm.last_route()
+        k = ids_1.shape[1]
+        assert ids_b[i, :k].tolist() == ids_1[0].tolist()
+        torch.testing.assert_close(w_b[i, :k], w_1[0])
+
+
+@torch.no_grad()
+def test_merge_equals_peft_weighted_adapters(assets, mm, peft_ref):
+    batch = _batch(mm)
+    mm.set_router("merge")  # average of the deltas == peft "cat" with weights 1/L
+    names = ["a", "b", "c"]
+    peft_ref.add_weighted_adapter(names, [1 / 3] * 3, "avg_cat", combination_type="cat")
+    torch.testing.assert_close(mm(**batch).logits, _peft_logits(peft_ref, batch, "avg_cat"), atol=ATOL, rtol=0)
+    # peft's "linear" (task arithmetic on A and B, equal ranks): mode="linear" on a bank of a and c
+    base, dirs = assets
+    model, tok = load_base_model(base)
+    mm2 = MultiLoRAModel.from_adapters(model, {n: str(dirs[n]) for n in ("a", "c")}, router="merge", mode="linear")
+    peft_ref.add_weighted_adapter(["a", "c"], [0.5, 0.5], "avg_lin", combination_type="linear")
+    torch.testing.assert_close(mm2(**batch).logits, _peft_logits(peft_ref, batch, "avg_lin"), atol=ATOL, rtol=0)
+    mm2.set_router("merge", mode="delta")
+    delta = mm2(**batch).logits
+    assert (delta - _peft_logits(peft_ref, batch, "avg_lin")).abs().max() > 1e-4  # the two merges differ
+
+
+@torch.no_grad()
+def test_lora_b_and_base(mm, peft_ref):
+    batch = _batch(mm)
+    mm.set_router("lora_b", adapter="c")
+    torch.testing.assert_close(mm(**batch).logits, _peft_logits(peft_ref, batch, "c"), atol=ATOL, rtol=0)
+    mm.set_router("base")
+    with peft_ref.disable_adapter():
+        torch.testing.assert_close(mm(**batch).logits, peft_ref(**batch).logits, atol=ATOL, rtol=0)
+
+
+def test_meteora_loss_and_gate_gradients_through_fused_op(mm):
+    batch = _batch(mm)
+    mm.set_router("meteora", top_k=2, aux_loss_coef=0.0)  # LM loss only: gradients must come through the op
+    params = mm.set_trainable("gates")
+    assert params and all("router.gates" in n for n, p in mm.named_parameters() if p.requires_grad)
+    out = mm(**batch, labels=batch["input_ids"], task_ids=[0, 1, 2])
+    out.loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+    assert out.loss.item() == pytest.approx(out.lm_loss.item())
+    mm.set_router("meteora", top_k=1, aux_loss_coef=50.0)
+    mm.set_trainable("gates")
+    out = mm(**batch, labels=batch["input_ids"], task_ids=[0, 1, 2])
+    assert out.loss.item() == pytest.approx(out.lm_loss.item() + 50.0 * out.aux_loss.item(), rel=1e-5)
+    assert 0.5 < out.aux_loss.item() < 5  # CE over 3 classes at random init
+    with torch.no_grad():
+        assert mm(**batch, task_ids=[0, 1, 2]).get("aux_loss") is None  # collected only when training
+
+
+def test_gates_and_adapters_trainable(mm):
+    batch = _batch(mm)
+    mm.set_router("meteora")
+    params = mm.set_trainable("gates+adapters")
+    n_gate = sum(1 for n, p in mm.named_parameters() if p.requires_grad and "gates" in n)
+    assert n_gate == 14 and len(params) == 14 + 2 * 14
+    mm(**batch, labels=batch["input_ids"], task_ids=[0, 1, 2]).loss.backward()
+    A = mm.bank.slots["model__layers__0__self_attn__q_proj"].A
+    assert A.grad is not None and A.grad[:, :, :4].abs().sum() > 0
+    assert A.grad[1, :, 4:].abs().sum() == 0  # padding past b's rank 4 is never touched
+
+
+def test_dlp_router_gradients_through_fused_op_and_ce(mm):
+    batch = _batch(mm)
+    mm.set_router("dlp", hidden=32, top_p=1.0)  # keep all adapters: weights depend on the router
+    params = mm.set_trainable("router")
+    assert params and all(n.startswith("router.mlp") for n, p in mm.named_parameters() if p.requires_grad)
+    mm(**batch, labels=batch["input_ids"]).loss.backward()
+    assert all(p.grad is not None for p in params) and params[-1].grad.abs().sum() > 0
+    for p in params:
+        p.grad = None
+    mm.router_loss(batch["input_ids"], batch["attention_mask"], ["a", "b", "c"]).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+
+
+def test_dlp_default_router_is_about_5m_params_on_smollm2_width():
+    from models.routing import RouteContext
+    from models.router_dlp import DLPRouter
+
+    ctx = RouteContext()
+    ctx.bank = [None] * 28
+    r = DLPRouter(ctx, torch.nn.Embedding(10, 576))
+    n = sum(p.numel() for p in r.parameters())
+    assert 4.5e6 < n < 5.5e6
