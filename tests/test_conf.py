@@ -1,0 +1,122 @@
+"""The conf/ tree: every experiment composes with every stage, resolves, and builds its objects; typos fail."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import ConfigCompositionException
+from hydra.utils import instantiate
+from omegaconf import OmegaConf, open_dict
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+STAGES = ["finetune", "route", "evaluate", "bench", "report", "reproduce"]
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+PAPER_TABLES = {"meteora_tasks", "meteora_composite", "dlp_tasks", "dlp_latency", "head_to_head", "smoke", "demo"}
+
+
+@pytest.fixture(autouse=True)
+def _clean_hydra():
+    GlobalHydra.instance().clear()
+    yield
+    GlobalHydra.instance().clear()
+
+
+def _compose(stage: str, overrides=(), tmp_path=None):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name=stage, overrides=list(overrides), return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.paths.run_dir = str(tmp_path or "/tmp/loramux-conf-test")
+    return cfg
+
+
+def test_every_paper_table_has_an_experiment():
+    assert PAPER_TABLES <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+@pytest.mark.parametrize("stage", STAGES)
+def test_experiment_composes_with_stage(stage, experiment, tmp_path):
+    cfg = _compose(stage, [f"experiment={experiment}"], tmp_path)
+    assert cfg.stage == stage
+    assert cfg.name == experiment, "an experiment names its outputs after its file"
+    plain = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+             for k, v in cfg.items() if k != "hydra"}  # every interpolation of the job config resolves
+    assert plain["paths"]["exp_dir"].endswith(experiment)
+    assert cfg.hydra.run.dir.startswith(plain["paths"]["exp_dir"])
+    lora = instantiate(cfg.adapter)
+    assert lora.r > 0 and lora.lora_alpha > 0 and lora.target_modules
+    assert cfg.model._target_ == "models.base.load_base_model"
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_reproduce_plan_steps_compose(experiment):
+    """Every run the reproduce plan would start is a valid config of its stage."""
+    plan = _compose("reproduce", [f"experiment={experiment}"]).plan
+    for entry in list(plan.evaluate.values()) + list(plan.composite_strategies.values()):
+        _compose("evaluate", [f"experiment={experiment}", *entry])
+    for router in plan.route:
+        _compose("route", [f"experiment={experiment}", f"router={router}"])
+    for task in list(plan.finetune)[:1] + [t for t in plan.finetune if t == "lora_b"]:
+        _compose("finetune", [f"experiment={experiment}", f"task={task}"])
+
+
+def test_adapter_defaults_match_the_papers():
+    m = _compose("finetune", ["adapter=meteora"]).adapter
+    assert (m.r, m.lora_alpha, m.lora_dropout) == (8, 16, 0.0)
+    assert set(m.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    d = _compose("finetune", ["adapter=dlp"]).adapter
+    assert (d.r, d.lora_alpha, d.lora_dropout, set(d.target_modules)) == (8, 16, 0.1, {"q_proj", "v_proj"})
+
+
+@pytest.mark.parametrize("router", sorted(p.stem for p in (CONF / "router").glob("*.yaml")))
+def test_router_configs_compose(router):
+    cfg = _compose("evaluate", [f"router={router}"])
+    assert cfg.router.strategy in {"oracle", "meteora", "dlp", "lora_b", "merge", "base"}
+    assert isinstance(OmegaConf.to_container(cfg.router, resolve=True)["label"], str)
+
+
+def test_strict_mode_rejects_a_typo():
+    with pytest.raises(ConfigCompositionException, match="optim.lrr"):
+        _compose("finetune", ["optim.lrr=1e-3"])
+    with pytest.raises(ConfigCompositionException, match="nosuch"):
+        _compose("finetune", ["experiment=nosuch"])
+
+
+@pytest.mark.parametrize("trainer", ["cpu", "gpu", "ddp"], ids=lambda t: f"trainer_{t}")
+def test_trainer_configs(trainer):
+    cfg = _compose("finetune", [f"trainer={trainer}"])
+    assert cfg.trainer._target_ == "lightning.Trainer"
+    if trainer == "cpu":
+        t = instantiate(cfg.trainer, logger=False, enable_progress_bar=False)
+        assert t.max_steps == cfg.trainer.max_steps
+
+
+@pytest.mark.parametrize("logger", ["csv", "none"])
+def test_logger_configs_build_trackers(logger, tmp_path):
+    cfg = _compose("finetune", [f"logger={logger}"], tmp_path)
+    tracker = instantiate(cfg.logger)
+    tracker.log_metrics({"x": 1.0})
+    tracker.log_table("t", ["a"], [[1]])
+    tracker.finish()
+    assert tracker.name == logger
+
+
+def test_cache_dir_follows_env(monkeypatch):
+    monkeypatch.setenv("LORAMUX_CACHE", "/somewhere/cache")
+    cfg = _compose("finetune", ["model=tiny"])
+    assert OmegaConf.to_container(cfg.model, resolve=True)["name_or_path"] == "/somewhere/cache/models/tiny-random-llama"
+
+
+def test_sweep_dirs_are_unique_to_the_microsecond():
+    cfg = _compose("finetune")
+    assert "%f" in OmegaConf.to_container(cfg.hydra, resolve=False)["sweep"]["dir"]
+
+
+def test_launchers_and_search_compose():
+    for launcher in sorted(p.stem for p in (CONF / "launcher").glob("*.yaml")):
+        _compose("finetune", [f"launcher={launcher}"])
+    cfg = _compose("finetune", ["hparams_search=adapter_optuna", "task=winowhy"])
+    assert cfg.hydra.sweeper.direction == "minimize"
