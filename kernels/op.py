@@ -1,20 +1,136 @@
-"""Public entry of the multi-LoRA op and its dispatch (Triton on CUDA, the torch reference elsewhere)."""
+"""Public entry of the multi-LoRA op and its dispatch.
+
+Backends (keyword ``backend=`` or env ``LORAMUX_KERNEL_BACKEND``; default ``auto``):
+  triton     the Triton kernels through the ``loramux::multi_lora`` custom op (autograd registered with
+             torch.library, so torch.compile and CUDA graphs hold it); on CPU tensors it needs TRITON_INTERPRET=1
+  torch      the vectorised torch path (``kernels.dense``), plain autograd
+  reference  the readable loop (``kernels.reference``), plain autograd
+  auto       triton on CUDA tensors, torch elsewhere.
+"""
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-from kernels.reference import multi_lora_reference
+from kernels.dense import multi_lora_dense
+from kernels.reference import expand_sequence_routing, multi_lora_reference
+
+BACKENDS = ("auto", "triton", "torch", "reference")
 
 
-def multi_lora(x, base, A, B, scales, ranks, ids, weights, seq_ids=None) -> torch.Tensor:
+@torch.library.custom_op("loramux::multi_lora", mutates_args=())
+def _multi_lora_op(
+    x: torch.Tensor,
+    base: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scales: torch.Tensor,
+    ranks: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+) -> torch.Tensor:
+    from kernels import triton_ops
+
+    return triton_ops.forward(x, base, A, B, scales, ranks, ids, weights)
+
+
+@_multi_lora_op.register_fake
+def _(x, base, A, B, scales, ranks, ids, weights):
+    return torch.empty_like(base)
+
+
+@torch.library.custom_op("loramux::multi_lora_backward", mutates_args=())
+def _multi_lora_backward_op(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scales: torch.Tensor,
+    ranks: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from kernels import triton_ops
+
+    return triton_ops.backward(grad, x, A, B, scales, ranks, ids, weights)
+
+
+@_multi_lora_backward_op.register_fake
+def _(grad, x, A, B, scales, ranks, ids, weights):
+    return torch.empty_like(x), torch.empty_like(A), torch.empty_like(B), torch.empty_like(weights)
+
+
+def _setup_context(ctx, inputs, output):
+    x, _base, A, B, scales, ranks, ids, weights = inputs
+    ctx.save_for_backward(x, A, B, scales, ranks, ids, weights)
+
+
+def _backward(ctx, grad):
+    x, A, B, scales, ranks, ids, weights = ctx.saved_tensors
+    dx, dA, dB, dw = _multi_lora_backward_op(grad.contiguous(), x, A, B, scales, ranks, ids, weights)
+    return dx, grad, dA, dB, None, None, None, dw
+
+
+_multi_lora_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check(x, base, A, B, scales, ranks, ids, weights, seq_ids):
+    """Shape checks only (no value is read, so nothing synchronises with the device)."""
+    if A.dim() != 3 or B.dim() != 3 or A.shape[0] != B.shape[0] or A.shape[2] != B.shape[1]:
+        raise ValueError(
+            f"multi_lora: A must be [L, d_in, R] and B [L, R, d_out], got {tuple(A.shape)} / {tuple(B.shape)}"
+        )
+    if x.shape[-1] != A.shape[1] or base.shape[-1] != B.shape[2] or x.shape[:-1] != base.shape[:-1]:
+        raise ValueError(
+            f"multi_lora: x {tuple(x.shape)} / base {tuple(base.shape)} do not match A {tuple(A.shape)} / B {tuple(B.shape)}"
+        )
+    if scales.shape != (A.shape[0],) or ranks.shape != (A.shape[0],):
+        raise ValueError(
+            f"multi_lora: scales and ranks must be [L={A.shape[0]}], got {tuple(scales.shape)} / {tuple(ranks.shape)}"
+        )
+    if ids.dim() != 2 or ids.shape != weights.shape:
+        raise ValueError(
+            f"multi_lora: ids and weights must both be [T or S, K], got {tuple(ids.shape)} / {tuple(weights.shape)}"
+        )
+    rows = x.numel() // max(x.shape[-1], 1)
+    if seq_ids is None and ids.shape[0] != rows:
+        raise ValueError(
+            f"multi_lora: token routing needs ids [T={rows}, K], got {tuple(ids.shape)}; pass seq_ids for sentence routing"
+        )
+    if seq_ids is not None and seq_ids.numel() != rows:
+        raise ValueError(
+            f"multi_lora: seq_ids must name the sequence of each of the {rows} tokens, got {tuple(seq_ids.shape)}"
+        )
+
+
+def multi_lora(x, base, A, B, scales, ranks, ids, weights, seq_ids=None, *, backend=None) -> torch.Tensor:
     """``base + routed LoRA deltas``; x/base may have leading batch dims, they are flattened to tokens.
 
     Shapes: x [..., d_in], base [..., d_out], A [L, d_in, R], B [L, R, d_out], scales [L], ranks [L],
     ids/weights [T, K] (token routing) or [S, K] with seq_ids [T] (sentence routing), T = prod(leading dims).
+    Sentence routing gathers only the [T, K] ids/weights (K numbers a token), never per-token adapter copies.
     """
+    backend = backend or os.environ.get("LORAMUX_KERNEL_BACKEND", "auto")
+    if backend not in BACKENDS:
+        raise ValueError(f"multi_lora: unknown backend {backend!r}; use one of {BACKENDS}")
+    _check(x, base, A, B, scales, ranks, ids, weights, seq_ids)
+    if backend == "auto":
+        backend = "triton" if x.is_cuda else "torch"
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     b2 = base.reshape(-1, base.shape[-1])
-    out = multi_lora_reference(x2, b2, A, B, scales, ranks, ids, weights, seq_ids)
+    if backend == "reference":
+        out = multi_lora_reference(x2, b2, A, B, scales, ranks, ids, weights, seq_ids)
+        return out.reshape(*lead, out.shape[-1])
+    ids, weights = expand_sequence_routing(ids, weights, seq_ids)
+    if backend == "torch":
+        out = multi_lora_dense(x2, b2, A, B, scales, ranks, ids, weights)
+    else:
+        dev = x.device
+        out = _multi_lora_op(
+            x2, b2, A.to(x.dtype), B.to(x.dtype), scales.to(dev, torch.float32).contiguous(),
+            ranks.to(dev, torch.int32).contiguous(), ids.to(dev).contiguous(), weights.contiguous(),
+        )  # fmt: skip
     return out.reshape(*lead, out.shape[-1])

@@ -42,6 +42,8 @@ def multi_lora_reference(
             if tok.numel() == 0:
                 continue
             h = xa[tok] @ A[a, :, :r].to(acc_dtype)
-            delta = (h @ B[a, :r, :].to(acc_dtype)) * (scales[a].to(acc_dtype) * weights[tok, k, None].to(acc_dtype))
+            delta = (h @ B[a, :r, :].to(acc_dtype)) * (
+                scales[a].to(acc_dtype) * weights[tok, k, None].to(acc_dtype)
+            )
             out = out.index_add(0, tok, delta)
     return out.to(base.dtype)

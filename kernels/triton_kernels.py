@@ -1,0 +1,224 @@
+"""Triton kernels of the multi-LoRA op (imported lazily: TRITON_INTERPRET is read when they are decorated).
+
+Vocabulary. A *pair* n = t * K + k is one routing slot of one token. Pairs are sorted by a *group* key
+g = k * (L + 1) + a (slot-major, then adapter; a = L means "empty slot or rank-0 adapter"), so each group is a
+contiguous run of rows in sorted order and ``off[g] .. off[g + 1]`` are its rows. A *block* is BM consecutive rows of
+one group; every kernel over blocks finds its group from ``off`` alone (``_locate_block``), so the launch grid has
+the static size ``cdiv(N, BM) + G`` and nothing is read back to the host.
+
+Kernels, each a tensor-core GEMM over gathered rows with fp32 accumulation:
+  grouped_shrink   u[row]  = X[t(row)] @ W[a]              (forward x @ A; backward g @ B^T)
+  grouped_expand   out[t]  = src[t] + c[row] * u[row] @ W[a] for the rows of slot k only (one launch per slot, so
+                   no two programs touch one token and no [T*K, d_out] intermediate exists)
+  grouped_wgrad    dW[a]   = sum_rows X[t(row)]^T (c[row] * u[row])   (dA with X = x; dB^T with X = grad)
+  token_shrink / token_expand   the small-T (decode) path: no sorting at all, split-K over d_in then a CUDA-core
+                   expand; two launches in total.
+c[row] = scales[a] * weights[n] is applied on load, so ``u`` is the raw x @ A (needed again for dB and dw).
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def routing_keys_kernel(ids_ptr, ranks_ptr, key_ptr, N, L, K: tl.constexpr, BLOCK: tl.constexpr):
+    """key[n] = k * (L + 1) + a, with a = L for empty slots (-1), out-of-range ids and rank-0 adapters."""
+    n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = n < N
+    a = tl.load(ids_ptr + n, mask=m, other=-1).to(tl.int32)
+    valid = (a >= 0) & (a < L)
+    r = tl.load(ranks_ptr + a, mask=m & valid, other=0)
+    a = tl.where(valid & (r > 0), a, L)
+    tl.store(key_ptr + n, (n % K) * (L + 1) + a, mask=m)
+
+
+@triton.jit
+def _locate_block(off_ptr, b, G, BM: tl.constexpr, GP: tl.constexpr):
+    """Block b -> (group g, first row, end row of the group); g >= G means the block is past the last one."""
+    gi = tl.arange(0, GP)
+    gm = gi < G
+    lo = tl.load(off_ptr + gi, mask=gm, other=0)
+    hi = tl.load(off_ptr + gi + 1, mask=gm, other=0)
+    nblk = (hi - lo + BM - 1) // BM
+    blk_end = tl.cumsum(nblk, 0)
+    g = tl.sum((blk_end <= b).to(tl.int32), 0)
+    sel = gi == g
+    first_blk = tl.sum(tl.where(sel, blk_end - nblk, 0), 0)
+    seg_lo = tl.sum(tl.where(sel, lo, 0), 0)
+    seg_hi = tl.sum(tl.where(sel, hi, 0), 0)
+    return g, seg_lo + (b - first_blk) * BM, seg_hi
+
+
+@triton.jit
+def _mma(acc, p, q, F32: tl.constexpr):
+    """acc += p @ q: exact fp32 products (ieee) for fp32 data or the interpreter, else tensor cores in q's dtype."""
+    if F32:
+        return tl.dot(p.to(tl.float32), q.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(p.to(q.dtype), q, acc)
+
+
+@triton.jit
+def grouped_shrink_kernel(
+    x_ptr, w_ptr, perm_ptr, off_ptr, ranks_ptr, u_ptr,
+    D, G, L,
+    sxt, sxd, swl, swd, swr,
+    K: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, GP: tl.constexpr,
+    F32: tl.constexpr,
+):  # fmt: skip
+    """u[rows, :BR] = X[t(rows)] @ W[a][:, :r_a] (columns past r_a are 0). Grid: (blocks,)."""
+    g, row0, row_end = _locate_block(off_ptr, tl.program_id(0), G, BM, GP)
+    a = g % (L + 1)
+    if (g < G) & (a < L):
+        rows = row0 + tl.arange(0, BM)
+        rm = rows < row_end
+        t = tl.load(perm_ptr + rows, mask=rm, other=0) // K
+        rr = tl.arange(0, BR)
+        cm = rr < tl.load(ranks_ptr + a)
+        acc = tl.zeros((BM, BR), dtype=tl.float32)
+        x_row = x_ptr + t.to(tl.int64)[:, None] * sxt
+        w_base = w_ptr + a.to(tl.int64) * swl + rr[None, :] * swr
+        for d0 in range(0, D, BK):
+            dd = d0 + tl.arange(0, BK)
+            dm = dd < D
+            xt = tl.load(x_row + dd[None, :] * sxd, mask=rm[:, None] & dm[None, :], other=0.0)
+            wt = tl.load(w_base + dd[:, None] * swd, mask=dm[:, None] & cm[None, :], other=0.0)
+            acc = _mma(acc, xt, wt, F32)
+        tl.store(u_ptr + rows[:, None] * BR + rr[None, :], acc, mask=rm[:, None])
+
+
+@triton.jit
+def grouped_expand_kernel(
+    u_ptr, w_ptr, src_ptr, out_ptr, perm_ptr, off_ptr, ranks_ptr, scales_ptr, gate_ptr,
+    DO, G, L, slot,
+    swl, swr, swd, sst, ssd, sot, sod,
+    K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, GP: tl.constexpr,
+    F32: tl.constexpr, ZERO_SRC: tl.constexpr,
+):  # fmt: skip
+    """For the rows of slot ``slot``: out[t] = src[t] + c * u @ W[a][:r_a]. Grid: (blocks, cdiv(DO, BN)).
+
+    Slot 0 also covers its empty group (out = src), so after slot 0 every token's row is written once.
+    """
+    g, row0, row_end = _locate_block(off_ptr, tl.program_id(0), G, BM, GP)
+    k = g // (L + 1)
+    a = g % (L + 1)
+    if (g < G) & (k == slot) & ((a < L) | (slot == 0)):
+        rows = row0 + tl.arange(0, BM)
+        rm = rows < row_end
+        n = tl.load(perm_ptr + rows, mask=rm, other=0)
+        t = (n // K).to(tl.int64)
+        cols = tl.program_id(1) * BN + tl.arange(0, BN)
+        nm = cols < DO
+        m2 = rm[:, None] & nm[None, :]
+        if ZERO_SRC:
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+        else:
+            acc = tl.load(src_ptr + t[:, None] * sst + cols[None, :] * ssd, mask=m2, other=0.0).to(tl.float32)
+        if a < L:
+            rr = tl.arange(0, BR)
+            coef = tl.load(scales_ptr + a).to(tl.float32) * tl.load(gate_ptr + n, mask=rm, other=0.0).to(
+                tl.float32
+            )
+            h = tl.load(u_ptr + rows[:, None] * BR + rr[None, :], mask=rm[:, None], other=0.0) * coef[:, None]
+            wm = (rr < tl.load(ranks_ptr + a))[:, None] & nm[None, :]
+            wt = tl.load(
+                w_ptr + a.to(tl.int64) * swl + rr[:, None] * swr + cols[None, :] * swd, mask=wm, other=0.0
+            )
+            acc = _mma(acc, h, wt, F32)
+        tl.store(out_ptr + t[:, None] * sot + cols[None, :] * sod, acc.to(out_ptr.dtype.element_ty), mask=m2)
+
+
+@triton.jit
+def grouped_wgrad_kernel(
+    x_ptr, u_ptr, perm_ptr, off_ptr, ranks_ptr, scales_ptr, gate_ptr, dw_ptr,
+    D, L, R,
+    sxt, sxd, sdl, sdd, sdr,
+    K: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, F32: tl.constexpr,
+):  # fmt: skip
+    """dW[a, d, r] = sum over a's rows (all slots) of X[t, d] * c * u[row, r], zero past r_a. Grid: (L, cdiv(D, BD))."""
+    a = tl.program_id(0)
+    dd = tl.program_id(1) * BD + tl.arange(0, BD)
+    dm = dd < D
+    rr = tl.arange(0, BR)
+    r_a = tl.load(ranks_ptr + a)
+    s_a = tl.load(scales_ptr + a).to(tl.float32)
+    acc = tl.zeros((BD, BR), dtype=tl.float32)
+    for k in range(K):
+        lo = tl.load(off_ptr + k * (L + 1) + a)
+        hi = tl.load(off_ptr + k * (L + 1) + a + 1)
+        for r0 in range(lo, hi, BM):
+            rows = r0 + tl.arange(0, BM)
+            rm = rows < hi
+            n = tl.load(perm_ptr + rows, mask=rm, other=0)
+            t = (n // K).to(tl.int64)
+            xt = tl.load(
+                x_ptr + t[None, :] * sxt + dd[:, None] * sxd, mask=dm[:, None] & rm[None, :], other=0.0
+            )
+            coef = s_a * tl.load(gate_ptr + n, mask=rm, other=0.0).to(tl.float32)
+            h = tl.load(u_ptr + rows[:, None] * BR + rr[None, :], mask=rm[:, None], other=0.0) * coef[:, None]
+            if F32:
+                acc = tl.dot(xt.to(tl.float32), h, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(xt, h.to(xt.dtype), acc)
+    acc = tl.where((rr < r_a)[None, :], acc, 0.0)
+    ptrs = dw_ptr + a.to(tl.int64) * sdl + dd[:, None] * sdd + rr[None, :] * sdr
+    tl.store(ptrs, acc, mask=dm[:, None] & (rr < R)[None, :])
+
+
+@triton.jit
+def token_shrink_kernel(
+    x_ptr, w_ptr, ids_ptr, ranks_ptr, part_ptr,
+    D, L, CHUNK,
+    sxt, sxd, swl, swd, swr,
+    K: tl.constexpr, SPLIT: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+):  # fmt: skip
+    """part[n, s, :] = x[t, chunk s] @ A[a][chunk s, :r_a] for one pair n. Grid: (N, SPLIT). Decode path."""
+    n = tl.program_id(0)
+    s = tl.program_id(1)
+    t = (n // K).to(tl.int64)
+    a = tl.load(ids_ptr + n).to(tl.int32)
+    valid = (a >= 0) & (a < L)
+    a = tl.where(valid, a, 0)
+    r_a = tl.where(valid, tl.load(ranks_ptr + a), 0)
+    rr = tl.arange(0, BR)
+    cm = rr < r_a
+    acc = tl.zeros((BR,), dtype=tl.float32)
+    d_lo = s * CHUNK
+    for d0 in range(d_lo, d_lo + CHUNK, BK):
+        dd = d0 + tl.arange(0, BK)
+        dm = (dd < D) & (dd < d_lo + CHUNK)
+        xv = tl.load(x_ptr + t * sxt + dd * sxd, mask=dm, other=0.0).to(tl.float32)
+        wt = tl.load(w_ptr + a.to(tl.int64) * swl + dd[:, None] * swd + rr[None, :] * swr,
+                     mask=dm[:, None] & cm[None, :], other=0.0).to(tl.float32)  # fmt: skip
+        acc += tl.sum(xv[:, None] * wt, 0)
+    tl.store(part_ptr + (n * SPLIT + s) * BR + rr, acc)
+
+
+@triton.jit
+def token_expand_kernel(
+    part_ptr, w_ptr, base_ptr, out_ptr, ids_ptr, ranks_ptr, scales_ptr, gate_ptr,
+    DO, L,
+    swl, swr, swd, sbt, sbd, sot, sod,
+    K: tl.constexpr, SPLIT: tl.constexpr, SP: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
+):  # fmt: skip
+    """out[t, tile] = base[t, tile] + sum_k c * (sum_s part[n, s]) @ B[a][:r_a, tile]. Grid: (T, cdiv(DO, BN))."""
+    t = tl.program_id(0)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    nm = cols < DO
+    rr = tl.arange(0, BR)
+    ss = tl.arange(0, SP)
+    acc = tl.load(base_ptr + t.to(tl.int64) * sbt + cols * sbd, mask=nm, other=0.0).to(tl.float32)
+    for k in tl.static_range(K):
+        n = t * K + k
+        a = tl.load(ids_ptr + n).to(tl.int32)
+        valid = (a >= 0) & (a < L)
+        a = tl.where(valid, a, 0)
+        r_a = tl.where(valid, tl.load(ranks_ptr + a), 0)
+        coef = tl.load(scales_ptr + a).to(tl.float32) * tl.load(gate_ptr + n).to(tl.float32)
+        parts = tl.load(
+            part_ptr + (n * SPLIT + ss[:, None]) * BR + rr[None, :], mask=(ss < SPLIT)[:, None], other=0.0
+        )
+        h = tl.sum(parts, 0) * coef
+        wt = tl.load(w_ptr + a.to(tl.int64) * swl + rr[:, None] * swr + cols[None, :] * swd,
+                     mask=(rr < r_a)[:, None] & nm[None, :], other=0.0).to(tl.float32)  # fmt: skip
+        acc += tl.sum(h[:, None] * wt, 0)
+    tl.store(out_ptr + t.to(tl.int64) * sot + cols * sod, acc.to(out_ptr.dtype.element_ty), mask=nm)

@@ -1,0 +1,171 @@
+"""Launchers for the Triton kernels: routing metadata, forward (grouped or small-T) and the fused backward.
+
+Everything here is asynchronous on the device: routing is a key kernel, one ``torch.sort`` and one
+``torch.searchsorted``; all grids have static sizes (``cdiv(T*K, BM) + K*(L+1)`` blocks) and no value is read back
+to the host, so a forward or backward can be captured in a CUDA graph. On CPU tensors the same launches run under
+``TRITON_INTERPRET=1`` (tests), where every dot is done in fp32 because the interpreter's bf16 dot is unreliable.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from kernels import triton_kernels as tk
+
+SMALL_T_MAX = 64  # token count up to which the sort-free decode path is used (tests override it)
+POISON = False  # tests: fill every buffer the kernels should overwrite with NaN instead of leaving it uninitialised
+
+
+def _buffer(*shape, dtype, device) -> torch.Tensor:
+    if POISON:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(*shape, dtype=dtype, device=device)
+
+
+def _config(device: torch.device) -> dict:
+    if device.type == "cuda":
+        return {"BM": 64, "BK": 64, "BN": 128, "BD": 64, "CHUNK": 256, "TBK": 64, "TBN": 64, "warps": 4}
+    return {"BM": 16, "BK": 16, "BN": 32, "BD": 16, "CHUNK": 32, "TBK": 16, "TBN": 32, "warps": 4}
+
+
+def padded_rank(R: int) -> int:
+    """Rank padded for the kernels: a power of two (tl.arange), at least 16 (tl.dot)."""
+    return max(16, triton.next_power_of_2(R))
+
+
+def _use_f32(x: torch.Tensor) -> bool:
+    return x.dtype == torch.float32 or x.dtype == torch.float64 or x.device.type != "cuda"
+
+
+def route_groups(ids: torch.Tensor, ranks: torch.Tensor, L: int):
+    """Sort the T*K routing pairs by (slot, adapter). Returns (perm int32 [N], off int32 [G+1], sorted keys [N])."""
+    T, K = ids.shape
+    N, G = T * K, K * (L + 1)
+    keys = torch.empty(N, dtype=torch.int32, device=ids.device)
+    tk.routing_keys_kernel[(triton.cdiv(N, 1024),)](ids, ranks, keys, N, L, K=K, BLOCK=1024)
+    sorted_keys, perm = torch.sort(keys, stable=True)
+    groups = torch.arange(G + 1, dtype=torch.int32, device=ids.device)
+    off = torch.searchsorted(sorted_keys, groups, out_int32=True)
+    return perm.to(torch.int32), off, sorted_keys
+
+
+def _shrink(X, W, w_strides, perm, off, ranks, L, K, BR, cfg, f32):
+    """u [N, BR] fp32 in sorted order: u[row] = X[t(row)] @ W[a] where W[a] is [D, R] through ``w_strides``."""
+    N, G = perm.numel(), off.numel() - 1
+    u = _buffer(N, BR, dtype=torch.float32, device=X.device)
+    grid = (triton.cdiv(N, cfg["BM"]) + G,)
+    tk.grouped_shrink_kernel[grid](
+        X, W, perm, off, ranks, u, X.shape[1], G, L, X.stride(0), X.stride(1), *w_strides,
+        K=K, BM=cfg["BM"], BK=cfg["BK"], BR=BR, GP=triton.next_power_of_2(G), F32=f32, num_warps=cfg["warps"],
+    )  # fmt: skip
+    return u
+
+
+def _expand(u, W, w_strides, src, out, perm, off, ranks, scales, gates, L, K, BR, cfg, f32, zero_src):
+    """out[t] = src[t] + sum_k c * u @ W[a] (W[a] is [R, DO] through ``w_strides``), one launch per slot."""
+    N, G, DO = perm.numel(), off.numel() - 1, out.shape[1]
+    grid = (triton.cdiv(N, cfg["BM"]) + G, triton.cdiv(DO, cfg["BN"]))
+    for k in range(K):
+        s = src if k == 0 else out
+        tk.grouped_expand_kernel[grid](
+            u, W, s, out, perm, off, ranks, scales, gates, DO, G, L, k, *w_strides,
+            s.stride(0), s.stride(1), out.stride(0), out.stride(1),
+            K=K, BM=cfg["BM"], BN=cfg["BN"], BR=BR, GP=triton.next_power_of_2(G), F32=f32,
+            ZERO_SRC=zero_src and k == 0, num_warps=cfg["warps"],
+        )  # fmt: skip
+    return out
+
+
+def forward(x, base, A, B, scales, ranks, ids, gates) -> torch.Tensor:
+    """out = base + routed deltas. x [T, d_in], base [T, d_out], ids/gates [T, K] contiguous, ranks int32."""
+    T, K = ids.shape
+    L, R = A.shape[0], A.shape[2]
+    out = _buffer(*base.shape, dtype=base.dtype, device=base.device)
+    if T == 0:
+        return out
+    cfg, f32, BR = _config(x.device), _use_f32(x), padded_rank(R)
+    if T <= SMALL_T_MAX:
+        D, DO = x.shape[1], base.shape[1]
+        split = triton.cdiv(D, cfg["CHUNK"])
+        part = _buffer(T * K, split, BR, dtype=torch.float32, device=x.device)
+        tk.token_shrink_kernel[(T * K, split)](
+            x, A, ids, ranks, part, D, L, cfg["CHUNK"], x.stride(0), x.stride(1), *A.stride(),
+            K=K, SPLIT=split, BK=cfg["TBK"], BR=BR, num_warps=cfg["warps"],
+        )  # fmt: skip
+        tk.token_expand_kernel[(T, triton.cdiv(DO, cfg["TBN"]))](
+            part, B, base, out, ids, ranks, scales, gates, DO, L, *B.stride(),
+            base.stride(0), base.stride(1), out.stride(0), out.stride(1),
+            K=K, SPLIT=split, SP=triton.next_power_of_2(split), BN=cfg["TBN"], BR=BR, num_warps=cfg["warps"],
+        )  # fmt: skip
+        return out
+    perm, off, _ = route_groups(ids, ranks, L)
+    u = _shrink(x, A, A.stride(), perm, off, ranks, L, K, BR, cfg, f32)
+    return _expand(u, B, B.stride(), base, out, perm, off, ranks, scales, gates, L, K, BR, cfg, f32, False)
+
+
+def backward(grad, x, A, B, scales, ranks, ids, gates):
+    """(dx, dA, dB, dgates) of ``forward``; dbase is ``grad`` itself. Recomputes u = x @ A rather than saving it."""
+    T, K = ids.shape
+    L, D, R = A.shape
+    DO = B.shape[2]
+    cfg, f32, BR = _config(x.device), _use_f32(x), padded_rank(R)
+    perm, off, sorted_keys = route_groups(ids, ranks, L)
+    u = _shrink(x, A, A.stride(), perm, off, ranks, L, K, BR, cfg, f32)  # x @ A
+    bt = (B.stride(0), B.stride(2), B.stride(1))  # B[a]^T as a [DO, R] matrix
+    v = _shrink(grad, B, bt, perm, off, ranks, L, K, BR, cfg, f32)  # grad @ B^T
+    at = (A.stride(0), A.stride(2), A.stride(1))  # A[a]^T as a [R, D] matrix
+    dx = _buffer(*x.shape, dtype=x.dtype, device=x.device)
+    _expand(v, A, at, dx, dx, perm, off, ranks, scales, gates, L, K, BR, cfg, f32, True)
+    dA = _buffer(L, D, R, dtype=torch.float32, device=x.device)
+    _wgrad_into(
+        x,
+        v,
+        perm,
+        off,
+        ranks,
+        scales,
+        gates,
+        dA,
+        (dA.stride(0), dA.stride(1), dA.stride(2)),
+        R,
+        L,
+        K,
+        BR,
+        cfg,
+        f32,
+    )
+    dB = _buffer(L, R, DO, dtype=torch.float32, device=x.device)
+    _wgrad_into(
+        grad,
+        u,
+        perm,
+        off,
+        ranks,
+        scales,
+        gates,
+        dB,
+        (dB.stride(0), dB.stride(2), dB.stride(1)),
+        R,
+        L,
+        K,
+        BR,
+        cfg,
+        f32,
+    )
+    adapter = (sorted_keys % (L + 1)).long()
+    valid = adapter < L
+    s = scales.float()[adapter.clamp(max=L - 1)]
+    dg_sorted = torch.where(valid, s * (u * v).sum(1), torch.zeros((), device=x.device))
+    dg = torch.zeros(T * K, dtype=torch.float32, device=x.device).scatter_(0, perm.long(), dg_sorted)
+    return dx, dA.to(A.dtype), dB.to(B.dtype), dg.view(T, K).to(gates.dtype)
+
+
+def _wgrad_into(X, u, perm, off, ranks, scales, gates, dW, dw_strides, R, L, K, BR, cfg, f32):
+    D = X.shape[1]
+    grid = (L, triton.cdiv(D, cfg["BD"]))
+    tk.grouped_wgrad_kernel[grid](
+        X, u, perm, off, ranks, scales, gates, dW, D, L, R, X.stride(0), X.stride(1), *dw_strides,
+        K=K, BM=cfg["BM"], BD=cfg["BD"], BR=BR, F32=f32, num_warps=cfg["warps"],
+    )  # fmt: skip
+    return dW
