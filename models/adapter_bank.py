@@ -136,7 +136,7 @@ def read_peft_adapter(adapter_dir, name: str, module_shapes: dict, wrapped: set,
         (adapter.A if which == "A" else adapter.B)[module] = t
     if not adapter.A:
         _fail(d, "adapter_model.safetensors", "holds no lora_A/lora_B weights", "re-save the adapter with peft")
-    for module in sorted(set(adapter.A) | set(adapter.B)):
+    for module in [m for m in module_shapes if m in adapter.A or m in adapter.B]:  # model order
         if module not in adapter.A or module not in adapter.B:
             _fail(d, "adapter_model.safetensors", f"module {module!r} has only one of lora_A/lora_B", "re-save the adapter")
         a, b = adapter.A[module], adapter.B[module]

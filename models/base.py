@@ -62,14 +62,18 @@ def load_base_model(name_or_path, *, dtype="float32", device=None, gguf_file=Non
     if gguf is not None and not os.path.exists(os.path.join(path, gguf)) and local:
         raise FileNotFoundError(f"GGUF file {os.path.join(path, gguf)!r} does not exist; pass gguf_file= a file "
                                 f"inside {path!r} or the full path of a .gguf file")
+    if local and gguf is None and os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
+        hint = f"pass gguf_file={ggufs[0]!r}" if ggufs else "pass a HF model directory or a .gguf file"
+        raise OSError(f"cannot load base model {name_or_path!r} (no config.json in it); {hint}")
     kwargs = {"gguf_file": gguf} if gguf else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs)
-    except OSError as e:  # hub id not reachable offline, or a dir without config.json
+    except (OSError, ValueError) as e:  # hub id not reachable offline, unreadable files
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise OSError(f"cannot load base model {name_or_path!r} ({first}); pass a local HF directory "
-                      f"(config.json + weights) or a .gguf file, or go online for hub ids") from None
+                      f"(config.json + weights) or a .gguf file, or go online for hub ids") from e
     if gguf:  # a GGUF-loaded model is dequantised; drop the quantizer so save_pretrained / peft treat it as plain
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
