@@ -18,6 +18,7 @@ from kernels import multi_lora
 from kernels.dense import multi_lora_dense
 from kernels.reference import multi_lora_reference
 
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # where backend="triton" tests run (interpreted on CPU)
 DIFF = ("x", "base", "A", "B", "weights")
 TOL = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 2e-2, torch.float64: 1e-10}
 
@@ -130,20 +131,20 @@ CASES = [(F32, 1, "small"), (F32, 2, "small"), (F32, 1, "grouped"), (F32, 2, "gr
 def test_triton_matches_fp64_reference(triton_ops, monkeypatch, dtype, K, path):
     """Mixed ranks (24 = R, 5, 0 = unused adapter, 17) with R = 24 padded to 32 inside; d_out not a tile multiple."""
     monkeypatch.setattr(triton_ops, "SMALL_T_MAX", 10**9 if path == "small" else 0)
-    inp = make_inputs(17 if K < 4 else 9, 40, 36, 4, 24, K, dtype, ranks=[24, 5, 0, 17], seed=K)
+    inp = make_inputs(17 if K < 4 else 9, 40, 36, 4, 24, K, dtype, ranks=[24, 5, 0, 17], seed=K, device=DEV)
     check_against_fp64(inp, multi_lora, TOL[dtype], backend="triton")
 
 
 @pytest.mark.parametrize("routing,L,K,T", [("one", 3, 2, 33), ("zipf", 128, 1, 16), ("uniform", 1, 1, 20)])
 def test_triton_skewed_routing_and_bank_sizes(triton_ops, monkeypatch, routing, L, K, T):
     monkeypatch.setattr(triton_ops, "SMALL_T_MAX", 0)
-    inp = make_inputs(T, 16, 20, L, 8, K, torch.float32, routing=routing, empty=0.3, seed=L)
+    inp = make_inputs(T, 16, 20, L, 8, K, torch.float32, routing=routing, empty=0.3, seed=L, device=DEV)
     check_against_fp64(inp, multi_lora, TOL[torch.float32], backend="triton")
 
 
 def test_all_slots_empty_gives_base_and_zero_adapter_grads(triton_ops):
-    inp = make_inputs(6, 16, 16, 2, 16, 2, torch.float32, empty=1.0)
-    out, grads = run_with_grads(multi_lora, inp, torch.randn(6, 16), backend="triton")
+    inp = make_inputs(6, 16, 16, 2, 16, 2, torch.float32, empty=1.0, device=DEV)
+    out, grads = run_with_grads(multi_lora, inp, torch.randn(6, 16, device=DEV), backend="triton")
     assert torch.equal(out, inp["base"])
     for k in ("x", "A", "B", "weights"):
         assert torch.count_nonzero(grads[k]) == 0, k
@@ -155,6 +156,8 @@ def test_sentence_routing_equals_token_routing():
     s_ids, s_w = inp["ids"][:2], inp["weights"][:2]
     tok = dict(inp, ids=s_ids[seq_ids], weights=s_w[seq_ids])
     for backend in ("torch", "triton", "reference"):
+        if backend == "triton" and DEV == "cuda":
+            inp, seq_ids, s_ids, s_w = ({k: v.cuda() for k, v in inp.items()}, seq_ids.cuda(), s_ids.cuda(), s_w.cuda())
         got = multi_lora(
             *[inp[k] for k in ("x", "base", "A", "B", "scales", "ranks")],
             s_ids,
@@ -162,7 +165,7 @@ def test_sentence_routing_equals_token_routing():
             seq_ids,
             backend=backend,
         )
-        torch.testing.assert_close(got, call(multi_lora_reference, tok), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got.cpu(), call(multi_lora_reference, tok), rtol=1e-5, atol=1e-5)
 
 
 def test_leading_batch_dims_are_flattened():
