@@ -1,0 +1,172 @@
+"""Router checkpoints, batched generation with every strategy, segment routing and option validation."""
+
+import json
+
+import pytest
+import torch
+
+from models import MultiLoRAModel, RouterCheckpointError, load_base_model
+from models.router_dlp import segment_tokens
+from models.tiny import save_test_assets
+
+PROMPTS = ["[INST] count the apples [/INST]\n", "hello there, a longer prompt than the others", "[INST] x [/INST]\n\nq"]
+STRATEGIES = [("oracle", {}), ("meteora", {"top_k": 2}), ("meteora", {"top_k": 1, "temperature": 15.0}),
+              ("dlp", {"hidden": 32, "top_p": 0.9}), ("dlp", {"hidden": 32, "fusion": "renorm"}),
+              ("dlp_segments", {"hidden": 32, "top_p": 0.9}), ("lora_b", {"adapter": "b"}), ("merge", {}),
+              ("base", {})]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return save_test_assets(tmp_path_factory.mktemp("routing"))
+
+
+def _mm(assets, router="oracle", names=("a", "b", "c"), **kw):
+    base, dirs = assets
+    model, tok = load_base_model(base)
+    return MultiLoRAModel.from_adapters(model, {n: str(dirs[n]) for n in names}, router=router, tokenizer=tok, **kw)
+
+
+def _randomize(router, seed=0, std=0.5):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in router.parameters():
+            p.normal_(0, std)
+
+
+@pytest.mark.parametrize("name,kw", STRATEGIES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(STRATEGIES)])
+def test_batched_generate_equals_one_by_one(assets, name, kw):
+    mm = _mm(assets)
+    mm.set_router(name, **kw)
+    _randomize(mm.router, std=2.0)  # trained-looking routers: different choices per prompt / token
+    tok, tasks = mm.tokenizer, ["c", "a", "b"]
+    gen = dict(max_new_tokens=6, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    batch = tok(PROMPTS, return_tensors="pt", padding=True)
+    out = mm.generate(**batch, task_ids=tasks, **gen)
+    routes = mm.last_route()
+    for i, p in enumerate(PROMPTS):
+        one = tok([p], return_tensors="pt")
+        ref = mm.generate(**one, task_ids=[tasks[i]], **gen)
+        assert out.sequences[i, -6:].tolist() == ref.sequences[0, -6:].tolist()
+        for s_b, s_1 in zip(out.scores, ref.scores):
+            torch.testing.assert_close(s_b[i], s_1[0], atol=1e-4, rtol=0)
+        if routes is not None:  # sentence routing: same decision alone as in the padded batch
+            k = mm.last_route()[0].shape[1]
+            assert routes[0][i, :k].tolist() == mm.last_route()[0][0].tolist()
+
+
+def test_hf_generate_directly_and_beams(assets):
+    mm = _mm(assets, router="oracle")
+    tok = mm.tokenizer
+    batch = tok(PROMPTS[:2], return_tensors="pt", padding=True)
+    mm.set_routing(task_ids=["b", "c"])
+    direct = mm.model.generate(**batch, max_new_tokens=5, do_sample=False)
+    assert torch.equal(direct, mm.generate(**batch, max_new_tokens=5, do_sample=False))
+    beams = mm.generate(**batch, max_new_tokens=4, num_beams=2, num_return_sequences=2, do_sample=False)
+    assert beams.shape[0] == 4  # per-sequence routes were repeated for every beam
+    mm.set_routing(task_ids=None)
+    with pytest.raises(ValueError, match="router 'oracle' needs the task of every sequence"):
+        mm.generate(**batch, max_new_tokens=2)
+
+
+def test_dlp_route_used_for_every_decode_step(assets):
+    """The route is decided at prefill and kept: decode steps see the same (ids, weights) object."""
+    mm = _mm(assets, router="dlp", hidden=32, top_p=0.95)
+    _randomize(mm.router, std=2.0)
+    batch = mm.tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    seen = []
+    orig = mm.router.route
+
+    def spy(name, x):
+        r = orig(name, x)
+        seen.append((x.shape[1], r.ids.clone(), r.seq_ids.numel()))
+        return r
+
+    mm.router.route = spy
+    mm.generate(**batch, max_new_tokens=3, do_sample=False)
+    decode = [s for s in seen if s[0] == 1]
+    assert decode and all(torch.equal(s[1], seen[0][1]) and s[2] == len(PROMPTS) for s in decode)
+
+
+def test_segment_split_and_segment_routing(assets):
+    pieces = ["[INST]", " a", " [/INST]", "\n", "\n", "[", "INST", "]", " b", "\n\n", "tail"]
+    assert segment_tokens(pieces) == [0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 2]
+    mm = _mm(assets, router="dlp_segments", hidden=32, top_p=1e-6)
+    _randomize(mm.router, std=2.0)
+    tok = mm.tokenizer
+    text = "[INST] count the apples [/INST]\n\n[INST] translate: hallo welt [/INST]"
+    batch = tok([text], return_tensors="pt")
+    with torch.no_grad():
+        mm(**batch)
+        tok_ids = mm.router._tok[0][0, :, 0]
+        parts = ["[INST] count the apples [/INST]\n\n", "[INST] translate: hallo welt [/INST]"]
+        want = [int(mm.router.logits(**tok([p], return_tensors="pt")).argmax()) for p in parts]
+    n0 = len(tok(parts[0])["input_ids"])
+    assert tok_ids[:n0].unique().tolist() == [want[0]] and tok_ids[n0:].unique().tolist() == [want[1]]
+
+
+@pytest.mark.parametrize("strategy,kw", [("meteora", {"top_k": 2, "temperature": 15.0}),
+                                         ("dlp", {"hidden": 48, "top_p": 0.7, "fusion": "renorm"})])
+def test_router_checkpoint_round_trip(assets, tmp_path, strategy, kw):
+    mm = _mm(assets, router=strategy, **kw)
+    _randomize(mm.router, seed=3)
+    batch = mm.tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        want = mm(**batch).logits
+    mm.save_router(tmp_path / "r")
+    meta = json.loads((tmp_path / "r" / "router.json").read_text())
+    assert meta["strategy"] == strategy and meta["adapter_names"] == ["a", "b", "c"] and meta["config"].items() >= kw.items()
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["router.json", "router.safetensors"]  # no temp left
+    # a fresh model whose bank holds the same adapters in another order: rows are permuted back
+    other = _mm(assets, router="base", names=("c", "a", "b"))
+    other.load_router(tmp_path / "r")
+    assert other.strategy == strategy
+    with torch.no_grad():
+        torch.testing.assert_close(other(**batch).logits, want, atol=1e-5, rtol=0)
+    if strategy == "meteora":
+        other.load_router(tmp_path / "r", top_k=1)  # inference knobs can be overridden
+        assert other.router.top_k == 1 and other.router.temperature == 15.0
+
+
+def test_router_checkpoint_rejects_mismatches(assets, tmp_path):
+    mm = _mm(assets, router="meteora")
+    mm.save_router(tmp_path / "r")
+    two = _mm(assets, router="base", names=("a", "b"))
+    with pytest.raises(RouterCheckpointError, match=r"adapter_names: trained for \['a', 'b', 'c'\].*not in bank: \['c'\]"):
+        two.load_router(tmp_path / "r")
+    qv = _mm(assets, router="base", targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                              "down_proj", "lm_head"])
+    with pytest.raises(RouterCheckpointError, match="tensors: missing .*lm_head"):
+        qv.load_router(tmp_path / "r")
+    with pytest.raises(RouterCheckpointError, match="router.json / router.safetensors missing"):
+        mm.load_router(tmp_path / "nothing")
+    (tmp_path / "r" / "router.json").write_text("{}")
+    with pytest.raises(RouterCheckpointError, match="format: not a loramux-router checkpoint"):
+        mm.load_router(tmp_path / "r")
+
+
+def test_option_validation(assets):
+    mm = _mm(assets)
+    cases = [
+        (("dlp",), {"top_p": 0.0}, r"dlp top_p=0.0 must be in \(0, 1\]"),
+        (("dlp",), {"fusion": "max"}, "dlp fusion='max' is not known"),
+        (("meteora",), {"top_k": 4}, r"meteora top_k=4 must be an integer in \[1, number of adapters = 3\]"),
+        (("meteora",), {"temperature": 0}, "meteora temperature=0 must be > 0"),
+        (("merge",), {"mode": "ties"}, "merge mode='ties' is not known"),
+        (("lora_b",), {}, r"router 'lora_b' needs adapter=<name>"),
+        (("moe",), {}, "router='moe' is not known"),
+        (("oracle",), {"top_k": 2}, "router='oracle': .*unexpected keyword argument 'top_k'"),
+    ]
+    for args, kw, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            mm.set_router(*args, **kw)
+    with pytest.raises(KeyError, match="'zz' is not in the bank"):
+        mm.set_router("lora_b", adapter="zz")
+    with pytest.raises(ValueError, match=r"task ids \[5\] are out of range for 3 adapters"):
+        mm.set_routing(task_ids=[5])
+    with pytest.raises(ValueError, match="trainable='gates' needs router='meteora'"):
+        mm.set_trainable("gates")
+    with pytest.raises(ValueError, match="router 'oracle' has no parameters to train"):
+        mm.set_trainable("router")
+    with pytest.raises(ValueError, match="trainable='all' is not known"):
+        mm.set_trainable("all")
