@@ -52,6 +52,19 @@ from models.multilora_model import DLP_TARGETS, METEORA_TARGETS, ROUTERS, MultiL
 from models.router_checkpoint import RouterCheckpointError
 from models.routing import Route, Router, route_top_k, route_top_p
 
-__all__ = ["AdapterBank", "AdapterError", "DLP_TARGETS", "METEORA_TARGETS", "MultiLoRALinear", "MultiLoRAModel",
-           "ROUTERS", "Route", "Router", "RouterCheckpointError", "load_base_model", "read_peft_adapter",
-           "route_top_k", "route_top_p"]
+__all__ = [
+           "DLP_TARGETS",
+           "METEORA_TARGETS",
+           "ROUTERS",
+           "AdapterBank",
+           "AdapterError",
+           "MultiLoRALinear",
+           "MultiLoRAModel",
+           "Route",
+           "Router",
+           "RouterCheckpointError",
+           "load_base_model",
+           "read_peft_adapter",
+           "route_top_k",
+           "route_top_p",
+]

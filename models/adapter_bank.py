@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 RANK_MULTIPLE = 16
@@ -112,7 +113,7 @@ def read_peft_adapter(adapter_dir, name: str, module_shapes: dict, wrapped: set,
         _fail(d, "adapter_model.safetensors", "missing" + hint, "save the adapter with peft's save_pretrained")
     try:
         tensors = load_file(str(weights_path))
-    except Exception as e:  # safetensors raises its own error types
+    except (SafetensorError, OSError, ValueError) as e:
         _fail(d, "adapter_model.safetensors", f"cannot be read ({str(e).splitlines()[0]})", "re-save the adapter")
 
     adapter = LoraAdapter(name=name, path=str(d), config=cfg)
@@ -284,7 +285,7 @@ class AdapterBank(nn.Module):
         self.version += 1
 
     @classmethod
-    def from_peft_dirs(cls, model: nn.Module, adapters, targets=None, *, check_base_name: bool = True) -> "AdapterBank":
+    def from_peft_dirs(cls, model: nn.Module, adapters, targets=None, *, check_base_name: bool = True) -> AdapterBank:
         """Build a bank from ``{name: dir}`` or a list of dirs (names = dir names).
 
         ``targets=None`` wraps exactly the projections the adapters touch (their union), in model order.
@@ -318,7 +319,7 @@ def _adapter_projection_names(adapter_dir) -> set:
     try:
         with safe_open(str(f), "pt") as fh:
             keys = list(fh.keys())
-    except Exception:
+    except (SafetensorError, OSError, ValueError):
         return set()
     out = set()
     for k in keys:

@@ -55,7 +55,7 @@ class MultiLoRAModel(nn.Module):
         for name in bank.modules_wrapped:
             base = model.get_submodule(name)
             if isinstance(base, MultiLoRALinear):
-                raise ValueError(f"{name} is already wrapped; build one MultiLoRAModel per base model")
+                raise ValueError(f"{name} is already wrapped; build one MultiLoRAModel per base model")  # noqa: TRY004
             _set_submodule(model, name, MultiLoRALinear(base, name, self.ctx))
         self._hook = model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
         self.router: Router = BaseRouter(self.ctx)
@@ -63,7 +63,7 @@ class MultiLoRAModel(nn.Module):
 
     @classmethod
     def from_adapters(cls, model, adapters, *, targets=None, router: str = "oracle", tokenizer=None,
-                      check_base_name: bool = True, **router_kwargs) -> "MultiLoRAModel":
+                      check_base_name: bool = True, **router_kwargs) -> MultiLoRAModel:
         """Build from PEFT LoRA dirs: ``adapters`` is ``{name: dir}`` or a list of dirs (names = dir names).
 
         ``targets`` = projection names to wrap (e.g. ``METEORA_TARGETS``, ``DLP_TARGETS``); None wraps the union
@@ -186,8 +186,9 @@ class MultiLoRAModel(nn.Module):
     def router_loss(self, input_ids, attention_mask, task_ids) -> torch.Tensor:
         """DLP router objective (CE on the task id), computed without the LM."""
         if not isinstance(self.router, DLPRouter):
-            raise ValueError(f"router_loss is the dlp router's objective; router is {self.router.name!r} "
-                             "(meteora trains through forward(labels=..., task_ids=...))")
+            raise ValueError(  # noqa: TRY004
+                f"router_loss is the dlp router's objective; router is {self.router.name!r} "
+                "(meteora trains through forward(labels=..., task_ids=...))")
         return self.router.classification_loss(input_ids, attention_mask, validate_task_ids(task_ids, self.bank))
 
     # ---- hot swap ----------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from models.routing import Route, SequenceRouter, Router, validate_task_ids
+from models.routing import Router, SequenceRouter
 
 
 class OracleRouter(SequenceRouter):

@@ -34,9 +34,9 @@ def tiny_llama_config(vocab_size: int = 257, **overrides):
     """LlamaConfig of the unit-test model: 2 layers, hidden 64, 4 heads (2 KV heads), MLP 128."""
     from transformers import LlamaConfig
 
-    cfg = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-               bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1, tie_word_embeddings=False)
+    cfg = {"vocab_size": vocab_size, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+               "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
+               "bos_token_id": vocab_size - 1, "eos_token_id": vocab_size - 1, "tie_word_embeddings": False}
     cfg.update(overrides)
     return LlamaConfig(**cfg)
 
@@ -77,9 +77,9 @@ def save_random_peft_adapter(base_dir, out_dir, *, r: int = 8, lora_alpha: int =
 
 #: the three test adapters: mixed ranks, rsLoRA, different target sets (a and c share r = 8 for peft's linear merge)
 TEST_ADAPTERS = {
-    "a": dict(r=8, lora_alpha=16, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
-    "b": dict(r=4, lora_alpha=8, targets=("q_proj", "v_proj"), use_rslora=True),
-    "c": dict(r=8, lora_alpha=32, targets=("q_proj", "v_proj", "down_proj")),
+    "a": {"r": 8, "lora_alpha": 16, "targets": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")},
+    "b": {"r": 4, "lora_alpha": 8, "targets": ("q_proj", "v_proj"), "use_rslora": True},
+    "c": {"r": 8, "lora_alpha": 32, "targets": ("q_proj", "v_proj", "down_proj")},
 }
 
 

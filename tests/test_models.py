@@ -48,7 +48,7 @@ def test_wraps_union_of_adapter_targets(mm):
     wrapped = {n.rsplit(".", 1)[-1] for n in mm.bank.modules_wrapped}
     assert wrapped == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert sum(isinstance(m, MultiLoRALinear) for m in mm.model.modules()) == 14  # 7 projections x 2 layers
-    A, B, scales, ranks = mm.bank.tensors("model.layers.0.self_attn.q_proj")
+    A, _B, scales, ranks = mm.bank.tensors("model.layers.0.self_attn.q_proj")
     assert A.shape[0] == 3 and A.shape[2] % 16 == 0 and ranks.tolist() == [8, 4, 8]
     assert scales.tolist() == pytest.approx([16 / 8, 8 / 4 ** 0.5, 32 / 8])  # b uses rsLoRA: alpha / sqrt(r)
     assert mm.bank.tensors("model.layers.0.self_attn.k_proj")[3].tolist() == [8, 0, 0]  # b, c leave k alone
@@ -153,7 +153,7 @@ def test_merge_equals_peft_weighted_adapters(assets, mm, peft_ref):
     torch.testing.assert_close(mm(**batch).logits, _peft_logits(peft_ref, batch, "avg_cat"), atol=ATOL, rtol=0)
     # peft's "linear" (task arithmetic on A and B, equal ranks): mode="linear" on a bank of a and c
     base, dirs = assets
-    model, tok = load_base_model(base)
+    model, _tok = load_base_model(base)
     mm2 = MultiLoRAModel.from_adapters(model, {n: str(dirs[n]) for n in ("a", "c")}, router="merge", mode="linear")
     peft_ref.add_weighted_adapter(["a", "c"], [0.5, 0.5], "avg_lin", combination_type="linear")
     torch.testing.assert_close(mm2(**batch).logits, _peft_logits(peft_ref, batch, "avg_lin"), atol=ATOL, rtol=0)
@@ -216,8 +216,8 @@ def test_dlp_router_gradients_through_fused_op_and_ce(mm):
 
 
 def test_dlp_default_router_is_about_5m_params_on_smollm2_width():
-    from models.routing import RouteContext
     from models.router_dlp import DLPRouter
+    from models.routing import RouteContext
 
     ctx = RouteContext()
     ctx.bank = [None] * 28

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
+from peft import IA3Config, PeftModel, get_peft_model
 
 from models import AdapterBank, AdapterError, MultiLoRAModel, load_base_model
 from models.tiny import save_random_peft_adapter, save_test_assets, save_tiny_llama
@@ -65,7 +65,7 @@ def test_foreign_adapters_rejected(assets, tmp_path):
 
 
 def test_wrong_base_model_rejected(assets, tmp_path):
-    base, dirs = assets
+    base, _dirs = assets
     other = save_tiny_llama(tmp_path / "narrow", hidden_size=32, intermediate_size=64)
     narrow = save_random_peft_adapter(other, tmp_path / "narrow_lora")
     assert "base_model_name_or_path: is " in _error(base, narrow)

@@ -40,7 +40,7 @@ def test_batched_generate_equals_one_by_one(assets, name, kw):
     mm.set_router(name, **kw)
     _randomize(mm.router, std=2.0)  # trained-looking routers: different choices per prompt / token
     tok, tasks = mm.tokenizer, ["c", "a", "b"]
-    gen = dict(max_new_tokens=6, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    gen = {"max_new_tokens": 6, "do_sample": False, "output_scores": True, "return_dict_in_generate": True}
     batch = tok(PROMPTS, return_tensors="pt", padding=True)
     out = mm.generate(**batch, task_ids=tasks, **gen)
     routes = mm.last_route()
