@@ -28,7 +28,7 @@ MultiLoRAModel
     mm.set_trainable("router" | "gates" | "adapters" | "router+adapters" | "gates+adapters" | "none") -> params
     mm.router_loss(input_ids, attention_mask, task_ids)   dlp router CE (no LM forward needed)
     mm.add_adapter(name, dir) / replace_adapter(name, dir) / remove_adapter(name)   hot swap, no rebuild
-    mm.save_router(dir) / mm.load_router(dir, **overrides)   router.safetensors + router.json, atomic
+    mm.save_router(dir) / mm.load_router(dir, strategy=None, **overrides)   router.safetensors + router.json, atomic
     mm.unwrap() -> the plain HF model again
 
 Pieces (one concept per file)

@@ -23,7 +23,12 @@ from torch import nn
 
 from models.adapter_bank import AdapterBank
 from models.multilora_linear import MultiLoRALinear
-from models.router_checkpoint import align_router_state, read_router_checkpoint, save_router_checkpoint
+from models.router_checkpoint import (
+    RouterCheckpointError,
+    align_router_state,
+    read_router_checkpoint,
+    save_router_checkpoint,
+)
 from models.router_dlp import DLPRouter, DLPSegmentRouter
 from models.router_fixed import BaseRouter, MergeRouter, OracleRouter, SingleAdapterRouter
 from models.router_meteora import MeteoraRouter
@@ -213,11 +218,17 @@ class MultiLoRAModel(nn.Module):
         return save_router_checkpoint(directory, self.router.name, self.router.config(), self.router.state_dict(),
                                       self.adapter_names, getattr(self.model.config, "name_or_path", None))
 
-    def load_router(self, directory, **overrides) -> Router:
+    def load_router(self, directory, strategy: str | None = None, **overrides) -> Router:
         """Install the router saved in ``directory``; ``overrides`` change inference knobs (top_k, temperature,
-        top_p, fusion). Rows are reordered to the bank's adapter order; mismatches raise one-line errors."""
+        top_p, fusion); ``strategy="dlp_segments"`` applies a trained dlp router per segment (and vice versa).
+        Rows are reordered to the bank's adapter order; mismatches raise one-line errors."""
         meta, tensors = read_router_checkpoint(directory)
-        router = self.build_router(meta["strategy"], **{**meta["config"], **overrides})
+        saved = meta["strategy"]
+        strategy = strategy or saved
+        if strategy != saved and {strategy, saved} != {"dlp", "dlp_segments"}:
+            raise RouterCheckpointError(f"router checkpoint {directory}: strategy: saved as {saved!r}, cannot load as "
+                                        f"{strategy!r} (only dlp <-> dlp_segments share weights)")
+        router = self.build_router(strategy, **{**meta["config"], **overrides})
         state = align_router_state(directory, meta, tensors, router.state_dict(), self.adapter_names,
                                    router.adapter_row_keys())
         p = next(self.bank.parameters())

@@ -7,8 +7,8 @@ the projection adds ``sum_k w_k * s_a * B_a A_a x`` through the fused op, so the
 
     loss = LM loss + aux_loss_coef * CE(concat of every gate's logits, the token's task id)      (coef 50)
 
-``aux_loss()`` returns the unscaled CE of the last forward (collected only while grad is enabled and task ids
-are set); the model adds ``aux_loss_coef *`` it. Top-k is 1 or 2 in the paper (any k <= L works); T = 1 for single
+``aux_loss()`` returns the unscaled CE of the last forward (whenever task ids are set, so validation reports it
+too); the model adds ``aux_loss_coef *`` it. Top-k is 1 or 2 in the paper (any k <= L works); T = 1 for single
 tasks, 15 / 20 / 30 for composite-3 / 5 / 10. ``ctx.force_gates`` replaces the logits by one-hot task logits,
 which makes the gated model exactly the oracle (a test and teacher-forcing switch).
 """
@@ -72,7 +72,7 @@ class MeteoraRouter(Router):
     def route(self, module_name, x):
         x2 = x.reshape(-1, x.shape[-1])
         logits = self.gates[slot_key(module_name)](x2)
-        if self._labels is not None and torch.is_grad_enabled():
+        if self._labels is not None:  # task ids known: keep the logits for the aux loss / gate accuracy
             self._logits.append(logits)
         if self.ctx.force_gates:
             if self._labels is None:

@@ -186,8 +186,9 @@ def test_meteora_loss_and_gate_gradients_through_fused_op(mm):
     out = mm(**batch, labels=batch["input_ids"], task_ids=[0, 1, 2])
     assert out.loss.item() == pytest.approx(out.lm_loss.item() + 50.0 * out.aux_loss.item(), rel=1e-5)
     assert 0.5 < out.aux_loss.item() < 5  # CE over 3 classes at random init
-    with torch.no_grad():
-        assert mm(**batch, task_ids=[0, 1, 2]).get("aux_loss") is None  # collected only when training
+    with torch.no_grad():  # validation reports the aux loss too; without task ids there is none
+        assert mm(**batch, task_ids=[0, 1, 2])["aux_loss"].item() == pytest.approx(out.aux_loss.item(), rel=1e-5)
+        assert mm(**batch).get("aux_loss") is None
 
 
 def test_gates_and_adapters_trainable(mm):

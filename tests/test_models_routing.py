@@ -126,6 +126,11 @@ def test_router_checkpoint_round_trip(assets, tmp_path, strategy, kw):
     if strategy == "meteora":
         other.load_router(tmp_path / "r", top_k=1)  # inference knobs can be overridden
         assert other.router.top_k == 1 and other.router.temperature == 15.0
+        with pytest.raises(RouterCheckpointError, match="strategy: saved as 'meteora', cannot load as 'dlp'"):
+            other.load_router(tmp_path / "r", strategy="dlp")
+    else:  # a trained dlp router applied per segment
+        seg = other.load_router(tmp_path / "r", strategy="dlp_segments")
+        assert seg.name == "dlp_segments" and torch.equal(seg.mlp[-1].weight, mm.router.mlp[-1].weight[[2, 0, 1]])
 
 
 def test_router_checkpoint_rejects_mismatches(assets, tmp_path):
