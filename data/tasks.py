@@ -58,7 +58,7 @@ def select(names: str | Iterable[str]) -> tuple[str, ...]:
         names = [n.strip() for n in names.split(",") if n.strip()]
     out: list[str] = []
     for n in names:
-        for t in SELECTIONS.get(n, (get_task(n).name,)):
+        for t in SELECTIONS[n] if n in SELECTIONS else (get_task(n).name,):
             if t not in out:
                 out.append(t)
     if not out:
@@ -113,16 +113,38 @@ def _build_prompt(task: Task, template: str, row: dict) -> str:
     return template.format(inputs=inputs)
 
 
+def _dedupe(rows: list[dict], seen: set | None = None) -> list[dict]:
+    """Rows whose (inputs, choices) were not seen before: a question asked twice must not sit in train and test."""
+    seen = set() if seen is None else seen
+    out = []
+    for r in rows:
+        key = (r["inputs"], tuple(r["choices"]))
+        if key not in seen:
+            seen.add(key)
+            out.append(r)
+    return out
+
+
 def _pools(task: Task, hub: bool, hf_data_files: dict | None) -> tuple[list[dict], list[dict] | None, str]:
-    """(train pool, test pool or None, template) for a task from its current source."""
+    """(train pool, test pool or None, template) for a task from its current source, duplicates dropped.
+
+    A few BIG-bench tasks repeat a question (strategyqa 1 of 2290, elementary_math_qa 280 of 38440): only the
+    first copy is kept, so the splits never share a prompt (strategyqa: 2289 rows, MeteoRA's 1832 + 457).
+    """
     if task.source == "hf" and (hub or hf_data_files):
         from data.hf_sources import load_hf_rows
 
         rows = load_hf_rows(task.hf, data_files=hf_data_files)
-        return rows["train"], rows.get("test"), task.hf.template
+        test = rows.get("test")
+        if test is None:
+            return _dedupe(rows["train"]), None, task.hf.template
+        seen: set = set()
+        test = _dedupe(test, seen)
+        return _dedupe(rows["train"], seen), test, task.hf.template
     from data.bigbench import task_rows
 
-    return task_rows(task.bigbench, task.bigbench_filter, mcq=task.kind == "mcq"), None, task.template
+    rows = task_rows(task.bigbench, task.bigbench_filter, mcq=task.kind == "mcq")
+    return _dedupe(rows), None, task.template
 
 
 # ----------------------------------------------------------------------------------------------- splits
