@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, KeyError, FloatingPointError)
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, FloatingPointError)
 
 log = logging.getLogger("loramux")
 
@@ -23,6 +23,6 @@ def user_errors():
     try:
         yield
     except USER_ERRORS as e:
-        msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+        msg = str(e)
         print(f"error: {msg.splitlines()[0] if msg else type(e).__name__}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None

@@ -70,7 +70,7 @@ def render_report(records: list[dict], out_dir, title: str, tracker=None) -> tup
                 tracker.log_image(f"report/{table.name}_plot", plot)
     if not tables:
         parts.append("_No results yet: run finetune / evaluate / bench first._\n")
-    sources = sorted({r["provenance"].get("git_sha", "?") for r in records})
+    sources = sorted({str(r["provenance"].get("git_sha", "?"))[:12] for r in records})
     parts.append(f"\n<sub>git: {', '.join(sources) or '–'}</sub>\n")
     report = atomic_write_text(out / "report.md", "\n".join(parts))
     return report, tables

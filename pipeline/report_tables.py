@@ -85,7 +85,7 @@ def tasks_table(records: list[dict]) -> Table | None:
         means.append(round(sum(vals) / len(vals), 4) if vals else None)
     rows.append(["mean"] + means)
     return Table("tasks", "Per-task score by routing strategy", ["task"] + strategies, rows,
-                 "score = accuracy (BLEU for generation-only tasks); greedy decoding")
+                 "score = accuracy, else ROUGE-L, else BLEU/100; greedy decoding")
 
 
 def composite_tables(records: list[dict]) -> list[Table]:
