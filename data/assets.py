@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -139,8 +140,10 @@ def pip_download(spec: str, dest: Path, *, sdist: bool = False) -> Path:
     """`pip download --no-deps spec` into dest (the registry's own client); returns the one file it saved."""
     dest.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", "-d", str(dest)]
-    if sdist:  # the sdist as published; no build isolation, so pip needs nothing beyond setuptools to read it
-        cmd += ["--no-binary", ":all:", "--no-build-isolation"]
+    if sdist:  # the sdist as published; pip still reads its metadata (setup.py egg_info, ~30 s for bigbench)
+        cmd += ["--no-binary", ":all:"]
+        if importlib.util.find_spec("setuptools") is not None:
+            cmd += ["--no-build-isolation"]  # reuse our setuptools instead of installing one into a build env
     proc = subprocess.run(cmd + [spec], check=False, capture_output=True, text=True)
     files = [p for p in dest.iterdir() if p.is_file()]
     if proc.returncode != 0 or len(files) != 1:
@@ -201,6 +204,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF dequantizer's own bar would flood CI logs
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     model.hf_quantizer = None  # GGUF weights are already dequantized; without this save_pretrained refuses

@@ -155,7 +155,7 @@ _TABLE: list[Task] = [
         kind="qa",
         metrics=("gsm8k_accuracy",),
         bigbench=("chinese_remainder_theorem",),
-        hf=HFSpec("gsm8k", "main", "gsm8k", "[INST] {inputs} [/INST]\n"),
+        hf=HFSpec("openai/gsm8k", "main", "gsm8k", "[INST] {inputs} [/INST]\n"),
         substitute="chinese_remainder_theorem",
         notes="grade-school math; offline: free-form arithmetic word problems with a numeric answer",
     ),
@@ -166,7 +166,7 @@ _TABLE: list[Task] = [
         metrics=GENERATION,
         bigbench=("gem/xsum",),
         hf=HFSpec(
-            "cnn_dailymail",
+            "abisee/cnn_dailymail",
             "3.0.0",
             "cnn_dailymail",
             "[INST] Generate a summarization of the news article.\n{inputs} [/INST]\n",

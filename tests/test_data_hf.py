@@ -99,5 +99,5 @@ def test_hub_use_follows_env(monkeypatch):
 
 def test_hub_failure_names_the_offline_switch(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # the hub is unreachable here; loading must fail clearly
-    with pytest.raises(LoramuxDataError, match=r"cannot load gsm8k/main from the Hugging Face hub.*LORAMUX_USE_HUB=0"):
+    with pytest.raises(LoramuxDataError, match=r"cannot load openai/gsm8k/main from the Hugging Face hub.*LORAMUX_USE_HUB=0"):
         split_sizes("gsm8k", hub=True)

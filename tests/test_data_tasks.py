@@ -17,7 +17,7 @@ METEORA_BIGBENCH = """abstract_narrative_understanding contextual_parametric_kno
 elementary_math_qa epistemic_reasoning formal_fallacies_syllogisms_negation goal_step_wikihow language_identification
 linguistics_puzzles logical_deduction object_counting paragraph_segmentation play_dialog_same_or_different
 question_selection reasoning_about_colored_objects strategyqa topical_chat tracking_shuffled_objects unit_conversion
-vitaminc_fact_verification winowhy""".split()
+vitaminc_fact_verification winowhy""".split()  # noqa: SIM905
 METEORA_HF = ["gsm8k", "cnn_dailymail", "alpaca", "news_commentary_de", "news_commentary_es", "news_commentary_it"]
 
 needs_bigbench = pytest.mark.skipif(
