@@ -131,7 +131,12 @@ def _install_dir(staged: Path, final: Path) -> None:
     if final.exists():
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
         os.replace(final, old)
-    os.replace(staged, final)
+    try:
+        os.replace(staged, final)
+    except OSError:
+        if not final.exists():
+            raise
+        shutil.rmtree(staged, ignore_errors=True)  # a concurrent fetch installed it first; keep theirs
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -14,6 +14,8 @@ instead of the hub: the tests use it, and so can anyone with a local copy.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from data.errors import LoramuxDataError
 from data.task_table import HFSpec
 
@@ -33,8 +35,19 @@ def _convert(fields: str, row: dict) -> tuple[str, str]:
 
 
 def load_hf_rows(spec: HFSpec, data_files: dict[str, str] | None = None) -> dict[str, list[dict]]:
-    """Load and convert the data set's train (and test) split; `data_files` = local files instead of the hub."""
+    """Load and convert the data set's train (and test) split; `data_files` = local files instead of the hub.
+
+    Read once per process (cached): train, val and test of one task come from the same load.
+    """
+    files = None if data_files is None else tuple(sorted((k, str(v)) for k, v in data_files.items()))
+    return _load_hf_rows(spec, files)
+
+
+@lru_cache(maxsize=8)
+def _load_hf_rows(spec: HFSpec, files: tuple | None) -> dict[str, list[dict]]:
     from datasets import load_dataset
+
+    data_files = dict(files) if files else None
 
     if data_files:
         first = next(iter(data_files.values()))
@@ -57,8 +70,9 @@ def load_hf_rows(spec: HFSpec, data_files: dict[str, str] | None = None) -> dict
                 f"{spec.path} has no split {split!r} (has {sorted(dsd)}); fix the HFSpec in data/task_table.py"
             )
         ds = dsd[split]
-        if spec.cap is not None and len(ds) > spec.cap:
-            ds = ds.select(range(spec.cap))
+        cap = spec.cap if role == "train" else spec.test_cap
+        if cap is not None and len(ds) > cap:
+            ds = ds.select(range(cap))
         rows = []
         for i, row in enumerate(ds):
             try:

@@ -45,7 +45,8 @@ class HFSpec:
     template: str
     train_split: str = "train"
     test_split: str | None = "test"
-    cap: int | None = None  # rows kept from the raw data before splitting (news_commentary: 100k)
+    cap: int | None = 100_000  # rows kept of the train split (MeteoRA: train <= 100k; news_commentary 100k total)
+    test_cap: int | None = 50_000  # rows kept of the test split (MeteoRA: test <= 50k)
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,6 @@ def _news(lang: str) -> Task:
             f"translation:{lang}",
             "[INST] " + _TRANSLATE[lang] + "{inputs} [/INST]\n",
             test_split=None,
-            cap=100_000,
         ),
         substitute=f"gem/wikilingua_multilingual[{_WIKILINGUA_LANG[lang]}]",
         notes=f"{lang}->en translation; offline: WikiLingua {_WIKILINGUA_LANG[lang]} article -> English summary",
@@ -230,5 +230,10 @@ SELECTIONS: dict[str, tuple[str, ...]] = {
 
 def bigbench_dirs(task_names=None) -> tuple[str, ...]:
     """Every BIG-bench dir (task or task/subtask) the named tasks (default: all registered) read."""
-    names = METEORA28 if task_names is None else task_names
+    if task_names is None:
+        names = METEORA28
+    else:
+        from data.tasks import select  # validates names (one-line error with close matches)
+
+        names = select(list(task_names))
     return tuple(sorted({d for n in names for d in TASKS[n].bigbench}))

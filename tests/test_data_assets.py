@@ -157,3 +157,9 @@ def test_real_cache_passes_check_and_fetch_is_a_fast_noop(monkeypatch):
     tiny = json.loads((assets.model_dir("tiny-random-llama") / "config.json").read_text())
     assert (tiny["num_hidden_layers"], tiny["hidden_size"], tiny["intermediate_size"]) == (2, 64, 128)
     assert (tiny["num_attention_heads"], tiny["num_key_value_heads"], tiny["vocab_size"]) == (4, 2, 49152)
+
+
+def test_unknown_task_in_fetch_is_one_clear_error(cache):
+    with pytest.raises(LoramuxDataError, match=r"unknown task 'strategy_qa'; did you mean strategyqa"):
+        assets.fetch_bigbench(["strategy_qa"], log=lambda s: None)
+    assert not cache.exists() or _leftovers(cache) == []
