@@ -77,6 +77,8 @@ def layer(variant, x, W, A, B, scales, ranks, ids, w):
 
 def time_ms(make_fn, n_sets, graph, stream):
     """Median ms of one call; ``make_fn(i)`` returns the callable for input set i (setup runs on ``stream``)."""
+    if not graph:  # eager: do_bench's events are recorded on the current stream, so run everything there
+        stream = torch.cuda.current_stream()
     with torch.cuda.stream(stream):
         fns = [make_fn(i) for i in range(n_sets)]
 
@@ -256,6 +258,29 @@ def markdown(doc) -> str:
     return "\n".join(lines)
 
 
+def profile(d_in, d_out, T, r, small_t_max):
+    """Per-kernel CUDA time of one loramux forward + backward (torch.profiler), to see where the time goes."""
+    from kernels import triton_ops
+
+    triton_ops.SMALL_T_MAX = small_t_max
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    A, B, scales, ranks = make_bank(d_in, d_out, r, gen)
+    ids, w = make_routing(T, gen)
+    x = torch.randn(T, d_in, generator=gen, device="cuda").to(DTYPE).requires_grad_(True)
+    y = torch.randn(T, d_out, generator=gen, device="cuda").to(DTYPE)
+    A.requires_grad_(True)
+    for _ in range(3):
+        multi_lora(x, y, A, B, scales, ranks, ids, w).sum().backward()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            multi_lora(x, y, A, B, scales, ranks, ids, w).sum().backward()
+        torch.cuda.synchronize()
+    print(f"--- profile {d_in}->{d_out} T={T} r={r} small_t_max={small_t_max} (5 fwd+bwd)")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+    triton_ops.SMALL_T_MAX = 64
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
@@ -263,11 +288,19 @@ def main(argv=None) -> None:
     )
     ap.add_argument("--tokens", type=int, nargs="*", default=TOKENS)
     ap.add_argument("--shapes", type=int, nargs="*", default=None, help="indices into SHAPES")
+    ap.add_argument(
+        "--profile", action="store_true", help="only print per-kernel profiles of a few configurations"
+    )
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit(
             "kernels.bench: needs a CUDA GPU; run it on the GPU machine (python -m kernels.bench --out DIR)"
         )
+    if args.profile:
+        for d_in, d_out, T, r, stm in [(4096, 4096, 4096, 16, 64), (4096, 4096, 64, 8, 64), (4096, 4096, 64, 8, 0),
+                                       (4096, 4096, 1, 8, 64), (14336, 4096, 4096, 64, 64)]:  # fmt: skip
+            profile(d_in, d_out, T, r, stm)
+        return
     os.makedirs(args.out, exist_ok=True)
     results: list = []
     t0 = time.time()

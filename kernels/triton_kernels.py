@@ -61,11 +61,15 @@ def _mma(acc, p, q, F32: tl.constexpr):
 def grouped_shrink_kernel(
     x_ptr, w_ptr, perm_ptr, off_ptr, ranks_ptr, u_ptr,
     D, G, L,
-    sxt, sxd, swl, swd, swr,
+    sxt, sxd, swl, swd, swr, CHUNK,
     K: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, GP: tl.constexpr,
-    F32: tl.constexpr,
+    F32: tl.constexpr, ATOMIC: tl.constexpr,
 ):  # fmt: skip
-    """u[rows, :BR] = X[t(rows)] @ W[a][:, :r_a] (columns past r_a are 0). Grid: (blocks,)."""
+    """u[rows, :BR] = X[t(rows)] @ W[a][:, :r_a] (columns past r_a are 0). Grid: (blocks, splits of D).
+
+    With several splits (ATOMIC) each program reduces CHUNK of D and adds its part into a zeroed u: a block of rows
+    alone is too little work in flight to stream x at full bandwidth.
+    """
     g, row0, row_end = _locate_block(off_ptr, tl.program_id(0), G, BM, GP)
     a = g % (L + 1)
     if (g < G) & (a < L):
@@ -77,13 +81,18 @@ def grouped_shrink_kernel(
         acc = tl.zeros((BM, BR), dtype=tl.float32)
         x_row = x_ptr + t.to(tl.int64)[:, None] * sxt
         w_base = w_ptr + a.to(tl.int64) * swl + rr[None, :] * swr
-        for d0 in range(0, D, BK):
+        d_lo = tl.program_id(1) * CHUNK
+        d_hi = tl.minimum(d_lo + CHUNK, D)
+        for d0 in range(d_lo, d_hi, BK):
             dd = d0 + tl.arange(0, BK)
-            dm = dd < D
+            dm = dd < d_hi
             xt = tl.load(x_row + dd[None, :] * sxd, mask=rm[:, None] & dm[None, :], other=0.0)
             wt = tl.load(w_base + dd[:, None] * swd, mask=dm[:, None] & cm[None, :], other=0.0)
             acc = _mma(acc, xt, wt, F32)
-        tl.store(u_ptr + rows[:, None] * BR + rr[None, :], acc, mask=rm[:, None])
+        if ATOMIC:
+            tl.atomic_add(u_ptr + rows[:, None] * BR + rr[None, :], acc, mask=rm[:, None], sem="relaxed")
+        else:
+            tl.store(u_ptr + rows[:, None] * BR + rr[None, :], acc, mask=rm[:, None])
 
 
 @triton.jit

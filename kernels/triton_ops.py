@@ -8,12 +8,15 @@ to the host, so a forward or backward can be captured in a CUDA graph. On CPU te
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 
 from kernels import triton_kernels as tk
 
-SMALL_T_MAX = 64  # token count up to which the sort-free decode path is used (tests override it)
+# token count up to which the sort-free decode path is used (tests override it)
+SMALL_T_MAX = int(os.environ.get("LORAMUX_SMALL_T_MAX", "64"))
 POISON = False  # tests: fill every buffer the kernels should overwrite with NaN instead of leaving it uninitialised
 
 
@@ -25,8 +28,20 @@ def _buffer(*shape, dtype, device) -> torch.Tensor:
 
 def _config(device: torch.device) -> dict:
     if device.type == "cuda":
-        return {"BM": 64, "BK": 64, "BN": 128, "BD": 64, "CHUNK": 256, "TBK": 64, "TBN": 64, "warps": 4}
-    return {"BM": 16, "BK": 16, "BN": 32, "BD": 16, "CHUNK": 32, "TBK": 16, "TBN": 32, "warps": 4}
+        return {"BM": 64, "BK": 64, "BN": 128, "BD": 64, "CHUNK": 256, "TBK": 64, "TBN": 64, "warps": 4,
+                "MIN_CHUNK": 512, "PROGRAMS": 528}  # fmt: skip
+    return {
+        "BM": 16,
+        "BK": 16,
+        "BN": 32,
+        "BD": 16,
+        "CHUNK": 32,
+        "TBK": 16,
+        "TBN": 32,
+        "warps": 4,
+        "MIN_CHUNK": 16,
+        "PROGRAMS": 24,
+    }
 
 
 def padded_rank(R: int) -> int:
@@ -51,13 +66,23 @@ def route_groups(ids: torch.Tensor, ranks: torch.Tensor, L: int):
 
 
 def _shrink(X, W, w_strides, perm, off, ranks, L, K, BR, cfg, f32):
-    """u [N, BR] fp32 in sorted order: u[row] = X[t(row)] @ W[a] where W[a] is [D, R] through ``w_strides``."""
-    N, G = perm.numel(), off.numel() - 1
-    u = _buffer(N, BR, dtype=torch.float32, device=X.device)
-    grid = (triton.cdiv(N, cfg["BM"]) + G,)
-    tk.grouped_shrink_kernel[grid](
-        X, W, perm, off, ranks, u, X.shape[1], G, L, X.stride(0), X.stride(1), *w_strides,
-        K=K, BM=cfg["BM"], BK=cfg["BK"], BR=BR, GP=triton.next_power_of_2(G), F32=f32, num_warps=cfg["warps"],
+    """u [N, BR] fp32 in sorted order: u[row] = X[t(row)] @ W[a] where W[a] is [D, R] through ``w_strides``.
+
+    D is split over enough programs to fill the device (about 4 per SM), each adding its part atomically.
+    """
+    N, G, D = perm.numel(), off.numel() - 1, X.shape[1]
+    blocks = triton.cdiv(N, cfg["BM"]) + G
+    splits = max(1, min(triton.cdiv(D, cfg["MIN_CHUNK"]), triton.cdiv(cfg["PROGRAMS"], blocks)))
+    chunk = triton.cdiv(triton.cdiv(D, splits), cfg["BK"]) * cfg["BK"]
+    splits = triton.cdiv(D, chunk)
+    if splits > 1:
+        u = torch.zeros(N, BR, dtype=torch.float32, device=X.device)
+    else:
+        u = _buffer(N, BR, dtype=torch.float32, device=X.device)
+    tk.grouped_shrink_kernel[(blocks, splits)](
+        X, W, perm, off, ranks, u, D, G, L, X.stride(0), X.stride(1), *w_strides, chunk,
+        K=K, BM=cfg["BM"], BK=cfg["BK"], BR=BR, GP=triton.next_power_of_2(G), F32=f32, ATOMIC=splits > 1,
+        num_warps=cfg["warps"],
     )  # fmt: skip
     return u
 
