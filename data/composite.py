@@ -60,11 +60,15 @@ def _shots(subtasks: Sequence[str], shots: int, seed: int, split_seed: int) -> s
     return "\n".join(blocks) + "\n"
 
 
-def build_composite(subtasks, *, rows: int = 200, seed: int = 47, shots: int = 2, split_seed: int = 0):
+def build_composite(
+    subtasks, *, rows: int = 200, seed: int = 47, shots: int = 2, split_seed: int = 0, repeat_short: bool = False
+):
     """A composite-n test set (n = len(subtasks)): `rows` rows (fewer if a sub-task's test split is smaller).
 
     subtasks: task names or a selection name ("composite3"); split_seed: the seed of the single-task splits, so
-    composite rows come from the same held-out test sets as single-task evaluation.
+    composite rows come from the same held-out test sets as single-task evaluation. repeat_short: instead of
+    stopping at the smallest test split, cycle it (row i takes its test row i mod size), e.g. composite10 offline,
+    whose news_commentary_de substitute has 30 test rows; every composite row is still a distinct combination.
     """
     from datasets import Dataset, Features, Sequence, Value
 
@@ -72,12 +76,13 @@ def build_composite(subtasks, *, rows: int = 200, seed: int = 47, shots: int = 2
     if len(names) < 2:
         raise LoramuxDataError(f"composite needs at least 2 sub-tasks, got {list(names)}; name more tasks")
     tests = [_shuffled(load_split(n, "test", seed=split_seed), seed) for n in names]
-    count = min([rows] + [len(t) for t in tests])
+    count = rows if repeat_short else min([rows] + [len(t) for t in tests])
     prefix = _shots(names, shots, seed, split_seed) + INSTRUCTION + "\n"
     prompts, answers = [], []
     for i in range(count):
-        prompts.append(prefix + "".join(t[i]["prompt"] for t in tests))
-        answers.append([t[i]["answer"] for t in tests])
+        picked = [t[i % len(t)] for t in tests]
+        prompts.append(prefix + "".join(r["prompt"] for r in picked))
+        answers.append([r["answer"] for r in picked])
     features = Features(
         {"prompt": Value("string"), "answers": Sequence(Value("string")), "subtasks": Sequence(Value("string"))}
     )

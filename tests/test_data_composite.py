@@ -89,7 +89,12 @@ def test_rows_join_the_ith_shuffled_test_prompt_and_shots_come_from_training():
 def test_composite10_has_ten_subtasks_and_is_capped_by_the_smallest_test_split():
     ds = build_composite("composite10", rows=500, shots=1)
     assert len(ds[0]["subtasks"]) == 10 and len(ds[0]["answers"]) == 10
-    assert len(ds) == len(load_split("news_commentary_de", "test"))  # the smallest sub-task test split
+    smallest = len(load_split("news_commentary_de", "test"))
+    assert len(ds) == smallest  # the smallest sub-task test split
+    cycled = build_composite("composite10", rows=smallest + 5, shots=0, repeat_short=True)
+    assert len(cycled) == smallest + 5 and len(set(cycled["prompt"])) == smallest + 5
+    assert cycled[smallest]["answers"][7] == cycled[0]["answers"][7]  # news_commentary_de wraps around
+    assert cycled[smallest]["answers"][0] != cycled[0]["answers"][0]
 
 
 def test_bad_composite_input():
