@@ -13,7 +13,8 @@ shuffled training rows, so the prefix stays as short as the data allows; newline
 spaces, since an answer is one line.
 
 Parsing: answer i is the text after `i.` at the start of a line, up to the end of that line (MeteoRA's
-`i. (.*?)(\\n|$)`, anchored to a line start so "11." never reads as "1."); a missing number gives "". Numbers above
+`i. (.*?)(\\n|$)`, anchored to a line start so "11." never reads as "1.", and "2.5 m" is no answer 2); a missing
+number gives "". Numbers above
 n, and repeats of a number (the first one counts), are counted in the report.
 
 Scoring: every sub-task with its own metrics (data.scoring.score) over the rows, plus MeteoRA's summaries:
@@ -95,7 +96,7 @@ def parse_report(text: str, n: int) -> tuple[list[str], dict[str, int]]:
     """(answers 1..n, counts of missing / extra / duplicate numbers) from one model output."""
     found: dict[int, str] = {}
     extra = duplicate = 0
-    for match in re.finditer(r"^[ \t]*(\d+)\.[ \t]?(.*?)[ \t]*$", text or "", flags=re.MULTILINE):
+    for match in re.finditer(r"^[ \t]*(\d+)\.(?!\d)[ \t]*(.*?)[ \t]*$", text or "", flags=re.MULTILINE):
         i = int(match.group(1))
         if not 1 <= i <= n:
             extra += 1

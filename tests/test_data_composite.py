@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from data import assets
 from data.composite import INSTRUCTION, build_composite, parse_composite, parse_report, score_composite
@@ -37,6 +39,15 @@ def test_parser_reads_numbered_lines_and_counts_oddities():
     assert answers == ["", "only two", ""] and counts["missing"] == 2
     assert parse_composite("", 2) == ["", ""]
     assert parse_composite("The 1. is inline, not a list\n1. real", 1) == ["real"]
+    assert parse_composite("1. 2.5 meters\n2.5 is a decimal, not answer 2", 2) == ["2.5 meters", ""]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.text(alphabet=st.characters(whitelist_categories=("L", "N", "P", "Zs")), max_size=30), min_size=1,
+                max_size=12))
+def test_numbered_answers_round_trip(answers):
+    answers = [" ".join(a.split()) for a in answers]
+    assert parse_composite(_gold_output(answers), len(answers)) == answers
 
 
 @needs_bigbench
