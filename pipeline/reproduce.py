@@ -1,0 +1,137 @@
+"""Stage ``reproduce``: one experiment's whole chain, finetune -> route -> evaluate -> bench -> report.
+
+    python -m pipeline.reproduce experiment=demo            # `make demo`
+    python -m pipeline.reproduce experiment=head_to_head force=true
+
+The experiment's ``plan`` lists the steps: ``plan.finetune`` (adapters), ``plan.route`` (routers),
+``plan.evaluate`` (label -> evaluate overrides), ``plan.composite`` x ``plan.composite_strategies``
+(composite-n runs), ``plan.bench``. Each step composes its stage's config with the same experiment and
+command-line overrides plus the step's own, and runs in this process with a fixed run dir
+``outputs/<name>/<stage>/<step>/``; a step whose metrics.json (and artefact: adapter, router) already exists is
+skipped, so an interrupted reproduce continues where it stopped (``force=true`` reruns everything). The report
+is rebuilt every time and its path printed last.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, open_dict
+
+from pipeline.entry import CONF_DIR, user_errors
+
+log = logging.getLogger(__name__)
+OWN_KEYS = ("force", "plan", "print_config", "stage")  # reproduce's own keys: not passed on to the stages
+
+
+def _compose(stage: str, overrides: list[str]) -> DictConfig:
+    """The stage's config, composed like ``python -m pipeline.<stage> <overrides>`` would (inside or outside Hydra)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        return compose(config_name=stage, overrides=overrides)
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name=stage, overrides=overrides)
+
+
+def passed_overrides(cfg: DictConfig, overrides: list[str] | None) -> list[str]:
+    """Overrides every step inherits: the command line's (or ``overrides``), minus reproduce's own keys."""
+    if overrides is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    kept = [o for o in overrides if o.lstrip("+~").split("=")[0].split(".")[0] not in OWN_KEYS]
+    return kept + list(cfg.plan.get("overrides", []) or [])
+
+
+def plan_steps(cfg: DictConfig) -> list[dict]:
+    """The ordered steps: ``{"stage", "step", "overrides", "artefact"}`` (artefact: a file that must exist)."""
+    exp = Path(str(cfg.paths.exp_dir))
+    adapters, routers = Path(str(cfg.paths.adapters_dir)), Path(str(cfg.paths.routers_dir))
+    steps = []
+    for task in cfg.plan.finetune:
+        steps.append({"stage": "finetune", "step": str(task), "overrides": [f"task={task}"],
+                      "artefact": adapters / str(task) / "adapter_config.json"})
+    for router in cfg.plan.route:
+        steps.append({"stage": "route", "step": str(router), "overrides": [f"router={router}"],
+                      "artefact": routers / str(router) / "router.json"})
+    for label, ovs in (cfg.plan.evaluate or {}).items():
+        steps.append({"stage": "evaluate", "step": str(label), "overrides": list(ovs), "artefact": None})
+    for n in cfg.plan.composite or []:
+        for label, ovs in (cfg.plan.composite_strategies or {}).items():
+            steps.append({"stage": "evaluate", "step": f"composite{n}-{label}",
+                          "overrides": [*ovs, f"composite_n={n}"], "artefact": None})
+    if cfg.plan.get("bench"):
+        steps.append({"stage": "bench", "step": "bench", "overrides": [], "artefact": None})
+    for s in steps:
+        s["run_dir"] = exp / s["stage"] / s["step"]
+    return steps
+
+
+def _runner(stage: str):
+    if stage == "finetune":
+        from pipeline.finetune import finetune as fn
+    elif stage == "route":
+        from pipeline.route import route as fn
+    elif stage == "evaluate":
+        from pipeline.evaluate import evaluate as fn
+    elif stage == "bench":
+        from pipeline.bench import bench as fn
+    else:
+        from pipeline.report import report as fn
+    return fn
+
+
+def step_done(step: dict) -> bool:
+    """A step is done when its metrics.json exists (and its artefact, where it has one)."""
+    ok = (step["run_dir"] / "metrics.json").is_file()
+    return ok and (step["artefact"] is None or Path(step["artefact"]).is_file())
+
+
+def run_step(step: dict, overrides: list[str]):
+    cfg = _compose(step["stage"], [*overrides, *step["overrides"]])
+    with open_dict(cfg):
+        cfg.paths.run_dir = str(step["run_dir"])
+        cfg.print_config = False
+    return _runner(step["stage"])(cfg)
+
+
+def reproduce(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
+    """Run (or skip) every planned step of ``cfg``'s experiment, then the report; return the report's path."""
+    from pipeline.config_tree import show_and_save_config
+
+    inherited = passed_overrides(cfg, overrides)
+    exp = Path(str(cfg.paths.exp_dir))
+    steps = plan_steps(cfg)
+    show_and_save_config(cfg, exp / "reproduce", print_tree=bool(cfg.get("print_config", True)))
+    log.info("reproduce %s: %d steps (%s)", cfg.name, len(steps), ", ".join(f"{s['stage']}:{s['step']}" for s in steps))
+    t_all = time.perf_counter()
+    for i, step in enumerate(steps, 1):
+        tag = f"[{i}/{len(steps)}] {step['stage']} {step['step']}"
+        if step_done(step) and not cfg.get("force", False):
+            print(f"{tag}: done already ({step['run_dir']}), skipped", flush=True)
+            continue
+        print(f"{tag}: running -> {step['run_dir']}", flush=True)
+        t0 = time.perf_counter()
+        value = run_step(step, inherited)
+        print(f"{tag}: finished in {time.perf_counter() - t0:.1f}s (main metric {value})", flush=True)
+    report_step = {"stage": "report", "step": "report", "overrides": [], "run_dir": exp / "report" / "report"}
+    run_step(report_step, inherited)
+    report = exp / "report.md"
+    print(f"reproduce {cfg.name}: {len(steps)} steps in {time.perf_counter() - t_all:.0f}s; "
+          f"report: {report.resolve()}", flush=True)
+    return report
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="reproduce")
+def main(cfg: DictConfig) -> None:
+    with user_errors():
+        reproduce(cfg)
+
+
+if __name__ == "__main__":
+    main()

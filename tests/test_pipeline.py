@@ -1,0 +1,269 @@
+"""Pipeline stages on the tiny random LLaMA and real BIG-bench rows (the `smoke` experiment), CPU, seconds each.
+
+One module-scoped reproduce of `smoke` runs every stage in-process (finetune x2 + lora_b, meteora + dlp routers,
+five single-task strategies, composite-2, bench, report); the tests then read what it wrote. A finetune multirun
+over two tasks runs in a subprocess, and a wandb offline run is decoded with wandb's own protobuf records.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+
+from data.assets import cache_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF = ROOT / "conf"
+pytestmark = pytest.mark.skipif(not (cache_dir() / "models" / "tiny-random-llama").is_dir(),
+                                reason="assets missing: python -m data.fetch --model --bigbench")
+
+
+def compose_stage(stage: str, overrides: list[str], run_dir=None):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name=stage, overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths.run_dir = str(run_dir) if run_dir else str(Path(str(cfg.paths.exp_dir)) / "test-run" / stage)
+        cfg.print_config = False
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """Run `reproduce experiment=smoke` once into a temp output root; return (overrides, experiment dir)."""
+    from pipeline.reproduce import reproduce
+
+    root = tmp_path_factory.mktemp("outputs")
+    overrides = ["experiment=smoke", f"paths.output_root={root}", "logger=none"]
+    cfg = compose_stage("reproduce", overrides)
+    report = reproduce(cfg, overrides=overrides)
+    return overrides, report.parent
+
+
+def _metrics(exp: Path, stage: str, step: str) -> dict:
+    return json.loads((exp / stage / step / "metrics.json").read_text())
+
+
+def test_every_stage_wrote_metrics_json(smoke):
+    _, exp = smoke
+    schema = {"stage", "experiment", "tasks", "strategy", "metrics", "provenance"}
+    found = {}
+    for path in exp.rglob("metrics.json"):
+        rec = json.loads(path.read_text())
+        assert schema <= rec.keys(), path
+        assert {"git_sha", "device", "versions", "date", "seed"} <= rec["provenance"].keys()
+        assert rec["experiment"] == "smoke"
+        found.setdefault(rec["stage"], []).append(rec)
+    assert {"finetune", "route", "evaluate", "bench", "report"} <= found.keys()
+    assert len(found["finetune"]) == 3 and len(found["route"]) == 2
+
+
+def test_finetune_writes_a_standard_peft_adapter(smoke):
+    from peft import PeftConfig
+
+    _, exp = smoke
+    rec = _metrics(exp, "finetune", "winowhy")
+    assert rec["metrics"]["steps"] == 4 and rec["metrics"]["val_loss"] > 0
+    for name in ("winowhy", "object_counting", "lora_b"):
+        conf = PeftConfig.from_pretrained(str(exp / "adapters" / name))
+        assert conf.r == 8 and conf.lora_alpha == 16
+        assert set(conf.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                            "down_proj"}
+    meta = json.loads((exp / "adapters" / "lora_b" / "loramux.json").read_text())
+    assert meta["tasks"] == ["object_counting", "winowhy"]
+    assert _metrics(exp, "finetune", "lora_b")["metrics"]["train_rows"] == 16  # 2 tasks x cap 8
+    assert not list((exp / "adapters").glob(".*tmp"))  # no temp dirs left behind
+
+
+def test_answer_only_labels():
+    from transformers import AutoTokenizer
+
+    from pipeline.answer_batches import AnswerOnlyCollator, encode_pair
+
+    tok = AutoTokenizer.from_pretrained(str(cache_dir() / "models" / "tiny-random-llama"))
+    enc = encode_pair(tok, "[INST] Q: 2+2? [/INST]\n", "four", max_length=64)
+    n_answer = len(tok("four", add_special_tokens=False)["input_ids"]) + 1  # + EOS
+    assert enc["labels"][:-n_answer] == [-100] * (len(enc["input_ids"]) - n_answer)
+    assert enc["labels"][-n_answer:] == enc["input_ids"][-n_answer:]
+    assert enc["input_ids"][-1] == tok.eos_token_id
+    short = encode_pair(tok, "x " * 100, "four", max_length=16)
+    assert len(short["input_ids"]) == 16 and short["labels"][-n_answer:] == short["input_ids"][-n_answer:]
+    batch = AnswerOnlyCollator(tok.pad_token_id)([enc, short])
+    assert batch["labels"].shape == batch["input_ids"].shape
+    assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
+
+
+def test_routers_trained_and_saved(smoke):
+    _, exp = smoke
+    for router in ("meteora", "dlp"):
+        rec = _metrics(exp, "route", router)
+        assert 0.0 <= rec["metrics"]["router_accuracy"] <= 1.0
+        assert (exp / "routers" / router / "router.safetensors").is_file()
+
+
+def test_evaluate_scores_each_strategy_and_saves_predictions(smoke):
+    _, exp = smoke
+    for label in ("base", "oracle", "meteora-top2", "dlp", "lora_b"):
+        rec = _metrics(exp, "evaluate", label)
+        assert rec["strategy"] == label
+        for task in ("object_counting", "winowhy"):
+            assert 0.0 <= rec["metrics"][f"{task}/score"] <= 1.0
+            assert rec["metrics"][f"{task}/n"] == 4
+        lines = [json.loads(x) for x in (exp / "evaluate" / label / "predictions.jsonl").read_text().splitlines()]
+        assert len(lines) == 8 and {"prompt", "answer", "prediction"} <= lines[0].keys()
+    comp = _metrics(exp, "evaluate", "composite2-dlp")
+    assert comp["composite_n"] == 2 and 0.0 <= comp["metrics"]["attempts"] <= 2.0
+    pred = json.loads((exp / "evaluate" / "composite2-dlp" / "predictions.jsonl").read_text().splitlines()[0])
+    assert pred["route"] is not None and abs(sum(pred["route"]["weights"]) - 1.0) < 1e-3  # dlp's nucleus
+
+
+def test_bench_rows_have_ratios(smoke):
+    _, exp = smoke
+    rows = _metrics(exp, "bench", "bench")["rows"]
+    assert {r["strategy"] for r in rows} == {"base", "oracle", "dlp"}
+    assert {r["num_adapters"] for r in rows if r["strategy"] == "dlp"} == {1, 2}
+    assert all(r["decode_ms_per_token"] >= 0 and r["prefill_tok_s"] > 0 for r in rows)
+    assert [r["ratio_to_base"] for r in rows if r["strategy"] == "base"] == [1.0]
+
+
+def test_report_tables_and_plots(smoke):
+    _, exp = smoke
+    md = (exp / "report.md").read_text()
+    for title in ("Adapters (finetune)", "Per-task score by routing strategy", "Composite-2", "End-to-end latency"):
+        assert title in md
+    header = (exp / "tables" / "tasks.csv").read_text().splitlines()[0].split(",")
+    assert header[0] == "task" and {"base", "oracle", "meteora-top2", "dlp", "lora_b"} <= set(header)
+    evaluate = _metrics(exp, "evaluate", "oracle")
+    row = next(r for r in (exp / "tables" / "tasks.csv").read_text().splitlines() if r.startswith("winowhy,"))
+    assert float(row.split(",")[header.index("oracle")]) == pytest.approx(evaluate["metrics"]["winowhy/score"],
+                                                                         abs=1e-4)
+    for png in ("tasks_radar.png", "composite_2.png", "latency.png"):
+        assert (exp / "plots" / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_reproduce_skips_finished_steps(smoke, capsys):
+    from pipeline.reproduce import reproduce
+
+    overrides, exp = smoke
+    before = (exp / "finetune" / "winowhy" / "metrics.json").stat().st_mtime_ns
+    reproduce(compose_stage("reproduce", overrides), overrides=overrides)
+    out = capsys.readouterr().out
+    assert out.count("skipped") == 13 and "running" not in out
+    assert (exp / "finetune" / "winowhy" / "metrics.json").stat().st_mtime_ns == before
+
+
+def test_unknown_task_is_one_clear_error(tmp_path):
+    from pipeline.finetune import finetune
+
+    cfg = compose_stage("finetune", ["experiment=smoke", "task=winowhyy", f"paths.output_root={tmp_path}",
+                                     "logger=none"], tmp_path / "run")
+    with pytest.raises(ValueError, match=r"unknown task 'winowhyy'; did you mean winowhy"):
+        finetune(cfg)
+
+
+def test_missing_adapter_names_the_fix(tmp_path):
+    from pipeline.evaluate import evaluate
+
+    cfg = compose_stage("evaluate", ["experiment=smoke", f"paths.output_root={tmp_path}", "logger=none"],
+                        tmp_path / "run")
+    with pytest.raises(FileNotFoundError, match=r"python -m pipeline.finetune experiment=smoke task=object_counting"):
+        evaluate(cfg)
+
+
+def _env(tmp_path):
+    return {**os.environ, "LORAMUX_OUTPUTS": str(tmp_path), "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1"}
+
+
+def test_finetune_multirun_over_two_tasks(tmp_path):
+    """`python -m pipeline.finetune -m task=a,b`: two jobs, two adapters, one sweep dir, report aggregates it."""
+    cmd = [sys.executable, "-m", "pipeline.finetune", "-m", "experiment=smoke", "task=object_counting,winowhy",
+           "print_config=false", "trainer.max_steps=2"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    exp = tmp_path / "smoke"
+    sweeps = list((exp / "finetune" / "multiruns").iterdir())
+    assert len(sweeps) == 1
+    jobs = sorted(p.parent.name for p in sweeps[0].rglob("metrics.json"))
+    assert len(jobs) == 2 and jobs[0].startswith("0_") and "task=object_counting" in jobs[0]
+    assert jobs[1].startswith("1_") and "task=winowhy" in jobs[1]
+    for task in ("object_counting", "winowhy"):
+        assert (exp / "adapters" / task / "adapter_model.safetensors").is_file()
+    from pipeline.report import collect_records, render_report
+
+    report, tables = render_report(collect_records(sweeps[0]), tmp_path / "rep", "sweep")
+    finetune = next(t for t in tables if t.name == "finetune")
+    assert [r[0] for r in finetune.rows] == ["object_counting", "winowhy"]
+
+
+def test_user_error_exits_with_one_line(tmp_path):
+    cmd = [sys.executable, "-m", "pipeline.finetune", "experiment=smoke", "task=nosuch_task", "logger=none",
+           "print_config=false"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: unknown task 'nosuch_task'; (list: python -m data.tasks)"] or \
+        (len(errors) == 1 and "nosuch_task" in errors[0])
+    assert "Traceback" not in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------ wandb offline
+def read_wandb_records(path: Path):
+    """Decode an offline ``.wandb`` file: LevelDB-style log blocks of wandb protobuf ``Record`` messages."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", "not a wandb transaction log"
+    block, pos, pending, out = 32768, 7, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # block trailer too short for a header: skip to the next block
+            pos += block - pos % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        payload, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind == 0:
+            continue
+        if kind == 1:  # FULL
+            chunks = payload
+        elif kind == 2:  # FIRST
+            pending = payload
+            continue
+        elif kind == 3:  # MIDDLE
+            pending += payload
+            continue
+        else:  # LAST
+            chunks, pending = pending + payload, b""
+        rec = pb.Record()
+        rec.ParseFromString(chunks)
+        out.append(rec)
+    return out
+
+
+def test_wandb_offline_run_holds_the_report_table(smoke, monkeypatch):
+    from pipeline.report import report
+
+    overrides, exp = smoke
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run_dir = exp / "report" / "wandb-check"
+    cfg = compose_stage("report", [o for o in overrides if not o.startswith("logger=")] + ["logger=wandb"], run_dir)
+    assert report(cfg) >= 4
+    [log_file] = list(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
+    records = read_wandb_records(log_file)
+    run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+    assert run.group == "smoke" and run.job_type == "report"
+    items = {i.key: json.loads(i.value_json) for r in records if r.WhichOneof("record_type") == "history"
+             for i in r.history.item}
+    table = items["report/tasks"]
+    assert table["_type"] == "table-file"
+    logged = json.loads((log_file.parent / "files" / table["path"]).read_text())
+    csv_header = (exp / "tables" / "tasks.csv").read_text().splitlines()[0].split(",")
+    assert logged["columns"] == csv_header
+    assert [row[0] for row in logged["data"]] == ["object_counting", "winowhy", "mean"]
+    assert items["report/tasks_plot"]["_type"] == "image-file"
