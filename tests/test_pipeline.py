@@ -186,7 +186,7 @@ def test_finetune_multirun_over_two_tasks(tmp_path):
     """`python -m pipeline.finetune -m task=a,b`: two jobs, two adapters, one sweep dir, report aggregates it."""
     cmd = [sys.executable, "-m", "pipeline.finetune", "-m", "experiment=smoke", "task=object_counting,winowhy",
            "print_config=false", "trainer.max_steps=2"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, check=False, cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     exp = tmp_path / "smoke"
     sweeps = list((exp / "finetune" / "multiruns").iterdir())
@@ -198,7 +198,7 @@ def test_finetune_multirun_over_two_tasks(tmp_path):
         assert (exp / "adapters" / task / "adapter_model.safetensors").is_file()
     from pipeline.report import collect_records, render_report
 
-    report, tables = render_report(collect_records(sweeps[0]), tmp_path / "rep", "sweep")
+    _, tables = render_report(collect_records(sweeps[0]), tmp_path / "rep", "sweep")
     finetune = next(t for t in tables if t.name == "finetune")
     assert [r[0] for r in finetune.rows] == ["object_counting", "winowhy"]
 
@@ -206,7 +206,7 @@ def test_finetune_multirun_over_two_tasks(tmp_path):
 def test_user_error_exits_with_one_line(tmp_path):
     cmd = [sys.executable, "-m", "pipeline.finetune", "experiment=smoke", "task=nosuch_task", "logger=none",
            "print_config=false"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, check=False, cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert errors == ["error: unknown task 'nosuch_task'; (list: python -m data.tasks)"] or \
