@@ -6,8 +6,8 @@
 
 The table itself is data/task_table.py (one source of truth). Splits: rows are permuted with
 `numpy.random.default_rng(seed)`; where the data has no test split (every BIG-bench task, alpaca, news_commentary)
-the first 20% of the permutation is the test set (MeteoRA's 80/20, e.g. strategyqa 1832/458), then 10% of the
-rest is validation, the remainder training. Caps (`max_train` ...) take the first rows of each part, so a smaller
+the first 20% of the permutation is the test set (MeteoRA's 80/20), then 10% of the rest is validation, the
+remainder training: strategyqa's 2289 distinct rows give 1648/183/458 (MeteoRA: 1832 train / 457 test). Caps (`max_train` ...) take the first rows of each part, so a smaller
 cap is always a prefix of a larger one. Prompts: `template.format(inputs=...)`, where multiple-choice rows get
 `choice_lead` + one `choice: X` line per choice appended to their inputs (MeteoRA's format, REFERENCE §1.2).
 
