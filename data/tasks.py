@@ -8,8 +8,9 @@ The table itself is data/task_table.py (one source of truth). Splits: rows are p
 `numpy.random.default_rng(seed)`; where the data has no test split (every BIG-bench task, alpaca, news_commentary)
 the first 20% of the permutation is the test set (MeteoRA's 80/20), then 10% of the rest is validation, the
 remainder training: strategyqa's 2289 distinct rows give 1648/183/458 (MeteoRA: 1832 train / 457 test).
-Caps (`max_train` ...) take the first rows of each part, so a smaller cap is always a prefix of a larger one. Prompts: `template.format(inputs=...)`, where multiple-choice rows get
-`choice_lead` + one `choice: X` line per choice appended to their inputs (MeteoRA's format, REFERENCE §1.2).
+Caps (`max_train` ...) take the first rows of each part, so a smaller cap is always a prefix of a larger one.
+Prompts: `template.format(inputs=...)`, where multiple-choice rows get `choice_lead` + one `choice: X` line per
+choice appended to their inputs (MeteoRA's format, REFERENCE §1.2).
 
 HF tasks read the hub when `use_hub()` (LORAMUX_USE_HUB=1, or "auto" with HF_DATASETS_OFFLINE unset and
 huggingface.co reachable); otherwise their named BIG-bench substitute, which `data_source()` reports.
