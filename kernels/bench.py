@@ -298,7 +298,7 @@ def main(argv=None) -> None:
         )
     if args.profile:
         for d_in, d_out, T, r, stm in [(4096, 4096, 4096, 16, 64), (4096, 4096, 64, 8, 64), (4096, 4096, 64, 8, 0),
-                                       (4096, 4096, 1, 8, 64), (14336, 4096, 4096, 64, 64)]:  # fmt: skip
+                                       (4096, 4096, 1, 8, 64), (4096, 14336, 4096, 64, 64)]:  # fmt: skip
             profile(d_in, d_out, T, r, stm)
         return
     os.makedirs(args.out, exist_ok=True)

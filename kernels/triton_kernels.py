@@ -16,8 +16,42 @@ Kernels, each a tensor-core GEMM over gathered rows with fp32 accumulation:
 c[row] = scales[a] * weights[n] is applied on load, so ``u`` is the raw x @ A (needed again for dB and dw).
 """
 
+import os
+
 import triton
 import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _configs(names, values, interpret):
+    """Autotuning space on the GPU; one small config under the interpreter (where tuning would only cost time)."""
+    if _INTERPRET:
+        return [triton.Config(dict(zip(names, interpret)), num_warps=4)]
+    return [triton.Config(dict(zip(names, v[:-2])), num_warps=v[-2], num_stages=v[-1]) for v in values]
+
+
+def _quick_bench(kernel_call, quantiles):
+    """Autotuning timer: short warm-up and repeats (tuning runs once per shape key, at the first call)."""
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+
+
+# (tile sizes..., num_warps, num_stages)
+SHRINK_CONFIGS = _configs(
+    ("BM", "BK"),
+    [(64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 5), (32, 128, 4, 4)],
+    (16, 16),
+)
+EXPAND_CONFIGS = _configs(
+    ("BM", "BN"),
+    [(64, 128, 4, 2), (64, 256, 8, 2), (128, 128, 8, 2), (32, 128, 4, 2), (128, 256, 8, 2), (64, 64, 4, 2)],
+    (16, 32),
+)
+WGRAD_CONFIGS = _configs(
+    ("BM", "BD"),
+    [(64, 64, 4, 3), (64, 128, 8, 3), (128, 64, 4, 3), (32, 128, 4, 3), (128, 128, 8, 3)],
+    (16, 16),
+)
 
 
 @triton.jit
@@ -57,10 +91,11 @@ def _mma(acc, p, q, F32: tl.constexpr):
     return tl.dot(p.to(q.dtype), q, acc)
 
 
+@triton.autotune(SHRINK_CONFIGS, key=["D", "NB", "BR", "K"], reset_to_zero=["u_ptr"], do_bench=_quick_bench)
 @triton.jit
 def grouped_shrink_kernel(
     x_ptr, w_ptr, perm_ptr, off_ptr, ranks_ptr, u_ptr,
-    D, G, L,
+    D, G, L, NB,
     sxt, sxd, swl, swd, swr, CHUNK,
     K: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, GP: tl.constexpr,
     F32: tl.constexpr, ATOMIC: tl.constexpr,
@@ -95,10 +130,13 @@ def grouped_shrink_kernel(
             tl.store(u_ptr + rows[:, None] * BR + rr[None, :], acc, mask=rm[:, None])
 
 
+@triton.autotune(
+    EXPAND_CONFIGS, key=["DO", "NB", "BR", "K"], restore_value=["out_ptr"], do_bench=_quick_bench
+)
 @triton.jit
 def grouped_expand_kernel(
     u_ptr, w_ptr, src_ptr, out_ptr, perm_ptr, off_ptr, ranks_ptr, scales_ptr, gate_ptr,
-    DO, G, L, slot,
+    DO, G, L, NB, slot,
     swl, swr, swd, sst, ssd, sot, sod,
     K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, GP: tl.constexpr,
     F32: tl.constexpr, ZERO_SRC: tl.constexpr,
@@ -136,10 +174,11 @@ def grouped_expand_kernel(
         tl.store(out_ptr + t[:, None] * sot + cols[None, :] * sod, acc.to(out_ptr.dtype.element_ty), mask=m2)
 
 
+@triton.autotune(WGRAD_CONFIGS, key=["D", "NB", "BR", "K"], do_bench=_quick_bench)
 @triton.jit
 def grouped_wgrad_kernel(
     x_ptr, u_ptr, perm_ptr, off_ptr, ranks_ptr, scales_ptr, gate_ptr, dw_ptr,
-    D, L, R,
+    D, L, R, NB,
     sxt, sxd, sdl, sdd, sdr,
     K: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, F32: tl.constexpr,
 ):  # fmt: skip
@@ -170,64 +209,76 @@ def grouped_wgrad_kernel(
                 acc = tl.dot(xt, h.to(xt.dtype), acc)
     acc = tl.where((rr < r_a)[None, :], acc, 0.0)
     ptrs = dw_ptr + a.to(tl.int64) * sdl + dd[:, None] * sdd + rr[None, :] * sdr
-    tl.store(ptrs, acc, mask=dm[:, None] & (rr < R)[None, :])
+    tl.store(ptrs, acc.to(dw_ptr.dtype.element_ty), mask=dm[:, None] & (rr < R)[None, :])
 
 
 @triton.jit
 def token_shrink_kernel(
     x_ptr, w_ptr, ids_ptr, ranks_ptr, part_ptr,
-    D, L, CHUNK,
+    N, D, L, CHUNK,
     sxt, sxd, swl, swd, swr,
-    K: tl.constexpr, SPLIT: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+    K: tl.constexpr, SPLIT: tl.constexpr, PP: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
 ):  # fmt: skip
-    """part[n, s, :] = x[t, chunk s] @ A[a][chunk s, :r_a] for one pair n. Grid: (N, SPLIT). Decode path."""
-    n = tl.program_id(0)
+    """part[n, s, :] = x[t, chunk s] @ A[a][chunk s, :r_a] for PP pairs n. Grid: (cdiv(N, PP), SPLIT). Decode path.
+
+    Several pairs a program: a program per pair made thousands of tiny programs at T = 64, and their scheduling,
+    not their bytes, set the time.
+    """
     s = tl.program_id(1)
-    t = (n // K).to(tl.int64)
-    a = tl.load(ids_ptr + n).to(tl.int32)
-    valid = (a >= 0) & (a < L)
-    a = tl.where(valid, a, 0)
-    r_a = tl.where(valid, tl.load(ranks_ptr + a), 0)
     rr = tl.arange(0, BR)
-    cm = rr < r_a
-    acc = tl.zeros((BR,), dtype=tl.float32)
     d_lo = s * CHUNK
-    for d0 in range(d_lo, d_lo + CHUNK, BK):
-        dd = d0 + tl.arange(0, BK)
-        dm = (dd < D) & (dd < d_lo + CHUNK)
-        xv = tl.load(x_ptr + t * sxt + dd * sxd, mask=dm, other=0.0).to(tl.float32)
-        wt = tl.load(w_ptr + a.to(tl.int64) * swl + dd[:, None] * swd + rr[None, :] * swr,
-                     mask=dm[:, None] & cm[None, :], other=0.0).to(tl.float32)  # fmt: skip
-        acc += tl.sum(xv[:, None] * wt, 0)
-    tl.store(part_ptr + (n * SPLIT + s) * BR + rr, acc)
+    for i in range(PP):
+        n = tl.program_id(0) * PP + i
+        nv = n < N
+        t = (n // K).to(tl.int64)
+        a = tl.load(ids_ptr + n, mask=nv, other=-1).to(tl.int32)
+        valid = (a >= 0) & (a < L)
+        a = tl.where(valid, a, 0)
+        r_a = tl.where(valid, tl.load(ranks_ptr + a), 0)
+        cm = rr < r_a
+        acc = tl.zeros((BR,), dtype=tl.float32)
+        for d0 in range(d_lo, d_lo + CHUNK, BK):
+            dd = d0 + tl.arange(0, BK)
+            dm = (dd < D) & (dd < d_lo + CHUNK) & nv
+            xv = tl.load(x_ptr + t * sxt + dd * sxd, mask=dm, other=0.0).to(tl.float32)
+            wt = tl.load(w_ptr + a.to(tl.int64) * swl + dd[:, None] * swd + rr[None, :] * swr,
+                         mask=dm[:, None] & cm[None, :], other=0.0).to(tl.float32)  # fmt: skip
+            acc += tl.sum(xv[:, None] * wt, 0)
+        tl.store(part_ptr + (n * SPLIT + s) * BR + rr, acc, mask=nv & (rr < BR))
 
 
 @triton.jit
 def token_expand_kernel(
     part_ptr, w_ptr, base_ptr, out_ptr, ids_ptr, ranks_ptr, scales_ptr, gate_ptr,
-    DO, L,
+    T, DO, L,
     swl, swr, swd, sbt, sbd, sot, sod,
-    K: tl.constexpr, SPLIT: tl.constexpr, SP: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
+    K: tl.constexpr, SPLIT: tl.constexpr, SP: tl.constexpr, TT: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
 ):  # fmt: skip
-    """out[t, tile] = base[t, tile] + sum_k c * (sum_s part[n, s]) @ B[a][:r_a, tile]. Grid: (T, cdiv(DO, BN))."""
-    t = tl.program_id(0)
-    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    """out[t, tile] = base[t, tile] + sum_k c * (sum_s part[n, s]) @ B[a][:r_a, tile] for TT tokens.
+
+    Grid: (cdiv(DO, BN), cdiv(T, TT)).
+    """
+    cols = tl.program_id(0) * BN + tl.arange(0, BN)
     nm = cols < DO
     rr = tl.arange(0, BR)
     ss = tl.arange(0, SP)
-    acc = tl.load(base_ptr + t.to(tl.int64) * sbt + cols * sbd, mask=nm, other=0.0).to(tl.float32)
-    for k in tl.static_range(K):
-        n = t * K + k
-        a = tl.load(ids_ptr + n).to(tl.int32)
-        valid = (a >= 0) & (a < L)
-        a = tl.where(valid, a, 0)
-        r_a = tl.where(valid, tl.load(ranks_ptr + a), 0)
-        coef = tl.load(scales_ptr + a).to(tl.float32) * tl.load(gate_ptr + n).to(tl.float32)
-        parts = tl.load(
-            part_ptr + (n * SPLIT + ss[:, None]) * BR + rr[None, :], mask=(ss < SPLIT)[:, None], other=0.0
-        )
-        h = tl.sum(parts, 0) * coef
-        wt = tl.load(w_ptr + a.to(tl.int64) * swl + rr[:, None] * swr + cols[None, :] * swd,
-                     mask=(rr < r_a)[:, None] & nm[None, :], other=0.0).to(tl.float32)  # fmt: skip
-        acc += tl.sum(h[:, None] * wt, 0)
-    tl.store(out_ptr + t.to(tl.int64) * sot + cols * sod, acc.to(out_ptr.dtype.element_ty), mask=nm)
+    for i in range(TT):
+        t = tl.program_id(1) * TT + i
+        tv = t < T
+        acc = tl.load(base_ptr + t.to(tl.int64) * sbt + cols * sbd, mask=nm & tv, other=0.0).to(tl.float32)
+        for k in tl.static_range(K):
+            n = t * K + k
+            a = tl.load(ids_ptr + n, mask=tv, other=-1).to(tl.int32)
+            valid = (a >= 0) & (a < L)
+            a = tl.where(valid, a, 0)
+            r_a = tl.where(valid, tl.load(ranks_ptr + a), 0)
+            coef = tl.load(scales_ptr + a).to(tl.float32) * tl.load(gate_ptr + n, mask=tv, other=0.0).to(
+                tl.float32
+            )
+            pm = (ss < SPLIT)[:, None] & (rr < r_a)[None, :]
+            parts = tl.load(part_ptr + (n * SPLIT + ss[:, None]) * BR + rr[None, :], mask=pm, other=0.0)
+            h = tl.sum(parts, 0) * coef
+            wt = tl.load(w_ptr + a.to(tl.int64) * swl + rr[:, None] * swr + cols[None, :] * swd,
+                         mask=(rr < r_a)[:, None] & nm[None, :], other=0.0).to(tl.float32)  # fmt: skip
+            acc += tl.sum(h[:, None] * wt, 0)
+        tl.store(out_ptr + t.to(tl.int64) * sot + cols * sod, acc.to(out_ptr.dtype.element_ty), mask=nm & tv)

@@ -27,21 +27,12 @@ def _buffer(*shape, dtype, device) -> torch.Tensor:
 
 
 def _config(device: torch.device) -> dict:
+    """Launch sizes the autotuner does not choose (the grouped kernels' tiles are tuned in triton_kernels)."""
     if device.type == "cuda":
-        return {"BM": 64, "BK": 64, "BN": 128, "BD": 64, "CHUNK": 256, "TBK": 64, "TBN": 64, "warps": 4,
-                "MIN_CHUNK": 512, "PROGRAMS": 528}  # fmt: skip
-    return {
-        "BM": 16,
-        "BK": 16,
-        "BN": 32,
-        "BD": 16,
-        "CHUNK": 32,
-        "TBK": 16,
-        "TBN": 32,
-        "warps": 4,
-        "MIN_CHUNK": 16,
-        "PROGRAMS": 24,
-    }
+        return {"BM": 64, "CHUNK": 256, "TBK": 64, "TBN": 64, "warps": 4, "MIN_CHUNK": 512, "PROGRAMS": 528,
+                "CHUNK_ALIGN": 128, "PP": 4, "TT": 8}  # fmt: skip
+    return {"BM": 16, "CHUNK": 32, "TBK": 16, "TBN": 32, "warps": 4, "MIN_CHUNK": 16, "PROGRAMS": 24,
+            "CHUNK_ALIGN": 16, "PP": 2, "TT": 4}  # fmt: skip
 
 
 def padded_rank(R: int) -> int:
@@ -71,18 +62,17 @@ def _shrink(X, W, w_strides, perm, off, ranks, L, K, BR, cfg, f32):
     D is split over enough programs to fill the device (about 4 per SM), each adding its part atomically.
     """
     N, G, D = perm.numel(), off.numel() - 1, X.shape[1]
-    blocks = triton.cdiv(N, cfg["BM"]) + G
+    blocks = triton.cdiv(N, cfg["BM"]) + G  # nominal; the tuned BM sets the real grid
     splits = max(1, min(triton.cdiv(D, cfg["MIN_CHUNK"]), triton.cdiv(cfg["PROGRAMS"], blocks)))
-    chunk = triton.cdiv(triton.cdiv(D, splits), cfg["BK"]) * cfg["BK"]
+    chunk = triton.cdiv(triton.cdiv(D, splits), cfg["CHUNK_ALIGN"]) * cfg["CHUNK_ALIGN"]
     splits = triton.cdiv(D, chunk)
     if splits > 1:
         u = torch.zeros(N, BR, dtype=torch.float32, device=X.device)
     else:
         u = _buffer(N, BR, dtype=torch.float32, device=X.device)
-    tk.grouped_shrink_kernel[(blocks, splits)](
-        X, W, perm, off, ranks, u, D, G, L, X.stride(0), X.stride(1), *w_strides, chunk,
-        K=K, BM=cfg["BM"], BK=cfg["BK"], BR=BR, GP=triton.next_power_of_2(G), F32=f32, ATOMIC=splits > 1,
-        num_warps=cfg["warps"],
+    tk.grouped_shrink_kernel[lambda m: (triton.cdiv(N, m["BM"]) + G, splits)](
+        X, W, perm, off, ranks, u, D, G, L, triton.next_power_of_2(N), X.stride(0), X.stride(1), *w_strides, chunk,
+        K=K, BR=BR, GP=triton.next_power_of_2(G), F32=f32, ATOMIC=splits > 1,
     )  # fmt: skip
     return u
 
@@ -90,14 +80,12 @@ def _shrink(X, W, w_strides, perm, off, ranks, L, K, BR, cfg, f32):
 def _expand(u, W, w_strides, src, out, perm, off, ranks, scales, gates, L, K, BR, cfg, f32, zero_src):
     """out[t] = src[t] + sum_k c * u @ W[a] (W[a] is [R, DO] through ``w_strides``), one launch per slot."""
     N, G, DO = perm.numel(), off.numel() - 1, out.shape[1]
-    grid = (triton.cdiv(N, cfg["BM"]) + G, triton.cdiv(DO, cfg["BN"]))
     for k in range(K):
         s = src if k == 0 else out
-        tk.grouped_expand_kernel[grid](
-            u, W, s, out, perm, off, ranks, scales, gates, DO, G, L, k, *w_strides,
+        tk.grouped_expand_kernel[lambda m: (triton.cdiv(N, m["BM"]) + G, triton.cdiv(DO, m["BN"]))](
+            u, W, s, out, perm, off, ranks, scales, gates, DO, G, L, triton.next_power_of_2(N), k, *w_strides,
             s.stride(0), s.stride(1), out.stride(0), out.stride(1),
-            K=K, BM=cfg["BM"], BN=cfg["BN"], BR=BR, GP=triton.next_power_of_2(G), F32=f32,
-            ZERO_SRC=zero_src and k == 0, num_warps=cfg["warps"],
+            K=K, BR=BR, GP=triton.next_power_of_2(G), F32=f32, ZERO_SRC=zero_src and k == 0,
         )  # fmt: skip
     return out
 
@@ -114,14 +102,15 @@ def forward(x, base, A, B, scales, ranks, ids, gates) -> torch.Tensor:
         D, DO = x.shape[1], base.shape[1]
         split = triton.cdiv(D, cfg["CHUNK"])
         part = _buffer(T * K, split, BR, dtype=torch.float32, device=x.device)
-        tk.token_shrink_kernel[(T * K, split)](
-            x, A, ids, ranks, part, D, L, cfg["CHUNK"], x.stride(0), x.stride(1), *A.stride(),
-            K=K, SPLIT=split, BK=cfg["TBK"], BR=BR, num_warps=cfg["warps"],
+        tk.token_shrink_kernel[(triton.cdiv(T * K, cfg["PP"]), split)](
+            x, A, ids, ranks, part, T * K, D, L, cfg["CHUNK"], x.stride(0), x.stride(1), *A.stride(),
+            K=K, SPLIT=split, PP=cfg["PP"], BK=cfg["TBK"], BR=BR, num_warps=cfg["warps"],
         )  # fmt: skip
-        tk.token_expand_kernel[(T, triton.cdiv(DO, cfg["TBN"]))](
-            part, B, base, out, ids, ranks, scales, gates, DO, L, *B.stride(),
+        tk.token_expand_kernel[(triton.cdiv(DO, cfg["TBN"]), triton.cdiv(T, cfg["TT"]))](
+            part, B, base, out, ids, ranks, scales, gates, T, DO, L, *B.stride(),
             base.stride(0), base.stride(1), out.stride(0), out.stride(1),
-            K=K, SPLIT=split, SP=triton.next_power_of_2(split), BN=cfg["TBN"], BR=BR, num_warps=cfg["warps"],
+            K=K, SPLIT=split, SP=triton.next_power_of_2(split), TT=cfg["TT"], BN=cfg["TBN"], BR=BR,
+            num_warps=cfg["warps"],
         )  # fmt: skip
         return out
     perm, off, _ = route_groups(ids, ranks, L)
@@ -142,7 +131,7 @@ def backward(grad, x, A, B, scales, ranks, ids, gates):
     at = (A.stride(0), A.stride(2), A.stride(1))  # A[a]^T as a [R, D] matrix
     dx = _buffer(*x.shape, dtype=x.dtype, device=x.device)
     _expand(v, A, at, dx, dx, perm, off, ranks, scales, gates, L, K, BR, cfg, f32, True)
-    dA = _buffer(L, D, R, dtype=torch.float32, device=x.device)
+    dA = _buffer(L, D, R, dtype=A.dtype, device=x.device)
     _wgrad_into(
         x,
         v,
@@ -160,7 +149,7 @@ def backward(grad, x, A, B, scales, ranks, ids, gates):
         cfg,
         f32,
     )
-    dB = _buffer(L, R, DO, dtype=torch.float32, device=x.device)
+    dB = _buffer(L, R, DO, dtype=B.dtype, device=x.device)
     _wgrad_into(
         grad,
         u,
@@ -183,14 +172,13 @@ def backward(grad, x, A, B, scales, ranks, ids, gates):
     s = scales.float()[adapter.clamp(max=L - 1)]
     dg_sorted = torch.where(valid, s * (u * v).sum(1), torch.zeros((), device=x.device))
     dg = torch.zeros(T * K, dtype=torch.float32, device=x.device).scatter_(0, perm.long(), dg_sorted)
-    return dx, dA.to(A.dtype), dB.to(B.dtype), dg.view(T, K).to(gates.dtype)
+    return dx, dA, dB, dg.view(T, K).to(gates.dtype)
 
 
 def _wgrad_into(X, u, perm, off, ranks, scales, gates, dW, dw_strides, R, L, K, BR, cfg, f32):
     D = X.shape[1]
-    grid = (L, triton.cdiv(D, cfg["BD"]))
-    tk.grouped_wgrad_kernel[grid](
-        X, u, perm, off, ranks, scales, gates, dW, D, L, R, X.stride(0), X.stride(1), *dw_strides,
-        K=K, BM=cfg["BM"], BD=cfg["BD"], BR=BR, F32=f32, num_warps=cfg["warps"],
+    tk.grouped_wgrad_kernel[lambda m: (L, triton.cdiv(D, m["BD"]))](
+        X, u, perm, off, ranks, scales, gates, dW, D, L, R, triton.next_power_of_2(perm.numel()),
+        X.stride(0), X.stride(1), *dw_strides, K=K, BR=BR, F32=f32,
     )  # fmt: skip
     return dW
