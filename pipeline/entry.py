@@ -1,13 +1,16 @@
 """Shared bits of the ``python -m pipeline.<stage>`` entry points: where conf/ is, how user errors end a run.
 
 A user error (unknown task, missing adapter, bad value) ends the process with ONE line on stderr naming the
-thing and the fix, and exit status 2: no traceback noise. Bugs still show their traceback.
+thing and the fix, and exit status 2: no traceback noise. Bugs still show their traceback. Inside a submitit job
+(launcher=slurm / submitit_local) the exception is re-raised instead: submitit hands it back to the sweep, which
+fails with it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -25,4 +28,6 @@ def user_errors():
     except USER_ERRORS as e:
         msg = str(e)
         print(f"error: {msg.splitlines()[0] if msg else type(e).__name__}", file=sys.stderr, flush=True)
+        if os.environ.get("SUBMITIT_EXECUTOR"):  # a submitit sweep job: the error travels back to the sweep
+            raise
         raise SystemExit(2) from None
