@@ -78,6 +78,7 @@ def _composite(cfg, mm, tokenizer, gen_cfg, n, progress):
         raise ValueError("router=oracle needs one task per prompt; composite prompts mix tasks: use base, lora_b, "
                          "merge, meteora, dlp or dlp_segments")
     ds = build_composite(subtasks, rows=int(cfg.composite_rows), seed=int(cfg.composite_seed),
+                         shots=int(cfg.get("composite_shots", 2)),
                          split_seed=int(cfg.data.get("split_seed", 0)))
     g = generate_texts(mm, tokenizer, list(ds["prompt"]), batch_size=int(gen_cfg.batch_size),
                        max_new_tokens=n * int(gen_cfg.composite_max_new_tokens_per_task),

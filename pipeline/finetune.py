@@ -61,7 +61,10 @@ def finetune(cfg: DictConfig) -> float | None:
     from peft import get_peft_model
 
     from pipeline.lora_finetune import LoRAFinetuneModule
+    from pipeline.rerun import previous_result
 
+    if (done := previous_result(cfg)) is not None:  # a relaunched sweep's finished job
+        return done.value
     if cfg.get("task") in (None, ""):
         raise ValueError(f"finetune needs task=<name> (one of {list(cfg.tasks)} or lora_b); "
                          f"sweep them with -m task=a,b")
@@ -78,7 +81,10 @@ def finetune(cfg: DictConfig) -> float | None:
         trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
         module = LoRAFinetuneModule(peft_model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                                     warmup_steps=cfg.optim.warmup_steps, total_steps=steps)
-        trainer_kw = {"logger": run.tracker.lightning}
+        from pipeline.step_log import StepLog
+
+        trainer_kw = {"logger": run.tracker.lightning,
+                      "callbacks": [StepLog(int(cfg.trainer.log_every_n_steps), f"finetune {task}")]}
         if val_dl is None:
             trainer_kw.update(limit_val_batches=0)
         elif int(cfg.trainer.val_check_interval) > steps:

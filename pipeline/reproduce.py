@@ -3,7 +3,7 @@
     python -m pipeline.reproduce experiment=demo            # `make demo`
     python -m pipeline.reproduce experiment=head_to_head force=true
 
-The experiment's ``plan`` lists the steps: ``plan.finetune`` (adapters), ``plan.route`` (routers),
+The experiment's ``plan`` lists the steps: ``plan.finetune`` (adapters), ``plan.route`` (router -> route overrides),
 ``plan.evaluate`` (label -> evaluate overrides), ``plan.composite`` x ``plan.composite_strategies``
 (composite-n runs), ``plan.bench``. Each step composes its stage's config with the same experiment and
 command-line overrides plus the step's own, and runs in this process with a fixed run dir
@@ -56,8 +56,8 @@ def plan_steps(cfg: DictConfig) -> list[dict]:
     for task in cfg.plan.finetune:
         steps.append({"stage": "finetune", "step": str(task), "overrides": [f"task={task}"],
                       "artefact": adapters / str(task) / "adapter_config.json"})
-    for router in cfg.plan.route:
-        steps.append({"stage": "route", "step": str(router), "overrides": [f"router={router}"],
+    for router, ovs in (cfg.plan.route or {}).items():
+        steps.append({"stage": "route", "step": str(router), "overrides": [f"router={router}", *ovs],
                       "artefact": routers / str(router) / "router.json"})
     for label, ovs in (cfg.plan.evaluate or {}).items():
         steps.append({"stage": "evaluate", "step": str(label), "overrides": list(ovs), "artefact": None})

@@ -80,14 +80,17 @@ def route(cfg: DictConfig) -> float | None:
         model, tokenizer = instantiate(cfg.model)
         mm, tokenizer = build_multilora(cfg, model, tokenizer, load_router=False)
         train = routed_rows(cfg, tokenizer, str(cfg.data.train_split), int(cfg.router.train.rows_per_task), objective)
-        val = routed_rows(cfg, tokenizer, str(cfg.data.val_split), int(cfg.data.val_limit or 32), objective)
+        val = routed_rows(cfg, tokenizer, str(cfg.data.val_split), int(cfg.router.train.val_rows_per_task), objective)
         collate = RoutedRowsCollator(tokenizer.pad_token_id)
         bs = int(cfg.router.train.batch_size)
         train_dl = DataLoader(train, batch_size=bs, shuffle=True, collate_fn=collate)
         val_dl = DataLoader(val, batch_size=bs, shuffle=False, collate_fn=collate)
         module = RouterTrainModule(mm, objective, cfg.router.train.lr, cfg.router.train.weight_decay,
                                    bool(cfg.router.train.get("train_loras", False)))
+        from pipeline.step_log import StepLog
+
         trainer = instantiate(cfg.trainer, logger=run.tracker.lightning, max_steps=steps, inference_mode=False,
+                              callbacks=[StepLog(int(cfg.trainer.log_every_n_steps), f"route {objective}")],
                               val_check_interval=min(steps, int(cfg.trainer.val_check_interval)))
         mm.router.train()
         t0 = time.perf_counter()

@@ -57,8 +57,8 @@ def test_reproduce_plan_steps_compose(experiment):
     plan = _compose("reproduce", [f"experiment={experiment}"]).plan
     for entry in list(plan.evaluate.values()) + list(plan.composite_strategies.values()):
         _compose("evaluate", [f"experiment={experiment}", *entry])
-    for router in plan.route:
-        _compose("route", [f"experiment={experiment}", f"router={router}"])
+    for router, ovs in plan.route.items():
+        _compose("route", [f"experiment={experiment}", f"router={router}", *ovs])
     for task in list(plan.finetune)[:1] + [t for t in plan.finetune if t == "lora_b"]:
         _compose("finetune", [f"experiment={experiment}", f"task={task}"])
 
