@@ -165,7 +165,7 @@ class ProjectionSlots(nn.Module):
         self.d_in, self.d_out = d_in, d_out
         self.A = nn.Parameter(torch.zeros(0, d_in, RANK_MULTIPLE, dtype=dtype, device=device), requires_grad=False)
         self.B = nn.Parameter(torch.zeros(0, RANK_MULTIPLE, d_out, dtype=dtype, device=device), requires_grad=False)
-        self.register_buffer("ranks", torch.zeros(0, dtype=torch.long, device=device))
+        self.register_buffer("ranks", torch.zeros(0, dtype=torch.int32, device=device))
         self.register_buffer("scales", torch.zeros(0, dtype=torch.float32, device=device))
 
 
@@ -259,7 +259,7 @@ class AdapterBank(nn.Module):
             dt, dev = s.A.dtype, s.A.device
             A = torch.zeros(L, s.d_in, R, dtype=dt, device=dev)
             B = torch.zeros(L, R, s.d_out, dtype=dt, device=dev)
-            ranks = torch.zeros(L, dtype=torch.long, device=dev)
+            ranks = torch.zeros(L, dtype=torch.int32, device=dev)
             scales = torch.zeros(L, dtype=torch.float32, device=dev)
             n_old, r_old = s.A.shape[0], min(s.A.shape[2], R)
             A[:n_old, :, :r_old] = s.A.data[:, :, :r_old]

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from models.routing import Router, SequenceRouter
+from models.routing import Route, Router, SequenceRouter
 
 
 class OracleRouter(SequenceRouter):
@@ -77,9 +77,9 @@ class MergeRouter(SequenceRouter):
         return ids, torch.full((B, L), 1.0 / L, dtype=torch.float32, device=ref.device)
 
     def route(self, module_name, x):
-        r = super().route(module_name, x)
+        r = super().route(module_name, x)  # shared by every projection of this forward: don't mutate it
         if self.mode == "linear":
-            r.tensors = self._linear_merge(module_name)
+            return Route(r.ids, r.weights, r.seq_ids, self._linear_merge(module_name))
         return r
 
     @torch.no_grad()
@@ -101,7 +101,7 @@ class MergeRouter(SequenceRouter):
             # peft gives the merged adapter lora_alpha = r: scaling 1, or sqrt(r) when the first adapter uses rsLoRA
             s = math.sqrt(r) if bank.use_rslora[0] else 1.0
             self._merged[module_name] = (A1, B1, torch.tensor([s], device=A.device),
-                                         torch.tensor([r], dtype=torch.long, device=A.device))
+                                         torch.tensor([r], dtype=torch.int32, device=A.device))
         return self._merged[module_name]
 
 

@@ -48,7 +48,8 @@ def save_tiny_llama(path, seed: int = 0, **config_overrides) -> Path:
     path = Path(path)
     tokenizer = tiny_tokenizer()
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(tiny_llama_config(vocab_size=len(tokenizer), **config_overrides))
+    overrides = {"vocab_size": len(tokenizer), **config_overrides}  # a larger vocab only adds unused rows
+    model = LlamaForCausalLM(tiny_llama_config(**overrides))
     model.config.name_or_path = "loramux/tiny-random-llama"
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
