@@ -1,0 +1,78 @@
+"""Multirun hygiene and hyper-parameter search, with Hydra's basic launcher (no cluster needed).
+
+Real `python -m pipeline.finetune -m` processes on the `smoke` experiment (tiny random LLaMA, real BIG-bench rows):
+sweep dirs are unique to the microsecond, a relaunched sweep skips finished jobs (force=true reruns them), and
+the Optuna sweeper minimises finetune's validation loss over lr and r.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from data.assets import cache_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.skipif(not (cache_dir() / "models" / "tiny-random-llama").is_dir(),
+                                reason="assets missing: python -m data.fetch --model --bigbench")
+SMOKE = ["experiment=smoke", "logger=none", "print_config=false", "trainer.max_steps=2"]
+STAMP = re.compile(r"^\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_\d{6}$")
+
+
+def _env(out: Path) -> dict:
+    return {**os.environ, "LORAMUX_OUTPUTS": str(out), "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1"}
+
+
+def _sweep(out: Path, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "pipeline.finetune", "-m", *SMOKE, *overrides]
+    return subprocess.run(cmd, check=False, cwd=ROOT, env=_env(out), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _job_files(sweep: Path) -> dict[str, int]:
+    """Job dir name -> mtime (ns) of its metrics.json."""
+    return {p.parent.name: p.stat().st_mtime_ns for p in sweep.glob("*/metrics.json")}
+
+
+def test_sweeps_started_in_the_same_second_get_their_own_dirs(tmp_path):
+    """Two sweeps launched at once: two dirs, named to the microsecond. (Their one job fails fast on purpose.)"""
+    cmd = [sys.executable, "-m", "pipeline.finetune", "-m", *SMOKE, "task=nosuch_task"]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [2, 2], errs
+    dirs = sorted(p.name for p in (tmp_path / "smoke" / "finetune" / "multiruns").iterdir())
+    assert len(dirs) == 2 and all(STAMP.match(d) for d in dirs), dirs
+
+
+def test_relaunched_sweep_skips_finished_jobs_and_force_reruns_them(tmp_path):
+    first = _sweep(tmp_path, "task=object_counting,winowhy")
+    assert first.returncode == 0, first.stderr[-3000:]
+    (sweep,) = (tmp_path / "smoke" / "finetune" / "multiruns").iterdir()
+    done = _job_files(sweep)
+    assert sorted(done) == ["0_task=object_counting,trainer.max_steps=2", "1_task=winowhy,trainer.max_steps=2"]
+
+    # job 1 "died": its metrics.json is gone. The relaunch trains job 1 only.
+    lost = sweep / "1_task=winowhy,trainer.max_steps=2" / "metrics.json"
+    lost.unlink()
+    again = _sweep(tmp_path, "task=object_counting,winowhy", f"hydra.sweep.dir={sweep}")
+    assert again.returncode == 0, again.stderr[-3000:]
+    log = again.stdout + again.stderr
+    assert log.count("skipping this job") == 1 and "0_task=object_counting" in log.split("skipping this job")[0]
+    after = _job_files(sweep)
+    assert after["0_task=object_counting,trainer.max_steps=2"] == done["0_task=object_counting,trainer.max_steps=2"]
+    assert lost.is_file()
+    assert len(list((tmp_path / "smoke" / "finetune" / "multiruns").iterdir())) == 1
+
+    forced = _sweep(tmp_path, "task=object_counting,winowhy", f"hydra.sweep.dir={sweep}", "force=true")
+    assert forced.returncode == 0, forced.stderr[-3000:]
+    assert "skipping this job" not in forced.stdout + forced.stderr
+    final = _job_files(sweep)
+    assert sorted(final) == sorted(done)  # force=true does not rename the job dirs
+    assert all(final[k] > after[k] for k in final)
