@@ -221,8 +221,8 @@ def token_shrink_kernel(
 ):  # fmt: skip
     """part[n, s, :] = x[t, chunk s] @ A[a][chunk s, :r_a] for PP pairs n. Grid: (cdiv(N, PP), SPLIT). Decode path.
 
-    Several pairs a program: a program per pair made thousands of tiny programs at T = 64, and their scheduling,
-    not their bytes, set the time.
+    PP pairs a program (1 on the GPU: measured, 4 made T = 1 and T = 64 slower, each extra pair being a serial chain
+    of dependent loads; the interpreter uses 2 so that the loop and its tail mask are tested).
     """
     s = tl.program_id(1)
     rr = tl.arange(0, BR)
