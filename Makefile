@@ -18,7 +18,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: install assets test test-fast demo lint clean-venv
+.PHONY: install assets slurm-up slurm-down test test-fast demo lint clean-venv
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,7 +32,16 @@ install: $(STAMP)
 assets: $(STAMP)
 	$(BIN)/python -m data.fetch --model --bigbench
 
-test: assets
+# The `slurm` tests submit real sweeps to a one-node SLURM cluster on this host (needs root to install and start
+# it; elsewhere those tests skip and say why).
+slurm-up:
+	@if [ "$$(id -u)" = 0 ]; then scripts/slurm_localhost.sh; \
+	else echo "slurm-up: not root, the local SLURM cluster is not started (slurm tests will skip)"; fi
+
+slurm-down:
+	scripts/slurm_stop.sh
+
+test: assets slurm-up
 	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
