@@ -12,6 +12,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -255,11 +256,22 @@ def test_wandb_offline_run_holds_the_report_table(smoke, monkeypatch):
     cfg = compose_stage("report", [o for o in overrides if not o.startswith("logger=")] + ["logger=wandb"], run_dir)
     assert report(cfg) >= 4
     [log_file] = list(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
-    records = read_wandb_records(log_file)
+    for _ in range(60):  # wandb's service may still be flushing the log when finish() returns: wait for `exit`
+        records = read_wandb_records(log_file)
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            break
+        time.sleep(0.5)
     run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
-    assert run.group == "smoke" and run.job_type == "report"
-    items = {i.key: json.loads(i.value_json) for r in records if r.WhichOneof("record_type") == "history"
-             for i in r.history.item}
+    assert run.run_group == "smoke" and run.job_type == "report"
+    items: dict = {}  # history items, re-nested: wandb flattens a logged dict (a Table's metadata) into paths
+    for r in records:
+        if r.WhichOneof("record_type") == "history":
+            for i in r.history.item:
+                path = [i.key] if i.key else list(i.nested_key)
+                node = items
+                for part in path[:-1]:
+                    node = node.setdefault(part, {})
+                node[path[-1]] = json.loads(i.value_json)
     table = items["report/tasks"]
     assert table["_type"] == "table-file"
     logged = json.loads((log_file.parent / "files" / table["path"]).read_text())
