@@ -4,7 +4,8 @@
 ``lora_b``  one adapter for every input (MeteoRA's LoRA-B, DLP-LoRA's joint LoRA): ``adapter=`` names it.
 ``merge``   all adapters at once, uniformly:
               mode="delta"  (default) the average of the adapters' deltas, (1/L) sum_a s_a B_a A_a x; equals
-                            peft's ``add_weighted_adapter(weights=[1/L]*L, combination_type="cat")``;
+                            peft's ``add_weighted_adapter(weights=[1/L]*L, combination_type="cat")``, and is
+                            computed as that one merged slot of rank sum_a r_a (one kernel slot, not L);
               mode="linear" peft's ``combination_type="linear"`` exactly: A' = sum_a c_a A_a, B' = sum_a c_a B_a
                             with c_a = sqrt(s_a / L) and scaling 1 (task arithmetic on A and B separately, so it
                             has cross terms B_a A_b; needs equal ranks, as peft does).
@@ -17,6 +18,7 @@ import math
 
 import torch
 
+from models.adapter_bank import padded_rank
 from models.routing import Route, Router, SequenceRouter
 
 
@@ -61,48 +63,63 @@ class MergeRouter(SequenceRouter):
         if mode not in ("delta", "linear"):
             raise ValueError(f"merge mode={mode!r} is not known; use 'delta' (average of deltas) or 'linear' (peft's)")
         self.mode = mode
-        self._merged: dict = {}
-        self._merged_version = -1
+        self._merged: dict = {}  # module name -> (cache key, merged one-slot tensors)
 
     def config(self):
         return {"mode": self.mode}
 
     def decide(self, input_ids, attention_mask, inputs_embeds):
         ref = input_ids if input_ids is not None else inputs_embeds
-        B, L = ref.shape[0], len(self.ctx.bank)
-        if self.mode == "linear":
-            return (torch.zeros(B, 1, dtype=torch.long, device=ref.device),
-                    torch.ones(B, 1, dtype=torch.float32, device=ref.device))
-        ids = torch.arange(L, device=ref.device).expand(B, L).contiguous()
-        return ids, torch.full((B, L), 1.0 / L, dtype=torch.float32, device=ref.device)
+        B = ref.shape[0]
+        return (torch.zeros(B, 1, dtype=torch.long, device=ref.device),
+                torch.ones(B, 1, dtype=torch.float32, device=ref.device))
 
     def route(self, module_name, x):
         r = super().route(module_name, x)  # shared by every projection of this forward: don't mutate it
-        if self.mode == "linear":
-            return Route(r.ids, r.weights, r.seq_ids, self._linear_merge(module_name))
-        return r
+        return Route(r.ids, r.weights, r.seq_ids, self._merged_slot(module_name))
 
     @torch.no_grad()
-    def _linear_merge(self, module_name):
+    def _merged_slot(self, module_name):
+        """The merged adapter of one projection as a one-slot bank (A [1, d_in, R'], B [1, R', d_out], scale, rank),
+        rebuilt when the bank is swapped or its tensors are changed in place."""
         bank = self.ctx.bank
-        if self._merged_version != bank.version:
-            self._merged, self._merged_version = {}, bank.version
-        if module_name not in self._merged:
-            A, B, scales, ranks = bank.tensors(module_name)
-            L = len(bank)
-            full = [int(r) for r in ranks if int(r) > 0]
-            if len(set(full)) > 1:
-                raise ValueError(f"merge mode='linear' needs equal ranks (as peft's linear merge); {module_name} has "
-                                 f"{sorted(set(full))}: use mode='delta'")
-            r = full[0] if full else 1
-            c = torch.sqrt(scales.double() / L).to(A.dtype)
-            A1 = (c[:, None, None] * A).sum(0, keepdim=True)
-            B1 = (c[:, None, None] * B).sum(0, keepdim=True)
-            # peft gives the merged adapter lora_alpha = r: scaling 1, or sqrt(r) when the first adapter uses rsLoRA
-            s = math.sqrt(r) if bank.use_rslora[0] else 1.0
-            self._merged[module_name] = (A1, B1, torch.tensor([s], device=A.device),
-                                         torch.tensor([r], dtype=torch.int32, device=A.device))
-        return self._merged[module_name]
+        A, B, scales, ranks = bank.tensors(module_name)
+        key = (bank.version, A._version, B._version)
+        hit = self._merged.get(module_name)
+        if hit is None or hit[0] != key:
+            hit = (key, self._linear(module_name, A, B, scales, ranks) if self.mode == "linear"
+                   else self._cat(A, B, scales, ranks))
+            self._merged[module_name] = hit
+        return hit[1]
+
+    def _cat(self, A, B, scales, ranks):
+        """peft's "cat" with weights 1/L: ranks stacked side by side, so B'A' = (1/L) sum_a s_a B_a A_a exactly."""
+        L = A.shape[0]
+        cols = [A[a, :, : int(ranks[a])] * (float(scales[a]) / L) for a in range(L) if int(ranks[a]) > 0]
+        rows = [B[a, : int(ranks[a])] for a in range(L) if int(ranks[a]) > 0]
+        r = sum(c.shape[1] for c in cols)
+        R = padded_rank(max(r, 1))
+        A1 = A.new_zeros(1, A.shape[1], R)
+        B1 = B.new_zeros(1, R, B.shape[2])
+        if r:
+            A1[0, :, :r] = torch.cat(cols, dim=1)
+            B1[0, :r] = torch.cat(rows, dim=0)
+        return A1, B1, scales.new_ones(1), torch.tensor([r], dtype=torch.int32, device=A.device)
+
+    def _linear(self, module_name, A, B, scales, ranks):
+        """peft's "linear" with weights 1/L: A' = sum_a c_a A_a, B' = sum_a c_a B_a, c_a = sqrt(s_a / L)."""
+        L = A.shape[0]
+        full = [int(r) for r in ranks if int(r) > 0]
+        if len(set(full)) > 1:
+            raise ValueError(f"merge mode='linear' needs equal ranks (as peft's linear merge); {module_name} has "
+                             f"{sorted(set(full))}: use mode='delta'")
+        r = full[0] if full else 1
+        c = torch.sqrt(scales.double() / L).to(A.dtype)
+        A1 = (c[:, None, None] * A).sum(0, keepdim=True)
+        B1 = (c[:, None, None] * B).sum(0, keepdim=True)
+        # peft gives the merged adapter lora_alpha = r: scaling 1, or sqrt(r) when the first adapter uses rsLoRA
+        s = math.sqrt(r) if self.ctx.bank.use_rslora[0] else 1.0
+        return A1, B1, torch.tensor([s], device=A.device), torch.tensor([r], dtype=torch.int32, device=A.device)
 
 
 class BaseRouter(Router):

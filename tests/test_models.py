@@ -225,3 +225,22 @@ def test_dlp_default_router_is_about_5m_params_on_smollm2_width():
     r = DLPRouter(ctx, torch.nn.Embedding(10, 576))
     n = sum(p.numel() for p in r.parameters())
     assert 4.5e6 < n < 5.5e6
+
+
+@torch.no_grad()
+def test_merge_follows_in_place_changes_and_swaps(assets, mm, peft_ref):
+    batch = _batch(mm)
+    mm.set_router("merge")
+    before = mm(**batch).logits
+    for s in mm.bank.slots.values():
+        s.B.mul_(2.0)  # e.g. an optimizer step on the adapters: the merged slot must be rebuilt
+    doubled = mm(**batch).logits
+    assert (doubled - before).abs().max() > 1e-3
+    mm.set_router("merge")  # a fresh router has no cache: the old one must agree with it
+    torch.testing.assert_close(doubled, mm(**batch).logits, atol=0, rtol=0)
+    mm.remove_adapter("b")
+    mm.remove_adapter("c")
+    mm.set_router("merge")
+    for s in mm.bank.slots.values():
+        s.B.mul_(0.5)
+    torch.testing.assert_close(mm(**batch).logits, _peft_logits(peft_ref, batch, "a"), atol=ATOL, rtol=0)
