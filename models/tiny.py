@@ -91,3 +91,63 @@ def save_test_assets(root) -> tuple[Path, dict]:
     dirs = {name: save_random_peft_adapter(base, root / "adapters" / name, seed=i + 1, **spec)
             for i, (name, spec) in enumerate(TEST_ADAPTERS.items())}
     return base, dirs
+
+
+def save_tiny_gguf(path, seed: int = 0) -> Path:
+    """Write the same tiny LLaMA (same seed, same weights as ``save_tiny_llama``) as a float32 GGUF file.
+
+    Tensor names and the rotary permutation of q/k follow llama.cpp's ``convert_hf_to_gguf``; the byte-level
+    vocabulary is stored as a ``gpt2`` tokenizer, so ``load_base_model(path)`` exercises transformers' GGUF path.
+    """
+    import gguf
+    import numpy as np
+    from transformers import LlamaForCausalLM
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer = tiny_tokenizer()
+    cfg = tiny_llama_config(vocab_size=len(tokenizer))
+    torch.manual_seed(seed)
+    state = {k: v.numpy() for k, v in LlamaForCausalLM(cfg).state_dict().items()}
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("tiny-random-llama")
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(float((getattr(cfg, "rope_parameters", None) or {}).get("rope_theta", 10000.0)))
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    tokens = [t for t, _ in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])]
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([1] * (len(tokens) - 1) + [3])  # the last token (EOS) is a control token
+    w.add_token_scores([0.0] * len(tokens))
+    w.add_bos_token_id(len(tokens) - 1)
+    w.add_eos_token_id(len(tokens) - 1)
+
+    def rotary(W, heads):  # HF -> GGUF layout of q/k rows (llama.cpp's LlamaModel.permute)
+        return W.reshape(heads, 2, W.shape[0] // heads // 2, *W.shape[1:]).swapaxes(1, 2).reshape(W.shape)
+
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    parts = [("input_layernorm", "attn_norm"), ("self_attn.q_proj", "attn_q"), ("self_attn.k_proj", "attn_k"),
+             ("self_attn.v_proj", "attn_v"), ("self_attn.o_proj", "attn_output"),
+             ("post_attention_layernorm", "ffn_norm"), ("mlp.gate_proj", "ffn_gate"), ("mlp.up_proj", "ffn_up"),
+             ("mlp.down_proj", "ffn_down")]
+    for i in range(cfg.num_hidden_layers):
+        names.update({f"model.layers.{i}.{hf}.weight": f"blk.{i}.{gg}.weight" for hf, gg in parts})
+    for hf, gg in names.items():
+        t = state[hf]
+        if gg.endswith("attn_q.weight"):
+            t = rotary(t, cfg.num_attention_heads)
+        elif gg.endswith("attn_k.weight"):
+            t = rotary(t, cfg.num_key_value_heads)
+        w.add_tensor(gg, np.ascontiguousarray(t, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

@@ -10,7 +10,7 @@ import torch
 from peft import IA3Config, PeftModel, get_peft_model
 
 from models import AdapterBank, AdapterError, MultiLoRAModel, load_base_model
-from models.tiny import save_random_peft_adapter, save_test_assets, save_tiny_llama
+from models.tiny import save_random_peft_adapter, save_test_assets, save_tiny_gguf, save_tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -168,6 +168,25 @@ def test_load_base_model_local_dir_and_errors(assets, tmp_path):
         load_base_model(tmp_path / "empty")
     with pytest.raises(ValueError, match="dtype='int4' is not supported"):
         load_base_model(base, dtype="int4")
+
+
+def test_load_gguf_file_equals_hf_weights(assets, tmp_path):
+    """A GGUF written from the same seed loads (file path or dir + gguf_file) to the same logits as the HF dir."""
+    base, dirs = assets
+    f = save_tiny_gguf(tmp_path / "gguf" / "tiny.gguf")
+    ref, tok = load_base_model(base)
+    batch = tok(["[INST] gguf? [/INST]", "hi"], return_tensors="pt", padding=True)
+    for model, gtok in (load_base_model(f), load_base_model(f.parent, gguf_file=f.name)):
+        assert gtok.padding_side == "left" and gtok.pad_token is not None
+        assert getattr(model, "hf_quantizer", None) is None and not hasattr(model.config, "quantization_config")
+        assert torch.equal(gtok(["[INST] gguf? [/INST]", "hi"], return_tensors="pt", padding=True)["input_ids"],
+                           batch["input_ids"])
+        with torch.no_grad():
+            torch.testing.assert_close(model(**batch).logits, ref(**batch).logits, atol=1e-5, rtol=0)
+    model.save_pretrained(tmp_path / "from_gguf")  # a dequantised GGUF model saves as a plain HF dir
+    mm = MultiLoRAModel.from_adapters(model, {"a": str(dirs["a"])}, router="lora_b", check_base_name=False)
+    with torch.no_grad():
+        assert mm(**batch).logits.shape == ref(**batch).logits.shape
 
 
 CACHE = Path(os.environ.get("LORAMUX_CACHE", Path.home() / ".cache" / "loramux"))
