@@ -157,7 +157,12 @@ def test_sentence_routing_equals_token_routing():
     tok = dict(inp, ids=s_ids[seq_ids], weights=s_w[seq_ids])
     for backend in ("torch", "triton", "reference"):
         if backend == "triton" and DEV == "cuda":
-            inp, seq_ids, s_ids, s_w = ({k: v.cuda() for k, v in inp.items()}, seq_ids.cuda(), s_ids.cuda(), s_w.cuda())
+            inp, seq_ids, s_ids, s_w = (
+                {k: v.cuda() for k, v in inp.items()},
+                seq_ids.cuda(),
+                s_ids.cuda(),
+                s_w.cuda(),
+            )
         got = multi_lora(
             *[inp[k] for k in ("x", "base", "A", "B", "scales", "ranks")],
             s_ids,
