@@ -148,11 +148,17 @@ class DLPSegmentRouter(DLPRouter):
             cnt = torch.zeros(n_seg, device=e.device).index_add_(0, flat[ok], torch.ones_like(flat[ok], dtype=e.dtype))
             seg_emb = sums / cnt.clamp(min=1)[:, None]
         seg_ids, seg_w = self.select(self.mlp(seg_emb.to(self.mlp[-1].weight.dtype)))
-        K = seg_ids.shape[1]
+        whole_ids, whole_w = whole = self.select(self.logits(input_ids, mask))
+        ks, kw = seg_ids.shape[1], whole_ids.shape[1]
+        K = max(ks, kw)
+        # every token starts with its sequence's whole route (what padding, and the answer tokens of a
+        # teacher-forced forward outside route_mask, use); tokens of a segment then take their segment's route
+        row = torch.arange(B, device=input_ids.device).repeat_interleave(S)
         tok_ids = torch.full((B * S, K), -1, dtype=torch.long, device=input_ids.device)
         tok_w = torch.zeros(B * S, K, dtype=seg_w.dtype, device=input_ids.device)
-        tok_ids[ok], tok_w[ok] = seg_ids[flat[ok]], seg_w[flat[ok]]
-        whole = self.select(self.logits(input_ids, mask))
+        tok_ids[:, :kw], tok_w[:, :kw] = whole_ids[row], whole_w[row]
+        tok_ids[ok], tok_w[ok] = -1, 0.0
+        tok_ids[ok, :ks], tok_w[ok, :ks] = seg_ids[flat[ok]], seg_w[flat[ok]]
         self._pending_tok = (tok_ids.reshape(B, S, K), tok_w.reshape(B, S, K))
         return whole
 

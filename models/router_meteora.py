@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.adapter_bank import slot_key
-from models.routing import Route, Router, gate_ce, route_top_k
+from models.routing import Route, Router, expand_rows, gate_ce, route_top_k
 
 
 class MeteoraRouter(Router):
@@ -61,8 +61,7 @@ class MeteoraRouter(Router):
         ref = input_ids if input_ids is not None else inputs_embeds
         B, S = ref.shape[0], ref.shape[1]
         tid = tid.to(ref.device)
-        if tid.shape[0] != B:
-            tid = tid.repeat_interleave(B // max(tid.shape[0], 1))
+        tid = expand_rows(tid, B, "task_ids")
         labels = tid[:, None].expand(B, S).clone()
         self._forced = labels.reshape(-1).clone()  # pad tokens too, exactly as the oracle routes them
         if attention_mask is not None:

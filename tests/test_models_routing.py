@@ -11,7 +11,7 @@ from models.tiny import save_test_assets
 
 PROMPTS = ["[INST] count the apples [/INST]\n", "hello there, a longer prompt than the others", "[INST] x [/INST]\n\nq"]
 STRATEGIES = [("oracle", {}), ("meteora", {"top_k": 2}), ("meteora", {"top_k": 1, "temperature": 15.0}),
-              ("dlp", {"hidden": 32, "top_p": 0.9}), ("dlp", {"hidden": 32, "fusion": "renorm"}),
+              ("dlp", {"hidden": 32, "top_p": 0.9, "fusion": "renorm"}),
               ("dlp_segments", {"hidden": 32, "top_p": 0.9}), ("lora_b", {"adapter": "b"}), ("merge", {}),
               ("base", {})]
 
@@ -40,14 +40,14 @@ def test_batched_generate_equals_one_by_one(assets, name, kw):
     mm.set_router(name, **kw)
     _randomize(mm.router, std=2.0)  # trained-looking routers: different choices per prompt / token
     tok, tasks = mm.tokenizer, ["c", "a", "b"]
-    gen = {"max_new_tokens": 6, "do_sample": False, "output_scores": True, "return_dict_in_generate": True}
+    gen = {"max_new_tokens": 4, "do_sample": False, "output_scores": True, "return_dict_in_generate": True}
     batch = tok(PROMPTS, return_tensors="pt", padding=True)
     out = mm.generate(**batch, task_ids=tasks, **gen)
     routes = mm.last_route()
     for i, p in enumerate(PROMPTS):
         one = tok([p], return_tensors="pt")
         ref = mm.generate(**one, task_ids=[tasks[i]], **gen)
-        assert out.sequences[i, -6:].tolist() == ref.sequences[0, -6:].tolist()
+        assert out.sequences[i, -4:].tolist() == ref.sequences[0, -4:].tolist()
         for s_b, s_1 in zip(out.scores, ref.scores):
             torch.testing.assert_close(s_b[i], s_1[0], atol=1e-4, rtol=0)
         if routes is not None:  # sentence routing: same decision alone as in the padded batch
@@ -103,6 +103,14 @@ def test_segment_split_and_segment_routing(assets):
         want = [int(mm.router.logits(**tok([p], return_tensors="pt")).argmax()) for p in parts]
     n0 = len(tok(parts[0])["input_ids"])
     assert tok_ids[:n0].unique().tolist() == [want[0]] and tok_ids[n0:].unique().tolist() == [want[1]]
+    # teacher forcing: route on the first block only; the rest (the "answer") follows the whole route
+    route_mask = torch.zeros_like(batch["attention_mask"])
+    route_mask[:, :n0] = 1
+    with torch.no_grad():
+        mm(**batch, route_mask=route_mask)
+    whole = mm.last_route()[0][0, 0].item()
+    assert whole == want[0]  # the whole route read only the routed tokens
+    assert mm.router._tok[0][0, n0:, 0].unique().tolist() == [whole]
 
 
 @pytest.mark.parametrize("strategy,kw", [("meteora", {"top_k": 2, "temperature": 15.0}),
