@@ -5,7 +5,8 @@
 ``merge``   all adapters at once, uniformly:
               mode="delta"  (default) the average of the adapters' deltas, (1/L) sum_a s_a B_a A_a x; equals
                             peft's ``add_weighted_adapter(weights=[1/L]*L, combination_type="cat")``, and is
-                            computed as that one merged slot of rank sum_a r_a (one kernel slot, not L);
+                            computed as that one merged slot of rank sum_a r_a (one kernel slot, not L;
+                            past MAX_MERGED_RANK as L slots of weight 1/L, the same sum);
               mode="linear" peft's ``combination_type="linear"`` exactly: A' = sum_a c_a A_a, B' = sum_a c_a B_a
                             with c_a = sqrt(s_a / L) and scaling 1 (task arithmetic on A and B separately, so it
                             has cross terms B_a A_b; needs equal ranks, as peft does).
@@ -55,6 +56,10 @@ class SingleAdapterRouter(SequenceRouter):
         return ids, torch.ones(ids.shape, dtype=torch.float32, device=ref.device)
 
 
+#: above this stacked rank (sum of the adapters' ranks) "delta" uses L routing slots of weight 1/L instead
+MAX_MERGED_RANK = 128
+
+
 class MergeRouter(SequenceRouter):
     name = "merge"
 
@@ -64,18 +69,27 @@ class MergeRouter(SequenceRouter):
             raise ValueError(f"merge mode={mode!r} is not known; use 'delta' (average of deltas) or 'linear' (peft's)")
         self.mode = mode
         self._merged: dict = {}  # module name -> (cache key, merged one-slot tensors)
+        self._one_slot = True
 
     def config(self):
         return {"mode": self.mode}
 
     def decide(self, input_ids, attention_mask, inputs_embeds):
         ref = input_ids if input_ids is not None else inputs_embeds
-        B = ref.shape[0]
-        return (torch.zeros(B, 1, dtype=torch.long, device=ref.device),
-                torch.ones(B, 1, dtype=torch.float32, device=ref.device))
+        B, L = ref.shape[0], len(self.ctx.bank)
+        total = max(int(s.ranks.sum()) for s in self.ctx.bank.slots.values())
+        self._one_slot = self.mode == "linear" or total <= MAX_MERGED_RANK
+        if self._one_slot:
+            return (torch.zeros(B, 1, dtype=torch.long, device=ref.device),
+                    torch.ones(B, 1, dtype=torch.float32, device=ref.device))
+        # too many adapters for one stacked slot: the same average as L routing slots of weight 1/L
+        ids = torch.arange(L, device=ref.device).expand(B, L).contiguous()
+        return ids, torch.full((B, L), 1.0 / L, dtype=torch.float32, device=ref.device)
 
     def route(self, module_name, x):
         r = super().route(module_name, x)  # shared by every projection of this forward: don't mutate it
+        if not self._one_slot:
+            return r
         return Route(r.ids, r.weights, r.seq_ids, self._merged_slot(module_name))
 
     @torch.no_grad()

@@ -151,6 +151,14 @@ def test_merge_equals_peft_weighted_adapters(assets, mm, peft_ref):
     names = ["a", "b", "c"]
     peft_ref.add_weighted_adapter(names, [1 / 3] * 3, "avg_cat", combination_type="cat")
     torch.testing.assert_close(mm(**batch).logits, _peft_logits(peft_ref, batch, "avg_cat"), atol=ATOL, rtol=0)
+    from models import router_fixed
+
+    cap, router_fixed.MAX_MERGED_RANK = router_fixed.MAX_MERGED_RANK, 8  # force the L-slot form: same average
+    try:
+        torch.testing.assert_close(mm(**batch).logits, _peft_logits(peft_ref, batch, "avg_cat"), atol=ATOL, rtol=0)
+        assert mm.last_route()[0].shape[1] == 3
+    finally:
+        router_fixed.MAX_MERGED_RANK = cap
     # peft's "linear" (task arithmetic on A and B, equal ranks): mode="linear" on a bank of a and c
     base, dirs = assets
     model, _tok = load_base_model(base)
