@@ -24,6 +24,7 @@ MultiLoRAModel
         oracle | meteora(top_k=2, temperature=1.0, aux_loss_coef=50.0) |
         dlp / dlp_segments(top_p=0.6, fusion="softmax"|"renorm", hidden=1408, layers=4, dropout=0.0) |
         lora_b(adapter=name) | merge(mode="delta"|"linear") | base
+        merge "delta" = mean of the adapters' deltas = peft add_weighted_adapter(cat, 1/L); "linear" = peft's linear
     mm.set_routing(task_ids=None, route_mask=None, force_gates=False)   persistent routing inputs
     mm.set_trainable("router" | "gates" | "adapters" | "router+adapters" | "gates+adapters" | "none") -> params
     mm.router_loss(input_ids, attention_mask, task_ids)   dlp router CE (no LM forward needed)
@@ -42,7 +43,7 @@ Pieces (one concept per file)
     router_dlp.py         DLP-LoRA sentence MLP (mean-pooled frozen input embeddings), top-p; dlp_segments
     router_checkpoint.py  save / read / align router checkpoints
     multilora_model.py    MultiLoRAModel (ties it together)
-    tiny.py               tiny random LLaMA + byte tokenizer, random PEFT adapters (tests, smoke runs)
+    tiny.py               tiny random LLaMA + byte tokenizer (HF dir or GGUF), random PEFT adapters (tests, smoke)
 """
 
 from models.adapter_bank import AdapterBank, AdapterError, read_peft_adapter
