@@ -31,6 +31,7 @@ def _loaders(cfg: DictConfig, tokenizer):
     from torch.utils.data import DataLoader
 
     from pipeline.answer_batches import AnswerOnlyCollator, encode_pair
+    from pipeline.requeue import ResumableSampler
     from pipeline.task_rows import rows_for
 
     d, task, tasks = cfg.data, str(cfg.task), list(cfg.tasks)
@@ -42,7 +43,8 @@ def _loaders(cfg: DictConfig, tokenizer):
         raise ValueError(f"task {task!r} has no training rows in split {d.train_split!r}; pick another task")
     collate = AnswerOnlyCollator(tokenizer.pad_token_id)
     bs = int(cfg.optim.batch_size)
-    train_dl = DataLoader(train, batch_size=bs, shuffle=True, collate_fn=collate, num_workers=int(d.num_workers))
+    sampler = ResumableSampler(len(train), int(cfg.seed))  # shuffled; a requeued job replays it exactly
+    train_dl = DataLoader(train, batch_size=bs, sampler=sampler, collate_fn=collate, num_workers=int(d.num_workers))
     val_dl = DataLoader(val, batch_size=bs, shuffle=False, collate_fn=collate) if val else None
     return train_dl, val_dl, len(train), len(val)
 
@@ -61,6 +63,7 @@ def finetune(cfg: DictConfig) -> float | None:
     from peft import get_peft_model
 
     from pipeline.lora_finetune import LoRAFinetuneModule
+    from pipeline.requeue import RequeueCheckpoint, prepare_resume
     from pipeline.rerun import previous_result
 
     if (done := previous_result(cfg)) is not None:  # a relaunched sweep's finished job
@@ -74,6 +77,7 @@ def finetune(cfg: DictConfig) -> float | None:
     if int(cfg.adapter.r) <= 0:
         raise ValueError(f"adapter.r={cfg.adapter.r} must be > 0")
     task = str(cfg.task)
+    resume = prepare_resume(cfg)  # a requeued SLURM job: its checkpoint and wandb run id (pipeline/requeue.py)
     with StageRun(cfg) as run:
         model, tokenizer = instantiate(cfg.model)
         train_dl, val_dl, n_train, n_val = _loaders(cfg, tokenizer)
@@ -84,7 +88,8 @@ def finetune(cfg: DictConfig) -> float | None:
         from pipeline.step_log import StepLog
 
         trainer_kw = {"logger": run.tracker.lightning,
-                      "callbacks": [StepLog(int(cfg.trainer.log_every_n_steps), f"finetune {task}")]}
+                      "callbacks": [StepLog(int(cfg.trainer.log_every_n_steps), f"finetune {task}"),
+                                    RequeueCheckpoint(run.run_dir)]}
         if val_dl is None:
             trainer_kw.update(limit_val_batches=0)
         elif int(cfg.trainer.val_check_interval) > steps:
@@ -92,7 +97,8 @@ def finetune(cfg: DictConfig) -> float | None:
         trainer = instantiate(cfg.trainer, **trainer_kw)
         peft_model.train()
         t0 = time.perf_counter()
-        trainer.fit(module, train_dataloaders=train_dl, val_dataloaders=val_dl)
+        trainer.fit(module, train_dataloaders=train_dl, val_dataloaders=val_dl,
+                    ckpt_path=str(resume.checkpoint) if resume else None)
         seconds = time.perf_counter() - t0
         train_loss = trainer.callback_metrics.get("train/loss")
         val_loss = None

@@ -205,13 +205,3 @@ def test_real_smollm2_oracle_equals_peft(tmp_path):
     ref = PeftModel.from_pretrained(load_base_model(real)[0], str(d)).eval()
     with torch.no_grad():
         torch.testing.assert_close(mm(**batch, task_ids=["t", "t"]).logits, ref(**batch).logits, atol=1e-4, rtol=0)
-
-
-@pytest.mark.slow
-def test_gguf_loads_when_cached():
-    ggufs = sorted(CACHE.rglob("*.gguf")) if CACHE.is_dir() else []
-    if not ggufs:
-        pytest.skip(f"no .gguf under {CACHE} (python -m data.fetch --model)")
-    model, tok = load_base_model(ggufs[0])
-    assert getattr(model, "hf_quantizer", None) is None and tok.padding_side == "left"
-    assert next(model.parameters()).dtype == torch.float32
