@@ -102,8 +102,11 @@ def finetune(cfg: DictConfig) -> float | None:
         seconds = time.perf_counter() - t0
         train_loss = trainer.callback_metrics.get("train/loss")
         val_loss = None
-        if val_dl is not None:
-            val_loss = float(trainer.validate(module, dataloaders=val_dl, verbose=False)[0]["val/loss"])
+        if val_dl is not None:  # the in-fit validation ran at the last step when the interval divides the steps
+            if trainer.global_step % int(trainer.val_check_interval) == 0 and "val/loss" in trainer.callback_metrics:
+                val_loss = float(trainer.callback_metrics["val/loss"])
+            else:
+                val_loss = float(trainer.validate(module, dataloaders=val_dl, verbose=False)[0]["val/loss"])
         meta = {"task": task, "tasks": list(cfg.tasks) if task == "lora_b" else [task],
                 "base_model": str(cfg.model.name_or_path), "steps": int(trainer.global_step),
                 "val_loss": val_loss, "adapter": OmegaConf.to_container(cfg.adapter, resolve=True)}
@@ -113,7 +116,8 @@ def finetune(cfg: DictConfig) -> float | None:
         metrics = {"val_loss": val_loss, "train_loss": float(train_loss) if train_loss is not None else None,
                    "steps": int(trainer.global_step), "train_rows": n_train, "val_rows": n_val,
                    "trainable_params": trainable, "train_seconds": round(seconds, 3),
-                   "answer_tokens_per_s": round(module.answer_tokens / max(seconds, 1e-9), 2)}
+                   "tokens_per_s": round(module.tokens / max(seconds, 1e-9), 2),
+                   "answer_tokens": module.answer_tokens}
         return run.finish(tasks=[task], strategy="peft", metrics=metrics, main_metric="val_loss",
                           extra={"adapter_dir": str(shared)})
 

@@ -24,7 +24,8 @@ class LoRAFinetuneModule(L.LightningModule):
         self.model = model
         self.lr, self.weight_decay = float(lr), float(weight_decay)
         self.warmup_steps, self.total_steps = int(warmup_steps), max(1, int(total_steps))
-        self.answer_tokens = 0
+        self.answer_tokens = 0  # tokens that carry loss
+        self.tokens = 0  # tokens the model processed (prompt + answer)
 
     def forward(self, **batch):
         return self.model(**batch)
@@ -39,6 +40,7 @@ class LoRAFinetuneModule(L.LightningModule):
             raise FloatingPointError(f"training loss is {loss.item()} at step {self.global_step}; "
                                      f"lower optim.lr or check the task's data")
         self.answer_tokens += int((batch["labels"] != -100).sum())
+        self.tokens += int(batch["attention_mask"].sum())
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
 

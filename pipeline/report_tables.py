@@ -57,9 +57,9 @@ def finetune_table(records: list[dict]) -> Table | None:
     recs = sorted((r for r in records if r["stage"] == "finetune"), key=lambda r: r["tasks"][0])
     if not recs:
         return None
-    cols = ["adapter", "val_loss", "train_loss", "steps", "train_rows", "train_seconds", "answer_tokens_per_s"]
+    cols = ["adapter", "val_loss", "train_loss", "steps", "train_rows", "train_seconds", "tokens_per_s"]
     rows = [[r["tasks"][0]] + [_fmt(r["metrics"].get(c)) for c in cols[1:]] for r in recs]
-    return Table("finetune", "Adapters (finetune)", cols, rows, "validation loss on answer tokens")
+    return Table("finetune", "Adapters (finetune)", cols, rows, "validation loss on answer tokens; tokens/s counts prompt + answer tokens (fit time incl. validation)")
 
 
 def _strategy_order(labels):

@@ -96,7 +96,10 @@ def route(cfg: DictConfig) -> float | None:
         t0 = time.perf_counter()
         trainer.fit(module, train_dataloaders=train_dl, val_dataloaders=val_dl)
         seconds = time.perf_counter() - t0
-        final = trainer.validate(module, dataloaders=val_dl, verbose=False)[0]
+        if trainer.global_step % int(trainer.val_check_interval) == 0 and "val/loss" in trainer.callback_metrics:
+            final = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        else:  # the last in-fit validation was earlier than the last step
+            final = trainer.validate(module, dataloaders=val_dl, verbose=False)[0]
         mm.router.eval()
         mm.save_router(run.run_dir / "router")
         shared = Path(str(cfg.paths.routers_dir)) / objective
