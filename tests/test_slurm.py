@@ -148,3 +148,71 @@ def test_a_failing_job_fails_the_sweep_with_its_error(cluster, tmp_path):
     (sweep,) = (tmp_path / "smoke" / "finetune" / "multiruns").iterdir()
     (job_log,) = (sweep / ".submitit").glob("[0-9]*/*_log.err")
     assert "error: unknown task 'nosuch_task'" in job_log.read_text()
+
+
+def _wait_for(path_glob, root: Path, text: str, timeout: float) -> Path:
+    """The first file under ``root`` matching ``path_glob`` that contains ``text`` (polls; fails on timeout)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for path in root.glob(path_glob):
+            if text in path.read_text(errors="replace"):
+                return path
+        time.sleep(0.1)
+    raise AssertionError(f"no {path_glob} under {root} contains {text!r} after {timeout:.0f}s")
+
+
+def _start_requeued_now(job: str, env: dict, timeout: float = 90.0) -> None:
+    """SLURM holds a requeued job back ~2 minutes (its begin time); on this test cluster let it start at once."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T %r"], check=False, env=env,
+                               capture_output=True, text=True).stdout.split()
+        if state[:2] == ["PENDING", "BeginTime"]:
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False, env=env)
+            return
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_preempted_job_checkpoints_requeues_and_ends_with_the_same_adapter(cluster, tmp_path):
+    """SIGUSR2 (submitit's preemption / time-limit signal) mid-training: the job saves a checkpoint, submitit
+    requeues it, it resumes in the same run dir with the same wandb run, and its adapter equals the adapter of the
+    same job run without interruption (the sweep's other job, `+replica=reference`)."""
+    from safetensors.torch import load_file
+
+    steps = 40
+    cmd = [sys.executable, "-m", "pipeline.finetune", "-m", "experiment=smoke", "task=object_counting",
+           "logger=wandb", "print_config=false", f"trainer.max_steps={steps}", "trainer.val_check_interval=10",
+           *SLURM, "hydra.launcher.max_num_timeout=1", "+replica=interrupted,reference"]
+    sweep_proc = subprocess.Popen(cmd, cwd=ROOT, env=slurm_env(tmp_path), stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True)
+    try:
+        multiruns = tmp_path / "smoke" / "finetune" / "multiruns"
+        log = _wait_for("*/.submitit/*_0/*_0_0_log.*", multiruns, "step 4/", timeout=180)
+        job = log.parent.name  # <array id>_0: the interrupted replica
+        subprocess.run(["scancel", "--signal=USR2", job], check=True, env=cluster)
+        _start_requeued_now(job, cluster)
+        out, _ = sweep_proc.communicate(timeout=300)
+    finally:
+        if sweep_proc.poll() is None:
+            sweep_proc.kill()
+    assert sweep_proc.returncode == 0, out[-4000:]
+
+    (sweep,) = multiruns.iterdir()
+    (interrupted,) = sweep.glob("0_*replica=interrupted*")
+    (reference,) = sweep.glob("1_*replica=reference*")
+    job_log = "".join(p.read_text(errors="replace") for p in log.parent.glob("*_log.*"))
+    saved = [int(s.split("at step ")[1].split()[0]) for s in job_log.splitlines() if "requeue.ckpt at step" in s]
+    assert len(saved) == 1 and 4 <= saved[0] < steps, job_log[-3000:]
+    assert f"(step {saved[0]}, wandb run " in job_log  # the requeued incarnation resumed from it
+
+    for run in (interrupted, reference):
+        assert json.loads((run / "metrics.json").read_text())["metrics"]["steps"] == steps
+    a = load_file(interrupted / "adapter" / "adapter_model.safetensors")
+    b = load_file(reference / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    assert not (interrupted / "checkpoints" / "requeue.ckpt").exists()  # cleaned up once training finished
+
+    # both incarnations logged to one wandb run: two offline run dirs with the same run id
+    runs = sorted(p.name for p in (interrupted / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and len({r.rsplit("-", 1)[1] for r in runs}) == 1, runs
