@@ -19,7 +19,9 @@ left out and come from the model asset again) and ``resume.json`` (checkpoint, s
 over to submitit's handler, which requeues and exits. The requeued job finds them in the same run dir, reopens
 the same wandb run (``prepare_resume``), and ``ResumableSampler`` replays the interrupted epoch's order from the first batch not yet
 trained, so the resumed run ends with the same adapter as an uninterrupted one. SIGTERM (``scontrol requeue``,
-SLURM preemption, scancel) makes Lightning stop after the current step; the checkpoint is saved there too.
+SLURM preemption, scancel) makes Lightning stop after the current step; the checkpoint is saved there too, but
+SLURM sends that SIGTERM to every process of the job, wandb's service included: with ``logger=wandb`` the next
+metric logged fails before the step ends, so prefer the SIGUSR2 route (csv / none loggers resume either way).
 """
 
 from __future__ import annotations
