@@ -69,11 +69,13 @@ def radar_plot(table: Table, path) -> Path | None:
     angles = [2 * math.pi * i / n for i in range(n)] + [0.0]
     fig = plt.figure(figsize=(7, 7))
     ax = fig.add_subplot(111, polar=True)
-    for j, s in enumerate(strategies):
+    styles = ["-", "--", "-.", ":"]
+    for j, s in enumerate(strategies):  # markers + dash styles keep identical polygons (oracle = dlp) visible
         vals = [(r[j + 1] if r[j + 1] is not None else 0.0) for r in rows]
         vals.append(vals[0])
-        ax.plot(angles, vals, label=s, linewidth=1.5)
-        ax.fill(angles, vals, alpha=0.08)
+        ax.plot(angles, vals, label=s, linewidth=1.8, linestyle=styles[j % len(styles)], marker="o",
+                markersize=4 + 2 * (len(strategies) - j) / len(strategies))
+        ax.fill(angles, vals, alpha=0.06)
     ax.set_xticks(angles[:-1])
     ax.set_xticklabels([r[0] for r in rows], fontsize=8)
     ax.set_title("per-task score", pad=20)
@@ -114,12 +116,20 @@ def latency_plot(table: Table, path) -> Path | None:
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    ns = sorted({p[0] for label, pts in series.items() if not label.startswith("base ") for p in pts})
     for label, pts in sorted(series.items()):
         pts = sorted(pts)
+        if label.startswith("base "):  # the base model has no adapters: a reference line across the plot
+            ax.axhline(pts[0][1], linestyle="--", color="gray", label=label)
+            continue
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
     ax.set_xlabel("number of adapters")
     ax.set_ylabel("decode ms / token")
-    ax.set_xscale("symlog")
+    if ns and max(ns) / max(min(ns), 1) > 8:
+        ax.set_xscale("log")
+    if ns:
+        ax.set_xticks(ns)
+        ax.set_xticklabels([str(n) for n in ns])
     ax.set_title("latency vs number of adapters")
     ax.legend(fontsize=7)
     return _save(fig, path)
