@@ -5,16 +5,11 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from needs_assets import needs_bigbench
 
-from data import assets
 from data.composite import INSTRUCTION, build_composite, parse_composite, parse_report, score_composite
 from data.errors import LoramuxDataError
 from data.tasks import load_split
-
-needs_bigbench = pytest.mark.skipif(
-    not (assets.bigbench_dir() / "MANIFEST.json").exists(),
-    reason="BIG-bench cache missing: run `python -m data.fetch --bigbench` (CI runs `make assets` first)",
-)
 
 
 @pytest.fixture(autouse=True)

@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
+from needs_assets import needs_bigbench
 
-from data import assets
 from data.errors import LoramuxDataError
 from data.task_table import COMPOSITE3, COMPOSITE5, COMPOSITE10, DLP26_MCQ, DLP26_QA
 from data.tasks import TASKS, data_source, get_task, load_split, select, split_indices, split_sizes, task_id
@@ -20,10 +20,6 @@ question_selection reasoning_about_colored_objects strategyqa topical_chat track
 vitaminc_fact_verification winowhy""".split()  # noqa: SIM905
 METEORA_HF = ["gsm8k", "cnn_dailymail", "alpaca", "news_commentary_de", "news_commentary_es", "news_commentary_it"]
 
-needs_bigbench = pytest.mark.skipif(
-    not (assets.bigbench_dir() / "MANIFEST.json").exists(),
-    reason="BIG-bench cache missing: run `python -m data.fetch --bigbench` (CI runs `make assets` first)",
-)
 
 
 @pytest.fixture(autouse=True)

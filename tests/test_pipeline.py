@@ -17,14 +17,14 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from needs_assets import needs_tiny_model
 from omegaconf import open_dict
 
 from data.assets import cache_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
-pytestmark = pytest.mark.skipif(not (cache_dir() / "models" / "tiny-random-llama").is_dir(),
-                                reason="assets missing: python -m data.fetch --model --bigbench")
+pytestmark = needs_tiny_model
 
 
 def compose_stage(stage: str, overrides: list[str], run_dir=None):

@@ -18,8 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from data.assets import cache_dir
+from needs_assets import needs_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 SLURM_DIR = Path(os.environ.get("LORAMUX_SLURM_DIR", "/tmp/loramux-slurm"))
@@ -54,8 +53,7 @@ def _cluster_problem() -> str | None:
 
 pytestmark = [
     pytest.mark.slurm,
-    pytest.mark.skipif(not (cache_dir() / "models" / "tiny-random-llama").is_dir(),
-                       reason="assets missing: python -m data.fetch --model --bigbench"),
+    needs_tiny_model,
 ]
 
 

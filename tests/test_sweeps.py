@@ -13,13 +13,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-from data.assets import cache_dir
+from needs_assets import needs_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.skipif(not (cache_dir() / "models" / "tiny-random-llama").is_dir(),
-                                reason="assets missing: python -m data.fetch --model --bigbench")
+pytestmark = needs_tiny_model
 SMOKE = ["experiment=smoke", "logger=none", "print_config=false", "trainer.max_steps=2"]
 STAMP = re.compile(r"^\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_\d{6}$")
 

@@ -15,12 +15,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from data.assets import cache_dir
+from needs_assets import needs_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.skipif(not (cache_dir() / "models" / "tiny-random-llama").is_dir(),
-                                reason="assets missing: python -m data.fetch --model --bigbench")
+pytestmark = needs_tiny_model
 
 
 def test_optuna_two_trials_minimise_validation_loss(tmp_path):
