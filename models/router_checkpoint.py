@@ -2,22 +2,24 @@
 
     router.json = {"format": "loramux-router", "version": 1, "strategy": "meteora" | "dlp" | ...,
                    "config": {...constructor kwargs...}, "adapter_names": [...], "base_model": "...",
-                   "shapes": {tensor name: shape}}
+                   "shapes": {tensor name: shape}, "weights": {"bytes": n, "sha256": hex}}
 
-No Lightning, no pickles. Both files are written atomically (temp file in the same dir + ``os.replace``), the
-weights first and the JSON last, so a directory with a readable ``router.json`` always has matching weights.
-Loading checks the format, the strategy, the adapter names (a different order is fine: rows are permuted to the
-bank's order; a different set is an error naming the missing / extra adapters), and every tensor's shape.
+No Lightning, no pickles. Both files are written atomically (``models.atomic``: temp file in the same dir +
+``os.replace``), the weights first and the JSON last; the JSON records the weights' size and sha256, so a reader
+never trusts weights that are truncated, damaged or from an interrupted re-save (new weights, old JSON): each is
+one ``RouterCheckpointError`` line. Loading also checks the format, the strategy, the adapter names (a different
+order is fine: rows are permuted to the bank's order; a different set is an error naming the missing / extra
+adapters), and every tensor's shape.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
+
+from models.atomic import atomic_write_text, atomic_write_with, file_digest
 
 FORMAT = "loramux-router"
 WEIGHTS, CONFIG = "router.safetensors", "router.json"
@@ -25,21 +27,6 @@ WEIGHTS, CONFIG = "router.safetensors", "router.json"
 
 class RouterCheckpointError(ValueError):
     """A router checkpoint that does not fit the model; the message names the dir and the field."""
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_router_checkpoint(directory, strategy: str, config: dict, state: dict, adapter_names: list,
@@ -50,11 +37,11 @@ def save_router_checkpoint(directory, strategy: str, config: dict, state: dict, 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    atomic_write_with(d / WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": FORMAT, "strategy": strategy}))
     meta = {"format": FORMAT, "version": 1, "strategy": strategy, "config": config,
             "adapter_names": list(adapter_names), "base_model": base_model,
-            "shapes": {k: list(v.shape) for k, v in tensors.items()}}
-    _atomic_write(d / WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": FORMAT, "strategy": strategy}))
-    _atomic_write(d / CONFIG, lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
+            "shapes": {k: list(v.shape) for k, v in tensors.items()}, "weights": file_digest(d / WEIGHTS)}
+    atomic_write_text(d / CONFIG, json.dumps(meta, indent=2))
     return d
 
 
@@ -75,7 +62,21 @@ def read_router_checkpoint(directory) -> tuple[dict, dict]:
     for field in ("strategy", "config", "adapter_names", "shapes"):
         if field not in meta:
             raise RouterCheckpointError(f"router checkpoint {d}: {field}: missing from {CONFIG}; re-save it")
-    tensors = load_file(str(d / WEIGHTS))
+    want = meta.get("weights")  # size + sha256 (checkpoints saved before they were recorded have none)
+    if isinstance(want, dict):
+        size = (d / WEIGHTS).stat().st_size
+        if size != want.get("bytes"):
+            raise RouterCheckpointError(f"router checkpoint {d}: {WEIGHTS}: {size} bytes, {CONFIG} says "
+                                        f"{want.get('bytes')} (truncated or interrupted save); re-save it or rerun route")
+        if file_digest(d / WEIGHTS)["sha256"] != want.get("sha256"):
+            raise RouterCheckpointError(f"router checkpoint {d}: {WEIGHTS}: sha256 differs from {CONFIG} (damaged or "
+                                        "interrupted save); re-save it or rerun route")
+    try:
+        tensors = load_file(str(d / WEIGHTS))
+    except Exception as e:  # noqa: BLE001 safetensors raises its own error types for a broken file
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise RouterCheckpointError(f"router checkpoint {d}: {WEIGHTS} cannot be read ({first}); re-save it or "
+                                    "rerun route") from None
     if {k: list(v.shape) for k, v in tensors.items()} != meta["shapes"]:
         raise RouterCheckpointError(f"router checkpoint {d}: shapes: {WEIGHTS} does not match {CONFIG}; re-save it")
     return meta, tensors
