@@ -51,6 +51,10 @@ def _loaders(cfg: DictConfig, tokenizer):
 
 def save_adapter(peft_model, dest, meta: dict) -> Path:
     """``save_pretrained`` into ``dest`` atomically, with ``loramux.json`` (task, base model, training facts)."""
+    from pipeline.distributed import is_global_zero
+
+    if not is_global_zero():  # DDP: every rank holds the same adapter; rank 0 writes it
+        return Path(dest)
     with atomic_dir(dest) as tmp:
         peft_model.save_pretrained(tmp)
         (Path(tmp) / "loramux.json").write_text(json.dumps(meta, indent=2) + "\n")

@@ -41,12 +41,13 @@ class LoRAFinetuneModule(L.LightningModule):
                                      f"lower optim.lr or check the task's data")
         self.answer_tokens += int((batch["labels"] != -100).sum())
         self.tokens += int(batch["attention_mask"].sum())
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0], sync_dist=True)
         return loss
 
     def validation_step(self, batch, batch_idx):
         loss = self._loss(batch)
-        self.log("val/loss", loss, prog_bar=True, on_epoch=True, batch_size=batch["input_ids"].shape[0])
+        self.log("val/loss", loss, prog_bar=True, on_epoch=True, batch_size=batch["input_ids"].shape[0],
+                 sync_dist=True)  # DDP: the mean over every rank's share of the val set
         return loss
 
     def configure_optimizers(self):

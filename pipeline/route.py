@@ -101,9 +101,13 @@ def route(cfg: DictConfig) -> float | None:
         else:  # the last in-fit validation was earlier than the last step
             final = trainer.validate(module, dataloaders=val_dl, verbose=False)[0]
         mm.router.eval()
-        mm.save_router(run.run_dir / "router")
+        from pipeline.distributed import full_weights, is_global_zero
+
         shared = Path(str(cfg.paths.routers_dir)) / objective
-        mm.save_router(shared)
+        with full_weights(trainer):  # FSDP: gather the sharded router first; DDP / one device: nothing to do
+            if is_global_zero():  # one writer per job (every DDP rank holds the same router)
+                mm.save_router(run.run_dir / "router")
+                mm.save_router(shared)
         log.info("route: %s router saved to %s", objective, shared)
         metrics = {"val_loss": float(final["val/loss"]), "steps": int(trainer.global_step),
                    "train_rows": len(train), "val_rows": len(val), "train_seconds": round(seconds, 3),

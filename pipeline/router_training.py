@@ -51,22 +51,22 @@ class RouterTrainModule(L.LightningModule):
             raise FloatingPointError(f"router loss is {loss.item()} at step {self.global_step}; "
                                      f"lower router.train.lr")
         bs = batch["input_ids"].shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs, sync_dist=True)  # DDP: the global loss curve
         for k, v in parts.items():
-            self.log(f"train/{k}", v, batch_size=bs)
+            self.log(f"train/{k}", v, batch_size=bs, sync_dist=True)
         return loss
 
     def validation_step(self, batch, batch_idx):
         loss, parts = self._step(batch)
         loss = loss.detach()
         bs = batch["input_ids"].shape[0]
-        self.log("val/loss", loss, prog_bar=True, batch_size=bs)
+        self.log("val/loss", loss, prog_bar=True, batch_size=bs, sync_dist=True)  # DDP: mean over all ranks
         for k, v in parts.items():
-            self.log(f"val/{k}", v, batch_size=bs)
+            self.log(f"val/{k}", v, batch_size=bs, sync_dist=True)
         if self.objective == "dlp":
             pred = self.mm.router.logits(batch["input_ids"], batch["attention_mask"]).argmax(-1)
             self.log("val/router_accuracy", (pred == batch["task_ids"]).float().mean(), prog_bar=True,
-                     batch_size=bs)
+                     batch_size=bs, sync_dist=True)
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.trainable, lr=self.lr, weight_decay=self.weight_decay)

@@ -49,13 +49,18 @@ class StageRun:
         self.print_config = cfg.get("print_config", True) if print_config is None else print_config
         self.tracker = None
         self.finished = False
+        self.writer = True
 
     def __enter__(self) -> StageRun:  # noqa: PYI034
         import lightning
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
         lightning.seed_everything(int(self.cfg.seed), workers=True, verbose=False)
-        show_and_save_config(self.cfg, self.run_dir, print_tree=self.print_config)
+        from pipeline.distributed import is_global_zero
+
+        self.writer = is_global_zero()  # DDP / SLURM tasks: rank 0 alone saves, tracks and writes metrics.json
+        if self.writer:
+            show_and_save_config(self.cfg, self.run_dir, print_tree=self.print_config)
         self.tracker = build_tracker(self.cfg)
         plain = OmegaConf.to_container(self.cfg, resolve=True, throw_on_missing=False)
         plain.pop("hydra", None)
@@ -69,11 +74,14 @@ class StageRun:
     def finish(self, *, tasks, strategy, metrics: dict, main_metric: str | None = None, rows=None,
                extra: dict | None = None) -> float | None:
         """Write metrics.json, mirror it to the tracker, return ``metrics[main_metric]`` (None without one)."""
+        value = metrics.get(main_metric) if main_metric else None
+        if not self.writer:  # another DDP rank: same result, written once by rank 0
+            self.finished = True
+            return float(value) if value is not None else None
         path = write_metrics(self.run_dir, stage=self.stage, experiment=str(self.cfg.name), tasks=tasks,
                              strategy=strategy, metrics=metrics, provenance=provenance(int(self.cfg.seed)),
                              main_metric=main_metric, rows=rows, extra=extra)
         self.tracker.log_metrics({f"{self.stage}/{k}": v for k, v in metrics.items()})
         log.info("%s: wrote %s", self.stage, path)
         self.finished = True
-        value = metrics.get(main_metric) if main_metric else None
         return float(value) if value is not None else None

@@ -8,6 +8,10 @@ wandb runs offline when no ``WANDB_API_KEY`` is set (``WANDB_MODE`` wins when gi
 experiment and labels them with the stage as ``job_type``. Tracking must never cost a result: if wandb cannot
 start (no network, bad key, broken install) the tracker warns once and falls back to CSV, and every later call
 that fails is logged and swallowed.
+
+One run per job, not one per process: under DDP (or a multi-task SLURM job) only global rank 0 opens the wandb
+run / writes the CSV; the other ranks get a tracker that records nothing but still hands the Trainer the same kind
+of Lightning logger (Lightning's loggers are rank-zero-only inside, and every rank must see the same loggers).
 """
 
 from __future__ import annotations
@@ -51,16 +55,21 @@ class CsvTracker(NullTracker):
     def __init__(self, save_dir):
         from lightning.pytorch.loggers import CSVLogger
 
+        from pipeline.distributed import is_global_zero
+
+        self.writer = is_global_zero()  # other DDP ranks: CSVLogger writes nothing there; nor do the tables
         self.dir = Path(save_dir) / "csv"
         self.lightning = CSVLogger(save_dir=str(save_dir), name="csv", version="")
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None}
-        if numbers:
+        if numbers and self.writer:
             self.lightning.log_metrics(numbers, step=step)
             self.lightning.save()
 
     def log_table(self, key: str, columns: list[str], rows: list[list]) -> None:
+        if not self.writer:
+            return
         path = self.dir / "tables" / f"{key.replace('/', '_')}.csv"
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "w", newline="") as f:
@@ -69,6 +78,8 @@ class CsvTracker(NullTracker):
             w.writerows(rows)
 
     def log_image(self, key: str, path) -> None:
+        if not self.writer:
+            return
         dest = self.dir / "images" / f"{key.replace('/', '_')}{Path(path).suffix}"
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, dest)
@@ -95,6 +106,11 @@ class WandbTracker(NullTracker):
         self.fallback: NullTracker | None = None
         self.lightning = False
         Path(save_dir).mkdir(parents=True, exist_ok=True)
+        from pipeline.distributed import is_global_zero
+
+        if not is_global_zero():  # DDP rank > 0: no wandb run; a WandbLogger that never starts one (rank-zero-only)
+            self._silent_rank(project, save_dir)
+            return
         try:
             import wandb
             from lightning.pytorch.loggers import WandbLogger
@@ -110,6 +126,15 @@ class WandbTracker(NullTracker):
                         type(e).__name__, str(e).splitlines()[0] if str(e) else "", save_dir)
             self.fallback = CsvTracker(save_dir)
             self.lightning = self.fallback.lightning
+
+    def _silent_rank(self, project, save_dir) -> None:
+        try:
+            from lightning.pytorch.loggers import WandbLogger
+
+            self.lightning = WandbLogger(project=project, save_dir=str(save_dir), log_model=False)
+        except Exception:  # noqa: BLE001 wandb missing: rank 0 fell back to CSV, so do the same
+            self.lightning = CsvTracker(save_dir).lightning
+        self.fallback = NullTracker()
 
     def _safely(self, what, fn, *args):
         if self.fallback is not None:
