@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, FloatingPointError)
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, FloatingPointError, ChildProcessError)
 
 log = logging.getLogger("loramux")
 

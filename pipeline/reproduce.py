@@ -2,6 +2,7 @@
 
     python -m pipeline.reproduce experiment=demo            # `make demo`
     python -m pipeline.reproduce experiment=head_to_head force=true
+    python -m pipeline.reproduce experiment=meteora_tasks trainer=gpu model.device=cuda parallel=8
 
 The experiment's ``plan`` lists the steps: ``plan.finetune`` (adapters), ``plan.route`` (router -> route overrides),
 ``plan.evaluate`` (label -> evaluate overrides), ``plan.composite`` x ``plan.composite_strategies``
@@ -10,11 +11,20 @@ command-line overrides plus the step's own, and runs in this process with a fixe
 ``outputs/<name>/<stage>/<step>/``; a step whose metrics.json (and artefact: adapter, router) already exists is
 skipped, so an interrupted reproduce continues where it stopped (``force=true`` reruns everything). The report
 is rebuilt every time and its path printed last.
+
+``parallel=N`` (N > 1) runs up to N independent steps of the same stage at once, each as its own
+``python -m pipeline.<stage> ... hydra.run.dir=<its run dir>`` process (log in ``<run dir>/stage.log``): the
+adapters of a finetune sweep, the routers, the evaluate runs. A small model leaves one GPU mostly idle while
+Python drives it, so N processes share it well. Stages still follow each other (route needs every adapter).
+A failed step does not stop its siblings; the stage then fails with one line naming every failed step's log.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -24,7 +34,7 @@ from omegaconf import DictConfig, open_dict
 from pipeline.entry import CONF_DIR, user_errors
 
 log = logging.getLogger(__name__)
-OWN_KEYS = ("force", "plan", "print_config", "stage")  # reproduce's own keys: not passed on to the stages
+OWN_KEYS = ("force", "parallel", "plan", "print_config", "stage")  # reproduce's own keys: not passed on to the stages
 
 
 def _compose(stage: str, overrides: list[str]) -> DictConfig:
@@ -100,6 +110,45 @@ def run_step(step: dict, overrides: list[str]):
     return _runner(step["stage"])(cfg)
 
 
+def step_command(step: dict, overrides: list[str]) -> list[str]:
+    """The command line that runs ``step`` as its own process, into the same run dir as in-process.
+
+    A single run (not a sweep job) never skips itself, so ``force`` needs no passing on."""
+    return [sys.executable, "-m", f"pipeline.{step['stage']}", *overrides, *step["overrides"],
+            f"hydra.run.dir={step['run_dir']}", "print_config=false"]
+
+
+def run_parallel(steps: list[dict], overrides: list[str], width: int, tags: dict) -> None:
+    """Run ``steps`` (all of one stage) as subprocesses, at most ``width`` at a time; raise once if any failed."""
+    pending, running, failed = list(steps), [], []
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    while pending or running:
+        while pending and len(running) < width:
+            step = pending.pop(0)
+            step["run_dir"].mkdir(parents=True, exist_ok=True)
+            log_path = step["run_dir"] / "stage.log"
+            with open(log_path, "w") as log_file:
+                proc = subprocess.Popen(step_command(step, overrides), stdout=log_file, stderr=subprocess.STDOUT,
+                                        env=env)
+            print(f"{tags[id(step)]}: started (pid {proc.pid}, log {log_path})", flush=True)
+            running.append((step, proc, time.perf_counter(), log_path))
+        time.sleep(0.5)
+        for item in list(running):
+            step, proc, t0, log_path = item
+            if proc.poll() is None:
+                continue
+            running.remove(item)
+            took = time.perf_counter() - t0
+            if proc.returncode == 0 and step_done(step):
+                print(f"{tags[id(step)]}: finished in {took:.1f}s", flush=True)
+            else:
+                failed.append(f"{step['stage']}:{step['step']} (exit {proc.returncode}, log {log_path})")
+                print(f"{tags[id(step)]}: FAILED after {took:.1f}s, see {log_path}", flush=True)
+    if failed:
+        raise ChildProcessError(f"reproduce: {len(failed)} step(s) failed: {'; '.join(failed)}; fix and rerun "
+                           "(finished steps are skipped)")
+
+
 def reproduce(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
     """Run (or skip) every planned step of ``cfg``'s experiment, then the report; return the report's path."""
     from pipeline.config_tree import show_and_save_config
@@ -110,15 +159,25 @@ def reproduce(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
     show_and_save_config(cfg, exp / "reproduce", print_tree=bool(cfg.get("print_config", True)))
     log.info("reproduce %s: %d steps (%s)", cfg.name, len(steps), ", ".join(f"{s['stage']}:{s['step']}" for s in steps))
     t_all = time.perf_counter()
-    for i, step in enumerate(steps, 1):
-        tag = f"[{i}/{len(steps)}] {step['stage']} {step['step']}"
+    width = int(cfg.get("parallel", 1) or 1)
+    if width < 1:
+        raise ValueError(f"parallel={width}: give the number of steps to run at once (1 = one after another)")
+    tags = {id(s): f"[{i}/{len(steps)}] {s['stage']} {s['step']}" for i, s in enumerate(steps, 1)}
+    todo = []
+    for step in steps:
         if step_done(step) and not cfg.get("force", False):
-            print(f"{tag}: done already ({step['run_dir']}), skipped", flush=True)
-            continue
-        print(f"{tag}: running -> {step['run_dir']}", flush=True)
-        t0 = time.perf_counter()
-        value = run_step(step, inherited)
-        print(f"{tag}: finished in {time.perf_counter() - t0:.1f}s (main metric {value})", flush=True)
+            print(f"{tags[id(step)]}: done already ({step['run_dir']}), skipped", flush=True)
+        else:
+            todo.append(step)
+    if width > 1:
+        for stage in dict.fromkeys(s["stage"] for s in todo):
+            run_parallel([s for s in todo if s["stage"] == stage], inherited, width, tags)
+    else:
+        for step in todo:
+            print(f"{tags[id(step)]}: running -> {step['run_dir']}", flush=True)
+            t0 = time.perf_counter()
+            value = run_step(step, inherited)
+            print(f"{tags[id(step)]}: finished in {time.perf_counter() - t0:.1f}s (main metric {value})", flush=True)
     report_step = {"stage": "report", "step": "report", "overrides": [], "run_dir": exp / "report" / "report"}
     run_step(report_step, inherited)
     report = exp / "report.md"

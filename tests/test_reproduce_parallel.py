@@ -1,0 +1,49 @@
+"""``reproduce parallel=N``: independent steps of a stage run as N processes into the same run dirs as in-process.
+
+A cut-down `smoke` chain (tiny random LLaMA) runs with parallel=2 in a subprocess. First with a broken dlp router
+(hidden=0): that one route step fails, the stage fails with one line naming its log, while its siblings (two
+finetunes, the meteora router) finish and land where the one-after-another run puts them. Then, fixed, a rerun
+skips everything that finished, runs the dlp router and the evaluate step, and writes the report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from needs_assets import needs_tiny_model
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = needs_tiny_model
+# Dicts given on the command line merge into the experiment's: delete (~) and add (+) to replace them.
+PLAN = ["plan.finetune=[object_counting,winowhy]", "~plan.evaluate", '+plan.evaluate={oracle:["router=oracle"]}',
+        "plan.composite=[]", "plan.bench=false", "~plan.route"]
+
+
+def _reproduce(root: Path, dlp_hidden: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}
+    cmd = [sys.executable, "-m", "pipeline.reproduce", "experiment=smoke", f"paths.output_root={root}",
+           "logger=none", "parallel=2", *PLAN, f'+plan.route={{meteora:[],dlp:["router.hidden={dlp_hidden}"]}}']
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_parallel_steps_fail_alone_then_resume(tmp_path):
+    exp = tmp_path / "smoke"
+    broken = _reproduce(tmp_path, dlp_hidden=0)
+    assert broken.returncode != 0
+    err = broken.stderr.strip().splitlines()
+    assert len(err) == 1 and "route:dlp" in err[0] and "stage.log" in err[0], broken.stderr[-2000:]
+    for stage, step in [("finetune", "object_counting"), ("finetune", "winowhy"), ("route", "meteora")]:
+        assert json.loads((exp / stage / step / "metrics.json").read_text())["stage"] == stage
+        assert (exp / stage / step / "stage.log").is_file()
+    assert not (exp / "route" / "dlp" / "metrics.json").exists()
+    assert not (exp / "evaluate").exists()  # the stage after a failed one never starts
+
+    fixed = _reproduce(tmp_path, dlp_hidden=64)
+    assert fixed.returncode == 0, fixed.stdout[-3000:] + fixed.stderr[-3000:]
+    assert fixed.stdout.count("skipped") == 3 and fixed.stdout.count("started (pid") == 2
+    assert json.loads((exp / "evaluate" / "oracle" / "metrics.json").read_text())["strategy"] == "oracle"
+    assert (exp / "report.md").is_file()
