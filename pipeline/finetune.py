@@ -7,7 +7,13 @@ The adapter (r, alpha, dropout, target modules: ``adapter=meteora|dlp``) is trai
 ``trainer.max_steps`` steps at ``optim.lr``; validation loss is logged every ``trainer.val_check_interval``
 steps and once at the end (the run's main metric, for sweepers). The result is a standard PEFT directory
 (``adapter_config.json`` + ``adapter_model.safetensors``) written atomically twice: ``<run_dir>/adapter`` and
-``${paths.adapters_dir}/<task>``, the shared dir that ``route`` and ``evaluate`` read.
+``${paths.adapters_dir}/<task>``, the shared dir that ``route`` and ``evaluate`` read; ``loramux.json`` beside
+the weights records their size and sha256.
+
+Crashes: a resumable checkpoint is written every ``checkpoint.every_n_steps`` steps (and on SLURM's preemption
+signal); started again in the same run dir with the same config, the run resumes from it and ends with the
+adapter an uninterrupted run gives (``pipeline/requeue.py``). A NaN/inf loss stops the run with one line naming
+the step and the last checkpoint, which is kept.
 """
 
 from __future__ import annotations
@@ -50,14 +56,18 @@ def _loaders(cfg: DictConfig, tokenizer):
 
 
 def save_adapter(peft_model, dest, meta: dict) -> Path:
-    """``save_pretrained`` into ``dest`` atomically, with ``loramux.json`` (task, base model, training facts)."""
+    """``save_pretrained`` into ``dest`` atomically, with ``loramux.json`` (task, base model, training facts and
+    the size + sha256 of ``adapter_model.safetensors``)."""
+    from pipeline.atomic import file_digest
     from pipeline.distributed import is_global_zero
 
     if not is_global_zero():  # DDP: every rank holds the same adapter; rank 0 writes it
         return Path(dest)
     with atomic_dir(dest) as tmp:
         peft_model.save_pretrained(tmp)
-        (Path(tmp) / "loramux.json").write_text(json.dumps(meta, indent=2) + "\n")
+        weights = Path(tmp) / "adapter_model.safetensors"
+        files = {weights.name: file_digest(weights)} if weights.is_file() else {}
+        (Path(tmp) / "loramux.json").write_text(json.dumps({**meta, "files": files}, indent=2) + "\n")
     return Path(dest)
 
 
@@ -67,7 +77,7 @@ def finetune(cfg: DictConfig) -> float | None:
     from peft import get_peft_model
 
     from pipeline.lora_finetune import LoRAFinetuneModule
-    from pipeline.requeue import RequeueCheckpoint, prepare_resume
+    from pipeline.requeue import RequeueCheckpoint, fit_resumable, prepare_resume, training_config
     from pipeline.rerun import previous_result
 
     if (done := previous_result(cfg)) is not None:  # a relaunched sweep's finished job
@@ -91,9 +101,10 @@ def finetune(cfg: DictConfig) -> float | None:
                                     warmup_steps=cfg.optim.warmup_steps, total_steps=steps)
         from pipeline.step_log import StepLog
 
+        every = int(cfg.get("checkpoint", {}).get("every_n_steps", 0) or 0)
+        requeue = RequeueCheckpoint(run.run_dir, every_n_steps=every, config=training_config(cfg))
         trainer_kw = {"logger": run.tracker.lightning,
-                      "callbacks": [StepLog(int(cfg.trainer.log_every_n_steps), f"finetune {task}"),
-                                    RequeueCheckpoint(run.run_dir)]}
+                      "callbacks": [StepLog(int(cfg.trainer.log_every_n_steps), f"finetune {task}"), requeue]}
         if val_dl is None:
             trainer_kw.update(limit_val_batches=0)
         elif int(cfg.trainer.val_check_interval) > steps:
@@ -101,8 +112,7 @@ def finetune(cfg: DictConfig) -> float | None:
         trainer = instantiate(cfg.trainer, **trainer_kw)
         peft_model.train()
         t0 = time.perf_counter()
-        trainer.fit(module, train_dataloaders=train_dl, val_dataloaders=val_dl,
-                    ckpt_path=str(resume.checkpoint) if resume else None)
+        fit_resumable(trainer, module, train_dl, val_dl, resume, requeue)
         seconds = time.perf_counter() - t0
         train_loss = trainer.callback_metrics.get("train/loss")
         val_loss = None

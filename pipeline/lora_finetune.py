@@ -44,6 +44,14 @@ class LoRAFinetuneModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0], sync_dist=True)
         return loss
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["token_counts"] = {"answer_tokens": self.answer_tokens, "tokens": self.tokens}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A resumed run counts on from the checkpoint, so its metrics equal an uninterrupted run's."""
+        counts = checkpoint.get("token_counts", {})
+        self.answer_tokens, self.tokens = int(counts.get("answer_tokens", 0)), int(counts.get("tokens", 0))
+
     def validation_step(self, batch, batch_idx):
         loss = self._loss(batch)
         self.log("val/loss", loss, prog_bar=True, on_epoch=True, batch_size=batch["input_ids"].shape[0],

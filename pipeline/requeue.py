@@ -22,6 +22,14 @@ trained, so the resumed run ends with the same adapter as an uninterrupted one. 
 SLURM preemption, scancel) makes Lightning stop after the current step; the checkpoint is saved there too, but
 SLURM sends that SIGTERM to every process of the job, wandb's service included: with ``logger=wandb`` the next
 metric logged fails before the step ends, so prefer the SIGUSR2 route (csv / none loggers resume either way).
+
+A SIGKILL (OOM killer, a node dying, ``kill -9``) runs no handler, so the same checkpoint is also written every
+``checkpoint.every_n_steps`` optimizer steps (``RequeueCheckpoint(run_dir, every_n_steps=N)``). A restart with the
+same config in the same run dir (a relaunched sweep into its sweep dir, a ``reproduce`` step, or a single run
+with ``hydra.run.dir=<its run dir>``) resumes from the last one and ends like an uninterrupted run: the checkpoint
+also holds the RNG states (dropout) and the epoch's sample position. ``resume.json`` is written after the
+checkpoint and records its size, sha256 and the run's config; a restart with another config is refused (one
+line naming the keys that differ) and a truncated checkpoint is refused (one line naming the file).
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import signal
 import subprocess
 import warnings
@@ -38,7 +47,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from pipeline.atomic import atomic_write_text
+from pipeline.atomic import atomic_write_text, atomic_write_with, file_digest
 
 log = logging.getLogger(__name__)
 CHECKPOINT = Path("checkpoints") / "requeue.ckpt"
@@ -46,22 +55,77 @@ STATE = Path("checkpoints") / "resume.json"
 SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 
 
+# keys of the composed config that do not change what training computes: a restart may differ in them
+NOT_TRAINING = ("hydra", "paths", "logger", "launcher", "hparams_search", "print_config", "force", "checkpoint",
+                "trainer.enable_progress_bar", "trainer.log_every_n_steps", "trainer.default_root_dir",
+                "trainer.enable_model_summary", "data.num_workers", "generation", "bench", "plan", "composite_rows")
+
+
 @dataclass(frozen=True)
 class ResumePoint:
-    """Where a requeued job picks up: the Lightning checkpoint, its global step and the wandb run to reopen."""
+    """Where a restarted job picks up: the Lightning checkpoint, its global step and the wandb run to reopen."""
 
     checkpoint: Path
     step: int
     wandb_run_id: str | None
 
 
-def resume_point(run_dir) -> ResumePoint | None:
-    """The checkpoint a previous incarnation of this job left in ``run_dir``, or None on a first start."""
+def training_config(cfg) -> dict:
+    """The config as flat ``{dotted key: value}``, without the keys that do not change what training computes."""
+    from omegaconf import OmegaConf
+
+    plain = OmegaConf.to_container(cfg, resolve=False) if not isinstance(cfg, dict) else cfg
+    flat: dict = {}
+
+    def walk(node, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        else:
+            key = prefix[:-1]
+            if not any(key == n or key.startswith(n + ".") for n in NOT_TRAINING):
+                flat[key] = node if isinstance(node, (int, float, str, bool, type(None))) else json.dumps(node)
+
+    walk(plain, "")
+    return flat
+
+
+def _differences(saved: dict, now: dict) -> list[str]:
+    keys = sorted(set(saved) | set(now))
+    return [f"{k}: {saved.get(k, '<unset>')!r} -> {now.get(k, '<unset>')!r}" for k in keys if saved.get(k) != now.get(k)]
+
+
+def resume_point(run_dir, config: dict | None = None) -> ResumePoint | None:
+    """The checkpoint a previous incarnation of this job left in ``run_dir``, or None on a first start.
+
+    ``config`` (from :func:`training_config`) must equal the one the checkpoint was written with; a checkpoint
+    that is truncated or unreadable is refused. Both are one ValueError line naming the fix.
+    """
     state, ckpt = Path(run_dir) / STATE, Path(run_dir) / CHECKPOINT
-    if not (state.is_file() and ckpt.is_file()):
+    if not ckpt.is_file():
+        if state.is_file():
+            log.warning("%s names a checkpoint that is gone; starting afresh", state)
         return None
-    info = json.loads(state.read_text())
-    log.info("resuming from %s (step %s, wandb run %s)", ckpt, info["step"], info.get("wandb_run_id"))
+    try:
+        info = json.loads(state.read_text()) if state.is_file() else {}
+    except json.JSONDecodeError:
+        info = {}
+    if config is not None and "config" in info and info["config"] != config:
+        diff = _differences(info["config"], config)
+        raise ValueError(f"{ckpt} was written by a run with another config ({'; '.join(diff[:3])}); rerun with the "
+                         f"same overrides to resume, or delete {ckpt.parent} to start afresh")
+    digest = file_digest(ckpt)
+    if (digest["bytes"], digest["sha256"]) != (info.get("bytes"), info.get("sha256")):
+        # resume.json is written after the checkpoint: a kill between the two renames leaves an older record
+        # beside a complete newer checkpoint. A complete checkpoint loads; a truncated or damaged one does not.
+        try:
+            step = int(torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)["global_step"])
+        except Exception as e:  # noqa: BLE001 torch raises many types for a broken zip
+            raise ValueError(f"checkpoint {ckpt} is truncated or damaged ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}); delete {ckpt.parent} to start "
+                             f"afresh") from None
+        info = {**info, "step": step}
+    log.warning("resuming from %s (step %s, wandb run %s)", ckpt, info["step"], info.get("wandb_run_id"))
     return ResumePoint(ckpt, int(info["step"]), info.get("wandb_run_id"))
 
 
@@ -69,11 +133,35 @@ def prepare_resume(cfg) -> ResumePoint | None:
     """``resume_point`` of the job's run dir; when there is one, point ``logger`` (wandb) at the same run id."""
     from omegaconf import open_dict
 
-    resume = resume_point(cfg.paths.run_dir)
+    resume = resume_point(cfg.paths.run_dir, training_config(cfg))
     if resume and resume.wandb_run_id and str(cfg.get("logger", {}).get("_target_", "")).endswith("WandbTracker"):
         with open_dict(cfg):
             cfg.logger.run_id = resume.wandb_run_id
     return resume
+
+
+def _rng_states() -> dict:
+    """torch / python / numpy (and CUDA) RNG states as tensors and plain types (Lightning loads weights_only)."""
+    import numpy as np
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    states = {"torch": torch.get_rng_state(), "python": random.getstate(),
+              "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict) -> None:
+    import numpy as np
+
+    torch.set_rng_state(states["torch"])
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 class ResumableSampler(torch.utils.data.Sampler):
@@ -102,12 +190,17 @@ class ResumableSampler(torch.utils.data.Sampler):
 
 
 class RequeueCheckpoint(L.Callback):
-    """Save a resumable checkpoint at the next step boundary after SIGUSR1/2 or SIGTERM; then let submitit requeue."""
+    """Save a resumable checkpoint every ``every_n_steps`` steps (0: never) and at the next step boundary after
+    SIGUSR1/2 or SIGTERM (then let submitit requeue). ``config``: :func:`training_config`, recorded for restarts."""
 
-    def __init__(self, run_dir, wandb_run_id: str | None = None):
+    def __init__(self, run_dir, wandb_run_id: str | None = None, every_n_steps: int = 0, config: dict | None = None):
         self.run_dir = Path(run_dir)
         self.wandb_run_id = wandb_run_id
+        self.every_n_steps = max(0, int(every_n_steps))
+        self.config = config
         self.requested: int | None = None  # the signal received, handled at the next batch start
+        self.saved_step: int | None = None  # global step of the last checkpoint written or resumed from
+        self._rng: dict | None = None  # RNG states of a resumed checkpoint, applied at the first batch
         self._previous: dict[int, object] = {}
 
     # -- signals ---------------------------------------------------------------------------------------------
@@ -140,18 +233,42 @@ class RequeueCheckpoint(L.Callback):
         per_epoch = len(loader)
         done_in_epoch = trainer.global_step * trainer.accumulate_grad_batches - trainer.current_epoch * per_epoch
         sampler.skip_next(done_in_epoch * int(loader.batch_size))
+        self.saved_step = trainer.global_step
         log.info("resumed at step %d: epoch %d from batch %d", trainer.global_step, trainer.current_epoch,
                  done_in_epoch)
+
+    def state_dict(self) -> dict:
+        """Saved in the checkpoint: the RNG states at the step boundary (dropout draws the same after a resume)."""
+        return {"rng": _rng_states()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._rng = state_dict.get("rng")
 
     # -- save ------------------------------------------------------------------------------------------------
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         frozen = {name for name, p in pl_module.named_parameters() if not p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
+        # Saved at a batch start, when Lightning has already counted the new batch as "ready". Record the
+        # boundary as Lightning's own end-of-batch checkpoints do (every counter = batches completed): otherwise
+        # the resumed loop counts one batch too many and validates one step early.
+        progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {})
+        for part in ("total", "current"):
+            if isinstance(progress.get(part), dict) and "completed" in progress[part]:
+                done = progress[part]["completed"]
+                progress[part].update(ready=done, started=done, processed=done)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if self._rng is not None:  # a resumed fit: continue the random streams where the checkpoint left them
+            _set_rng_states(self._rng)
+            self._rng = None
+        step = trainer.global_step
+        if (self.requested is None and self.every_n_steps and step > 0 and step % self.every_n_steps == 0
+                and step != self.saved_step):
+            self.save(trainer)
         if self.requested is None:
             return
-        self.save(trainer)
+        if self.saved_step != step:
+            self.save(trainer)
         signum, self.requested = self.requested, None
         previous = self._previous.get(signum)
         if callable(previous):  # submitit's handler: re-pickle the job, requeue it, exit without a result
@@ -175,17 +292,35 @@ class RequeueCheckpoint(L.Callback):
             path.unlink(missing_ok=True)
 
     def save(self, trainer) -> Path:
-        """Write requeue.ckpt (atomically: temp file + rename) and resume.json beside it."""
+        """Write requeue.ckpt (atomically: temp file + rename), then resume.json (step, size, sha256, config)."""
         ckpt = self.run_dir / CHECKPOINT
-        ckpt.parent.mkdir(parents=True, exist_ok=True)
-        tmp = ckpt.with_name(f".{ckpt.name}.{os.getpid()}.tmp")
-        trainer.save_checkpoint(tmp)
-        os.replace(tmp, ckpt)
-        run_id = self.wandb_run_id or _wandb_run_id(trainer)
-        atomic_write_text(self.run_dir / STATE, json.dumps(
-            {"checkpoint": str(ckpt), "step": int(trainer.global_step), "wandb_run_id": run_id}) + "\n")
-        log.warning("saved %s at step %d", ckpt, trainer.global_step)
+        if trainer.world_size > 1:  # every rank takes part in save_checkpoint; rank 0 writes
+            trainer.save_checkpoint(ckpt.with_name(f".{ckpt.name}.ddp.tmp"))
+            if trainer.is_global_zero:
+                os.replace(ckpt.with_name(f".{ckpt.name}.ddp.tmp"), ckpt)
+        else:
+            atomic_write_with(ckpt, trainer.save_checkpoint)
+        self.saved_step = int(trainer.global_step)
+        if trainer.is_global_zero:
+            run_id = self.wandb_run_id or _wandb_run_id(trainer)
+            record = {"checkpoint": str(ckpt), "step": self.saved_step, "wandb_run_id": run_id, **file_digest(ckpt)}
+            if self.config is not None:
+                record["config"] = self.config
+            atomic_write_text(self.run_dir / STATE, json.dumps(record) + "\n")
+            log.warning("saved %s at step %d", ckpt, trainer.global_step)
         return ckpt
+
+
+def fit_resumable(trainer, module, train_dl, val_dl, resume: ResumePoint | None, callback: RequeueCheckpoint) -> None:
+    """``trainer.fit`` from ``resume`` (or from scratch); a NaN/inf loss (``FloatingPointError`` raised by the
+    module's training_step) ends it with one line that names the step and the last good checkpoint, kept."""
+    try:
+        trainer.fit(module, train_dataloaders=train_dl, val_dataloaders=val_dl,
+                    ckpt_path=str(resume.checkpoint) if resume else None)
+    except FloatingPointError as e:
+        kept = (f"last good checkpoint: step {callback.saved_step}, kept in {callback.run_dir / CHECKPOINT.parent}"
+                if callback.saved_step else "no checkpoint was written before it (checkpoint.every_n_steps)")
+        raise FloatingPointError(f"{e} ({kept})") from None
 
 
 def _wandb_run_id(trainer) -> str | None:

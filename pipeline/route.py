@@ -8,6 +8,10 @@ index (adapters = ``${paths.adapters_dir}/<task>`` in ``tasks`` order), shuffled
 optimizer steps; validation on the val split (loss and routing accuracy, the run's main metric). The router
 (``router.safetensors`` + ``router.json``) is written atomically to ``<run_dir>/router`` and to
 ``${paths.routers_dir}/<strategy>``.
+
+Crashes: like ``finetune``, a resumable checkpoint (trainable router weights, optimizer, loop and RNG state) is
+written every ``checkpoint.every_n_steps`` steps; a restart in the same run dir with the same config resumes from
+it and saves the router an uninterrupted run saves (``pipeline/requeue.py``).
 """
 
 from __future__ import annotations
@@ -67,6 +71,13 @@ def route(cfg: DictConfig) -> float | None:
     from torch.utils.data import DataLoader
 
     from pipeline.multilora_setup import build_multilora
+    from pipeline.requeue import (
+        RequeueCheckpoint,
+        ResumableSampler,
+        fit_resumable,
+        prepare_resume,
+        training_config,
+    )
     from pipeline.router_training import RouterTrainModule
 
     objective = "dlp" if str(cfg.router.strategy) in ("dlp", "dlp_segments") else str(cfg.router.strategy)
@@ -76,6 +87,7 @@ def route(cfg: DictConfig) -> float | None:
     steps = int(cfg.router.train.steps)
     if steps <= 0:
         raise ValueError(f"router.train.steps={steps} must be > 0")
+    resume = prepare_resume(cfg)  # a restarted run: its checkpoint (and wandb run id)
     with StageRun(cfg) as run:
         model, tokenizer = instantiate(cfg.model)
         mm, tokenizer = build_multilora(cfg, model, tokenizer, load_router=False)
@@ -83,18 +95,21 @@ def route(cfg: DictConfig) -> float | None:
         val = routed_rows(cfg, tokenizer, str(cfg.data.val_split), int(cfg.router.train.val_rows_per_task), objective)
         collate = RoutedRowsCollator(tokenizer.pad_token_id)
         bs = int(cfg.router.train.batch_size)
-        train_dl = DataLoader(train, batch_size=bs, shuffle=True, collate_fn=collate)
+        sampler = ResumableSampler(len(train), int(cfg.seed))  # shuffled by (seed, epoch): replayable on resume
+        train_dl = DataLoader(train, batch_size=bs, sampler=sampler, collate_fn=collate)
         val_dl = DataLoader(val, batch_size=bs, shuffle=False, collate_fn=collate)
         module = RouterTrainModule(mm, objective, cfg.router.train.lr, cfg.router.train.weight_decay,
                                    bool(cfg.router.train.get("train_loras", False)))
         from pipeline.step_log import StepLog
 
+        every = int(cfg.get("checkpoint", {}).get("every_n_steps", 0) or 0)
+        requeue = RequeueCheckpoint(run.run_dir, every_n_steps=every, config=training_config(cfg))
         trainer = instantiate(cfg.trainer, logger=run.tracker.lightning, max_steps=steps, inference_mode=False,
-                              callbacks=[StepLog(int(cfg.trainer.log_every_n_steps), f"route {objective}")],
+                              callbacks=[StepLog(int(cfg.trainer.log_every_n_steps), f"route {objective}"), requeue],
                               val_check_interval=min(steps, int(cfg.trainer.val_check_interval)))
         mm.router.train()
         t0 = time.perf_counter()
-        trainer.fit(module, train_dataloaders=train_dl, val_dataloaders=val_dl)
+        fit_resumable(trainer, module, train_dl, val_dl, resume, requeue)
         seconds = time.perf_counter() - t0
         if trainer.global_step % int(trainer.val_check_interval) == 0 and "val/loss" in trainer.callback_metrics:
             final = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
