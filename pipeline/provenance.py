@@ -12,7 +12,12 @@ PACKAGES = ("torch", "transformers", "peft", "lightning", "hydra-core", "triton"
 
 
 def git_sha(cwd=None) -> str:
-    """The checkout's HEAD (``+dirty`` when tracked files changed), or ``unknown`` outside git."""
+    """The checkout's HEAD (``+dirty`` when tracked files changed); outside git, ``$LORAMUX_GIT_SHA`` (set it when
+    running an exported snapshot, e.g. ``git archive`` on an offline node), else ``unknown``."""
+    import os
+
+    if os.environ.get("LORAMUX_GIT_SHA"):
+        return os.environ["LORAMUX_GIT_SHA"]
     cwd = cwd or Path(__file__).resolve().parent.parent
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], check=False, cwd=cwd, capture_output=True, text=True,
