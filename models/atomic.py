@@ -18,6 +18,7 @@ version in place and removes the temp; a SIGKILL can leave a ``.<name>.*.tmp`` b
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import shutil
@@ -42,6 +43,13 @@ def _fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
+def _named(e: OSError, path: Path) -> OSError:
+    """A full disk names the file that could not be written (the writer's own error often names the temp)."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return OSError(e.errno, e.strerror or os.strerror(e.errno), str(path))
+    return e
+
+
 def atomic_write_with(path, write: Callable[[str], object]) -> Path:
     """Let ``write(tmp_path)`` produce the file (``torch.save``, ``safetensors.save_file`` ...), then rename it
     over ``path``; if ``write`` raises (e.g. ``OSError(ENOSPC)``), the previous ``path`` is untouched."""
@@ -55,9 +63,11 @@ def atomic_write_with(path, write: Callable[[str], object]) -> Path:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results are for everyone the umask allows
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and _named(e, path) is not e:
+            raise _named(e, path) from e
         raise
     _fsync_dir(path.parent)
     return path
@@ -91,8 +101,10 @@ def atomic_dir(path):
             if f.is_file():
                 with open(f, "rb+") as fh:
                     os.fsync(fh.fileno())
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and _named(e, path) is not e:
+            raise _named(e, path) from e
         raise
     old = None
     if path.exists():

@@ -25,7 +25,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from pipeline.entry import CONF_DIR, user_errors
+from pipeline.entry import CONF_DIR, cli, user_errors
 from pipeline.stage import StageRun
 
 log = logging.getLogger(__name__)
@@ -142,4 +142,4 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -1,0 +1,376 @@
+"""Bad inputs (issue 7): each gets ONE line that names the thing and the fix; nothing written before is lost.
+
+The table below is the test: every row builds a real bad input (a damaged PEFT adapter, a config typo, a
+non-positive value, a truncated file ...) and asserts the exception type and its message, which must be a single
+line. Rows of kind ``stage`` run the stage function in this process on the `smoke` experiment (tiny LLaMA);
+``entry`` rows go through the command-line entry point (Hydra + ``pipeline.entry.cli``) and assert the exact
+``error:`` line on stderr and exit status 2. The rows that are not an exception (a prompt longer than the context,
+an empty generation, a composite answer list with missing or extra numbers, NaN loss, a full disk) have their own
+tests after the table.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.core.global_hydra import GlobalHydra
+from needs_assets import needs_tiny_model
+
+from data.assets import cache_dir
+
+pytestmark = needs_tiny_model
+ROOT = Path(__file__).resolve().parent.parent
+TINY = cache_dir() / "models" / "tiny-random-llama"
+TASKS = ("object_counting", "winowhy")
+
+
+@pytest.fixture(autouse=True)
+def _clean_hydra():
+    GlobalHydra.instance().clear()
+    yield
+    GlobalHydra.instance().clear()
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory):
+    """An outputs root whose `smoke` experiment has its two adapters (random PEFT LoRAs on q, v of the tiny model)."""
+    from models.tiny import save_random_peft_adapter
+
+    out = tmp_path_factory.mktemp("outputs")
+    for i, task in enumerate(TASKS):
+        save_random_peft_adapter(TINY, out / "smoke" / "adapters" / task, seed=i + 1)
+    return out
+
+
+def compose(stage: str, overrides: list[str], outputs: Path, run_dir: Path):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import open_dict
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = hydra_compose(config_name=stage, overrides=["experiment=smoke", "logger=none", "print_config=false",
+                                                          f"paths.output_root={outputs}", *overrides])
+    with open_dict(cfg):
+        cfg.paths.run_dir = str(run_dir)
+    return cfg
+
+
+def run_stage(stage: str, overrides: list[str], outputs: Path, run_dir: Path):
+    import importlib
+
+    return getattr(importlib.import_module(f"pipeline.{stage}"), stage)(compose(stage, overrides, outputs, run_dir))
+
+
+# ------------------------------------------------------------------------------------------------ adapters
+def _damage(kind: str, d: Path) -> None:
+    """Turn the good PEFT dir ``d`` into one bad in the way ``kind`` names."""
+    from safetensors.torch import load_file, save_file
+
+    conf, weights = d / "adapter_config.json", d / "adapter_model.safetensors"
+    if kind == "wrong_rank":
+        conf.write_text(json.dumps({**json.loads(conf.read_text()), "r": 4}))
+    elif kind == "wrong_shape":  # trained on a model with another hidden size
+        t = load_file(weights)
+        t = {k: (v[:, :32].contiguous() if "q_proj.lora_A" in k else v) for k, v in t.items()}
+        save_file(t, weights)
+    elif kind == "other_base_model":
+        conf.write_text(json.dumps({**json.loads(conf.read_text()), "base_model_name_or_path": "meta-llama/Llama-3-8B"}))
+    elif kind == "missing_weights":
+        weights.unlink()
+    elif kind == "truncated_weights":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif kind == "empty_dir":
+        shutil.rmtree(d)
+        d.mkdir()
+    elif kind == "not_lora":
+        conf.write_text(json.dumps({**json.loads(conf.read_text()), "peft_type": "IA3"}))
+
+
+ADAPTERS = {  # kind -> the one line, as a regex
+    "wrong_rank": r"adapter .*/bad: r: is 4 in adapter_config.json but .*lora_A has rank 8; the config and the "
+                  r"weights disagree; re-save the adapter",
+    "wrong_shape": r"adapter .*/bad: shape: model.layers.0.self_attn.q_proj: lora_A \[8, 32\] / lora_B \[64, 8\] do not "
+                   r"fit the base layer \[64 x 64\].*; the adapter was trained on a base model with other hidden sizes",
+    "other_base_model": r"adapter .*/bad: base_model_name_or_path: is 'meta-llama/Llama-3-8B' but the base model is "
+                        r".*tiny-random-llama'; use adapters trained on this base model.*",
+    "missing_weights": r"adapter .*/bad: adapter_model.safetensors: missing; save the adapter with peft's save_pretrained",
+    "truncated_weights": r"adapter .*/bad: adapter_model.safetensors: cannot be read \(.*\); re-save the adapter",
+    "empty_dir": r"adapter .*/bad: adapter_config.json: missing; save the adapter with peft's save_pretrained",
+    "not_lora": r"adapter .*/bad: peft_type: is 'IA3', not 'LORA'; only LoRA adapters can join the bank",
+}
+
+
+@pytest.mark.parametrize("kind", list(ADAPTERS))
+def test_bad_adapter_is_one_line_naming_the_adapter_and_the_fix(outputs, tmp_path, kind):
+    from models import AdapterBank, AdapterError, load_base_model
+
+    model, _ = load_base_model(TINY)
+    bad = tmp_path / "bad"
+    shutil.copytree(outputs / "smoke" / "adapters" / "winowhy", bad)
+    _damage(kind, bad)
+    bank = AdapterBank(model, targets=["q_proj", "v_proj"])
+    bank.add("good", outputs / "smoke" / "adapters" / "object_counting")
+    with pytest.raises(AdapterError) as e:
+        bank.add("bad", bad)
+    assert "\n" not in str(e.value)
+    assert __import__("re").fullmatch(ADAPTERS[kind], str(e.value)), str(e.value)
+    assert bank.names == ["good"] and len(bank) == 1  # the bank is unchanged
+
+
+# ------------------------------------------------------------------------------------------ stage inputs
+STAGE_ROWS = [  # (id, stage, overrides, exception, one-line message regex)
+    ("unknown_task", "finetune", ["task=winowhyy"], ValueError, r"unknown task 'winowhyy'; did you mean winowhy.*"),
+    ("no_task", "finetune", [], ValueError, r"finetune needs task=<name> \(one of .*\); sweep them with -m task=a,b"),
+    ("r_zero", "finetune", ["task=winowhy", "adapter.r=0"], ValueError, r"adapter.r=0 must be > 0"),
+    ("lr_zero", "finetune", ["task=winowhy", "optim.lr=0"], ValueError, r"optim.lr=0(\.0)? must be > 0; set e.g. optim.lr=2e-4"),
+    ("lr_negative", "finetune", ["task=winowhy", "optim.lr=-1e-4"], ValueError, r"optim.lr=-0.0001 must be > 0.*"),
+    ("steps_zero", "finetune", ["task=winowhy", "trainer.max_steps=0"], ValueError, r"trainer.max_steps=0 must be > 0"),
+    ("route_steps_zero", "route", ["router.train.steps=0"], ValueError, r"router.train.steps=0 must be > 0"),
+    ("route_lr_zero", "route", ["router.train.lr=0"], ValueError, r"router.train.lr=0(\.0)? must be > 0"),
+    ("route_untrainable", "route", ["router=oracle"], ValueError,
+     r"router=oracle has nothing to train; route trains router=meteora or router=dlp"),
+    ("top_p_above_1", "route", ["router=dlp", "router.top_p=1.5"], ValueError,
+     r"dlp top_p=1.5 must be in \(0, 1\] \(DLP-LoRA used 0.6\)"),
+    ("top_p_zero", "route", ["router=dlp", "router.top_p=0"], ValueError, r"dlp top_p=0(\.0)? must be in \(0, 1\].*"),
+    ("top_k_above_adapters", "route", ["router=meteora", "router.top_k=3"], ValueError,
+     r"meteora top_k=3 must be an integer in \[1, number of adapters = 2\]"),
+    ("missing_adapter", "route", ["tasks=[object_counting,winowhy,cs_algorithms]"], FileNotFoundError,
+     "adapter 'cs_algorithms' is missing at .*; train it first: python -m pipeline.finetune experiment=smoke task=cs_algorithms"),
+]
+
+
+@pytest.mark.parametrize("stage,overrides,exc,message", [r[1:] for r in STAGE_ROWS], ids=[r[0] for r in STAGE_ROWS])
+def test_bad_stage_input_is_one_line(outputs, tmp_path, stage, overrides, exc, message):
+    with pytest.raises(exc) as e:
+        run_stage(stage, overrides, outputs, tmp_path / "run")
+    assert "\n" not in str(e.value)
+    assert __import__("re").fullmatch(message, str(e.value)), str(e.value)
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_empty_adapter_dir_in_an_experiment_names_the_finetune_command(outputs, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(outputs, out)
+    shutil.rmtree(out / "smoke" / "adapters" / "winowhy")
+    (out / "smoke" / "adapters" / "winowhy").mkdir()  # e.g. a copy that never arrived
+    with pytest.raises(FileNotFoundError, match=r"^adapter 'winowhy' is missing at .*; train it first: python -m "
+                                                r"pipeline.finetune experiment=smoke task=winowhy$"):
+        run_stage("route", [], out, tmp_path / "run")
+
+
+# ------------------------------------------------------------------------------- the command line's one line
+ENTRY_ROWS = [  # (id, argv, the exact stderr line, or a regex for it)
+    ("config_typo", ["experiment=smoke", "optim.lrr=1e-3"],
+     (r"error: config: Could not override 'optim.lrr'; To append to your config use \+optim.lrr=1e-3; Key 'lrr' is "
+      r"not in struct \(check the spelling: `--cfg job` prints every key\)")),
+    ("unknown_experiment", ["experiment=nosuch"],
+     r"error: config: In 'finetune': Could not find 'experiment/nosuch'; pick one of: demo, .*smoke.*"),
+    ("sweep_without_m", ["experiment=smoke", "task=object_counting,winowhy"],
+     r"error: config: Ambiguous value for argument 'task=object_counting,winowhy'.*add --multirun to your command line"),
+    ("unknown_task", ["experiment=smoke", "task=nosuch_task", "logger=none", "print_config=false"],
+     r"error: unknown task 'nosuch_task'.*"),
+]
+
+
+@pytest.mark.parametrize("argv,line", [r[1:] for r in ENTRY_ROWS], ids=[r[0] for r in ENTRY_ROWS])
+def test_command_line_error_is_one_line_and_status_2(outputs, tmp_path, monkeypatch, capsys, argv, line):
+    import re
+
+    from pipeline.entry import cli
+    from pipeline.finetune import main
+
+    monkeypatch.setenv("LORAMUX_OUTPUTS", str(tmp_path))
+    monkeypatch.setattr(sys, "argv", ["pipeline/finetune.py", *argv, f"hydra.run.dir={tmp_path / 'run'}"])
+    with pytest.raises(SystemExit) as e:
+        cli(main)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    errors = [x for x in err.splitlines() if x.startswith("error:")]
+    assert len(errors) == 1 and re.fullmatch(line, errors[0]), err
+    assert "Traceback" not in err and "HYDRA_FULL_ERROR" not in err
+
+
+def test_user_errors_prints_the_first_line_only(capsys):
+    from pipeline.entry import user_errors
+
+    with pytest.raises(SystemExit) as e, user_errors():
+        raise ValueError("adapter x: r: is 0; r must be a positive integer\n  details nobody needs")
+    assert e.value.code == 2
+    assert capsys.readouterr().err == "error: adapter x: r: is 0; r must be a positive integer\n"
+
+
+# ---------------------------------------------------------------------------------------- not exceptions
+def test_prompt_longer_than_the_context_is_skipped_and_counted():
+    from transformers import AutoTokenizer
+
+    from pipeline.generation import PromptGroup, plan_jobs
+
+    tok = AutoTokenizer.from_pretrained(str(TINY))
+    prompts = ["[INST] 2+2? [/INST]\n", "[INST] " + "long " * 400 + "[/INST]\n", "[INST] 3+3? [/INST]\n"]
+    jobs, skipped = plan_jobs(tok, [PromptGroup(prompts)], batch_size=8, max_prompt_tokens=64)
+    assert skipped == [1]
+    assert sorted(i for j in jobs for i in j["indices"]) == [0, 2]
+
+
+def test_generation_that_returns_nothing_is_scored_empty_and_counted():
+    from data.scoring import score
+
+    out = score("winowhy", ["", "correct", None], ["correct", "correct", "incorrect"])
+    assert out["n"] == 3 and out["empty"] == 2
+    assert out["accuracy"] == pytest.approx(1 / 3)
+
+
+def test_composite_answer_list_with_missing_and_extra_numbers_is_counted():
+    from data.composite import parse_report
+
+    answers, report = parse_report("1. north\n3. 42\n4. extra\n3. again\n", 3)
+    assert answers == ["north", "", "42"]
+    assert report == {"missing": 1, "extra": 1, "duplicate": 1}
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(outputs, tmp_path):
+    """lr = 1e30 blows the adapter up: the run stops at the first non-finite loss, the step's checkpoint stays;
+    resuming it with another lr is refused (another config), and a truncated checkpoint is refused too."""
+    from pipeline.requeue import resume_point
+
+    run = tmp_path / "run"
+    overrides = ["task=winowhy", "optim.lr=1e30", "trainer.max_steps=6", "checkpoint.every_n_steps=1"]
+    with pytest.raises(FloatingPointError) as e:
+        run_stage("finetune", overrides, outputs, run)
+    msg = str(e.value)
+    m = __import__("re").fullmatch(r"training loss is (nan|inf) at step (\d+); lower optim.lr or check the task's data "
+                                   r"\(last good checkpoint: step (\d+), kept in (.*)\)", msg)
+    assert m, msg
+    bad_step, kept_step = int(m.group(2)), int(m.group(3))
+    assert 1 <= kept_step == bad_step and Path(m.group(4)) == run / "checkpoints"
+    assert json.loads((run / "checkpoints" / "resume.json").read_text())["step"] == kept_step
+    assert not (run / "metrics.json").exists() and not (outputs / "smoke" / "adapters" / "winowhy" / "loramux.json").exists()
+
+    with pytest.raises(ValueError, match=r"requeue.ckpt was written by a run with another config \(optim.lr: 1e\+30 -> "
+                                         r"0.0002\); rerun with the same overrides to resume, or delete .*checkpoints"):
+        run_stage("finetune", overrides[:1] + overrides[2:], outputs, run)
+
+    ckpt = run / "checkpoints" / "requeue.ckpt"
+    ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 3])
+    with pytest.raises(ValueError, match=r"^checkpoint .*requeue.ckpt is truncated or damaged \(.*\); delete "
+                                         r".*checkpoints to start afresh$"):
+        resume_point(run)
+
+
+# ----------------------------------------------------------------------------------- disk full while saving
+class _DiskFullAfterHalf:
+    """A file object that writes half of what it is given, then fails like a full disk (ENOSPC)."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def write(self, data):
+        self.f.write(data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+def test_disk_full_while_writing_metrics_keeps_the_previous_file(tmp_path, monkeypatch, capsys):
+    import models.atomic
+    from pipeline.entry import user_errors
+    from pipeline.metrics_file import read_metrics, write_metrics
+
+    kw = {"stage": "finetune", "experiment": "smoke", "tasks": ["winowhy"], "strategy": "peft",
+          "provenance": {"seed": 0}, "main_metric": "val_loss"}
+    path = write_metrics(tmp_path, metrics={"val_loss": 1.5}, **kw)
+    before = path.read_bytes()
+    real_open = open
+    monkeypatch.setattr(models.atomic, "open", lambda p, mode="r", *a, **k: _DiskFullAfterHalf(real_open(p, mode, *a, **k))
+                        if "w" in mode else real_open(p, mode, *a, **k), raising=False)
+    with pytest.raises(SystemExit) as e, user_errors():
+        write_metrics(tmp_path, metrics={"val_loss": 0.5}, **kw)
+    assert e.value.code == 2
+    assert capsys.readouterr().err == (f"error: no space left on the device while writing {path} (No space left on "
+                                       "device); free space or point LORAMUX_OUTPUTS at another disk, then rerun (the "
+                                       "previous version of the file is kept)\n")
+    assert path.read_bytes() == before and read_metrics(path)["metrics"] == {"val_loss": 1.5}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]  # no temp file left behind
+
+
+def test_disk_full_while_saving_an_adapter_or_a_router_keeps_the_previous_one(outputs, tmp_path, monkeypatch):
+    import peft.peft_model
+    import safetensors.torch
+    from peft import PeftModel
+
+    from models import load_base_model
+    from models.router_checkpoint import read_router_checkpoint, save_router_checkpoint
+    from pipeline.finetune import save_adapter
+
+    model, _ = load_base_model(TINY)
+    peft_model = PeftModel.from_pretrained(model, str(outputs / "smoke" / "adapters" / "winowhy"))
+    dest = tmp_path / "adapters" / "winowhy"
+    save_adapter(peft_model, dest, {"task": "winowhy"})
+    router = tmp_path / "router"
+    save_router_checkpoint(router, "dlp", {"top_p": 0.6}, {"w": torch.ones(2, 3)}, ["a", "b"])
+    before = {p.name: p.read_bytes() for d in (dest, router) for p in d.iterdir()}
+
+    real_save = safetensors.torch.save_file
+
+    def save_half_then_fail(tensors, filename, metadata=None):
+        real_save(tensors, filename, metadata=metadata)
+        Path(filename).write_bytes(Path(filename).read_bytes()[:100])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_half_then_fail)
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", save_half_then_fail)  # peft's own name for it
+    with torch.no_grad():
+        for p in peft_model.parameters():
+            p.add_(1.0) if p.requires_grad else None
+    with pytest.raises(OSError) as e:
+        save_adapter(peft_model, dest, {"task": "winowhy", "steps": 99})
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(dest)
+    with pytest.raises(OSError) as e:
+        save_router_checkpoint(router, "dlp", {"top_p": 0.6}, {"w": torch.zeros(2, 3)}, ["a", "b"])
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(router / "router.safetensors")
+
+    after = {p.name: p.read_bytes() for d in (dest, router) for p in d.iterdir()}
+    assert after == before  # both previous versions intact, byte for byte
+    assert not [p for p in tmp_path.rglob(".*") if p.name.endswith(".tmp")]  # temps removed
+    _, tensors = read_router_checkpoint(router)
+    assert torch.equal(tensors["w"], torch.ones(2, 3))
+
+
+def test_truncated_router_checkpoint_is_refused_in_one_line(tmp_path):
+    from models import RouterCheckpointError
+    from models.router_checkpoint import read_router_checkpoint, save_router_checkpoint
+
+    d = save_router_checkpoint(tmp_path / "router", "dlp", {"top_p": 0.6}, {"w": torch.randn(64, 3)}, ["a", "b"])
+    w = d / "router.safetensors"
+    w.write_bytes(w.read_bytes()[:-40])
+    with pytest.raises(RouterCheckpointError, match=r"^router checkpoint .*: router.safetensors: \d+ bytes, router.json "
+                                                    r"says \d+ \(truncated or interrupted save\); re-save it or rerun route$"):
+        read_router_checkpoint(d)
+    meta = json.loads((d / "router.json").read_text())
+    meta.pop("weights")  # a checkpoint from before sizes were recorded: safetensors' own check still refuses it
+    (d / "router.json").write_text(json.dumps(meta))
+    with pytest.raises(RouterCheckpointError, match=r"^router checkpoint .*: router.safetensors cannot be read \(.*\); "
+                                                    r"re-save it or rerun route$"):
+        read_router_checkpoint(d)
+
+
+def test_truncated_metrics_json_is_refused_in_one_line(tmp_path):
+    from pipeline.metrics_file import read_metrics
+
+    (tmp_path / "metrics.json").write_text('{"stage": "finetune", "metr')
+    with pytest.raises(ValueError, match=r"^.*metrics.json: not a readable metrics.json \(JSONDecodeError: .*\); delete "
+                                         r"it and rerun the stage that wrote it$"):
+        read_metrics(tmp_path / "metrics.json")
