@@ -282,6 +282,7 @@ def profile(d_in, d_out, T, r, small_t_max):
 
 
 def main(argv=None) -> None:
+    global RANKS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
         "--out", default="outputs/tables", help="directory for kernel_bench.json and kernel_bench.md"
@@ -291,7 +292,22 @@ def main(argv=None) -> None:
     ap.add_argument(
         "--profile", action="store_true", help="only print per-kernel profiles of a few configurations"
     )
+    ap.add_argument("--ranks", type=int, nargs="*", default=None, help=f"ranks to run (default {RANKS})")
+    ap.add_argument("--quick", action="store_true",
+                    help="4096->4096 only, T in {1, 16, 64, 4096}, r in {8, 64} (with --overhead: fewer shapes)")
+    ap.add_argument("--overhead", action="store_true",
+                    help="time the host cost of 210 back-to-back decode calls instead (kernels.bench_overhead)")
+    ap.add_argument("--device", default="cuda", help="--overhead only: cuda, or cpu to time the CPU path")
     args = ap.parse_args(argv)
+    if args.overhead:
+        from kernels import bench_overhead
+
+        bench_overhead.main(args.device, args.out, quick=args.quick)
+        return
+    if args.quick:
+        args.shapes, args.tokens, RANKS = [0], [1, 16, 64, 4096], [8, 64]
+    if args.ranks:
+        RANKS = list(args.ranks)
     if not torch.cuda.is_available():
         raise SystemExit(
             "kernels.bench: needs a CUDA GPU; run it on the GPU machine (python -m kernels.bench --out DIR)"

@@ -3,9 +3,17 @@
 Backends (keyword ``backend=`` or env ``LORAMUX_KERNEL_BACKEND``; default ``auto``):
   triton     the Triton kernels through the ``loramux::multi_lora`` custom op (autograd registered with
              torch.library, so torch.compile and CUDA graphs hold it); on CPU tensors it needs TRITON_INTERPRET=1
-  torch      the vectorised torch path (``kernels.dense``), plain autograd
+  torch      the vectorised torch path (``kernels.dense``: dense, or gathered at decode), plain autograd
   reference  the readable loop (``kernels.reference``), plain autograd
   auto       triton on CUDA tensors, torch elsewhere.
+
+Host cost per call matters: a decoding LM calls the op once per wrapped projection per token (210 calls for
+SmolLM2-135M with 7 targets), so the inference path does nothing per call but the shape checks and the launch.
+When no gradient is needed (``torch.no_grad``, or no input requires grad) and neither torch.compile nor a CUDA
+graph capture is running, ``triton`` skips the custom op (its dispatch costs more than the kernels' launches at
+decode), casts a bank held in another dtype once per (tensor, version) (``kernels.cast_cache``) and hands sentence
+routing to the kernels as it is ([S, K] + seq_ids, no per-token gather). Training and torch.compile go through
+the custom op with its registered autograd.
 """
 
 from __future__ import annotations
@@ -14,10 +22,12 @@ import os
 
 import torch
 
-from kernels.dense import multi_lora_dense
+from kernels import cast_cache
+from kernels.dense import multi_lora_torch
 from kernels.reference import expand_sequence_routing, multi_lora_reference
 
 BACKENDS = ("auto", "triton", "torch", "reference")
+DIRECT_LAUNCH = True  # False: every triton call goes through the custom op (kernels.bench --overhead compares)
 
 
 @torch.library.custom_op("loramux::multi_lora", mutates_args=())
@@ -105,12 +115,51 @@ def _check(x, base, A, B, scales, ranks, ids, weights, seq_ids):
         )
 
 
+def _needs_autograd(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _on(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``t`` as a contiguous ``dtype`` tensor on ``device``; returns ``t`` itself (no op call) when it already is."""
+    if t.dtype == dtype and t.device == device and t.is_contiguous():
+        return t
+    return t.to(device, dtype).contiguous()
+
+
+def _direct_ok(x: torch.Tensor) -> bool:
+    """May this call skip the custom op? Not under torch.compile (it must see the op), not during CUDA graph capture
+    (the dtype cache would keep a cast out of the graph)."""
+    if not DIRECT_LAUNCH or torch.compiler.is_compiling():
+        return False
+    return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def _triton_forward(x2, b2, A, B, scales, ranks, ids, weights, seq_ids):
+    from kernels import triton_ops
+
+    dev = x2.device
+    if not _needs_autograd(x2, b2, A, B, weights) and _direct_ok(x2):
+        # inference: launch the kernels directly (the custom op's dispatch costs more than the launches), keep
+        # sentence routing per sequence (the kernels read seq_ids) and cast the bank once per dtype, not per call
+        return triton_ops.forward(
+            x2, b2, cast_cache.cast(A, x2.dtype), cast_cache.cast(B, x2.dtype), _on(scales, torch.float32, dev),
+            _on(ranks, torch.int32, dev), _on(ids, ids.dtype, dev), _on(weights, weights.dtype, dev),
+            None if seq_ids is None else _on(seq_ids, seq_ids.dtype, dev),
+        )  # fmt: skip
+    ids, weights = expand_sequence_routing(ids, weights, seq_ids)
+    return _multi_lora_op(
+        x2, b2, A.to(x2.dtype), B.to(x2.dtype), _on(scales, torch.float32, dev), _on(ranks, torch.int32, dev),
+        _on(ids, ids.dtype, dev), weights.contiguous(),
+    )  # fmt: skip
+
+
 def multi_lora(x, base, A, B, scales, ranks, ids, weights, seq_ids=None, *, backend=None) -> torch.Tensor:
     """``base + routed LoRA deltas``; x/base may have leading batch dims, they are flattened to tokens.
 
     Shapes: x [..., d_in], base [..., d_out], A [L, d_in, R], B [L, R, d_out], scales [L], ranks [L],
     ids/weights [T, K] (token routing) or [S, K] with seq_ids [T] (sentence routing), T = prod(leading dims).
-    Sentence routing gathers only the [T, K] ids/weights (K numbers a token), never per-token adapter copies.
+    Sentence routing gathers only the [T, K] ids/weights (K numbers a token), never per-token adapter copies; on
+    the inference path (no gradient needed) the Triton kernels read ``seq_ids`` themselves and nothing is gathered.
     """
     backend = backend or os.environ.get("LORAMUX_KERNEL_BACKEND", "auto")
     if backend not in BACKENDS:
@@ -123,14 +172,8 @@ def multi_lora(x, base, A, B, scales, ranks, ids, weights, seq_ids=None, *, back
     b2 = base.reshape(-1, base.shape[-1])
     if backend == "reference":
         out = multi_lora_reference(x2, b2, A, B, scales, ranks, ids, weights, seq_ids)
-        return out.reshape(*lead, out.shape[-1])
-    ids, weights = expand_sequence_routing(ids, weights, seq_ids)
-    if backend == "torch":
-        out = multi_lora_dense(x2, b2, A, B, scales, ranks, ids, weights)
+    elif backend == "torch":
+        out = multi_lora_torch(x2, b2, A, B, scales, ranks, *expand_sequence_routing(ids, weights, seq_ids))
     else:
-        dev = x.device
-        out = _multi_lora_op(
-            x2, b2, A.to(x.dtype), B.to(x.dtype), scales.to(dev, torch.float32).contiguous(),
-            ranks.to(dev, torch.int32).contiguous(), ids.to(dev).contiguous(), weights.contiguous(),
-        )  # fmt: skip
+        out = _triton_forward(x2, b2, A, B, scales, ranks, ids, weights, seq_ids)
     return out.reshape(*lead, out.shape[-1])

@@ -14,7 +14,7 @@ def expand_sequence_routing(ids: torch.Tensor, weights: torch.Tensor, seq_ids: t
     """Per-sequence routing [S, K] + seq_ids [T] -> per-token routing [T, K] (identity for token routing)."""
     if seq_ids is None:
         return ids, weights
-    return ids[seq_ids], weights[seq_ids]
+    return ids.index_select(0, seq_ids), weights.index_select(0, seq_ids)
 
 
 def multi_lora_reference(

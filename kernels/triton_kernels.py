@@ -11,8 +11,11 @@ Kernels, each a tensor-core GEMM over gathered rows with fp32 accumulation:
   grouped_expand   out[t]  = src[t] + c[row] * u[row] @ W[a] for the rows of slot k only (one launch per slot, so
                    no two programs touch one token and no [T*K, d_out] intermediate exists)
   grouped_wgrad    dW[a]   = sum_rows X[t(row)]^T (c[row] * u[row])   (dA with X = x; dB^T with X = grad)
-  token_shrink / token_expand   the small-T (decode) path: no sorting at all, split-K over d_in then a CUDA-core
+  token_fused      the decode path for T <= FUSED_T_MAX: one launch, no sorting; each program recomputes its
+                   tokens' x @ A on CUDA cores and adds h @ B[a] for its d_out tile.
+  token_shrink / token_expand   the small-T path above that: no sorting, split-K over d_in then a CUDA-core
                    expand; two launches in total.
+The token kernels take sentence routing as it is (ids/weights [S, K] and seq_ids [T], flag SEQ): nothing is gathered.
 c[row] = scales[a] * weights[n] is applied on load, so ``u`` is the raw x @ A (needed again for dB and dw).
 """
 
@@ -213,11 +216,29 @@ def grouped_wgrad_kernel(
 
 
 @triton.jit
+def _route_row(seq_ptr, t, tv, SEQ: tl.constexpr):
+    """Row of ids/weights that token t reads: seq_ids[t] for sentence routing (SEQ), else t itself."""
+    if SEQ:
+        return tl.load(seq_ptr + t, mask=tv, other=0).to(tl.int64)
+    return t.to(tl.int64)
+
+
+@triton.jit
+def _slot(ids_ptr, ranks_ptr, i, iv, L):
+    """(adapter, rank) of routing slot i; an empty slot (-1), an id out of [0, L) or a masked-off i gives (0, 0)."""
+    a = tl.load(ids_ptr + i, mask=iv, other=-1).to(tl.int32)
+    valid = (a >= 0) & (a < L)
+    a = tl.where(valid, a, 0)
+    return a, tl.where(valid, tl.load(ranks_ptr + a), 0)
+
+
+@triton.jit
 def token_shrink_kernel(
-    x_ptr, w_ptr, ids_ptr, ranks_ptr, part_ptr,
+    x_ptr, w_ptr, ids_ptr, seq_ptr, ranks_ptr, part_ptr,
     N, D, L, CHUNK,
     sxt, sxd, swl, swd, swr,
     K: tl.constexpr, SPLIT: tl.constexpr, PP: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+    SEQ: tl.constexpr,
 ):  # fmt: skip
     """part[n, s, :] = x[t, chunk s] @ A[a][chunk s, :r_a] for PP pairs n. Grid: (cdiv(N, PP), SPLIT). Decode path.
 
@@ -230,11 +251,9 @@ def token_shrink_kernel(
     for i in range(PP):
         n = tl.program_id(0) * PP + i
         nv = n < N
-        t = (n // K).to(tl.int64)
-        a = tl.load(ids_ptr + n, mask=nv, other=-1).to(tl.int32)
-        valid = (a >= 0) & (a < L)
-        a = tl.where(valid, a, 0)
-        r_a = tl.where(valid, tl.load(ranks_ptr + a), 0)
+        t = n // K
+        a, r_a = _slot(ids_ptr, ranks_ptr, _route_row(seq_ptr, t, nv, SEQ) * K + n % K, nv, L)
+        t = t.to(tl.int64)
         cm = rr < r_a
         acc = tl.zeros((BR,), dtype=tl.float32)
         for d0 in range(d_lo, d_lo + CHUNK, BK):
@@ -249,10 +268,11 @@ def token_shrink_kernel(
 
 @triton.jit
 def token_expand_kernel(
-    part_ptr, w_ptr, base_ptr, out_ptr, ids_ptr, ranks_ptr, scales_ptr, gate_ptr,
+    part_ptr, w_ptr, base_ptr, out_ptr, ids_ptr, seq_ptr, ranks_ptr, scales_ptr, gate_ptr,
     T, DO, L,
     swl, swr, swd, sbt, sbd, sot, sod,
     K: tl.constexpr, SPLIT: tl.constexpr, SP: tl.constexpr, TT: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
+    SEQ: tl.constexpr,
 ):  # fmt: skip
     """out[t, tile] = base[t, tile] + sum_k c * (sum_s part[n, s]) @ B[a][:r_a, tile] for TT tokens.
 
@@ -265,14 +285,12 @@ def token_expand_kernel(
     for i in range(TT):
         t = tl.program_id(1) * TT + i
         tv = t < T
+        row = _route_row(seq_ptr, t, tv, SEQ)
         acc = tl.load(base_ptr + t.to(tl.int64) * sbt + cols * sbd, mask=nm & tv, other=0.0).to(tl.float32)
         for k in tl.static_range(K):
             n = t * K + k
-            a = tl.load(ids_ptr + n, mask=tv, other=-1).to(tl.int32)
-            valid = (a >= 0) & (a < L)
-            a = tl.where(valid, a, 0)
-            r_a = tl.where(valid, tl.load(ranks_ptr + a), 0)
-            coef = tl.load(scales_ptr + a).to(tl.float32) * tl.load(gate_ptr + n, mask=tv, other=0.0).to(
+            a, r_a = _slot(ids_ptr, ranks_ptr, row * K + k, tv, L)
+            coef = tl.load(scales_ptr + a).to(tl.float32) * tl.load(gate_ptr + row * K + k, mask=tv, other=0.0).to(
                 tl.float32
             )
             pm = (ss < SPLIT)[:, None] & (rr < r_a)[None, :]
@@ -282,3 +300,46 @@ def token_expand_kernel(
                          mask=(rr < r_a)[:, None] & nm[None, :], other=0.0).to(tl.float32)  # fmt: skip
             acc += tl.sum(h[:, None] * wt, 0)
         tl.store(out_ptr + t.to(tl.int64) * sot + cols * sod, acc.to(out_ptr.dtype.element_ty), mask=nm & tv)
+
+
+@triton.jit
+def token_fused_kernel(
+    x_ptr, a_ptr, b_ptr, base_ptr, out_ptr, ids_ptr, seq_ptr, ranks_ptr, scales_ptr, gate_ptr,
+    T, D, DO, L,
+    sxt, sxd, sal, sad, sar, sbl, sbr, sbd, sbt, sbo, sot, sod,
+    K: tl.constexpr, TT: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, SEQ: tl.constexpr,
+):  # fmt: skip
+    """The one-launch decode path: out[t, tile] = base[t, tile] + sum_k c * (x[t] @ A[a][:, :r_a]) @ B[a][:r_a, tile].
+
+    Grid: (cdiv(DO, BN), cdiv(T, TT)). Every program recomputes its tokens' tiny h = x[t] @ A[a] (D x r_a
+    multiply-adds, A[a] read from L2 by the cdiv(DO, BN) programs of a token) instead of handing it to a second
+    launch through global memory: at decode the launch costs more than the recomputation. Empty slots and rank-0
+    adapters skip both products.
+    """
+    cols = tl.program_id(0) * BN + tl.arange(0, BN)
+    nm = cols < DO
+    rr = tl.arange(0, BR)
+    for i in range(TT):
+        t = tl.program_id(1) * TT + i
+        tv = t < T
+        row = _route_row(seq_ptr, t, tv, SEQ)
+        t64 = t.to(tl.int64)
+        acc = tl.load(base_ptr + t64 * sbt + cols * sbo, mask=nm & tv, other=0.0).to(tl.float32)
+        for k in tl.static_range(K):
+            a, r_a = _slot(ids_ptr, ranks_ptr, row * K + k, tv, L)
+            if r_a > 0:
+                cm = rr < r_a
+                a64 = a.to(tl.int64)
+                h = tl.zeros((BR,), dtype=tl.float32)
+                for d0 in range(0, D, BK):
+                    dd = d0 + tl.arange(0, BK)
+                    dm = dd < D
+                    xv = tl.load(x_ptr + t64 * sxt + dd * sxd, mask=dm, other=0.0).to(tl.float32)
+                    wt = tl.load(a_ptr + a64 * sal + dd[:, None] * sad + rr[None, :] * sar,
+                                 mask=dm[:, None] & cm[None, :], other=0.0).to(tl.float32)  # fmt: skip
+                    h += tl.sum(xv[:, None] * wt, 0)
+                coef = tl.load(scales_ptr + a).to(tl.float32) * tl.load(gate_ptr + row * K + k).to(tl.float32)
+                wt = tl.load(b_ptr + a64 * sbl + rr[:, None] * sbr + cols[None, :] * sbd,
+                             mask=cm[:, None] & nm[None, :], other=0.0).to(tl.float32)  # fmt: skip
+                acc += tl.sum((h * coef)[:, None] * wt, 0)
+        tl.store(out_ptr + t64 * sot + cols * sod, acc.to(out_ptr.dtype.element_ty), mask=nm & tv)

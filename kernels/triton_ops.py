@@ -8,6 +8,7 @@ to the host, so a forward or backward can be captured in a CUDA graph. On CPU te
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -15,8 +16,15 @@ import triton
 
 from kernels import triton_kernels as tk
 
-# token count up to which the sort-free decode path is used (tests override it)
+# token counts up to which the sort-free paths are used (tests override them): one fused launch up to
+# FUSED_T_MAX, the two-launch split-K path up to SMALL_T_MAX, the grouped (sorted) kernels above
 SMALL_T_MAX = int(os.environ.get("LORAMUX_SMALL_T_MAX", "64"))
+FUSED_T_MAX = int(os.environ.get("LORAMUX_FUSED_T_MAX", "16"))
+# the fused kernel recomputes h = x @ A[a] in every d_out tile: it is used only while that stays cheap, i.e. each
+# program's serial loop over d_in has at most FUSED_CHAIN_MAX steps and the A re-reads (from L2) of all programs
+# stay under FUSED_L2_BYTES; past either the two-launch split-K path is faster (predicted, see NOTES.md)
+FUSED_CHAIN_MAX = int(os.environ.get("LORAMUX_FUSED_CHAIN_MAX", "8"))
+FUSED_L2_BYTES = float(os.environ.get("LORAMUX_FUSED_L2_BYTES", "16e6"))
 POISON = False  # tests: fill every buffer the kernels should overwrite with NaN instead of leaving it uninitialised
 
 
@@ -26,18 +34,28 @@ def _buffer(*shape, dtype, device) -> torch.Tensor:
     return torch.empty(*shape, dtype=dtype, device=device)
 
 
+# FTILE: elements of the [FBK, BR] A tile a fused program loads per step (FBK = FTILE // BR, 64 per thread)
+_CUDA_CONFIG = {"BM": 64, "CHUNK": 256, "TBK": 64, "TBN": 64, "warps": 4, "MIN_CHUNK": 512, "PROGRAMS": 528,
+                "CHUNK_ALIGN": 128, "PP": 1, "TT": 1, "FTILE": 8192, "FBN": 128, "FTT": 1}  # fmt: skip
+_INTERPRETER_CONFIG = {"BM": 16, "CHUNK": 32, "TBK": 16, "TBN": 32, "warps": 4, "MIN_CHUNK": 16, "PROGRAMS": 24,
+                       "CHUNK_ALIGN": 16, "PP": 2, "TT": 4, "FTILE": 256, "FBN": 32, "FTT": 3}  # fmt: skip
+
+
 def _config(device: torch.device) -> dict:
     """Launch sizes the autotuner does not choose (the grouped kernels' tiles are tuned in triton_kernels)."""
-    if device.type == "cuda":
-        return {"BM": 64, "CHUNK": 256, "TBK": 64, "TBN": 64, "warps": 4, "MIN_CHUNK": 512, "PROGRAMS": 528,
-                "CHUNK_ALIGN": 128, "PP": 1, "TT": 1}  # fmt: skip
-    return {"BM": 16, "CHUNK": 32, "TBK": 16, "TBN": 32, "warps": 4, "MIN_CHUNK": 16, "PROGRAMS": 24,
-            "CHUNK_ALIGN": 16, "PP": 2, "TT": 4}  # fmt: skip
+    return _CUDA_CONFIG if device.type == "cuda" else _INTERPRETER_CONFIG
 
 
+@functools.cache
 def padded_rank(R: int) -> int:
     """Rank padded for the kernels: a power of two (tl.arange), at least 16 (tl.dot)."""
     return max(16, triton.next_power_of_2(R))
+
+
+def _fused_bk(cfg: dict, D: int, BR: int):
+    """The fused kernel's step over d_in, or None where the fused path would be slower than two launches."""
+    bk = min(max(16, cfg["FTILE"] // BR), triton.next_power_of_2(D))
+    return bk if triton.cdiv(D, bk) <= FUSED_CHAIN_MAX else None
 
 
 def _use_f32(x: torch.Tensor) -> bool:
@@ -90,29 +108,47 @@ def _expand(u, W, w_strides, src, out, perm, off, ranks, scales, gates, L, K, BR
     return out
 
 
-def forward(x, base, A, B, scales, ranks, ids, gates) -> torch.Tensor:
-    """out = base + routed deltas. x [T, d_in], base [T, d_out], ids/gates [T, K] contiguous, ranks int32."""
-    T, K = ids.shape
+def forward(x, base, A, B, scales, ranks, ids, gates, seq_ids=None) -> torch.Tensor:
+    """out = base + routed deltas. x [T, d_in], base [T, d_out], ranks int32 [L], scales fp32 [L].
+
+    Token routing: ids/gates [T, K]; sentence routing: ids/gates [S, K] and seq_ids [T] (the sort-free paths read
+    them through seq_ids, the grouped path gathers them per token). All contiguous, on x's device.
+    """
+    T, K = x.shape[0], ids.shape[1]
     L, R = A.shape[0], A.shape[2]
     out = _buffer(*base.shape, dtype=base.dtype, device=base.device)
     if T == 0:
         return out
-    cfg, f32, BR = _config(x.device), _use_f32(x), padded_rank(R)
+    cfg, BR = _config(x.device), padded_rank(R)
     if T <= SMALL_T_MAX:
+        seq = seq_ids is not None
+        seq_ptr = seq_ids if seq else ids  # any tensor: never read without SEQ
         D, DO = x.shape[1], base.shape[1]
+        bk = _fused_bk(cfg, D, BR) if T <= FUSED_T_MAX else None
+        if bk and T * triton.cdiv(DO, cfg["FBN"]) * D * BR * A.element_size() <= FUSED_L2_BYTES:
+            tk.token_fused_kernel[(triton.cdiv(DO, cfg["FBN"]), triton.cdiv(T, cfg["FTT"]))](
+                x, A, B, base, out, ids, seq_ptr, ranks, scales, gates, T, D, DO, L,
+                x.stride(0), x.stride(1), *A.stride(), *B.stride(), base.stride(0), base.stride(1),
+                out.stride(0), out.stride(1),
+                K=K, TT=cfg["FTT"], BK=bk, BN=cfg["FBN"], BR=BR, SEQ=seq, num_warps=cfg["warps"],
+            )  # fmt: skip
+            return out
         split = triton.cdiv(D, cfg["CHUNK"])
         part = _buffer(T * K, split, BR, dtype=torch.float32, device=x.device)
         tk.token_shrink_kernel[(triton.cdiv(T * K, cfg["PP"]), split)](
-            x, A, ids, ranks, part, T * K, D, L, cfg["CHUNK"], x.stride(0), x.stride(1), *A.stride(),
-            K=K, SPLIT=split, PP=cfg["PP"], BK=cfg["TBK"], BR=BR, num_warps=cfg["warps"],
+            x, A, ids, seq_ptr, ranks, part, T * K, D, L, cfg["CHUNK"], x.stride(0), x.stride(1), *A.stride(),
+            K=K, SPLIT=split, PP=cfg["PP"], BK=cfg["TBK"], BR=BR, SEQ=seq, num_warps=cfg["warps"],
         )  # fmt: skip
         tk.token_expand_kernel[(triton.cdiv(DO, cfg["TBN"]), triton.cdiv(T, cfg["TT"]))](
-            part, B, base, out, ids, ranks, scales, gates, T, DO, L, *B.stride(),
+            part, B, base, out, ids, seq_ptr, ranks, scales, gates, T, DO, L, *B.stride(),
             base.stride(0), base.stride(1), out.stride(0), out.stride(1),
-            K=K, SPLIT=split, SP=triton.next_power_of_2(split), TT=cfg["TT"], BN=cfg["TBN"], BR=BR,
+            K=K, SPLIT=split, SP=triton.next_power_of_2(split), TT=cfg["TT"], BN=cfg["TBN"], BR=BR, SEQ=seq,
             num_warps=cfg["warps"],
         )  # fmt: skip
         return out
+    if seq_ids is not None:
+        ids, gates = ids.index_select(0, seq_ids), gates.index_select(0, seq_ids)
+    f32 = _use_f32(x)
     perm, off, _ = route_groups(ids, ranks, L)
     u = _shrink(x, A, A.stride(), perm, off, ranks, L, K, BR, cfg, f32)
     return _expand(u, B, B.stride(), base, out, perm, off, ranks, scales, gates, L, K, BR, cfg, f32, False)

@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before kernels.triton_ops is first imported
 
 from kernels import multi_lora
-from kernels.dense import multi_lora_dense
+from kernels.dense import multi_lora_dense, multi_lora_gathered
 from kernels.reference import multi_lora_reference
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"  # where backend="triton" tests run (interpreted on CPU)
@@ -122,17 +122,105 @@ def test_dense_torch_path_matches_reference():
         check_against_fp64(inp32, multi_lora, 1e-5, backend="torch")
 
 
+def test_gathered_torch_path_matches_reference():
+    """The torch backend's decode form (fewer routed pairs than adapters): A[ids], B[ids] copies, per-token products."""
+    for K, T, seed in ((1, 3, 0), (2, 2, 1), (4, 1, 2)):
+        inp = make_inputs(T, 12, 10, 9, 8, K, torch.float64, ranks=[8, 3, 0, 5, 1, 8, 2, 7, 4], empty=0.3, seed=seed)
+        check_against_fp64(inp, multi_lora_gathered, 1e-10)
+        inp32 = {k: (v.float() if v.is_floating_point() else v) for k, v in inp.items()}
+        check_against_fp64(inp32, multi_lora, 1e-5, backend="torch")
+
+
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
-CASES = [(F32, 1, "small"), (F32, 2, "small"), (F32, 1, "grouped"), (F32, 2, "grouped"), (F32, 4, "grouped"),
-         (F16, 2, "grouped"), (F16, 4, "small"), (BF16, 2, "small"), (BF16, 2, "grouped")]  # fmt: skip
+CASES = [(F32, 2, "small"), (F32, 1, "grouped"), (F32, 2, "grouped"), (F32, 4, "grouped"), (F16, 2, "grouped"),
+         (F16, 4, "fused"), (BF16, 2, "small"), (BF16, 2, "grouped")]  # fmt: skip
+
+
+def use_path(triton_ops, monkeypatch, path):
+    """Force the forward onto one path: fused (one launch), small (two launches, split-K) or grouped (sorted)."""
+    monkeypatch.setattr(triton_ops, "SMALL_T_MAX", 0 if path == "grouped" else 10**9)
+    monkeypatch.setattr(triton_ops, "FUSED_T_MAX", 10**9 if path == "fused" else 0)
+    monkeypatch.setattr(triton_ops, "FUSED_L2_BYTES", float("inf"))
+
+
+def test_fused_decode_dispatch_on_the_gpu_config():
+    """Where the GPU takes the one-launch kernel: short loops over d_in only (rank 16 up to d_in 4096, rank 64 up to
+    1024); LLaMA's 14336 or rank 64 at 4096 go to the two-launch split-K path."""
+    from kernels import triton_ops
+
+    cfg = triton_ops._CUDA_CONFIG
+    assert triton_ops._fused_bk(cfg, 576, 16) == 512 and triton_ops._fused_bk(cfg, 1536, 16) == 512
+    assert triton_ops._fused_bk(cfg, 4096, 16) == 512 and triton_ops._fused_bk(cfg, 1024, 64) == 128
+    assert triton_ops._fused_bk(cfg, 4096, 64) is None and triton_ops._fused_bk(cfg, 14336, 16) is None
 
 
 @pytest.mark.parametrize("dtype,K,path", CASES)
 def test_triton_matches_fp64_reference(triton_ops, monkeypatch, dtype, K, path):
     """Mixed ranks (24 = R, 5, 0 = unused adapter, 17) with R = 24 padded to 32 inside; d_out not a tile multiple."""
-    monkeypatch.setattr(triton_ops, "SMALL_T_MAX", 10**9 if path == "small" else 0)
+    use_path(triton_ops, monkeypatch, path)
     inp = make_inputs(17 if K < 4 else 9, 40, 36, 4, 24, K, dtype, ranks=[24, 5, 0, 17], seed=K, device=DEV)
     check_against_fp64(inp, multi_lora, TOL[dtype], backend="triton")
+
+
+INFERENCE_CASES = [(F32, 1, "fused", True), (F32, 2, "fused", False), (F32, 4, "fused", True),
+                   (F16, 2, "fused", True), (BF16, 4, "fused", False), (F32, 2, "small", True),
+                   (F32, 2, "grouped", True)]  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype,K,path,sentence", INFERENCE_CASES)
+def test_triton_inference_path_matches_fp64_reference(triton_ops, monkeypatch, dtype, K, path, sentence):
+    """The no-grad path (direct launches, sentence routing read through seq_ids by the kernels) against float64.
+
+    Mixed ranks with a rank-0 adapter, -1 slots, d_in / d_out not tile multiples, T not a multiple of the tokens a
+    program takes; the output is NaN-poisoned first and every element is compared.
+    """
+    use_path(triton_ops, monkeypatch, path)
+    T = 7 if path != "grouped" else 19
+    inp = make_inputs(T, 40, 36, 5, 24, K, dtype, ranks=[24, 5, 0, 17, 1], empty=0.3, seed=10 + K, device=DEV)
+    seq_ids = None
+    if sentence:  # 3 sequences of unequal length, tokens interleaved; the routing rows are sequences
+        seq_ids = torch.randint(0, 3, (T,), generator=torch.Generator().manual_seed(K)).to(DEV)
+        inp = dict(inp, ids=inp["ids"][:3].contiguous(), weights=inp["weights"][:3].contiguous())
+    ref = call(multi_lora_reference, {k: (v.double() if v.is_floating_point() else v).cpu() for k, v in inp.items()},
+               seq_ids=None if seq_ids is None else seq_ids.cpu())  # fmt: skip
+    with torch.no_grad():
+        out = call(multi_lora, inp, seq_ids=seq_ids, backend="triton")
+    assert torch.isfinite(out).all(), "output has unwritten (NaN-poisoned) elements"
+    assert rel_err(out, ref) < TOL[dtype]
+    worst = ((out.double().cpu() - ref).abs() / ref.abs().max()).max().item()
+    assert worst < 4 * TOL[dtype], f"an element is off by {worst:.2e} of the output's scale"
+
+
+def test_inference_launches_directly_and_training_goes_through_the_custom_op(monkeypatch):
+    from kernels import op
+
+    def refuse(*args):
+        raise AssertionError("custom op called")
+
+    monkeypatch.setattr(op, "_multi_lora_op", refuse)
+    inp = make_inputs(3, 16, 16, 3, 8, 2, torch.float32, device=DEV)
+    with torch.no_grad():
+        call(multi_lora, inp, backend="triton")
+    call(multi_lora, inp, backend="triton")  # nothing requires grad: direct as well
+    x = inp["x"].clone().requires_grad_(True)
+    with pytest.raises(AssertionError, match="custom op called"):
+        call(multi_lora, dict(inp, x=x), backend="triton")
+
+
+def test_bank_in_another_dtype_is_cast_once_and_recast_after_an_update(triton_ops):
+    from kernels import cast_cache
+
+    inp = make_inputs(4, 16, 24, 3, 8, 2, torch.float16, device=DEV)
+    A32, B32 = inp["A"].float(), inp["B"].float()
+    with torch.no_grad():
+        got = call(multi_lora, dict(inp, A=A32, B=B32), backend="triton")
+        assert cast_cache.cast(A32, torch.float16) is cast_cache.cast(A32, torch.float16)
+        torch.testing.assert_close(got, call(multi_lora, inp, backend="triton"), rtol=0, atol=0)
+        A32.mul_(2.0)  # an in-place update (optimizer step) must not be served from the stale cast
+        got2 = call(multi_lora, dict(inp, A=A32, B=B32), backend="triton")
+        want2 = call(multi_lora, dict(inp, A=A32.half()), backend="triton")
+    torch.testing.assert_close(got2, want2, rtol=0, atol=0)
+    assert not torch.equal(got2, got)
 
 
 @pytest.mark.parametrize("routing,L,K,T", [("one", 3, 2, 33), ("zipf", 128, 1, 16), ("uniform", 1, 1, 20)])
@@ -197,6 +285,27 @@ def test_bad_shapes_raise_one_clear_line():
 def test_gpu_bf16_against_fp64(T):
     inp = make_inputs(T, 512, 384, 28, 64, 2, torch.bfloat16, seed=T, device="cuda")
     check_against_fp64(inp, multi_lora, TOL[torch.bfloat16])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,d_in,d_out,R,K,dtype,sentence", [
+    (1, 576, 1536, 16, 1, torch.bfloat16, True), (8, 1536, 576, 16, 2, torch.bfloat16, False),
+    (1, 4096, 4096, 16, 2, torch.bfloat16, False), (16, 576, 576, 64, 4, torch.bfloat16, True),
+    (5, 4096, 14336, 64, 2, torch.bfloat16, False), (3, 576, 1536, 24, 2, torch.float32, True),
+    (40, 576, 576, 16, 2, torch.bfloat16, True), (300, 576, 1536, 16, 2, torch.float16, True)])  # fmt: skip
+def test_gpu_inference_path_against_fp64(T, d_in, d_out, R, K, dtype, sentence):
+    """No-grad direct launches on SmolLM2 / LLaMA shapes: fused (T <= 16, short d_in loops), two-launch, grouped."""
+    inp = make_inputs(T, d_in, d_out, 28, R, K, dtype, empty=0.2, seed=T + R, device="cuda")
+    seq_ids = None
+    if sentence:
+        seq_ids = torch.randint(0, 4, (T,), generator=torch.Generator().manual_seed(T)).cuda()
+        inp = dict(inp, ids=inp["ids"][:4].contiguous(), weights=inp["weights"][:4].contiguous())
+    ref = call(multi_lora_reference, {k: (v.double() if v.is_floating_point() else v).cpu() for k, v in inp.items()},
+               seq_ids=None if seq_ids is None else seq_ids.cpu())  # fmt: skip
+    with torch.no_grad():
+        out = call(multi_lora, inp, seq_ids=seq_ids)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) < (1e-5 if dtype == torch.float32 else TOL[dtype])
 
 
 @pytest.mark.gpu
