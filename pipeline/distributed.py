@@ -101,3 +101,30 @@ def full_weights(trainer):
 
         return FSDP.summon_full_params(trainer.strategy.model, writeback=False)
     return contextlib.nullcontext()
+
+
+def wait_for_all() -> None:
+    """Barrier across the job's processes (none without a process group): a rank that goes on to read what
+    rank 0 just wrote (the next stage of ``reproduce`` loading an adapter or router) waits here for it."""
+    import torch.distributed as dist
+
+    if world_size() > 1:
+        dist.barrier()
+
+
+def shard(order: list) -> list:
+    """This rank's share of a global sample order, laid out as torch's ``DistributedSampler`` does: padded (with
+    its first samples) to a multiple of the world size, then every N-th sample from position ``rank``. The global
+    batch of step k (rank 0's batch k, rank 1's batch k, ...) is then the one-process batch of step k."""
+    world = world_size()
+    if world == 1:
+        return list(order)
+    import torch.distributed as dist
+
+    padded = list(order) + list(order)[: (-len(order)) % world]
+    return padded[dist.get_rank()::world]
+
+
+def shard_size(num_samples: int) -> int:
+    """``len(shard(range(num_samples)))`` without building it."""
+    return -(-int(num_samples) // world_size())

@@ -11,6 +11,10 @@ Single tasks: the first ``data.test_limit`` rows of each task's test split, gree
 prompt), answers parsed and scored per sub-task with attempts / correct (``data.composite.score_composite``);
 meteora uses ``router.composite_temperature[n]`` there. Writes ``predictions.jsonl`` (one line per example:
 prompt, gold, prediction, route) and metrics.json (``<task>/<metric>``, ``<task>/score``, ``main`` = mean score).
+
+Multi-GPU: generation runs through ``Trainer.predict`` with ``cfg.trainer``'s devices (``trainer=ddp``): the
+generate calls are sharded across the processes and gathered once on rank 0, which alone scores and writes;
+predictions equal a one-process run's (``pipeline/generation.py``).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import json
 import logging
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from pipeline.atomic import atomic_write_text
 from pipeline.entry import CONF_DIR, user_errors
@@ -40,36 +44,56 @@ def _label(cfg: DictConfig) -> str:
     return str(cfg.router.label)
 
 
-def _single_tasks(cfg, mm, tokenizer, gen_cfg, progress):
-    from data.scoring import score
-    from pipeline.generation import generate_texts
+def predict_trainer(cfg: DictConfig, progress: bool):
+    """The Trainer that runs generation: ``cfg.trainer``'s devices and processes, no logger, no grad.
+
+    Generation needs every rank to hold the whole model, so ``trainer=fsdp`` evaluates with DDP replicas."""
+    from hydra.utils import instantiate
+
+    kw = {"logger": False, "callbacks": [], "enable_progress_bar": progress, "inference_mode": False}
+    if "FSDP" in str(OmegaConf.select(cfg, "trainer.strategy._target_", default="")):
+        from lightning.pytorch.strategies import DDPStrategy
+
+        kw["strategy"] = DDPStrategy()
+    return instantiate(cfg.trainer, **kw)
+
+
+def _single_task_groups(cfg):
+    """One prompt group per task: its first ``data.test_limit`` test rows (the oracle gets the task's adapter)."""
+    from pipeline.generation import PromptGroup
     from pipeline.task_rows import task_rows
 
-    metrics, lines, skipped, seconds, new_tokens = {}, [], 0, 0.0, 0
     oracle = str(cfg.router.strategy) == "oracle"
+    rows, groups = {}, []
     for task in [str(t) for t in cfg.tasks]:
-        rows = task_rows(task, str(cfg.data.test_split), cfg.data.test_limit, int(cfg.data.get("split_seed", 0)))
-        g = generate_texts(mm, tokenizer, [r["prompt"] for r in rows], task_ids=[task] * len(rows) if oracle else None,
-                           batch_size=int(gen_cfg.batch_size), max_new_tokens=int(gen_cfg.max_new_tokens),
-                           max_prompt_tokens=int(cfg.data.max_prompt_tokens), desc=f"{_label(cfg)}:{task}",
-                           progress=progress)
-        scored = [(r, p) for r, p in zip(rows, g.texts) if p is not None]
+        rows[task] = task_rows(task, str(cfg.data.test_split), cfg.data.test_limit, int(cfg.data.get("split_seed", 0)))
+        groups.append(PromptGroup([r["prompt"] for r in rows[task]], [task] * len(rows[task]) if oracle else None,
+                                  int(cfg.generation.max_new_tokens)))
+    return rows, groups
+
+
+def _score_single_tasks(cfg, rows, gens):
+    from data.scoring import score
+
+    metrics, lines, skipped, new_tokens = {}, [], 0, 0
+    for (task, task_rows_), g in zip(rows.items(), gens):
+        scored = [(r, p) for r, p in zip(task_rows_, g.texts) if p is not None]
         m = score(task, [p for _, p in scored], [r["answer"] for r, _ in scored]) if scored else {"n": 0}
         metrics.update({f"{task}/{k}": v for k, v in m.items()})
         metrics[f"{task}/score"] = task_score(m)
         metrics[f"{task}/skipped_long"] = g.skipped
-        skipped, seconds, new_tokens = skipped + g.skipped, seconds + g.seconds, new_tokens + g.new_tokens
-        for i, (r, p, route) in enumerate(zip(rows, g.texts, g.routes)):
+        skipped, new_tokens = skipped + g.skipped, new_tokens + g.new_tokens
+        for i, (r, p, route) in enumerate(zip(task_rows_, g.texts, g.routes)):
             lines.append({"task": task, "index": i, "prompt": r["prompt"], "answer": r["answer"], "prediction": p,
                           "route": route})
     scores = [metrics[f"{t}/score"] for t in cfg.tasks if metrics.get(f"{t}/score") is not None]
     metrics["main"] = sum(scores) / len(scores) if scores else None
-    return metrics, lines, list(cfg.tasks), skipped, seconds, new_tokens
+    return metrics, lines, list(cfg.tasks), skipped, new_tokens
 
 
-def _composite(cfg, mm, tokenizer, gen_cfg, n, progress):
-    from data.composite import build_composite, score_composite
-    from pipeline.generation import generate_texts
+def _composite_group(cfg, n):
+    from data.composite import build_composite
+    from pipeline.generation import PromptGroup
 
     subtasks = [str(t) for t in list(cfg.composite_tasks)[:n]]
     if len(subtasks) < n:
@@ -80,10 +104,13 @@ def _composite(cfg, mm, tokenizer, gen_cfg, n, progress):
     ds = build_composite(subtasks, rows=int(cfg.composite_rows), seed=int(cfg.composite_seed),
                          shots=int(cfg.get("composite_shots", 2)),
                          split_seed=int(cfg.data.get("split_seed", 0)))
-    g = generate_texts(mm, tokenizer, list(ds["prompt"]), batch_size=int(gen_cfg.batch_size),
-                       max_new_tokens=n * int(gen_cfg.composite_max_new_tokens_per_task),
-                       max_prompt_tokens=int(cfg.data.max_prompt_tokens), desc=f"{_label(cfg)}:composite-{n}",
-                       progress=progress)
+    return subtasks, ds, PromptGroup(list(ds["prompt"]), None,
+                                     n * int(cfg.generation.composite_max_new_tokens_per_task))
+
+
+def _score_composite(n, subtasks, ds, g):
+    from data.composite import score_composite
+
     outputs = ["" if p is None else p for p in g.texts]
     rep = score_composite(outputs, ds)
     metrics = {}
@@ -94,32 +121,42 @@ def _composite(cfg, mm, tokenizer, gen_cfg, n, progress):
     metrics["main"] = rep["correct"] / n
     lines = [{"index": i, "prompt": row["prompt"], "answers": row["answers"], "prediction": p, "route": r}
              for i, (row, p, r) in enumerate(zip(ds, g.texts, g.routes))]
-    return metrics, lines, subtasks, g.skipped, g.seconds, g.new_tokens
+    return metrics, lines, subtasks, g.skipped, g.new_tokens
 
 
 def evaluate(cfg: DictConfig) -> float | None:
-    """Evaluate ``cfg.router`` on the tasks (or composite-n); return the mean task score."""
+    """Evaluate ``cfg.router`` on the tasks (or composite-n); return the mean task score (None on ranks > 0)."""
+    from pipeline.generation import generate_groups
     from pipeline.multilora_setup import build_multilora
 
     n = int(cfg.composite_n) if cfg.get("composite_n") else None
     with StageRun(cfg) as run:
         mm, tokenizer = build_multilora(cfg, composite_n=n)
         mm.eval()
-        progress = bool(cfg.get("progress", True))
         if n:
-            metrics, lines, tasks, skipped, seconds, new_tokens = _composite(cfg, mm, tokenizer, cfg.generation, n,
-                                                                             progress)
+            subtasks, ds, group = _composite_group(cfg, n)
+            groups = [group]
         else:
-            metrics, lines, tasks, skipped, seconds, new_tokens = _single_tasks(cfg, mm, tokenizer, cfg.generation,
-                                                                                progress)
+            rows, groups = _single_task_groups(cfg)
+        trainer = predict_trainer(cfg, bool(cfg.get("progress", True)))
+        gens = generate_groups(trainer, mm, tokenizer, groups, batch_size=int(cfg.generation.batch_size),
+                               max_prompt_tokens=int(cfg.data.max_prompt_tokens))
+        if gens is None:  # another DDP rank: its share went to rank 0, which scores and writes
+            return None
+        if n:
+            metrics, lines, tasks, skipped, new_tokens = _score_composite(n, subtasks, ds, gens[0])
+        else:
+            metrics, lines, tasks, skipped, new_tokens = _score_single_tasks(cfg, rows, gens)
+        seconds = gens[0].seconds if gens else 0.0
         metrics.update({"skipped_long": skipped, "gen_seconds": round(seconds, 3),
-                        "new_tokens_per_s": round(new_tokens / max(seconds, 1e-9), 2)})
+                        "new_tokens_per_s": round(new_tokens / max(seconds, 1e-9), 2),
+                        "processes": trainer.world_size})
         atomic_write_text(run.run_dir / "predictions.jsonl", "".join(json.dumps(x) + "\n" for x in lines))
         if run.tracker is not None and lines:
             cols = ["task", "prompt", "answer", "prediction"]
-            rows = [[x.get("task", f"composite-{n}"), x["prompt"][-300:], str(x.get("answer", x.get("answers"))),
-                     x["prediction"]] for x in lines[:200]]
-            run.tracker.log_table("evaluate/predictions", cols, rows)
+            rows_ = [[x.get("task", f"composite-{n}"), x["prompt"][-300:], str(x.get("answer", x.get("answers"))),
+                      x["prediction"]] for x in lines[:200]]
+            run.tracker.log_table("evaluate/predictions", cols, rows_)
         return run.finish(tasks=tasks, strategy=_label(cfg), metrics=metrics, main_metric="main",
                           extra={"composite_n": n, "router": str(cfg.router.strategy)})
 

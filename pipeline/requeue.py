@@ -164,11 +164,15 @@ def _set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-class ResumableSampler(torch.utils.data.Sampler):
+class ResumableSampler(torch.utils.data.distributed.DistributedSampler):
     """Shuffled order fixed by (seed, epoch), so a resumed job can replay an epoch from any batch.
 
     Lightning calls ``set_epoch`` before each epoch; ``skip_next(n)`` makes the next epoch's iterator start at
     sample ``n`` of that epoch's order (the samples the interrupted job had already trained on).
+    Under DDP each rank iterates its shard of the same order (``pipeline.distributed.shard``: every N-th sample),
+    so the global batch of a step is the one-process batch; being a ``DistributedSampler``, Lightning uses it
+    as it is (it would otherwise wrap it and shuffle the order a second time). ``skip_next`` counts this rank's
+    samples then.
     """
 
     def __init__(self, num_samples: int, seed: int):
@@ -181,12 +185,16 @@ class ResumableSampler(torch.utils.data.Sampler):
         self.skip = int(samples)
 
     def __len__(self) -> int:
-        return self.num_samples
+        from pipeline.distributed import shard_size
+
+        return shard_size(self.num_samples)
 
     def __iter__(self):
+        from pipeline.distributed import shard
+
         order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + self.epoch))
         start, self.skip = self.skip, 0
-        return iter(order[start:].tolist())
+        return iter(shard(order.tolist())[start:])
 
 
 class RequeueCheckpoint(L.Callback):

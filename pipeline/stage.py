@@ -68,6 +68,10 @@ class StageRun:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:  # DDP: no rank leaves the stage before rank 0 has written its outputs
+            from pipeline.distributed import wait_for_all
+
+            wait_for_all()
         if self.tracker is not None:
             self.tracker.finish()
 
