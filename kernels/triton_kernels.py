@@ -219,8 +219,10 @@ def grouped_wgrad_kernel(
 def _route_row(seq_ptr, t, tv, SEQ: tl.constexpr):
     """Row of ids/weights that token t reads: seq_ids[t] for sentence routing (SEQ), else t itself."""
     if SEQ:
-        return tl.load(seq_ptr + t, mask=tv, other=0).to(tl.int64)
-    return t.to(tl.int64)
+        row = tl.load(seq_ptr + t, mask=tv, other=0).to(tl.int64)
+    else:
+        row = t.to(tl.int64)
+    return row
 
 
 @triton.jit
