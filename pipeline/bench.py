@@ -5,23 +5,33 @@
 
 Latency needs shapes, not trained weights, so the adapters are random PEFT LoRAs written on the fly with the
 configured ``adapter`` (r, alpha, targets) and the routers are fresh (untrained) ones: meteora gates route every
-token to its top-k, the dlp router picks a nucleus once per sequence. For each shape (``default`` = the
-configured model; ``llama3_8b`` = a random-weight LLaMA-3-8B-shaped model, bf16, CUDA only), engine
-(``eager`` / ``static``, the latter CUDA only), batch size, prompt length and number of adapters it measures:
+token to its top-k, the dlp router picks a nucleus once per sequence. For each shape, engine, batch size, prompt
+length and number of adapters it measures:
 
   base            the plain model                      peft       one unmerged LoRA through peft
   oracle          loramux, each sequence's own adapter  lora_b     loramux, one adapter for all
   meteora-top1/2  loramux token gates, top-k            dlp        loramux sentence router, top-p 0.6
-  merge           loramux, all adapters weighted 1/L
+  merge           loramux, all adapters weighted 1/L    dlp_segments  dlp re-routed per prompt segment
 
-Each row: prefill tokens/s, decode ms/token (see ``pipeline.latency``) and ``ratio_to_base`` = decode time over
-the base model's with the same shape, engine, batch and prompt length. On CUDA the kernels/ micro-benchmark
-(``python -m kernels.bench``) runs too, its table saved beside. Combinations a device cannot run are logged and
-left out (never silently faked).
+Shapes: ``default`` = the configured model; ``llama3_8b`` = a random-weight LLaMA-3-8B-shaped model in bf16
+(CUDA only: 16 GB); ``llama3_8b_tiny`` = the same code path (same config keys, vocab, GQA ratio, bf16) with 2
+layers and hidden 64, so CPU tests run every line the GPU runs.
+
+Engines (``pipeline.latency``): ``eager``; ``static`` = static KV cache, decode compiled per ``bench.static``
+(backend, mode; CUDA only unless ``bench.static.allow_on_cpu``); a compile that fails falls back to the static
+cache without compile. Each row's ``engine`` says what ran: ``eager``, ``static+compile`` or ``static``.
+``bench.static.{shapes,strategies,num_adapters}`` restrict the static grid (each combination compiles once).
+
+Each row: model, prefill tokens/s and ms, decode ms/token, ``peak_mem_gb`` (CUDA max_memory_allocated over the
+timed calls; None on CPU) and ``ratio_to_base`` = decode time over the base model's with the same shape, engine,
+batch and prompt length. On CUDA the kernels/ micro-benchmark (``python -m kernels.bench``) runs too when
+``bench.kernel_micro``. Combinations a device cannot run are logged and left out (never silently faked).
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import tempfile
 from pathlib import Path
@@ -39,28 +49,56 @@ LOADED = {"oracle": ("oracle", {}), "lora_b": ("lora_b", None), "merge": ("merge
           "dlp": ("dlp", {"top_p": 0.6}), "dlp_segments": ("dlp_segments", {"top_p": 0.6})}
 LLAMA3_8B = {"vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
              "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 8192,
-             "rope_theta": 500000.0, "tie_word_embeddings": False}
+             "rope_theta": 500000.0, "tie_word_embeddings": False, "bos_token_id": 128000,
+             "eos_token_id": 128001}
+# name -> (LlamaConfig kwargs, needs CUDA): random weights in bf16; the tiny one is the CPU stand-in of the 8B
+SHAPES = {"llama3_8b": (LLAMA3_8B, True),
+          "llama3_8b_tiny": ({**LLAMA3_8B, "hidden_size": 64, "intermediate_size": 224, "num_hidden_layers": 2,
+                              "num_attention_heads": 8, "num_key_value_heads": 2}, False)}
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def random_llama(config: dict, device, dtype=torch.bfloat16):
+    """A random-weight ``LlamaForCausalLM`` of ``config``, built directly in ``dtype`` on ``device``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.device(device), _default_dtype(dtype):
+        model = LlamaForCausalLM(LlamaConfig(**config)).eval()
+    model.requires_grad_(False)
+    model.generation_config.pad_token_id = config["eos_token_id"]
+    return model
 
 
 def build_shape(cfg: DictConfig, shape: str):
-    """``(model, vocab_size, device)`` for a shape; None where this machine cannot hold it."""
+    """``(model, vocab_size, device, model label)`` for a shape; None where this machine cannot hold it."""
     from hydra.utils import instantiate
 
+    want = str(cfg.bench.get("device", "auto"))
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if want == "auto" else want)
     if shape == "default":
         model, tok = instantiate(cfg.model)
-        return model, len(tok), next(model.parameters()).device
-    if shape == "llama3_8b":
-        if not torch.cuda.is_available():
-            log.warning("bench: shape llama3_8b needs a CUDA GPU (16 GB of bf16 weights); skipped on this machine")
-            return None
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        with torch.device("cuda"):
-            model = LlamaForCausalLM(LlamaConfig(**LLAMA3_8B)).to(torch.bfloat16).eval()
-        model.requires_grad_(False)
-        model.config.name_or_path = "random-llama3-8b-shape"
-        return model, LLAMA3_8B["vocab_size"], torch.device("cuda")
-    raise ValueError(f"bench.shapes entry {shape!r} is not known; use default or llama3_8b")
+        if cfg.model.get("device") is None:  # the model config leaves placement to the stage
+            model = model.to(device)
+        return model, len(tok), next(model.parameters()).device, Path(str(cfg.model.name_or_path)).name
+    if shape not in SHAPES:
+        raise ValueError(f"bench.shapes entry {shape!r} is not known; use default, {', '.join(SHAPES)}")
+    config, needs_cuda = SHAPES[shape]
+    if needs_cuda and device.type != "cuda":
+        log.warning("bench: shape %s needs a CUDA GPU (16 GB of bf16 weights); skipped on this machine (its CPU "
+                    "stand-in is llama3_8b_tiny)", shape)
+        return None
+    model = random_llama(config, device)
+    model.config.name_or_path = f"random-{shape}"
+    return model, config["vocab_size"], device, shape
 
 
 def random_adapter(model, out_dir, adapter_cfg: DictConfig, seed: int = 0) -> Path:
@@ -79,12 +117,81 @@ def random_adapter(model, out_dir, adapter_cfg: DictConfig, seed: int = 0) -> Pa
     return Path(out_dir)
 
 
-def _measure(generate, vocab, device, b, s, cfg, engine):
-    from pipeline.latency import random_batch, time_generate
+class ShapeBench:
+    """Times one model (one shape) under every configured engine / batch / prompt length; appends rows."""
 
-    ids, mask = random_batch(vocab, b, s, device, seed=int(cfg.seed))
-    return time_generate(generate, ids, mask, int(cfg.bench.new_tokens), warmup=int(cfg.bench.warmup),
-                         repeats=int(cfg.bench.repeats), engine=engine)
+    def __init__(self, cfg: DictConfig, shape: str, model, vocab: int, device, label: str, rows: list):
+        self.cfg, self.b_cfg, self.shape, self.model = cfg, cfg.bench, shape, model
+        self.vocab, self.device, self.label, self.rows = vocab, device, label, rows
+        st = self.b_cfg.get("static") or {}
+        self.static = st
+        engines = list(self.b_cfg.engines)
+        if "static" in engines and device.type != "cuda" and not st.get("allow_on_cpu", False):
+            log.warning("bench: engine static needs CUDA (or bench.static.allow_on_cpu=true); measuring eager only")
+            engines = [e for e in engines if e != "static"]
+        self.engines = engines
+
+    def _static_allowed(self, strategy: str, n: int) -> bool:
+        def ok(key, value):
+            sel = self.static.get(key)
+            return sel is None or value in list(sel)
+        plain = strategy in ("base", "peft")  # no adapter count to filter on
+        return ok("shapes", self.shape) and ok("strategies", strategy) and (plain or ok("num_adapters", n))
+
+    def _compile(self):
+        st = self.static
+        if not st.get("compile", True):
+            return None
+        from pipeline.latency import compile_config
+
+        return compile_config(str(st.get("backend", "inductor")), st.get("mode", "reduce-overhead"),
+                              bool(st.get("fullgraph", False)), all_devices=self.device.type != "cuda")
+
+    def _time(self, generate, b, s, engine, compile=None):
+        from pipeline.latency import random_batch, time_generate
+
+        ids, mask = random_batch(self.vocab, b, s, self.device, seed=int(self.cfg.seed))
+        return time_generate(generate, ids, mask, int(self.b_cfg.new_tokens), warmup=int(self.b_cfg.warmup),
+                             repeats=int(self.b_cfg.repeats), engine=engine, compile=compile)
+
+    def _static(self, generate, b, s) -> tuple[str, dict]:
+        """Static cache, compiled when configured; a compile failure falls back to no compile (logged)."""
+        cc = self._compile()
+        if cc is not None:
+            torch._dynamo.reset()  # a fresh compile per combination: no stale guards, no recompile limit
+            self.model.__dict__.pop("_compiled_call", None)
+            try:
+                m = self._time(generate, b, s, "static", cc)
+                if "_compiled_call" in self.model.__dict__:
+                    return "static+compile", m
+                log.warning("bench: generate did not compile (transformers' auto-compile criteria); static only")
+                return "static", m
+            except Exception as err:  # noqa: BLE001 reported, then measured without compile
+                log.warning("bench: static+compile failed (%s: %s); measuring the static cache without compile",
+                            type(err).__name__, str(err)[:300])
+                torch._dynamo.reset()
+                self.model.__dict__.pop("_compiled_call", None)
+        return "static", self._time(generate, b, s, "static", None)
+
+    def measure(self, strategy: str, n: int, generate) -> None:
+        for engine in self.engines:
+            if engine == "static" and not self._static_allowed(strategy, n):
+                continue
+            for b in self.b_cfg.batch_sizes:
+                for s in self.b_cfg.prompt_lengths:
+                    b, s = int(b), int(s)
+                    try:
+                        if engine == "static":
+                            ran, m = self._static(generate, b, s)
+                        else:
+                            ran, m = engine, self._time(generate, b, s, engine)
+                    except Exception as err:  # noqa: BLE001 a combination this device cannot run is reported
+                        log.warning("bench: %s %s n=%s %s b=%s s=%s failed: %s", self.shape, strategy, n, engine,
+                                    b, s, err)
+                        continue
+                    self.rows.append({"model": self.label, "shape": self.shape, "engine": ran,
+                                      "strategy": strategy, "num_adapters": n, "batch_size": b, "prompt_len": s,
+                                      "new_tokens": int(self.b_cfg.new_tokens), **m})
 
 
 def bench_shape(cfg: DictConfig, shape: str, rows: list) -> None:
@@ -96,35 +203,24 @@ def bench_shape(cfg: DictConfig, shape: str, rows: list) -> None:
     built = build_shape(cfg, shape)
     if built is None:
         return
-    model, vocab, device = built
-    b_cfg, strategies = cfg.bench, list(cfg.bench.strategies)
-    engines = [e for e in b_cfg.engines if e == "eager" or device.type == "cuda"]
-    if len(engines) < len(b_cfg.engines):
-        log.warning("bench: engine static needs CUDA; measuring %s only", engines)
+    model, vocab, device, label = built
+    strategies = list(cfg.bench.strategies)
+    sb = ShapeBench(cfg, shape, model, vocab, device, label, rows)
     with tempfile.TemporaryDirectory(prefix="loramux-bench-") as tmp:
         adapter = random_adapter(model, Path(tmp) / "random", cfg.adapter, int(cfg.seed))
-
-        def record(strategy, n, engine, b, s, m):
-            rows.append({"shape": shape, "engine": engine, "strategy": strategy, "num_adapters": n, "batch_size": b,
-                         "prompt_len": s, "new_tokens": int(b_cfg.new_tokens), **m})
-
-        grid = [(e, b, s) for e in engines for b in b_cfg.batch_sizes for s in b_cfg.prompt_lengths]
         if "base" in strategies:
-            for e, b, s in grid:
-                gen = model.generate
-                record("base", 0, e, b, s, _measure(lambda i, m, g=gen, **k: g(input_ids=i, attention_mask=m, **k),
-                                                    vocab, device, b, s, cfg, e))
+            sb.measure("base", 0, lambda i, m, **k: model.generate(input_ids=i, attention_mask=m, **k))
         if "peft" in strategies:
             pm = PeftModel.from_pretrained(model, str(adapter))
             pm.eval()
-            for e, b, s in grid:
-                record("peft", 1, e, b, s, _measure(lambda i, m, g=pm.generate, **k: g(input_ids=i, attention_mask=m,
-                                                                                         **k), vocab, device, b, s, cfg, e))
+            sb.measure("peft", 1, lambda i, m, **k: pm.generate(input_ids=i, attention_mask=m, **k))
             model = pm.unload()
+            sb.model = model
         multi = [st for st in strategies if st in LOADED]
-        for n in b_cfg.num_adapters:
-            if not multi:
-                break
+        unknown = [st for st in strategies if st not in LOADED and st not in ("base", "peft")]
+        if unknown:
+            raise ValueError(f"bench.strategies {unknown} are not known; use base, peft, {', '.join(LOADED)}")
+        for n in cfg.bench.num_adapters if multi else []:
             mm = MultiLoRAModel.from_adapters(model, {f"a{i}": adapter for i in range(int(n))}, router="base",
                                               check_base_name=False)
             for st in multi:
@@ -132,16 +228,13 @@ def bench_shape(cfg: DictConfig, shape: str, rows: list) -> None:
                 if name == "meteora" and kw["top_k"] > int(n):
                     continue
                 mm.set_router(name, **({"adapter": "a0"} if kw is None else kw))
-                for e, b, s in grid:
-                    mm.set_routing(task_ids=[0] * b if name == "oracle" else None)
-                    try:
-                        m = _measure(lambda i, a, mm=mm, **k: mm.generate(i, attention_mask=a, **k), vocab, device, b, s,
-                                     cfg, e)
-                    except Exception as err:  # noqa: BLE001 a combination this device cannot run is reported
-                        log.warning("bench: %s n=%s %s b=%s s=%s failed: %s", st, n, e, b, s, err)
-                        continue
-                    record(st, int(n), e, b, s, m)
+
+                def gen(i, a, mm=mm, name=name, **k):
+                    mm.set_routing(task_ids=[0] * i.shape[0] if name == "oracle" else None)
+                    return mm.generate(i, attention_mask=a, **k)
+                sb.measure(st, int(n), gen)
             model = mm.unwrap()
+            sb.model = model
 
 
 def add_ratios(rows: list) -> None:
@@ -173,6 +266,9 @@ def bench(cfg: DictConfig) -> float | None:
         rows: list = []
         for shape in cfg.bench.shapes:
             bench_shape(cfg, str(shape), rows)
+            gc.collect()  # the shape's model (16 GB at 8B) goes before the next one is built
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
         add_ratios(rows)
         if not rows:
             raise ValueError("bench measured nothing on this machine; use bench.shapes=[default] "

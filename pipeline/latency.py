@@ -1,13 +1,18 @@
-"""Latency of generation: prefill tokens/s and decode ms/token for one model call, measured end to end.
+"""Latency of generation: prefill tokens/s, decode ms/token and peak memory for one model call, end to end.
 
 Decode cost is separated from prefill by timing two greedy generations of the same batch, one of 1 new token
-and one of N (``min_new_tokens`` forces the length): decode ms/token = (t_N - t_1) / (N - 1), prefill tokens/s
-= batch x prompt tokens / t_1. Each is the median of ``repeats`` runs after ``warmup`` runs; CUDA is
-synchronised around every timed call.
+and one of N (``min_new_tokens`` forces the length, and the output length is checked: a random-weight model
+that emits EOS early would otherwise time fewer steps): decode ms/token = (t_N - t_1) / (N - 1), prefill
+tokens/s = batch x prompt tokens / t_1. Each is the median of ``repeats`` runs after ``warmup`` runs; CUDA is
+synchronised around every timed call, and ``peak_mem_gb`` is ``torch.cuda.max_memory_allocated`` over the
+timed calls (None on CPU).
 
 Engines: ``eager`` is ``model.generate`` with the dynamic KV cache (what users run today); ``static`` asks
-transformers for a static KV cache (``cache_implementation="static"``, compiled with ``torch.compile``), which
-is only meaningful on CUDA, where it exposes the weight-bandwidth floor.
+transformers for a static KV cache (``cache_implementation="static"``). With ``compile`` (a
+``transformers.CompileConfig``) generate compiles the decode step (``torch.compile``, mode ``reduce-overhead`` =
+CUDA graphs: the weight-bandwidth floor is only visible there); transformers does that by itself on CUDA, and on
+CPU only when the config says ``_compile_all_devices`` (tests use ``backend="eager"``: dynamo traces every line,
+no C++ build). ``compile=None`` passes ``disable_compile=True``: a static cache without compilation.
 """
 
 from __future__ import annotations
@@ -30,29 +35,63 @@ def random_batch(vocab_size: int, batch: int, prompt_len: int, device, seed: int
     return ids.to(device), torch.ones_like(ids, device=device)
 
 
-def time_generate(generate, ids, mask, new_tokens: int, *, warmup: int = 1, repeats: int = 3,
-                  engine: str = "eager") -> dict:
-    """``{"prefill_tok_s", "decode_ms_per_token", "t1_s", "tN_s"}`` for ``generate(ids, mask, **kw)``."""
+def compile_config(backend: str = "inductor", mode: str | None = "reduce-overhead", fullgraph: bool = False,
+                   all_devices: bool = False):
+    """A ``transformers.CompileConfig`` for generate's decode step (``all_devices``: compile on CPU too)."""
+    from transformers import CompileConfig
+
+    kw = {"backend": backend, "fullgraph": fullgraph}
+    if mode:
+        kw["mode"] = mode
+    cc = CompileConfig(**kw)
+    if all_devices:
+        cc._compile_all_devices = True
+    return cc
+
+
+def generate_kwargs(engine: str, compile=None) -> dict:
+    """generate() keyword arguments of an engine: greedy, plus the static cache and its compile choice."""
     kw = {"do_sample": False}
     if engine == "static":
         kw["cache_implementation"] = "static"
+        if compile is None:
+            kw["disable_compile"] = True
+        else:
+            kw["compile_config"] = compile
     elif engine != "eager":
         raise ValueError(f"engine={engine!r} is not known; use eager or static")
+    return kw
+
+
+def time_generate(generate, ids, mask, new_tokens: int, *, warmup: int = 1, repeats: int = 3,
+                  engine: str = "eager", compile=None) -> dict:
+    """``{"prefill_tok_s", "prefill_ms", "decode_ms_per_token", "t1_s", "tN_s", "peak_mem_gb"}`` for
+    ``generate(ids, mask, **kw)``; raises when the output is not exactly ``new_tokens`` long."""
+    kw = generate_kwargs(engine, compile)
     new_tokens = max(2, int(new_tokens))
+    cuda = ids.device.type == "cuda"
 
     def once(n):
         _sync(ids.device)
         t0 = time.perf_counter()
         with torch.no_grad():
-            generate(ids, mask, max_new_tokens=n, min_new_tokens=n, **kw)
+            out = generate(ids, mask, max_new_tokens=n, min_new_tokens=n, **kw)
         _sync(ids.device)
-        return time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        seqs = out if torch.is_tensor(out) else out.sequences
+        if seqs.shape[-1] != ids.shape[-1] + n:
+            raise RuntimeError(f"generate made {seqs.shape[-1] - ids.shape[-1]} new tokens, asked for exactly {n} "
+                               f"(min_new_tokens ignored?); decode time would be wrong")
+        return seconds
 
     for _ in range(max(0, warmup)):
         once(new_tokens)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(ids.device)
     t1 = statistics.median(once(1) for _ in range(max(1, repeats)))
     tn = statistics.median(once(new_tokens) for _ in range(max(1, repeats)))
+    peak = round(torch.cuda.max_memory_allocated(ids.device) / 2**30, 3) if cuda else None
     b, s = ids.shape
-    return {"prefill_tok_s": round(b * s / t1, 2), "decode_ms_per_token": round(1000 * max(tn - t1, 0) /
-                                                                               (new_tokens - 1), 4),
-            "t1_s": round(t1, 5), "tN_s": round(tn, 5)}
+    return {"prefill_tok_s": round(b * s / t1, 2), "prefill_ms": round(1000 * t1, 3),
+            "decode_ms_per_token": round(1000 * max(tn - t1, 0) / (new_tokens - 1), 4),
+            "t1_s": round(t1, 5), "tN_s": round(tn, 5), "peak_mem_gb": peak}

@@ -6,11 +6,14 @@
 Reads only metrics.json files (wandb is a mirror, never the source): see ``pipeline.report_tables`` for which
 record feeds which table. Writes ``<out_dir>/report.md``, ``<out_dir>/tables/<name>.{md,csv}`` and
 ``<out_dir>/plots/<name>.png``, logs each table as a wandb Table and each plot as an image, and its own
-metrics.json (number of records and tables) in its run dir.
+metrics.json (number of records and tables) in its run dir. When the experiment is one of the papers' tables
+(``paper_table``, default the experiment's name), it also writes ``<paper_tables_dir>/<name>.{json,md,png}``
+(``pipeline.paper_tables``: the issue-8 rows, provenance and computed claims; default ``outputs/tables/``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -76,6 +79,26 @@ def render_report(records: list[dict], out_dir, title: str, tracker=None) -> tup
     return report, tables
 
 
+def write_experiment_table(cfg: DictConfig, records: list[dict]) -> dict:
+    """``<paper_tables_dir>/<paper_table>.{json,md,png}`` when ``cfg.paper_table`` names a paper table, else {}."""
+    from omegaconf import OmegaConf
+
+    from pipeline.paper_tables import PAPER_TABLES, claims_summary, write_paper_table
+
+    name = cfg.get("paper_table")
+    if not name or str(name) not in PAPER_TABLES:
+        return {}
+    try:
+        config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    except Exception:  # noqa: BLE001 an interpolation only Hydra's runtime resolves: keep it as written
+        config = OmegaConf.to_container(cfg, resolve=False)
+    config.pop("hydra", None)
+    paths = write_paper_table(str(name), records, str(cfg.paper_tables_dir), config=config)
+    table = json.loads(Path(paths["json"]).read_text())
+    print(f"paper table {name}: {Path(paths['md']).resolve()}\n{claims_summary(table)}")
+    return paths
+
+
 def report(cfg: DictConfig) -> float | None:
     """Build the report of ``cfg.source_dir`` into ``cfg.out_dir``; return the number of tables."""
     from pipeline.stage import StageRun
@@ -84,10 +107,12 @@ def report(cfg: DictConfig) -> float | None:
         records = collect_records(cfg.source_dir)
         path, tables = render_report(records, cfg.out_dir, str(cfg.title), tracker=run.tracker)
         print(f"report: {path.resolve()}")
+        paper = write_experiment_table(cfg, records)
         tasks = sorted({t for r in records for t in r.get("tasks", [])})
         return run.finish(tasks=tasks, strategy=None, main_metric="tables",
                           metrics={"records": len(records), "tables": len(tables)},
-                          extra={"report": str(path), "table_names": [t.name for t in tables]})
+                          extra={"report": str(path), "table_names": [t.name for t in tables],
+                                 "paper_table": {k: str(v) for k, v in paper.items()}})
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="report")

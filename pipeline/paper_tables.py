@@ -1,0 +1,559 @@
+"""The papers' tables, as committed results: ``<dir>/<experiment>.json`` + ``.md`` (+ ``.png`` where a paper has a
+figure), built from one experiment's metrics.json records, with the claims of issue 8 computed from the rows.
+
+    from pipeline.paper_tables import write_paper_table
+    write_paper_table("dlp_tasks", records, "outputs/tables", config={...})   # the report stage calls this
+
+JSON: ``{"table", "provenance": {git_sha, device, torch, triton, transformers, versions, config, date,
+wall_time_s, records}, "rows": [...], "claims": [{claim, measured, threshold, holds}], ...}``. Rows per table
+(scores: accuracy and ROUGE as fractions in [0, 1], BLEU 0-100; None where a run is missing):
+
+* ``meteora_tasks``: ``{task, metric, peft, meteora_top1, meteora_top2, lora_b, merge}``; ``peft`` = the oracle
+  (each task's own adapter); ``metric`` = accuracy where the task has it, else rougeL, else bleu.
+* ``meteora_composite``: ``{n, subtask, metric, meteora, lora_b}``; top-level ``per_n`` =
+  ``[{n, measure: "attempts" | "correct", meteora, lora_b}]`` (MeteoRA's attempts and correct of each n).
+* ``dlp_tasks``: ``{task, kind: mcq | qa, metric, base, single_lora, dlp}``; MCQ tasks one ``accuracy`` row, QA
+  tasks one row per metric: their own accuracy (if any), ``bleu``, ``rouge1``, ``rougeL`` (BLEU/ROUGE a task's
+  registry does not score are computed here from the run's predictions.jsonl with the same metric modules).
+  Top-level ``router_accuracy`` (the route stage's validation accuracy) and ``router_accuracy_test`` (top-1 of
+  the dlp router's test-set routes in evaluate's predictions, where they were saved).
+* ``dlp_latency``: ``{model, n_adapters, phase: prefill | decode, base_ms, single_lora_ms, dlp_ms,
+  meteora_top2_ms}``: prefill = time to the first token of the whole batch (ms), decode = ms per new token;
+  ``single_lora`` = one unmerged peft LoRA; rows of one engine/batch/prompt length (``setting``), other
+  engines' rows in ``other_engines``.
+* ``head_to_head``: ``{strategy, avg_score, decode_ms, peak_mem_gb}``: mean single-task score (BLEU/100), decode
+  ms/token and CUDA peak memory at the experiment's adapter count; ``composite`` = composite-n ``correct``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from pipeline.atomic import atomic_write_text
+from pipeline.report_tables import Table, latest_records
+
+PAPER_TABLES = ("meteora_tasks", "meteora_composite", "dlp_tasks", "dlp_latency", "head_to_head")
+PRIMARY = ("accuracy", "rougeL", "bleu")
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _num(v):
+    if v is None or isinstance(v, bool):
+        return None
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return None
+    return round(v, 6) if math.isfinite(v) else None
+
+
+def _unit(metric: str, v):
+    """A score on [0, 1] (BLEU / 100), for averages across tasks."""
+    return None if v is None else (v / 100.0 if metric == "bleu" else v)
+
+
+def _mean(vals):
+    vals = [v for v in vals if v is not None]
+    return round(sum(vals) / len(vals), 6) if vals else None
+
+
+def _evaluate(records, composite: bool = False) -> dict[str, dict]:
+    """strategy label -> the newest evaluate record (single-task or composite)."""
+    out = {}
+    for r in records:
+        if r["stage"] == "evaluate" and bool(r.get("composite_n")) == composite:
+            out[str(r["strategy"])] = r
+    return out
+
+
+def _ordered_tasks(recs) -> list[str]:
+    tasks: list[str] = []
+    for r in recs:
+        tasks += [str(t) for t in r.get("tasks", []) if str(t) not in tasks]
+    return tasks
+
+
+def primary_metric(task: str, recs) -> str | None:
+    """The metric a task is reported with: accuracy, else rougeL, else bleu (the first any record has)."""
+    for m in PRIMARY:
+        if any(r["metrics"].get(f"{task}/{m}") is not None for r in recs):
+            return m
+    return None
+
+
+def _claim(claim: str, measured, threshold: str, holds) -> dict:
+    return {"claim": claim, "measured": measured, "threshold": threshold,
+            "holds": None if holds is None else bool(holds)}
+
+
+# ------------------------------------------------------------------------------------------- meteora_tasks
+METEORA_TASK_COLUMNS = {"peft": "oracle", "meteora_top1": "meteora-top1", "meteora_top2": "meteora-top2",
+                        "lora_b": "lora_b", "merge": "merge"}
+
+
+def meteora_tasks(records: list[dict]) -> dict:
+    ev = _evaluate(records)
+    recs = [ev[s] for s in METEORA_TASK_COLUMNS.values() if s in ev]
+    rows = []
+    for task in _ordered_tasks(recs):
+        metric = primary_metric(task, recs)
+        row = {"task": task, "metric": metric}
+        for col, label in METEORA_TASK_COLUMNS.items():
+            row[col] = _num(ev[label]["metrics"].get(f"{task}/{metric}")) if label in ev and metric else None
+        rows.append(row)
+    avg = {col: _mean(_unit(r["metric"], r[col]) for r in rows) for col in METEORA_TASK_COLUMNS}
+    gap = None if avg["peft"] is None or avg["meteora_top2"] is None else round(avg["peft"] - avg["meteora_top2"], 6)
+    claims = [_claim("1. MeteoRA top-2 average within 2 points of the PEFT oracle average (paper: comparable)",
+                     {"meteora_top2_avg": avg["meteora_top2"], "peft_avg": avg["peft"], "peft_minus_top2": gap,
+                      "tasks": len(rows)}, "peft_avg - meteora_top2_avg <= 0.02", None if gap is None else gap <= 0.02)]
+    return {"rows": rows, "claims": claims, "averages": avg}
+
+
+# --------------------------------------------------------------------------------------- meteora_composite
+def _composite_side(label: str) -> str | None:
+    if label.startswith("meteora"):
+        return "meteora"
+    return "lora_b" if label == "lora_b" else None
+
+
+def meteora_composite(records: list[dict]) -> dict:
+    by_n: dict[int, dict[str, dict]] = {}
+    for r in records:
+        side = _composite_side(str(r["strategy"])) if r["stage"] == "evaluate" and r.get("composite_n") else None
+        if side:
+            by_n.setdefault(int(r["composite_n"]), {})[side] = r
+    rows, per_n, wins = [], [], {}
+    for n in sorted(by_n):
+        group = by_n[n]
+        recs = list(group.values())
+        better = total = 0
+        for sub in _ordered_tasks(recs):
+            metric = primary_metric(sub, recs)
+            row = {"n": n, "subtask": sub, "metric": metric}
+            for side in ("meteora", "lora_b"):
+                row[side] = _num(group[side]["metrics"].get(f"{sub}/{metric}")) if side in group and metric else None
+            rows.append(row)
+            if row["meteora"] is not None and row["lora_b"] is not None:
+                total += 1
+                better += row["meteora"] > row["lora_b"]
+        for measure in ("attempts", "correct"):
+            per_n.append({"n": n, "measure": measure,
+                          **{side: _num(group[side]["metrics"].get(measure)) if side in group else None
+                             for side in ("meteora", "lora_b")}})
+        wins[n] = (better, total)
+    measured = {f"composite-{n}": f"{b}/{t}" for n, (b, t) in wins.items()}
+    holds = all(t > 0 and b > t / 2 for b, t in wins.values()) if wins else None
+    claims = [_claim("2. MeteoRA beats LoRA-B on most sub-tasks of composite-3, -5 and -10 (paper: 8 of 10 at n=10)",
+                     measured, "meteora > lora_b on more than half the sub-tasks, for every n", holds)]
+    return {"rows": rows, "per_n": per_n, "claims": claims}
+
+
+# ---------------------------------------------------------------------------------------------- dlp_tasks
+DLP_COLUMNS = {"base": "base", "single_lora": "oracle", "dlp": "dlp"}
+QA_METRICS = ("accuracy", "bleu", "rouge1", "rougeL")
+
+
+def dlp_kind(task: str) -> str:
+    """mcq | qa as DLP-LoRA's table groups it (``data.task_table.DLP26_*``, else the registry's kind)."""
+    from data.task_table import DLP26_MCQ, DLP26_QA
+
+    if task in DLP26_MCQ:
+        return "mcq"
+    if task in DLP26_QA:
+        return "qa"
+    from data.tasks import get_task
+
+    return get_task(task).kind
+
+
+def _predictions(rec: dict) -> list[dict]:
+    path = Path(rec.get("_path", "")).parent / "predictions.jsonl"
+    if not rec.get("_path") or not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _text_metrics(rec: dict, task: str, cache: dict) -> dict:
+    """BLEU / ROUGE of one task from the run's predictions.jsonl (for QA tasks whose registry skips them)."""
+    key = (rec.get("_path"), task)
+    if key not in cache:
+        from data.scoring import load_metric
+
+        pairs = [(p["prediction"], p["answer"]) for p in _predictions(rec)
+                 if p.get("task") == task and p.get("prediction") is not None]
+        out = {}
+        if pairs:
+            preds, refs = [str(p) for p, _ in pairs], [str(a) for _, a in pairs]
+            out.update(load_metric("bleu").compute(predictions=preds, references=refs))
+            out.update(load_metric("rouge").compute(predictions=preds, references=refs))
+        cache[key] = out
+    return cache[key]
+
+
+def router_test_accuracy(dlp_rec: dict | None, adapters: list[str]) -> float | None:
+    """Share of test prompts whose top-1 dlp route is their own task's adapter (from predictions.jsonl)."""
+    if dlp_rec is None or not adapters:
+        return None
+    hits = total = 0
+    for p in _predictions(dlp_rec):
+        route = p.get("route") or {}
+        ids, weights = route.get("ids"), route.get("weights")
+        if not ids or p.get("task") not in adapters:
+            continue
+        top = max(range(len(ids)), key=lambda k: (ids[k] >= 0, weights[k] if weights else 0))
+        total += 1
+        hits += ids[top] == adapters.index(p["task"])
+    return round(hits / total, 6) if total else None
+
+
+def dlp_tasks(records: list[dict]) -> dict:
+    ev = _evaluate(records)
+    recs = [ev[s] for s in DLP_COLUMNS.values() if s in ev]
+    rows, cache, computed = [], {}, set()
+    for task in _ordered_tasks(recs):
+        kind = dlp_kind(task)
+        metrics = ["accuracy"] if kind == "mcq" else [m for m in QA_METRICS if m != "accuracy" or
+                                                      any(r["metrics"].get(f"{task}/accuracy") is not None
+                                                          for r in recs)]
+        for metric in metrics:
+            row = {"task": task, "kind": kind, "metric": metric}
+            for col, label in DLP_COLUMNS.items():
+                v = None
+                if label in ev:
+                    v = ev[label]["metrics"].get(f"{task}/{metric}")
+                    if v is None and metric != "accuracy":
+                        v = _text_metrics(ev[label], task, cache).get(metric)
+                        if v is not None:
+                            computed.add(task)
+                row[col] = _num(v)
+            rows.append(row)
+    route = next((r for r in records if r["stage"] == "route" and r.get("strategy") == "dlp"), None)
+    val_acc = _num(route["metrics"].get("router_accuracy")) if route else None
+    adapters = [str(a) for a in (route or {}).get("adapters") or []]
+    test_acc = router_test_accuracy(ev.get("dlp"), adapters)
+    acc = test_acc if test_acc is not None else val_acc
+    mcq = [r for r in rows if r["kind"] == "mcq"]
+    avg = {col: _mean(r[col] for r in mcq) for col in DLP_COLUMNS}
+    gap = None if avg["dlp"] is None or avg["single_lora"] is None else round(avg["single_lora"] - avg["dlp"], 6)
+    claims = [
+        _claim("3. DLP router task-identification accuracy at least 98% (paper: 98.45%)",
+               {"router_accuracy_test": test_acc, "router_accuracy_val": val_acc}, ">= 0.98 (test routes where "
+               "saved, else validation)", None if acc is None else acc >= 0.98),
+        _claim("4. DLP average MCQ accuracy at least the single-LoRA average minus 1 point (paper: -0.35)",
+               {"dlp_mcq_avg": avg["dlp"], "single_lora_mcq_avg": avg["single_lora"], "base_mcq_avg": avg["base"],
+                "single_minus_dlp": gap, "mcq_tasks": len(mcq)}, "single_lora_avg - dlp_avg <= 0.01",
+               None if gap is None else gap <= 0.01)]
+    return {"rows": rows, "router_accuracy": val_acc, "router_accuracy_test": test_acc, "claims": claims,
+            "mcq_averages": avg, "bleu_rouge_from_predictions": sorted(computed)}
+
+
+# -------------------------------------------------------------------------------------------- dlp_latency
+LATENCY_COLUMNS = {"dlp_ms": "dlp", "meteora_top2_ms": "meteora-top2"}
+
+
+def _bench_rows(records) -> list[dict]:
+    return [row for r in records if r["stage"] == "bench" for row in r.get("rows", [])]
+
+
+def _setting(brows: list[dict], engine: str) -> dict | None:
+    """The (batch, prompt length) the table reports: the smallest measured under ``engine``."""
+    rows = [r for r in brows if r["engine"] == engine]
+    if not rows:
+        return None
+    b = min(r["batch_size"] for r in rows)
+    s = min(r["prompt_len"] for r in rows if r["batch_size"] == b)
+    return {"engine": engine, "batch_size": b, "prompt_len": s, "new_tokens": rows[0].get("new_tokens")}
+
+
+def latency_rows(brows: list[dict], setting: dict) -> list[dict]:
+    """Rows ``{model, n_adapters, phase, base_ms, single_lora_ms, dlp_ms, meteora_top2_ms}`` of one setting."""
+    sel = [r for r in brows if r["engine"] == setting["engine"] and r["batch_size"] == setting["batch_size"]
+           and r["prompt_len"] == setting["prompt_len"]]
+    field = {"prefill": "prefill_ms", "decode": "decode_ms_per_token"}
+    out = []
+    for model in dict.fromkeys(r.get("model", r["shape"]) for r in sel):
+        mrows = [r for r in sel if r.get("model", r["shape"]) == model]
+
+        def get(strategy, n, phase, mrows=mrows):
+            hit = [r for r in mrows if r["strategy"] == strategy and (n is None or r["num_adapters"] == n)]
+            return _num(hit[-1].get(field[phase])) if hit else None
+        ns = sorted({r["num_adapters"] for r in mrows if r["strategy"] in LATENCY_COLUMNS.values()})
+        for n in ns:
+            for phase in ("prefill", "decode"):
+                out.append({"model": model, "n_adapters": n, "phase": phase, "base_ms": get("base", None, phase),
+                            "single_lora_ms": get("peft", None, phase),
+                            **{col: get(s, n, phase) for col, s in LATENCY_COLUMNS.items()}})
+    return out
+
+
+def _ratio(a, b):
+    return None if a is None or not b else round(a / b, 4)
+
+
+def dlp_latency(records: list[dict], claim_model: str = "llama3_8b", engine: str = "eager") -> dict:
+    brows = _bench_rows(records)
+    engines = list(dict.fromkeys(r["engine"] for r in brows))
+    main = engine if engine in engines else (engines[0] if engines else engine)
+    setting = _setting(brows, main)
+    rows = latency_rows(brows, setting) if setting else []
+    others = {}
+    for e in engines:
+        if e != main:
+            s = _setting(brows, e)
+            others[e] = {"setting": s, "rows": latency_rows(brows, s)}
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    model = claim_model if claim_model in models else next((m for m in models if m.startswith("llama3_8b")),
+                                                           models[-1] if models else None)
+    dec = [r for r in rows if r["model"] == model and r["phase"] == "decode"]
+    dlp_single = {r["n_adapters"]: _ratio(r["dlp_ms"], r["single_lora_ms"]) for r in dec}
+    met_base = {r["n_adapters"]: _ratio(r["meteora_top2_ms"], r["base_ms"]) for r in dec}
+    mean_dlp = _mean(dlp_single.values())
+    mean_met = _mean(met_base.values())
+    claims = [
+        _claim(f"5a. decode with DLP at most 1.2x single LoRA on {model} (paper: < 2x, 1.18 mean)",
+               {"mean_ratio": mean_dlp, "by_n_adapters": dlp_single, "engine": main},
+               "mean over adapter counts of dlp_ms / single_lora_ms <= 1.2", None if mean_dlp is None else
+               mean_dlp <= 1.2),
+        _claim(f"5b. decode with MeteoRA top-2 at most 1.3x the base model on {model} (paper: about 2x single LoRA)",
+               {"mean_ratio": mean_met, "by_n_adapters": met_base, "engine": main},
+               "mean over adapter counts of meteora_top2_ms / base_ms <= 1.3", None if mean_met is None else
+               mean_met <= 1.3)]
+    return {"rows": rows, "setting": setting, "other_engines": others, "claims": claims}
+
+
+# ------------------------------------------------------------------------------------------- head_to_head
+def _canon(label: str) -> str:
+    return str(label).replace("_", "-")
+
+
+def head_to_head(records: list[dict], engine: str = "eager") -> dict:
+    ev = _evaluate(records)
+    comp = _evaluate(records, composite=True)
+    brows = _bench_rows(records)
+    setting = _setting(brows, engine) or _setting(brows, brows[0]["engine"] if brows else engine)
+    sel = [r for r in brows if setting and r["engine"] == setting["engine"] and r["batch_size"] ==
+           setting["batch_size"] and r["prompt_len"] == setting["prompt_len"]]
+    n_max = max((r["num_adapters"] for r in sel), default=None)
+    bench_at = {}
+    for r in sel:
+        if r["strategy"] in ("base", "peft") or r["num_adapters"] == n_max:
+            bench_at[_canon(r["strategy"])] = r
+    labels = list(dict.fromkeys([_canon(s) for s in ev] + list(bench_at)))
+    ev_c = {_canon(k): v for k, v in ev.items()}
+    rows = []
+    for s in labels:
+        b = bench_at.get(s)
+        rec = ev_c.get(s)
+        rows.append({"strategy": s, "avg_score": _num(rec["metrics"].get("main")) if rec else None,
+                     "decode_ms": _num(b.get("decode_ms_per_token")) if b else None,
+                     "peak_mem_gb": _num(b.get("peak_mem_gb")) if b else None})
+    composite = [{"n": int(r["composite_n"]), "strategy": _canon(s), "correct": _num(r["metrics"].get("correct")),
+                  "attempts": _num(r["metrics"].get("attempts"))} for s, r in comp.items()]
+    by = {r["strategy"]: r for r in rows}
+
+    def val(s, k):
+        return (by.get(s) or {}).get(k)
+    d, m, o = val("dlp", "decode_ms"), val("meteora-top2", "decode_ms"), val("oracle", "avg_score")
+    claims = [
+        _claim("DLP (sentence routing) decodes at most as slowly as MeteoRA top-2 (token routing)",
+               {"dlp_decode_ms": d, "meteora_top2_decode_ms": m}, "dlp <= meteora-top2",
+               None if d is None or m is None else d <= m),
+        _claim("MeteoRA top-2 average within 2 points of the oracle on the same adapters",
+               {"meteora_top2": val("meteora-top2", "avg_score"), "oracle": o}, "oracle - meteora_top2 <= 0.02",
+               None if o is None or val("meteora-top2", "avg_score") is None else
+               o - val("meteora-top2", "avg_score") <= 0.02),
+        _claim("DLP average within 1 point of the oracle on the same adapters",
+               {"dlp": val("dlp", "avg_score"), "oracle": o}, "oracle - dlp <= 0.01",
+               None if o is None or val("dlp", "avg_score") is None else o - val("dlp", "avg_score") <= 0.01)]
+    return {"rows": rows, "setting": {**(setting or {}), "num_adapters": n_max}, "composite": composite,
+            "claims": claims}
+
+
+BUILDERS = {"meteora_tasks": meteora_tasks, "meteora_composite": meteora_composite, "dlp_tasks": dlp_tasks,
+            "dlp_latency": dlp_latency, "head_to_head": head_to_head}
+
+
+# -------------------------------------------------------------------------------------------- provenance
+def _one_or_all(values):
+    vals = sorted({str(v) for v in values if v is not None})
+    return vals[0] if len(vals) == 1 else (vals or None)
+
+
+def wall_time_s(rec: dict) -> float | None:
+    """A record's wall time: its ``wall_time_s`` field, else metrics.json mtime - the run's saved config's mtime
+    (StageRun saves the config on entry and metrics.json on finish)."""
+    if rec.get("wall_time_s") is not None:
+        return float(rec["wall_time_s"])
+    path = Path(rec.get("_path", ""))
+    start = [p for p in (path.parent / "config.yaml", path.parent / "config_tree.txt") if p.is_file()]
+    if not rec.get("_path") or not path.is_file() or not start:
+        return None
+    return max(0.0, path.stat().st_mtime - min(p.stat().st_mtime for p in start))
+
+
+def table_provenance(records: list[dict], config: dict | None) -> dict:
+    import datetime as dt
+
+    prov = [r.get("provenance", {}) for r in records]
+    versions = [p.get("versions", {}) for p in prov]
+    times = [wall_time_s(r) for r in records]
+    return {"git_sha": _one_or_all(p.get("git_sha") for p in prov),
+            "device": _one_or_all(p.get("device") for p in prov),
+            "torch": _one_or_all(v.get("torch") for v in versions),
+            "triton": _one_or_all(v.get("triton") for v in versions),
+            "transformers": _one_or_all(v.get("transformers") for v in versions),
+            "versions": versions[-1] if versions else {},
+            "config": config or {},
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "runs": [min((p.get("date") for p in prov if p.get("date")), default=None),
+                     max((p.get("date") for p in prov if p.get("date")), default=None)],
+            "wall_time_s": round(sum(t for t in times if t is not None), 1),
+            "records": len(records)}
+
+
+# ---------------------------------------------------------------------------------------------- render
+def _md_cell(v) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, dict):
+        return ", ".join(f"{k}: {_md_cell(x)}" for k, x in v.items())
+    return str(v)
+
+
+def _md_table(rows: list[dict], columns=None) -> list[str]:
+    if not rows:
+        return ["_no rows: the runs this table needs are missing_", ""]
+    cols = columns or list(rows[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join(" --- " for _ in cols) + "|"]
+    lines += ["| " + " | ".join(_md_cell(r.get(c)) for c in cols) + " |" for r in rows]
+    return lines + [""]
+
+
+def _latency_md_rows(rows):
+    out = []
+    for r in rows:
+        out.append({**r, "dlp/single": _ratio(r["dlp_ms"], r["single_lora_ms"]),
+                    "dlp/base": _ratio(r["dlp_ms"], r["base_ms"]),
+                    "meteora2/single": _ratio(r["meteora_top2_ms"], r["single_lora_ms"]),
+                    "meteora2/base": _ratio(r["meteora_top2_ms"], r["base_ms"])})
+    return out
+
+
+def to_markdown(name: str, table: dict, plot: Path | None) -> str:
+    p = table["provenance"]
+    head = (f"git `{p['git_sha']}` · {p['device']} · torch {p['torch']} · triton {p['triton']} · "
+            f"transformers {p['transformers']} · {p['date']} · {p['records']} runs, {p['wall_time_s']} s")
+    lines = [f"# {name}", "", head, "", "## Claims", ""]
+    lines += _md_table(table["claims"], ["claim", "measured", "threshold", "holds"])
+    lines += ["## Rows", ""]
+    if name == "dlp_latency":
+        lines += [f"setting: {_md_cell(table.get('setting'))}; ratios are ms over ms", ""]
+        lines += _md_table(_latency_md_rows(table["rows"]))
+        for engine, other in table.get("other_engines", {}).items():
+            lines += [f"### engine {engine} ({_md_cell(other['setting'])})", ""]
+            lines += _md_table(_latency_md_rows(other["rows"]))
+    else:
+        lines += _md_table(table["rows"])
+    if name == "meteora_composite":
+        lines += ["### attempts and correct", ""] + _md_table(table["per_n"])
+    if name == "dlp_tasks":
+        acc = (f"router_accuracy (validation): {_md_cell(table['router_accuracy'])}; on the test prompts: "
+               f"{_md_cell(table['router_accuracy_test'])}")
+        lines += [acc, ""]
+    if name == "head_to_head" and table.get("composite"):
+        lines += [f"setting: {_md_cell(table.get('setting'))}", "", "### composite", ""] + _md_table(table["composite"])
+    if plot is not None:
+        lines += [f"![{name}]({plot.name})", ""]
+    return "\n".join(lines)
+
+
+def plot_table(name: str, table: dict, path: Path) -> Path | None:
+    """The paper's figure: per-task radar (meteora_tasks), composite bars per n, latency vs adapters."""
+    from pipeline.report_render import bar_plot, radar_plot
+
+    rows = table["rows"]
+    if not rows:
+        return None
+    if name == "meteora_tasks":
+        cols = list(METEORA_TASK_COLUMNS)
+        t = Table(name, "MeteoRA per-task", ["task", *cols],
+                  [[r["task"], *[_unit(r["metric"], r[c]) for c in cols]] for r in rows])
+        return radar_plot(t, path)
+    if name == "meteora_composite":
+        ns = sorted({r["n"] for r in rows})
+        t = Table(name, f"composite-{'/'.join(map(str, ns))}: MeteoRA vs LoRA-B per sub-task",
+                  ["sub-task", "meteora", "lora_b"],
+                  [[f"{r['subtask']} (n={r['n']})", _unit(r["metric"], r["meteora"]), _unit(r["metric"], r["lora_b"])]
+                   for r in rows])
+        return bar_plot(t, path)
+    if name == "dlp_latency":
+        return latency_figure(rows, path)
+    return None
+
+
+def latency_figure(rows: list[dict], path: Path) -> Path | None:
+    """DLP-LoRA's figure: ms vs number of adapters per model and phase; base and single LoRA as reference lines."""
+    from pipeline.report_render import _plt, _save
+
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    plt = _plt()
+    fig, axes = plt.subplots(len(models), 2, figsize=(10, 3.6 * len(models)), squeeze=False)
+    for i, model in enumerate(models):
+        for j, phase in enumerate(("prefill", "decode")):
+            ax = axes[i][j]
+            sel = sorted((r for r in rows if r["model"] == model and r["phase"] == phase), key=lambda r: r["n_adapters"])
+            ns = [r["n_adapters"] for r in sel]
+            for col, style in (("dlp_ms", "o-"), ("meteora_top2_ms", "s-")):
+                pts = [(n, r[col]) for n, r in zip(ns, sel) if r[col] is not None]
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=col[:-3])
+            for col, color in (("base_ms", "gray"), ("single_lora_ms", "black")):
+                if sel and sel[0][col] is not None:
+                    ax.axhline(sel[0][col], linestyle="--", color=color, label=col[:-3])
+            if ns and max(ns) / max(min(ns), 1) > 8:
+                ax.set_xscale("log")
+            if ns:
+                ax.set_xticks(ns)
+                ax.set_xticklabels([str(n) for n in ns])
+            ax.set_xlabel("number of adapters")
+            ax.set_ylabel("ms (prefill, whole batch)" if phase == "prefill" else "ms / token")
+            ax.set_title(f"{model}: {phase}")
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def build_paper_table(name: str, records: list[dict], config: dict | None = None, **options) -> dict:
+    """The JSON payload of paper table ``name`` from an experiment's records (no files written)."""
+    if name not in BUILDERS:
+        raise ValueError(f"paper table {name!r} is not known; use one of {', '.join(PAPER_TABLES)}")
+    records = latest_records(records)
+    body = BUILDERS[name](records, **options)
+    return {"table": name, "provenance": table_provenance(records, config), **body}
+
+
+def write_paper_table(name: str, records: list[dict], out_dir, config: dict | None = None, **options) -> dict:
+    """Write ``<out_dir>/<name>.json``, ``.md`` and (where the paper has a figure) ``.png``; return their paths."""
+    out = Path(out_dir)
+    table = build_paper_table(name, records, config, **options)
+    plot = plot_table(name, table, out / f"{name}.png")
+    paths = {"json": atomic_write_text(out / f"{name}.json", json.dumps(table, indent=1, allow_nan=False) + "\n"),
+             "md": atomic_write_text(out / f"{name}.md", to_markdown(name, table, plot))}
+    if plot is not None:
+        paths["png"] = plot
+    return paths
+
+
+def claims_summary(table: dict) -> str:
+    """One line per claim: holds / fails / not measured."""
+    word = {True: "holds", False: "fails", None: "not measured"}
+    return "\n".join(f"{word[c['holds']]}: {c['claim']}" for c in table.get("claims", []))
+
+
+__all__ = ["PAPER_TABLES", "build_paper_table", "claims_summary", "write_paper_table"]

@@ -1,0 +1,82 @@
+"""The bench's CUDA-only paths, run on CPU with the 8B shape's 2-layer stand-in: random bf16 LLaMA-3 geometry, the
+static KV cache compiled by transformers' generate (dynamo's eager backend here), the fall-back to an uncompiled
+static cache when compilation fails, and the exact-length check that keeps decode timings honest."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from pipeline.bench import LLAMA3_8B, SHAPES, ShapeBench, random_llama
+from pipeline.latency import compile_config, random_batch, time_generate
+
+CONF = str(__import__("pathlib").Path(__file__).resolve().parent.parent / "conf")
+
+
+@pytest.fixture(scope="module")
+def tiny8b():
+    config, needs_cuda = SHAPES["llama3_8b_tiny"]
+    assert not needs_cuda and SHAPES["llama3_8b"] == (LLAMA3_8B, True)
+    same = {k for k in LLAMA3_8B if LLAMA3_8B[k] == config[k]}  # everything but depth and width is the 8B's
+    assert same == set(LLAMA3_8B) - {"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                                     "num_key_value_heads"}
+    assert config["num_attention_heads"] // config["num_key_value_heads"] == 4  # the 8B's GQA ratio
+    model = random_llama(config, "cpu")
+    assert next(model.parameters()).dtype == torch.bfloat16 and model.config.vocab_size == 128256
+    return model
+
+
+def _bench_cfg(overrides):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose(config_name="bench", overrides=["bench.static.allow_on_cpu=true", "bench.new_tokens=3",
+                                                       "bench.warmup=0", "bench.repeats=1", "bench.batch_sizes=[2]",
+                                                       "bench.prompt_lengths=[5]", "bench.engines=[static]",
+                                                       *overrides])
+
+
+def _run(model, overrides):
+    rows: list = []
+    sb = ShapeBench(_bench_cfg(overrides), "llama3_8b_tiny", model, 128256, torch.device("cpu"), "llama3_8b_tiny",
+                    rows)
+    sb.measure("base", 0, lambda i, m, **k: model.generate(input_ids=i, attention_mask=m, **k))
+    return rows
+
+
+def test_static_compiles_on_cpu_with_the_eager_backend(tiny8b):
+    [row] = _run(tiny8b, ["bench.static.backend=eager"])
+    assert row["engine"] == "static+compile" and row["decode_ms_per_token"] >= 0 and row["peak_mem_gb"] is None
+    assert row["model"] == "llama3_8b_tiny" and (row["batch_size"], row["prompt_len"]) == (2, 5)
+
+
+def test_failed_compile_falls_back_to_the_static_cache(tiny8b):
+    [row] = _run(tiny8b, ["bench.static.backend=no_such_backend"])
+    assert row["engine"] == "static"
+    assert "_compiled_call" not in tiny8b.__dict__
+
+
+def test_static_without_compile_and_the_static_filter(tiny8b):
+    assert _run(tiny8b, ["bench.static.compile=false"])[0]["engine"] == "static"
+    assert _run(tiny8b, ["bench.static.strategies=[dlp]"]) == []  # base is not in the static grid
+    assert [r["engine"] for r in _run(tiny8b, ["bench.engines=[eager]", "bench.static.allow_on_cpu=false"])] == \
+        ["eager"]
+
+
+def test_static_generation_equals_eager(tiny8b):
+    ids, mask = random_batch(128256, 2, 5, "cpu", seed=1)
+    eager = tiny8b.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    static = tiny8b.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                             cache_implementation="static",
+                             compile_config=compile_config("eager", None, all_devices=True))
+    assert torch.equal(eager, static)
+
+
+def test_short_generation_is_an_error(tiny8b):
+    ids, mask = random_batch(128256, 1, 4, "cpu")
+
+    def stops_early(i, m, max_new_tokens, min_new_tokens, **kw):
+        return tiny8b.generate(input_ids=i, attention_mask=m, max_new_tokens=1, **kw)
+    with pytest.raises(RuntimeError, match="asked for exactly 3"):
+        time_generate(stops_early, ids, mask, 3, warmup=0, repeats=1)
