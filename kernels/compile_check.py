@@ -1,0 +1,81 @@
+"""Compile the Triton kernels for a GPU target on a machine without one: ``python -m kernels.compile_check``.
+
+Triton's compiler needs no device: ``triton.compile`` lowers a kernel to PTX and a cubin (its bundled ptxas) for
+any ``GPUTarget``. This compiles the decode kernels in the configurations the launchers use (bf16 / fp32, token and
+sentence routing, ranks 16 and 64) for an H100 (sm_90), so a kernel that the CPU interpreter accepts but the GPU
+compiler rejects fails here, in CPU CI, instead of on the GPU. It prints each kernel's registers and spills when
+ptxas reports them. Run it without ``TRITON_INTERPRET=1`` (the interpreter replaces the kernels by Python functions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+
+def signature(fn, dtypes: dict, constants: dict):
+    """(signature, constexprs) for ``triton.compile``: pointers by name (``dtypes``), other params i32 unless given."""
+    sig, consts = {}, {}
+    for i, p in enumerate(fn.params):
+        name = p.name
+        if p.is_constexpr or name in constants:
+            sig[name] = "constexpr"
+            consts[(i,)] = constants[name]
+        elif name.endswith("_ptr"):
+            sig[name] = dtypes[name]
+        else:
+            sig[name] = "i32"
+    return sig, consts
+
+
+def configurations():
+    """(name, kernel, pointer dtypes, constants): the token (decode) kernels as ``triton_ops.forward`` launches them."""
+    from kernels import triton_kernels as tk
+    from kernels.triton_ops import _CUDA_CONFIG as cfg
+
+    out = []
+    for dt in ("bf16", "fp32"):
+        for seq in (False, True):
+            common = {"ids_ptr": "*i64", "seq_ptr": "*i64", "ranks_ptr": "*i32", "scales_ptr": "*fp32",
+                      "gate_ptr": f"*{dt}", "part_ptr": "*fp32"}  # fmt: skip
+            data = {n: f"*{dt}" for n in ("x_ptr", "a_ptr", "b_ptr", "w_ptr", "base_ptr", "out_ptr")}
+            ptrs = {**common, **data}
+            for br in (16, 64):
+                bk = cfg["FTILE"] // br
+                out.append((f"token_fused {dt} seq={seq} BR={br}", tk.token_fused_kernel, ptrs,
+                            {"K": 2, "TT": 1, "BK": bk, "BN": cfg["FBN"], "BR": br, "SEQ": seq}))  # fmt: skip
+            out.append((f"token_shrink {dt} seq={seq}", tk.token_shrink_kernel, ptrs,
+                        {"K": 2, "SPLIT": 3, "PP": 1, "BK": cfg["TBK"], "BR": 16, "SEQ": seq}))  # fmt: skip
+            out.append((f"token_expand {dt} seq={seq}", tk.token_expand_kernel, ptrs,
+                        {"K": 2, "SPLIT": 3, "SP": 4, "TT": 1, "BN": cfg["TBN"], "BR": 16, "SEQ": seq}))  # fmt: skip
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability as an integer (90 = H100)")
+    ap.add_argument("--few", action="store_true",
+                    help="each kernel once, both SEQ branches of the fused one (CI: a cold compile cache costs ~3 s each)")
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("kernels.compile_check: unset TRITON_INTERPRET (the interpreter has no compiler to check)")
+    target = GPUTarget("cuda", args.arch, 32)
+    configs = configurations()
+    if args.few:
+        few = ("token_fused bf16 seq=False BR=16", "token_fused fp32 seq=True BR=64", "token_shrink bf16 seq=True",
+               "token_expand fp32 seq=False")  # fmt: skip
+        configs = [c for c in configs if c[0] in few]
+    for name, fn, ptrs, constants in configs:
+        sig, consts = signature(fn, ptrs, constants)
+        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target,
+                           options={"num_warps": 4})  # fmt: skip
+        assert k.asm.get("cubin"), f"{name}: no cubin"
+        print(f"ok  {name:<34} sm_{args.arch}  shared {k.metadata.shared} B", flush=True)
+
+
+if __name__ == "__main__":
+    main()
