@@ -19,7 +19,7 @@ from kernels import triton_kernels as tk
 # token counts up to which the sort-free paths are used (tests override them): one fused launch up to
 # FUSED_T_MAX, the two-launch split-K path up to SMALL_T_MAX, the grouped (sorted) kernels above
 SMALL_T_MAX = int(os.environ.get("LORAMUX_SMALL_T_MAX", "64"))
-FUSED_T_MAX = int(os.environ.get("LORAMUX_FUSED_T_MAX", "16"))
+FUSED_T_MAX = int(os.environ.get("LORAMUX_FUSED_T_MAX", "64"))
 # the fused kernel recomputes h = x @ A[a] in every d_out tile: it is used only while that stays cheap, i.e. each
 # program's serial loop over d_in has at most FUSED_CHAIN_MAX steps and the A re-reads (from L2) of all programs
 # stay under FUSED_L2_BYTES; past either the two-launch split-K path is faster (predicted, see NOTES.md)
@@ -52,10 +52,15 @@ def padded_rank(R: int) -> int:
     return max(16, triton.next_power_of_2(R))
 
 
-def _fused_bk(cfg: dict, D: int, BR: int):
-    """The fused kernel's step over d_in, or None where the fused path would be slower than two launches."""
+def _fused_bk(cfg: dict, T: int, D: int, DO: int, BR: int, elem: int):
+    """The fused kernel's step over d_in, or None where the fused path would be slower than two launches: T too
+    large, a loop over d_in of more than FUSED_CHAIN_MAX steps, or more than FUSED_L2_BYTES of A re-read."""
+    if T > FUSED_T_MAX:
+        return None
     bk = min(max(16, cfg["FTILE"] // BR), triton.next_power_of_2(D))
-    return bk if triton.cdiv(D, bk) <= FUSED_CHAIN_MAX else None
+    if triton.cdiv(D, bk) > FUSED_CHAIN_MAX or T * triton.cdiv(DO, cfg["FBN"]) * D * BR * elem > FUSED_L2_BYTES:
+        return None
+    return bk
 
 
 def _use_f32(x: torch.Tensor) -> bool:
@@ -124,8 +129,8 @@ def forward(x, base, A, B, scales, ranks, ids, gates, seq_ids=None) -> torch.Ten
         seq = seq_ids is not None
         seq_ptr = seq_ids if seq else ids  # any tensor: never read without SEQ
         D, DO = x.shape[1], base.shape[1]
-        bk = _fused_bk(cfg, D, BR) if T <= FUSED_T_MAX else None
-        if bk and T * triton.cdiv(DO, cfg["FBN"]) * D * BR * A.element_size() <= FUSED_L2_BYTES:
+        bk = _fused_bk(cfg, T, D, DO, BR, A.element_size())
+        if bk:
             tk.token_fused_kernel[(triton.cdiv(DO, cfg["FBN"]), triton.cdiv(T, cfg["FTT"]))](
                 x, A, B, base, out, ids, seq_ptr, ranks, scales, gates, T, D, DO, L,
                 x.stride(0), x.stride(1), *A.stride(), *B.stride(), base.stride(0), base.stride(1),

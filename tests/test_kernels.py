@@ -144,14 +144,18 @@ def use_path(triton_ops, monkeypatch, path):
 
 
 def test_fused_decode_dispatch_on_the_gpu_config():
-    """Where the GPU takes the one-launch kernel: short loops over d_in only (rank 16 up to d_in 4096, rank 64 up to
-    1024); LLaMA's 14336 or rank 64 at 4096 go to the two-launch split-K path."""
+    """Where the GPU takes the one-launch kernel (bf16): short loops over d_in (rank 16 up to d_in 4096, rank 64 up to
+    1024) and A re-read from L2 under 16 MB: all of SmolLM2 at r = 16 up to T = 64, LLaMA 4096 -> 4096 at T <= 3;
+    LLaMA's 14336 or rank 64 at 4096 go to the two-launch split-K path."""
     from kernels import triton_ops
 
-    cfg = triton_ops._CUDA_CONFIG
-    assert triton_ops._fused_bk(cfg, 576, 16) == 512 and triton_ops._fused_bk(cfg, 1536, 16) == 512
-    assert triton_ops._fused_bk(cfg, 4096, 16) == 512 and triton_ops._fused_bk(cfg, 1024, 64) == 128
-    assert triton_ops._fused_bk(cfg, 4096, 64) is None and triton_ops._fused_bk(cfg, 14336, 16) is None
+    def bk(T, D, DO, BR):
+        return triton_ops._fused_bk(triton_ops._CUDA_CONFIG, T, D, DO, BR, 2)
+
+    assert bk(1, 576, 1536, 16) == 512 and bk(64, 1536, 576, 16) == 512 and bk(64, 576, 1536, 16) == 512
+    assert bk(1, 1024, 1024, 64) == 128 and bk(1, 4096, 4096, 16) == 512 and bk(3, 4096, 4096, 16) == 512
+    assert bk(4, 4096, 4096, 16) is None and bk(65, 576, 576, 16) is None
+    assert bk(1, 4096, 4096, 64) is None and bk(1, 14336, 4096, 16) is None
 
 
 @pytest.mark.parametrize("dtype,K,path", CASES)
@@ -294,7 +298,8 @@ def test_gpu_bf16_against_fp64(T):
     (5, 4096, 14336, 64, 2, torch.bfloat16, False), (3, 576, 1536, 24, 2, torch.float32, True),
     (40, 576, 576, 16, 2, torch.bfloat16, True), (300, 576, 1536, 16, 2, torch.float16, True)])  # fmt: skip
 def test_gpu_inference_path_against_fp64(T, d_in, d_out, R, K, dtype, sentence):
-    """No-grad direct launches on SmolLM2 / LLaMA shapes: fused (T <= 16, short d_in loops), two-launch, grouped."""
+    """No-grad direct launches on SmolLM2 / LLaMA shapes: fused (short d_in loops, small L2 re-reads), two-launch,
+    grouped."""
     inp = make_inputs(T, d_in, d_out, 28, R, K, dtype, empty=0.2, seed=T + R, device="cuda")
     seq_ids = None
     if sentence:
