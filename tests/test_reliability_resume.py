@@ -137,7 +137,8 @@ def adapters(tmp_path_factory):
 def test_route_killed_mid_training_resumes_to_the_uninterrupted_router(adapters, tmp_path, router, caplog):
     from safetensors.torch import load_file
 
-    overrides = [f"router={router}", "router.train.steps=6", "checkpoint.every_n_steps=2", "trainer.val_check_interval=3"]
+    overrides = [f"router={router}", "router.train.steps=5", "checkpoint.every_n_steps=2", "trainer.val_check_interval=2",
+                 "router.train.val_rows_per_task=2"]
     if router == "dlp":
         overrides.append("router.hidden=32")
     ref, run = _kill_then_resume("route", overrides, tmp_path, kill_at=3, outputs=adapters, caplog=caplog)
