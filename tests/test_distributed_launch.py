@@ -1,0 +1,114 @@
+"""How multi-device runs are configured and started: trainer=ddp|ddp_cpu|fsdp, and launcher=slurm with one task per
+device (a real 2-task DDP job on the local SLURM cluster of scripts/slurm_localhost.sh)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import instantiate
+from needs_assets import needs_tiny_model
+from omegaconf import open_dict
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _compose(stage: str, overrides: list[str], tmp_path, hydra: bool = False):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name=stage, overrides=overrides, return_hydra_config=hydra)
+    with open_dict(cfg):
+        cfg.paths.run_dir = str(tmp_path)
+    return cfg
+
+
+def test_ddp_cpu_trainer_is_two_gloo_processes(tmp_path):
+    from lightning.pytorch.strategies import DDPStrategy
+
+    trainer = instantiate(_compose("route", ["experiment=smoke", "trainer=ddp_cpu"], tmp_path).trainer)
+    assert isinstance(trainer.strategy, DDPStrategy)
+    assert trainer.num_devices == 2 and trainer.strategy._process_group_backend == "gloo"
+    assert trainer.strategy._ddp_kwargs == {"find_unused_parameters": False}
+
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp"])
+def test_gpu_strategies_compose_and_build(name, tmp_path):
+    """trainer=ddp / fsdp: GPU configs (bf16-mixed, 2 devices); their strategy objects build on any machine."""
+    cfg = _compose("route", ["experiment=smoke", f"trainer={name}"], tmp_path)
+    assert cfg.trainer.accelerator == "gpu" and cfg.trainer.devices == 2 and cfg.trainer.precision == "bf16-mixed"
+    strategy = instantiate(cfg.trainer.strategy)
+    assert type(strategy).__name__ == {"ddp": "DDPStrategy", "fsdp": "FSDPStrategy"}[name]
+    if name == "fsdp":
+        assert strategy.kwargs["use_orig_params"] is True  # frozen base weights and trainable gates share units
+
+
+@needs_tiny_model
+def test_fsdp_wraps_each_decoder_layer_of_the_base_model():
+    from hydra.utils import instantiate as build
+
+    from data.assets import cache_dir
+    from pipeline.distributed import _IsDecoderLayer
+
+    model, _ = build({"_target_": "models.base.load_base_model",
+                      "name_or_path": str(cache_dir() / "models" / "tiny-random-llama"), "dtype": "float32"})
+    policy = _IsDecoderLayer()
+    wrapped = [name for name, m in model.named_modules() if policy(m)]
+    assert wrapped == ["model.layers.0", "model.layers.1"]
+    assert [n for n, m in model.named_modules() if _IsDecoderLayer(["LlamaMLP"])(m)] == ["model.layers.0.mlp",
+                                                                                         "model.layers.1.mlp"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_fsdp_on_cpu_is_refused_by_lightning_with_its_reason(tmp_path):
+    cfg = _compose("route", ["experiment=smoke", "trainer=fsdp", "trainer.accelerator=cpu",
+                             "trainer.precision=32-true"], tmp_path)
+    with pytest.raises(Exception) as err:
+        instantiate(cfg.trainer)
+    assert "requires a GPU accelerator" in str(err.value.__cause__ or err.value)
+
+
+@pytest.mark.parametrize(("trainer", "tasks"), [("cpu", 1), ("gpu", 1), ("ddp", 2), ("ddp_cpu", 2)])
+def test_slurm_starts_one_task_per_device(trainer, tasks, tmp_path):
+    cfg = _compose("finetune", ["experiment=smoke", "launcher=slurm", f"trainer={trainer}"], tmp_path, hydra=True)
+    assert cfg.hydra.launcher.tasks_per_node == tasks
+    assert cfg.hydra.launcher.nodes == 1
+    more = _compose("finetune", ["experiment=smoke", "launcher=slurm", "trainer=ddp", "trainer.devices=4",
+                                 "trainer.num_nodes=2"], tmp_path, hydra=True)
+    assert (more.hydra.launcher.tasks_per_node, more.hydra.launcher.nodes) == (4, 2)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@needs_tiny_model
+def test_two_task_ddp_job_on_slurm(tmp_path):
+    """`launcher=slurm trainer=ddp_cpu`: one SLURM job with 2 tasks (srun), Lightning's SLURMEnvironment makes them
+    ranks 0 and 1 of one DDP run; one metrics.json, one adapter, one wandb run, the loss handed back to Hydra."""
+    from test_slurm import MULTIRUN, _cluster_problem, slurm_env
+
+    if problem := _cluster_problem():
+        pytest.skip(problem)
+    overrides = ["experiment=smoke", "task=winowhy", "logger=wandb", "print_config=false", "trainer.max_steps=2",
+                 "launcher=slurm", "trainer=ddp_cpu", "optim.batch_size=2", "hydra.launcher.cpus_per_task=1",
+                 "hydra.launcher.mem_gb=2", "hydra.launcher.timeout_min=10"]
+    proc = subprocess.run([sys.executable, "-c", MULTIRUN, *overrides], check=False, cwd=ROOT,
+                          env=slurm_env(tmp_path), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (sweep,) = (tmp_path / "smoke" / "finetune" / "multiruns").iterdir()
+    (job_dir,) = sweep.glob(".submitit/[0-9]*")
+    script = (job_dir / f"{job_dir.name}_submission.sh").read_text()
+    assert "#SBATCH --ntasks-per-node=2" in script and "srun" in script
+    logs = {t: "".join(p.read_text() for p in job_dir.glob(f"*_{t}_log.*")) for t in (0, 1)}
+    assert "GLOBAL_RANK: 0, MEMBER: 1/2" in logs[0] and "GLOBAL_RANK: 1, MEMBER: 2/2" in logs[1]
+    assert "step 2/2" in logs[0] and "step 2/2" in logs[1]  # both ranks trained, in step
+    (metrics,) = sweep.rglob("metrics.json")
+    assert len(list(sweep.rglob("offline-run-*"))) == 1
+    val_loss = json.loads(metrics.read_text())["metrics"]["val_loss"]
+    returns = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RETURNS="))[8:])
+    assert returns == [[val_loss]]
+    assert (tmp_path / "smoke" / "adapters" / "winowhy" / "adapter_model.safetensors").is_file()
