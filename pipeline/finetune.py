@@ -71,6 +71,30 @@ def save_adapter(peft_model, dest, meta: dict) -> Path:
     return Path(dest)
 
 
+def verify_adapter(adapter_dir) -> Path:
+    """Check the weights of an adapter saved by :func:`save_adapter` against the size and sha256 in its
+    ``loramux.json``; a truncated, damaged or swapped file is one ValueError line. Dirs without the record pass."""
+    from pipeline.atomic import file_digest
+
+    d = Path(adapter_dir)
+    try:
+        files = json.loads((d / "loramux.json").read_text()).get("files") or {}
+    except (OSError, ValueError, AttributeError):
+        return d
+    for name, want in files.items():
+        if not (d / name).is_file():
+            continue  # the bank names a missing file itself
+        got = {"bytes": (d / name).stat().st_size}
+        if got["bytes"] == want.get("bytes"):
+            got = file_digest(d / name)
+        if got != {k: want.get(k) for k in got}:
+            what = "size" if "sha256" not in got else "sha256"
+            raise ValueError(f"adapter {d}: {name}: {what} does not match loramux.json (truncated, damaged or replaced "
+                             f"after training); retrain it with the finetune stage, or delete loramux.json if these "
+                             f"weights are intended")
+    return d
+
+
 def finetune(cfg: DictConfig) -> float | None:
     """Train the adapter of ``cfg.task``; write it, metrics.json; return the final validation loss."""
     from hydra.utils import instantiate

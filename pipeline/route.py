@@ -100,12 +100,14 @@ def route(cfg: DictConfig) -> float | None:
         val_dl = DataLoader(val, batch_size=bs, shuffle=False, collate_fn=collate)
         module = RouterTrainModule(mm, objective, cfg.router.train.lr, cfg.router.train.weight_decay,
                                    bool(cfg.router.train.get("train_loras", False)))
+        from pipeline.scaling import stage_callbacks
         from pipeline.step_log import StepLog
 
         every = int(cfg.get("checkpoint", {}).get("every_n_steps", 0) or 0)
         requeue = RequeueCheckpoint(run.run_dir, every_n_steps=every, config=training_config(cfg))
         trainer = instantiate(cfg.trainer, logger=run.tracker.lightning, max_steps=steps, inference_mode=False,
-                              callbacks=[StepLog(int(cfg.trainer.log_every_n_steps), f"route {objective}"), requeue],
+                              callbacks=[StepLog(int(cfg.trainer.log_every_n_steps), f"route {objective}"), requeue,
+                                         *stage_callbacks(cfg)],  # +callbacks.<name>=... (pipeline.scaling)
                               val_check_interval=min(steps, int(cfg.trainer.val_check_interval)))
         mm.router.train()
         t0 = time.perf_counter()

@@ -374,3 +374,29 @@ def test_truncated_metrics_json_is_refused_in_one_line(tmp_path):
     with pytest.raises(ValueError, match=r"^.*metrics.json: not a readable metrics.json \(JSONDecodeError: .*\); delete "
                                          r"it and rerun the stage that wrote it$"):
         read_metrics(tmp_path / "metrics.json")
+
+
+def test_adapter_damaged_after_training_is_refused_by_its_recorded_checksum(outputs, tmp_path):
+    """Same size, one flipped byte: safetensors still loads it, the sha256 in loramux.json does not match."""
+    from peft import PeftModel
+
+    from models import load_base_model
+    from pipeline.finetune import save_adapter
+
+    out = tmp_path / "out"
+    shutil.copytree(outputs, out)
+    model, _ = load_base_model(TINY)
+    peft_model = PeftModel.from_pretrained(model, str(outputs / "smoke" / "adapters" / "winowhy"))
+    dest = save_adapter(peft_model, out / "smoke" / "adapters" / "winowhy", {"task": "winowhy"})
+    weights = dest / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x40  # a mantissa bit of the last weight
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"^adapter .*/winowhy: adapter_model.safetensors: sha256 does not match "
+                                         r"loramux.json \(truncated, damaged or replaced after training\); retrain it "
+                                         r"with the finetune stage, or delete loramux.json if these weights are "
+                                         r"intended$"):
+        run_stage("route", [], out, tmp_path / "run")
+    (dest / "loramux.json").unlink()  # the user says the new weights are intended: they load
+    run_stage("route", ["router=dlp", "router.hidden=16", "router.train.steps=1", "checkpoint.every_n_steps=0"],
+              out, tmp_path / "run2")
