@@ -272,11 +272,10 @@ class RequeueCheckpoint(L.Callback):
         step = trainer.global_step
         if (self.requested is None and self.every_n_steps and step > 0 and step % self.every_n_steps == 0
                 and step != self.saved_step):
-            self.save(trainer)
+            self.save(trainer, periodic=True)
         if self.requested is None:
             return
-        if self.saved_step != step:
-            self.save(trainer)
+        self.save(trainer)
         signum, self.requested = self.requested, None
         previous = self._previous.get(signum)
         if callable(previous):  # submitit's handler: re-pickle the job, requeue it, exit without a result
@@ -299,7 +298,7 @@ class RequeueCheckpoint(L.Callback):
         for path in (self.run_dir / STATE, self.run_dir / CHECKPOINT):
             path.unlink(missing_ok=True)
 
-    def save(self, trainer) -> Path:
+    def save(self, trainer, periodic: bool = False) -> Path:
         """Write requeue.ckpt (atomically: temp file + rename), then resume.json (step, size, sha256, config)."""
         ckpt = self.run_dir / CHECKPOINT
         if trainer.world_size > 1:  # every rank takes part in save_checkpoint; rank 0 writes
@@ -315,7 +314,10 @@ class RequeueCheckpoint(L.Callback):
             if self.config is not None:
                 record["config"] = self.config
             atomic_write_text(self.run_dir / STATE, json.dumps(record) + "\n")
-            log.warning("saved %s at step %d", ckpt, trainer.global_step)
+            if periodic:
+                log.info("periodic checkpoint (step %d) written: %s", trainer.global_step, ckpt)
+            else:
+                log.warning("saved %s at step %d", ckpt, trainer.global_step)
         return ckpt
 
 
