@@ -13,8 +13,8 @@ Python, the dispatcher and kernel launches. This times CALLS back-to-back projec
   peft_single   F.linear + one unmerged LoRA as peft computes it: y + (x @ A) @ B * s
   loramux_graph (CUDA) the CALLS loramux calls captured in one CUDA graph and replayed: the device time alone
 
-Shapes: d in {576, 1536} (SmolLM2-135M hidden / MLP sizes), T in {1, 4, 8} tokens, a bank of L = 28 adapters of
-rank 16, sentence routing K = 1 (the oracle: ids [B, 1] + seq_ids) and token routing K = 2 (MeteoRA top-2).
+Shapes: d in {576, 1536} (SmolLM2-135M hidden / MLP sizes), T in {1, 8, 64, 128} tokens (the decode batch), a bank
+of L = 28 adapters of rank 16, sentence routing K = 1 (the oracle: ids [B, 1] + seq_ids) and token routing K = 2 (MeteoRA top-2).
 Rows: us per call (ms per CALLS calls = per token) and ratio to ``linear``. Writes kernel_overhead.{json,md}.
 """
 
@@ -34,7 +34,7 @@ from kernels import op as kernel_op
 
 CALLS, SETS, L, R = 210, 30, 28, 16
 SHAPES = [(576, 576), (576, 1536), (1536, 576)]
-TOKENS = [1, 4, 8]
+TOKENS = [1, 8, 64, 128]
 
 
 def _sync(device):
