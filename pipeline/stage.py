@@ -12,6 +12,7 @@ main metric, which the @hydra.main entry returns so sweepers (Optuna) can optimi
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -49,12 +50,14 @@ class StageRun:
         self.print_config = cfg.get("print_config", True) if print_config is None else print_config
         self.tracker = None
         self.finished = False
+        self.t0 = time.perf_counter()
         self.writer = True
 
     def __enter__(self) -> StageRun:  # noqa: PYI034
         import lightning
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.t0 = time.perf_counter()  # metrics.json's wall_time_s (paper-table provenance)
         lightning.seed_everything(int(self.cfg.seed), workers=True, verbose=False)
         from pipeline.distributed import is_global_zero
 
@@ -84,7 +87,8 @@ class StageRun:
             return float(value) if value is not None else None
         path = write_metrics(self.run_dir, stage=self.stage, experiment=str(self.cfg.name), tasks=tasks,
                              strategy=strategy, metrics=metrics, provenance=provenance(int(self.cfg.seed)),
-                             main_metric=main_metric, rows=rows, extra=extra)
+                             main_metric=main_metric, rows=rows,
+                             extra={**(extra or {}), "wall_time_s": round(time.perf_counter() - self.t0, 3)})
         self.tracker.log_metrics({f"{self.stage}/{k}": v for k, v in metrics.items()})
         log.info("%s: wrote %s", self.stage, path)
         self.finished = True
