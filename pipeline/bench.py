@@ -21,6 +21,7 @@ Engines (``pipeline.latency``): ``eager``; ``static`` = static KV cache, decode 
 (backend, mode; CUDA only unless ``bench.static.allow_on_cpu``); a compile that fails falls back to the static
 cache without compile. Each row's ``engine`` says what ran: ``eager``, ``static+compile`` or ``static``.
 ``bench.static.{shapes,strategies,num_adapters}`` restrict the static grid (each combination compiles once).
+``bench.max_seconds``: no combination starts after it (skipped ones are listed in metrics.json).
 
 Each row: model, prefill tokens/s and ms, decode ms/token, ``peak_mem_gb`` (CUDA max_memory_allocated over the
 timed calls; None on CPU) and ``ratio_to_base`` = decode time over the base model's with the same shape, engine,
@@ -117,10 +118,35 @@ def random_adapter(model, out_dir, adapter_cfg: DictConfig, seed: int = 0) -> Pa
     return Path(out_dir)
 
 
+class TimeBudget:
+    """``bench.max_seconds``: combinations not started within it are skipped and listed (the rows measured so far
+    are still written), so one bench command stays under a hard per-command limit (e.g. 10 min on a lent GPU)."""
+
+    def __init__(self, seconds):
+        import time
+
+        self.clock = time.perf_counter
+        self.t0, self.seconds = self.clock(), (float(seconds) if seconds else None)
+        self.skipped: list[str] = []
+
+    def spent(self) -> bool:
+        return self.seconds is not None and self.clock() - self.t0 >= self.seconds
+
+    def left(self, what: str) -> bool:
+        if not self.spent():
+            return True
+        if not self.skipped:
+            log.warning("bench: bench.max_seconds=%s reached; skipping the remaining combinations", self.seconds)
+        self.skipped.append(what)
+        return False
+
+
 class ShapeBench:
     """Times one model (one shape) under every configured engine / batch / prompt length; appends rows."""
 
-    def __init__(self, cfg: DictConfig, shape: str, model, vocab: int, device, label: str, rows: list):
+    def __init__(self, cfg: DictConfig, shape: str, model, vocab: int, device, label: str, rows: list,
+                 budget: TimeBudget | None = None):
+        self.budget = budget or TimeBudget(None)
         self.cfg, self.b_cfg, self.shape, self.model = cfg, cfg.bench, shape, model
         self.vocab, self.device, self.label, self.rows = vocab, device, label, rows
         st = self.b_cfg.get("static") or {}
@@ -180,6 +206,8 @@ class ShapeBench:
             for b in self.b_cfg.batch_sizes:
                 for s in self.b_cfg.prompt_lengths:
                     b, s = int(b), int(s)
+                    if not self.budget.left(f"{self.shape}/{engine}/{strategy}/n{n}/b{b}/s{s}"):
+                        continue
                     try:
                         if engine == "static":
                             ran, m = self._static(generate, b, s)
@@ -194,7 +222,7 @@ class ShapeBench:
                                       "new_tokens": int(self.b_cfg.new_tokens), **m})
 
 
-def bench_shape(cfg: DictConfig, shape: str, rows: list) -> None:
+def bench_shape(cfg: DictConfig, shape: str, rows: list, budget: TimeBudget | None = None) -> None:
     """All rows of one shape (appended to ``rows``)."""
     from peft import PeftModel
 
@@ -205,7 +233,7 @@ def bench_shape(cfg: DictConfig, shape: str, rows: list) -> None:
         return
     model, vocab, device, label = built
     strategies = list(cfg.bench.strategies)
-    sb = ShapeBench(cfg, shape, model, vocab, device, label, rows)
+    sb = ShapeBench(cfg, shape, model, vocab, device, label, rows, budget)
     with tempfile.TemporaryDirectory(prefix="loramux-bench-") as tmp:
         adapter = random_adapter(model, Path(tmp) / "random", cfg.adapter, int(cfg.seed))
         if "base" in strategies:
@@ -221,6 +249,9 @@ def bench_shape(cfg: DictConfig, shape: str, rows: list) -> None:
         if unknown:
             raise ValueError(f"bench.strategies {unknown} are not known; use base, peft, {', '.join(LOADED)}")
         for n in cfg.bench.num_adapters if multi else []:
+            if sb.budget.spent():  # no bank is built for combinations that will not run
+                sb.budget.skipped.append(f"{shape}/*/n{n}")
+                continue
             mm = MultiLoRAModel.from_adapters(model, {f"a{i}": adapter for i in range(int(n))}, router="base",
                                               check_base_name=False)
             for st in multi:
@@ -264,8 +295,12 @@ def bench(cfg: DictConfig) -> float | None:
     """Measure every configured combination; return the largest decode ratio to base of a loramux strategy."""
     with StageRun(cfg) as run:
         rows: list = []
+        budget = TimeBudget(cfg.bench.get("max_seconds"))
         for shape in cfg.bench.shapes:
-            bench_shape(cfg, str(shape), rows)
+            if budget.spent():
+                budget.skipped.append(f"{shape}/*")
+                continue
+            bench_shape(cfg, str(shape), rows, budget)
             gc.collect()  # the shape's model (16 GB at 8B) goes before the next one is built
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -275,7 +310,8 @@ def bench(cfg: DictConfig) -> float | None:
                              "bench.engines=[eager]")
         kernel = kernel_micro(run.run_dir) if cfg.bench.get("kernel_micro") else None
         ratios = [r["ratio_to_base"] for r in rows if r["ratio_to_base"] and r["strategy"] not in ("base", "peft")]
-        metrics = {"rows": len(rows), "max_ratio_to_base": max(ratios) if ratios else None}
+        metrics = {"rows": len(rows), "max_ratio_to_base": max(ratios) if ratios else None,
+                   "skipped_for_time": len(budget.skipped)}
         for r in rows:
             key = f"{r['shape']}/{r['engine']}/{r['strategy']}/n{r['num_adapters']}/b{r['batch_size']}/s{r['prompt_len']}"
             metrics[f"{key}/decode_ms_per_token"] = r["decode_ms_per_token"]
@@ -284,6 +320,7 @@ def bench(cfg: DictConfig) -> float | None:
             run.tracker.log_table("bench/latency", cols, [[r.get(c) for c in cols] for r in rows])
         return run.finish(tasks=list(cfg.tasks), strategy=None, metrics=metrics, main_metric="max_ratio_to_base",
                           rows=rows, extra={"bench": OmegaConf.to_container(cfg.bench, resolve=True),
+                                            "skipped_for_time": budget.skipped,
                                             "kernel_rows": (kernel or {}).get("rows")})
 
 

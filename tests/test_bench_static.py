@@ -9,7 +9,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from pipeline.bench import LLAMA3_8B, SHAPES, ShapeBench, random_llama
+from pipeline.bench import LLAMA3_8B, SHAPES, ShapeBench, TimeBudget, random_llama
 from pipeline.latency import compile_config, random_batch, time_generate
 
 CONF = str(__import__("pathlib").Path(__file__).resolve().parent.parent / "conf")
@@ -80,3 +80,11 @@ def test_short_generation_is_an_error(tiny8b):
         return tiny8b.generate(input_ids=i, attention_mask=m, max_new_tokens=1, **kw)
     with pytest.raises(RuntimeError, match="asked for exactly 3"):
         time_generate(stops_early, ids, mask, 3, warmup=0, repeats=1)
+
+
+def test_time_budget_skips_what_did_not_start(tiny8b):
+    rows: list = []
+    sb = ShapeBench(_bench_cfg(["bench.engines=[eager]"]), "llama3_8b_tiny", tiny8b, 128256, torch.device("cpu"),
+                    "llama3_8b_tiny", rows, TimeBudget(1e-9))
+    sb.measure("base", 0, lambda i, m, **k: tiny8b.generate(input_ids=i, attention_mask=m, **k))
+    assert rows == [] and sb.budget.skipped == ["llama3_8b_tiny/eager/base/n0/b2/s5"]

@@ -40,9 +40,10 @@ EXPERIMENTS = {
                      *[f"~plan.composite_strategies.{s}" for s in ("base", "meteora-top2", "dlp-segments")],
                      "bench.num_adapters=[2]", "bench.strategies=[base,peft,oracle,meteora-top2,dlp]",
                      "bench.prompt_lengths=[8]", "bench.new_tokens=3", "bench.warmup=0", "bench.repeats=1"],
-    "dlp_latency": ["bench.shapes=[llama3_8b_tiny,llama3_8b]",  # default model: head_to_head's bench has it "bench.num_adapters=[1,2]",
+    "dlp_latency": ["bench.shapes=[llama3_8b_tiny,llama3_8b]", "bench.num_adapters=[1,2]",  # (default model: head_to_head)
                     "bench.static.allow_on_cpu=true", "bench.static.backend=eager",
                     "bench.static.shapes=[llama3_8b_tiny]", "bench.static.num_adapters=[2]",
+                    "bench.static.strategies=[base,dlp,meteora-top2]",
                     "bench.prompt_lengths=[8]", "bench.new_tokens=3", "bench.warmup=0", "bench.repeats=1"],
 }
 PROVENANCE = {"git_sha", "device", "torch", "triton", "transformers", "versions", "config", "date", "wall_time_s"}
