@@ -146,3 +146,26 @@ def test_one_wandb_run_and_one_metrics_file_per_job(runs):
     wandb_runs = sorted(two.rglob("offline-run-*"))
     assert len(wandb_runs) == len(jobs), wandb_runs
     assert sorted(p.parent.parent for p in wandb_runs) == jobs
+
+
+def test_scaling_entry_writes_multigpu_tables(runs, tmp_path):
+    """`python -m pipeline.scaling` on CPU: route (MeteoRA gates) on 1 process vs DDP on 2 gloo processes at the
+    same global batch; writes <out>.json/.md with provenance, loss curves and throughput."""
+    one, _, _ = runs
+    for task in ("object_counting", "winowhy"):  # reuse the task adapters: no finetune sweep here
+        shutil.copytree(one / "adapters" / task, tmp_path / "smoke" / "adapters" / task)
+    env = {**os.environ, "LORAMUX_OUTPUTS": str(tmp_path), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    out = tmp_path / "tables" / "multigpu"
+    cmd = [sys.executable, "-m", "pipeline.scaling", "--experiment", "smoke", "--router", "meteora", "--runs", "cpu:1",
+           "ddp_cpu:2", "--steps", "4", "--global-batch", "4", "--warmup", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert {"git_sha", "device", "versions", "date"} <= result["provenance"].keys()
+    base, ddp = result["runs"]
+    assert (base["run"], ddp["run"], ddp["per_device_batch"]) == ("cpu:1", "ddp_cpu:2", 2)
+    assert base["steps"] == ddp["steps"] == 4 and ddp["same_global_batches"]  # same rows in every global step
+    assert ddp["loss_max_rel_diff"] < 1e-2  # token means per rank (see the MeteoRA test above)
+    assert all(r["tokens_per_s"] > 0 for r in (base, ddp)) and base["speedup"] == 1.0
+    md = out.with_suffix(".md").read_text()
+    assert "| ddp_cpu:2 | 2 | 2 |" in md and result["provenance"]["git_sha"] in md

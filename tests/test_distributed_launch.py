@@ -112,3 +112,19 @@ def test_two_task_ddp_job_on_slurm(tmp_path):
     returns = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RETURNS="))[8:])
     assert returns == [[val_loss]]
     assert (tmp_path / "smoke" / "adapters" / "winowhy" / "adapter_model.safetensors").is_file()
+
+
+def test_scaling_summary_and_comparison():
+    from pipeline.scaling import compare, parse_run, summarize
+
+    assert parse_run("ddp:2") == ("ddp", 2) and parse_run("gpu") == ("gpu", 1)
+    with pytest.raises(ValueError, match="not <trainer config>"):
+        parse_run("ddp:two")
+    steps = [{"seconds": 9.0, "tokens": 100, "rows": 4, "loss": 2.0}] + \
+            [{"seconds": 0.5, "tokens": 100, "rows": 4, "loss": 1.5}] * 3
+    one = summarize("gpu", 1, steps, warmup=1)
+    assert one["tokens_per_s"] == pytest.approx(200.0) and one["step_ms"] == pytest.approx(500.0)
+    two = summarize("ddp", 2, [{**s, "seconds": s["seconds"] / 1.6, "loss": s["loss"] + 0.01} for s in steps], 1)
+    compare([one, two])
+    assert two["speedup"] == pytest.approx(1.6) and two["efficiency"] == pytest.approx(0.8)
+    assert two["loss_max_abs_diff"] == pytest.approx(0.01) and two["same_global_batches"]
