@@ -12,6 +12,8 @@ Python, the dispatcher and kernel launches. This times CALLS back-to-back projec
   loramux_op    the same through the torch.library custom op (the path before direct launches; training's path)
   peft_single   F.linear + one unmerged LoRA as peft computes it: y + (x @ A) @ B * s
   loramux_graph (CUDA) the CALLS loramux calls captured in one CUDA graph and replayed: the device time alone
+  launch_only   (CUDA) F.linear + ``triton_ops.forward`` called with ready arguments: the kernel launcher's own cost
+  python_only   (CUDA) F.linear + multi_lora with the launcher replaced by an empty output: the Python around it
 
 Shapes: d in {576, 1536} (SmolLM2-135M hidden / MLP sizes), T in {1, 8, 64, 128} tokens (the decode batch), a bank
 of L = 28 adapters of rank 16, sentence routing K = 1 (the oracle: ids [B, 1] + seq_ids) and token routing K = 2 (MeteoRA top-2).
@@ -65,12 +67,16 @@ def _sets(d_in, d_out, T, K, device, dtype, gen):
 
 
 def _variant_fn(variant, sets, x, ids, w, seq):
+    from kernels import triton_ops
+
     def one(W, A, B, scales, ranks):
         y = F.linear(x, W)
         if variant == "linear":
             return y
         if variant == "peft_single":
             return y + (x @ A[0]) @ B[0] * 2.0
+        if variant == "launch_only":  # the launcher alone, arguments already prepared
+            return triton_ops.forward(x, y, A, B, scales, ranks, ids, w, seq)
         return multi_lora(x, y, A, B, scales, ranks, ids, w, seq)
 
     def run():
@@ -106,12 +112,17 @@ def measure(device: torch.device, shapes=SHAPES, tokens=TOKENS, log=print) -> li
                 for K in (1, 2):
                     sets, x, ids, w, seq = _sets(d_in, d_out, T, K, device, dtype, gen)
                     res = {}
-                    for variant in ("linear", "loramux", "loramux_op", "peft_single"):
+                    variants = ["linear", "loramux", "loramux_op", "peft_single"]
+                    if device.type == "cuda":
+                        variants += ["launch_only", "python_only"]
+                    for variant in variants:
                         kernel_op.DIRECT_LAUNCH = variant != "loramux_op"
+                        if variant == "python_only":  # multi_lora with the kernels' launcher stubbed out
+                            kernel_op.LAUNCH_STUB = True
                         try:
                             res[variant] = _time(_variant_fn(variant, sets, x, ids, w, seq), device)
                         finally:
-                            kernel_op.DIRECT_LAUNCH = True
+                            kernel_op.DIRECT_LAUNCH, kernel_op.LAUNCH_STUB = True, False
                     if device.type == "cuda":
                         run = _variant_fn("loramux", sets, x, ids, w, seq)
                         s = torch.cuda.Stream()
@@ -134,7 +145,8 @@ def measure(device: torch.device, shapes=SHAPES, tokens=TOKENS, log=print) -> li
 
 def markdown(doc) -> str:
     p = doc["provenance"]
-    variants = [v for v in ("linear", "loramux", "loramux_op", "peft_single", "loramux_graph")
+    variants = [v for v in ("linear", "loramux", "loramux_op", "peft_single", "loramux_graph", "launch_only",
+                            "python_only")
                 if any(r["variant"] == v for r in doc["rows"])]  # fmt: skip
     lines = ["# kernel_overhead: host cost per projection call at decode (eager, back-to-back calls)", "",
              (f"{p['device']}, torch {p['torch']}, git {p['git_sha'][:10]}, {p['date']}, {p['dtype']}. "

@@ -28,6 +28,7 @@ from kernels.reference import expand_sequence_routing, multi_lora_reference
 
 BACKENDS = ("auto", "triton", "torch", "reference")
 DIRECT_LAUNCH = True  # False: every triton call goes through the custom op (kernels.bench --overhead compares)
+LAUNCH_STUB = False  # kernels.bench --overhead: the direct path returns an empty output instead of launching
 
 
 @torch.library.custom_op("loramux::multi_lora", mutates_args=())
@@ -134,6 +135,10 @@ def _direct_ok(x: torch.Tensor) -> bool:
     return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
+def _no_launch(x, base, *args):
+    return torch.empty_like(base)
+
+
 def _triton_forward(x2, b2, A, B, scales, ranks, ids, weights, seq_ids):
     from kernels import triton_ops
 
@@ -141,7 +146,8 @@ def _triton_forward(x2, b2, A, B, scales, ranks, ids, weights, seq_ids):
     if not _needs_autograd(x2, b2, A, B, weights) and _direct_ok(x2):
         # inference: launch the kernels directly (the custom op's dispatch costs more than the launches), keep
         # sentence routing per sequence (the kernels read seq_ids) and cast the bank once per dtype, not per call
-        return triton_ops.forward(
+        launch = triton_ops.forward if not LAUNCH_STUB else _no_launch
+        return launch(
             x2, b2, cast_cache.cast(A, x2.dtype), cast_cache.cast(B, x2.dtype), _on(scales, torch.float32, dev),
             _on(ranks, torch.int32, dev), _on(ids, ids.dtype, dev), _on(weights, weights.dtype, dev),
             None if seq_ids is None else _on(seq_ids, seq_ids.dtype, dev),
