@@ -169,7 +169,7 @@ def main(device: str, out: str | None, quick: bool = False) -> None:
         raise SystemExit("kernels.bench --overhead: no CUDA GPU here; pass --device cpu to time the CPU path")
     if dev.type == "cpu":
         torch.set_num_threads(1)
-    shapes, tokens = (SHAPES[:2], [1, 8]) if quick else (SHAPES, TOKENS)
+    shapes, tokens = (SHAPES[:2], [1, 8, 128]) if quick else (SHAPES, TOKENS)
     t0 = time.time()
     rows = measure(dev, shapes, tokens, log=lambda s: print(s, flush=True))
     doc = {"provenance": {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
