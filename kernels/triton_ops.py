@@ -1,7 +1,9 @@
-"""Launchers for the Triton kernels: routing metadata, forward (grouped or small-T) and the fused backward.
+"""Launchers for the Triton kernels: routing metadata, forward (fused decode, small-T or grouped), fused backward.
 
+Forward by token count T: one ``token_fused_kernel`` launch at decode (T <= FUSED_T_MAX, where recomputing x @ A
+per d_out tile is cheap), else the two-launch split-K token path (T <= SMALL_T_MAX), else the grouped kernels.
 Everything here is asynchronous on the device: routing is a key kernel, one ``torch.sort`` and one
-``torch.searchsorted``; all grids have static sizes (``cdiv(T*K, BM) + K*(L+1)`` blocks) and no value is read back
+``torch.searchsorted`` (the token paths need none); all grids have static sizes (``cdiv(T*K, BM) + K*(L+1)`` blocks) and no value is read back
 to the host, so a forward or backward can be captured in a CUDA graph. On CPU tensors the same launches run under
 ``TRITON_INTERPRET=1`` (tests), where every dot is done in fp32 because the interpreter's bf16 dot is unreliable.
 """
