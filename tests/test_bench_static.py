@@ -88,3 +88,20 @@ def test_time_budget_skips_what_did_not_start(tiny8b):
                     "llama3_8b_tiny", rows, TimeBudget(1e-9))
     sb.measure("base", 0, lambda i, m, **k: tiny8b.generate(input_ids=i, attention_mask=m, **k))
     assert rows == [] and sb.budget.skipped == ["llama3_8b_tiny/eager/base/n0/b2/s5"]
+
+
+@pytest.mark.gpu
+def test_static_engine_compiles_every_strategy_on_cuda(tmp_path):
+    """On the GPU: the 8B shape's stand-in through bench with inductor + CUDA graphs (what dlp_latency runs on the
+    8B shape), every loramux strategy; a combination that fell back would say engine=static."""
+    from pipeline.bench import bench_shape
+
+    cfg = _bench_cfg(["bench.engines=[eager,static]", "bench.static.allow_on_cpu=false", "bench.warmup=1",
+                      "bench.strategies=[base,peft,oracle,meteora-top2,dlp]", "bench.num_adapters=[2]",
+                      "adapter=dlp", "bench.new_tokens=8"])
+    rows: list = []
+    bench_shape(cfg, "llama3_8b_tiny", rows)
+    engines = {(r["strategy"], r["engine"]) for r in rows}
+    assert engines == {(s, e) for s in ("base", "peft", "oracle", "meteora-top2", "dlp")
+                       for e in ("eager", "static+compile")}
+    assert all(r["peak_mem_gb"] > 0 and r["decode_ms_per_token"] > 0 for r in rows)
