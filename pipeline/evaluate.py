@@ -26,7 +26,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.atomic import atomic_write_text
-from pipeline.entry import CONF_DIR, user_errors
+from pipeline.entry import CONF_DIR, cli, user_errors
 from pipeline.stage import StageRun
 
 log = logging.getLogger(__name__)
@@ -168,4 +168,4 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)
