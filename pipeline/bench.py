@@ -41,7 +41,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.entry import CONF_DIR, user_errors
+from pipeline.entry import CONF_DIR, cli, user_errors
 from pipeline.stage import StageRun
 
 log = logging.getLogger(__name__)
@@ -331,4 +331,4 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -3,7 +3,8 @@
 Decode cost is separated from prefill by timing two greedy generations of the same batch, one of 1 new token
 and one of N (``min_new_tokens`` forces the length, and the output length is checked: a random-weight model
 that emits EOS early would otherwise time fewer steps): decode ms/token = (t_N - t_1) / (N - 1), prefill
-tokens/s = batch x prompt tokens / t_1. Each is the median of ``repeats`` runs after ``warmup`` runs; CUDA is
+tokens/s = batch x prompt tokens / t_1. Each is the median of ``repeats`` runs after one untimed 1-token call and
+``warmup`` N-token runs; CUDA is
 synchronised around every timed call, and ``peak_mem_gb`` is ``torch.cuda.max_memory_allocated`` over the
 timed calls (None on CPU).
 
@@ -84,6 +85,7 @@ def time_generate(generate, ids, mask, new_tokens: int, *, warmup: int = 1, repe
                                f"(min_new_tokens ignored?); decode time would be wrong")
         return seconds
 
+    once(1)  # untimed: first-call costs (lazy init, cache allocation) never land in t_1, even with warmup=0
     for _ in range(max(0, warmup)):
         once(new_tokens)
     if cuda:

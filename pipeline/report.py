@@ -21,7 +21,7 @@ import hydra
 from omegaconf import DictConfig
 
 from pipeline.atomic import atomic_write_text
-from pipeline.entry import CONF_DIR, user_errors
+from pipeline.entry import CONF_DIR, cli, user_errors
 from pipeline.metrics_file import find_metrics, read_metrics
 from pipeline.report_render import bar_plot, latency_plot, radar_plot, to_markdown, write_table_files
 from pipeline.report_tables import build_tables
@@ -122,4 +122,4 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

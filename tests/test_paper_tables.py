@@ -29,8 +29,7 @@ TASK_LIST = f"tasks=[{','.join(TASKS)}]"
 # Few steps: the experiments share one routers dir here (meteora gates from meteora_tasks, the dlp router from
 # dlp_tasks), so head_to_head trains none; runs a table can do without are dropped (~plan...).
 EXPERIMENTS = {
-    "meteora_tasks": [TASK_LIST, f"plan.finetune=[{','.join(TASKS)},lora_b]", "optim.batch_size=2", *ROUTER,
-                      "~plan.evaluate.base"],
+    "meteora_tasks": [TASK_LIST, f"plan.finetune=[{','.join(TASKS)},lora_b]", "optim.batch_size=2", *ROUTER],
     "meteora_composite": [TASK_LIST, f"composite_tasks=[{','.join(TASKS)}]", "plan.composite=[2]", "composite_rows=3",
                           "generation.composite_max_new_tokens_per_task=3"],
     "dlp_tasks": [TASK_LIST, *ROUTER],
