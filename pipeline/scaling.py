@@ -11,7 +11,8 @@ callback (given through ``callbacks``, which route instantiates) records on rank
 wall time (CUDA-synchronised), the global batch's tokens and rows (summed over ranks) and the global train loss.
 Missing task adapters are trained first (``--adapter-steps`` steps each, one finetune sweep process).
 
-Written (atomically): ``<out>.json`` (runs with loss curves, tokens/s and rows/s after ``--warmup`` steps, speedup
+A run that fails after the first (FSDP on an untested stack, say) is recorded with its error and the others are
+still written. Written (atomically): ``<out>.json`` (runs with loss curves, tokens/s and rows/s after ``--warmup`` steps, speedup
 and efficiency against the first run, loss-curve difference to it, router accuracy; provenance) and ``<out>.md``.
 """
 
@@ -125,19 +126,26 @@ def render_md(result: dict) -> str:
                      f"{r['rows_per_s']:.2f} | {r['step_ms']:.1f} | {r['speedup']:.2f} | {r['efficiency']:.2f} | "
                      f"{final:.4f} | {diff} | {'yes' if r['same_global_batches'] else 'no'} | "
                      f"{'-' if acc is None else f'{acc:.3f}'} |")
+    lines += [f"| {f['run']} | {f['devices']} | failed: {f['error'][:150]} | | | | | | | | | |"
+              for f in result.get("failed", [])]
     lines += ["", (f"Device: {p.get('device')}; git {p.get('git_sha')}; {p.get('date')}; versions "
               f"{json.dumps(p.get('versions'))}."), "", f"Command: `{result['command']}`", ""]
     return "\n".join(lines)
 
 
-def _run(cmd: list[str], log_path: Path, env: dict) -> None:
+def _run(cmd: list[str], log_path: Path, env: dict, fail: bool = True) -> str | None:
+    """Run ``cmd`` with its output in ``log_path``; on failure exit (``fail``) or return the log's last lines."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     print(f"scaling: {' '.join(cmd)}  (log {log_path})", flush=True)
     with open(log_path, "w") as f:
         proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, check=False)
-    if proc.returncode != 0:
-        tail = log_path.read_text(errors="replace").splitlines()[-15:]
-        raise SystemExit(f"scaling: failed (exit {proc.returncode}): {' '.join(cmd)}\n" + "\n".join(tail))
+    if proc.returncode == 0:
+        return None
+    tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
+    if fail:
+        raise SystemExit(f"scaling: failed (exit {proc.returncode}): {' '.join(cmd)}\n{tail}")
+    print(f"scaling: run failed (exit {proc.returncode}), recorded in the table; log {log_path}\n{tail}", flush=True)
+    return tail
 
 
 def _compose(stage: str, overrides: list[str]):
@@ -189,16 +197,20 @@ def main(argv: list[str] | None = None) -> dict:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     ensure_adapters(args, env, work)
 
-    results = []
+    results, failed = [], []
     for name, n in runs:
         run_dir = work / f"{name}_{n}"
         times = run_dir / "step_times.json"
-        _run([sys.executable, "-m", "pipeline.route", f"experiment={args.experiment}", f"router={args.router}",
+        error = _run([sys.executable, "-m", "pipeline.route", f"experiment={args.experiment}", f"router={args.router}",
               f"trainer={name}", f"trainer.devices={n}", f"router.train.batch_size={args.global_batch // n}",
               f"router.train.steps={args.steps}", f"trainer.val_check_interval={args.steps}", "logger=csv",
               "print_config=false", "checkpoint.every_n_steps=0", f"hydra.run.dir={run_dir}",
               f"paths.routers_dir={run_dir / 'routers'}", "+callbacks.times._target_=pipeline.scaling.StepTimes",
-              f"+callbacks.times.path={times}", *args.overrides], run_dir / "run.log", env)
+              f"+callbacks.times.path={times}", *args.overrides], run_dir / "run.log", env, fail=not results)
+        if error is not None:  # a later run failed (e.g. FSDP): keep the others, say why in the table
+            failed.append({"run": f"{name}:{n}", "trainer": name, "devices": n, "error": error.splitlines()[-1],
+                           "run_dir": str(run_dir)})
+            continue
         r = summarize(name, n, json.loads(times.read_text()), args.warmup)
         metrics = json.loads((run_dir / "metrics.json").read_text())["metrics"]
         r.update(per_device_batch=args.global_batch // n, router_accuracy=metrics.get("router_accuracy"),
@@ -207,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
     compare(results)
     result = {"config": {"experiment": args.experiment, "router": args.router, "steps": args.steps,
                          "global_batch": args.global_batch, "warmup": args.warmup, "overrides": args.overrides},
-              "runs": results, "provenance": provenance(0),
+              "runs": results, "failed": failed, "provenance": provenance(0),
               "command": "python -m pipeline.scaling " + " ".join(argv if argv is not None else sys.argv[1:])}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
