@@ -7,7 +7,8 @@ uninterrupted run: same adapter / router weights (fp32, CPU: bit for bit, we all
 metrics.json apart from the fields that are not results:
 
   * ``provenance.date``                         when the run happened,
-  * ``metrics.train_seconds``, ``metrics.tokens_per_s``   wall-clock timing, different on every run,
+  * timing, different on every run: any key ending in ``_seconds``, ``_per_s`` or ``_time_s``, at the top level
+    or in ``metrics`` (today ``wall_time_s``, ``metrics.train_seconds``, ``metrics.tokens_per_s``),
   * ``adapter_dir`` / ``router_dir``             where the outputs root of that run is.
 
 The finetune run uses ``adapter=dlp`` (LoRA dropout 0.1), so an equal result also shows the dropout RNG resumes.
@@ -46,7 +47,7 @@ for cls in (pipeline.lora_finetune.LoRAFinetuneModule, pipeline.router_training.
 sys.argv = [f"pipeline.{stage}", *sys.argv[2:]]
 runpy.run_module(f"pipeline.{stage}", run_name="__main__")
 """
-UNSTABLE = {"train_seconds", "tokens_per_s"}  # wall-clock timing
+TIMING = ("_seconds", "_per_s", "_time_s")  # suffixes of wall-clock timing fields
 CONF = ROOT / "conf"
 
 
@@ -80,8 +81,9 @@ def comparable(metrics_json: Path) -> dict:
     """metrics.json without the fields that are not results (see the module docstring)."""
     rec = json.loads(metrics_json.read_text())
     rec["provenance"].pop("date")
-    for k in UNSTABLE:
-        rec["metrics"].pop(k, None)
+    for record in (rec, rec["metrics"]):
+        for k in [k for k in record if k.endswith(TIMING)]:
+            record.pop(k)
     rec.pop("adapter_dir", None)
     rec.pop("router_dir", None)
     return rec
