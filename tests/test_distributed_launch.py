@@ -128,3 +128,86 @@ def test_scaling_summary_and_comparison():
     compare([one, two])
     assert two["speedup"] == pytest.approx(1.6) and two["efficiency"] == pytest.approx(0.8)
     assert two["loss_max_abs_diff"] == pytest.approx(0.01) and two["same_global_batches"]
+
+
+def _random_adapters(model, root: Path) -> dict:
+    """Two PEFT LoRA adapters with random (non-zero) B on the tiny LLaMA: inputs for a router, no training needed."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    dirs = {}
+    for i, name in enumerate(("first", "second")):
+        torch.manual_seed(10 + i)
+        peft = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+        for n, p in peft.named_parameters():
+            if "lora_B" in n:
+                p.data.normal_(0, 0.05)
+        peft.save_pretrained(root / name)
+        dirs[name] = root / name
+    return dirs
+
+
+def _fsdp_rank(rank: int, world: int, adapters: dict, port: int, out: str) -> None:
+    """One rank: MeteoRA gates over the adapters, base decoder layers sharded by trainer=fsdp's policy, one SGD step
+    on this rank's rows; rank 0 saves the full gates."""
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    from data.assets import cache_dir
+    from models import MultiLoRAModel, load_base_model
+    from pipeline.distributed import fsdp_auto_wrap
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model, tok = load_base_model(str(cache_dir() / "models" / "tiny-random-llama"))
+    mm = MultiLoRAModel.from_adapters(model, adapters, router="meteora", tokenizer=tok, top_k=2)
+    mm.set_trainable("gates")
+    fsdp = FSDP(mm, auto_wrap_policy=fsdp_auto_wrap(), use_orig_params=True, device_id=torch.device("cpu"))
+    units = sum(isinstance(m, FSDP) for m in fsdp.modules())
+    opt = torch.optim.SGD([p for p in fsdp.parameters() if p.requires_grad], lr=1.0)
+    ids = torch.randint(0, 1000, (4, 12), generator=torch.Generator().manual_seed(1))[2 * rank:2 * rank + 2]
+    fsdp(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids, task_ids=torch.tensor([0, 1])).loss.backward()
+    opt.step()
+    with FSDP.summon_full_params(fsdp, writeback=False):
+        if rank == 0:
+            torch.save({"units": units, "gates": {k: v.clone() for k, v in mm.router.state_dict().items()}}, out)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@needs_tiny_model
+def test_fsdp_step_with_gloo_equals_one_process(tmp_path):
+    """Lightning refuses FSDP on CPU, torch does not: trainer=fsdp's wrap policy (one unit per decoder layer,
+    use_orig_params: frozen base + trainable gates in one model) run by torch FSDP on 2 gloo processes gives the
+    same SGD step on the MeteoRA gates (through the fused op) as one process on both ranks' rows."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from data.assets import cache_dir
+    from models import MultiLoRAModel, load_base_model
+
+    model, tok = load_base_model(str(cache_dir() / "models" / "tiny-random-llama"))
+    adapters = _random_adapters(model, tmp_path / "adapters")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_fsdp_rank, args=(2, adapters, port, str(tmp_path / "fsdp.pt")), nprocs=2)
+    fsdp = torch.load(tmp_path / "fsdp.pt")
+
+    torch.manual_seed(0)  # the reference: one process, both ranks' rows in one batch (equal token counts)
+    model, tok = load_base_model(str(cache_dir() / "models" / "tiny-random-llama"))
+    mm = MultiLoRAModel.from_adapters(model, adapters, router="meteora", tokenizer=tok, top_k=2)
+    opt = torch.optim.SGD(mm.set_trainable("gates"), lr=1.0)
+    before = {k: v.clone() for k, v in mm.router.state_dict().items()}
+    ids = torch.randint(0, 1000, (4, 12), generator=torch.Generator().manual_seed(1))
+    mm(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids, task_ids=torch.tensor([0, 1, 0, 1])).loss.backward()
+    opt.step()
+    assert fsdp["units"] == 3  # root (embeddings, norm, head, adapter bank, gates) + 2 decoder layers
+    for k, ref in mm.router.state_dict().items():
+        step = (ref - before[k]).norm()
+        assert step > 0 and (fsdp["gates"][k] - ref).norm() < 1e-4 * step, k
