@@ -13,7 +13,8 @@ Python, the dispatcher and kernel launches. This times CALLS back-to-back projec
   peft_single   F.linear + one unmerged LoRA as peft computes it: y + (x @ A) @ B * s
   loramux_graph (CUDA) the CALLS loramux calls captured in one CUDA graph and replayed: the device time alone
   launch_only   (CUDA) F.linear + ``triton_ops.forward`` called with ready arguments: the kernel launcher's own cost
-  python_only   (CUDA) F.linear + multi_lora with the launcher replaced by an empty output: the Python around it
+  python_only   F.linear + multi_lora(backend="triton") with the launch replaced by an empty output: the Python
+                around the kernels (on a CPU too, where loramux / loramux_op are the torch backend)
 
 Shapes: d in {576, 1536} (SmolLM2-135M hidden / MLP sizes), T in {1, 8, 64, 128} tokens (the decode batch), a bank
 of L = 28 adapters of rank 16, sentence routing K = 1 (the oracle: ids [B, 1] + seq_ids) and token routing K = 2 (MeteoRA top-2).
@@ -77,6 +78,8 @@ def _variant_fn(variant, sets, x, ids, w, seq):
             return y + (x @ A[0]) @ B[0] * 2.0
         if variant == "launch_only":  # the launcher alone, arguments already prepared
             return triton_ops.forward(x, y, A, B, scales, ranks, ids, w, seq)
+        if variant == "python_only":  # the triton backend's Python with the launch stubbed (runs on a CPU too)
+            return multi_lora(x, y, A, B, scales, ranks, ids, w, seq, backend="triton")
         return multi_lora(x, y, A, B, scales, ranks, ids, w, seq)
 
     def run():
@@ -112,9 +115,9 @@ def measure(device: torch.device, shapes=SHAPES, tokens=TOKENS, log=print) -> li
                 for K in (1, 2):
                     sets, x, ids, w, seq = _sets(d_in, d_out, T, K, device, dtype, gen)
                     res = {}
-                    variants = ["linear", "loramux", "loramux_op", "peft_single"]
+                    variants = ["linear", "loramux", "loramux_op", "peft_single", "python_only"]
                     if device.type == "cuda":
-                        variants += ["launch_only", "python_only"]
+                        variants.append("launch_only")
                     for variant in variants:
                         kernel_op.DIRECT_LAUNCH = variant != "loramux_op"
                         if variant == "python_only":  # multi_lora with the kernels' launcher stubbed out
