@@ -100,6 +100,7 @@ def finetune(cfg: DictConfig) -> float | None:
     from hydra.utils import instantiate
     from peft import get_peft_model
 
+    from pipeline.distributed import sum_over_ranks
     from pipeline.lora_finetune import LoRAFinetuneModule
     from pipeline.requeue import RequeueCheckpoint, fit_resumable, prepare_resume, training_config
     from pipeline.rerun import previous_result
@@ -154,8 +155,8 @@ def finetune(cfg: DictConfig) -> float | None:
         metrics = {"val_loss": val_loss, "train_loss": float(train_loss) if train_loss is not None else None,
                    "steps": int(trainer.global_step), "train_rows": n_train, "val_rows": n_val,
                    "trainable_params": trainable, "train_seconds": round(seconds, 3),
-                   "tokens_per_s": round(module.tokens / max(seconds, 1e-9), 2),
-                   "answer_tokens": module.answer_tokens}
+                   "tokens_per_s": round(sum_over_ranks(module.tokens) / max(seconds, 1e-9), 2),  # DDP: all ranks
+                   "answer_tokens": int(sum_over_ranks(module.answer_tokens))}
         return run.finish(tasks=[task], strategy="peft", metrics=metrics, main_metric="val_loss",
                           extra={"adapter_dir": str(shared)})
 
