@@ -11,7 +11,9 @@ what must happen once per job happens on global rank 0 only:
     parts = gather_to_zero(mine)    # rank 0: [rank 0's, rank 1's, ...]; other ranks: None
 
 ``global_rank()`` works before the Trainer exists (from the launcher's environment variables, in Lightning's own
-order), so a stage can decide at start-up whether this process opens the wandb run. ``fsdp_auto_wrap`` is the
+order), so a stage can decide at start-up whether this process opens the wandb run. ``shard`` is how a stage's
+own seeded sampler (``ResumableSampler``) splits the one-process order across ranks, ``sum_over_ranks`` adds up
+per-rank counters (tokens), ``wait_for_all`` is the barrier at the end of every stage. ``fsdp_auto_wrap`` is the
 FSDP policy of ``trainer=fsdp``: one FSDP unit per decoder layer of the base model (the frozen weights that make a
 big backbone outgrow one GPU), everything else (adapter bank, router) in the root unit. ``full_weights`` gathers
 FSDP-sharded parameters for saving (a no-op under DDP or one device).
