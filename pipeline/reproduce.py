@@ -31,7 +31,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, open_dict
 
-from pipeline.entry import CONF_DIR, user_errors
+from pipeline.entry import CONF_DIR, cli, user_errors
 
 log = logging.getLogger(__name__)
 OWN_KEYS = ("force", "parallel", "plan", "print_config", "stage")  # reproduce's own keys: not passed on to the stages
@@ -193,4 +193,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)
