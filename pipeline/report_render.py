@@ -98,6 +98,7 @@ def bar_plot(table: Table, path, skip=("attempts", "correct", "mean")) -> Path |
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))])
     ax.set_xticklabels([r[0] for r in rows], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("score")
+    ax.set_ylim(bottom=0)
     ax.set_title(table.title)
     ax.legend(fontsize=8)
     return _save(fig, path)
