@@ -499,7 +499,7 @@ def plot_table(name: str, table: dict, path: Path) -> Path | None:
 
 def latency_figure(rows: list[dict], path: Path) -> Path | None:
     """DLP-LoRA's figure: ms vs number of adapters per model and phase; base and single LoRA as reference lines."""
-    from pipeline.report_render import _plt, _save
+    from pipeline.report_render import _plt, _save, adapter_axis
 
     models = list(dict.fromkeys(r["model"] for r in rows))
     plt = _plt()
@@ -516,12 +516,7 @@ def latency_figure(rows: list[dict], path: Path) -> Path | None:
             for col, color in (("base_ms", "gray"), ("single_lora_ms", "black")):
                 if sel and sel[0][col] is not None:
                     ax.axhline(sel[0][col], linestyle="--", color=color, label=col[:-3])
-            if ns and max(ns) / max(min(ns), 1) > 8:
-                ax.set_xscale("log")
-            if ns:
-                ax.set_xticks(ns)
-                ax.set_xticklabels([str(n) for n in ns])
-            ax.set_xlabel("number of adapters")
+            adapter_axis(ax, ns)
             ax.set_ylabel("ms (prefill, whole batch)" if phase == "prefill" else "ms / token")
             ax.set_title(f"{model}: {phase}")
             ax.legend(fontsize=7)

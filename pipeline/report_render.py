@@ -124,16 +124,21 @@ def latency_plot(table: Table, path) -> Path | None:
             ax.axhline(pts[0][1], linestyle="--", color="gray", label=label)
             continue
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
-    ax.set_xlabel("number of adapters")
+    adapter_axis(ax, ns)
     ax.set_ylabel("decode ms / token")
+    ax.set_title("latency vs number of adapters")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def adapter_axis(ax, ns) -> None:
+    """An x axis of adapter counts: one tick per measured count, log-scaled when they span more than 8x."""
+    ax.set_xlabel("number of adapters")
     if ns and max(ns) / max(min(ns), 1) > 8:
         ax.set_xscale("log")
     if ns:
         ax.set_xticks(ns)
         ax.set_xticklabels([str(n) for n in ns])
-    ax.set_title("latency vs number of adapters")
-    ax.legend(fontsize=7)
-    return _save(fig, path)
 
 
 def write_table_files(table: Table, out_dir) -> dict[str, Path]:
