@@ -7,7 +7,20 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
+import sys
+
 import pytest
+
+# absl (imported by rouge-score) builds a logging handler on the sys.stderr of its import time, which under pytest is
+# a capture file, and closes that stream whenever logging is reconfigured (Hydra does so when a test runs a stage's
+# CLI in-process): pytest's own capture then fails with "I/O operation on closed file". Point it at the real stderr,
+# which absl never closes.
+try:
+    from absl import logging as absl_logging
+
+    absl_logging.get_absl_handler().python_handler.setStream(sys.__stderr__)
+except ImportError:
+    pass
 
 
 def pytest_collection_modifyitems(config, items):
