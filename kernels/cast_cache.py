@@ -6,7 +6,9 @@ returns ``t`` itself when it already has ``dtype``; otherwise one cached copy, k
 its version counter, so an in-place update (an optimizer step, ``copy_``) or a hot swap (new tensors) invalidates
 it. Entries hold the source only weakly and leave with it. Only for the inference path: a cast that autograd must
 differentiate stays in the graph (``kernels.op`` calls this only when no gradient is needed).
-Caveat: writes through ``t.data`` do not bump ``t._version``; replace the tensor or write to ``t`` itself.
+Writes through ``t.data`` (``module.to(device)`` swaps a parameter's storage that way) do not bump ``t._version``;
+the storage's address is checked too, so a swapped storage is a miss. An in-place ``t.data.copy_(...)`` is still
+invisible: replace the tensor or write to ``t`` itself.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import weakref
 
 import torch
 
-_CACHE: dict = {}  # (id(t), dtype) -> (weakref to t, t._version, the cast copy)
+_CACHE: dict = {}  # (id(t), dtype) -> (weakref to t, (t._version, t.data_ptr(), t.device), the cast copy)
 
 
 def _drop(key) -> None:
@@ -28,12 +30,13 @@ def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return t
     key = (id(t), dtype)
     hit = _CACHE.get(key)
-    if hit is not None and hit[0]() is t and hit[1] == t._version:
+    stamp = (t._version, t.data_ptr(), t.device)
+    if hit is not None and hit[0]() is t and hit[1] == stamp:
         return hit[2]
     out = t.detach().to(dtype)
     if hit is None:
         weakref.finalize(t, _drop, key)
-    _CACHE[key] = (weakref.ref(t), t._version, out)
+    _CACHE[key] = (weakref.ref(t), stamp, out)
     return out
 
 

@@ -225,6 +225,11 @@ def test_bank_in_another_dtype_is_cast_once_and_recast_after_an_update(triton_op
         want2 = call(multi_lora, dict(inp, A=A32.half()), backend="triton")
     torch.testing.assert_close(got2, want2, rtol=0, atol=0)
     assert not torch.equal(got2, got)
+    A32.data = A32.data * 0.5  # what module.to() does: new storage, same tensor, no version bump
+    with torch.no_grad():
+        got3 = call(multi_lora, dict(inp, A=A32, B=B32), backend="triton")
+        want3 = call(multi_lora, dict(inp, A=A32.half()), backend="triton")
+    torch.testing.assert_close(got3, want3, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("routing,L,K,T", [("one", 3, 2, 33), ("zipf", 128, 1, 16), ("uniform", 1, 1, 20)])
