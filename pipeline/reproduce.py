@@ -118,7 +118,7 @@ def step_command(step: dict, overrides: list[str]) -> list[str]:
             f"hydra.run.dir={step['run_dir']}", "print_config=false"]
 
 
-def run_parallel(steps: list[dict], overrides: list[str], width: int, tags: dict) -> None:
+def run_parallel(steps: list[dict], overrides: list[str], width: int) -> None:
     """Run ``steps`` (all of one stage) as subprocesses, at most ``width`` at a time; raise once if any failed."""
     pending, running, failed = list(steps), [], []
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -126,24 +126,23 @@ def run_parallel(steps: list[dict], overrides: list[str], width: int, tags: dict
         while pending and len(running) < width:
             step = pending.pop(0)
             step["run_dir"].mkdir(parents=True, exist_ok=True)
-            log_path = step["run_dir"] / "stage.log"
-            with open(log_path, "w") as log_file:
+            with open(step["run_dir"] / "stage.log", "w") as log_file:
                 proc = subprocess.Popen(step_command(step, overrides), stdout=log_file, stderr=subprocess.STDOUT,
                                         env=env)
-            print(f"{tags[id(step)]}: started (pid {proc.pid}, log {log_path})", flush=True)
-            running.append((step, proc, time.perf_counter(), log_path))
+            print(f"{step['tag']}: started (pid {proc.pid}, log {log_file.name})", flush=True)
+            running.append((step, proc, time.perf_counter()))
         time.sleep(0.5)
         for item in list(running):
-            step, proc, t0, log_path = item
+            step, proc, t0 = item
             if proc.poll() is None:
                 continue
             running.remove(item)
-            took = time.perf_counter() - t0
+            took, log_path = time.perf_counter() - t0, step["run_dir"] / "stage.log"
             if proc.returncode == 0 and step_done(step):
-                print(f"{tags[id(step)]}: finished in {took:.1f}s", flush=True)
+                print(f"{step['tag']}: finished in {took:.1f}s", flush=True)
             else:
                 failed.append(f"{step['stage']}:{step['step']} (exit {proc.returncode}, log {log_path})")
-                print(f"{tags[id(step)]}: FAILED after {took:.1f}s, see {log_path}", flush=True)
+                print(f"{step['tag']}: FAILED after {took:.1f}s, see {log_path}", flush=True)
     if failed:
         raise ChildProcessError(f"reproduce: {len(failed)} step(s) failed: {'; '.join(failed)}; fix and rerun "
                            "(finished steps are skipped)")
@@ -162,22 +161,22 @@ def reproduce(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
     width = int(cfg.get("parallel", 1) or 1)
     if width < 1:
         raise ValueError(f"parallel={width}: give the number of steps to run at once (1 = one after another)")
-    tags = {id(s): f"[{i}/{len(steps)}] {s['stage']} {s['step']}" for i, s in enumerate(steps, 1)}
     todo = []
-    for step in steps:
+    for i, step in enumerate(steps, 1):
+        step["tag"] = f"[{i}/{len(steps)}] {step['stage']} {step['step']}"
         if step_done(step) and not cfg.get("force", False):
-            print(f"{tags[id(step)]}: done already ({step['run_dir']}), skipped", flush=True)
+            print(f"{step['tag']}: done already ({step['run_dir']}), skipped", flush=True)
         else:
             todo.append(step)
     if width > 1:
         for stage in dict.fromkeys(s["stage"] for s in todo):
-            run_parallel([s for s in todo if s["stage"] == stage], inherited, width, tags)
+            run_parallel([s for s in todo if s["stage"] == stage], inherited, width)
     else:
         for step in todo:
-            print(f"{tags[id(step)]}: running -> {step['run_dir']}", flush=True)
+            print(f"{step['tag']}: running -> {step['run_dir']}", flush=True)
             t0 = time.perf_counter()
             value = run_step(step, inherited)
-            print(f"{tags[id(step)]}: finished in {time.perf_counter() - t0:.1f}s (main metric {value})", flush=True)
+            print(f"{step['tag']}: finished in {time.perf_counter() - t0:.1f}s (main metric {value})", flush=True)
     report_step = {"stage": "report", "step": "report", "overrides": [], "run_dir": exp / "report" / "report"}
     run_step(report_step, inherited)
     report = exp / "report.md"
