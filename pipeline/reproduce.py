@@ -17,6 +17,9 @@ is rebuilt every time and its path printed last.
 adapters of a finetune sweep, the routers, the evaluate runs. A small model leaves one GPU mostly idle while
 Python drives it, so N processes share it well. Stages still follow each other (route needs every adapter).
 A failed step does not stop its siblings; the stage then fails with one line naming every failed step's log.
+On a node with several GPUs the processes are spread over them (``gpus=auto``: every visible GPU; ``gpus=[0,1]``;
+``gpus=[]``: no pinning): each starts with ``CUDA_VISIBLE_DEVICES`` set to the GPU running the fewest steps, so
+``parallel=14`` on 2 GPUs keeps 7 on each.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from omegaconf import DictConfig, open_dict
 from pipeline.entry import CONF_DIR, cli, user_errors
 
 log = logging.getLogger(__name__)
-OWN_KEYS = ("force", "parallel", "plan", "print_config", "stage")  # reproduce's own keys: not passed on to the stages
+OWN_KEYS = ("force", "gpus", "parallel", "plan", "print_config", "stage")  # reproduce's own keys: not passed on to the stages
 
 
 def _compose(stage: str, overrides: list[str]) -> DictConfig:
@@ -118,22 +121,48 @@ def step_command(step: dict, overrides: list[str]) -> list[str]:
             f"hydra.run.dir={step['run_dir']}", "print_config=false"]
 
 
-def run_parallel(steps: list[dict], overrides: list[str], width: int) -> None:
-    """Run ``steps`` (all of one stage) as subprocesses, at most ``width`` at a time; raise once if any failed."""
+def visible_gpus(setting) -> list[str]:
+    """The GPUs parallel steps are spread over: ``"auto"`` = every visible one (``CUDA_VISIBLE_DEVICES`` when set,
+    else torch's device count), a list = those ids, ``None`` / ``[]`` = none (children inherit the environment)."""
+    if setting is None or setting == "none":
+        return []
+    if setting != "auto":
+        if isinstance(setting, (str, int)):
+            raise ValueError(f"gpus={setting!r}: give auto, a list of GPU ids like [0,1], or [] for no pinning")
+        return [str(g) for g in setting]
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [g.strip() for g in visible.split(",") if g.strip() and g.strip() != "-1"]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+
+
+def least_busy_gpu(gpus: list[str], busy: list[str]) -> str | None:
+    """The GPU of ``gpus`` running the fewest of ``busy`` (the GPUs of the running steps); the first on a tie."""
+    return min(gpus, key=busy.count) if gpus else None
+
+
+def run_parallel(steps: list[dict], overrides: list[str], width: int, gpus: list[str] | None = None) -> None:
+    """Run ``steps`` (all of one stage) as subprocesses, at most ``width`` at a time, each pinned to the least busy
+    of ``gpus`` (when there are two or more); raise once if any failed."""
     pending, running, failed = list(steps), [], []
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    gpus = gpus if gpus and len(gpus) > 1 else []
     while pending or running:
         while pending and len(running) < width:
             step = pending.pop(0)
             step["run_dir"].mkdir(parents=True, exist_ok=True)
+            gpu = least_busy_gpu(gpus, [r[3] for r in running])
+            env = {**os.environ, "PYTHONUNBUFFERED": "1", **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {})}
             with open(step["run_dir"] / "stage.log", "w") as log_file:
                 proc = subprocess.Popen(step_command(step, overrides), stdout=log_file, stderr=subprocess.STDOUT,
                                         env=env)
-            print(f"{step['tag']}: started (pid {proc.pid}, log {log_file.name})", flush=True)
-            running.append((step, proc, time.perf_counter()))
+            where = "" if gpu is None else f", GPU {gpu}"
+            print(f"{step['tag']}: started (pid {proc.pid}{where}, log {log_file.name})", flush=True)
+            running.append((step, proc, time.perf_counter(), gpu))
         time.sleep(0.5)
         for item in list(running):
-            step, proc, t0 = item
+            step, proc, t0, _ = item
             if proc.poll() is None:
                 continue
             running.remove(item)
@@ -169,8 +198,9 @@ def reproduce(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
         else:
             todo.append(step)
     if width > 1:
+        gpus = visible_gpus(cfg.get("gpus", "auto"))
         for stage in dict.fromkeys(s["stage"] for s in todo):
-            run_parallel([s for s in todo if s["stage"] == stage], inherited, width)
+            run_parallel([s for s in todo if s["stage"] == stage], inherited, width, gpus)
     else:
         for step in todo:
             print(f"{step['tag']}: running -> {step['run_dir']}", flush=True)

@@ -160,7 +160,7 @@ def _compose(stage: str, overrides: list[str]):
 def ensure_adapters(args, env: dict, work: Path) -> None:
     """Train (briefly) every task adapter of the experiment that is missing, in one finetune sweep process."""
     cfg = _compose("route", [f"experiment={args.experiment}", f"router={args.router}", *args.overrides])
-    root = Path(str(cfg.paths.output_root)) / str(cfg.name) / "adapters"
+    root = Path(str(cfg.paths.adapters_dir))  # where route reads them (head_to_head: meteora_tasks' adapters)
     missing = [str(t) for t in cfg.tasks if not (root / str(t) / "adapter_config.json").is_file()]
     if not missing:
         return

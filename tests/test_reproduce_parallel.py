@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from needs_assets import needs_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,17 +25,20 @@ PLAN = ["plan.finetune=[object_counting,winowhy]", "~plan.evaluate", '+plan.eval
         "plan.composite=[]", "plan.bench=false", "~plan.route"]
 
 
-def _reproduce(root: Path, dlp_hidden: int) -> subprocess.CompletedProcess:
+def _reproduce(root: Path, dlp_hidden: int, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}
     cmd = [sys.executable, "-m", "pipeline.reproduce", "experiment=smoke", f"paths.output_root={root}",
-           "logger=none", "parallel=2", *PLAN, f'+plan.route={{meteora:[],dlp:["router.hidden={dlp_hidden}"]}}']
+           "logger=none", "parallel=2", *PLAN, f'+plan.route={{meteora:[],dlp:["router.hidden={dlp_hidden}"]}}', *extra]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
 def test_parallel_steps_fail_alone_then_resume(tmp_path):
     exp = tmp_path / "smoke"
-    broken = _reproduce(tmp_path, dlp_hidden=0)
+    broken = _reproduce(tmp_path, 0, "gpus=[7,9]")  # ids a CPU build ignores: pinning is only printed
     assert broken.returncode != 0
+    started = [line for line in broken.stdout.splitlines() if "started (pid" in line]
+    assert len(started) == 4 and all(("GPU 7" in line) != ("GPU 9" in line) for line in started), broken.stdout
+    assert sum("GPU 7" in line for line in started) == 2  # 2 finetunes at once: one on each GPU, then the routes
     err = broken.stderr.strip().splitlines()
     assert len(err) == 1 and "route:dlp" in err[0] and "stage.log" in err[0], broken.stderr[-2000:]
     for stage, step in [("finetune", "object_counting"), ("finetune", "winowhy"), ("route", "meteora")]:
@@ -47,3 +52,15 @@ def test_parallel_steps_fail_alone_then_resume(tmp_path):
     assert fixed.stdout.count("skipped") == 3 and fixed.stdout.count("started (pid") == 2
     assert json.loads((exp / "evaluate" / "oracle" / "metrics.json").read_text())["strategy"] == "oracle"
     assert (exp / "report.md").is_file()
+
+
+def test_gpu_choice():
+    from pipeline.reproduce import least_busy_gpu, visible_gpus
+
+    assert least_busy_gpu(["0", "1"], []) == "0"
+    assert least_busy_gpu(["0", "1"], ["0"]) == "1"
+    assert least_busy_gpu(["0", "1"], ["0", "1", "1"]) == "0"
+    assert least_busy_gpu([], ["0"]) is None
+    assert visible_gpus([2, 3]) == ["2", "3"] and visible_gpus([]) == [] and visible_gpus(None) == []
+    with pytest.raises(ValueError, match=r"gpus=3.*\[0,1\]"):
+        visible_gpus(3)
