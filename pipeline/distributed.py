@@ -130,3 +130,16 @@ def shard(order: list) -> list:
 def shard_size(num_samples: int) -> int:
     """``len(shard(range(num_samples)))`` without building it."""
     return -(-int(num_samples) // world_size())
+
+
+def clip_gradients(module, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+    """Lightning's gradient clipping (``trainer.gradient_clip_val``), except under FSDP: there the norm must be taken
+    over every rank's shards, which only the root FSDP module's ``clip_grad_norm_`` does (Lightning's FSDP precision
+    plugin refuses ``'norm'`` for that reason). LightningModules call this from ``configure_gradient_clipping``."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    root = getattr(getattr(getattr(module, "trainer", None), "strategy", None), "model", None)
+    if gradient_clip_val and isinstance(root, FSDP) and gradient_clip_algorithm in (None, "norm"):
+        root.clip_grad_norm_(float(gradient_clip_val))
+        return
+    module.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm)

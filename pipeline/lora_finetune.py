@@ -34,6 +34,11 @@ class LoRAFinetuneModule(L.LightningModule):
         return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                           labels=batch["labels"]).loss
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        from pipeline.distributed import clip_gradients
+
+        clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)  # FSDP: the norm over all shards
+
     def training_step(self, batch, batch_idx):
         loss = self._loss(batch)
         if not torch.isfinite(loss):

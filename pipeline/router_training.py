@@ -42,8 +42,13 @@ class RouterTrainModule(L.LightningModule):
         parts = {k: out[k].detach() for k in ("lm_loss", "aux_loss") if out.get(k) is not None}
         accuracy = self.mm.router.gate_accuracy()
         if accuracy is not None:
-            parts["router_accuracy"] = torch.tensor(accuracy)
+            parts["router_accuracy"] = torch.tensor(accuracy, device=out.loss.device)  # NCCL reduces CUDA tensors only
         return out.loss, parts
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        from pipeline.distributed import clip_gradients
+
+        clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)  # FSDP: the norm over all shards
 
     def training_step(self, batch, batch_idx):
         loss, parts = self._step(batch)

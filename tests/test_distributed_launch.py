@@ -148,6 +148,9 @@ def _random_adapters(model, root: Path) -> dict:
     return dirs
 
 
+CLIP = 1e-3  # max gradient norm in the FSDP test
+
+
 def _fsdp_rank(rank: int, world: int, adapters: dict, port: int, out: str) -> None:
     """One rank: MeteoRA gates over the adapters, base decoder layers sharded by trainer=fsdp's policy, one SGD step
     on this rank's rows; rank 0 saves the full gates."""
@@ -171,6 +174,12 @@ def _fsdp_rank(rank: int, world: int, adapters: dict, port: int, out: str) -> No
     opt = torch.optim.SGD([p for p in fsdp.parameters() if p.requires_grad], lr=1.0)
     ids = torch.randint(0, 1000, (4, 12), generator=torch.Generator().manual_seed(1))[2 * rank:2 * rank + 2]
     fsdp(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids, task_ids=torch.tensor([0, 1])).loss.backward()
+    from types import SimpleNamespace
+
+    from pipeline.distributed import clip_gradients
+
+    # the stages' clipping under FSDP (norm over both ranks' shards), as Lightning calls it: a small max norm so it bites
+    clip_gradients(SimpleNamespace(trainer=SimpleNamespace(strategy=SimpleNamespace(model=fsdp))), opt, CLIP, "norm")
     opt.step()
     with FSDP.summon_full_params(fsdp, writeback=False):
         if rank == 0:
@@ -183,7 +192,8 @@ def _fsdp_rank(rank: int, world: int, adapters: dict, port: int, out: str) -> No
 def test_fsdp_step_with_gloo_equals_one_process(tmp_path):
     """Lightning refuses FSDP on CPU, torch does not: trainer=fsdp's wrap policy (one unit per decoder layer,
     use_orig_params: frozen base + trainable gates in one model) run by torch FSDP on 2 gloo processes gives the
-    same SGD step on the MeteoRA gates (through the fused op) as one process on both ranks' rows."""
+    same SGD step on the MeteoRA gates (through the fused op) as one process on both ranks' rows, with gradients
+    clipped by ``pipeline.distributed.clip_gradients`` (over all shards) as the stages clip them."""
     import socket
 
     import torch.multiprocessing as mp
@@ -206,6 +216,7 @@ def test_fsdp_step_with_gloo_equals_one_process(tmp_path):
     before = {k: v.clone() for k, v in mm.router.state_dict().items()}
     ids = torch.randint(0, 1000, (4, 12), generator=torch.Generator().manual_seed(1))
     mm(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids, task_ids=torch.tensor([0, 1, 0, 1])).loss.backward()
+    assert torch.nn.utils.clip_grad_norm_(mm.router.parameters(), CLIP) > 10 * CLIP  # clipping changes the step
     opt.step()
     assert fsdp["units"] == 3  # root (embeddings, norm, head, adapter bank, gates) + 2 decoder layers
     for k, ref in mm.router.state_dict().items():

@@ -308,8 +308,9 @@ def test_gpu_inference_path_against_fp64(T, d_in, d_out, R, K, dtype, sentence):
     inp = make_inputs(T, d_in, d_out, 28, R, K, dtype, empty=0.2, seed=T + R, device="cuda")
     seq_ids = None
     if sentence:
-        seq_ids = torch.randint(0, 4, (T,), generator=torch.Generator().manual_seed(T)).cuda()
-        inp = dict(inp, ids=inp["ids"][:4].contiguous(), weights=inp["weights"][:4].contiguous())
+        S = min(4, T)  # sequences: per-sequence routing rows come from the first S token rows
+        seq_ids = torch.randint(0, S, (T,), generator=torch.Generator().manual_seed(T)).cuda()
+        inp = dict(inp, ids=inp["ids"][:S].contiguous(), weights=inp["weights"][:S].contiguous())
     ref = call(multi_lora_reference, {k: (v.double() if v.is_floating_point() else v).cpu() for k, v in inp.items()},
                seq_ids=None if seq_ids is None else seq_ids.cpu())  # fmt: skip
     with torch.no_grad():
