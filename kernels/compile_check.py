@@ -1,7 +1,7 @@
 """Compile the Triton kernels for a GPU target on a machine without one: ``python -m kernels.compile_check``.
 
 Triton's compiler needs no device: ``triton.compile`` lowers a kernel to PTX and a cubin (its bundled ptxas) for
-any ``GPUTarget``. This compiles the decode kernels in the configurations the launchers use (bf16 / fp32, token and
+any ``GPUTarget``. This compiles the decode kernels (and the grouped prefill / training ones) in the configurations the launchers use (bf16 / fp32, token and
 sentence routing, ranks 16 and 64) for an H100 (sm_90), so a kernel that the CPU interpreter accepts but the GPU
 compiler rejects fails here, in CPU CI, instead of on the GPU. It prints each kernel's registers and spills when
 ptxas reports them. Run it without ``TRITON_INTERPRET=1`` (the interpreter replaces the kernels by Python functions).
@@ -52,6 +52,13 @@ def configurations():
                         {"K": 2, "SPLIT": 3, "PP": 1, "BK": cfg["TBK"], "BR": 16, "SEQ": seq}))  # fmt: skip
             out.append((f"token_expand {dt} seq={seq}", tk.token_expand_kernel, ptrs,
                         {"K": 2, "SPLIT": 3, "SP": 4, "TT": 1, "BN": cfg["TBN"], "BR": 16, "SEQ": seq}))  # fmt: skip
+    for dt in ("bf16", "fp32"):  # the grouped (prefill / training) kernels, as _shrink / _expand launch them
+        ptrs = {"perm_ptr": "*i32", "off_ptr": "*i32", "ranks_ptr": "*i32", "scales_ptr": "*fp32", "u_ptr": "*fp32",
+                "gate_ptr": f"*{dt}", **{n: f"*{dt}" for n in ("x_ptr", "w_ptr", "src_ptr", "out_ptr")}}  # fmt: skip
+        out.append((f"grouped_shrink {dt}", tk.grouped_shrink_kernel.fn, ptrs,
+                    {"K": 6, "BM": 64, "BK": 64, "BR": 16, "GP": 128, "F32": dt == "fp32", "ATOMIC": True}))  # fmt: skip
+        out.append((f"grouped_expand {dt}", tk.grouped_expand_kernel.fn, ptrs,
+                    {"K": 6, "BM": 64, "BN": 128, "BR": 16, "GP": 128, "F32": dt == "fp32", "ZERO_SRC": False}))  # fmt: skip
     return out
 
 
@@ -67,7 +74,7 @@ def main(argv=None) -> None:
     configs = configurations()
     if args.few:
         few = ("token_fused bf16 seq=False BR=16", "token_fused fp32 seq=True BR=64", "token_shrink bf16 seq=True",
-               "token_expand fp32 seq=False")  # fmt: skip
+               "token_expand fp32 seq=False", "grouped_expand bf16")  # fmt: skip
         configs = [c for c in configs if c[0] in few]
     for name, fn, ptrs, constants in configs:
         sig, consts = signature(fn, ptrs, constants)

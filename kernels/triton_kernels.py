@@ -146,12 +146,13 @@ def grouped_expand_kernel(
 ):  # fmt: skip
     """For the rows of slot ``slot``: out[t] = src[t] + c * u @ W[a][:r_a]. Grid: (blocks, cdiv(DO, BN)).
 
-    Slot 0 also covers its empty group (out = src), so after slot 0 every token's row is written once.
+    ``off_ptr`` holds slot ``slot``'s G = L + 1 group offsets alone (group g = adapter g, g = L the empty slots), so
+    the scan in ``_locate_block`` and the grid do not grow with K. Slot 0 also covers its empty group (out = src),
+    so after slot 0 every token's row is written once.
     """
     g, row0, row_end = _locate_block(off_ptr, tl.program_id(0), G, BM, GP)
-    k = g // (L + 1)
-    a = g % (L + 1)
-    if (g < G) & (k == slot) & ((a < L) | (slot == 0)):
+    a = g
+    if (g < G) & ((a < L) | (slot == 0)):
         rows = row0 + tl.arange(0, BM)
         rm = rows < row_end
         n = tl.load(perm_ptr + rows, mask=rm, other=0)

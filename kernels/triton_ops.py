@@ -22,6 +22,9 @@ from kernels import triton_kernels as tk
 # FUSED_T_MAX, the two-launch split-K path up to SMALL_T_MAX, the grouped (sorted) kernels above
 SMALL_T_MAX = int(os.environ.get("LORAMUX_SMALL_T_MAX", "64"))
 FUSED_T_MAX = int(os.environ.get("LORAMUX_FUSED_T_MAX", "64"))
+# The grouped shrink runs all K slots in one launch while it has at most this many (slot, adapter) groups to scan
+# per program (K = 2, L <= 127), else one launch per slot (see slot_group_ranges).
+SHRINK_ONE_LAUNCH_GROUPS = int(os.environ.get("LORAMUX_SHRINK_ONE_LAUNCH_GROUPS", "256"))
 # the fused kernel recomputes h = x @ A[a] in every d_out tile: it is used only while that stays cheap, i.e. each
 # program's serial loop over d_in has at most FUSED_CHAIN_MAX steps and the A re-reads (from L2) of all programs
 # stay under FUSED_L2_BYTES; past either the two-launch split-K path is faster (predicted, see NOTES.md)
@@ -81,34 +84,50 @@ def route_groups(ids: torch.Tensor, ranks: torch.Tensor, L: int):
     return perm.to(torch.int32), off, sorted_keys
 
 
+def slot_group_ranges(off: torch.Tensor, N: int, L: int, K: int, one_launch: bool):
+    """The (offsets, groups, rows) each grouped launch searches: all K (L + 1) groups at once, or slot k's L + 1
+    groups alone (a view of ``off`` from group k (L + 1) on: its offsets are absolute rows, its last one the next
+    slot's first). Every program of a grouped kernel scans all offsets it is given (``_locate_block``), so the
+    per-slot form keeps that scan at L + 1 when K (L + 1) is large (DLP's nucleus can keep dozens of adapters)."""
+    if one_launch:
+        return [(off, K * (L + 1), N)]
+    return [(off[k * (L + 1):], L + 1, N // K) for k in range(K)]
+
+
 def _shrink(X, W, w_strides, perm, off, ranks, L, K, BR, cfg, f32):
     """u [N, BR] fp32 in sorted order: u[row] = X[t(row)] @ W[a] where W[a] is [D, R] through ``w_strides``.
 
-    D is split over enough programs to fill the device (about 4 per SM), each adding its part atomically.
+    D is split over enough programs to fill the device (about 4 per SM), each adding its part atomically. One
+    launch for all slots while K (L + 1) <= SHRINK_ONE_LAUNCH_GROUPS, else one per slot (``slot_group_ranges``).
     """
-    N, G, D = perm.numel(), off.numel() - 1, X.shape[1]
-    blocks = triton.cdiv(N, cfg["BM"]) + G  # nominal; the tuned BM sets the real grid
-    splits = max(1, min(triton.cdiv(D, cfg["MIN_CHUNK"]), triton.cdiv(cfg["PROGRAMS"], blocks)))
-    chunk = triton.cdiv(triton.cdiv(D, splits), cfg["CHUNK_ALIGN"]) * cfg["CHUNK_ALIGN"]
-    splits = triton.cdiv(D, chunk)
-    if splits > 1:
+    N, D = perm.numel(), X.shape[1]
+    parts = slot_group_ranges(off, N, L, K, K * (L + 1) <= SHRINK_ONE_LAUNCH_GROUPS)
+    plans = []
+    for off_p, G, rows in parts:
+        blocks = triton.cdiv(rows, cfg["BM"]) + G  # nominal; the tuned BM sets the real grid
+        splits = max(1, min(triton.cdiv(D, cfg["MIN_CHUNK"]), triton.cdiv(cfg["PROGRAMS"], blocks)))
+        chunk = triton.cdiv(triton.cdiv(D, splits), cfg["CHUNK_ALIGN"]) * cfg["CHUNK_ALIGN"]
+        plans.append((off_p, G, rows, triton.cdiv(D, chunk), chunk))
+    if any(p[3] > 1 for p in plans):
         u = torch.zeros(N, BR, dtype=torch.float32, device=X.device)
     else:
         u = _buffer(N, BR, dtype=torch.float32, device=X.device)
-    tk.grouped_shrink_kernel[lambda m: (triton.cdiv(N, m["BM"]) + G, splits)](
-        X, W, perm, off, ranks, u, D, G, L, triton.next_power_of_2(N), X.stride(0), X.stride(1), *w_strides, chunk,
-        K=K, BR=BR, GP=triton.next_power_of_2(G), F32=f32, ATOMIC=splits > 1,
-    )  # fmt: skip
+    for off_p, G, rows, splits, chunk in plans:
+        tk.grouped_shrink_kernel[lambda m, rows=rows, G=G, splits=splits: (triton.cdiv(rows, m["BM"]) + G, splits)](
+            X, W, perm, off_p, ranks, u, D, G, L, triton.next_power_of_2(N), X.stride(0), X.stride(1), *w_strides,
+            chunk, K=K, BR=BR, GP=triton.next_power_of_2(G), F32=f32, ATOMIC=splits > 1,
+        )  # fmt: skip
     return u
 
 
 def _expand(u, W, w_strides, src, out, perm, off, ranks, scales, gates, L, K, BR, cfg, f32, zero_src):
-    """out[t] = src[t] + sum_k c * u @ W[a] (W[a] is [R, DO] through ``w_strides``), one launch per slot."""
-    N, G, DO = perm.numel(), off.numel() - 1, out.shape[1]
-    for k in range(K):
+    """out[t] = src[t] + sum_k c * u @ W[a] (W[a] is [R, DO] through ``w_strides``): one launch per slot, each over
+    that slot's L + 1 groups only (``slot_group_ranges``), so its grid and offset scan do not grow with K."""
+    N, DO = perm.numel(), out.shape[1]
+    for k, (off_k, G, rows) in enumerate(slot_group_ranges(off, N, L, K, one_launch=False)):
         s = src if k == 0 else out
-        tk.grouped_expand_kernel[lambda m: (triton.cdiv(N, m["BM"]) + G, triton.cdiv(DO, m["BN"]))](
-            u, W, s, out, perm, off, ranks, scales, gates, DO, G, L, triton.next_power_of_2(N), k, *w_strides,
+        tk.grouped_expand_kernel[lambda m, rows=rows, G=G: (triton.cdiv(rows, m["BM"]) + G, triton.cdiv(DO, m["BN"]))](
+            u, W, s, out, perm, off_k, ranks, scales, gates, DO, G, L, triton.next_power_of_2(N), k, *w_strides,
             s.stride(0), s.stride(1), out.stride(0), out.stride(1),
             K=K, BR=BR, GP=triton.next_power_of_2(G), F32=f32, ZERO_SRC=zero_src and k == 0,
         )  # fmt: skip

@@ -239,6 +239,35 @@ def test_triton_skewed_routing_and_bank_sizes(triton_ops, monkeypatch, routing, 
     check_against_fp64(inp, multi_lora, TOL[torch.float32], backend="triton")
 
 
+@pytest.mark.parametrize("one_launch_groups", [0, 10**6])
+def test_triton_wide_nucleus_per_slot_launches(triton_ops, monkeypatch, one_launch_groups):
+    """A DLP-like wide nucleus (K = 6 slots of L = 9 adapters, sentence routing, grouped path): the shrink in one
+    launch per slot (0) and in one launch for all slots (10**6) both match float64, forward and every gradient.
+    The expand always takes one slot's L + 1 groups per launch."""
+    monkeypatch.setattr(triton_ops, "SMALL_T_MAX", 0)
+    monkeypatch.setattr(triton_ops, "SHRINK_ONE_LAUNCH_GROUPS", one_launch_groups)
+    inp = make_inputs(13, 24, 20, 9, 8, 6, torch.float32, empty=0.25, seed=6, device=DEV)
+    check_against_fp64(inp, multi_lora, TOL[torch.float32], backend="triton")
+    seq_ids = torch.tensor([0, 1, 1, 0, 2, 2, 2, 1, 0, 0, 2, 1, 1], device=DEV)
+    inp = dict(inp, ids=inp["ids"][:3].contiguous(), weights=inp["weights"][:3].contiguous())
+    ref = call(multi_lora_reference, {k: (v.double() if v.is_floating_point() else v).cpu() for k, v in inp.items()},
+               seq_ids=seq_ids.cpu())  # fmt: skip
+    with torch.no_grad():
+        out = call(multi_lora, inp, seq_ids=seq_ids, backend="triton")
+    assert torch.isfinite(out).all() and rel_err(out, ref) < TOL[torch.float32]
+
+
+def test_slot_group_ranges_are_each_slots_offsets():
+    from kernels.triton_ops import slot_group_ranges
+
+    off = torch.arange(3 * 5 + 1)  # K = 3 slots, L = 4 adapters + the empty group
+    (whole,) = slot_group_ranges(off, 30, 4, 3, one_launch=True)
+    assert whole[0] is off and whole[1:] == (15, 30)
+    parts = slot_group_ranges(off, 30, 4, 3, one_launch=False)
+    assert [(p[0][:6].tolist(), p[1], p[2]) for p in parts] == [
+        ([0, 1, 2, 3, 4, 5], 5, 10), ([5, 6, 7, 8, 9, 10], 5, 10), ([10, 11, 12, 13, 14, 15], 5, 10)]
+
+
 def test_all_slots_empty_gives_base_and_zero_adapter_grads(triton_ops):
     inp = make_inputs(6, 16, 16, 2, 16, 2, torch.float32, empty=1.0, device=DEV)
     out, grads = run_with_grads(multi_lora, inp, torch.randn(6, 16, device=DEV), backend="triton")
