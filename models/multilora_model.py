@@ -135,6 +135,8 @@ class MultiLoRAModel(nn.Module):
     def _before_forward(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         pkv = kwargs.get("past_key_values")
+        if pkv is None:  # transformers >= 5.2x passes the KV cache as `cache` and no cache_position
+            pkv = kwargs.get("cache")
         cache_pos = kwargs.get("cache_position")
         if pkv is not None and hasattr(pkv, "get_seq_length"):
             is_prefill = pkv.get_seq_length() == 0
