@@ -27,8 +27,9 @@ FUSED_T_MAX = int(os.environ.get("LORAMUX_FUSED_T_MAX", "64"))
 SHRINK_ONE_LAUNCH_GROUPS = int(os.environ.get("LORAMUX_SHRINK_ONE_LAUNCH_GROUPS", "256"))
 # the fused kernel recomputes h = x @ A[a] in every d_out tile: it is used only while that stays cheap, i.e. each
 # program's serial loop over d_in has at most FUSED_CHAIN_MAX steps and the A re-reads (from L2) of all programs
-# stay under FUSED_L2_BYTES; past either the two-launch split-K path is faster (predicted, see NOTES.md)
-FUSED_CHAIN_MAX = int(os.environ.get("LORAMUX_FUSED_CHAIN_MAX", "8"))
+# stay under FUSED_L2_BYTES; past either the two-launch split-K path is faster. Measured (H200, T = 1, NOTES.md):
+# 8 steps (d_in 4096 at r <= 16) made 4096 -> 4096 1.7-1.9x slower than two launches; 2 and 1 tie on LLaMA shapes
+FUSED_CHAIN_MAX = int(os.environ.get("LORAMUX_FUSED_CHAIN_MAX", "2"))
 FUSED_L2_BYTES = float(os.environ.get("LORAMUX_FUSED_L2_BYTES", "16e6"))
 POISON = False  # tests: fill every buffer the kernels should overwrite with NaN instead of leaving it uninitialised
 

@@ -141,20 +141,22 @@ def use_path(triton_ops, monkeypatch, path):
     monkeypatch.setattr(triton_ops, "SMALL_T_MAX", 0 if path == "grouped" else 10**9)
     monkeypatch.setattr(triton_ops, "FUSED_T_MAX", 10**9 if path == "fused" else 0)
     monkeypatch.setattr(triton_ops, "FUSED_L2_BYTES", float("inf"))
+    monkeypatch.setattr(triton_ops, "FUSED_CHAIN_MAX", 10**9)
 
 
 def test_fused_decode_dispatch_on_the_gpu_config():
-    """Where the GPU takes the one-launch kernel (bf16): short loops over d_in (rank 16 up to d_in 4096, rank 64 up to
-    1024) and A re-read from L2 under 16 MB: all of SmolLM2 at r = 16 up to T = 64, LLaMA 4096 -> 4096 at T <= 3;
-    LLaMA's 14336 or rank 64 at 4096 go to the two-launch split-K path."""
+    """Where the GPU takes the one-launch kernel (bf16): loops over d_in of at most 2 steps (rank 16 up to d_in 1024,
+    rank 64 up to 256: measured on the H200, 8 steps at d_in 4096 lost 1.7-1.9x to two launches) and A re-read from
+    L2 under 16 MB: SmolLM2's 576-wide inputs at r = 16 up to T = 64; LLaMA's 4096 / 14336, SmolLM2's down_proj
+    (1536) and rank 64 at 576 go to the two-launch split-K path."""
     from kernels import triton_ops
 
     def bk(T, D, DO, BR):
         return triton_ops._fused_bk(triton_ops._CUDA_CONFIG, T, D, DO, BR, 2)
 
-    assert bk(1, 576, 1536, 16) == 512 and bk(64, 1536, 576, 16) == 512 and bk(64, 576, 1536, 16) == 512
-    assert bk(1, 1024, 1024, 64) == 128 and bk(1, 4096, 4096, 16) == 512 and bk(3, 4096, 4096, 16) == 512
-    assert bk(4, 4096, 4096, 16) is None and bk(65, 576, 576, 16) is None
+    assert bk(1, 576, 1536, 16) == 512 and bk(64, 576, 1536, 16) == 512 and bk(1, 1024, 1024, 16) == 512
+    assert bk(1, 256, 1024, 64) == 128 and bk(1, 576, 576, 64) is None and bk(1, 1536, 576, 16) is None
+    assert bk(1, 4096, 4096, 16) is None and bk(65, 576, 576, 16) is None
     assert bk(1, 4096, 4096, 64) is None and bk(1, 14336, 4096, 16) is None
 
 
