@@ -46,6 +46,31 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, child, module)
 
 
+def is_prefill_call(kwargs: dict) -> bool:
+    """Does this forward start a sequence (a sentence router decides here) or continue one from the KV cache?
+
+    Decided from host-side facts only, never by reading a device tensor: a read would synchronise every decode
+    step and break ``torch.compile``'s graph (dynamo cannot branch on a tensor). No cache: every call is a full
+    forward. Compiling: transformers' generate runs the prefill eagerly and compiles only the decode step, so a
+    compiled call with a cache is decode. Otherwise the cache's length (an int in DynamicCache; a 0-d tensor in
+    newer StaticCache, read eagerly) or, on older transformers, ``cache_position``. The KV cache arrives as
+    ``past_key_values`` or, from transformers 5.2x, ``cache``.
+    """
+    pkv = kwargs.get("past_key_values")
+    if pkv is None:
+        pkv = kwargs.get("cache")
+    cache_pos = kwargs.get("cache_position")
+    if pkv is None and cache_pos is None:
+        return True
+    if torch.compiler.is_compiling():
+        return False
+    if pkv is not None and hasattr(pkv, "get_seq_length"):
+        return int(pkv.get_seq_length()) == 0
+    if cache_pos is not None:
+        return int(cache_pos.reshape(-1)[0]) == 0
+    return False
+
+
 class MultiLoRAModel(nn.Module):
     """A causal LM whose wrapped projections add routed LoRA deltas from a shared, hot-swappable AdapterBank."""
 
@@ -134,17 +159,8 @@ class MultiLoRAModel(nn.Module):
 
     def _before_forward(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        pkv = kwargs.get("past_key_values")
-        if pkv is None:  # transformers >= 5.2x passes the KV cache as `cache` and no cache_position
-            pkv = kwargs.get("cache")
-        cache_pos = kwargs.get("cache_position")
-        if pkv is not None and hasattr(pkv, "get_seq_length"):
-            is_prefill = pkv.get_seq_length() == 0
-        elif cache_pos is not None:
-            is_prefill = int(cache_pos.reshape(-1)[0]) == 0
-        else:
-            is_prefill = pkv is None
-        self.router.begin_forward(input_ids, kwargs.get("attention_mask"), kwargs.get("inputs_embeds"), is_prefill)
+        self.router.begin_forward(input_ids, kwargs.get("attention_mask"), kwargs.get("inputs_embeds"),
+                                  is_prefill_call(kwargs))
 
     # ---- compute -----------------------------------------------------------------------------------------------
     def forward(self, input_ids=None, attention_mask=None, labels=None, task_ids=None, route_mask=None,

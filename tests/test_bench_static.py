@@ -105,3 +105,35 @@ def test_static_engine_compiles_every_strategy_on_cuda(tmp_path):
     assert engines == {(s, e) for s in ("base", "peft", "oracle", "meteora-top2", "dlp")
                        for e in ("eager", "static+compile")}
     assert all(r["peak_mem_gb"] > 0 and r["decode_ms_per_token"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("router", ["dlp", "meteora"])
+def test_compiled_decode_of_a_routed_model_is_one_graph(tiny8b, tmp_path, router):
+    """transformers compiles the decode step; with a router inside, it must still trace as one graph with no break
+    (a break there, e.g. branching on the KV cache's length tensor, costs a host sync and a split graph per token)
+    and generate the same tokens as eager."""
+    import torch._dynamo
+
+    from models import MultiLoRAModel
+    from pipeline.bench import random_adapter
+
+    cfg = _bench_cfg(["experiment=dlp_latency"])
+    adapter = random_adapter(tiny8b, tmp_path / "a", cfg.adapter, 0)
+    mm = MultiLoRAModel.from_adapters(tiny8b, {f"a{i}": adapter for i in range(3)}, router="base",
+                                      check_base_name=False)
+    try:
+        mm.set_router(router, **({"top_k": 2} if router == "meteora" else {}))
+        ids, mask = random_batch(128256, 2, 5, "cpu", seed=2)
+        kw = {"max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False}
+        eager = mm.generate(ids, attention_mask=mask, **kw)
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        static = mm.generate(ids, attention_mask=mask, cache_implementation="static",
+                             compile_config=compile_config("eager", None, all_devices=True), **kw)
+        assert "_compiled_call" in tiny8b.__dict__
+        assert dict(torch._dynamo.utils.counters["graph_break"]) == {}
+        assert torch.equal(eager, static)
+    finally:
+        mm.unwrap()
+        tiny8b.__dict__.pop("_compiled_call", None)
+        torch._dynamo.reset()
