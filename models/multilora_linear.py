@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels import multi_lora
+from kernels import multi_lora, multi_lora_sequences
 
 
 class MultiLoRALinear(nn.Module):
@@ -47,6 +47,9 @@ class MultiLoRALinear(nn.Module):
         if route is None or len(self.ctx.bank) == 0:
             return y
         A, B, scales, ranks = route.tensors or self.ctx.bank.tensors(self.module_name)
+        if route.seq_ids is not None and x.dim() == 3 and route.ids.shape[0] == x.shape[0]:
+            # sentence routing, one sequence per batch row: wide nuclei at prefill take the concatenated form
+            return multi_lora_sequences(x, y, A, B, scales, ranks, route.ids, route.weights, route.seq_ids)
         return multi_lora(x, y, A, B, scales, ranks, route.ids, route.weights, route.seq_ids)
 
     def extra_repr(self) -> str:

@@ -183,3 +183,27 @@ def test_option_validation(assets):
         mm.set_trainable("router")
     with pytest.raises(ValueError, match="trainable='all' is not known"):
         mm.set_trainable("all")
+
+
+def test_dlp_wide_nucleus_folded_per_sequence_is_the_same_model(assets, monkeypatch):
+    """A near-uniform DLP router keeps all 3 adapters: its prefill takes the folded per-sequence form
+    (kernels.sequence_concat) in every wrapped projection; logits and greedy tokens equal the unfolded op's."""
+    from kernels import sequence_concat
+
+    mm = _mm(assets, router="dlp", hidden=32, top_p=0.99)
+    _randomize(mm.router, std=1e-3)
+    batch = mm.tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    folds = []
+    real = sequence_concat.multi_lora_per_sequence
+    monkeypatch.setattr(sequence_concat, "multi_lora_per_sequence", lambda *a: folds.append(1) or real(*a))
+    logits, tokens = {}, {}
+    for min_k in (1, 10**9):
+        monkeypatch.setattr(sequence_concat, "SEQ_CONCAT_MIN_K", min_k)
+        folds.clear()
+        with torch.no_grad():
+            logits[min_k] = mm(**batch).logits
+        tokens[min_k] = mm.generate(**batch, max_new_tokens=4, do_sample=False)
+        assert bool(folds) == (min_k == 1)
+    assert mm.last_route()[0].shape[1] == 3 and (mm.last_route()[0] >= 0).all()
+    torch.testing.assert_close(logits[1], logits[10**9], atol=1e-5, rtol=1e-5)
+    assert torch.equal(tokens[1], tokens[10**9])
