@@ -4,8 +4,8 @@
     h    *= C  where C[a, t, j] = s_a * sum_k [ids[t,k] == a] * w[t,k] * [j < r_a]   (routing as a mask)
     out   = base + [h_0 | h_1 | ... | h_{L-1}] @ [B_0; B_1; ...; B_{L-1}]   [T, d_out]  (B viewed as [L*R, d_out])
 
-``multi_lora_torch`` (the backend) uses it when the routed (token, slot) pairs outnumber the adapters; for fewer
-pairs (decode: one token per sequence) ``multi_lora_gathered`` copies just the routed adapters instead.
+``multi_lora_torch`` (the backend) uses it when the routed (token, slot) pairs are many; for few pairs (decode: one
+token per sequence) ``multi_lora_gathered`` copies just the routed adapters instead.
 
 The dense form does L/K times the FLOPs of the routed computation, which is cheap for the few small adapters of CPU training
 and far faster than the reference's loop; plain autograd differentiates it in x, A, B and weights. Nothing is
@@ -17,27 +17,62 @@ from __future__ import annotations
 
 import torch
 
-
-def multi_lora_torch(x, base, A, B, scales, ranks, ids, weights) -> torch.Tensor:
-    """The torch backend: the gathered form when the routed pairs are fewer than the adapters (decode), else dense."""
-    if ids.numel() < A.shape[0]:
-        return multi_lora_gathered(x, base, A, B, scales, ranks, ids, weights)
-    return multi_lora_dense(x, base, A, B, scales, ranks, ids, weights)
+from kernels.derived_cache import derived
+from kernels.reference import expand_sequence_routing
 
 
-def multi_lora_gathered(x, base, A, B, scales, ranks, ids, weights) -> torch.Tensor:
-    """Small T (decode): copy only the routed adapters, A[ids] [T, K, d_in, R] and B[ids] [T, K, R, d_out], and
-    contract them per token; T*K adapter copies instead of L adapters' FLOPs for every token."""
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    (T, K), (_, d_in, R), d_out = ids.shape, A.shape, B.shape[2]
+GATHER_MAX_PAIRS = 16  # the gathered form also for up to this many routed pairs (few tokens, even with L = 1)
+
+
+def multi_lora_torch(x, base, A, B, scales, ranks, ids, weights, seq_ids=None) -> torch.Tensor:
+    """The torch backend: the gathered form when the routed pairs are few (decode: fewer than the adapters, or at
+    most GATHER_MAX_PAIRS), else dense. ``seq_ids`` (sentence routing) is expanded per token here."""
+    pairs = (ids.shape[0] if seq_ids is None else seq_ids.numel()) * ids.shape[1]
+    if pairs <= max(A.shape[0] - 1, GATHER_MAX_PAIRS):
+        return multi_lora_gathered(x, base, A, B, scales, ranks, ids, weights, seq_ids)
+    return multi_lora_dense(x, base, A, B, scales, ranks, *expand_sequence_routing(ids, weights, seq_ids))
+
+
+def _routed_pairs(ids, weights, seq_ids, acc):
+    """Per token: adapter index of each slot ([T*K], empty slots read adapter 0) and its weight ([T, K], 0 when
+    empty), sentence routing expanded through seq_ids."""
+    ids, weights = expand_sequence_routing(ids, weights, seq_ids)
     valid = ids >= 0
-    adapter = ids.clamp(min=0).reshape(-1)  # [T*K]; empty slots read adapter 0 with coefficient 0
-    coef = torch.where(valid, weights.to(acc) * scales.to(acc).index_select(0, adapter).view(T, K), 0.0)
-    keep = torch.arange(R, device=x.device) < ranks.to(x.device).index_select(0, adapter).view(T, K, 1)  # [T, K, R]
+    return ids.clamp(min=0).reshape(-1), torch.where(valid, weights.to(acc), 0.0)
+
+
+def _scale_rank_mask(scales, ranks, R, acc):
+    """[L, R]: s_a where j < r_a, else 0 (columns past an adapter's rank are ignored)."""
+    keep = torch.arange(R, device=scales.device) < ranks.to(scales.device)[:, None]
+    return torch.where(keep, scales.to(acc)[:, None], 0.0)
+
+
+def multi_lora_gathered(x, base, A, B, scales, ranks, ids, weights, seq_ids=None) -> torch.Tensor:
+    """Few tokens (decode): copy only the routed adapters, A[a] [T, K, d_in, R] and B[a] [T, K*R, d_out], and
+    contract them per token; T*K adapter copies instead of L adapters' FLOPs for every token.
+
+    Eight torch ops a call: what depends only on a sentence route (one per forward, shared by every projection) or
+    only on the projection's scales/ranks is derived once and cached (``kernels.derived_cache``) when no gradient
+    flows into them, so the decode loop's 200-odd calls per token do not redo it. Token routes (MeteoRA: a gate
+    output per projection) are never shared, so they are not cached."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    T = x.shape[0]
+    K, (_, d_in, R), d_out = ids.shape[1], A.shape, B.shape[2]
+    reuse = not torch.compiler.is_compiling()  # a compiled graph computes them itself (the cache is host state)
+    if seq_ids is None or not reuse or (torch.is_grad_enabled() and weights.requires_grad):
+        # token routing: every projection has its own gate output, nothing to share
+        adapter, wv = _routed_pairs(ids, weights, seq_ids, acc)
+    else:
+        adapter, wv = derived(("pairs", acc), (ids, weights, seq_ids), lambda: _routed_pairs(ids, weights, seq_ids, acc))
+    if not reuse or (torch.is_grad_enabled() and scales.requires_grad):
+        mask = _scale_rank_mask(scales, ranks, R, acc)
+    else:
+        mask = derived(("scale_rank", acc, R), (scales, ranks), lambda: _scale_rank_mask(scales, ranks, R, acc))
     A_sel = A.index_select(0, adapter).view(T, K, d_in, R).to(acc)
-    h = torch.matmul(x.to(acc)[:, None, None, :], A_sel).view(T, K, R) * (coef[..., None] * keep)
+    h = torch.matmul(x.to(acc).view(T, 1, 1, d_in), A_sel).view(T, K, R)
+    h = h * (wv.view(T, K, 1) * mask.index_select(0, adapter).view(T, K, R))
     B_sel = B.index_select(0, adapter).view(T, K * R, d_out).to(acc)
-    delta = torch.matmul(h.view(T, 1, K * R), B_sel).view(T, d_out)  # sum over slots inside the product
+    delta = torch.bmm(h.view(T, 1, K * R), B_sel).view(T, d_out)  # sum over slots inside the product
     return (base.to(acc) + delta).to(base.dtype)
 
 

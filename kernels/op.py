@@ -179,7 +179,7 @@ def multi_lora(x, base, A, B, scales, ranks, ids, weights, seq_ids=None, *, back
     if backend == "reference":
         out = multi_lora_reference(x2, b2, A, B, scales, ranks, ids, weights, seq_ids)
     elif backend == "torch":
-        out = multi_lora_torch(x2, b2, A, B, scales, ranks, *expand_sequence_routing(ids, weights, seq_ids))
+        out = multi_lora_torch(x2, b2, A, B, scales, ranks, ids, weights, seq_ids)
     else:
         out = _triton_forward(x2, b2, A, B, scales, ranks, ids, weights, seq_ids)
     return out.reshape(*lead, out.shape[-1])

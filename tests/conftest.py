@@ -10,6 +10,12 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 import sys
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Triton's interpreter must be chosen before kernels.triton_ops is first imported, by whichever test file is
+    # collected first (test files that run Triton on CPU tensors set it too, but only for themselves)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # absl (imported by rouge-score) builds a logging handler on the sys.stderr of its import time, which under pytest is
 # a capture file, and closes that stream whenever logging is reconfigured (Hydra does so when a test runs a stage's
@@ -24,8 +30,6 @@ except ImportError:
 
 
 def pytest_collection_modifyitems(config, items):
-    import torch
-
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

@@ -131,6 +131,33 @@ def test_gathered_torch_path_matches_reference():
         check_against_fp64(inp32, multi_lora, 1e-5, backend="torch")
 
 
+def test_gathered_path_reuses_route_and_bank_derivations_until_they_change():
+    """Inference calls cache what depends only on the route or on scales/ranks (kernels.derived_cache); in-place
+    updates (version bump), new tensors and sentence routing through seq_ids must all be seen."""
+    inp = make_inputs(3, 12, 10, 9, 8, 2, torch.float32, ranks=[8, 3, 0, 5, 1, 8, 2, 7, 4], seed=4)
+
+    def ref(i, seq_ids=None):
+        return call(multi_lora_reference, {k: (v.double() if v.is_floating_point() else v) for k, v in i.items()},
+                    seq_ids=seq_ids)
+
+    with torch.no_grad():
+        first = call(multi_lora_gathered, inp)
+        assert rel_err(first, ref(inp)) < 1e-5
+        assert torch.equal(call(multi_lora_gathered, inp), first)  # a cache hit gives the same result
+        inp["weights"].mul_(2.0)  # same objects, changed in place
+        inp["scales"].add_(0.5)
+        second = call(multi_lora_gathered, inp)
+        assert rel_err(second, ref(inp)) < 1e-5 and not torch.allclose(first, second)
+        inp["ranks"] = torch.tensor([2, 3, 0, 5, 1, 8, 2, 7, 4])  # a new tensor (hot swap)
+        assert rel_err(call(multi_lora_gathered, inp), ref(inp)) < 1e-5
+        seq = dict(inp, ids=inp["ids"][:2].contiguous(), weights=inp["weights"][:2].contiguous())
+        seq_ids = torch.tensor([1, 0, 1])
+        for _ in range(2):
+            assert rel_err(call(multi_lora_gathered, seq, seq_ids=seq_ids), ref(seq, seq_ids)) < 1e-5
+        seq_ids[0] = 0  # in place: the per-token expansion must be redone
+        assert rel_err(call(multi_lora_gathered, seq, seq_ids=seq_ids), ref(seq, seq_ids)) < 1e-5
+
+
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 CASES = [(F32, 2, "small"), (F32, 1, "grouped"), (F32, 2, "grouped"), (F32, 4, "grouped"), (F16, 2, "grouped"),
          (F16, 4, "fused"), (BF16, 2, "small"), (BF16, 2, "grouped")]  # fmt: skip
