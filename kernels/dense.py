@@ -20,7 +20,6 @@ import torch
 from kernels.derived_cache import derived
 from kernels.reference import expand_sequence_routing
 
-
 GATHER_MAX_PAIRS = 16  # the gathered form also for up to this many routed pairs (few tokens, even with L = 1)
 
 
