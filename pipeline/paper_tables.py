@@ -533,13 +533,16 @@ def build_paper_table(name: str, records: list[dict], config: dict | None = None
     return {"table": name, "provenance": table_provenance(records, config), **body}
 
 
-def write_paper_table(name: str, records: list[dict], out_dir, config: dict | None = None, **options) -> dict:
-    """Write ``<out_dir>/<name>.json``, ``.md`` and (where the paper has a figure) ``.png``; return their paths."""
+def write_paper_table(name: str, records: list[dict], out_dir, config: dict | None = None,
+                      file_name: str | None = None, **options) -> dict:
+    """Write ``<out_dir>/<file_name or name>.json``, ``.md`` and (where the paper has a figure) ``.png``; return
+    their paths. ``file_name`` keeps a variant (another backbone, say) next to the table it reproduces."""
     out = Path(out_dir)
+    stem = file_name or name
     table = build_paper_table(name, records, config, **options)
-    plot = plot_table(name, table, out / f"{name}.png")
-    paths = {"json": atomic_write_text(out / f"{name}.json", json.dumps(table, indent=1, allow_nan=False) + "\n"),
-             "md": atomic_write_text(out / f"{name}.md", to_markdown(name, table, plot))}
+    plot = plot_table(name, table, out / f"{stem}.png")
+    paths = {"json": atomic_write_text(out / f"{stem}.json", json.dumps(table, indent=1, allow_nan=False) + "\n"),
+             "md": atomic_write_text(out / f"{stem}.md", to_markdown(name, table, plot))}
     if plot is not None:
         paths["png"] = plot
     return paths

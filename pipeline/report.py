@@ -80,7 +80,8 @@ def render_report(records: list[dict], out_dir, title: str, tracker=None) -> tup
 
 
 def write_experiment_table(cfg: DictConfig, records: list[dict]) -> dict:
-    """``<paper_tables_dir>/<paper_table>.{json,md,png}`` when ``cfg.paper_table`` names a paper table, else {}."""
+    """``<paper_tables_dir>/<paper_table_file or paper_table>.{json,md,png}`` when ``cfg.paper_table`` names a paper
+    table, else {}."""
     from omegaconf import OmegaConf
 
     from pipeline.paper_tables import PAPER_TABLES, claims_summary, write_paper_table
@@ -93,7 +94,8 @@ def write_experiment_table(cfg: DictConfig, records: list[dict]) -> dict:
     except Exception:  # noqa: BLE001 an interpolation only Hydra's runtime resolves: keep it as written
         config = OmegaConf.to_container(cfg, resolve=False)
     config.pop("hydra", None)
-    paths = write_paper_table(str(name), records, str(cfg.paper_tables_dir), config=config)
+    paths = write_paper_table(str(name), records, str(cfg.paper_tables_dir), config=config,
+                              file_name=cfg.get("paper_table_file") or None)
     table = json.loads(Path(paths["json"]).read_text())
     print(f"paper table {name}: {Path(paths['md']).resolve()}\n{claims_summary(table)}")
     return paths

@@ -163,3 +163,21 @@ def test_dlp_latency_table_and_static_engine(tables):
     assert {c["claim"][:3] for c in t["claims"]} == {"5a.", "5b."}
     assert "llama3_8b_tiny" in t["claims"][0]["claim"]
     _png(tables, "dlp_latency")
+
+
+def test_a_variant_table_keeps_its_own_file_name(tables, tmp_path):
+    """paper_table_file (e.g. experiment=dlp_tasks_gemma): the dlp_tasks schema under another name, the original
+    table untouched."""
+    from pipeline.report import collect_records, write_experiment_table
+
+    before = (tables / "tables" / "dlp_tasks.json").read_bytes()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="report", overrides=["experiment=dlp_tasks", f"paths.output_root={tables}",
+                                                        "paper_table_file=dlp_tasks_variant",
+                                                        f"paper_tables_dir={tmp_path}"])
+    paths = write_experiment_table(cfg, collect_records(tables / "dlp_tasks"))
+    assert Path(paths["json"]).name == "dlp_tasks_variant.json" and Path(paths["md"]).name == "dlp_tasks_variant.md"
+    variant = json.loads(Path(paths["json"]).read_text())
+    assert variant["table"] == "dlp_tasks" and variant["rows"] == json.loads(before)["rows"]
+    assert (tables / "tables" / "dlp_tasks.json").read_bytes() == before

