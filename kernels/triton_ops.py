@@ -135,17 +135,31 @@ def _expand(u, W, w_strides, src, out, perm, off, ranks, scales, gates, L, K, BR
     return out
 
 
+def pad_slots(ids: torch.Tensor, gates: torch.Tensor):
+    """K routing slots -> the next power of two, the added slots empty (id -1, weight 0). Every kernel takes K as a
+    compile-time constant, so a router whose number of kept adapters varies (DLP's top-p nucleus) would compile a
+    variant for each K it meets; padded, at most log2(L) + 1 of them. Empty slots are skipped on every path."""
+    K = ids.shape[1]
+    Kp = triton.next_power_of_2(max(K, 1))
+    if Kp == K:
+        return ids, gates
+    pad = (ids.shape[0], Kp - K)
+    return (torch.cat([ids, torch.full(pad, -1, dtype=ids.dtype, device=ids.device)], 1),
+            torch.cat([gates, torch.zeros(pad, dtype=gates.dtype, device=gates.device)], 1))
+
+
 def forward(x, base, A, B, scales, ranks, ids, gates, seq_ids=None) -> torch.Tensor:
     """out = base + routed deltas. x [T, d_in], base [T, d_out], ranks int32 [L], scales fp32 [L].
 
     Token routing: ids/gates [T, K]; sentence routing: ids/gates [S, K] and seq_ids [T] (the sort-free paths read
     them through seq_ids, the grouped path gathers them per token). All contiguous, on x's device.
     """
+    out = _buffer(*base.shape, dtype=base.dtype, device=base.device)
+    if x.shape[0] == 0:
+        return out
+    ids, gates = pad_slots(ids, gates)
     T, K = x.shape[0], ids.shape[1]
     L, R = A.shape[0], A.shape[2]
-    out = _buffer(*base.shape, dtype=base.dtype, device=base.device)
-    if T == 0:
-        return out
     cfg, BR = _config(x.device), padded_rank(R)
     if T <= SMALL_T_MAX:
         seq = seq_ids is not None

@@ -160,7 +160,7 @@ def test_gathered_path_reuses_route_and_bank_derivations_until_they_change():
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 CASES = [(F32, 2, "small"), (F32, 1, "grouped"), (F32, 2, "grouped"), (F32, 4, "grouped"), (F16, 2, "grouped"),
-         (F16, 4, "fused"), (BF16, 2, "small"), (BF16, 2, "grouped")]  # fmt: skip
+         (F16, 4, "fused"), (BF16, 2, "small"), (BF16, 2, "grouped"), (F32, 3, "grouped"), (F32, 3, "fused")]  # fmt: skip
 
 
 def use_path(triton_ops, monkeypatch, path):
@@ -284,6 +284,17 @@ def test_triton_wide_nucleus_per_slot_launches(triton_ops, monkeypatch, one_laun
     with torch.no_grad():
         out = call(multi_lora, inp, seq_ids=seq_ids, backend="triton")
     assert torch.isfinite(out).all() and rel_err(out, ref) < TOL[torch.float32]
+
+
+def test_slots_pad_to_a_power_of_two():
+    from kernels.triton_ops import pad_slots
+
+    ids, w = torch.tensor([[3, -1, 0], [1, 2, 4]]), torch.tensor([[0.5, 0.0, 0.2], [0.1, 0.3, 0.6]])
+    pi, pw = pad_slots(ids, w)
+    assert pi.tolist() == [[3, -1, 0, -1], [1, 2, 4, -1]] and pw[:, 3].tolist() == [0.0, 0.0]
+    assert torch.equal(pw[:, :3], w) and pi.dtype == ids.dtype and pw.dtype == w.dtype
+    two = torch.tensor([[1, 2]])
+    assert pad_slots(two, two.float())[0] is two  # already a power of two: untouched
 
 
 def test_slot_group_ranges_are_each_slots_offsets():
