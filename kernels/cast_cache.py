@@ -2,9 +2,9 @@
 
 A bank stored in fp32 that serves bf16 activations (autocast, or a model cast after it was wrapped) would otherwise
 copy every projection's A and B on every call: 2 x 210 copies per decoded token of SmolLM2. ``cast(t, dtype)``
-returns ``t`` itself when it already has ``dtype``; otherwise one cached copy, keyed on the tensor's identity and
-its version counter, so an in-place update (an optimizer step, ``copy_``) or a hot swap (new tensors) invalidates
-it. Entries hold the source only weakly and leave with it. Only for the inference path: a cast that autograd must
+returns ``t`` itself when it already has ``dtype``; otherwise one cached copy (``kernels.derived_cache``), keyed on
+the tensor's identity and its version counter, so an in-place update (an optimizer step, ``copy_``) or a hot swap
+(new tensors) invalidates it. Entries hold the source only weakly and leave with it. Only for the inference path: a cast that autograd must
 differentiate stays in the graph (``kernels.op`` calls this only when no gradient is needed).
 Writes through ``t.data`` (``module.to(device)`` swaps a parameter's storage that way) do not bump ``t._version``;
 the storage's address is checked too, so a swapped storage is a miss. An in-place ``t.data.copy_(...)`` is still
@@ -13,33 +13,18 @@ invisible: replace the tensor or write to ``t`` itself.
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 
-_CACHE: dict = {}  # (id(t), dtype) -> (weakref to t, (t._version, t.data_ptr(), t.device), the cast copy)
-
-
-def _drop(key) -> None:
-    _CACHE.pop(key, None)
+from kernels import derived_cache
 
 
 def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t`` in ``dtype``: ``t`` itself, a cached copy, or (first time / after a change) a new cached copy."""
     if t.dtype == dtype:
         return t
-    key = (id(t), dtype)
-    hit = _CACHE.get(key)
-    stamp = (t._version, t.data_ptr(), t.device)
-    if hit is not None and hit[0]() is t and hit[1] == stamp:
-        return hit[2]
-    out = t.detach().to(dtype)
-    if hit is None:
-        weakref.finalize(t, _drop, key)
-    _CACHE[key] = (weakref.ref(t), stamp, out)
-    return out
+    return derived_cache.derived(("cast", dtype), (t,), lambda: t.detach().to(dtype))
 
 
 def clear() -> None:
-    """Forget every cached cast (frees their memory)."""
-    _CACHE.clear()
+    """Forget every cached cast (and every other derived value: they are recomputed on their next use)."""
+    derived_cache.clear()
