@@ -3,7 +3,9 @@
 LLaMA-3-8B projection shapes, an adapter bank of L = 28, top-2 token routing, r in {8, 16, 64}, T in
 {1, 16, 64, 1024, 4096}, bf16. Variants, each a whole layer (base projection included):
   base         y = x @ W^T
-  loramux      base + kernels.multi_lora (Triton)
+  loramux      base + kernels.multi_lora (Triton), forward path as dispatched; fwd rows also for each path forced:
+               loramux_bank (every adapter, routing as a coefficient) and loramux_routed (the sort-free token
+               kernels at T <= 64, the grouped kernels above), so the dispatch thresholds are checked in the same run
   meteora_bmm  base + MeteoRA's batched torch path: gather A[ids], B[ids] per token, two batched matmuls
   loop         base + a Mixtral-style loop over adapters (torch.where per adapter, index_add), eager: its
                data-dependent shapes synchronise with the host and cannot be captured
@@ -52,12 +54,23 @@ def make_routing(T, gen):
     return ids.contiguous(), torch.softmax(top, 1).to(DTYPE).contiguous()
 
 
+FORCED = {"loramux_bank": "bank", "loramux_routed": "token"}  # kernels.triton_ops.FORWARD_PATH per variant
+
+
 def layer(variant, x, W, A, B, scales, ranks, ids, w):
     y = F.linear(x, W)
     if variant == "base":
         return y
     if variant == "loramux":
         return multi_lora(x, y, A, B, scales, ranks, ids, w)
+    if variant in FORCED:
+        from kernels import triton_ops
+
+        triton_ops.FORWARD_PATH = FORCED[variant]
+        try:
+            return multi_lora(x, y, A, B, scales, ranks, ids, w)
+        finally:
+            triton_ops.FORWARD_PATH = "auto"
     if variant == "peft_single":
         return y + (x @ A[0]) @ B[0] * scales[0].to(x.dtype)
     if variant == "meteora_bmm":
@@ -118,12 +131,12 @@ def bench_config(d_in, d_out, T, results, log):
     for r in RANKS:
         banks = [make_bank(d_in, d_out, r, gen) for _ in range(n_sets)]
         gather = T * K * r * (d_in + d_out) * 2
-        for variant in ("base", "loramux", "meteora_bmm", "loop", "peft_single"):
+        for variant in ("base", "loramux", "loramux_bank", "loramux_routed", "meteora_bmm", "loop", "peft_single"):
             if variant == "base" and r != RANKS[0]:
                 for direction in ("fwd", "bwd"):
                     results.append(row(d_in, d_out, r, T, variant, direction, base_ms[direction], 1.0))
                 continue
-            for direction in ("fwd", "bwd"):
+            for direction in ("fwd",) if variant in FORCED else ("fwd", "bwd"):
                 cap = GATHER_CAP_FWD if direction == "fwd" else GATHER_CAP_BWD
                 if variant == "meteora_bmm" and gather > cap:
                     results.append(
@@ -222,11 +235,12 @@ def markdown(doc) -> str:
     ]
     rows = [r for r in doc["rows"] if "variant" in r]
     variants = ["loramux", "meteora_bmm", "loop", "peft_single"]
+    fwd_variants = ["loramux", *FORCED, "meteora_bmm", "loop", "peft_single"]
     for d_in, d_out in SHAPES:
         lines += [f"## {d_in} -> {d_out}", ""]
-        head = "| r | T | base fwd ms | " + " | ".join(f"{v} fwd" for v in variants)
+        head = "| r | T | base fwd ms | " + " | ".join(f"{v} fwd" for v in fwd_variants)
         head += " | base bwd ms | " + " | ".join(f"{v} bwd" for v in variants) + " |"
-        lines += [head, "|" + "---|" * (3 + 1 + 2 * len(variants))]
+        lines += [head, "|" + "---|" * (3 + 1 + len(fwd_variants) + len(variants))]
         for r in RANKS:
             for T in TOKENS:
                 sel = {(x["variant"], x["direction"]): x for x in rows if (x["d_in"], x["d_out"], x["r"], x["T"]) == (d_in, d_out, r, T)}  # fmt: skip
@@ -242,7 +256,7 @@ def markdown(doc) -> str:
                     return "-" if x is None or x["ms"] is None else f"{x['ms']:.4f}"
 
                 lines.append(
-                    f"| {r} | {T} | {ms('fwd')} | " + " | ".join(cell(v, "fwd") for v in variants)
+                    f"| {r} | {T} | {ms('fwd')} | " + " | ".join(cell(v, "fwd") for v in fwd_variants)
                     + f" | {ms('bwd')} | " + " | ".join(cell(v, "bwd") for v in variants) + " |"
                 )  # fmt: skip
         lines.append("")
@@ -258,11 +272,12 @@ def markdown(doc) -> str:
     return "\n".join(lines)
 
 
-def profile(d_in, d_out, T, r, small_t_max):
-    """Per-kernel CUDA time of one loramux forward + backward (torch.profiler), to see where the time goes."""
+def profile(d_in, d_out, T, r, path):
+    """Per-kernel CUDA time of one loramux forward + backward (torch.profiler), forward path forced, to see where
+    the time goes."""
     from kernels import triton_ops
 
-    triton_ops.SMALL_T_MAX = small_t_max
+    triton_ops.FORWARD_PATH = path
     gen = torch.Generator(device="cuda").manual_seed(0)
     A, B, scales, ranks = make_bank(d_in, d_out, r, gen)
     ids, w = make_routing(T, gen)
@@ -276,9 +291,9 @@ def profile(d_in, d_out, T, r, small_t_max):
         for _ in range(5):
             multi_lora(x, y, A, B, scales, ranks, ids, w).sum().backward()
         torch.cuda.synchronize()
-    print(f"--- profile {d_in}->{d_out} T={T} r={r} small_t_max={small_t_max} (5 fwd+bwd)")
+    print(f"--- profile {d_in}->{d_out} T={T} r={r} forward path {path} (5 fwd+bwd)")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
-    triton_ops.SMALL_T_MAX = 64
+    triton_ops.FORWARD_PATH = "auto"
 
 
 def main(argv=None) -> None:
@@ -313,9 +328,10 @@ def main(argv=None) -> None:
             "kernels.bench: needs a CUDA GPU; run it on the GPU machine (python -m kernels.bench --out DIR)"
         )
     if args.profile:
-        for d_in, d_out, T, r, stm in [(4096, 4096, 4096, 16, 64), (4096, 4096, 64, 8, 64), (4096, 4096, 64, 8, 0),
-                                       (4096, 4096, 1, 8, 64), (4096, 14336, 4096, 64, 64)]:  # fmt: skip
-            profile(d_in, d_out, T, r, stm)
+        for d_in, d_out, T, r, path in [(4096, 4096, 4096, 16, "bank"), (4096, 4096, 4096, 16, "grouped"),
+                                        (4096, 4096, 64, 8, "bank"), (4096, 4096, 64, 8, "token"),
+                                        (4096, 4096, 1, 8, "bank"), (4096, 14336, 4096, 64, "grouped")]:  # fmt: skip
+            profile(d_in, d_out, T, r, path)
         return
     os.makedirs(args.out, exist_ok=True)
     results: list = []

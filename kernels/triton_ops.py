@@ -16,6 +16,7 @@ import os
 import torch
 import triton
 
+from kernels import triton_bank as tb
 from kernels import triton_kernels as tk
 
 # token counts up to which the sort-free paths are used (tests override them): one fused launch up to
@@ -31,6 +32,14 @@ SHRINK_ONE_LAUNCH_GROUPS = int(os.environ.get("LORAMUX_SHRINK_ONE_LAUNCH_GROUPS"
 # 8 steps (d_in 4096 at r <= 16) made 4096 -> 4096 1.7-1.9x slower than two launches; 2 and 1 tie on LLaMA shapes
 FUSED_CHAIN_MAX = int(os.environ.get("LORAMUX_FUSED_CHAIN_MAX", "2"))
 FUSED_L2_BYTES = float(os.environ.get("LORAMUX_FUSED_L2_BYTES", "16e6"))
+# the bank-wide path (``triton_bank``: every adapter computed, routing applied as a coefficient): taken at prefill
+# while the bank is narrow (L * R <= BANK_LR_MAX columns, i.e. its extra FLOPs stay a small share of the base GEMM's),
+# at small T while reading the whole bank costs little (L * R * (d_in + d_out) bytes <= BANK_SMALL_BYTES)
+BANK_LR_MAX = int(os.environ.get("LORAMUX_BANK_LR_MAX", "512"))
+BANK_SMALL_BYTES = float(os.environ.get("LORAMUX_BANK_SMALL_BYTES", "64e6"))
+BANK_PART_BYTES = 256e6  # the fp32 partials of u ([splits, T, L * R]) stay under this, else the routed paths
+# "auto", or force one forward path: "bank", "token" (fused / two-launch, T <= SMALL_T_MAX), "grouped" (benchmarks)
+FORWARD_PATH = os.environ.get("LORAMUX_FORWARD_PATH", "auto")
 POISON = False  # tests: fill every buffer the kernels should overwrite with NaN instead of leaving it uninitialised
 
 
@@ -41,10 +50,13 @@ def _buffer(*shape, dtype, device) -> torch.Tensor:
 
 
 # FTILE: elements of the [FBK, BR] A tile a fused program loads per step (FBK = FTILE // BR, 64 per thread)
+# BANK_BM: (T up to, row tile) of the bank kernels; BANK_BN: the bank shrink's column tile
 _CUDA_CONFIG = {"BM": 64, "CHUNK": 256, "TBK": 64, "TBN": 64, "warps": 4, "MIN_CHUNK": 512, "PROGRAMS": 528,
-                "CHUNK_ALIGN": 128, "PP": 1, "TT": 1, "FTILE": 8192, "FBN": 128, "FTT": 1}  # fmt: skip
+                "CHUNK_ALIGN": 128, "PP": 1, "TT": 1, "FTILE": 8192, "FBN": 128, "FTT": 1,
+                "BANK_BM": ((16, 16), (64, 64), (None, 128)), "BANK_BN": 64, "BANK_MIN_CHUNK": 256}  # fmt: skip
 _INTERPRETER_CONFIG = {"BM": 16, "CHUNK": 32, "TBK": 16, "TBN": 32, "warps": 4, "MIN_CHUNK": 16, "PROGRAMS": 24,
-                       "CHUNK_ALIGN": 16, "PP": 2, "TT": 4, "FTILE": 256, "FBN": 32, "FTT": 3}  # fmt: skip
+                       "CHUNK_ALIGN": 16, "PP": 2, "TT": 4, "FTILE": 256, "FBN": 32, "FTT": 3,
+                       "BANK_BM": ((None, 16),), "BANK_BN": 16, "BANK_MIN_CHUNK": 16}  # fmt: skip
 
 
 def _config(device: torch.device) -> dict:
@@ -148,11 +160,60 @@ def pad_slots(ids: torch.Tensor, gates: torch.Tensor):
             torch.cat([gates, torch.zeros(pad, dtype=gates.dtype, device=gates.device)], 1))
 
 
+def _bank_plan(cfg: dict, T: int, D: int, LR: int):
+    """(row tile, split count, chunk of d_in) of the bank shrink: split over d_in until about cfg["PROGRAMS"]
+    programs are in flight (a decode step has one row tile), in chunks of at least BANK_MIN_CHUNK."""
+    BM = next(bm for t_max, bm in cfg["BANK_BM"] if t_max is None or T <= t_max)
+    tiles = triton.cdiv(T, BM) * triton.cdiv(LR, cfg["BANK_BN"])
+    split = max(1, min(triton.cdiv(cfg["PROGRAMS"], tiles), triton.cdiv(D, cfg["BANK_MIN_CHUNK"])))
+    chunk = triton.cdiv(triton.cdiv(D, split), cfg["CHUNK_ALIGN"]) * cfg["CHUNK_ALIGN"]
+    return BM, triton.cdiv(D, chunk), chunk
+
+
+def forward_path(cfg: dict, T: int, L: int, R: int, D: int, DO: int, elem: int) -> str:
+    """Which forward runs: "bank" (every adapter, ``triton_bank``), "token" (sort-free per-pair kernels, T <=
+    SMALL_T_MAX) or "grouped" (pairs sorted by adapter). ``FORWARD_PATH`` forces one (the token path only at small T)."""
+    small = T <= SMALL_T_MAX
+    if FORWARD_PATH != "auto":
+        return "grouped" if FORWARD_PATH == "token" and not small else FORWARD_PATH
+    lr = L * R
+    if _bank_plan(cfg, T, D, lr)[1] * T * lr * 4 > BANK_PART_BYTES:
+        bank = False
+    elif small:
+        bank = lr * (D + DO) * elem <= BANK_SMALL_BYTES
+    else:
+        bank = lr <= BANK_LR_MAX
+    return "bank" if bank else ("token" if small else "grouped")
+
+
+def _bank_forward(x, base, A, B, scales, ranks, ids, gates, seq_ids, out, cfg):
+    """out = base + (C * (x @ A_cat)) @ B_cat (``kernels.triton_bank``): a split-K shrink into fp32 partials, then
+    one expand for all K slots."""
+    T, D = x.shape
+    L, _, R = A.shape
+    DO, K, LR = base.shape[1], ids.shape[1], L * R
+    BM, split, chunk = _bank_plan(cfg, T, D, LR)
+    BN = cfg["BANK_BN"]
+    f32, TB = _use_f32(x), triton.next_power_of_2(T)
+    part = _buffer(split, T, LR, dtype=torch.float32, device=x.device)
+    tb.bank_shrink_kernel[(triton.cdiv(T, BM), triton.cdiv(LR, BN), split)](
+        x, A, ranks, part, T, D, LR, R, chunk, TB, split, x.stride(0), x.stride(1), *A.stride(),
+        BM=BM, BN=BN, F32=f32,
+    )  # fmt: skip
+    seq = seq_ids is not None
+    tb.bank_expand_kernel[lambda m: (triton.cdiv(T, BM), triton.cdiv(DO, m["BN"]))](
+        part, B, base, out, ids, seq_ids if seq else ids, ranks, scales, gates, T, DO, LR, R, TB, split,
+        *B.stride(), base.stride(0), base.stride(1), out.stride(0), out.stride(1),
+        K=K, BM=BM, SEQ=seq, SKIP=T <= SMALL_T_MAX or seq, F32=f32,
+    )  # fmt: skip
+    return out
+
+
 def forward(x, base, A, B, scales, ranks, ids, gates, seq_ids=None) -> torch.Tensor:
     """out = base + routed deltas. x [T, d_in], base [T, d_out], ranks int32 [L], scales fp32 [L].
 
-    Token routing: ids/gates [T, K]; sentence routing: ids/gates [S, K] and seq_ids [T] (the sort-free paths read
-    them through seq_ids, the grouped path gathers them per token). All contiguous, on x's device.
+    Token routing: ids/gates [T, K]; sentence routing: ids/gates [S, K] and seq_ids [T] (the sort-free and bank
+    paths read them through seq_ids, the grouped path gathers them per token). All contiguous, on x's device.
     """
     out = _buffer(*base.shape, dtype=base.dtype, device=base.device)
     if x.shape[0] == 0:
@@ -161,10 +222,13 @@ def forward(x, base, A, B, scales, ranks, ids, gates, seq_ids=None) -> torch.Ten
     T, K = x.shape[0], ids.shape[1]
     L, R = A.shape[0], A.shape[2]
     cfg, BR = _config(x.device), padded_rank(R)
-    if T <= SMALL_T_MAX:
+    D, DO = x.shape[1], base.shape[1]
+    path = forward_path(cfg, T, L, R, D, DO, A.element_size())
+    if path == "bank":
+        return _bank_forward(x, base, A, B, scales, ranks, ids, gates, seq_ids, out, cfg)
+    if path == "token":
         seq = seq_ids is not None
         seq_ptr = seq_ids if seq else ids  # any tensor: never read without SEQ
-        D, DO = x.shape[1], base.shape[1]
         bk = _fused_bk(cfg, T, D, DO, BR, A.element_size())
         if bk:
             tk.token_fused_kernel[(triton.cdiv(DO, cfg["FBN"]), triton.cdiv(T, cfg["FTT"]))](

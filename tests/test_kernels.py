@@ -160,13 +160,19 @@ def test_gathered_path_reuses_route_and_bank_derivations_until_they_change():
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 CASES = [(F32, 2, "small"), (F32, 1, "grouped"), (F32, 2, "grouped"), (F32, 4, "grouped"), (F16, 2, "grouped"),
-         (F16, 4, "fused"), (BF16, 2, "small"), (BF16, 2, "grouped"), (F32, 3, "grouped"), (F32, 3, "fused")]  # fmt: skip
+         (F16, 4, "fused"), (BF16, 2, "small"), (BF16, 2, "grouped"), (F32, 3, "grouped"), (F32, 3, "fused"),
+         (F32, 2, "bank"), (F32, 4, "bank_split"), (BF16, 2, "bank"), (F16, 3, "bank_small")]  # fmt: skip
 
 
 def use_path(triton_ops, monkeypatch, path):
-    """Force the forward onto one path: fused (one launch), small (two launches, split-K) or grouped (sorted)."""
-    monkeypatch.setattr(triton_ops, "SMALL_T_MAX", 0 if path == "grouped" else 10**9)
+    """Force the forward onto one path: fused (one launch), small (two launches, split-K), grouped (sorted) or bank
+    (every adapter; bank_split: its shrink split over d_in, bank_small: at small T, chunks skipped per row tile)."""
+    forced = {"fused": "token", "small": "token", "grouped": "grouped"}.get(path, "bank")
+    monkeypatch.setattr(triton_ops, "FORWARD_PATH", forced)
+    monkeypatch.setattr(triton_ops, "SMALL_T_MAX", 10**9 if path in ("fused", "small", "bank_small") else 0)
     monkeypatch.setattr(triton_ops, "FUSED_T_MAX", 10**9 if path == "fused" else 0)
+    cfg = dict(triton_ops._INTERPRETER_CONFIG, BANK_MIN_CHUNK=16 if path == "bank_split" else 10**9)
+    monkeypatch.setattr(triton_ops, "_INTERPRETER_CONFIG", cfg)
     monkeypatch.setattr(triton_ops, "FUSED_L2_BYTES", float("inf"))
     monkeypatch.setattr(triton_ops, "FUSED_CHAIN_MAX", 10**9)
 
@@ -197,7 +203,8 @@ def test_triton_matches_fp64_reference(triton_ops, monkeypatch, dtype, K, path):
 
 INFERENCE_CASES = [(F32, 1, "fused", True), (F32, 2, "fused", False), (F32, 4, "fused", True),
                    (F16, 2, "fused", True), (BF16, 4, "fused", False), (F32, 2, "small", True),
-                   (F32, 2, "grouped", True)]  # fmt: skip
+                   (F32, 2, "grouped", True), (F32, 2, "bank", True), (BF16, 4, "bank_small", True),
+                   (F32, 1, "bank_split", False)]  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype,K,path,sentence", INFERENCE_CASES)
@@ -208,7 +215,7 @@ def test_triton_inference_path_matches_fp64_reference(triton_ops, monkeypatch, d
     program takes; the output is NaN-poisoned first and every element is compared.
     """
     use_path(triton_ops, monkeypatch, path)
-    T = 7 if path != "grouped" else 19
+    T = 19 if path in ("grouped", "bank", "bank_split") else 7
     inp = make_inputs(T, 40, 36, 5, 24, K, dtype, ranks=[24, 5, 0, 17, 1], empty=0.3, seed=10 + K, device=DEV)
     seq_ids = None
     if sentence:  # 3 sequences of unequal length, tokens interleaved; the routing rows are sequences
@@ -261,9 +268,12 @@ def test_bank_in_another_dtype_is_cast_once_and_recast_after_an_update(triton_op
     torch.testing.assert_close(got3, want3, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("routing,L,K,T", [("one", 3, 2, 33), ("zipf", 128, 1, 16), ("uniform", 1, 1, 20)])
-def test_triton_skewed_routing_and_bank_sizes(triton_ops, monkeypatch, routing, L, K, T):
+@pytest.mark.parametrize("routing,L,K,T,path", [("one", 3, 2, 33, "grouped"), ("zipf", 128, 1, 16, "grouped"),
+                                                 ("uniform", 1, 1, 20, "grouped"), ("one", 3, 2, 33, "bank"),
+                                                 ("zipf", 128, 1, 16, "bank"), ("uniform", 1, 1, 20, "bank")])  # fmt: skip
+def test_triton_skewed_routing_and_bank_sizes(triton_ops, monkeypatch, routing, L, K, T, path):
     monkeypatch.setattr(triton_ops, "SMALL_T_MAX", 0)
+    monkeypatch.setattr(triton_ops, "FORWARD_PATH", path)
     inp = make_inputs(T, 16, 20, L, 8, K, torch.float32, routing=routing, empty=0.3, seed=L, device=DEV)
     check_against_fp64(inp, multi_lora, TOL[torch.float32], backend="triton")
 
@@ -274,6 +284,7 @@ def test_triton_wide_nucleus_per_slot_launches(triton_ops, monkeypatch, one_laun
     launch per slot (0) and in one launch for all slots (10**6) both match float64, forward and every gradient.
     The expand always takes one slot's L + 1 groups per launch."""
     monkeypatch.setattr(triton_ops, "SMALL_T_MAX", 0)
+    monkeypatch.setattr(triton_ops, "FORWARD_PATH", "grouped")
     monkeypatch.setattr(triton_ops, "SHRINK_ONE_LAUNCH_GROUPS", one_launch_groups)
     inp = make_inputs(13, 24, 20, 9, 8, 6, torch.float32, empty=0.25, seed=6, device=DEV)
     check_against_fp64(inp, multi_lora, TOL[torch.float32], backend="triton")
@@ -284,6 +295,43 @@ def test_triton_wide_nucleus_per_slot_launches(triton_ops, monkeypatch, one_laun
     with torch.no_grad():
         out = call(multi_lora, inp, seq_ids=seq_ids, backend="triton")
     assert torch.isfinite(out).all() and rel_err(out, ref) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("path", ["bank", "bank_small", "grouped", "small"])
+def test_unrouted_adapters_and_columns_past_rank_never_reach_the_output(triton_ops, monkeypatch, path):
+    """The bank path multiplies x by every adapter: NaN in an adapter no token routes to, or past an adapter's rank,
+    must still stay out of the output (as on the routed paths, which never read them)."""
+    use_path(triton_ops, monkeypatch, path)
+    inp = make_inputs(21, 24, 20, 5, 8, 2, torch.float32, ranks=[8, 3, 5, 8, 2], empty=0.2, seed=4, device=DEV)
+    ids = inp["ids"].clone()
+    ids[ids == 4] = 1  # adapter 4 is routed by no token
+    inp["ids"] = ids
+    A, B = inp["A"].clone(), inp["B"].clone()
+    for a, r in enumerate([8, 3, 5, 8, 2]):
+        A[a, :, r:] = float("nan")
+        B[a, r:, :] = float("nan")
+    A[4], B[4] = float("nan"), float("inf")
+    clean = {k: (v.double() if v.is_floating_point() else v).cpu() for k, v in inp.items()}
+    ref = call(multi_lora_reference, clean)
+    with torch.no_grad():
+        out = call(multi_lora, dict(inp, A=A, B=B), backend="triton")
+    assert torch.isfinite(out).all() and rel_err(out, ref) < TOL[torch.float32]
+
+
+def test_forward_path_dispatch_on_the_gpu_config(monkeypatch):
+    """The bank path where the whole bank is cheap: prefill while L * R <= 512 columns (LLaMA-8B with 28 adapters
+    at r <= 16), small T while the bank's bytes stay under 64 MB; the routed paths otherwise."""
+    from kernels import triton_ops
+
+    monkeypatch.setattr(triton_ops, "FORWARD_PATH", "auto")
+
+    def path(T, L, R, D=4096, DO=4096):
+        return triton_ops.forward_path(triton_ops._CUDA_CONFIG, T, L, R, D, DO, 2)
+
+    assert path(4096, 28, 16) == "bank" and path(4096, 28, 64) == "grouped" and path(4096, 100, 16) == "grouped"
+    assert path(1, 28, 64) == "bank" and path(64, 28, 8, 14336, 4096) == "bank"
+    assert path(1, 100, 64, 14336, 4096) == "token" and path(200, 100, 64) == "grouped"
+    assert path(2**20, 28, 16) == "grouped"  # the fp32 partials of u would pass 256 MB
 
 
 def test_slots_pad_to_a_power_of_two():

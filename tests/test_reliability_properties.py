@@ -145,6 +145,7 @@ def test_triton_grouped_path_equals_the_reference_for_any_routing(monkeypatch, i
     from kernels import triton_ops
 
     monkeypatch.setattr(triton_ops, "SMALL_T_MAX", 0)
+    monkeypatch.setattr(triton_ops, "FORWARD_PATH", "grouped")
     monkeypatch.setattr(triton_ops, "POISON", True)  # an element no kernel wrote shows up as NaN
     out, grads = _forward_backward(inp, "triton", dtype=torch.float32)
     ref_out, ref_grads = _forward_backward(inp, "reference")

@@ -1,0 +1,136 @@
+"""The bank-wide path: x times every adapter of the bank, the routing applied as a coefficient on the way out.
+
+The routed op is ``out[t] = base[t] + sum_k w[t,k] s_a (x[t] @ A_a) @ B_a``. Lay the bank side by side, A as one
+[d_in, L*R] matrix and B as one [L*R, d_out] matrix (column a*R + j is adapter a's rank direction j). Then
+
+    u   = x @ A_cat                      [T, L*R]   every adapter, no routing needed (shrink)
+    out = base + (C * u) @ B_cat                    one GEMM whatever K is (expand)
+    C[t, a*R + j] = s_a * sum_k w[t,k] [ids[t,k] == a] * [j < r_a]
+
+Two plain tensor-core GEMMs, no sorting, no routing metadata, no per-slot passes and no dependent-load chains (the
+kernels read ids only to build C): the small-T work is a few microseconds of bytes instead of a chain of
+latencies, and a prefill reads x once and writes out once for all K slots. The price is L / K times the routed
+FLOPs (T * L*R * (d_in + d_out) multiply-adds), so ``triton_ops`` takes this path only while L*R is small next to
+the projection's width (L = 28, r <= 16 on LLaMA-8B shapes) or T is small enough for bytes, not FLOPs, to count.
+
+``u`` is kept raw (fp32) and split over d_in where there are too few (row tile, column tile) programs to fill the
+GPU; the expand sums the splits, scales by C, casts to the data dtype (the grouped path's rounding point) and
+multiplies by B. At small T (``SKIP``) the expand skips the column chunks no token of its row tile routes to, so
+a decode step reads only the routed adapters' B. Sentence routing is read through seq_ids (``SEQ``), as in the
+token kernels.
+"""
+
+import os
+
+import triton
+import triton.language as tl
+
+from kernels.triton_kernels import _mma
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _configs(names, values, interpret):
+    if _INTERPRET:
+        return [triton.Config(dict(zip(names, interpret)), num_warps=4)]
+    return [triton.Config(dict(zip(names, v[:-2])), num_warps=v[-2], num_stages=v[-1]) for v in values]
+
+
+def _quick_bench(kernel_call, quantiles):
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+
+
+# (BK, num_warps, num_stages): BM and BN of the shrink are fixed by the host (they set the split count and thereby
+# the partials' shape); the expand tunes its column tile too
+BANK_SHRINK_CONFIGS = _configs(("BK",), [(64, 4, 3), (128, 4, 3), (64, 8, 4), (128, 8, 3)], (16,))
+BANK_EXPAND_CONFIGS = _configs(
+    ("BN", "BK"), [(64, 32, 4, 3), (128, 32, 4, 3), (128, 64, 8, 3), (256, 32, 8, 3)], (32, 16)
+)
+
+
+@triton.autotune(BANK_SHRINK_CONFIGS, key=["TB", "D", "LR", "SPLIT", "BM", "BN"], do_bench=_quick_bench)
+@triton.jit
+def bank_shrink_kernel(
+    x_ptr, a_ptr, ranks_ptr, part_ptr,
+    T, D, LR, R, CHUNK, TB, SPLIT,
+    sxt, sxd, sal, sad, sar,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, F32: tl.constexpr,
+):  # fmt: skip
+    """part[s, t, j] = x[t, chunk s] @ A_cat[chunk s, j], A_cat[d, a*R + c] = A[a, d, c] (0 past r_a).
+
+    Grid: (cdiv(T, BM), cdiv(LR, BN), SPLIT). Reads no routing: every adapter's u is computed.
+    """
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    rm = rows < T
+    jj = tl.program_id(1) * BN + tl.arange(0, BN)
+    a = jj // R
+    c = jj - a * R
+    jm = jj < LR
+    cm = jm & (c < tl.load(ranks_ptr + a, mask=jm, other=0))
+    s = tl.program_id(2)
+    d_lo = s * CHUNK
+    d_hi = tl.minimum(d_lo + CHUNK, D)
+    x_row = x_ptr + rows.to(tl.int64)[:, None] * sxt
+    a_col = a_ptr + a.to(tl.int64)[None, :] * sal + c[None, :] * sar
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for d0 in range(d_lo, d_hi, BK):
+        dd = d0 + tl.arange(0, BK)
+        dm = dd < d_hi
+        xt = tl.load(x_row + dd[None, :] * sxd, mask=rm[:, None] & dm[None, :], other=0.0)
+        wt = tl.load(a_col + dd[:, None].to(tl.int64) * sad, mask=dm[:, None] & cm[None, :], other=0.0)
+        acc = _mma(acc, xt, wt, F32)
+    ptrs = part_ptr + (s * T + rows.to(tl.int64))[:, None] * LR + jj[None, :]
+    tl.store(ptrs, acc, mask=rm[:, None] & jm[None, :])
+
+
+@triton.autotune(BANK_EXPAND_CONFIGS, key=["TB", "DO", "LR", "SPLIT", "BM", "K"], do_bench=_quick_bench)
+@triton.jit
+def bank_expand_kernel(
+    part_ptr, b_ptr, base_ptr, out_ptr, ids_ptr, seq_ptr, ranks_ptr, scales_ptr, gate_ptr,
+    T, DO, LR, R, TB, SPLIT,
+    sbl, sbr, sbd, sbt, sbo, sot, sod,
+    K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SEQ: tl.constexpr,
+    SKIP: tl.constexpr, F32: tl.constexpr,
+):  # fmt: skip
+    """out[t, tile] = base[t, tile] + sum_j C[t, j] u[t, j] B_cat[j, tile], u = sum over splits of part.
+
+    Grid: (cdiv(T, BM), cdiv(DO, BN)). C is built per chunk of BK bank columns from the row tile's K routing slots.
+    """
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    rm = rows < T
+    if SEQ:
+        route = tl.load(seq_ptr + rows, mask=rm, other=0).to(tl.int64)
+    else:
+        route = rows.to(tl.int64)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    nm = cols < DO
+    m2 = rm[:, None] & nm[None, :]
+    r64 = rows.to(tl.int64)
+    acc = tl.load(base_ptr + r64[:, None] * sbt + cols[None, :] * sbo, mask=m2, other=0.0).to(tl.float32)
+    for j0 in range(0, LR, BK):
+        jj = j0 + tl.arange(0, BK)
+        a = jj // R
+        c = jj - a * R
+        jm = jj < LR
+        cm = jm & (c < tl.load(ranks_ptr + a, mask=jm, other=0))
+        coef = tl.zeros((BM, BK), dtype=tl.float32)
+        for k in tl.static_range(K):
+            idk = tl.load(ids_ptr + route * K + k, mask=rm, other=-1).to(tl.int32)
+            wk = tl.load(gate_ptr + route * K + k, mask=rm, other=0.0).to(tl.float32)
+            coef += tl.where(idk[:, None] == a[None, :], wk[:, None], 0.0)
+        coef = tl.where(cm[None, :], coef * tl.load(scales_ptr + a, mask=jm, other=0.0)[None, :], 0.0)
+        used = tl.max((coef != 0.0).to(tl.int32), 0) > 0  # bank columns some row of the tile routes to
+        if SKIP:
+            live = tl.sum(used.to(tl.int32)) > 0
+        else:
+            live = True
+        if live:
+            u = tl.zeros((BM, BK), dtype=tl.float32)
+            for s in range(SPLIT):
+                u += tl.load(part_ptr + (s * T + r64)[:, None] * LR + jj[None, :],
+                             mask=rm[:, None] & jm[None, :], other=0.0)  # fmt: skip
+            wt = tl.load(b_ptr + a.to(tl.int64)[:, None] * sbl + c[:, None] * sbr + cols[None, :] * sbd,
+                         mask=(cm & used)[:, None] & nm[None, :], other=0.0)  # fmt: skip
+            # where, not a product: an unrouted adapter's NaN / inf (in u or B) must not reach the output
+            acc = _mma(acc, tl.where(coef != 0.0, u * coef, 0.0), wt, F32)
+    tl.store(out_ptr + r64[:, None] * sot + cols[None, :] * sod, acc.to(out_ptr.dtype.element_ty), mask=m2)
