@@ -61,14 +61,17 @@ def configurations():
                     {"K": 6, "BM": 64, "BN": 128, "BR": 16, "GP": 128, "F32": dt == "fp32", "ZERO_SRC": False}))  # fmt: skip
     from kernels import triton_bank as tb
 
-    for dt in ("bf16", "fp32"):  # the bank-wide kernels (decode row tile with skipping, prefill row tile without)
-        ptrs = {"ids_ptr": "*i64", "seq_ptr": "*i64", "ranks_ptr": "*i32", "scales_ptr": "*fp32", "part_ptr": "*fp32",
-                "gate_ptr": f"*{dt}", **{n: f"*{dt}" for n in ("x_ptr", "a_ptr", "b_ptr", "base_ptr", "out_ptr")}}  # fmt: skip
-        out.append((f"bank_shrink {dt}", tb.bank_shrink_kernel.fn, ptrs,
-                    {"BM": 128, "BN": cfg["BANK_BN"], "BK": 64, "F32": dt == "fp32"}))  # fmt: skip
-        for bm, skip in ((16, True), (128, False)):
-            out.append((f"bank_expand {dt} BM={bm}", tb.bank_expand_kernel.fn, ptrs,
-                        {"K": 2, "BM": bm, "BN": 128, "BK": 32, "SEQ": skip, "SKIP": skip, "F32": dt == "fp32"}))  # fmt: skip
+    for dt in ("bf16", "fp32"):  # the bank-wide kernels: a decode step (split, skipping) and a prefill tile
+        ptrs = {"ids_ptr": "*i64", "seq_ptr": "*i64", "ranks_ptr": "*i32", "scales_ptr": "*fp32", "gate_ptr": f"*{dt}",
+                **{n: f"*{dt}" for n in ("x_ptr", "a_ptr", "b_ptr", "base_ptr", "out_ptr")}}  # fmt: skip
+        for bm, small in ((16, True), (128, False)):
+            hp = dict(ptrs, h_ptr="*fp32" if small else f"*{dt}")
+            out.append((f"bank_shrink {dt} BM={bm}", tb.bank_shrink_kernel.fn, hp,
+                        {"R": 16, "K": 2, "BM": bm, "BN": cfg["BANK_BN"], "BK": 64, "SEQ": small, "SKIP": small,
+                         "F32": dt == "fp32"}))  # fmt: skip
+            out.append((f"bank_expand {dt} BM={bm}", tb.bank_expand_kernel.fn, hp,
+                        {"R": 16, "K": 2, "SPLIT": 8 if small else 1, "BM": bm, "BN": 128, "BK": 32, "SEQ": small,
+                         "SKIP": small, "F32": dt == "fp32"}))  # fmt: skip
     return out
 
 
@@ -84,7 +87,7 @@ def main(argv=None) -> None:
     configs = configurations()
     if args.few:
         few = ("token_fused bf16 seq=False BR=16", "token_fused fp32 seq=True BR=64", "token_shrink bf16 seq=True",
-               "token_expand fp32 seq=False", "grouped_expand bf16", "bank_shrink bf16",
+               "token_expand fp32 seq=False", "grouped_expand bf16", "bank_shrink bf16 BM=16",
                "bank_expand bf16 BM=16")  # fmt: skip
         configs = [c for c in configs if c[0] in few]
     for name, fn, ptrs, constants in configs:

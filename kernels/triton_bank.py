@@ -3,8 +3,8 @@
 The routed op is ``out[t] = base[t] + sum_k w[t,k] s_a (x[t] @ A_a) @ B_a``. Lay the bank side by side, A as one
 [d_in, L*R] matrix and B as one [L*R, d_out] matrix (column a*R + j is adapter a's rank direction j). Then
 
-    u   = x @ A_cat                      [T, L*R]   every adapter, no routing needed (shrink)
-    out = base + (C * u) @ B_cat                    one GEMM whatever K is (expand)
+    h   = C * (x @ A_cat)                [T, L*R]   every adapter; C applied in the shrink's epilogue
+    out = base + h @ B_cat                          one GEMM whatever K is (expand)
     C[t, a*R + j] = s_a * sum_k w[t,k] [ids[t,k] == a] * [j < r_a]
 
 Two plain tensor-core GEMMs, no sorting, no routing metadata, no per-slot passes and no dependent-load chains (the
@@ -13,11 +13,12 @@ latencies, and a prefill reads x once and writes out once for all K slots. The p
 FLOPs (T * L*R * (d_in + d_out) multiply-adds), so ``triton_ops`` takes this path only while L*R is small next to
 the projection's width (L = 28, r <= 16 on LLaMA-8B shapes) or T is small enough for bytes, not FLOPs, to count.
 
-``u`` is kept raw (fp32) and split over d_in where there are too few (row tile, column tile) programs to fill the
-GPU; the expand sums the splits, scales by C, casts to the data dtype (the grouped path's rounding point) and
-multiplies by B. At small T (``SKIP``) the expand skips the column chunks no token of its row tile routes to, so
-a decode step reads only the routed adapters' B. Sentence routing is read through seq_ids (``SEQ``), as in the
-token kernels.
+The shrink applies C in its epilogue (built once per program, not per chunk of the expand: measured on an H200,
+building it inside the expand's loop made the expand 3.5x slower than the whole grouped forward), so the expand is
+a plain pipelined GEMM over h = C * u. At prefill h is stored in the data dtype (the grouped path's rounding
+point); at small T the shrink is split over d_in to fill the GPU and h stays fp32 partials that the expand sums
+first. At small T (``SKIP``) both kernels skip the bank columns no token of their row tile routes to, so a decode
+step reads only the routed adapters. Sentence routing is read through seq_ids (``SEQ``), as in the token kernels.
 """
 
 import os
@@ -41,60 +42,39 @@ def _quick_bench(kernel_call, quantiles):
 
 
 # (BK, num_warps, num_stages): BM and BN of the shrink are fixed by the host (they set the split count and thereby
-# the partials' shape); the expand tunes its column tile too
+# the partials' shape); the expand tunes its column tile too (narrow ones give a decode step enough programs)
 BANK_SHRINK_CONFIGS = _configs(("BK",), [(64, 4, 3), (128, 4, 3), (64, 8, 4), (128, 8, 3)], (16,))
 BANK_EXPAND_CONFIGS = _configs(
-    ("BN", "BK"), [(64, 32, 4, 3), (128, 32, 4, 3), (128, 64, 8, 3), (256, 32, 8, 3)], (32, 16)
+    ("BN", "BK"), [(32, 32, 4, 3), (64, 32, 4, 3), (128, 32, 4, 3), (128, 64, 8, 3), (256, 32, 8, 3)], (32, 16)
 )
 
 
-@triton.autotune(BANK_SHRINK_CONFIGS, key=["TB", "D", "LR", "SPLIT", "BM", "BN"], do_bench=_quick_bench)
+@triton.jit
+def _routed_in(ids_ptr, route, rm, lo, hi, K: tl.constexpr):
+    """Does any of the row tile's routing slots name an adapter in [lo, hi)? (the skip test of a decode step)"""
+    hit = 0
+    for k in tl.static_range(K):
+        idk = tl.load(ids_ptr + route * K + k, mask=rm, other=-1)
+        hit += tl.sum(((idk >= lo) & (idk < hi)).to(tl.int32))
+    return hit > 0
+
+
+@triton.autotune(BANK_SHRINK_CONFIGS, key=["TB", "D", "LR", "BM", "BN", "K"], do_bench=_quick_bench)
 @triton.jit
 def bank_shrink_kernel(
-    x_ptr, a_ptr, ranks_ptr, part_ptr,
-    T, D, LR, R, CHUNK, TB, SPLIT,
+    x_ptr, a_ptr, ranks_ptr, scales_ptr, ids_ptr, seq_ptr, gate_ptr, h_ptr,
+    T, D, LR, CHUNK, TB,
     sxt, sxd, sal, sad, sar,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, F32: tl.constexpr,
+    R: tl.constexpr, K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    SEQ: tl.constexpr, SKIP: tl.constexpr, F32: tl.constexpr,
 ):  # fmt: skip
-    """part[s, t, j] = x[t, chunk s] @ A_cat[chunk s, j], A_cat[d, a*R + c] = A[a, d, c] (0 past r_a).
+    """h[s, t, j] = C[t, j] * (x[t, chunk s] @ A_cat[chunk s, j]), A_cat[d, a*R + c] = A[a, d, c] (0 past r_a).
 
-    Grid: (cdiv(T, BM), cdiv(LR, BN), SPLIT). Reads no routing: every adapter's u is computed.
-    """
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)
-    rm = rows < T
-    jj = tl.program_id(1) * BN + tl.arange(0, BN)
-    a = jj // R
-    c = jj - a * R
-    jm = jj < LR
-    cm = jm & (c < tl.load(ranks_ptr + a, mask=jm, other=0))
-    s = tl.program_id(2)
-    d_lo = s * CHUNK
-    d_hi = tl.minimum(d_lo + CHUNK, D)
-    x_row = x_ptr + rows.to(tl.int64)[:, None] * sxt
-    a_col = a_ptr + a.to(tl.int64)[None, :] * sal + c[None, :] * sar
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for d0 in range(d_lo, d_hi, BK):
-        dd = d0 + tl.arange(0, BK)
-        dm = dd < d_hi
-        xt = tl.load(x_row + dd[None, :] * sxd, mask=rm[:, None] & dm[None, :], other=0.0)
-        wt = tl.load(a_col + dd[:, None].to(tl.int64) * sad, mask=dm[:, None] & cm[None, :], other=0.0)
-        acc = _mma(acc, xt, wt, F32)
-    ptrs = part_ptr + (s * T + rows.to(tl.int64))[:, None] * LR + jj[None, :]
-    tl.store(ptrs, acc, mask=rm[:, None] & jm[None, :])
-
-
-@triton.autotune(BANK_EXPAND_CONFIGS, key=["TB", "DO", "LR", "SPLIT", "BM", "K"], do_bench=_quick_bench)
-@triton.jit
-def bank_expand_kernel(
-    part_ptr, b_ptr, base_ptr, out_ptr, ids_ptr, seq_ptr, ranks_ptr, scales_ptr, gate_ptr,
-    T, DO, LR, R, TB, SPLIT,
-    sbl, sbr, sbd, sbt, sbo, sot, sod,
-    K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SEQ: tl.constexpr,
-    SKIP: tl.constexpr, F32: tl.constexpr,
-):  # fmt: skip
-    """out[t, tile] = base[t, tile] + sum_j C[t, j] u[t, j] B_cat[j, tile], u = sum over splits of part.
-
-    Grid: (cdiv(T, BM), cdiv(DO, BN)). C is built per chunk of BK bank columns from the row tile's K routing slots.
+    Grid: (cdiv(T, BM), cdiv(LR, BN), splits). C (the routing coefficient) is built once per program from the row
+    tile's K slots, so h is already the routed, scaled rank activation: the expand is a plain GEMM. R is a
+    compile-time constant so that a column's (adapter, rank) split is known to the compiler and A's rank-contiguous
+    runs load as vectors. With SKIP a program whose adapters no row routes to writes nothing (the expand skips
+    the same columns).
     """
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     rm = rows < T
@@ -102,35 +82,82 @@ def bank_expand_kernel(
         route = tl.load(seq_ptr + rows, mask=rm, other=0).to(tl.int64)
     else:
         route = rows.to(tl.int64)
-    cols = tl.program_id(1) * BN + tl.arange(0, BN)
-    nm = cols < DO
-    m2 = rm[:, None] & nm[None, :]
-    r64 = rows.to(tl.int64)
-    acc = tl.load(base_ptr + r64[:, None] * sbt + cols[None, :] * sbo, mask=m2, other=0.0).to(tl.float32)
-    for j0 in range(0, LR, BK):
-        jj = j0 + tl.arange(0, BK)
+    j_lo = tl.program_id(1) * BN
+    if SKIP:
+        live = _routed_in(ids_ptr, route, rm, j_lo // R, (j_lo + BN + R - 1) // R, K)
+    else:
+        live = True
+    if live:
+        jj = j_lo + tl.arange(0, BN)
         a = jj // R
-        c = jj - a * R
+        c = jj % R
         jm = jj < LR
         cm = jm & (c < tl.load(ranks_ptr + a, mask=jm, other=0))
-        coef = tl.zeros((BM, BK), dtype=tl.float32)
+        s = tl.program_id(2)
+        d_lo = s * CHUNK
+        d_hi = tl.minimum(d_lo + CHUNK, D)
+        x_row = x_ptr + rows.to(tl.int64)[:, None] * sxt
+        a_col = a_ptr + a.to(tl.int64)[None, :] * sal + c[None, :] * sar
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for d0 in range(d_lo, d_hi, BK):
+            dd = d0 + tl.arange(0, BK)
+            dm = dd < d_hi
+            xt = tl.load(x_row + dd[None, :] * sxd, mask=rm[:, None] & dm[None, :], other=0.0)
+            wt = tl.load(a_col + dd[:, None].to(tl.int64) * sad, mask=dm[:, None] & cm[None, :], other=0.0)
+            acc = _mma(acc, xt, wt, F32)
+        coef = tl.zeros((BM, BN), dtype=tl.float32)
         for k in tl.static_range(K):
             idk = tl.load(ids_ptr + route * K + k, mask=rm, other=-1).to(tl.int32)
             wk = tl.load(gate_ptr + route * K + k, mask=rm, other=0.0).to(tl.float32)
             coef += tl.where(idk[:, None] == a[None, :], wk[:, None], 0.0)
         coef = tl.where(cm[None, :], coef * tl.load(scales_ptr + a, mask=jm, other=0.0)[None, :], 0.0)
-        used = tl.max((coef != 0.0).to(tl.int32), 0) > 0  # bank columns some row of the tile routes to
+        h = tl.where(coef != 0.0, acc * coef, 0.0)  # where, not a product: an unrouted adapter's NaN stays out
+        ptrs = h_ptr + (s * T + rows.to(tl.int64))[:, None] * LR + jj[None, :]
+        tl.store(ptrs, h.to(h_ptr.dtype.element_ty), mask=rm[:, None] & jm[None, :])
+
+
+@triton.autotune(BANK_EXPAND_CONFIGS, key=["TB", "DO", "LR", "BM", "SPLIT", "K"], do_bench=_quick_bench)
+@triton.jit
+def bank_expand_kernel(
+    h_ptr, b_ptr, base_ptr, out_ptr, ids_ptr, seq_ptr, ranks_ptr,
+    T, DO, LR, TB,
+    sbl, sbr, sbd, sbt, sbo, sot, sod,
+    R: tl.constexpr, K: tl.constexpr, SPLIT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    BK: tl.constexpr, SEQ: tl.constexpr, SKIP: tl.constexpr, F32: tl.constexpr,
+):  # fmt: skip
+    """out[t, tile] = base[t, tile] + (sum over splits of h[s, t, :]) @ B_cat[:, tile]. Grid: (cdiv(T, BM), cdiv(DO, BN)).
+
+    A GEMM over the bank's L*R columns: h already holds the routing coefficients. Rows of B past an adapter's
+    rank are masked (never read). With SKIP the chunks no row of the tile routes to are skipped (a decode step
+    reads only its routed adapters' B); the shrink's column tile is a multiple of BK, so a chunk read was written.
+    """
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    rm = rows < T
+    r64 = rows.to(tl.int64)
+    if SEQ:
+        route = tl.load(seq_ptr + rows, mask=rm, other=0).to(tl.int64)
+    else:
+        route = r64
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    nm = cols < DO
+    m2 = rm[:, None] & nm[None, :]
+    acc = tl.load(base_ptr + r64[:, None] * sbt + cols[None, :] * sbo, mask=m2, other=0.0).to(tl.float32)
+    for j0 in range(0, LR, BK):
         if SKIP:
-            live = tl.sum(used.to(tl.int32)) > 0
+            live = _routed_in(ids_ptr, route, rm, j0 // R, (j0 + BK + R - 1) // R, K)
         else:
             live = True
         if live:
+            jj = j0 + tl.arange(0, BK)
+            a = jj // R
+            c = jj % R
+            jm = jj < LR
+            cm = jm & (c < tl.load(ranks_ptr + a, mask=jm, other=0))
             u = tl.zeros((BM, BK), dtype=tl.float32)
-            for s in range(SPLIT):
-                u += tl.load(part_ptr + (s * T + r64)[:, None] * LR + jj[None, :],
-                             mask=rm[:, None] & jm[None, :], other=0.0)  # fmt: skip
+            for s in tl.static_range(SPLIT):
+                u += tl.load(h_ptr + (s * T + r64)[:, None] * LR + jj[None, :],
+                             mask=rm[:, None] & jm[None, :], other=0.0).to(tl.float32)  # fmt: skip
             wt = tl.load(b_ptr + a.to(tl.int64)[:, None] * sbl + c[:, None] * sbr + cols[None, :] * sbd,
-                         mask=(cm & used)[:, None] & nm[None, :], other=0.0)  # fmt: skip
-            # where, not a product: an unrouted adapter's NaN / inf (in u or B) must not reach the output
-            acc = _mma(acc, tl.where(coef != 0.0, u * coef, 0.0), wt, F32)
+                         mask=cm[:, None] & nm[None, :], other=0.0)  # fmt: skip
+            acc = _mma(acc, u, wt, F32)
     tl.store(out_ptr + r64[:, None] * sot + cols[None, :] * sod, acc.to(out_ptr.dtype.element_ty), mask=m2)

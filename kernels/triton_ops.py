@@ -161,11 +161,14 @@ def pad_slots(ids: torch.Tensor, gates: torch.Tensor):
 
 
 def _bank_plan(cfg: dict, T: int, D: int, LR: int):
-    """(row tile, split count, chunk of d_in) of the bank shrink: split over d_in until about cfg["PROGRAMS"]
-    programs are in flight (a decode step has one row tile), in chunks of at least BANK_MIN_CHUNK."""
+    """(row tile, split count, chunk of d_in) of the bank shrink. A prefill has row tiles enough (one split, h in the
+    data dtype); a small T is split over d_in until about cfg["PROGRAMS"] programs are in flight, in chunks of at
+    least BANK_MIN_CHUNK (h in fp32 partials)."""
     BM = next(bm for t_max, bm in cfg["BANK_BM"] if t_max is None or T <= t_max)
     tiles = triton.cdiv(T, BM) * triton.cdiv(LR, cfg["BANK_BN"])
     split = max(1, min(triton.cdiv(cfg["PROGRAMS"], tiles), triton.cdiv(D, cfg["BANK_MIN_CHUNK"])))
+    if T > SMALL_T_MAX:
+        split = 1
     chunk = triton.cdiv(triton.cdiv(D, split), cfg["CHUNK_ALIGN"]) * cfg["CHUNK_ALIGN"]
     return BM, triton.cdiv(D, chunk), chunk
 
@@ -187,24 +190,26 @@ def forward_path(cfg: dict, T: int, L: int, R: int, D: int, DO: int, elem: int) 
 
 
 def _bank_forward(x, base, A, B, scales, ranks, ids, gates, seq_ids, out, cfg):
-    """out = base + (C * (x @ A_cat)) @ B_cat (``kernels.triton_bank``): a split-K shrink into fp32 partials, then
-    one expand for all K slots."""
+    """out = base + (C * (x @ A_cat)) @ B_cat (``kernels.triton_bank``): the shrink (routing coefficient in its
+    epilogue), then one expand for all K slots."""
     T, D = x.shape
     L, _, R = A.shape
     DO, K, LR = base.shape[1], ids.shape[1], L * R
     BM, split, chunk = _bank_plan(cfg, T, D, LR)
     BN = cfg["BANK_BN"]
     f32, TB = _use_f32(x), triton.next_power_of_2(T)
-    part = _buffer(split, T, LR, dtype=torch.float32, device=x.device)
-    tb.bank_shrink_kernel[(triton.cdiv(T, BM), triton.cdiv(LR, BN), split)](
-        x, A, ranks, part, T, D, LR, R, chunk, TB, split, x.stride(0), x.stride(1), *A.stride(),
-        BM=BM, BN=BN, F32=f32,
-    )  # fmt: skip
     seq = seq_ids is not None
+    seq_ptr = seq_ids if seq else ids  # any tensor: never read without SEQ
+    skip = T <= SMALL_T_MAX or seq
+    h = _buffer(split, T, LR, dtype=x.dtype if split == 1 else torch.float32, device=x.device)
+    tb.bank_shrink_kernel[(triton.cdiv(T, BM), triton.cdiv(LR, BN), split)](
+        x, A, ranks, scales, ids, seq_ptr, gates, h, T, D, LR, chunk, TB, x.stride(0), x.stride(1), *A.stride(),
+        R=R, K=K, BM=BM, BN=BN, SEQ=seq, SKIP=skip, F32=f32,
+    )  # fmt: skip
     tb.bank_expand_kernel[lambda m: (triton.cdiv(T, BM), triton.cdiv(DO, m["BN"]))](
-        part, B, base, out, ids, seq_ids if seq else ids, ranks, scales, gates, T, DO, LR, R, TB, split,
+        h, B, base, out, ids, seq_ptr, ranks, T, DO, LR, TB,
         *B.stride(), base.stride(0), base.stride(1), out.stride(0), out.stride(1),
-        K=K, BM=BM, SEQ=seq, SKIP=T <= SMALL_T_MAX or seq, F32=f32,
+        R=R, K=K, SPLIT=split, BM=BM, SEQ=seq, SKIP=skip, F32=f32,
     )  # fmt: skip
     return out
 
