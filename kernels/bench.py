@@ -55,6 +55,7 @@ def make_routing(T, gen):
 
 
 FORCED = {"loramux_bank": "bank", "loramux_routed": "token"}  # kernels.triton_ops.FORWARD_PATH per variant
+PATH_VARIANTS = False  # --paths: also time the forced forward paths (fwd rows only)
 
 
 def layer(variant, x, W, A, B, scales, ranks, ids, w):
@@ -131,7 +132,8 @@ def bench_config(d_in, d_out, T, results, log):
     for r in RANKS:
         banks = [make_bank(d_in, d_out, r, gen) for _ in range(n_sets)]
         gather = T * K * r * (d_in + d_out) * 2
-        for variant in ("base", "loramux", "loramux_bank", "loramux_routed", "meteora_bmm", "loop", "peft_single"):
+        forced = tuple(FORCED) if PATH_VARIANTS else ()
+        for variant in ("base", "loramux", *forced, "meteora_bmm", "loop", "peft_single"):
             if variant == "base" and r != RANKS[0]:
                 for direction in ("fwd", "bwd"):
                     results.append(row(d_in, d_out, r, T, variant, direction, base_ms[direction], 1.0))
@@ -272,6 +274,38 @@ def markdown(doc) -> str:
     return "\n".join(lines)
 
 
+def paths_markdown(doc) -> str:
+    """kernel_bench_paths.md: the forward paths forced one by one (routed = sort-free token kernels at T <= 64,
+    grouped above; bank = every adapter, routing as a coefficient), per bank size L, as ratios to the base."""
+    p = doc["provenance"]
+    lines = ["# kernel_bench_paths: the multi-LoRA forward paths against each other (ratio to the base linear)", "",
+             (f"{p['device']}, torch {p['torch']}, triton {p['triton']}, git {p['git_sha'][:10]}, {p['date']}. "
+              f"Top-{K} uniform token routing, bf16, CUDA graphs, median. `loramux` = what the dispatch "
+              f"(`kernels.triton_ops.forward_path`) picks at the code of the run."), ""]  # fmt: skip
+    rows = [r for r in doc["rows"] if r.get("direction") == "fwd"]
+    for n in sorted({r.get("L", L) for r in rows}):
+        lines += [f"## L = {n} adapters", "", "| d_in -> d_out | r | T | base ms | routed | bank | loramux | faster |",
+                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        keys = sorted({(r["d_in"], r["d_out"], r["r"], r["T"]) for r in rows if r.get("L", L) == n})
+        for key in keys:
+            sel = {r["variant"]: r for r in rows if r.get("L", L) == n and (r["d_in"], r["d_out"], r["r"], r["T"]) == key}
+            routed, bank = sel.get("loramux_routed"), sel.get("loramux_bank")
+            if not routed or not bank or "base" not in sel:
+                continue
+
+            def ratio(v, sel=sel):
+                x = sel.get(v)
+                return "-" if x is None or x["ratio_to_base"] is None else f"{x['ratio_to_base']:.2f}"
+
+            faster = "bank" if bank["ms"] < 0.97 * routed["ms"] else ("routed" if routed["ms"] < 0.97 * bank["ms"] else "tie")
+            lines.append(f"| {key[0]} -> {key[1]} | {key[2]} | {key[3]} | {sel['base']['ms']:.4f} | {ratio('loramux_routed')} "
+                         f"| {ratio('loramux_bank')} | {ratio('loramux')} | {faster} |")  # fmt: skip
+        lines.append("")
+    if p.get("note"):
+        lines += [p["note"], ""]
+    return "\n".join(lines)
+
+
 def profile(d_in, d_out, T, r, path):
     """Per-kernel CUDA time of one loramux forward + backward (torch.profiler), forward path forced, to see where
     the time goes."""
@@ -313,6 +347,9 @@ def main(argv=None) -> None:
     ap.add_argument("--overhead", action="store_true",
                     help="time the host cost of 210 back-to-back decode calls instead (kernels.bench_overhead)")
     ap.add_argument("--device", default="cuda", help="--overhead only: cuda, or cpu to time the CPU path")
+    ap.add_argument("--paths", action="store_true",
+                    help="A/B of the forward paths (routed vs bank, fwd) per bank size: writes kernel_bench_paths.*")
+    ap.add_argument("--adapters", type=int, nargs="*", default=None, help=f"--paths: bank sizes L (default {L})")
     args = ap.parse_args(argv)
     if args.overhead:
         from kernels import bench_overhead
@@ -337,6 +374,9 @@ def main(argv=None) -> None:
     results: list = []
     t0 = time.time()
     shapes = SHAPES if args.shapes is None else [SHAPES[i] for i in args.shapes]
+    if args.paths:
+        paths_main(args, shapes, t0)
+        return
 
     def save():
         doc = {
@@ -361,6 +401,30 @@ def main(argv=None) -> None:
             bench_config(d_in, d_out, T, results, lambda s: print(s, flush=True))
             save()  # a partial table survives a run cut short
     print(save())
+
+
+def provenance(t0, method):
+    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "git_sha": git_sha(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "method": method, "seconds": round(time.time() - t0, 1)}  # fmt: skip
+
+
+def paths_main(args, shapes, t0) -> None:
+    """--paths: every config once per bank size, with the forced-path variants; writes kernel_bench_paths.*"""
+    global L, PATH_VARIANTS
+    PATH_VARIANTS, rows = True, []
+    for n in args.adapters or [L]:
+        L = n
+        for d_in, d_out in shapes:
+            for T in args.tokens:
+                res: list = []
+                bench_config(d_in, d_out, T, res, lambda s, n=n: print(f"L={n} {s}", flush=True))
+                rows += [dict(r, L=n) for r in res if r.get("direction") == "fwd"]
+                doc = {"provenance": provenance(t0, "CUDA graph replay, triton.testing.do_bench median, ms per call"),
+                       "rows": rows}  # fmt: skip
+                write_atomic(os.path.join(args.out, "kernel_bench_paths.json"), json.dumps(doc, indent=1))
+                write_atomic(os.path.join(args.out, "kernel_bench_paths.md"), paths_markdown(doc))
+    print(paths_markdown(doc))
 
 
 if __name__ == "__main__":

@@ -32,11 +32,15 @@ SHRINK_ONE_LAUNCH_GROUPS = int(os.environ.get("LORAMUX_SHRINK_ONE_LAUNCH_GROUPS"
 # 8 steps (d_in 4096 at r <= 16) made 4096 -> 4096 1.7-1.9x slower than two launches; 2 and 1 tie on LLaMA shapes
 FUSED_CHAIN_MAX = int(os.environ.get("LORAMUX_FUSED_CHAIN_MAX", "2"))
 FUSED_L2_BYTES = float(os.environ.get("LORAMUX_FUSED_L2_BYTES", "16e6"))
-# the bank-wide path (``triton_bank``: every adapter computed, routing applied as a coefficient): taken at prefill
-# while the bank is narrow (L * R <= BANK_LR_MAX columns, i.e. its extra FLOPs stay a small share of the base GEMM's),
-# at small T while reading the whole bank costs little (L * R * (d_in + d_out) bytes <= BANK_SMALL_BYTES)
-BANK_LR_MAX = int(os.environ.get("LORAMUX_BANK_LR_MAX", "512"))
-BANK_SMALL_BYTES = float(os.environ.get("LORAMUX_BANK_SMALL_BYTES", "64e6"))
+# the bank-wide path (``triton_bank``: every adapter computed, routing applied as a coefficient) costs L / K times
+# the routed FLOPs and runs at ~210 TFLOP/s on these skinny GEMMs (H200), so it pays only for narrow banks. Measured
+# (H200, outputs/tables/kernel_bench_paths.md): at prefill it beats the sorted kernels up to L * R = 128 columns
+# (L = 4 or 8 at 4096^2, T = 4096: 1.53-1.62x vs 1.69-1.77x) and ties or loses from 224 (L = 28); at small T it wins
+# up to 64 columns, and for wide outputs (d_out >= 2 d_in, T >= 32) up to 448 (4096 -> 14336, T = 64, L = 28:
+# 2.1-2.8x vs 3.7-3.9x), and loses elsewhere (4096^2, T = 1-64: up to 2.4x slower)
+BANK_LR_MAX = int(os.environ.get("LORAMUX_BANK_LR_MAX", "128"))
+BANK_SMALL_LR_MAX = int(os.environ.get("LORAMUX_BANK_SMALL_LR_MAX", "64"))
+BANK_WIDE_LR_MAX = int(os.environ.get("LORAMUX_BANK_WIDE_LR_MAX", "448"))
 BANK_PART_BYTES = 256e6  # the fp32 partials of u ([splits, T, L * R]) stay under this, else the routed paths
 # "auto", or force one forward path: "bank", "token" (fused / two-launch, T <= SMALL_T_MAX), "grouped" (benchmarks)
 FORWARD_PATH = os.environ.get("LORAMUX_FORWARD_PATH", "auto")
@@ -173,7 +177,7 @@ def _bank_plan(cfg: dict, T: int, D: int, LR: int):
     return BM, triton.cdiv(D, chunk), chunk
 
 
-def forward_path(cfg: dict, T: int, L: int, R: int, D: int, DO: int, elem: int) -> str:
+def forward_path(cfg: dict, T: int, L: int, R: int, D: int, DO: int) -> str:
     """Which forward runs: "bank" (every adapter, ``triton_bank``), "token" (sort-free per-pair kernels, T <=
     SMALL_T_MAX) or "grouped" (pairs sorted by adapter). ``FORWARD_PATH`` forces one (the token path only at small T)."""
     small = T <= SMALL_T_MAX
@@ -183,7 +187,7 @@ def forward_path(cfg: dict, T: int, L: int, R: int, D: int, DO: int, elem: int) 
     if _bank_plan(cfg, T, D, lr)[1] * T * lr * 4 > BANK_PART_BYTES:
         bank = False
     elif small:
-        bank = lr * (D + DO) * elem <= BANK_SMALL_BYTES
+        bank = lr <= BANK_SMALL_LR_MAX or (T >= 32 and DO >= 2 * D and lr <= BANK_WIDE_LR_MAX)
     else:
         bank = lr <= BANK_LR_MAX
     return "bank" if bank else ("token" if small else "grouped")
@@ -228,7 +232,7 @@ def forward(x, base, A, B, scales, ranks, ids, gates, seq_ids=None) -> torch.Ten
     L, R = A.shape[0], A.shape[2]
     cfg, BR = _config(x.device), padded_rank(R)
     D, DO = x.shape[1], base.shape[1]
-    path = forward_path(cfg, T, L, R, D, DO, A.element_size())
+    path = forward_path(cfg, T, L, R, D, DO)
     if path == "bank":
         return _bank_forward(x, base, A, B, scales, ranks, ids, gates, seq_ids, out, cfg)
     if path == "token":

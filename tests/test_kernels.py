@@ -319,19 +319,21 @@ def test_unrouted_adapters_and_columns_past_rank_never_reach_the_output(triton_o
 
 
 def test_forward_path_dispatch_on_the_gpu_config(monkeypatch):
-    """The bank path where the whole bank is cheap: prefill while L * R <= 512 columns (LLaMA-8B with 28 adapters
-    at r <= 16), small T while the bank's bytes stay under 64 MB; the routed paths otherwise."""
+    """The bank path where the H200 measured it faster (kernel_bench_paths.md): prefill up to L * R = 128 bank
+    columns, small T up to 64 columns or, for outputs at least twice as wide as inputs from T = 32, up to 448; the
+    routed paths (sort-free token kernels at T <= 64, grouped above) elsewhere."""
     from kernels import triton_ops
 
     monkeypatch.setattr(triton_ops, "FORWARD_PATH", "auto")
 
     def path(T, L, R, D=4096, DO=4096):
-        return triton_ops.forward_path(triton_ops._CUDA_CONFIG, T, L, R, D, DO, 2)
+        return triton_ops.forward_path(triton_ops._CUDA_CONFIG, T, L, R, D, DO)
 
-    assert path(4096, 28, 16) == "bank" and path(4096, 28, 64) == "grouped" and path(4096, 100, 16) == "grouped"
-    assert path(1, 28, 64) == "bank" and path(64, 28, 8, 14336, 4096) == "bank"
-    assert path(1, 100, 64, 14336, 4096) == "token" and path(200, 100, 64) == "grouped"
-    assert path(2**20, 28, 16) == "grouped"  # the fp32 partials of u would pass 256 MB
+    assert path(4096, 8, 16) == "bank" and path(4096, 28, 8) == "grouped" and path(4096, 28, 64) == "grouped"
+    assert path(16, 4, 16) == "bank" and path(16, 8, 16) == "token" and path(1, 28, 8) == "token"
+    assert path(64, 28, 16, 4096, 14336) == "bank" and path(16, 28, 16, 4096, 14336) == "token"
+    assert path(64, 28, 16, 14336, 4096) == "token" and path(64, 28, 64, 4096, 14336) == "token"
+    assert path(2**22, 8, 16) == "grouped"  # the h buffer ([T, L * R]) would pass 256 MB
 
 
 def test_slots_pad_to_a_power_of_two():
