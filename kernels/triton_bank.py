@@ -21,25 +21,10 @@ first. At small T (``SKIP``) both kernels skip the bank columns no token of thei
 step reads only the routed adapters. Sentence routing is read through seq_ids (``SEQ``), as in the token kernels.
 """
 
-import os
-
 import triton
 import triton.language as tl
 
-from kernels.triton_kernels import _mma
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _configs(names, values, interpret):
-    if _INTERPRET:
-        return [triton.Config(dict(zip(names, interpret)), num_warps=4)]
-    return [triton.Config(dict(zip(names, v[:-2])), num_warps=v[-2], num_stages=v[-1]) for v in values]
-
-
-def _quick_bench(kernel_call, quantiles):
-    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
-
+from kernels.triton_kernels import _configs, _mma, _quick_bench
 
 # (BK, num_warps, num_stages): BM and BN of the shrink are fixed by the host (they set the split count and thereby
 # the partials' shape); the expand tunes its column tile too (narrow ones give a decode step enough programs)
