@@ -35,13 +35,27 @@ BANK_EXPAND_CONFIGS = _configs(
 
 
 @triton.jit
-def _routed_in(ids_ptr, route, rm, lo, hi, K: tl.constexpr):
-    """Does any of the row tile's routing slots name an adapter in [lo, hi)? (the skip test of a decode step)"""
-    hit = 0
-    for k in tl.static_range(K):
-        idk = tl.load(ids_ptr + route * K + k, mask=rm, other=-1)
-        hit += tl.sum(((idk >= lo) & (idk < hi)).to(tl.int32))
-    return hit > 0
+def _routed_in(ids_ptr, route, rm, j0, N: tl.constexpr, R: tl.constexpr, K: tl.constexpr, SKIP: tl.constexpr):
+    """With SKIP: does any routing slot of the row tile name an adapter of bank columns [j0, j0 + N)? Else True."""
+    if SKIP:
+        hit = 0
+        for k in tl.static_range(K):
+            idk = tl.load(ids_ptr + route * K + k, mask=rm, other=-1)
+            hit += tl.sum(((idk >= j0 // R) & (idk < (j0 + N + R - 1) // R)).to(tl.int32))
+        live = hit > 0
+    else:
+        live = True
+    return live
+
+
+@triton.jit
+def _bank_columns(ranks_ptr, j0, LR, N: tl.constexpr, R: tl.constexpr):
+    """Bank columns j0 .. j0 + N: (column, adapter, rank direction, in the bank, below the adapter's rank)."""
+    jj = j0 + tl.arange(0, N)
+    a = jj // R
+    c = jj % R
+    jm = jj < LR
+    return jj, a, c, jm, jm & (c < tl.load(ranks_ptr + a, mask=jm, other=0))
 
 
 @triton.autotune(BANK_SHRINK_CONFIGS, key=["TB", "D", "LR", "BM", "BN", "K"], do_bench=_quick_bench)
@@ -68,16 +82,8 @@ def bank_shrink_kernel(
     else:
         route = rows.to(tl.int64)
     j_lo = tl.program_id(1) * BN
-    if SKIP:
-        live = _routed_in(ids_ptr, route, rm, j_lo // R, (j_lo + BN + R - 1) // R, K)
-    else:
-        live = True
-    if live:
-        jj = j_lo + tl.arange(0, BN)
-        a = jj // R
-        c = jj % R
-        jm = jj < LR
-        cm = jm & (c < tl.load(ranks_ptr + a, mask=jm, other=0))
+    if _routed_in(ids_ptr, route, rm, j_lo, BN, R, K, SKIP):
+        jj, a, c, jm, cm = _bank_columns(ranks_ptr, j_lo, LR, BN, R)
         s = tl.program_id(2)
         d_lo = s * CHUNK
         d_hi = tl.minimum(d_lo + CHUNK, D)
@@ -128,16 +134,8 @@ def bank_expand_kernel(
     m2 = rm[:, None] & nm[None, :]
     acc = tl.load(base_ptr + r64[:, None] * sbt + cols[None, :] * sbo, mask=m2, other=0.0).to(tl.float32)
     for j0 in range(0, LR, BK):
-        if SKIP:
-            live = _routed_in(ids_ptr, route, rm, j0 // R, (j0 + BK + R - 1) // R, K)
-        else:
-            live = True
-        if live:
-            jj = j0 + tl.arange(0, BK)
-            a = jj // R
-            c = jj % R
-            jm = jj < LR
-            cm = jm & (c < tl.load(ranks_ptr + a, mask=jm, other=0))
+        if _routed_in(ids_ptr, route, rm, j0, BK, R, K, SKIP):
+            jj, a, c, jm, cm = _bank_columns(ranks_ptr, j0, LR, BK, R)
             u = tl.zeros((BM, BK), dtype=tl.float32)
             for s in tl.static_range(SPLIT):
                 u += tl.load(h_ptr + (s * T + r64)[:, None] * LR + jj[None, :],
