@@ -7,11 +7,13 @@ The routed op is ``out[t] = base[t] + sum_k w[t,k] s_a (x[t] @ A_a) @ B_a``. Lay
     out = base + h @ B_cat                          one GEMM whatever K is (expand)
     C[t, a*R + j] = s_a * sum_k w[t,k] [ids[t,k] == a] * [j < r_a]
 
-Two plain tensor-core GEMMs, no sorting, no routing metadata, no per-slot passes and no dependent-load chains (the
-kernels read ids only to build C): the small-T work is a few microseconds of bytes instead of a chain of
-latencies, and a prefill reads x once and writes out once for all K slots. The price is L / K times the routed
-FLOPs (T * L*R * (d_in + d_out) multiply-adds), so ``triton_ops`` takes this path only while L*R is small next to
-the projection's width (L = 28, r <= 16 on LLaMA-8B shapes) or T is small enough for bytes, not FLOPs, to count.
+Two plain tensor-core GEMMs, no sorting, no routing metadata, no per-slot passes (the kernels read ids only to
+build C): a prefill reads x once and writes out once for all K slots. The price is L / K times the routed FLOPs
+(T * L*R * (d_in + d_out) multiply-adds), and on an H200 these skinny GEMMs run at ~210 TFLOP/s, so the path pays
+only for narrow banks: ``triton_ops.forward_path`` takes it where the H200 measured it faster
+(``outputs/tables/kernel_bench_paths.md``: L*R up to 128 bank columns at prefill, up to 64 at small T, up to 448
+for outputs at least twice as wide as the input from T = 32). At L = 28 on 4096^2 it loses to the routed kernels
+at every T: its decode expand has one row tile, so each program walks all bank columns.
 
 The shrink applies C in its epilogue (built once per program, not per chunk of the expand: measured on an H200,
 building it inside the expand's loop made the expand 3.5x slower than the whole grouped forward), so the expand is

@@ -35,15 +35,16 @@ FUSED_L2_BYTES = float(os.environ.get("LORAMUX_FUSED_L2_BYTES", "16e6"))
 # the bank-wide path (``triton_bank``: every adapter computed, routing applied as a coefficient) costs L / K times
 # the routed FLOPs and runs at ~210 TFLOP/s on these skinny GEMMs (H200), so it pays only for narrow banks. Measured
 # (H200, outputs/tables/kernel_bench_paths.md): at prefill it beats the sorted kernels up to L * R = 128 columns
-# (L = 4 or 8 at 4096^2, T = 4096: 1.53-1.62x vs 1.69-1.77x) and ties or loses from 224 (L = 28); at small T it wins
+# (L = 4 or 8 at 4096^2, T = 4096: 1.48-1.66x vs 1.64-1.79x) and ties or loses from 224 (L = 28); at small T it wins
 # up to 64 columns, and for wide outputs (d_out >= 2 d_in, T >= 32) up to 448 (4096 -> 14336, T = 64, L = 28:
 # 2.1-2.8x vs 3.7-3.9x), and loses elsewhere (4096^2, T = 1-64: up to 2.4x slower)
 BANK_LR_MAX = int(os.environ.get("LORAMUX_BANK_LR_MAX", "128"))
 BANK_SMALL_LR_MAX = int(os.environ.get("LORAMUX_BANK_SMALL_LR_MAX", "64"))
 BANK_WIDE_LR_MAX = int(os.environ.get("LORAMUX_BANK_WIDE_LR_MAX", "448"))
-BANK_PART_BYTES = 256e6  # the fp32 partials of u ([splits, T, L * R]) stay under this, else the routed paths
+BANK_PART_BYTES = 256e6  # h ([splits, T, L * R], fp32 partials at small T) stays under this, else the routed paths
 # "auto", or force one forward path: "bank", "token" (fused / two-launch, T <= SMALL_T_MAX), "grouped" (benchmarks)
 FORWARD_PATH = os.environ.get("LORAMUX_FORWARD_PATH", "auto")
+FORWARD_PATHS = ("auto", "bank", "token", "grouped")
 POISON = False  # tests: fill every buffer the kernels should overwrite with NaN instead of leaving it uninitialised
 
 
@@ -180,6 +181,8 @@ def _bank_plan(cfg: dict, T: int, D: int, LR: int):
 def forward_path(cfg: dict, T: int, L: int, R: int, D: int, DO: int) -> str:
     """Which forward runs: "bank" (every adapter, ``triton_bank``), "token" (sort-free per-pair kernels, T <=
     SMALL_T_MAX) or "grouped" (pairs sorted by adapter). ``FORWARD_PATH`` forces one (the token path only at small T)."""
+    if FORWARD_PATH not in FORWARD_PATHS:
+        raise ValueError(f"LORAMUX_FORWARD_PATH={FORWARD_PATH!r} is not a forward path; use one of {FORWARD_PATHS}")
     small = T <= SMALL_T_MAX
     if FORWARD_PATH != "auto":
         return "grouped" if FORWARD_PATH == "token" and not small else FORWARD_PATH

@@ -334,6 +334,10 @@ def test_forward_path_dispatch_on_the_gpu_config(monkeypatch):
     assert path(64, 28, 16, 4096, 14336) == "bank" and path(16, 28, 16, 4096, 14336) == "token"
     assert path(64, 28, 16, 14336, 4096) == "token" and path(64, 28, 64, 4096, 14336) == "token"
     assert path(2**22, 8, 16) == "grouped"  # the h buffer ([T, L * R]) would pass 256 MB
+    monkeypatch.setattr(triton_ops, "FORWARD_PATH", "dense")
+    with pytest.raises(ValueError, match="use one of") as e:
+        path(16, 4, 16)
+    assert "LORAMUX_FORWARD_PATH='dense'" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_slots_pad_to_a_power_of_two():
