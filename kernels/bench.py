@@ -38,6 +38,7 @@ L, K = 28, 2
 DTYPE = torch.bfloat16
 GATHER_CAP_FWD = 24e9  # bytes of A[ids] + B[ids] above which meteora_bmm is not run (memory)
 GATHER_CAP_BWD = 6e9
+METHOD = "CUDA graph replay of several rotated input sets, triton.testing.do_bench median, ms per call"
 
 
 def make_bank(d_in, d_out, r, gen):
@@ -379,18 +380,7 @@ def main(argv=None) -> None:
         return
 
     def save():
-        doc = {
-            "provenance": {
-                "device": torch.cuda.get_device_name(),
-                "torch": torch.__version__,
-                "triton": triton.__version__,
-                "git_sha": git_sha(),
-                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "method": "CUDA graph replay of several rotated input sets, triton.testing.do_bench median, ms per call",
-                "seconds": round(time.time() - t0, 1),
-            },
-            "rows": results,
-        }
+        doc = {"provenance": provenance(t0, METHOD), "rows": results}
         write_atomic(os.path.join(args.out, "kernel_bench.json"), json.dumps(doc, indent=1))
         md = markdown(doc)
         write_atomic(os.path.join(args.out, "kernel_bench.md"), md)
@@ -404,6 +394,7 @@ def main(argv=None) -> None:
 
 
 def provenance(t0, method):
+    """Where and with what a result file was measured (device, versions, git sha, date, method, duration)."""
     return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "git_sha": git_sha(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "method": method, "seconds": round(time.time() - t0, 1)}  # fmt: skip
@@ -420,8 +411,7 @@ def paths_main(args, shapes, t0) -> None:
                 res: list = []
                 bench_config(d_in, d_out, T, res, lambda s, n=n: print(f"L={n} {s}", flush=True))
                 rows += [dict(r, L=n) for r in res if r.get("direction") == "fwd"]
-                doc = {"provenance": provenance(t0, "CUDA graph replay, triton.testing.do_bench median, ms per call"),
-                       "rows": rows}  # fmt: skip
+                doc = {"provenance": provenance(t0, METHOD), "rows": rows}
                 write_atomic(os.path.join(args.out, "kernel_bench_paths.json"), json.dumps(doc, indent=1))
                 write_atomic(os.path.join(args.out, "kernel_bench_paths.md"), paths_markdown(doc))
     print(paths_markdown(doc))

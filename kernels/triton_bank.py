@@ -26,7 +26,7 @@ step reads only the routed adapters. Sentence routing is read through seq_ids (`
 import triton
 import triton.language as tl
 
-from kernels.triton_kernels import _configs, _mma, _quick_bench
+from kernels.triton_kernels import _configs, _mma, _quick_bench, _route_row
 
 # (BK, num_warps, num_stages): BM and BN of the shrink are fixed by the host (they set the split count and thereby
 # the partials' shape); the expand tunes its column tile too (narrow ones give a decode step enough programs)
@@ -79,17 +79,15 @@ def bank_shrink_kernel(
     """
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     rm = rows < T
-    if SEQ:
-        route = tl.load(seq_ptr + rows, mask=rm, other=0).to(tl.int64)
-    else:
-        route = rows.to(tl.int64)
+    r64 = rows.to(tl.int64)
+    route = _route_row(seq_ptr, rows, rm, SEQ)
     j_lo = tl.program_id(1) * BN
     if _routed_in(ids_ptr, route, rm, j_lo, BN, R, K, SKIP):
         jj, a, c, jm, cm = _bank_columns(ranks_ptr, j_lo, LR, BN, R)
         s = tl.program_id(2)
         d_lo = s * CHUNK
         d_hi = tl.minimum(d_lo + CHUNK, D)
-        x_row = x_ptr + rows.to(tl.int64)[:, None] * sxt
+        x_row = x_ptr + r64[:, None] * sxt
         a_col = a_ptr + a.to(tl.int64)[None, :] * sal + c[None, :] * sar
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for d0 in range(d_lo, d_hi, BK):
@@ -105,7 +103,7 @@ def bank_shrink_kernel(
             coef += tl.where(idk[:, None] == a[None, :], wk[:, None], 0.0)
         coef = tl.where(cm[None, :], coef * tl.load(scales_ptr + a, mask=jm, other=0.0)[None, :], 0.0)
         h = tl.where(coef != 0.0, acc * coef, 0.0)  # where, not a product: an unrouted adapter's NaN stays out
-        ptrs = h_ptr + (s * T + rows.to(tl.int64))[:, None] * LR + jj[None, :]
+        ptrs = h_ptr + (s * T + r64)[:, None] * LR + jj[None, :]
         tl.store(ptrs, h.to(h_ptr.dtype.element_ty), mask=rm[:, None] & jm[None, :])
 
 
@@ -127,10 +125,7 @@ def bank_expand_kernel(
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     rm = rows < T
     r64 = rows.to(tl.int64)
-    if SEQ:
-        route = tl.load(seq_ptr + rows, mask=rm, other=0).to(tl.int64)
-    else:
-        route = r64
+    route = _route_row(seq_ptr, rows, rm, SEQ)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
     nm = cols < DO
     m2 = rm[:, None] & nm[None, :]

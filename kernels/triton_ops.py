@@ -187,16 +187,16 @@ def forward_path(cfg: dict, T: int, L: int, R: int, D: int, DO: int) -> str:
     if FORWARD_PATH != "auto":
         return "grouped" if FORWARD_PATH == "token" and not small else FORWARD_PATH
     lr = L * R
-    if _bank_plan(cfg, T, D, lr)[1] * T * lr * 4 > BANK_PART_BYTES:
-        bank = False
-    elif small:
+    if small:
         bank = lr <= BANK_SMALL_LR_MAX or (T >= 32 and DO >= 2 * D and lr <= BANK_WIDE_LR_MAX)
     else:
         bank = lr <= BANK_LR_MAX
+    # only then the h buffer's size (the decode hot path of a wide bank never plans the bank kernels)
+    bank = bank and _bank_plan(cfg, T, D, lr)[1] * T * lr * 4 <= BANK_PART_BYTES
     return "bank" if bank else ("token" if small else "grouped")
 
 
-def _bank_forward(x, base, A, B, scales, ranks, ids, gates, seq_ids, out, cfg):
+def _bank_forward(x, base, A, B, scales, ranks, ids, gates, seq_ptr, seq, out, cfg):
     """out = base + (C * (x @ A_cat)) @ B_cat (``kernels.triton_bank``): the shrink (routing coefficient in its
     epilogue), then one expand for all K slots."""
     T, D = x.shape
@@ -205,8 +205,6 @@ def _bank_forward(x, base, A, B, scales, ranks, ids, gates, seq_ids, out, cfg):
     BM, split, chunk = _bank_plan(cfg, T, D, LR)
     BN = cfg["BANK_BN"]
     f32, TB = _use_f32(x), triton.next_power_of_2(T)
-    seq = seq_ids is not None
-    seq_ptr = seq_ids if seq else ids  # any tensor: never read without SEQ
     skip = T <= SMALL_T_MAX or seq
     h = _buffer(split, T, LR, dtype=x.dtype if split == 1 else torch.float32, device=x.device)
     tb.bank_shrink_kernel[(triton.cdiv(T, BM), triton.cdiv(LR, BN), split)](
@@ -236,11 +234,11 @@ def forward(x, base, A, B, scales, ranks, ids, gates, seq_ids=None) -> torch.Ten
     cfg, BR = _config(x.device), padded_rank(R)
     D, DO = x.shape[1], base.shape[1]
     path = forward_path(cfg, T, L, R, D, DO)
+    seq = seq_ids is not None
+    seq_ptr = seq_ids if seq else ids  # any tensor: never read without SEQ
     if path == "bank":
-        return _bank_forward(x, base, A, B, scales, ranks, ids, gates, seq_ids, out, cfg)
+        return _bank_forward(x, base, A, B, scales, ranks, ids, gates, seq_ptr, seq, out, cfg)
     if path == "token":
-        seq = seq_ids is not None
-        seq_ptr = seq_ids if seq else ids  # any tensor: never read without SEQ
         bk = _fused_bk(cfg, T, D, DO, BR, A.element_size())
         if bk:
             tk.token_fused_kernel[(triton.cdiv(DO, cfg["FBN"]), triton.cdiv(T, cfg["FTT"]))](
@@ -263,7 +261,7 @@ def forward(x, base, A, B, scales, ranks, ids, gates, seq_ids=None) -> torch.Ten
             num_warps=cfg["warps"],
         )  # fmt: skip
         return out
-    if seq_ids is not None:
+    if seq:
         ids, gates = ids.index_select(0, seq_ids), gates.index_select(0, seq_ids)
     f32 = _use_f32(x)
     perm, off, _ = route_groups(ids, ranks, L)

@@ -272,8 +272,7 @@ def test_bank_in_another_dtype_is_cast_once_and_recast_after_an_update(triton_op
                                                  ("uniform", 1, 1, 20, "grouped"), ("one", 3, 2, 33, "bank"),
                                                  ("zipf", 128, 1, 16, "bank"), ("uniform", 1, 1, 20, "bank")])  # fmt: skip
 def test_triton_skewed_routing_and_bank_sizes(triton_ops, monkeypatch, routing, L, K, T, path):
-    monkeypatch.setattr(triton_ops, "SMALL_T_MAX", 0)
-    monkeypatch.setattr(triton_ops, "FORWARD_PATH", path)
+    use_path(triton_ops, monkeypatch, path)
     inp = make_inputs(T, 16, 20, L, 8, K, torch.float32, routing=routing, empty=0.3, seed=L, device=DEV)
     check_against_fp64(inp, multi_lora, TOL[torch.float32], backend="triton")
 
@@ -283,8 +282,7 @@ def test_triton_wide_nucleus_per_slot_launches(triton_ops, monkeypatch, one_laun
     """A DLP-like wide nucleus (K = 6 slots of L = 9 adapters, sentence routing, grouped path): the shrink in one
     launch per slot (0) and in one launch for all slots (10**6) both match float64, forward and every gradient.
     The expand always takes one slot's L + 1 groups per launch."""
-    monkeypatch.setattr(triton_ops, "SMALL_T_MAX", 0)
-    monkeypatch.setattr(triton_ops, "FORWARD_PATH", "grouped")
+    use_path(triton_ops, monkeypatch, "grouped")
     monkeypatch.setattr(triton_ops, "SHRINK_ONE_LAUNCH_GROUPS", one_launch_groups)
     inp = make_inputs(13, 24, 20, 9, 8, 6, torch.float32, empty=0.25, seed=6, device=DEV)
     check_against_fp64(inp, multi_lora, TOL[torch.float32], backend="triton")
