@@ -8,10 +8,12 @@ One call adds the routed LoRA deltas of an adapter bank to a base projection's o
 (DLP-LoRA) passes per-sequence ids/weights [S, K] plus ``seq_ids`` [T] naming each token's sequence, so the
 routing is never expanded per token. See ``kernels.reference`` for the readable definition.
 ``multi_lora_sequences`` takes sentence routing over a batch of sequences [S, L, d] and folds each sequence's
-kept adapters into one concatenated adapter where that saves passes (``kernels.sequence_concat``).
+kept adapters into one concatenated adapter where that saves passes (``kernels.sequence_concat``);
+``multi_lora_uniform`` is the op when one adapter, known on the host, serves every token (a plain LoRA).
 """
 
 from kernels.op import multi_lora
 from kernels.sequence_concat import multi_lora_sequences
+from kernels.uniform import multi_lora_uniform
 
-__all__ = ["multi_lora", "multi_lora_sequences"]
+__all__ = ["multi_lora", "multi_lora_sequences", "multi_lora_uniform"]

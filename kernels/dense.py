@@ -1,16 +1,17 @@
-"""Vectorised torch path of the multi-LoRA op (the CPU default): three dense products, no Python loop.
+"""Vectorised torch path of the multi-LoRA op for token routing (the CPU default, and MeteoRA's training form).
 
-    h     = x @ A_a for every adapter a at once                  [L, T, R]  (one batched product; A is not copied)
-    h    *= C  where C[a, t, j] = s_a * sum_k [ids[t,k] == a] * w[t,k] * [j < r_a]   (routing as a mask)
-    out   = base + [h_0 | h_1 | ... | h_{L-1}] @ [B_0; B_1; ...; B_{L-1}]   [T, d_out]  (B viewed as [L*R, d_out])
+    h     = x @ [A_0 | A_1 | ... | A_{L-1}]                       [T, L*R]  (one GEMM over the whole bank)
+    h     = where(routed & j < r_a, h * C, 0),  C[t, a, j] = s_a * sum_k [ids[t,k] == a] * w[t,k]
+    out   = base + h @ [B_0; B_1; ...; B_{L-1}]                   [T, d_out]  (B viewed as [L*R, d_out])
 
 ``multi_lora_torch`` (the backend) uses it when the routed (token, slot) pairs are many; for few pairs (decode: one
 token per sequence) ``multi_lora_gathered`` copies just the routed adapters instead.
 
-The dense form does L/K times the FLOPs of the routed computation, which is cheap for the few small adapters of CPU training
-and far faster than the reference's loop; plain autograd differentiates it in x, A, B and weights. Nothing is
-copied per call beyond the [T, L*R] activations (an earlier version re-laid A out as [d_in, L*R] on every call,
-which cost more than the products at decode).
+The dense form does L/K times the FLOPs of the routed computation, which is cheap for small adapters (28 adapters of
+r = 8 on SmolLM2's 576-wide projections add 224 columns) and, being two plain GEMMs and a few element-wise selects,
+costs a handful of launches and no sort: on a GPU it is what MeteoRA's gate training runs (the Triton grouped
+kernels' routing metadata costs more host time per call than these products). Plain autograd differentiates it
+in x, A, B and weights. The [d_in, L*R] layout of A is one small copy per call (cached while A is frozen).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 
 from kernels.derived_cache import derived
 from kernels.reference import expand_sequence_routing
+from kernels.route_tables import tables
 
 GATHER_MAX_PAIRS = 16  # the gathered form also for up to this many routed pairs (few tokens, even with L = 1)
 
@@ -40,12 +42,6 @@ def _routed_pairs(ids, weights, seq_ids, acc):
     return ids.clamp(min=0).reshape(-1), torch.where(valid, weights.to(acc), 0.0)
 
 
-def _scale_rank_mask(scales, ranks, R, acc):
-    """[L, R]: s_a where j < r_a, else 0 (columns past an adapter's rank are ignored)."""
-    keep = torch.arange(R, device=scales.device) < ranks.to(scales.device)[:, None]
-    return torch.where(keep, scales.to(acc)[:, None], 0.0)
-
-
 def multi_lora_gathered(x, base, A, B, scales, ranks, ids, weights, seq_ids=None) -> torch.Tensor:
     """Few tokens (decode): copy only the routed adapters, A[a] [T, K, d_in, R] and B[a] [T, K*R, d_out], and
     contract them per token; T*K adapter copies instead of L adapters' FLOPs for every token.
@@ -63,10 +59,7 @@ def multi_lora_gathered(x, base, A, B, scales, ranks, ids, weights, seq_ids=None
         adapter, wv = _routed_pairs(ids, weights, seq_ids, acc)
     else:
         adapter, wv = derived(("pairs", acc), (ids, weights, seq_ids), lambda: _routed_pairs(ids, weights, seq_ids, acc))
-    if not reuse or (torch.is_grad_enabled() and scales.requires_grad):
-        mask = _scale_rank_mask(scales, ranks, R, acc)
-    else:
-        mask = derived(("scale_rank", acc, R), (scales, ranks), lambda: _scale_rank_mask(scales, ranks, R, acc))
+    mask = tables(scales, ranks, R, acc)[1]  # [L, R]: s_a where j < r_a, else 0
     A_sel = A.index_select(0, adapter).view(T, K, d_in, R).to(acc)
     h = torch.matmul(x.to(acc).view(T, 1, 1, d_in), A_sel).view(T, K, R)
     h = h * (wv.view(T, K, 1) * mask.index_select(0, adapter).view(T, K, R))
@@ -75,19 +68,41 @@ def multi_lora_gathered(x, base, A, B, scales, ranks, ids, weights, seq_ids=None
     return (base.to(acc) + delta).to(base.dtype)
 
 
+def _bank_columns(A: torch.Tensor) -> torch.Tensor:
+    """A [L, d_in, R] laid out as one [d_in, L*R] matrix (a copy; cached while A needs no gradient)."""
+    L, d_in, R = A.shape
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and A.requires_grad):
+        return A.permute(1, 0, 2).reshape(d_in, L * R)
+    return derived(("bank_columns",), (A,), lambda: A.detach().permute(1, 0, 2).reshape(d_in, L * R))
+
+
 def multi_lora_dense(x, base, A, B, scales, ranks, ids, weights) -> torch.Tensor:
-    """Same contract as ``kernels.reference.multi_lora_reference`` with token routing ids/weights [T, K]."""
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    """Same contract as ``kernels.reference.multi_lora_reference`` with token routing ids/weights [T, K].
+
+    Two GEMMs over the whole bank: ``h = x @ [A_0 | ... | A_{L-1}]`` [T, L*R], each column scaled by the token's
+    weight for that adapter times s_a (selected away where the adapter is not routed or the column is past its
+    rank), then ``out = base + h @ [B_0; ...; B_{L-1}]``. On CUDA the products run in the activations' dtype
+    (autocast casts them as it does any matmul); on the CPU in fp32 (fp64 for fp64 inputs)."""
+    acc = _acc(x)
     T = x.shape[0]
-    L, _, R = A.shape
+    L, _d_in, R = A.shape
+    wacc = torch.float64 if weights.dtype == torch.float64 else torch.float32
     valid = ids >= 0
-    adapter = torch.where(valid, ids, torch.zeros_like(ids)).long()
-    coef = torch.where(
-        valid, weights.to(acc) * scales.to(acc)[adapter], torch.zeros((), dtype=acc, device=x.device)
-    )
-    per_adapter = torch.zeros(T, L, dtype=acc, device=x.device).scatter_add(1, adapter, coef)  # [T, L]
-    rank_mask = torch.arange(R, device=x.device)[None, :] < ranks.to(x.device)[:, None]  # [L, R]
-    h = torch.matmul(x.to(acc), A.to(acc))  # [L, T, R]
-    h = h * (per_adapter.t()[:, :, None] * rank_mask[:, None, :])
-    h = h.transpose(0, 1).reshape(T, L * R)
-    return (base.to(acc) + h @ B.to(acc).reshape(L * R, -1)).to(base.dtype)
+    a = ids.clamp(min=0)
+    # per (token, adapter): the summed weight of the slots that chose it, and whether any did
+    w_ta = torch.zeros(T, L, dtype=wacc, device=x.device).scatter_add(1, a, torch.where(valid, weights.to(wacc), 0.0))
+    routed = torch.zeros(T, L, dtype=wacc, device=x.device).scatter_add(1, a, valid.to(wacc)) > 0
+    mask, table = tables(scales, ranks, R, wacc)
+    col_keep = (routed[:, :, None] & mask[None]).reshape(T, L * R)
+    col_coef = (w_ta[:, :, None] * table[None]).reshape(T, L * R)
+    h = x.to(acc) @ _bank_columns(A).to(acc)  # [T, L*R]
+    h = torch.where(col_keep, h * col_coef, 0.0)
+    out = torch.addmm(base.reshape(T, -1).to(acc), h.to(acc), B.reshape(L * R, -1).to(acc))
+    return out.to(base.dtype)
+
+
+def _acc(x: torch.Tensor) -> torch.dtype:
+    """Compute dtype of the torch forms: the activations' own on CUDA, at least fp32 on the CPU (bf16 is slow there)."""
+    if x.is_cuda:
+        return x.dtype
+    return torch.float64 if x.dtype == torch.float64 else torch.float32

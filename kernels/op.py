@@ -5,7 +5,7 @@ Backends (keyword ``backend=`` or env ``LORAMUX_KERNEL_BACKEND``; default ``auto
              torch.library, so torch.compile and CUDA graphs hold it); on CPU tensors it needs TRITON_INTERPRET=1
   torch      the vectorised torch path (``kernels.dense``: dense, or gathered at decode), plain autograd
   reference  the readable loop (``kernels.reference``), plain autograd
-  auto       triton on CUDA tensors, torch elsewhere.
+  auto       triton on CUDA tensors when no gradient is needed, torch elsewhere (CPU; training on CUDA).
 
 Host cost per call matters: a decoding LM calls the op once per wrapped projection per token (210 calls for
 SmolLM2-135M with 7 targets), so the inference path does nothing per call but the shape checks and the launch.
@@ -159,6 +159,20 @@ def _triton_forward(x2, b2, A, B, scales, ranks, ids, weights, seq_ids):
     )  # fmt: skip
 
 
+def resolve_backend(x: torch.Tensor, *tensors: torch.Tensor, backend: str | None = None) -> str:
+    """The backend a call on ``x`` runs: ``backend``, else ``$LORAMUX_KERNEL_BACKEND``, else ``auto``, which is the
+    Triton kernels on CUDA when no gradient is needed (inference: decode and prefill) and the torch forms
+    everywhere else: on the CPU, and for training on CUDA (when ``x`` or any of ``tensors`` (A, B, weights) needs
+    a gradient), where a few cuBLAS products with plain autograd cost less host time per call than the custom op
+    with its routing metadata, and torch.compile traces them (see kernels/NOTES.md, training)."""
+    backend = backend or os.environ.get("LORAMUX_KERNEL_BACKEND", "auto")
+    if backend not in BACKENDS:
+        raise ValueError(f"multi_lora: unknown backend {backend!r}; use one of {BACKENDS}")
+    if backend == "auto":
+        return "triton" if x.is_cuda and not _needs_autograd(x, *tensors) else "torch"
+    return backend
+
+
 def multi_lora(x, base, A, B, scales, ranks, ids, weights, seq_ids=None, *, backend=None) -> torch.Tensor:
     """``base + routed LoRA deltas``; x/base may have leading batch dims, they are flattened to tokens.
 
@@ -167,12 +181,8 @@ def multi_lora(x, base, A, B, scales, ranks, ids, weights, seq_ids=None, *, back
     Sentence routing gathers only the [T, K] ids/weights (K numbers a token), never per-token adapter copies; on
     the inference path (no gradient needed) the Triton kernels read ``seq_ids`` themselves and nothing is gathered.
     """
-    backend = backend or os.environ.get("LORAMUX_KERNEL_BACKEND", "auto")
-    if backend not in BACKENDS:
-        raise ValueError(f"multi_lora: unknown backend {backend!r}; use one of {BACKENDS}")
+    backend = resolve_backend(x, base, A, B, weights, backend=backend)
     _check(x, base, A, B, scales, ranks, ids, weights, seq_ids)
-    if backend == "auto":
-        backend = "triton" if x.is_cuda else "torch"
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     b2 = base.reshape(-1, base.shape[-1])

@@ -167,6 +167,10 @@ class ProjectionSlots(nn.Module):
         self.B = nn.Parameter(torch.zeros(0, RANK_MULTIPLE, d_out, dtype=dtype, device=device), requires_grad=False)
         self.register_buffer("ranks", torch.zeros(0, dtype=torch.int32, device=device))
         self.register_buffer("scales", torch.zeros(0, dtype=torch.float32, device=device))
+        # host copies of ranks / scales (set with them by AdapterBank._set): a layer reads an adapter's rank and
+        # scale here without a device read, e.g. to slice A[a, :, :r] for a route that is one adapter for all rows
+        self.host_ranks: list[int] = []
+        self.host_scales: list[float] = []
 
 
 def padded_rank(r: int) -> int:
@@ -214,6 +218,11 @@ class AdapterBank(nn.Module):
         s = self.slots[slot_key(module_name)]
         return s.A, s.B, s.scales, s.ranks
 
+    def host_rank_scale(self, module_name: str, adapter: int) -> tuple[int, float]:
+        """``(r_a, s_a)`` of adapter index ``adapter`` in one projection, from host copies (no device sync)."""
+        s = self.slots[slot_key(module_name)]
+        return s.host_ranks[adapter], s.host_scales[adapter]
+
     @property
     def max_rank(self) -> int:
         return max((int(s.ranks.max()) for s in self.slots.values() if len(s.ranks)), default=0)
@@ -249,6 +258,8 @@ class AdapterBank(nn.Module):
         s.B = nn.Parameter(B.contiguous(), requires_grad=grad)
         s.ranks = ranks
         s.scales = scales
+        s.host_ranks = [int(r) for r in ranks.tolist()]
+        s.host_scales = [float(v) for v in scales.tolist()]
 
     def _write(self, adapter: LoraAdapter, i: int) -> None:
         new_r = max(a.shape[1] for a in adapter.A.values())

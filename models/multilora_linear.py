@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels import multi_lora, multi_lora_sequences
+from kernels import multi_lora, multi_lora_sequences, multi_lora_uniform
+from kernels.op import resolve_backend
 
 
 class MultiLoRALinear(nn.Module):
@@ -47,6 +48,11 @@ class MultiLoRALinear(nn.Module):
         if route is None or len(self.ctx.bank) == 0:
             return y
         A, B, scales, ranks = route.tensors or self.ctx.bank.tensors(self.module_name)
+        a = route.uniform
+        if a is not None and route.tensors is None and resolve_backend(x, A, B) == "torch":
+            # one adapter for every row, known on the host: a plain LoRA on that adapter's slices of the bank
+            r, s = self.ctx.bank.host_rank_scale(self.module_name, a)
+            return multi_lora_uniform(x, y, A[a, :, :r], B[a, :r], s)
         if route.seq_ids is not None and x.dim() == 3 and route.ids.shape[0] == x.shape[0]:
             # sentence routing, one sequence per batch row: wide nuclei at prefill take the concatenated form
             return multi_lora_sequences(x, y, A, B, scales, ranks, route.ids, route.weights, route.seq_ids)

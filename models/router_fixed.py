@@ -34,6 +34,14 @@ class OracleRouter(SequenceRouter):
         ids = self.ctx.task_ids.to(ref.device).reshape(-1, 1)
         return ids, torch.ones(ids.shape, dtype=torch.float32, device=ref.device)
 
+    def uniform_adapter(self):
+        """Every sequence's task the same (a batch of one task, a one-adapter bank): that adapter, read from the
+        host copy of the task ids (None when they live on the device: reading them would synchronise)."""
+        t = self.ctx.task_ids
+        if t is None or t.device.type != "cpu" or t.numel() == 0:
+            return None
+        return int(t[0]) if bool((t == t[0]).all()) else None
+
 
 class SingleAdapterRouter(SequenceRouter):
     name = "lora_b"
@@ -54,6 +62,9 @@ class SingleAdapterRouter(SequenceRouter):
         ref = input_ids if input_ids is not None else inputs_embeds
         ids = torch.full((ref.shape[0], 1), self.ctx.bank.index(self.adapter), dtype=torch.long, device=ref.device)
         return ids, torch.ones(ids.shape, dtype=torch.float32, device=ref.device)
+
+    def uniform_adapter(self):
+        return self.ctx.bank.index(self.adapter)
 
 
 #: above this stacked rank (sum of the adapters' ranks) "delta" uses L routing slots of weight 1/L instead

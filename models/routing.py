@@ -27,12 +27,17 @@ from torch import nn
 
 @dataclass
 class Route:
-    """Arguments of ``kernels.multi_lora`` beyond x/base; ``tensors`` overrides the bank's (A, B, scales, ranks)."""
+    """Arguments of ``kernels.multi_lora`` beyond x/base; ``tensors`` overrides the bank's (A, B, scales, ranks).
+
+    ``uniform``: the adapter index every row uses with weight 1, when the router knows it on the host (lora_b; the
+    oracle when every sequence has the same task); the layer then runs that adapter as a plain LoRA
+    (``kernels.multi_lora_uniform``) wherever the torch forms run."""
 
     ids: torch.Tensor
     weights: torch.Tensor
     seq_ids: torch.Tensor | None = None
     tensors: tuple | None = None
+    uniform: int | None = None
 
 
 class RouteContext:
@@ -139,19 +144,28 @@ class SequenceRouter(Router):
         super().__init__(ctx)
         self._seq: tuple | None = None  # (ids [B, K], weights [B, K])
         self._tok: tuple | None = None  # optional per-token prefill route (ids [B, S, K], weights [B, S, K])
+        self._uniform: int | None = None  # the one adapter of every row, when known on the host (Route.uniform)
         self._cache: dict = {}  # (B, S, dtype, device) -> Route of the current forward
 
     def decide(self, input_ids, attention_mask, inputs_embeds):
         """Return ``(ids [B, K], weights [B, K])`` for the sequences of this prefill."""
         raise NotImplementedError
 
+    def uniform_adapter(self) -> int | None:
+        """The adapter index every sequence of this prefill uses with weight 1, if the router knows it without
+        reading the device; None otherwise (the default)."""
+        return None
+
     def begin_forward(self, input_ids, attention_mask, inputs_embeds, is_prefill):
         self._cache = {}
         if is_prefill:
             self._tok = None
             self._seq = self.decide(input_ids, attention_mask, inputs_embeds)
+            self._uniform = self.uniform_adapter()
 
     def route(self, module_name, x):
+        if torch.compiler.is_compiling():  # a compiled layer builds the (few, cheap) route tensors in its graph
+            return self._build_route(x)
         key = (x.shape[:-1], x.dtype, x.device)
         hit = self._cache.get(key)
         if hit is None:
@@ -170,7 +184,7 @@ class SequenceRouter(Router):
         if ids.shape[0] != B:
             ids, w = expand_rows(ids, B, "the route"), expand_rows(w, B, "the route")
             self._seq = (ids, w)
-        return Route(ids, w.to(x.dtype), sequence_ids(B, S, x.device))
+        return Route(ids, w.to(x.dtype), sequence_ids(B, S, x.device), uniform=self._uniform)
 
 
 def validate_task_ids(task_ids, bank, batch: int | None = None) -> torch.Tensor:

@@ -45,6 +45,7 @@ from pipeline.entry import CONF_DIR, cli, user_errors
 from pipeline.stage import StageRun
 
 log = logging.getLogger(__name__)
+SUITES = ("latency", "train_throughput")
 LOADED = {"oracle": ("oracle", {}), "lora_b": ("lora_b", None), "merge": ("merge", {}),
           "meteora-top1": ("meteora", {"top_k": 1}), "meteora-top2": ("meteora", {"top_k": 2}),
           "dlp": ("dlp", {"top_p": 0.6}), "dlp_segments": ("dlp_segments", {"top_p": 0.6})}
@@ -53,9 +54,15 @@ LLAMA3_8B = {"vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 143
              "rope_theta": 500000.0, "tie_word_embeddings": False, "bos_token_id": 128000,
              "eos_token_id": 128001}
 # name -> (LlamaConfig kwargs, needs CUDA): random weights in bf16; the tiny one is the CPU stand-in of the 8B
+SMOLLM2_135M = {"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+                "num_attention_heads": 9, "num_key_value_heads": 3, "max_position_embeddings": 8192,
+                "rope_theta": 100000.0, "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2}
 SHAPES = {"llama3_8b": (LLAMA3_8B, True),
           "llama3_8b_tiny": ({**LLAMA3_8B, "hidden_size": 64, "intermediate_size": 224, "num_hidden_layers": 2,
-                              "num_attention_heads": 8, "num_key_value_heads": 2}, False)}
+                              "num_attention_heads": 8, "num_key_value_heads": 2}, False),
+          "smollm2_135m": (SMOLLM2_135M, False),
+          "smollm2_135m_tiny": ({**SMOLLM2_135M, "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
+                                 "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}, False)}
 
 
 @contextlib.contextmanager
@@ -83,8 +90,7 @@ def build_shape(cfg: DictConfig, shape: str):
     """``(model, vocab_size, device, model label)`` for a shape; None where this machine cannot hold it."""
     from hydra.utils import instantiate
 
-    want = str(cfg.bench.get("device", "auto"))
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if want == "auto" else want)
+    device = _device(cfg)
     if shape == "default":
         model, tok = instantiate(cfg.model)
         if cfg.model.get("device") is None:  # the model config leaves placement to the stage
@@ -291,9 +297,72 @@ def kernel_micro(run_dir: Path) -> dict | None:
     return json.loads((out / "kernel_bench.json").read_text())
 
 
+def _device(cfg: DictConfig) -> torch.device:
+    want = str(cfg.bench.get("device", "auto"))
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if want == "auto" else want)
+
+
+def write_table(table_dir, name: str, doc: dict, md: str) -> Path:
+    """``<table_dir>/<name>.json`` (rows, config, provenance: what the table is rebuilt from) and ``.md``,
+    each written atomically."""
+    import json
+
+    from pipeline.atomic import atomic_write_text
+
+    out = Path(str(table_dir))
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / f"{name}.json", json.dumps(doc, indent=1) + "\n")
+    atomic_write_text(out / f"{name}.md", md)
+    return out / f"{name}.md"
+
+
+def train_suite(cfg: DictConfig, run) -> float | None:
+    """``bench.suite=train_throughput``: training steps of every variant (``pipeline.train_throughput``)."""
+    from pipeline import train_throughput as tt
+    from pipeline.provenance import provenance
+
+    t = cfg.bench.train
+    shape = str(cfg.bench.shapes[0])
+    if shape not in SHAPES:
+        raise ValueError(f"bench.shapes[0]={shape!r}: the training benchmark needs a random-weight shape, one of "
+                         f"{sorted(SHAPES)}")
+    config, needs_cuda = SHAPES[shape]
+    device = _device(cfg)
+    if needs_cuda and device.type != "cuda":
+        raise ValueError(f"bench.shapes[0]={shape!r} needs a CUDA GPU; use its CPU stand-in {shape}_tiny")
+
+    def make_model():  # a fresh fp32 model, the same weights every time
+        torch.manual_seed(int(cfg.seed))
+        return random_llama(config, device, torch.float32)
+
+    rows = tt.run_settings(
+        tt.settings_from(t), make_model, cfg.adapter,
+        vocab=config["vocab_size"], seq_len=int(t.seq_len), num_adapters=int(t.num_adapters), top_k=int(t.top_k),
+        warmup=int(t.warmup), steps=int(t.steps), repeats=int(t.repeats), device=device,
+        compile_backend=str(t.compile_backend), profile_dir=run.run_dir, profile=tuple(t.get("profile") or ()))
+    tt.add_ratios(rows)
+    conf = {"shape": shape, "adapter": OmegaConf.to_container(cfg.adapter, resolve=True),
+            **{k: v for k, v in OmegaConf.to_container(t, resolve=True).items()}}
+    doc = {"provenance": provenance(int(cfg.seed)), "config": conf, "rows": rows, "targets": tt.verdicts(rows)}
+    if cfg.bench.get("table_dir"):
+        log.info("bench: wrote %s", write_table(cfg.bench.table_dir, "train_throughput", doc, tt.markdown(doc)))
+    metrics = {f"{r['variant']}/{r['precision']}/{'compiled' if r['compiled'] else 'eager'}/b{r['batch_size']}"
+               "/tokens_per_s": r["tokens_per_s"] for r in rows}
+    ratios = [r["ratio_to_best_peft"] for r in rows if r["variant"] != "peft_single" and r["ratio_to_best_peft"]]
+    metrics["min_ratio_to_best_peft"] = min(ratios) if ratios else None
+    return run.finish(tasks=[], strategy=None, metrics=metrics, main_metric="min_ratio_to_best_peft", rows=rows,
+                      extra={"targets": doc["targets"], "bench": conf})
+
+
 def bench(cfg: DictConfig) -> float | None:
-    """Measure every configured combination; return the largest decode ratio to base of a loramux strategy."""
+    """Measure every configured combination; return the largest decode ratio to base of a loramux strategy
+    (``bench.suite=latency``) or the smallest training tokens/s ratio to peft (``train_throughput``)."""
+    suite = str(cfg.bench.get("suite", "latency"))
+    if suite not in SUITES:
+        raise ValueError(f"bench.suite={suite!r} is not known; use one of {SUITES}")
     with StageRun(cfg) as run:
+        if suite == "train_throughput":
+            return train_suite(cfg, run)
         rows: list = []
         budget = TimeBudget(cfg.bench.get("max_seconds"))
         for shape in cfg.bench.shapes:

@@ -84,15 +84,17 @@ def test_gradcheck_of_the_folded_form():
     assert torch.autograd.gradcheck(f, [v.requires_grad_(True) if k in DIFF else v for k, v in inp.items()])
 
 
-def test_dispatch_folds_wide_nuclei_at_prefill_only(monkeypatch):
-    """multi_lora_sequences: K >= SEQ_CONCAT_MIN_K and L >= SEQ_CONCAT_MIN_LEN fold; decode (L = 1) and narrow
-    nuclei go to multi_lora with seq_ids; both give the reference's result."""
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_dispatch_folds_at_prefill_by_backend(monkeypatch, backend):
+    """multi_lora_sequences at prefill (L >= SEQ_CONCAT_MIN_LEN): the torch backend folds every K, the Triton
+    kernels only K >= SEQ_CONCAT_MIN_K; decode (L = 1) never folds; every path gives the reference's result."""
     calls = []
     real = sequence_concat.multi_lora_per_sequence
     monkeypatch.setattr(sequence_concat, "multi_lora_per_sequence", lambda *a: calls.append(1) or real(*a))
     monkeypatch.setattr(sequence_concat, "SEQ_CONCAT_MIN_K", 3)
     monkeypatch.setattr(sequence_concat, "SEQ_CONCAT_MIN_LEN", 2)
-    for Lq, K, folds in ((6, 3, True), (6, 2, False), (1, 5, False)):
+    monkeypatch.setenv("LORAMUX_KERNEL_BACKEND", backend)
+    for Lq, K, folds in ((6, 3, True), (6, 2, backend == "torch"), (6, 1, backend == "torch"), (1, 5, False)):
         calls.clear()
         inp = sequence_inputs(2, Lq, 12, 10, 6, 8, K, torch.float32, ranks=[8, 3, 5, 1, 8, 2], seed=Lq + K)
         out = multi_lora_sequences(inp["x"], inp["base"], inp["A"], inp["B"], inp["scales"], inp["ranks"],

@@ -197,8 +197,9 @@ def test_dlp_wide_nucleus_folded_per_sequence_is_the_same_model(assets, monkeypa
     real = sequence_concat.multi_lora_per_sequence
     monkeypatch.setattr(sequence_concat, "multi_lora_per_sequence", lambda *a: folds.append(1) or real(*a))
     logits, tokens = {}, {}
-    for min_k in (1, 10**9):
+    for min_k in (1, 10**9):  # folded at every prefill, or never (a huge SEQ_CONCAT_MIN_LEN turns it off)
         monkeypatch.setattr(sequence_concat, "SEQ_CONCAT_MIN_K", min_k)
+        monkeypatch.setattr(sequence_concat, "SEQ_CONCAT_MIN_LEN", 2 if min_k == 1 else 10**9)
         folds.clear()
         with torch.no_grad():
             logits[min_k] = mm(**batch).logits

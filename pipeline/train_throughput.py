@@ -1,0 +1,328 @@
+"""Training throughput of the fused core beside peft's single LoRA: tokens/s of whole training steps.
+
+    python -m pipeline.bench experiment=train_throughput          # writes outputs/tables/train_throughput.{json,md}
+
+What users run is a training step (forward, loss, backward, AdamW), so that is what is timed, on a random-weight
+model of a configured shape (``bench.shapes``, e.g. SmolLM2-135M's: hidden 576, 30 layers, vocab 49152), LoRA of
+the configured ``adapter`` (r, alpha, targets), batch B x ``bench.train.seq_len`` random tokens with no padding
+(every counted token is real), loss on every token. Variants:
+
+  peft_single      peft's own ``PeftModel``, one LoRA trained
+  loramux_single   a bank of one adapter, its A/B trained through ``MultiLoRAModel`` (oracle route)
+  loramux_joint    a bank of ``num_adapters``, each batch row routed to its own adapter (row i -> adapter i mod L),
+                   every adapter's A/B trained: joint fine-tuning
+  loramux_gates    MeteoRA: per-projection token gates over ``num_adapters`` frozen adapters (top-k), gates trained
+                   with LM loss + the gate CE against each row's task
+
+each in ``precision`` fp32 or bf16 (autocast; the model, adapters and optimizer state stay fp32) and ``compiled``
+false / true (every decoder layer compiled with ``torch.compile``: regional compilation, so routing decisions stay
+in eager Python at the model's top while each layer's routed projections are traced; dynamo's graph-break count
+is recorded per row). Every setting is built and warmed up first (compiles included), then timed in interleaved
+rounds (each setting ``steps`` steps per round, ``repeats`` rounds): tokens/s is the median over rounds, so a
+slow phase of the machine hits every variant alike. ``peak_gb``: the step's peak CUDA memory above what was held
+before it, plus this variant's own parameters and optimizer state (other variants' models stay resident).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+VARIANTS = ("peft_single", "loramux_single", "loramux_joint", "loramux_gates")
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class Setting:
+    variant: str
+    precision: str
+    compiled: bool
+    batch_size: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.variant}/{self.precision}/{'compiled' if self.compiled else 'eager'}/b{self.batch_size}"
+
+
+def decoder_layers(model) -> list:
+    """The repeated blocks of a HF causal LM (the classes it names in ``_no_split_modules``), in model order."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def compile_layers(model, backend: str = "inductor", mode: str | None = None) -> int:
+    """Regional compilation: ``torch.compile`` every decoder layer in place (one compiled graph serves every
+    layer, so a 30-layer model compiles about as fast as one layer). Returns the number of layers compiled."""
+    layers = decoder_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} names no decoder layer class in _no_split_modules; cannot compile "
+                         "it by layer")
+    for layer in layers:
+        layer.compile(backend=backend, mode=mode)
+    return len(layers)
+
+
+class Trainee:
+    """One variant ready to step: the model to call, its trainable parameters and optimizer, its routing."""
+
+    def __init__(self, setting: Setting, model, params: list, device, task_ids=None, multi=None):
+        self.setting, self.model, self.params, self.device = setting, model, params, device
+        self.task_ids, self.multi = task_ids, multi
+        self.optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+        self.own_bytes = 0
+
+    def step(self, ids: torch.Tensor) -> None:
+        bf16 = self.setting.precision == "bf16"
+        if self.multi is not None:
+            self.multi.set_routing(task_ids=self.task_ids[: ids.shape[0]])
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = self.model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def resident_bytes(self) -> int:
+        state = [t for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+        return sum(t.numel() * t.element_size() for t in (*self.model.parameters(), *state))
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build_trainee(setting: Setting, make_model, adapter_dir, num_adapters: int, top_k: int, device,
+                  compile_backend: str) -> Trainee:
+    """A fresh random model (same seed for every variant) made into ``setting.variant``."""
+    from peft import PeftModel
+
+    from models import MultiLoRAModel
+
+    model = make_model()
+    if setting.variant == "peft_single":
+        pm = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+        pm.train()
+        trainee = Trainee(setting, pm, [p for p in pm.parameters() if p.requires_grad], device)
+    else:
+        n = 1 if setting.variant == "loramux_single" else num_adapters
+        mm = MultiLoRAModel.from_adapters(model, {f"a{i}": adapter_dir for i in range(n)}, check_base_name=False)
+        if setting.variant == "loramux_gates":
+            mm.set_router("meteora", top_k=top_k)
+            params = mm.set_trainable("gates")
+        else:
+            params = mm.set_trainable("adapters")
+        mm.train()
+        task_ids = torch.arange(max(setting.batch_size, 1)) % n  # row i -> adapter i mod L (host tensor)
+        trainee = Trainee(setting, mm, params, device, task_ids=task_ids, multi=mm)
+    if setting.compiled:
+        compile_layers(model, backend=compile_backend)
+    return trainee
+
+
+def _peak_gb(trainee: Trainee, ids, steps: int) -> float | None:
+    if trainee.device.type != "cuda":
+        for _ in range(steps):
+            trainee.step(ids)
+        return None
+    _sync(trainee.device)
+    before = torch.cuda.memory_allocated(trainee.device)
+    torch.cuda.reset_peak_memory_stats(trainee.device)
+    for _ in range(steps):
+        trainee.step(ids)
+    _sync(trainee.device)
+    peak = torch.cuda.max_memory_allocated(trainee.device) - before + trainee.resident_bytes()
+    return round(peak / 2**30, 3)
+
+
+def profile_step(trainee: Trainee, ids, out_path: Path, rows: int = 40) -> None:
+    """``torch.profiler`` over one step (after warm-up): the top ops by self device time, then by self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trainee.device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        trainee.step(ids)
+        _sync(trainee.device)
+    ka = prof.key_averages()
+    sort_dev = "self_cuda_time_total" if trainee.device.type == "cuda" else "self_cpu_time_total"
+    text = (f"# {trainee.setting.label}: one step, torch.profiler\n\n## by self device time\n"
+            + ka.table(sort_by=sort_dev, row_limit=rows)
+            + "\n\n## by self CPU time\n" + ka.table(sort_by="self_cpu_time_total", row_limit=rows))
+    out_path.write_text(text)
+
+
+def run_settings(settings: list[Setting], make_model, adapter_cfg, *, vocab: int, seq_len: int,
+                 num_adapters: int, top_k: int, warmup: int, steps: int, repeats: int, device,
+                 compile_backend: str = "inductor", profile_dir: Path | None = None,
+                 profile: tuple = ()) -> list[dict]:
+    """Build and warm up every setting, then time them in interleaved rounds; one row per setting."""
+    from pipeline.bench import random_adapter
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    torch._dynamo.config.automatic_dynamic_shapes = False  # one static graph per batch size
+    g = torch.Generator().manual_seed(0)
+    batches = {b: torch.randint(10, vocab - 10, (b, seq_len), generator=g).to(device)
+               for b in sorted({s.batch_size for s in settings})}
+    built: dict = {}  # (variant, precision, compiled) -> Trainee (one model serves every batch size)
+    meta: dict = {}
+    with tempfile.TemporaryDirectory(prefix="loramux-train-bench-") as tmp:
+        adapter_dir = random_adapter(make_model(), Path(tmp) / "adapter", adapter_cfg, seed=0)
+        for s in settings:
+            key = (s.variant, s.precision, s.compiled)
+            if key not in built:
+                built[key] = build_trainee(s, make_model, adapter_dir, num_adapters, top_k, device, compile_backend)
+            trainee = built[key]
+            trainee.setting = s
+            from torch._dynamo.utils import counters
+
+            breaks0 = sum(counters["graph_break"].values())
+            t0 = time.perf_counter()
+            peak = _peak_gb(trainee, batches[s.batch_size], max(1, warmup))
+            warm_s = time.perf_counter() - t0
+            meta[s] = {"peak_gb": peak, "warmup_s": round(warm_s, 2),
+                       "graph_breaks": sum(counters["graph_break"].values()) - breaks0 if s.compiled else None}
+            if profile_dir is not None and s.label in profile:
+                profile_step(trainee, batches[s.batch_size], profile_dir / f"profile_{s.label.replace('/', '_')}.txt")
+            log.info("train bench: %s warm (%.1f s)", s.label, warm_s)
+        times: dict = {s: [] for s in settings}
+        for _ in range(repeats):
+            for s in settings:
+                trainee = built[(s.variant, s.precision, s.compiled)]
+                trainee.setting = s
+                ids = batches[s.batch_size]
+                _sync(device)
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    trainee.step(ids)
+                _sync(device)
+                times[s].append((time.perf_counter() - t0) / steps)
+    rows = []
+    for s in settings:
+        ms = statistics.median(times[s]) * 1000
+        rows.append({**asdict(s), "seq_len": seq_len, "num_adapters": 1 if s.variant.endswith("single") else num_adapters,
+                     "tokens_per_s": round(s.batch_size * seq_len / (ms / 1000), 1), "ms_per_step": round(ms, 3),
+                     "ms_per_step_rounds": [round(t * 1000, 3) for t in times[s]], **meta[s]})
+    built.clear()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """``ratio_to_peft``: tokens/s over peft_single's at the same precision, compile choice and batch size, and
+    ``ratio_to_best_peft`` over peft_single's best (compiled or not) at the same precision and batch size."""
+    peft = {(r["precision"], r["compiled"], r["batch_size"]): r["tokens_per_s"]
+            for r in rows if r["variant"] == "peft_single"}
+    best = {}
+    for (p, _c, b), v in peft.items():
+        best[(p, b)] = max(best.get((p, b), 0.0), v)
+    for r in rows:
+        ref = peft.get((r["precision"], r["compiled"], r["batch_size"]))
+        r["ratio_to_peft"] = round(r["tokens_per_s"] / ref, 3) if ref else None
+        ref = best.get((r["precision"], r["batch_size"]))
+        r["ratio_to_best_peft"] = round(r["tokens_per_s"] / ref, 3) if ref else None
+
+
+def settings_from(tcfg) -> list[Setting]:
+    """Every (variant, precision, compiled, batch) of ``bench.train``, plus ``extra_batch_sizes`` for the listed
+    ``extra_variants`` (bf16, compiled and eager: the best-batch search)."""
+    variants = list(tcfg.variants)
+    bad = [v for v in variants if v not in VARIANTS] + [p for p in tcfg.precisions if p not in PRECISIONS]
+    if bad:
+        raise ValueError(f"bench.train: {bad} not known; variants are {VARIANTS}, precisions {PRECISIONS}")
+    out = [Setting(v, str(p), bool(c), int(b)) for v in variants for p in tcfg.precisions
+           for c in tcfg.compiled for b in tcfg.batch_sizes]
+    for v in tcfg.get("extra_variants") or []:
+        for b in tcfg.get("extra_batch_sizes") or []:
+            for c in tcfg.compiled:
+                s = Setting(str(v), "bf16", bool(c), int(b))
+                if s not in out:
+                    out.append(s)
+    return out
+
+
+# Targets: (variant, batch sizes, minimum ratio to peft_single's best, minimum tokens/s at the variant's best batch)
+TARGETS = (("loramux_single", (16, 64), 1.0, None), ("loramux_joint", (64,), 0.9, None),
+           ("loramux_gates", (64,), 0.8, 150_000.0))
+
+
+def _best(rows: list[dict], variant: str, batch: int | None = None, precision: str = "bf16") -> dict | None:
+    cands = [r for r in rows if r["variant"] == variant and r["precision"] == precision
+             and (batch is None or r["batch_size"] == batch)]
+    return max(cands, key=lambda r: r["tokens_per_s"]) if cands else None
+
+
+def paired_ratio(row: dict, ref: dict) -> dict:
+    """Tokens/s ratio of ``row`` to ``ref`` per interleaved round (the same rounds, so paired): median, min, max."""
+    per = sorted(b / a for a, b in zip(row["ms_per_step_rounds"], ref["ms_per_step_rounds"]))
+    return {"median": round(statistics.median(per), 3), "min": round(per[0], 3), "max": round(per[-1], 3)}
+
+
+def verdicts(rows: list[dict]) -> list[dict]:
+    """Each target's measured ratio (best of compiled / eager for both sides, bf16) with its spread over rounds;
+    verdict yes when every round meets it, no when none does, else inconclusive; None where a row is missing."""
+    out = []
+    for variant, batches, min_ratio, min_tps in TARGETS:
+        for b in batches:
+            mine, peft = _best(rows, variant, b), _best(rows, "peft_single", b)
+            item = {"variant": variant, "batch_size": b, "target_ratio": min_ratio}
+            if mine is None or peft is None:
+                out.append({**item, "verdict": None, "reason": "variant or peft_single not measured at this batch"})
+                continue
+            r = paired_ratio(mine, peft)
+            v = "yes" if r["min"] >= min_ratio else "no" if r["max"] < min_ratio else "inconclusive"
+            out.append({**item, "setting": mine["compiled"] and "compiled" or "eager",
+                        "peft_setting": peft["compiled"] and "compiled" or "eager", "ratio": r, "verdict": v})
+        if min_tps is not None:
+            best = _best(rows, variant)
+            item = {"variant": variant, "batch_size": best and best["batch_size"], "target_tokens_per_s": min_tps}
+            if best is None:
+                out.append({**item, "verdict": None, "reason": "variant not measured"})
+                continue
+            tps = sorted(best["batch_size"] * best["seq_len"] / (t / 1000) for t in best["ms_per_step_rounds"])
+            v = "yes" if tps[0] >= min_tps else "no" if tps[-1] < min_tps else "inconclusive"
+            out.append({**item, "tokens_per_s": {"median": best["tokens_per_s"], "min": round(tps[0], 1),
+                                                 "max": round(tps[-1], 1)}, "verdict": v})
+    return out
+
+
+def markdown(doc: dict) -> str:
+    """The committed table: provenance, every row, then each target with its verdict."""
+    p, c = doc["provenance"], doc["config"]
+    lines = ["# train_throughput: tokens/s of whole training steps, loramux beside peft's single LoRA", "",
+             (f"Written by `python -m pipeline.bench experiment=train_throughput` at git `{p['git_sha']}` on "
+             f"{p['device']}, {p['date']}; versions {', '.join(f'{k} {v}' for k, v in p['versions'].items())}."),
+             (f"Model: {c['shape']} (random weights), LoRA r={c['adapter']['r']} alpha={c['adapter']['lora_alpha']} on "
+             f"{', '.join(c['adapter']['target_modules'])}; {c['seq_len']} tokens per row, no padding; AdamW; "
+             f"loss on every token. {c['num_adapters']} adapters for joint / gates (top-{c['top_k']}). Each setting: "
+             f"{c['warmup']} warm-up steps, then {c['repeats']} interleaved rounds of {c['steps']} steps; tokens/s "
+             "is the median round. bf16 = autocast with fp32 weights and optimizer state."), "",
+             ("| variant | precision | compiled | batch | tokens/s | ms/step | x peft (same compile) | x best peft "
+             "| peak GB | graph breaks |"), "|" + " --- |" * 10]
+    for r in doc["rows"]:
+        lines.append(f"| {r['variant']} | {r['precision']} | {'yes' if r['compiled'] else 'no'} | {r['batch_size']} "
+                     f"| {r['tokens_per_s']:,.0f} | {r['ms_per_step']:.1f} | {r['ratio_to_peft']} "
+                     f"| {r['ratio_to_best_peft']} | {r['peak_gb']} | {r['graph_breaks']} |")
+    lines += ["", "## Targets (bf16, best of compiled / eager on each side; spread = min..max over paired rounds)", "",
+              "| target | measured | verdict |", "| --- | --- | --- |"]
+    for t in doc["targets"]:
+        if "target_ratio" in t:
+            what = f"{t['variant']} >= {t['target_ratio']}x peft_single at batch {t['batch_size']}"
+            got = (f"{t['ratio']['median']}x ({t['ratio']['min']}..{t['ratio']['max']}; {t['setting']} vs peft "
+                   f"{t['peft_setting']})") if t.get("ratio") else t.get("reason", "")
+        else:
+            what = f"{t['variant']} >= {t['target_tokens_per_s']:,.0f} tokens/s at its best batch"
+            tps = t.get("tokens_per_s")
+            got = (f"{tps['median']:,.0f} ({tps['min']:,.0f}..{tps['max']:,.0f}) at batch {t['batch_size']}"
+                   if tps else t.get("reason", ""))
+        lines.append(f"| {what} | {got} | {t['verdict']} |")
+    return "\n".join(lines) + "\n"
