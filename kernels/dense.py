@@ -20,7 +20,7 @@ import torch
 
 from kernels.derived_cache import derived
 from kernels.reference import expand_sequence_routing
-from kernels.route_tables import tables
+from kernels.route_tables import rank_mask, tables
 
 GATHER_MAX_PAIRS = 16  # the gathered form also for up to this many routed pairs (few tokens, even with L = 1)
 
@@ -68,36 +68,44 @@ def multi_lora_gathered(x, base, A, B, scales, ranks, ids, weights, seq_ids=None
     return (base.to(acc) + delta).to(base.dtype)
 
 
-def _bank_columns(A: torch.Tensor) -> torch.Tensor:
-    """A [L, d_in, R] laid out as one [d_in, L*R] matrix (a copy; cached while A needs no gradient)."""
+def _bank_matrices(A: torch.Tensor, B: torch.Tensor, ranks: torch.Tensor):
+    """``A_cat [d_in, L*R]`` and ``B_cat [L*R, d_out]`` with every column / row past an adapter's rank selected to
+    zero (whatever the bank stores there never reaches the output). Copies of the weights, not of activations;
+    derived once per bank version while A and B need no gradient (MeteoRA's gate training: the bank is frozen)."""
     L, d_in, R = A.shape
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and A.requires_grad):
-        return A.permute(1, 0, 2).reshape(d_in, L * R)
-    return derived(("bank_columns",), (A,), lambda: A.detach().permute(1, 0, 2).reshape(d_in, L * R))
+
+    def build(A, B):
+        keep = rank_mask(ranks.to(A.device), R)  # [L, R]
+        A_cat = torch.where(keep[:, None, :], A, 0.0).permute(1, 0, 2).reshape(d_in, L * R)
+        return A_cat, torch.where(keep[:, :, None], B, 0.0).reshape(L * R, B.shape[2])
+
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (A.requires_grad or B.requires_grad)):
+        return build(A, B)
+    return derived(("bank_matrices",), (A, B, ranks), lambda: build(A.detach(), B.detach()))
 
 
 def multi_lora_dense(x, base, A, B, scales, ranks, ids, weights) -> torch.Tensor:
     """Same contract as ``kernels.reference.multi_lora_reference`` with token routing ids/weights [T, K].
 
-    Two GEMMs over the whole bank: ``h = x @ [A_0 | ... | A_{L-1}]`` [T, L*R], each column scaled by the token's
-    weight for that adapter times s_a (selected away where the adapter is not routed or the column is past its
-    rank), then ``out = base + h @ [B_0; ...; B_{L-1}]``. On CUDA the products run in the activations' dtype
-    (autocast casts them as it does any matmul); on the CPU in fp32 (fp64 for fp64 inputs)."""
+    Two GEMMs over the whole bank: ``h = x @ [A_0 | ... | A_{L-1}]`` [T, L*R]; each token's block of adapter a
+    scaled by c[t, a] = s_a * (sum of the token's slot weights that chose a), and selected away where no slot
+    chose a; then ``out = base + h @ [B_0; ...; B_{L-1}]``. The routing enters as [T, L] tensors, so what autograd
+    keeps per call beyond the GEMMs' own inputs is h and [T, L] (not [T, L*R] masks). On CUDA the products run in
+    the activations' dtype (autocast casts them as it does any matmul); on the CPU in fp32 (fp64 for fp64)."""
     acc = _acc(x)
     T = x.shape[0]
-    L, _d_in, R = A.shape
+    L, _, R = A.shape
     wacc = torch.float64 if weights.dtype == torch.float64 else torch.float32
     valid = ids >= 0
     a = ids.clamp(min=0)
     # per (token, adapter): the summed weight of the slots that chose it, and whether any did
     w_ta = torch.zeros(T, L, dtype=wacc, device=x.device).scatter_add(1, a, torch.where(valid, weights.to(wacc), 0.0))
     routed = torch.zeros(T, L, dtype=wacc, device=x.device).scatter_add(1, a, valid.to(wacc)) > 0
-    mask, table = tables(scales, ranks, R, wacc)
-    col_keep = (routed[:, :, None] & mask[None]).reshape(T, L * R)
-    col_coef = (w_ta[:, :, None] * table[None]).reshape(T, L * R)
-    h = x.to(acc) @ _bank_columns(A).to(acc)  # [T, L*R]
-    h = torch.where(col_keep, h * col_coef, 0.0)
-    out = torch.addmm(base.reshape(T, -1).to(acc), h.to(acc), B.reshape(L * R, -1).to(acc))
+    coef = w_ta * scales.to(x.device, wacc)  # [T, L]
+    A_cat, B_cat = _bank_matrices(A, B, ranks)
+    h = (x.to(acc) @ A_cat.to(acc)).view(T, L, R)
+    h = torch.where(routed[:, :, None], h * coef.to(h.dtype)[:, :, None], 0.0)
+    out = torch.addmm(base.reshape(T, -1).to(acc), h.view(T, L * R).to(acc), B_cat.to(acc))
     return out.to(base.dtype)
 
 

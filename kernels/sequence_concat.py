@@ -47,8 +47,10 @@ def multi_lora_per_sequence(x, base, A, B, scales, ranks, ids, weights):
     S, K = ids.shape
     (_, d_in, R), d_out = A.shape, B.shape[2]
     a, keep, coef = slot_coefficients(ids, weights, scales, ranks, R)  # [S, K], [S, K, R] x 2
-    A_seq = torch.where(keep[:, :, None, :], A[a], 0.0).permute(0, 2, 1, 3).reshape(S, d_in, K * R)
-    B_seq = torch.where(keep.reshape(S, K * R, 1), B[a].reshape(S, K * R, d_out), 0.0)
+    a = a.reshape(-1)  # index_select, whose backward is an index_add (advanced indexing's is a sorting index_put)
+    A_seq = torch.where(keep[:, :, None, :], A.index_select(0, a).view(S, K, d_in, R), 0.0)
+    A_seq = A_seq.permute(0, 2, 1, 3).reshape(S, d_in, K * R)
+    B_seq = torch.where(keep.reshape(S, K * R, 1), B.index_select(0, a).view(S, K * R, d_out), 0.0)
     h = torch.bmm(x, A_seq.to(x.dtype))
     h = torch.where(keep.reshape(S, 1, K * R), h * coef.reshape(S, 1, K * R), 0.0)
     return torch.baddbmm(base, h.to(base.dtype), B_seq.to(base.dtype))

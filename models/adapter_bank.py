@@ -171,6 +171,21 @@ class ProjectionSlots(nn.Module):
         # scale here without a device read, e.g. to slice A[a, :, :r] for a route that is one adapter for all rows
         self.host_ranks: list[int] = []
         self.host_scales: list[float] = []
+        self._tight: tuple | None = None
+
+    def tight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A[:, :, :r_max], B[:, :r_max])``: views without the rank padding, for the torch forms of the op
+        (the Triton kernels take the padded tensors). Made once and reused while the parameters keep their storage
+        and grad flag, so a derived value keyed on them (``kernels.derived_cache``) stays valid; an in-place update
+        shows through (a view shares its base's version counter); a compiled graph slices in the graph."""
+        r = max(self.host_ranks, default=0)
+        if torch.compiler.is_compiling() or r == self.A.shape[2]:
+            return self.A[:, :, :r], self.B[:, :r]
+        key = (self.A.data_ptr(), self.B.data_ptr(), self.A.requires_grad, self.B.requires_grad, self.A.dtype,
+               self.B.dtype, self.A.device, r)
+        if self._tight is None or self._tight[0] != key:
+            self._tight = (key, (self.A[:, :, :r], self.B[:, :r]))
+        return self._tight[1]
 
 
 def padded_rank(r: int) -> int:
@@ -217,6 +232,11 @@ class AdapterBank(nn.Module):
         """``(A, B, scales, ranks)`` of one wrapped projection, as the kernel op takes them."""
         s = self.slots[slot_key(module_name)]
         return s.A, s.B, s.scales, s.ranks
+
+    def tight_tensors(self, module_name: str):
+        """``(A, B, scales, ranks)`` of one projection with A/B cut to its largest rank (``ProjectionSlots.tight``)."""
+        s = self.slots[slot_key(module_name)]
+        return (*s.tight(), s.scales, s.ranks)
 
     def host_rank_scale(self, module_name: str, adapter: int) -> tuple[int, float]:
         """``(r_a, s_a)`` of adapter index ``adapter`` in one projection, from host copies (no device sync)."""

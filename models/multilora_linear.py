@@ -47,12 +47,16 @@ class MultiLoRALinear(nn.Module):
         route = router.route(self.module_name, x) if router is not None else None
         if route is None or len(self.ctx.bank) == 0:
             return y
-        A, B, scales, ranks = route.tensors or self.ctx.bank.tensors(self.module_name)
-        a = route.uniform
-        if a is not None and route.tensors is None and resolve_backend(x, A, B) == "torch":
-            # one adapter for every row, known on the host: a plain LoRA on that adapter's slices of the bank
-            r, s = self.ctx.bank.host_rank_scale(self.module_name, a)
-            return multi_lora_uniform(x, y, A[a, :, :r], B[a, :r], s)
+        bank = self.ctx.bank
+        A, B, scales, ranks = route.tensors or bank.tensors(self.module_name)
+        if route.tensors is None and resolve_backend(x, A, B, route.weights) == "torch":
+            a = route.uniform
+            if a is not None:  # one adapter for every row, known on the host: a plain LoRA on its slices of the bank
+                r, s = bank.host_rank_scale(self.module_name, a)
+                return multi_lora_uniform(x, y, A[a, :, :r], B[a, :r], s)
+            A, B, scales, ranks = bank.tight_tensors(self.module_name)  # no rank padding in the torch forms
+            if A.shape[2] == 0:
+                return y
         if route.seq_ids is not None and x.dim() == 3 and route.ids.shape[0] == x.shape[0]:
             # sentence routing, one sequence per batch row: wide nuclei at prefill take the concatenated form
             return multi_lora_sequences(x, y, A, B, scales, ranks, route.ids, route.weights, route.seq_ids)

@@ -167,6 +167,8 @@ class MultiLoRAModel(nn.Module):
                 force_gates=None, **kwargs):
         """HF forward with routing inputs. With ``labels`` and a router that has an auxiliary loss (meteora with
         task_ids), ``out.loss = lm_loss + aux_loss_coef * aux_loss`` and ``out.lm_loss`` / ``out.aux_loss`` are set."""
+        if labels is not None:  # a loss, not generation: no KV cache (it costs a copy per layer and, under
+            kwargs.setdefault("use_cache", False)  # per-layer torch.compile, a recompile per layer index)
         with self.routing(task_ids, route_mask, force_gates):
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
             aux = self.router.aux_loss()

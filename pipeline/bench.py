@@ -339,7 +339,8 @@ def train_suite(cfg: DictConfig, run) -> float | None:
         tt.settings_from(t), make_model, cfg.adapter,
         vocab=config["vocab_size"], seq_len=int(t.seq_len), num_adapters=int(t.num_adapters), top_k=int(t.top_k),
         warmup=int(t.warmup), steps=int(t.steps), repeats=int(t.repeats), device=device,
-        compile_backend=str(t.compile_backend), profile_dir=run.run_dir, profile=tuple(t.get("profile") or ()))
+        compile_backend=str(t.compile_backend), profile_dir=run.run_dir, profile=tuple(t.get("profile") or ()),
+        warmup_budget_s=cfg.bench.get("max_seconds"))
     tt.add_ratios(rows)
     conf = {"shape": shape, "adapter": OmegaConf.to_container(cfg.adapter, resolve=True),
             **{k: v for k, v in OmegaConf.to_container(t, resolve=True).items()}}

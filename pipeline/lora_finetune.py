@@ -32,7 +32,7 @@ class LoRAFinetuneModule(L.LightningModule):
 
     def _loss(self, batch) -> torch.Tensor:
         return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                          labels=batch["labels"]).loss
+                          labels=batch["labels"], use_cache=False).loss  # training needs no KV cache
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         from pipeline.distributed import clip_gradients

@@ -14,7 +14,8 @@ the configured ``adapter`` (r, alpha, targets), batch B x ``bench.train.seq_len`
   loramux_gates    MeteoRA: per-projection token gates over ``num_adapters`` frozen adapters (top-k), gates trained
                    with LM loss + the gate CE against each row's task
 
-each in ``precision`` fp32 or bf16 (autocast; the model, adapters and optimizer state stay fp32) and ``compiled``
+each in ``precision`` fp32 or bf16 (autocast; trained parameters and their AdamW state fp32, frozen weights stored
+in bf16, as the pipeline's GPU trainer runs) and ``compiled``
 false / true (every decoder layer compiled with ``torch.compile``: regional compilation, so routing decisions stay
 in eager Python at the model's top while each layer's routed projections are traced; dynamo's graph-break count
 is recorded per row). Every setting is built and warmed up first (compiles included), then timed in interleaved
@@ -77,15 +78,14 @@ class Trainee:
     def __init__(self, setting: Setting, model, params: list, device, task_ids=None, multi=None):
         self.setting, self.model, self.params, self.device = setting, model, params, device
         self.task_ids, self.multi = task_ids, multi
-        self.optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
-        self.own_bytes = 0
+        self.optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=device.type == "cuda")
 
     def step(self, ids: torch.Tensor) -> None:
         bf16 = self.setting.precision == "bf16"
         if self.multi is not None:
             self.multi.set_routing(task_ids=self.task_ids[: ids.shape[0]])
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = self.model(input_ids=ids, labels=ids)
+            out = self.model(input_ids=ids, labels=ids, use_cache=False)
         out.loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -123,9 +123,19 @@ def build_trainee(setting: Setting, make_model, adapter_dir, num_adapters: int, 
         mm.train()
         task_ids = torch.arange(max(setting.batch_size, 1)) % n  # row i -> adapter i mod L (host tensor)
         trainee = Trainee(setting, mm, params, device, task_ids=task_ids, multi=mm)
+    if setting.precision == "bf16":
+        store_frozen(trainee.model, torch.bfloat16)
     if setting.compiled:
         compile_layers(model, backend=compile_backend)
     return trainee
+
+
+def store_frozen(model, dtype) -> None:
+    """Mixed precision as the pipeline's GPU trainer runs it: what is not trained (the base model, a frozen bank)
+    is stored in ``dtype``; trained parameters and their optimizer state stay fp32; autocast runs the products."""
+    for p in model.parameters():
+        if not p.requires_grad and p.is_floating_point():
+            p.data = p.data.to(dtype)
 
 
 def _peak_gb(trainee: Trainee, ids, steps: int) -> float | None:
@@ -162,11 +172,12 @@ def profile_step(trainee: Trainee, ids, out_path: Path, rows: int = 40) -> None:
 def run_settings(settings: list[Setting], make_model, adapter_cfg, *, vocab: int, seq_len: int,
                  num_adapters: int, top_k: int, warmup: int, steps: int, repeats: int, device,
                  compile_backend: str = "inductor", profile_dir: Path | None = None,
-                 profile: tuple = ()) -> list[dict]:
-    """Build and warm up every setting, then time them in interleaved rounds; one row per setting."""
+                 profile: tuple = (), warmup_budget_s: float | None = None) -> list[dict]:
+    """Build and warm up every setting, then time them in interleaved rounds; one row per setting. A setting
+    whose warm-up would start after ``warmup_budget_s`` is reported as skipped (a row without a time)."""
     from pipeline.bench import random_adapter
 
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # a graph per variant
     torch._dynamo.config.automatic_dynamic_shapes = False  # one static graph per batch size
     g = torch.Generator().manual_seed(0)
     batches = {b: torch.randint(10, vocab - 10, (b, seq_len), generator=g).to(device)
@@ -175,26 +186,42 @@ def run_settings(settings: list[Setting], make_model, adapter_cfg, *, vocab: int
     meta: dict = {}
     with tempfile.TemporaryDirectory(prefix="loramux-train-bench-") as tmp:
         adapter_dir = random_adapter(make_model(), Path(tmp) / "adapter", adapter_cfg, seed=0)
+        start = time.perf_counter()
         for s in settings:
             key = (s.variant, s.precision, s.compiled)
-            if key not in built:
-                built[key] = build_trainee(s, make_model, adapter_dir, num_adapters, top_k, device, compile_backend)
-            trainee = built[key]
-            trainee.setting = s
             from torch._dynamo.utils import counters
+
+            if warmup_budget_s is not None and time.perf_counter() - start > warmup_budget_s:
+                meta[s] = {"error": f"skipped: warm-up budget of {warmup_budget_s:.0f} s spent"}
+                continue
 
             breaks0 = sum(counters["graph_break"].values())
             t0 = time.perf_counter()
-            peak = _peak_gb(trainee, batches[s.batch_size], max(1, warmup))
+            try:
+                if key not in built:
+                    built[key] = build_trainee(s, make_model, adapter_dir, num_adapters, top_k, device,
+                                               compile_backend)
+                trainee = built[key]
+                trainee.setting = s
+                peak = _peak_gb(trainee, batches[s.batch_size], max(1, warmup))
+            except torch.OutOfMemoryError:  # reported as a row without a time, never silently dropped
+                log.warning("train bench: %s ran out of device memory; left out of the timing", s.label)
+                meta[s] = {"error": "out of memory"}
+                if key in built:
+                    built[key].optimizer.zero_grad(set_to_none=True)
+                gc.collect()
+                torch.cuda.empty_cache()
+                continue
             warm_s = time.perf_counter() - t0
             meta[s] = {"peak_gb": peak, "warmup_s": round(warm_s, 2),
                        "graph_breaks": sum(counters["graph_break"].values()) - breaks0 if s.compiled else None}
             if profile_dir is not None and s.label in profile:
                 profile_step(trainee, batches[s.batch_size], profile_dir / f"profile_{s.label.replace('/', '_')}.txt")
             log.info("train bench: %s warm (%.1f s)", s.label, warm_s)
-        times: dict = {s: [] for s in settings}
+        timed = [s for s in settings if "error" not in meta[s]]
+        times: dict = {s: [] for s in timed}
         for _ in range(repeats):
-            for s in settings:
+            for s in timed:
                 trainee = built[(s.variant, s.precision, s.compiled)]
                 trainee.setting = s
                 ids = batches[s.batch_size]
@@ -206,6 +233,9 @@ def run_settings(settings: list[Setting], make_model, adapter_cfg, *, vocab: int
                 times[s].append((time.perf_counter() - t0) / steps)
     rows = []
     for s in settings:
+        if s not in times:
+            rows.append({**asdict(s), "seq_len": seq_len, "tokens_per_s": None, **meta[s]})
+            continue
         ms = statistics.median(times[s]) * 1000
         rows.append({**asdict(s), "seq_len": seq_len, "num_adapters": 1 if s.variant.endswith("single") else num_adapters,
                      "tokens_per_s": round(s.batch_size * seq_len / (ms / 1000), 1), "ms_per_step": round(ms, 3),
@@ -221,15 +251,15 @@ def add_ratios(rows: list[dict]) -> None:
     """``ratio_to_peft``: tokens/s over peft_single's at the same precision, compile choice and batch size, and
     ``ratio_to_best_peft`` over peft_single's best (compiled or not) at the same precision and batch size."""
     peft = {(r["precision"], r["compiled"], r["batch_size"]): r["tokens_per_s"]
-            for r in rows if r["variant"] == "peft_single"}
+            for r in rows if r["variant"] == "peft_single" and r["tokens_per_s"]}
     best = {}
     for (p, _c, b), v in peft.items():
         best[(p, b)] = max(best.get((p, b), 0.0), v)
     for r in rows:
         ref = peft.get((r["precision"], r["compiled"], r["batch_size"]))
-        r["ratio_to_peft"] = round(r["tokens_per_s"] / ref, 3) if ref else None
+        r["ratio_to_peft"] = round(r["tokens_per_s"] / ref, 3) if ref and r["tokens_per_s"] else None
         ref = best.get((r["precision"], r["batch_size"]))
-        r["ratio_to_best_peft"] = round(r["tokens_per_s"] / ref, 3) if ref else None
+        r["ratio_to_best_peft"] = round(r["tokens_per_s"] / ref, 3) if ref and r["tokens_per_s"] else None
 
 
 def settings_from(tcfg) -> list[Setting]:
@@ -256,7 +286,7 @@ TARGETS = (("loramux_single", (16, 64), 1.0, None), ("loramux_joint", (64,), 0.9
 
 
 def _best(rows: list[dict], variant: str, batch: int | None = None, precision: str = "bf16") -> dict | None:
-    cands = [r for r in rows if r["variant"] == variant and r["precision"] == precision
+    cands = [r for r in rows if r["variant"] == variant and r["precision"] == precision and r["tokens_per_s"]
              and (batch is None or r["batch_size"] == batch)]
     return max(cands, key=lambda r: r["tokens_per_s"]) if cands else None
 
@@ -309,6 +339,10 @@ def markdown(doc: dict) -> str:
              ("| variant | precision | compiled | batch | tokens/s | ms/step | x peft (same compile) | x best peft "
              "| peak GB | graph breaks |"), "|" + " --- |" * 10]
     for r in doc["rows"]:
+        if not r["tokens_per_s"]:
+            lines.append(f"| {r['variant']} | {r['precision']} | {'yes' if r['compiled'] else 'no'} | "
+                         f"{r['batch_size']} | {r.get('error', 'not measured')} | | | | | |")
+            continue
         lines.append(f"| {r['variant']} | {r['precision']} | {'yes' if r['compiled'] else 'no'} | {r['batch_size']} "
                      f"| {r['tokens_per_s']:,.0f} | {r['ms_per_step']:.1f} | {r['ratio_to_peft']} "
                      f"| {r['ratio_to_best_peft']} | {r['peak_gb']} | {r['graph_breaks']} |")
