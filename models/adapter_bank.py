@@ -233,16 +233,6 @@ class AdapterBank(nn.Module):
         s = self.slots[slot_key(module_name)]
         return s.A, s.B, s.scales, s.ranks
 
-    def tight_tensors(self, module_name: str):
-        """``(A, B, scales, ranks)`` of one projection with A/B cut to its largest rank (``ProjectionSlots.tight``)."""
-        s = self.slots[slot_key(module_name)]
-        return (*s.tight(), s.scales, s.ranks)
-
-    def host_rank_scale(self, module_name: str, adapter: int) -> tuple[int, float]:
-        """``(r_a, s_a)`` of adapter index ``adapter`` in one projection, from host copies (no device sync)."""
-        s = self.slots[slot_key(module_name)]
-        return s.host_ranks[adapter], s.host_scales[adapter]
-
     @property
     def max_rank(self) -> int:
         return max((int(s.ranks.max()) for s in self.slots.values() if len(s.ranks)), default=0)

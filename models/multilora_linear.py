@@ -15,6 +15,7 @@ from torch import nn
 
 from kernels import multi_lora, multi_lora_sequences, multi_lora_uniform
 from kernels.op import resolve_backend
+from models.adapter_bank import slot_key
 
 
 class MultiLoRALinear(nn.Module):
@@ -23,6 +24,11 @@ class MultiLoRALinear(nn.Module):
         self.base_layer = base_layer
         self.module_name = module_name
         object.__setattr__(self, "ctx", ctx)  # shared RouteContext (holds bank and router), not a submodule
+        # This projection's stacked adapters and its router's per-projection module (MeteoRA's gate), held by
+        # reference, not looked up by name: torch.compile of one decoder layer then serves every layer (a name used
+        # as a key would specialise the compiled graph to each layer). Not submodules: the bank and router own them.
+        object.__setattr__(self, "slots", ctx.bank.slots[slot_key(module_name)])
+        object.__setattr__(self, "route_state", None)
 
     # what HF code may read off a projection
     @property
@@ -44,17 +50,17 @@ class MultiLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         router = self.ctx.router
-        route = router.route(self.module_name, x) if router is not None else None
+        route = router.route(self.module_name, x, self.route_state) if router is not None else None
         if route is None or len(self.ctx.bank) == 0:
             return y
-        bank = self.ctx.bank
-        A, B, scales, ranks = route.tensors or bank.tensors(self.module_name)
+        slots = self.slots
+        A, B, scales, ranks = route.tensors or (slots.A, slots.B, slots.scales, slots.ranks)
         if route.tensors is None and resolve_backend(x, A, B, route.weights) == "torch":
             a = route.uniform
             if a is not None:  # one adapter for every row, known on the host: a plain LoRA on its slices of the bank
-                r, s = bank.host_rank_scale(self.module_name, a)
-                return multi_lora_uniform(x, y, A[a, :, :r], B[a, :r], s)
-            A, B, scales, ranks = bank.tight_tensors(self.module_name)  # no rank padding in the torch forms
+                r = slots.host_ranks[a]
+                return multi_lora_uniform(x, y, A[a, :, :r], B[a, :r], slots.host_scales[a])
+            A, B = slots.tight()  # no rank padding in the torch forms
             if A.shape[2] == 0:
                 return y
         if route.seq_ids is not None and x.dim() == 3 and route.ids.shape[0] == x.shape[0]:

@@ -125,7 +125,16 @@ class MultiLoRAModel(nn.Module):
         r = router if isinstance(router, Router) else self.build_router(router, **kwargs)
         self.router = r
         self.ctx.router = r
+        self._attach_projection_state()
         return r
+
+    def _wrapped(self):
+        return [m for m in self.model.modules() if isinstance(m, MultiLoRALinear)]
+
+    def _attach_projection_state(self) -> None:
+        """Hand every wrapped layer the router's module for its projection (or None), held by reference."""
+        for layer in self._wrapped():
+            object.__setattr__(layer, "route_state", self.router.projection_state(layer.module_name))
 
     @property
     def strategy(self) -> str:
@@ -222,6 +231,7 @@ class MultiLoRAModel(nn.Module):
         old = self.adapter_names
         self.bank.add(name, adapter_dir)
         self.router.on_adapters_changed(old, self.adapter_names)
+        self._attach_projection_state()
 
     def replace_adapter(self, name: str, adapter_dir) -> None:
         """Swap slot ``name``'s weights for another PEFT dir; routing rows stay."""
@@ -231,6 +241,7 @@ class MultiLoRAModel(nn.Module):
         old = self.adapter_names
         self.bank.remove(name)
         self.router.on_adapters_changed(old, self.adapter_names)
+        self._attach_projection_state()
 
     # ---- router checkpoints ------------------------------------------------------------------------------------
     def save_router(self, directory):

@@ -97,7 +97,7 @@ class MergeRouter(SequenceRouter):
         ids = torch.arange(L, device=ref.device).expand(B, L).contiguous()
         return ids, torch.full((B, L), 1.0 / L, dtype=torch.float32, device=ref.device)
 
-    def route(self, module_name, x):
+    def route(self, module_name, x, state=None):
         r = super().route(module_name, x)  # shared by every projection of this forward: don't mutate it
         if not self._one_slot:
             return r

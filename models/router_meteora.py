@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.adapter_bank import slot_key
-from models.routing import Route, Router, expand_rows, gate_ce, route_top_k
+from models.routing import Route, Router, expand_rows, route_top_k
 
 
 class MeteoraRouter(Router):
@@ -44,7 +44,10 @@ class MeteoraRouter(Router):
             for m in bank.modules_wrapped})
         self._labels: torch.Tensor | None = None
         self._forced: torch.Tensor | None = None
-        self._logits: list = []
+        # gate CE and top-1 hits summed over this forward's projections (tensors, not a list of logits: a compiled
+        # decoder layer may reassign a tensor, while appending to a list would specialise it to the list's length)
+        self._ce_sum: torch.Tensor | None = None
+        self._hits: torch.Tensor | None = None
 
     def config(self):
         return {"top_k": self.top_k, "temperature": self.temperature, "aux_loss_coef": self.aux_loss_coef}
@@ -53,8 +56,7 @@ class MeteoraRouter(Router):
         return [f"gates.{k}.weight" for k in self.gates]
 
     def begin_forward(self, input_ids, attention_mask, inputs_embeds, is_prefill):
-        self._logits = []
-        self._labels = None
+        self._labels = self._ce_sum = self._hits = None
         tid = self.ctx.task_ids
         if tid is None:
             return
@@ -67,12 +69,20 @@ class MeteoraRouter(Router):
         if attention_mask is not None:
             labels[attention_mask[:, -S:] == 0] = -100
         self._labels = labels.reshape(-1)
+        self._ce_sum = torch.zeros((), dtype=torch.float32, device=ref.device)
+        self._hits = torch.zeros((), dtype=torch.long, device=ref.device)
 
-    def route(self, module_name, x):
+    def projection_state(self, module_name):
+        return self.gates[slot_key(module_name)]
+
+    def route(self, module_name, x, state=None):
         x2 = x.reshape(-1, x.shape[-1])
-        logits = self.gates[slot_key(module_name)](x2)
-        if self._labels is not None:  # task ids known: keep the logits for the aux loss / gate accuracy
-            self._logits.append(logits)
+        gate = state if state is not None else self.gates[slot_key(module_name)]
+        logits = gate(x2)
+        if self._labels is not None:  # task ids known: the aux loss and gate accuracy of this projection
+            self._ce_sum = self._ce_sum + F.cross_entropy(logits.float(), self._labels, ignore_index=-100,
+                                                          reduction="sum")
+            self._hits = self._hits + ((logits.argmax(-1) == self._labels) & (self._labels != -100)).sum()
         if self.ctx.force_gates:
             if self._labels is None:
                 raise ValueError("force_gates needs task_ids: pass task_ids= with force_gates=True")
@@ -81,19 +91,23 @@ class MeteoraRouter(Router):
         ids, w = route_top_k(logits, self.top_k, self.temperature)
         return Route(ids, w.to(x.dtype))
 
+    def _pairs(self) -> torch.Tensor:
+        """(token, projection) pairs with a label in the last forward: every wrapped projection routes once."""
+        return (self._labels != -100).sum() * len(self.gates)
+
     def aux_loss(self):
-        if not self._logits or self._labels is None:
+        """Mean gate cross-entropy over every (token, projection) pair with a label: MeteoRA's CE of all gates'
+        logits concatenated against the token's task."""
+        if self._ce_sum is None:
             return None
-        return gate_ce(self._logits, self._labels)
+        return self._ce_sum / self._pairs()
 
     def gate_accuracy(self) -> float | None:
         """Fraction of (token, projection) pairs whose top-1 gate choice is the token's task, in the last forward."""
-        if not self._logits or self._labels is None:
+        if self._hits is None:
             return None
-        lab = self._labels.repeat(len(self._logits))
-        pred = torch.cat([g.argmax(-1) for g in self._logits])
-        ok = lab != -100
-        return float((pred[ok] == lab[ok]).float().mean()) if ok.any() else None
+        pairs = int(self._pairs())
+        return float(self._hits) / pairs if pairs else None
 
     @torch.no_grad()
     def on_adapters_changed(self, old_names, new_names):

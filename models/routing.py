@@ -21,7 +21,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -113,8 +112,14 @@ class Router(nn.Module):
     def begin_forward(self, input_ids, attention_mask, inputs_embeds, is_prefill: bool) -> None:
         """Called before every model forward; default: nothing."""
 
-    def route(self, module_name: str, x: torch.Tensor) -> Route | None:
-        """The route for one projection call on ``x`` [B, S, d_in]; None = base output only."""
+    def route(self, module_name: str, x: torch.Tensor, state: nn.Module | None = None) -> Route | None:
+        """The route for one projection call on ``x`` [B, S, d_in]; None = base output only. ``state`` is what
+        ``projection_state(module_name)`` gave that projection (the layer holds it by reference)."""
+        return None
+
+    def projection_state(self, module_name: str) -> nn.Module | None:
+        """This router's own module for one projection (MeteoRA's gate), handed to the wrapped layer when the router
+        is installed so the layer's forward needs no lookup by name; None (the default) for routers without one."""
         return None
 
     def aux_loss(self) -> torch.Tensor | None:
@@ -163,7 +168,7 @@ class SequenceRouter(Router):
             self._seq = self.decide(input_ids, attention_mask, inputs_embeds)
             self._uniform = self.uniform_adapter()
 
-    def route(self, module_name, x):
+    def route(self, module_name, x, state=None):
         if torch.compiler.is_compiling():  # a compiled layer builds the (few, cheap) route tensors in its graph
             return self._build_route(x)
         key = (x.shape[:-1], x.dtype, x.device)
@@ -199,9 +204,3 @@ def validate_task_ids(task_ids, bank, batch: int | None = None) -> torch.Tensor:
     if len(t) and (int(t.min()) < 0 or int(t.max()) >= len(bank)):
         raise ValueError(f"task ids {t.tolist()} are out of range for {len(bank)} adapters {bank.names}")
     return t
-
-
-def gate_ce(logits: list, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of every collected gate's logits [T, L] against the token labels [T] (-100 ignored)."""
-    cat = torch.cat([g.float() for g in logits], dim=0)
-    return F.cross_entropy(cat, labels.repeat(len(logits)), ignore_index=-100)

@@ -17,7 +17,7 @@ the configured ``adapter`` (r, alpha, targets), batch B x ``bench.train.seq_len`
 each in ``precision`` fp32 or bf16 (autocast; trained parameters and their AdamW state fp32, frozen weights stored
 in bf16, as the pipeline's GPU trainer runs) and ``compiled``
 false / true (every decoder layer compiled with ``torch.compile``: regional compilation, so routing decisions stay
-in eager Python at the model's top while each layer's routed projections are traced; dynamo's graph-break count
+in eager Python at the model's top while each layer's routed projections are traced (``models.compile``); dynamo's graph-break count
 is recorded per row). Every setting is built and warmed up first (compiles included), then timed in interleaved
 rounds (each setting ``steps`` steps per round, ``repeats`` rounds): tokens/s is the median over rounds, so a
 slow phase of the machine hits every variant alike. ``peak_gb``: the step's peak CUDA memory above what was held
@@ -54,24 +54,6 @@ class Setting:
         return f"{self.variant}/{self.precision}/{'compiled' if self.compiled else 'eager'}/b{self.batch_size}"
 
 
-def decoder_layers(model) -> list:
-    """The repeated blocks of a HF causal LM (the classes it names in ``_no_split_modules``), in model order."""
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    return [m for m in model.modules() if type(m).__name__ in names]
-
-
-def compile_layers(model, backend: str = "inductor", mode: str | None = None) -> int:
-    """Regional compilation: ``torch.compile`` every decoder layer in place (one compiled graph serves every
-    layer, so a 30-layer model compiles about as fast as one layer). Returns the number of layers compiled."""
-    layers = decoder_layers(model)
-    if not layers:
-        raise ValueError(f"{type(model).__name__} names no decoder layer class in _no_split_modules; cannot compile "
-                         "it by layer")
-    for layer in layers:
-        layer.compile(backend=backend, mode=mode)
-    return len(layers)
-
-
 class Trainee:
     """One variant ready to step: the model to call, its trainable parameters and optimizer, its routing."""
 
@@ -106,6 +88,7 @@ def build_trainee(setting: Setting, make_model, adapter_dir, num_adapters: int, 
     from peft import PeftModel
 
     from models import MultiLoRAModel
+    from models.compile import compile_layers
 
     model = make_model()
     if setting.variant == "peft_single":
