@@ -318,7 +318,9 @@ def markdown(doc: dict) -> str:
              f"{', '.join(c['adapter']['target_modules'])}; {c['seq_len']} tokens per row, no padding; AdamW; "
              f"loss on every token. {c['num_adapters']} adapters for joint / gates (top-{c['top_k']}). Each setting: "
              f"{c['warmup']} warm-up steps, then {c['repeats']} interleaved rounds of {c['steps']} steps; tokens/s "
-             "is the median round. bf16 = autocast with fp32 weights and optimizer state."), "",
+             "is the median round. bf16 = autocast, with what is trained (and its AdamW state) in fp32 and the frozen "
+             "weights stored in bf16; fp32 = no autocast. AdamW fused on CUDA. Raw per-round step times are in the "
+             "JSON beside this file; `python -m pipeline.train_throughput <json>` rebuilds this page from it."), "",
              ("| variant | precision | compiled | batch | tokens/s | ms/step | x peft (same compile) | x best peft "
              "| peak GB | graph breaks |"), "|" + " --- |" * 10]
     for r in doc["rows"]:
@@ -343,3 +345,25 @@ def markdown(doc: dict) -> str:
                    if tps else t.get("reason", ""))
         lines.append(f"| {what} | {got} | {t['verdict']} |")
     return "\n".join(lines) + "\n"
+
+
+def rebuild(json_path) -> Path:
+    """Re-derive ratios, verdicts and the Markdown page of a committed ``train_throughput.json`` from its rows."""
+    import json
+
+    from pipeline.atomic import atomic_write_text
+
+    path = Path(json_path)
+    doc = json.loads(path.read_text())
+    add_ratios(doc["rows"])
+    doc["targets"] = verdicts(doc["rows"])
+    atomic_write_text(path, json.dumps(doc, indent=1) + "\n")
+    return atomic_write_text(path.with_suffix(".md"), markdown(doc))
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 2 or not sys.argv[1].endswith(".json"):
+        sys.exit("usage: python -m pipeline.train_throughput outputs/tables/train_throughput.json (rebuilds the .md)")
+    print(rebuild(sys.argv[1]))
