@@ -1,0 +1,71 @@
+"""The training-throughput benchmark (pipeline.train_throughput): its stage on the CPU stand-in of SmolLM2's shape
+writes a table whose ratios and verdicts follow from its rows, and the committed H200 table is rebuilt exactly
+from its own rows (nothing in it typed by hand)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline import train_throughput as tt
+
+ROOT = Path(__file__).resolve().parent.parent
+COMMITTED = ROOT / "outputs" / "tables" / "train_throughput.json"
+
+
+def _row(variant, batch, rounds, compiled=False):
+    ms = sorted(rounds)[len(rounds) // 2]
+    return {"variant": variant, "precision": "bf16", "compiled": compiled, "batch_size": batch, "seq_len": 256,
+            "num_adapters": 28, "tokens_per_s": batch * 256 / (ms / 1000), "ms_per_step": ms,
+            "ms_per_step_rounds": rounds, "peak_gb": None, "graph_breaks": None}
+
+
+def test_verdicts_follow_the_paired_rounds():
+    rows = [_row("peft_single", 16, [100.0, 100.0, 100.0]), _row("loramux_single", 16, [99.0, 98.0, 97.0]),
+            _row("peft_single", 64, [100.0, 100.0, 100.0]), _row("loramux_single", 64, [99.0, 101.0, 110.0]),
+            _row("loramux_joint", 64, [120.0, 130.0, 125.0]), _row("loramux_gates", 64, [150.0, 150.0, 150.0]),
+            _row("loramux_gates", 256, [500.0, 450.0, 480.0])]
+    tt.add_ratios(rows)
+    got = {(t["variant"], t["batch_size"], "ratio" in t): t["verdict"] for t in tt.verdicts(rows)}
+    assert got[("loramux_single", 16, True)] == "yes"  # every round faster than peft's
+    assert got[("loramux_single", 64, True)] == "inconclusive"  # rounds on both sides of 1.0
+    assert got[("loramux_joint", 64, True)] == "no"  # 0.77..0.83 < 0.9 in every round
+    assert got[("loramux_gates", 64, True)] == "no"  # 0.667 in every round
+    assert got[("loramux_gates", 256, False)] == "no"  # its best batch: 131k..146k tokens/s, all under 150k
+    assert tt.paired_ratio(rows[3], rows[2]) == {"median": round(100 / 101, 3), "min": round(100 / 110, 3),
+                                                 "max": round(100 / 99, 3)}
+
+
+def test_stage_writes_the_table_on_the_cpu_stand_in(tmp_path):
+    cmd = [sys.executable, "-m", "pipeline.bench", "experiment=train_throughput", "print_config=false",
+           "bench.shapes=[smollm2_135m_tiny]", "bench.train.compile_backend=eager", f"bench.table_dir={tmp_path}",
+           "bench.train.variants=[peft_single,loramux_single,loramux_gates]", "bench.train.batch_sizes=[2]",
+           "bench.train.extra_batch_sizes=[3]", "bench.train.seq_len=8", "bench.train.num_adapters=3",
+           "bench.train.warmup=1", "bench.train.steps=1", "bench.train.repeats=2", "bench.train.precisions=[fp32]",
+           f"hydra.run.dir={tmp_path / 'run'}"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    doc = json.loads((tmp_path / "train_throughput.json").read_text())
+    labels = {(r["variant"], r["compiled"], r["batch_size"]) for r in doc["rows"]}
+    assert labels == {(v, c, 2) for v in ("peft_single", "loramux_single", "loramux_gates") for c in (False, True)} | {
+        ("loramux_gates", c, 3) for c in (False, True)}
+    for r in doc["rows"]:
+        assert r["tokens_per_s"] > 0 and len(r["ms_per_step_rounds"]) == 2
+        assert (r["graph_breaks"] == 0) if r["compiled"] else r["graph_breaks"] is None
+    assert doc["provenance"]["git_sha"] not in ("", "unknown") and doc["config"]["shape"] == "smollm2_135m_tiny"
+    assert doc["targets"] == tt.verdicts(doc["rows"])
+    assert (tmp_path / "train_throughput.md").read_text() == tt.markdown(doc)
+
+
+@pytest.mark.skipif(not COMMITTED.is_file(), reason="no committed train_throughput table")
+def test_committed_table_is_rebuilt_from_its_rows(tmp_path):
+    doc = json.loads(COMMITTED.read_text())
+    assert doc["provenance"]["git_sha"] not in ("", "unknown") and doc["provenance"]["device"].startswith("cuda:")
+    rows = [dict(r) for r in doc["rows"]]
+    tt.add_ratios(rows)
+    assert rows == doc["rows"] and tt.verdicts(rows) == doc["targets"]
+    assert COMMITTED.with_suffix(".md").read_text() == tt.markdown(doc)

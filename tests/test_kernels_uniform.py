@@ -1,0 +1,45 @@
+"""The op when one host-known adapter serves every token (kernels.uniform): the reference's result and gradients."""
+
+import pytest
+import torch
+from test_kernels import TOL, make_inputs, rel_err
+
+from kernels import multi_lora_uniform
+from kernels.reference import multi_lora_reference
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rank", [5, 8, 0])
+def test_uniform_route_is_the_reference_with_every_token_on_one_adapter(dtype, rank):
+    L, R, a = 4, 8, 2
+    ranks = [8, 3, rank, 6]
+    inp = make_inputs(11, 12, 10, L, R, 1, dtype, ranks=ranks, seed=rank, empty=0.0)
+    inp["A"][a, :, rank:] = float("nan")  # past the adapter's rank: sliced away, never read
+    inp["B"][a, rank:, :] = float("nan")
+    ids = torch.full((11, 1), a)
+    ones = torch.ones(11, 1, dtype=dtype)
+    scale = float(inp["scales"][a])
+    leaves = {k: inp[k].detach().clone().requires_grad_(True) for k in ("x", "base", "A", "B")}
+    out = multi_lora_uniform(leaves["x"], leaves["base"], leaves["A"][a, :, :rank], leaves["B"][a, :rank], scale)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    out.backward(grad.to(out.dtype))
+    ref_leaves = {k: inp[k].detach().double().nan_to_num(0.0).requires_grad_(True) for k in ("x", "base", "A", "B")}
+    ref = multi_lora_reference(ref_leaves["x"], ref_leaves["base"], ref_leaves["A"], ref_leaves["B"],
+                               inp["scales"].double(), torch.tensor(ranks), ids, ones.double())
+    ref.backward(grad)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert rel_err(out, ref) < TOL[dtype]
+    def grads_of(d):  # r = 0: no path from the inputs to the delta, so no gradient at all
+        return {k: torch.zeros_like(v) if v.grad is None else v.grad for k, v in d.items()}
+
+    grads, ref_grads = grads_of(leaves), grads_of(ref_leaves)
+    for k in ("x", "base"):
+        if ref_grads[k].any():
+            assert rel_err(grads[k], ref_grads[k]) < TOL[dtype], k
+        else:
+            assert not grads[k].any(), k
+    for k, cut in (("A", (slice(None), slice(None), slice(0, rank))), ("B", (slice(None), slice(0, rank)))):
+        g = grads[k]
+        assert torch.isfinite(g).all() and not g[[i for i in range(L) if i != a]].any(), k  # only adapter a
+        if rank:
+            assert rel_err(g[a][cut[1:]], ref_grads[k][a][cut[1:]]) < TOL[dtype], k
