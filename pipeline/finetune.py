@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.atomic import atomic_dir
 from pipeline.entry import CONF_DIR, cli, user_errors
 from pipeline.stage import StageRun
+from pipeline.train_speed import apply_train_speed
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,7 @@ def finetune(cfg: DictConfig) -> float | None:
         train_dl, val_dl, n_train, n_val = _loaders(cfg, tokenizer)
         peft_model = get_peft_model(model, instantiate(cfg.adapter))
         trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+        speed = apply_train_speed(cfg, model)  # GPU: compiled decoder layers, frozen weights in bf16
         module = LoRAFinetuneModule(peft_model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                                     warmup_steps=cfg.optim.warmup_steps, total_steps=steps)
         from pipeline.step_log import StepLog
@@ -158,7 +160,7 @@ def finetune(cfg: DictConfig) -> float | None:
                    "tokens_per_s": round(sum_over_ranks(module.tokens) / max(seconds, 1e-9), 2),  # DDP: all ranks
                    "answer_tokens": int(sum_over_ranks(module.answer_tokens))}
         return run.finish(tasks=[task], strategy="peft", metrics=metrics, main_metric="val_loss",
-                          extra={"adapter_dir": str(shared)})
+                          extra={"adapter_dir": str(shared), "train_speed": speed})
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="finetune")

@@ -27,6 +27,7 @@ from omegaconf import DictConfig
 
 from pipeline.entry import CONF_DIR, cli, user_errors
 from pipeline.stage import StageRun
+from pipeline.train_speed import apply_train_speed
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,8 @@ def route(cfg: DictConfig) -> float | None:
         val_dl = DataLoader(val, batch_size=bs, shuffle=False, collate_fn=collate)
         module = RouterTrainModule(mm, objective, cfg.router.train.lr, cfg.router.train.weight_decay,
                                    bool(cfg.router.train.get("train_loras", False)))
+        # GPU: compiled decoder layers, frozen weights in bf16 (the dlp objective runs no LM: nothing to compile)
+        speed = apply_train_speed(cfg, mm.model) if objective == "meteora" else {"compile": False}
         from pipeline.scaling import stage_callbacks
         from pipeline.step_log import StepLog
 
@@ -134,7 +137,8 @@ def route(cfg: DictConfig) -> float | None:
                 metrics[k.split("/")[1]] = float(final[k])
         main = "router_accuracy" if "router_accuracy" in metrics else "val_loss"
         return run.finish(tasks=list(cfg.tasks), strategy=objective, metrics=metrics, main_metric=main,
-                          extra={"router_dir": str(shared), "adapters": list(mm.adapter_names)})
+                          extra={"router_dir": str(shared), "adapters": list(mm.adapter_names),
+                                 "train_speed": speed})
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="route")

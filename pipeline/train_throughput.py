@@ -89,6 +89,7 @@ def build_trainee(setting: Setting, make_model, adapter_dir, num_adapters: int, 
 
     from models import MultiLoRAModel
     from models.compile import compile_layers
+    from models.precision import store_frozen
 
     model = make_model()
     if setting.variant == "peft_single":
@@ -111,14 +112,6 @@ def build_trainee(setting: Setting, make_model, adapter_dir, num_adapters: int, 
     if setting.compiled:
         compile_layers(model, backend=compile_backend)
     return trainee
-
-
-def store_frozen(model, dtype) -> None:
-    """Mixed precision as the pipeline's GPU trainer runs it: what is not trained (the base model, a frozen bank)
-    is stored in ``dtype``; trained parameters and their optimizer state stay fp32; autocast runs the products."""
-    for p in model.parameters():
-        if not p.requires_grad and p.is_floating_point():
-            p.data = p.data.to(dtype)
 
 
 def _peak_gb(trainee: Trainee, ids, steps: int) -> float | None:

@@ -1,0 +1,58 @@
+"""How a stage's training step runs on a GPU: regional torch.compile and frozen weights stored in bf16.
+
+``python -m pipeline.bench experiment=train_throughput`` measured both on an H200 (outputs/tables/train_throughput.md):
+compiled decoder layers make a joint / gates training step 2.6-2.7x faster than eager, so the training stages
+(finetune, route) turn them on by default where they apply:
+
+    train_speed.compile      auto: compile every decoder layer (``models.compile``) when the trainer runs on one
+                             CUDA GPU (multi-device strategies stay eager); true / false force it
+    train_speed.backend      the torch.compile backend (inductor; eager in CPU tests)
+    train_speed.frozen_bf16  auto: with a bf16 trainer precision on CUDA, store the frozen weights in bf16
+                             (``models.precision``); trained parameters and AdamW state stay fp32; true / false
+
+What was applied is returned and recorded in the run's metrics.json.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+
+def _on_one_gpu(cfg: DictConfig) -> bool:
+    t = cfg.trainer
+    accel = str(t.get("accelerator", "cpu"))
+    one = int(t.get("num_nodes", 1) or 1) == 1 and str(t.get("devices", 1)) in ("1", "auto")
+    return torch.cuda.is_available() and accel in ("gpu", "cuda", "auto") and one
+
+
+def _decide(value, auto: bool, key: str) -> bool:
+    if value in (True, False):
+        return bool(value)
+    if str(value) != "auto":
+        raise ValueError(f"train_speed.{key}={value!r} must be auto, true or false")
+    return auto
+
+
+def apply_train_speed(cfg: DictConfig, model) -> dict:
+    """Apply ``cfg.train_speed`` to ``model`` (after its trainable parameters are set); return what was applied."""
+    from models.compile import compile_layers
+    from models.precision import store_frozen
+
+    s = cfg.get("train_speed") or {}
+    gpu = _on_one_gpu(cfg)
+    bf16 = str(cfg.trainer.get("precision", "32")).startswith("bf16")
+    frozen = _decide(s.get("frozen_bf16", "auto"), gpu and bf16, "frozen_bf16")
+    compiled = _decide(s.get("compile", "auto"), gpu, "compile")
+    applied = {"compile": compiled, "frozen_bf16": frozen}
+    if frozen:
+        applied["frozen_cast"] = store_frozen(model, torch.bfloat16)
+    if compiled:
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        applied["compiled_layers"] = compile_layers(model, backend=str(s.get("backend", "inductor")))
+    log.info("train speed: %s", applied)
+    return applied
