@@ -8,7 +8,8 @@ pass; costs one embedding lookup). On it sits a 4-layer MLP
 
 with h = 1408 by default: 4.8M parameters on SmolLM2-135M (d = 576), the paper's ~5M. Trained with
 cross-entropy on the task id (``classification_loss``). Routing: ``p = softmax(logits)``, top-p nucleus
-(p = 0.6, keep at least one), fusion weights = softmax over the kept probabilities (DLP-LoRA's code) or
+(p = 0.6, keep at least one; ``max_kept`` caps the nucleus, e.g. 2 to time a trained router's typical 1-3 with a
+fresh one), fusion weights = softmax over the kept probabilities (DLP-LoRA's code) or
 renormalised (``fusion="renorm"``). One decision per sequence at prefill, reused for every generated token
 (the kernel's seq_ids form).
 
@@ -33,10 +34,13 @@ class DLPRouter(SequenceRouter):
     trainable = True
 
     def __init__(self, ctx, embedding: nn.Embedding, hidden: int = 1408, layers: int = 4, top_p: float = 0.6,
-                 fusion: str = "softmax", dropout: float = 0.0):
+                 fusion: str = "softmax", dropout: float = 0.0, max_kept: int | None = None):
         super().__init__(ctx)
         if not 0 < top_p <= 1:
             raise ValueError(f"dlp top_p={top_p!r} must be in (0, 1] (DLP-LoRA used 0.6)")
+        if max_kept is not None and (not isinstance(max_kept, int) or max_kept < 1):
+            raise ValueError(f"dlp max_kept={max_kept!r} must be a positive integer or None (no cap on the nucleus)")
+        self.max_kept = max_kept
         if fusion not in ("softmax", "renorm"):
             raise ValueError(f"dlp fusion={fusion!r} is not known; use 'softmax' (DLP-LoRA's code) or 'renorm'")
         if not isinstance(layers, int) or layers < 1 or not isinstance(hidden, int) or hidden < 1:
@@ -54,7 +58,7 @@ class DLPRouter(SequenceRouter):
 
     def config(self):
         return {"hidden": self.hidden, "layers": self.layers, "top_p": self.top_p, "fusion": self.fusion,
-                "dropout": self.dropout}
+                "dropout": self.dropout, "max_kept": self.max_kept}
 
     def adapter_row_keys(self):
         last = len(self.mlp) - 1
@@ -81,7 +85,7 @@ class DLPRouter(SequenceRouter):
         return F.cross_entropy(self.logits(input_ids, attention_mask).float(), task_ids.to(input_ids.device))
 
     def select(self, logits: torch.Tensor):
-        return route_top_p(torch.softmax(logits.float(), dim=-1), self.top_p, self.fusion)
+        return route_top_p(torch.softmax(logits.float(), dim=-1), self.top_p, self.fusion, self.max_kept)
 
     # ---- routing ---------------------------------------------------------------------------------------------
     def _mask(self, attention_mask, ref):

@@ -62,16 +62,18 @@ def route_top_k(logits: torch.Tensor, k: int, temperature: float = 1.0):
     return ids, torch.softmax(vals.float() / temperature, dim=-1)
 
 
-def route_top_p(probs: torch.Tensor, p: float, fusion: str = "softmax"):
+def route_top_p(probs: torch.Tensor, p: float, fusion: str = "softmax", max_kept: int | None = None):
     """DLP-LoRA: nucleus over ``probs`` [S, L]: keep the most likely adapters until their mass reaches ``p``
-    (at least one); fusion weights = softmax over the kept probabilities (DLP-LoRA's code) or the kept
-    probabilities renormalised to sum 1 (``fusion="renorm"``). Returns ids/weights [S, K], K = most kept in a
-    row, dropped slots id -1 weight 0. Differentiable in ``probs``.
+    (at least one, at most ``max_kept`` when given); fusion weights = softmax over the kept probabilities (DLP-LoRA's
+    code) or the kept probabilities renormalised to sum 1 (``fusion="renorm"``). Returns ids/weights [S, K], K =
+    most kept in a row, dropped slots id -1 weight 0. Differentiable in ``probs``.
     """
     sorted_p, order = torch.sort(probs, dim=-1, descending=True)
     mass_before = torch.cumsum(sorted_p, dim=-1) - sorted_p
     keep = mass_before < p
     keep[..., 0] = True
+    if max_kept is not None:
+        keep[..., max_kept:] = False
     K = int(keep.sum(-1).max())
     sorted_p, order, keep = sorted_p[..., :K], order[..., :K], keep[..., :K]
     if fusion == "softmax":

@@ -45,7 +45,7 @@ from pipeline.entry import CONF_DIR, cli, user_errors
 from pipeline.stage import StageRun
 
 log = logging.getLogger(__name__)
-SUITES = ("latency", "train_throughput")
+SUITES = ("latency", "train_throughput", "e2e_decode")
 LOADED = {"oracle": ("oracle", {}), "lora_b": ("lora_b", None), "merge": ("merge", {}),
           "meteora-top1": ("meteora", {"top_k": 1}), "meteora-top2": ("meteora", {"top_k": 2}),
           "dlp": ("dlp", {"top_p": 0.6}), "dlp_segments": ("dlp_segments", {"top_p": 0.6})}
@@ -355,6 +355,56 @@ def train_suite(cfg: DictConfig, run) -> float | None:
                       extra={"targets": doc["targets"], "bench": conf})
 
 
+def e2e_suite(cfg: DictConfig, run) -> float | None:
+    """``bench.suite=e2e_decode``: generate's decode time per strategy (``pipeline.e2e_decode``). With
+    ``bench.e2e.merge`` the records of an existing table are kept where this run measured nothing (one table can be
+    filled by several calls, each under a per-command time limit)."""
+    import json
+
+    from pipeline import e2e_decode as e2e
+    from pipeline.provenance import provenance
+
+    settings = OmegaConf.to_container(cfg.bench.e2e, resolve=True)
+    unknown = [s for s in settings["strategies"] if s not in e2e.STRATEGIES]
+    unknown += [t for t in settings["targets"] if t not in e2e.TARGETS]
+    if unknown:
+        raise ValueError(f"bench.e2e: {unknown} not known; strategies {e2e.STRATEGIES}, targets {sorted(e2e.TARGETS)}")
+    shape = str(cfg.bench.shapes[0])
+    if shape not in SHAPES:
+        raise ValueError(f"bench.shapes[0]={shape!r}: e2e_decode needs a random-weight shape, one of {sorted(SHAPES)}")
+    config, needs_cuda = SHAPES[shape]
+    device = _device(cfg)
+    if needs_cuda and device.type != "cuda":
+        raise ValueError(f"bench.shapes[0]={shape!r} needs a CUDA GPU; use its CPU stand-in {shape}_tiny")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+
+    def make_model():
+        torch.manual_seed(int(cfg.seed))
+        return random_llama(config, device, dtype)
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # a graph per router
+    records: list = []
+    adapter = OmegaConf.to_container(cfg.adapter, resolve=True)
+    e2e.run(settings, make_model, adapter, config["vocab_size"], device, records)
+    prov = provenance(int(cfg.seed))
+    for rec in records:
+        rec["provenance"] = prov
+    table = Path(str(cfg.bench.table_dir)) / "e2e_decode.json" if cfg.bench.get("table_dir") else None
+    if settings.get("merge") and table is not None and table.is_file():
+        new = {(r["engine"], r["targets"], r["batch_size"]) for r in records}
+        records = [r for r in json.loads(table.read_text())["records"]
+                   if (r["engine"], r["targets"], r["batch_size"]) not in new] + records
+    conf = {"shape": shape, **{k: v for k, v in settings.items() if k != "merge"}}
+    doc = {"provenance": prov, "config": conf, "records": records, "rows": e2e.rows_from(records),
+           "targets": e2e.verdicts(records)}
+    if table is not None:
+        log.info("bench: wrote %s", write_table(table.parent, "e2e_decode", doc, e2e.markdown(doc)))
+    ratios = [t["ratio"]["median"] for t in doc["targets"] if t.get("ratio")]
+    metrics = {"records": len(records), "max_target_ratio": max(ratios) if ratios else None}
+    return run.finish(tasks=[], strategy=None, metrics=metrics, main_metric="max_target_ratio", rows=doc["rows"],
+                      extra={"targets": doc["targets"], "bench": conf})
+
+
 def bench(cfg: DictConfig) -> float | None:
     """Measure every configured combination; return the largest decode ratio to base of a loramux strategy
     (``bench.suite=latency``) or the smallest training tokens/s ratio to peft (``train_throughput``)."""
@@ -364,6 +414,8 @@ def bench(cfg: DictConfig) -> float | None:
     with StageRun(cfg) as run:
         if suite == "train_throughput":
             return train_suite(cfg, run)
+        if suite == "e2e_decode":
+            return e2e_suite(cfg, run)
         rows: list = []
         budget = TimeBudget(cfg.bench.get("max_seconds"))
         for shape in cfg.bench.shapes:

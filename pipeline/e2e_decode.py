@@ -1,0 +1,220 @@
+"""End-to-end decode: ms per generated token of a whole model, loramux's strategies beside peft and the base model.
+
+    python -m pipeline.bench experiment=e2e_decode      # writes outputs/tables/e2e_decode.{json,md}
+
+What a user runs is ``generate``; this times it on a random-weight model of a configured shape (LLaMA-3-8B's, bf16,
+on CUDA; its 2-layer stand-in on the CPU), with ``num_adapters`` random r=8 adapters on ``all7`` (q,k,v,o,gate,
+up,down) or ``qv`` projections. Strategies, each in its own model instance where they would wrap the same layers:
+
+  base           the plain model              peft           peft's PeftModel with one unmerged LoRA
+  oracle         loramux, the sequence's own adapter (1 of num_adapters)
+  meteora-top2   loramux, fresh token gates, top-2
+  dlp-nucleus2   loramux, a fresh DLP router with its nucleus capped at 2 kept adapters (a trained router keeps 1-3)
+  dlp-fresh      loramux, a fresh DLP router at top-p 0.6 (a near-uniform distribution: the widest nucleus)
+
+Engines: ``eager`` (``generate`` with the dynamic cache) and ``static+compile`` (static KV cache, the decode step
+compiled with ``reduce-overhead``: CUDA graphs; CUDA only unless ``e2e.allow_static_on_cpu``). For one (engine,
+targets, batch) every strategy is warmed up (compiles happen there), then timed in interleaved rounds: each round
+runs, per strategy, one 1-token and one N-token greedy generation of the same prompts (``min_new_tokens`` forces
+the length, checked); decode ms/token = (t_N - t_1) / (N - 1), prefill ms = t_1; medians over rounds. Every
+record (one per engine x targets x batch) keeps its per-round times, so ``rows`` are rebuilt from raw records.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+STRATEGIES = ("base", "peft", "oracle", "meteora-top2", "dlp-nucleus2", "dlp-fresh")
+TARGETS = {"all7": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+           "qv": ["q_proj", "v_proj"]}
+ROUTERS = {"oracle": ("oracle", {}), "meteora-top2": ("meteora", {"top_k": 2}),
+           "dlp-nucleus2": ("dlp", {"top_p": 0.6, "max_kept": 2}), "dlp-fresh": ("dlp", {"top_p": 0.6})}
+# Targets (ratio of decode ms/token, static+compile, same run): loramux oracle <= peft and <= 1.10 base; MeteoRA
+# top-2 <= 1.3 base; DLP with a 2-adapter nucleus <= 1.15 base; eager: oracle <= peft
+TARGET_RATIOS = (("static+compile", "oracle", "peft", 1.0), ("static+compile", "oracle", "base", 1.10),
+                 ("static+compile", "meteora-top2", "base", 1.3), ("static+compile", "dlp-nucleus2", "base", 1.15),
+                 ("eager", "oracle", "peft", 1.0))
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _generate_kwargs(engine: str, backend: str):
+    from pipeline.latency import compile_config, generate_kwargs
+
+    if engine == "eager":
+        return generate_kwargs("eager")
+    return generate_kwargs("static", compile_config(backend, "reduce-overhead" if backend == "inductor" else None,
+                                                    all_devices=True))
+
+
+def _timed(generate, ids, mask, n: int, kw: dict, device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = generate(ids, mask, max_new_tokens=n, min_new_tokens=n, **kw)
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    seqs = out if torch.is_tensor(out) else out.sequences
+    if seqs.shape[-1] != ids.shape[-1] + n:
+        raise RuntimeError(f"generate made {seqs.shape[-1] - ids.shape[-1]} new tokens, asked for exactly {n}")
+    return seconds
+
+
+class Contestants:
+    """The models of one ``targets``: a plain base model, a peft model and one loramux bank with every router."""
+
+    def __init__(self, make_model, adapter_cfg, targets: str, num_adapters: int, strategies, tmp: Path):
+        from peft import PeftModel
+
+        from models import MultiLoRAModel
+        from pipeline.bench import random_adapter
+
+        self.generate: dict = {}
+        base = make_model()
+        adapter = random_adapter(base, tmp / f"adapter_{targets}", {**adapter_cfg, "target_modules": TARGETS[targets]})
+        if "base" in strategies:
+            self.generate["base"] = lambda i, m, **k: base.generate(input_ids=i, attention_mask=m, **k)
+        if "peft" in strategies:
+            pm = PeftModel.from_pretrained(make_model(), str(adapter)).eval()
+            self.generate["peft"] = lambda i, m, **k: pm.generate(input_ids=i, attention_mask=m, **k)
+        routed = [s for s in strategies if s in ROUTERS]
+        if routed:
+            mm = MultiLoRAModel.from_adapters(make_model(), {f"a{i}": adapter for i in range(num_adapters)},
+                                              check_base_name=False)
+            for s in routed:
+                name, kw = ROUTERS[s]
+                torch.manual_seed(0)
+                router = mm.build_router(name, **kw)
+
+                def gen(i, m, mm=mm, router=router, oracle=name == "oracle", **k):
+                    mm.set_router(router)
+                    mm.set_routing(task_ids=[0] * i.shape[0] if oracle else None)
+                    return mm.generate(i, attention_mask=m, **k)
+                self.generate[s] = gen
+
+
+def measure(contestants: Contestants, engine: str, batch: int, prompt_len: int, new_tokens: int, vocab: int,
+            device, warmup: int, repeats: int, backend: str) -> dict:
+    """One record: every strategy's per-round (t_1, t_N) for this engine and batch, warm-ups first."""
+    from pipeline.latency import random_batch
+
+    ids, mask = random_batch(vocab, batch, prompt_len, device, seed=0)
+    kw = _generate_kwargs(engine, backend)
+    rounds: dict = {s: [] for s in contestants.generate}
+    peak: dict = {}
+    for s, gen in contestants.generate.items():
+        for _ in range(max(1, warmup)):
+            _timed(gen, ids, mask, 1, kw, device)
+            _timed(gen, ids, mask, new_tokens, kw, device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            _timed(gen, ids, mask, new_tokens, kw, device)
+            peak[s] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+    for _ in range(repeats):
+        for s, gen in contestants.generate.items():
+            rounds[s].append((_timed(gen, ids, mask, 1, kw, device), _timed(gen, ids, mask, new_tokens, kw, device)))
+    return {"engine": "static+compile" if engine == "static" else "eager", "batch_size": batch,
+            "prompt_len": prompt_len, "new_tokens": new_tokens, "rounds": rounds, "peak_gb": peak}
+
+
+def rows_from(records: list[dict]) -> list[dict]:
+    """The table's rows (medians over rounds) from raw records."""
+    rows = []
+    for rec in records:
+        n = rec["new_tokens"]
+        for s, rounds in rec["rounds"].items():
+            t1 = statistics.median(r[0] for r in rounds)
+            decode = statistics.median(max(tn - t1_, 0.0) / (n - 1) for t1_, tn in rounds)
+            rows.append({"engine": rec["engine"], "strategy": s, "targets": rec["targets"],
+                         "num_adapters": 1 if s == "peft" else 0 if s == "base" else rec["num_adapters"],
+                         "batch_size": rec["batch_size"], "prompt_len": rec["prompt_len"], "new_tokens": n,
+                         "decode_ms_per_token": round(1000 * decode, 4), "prefill_ms": round(1000 * t1, 3),
+                         "peak_gb": rec["peak_gb"].get(s)})
+    return rows
+
+
+def verdicts(records: list[dict]) -> list[dict]:
+    """Each target per (targets, batch): the decode-time ratio per round (paired: same round), median and spread;
+    yes when every round meets it, no when none does, else inconclusive; None where a side was not measured."""
+    out = []
+    for engine, mine, ref, limit in TARGET_RATIOS:
+        for rec in records:
+            if rec["engine"] != engine:
+                continue
+            item = {"engine": engine, "strategy": mine, "versus": ref, "limit": limit, "targets": rec["targets"],
+                    "batch_size": rec["batch_size"]}
+            a, b = rec["rounds"].get(mine), rec["rounds"].get(ref)
+            if not a or not b:
+                out.append({**item, "verdict": None, "reason": f"{mine if not a else ref} not measured"})
+                continue
+            n = rec["new_tokens"]
+            per = sorted(((ta[1] - ta[0]) / (tb[1] - tb[0])) for ta, tb in zip(a, b) if tb[1] > tb[0])
+            if not per:
+                out.append({**item, "verdict": None, "reason": "no decode time measured"})
+                continue
+            v = "yes" if per[-1] <= limit else "no" if per[0] > limit else "inconclusive"
+            out.append({**item, "ratio": {"median": round(statistics.median(per), 3), "min": round(per[0], 3),
+                                          "max": round(per[-1], 3)}, "new_tokens": n, "verdict": v})
+    return out
+
+
+def markdown(doc: dict) -> str:
+    p, c = doc["provenance"], doc["config"]
+    lines = ["# e2e_decode: ms per generated token, loramux beside peft's single LoRA and the base model", "",
+             f"Written by `python -m pipeline.bench experiment=e2e_decode` at git `{p['git_sha']}` on {p['device']}, "
+             f"{p['date']}; versions {', '.join(f'{k} {v}' for k, v in p['versions'].items())}.",
+             (f"Model: {c['shape']} (random weights, bf16 on CUDA); {c['num_adapters']} random r=8 adapters; prompt "
+              f"{c['prompt_len']} tokens, {c['new_tokens']} new tokens, greedy; {c['warmup']} warm-up, then "
+              f"{c['repeats']} interleaved rounds, medians. Raw per-round times in the JSON beside this file."), "",
+             "| engine | targets | batch | strategy | adapters | decode ms/token | x base | prefill ms | peak GB |",
+             "|" + " --- |" * 9]
+    base = {(r["engine"], r["targets"], r["batch_size"]): r["decode_ms_per_token"] for r in doc["rows"]
+            if r["strategy"] == "base"}
+    for r in doc["rows"]:
+        ref = base.get((r["engine"], r["targets"], r["batch_size"]))
+        ratio = round(r["decode_ms_per_token"] / ref, 3) if ref else None
+        lines.append(f"| {r['engine']} | {r['targets']} | {r['batch_size']} | {r['strategy']} | {r['num_adapters']} "
+                     f"| {r['decode_ms_per_token']} | {ratio} | {r['prefill_ms']} | {r['peak_gb']} |")
+    lines += ["", "## Targets (decode ms/token ratio, paired by round; spread = min..max)", "",
+              "| engine | targets | batch | target | measured | verdict |", "| --- | --- | --- | --- | --- | --- |"]
+    for t in doc["targets"]:
+        got = (f"{t['ratio']['median']} ({t['ratio']['min']}..{t['ratio']['max']})" if t.get("ratio")
+               else t.get("reason", ""))
+        lines.append(f"| {t['engine']} | {t['targets']} | {t['batch_size']} | {t['strategy']} <= {t['limit']}x "
+                     f"{t['versus']} | {got} | {t['verdict']} |")
+    return "\n".join(lines) + "\n"
+
+
+def run(settings: dict, make_model, adapter_cfg: dict, vocab: int, device, records_out: list) -> None:
+    """Measure every (targets, engine, batch) of ``settings`` (``bench.e2e``), appending one record each."""
+    strategies = [s for s in settings["strategies"] if s in STRATEGIES]
+    with tempfile.TemporaryDirectory(prefix="loramux-e2e-") as tmp:
+        for targets in settings["targets"]:
+            contestants = Contestants(make_model, adapter_cfg, targets, int(settings["num_adapters"]), strategies,
+                                      Path(tmp))
+            for engine in settings["engines"]:
+                if engine == "static" and device.type != "cuda" and not settings.get("allow_static_on_cpu"):
+                    log.warning("e2e_decode: the static engine needs CUDA; skipped")
+                    continue
+                for b in settings["batch_sizes"]:
+                    rec = measure(contestants, engine, int(b), int(settings["prompt_len"]),
+                                  int(settings["new_tokens"]), vocab, device, int(settings["warmup"]),
+                                  int(settings["repeats"]), str(settings.get("compile_backend", "inductor")))
+                    records_out.append({**rec, "targets": targets, "num_adapters": int(settings["num_adapters"])})
+                    log.info("e2e_decode: %s %s b=%s measured", targets, engine, b)
+            del contestants
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()

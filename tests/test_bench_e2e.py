@@ -1,0 +1,49 @@
+"""The end-to-end decode benchmark (pipeline.e2e_decode): its stage on the 8B shape's CPU stand-in writes rows and
+verdicts that follow from its raw records, and verdicts follow the paired rounds."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from pipeline import e2e_decode as e2e
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _record(engine, rounds, batch=1, targets="all7"):
+    return {"engine": engine, "targets": targets, "batch_size": batch, "prompt_len": 128, "new_tokens": 5,
+            "num_adapters": 28, "rounds": rounds, "peak_gb": {}}
+
+
+def test_verdicts_and_rows_follow_the_paired_rounds():
+    # decode time per round = t_N - t_1: base 1.0, peft 1.2, oracle 1.05 / 1.25 / 1.15, meteora 2.0
+    rec = _record("static+compile", {"base": [(0.1, 1.1)] * 3, "peft": [(0.1, 1.3)] * 3,
+                                     "oracle": [(0.1, 1.15), (0.1, 1.35), (0.1, 1.25)],
+                                     "meteora-top2": [(0.2, 2.2)] * 3})
+    got = {(t["strategy"], t["versus"]): t for t in e2e.verdicts([rec])}
+    assert got[("oracle", "peft")]["verdict"] == "inconclusive"  # 0.875..1.042 around 1.0
+    assert got[("oracle", "base")]["verdict"] == "inconclusive"  # 1.05..1.25 around 1.10
+    assert got[("meteora-top2", "base")]["verdict"] == "no" and got[("meteora-top2", "base")]["ratio"]["min"] == 2.0
+    assert got[("dlp-nucleus2", "base")]["verdict"] is None  # not measured: untestable, said so
+    rows = {r["strategy"]: r for r in e2e.rows_from([rec])}
+    assert rows["oracle"]["decode_ms_per_token"] == 1000 * 1.15 / 4 and rows["peft"]["num_adapters"] == 1
+    assert rows["base"]["prefill_ms"] == 100.0
+
+
+def test_stage_on_the_cpu_stand_in(tmp_path):
+    cmd = [sys.executable, "-m", "pipeline.bench", "experiment=e2e_decode", "print_config=false",
+           "bench.shapes=[llama3_8b_tiny]", f"bench.table_dir={tmp_path}", "bench.e2e.targets=[qv]",
+           "bench.e2e.engines=[eager]", "bench.e2e.strategies=[base,peft,oracle,dlp-nucleus2]",
+           "bench.e2e.batch_sizes=[2]", "bench.e2e.num_adapters=3", "bench.e2e.new_tokens=3",
+           "bench.e2e.prompt_len=6", "bench.e2e.repeats=2", f"hydra.run.dir={tmp_path / 'run'}"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    doc = json.loads((tmp_path / "e2e_decode.json").read_text())
+    assert {r["strategy"] for r in doc["rows"]} == {"base", "peft", "oracle", "dlp-nucleus2"}
+    assert all(len(v) == 2 for rec in doc["records"] for v in rec["rounds"].values())
+    assert doc["rows"] == e2e.rows_from(doc["records"]) and doc["targets"] == e2e.verdicts(doc["records"])
+    assert (tmp_path / "e2e_decode.md").read_text() == e2e.markdown(doc)
+    assert doc["provenance"]["git_sha"] not in ("", "unknown")
