@@ -173,8 +173,8 @@ def verdicts(records: list[dict]) -> list[dict]:
 def markdown(doc: dict) -> str:
     p, c = doc["provenance"], doc["config"]
     lines = ["# e2e_decode: ms per generated token, loramux beside peft's single LoRA and the base model", "",
-             f"Written by `python -m pipeline.bench experiment=e2e_decode` at git `{p['git_sha']}` on {p['device']}, "
-             f"{p['date']}; versions {', '.join(f'{k} {v}' for k, v in p['versions'].items())}.",
+             (f"Written by `python -m pipeline.bench experiment=e2e_decode` at git `{p['git_sha']}` on {p['device']}, "
+             f"{p['date']}; versions {', '.join(f'{k} {v}' for k, v in p['versions'].items())}."),
              (f"Model: {c['shape']} (random weights, bf16 on CUDA); {c['num_adapters']} random r=8 adapters; prompt "
               f"{c['prompt_len']} tokens, {c['new_tokens']} new tokens, greedy; {c['warmup']} warm-up, then "
               f"{c['repeats']} interleaved rounds, medians. Raw per-round times in the JSON beside this file."), "",
