@@ -1,6 +1,6 @@
 """Atomic outputs: a reader sees the old file or the new one, never half of one.
 
-The one writer every layer above uses (``pipeline`` re-exports it as ``pipeline.atomic``; it lives in ``models``
+The one writer every layer above uses (``pipeline`` re-exports it as ``common.atomic``; it lives in ``models``
 because that is the lowest package both ``pipeline`` and ``models`` may import: imports only go down). A file is
 written to a temp name in the same directory, flushed and fsynced, then ``os.replace``d over the target (atomic
 on POSIX within one filesystem). A directory (a PEFT adapter, a router checkpoint) is written into a sibling temp

@@ -50,8 +50,8 @@ from models.adapter_bank import AdapterBank, AdapterError, read_peft_adapter
 from models.base import load_base_model
 from models.multilora_linear import MultiLoRALinear
 from models.multilora_model import DLP_TARGETS, METEORA_TARGETS, ROUTERS, MultiLoRAModel
-from models.router_checkpoint import RouterCheckpointError
-from models.routing import Route, Router, route_top_k, route_top_p
+from models.routing.checkpoint import RouterCheckpointError
+from models.routing.route import Route, Router, route_top_k, route_top_p
 
 __all__ = [
            "DLP_TARGETS",

@@ -23,16 +23,16 @@ from torch import nn
 
 from models.adapter_bank import AdapterBank
 from models.multilora_linear import MultiLoRALinear
-from models.router_checkpoint import (
+from models.routing.checkpoint import (
     RouterCheckpointError,
     align_router_state,
     read_router_checkpoint,
     save_router_checkpoint,
 )
-from models.router_dlp import DLPRouter, DLPSegmentRouter
-from models.router_fixed import BaseRouter, MergeRouter, OracleRouter, SingleAdapterRouter
-from models.router_meteora import MeteoraRouter
-from models.routing import RouteContext, Router, validate_task_ids
+from models.routing.dlp import DLPRouter, DLPSegmentRouter
+from models.routing.merge import BaseRouter, MergeRouter, OracleRouter, SingleAdapterRouter
+from models.routing.meteora import MeteoraRouter
+from models.routing.route import RouteContext, Router, validate_task_ids
 
 METEORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DLP_TARGETS = ("q_proj", "v_proj")

@@ -56,7 +56,7 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
 
 def plan_jobs(tokenizer, groups: list[PromptGroup], batch_size: int, max_prompt_tokens: int):
     """``(jobs, skipped per group)``: each job is one generate call, ``{"group", "indices", "input_ids", ...}``."""
-    from pipeline.answer_batches import encode_prompt
+    from data.batches import encode_prompt
 
     jobs, skipped = [], []
     for g, group in enumerate(groups):
@@ -133,7 +133,7 @@ def generate_groups(trainer, mm, tokenizer, groups: list[PromptGroup], *, batch_
     the other ranks None."""
     from torch.utils.data import DataLoader
 
-    from pipeline.distributed import gather_to_zero
+    from pipeline.runtime.distributed import gather_to_zero
 
     jobs, skipped = plan_jobs(tokenizer, groups, batch_size, max_prompt_tokens)
     outputs = trainer.predict(GenerationModule(mm, tokenizer),

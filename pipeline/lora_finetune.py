@@ -35,7 +35,7 @@ class LoRAFinetuneModule(L.LightningModule):
                           labels=batch["labels"], use_cache=False).loss  # training needs no KV cache
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        from pipeline.distributed import clip_gradients
+        from pipeline.runtime.distributed import clip_gradients
 
         clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)  # FSDP: the norm over all shards
 

@@ -46,7 +46,7 @@ class RouterTrainModule(L.LightningModule):
         return out.loss, parts
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        from pipeline.distributed import clip_gradients
+        from pipeline.runtime.distributed import clip_gradients
 
         clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)  # FSDP: the norm over all shards
 

@@ -5,8 +5,8 @@ import stat
 
 import torch
 
-from models.router_checkpoint import save_router_checkpoint
-from pipeline.atomic import atomic_dir, atomic_write_text
+from common.atomic import atomic_dir, atomic_write_text
+from models.routing.checkpoint import save_router_checkpoint
 
 
 def _mode(path) -> int:

@@ -9,8 +9,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from pipeline.bench import LLAMA3_8B, SHAPES, ShapeBench, TimeBudget, random_llama
-from pipeline.latency import compile_config, random_batch, time_generate
+from pipeline.stages.bench import LLAMA3_8B, SHAPES, ShapeBench, TimeBudget, random_llama
+from pipeline.stages.bench_timing import compile_config, random_batch, time_generate
 
 CONF = str(__import__("pathlib").Path(__file__).resolve().parent.parent / "conf")
 
@@ -94,7 +94,7 @@ def test_time_budget_skips_what_did_not_start(tiny8b):
 def test_static_engine_compiles_every_strategy_on_cuda(tmp_path):
     """On the GPU: the 8B shape's stand-in through bench with inductor + CUDA graphs (what dlp_latency runs on the
     8B shape), every loramux strategy; a combination that fell back would say engine=static."""
-    from pipeline.bench import bench_shape
+    from pipeline.stages.bench import bench_shape
 
     cfg = _bench_cfg(["bench.engines=[eager,static]", "bench.static.allow_on_cpu=false", "bench.warmup=1",
                       "bench.strategies=[base,peft,oracle,meteora-top2,dlp]", "bench.num_adapters=[2]",
@@ -115,7 +115,7 @@ def test_compiled_decode_of_a_routed_model_is_one_graph(tiny8b, tmp_path, router
     import torch._dynamo
 
     from models import MultiLoRAModel
-    from pipeline.bench import random_adapter
+    from pipeline.stages.bench import random_adapter
 
     cfg = _bench_cfg(["experiment=dlp_latency"])
     adapter = random_adapter(tiny8b, tmp_path / "a", cfg.adapter, 0)

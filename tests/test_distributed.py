@@ -43,7 +43,7 @@ def runs(tmp_path_factory):
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
-    from pipeline.reproduce import reproduce
+    from pipeline.stages.reproduce import reproduce
 
     one, two = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("two")
     overrides = [*_overrides(4, "[object_counting,winowhy,lora_b]"), f"paths.output_root={one}", "logger=none"]

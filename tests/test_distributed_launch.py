@@ -53,7 +53,7 @@ def test_fsdp_wraps_each_decoder_layer_of_the_base_model():
     from hydra.utils import instantiate as build
 
     from data.assets import cache_dir
-    from pipeline.distributed import _IsDecoderLayer
+    from pipeline.runtime.distributed import _IsDecoderLayer
 
     model, _ = build({"_target_": "models.base.load_base_model",
                       "name_or_path": str(cache_dir() / "models" / "tiny-random-llama"), "dtype": "float32"})
@@ -115,7 +115,7 @@ def test_two_task_ddp_job_on_slurm(tmp_path):
 
 
 def test_scaling_summary_and_comparison():
-    from pipeline.scaling import compare, parse_run, summarize
+    from pipeline.stages.scaling import compare, parse_run, summarize
 
     assert parse_run("ddp:2") == ("ddp", 2) and parse_run("gpu") == ("gpu", 1)
     with pytest.raises(ValueError, match="not <trainer config>"):
@@ -161,7 +161,7 @@ def _fsdp_rank(rank: int, world: int, adapters: dict, port: int, out: str) -> No
 
     from data.assets import cache_dir
     from models import MultiLoRAModel, load_base_model
-    from pipeline.distributed import fsdp_auto_wrap
+    from pipeline.runtime.distributed import fsdp_auto_wrap
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -176,7 +176,7 @@ def _fsdp_rank(rank: int, world: int, adapters: dict, port: int, out: str) -> No
     fsdp(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids, task_ids=torch.tensor([0, 1])).loss.backward()
     from types import SimpleNamespace
 
-    from pipeline.distributed import clip_gradients
+    from pipeline.runtime.distributed import clip_gradients
 
     # the stages' clipping under FSDP (norm over both ranks' shards), as Lightning calls it: a small max norm so it bites
     clip_gradients(SimpleNamespace(trainer=SimpleNamespace(strategy=SimpleNamespace(model=fsdp))), opt, CLIP, "norm")
@@ -193,7 +193,7 @@ def test_fsdp_step_with_gloo_equals_one_process(tmp_path):
     """Lightning refuses FSDP on CPU, torch does not: trainer=fsdp's wrap policy (one unit per decoder layer,
     use_orig_params: frozen base + trainable gates in one model) run by torch FSDP on 2 gloo processes gives the
     same SGD step on the MeteoRA gates (through the fused op) as one process on both ranks' rows, with gradients
-    clipped by ``pipeline.distributed.clip_gradients`` (over all shards) as the stages clip them."""
+    clipped by ``pipeline.runtime.distributed.clip_gradients`` (over all shards) as the stages clip them."""
     import socket
 
     import torch.multiprocessing as mp

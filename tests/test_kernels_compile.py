@@ -11,7 +11,7 @@ import sys
 
 def test_kernels_compile_for_an_h100():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-m", "kernels.compile_check", "--arch", "90", "--few"], check=False, env=env,
+    r = subprocess.run([sys.executable, "-m", "kernels.bench.compile_check", "--arch", "90", "--few"], check=False, env=env,
                        capture_output=True, text=True, timeout=600)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("ok  ") == 7 and "ok  bank_expand bf16 BM=16" in r.stdout, r.stdout

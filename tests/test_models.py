@@ -151,7 +151,7 @@ def test_merge_equals_peft_weighted_adapters(assets, mm, peft_ref):
     names = ["a", "b", "c"]
     peft_ref.add_weighted_adapter(names, [1 / 3] * 3, "avg_cat", combination_type="cat")
     torch.testing.assert_close(mm(**batch).logits, _peft_logits(peft_ref, batch, "avg_cat"), atol=ATOL, rtol=0)
-    from models import router_fixed
+    from models.routing import merge as router_fixed
 
     cap, router_fixed.MAX_MERGED_RANK = router_fixed.MAX_MERGED_RANK, 8  # force the L-slot form: same average
     try:
@@ -225,8 +225,8 @@ def test_dlp_router_gradients_through_fused_op_and_ce(mm):
 
 
 def test_dlp_default_router_is_about_5m_params_on_smollm2_width():
-    from models.router_dlp import DLPRouter
-    from models.routing import RouteContext
+    from models.routing.dlp import DLPRouter
+    from models.routing.route import RouteContext
 
     ctx = RouteContext()
     ctx.bank = [None] * 28

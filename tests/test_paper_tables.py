@@ -50,7 +50,7 @@ CLAIM = {"claim", "measured", "threshold", "holds"}
 
 
 def _reproduce(name: str, root: Path) -> Path:
-    from pipeline.reproduce import reproduce
+    from pipeline.stages.reproduce import reproduce
 
     GlobalHydra.instance().clear()
     overrides = [f"experiment={name}", f"paths.output_root={root}", f"paths.routers_dir={root}/routers", *SMALL,
@@ -168,7 +168,7 @@ def test_dlp_latency_table_and_static_engine(tables):
 def test_a_variant_table_keeps_its_own_file_name(tables, tmp_path):
     """paper_table_file (e.g. experiment=dlp_tasks_gemma): the dlp_tasks schema under another name, the original
     table untouched."""
-    from pipeline.report import collect_records, write_experiment_table
+    from pipeline.stages.report import collect_records, write_experiment_table
 
     before = (tables / "tables" / "dlp_tasks.json").read_bytes()
     GlobalHydra.instance().clear()

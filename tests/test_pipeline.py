@@ -39,7 +39,7 @@ def compose_stage(stage: str, overrides: list[str], run_dir=None):
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     """Run `reproduce experiment=smoke` once into a temp output root; return (overrides, experiment dir)."""
-    from pipeline.reproduce import reproduce
+    from pipeline.stages.reproduce import reproduce
 
     root = tmp_path_factory.mktemp("outputs")
     overrides = ["experiment=smoke", f"paths.output_root={root}", "logger=none"]
@@ -86,7 +86,7 @@ def test_finetune_writes_a_standard_peft_adapter(smoke):
 def test_answer_only_labels():
     from transformers import AutoTokenizer
 
-    from pipeline.answer_batches import AnswerOnlyCollator, encode_pair
+    from data.batches import AnswerOnlyCollator, encode_pair
 
     tok = AutoTokenizer.from_pretrained(str(cache_dir() / "models" / "tiny-random-llama"))
     enc = encode_pair(tok, "[INST] Q: 2+2? [/INST]\n", "four", max_length=64)
@@ -150,7 +150,7 @@ def test_report_tables_and_plots(smoke):
 
 
 def test_reproduce_skips_finished_steps(smoke, capsys):
-    from pipeline.reproduce import reproduce
+    from pipeline.stages.reproduce import reproduce
 
     overrides, exp = smoke
     before = (exp / "finetune" / "winowhy" / "metrics.json").stat().st_mtime_ns
@@ -161,7 +161,7 @@ def test_reproduce_skips_finished_steps(smoke, capsys):
 
 
 def test_unknown_task_is_one_clear_error(tmp_path):
-    from pipeline.finetune import finetune
+    from pipeline.stages.finetune import finetune
 
     cfg = compose_stage("finetune", ["experiment=smoke", "task=winowhyy", f"paths.output_root={tmp_path}",
                                      "logger=none"], tmp_path / "run")
@@ -170,7 +170,7 @@ def test_unknown_task_is_one_clear_error(tmp_path):
 
 
 def test_missing_adapter_names_the_fix(tmp_path):
-    from pipeline.evaluate import evaluate
+    from pipeline.stages.evaluate import evaluate
 
     cfg = compose_stage("evaluate", ["experiment=smoke", f"paths.output_root={tmp_path}", "logger=none"],
                         tmp_path / "run")
@@ -197,7 +197,7 @@ def test_finetune_multirun_over_two_tasks(tmp_path):
     assert jobs[1].startswith("1_") and "task=winowhy" in jobs[1]
     for task in ("object_counting", "winowhy"):
         assert (exp / "adapters" / task / "adapter_model.safetensors").is_file()
-    from pipeline.report import collect_records, render_report
+    from pipeline.stages.report import collect_records, render_report
 
     _, tables = render_report(collect_records(sweeps[0]), tmp_path / "rep", "sweep")
     finetune = next(t for t in tables if t.name == "finetune")
@@ -248,7 +248,7 @@ def read_wandb_records(path: Path):
 
 
 def test_wandb_offline_run_holds_the_report_table(smoke, monkeypatch):
-    from pipeline.report import report
+    from pipeline.stages.report import report
 
     overrides, exp = smoke
     monkeypatch.setenv("WANDB_MODE", "offline")

@@ -3,7 +3,7 @@
 The table below is the test: every row builds a real bad input (a damaged PEFT adapter, a config typo, a
 non-positive value, a truncated file ...) and asserts the exception type and its message, which must be a single
 line. Rows of kind ``stage`` run the stage function in this process on the `smoke` experiment (tiny LLaMA);
-``entry`` rows go through the command-line entry point (Hydra + ``pipeline.entry.cli``) and assert the exact
+``entry`` rows go through the command-line entry point (Hydra + ``pipeline.runtime.entry.cli``) and assert the exact
 ``error:`` line on stderr and exit status 2. The rows that are not an exception (a prompt longer than the context,
 an empty generation, a composite answer list with missing or extra numbers, NaN loss, a full disk) have their own
 tests after the table.
@@ -182,8 +182,8 @@ ENTRY_ROWS = [  # (id, argv, the exact stderr line, or a regex for it)
 def test_command_line_error_is_one_line_and_status_2(outputs, tmp_path, monkeypatch, capsys, argv, line):
     import re
 
-    from pipeline.entry import cli
-    from pipeline.finetune import main
+    from pipeline.runtime.entry import cli
+    from pipeline.stages.finetune import main
 
     monkeypatch.setenv("LORAMUX_OUTPUTS", str(tmp_path))
     monkeypatch.setattr(sys, "argv", ["pipeline/finetune.py", *argv, f"hydra.run.dir={tmp_path / 'run'}"])
@@ -197,7 +197,7 @@ def test_command_line_error_is_one_line_and_status_2(outputs, tmp_path, monkeypa
 
 
 def test_user_errors_prints_the_first_line_only(capsys):
-    from pipeline.entry import user_errors
+    from pipeline.runtime.entry import user_errors
 
     with pytest.raises(SystemExit) as e, user_errors():
         raise ValueError("adapter x: r: is 0; r must be a positive integer\n  details nobody needs")
@@ -237,7 +237,7 @@ def test_composite_answer_list_with_missing_and_extra_numbers_is_counted():
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(outputs, tmp_path):
     """lr = 1e30 blows the adapter up: the run stops at the first non-finite loss, the step's checkpoint stays;
     resuming it with another lr is refused (another config), and a truncated checkpoint is refused too."""
-    from pipeline.requeue import resume_point
+    from pipeline.runtime.requeue import resume_point
 
     run = tmp_path / "run"
     overrides = ["task=winowhy", "optim.lr=1e30", "trainer.max_steps=6", "checkpoint.every_n_steps=1"]
@@ -285,16 +285,16 @@ class _DiskFullAfterHalf:
 
 
 def test_disk_full_while_writing_metrics_keeps_the_previous_file(tmp_path, monkeypatch, capsys):
-    import models.atomic
-    from pipeline.entry import user_errors
-    from pipeline.metrics_file import read_metrics, write_metrics
+    import common.atomic
+    from pipeline.runtime.entry import user_errors
+    from pipeline.runtime.metrics_file import read_metrics, write_metrics
 
     kw = {"stage": "finetune", "experiment": "smoke", "tasks": ["winowhy"], "strategy": "peft",
           "provenance": {"seed": 0}, "main_metric": "val_loss"}
     path = write_metrics(tmp_path, metrics={"val_loss": 1.5}, **kw)
     before = path.read_bytes()
     real_open = open
-    monkeypatch.setattr(models.atomic, "open", lambda p, mode="r", *a, **k: _DiskFullAfterHalf(real_open(p, mode, *a, **k))
+    monkeypatch.setattr(common.atomic, "open", lambda p, mode="r", *a, **k: _DiskFullAfterHalf(real_open(p, mode, *a, **k))
                         if "w" in mode else real_open(p, mode, *a, **k), raising=False)
     with pytest.raises(SystemExit) as e, user_errors():
         write_metrics(tmp_path, metrics={"val_loss": 0.5}, **kw)
@@ -312,8 +312,8 @@ def test_disk_full_while_saving_an_adapter_or_a_router_keeps_the_previous_one(ou
     from peft import PeftModel
 
     from models import load_base_model
-    from models.router_checkpoint import read_router_checkpoint, save_router_checkpoint
-    from pipeline.finetune import save_adapter
+    from models.routing.checkpoint import read_router_checkpoint, save_router_checkpoint
+    from pipeline.stages.finetune import save_adapter
 
     model, _ = load_base_model(TINY)
     peft_model = PeftModel.from_pretrained(model, str(outputs / "smoke" / "adapters" / "winowhy"))
@@ -351,7 +351,7 @@ def test_disk_full_while_saving_an_adapter_or_a_router_keeps_the_previous_one(ou
 
 def test_truncated_router_checkpoint_is_refused_in_one_line(tmp_path):
     from models import RouterCheckpointError
-    from models.router_checkpoint import read_router_checkpoint, save_router_checkpoint
+    from models.routing.checkpoint import read_router_checkpoint, save_router_checkpoint
 
     d = save_router_checkpoint(tmp_path / "router", "dlp", {"top_p": 0.6}, {"w": torch.randn(64, 3)}, ["a", "b"])
     w = d / "router.safetensors"
@@ -368,7 +368,7 @@ def test_truncated_router_checkpoint_is_refused_in_one_line(tmp_path):
 
 
 def test_truncated_metrics_json_is_refused_in_one_line(tmp_path):
-    from pipeline.metrics_file import read_metrics
+    from pipeline.runtime.metrics_file import read_metrics
 
     (tmp_path / "metrics.json").write_text('{"stage": "finetune", "metr')
     with pytest.raises(ValueError, match=r"^.*metrics.json: not a readable metrics.json \(JSONDecodeError: .*\); delete "
@@ -381,7 +381,7 @@ def test_adapter_damaged_after_training_is_refused_by_its_recorded_checksum(outp
     from peft import PeftModel
 
     from models import load_base_model
-    from pipeline.finetune import save_adapter
+    from pipeline.stages.finetune import save_adapter
 
     out = tmp_path / "out"
     shutil.copytree(outputs, out)

@@ -54,7 +54,7 @@ def test_parallel_steps_fail_alone_then_resume(tmp_path):
 
 
 def test_gpu_choice():
-    from pipeline.reproduce import least_busy_gpu, visible_gpus
+    from pipeline.stages.reproduce import least_busy_gpu, visible_gpus
 
     assert least_busy_gpu(["0", "1"], []) == "0"
     assert least_busy_gpu(["0", "1"], ["0"]) == "1"

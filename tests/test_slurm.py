@@ -71,8 +71,8 @@ MULTIRUN = """
 import json, sys
 from hydra._internal.hydra import Hydra
 from hydra._internal.utils import create_config_search_path
-from pipeline.entry import CONF_DIR
-from pipeline.finetune import main
+from pipeline.runtime.entry import CONF_DIR
+from pipeline.stages.finetune import main
 hydra = Hydra.create_main_hydra2(task_name="finetune", config_search_path=create_config_search_path(CONF_DIR))
 batches = hydra.multirun(config_name="finetune", task_function=main, overrides=sys.argv[1:])
 print("RETURNS=" + json.dumps([[r.return_value for r in batch] for batch in batches]))

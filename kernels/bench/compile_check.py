@@ -1,4 +1,4 @@
-"""Compile the Triton kernels for a GPU target on a machine without one: ``python -m kernels.compile_check``.
+"""Compile the Triton kernels for a GPU target on a machine without one: ``python -m kernels.bench.compile_check``.
 
 Triton's compiler needs no device: ``triton.compile`` lowers a kernel to PTX and a cubin (its bundled ptxas) for
 any ``GPUTarget``. This compiles the decode kernels (and the grouped prefill / training ones) in the configurations the launchers use (bf16 / fp32, token and
@@ -82,7 +82,7 @@ def main(argv=None) -> None:
                     help="each kernel once, both SEQ branches of the fused one (CI: a cold compile cache costs ~3 s each)")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
-        raise SystemExit("kernels.compile_check: unset TRITON_INTERPRET (the interpreter has no compiler to check)")
+        raise SystemExit("kernels.bench.compile_check: unset TRITON_INTERPRET (the interpreter has no compiler to check)")
     target = GPUTarget("cuda", args.arch, 32)
     configs = configurations()
     if args.few:

@@ -346,14 +346,14 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true",
                     help="4096->4096 only, T in {1, 16, 64, 4096}, r in {8, 64} (with --overhead: fewer shapes)")
     ap.add_argument("--overhead", action="store_true",
-                    help="time the host cost of 210 back-to-back decode calls instead (kernels.bench_overhead)")
+                    help="time the host cost of 210 back-to-back decode calls instead (kernels.bench.overhead)")
     ap.add_argument("--device", default="cuda", help="--overhead only: cuda, or cpu to time the CPU path")
     ap.add_argument("--paths", action="store_true",
                     help="A/B of the forward paths (routed vs bank, fwd) per bank size: writes kernel_bench_paths.*")
     ap.add_argument("--adapters", type=int, nargs="*", default=None, help=f"--paths: bank sizes L (default {L})")
     args = ap.parse_args(argv)
     if args.overhead:
-        from kernels import bench_overhead
+        from kernels.bench import overhead as bench_overhead
 
         bench_overhead.main(args.device, args.out, quick=args.quick)
         return

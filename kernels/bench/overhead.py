@@ -169,7 +169,7 @@ def markdown(doc) -> str:
 
 
 def main(device: str, out: str | None, quick: bool = False) -> None:
-    from kernels.bench import git_sha, write_atomic
+    from kernels.bench.kernel_bench import git_sha, write_atomic
 
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():

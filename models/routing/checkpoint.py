@@ -4,7 +4,7 @@
                    "config": {...constructor kwargs...}, "adapter_names": [...], "base_model": "...",
                    "shapes": {tensor name: shape}, "weights": {"bytes": n, "sha256": hex}}
 
-No Lightning, no pickles. Both files are written atomically (``models.atomic``: temp file in the same dir +
+No Lightning, no pickles. Both files are written atomically (``common.atomic``: temp file in the same dir +
 ``os.replace``), the weights first and the JSON last; the JSON records the weights' size and sha256, so a reader
 never trusts weights that are truncated, damaged or from an interrupted re-save (new weights, old JSON): each is
 one ``RouterCheckpointError`` line. Loading also checks the format, the strategy, the adapter names (a different
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from models.atomic import atomic_write_text, atomic_write_with, file_digest
+from common.atomic import atomic_write_text, atomic_write_with, file_digest
 
 FORMAT = "loramux-router"
 WEIGHTS, CONFIG = "router.safetensors", "router.json"

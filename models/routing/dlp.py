@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.routing import SequenceRouter, route_top_p
+from models.routing.route import SequenceRouter, route_top_p
 
 
 class DLPRouter(SequenceRouter):

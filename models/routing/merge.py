@@ -20,7 +20,7 @@ import math
 import torch
 
 from models.adapter_bank import padded_rank
-from models.routing import Route, Router, SequenceRouter
+from models.routing.route import Route, Router, SequenceRouter
 
 
 class OracleRouter(SequenceRouter):

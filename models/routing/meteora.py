@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.adapter_bank import slot_key
-from models.routing import Route, Router, expand_rows, route_top_k
+from models.routing.route import Route, Router, expand_rows, route_top_k
 
 
 class MeteoraRouter(Router):

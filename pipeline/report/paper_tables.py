@@ -1,7 +1,7 @@
 """The papers' tables, as committed results: ``<dir>/<experiment>.json`` + ``.md`` (+ ``.png`` where a paper has a
 figure), built from one experiment's metrics.json records, with the claims of issue 8 computed from the rows.
 
-    from pipeline.paper_tables import write_paper_table
+    from pipeline.report.paper_tables import write_paper_table
     write_paper_table("dlp_tasks", records, "outputs/tables", config={...})   # the report stage calls this
 
 JSON: ``{"table", "provenance": {git_sha, device, torch, triton, transformers, versions, config, date,
@@ -31,8 +31,8 @@ import json
 import math
 from pathlib import Path
 
-from pipeline.atomic import atomic_write_text
-from pipeline.report_tables import Table, latest_records
+from common.atomic import atomic_write_text
+from pipeline.report.tables import Table, latest_records
 
 PAPER_TABLES = ("meteora_tasks", "meteora_composite", "dlp_tasks", "dlp_latency", "head_to_head")
 PRIMARY = ("accuracy", "rougeL", "bleu")
@@ -475,7 +475,7 @@ def to_markdown(name: str, table: dict, plot: Path | None) -> str:
 
 def plot_table(name: str, table: dict, path: Path) -> Path | None:
     """The paper's figure: per-task radar (meteora_tasks), composite bars per n, latency vs adapters."""
-    from pipeline.report_render import bar_plot, radar_plot
+    from pipeline.report.render import bar_plot, radar_plot
 
     rows = table["rows"]
     if not rows:
@@ -499,7 +499,7 @@ def plot_table(name: str, table: dict, path: Path) -> Path | None:
 
 def latency_figure(rows: list[dict], path: Path) -> Path | None:
     """DLP-LoRA's figure: ms vs number of adapters per model and phase; base and single LoRA as reference lines."""
-    from pipeline.report_render import _plt, _save, adapter_axis
+    from pipeline.report.render import _plt, _save, adapter_axis
 
     models = list(dict.fromkeys(r["model"] for r in rows))
     plt = _plt()

@@ -10,8 +10,8 @@ import io
 import math
 from pathlib import Path
 
-from pipeline.atomic import atomic_write_bytes, atomic_write_text
-from pipeline.report_tables import Table
+from common.atomic import atomic_write_bytes, atomic_write_text
+from pipeline.report.tables import Table
 
 
 def _cell(v) -> str:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.atomic import atomic_write_text
+from common.atomic import atomic_write_text
 
 ORDER = ("name", "stage", "task", "tasks", "model", "adapter", "router", "data", "optim", "trainer", "logger",
          "paths")

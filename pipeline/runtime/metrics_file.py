@@ -15,7 +15,7 @@ import json
 import math
 from pathlib import Path
 
-from pipeline.atomic import atomic_write_text
+from common.atomic import atomic_write_text
 
 REQUIRED = ("stage", "experiment", "tasks", "strategy", "metrics", "provenance")
 FILENAME = "metrics.json"

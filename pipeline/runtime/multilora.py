@@ -29,7 +29,7 @@ def adapter_dirs(cfg: DictConfig, strategy: str) -> dict[str, Path]:
         if not (d / "adapter_config.json").is_file():
             raise FileNotFoundError(f"adapter {name!r} is missing at {d}; train it first: python -m pipeline.finetune "
                                     f"experiment={cfg.name} task={name}")
-        from pipeline.finetune import verify_adapter  # size + sha256 recorded at save time (issue 7)
+        from pipeline.stages.finetune import verify_adapter  # size + sha256 recorded at save time (issue 7)
 
         out[name] = verify_adapter(d)
     return out

@@ -47,7 +47,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from pipeline.atomic import atomic_write_text, atomic_write_with, file_digest
+from common.atomic import atomic_write_text, atomic_write_with, file_digest
 
 log = logging.getLogger(__name__)
 CHECKPOINT = Path("checkpoints") / "requeue.ckpt"
@@ -169,7 +169,7 @@ class ResumableSampler(torch.utils.data.distributed.DistributedSampler):
 
     Lightning calls ``set_epoch`` before each epoch; ``skip_next(n)`` makes the next epoch's iterator start at
     sample ``n`` of that epoch's order (the samples the interrupted job had already trained on).
-    Under DDP each rank iterates its shard of the same order (``pipeline.distributed.shard``: every N-th sample),
+    Under DDP each rank iterates its shard of the same order (``pipeline.runtime.distributed.shard``: every N-th sample),
     so the global batch of a step is the one-process batch; being a ``DistributedSampler``, Lightning uses it
     as it is (it would otherwise wrap it and shuffle the order a second time). ``skip_next`` counts this rank's
     samples then.
@@ -185,12 +185,12 @@ class ResumableSampler(torch.utils.data.distributed.DistributedSampler):
         self.skip = int(samples)
 
     def __len__(self) -> int:
-        from pipeline.distributed import shard_size
+        from pipeline.runtime.distributed import shard_size
 
         return shard_size(self.num_samples)
 
     def __iter__(self):
-        from pipeline.distributed import shard
+        from pipeline.runtime.distributed import shard
 
         order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + self.epoch))
         start, self.skip = self.skip, 0

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from pipeline.metrics_file import FILENAME, read_metrics
+from pipeline.runtime.metrics_file import FILENAME, read_metrics
 
 log = logging.getLogger(__name__)
 

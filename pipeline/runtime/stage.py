@@ -17,9 +17,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config_tree import show_and_save_config
-from pipeline.metrics_file import write_metrics
-from pipeline.provenance import provenance
+from common.provenance import provenance
+from pipeline.runtime.config_tree import show_and_save_config
+from pipeline.runtime.metrics_file import write_metrics
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def build_tracker(cfg: DictConfig):
     """Instantiate ``cfg.logger`` (wandb / csv / none); a missing logger group means no tracking."""
     from hydra.utils import instantiate
 
-    from pipeline.tracking import NullTracker
+    from pipeline.runtime.tracking import NullTracker
 
     if cfg.get("logger") is None:
         return NullTracker()
@@ -59,7 +59,7 @@ class StageRun:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.t0 = time.perf_counter()  # metrics.json's wall_time_s (paper-table provenance)
         lightning.seed_everything(int(self.cfg.seed), workers=True, verbose=False)
-        from pipeline.distributed import is_global_zero
+        from pipeline.runtime.distributed import is_global_zero
 
         self.writer = is_global_zero()  # DDP / SLURM tasks: rank 0 alone saves, tracks and writes metrics.json
         if self.writer:
@@ -72,7 +72,7 @@ class StageRun:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:  # DDP: no rank leaves the stage before rank 0 has written its outputs
-            from pipeline.distributed import wait_for_all
+            from pipeline.runtime.distributed import wait_for_all
 
             wait_for_all()
         if self.tracker is not None:

@@ -55,7 +55,7 @@ class CsvTracker(NullTracker):
     def __init__(self, save_dir):
         from lightning.pytorch.loggers import CSVLogger
 
-        from pipeline.distributed import is_global_zero
+        from pipeline.runtime.distributed import is_global_zero
 
         self.writer = is_global_zero()  # other DDP ranks: CSVLogger writes nothing there; nor do the tables
         self.dir = Path(save_dir) / "csv"
@@ -106,7 +106,7 @@ class WandbTracker(NullTracker):
         self.fallback: NullTracker | None = None
         self.lightning = False
         Path(save_dir).mkdir(parents=True, exist_ok=True)
-        from pipeline.distributed import is_global_zero
+        from pipeline.runtime.distributed import is_global_zero
 
         if not is_global_zero():  # DDP rank > 0: no wandb run; a WandbLogger that never starts one (rank-zero-only)
             self._silent_rank(project, save_dir)

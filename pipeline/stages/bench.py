@@ -17,7 +17,7 @@ Shapes: ``default`` = the configured model; ``llama3_8b`` = a random-weight LLaM
 (CUDA only: 16 GB); ``llama3_8b_tiny`` = the same code path (same config keys, vocab, GQA ratio, bf16) with 2
 layers and hidden 64, so CPU tests run every line the GPU runs.
 
-Engines (``pipeline.latency``): ``eager``; ``static`` = static KV cache, decode compiled per ``bench.static``
+Engines (``pipeline.stages.bench_timing``): ``eager``; ``static`` = static KV cache, decode compiled per ``bench.static``
 (backend, mode; CUDA only unless ``bench.static.allow_on_cpu``); a compile that fails falls back to the static
 cache without compile. Each row's ``engine`` says what ran: ``eager``, ``static+compile`` or ``static``.
 ``bench.static.{shapes,strategies,num_adapters}`` restrict the static grid (each combination compiles once).
@@ -41,8 +41,8 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.entry import CONF_DIR, cli, user_errors
-from pipeline.stage import StageRun
+from pipeline.runtime.entry import CONF_DIR, cli, user_errors
+from pipeline.runtime.stage import StageRun
 
 log = logging.getLogger(__name__)
 SUITES = ("latency", "train_throughput", "e2e_decode")
@@ -174,13 +174,13 @@ class ShapeBench:
         st = self.static
         if not st.get("compile", True):
             return None
-        from pipeline.latency import compile_config
+        from pipeline.stages.bench_timing import compile_config
 
         return compile_config(str(st.get("backend", "inductor")), st.get("mode", "reduce-overhead"),
                               bool(st.get("fullgraph", False)), all_devices=self.device.type != "cuda")
 
     def _time(self, generate, b, s, engine, compile=None):
-        from pipeline.latency import random_batch, time_generate
+        from pipeline.stages.bench_timing import random_batch, time_generate
 
         ids, mask = random_batch(self.vocab, b, s, self.device, seed=int(self.cfg.seed))
         return time_generate(generate, ids, mask, int(self.b_cfg.new_tokens), warmup=int(self.b_cfg.warmup),
@@ -290,7 +290,7 @@ def kernel_micro(run_dir: Path) -> dict | None:
         return None
     import json
 
-    from kernels import bench as kbench
+    from kernels.bench import kernel_bench as kbench
 
     out = run_dir / "kernel"
     kbench.main(["--out", str(out), "--tokens", "1", "64", "1024", "--shapes", "0"])

@@ -25,9 +25,9 @@ import logging
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.atomic import atomic_write_text
-from pipeline.entry import CONF_DIR, cli, user_errors
-from pipeline.stage import StageRun
+from common.atomic import atomic_write_text
+from pipeline.runtime.entry import CONF_DIR, cli, user_errors
+from pipeline.runtime.stage import StageRun
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +60,8 @@ def predict_trainer(cfg: DictConfig, progress: bool):
 
 def _single_task_groups(cfg):
     """One prompt group per task: its first ``data.test_limit`` test rows (the oracle gets the task's adapter)."""
+    from data.task_rows import task_rows
     from pipeline.generation import PromptGroup
-    from pipeline.task_rows import task_rows
 
     oracle = str(cfg.router.strategy) == "oracle"
     rows, groups = {}, []
@@ -127,7 +127,7 @@ def _score_composite(n, subtasks, ds, g):
 def evaluate(cfg: DictConfig) -> float | None:
     """Evaluate ``cfg.router`` on the tasks (or composite-n); return the mean task score (None on ranks > 0)."""
     from pipeline.generation import generate_groups
-    from pipeline.multilora_setup import build_multilora
+    from pipeline.runtime.multilora import build_multilora
 
     n = int(cfg.composite_n) if cfg.get("composite_n") else None
     with StageRun(cfg) as run:

@@ -12,7 +12,7 @@ the weights records their size and sha256.
 
 Crashes: a resumable checkpoint is written every ``checkpoint.every_n_steps`` steps (and on SLURM's preemption
 signal); started again in the same run dir with the same config, the run resumes from it and ends with the
-adapter an uninterrupted run gives (``pipeline/requeue.py``). A NaN/inf loss stops the run with one line naming
+adapter an uninterrupted run gives (``pipeline/runtime/requeue.py``). A NaN/inf loss stops the run with one line naming
 the step and the last checkpoint, which is kept.
 """
 
@@ -26,9 +26,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.atomic import atomic_dir
-from pipeline.entry import CONF_DIR, cli, user_errors
-from pipeline.stage import StageRun
+from common.atomic import atomic_dir
+from pipeline.runtime.entry import CONF_DIR, cli, user_errors
+from pipeline.runtime.stage import StageRun
 from pipeline.train_speed import apply_train_speed
 
 log = logging.getLogger(__name__)
@@ -37,9 +37,9 @@ log = logging.getLogger(__name__)
 def _loaders(cfg: DictConfig, tokenizer):
     from torch.utils.data import DataLoader
 
-    from pipeline.answer_batches import AnswerOnlyCollator, encode_pair
-    from pipeline.requeue import ResumableSampler
-    from pipeline.task_rows import rows_for
+    from data.batches import AnswerOnlyCollator, encode_pair
+    from data.task_rows import rows_for
+    from pipeline.runtime.requeue import ResumableSampler
 
     d, task, tasks = cfg.data, str(cfg.task), list(cfg.tasks)
     enc = lambda rows: [encode_pair(tokenizer, r["prompt"], r["answer"], int(d.max_length), bool(d.append_eos))
@@ -59,8 +59,8 @@ def _loaders(cfg: DictConfig, tokenizer):
 def save_adapter(peft_model, dest, meta: dict) -> Path:
     """``save_pretrained`` into ``dest`` atomically, with ``loramux.json`` (task, base model, training facts and
     the size + sha256 of ``adapter_model.safetensors``)."""
-    from pipeline.atomic import file_digest
-    from pipeline.distributed import is_global_zero
+    from common.atomic import file_digest
+    from pipeline.runtime.distributed import is_global_zero
 
     if not is_global_zero():  # DDP: every rank holds the same adapter; rank 0 writes it
         return Path(dest)
@@ -75,7 +75,7 @@ def save_adapter(peft_model, dest, meta: dict) -> Path:
 def verify_adapter(adapter_dir) -> Path:
     """Check the weights of an adapter saved by :func:`save_adapter` against the size and sha256 in its
     ``loramux.json``; a truncated, damaged or swapped file is one ValueError line. Dirs without the record pass."""
-    from pipeline.atomic import file_digest
+    from common.atomic import file_digest
 
     d = Path(adapter_dir)
     try:
@@ -101,10 +101,10 @@ def finetune(cfg: DictConfig) -> float | None:
     from hydra.utils import instantiate
     from peft import get_peft_model
 
-    from pipeline.distributed import sum_over_ranks
     from pipeline.lora_finetune import LoRAFinetuneModule
-    from pipeline.requeue import RequeueCheckpoint, fit_resumable, prepare_resume, training_config
-    from pipeline.rerun import previous_result
+    from pipeline.runtime.distributed import sum_over_ranks
+    from pipeline.runtime.requeue import RequeueCheckpoint, fit_resumable, prepare_resume, training_config
+    from pipeline.runtime.rerun import previous_result
 
     if (done := previous_result(cfg)) is not None:  # a relaunched sweep's finished job
         return done.value
@@ -117,7 +117,7 @@ def finetune(cfg: DictConfig) -> float | None:
     if int(cfg.adapter.r) <= 0:
         raise ValueError(f"adapter.r={cfg.adapter.r} must be > 0")
     task = str(cfg.task)
-    resume = prepare_resume(cfg)  # a requeued SLURM job: its checkpoint and wandb run id (pipeline/requeue.py)
+    resume = prepare_resume(cfg)  # a requeued SLURM job: its checkpoint and wandb run id (pipeline/runtime/requeue.py)
     with StageRun(cfg) as run:
         model, tokenizer = instantiate(cfg.model)
         train_dl, val_dl, n_train, n_val = _loaders(cfg, tokenizer)
@@ -126,7 +126,7 @@ def finetune(cfg: DictConfig) -> float | None:
         speed = apply_train_speed(cfg, model)  # GPU: compiled decoder layers, frozen weights in bf16
         module = LoRAFinetuneModule(peft_model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                                     warmup_steps=cfg.optim.warmup_steps, total_steps=steps)
-        from pipeline.step_log import StepLog
+        from pipeline.runtime.step_log import StepLog
 
         every = int(cfg.get("checkpoint", {}).get("every_n_steps", 0) or 0)
         requeue = RequeueCheckpoint(run.run_dir, every_n_steps=every, config=training_config(cfg))

@@ -3,12 +3,12 @@
     python -m pipeline.report experiment=demo                 # reads outputs/demo/, writes outputs/demo/report.md
     python -m pipeline.report source_dir=multirun/... out_dir=/tmp/r
 
-Reads only metrics.json files (wandb is a mirror, never the source): see ``pipeline.report_tables`` for which
+Reads only metrics.json files (wandb is a mirror, never the source): see ``pipeline.report.tables`` for which
 record feeds which table. Writes ``<out_dir>/report.md``, ``<out_dir>/tables/<name>.{md,csv}`` and
 ``<out_dir>/plots/<name>.png``, logs each table as a wandb Table and each plot as an image, and its own
 metrics.json (number of records and tables) in its run dir. When the experiment is one of the papers' tables
 (``paper_table``, default the experiment's name), it also writes ``<paper_tables_dir>/<name>.{json,md,png}``
-(``pipeline.paper_tables``: the issue-8 rows, provenance and computed claims; default ``outputs/tables/``).
+(``pipeline.report.paper_tables``: the issue-8 rows, provenance and computed claims; default ``outputs/tables/``).
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from pipeline.atomic import atomic_write_text
-from pipeline.entry import CONF_DIR, cli, user_errors
-from pipeline.metrics_file import find_metrics, read_metrics
-from pipeline.report_render import bar_plot, latency_plot, radar_plot, to_markdown, write_table_files
-from pipeline.report_tables import build_tables
+from common.atomic import atomic_write_text
+from pipeline.report.render import bar_plot, latency_plot, radar_plot, to_markdown, write_table_files
+from pipeline.report.tables import build_tables
+from pipeline.runtime.entry import CONF_DIR, cli, user_errors
+from pipeline.runtime.metrics_file import find_metrics, read_metrics
 
 log = logging.getLogger(__name__)
 SKIP_STAGES = ("report", "reproduce")
@@ -84,7 +84,7 @@ def write_experiment_table(cfg: DictConfig, records: list[dict]) -> dict:
     table, else {}."""
     from omegaconf import OmegaConf
 
-    from pipeline.paper_tables import PAPER_TABLES, claims_summary, write_paper_table
+    from pipeline.report.paper_tables import PAPER_TABLES, claims_summary, write_paper_table
 
     name = cfg.get("paper_table")
     if not name or str(name) not in PAPER_TABLES:
@@ -103,7 +103,7 @@ def write_experiment_table(cfg: DictConfig, records: list[dict]) -> dict:
 
 def report(cfg: DictConfig) -> float | None:
     """Build the report of ``cfg.source_dir`` into ``cfg.out_dir``; return the number of tables."""
-    from pipeline.stage import StageRun
+    from pipeline.runtime.stage import StageRun
 
     with StageRun(cfg) as run:
         records = collect_records(cfg.source_dir)

@@ -34,7 +34,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, open_dict
 
-from pipeline.entry import CONF_DIR, cli, user_errors
+from pipeline.runtime.entry import CONF_DIR, cli, user_errors
 
 log = logging.getLogger(__name__)
 OWN_KEYS = ("force", "gpus", "parallel", "plan", "print_config", "stage")  # reproduce's own keys: not passed on to the stages
@@ -87,15 +87,15 @@ def plan_steps(cfg: DictConfig) -> list[dict]:
 
 def _runner(stage: str):
     if stage == "finetune":
-        from pipeline.finetune import finetune as fn
+        from pipeline.stages.finetune import finetune as fn
     elif stage == "route":
-        from pipeline.route import route as fn
+        from pipeline.stages.route import route as fn
     elif stage == "evaluate":
-        from pipeline.evaluate import evaluate as fn
+        from pipeline.stages.evaluate import evaluate as fn
     elif stage == "bench":
-        from pipeline.bench import bench as fn
+        from pipeline.stages.bench import bench as fn
     else:
-        from pipeline.report import report as fn
+        from pipeline.stages.report import report as fn
     return fn
 
 
@@ -179,7 +179,7 @@ def run_parallel(steps: list[dict], overrides: list[str], width: int, gpus: list
 
 def reproduce(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
     """Run (or skip) every planned step of ``cfg``'s experiment, then the report; return the report's path."""
-    from pipeline.config_tree import show_and_save_config
+    from pipeline.runtime.config_tree import show_and_save_config
 
     inherited = passed_overrides(cfg, overrides)
     exp = Path(str(cfg.paths.exp_dir))

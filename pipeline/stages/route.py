@@ -11,7 +11,7 @@ optimizer steps; validation on the val split (loss and routing accuracy, the run
 
 Crashes: like ``finetune``, a resumable checkpoint (trainable router weights, optimizer, loop and RNG state) is
 written every ``checkpoint.every_n_steps`` steps; a restart in the same run dir with the same config resumes from
-it and saves the router an uninterrupted run saves (``pipeline/requeue.py``).
+it and saves the router an uninterrupted run saves (``pipeline/runtime/requeue.py``).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from pipeline.entry import CONF_DIR, cli, user_errors
-from pipeline.stage import StageRun
+from pipeline.runtime.entry import CONF_DIR, cli, user_errors
+from pipeline.runtime.stage import StageRun
 from pipeline.train_speed import apply_train_speed
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ class RoutedRowsCollator:
     """Rows with a task index -> right-padded ``input_ids``, ``attention_mask``, ``labels``, ``task_ids``."""
 
     def __init__(self, pad_token_id: int):
-        from pipeline.answer_batches import AnswerOnlyCollator
+        from data.batches import AnswerOnlyCollator
 
         self.pad = AnswerOnlyCollator(pad_token_id)
 
@@ -48,8 +48,8 @@ class RoutedRowsCollator:
 
 def routed_rows(cfg: DictConfig, tokenizer, split: str, per_task: int, objective: str) -> list[dict]:
     """Encoded rows of every task, each with its adapter index; dlp rows are the prompt alone."""
-    from pipeline.answer_batches import encode_pair, encode_prompt
-    from pipeline.task_rows import task_rows
+    from data.batches import encode_pair, encode_prompt
+    from data.task_rows import task_rows
 
     max_len, rows = int(cfg.router.train.max_length), []
     for idx, task in enumerate(cfg.tasks):
@@ -71,15 +71,15 @@ def route(cfg: DictConfig) -> float | None:
     from hydra.utils import instantiate
     from torch.utils.data import DataLoader
 
-    from pipeline.multilora_setup import build_multilora
-    from pipeline.requeue import (
+    from pipeline.router_training import RouterTrainModule
+    from pipeline.runtime.multilora import build_multilora
+    from pipeline.runtime.requeue import (
         RequeueCheckpoint,
         ResumableSampler,
         fit_resumable,
         prepare_resume,
         training_config,
     )
-    from pipeline.router_training import RouterTrainModule
 
     objective = "dlp" if str(cfg.router.strategy) in ("dlp", "dlp_segments") else str(cfg.router.strategy)
     if objective not in ("meteora", "dlp"):
@@ -103,14 +103,14 @@ def route(cfg: DictConfig) -> float | None:
                                    bool(cfg.router.train.get("train_loras", False)))
         # GPU: compiled decoder layers, frozen weights in bf16 (the dlp objective runs no LM: nothing to compile)
         speed = apply_train_speed(cfg, mm.model) if objective == "meteora" else {"compile": False}
-        from pipeline.scaling import stage_callbacks
-        from pipeline.step_log import StepLog
+        from pipeline.runtime.step_log import StepLog
+        from pipeline.stages.scaling import stage_callbacks
 
         every = int(cfg.get("checkpoint", {}).get("every_n_steps", 0) or 0)
         requeue = RequeueCheckpoint(run.run_dir, every_n_steps=every, config=training_config(cfg))
         trainer = instantiate(cfg.trainer, logger=run.tracker.lightning, max_steps=steps, inference_mode=False,
                               callbacks=[StepLog(int(cfg.trainer.log_every_n_steps), f"route {objective}"), requeue,
-                                         *stage_callbacks(cfg)],  # +callbacks.<name>=... (pipeline.scaling)
+                                         *stage_callbacks(cfg)],  # +callbacks.<name>=... (pipeline.stages.scaling)
                               val_check_interval=min(steps, int(cfg.trainer.val_check_interval)))
         mm.router.train()
         t0 = time.perf_counter()
@@ -121,7 +121,7 @@ def route(cfg: DictConfig) -> float | None:
         else:  # the last in-fit validation was earlier than the last step
             final = trainer.validate(module, dataloaders=val_dl, verbose=False)[0]
         mm.router.eval()
-        from pipeline.distributed import full_weights, is_global_zero
+        from pipeline.runtime.distributed import full_weights, is_global_zero
 
         shared = Path(str(cfg.paths.routers_dir)) / objective
         with full_weights(trainer):  # FSDP: gather the sharded router first; DDP / one device: nothing to do

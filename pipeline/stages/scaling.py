@@ -53,7 +53,7 @@ class StepTimes(L.Callback):
         self.t0 = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        from pipeline.distributed import sum_over_ranks
+        from pipeline.runtime.distributed import sum_over_ranks
 
         self._sync(pl_module)
         seconds = time.perf_counter() - self.t0
@@ -65,14 +65,14 @@ class StepTimes(L.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         if trainer.is_global_zero:
-            from pipeline.atomic import atomic_write_text
+            from common.atomic import atomic_write_text
 
             atomic_write_text(self.path, json.dumps(self.rows) + "\n")
 
 
 def stage_callbacks(cfg) -> list:
     """Extra Lightning callbacks a stage run adds from ``cfg.callbacks`` (``{name: {_target_: ...}}``; none by
-    default), e.g. ``+callbacks.times._target_=pipeline.scaling.StepTimes +callbacks.times.path=<file>``."""
+    default), e.g. ``+callbacks.times._target_=pipeline.stages.scaling.StepTimes +callbacks.times.path=<file>``."""
     from hydra.utils import instantiate
 
     return [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
@@ -151,7 +151,7 @@ def _run(cmd: list[str], log_path: Path, env: dict, fail: bool = True) -> str | 
 def _compose(stage: str, overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
-    from pipeline.entry import CONF_DIR
+    from pipeline.runtime.entry import CONF_DIR
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return compose(config_name=stage, overrides=overrides)
@@ -171,8 +171,8 @@ def ensure_adapters(args, env: dict, work: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from pipeline.atomic import atomic_write_text
-    from pipeline.provenance import provenance
+    from common.atomic import atomic_write_text
+    from common.provenance import provenance
 
     ap = argparse.ArgumentParser(prog="python -m pipeline.scaling", description=__doc__.split("\n\n")[0])
     ap.add_argument("--experiment", default="demo")
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"trainer={name}", f"trainer.devices={n}", f"router.train.batch_size={args.global_batch // n}",
               f"router.train.steps={args.steps}", f"trainer.val_check_interval={args.steps}", "logger=csv",
               "print_config=false", "checkpoint.every_n_steps=0", f"hydra.run.dir={run_dir}",
-              f"paths.routers_dir={run_dir / 'routers'}", "+callbacks.times._target_=pipeline.scaling.StepTimes",
+              f"paths.routers_dir={run_dir / 'routers'}", "+callbacks.times._target_=pipeline.stages.scaling.StepTimes",
               f"+callbacks.times.path={times}", *args.overrides], run_dir / "run.log", env, fail=not results)
         if error is not None:  # a later run failed (e.g. FSDP): keep the others, say why in the table
             failed.append({"run": f"{name}:{n}", "trainer": name, "devices": n, "error": error.splitlines()[-1],

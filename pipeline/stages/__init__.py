@@ -1,0 +1,7 @@
+"""The stages, one module each (entry point + work + LightningModule); ``conf/<stage>.yaml`` is each one's config.
+
+    finetune   one PEFT LoRA per task (or the mixed LoRA-B)       route      train a router over the adapters
+    evaluate   score a routing strategy, or composite-n prompts   bench      end-to-end generation latency
+    report     metrics.json -> tables, plots, paper tables        reproduce  an experiment's whole chain
+    scaling    the route stage on 1 device vs DDP / FSDP (an argparse driver over ``python -m pipeline.route``)
+"""
