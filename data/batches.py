@@ -1,4 +1,4 @@
-"""Prompt/answer rows -> token batches where only answer tokens carry loss.
+"""Prompt/answer rows -> token batches: answer-only training batches, and left-padded generation jobs.
 
 A causal LM fine-tuned on ``prompt + answer`` should learn to produce the answer, not to predict the prompt, so
 labels are ``-100`` (ignored by the loss) on every prompt and padding position. Rows are right-padded for
@@ -6,9 +6,17 @@ training (positions stay 0..n-1 for real tokens); generation uses the tokenizer'
 
     enc = encode_pair(tok, "Q: 2+2?\nA:", " 4", max_length=256)   # {"input_ids", "labels"}
     batch = AnswerOnlyCollator(tok.pad_token_id)([enc, ...])      # padded tensors + attention_mask
+
+Generation: prompts of a ``PromptGroup`` are encoded exactly as training encoded them (``encode_prompt``), sorted by
+length so each batch pads little, and cut into *jobs* (``plan_jobs``: one ``generate`` call each, left-padded by
+``left_pad`` so the last column is every row's last real token); prompts longer than ``max_prompt_tokens`` are
+skipped and counted (MeteoRA skips prompts over 4096 tokens), their prediction None. ``assemble`` puts job outputs
+(any order, from any rank) back into input order.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 
@@ -52,3 +60,67 @@ class AnswerOnlyCollator:
             labels[i, :n] = torch.tensor(r["labels"])
             mask[i, :n] = 1
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+@dataclass
+class PromptGroup:
+    """Prompts generated with the same settings (one task, or the composite prompts)."""
+
+    prompts: list
+    task_ids: list | None = None  # one adapter name per prompt (the oracle), else None
+    max_new_tokens: int = 16
+
+
+@dataclass
+class Generations:
+    """Outputs in input order (None = skipped), sentence routes where the router made one, and timing."""
+
+    texts: list
+    routes: list = field(default_factory=list)
+    skipped: int = 0
+    seconds: float = 0.0
+    new_tokens: int = 0
+
+
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ``input_ids`` and ``attention_mask`` (the last column is every row's last real token)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+def plan_jobs(tokenizer, groups: list[PromptGroup], batch_size: int, max_prompt_tokens: int):
+    """``(jobs, skipped per group)``: each job is one generate call, ``{"group", "indices", "input_ids", ...}``."""
+    jobs, skipped = [], []
+    for g, group in enumerate(groups):
+        enc = [encode_prompt(tokenizer, p) for p in group.prompts]
+        keep = [i for i, e in enumerate(enc) if 0 < len(e) <= max_prompt_tokens]
+        order = sorted(keep, key=lambda i: len(enc[i]))
+        skipped.append(len(enc) - len(keep))
+        for s in range(0, len(order), batch_size):
+            batch = order[s:s + batch_size]
+            jobs.append({"group": g, "indices": batch, "input_ids": [enc[i] for i in batch],
+                         "task_ids": [group.task_ids[i] for i in batch] if group.task_ids is not None else None,
+                         "max_new_tokens": int(group.max_new_tokens)})
+    return jobs, skipped
+
+
+def assemble(groups: list[PromptGroup], skipped: list[int], outputs: list[dict], seconds: float) -> list[Generations]:
+    """Job outputs (any order, from any rank) -> one ``Generations`` per group, in input order; ``seconds`` is the
+    generation time of the whole set (each group's share of it is in ``new_tokens``)."""
+    gens = [Generations(texts=[None] * len(g.prompts), routes=[None] * len(g.prompts), skipped=s)
+            for g, s in zip(groups, skipped)]
+    for out in outputs:
+        g = gens[out["group"]]
+        for i, text, route in zip(out["indices"], out["texts"], out["routes"]):
+            if g.texts[i] is not None:
+                raise RuntimeError(f"prompt {i} of group {out['group']} was generated twice")
+            g.texts[i], g.routes[i] = text, route
+        g.new_tokens += out["new_tokens"]
+    for g in gens:
+        g.seconds = seconds
+    return gens

@@ -209,7 +209,7 @@ def test_user_errors_prints_the_first_line_only(capsys):
 def test_prompt_longer_than_the_context_is_skipped_and_counted():
     from transformers import AutoTokenizer
 
-    from pipeline.generation import PromptGroup, plan_jobs
+    from data.batches import PromptGroup, plan_jobs
 
     tok = AutoTokenizer.from_pretrained(str(TINY))
     prompts = ["[INST] 2+2? [/INST]\n", "[INST] " + "long " * 400 + "[/INST]\n", "[INST] 3+3? [/INST]\n"]

@@ -36,8 +36,8 @@ pytestmark = needs_tiny_model
 KILLER = """
 import os, runpy, signal, sys
 stage, kill_at = sys.argv[1], int(os.environ["KILL_AT_STEP"])
-import pipeline.lora_finetune, pipeline.router_training
-for cls in (pipeline.lora_finetune.LoRAFinetuneModule, pipeline.router_training.RouterTrainModule):
+import pipeline.stages.finetune, pipeline.stages.route
+for cls in (pipeline.stages.finetune.LoRAFinetuneModule, pipeline.stages.route.RouterTrainModule):
     step = cls.training_step
     def training_step(self, batch, i, _step=step):
         if self.global_step == kill_at:

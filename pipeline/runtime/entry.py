@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import importlib
 import logging
 import os
 import sys
@@ -76,10 +77,21 @@ def config_error_line(ex: BaseException) -> str:
     return text
 
 
+def _canonical(main):
+    """``python -m pipeline.<stage>`` runs ``pipeline/stages/<stage>.py`` as ``__main__``; the entry point of the module
+    under its own name is used instead, so a run holds one copy of the stage's classes (the LightningModule a test
+    patches, or submitit pickles by reference, is the one that trains)."""
+    if getattr(main, "__module__", None) != "__main__":
+        return main
+    module = importlib.import_module(f"pipeline.stages.{Path(sys.modules['__main__'].__file__).stem}")
+    return module.main
+
+
 def cli(main) -> None:
     """Run a ``@hydra.main`` entry point; a config error Hydra raises is one ``error:`` line and exit status 2."""
     from hydra.errors import HydraException
 
+    main = _canonical(main)
     previous = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises instead of printing its own multi-line report
     try:

@@ -14,22 +14,90 @@ prompt, gold, prediction, route) and metrics.json (``<task>/<metric>``, ``<task>
 
 Multi-GPU: generation runs through ``Trainer.predict`` with ``cfg.trainer``'s devices (``trainer=ddp``): the
 generate calls are sharded across the processes and gathered once on rank 0, which alone scores and writes;
-predictions equal a one-process run's (``pipeline/generation.py``).
+predictions equal a one-process run's. The generate calls (*jobs*, ``data.batches.plan_jobs``: prompts sorted by
+length, left-padded) run through ``Trainer.predict``: with one device that is a plain loop; under DDP Lightning's
+``UnrepeatedDistributedSamplerWrapper`` hands rank r the jobs r, r+N, ... (none twice, none lost), each rank
+generates its share, and the outputs are gathered once, on rank 0, back into input order. The jobs are the same
+whatever the number of processes, so predictions equal a one-process run's exactly.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 
 import hydra
+import lightning as L
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from common.atomic import atomic_write_text
+from data.batches import Generations, PromptGroup, assemble, left_pad, plan_jobs
 from pipeline.runtime.entry import CONF_DIR, cli, user_errors
 from pipeline.runtime.stage import StageRun
 
 log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def run_job(mm, tokenizer, job: dict) -> dict:
+    """One batched greedy ``generate``: ``{"group", "indices", "texts", "routes", "new_tokens"}``."""
+    t0 = time.perf_counter()
+    device = next(mm.parameters()).device
+    ids, mask = left_pad(job["input_ids"], tokenizer.pad_token_id)
+    kw = {"task_ids": job["task_ids"]} if job["task_ids"] is not None else {}
+    gen = mm.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=job["max_new_tokens"],
+                      do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **kw)
+    new = gen[:, ids.shape[1]:].cpu()
+    route = mm.last_route()
+    routes = [None] * len(job["indices"])
+    if route is not None:
+        rid, rw = route
+        routes = [{"ids": rid[row].tolist(), "weights": [round(float(w), 4) for w in rw[row]]}
+                  for row in range(len(job["indices"]))]
+    return {"group": job["group"], "indices": list(job["indices"]), "routes": routes,
+            "texts": [tokenizer.decode(t, skip_special_tokens=True).strip() for t in new],
+            "new_tokens": int((new != tokenizer.pad_token_id).sum()), "seconds": time.perf_counter() - t0}
+
+
+class GenerationModule(L.LightningModule):
+    """``Trainer.predict`` adapter: each predict batch is one job (``plan_jobs``), its output ``run_job``'s."""
+
+    def __init__(self, mm, tokenizer):
+        super().__init__()
+        self.mm = mm
+        self.tokenizer = tokenizer
+
+    def predict_step(self, job, batch_idx):
+        return run_job(self.mm, self.tokenizer, job)
+
+
+def _one_job(items):
+    return items[0]
+
+
+def generate_groups(trainer, mm, tokenizer, groups: list[PromptGroup], *, batch_size: int = 8,
+                    max_prompt_tokens: int = 1024) -> list[Generations] | None:
+    """Generate every group through ``trainer.predict`` (sharded across its processes); rank 0 gets the
+    ``Generations`` (``seconds``: the busiest rank's time inside generate, so process start-up is not counted),
+    the other ranks None."""
+    from torch.utils.data import DataLoader
+
+    from pipeline.runtime.distributed import gather_to_zero
+
+    jobs, skipped = plan_jobs(tokenizer, groups, batch_size, max_prompt_tokens)
+    outputs = trainer.predict(GenerationModule(mm, tokenizer),
+                              dataloaders=DataLoader(jobs, batch_size=1, collate_fn=_one_job)) if jobs else []
+    outputs = list(outputs or [])
+    parts = gather_to_zero((outputs, sum(o["seconds"] for o in outputs)))
+    if parts is None:
+        return None
+    gens = assemble(groups, skipped, [o for outs, _ in parts for o in outs], max(s for _, s in parts))
+    lost = [(i, k) for i, g in enumerate(gens) for k, t in enumerate(g.texts) if t is None]
+    if len(lost) != sum(skipped):
+        raise RuntimeError(f"{len(lost) - sum(skipped)} prompts came back from no rank")
+    return gens
 
 
 def task_score(metrics: dict) -> float | None:
@@ -61,7 +129,6 @@ def predict_trainer(cfg: DictConfig, progress: bool):
 def _single_task_groups(cfg):
     """One prompt group per task: its first ``data.test_limit`` test rows (the oracle gets the task's adapter)."""
     from data.task_rows import task_rows
-    from pipeline.generation import PromptGroup
 
     oracle = str(cfg.router.strategy) == "oracle"
     rows, groups = {}, []
@@ -93,7 +160,6 @@ def _score_single_tasks(cfg, rows, gens):
 
 def _composite_group(cfg, n):
     from data.composite import build_composite
-    from pipeline.generation import PromptGroup
 
     subtasks = [str(t) for t in list(cfg.composite_tasks)[:n]]
     if len(subtasks) < n:
@@ -126,7 +192,6 @@ def _score_composite(n, subtasks, ds, g):
 
 def evaluate(cfg: DictConfig) -> float | None:
     """Evaluate ``cfg.router`` on the tasks (or composite-n); return the mean task score (None on ranks > 0)."""
-    from pipeline.generation import generate_groups
     from pipeline.runtime.multilora import build_multilora
 
     n = int(cfg.composite_n) if cfg.get("composite_n") else None
