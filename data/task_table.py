@@ -12,7 +12,7 @@ data sets (gsm8k, cnn_dailymail, alpaca, news_commentary de/es/it -> en). Those 
     news_commentary_es  -> gem/wikilingua_multilingual Spanish rows
     news_commentary_it  -> gem/wikilingua_multilingual Italian rows
 
-Metrics follow MeteoRA's eval.py (REFERENCE.md §1.6): exact accuracy for formal_fallacies, winowhy,
+Metrics follow MeteoRA's eval.py: exact accuracy for formal_fallacies, winowhy,
 elementary_math_qa, cs_algorithms, tracking_shuffled_objects, unit_conversion, paragraph_segmentation,
 epistemic_reasoning; fuzzy accuracy (gold contained in the output) for the other accuracy tasks; strategyqa's
 yes/no rule plus BLEU and ROUGE; gsm8k's "number after 'The answer is', else the last number" rule; BLEU
@@ -21,7 +21,11 @@ yes/no rule plus BLEU and ROUGE; gsm8k's "number after 'The answer is', else the
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+
+from data.errors import LoramuxDataError
 
 METEORA_TEMPLATE = "[INST] {inputs} [/INST]\n"
 
@@ -193,7 +197,7 @@ TASKS: dict[str, Task] = {t.name: t for t in _TABLE}
 
 METEORA28: tuple[str, ...] = tuple(TASKS)
 
-# DLP-LoRA uses 26 of MeteoRA's tasks, 17 multiple-choice + 9 QA; its list was never published (REFERENCE §2.1).
+# DLP-LoRA uses 26 of MeteoRA's tasks, 17 multiple-choice + 9 QA; its list was never published.
 # Our reading: the 16 BIG-bench tasks whose data are multiple choice, plus strategyqa (its JSON carries Yes/No
 # target_scores, so a classifier-style evaluation counts it as MCQ) = 17; the 9 QA are the tasks MeteoRA scores by
 # generation (BLEU/ROUGE: linguistics_puzzles, topical_chat, cnn_dailymail, alpaca, news de/es/it) plus the two
@@ -214,7 +218,7 @@ DLP26_QA: tuple[str, ...] = (
 )
 DLP26: tuple[str, ...] = DLP26_MCQ + DLP26_QA
 
-# MeteoRA's composite-n sub-task lists, in its order (REFERENCE §1.5, create_composite.py).
+# MeteoRA's composite-n sub-task lists, in its order (its create_composite.py).
 COMPOSITE3 = ("logical_deduction", "question_selection", "strategyqa")
 COMPOSITE5 = COMPOSITE3 + ("abstract_narrative_understanding", "goal_step_wikihow")
 COMPOSITE10 = COMPOSITE5 + ("winowhy", "disfl_qa", "news_commentary_de", "alpaca", "linguistics_puzzles")
@@ -228,12 +232,34 @@ SELECTIONS: dict[str, tuple[str, ...]] = {
 }
 
 
+def get_task(name: str | Task) -> Task:
+    """The registered Task; an unknown name raises one line listing close matches."""
+    if isinstance(name, Task):
+        return name
+    if name in TASKS:
+        return TASKS[name]
+    close = difflib.get_close_matches(str(name), list(TASKS) + list(SELECTIONS), n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    raise LoramuxDataError(f"unknown task {name!r}; {hint}(list: python -m data.tasks)")
+
+
+def select(names: str | Iterable[str]) -> tuple[str, ...]:
+    """Task names of a named selection (meteora28, dlp26, composite3/5/10), one task, a comma list, or a list."""
+    if isinstance(names, str):
+        if names in SELECTIONS:
+            return SELECTIONS[names]
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    out: list[str] = []
+    for n in names:
+        for t in SELECTIONS[n] if n in SELECTIONS else (get_task(n).name,):
+            if t not in out:
+                out.append(t)
+    if not out:
+        raise LoramuxDataError("empty task selection; name tasks or one of " + ", ".join(SELECTIONS))
+    return tuple(out)
+
+
 def bigbench_dirs(task_names=None) -> tuple[str, ...]:
     """Every BIG-bench dir (task or task/subtask) the named tasks (default: all registered) read."""
-    if task_names is None:
-        names = METEORA28
-    else:
-        from data.tasks import select  # validates names (one-line error with close matches)
-
-        names = select(list(task_names))
+    names = METEORA28 if task_names is None else select(list(task_names))
     return tuple(sorted({d for n in names for d in TASKS[n].bigbench}))

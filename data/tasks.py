@@ -10,7 +10,7 @@ the first 20% of the permutation is the test set (MeteoRA's 80/20), then 10% of 
 remainder training: strategyqa's 2289 distinct rows give 1648/183/458 (MeteoRA: 1832 train / 457 test).
 Caps (`max_train` ...) take the first rows of each part, so a smaller cap is always a prefix of a larger one.
 Prompts: `template.format(inputs=...)`, where multiple-choice rows get `choice_lead` + one `choice: X` line per
-choice appended to their inputs (MeteoRA's format, REFERENCE §1.2).
+choice appended to their inputs (MeteoRA's format).
 
 HF tasks read the hub when `use_hub()` (LORAMUX_USE_HUB=1, or "auto" with HF_DATASETS_OFFLINE unset and
 huggingface.co reachable); otherwise their named BIG-bench substitute, which `data_source()` reports.
@@ -21,17 +21,17 @@ huggingface.co reachable); otherwise their named BIG-bench substitute, which `da
 from __future__ import annotations
 
 import argparse
-import difflib
 import os
 import socket
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from functools import lru_cache
 
 import numpy as np
 
+from data.bigbench import bigbench_rows
 from data.errors import LoramuxDataError
-from data.task_table import METEORA28, SELECTIONS, TASKS, Task
+from data.task_table import METEORA28, SELECTIONS, TASKS, Task, get_task, select
 
 SPLITS = ("train", "val", "test")
 TEST_FRACTION = 0.2
@@ -40,33 +40,6 @@ COLUMNS = ("task", "prompt", "answer", "choices")
 
 
 # ----------------------------------------------------------------------------------------------- lookup
-def get_task(name: str | Task) -> Task:
-    """The registered Task; an unknown name raises one line listing close matches."""
-    if isinstance(name, Task):
-        return name
-    if name in TASKS:
-        return TASKS[name]
-    close = difflib.get_close_matches(str(name), list(TASKS) + list(SELECTIONS), n=3, cutoff=0.5)
-    hint = f"did you mean {', '.join(close)}? " if close else ""
-    raise LoramuxDataError(f"unknown task {name!r}; {hint}(list: python -m data.tasks)")
-
-
-def select(names: str | Iterable[str]) -> tuple[str, ...]:
-    """Task names of a named selection (meteora28, dlp26, composite3/5/10), one task, a comma list, or a list."""
-    if isinstance(names, str):
-        if names in SELECTIONS:
-            return SELECTIONS[names]
-        names = [n.strip() for n in names.split(",") if n.strip()]
-    out: list[str] = []
-    for n in names:
-        for t in SELECTIONS[n] if n in SELECTIONS else (get_task(n).name,):
-            if t not in out:
-                out.append(t)
-    if not out:
-        raise LoramuxDataError("empty task selection; name tasks or one of " + ", ".join(SELECTIONS))
-    return tuple(out)
-
-
 def task_id(name: str, selection: str | Sequence[str] = "meteora28") -> int:
     """Stable integer id of a task inside a selection (its position), for router labels and adapter slots."""
     names = select(selection)
@@ -142,9 +115,7 @@ def _pools(task: Task, hub: bool, hf_data_files: dict | None) -> tuple[list[dict
         seen: set = set()
         test = _dedupe(test, seen)
         return _dedupe(rows["train"], seen), test, task.hf.template
-    from data.bigbench import task_rows
-
-    rows = task_rows(task.bigbench, task.bigbench_filter, mcq=task.kind == "mcq")
+    rows = bigbench_rows(task.bigbench, task.bigbench_filter, mcq=task.kind == "mcq")
     return _dedupe(rows), None, task.template
 
 

@@ -70,7 +70,7 @@ def _config(device: torch.device) -> dict:
 
 
 @functools.cache
-def padded_rank(R: int) -> int:
+def block_rank(R: int) -> int:
     """Rank padded for the kernels: a power of two (tl.arange), at least 16 (tl.dot)."""
     return max(16, triton.next_power_of_2(R))
 
@@ -231,7 +231,7 @@ def forward(x, base, A, B, scales, ranks, ids, gates, seq_ids=None) -> torch.Ten
     ids, gates = pad_slots(ids, gates)
     T, K = x.shape[0], ids.shape[1]
     L, R = A.shape[0], A.shape[2]
-    cfg, BR = _config(x.device), padded_rank(R)
+    cfg, BR = _config(x.device), block_rank(R)
     D, DO = x.shape[1], base.shape[1]
     path = forward_path(cfg, T, L, R, D, DO)
     seq = seq_ids is not None
@@ -274,7 +274,7 @@ def backward(grad, x, A, B, scales, ranks, ids, gates):
     T, K = ids.shape
     L, D, R = A.shape
     DO = B.shape[2]
-    cfg, f32, BR = _config(x.device), _use_f32(x), padded_rank(R)
+    cfg, f32, BR = _config(x.device), _use_f32(x), block_rank(R)
     perm, off, sorted_keys = route_groups(ids, ranks, L)
     u = _shrink(x, A, A.stride(), perm, off, ranks, L, K, BR, cfg, f32)  # x @ A
     bt = (B.stride(0), B.stride(2), B.stride(1))  # B[a]^T as a [DO, R] matrix

@@ -10,16 +10,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import gguf
+import numpy as np
 import torch
+from peft import LoraConfig, get_peft_model
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, PreTrainedTokenizerFast
+
+from common.random_llama import random_llama
+from models.base import load_base_model
 
 EOS = "<|endoftext|>"
 
 
 def tiny_tokenizer():
     """Byte-level tokenizer with 257 tokens (256 bytes + EOS) and no pad token (the loader sets one)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
     vocab[EOS] = len(vocab)
@@ -32,8 +37,6 @@ def tiny_tokenizer():
 
 def tiny_llama_config(vocab_size: int = 257, **overrides):
     """LlamaConfig of the unit-test model: 2 layers, hidden 64, 4 heads (2 KV heads), MLP 128."""
-    from transformers import LlamaConfig
-
     cfg = {"vocab_size": vocab_size, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
                "bos_token_id": vocab_size - 1, "eos_token_id": vocab_size - 1, "tie_word_embeddings": False}
@@ -43,13 +46,10 @@ def tiny_llama_config(vocab_size: int = 257, **overrides):
 
 def save_tiny_llama(path, seed: int = 0, **config_overrides) -> Path:
     """Write a random-weight tiny LLaMA + byte tokenizer to ``path`` (an ordinary HF dir) and return the path."""
-    from transformers import LlamaForCausalLM
-
     path = Path(path)
     tokenizer = tiny_tokenizer()
-    torch.manual_seed(seed)
     overrides = {"vocab_size": len(tokenizer), **config_overrides}  # a larger vocab only adds unused rows
-    model = LlamaForCausalLM(tiny_llama_config(**overrides))
+    model = random_llama(tiny_llama_config(**overrides), seed=seed)
     model.config.name_or_path = "loramux/tiny-random-llama"
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -60,10 +60,6 @@ def save_random_peft_adapter(base_dir, out_dir, *, r: int = 8, lora_alpha: int =
                              seed: int = 0, b_std: float = 0.2, **lora_kwargs) -> Path:
     """Train-free PEFT LoRA for tests: ``peft.get_peft_model`` on the model in ``base_dir`` with lora_B drawn from
     N(0, b_std) (peft initialises it to zero, which would make every delta vanish), saved with save_pretrained."""
-    from peft import LoraConfig, get_peft_model
-
-    from models.base import load_base_model
-
     model, _ = load_base_model(base_dir)
     torch.manual_seed(seed)
     cfg = LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=list(targets), lora_dropout=0.0, **lora_kwargs)
@@ -99,16 +95,11 @@ def save_tiny_gguf(path, seed: int = 0) -> Path:
     Tensor names and the rotary permutation of q/k follow llama.cpp's ``convert_hf_to_gguf``; the byte-level
     vocabulary is stored as a ``gpt2`` tokenizer, so ``load_base_model(path)`` exercises transformers' GGUF path.
     """
-    import gguf
-    import numpy as np
-    from transformers import LlamaForCausalLM
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tokenizer = tiny_tokenizer()
     cfg = tiny_llama_config(vocab_size=len(tokenizer))
-    torch.manual_seed(seed)
-    state = {k: v.numpy() for k, v in LlamaForCausalLM(cfg).state_dict().items()}
+    state = {k: v.numpy() for k, v in random_llama(cfg, seed=seed).state_dict().items()}
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_name("tiny-random-llama")
     w.add_block_count(cfg.num_hidden_layers)

@@ -1,4 +1,5 @@
-"""Shared test setup: nothing waits on a hub, wandb stays offline, GPU tests skip where no CUDA exists."""
+"""Shared test setup: nothing waits on a hub, wandb stays offline, GPU tests skip where no CUDA exists; the one
+``compose`` fixture that builds a stage's config as ``python -m pipeline.<stage> <overrides>`` would."""
 
 import os
 
@@ -27,6 +28,22 @@ try:
     absl_logging.get_absl_handler().python_handler.setStream(sys.__stderr__)
 except ImportError:
     pass
+
+
+@pytest.fixture(scope="session")
+def compose():
+    """``compose(stage, overrides=(), run_dir=None, hydra=False)`` -> ``conf/<stage>.yaml`` with ``overrides``, composed by
+    ``pipeline.runtime.compose`` (the pipeline's own helper); ``run_dir`` sets ``paths.run_dir``; ``hydra=True`` keeps
+    the ``hydra`` node. A Hydra left initialised by an in-process CLI run is cleared first."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from pipeline.runtime.compose import compose as compose_config
+
+    def _compose(stage: str, overrides=(), run_dir=None, hydra: bool = False):
+        GlobalHydra.instance().clear()
+        return compose_config(stage, overrides, run_dir=run_dir, return_hydra_config=hydra)
+
+    return _compose
 
 
 def pytest_collection_modifyitems(config, items):

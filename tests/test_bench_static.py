@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from pipeline.stages.bench import LLAMA3_8B, SHAPES, ShapeBench, TimeBudget, random_llama
+from pipeline.runtime.compose import compose
+from pipeline.stages.bench import LLAMA3_8B, SHAPES, ShapeBench, TimeBudget, shape_model
 from pipeline.stages.bench_timing import compile_config, random_batch, time_generate
 
 CONF = str(__import__("pathlib").Path(__file__).resolve().parent.parent / "conf")
@@ -23,18 +23,16 @@ def tiny8b():
     assert same == set(LLAMA3_8B) - {"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                                      "num_key_value_heads"}
     assert config["num_attention_heads"] // config["num_key_value_heads"] == 4  # the 8B's GQA ratio
-    model = random_llama(config, "cpu")
+    model = shape_model(config, "cpu")
     assert next(model.parameters()).dtype == torch.bfloat16 and model.config.vocab_size == 128256
     return model
 
 
 def _bench_cfg(overrides):
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose(config_name="bench", overrides=["bench.static.allow_on_cpu=true", "bench.new_tokens=3",
-                                                       "bench.warmup=0", "bench.repeats=1", "bench.batch_sizes=[2]",
-                                                       "bench.prompt_lengths=[5]", "bench.engines=[static]",
-                                                       *overrides])
+    return compose("bench", ["bench.static.allow_on_cpu=true", "bench.new_tokens=3", "bench.warmup=0",
+                             "bench.repeats=1", "bench.batch_sizes=[2]", "bench.prompt_lengths=[5]",
+                             "bench.engines=[static]", *overrides])
 
 
 def _run(model, overrides):

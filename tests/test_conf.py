@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf
+
+from pipeline.stages.reproduce import plan_steps
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 STAGES = ["finetune", "route", "evaluate", "bench", "report", "reproduce"]
@@ -24,12 +25,10 @@ def _clean_hydra():
     GlobalHydra.instance().clear()
 
 
-def _compose(stage: str, overrides=(), tmp_path=None):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name=stage, overrides=list(overrides), return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.paths.run_dir = str(tmp_path or "/tmp/loramux-conf-test")
-    return cfg
+@pytest.fixture
+def _compose(compose):
+    return lambda stage, overrides=(), tmp_path=None: compose(stage, overrides, tmp_path or "/tmp/loramux-conf-test",
+                                                              hydra=True)
 
 
 def test_every_paper_table_has_an_experiment():
@@ -38,7 +37,7 @@ def test_every_paper_table_has_an_experiment():
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 @pytest.mark.parametrize("stage", STAGES)
-def test_experiment_composes_with_stage(stage, experiment, tmp_path):
+def test_experiment_composes_with_stage(stage, experiment, tmp_path, _compose):
     cfg = _compose(stage, [f"experiment={experiment}"], tmp_path)
     assert cfg.stage == stage
     assert cfg.name == experiment, "an experiment names its outputs after its file"
@@ -52,18 +51,19 @@ def test_experiment_composes_with_stage(stage, experiment, tmp_path):
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_reproduce_plan_steps_compose(experiment):
+def test_reproduce_plan_steps_compose(experiment, _compose):
     """Every run the reproduce plan would start is a valid config of its stage."""
     plan = _compose("reproduce", [f"experiment={experiment}"]).plan
     for entry in list(plan.evaluate.values()) + list(plan.composite_strategies.values()):
         _compose("evaluate", [f"experiment={experiment}", *entry])
     for router, ovs in plan.route.items():
         _compose("route", [f"experiment={experiment}", f"router={router}", *ovs])
-    for task in list(plan.finetune)[:1] + [t for t in plan.finetune if t == "lora_b"]:
+    finetune = [s["step"] for s in plan_steps(_compose("reproduce", [f"experiment={experiment}"])) if s["stage"] == "finetune"]
+    for task in finetune[:1] + [t for t in finetune if t == "lora_b"]:
         _compose("finetune", [f"experiment={experiment}", f"task={task}"])
 
 
-def test_adapter_defaults_match_the_papers():
+def test_adapter_defaults_match_the_papers(_compose):
     m = _compose("finetune", ["adapter=meteora"]).adapter
     assert (m.r, m.lora_alpha, m.lora_dropout) == (8, 16, 0.0)
     assert set(m.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
@@ -72,13 +72,13 @@ def test_adapter_defaults_match_the_papers():
 
 
 @pytest.mark.parametrize("router", sorted(p.stem for p in (CONF / "router").glob("*.yaml")))
-def test_router_configs_compose(router):
+def test_router_configs_compose(router, _compose):
     cfg = _compose("evaluate", [f"router={router}"])
     assert cfg.router.strategy in {"oracle", "meteora", "dlp", "lora_b", "merge", "base"}
     assert isinstance(OmegaConf.to_container(cfg.router, resolve=True)["label"], str)
 
 
-def test_strict_mode_rejects_a_typo():
+def test_strict_mode_rejects_a_typo(_compose):
     with pytest.raises(ConfigCompositionException, match="optim.lrr"):
         _compose("finetune", ["optim.lrr=1e-3"])
     with pytest.raises(ConfigCompositionException, match="nosuch"):
@@ -86,7 +86,7 @@ def test_strict_mode_rejects_a_typo():
 
 
 @pytest.mark.parametrize("trainer", ["cpu", "gpu", "ddp"], ids=lambda t: f"trainer_{t}")
-def test_trainer_configs(trainer):
+def test_trainer_configs(trainer, _compose):
     cfg = _compose("finetune", [f"trainer={trainer}"])
     assert cfg.trainer._target_ == "lightning.Trainer"
     if trainer == "cpu":
@@ -95,7 +95,7 @@ def test_trainer_configs(trainer):
 
 
 @pytest.mark.parametrize("logger", ["csv", "none"])
-def test_logger_configs_build_trackers(logger, tmp_path):
+def test_logger_configs_build_trackers(logger, tmp_path, _compose):
     cfg = _compose("finetune", [f"logger={logger}"], tmp_path)
     tracker = instantiate(cfg.logger)
     tracker.log_metrics({"x": 1.0})
@@ -104,18 +104,18 @@ def test_logger_configs_build_trackers(logger, tmp_path):
     assert tracker.name == logger
 
 
-def test_cache_dir_follows_env(monkeypatch):
+def test_cache_dir_follows_env(monkeypatch, _compose):
     monkeypatch.setenv("LORAMUX_CACHE", "/somewhere/cache")
     cfg = _compose("finetune", ["model=tiny"])
     assert OmegaConf.to_container(cfg.model, resolve=True)["name_or_path"] == "/somewhere/cache/models/tiny-random-llama"
 
 
-def test_sweep_dirs_are_unique_to_the_microsecond():
+def test_sweep_dirs_are_unique_to_the_microsecond(_compose):
     cfg = _compose("finetune")
     assert "%f" in OmegaConf.to_container(cfg.hydra, resolve=False)["sweep"]["dir"]
 
 
-def test_launchers_and_search_compose():
+def test_launchers_and_search_compose(_compose):
     for launcher in sorted(p.stem for p in (CONF / "launcher").glob("*.yaml")):
         _compose("finetune", [f"launcher={launcher}"])
     cfg = _compose("finetune", ["hparams_search=adapter_optuna", "task=winowhy"])

@@ -38,19 +38,16 @@ def _overrides(bs: int, finetune: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, compose):
     """(one-process experiment dir, two-process experiment dir, the DDP command's output)."""
-    from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
     from pipeline.stages.reproduce import reproduce
 
     one, two = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("two")
     overrides = [*_overrides(4, "[object_counting,winowhy,lora_b]"), f"paths.output_root={one}", "logger=none"]
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="reproduce", overrides=overrides)
+    cfg = compose("reproduce", overrides, run_dir=one / "reproduce")
     with open_dict(cfg):
-        cfg.paths.run_dir = str(one / "reproduce")
         cfg.print_config = False
     reproduce(cfg, overrides=overrides)
 

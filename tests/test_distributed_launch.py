@@ -10,22 +10,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from needs_assets import needs_tiny_model
-from omegaconf import open_dict
+
+from pipeline.runtime.compose import compose
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _compose(stage: str, overrides: list[str], tmp_path, hydra: bool = False):
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name=stage, overrides=overrides, return_hydra_config=hydra)
-    with open_dict(cfg):
-        cfg.paths.run_dir = str(tmp_path)
-    return cfg
+    return compose(stage, overrides, run_dir=tmp_path, return_hydra_config=hydra)
 
 
 def test_ddp_cpu_trainer_is_two_gloo_processes(tmp_path):

@@ -4,21 +4,17 @@ the configured cache, like `python -m data.fetch --gemma`)."""
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from data import assets
 from models import MultiLoRAModel, load_base_model
 from models.multilora_linear import MultiLoRALinear
 
-CONF = str(__import__("pathlib").Path(__file__).resolve().parent.parent / "conf")
-
 
 @pytest.mark.slow
-def test_gemma_backbone_routes_like_peft(tmp_path):
+def test_gemma_backbone_routes_like_peft(tmp_path, compose):
     path = assets.fetch_gemma()
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose(config_name="evaluate", overrides=["model=gemma3_270m"])
+    cfg = compose("evaluate", ["model=gemma3_270m"])
     assert cfg.model.name_or_path == str(path)
     model, tok = load_base_model(path)
     assert type(model).__name__ == "Gemma3ForCausalLM" and tok.padding_side == "left"

@@ -11,10 +11,10 @@ import json
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from needs_assets import needs_bigbench, needs_tiny_model
-from omegaconf import open_dict
+
+from pipeline.runtime.compose import compose
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 pytestmark = [needs_tiny_model, needs_bigbench, pytest.mark.slow]  # ~2.5 min: 31 stage runs in one chain
@@ -57,11 +57,7 @@ def _reproduce(name: str, root: Path) -> Path:
                  *EXPERIMENTS[name]]
     if name == "dlp_latency":  # bench only: no generation settings
         overrides = [o for o in overrides if not o.startswith("generation")]
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="reproduce", overrides=overrides)
-    with open_dict(cfg):
-        cfg.paths.run_dir = str(root / name / "reproduce")
-    reproduce(cfg, overrides=overrides)
+    reproduce(compose("reproduce", overrides, run_dir=root / name / "reproduce"), overrides=overrides)
     return root / "tables"
 
 
@@ -172,10 +168,8 @@ def test_a_variant_table_keeps_its_own_file_name(tables, tmp_path):
 
     before = (tables / "tables" / "dlp_tasks.json").read_bytes()
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="report", overrides=["experiment=dlp_tasks", f"paths.output_root={tables}",
-                                                        "paper_table_file=dlp_tasks_variant",
-                                                        f"paper_tables_dir={tmp_path}"])
+    cfg = compose("report", ["experiment=dlp_tasks", f"paths.output_root={tables}",
+                             "paper_table_file=dlp_tasks_variant", f"paper_tables_dir={tmp_path}"])
     paths = write_experiment_table(cfg, collect_records(tables / "dlp_tasks"))
     assert Path(paths["json"]).name == "dlp_tasks_variant.json" and Path(paths["md"]).name == "dlp_tasks_variant.md"
     variant = json.loads(Path(paths["json"]).read_text())

@@ -16,11 +16,12 @@ import time
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from needs_assets import needs_tiny_model
 from omegaconf import open_dict
 
 from data.assets import cache_dir
+from pipeline.runtime.compose import compose
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
@@ -28,8 +29,8 @@ pytestmark = needs_tiny_model
 
 
 def compose_stage(stage: str, overrides: list[str], run_dir=None):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name=stage, overrides=overrides)
+    GlobalHydra.instance().clear()
+    cfg = compose(stage, overrides)
     with open_dict(cfg):
         cfg.paths.run_dir = str(run_dir) if run_dir else str(Path(str(cfg.paths.exp_dir)) / "test-run" / stage)
         cfg.print_config = False

@@ -23,6 +23,7 @@ from hydra.core.global_hydra import GlobalHydra
 from needs_assets import needs_tiny_model
 
 from data.assets import cache_dir
+from pipeline.runtime.compose import compose
 
 pytestmark = needs_tiny_model
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,23 +49,17 @@ def outputs(tmp_path_factory):
     return out
 
 
-def compose(stage: str, overrides: list[str], outputs: Path, run_dir: Path):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from omegaconf import open_dict
-
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = hydra_compose(config_name=stage, overrides=["experiment=smoke", "logger=none", "print_config=false",
-                                                          f"paths.output_root={outputs}", *overrides])
-    with open_dict(cfg):
-        cfg.paths.run_dir = str(run_dir)
-    return cfg
+def smoke_config(stage: str, overrides: list[str], outputs: Path, run_dir: Path):
+    GlobalHydra.instance().clear()
+    return compose(stage, ["experiment=smoke", "logger=none", "print_config=false", f"paths.output_root={outputs}",
+                           *overrides], run_dir=run_dir)
 
 
 def run_stage(stage: str, overrides: list[str], outputs: Path, run_dir: Path):
     import importlib
 
-    return getattr(importlib.import_module(f"pipeline.{stage}"), stage)(compose(stage, overrides, outputs, run_dir))
+    return getattr(importlib.import_module(f"pipeline.stages.{stage}"), stage)(smoke_config(stage, overrides, outputs,
+                                                                                             run_dir))
 
 
 # ------------------------------------------------------------------------------------------------ adapters
@@ -313,7 +308,7 @@ def test_disk_full_while_saving_an_adapter_or_a_router_keeps_the_previous_one(ou
 
     from models import load_base_model
     from models.routing.checkpoint import read_router_checkpoint, save_router_checkpoint
-    from pipeline.stages.finetune import save_adapter
+    from pipeline.runtime.adapter_dirs import save_adapter
 
     model, _ = load_base_model(TINY)
     peft_model = PeftModel.from_pretrained(model, str(outputs / "smoke" / "adapters" / "winowhy"))
@@ -381,7 +376,7 @@ def test_adapter_damaged_after_training_is_refused_by_its_recorded_checksum(outp
     from peft import PeftModel
 
     from models import load_base_model
-    from pipeline.stages.finetune import save_adapter
+    from pipeline.runtime.adapter_dirs import save_adapter
 
     out = tmp_path / "out"
     shutil.copytree(outputs, out)

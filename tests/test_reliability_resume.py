@@ -59,14 +59,13 @@ def run_in_process(stage: str, overrides: list[str], outputs: Path, run_dir: Pat
     """Run a stage here, as ``python -m pipeline.<stage> <overrides> hydra.run.dir=<run_dir>`` would."""
     import importlib
 
-    from hydra import compose, initialize_config_dir
-    from omegaconf import open_dict
+    from hydra.core.global_hydra import GlobalHydra
 
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name=stage, overrides=_args(overrides, outputs))
-    with open_dict(cfg):
-        cfg.paths.run_dir = str(run_dir)
-    return getattr(importlib.import_module(f"pipeline.{stage}"), stage)(cfg)
+    from pipeline.runtime.compose import compose
+
+    GlobalHydra.instance().clear()
+    cfg = compose(stage, _args(overrides, outputs), run_dir=run_dir)
+    return getattr(importlib.import_module(f"pipeline.stages.{stage}"), stage)(cfg)
 
 
 def run_killed(stage: str, overrides: list[str], outputs: Path, run_dir: Path, kill_at: int):

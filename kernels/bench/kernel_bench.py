@@ -22,13 +22,14 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import time
 
 import torch
 import torch.nn.functional as F
 import triton
 
+from common.atomic import atomic_write_text
+from common.provenance import git_sha
 from kernels import multi_lora
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]
@@ -207,24 +208,6 @@ def row(d_in, d_out, r, T, variant, direction, ms, ratio, note=None):
     return out
 
 
-def git_sha() -> str:
-    if os.environ.get("GIT_SHA"):
-        return os.environ["GIT_SHA"]
-    try:
-        return subprocess.check_output(
-            ["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL
-        ).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def markdown(doc) -> str:
     p = doc["provenance"]
     lines = [
@@ -381,9 +364,9 @@ def main(argv=None) -> None:
 
     def save():
         doc = {"provenance": provenance(t0, METHOD), "rows": results}
-        write_atomic(os.path.join(args.out, "kernel_bench.json"), json.dumps(doc, indent=1))
+        atomic_write_text(os.path.join(args.out, "kernel_bench.json"), json.dumps(doc, indent=1))
         md = markdown(doc)
-        write_atomic(os.path.join(args.out, "kernel_bench.md"), md)
+        atomic_write_text(os.path.join(args.out, "kernel_bench.md"), md)
         return md
 
     for d_in, d_out in shapes:
@@ -412,8 +395,8 @@ def paths_main(args, shapes, t0) -> None:
                 bench_config(d_in, d_out, T, res, lambda s, n=n: print(f"L={n} {s}", flush=True))
                 rows += [dict(r, L=n) for r in res if r.get("direction") == "fwd"]
                 doc = {"provenance": provenance(t0, METHOD), "rows": rows}
-                write_atomic(os.path.join(args.out, "kernel_bench_paths.json"), json.dumps(doc, indent=1))
-                write_atomic(os.path.join(args.out, "kernel_bench_paths.md"), paths_markdown(doc))
+                atomic_write_text(os.path.join(args.out, "kernel_bench_paths.json"), json.dumps(doc, indent=1))
+                atomic_write_text(os.path.join(args.out, "kernel_bench_paths.md"), paths_markdown(doc))
     print(paths_markdown(doc))
 
 

@@ -32,6 +32,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from common.atomic import atomic_write_text
+from common.provenance import git_sha
 from kernels import multi_lora
 from kernels import op as kernel_op
 
@@ -169,8 +171,6 @@ def markdown(doc) -> str:
 
 
 def main(device: str, out: str | None, quick: bool = False) -> None:
-    from kernels.bench.kernel_bench import git_sha, write_atomic
-
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("kernels.bench --overhead: no CUDA GPU here; pass --device cpu to time the CPU path")
@@ -188,5 +188,5 @@ def main(device: str, out: str | None, quick: bool = False) -> None:
     print(md)
     if out:
         os.makedirs(out, exist_ok=True)
-        write_atomic(os.path.join(out, "kernel_overhead.json"), json.dumps(doc, indent=1))
-        write_atomic(os.path.join(out, "kernel_overhead.md"), md)
+        atomic_write_text(os.path.join(out, "kernel_overhead.json"), json.dumps(doc, indent=1))
+        atomic_write_text(os.path.join(out, "kernel_overhead.md"), md)

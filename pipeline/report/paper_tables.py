@@ -1,5 +1,5 @@
 """The papers' tables, as committed results: ``<dir>/<experiment>.json`` + ``.md`` (+ ``.png`` where a paper has a
-figure), built from one experiment's metrics.json records, with the claims of issue 8 computed from the rows.
+figure), built from one experiment's metrics.json records, with the papers' claims computed from the rows.
 
     from pipeline.report.paper_tables import write_paper_table
     write_paper_table("dlp_tasks", records, "outputs/tables", config={...})   # the report stage calls this
@@ -445,7 +445,7 @@ def _latency_md_rows(rows):
     return out
 
 
-def to_markdown(name: str, table: dict, plot: Path | None) -> str:
+def paper_markdown(name: str, table: dict, plot: Path | None) -> str:
     p = table["provenance"]
     head = (f"git `{p['git_sha']}` · {p['device']} · torch {p['torch']} · triton {p['triton']} · "
             f"transformers {p['transformers']} · {p['date']} · {p['records']} runs, {p['wall_time_s']} s")
@@ -499,10 +499,10 @@ def plot_table(name: str, table: dict, path: Path) -> Path | None:
 
 def latency_figure(rows: list[dict], path: Path) -> Path | None:
     """DLP-LoRA's figure: ms vs number of adapters per model and phase; base and single LoRA as reference lines."""
-    from pipeline.report.render import _plt, _save, adapter_axis
+    from pipeline.report.render import adapter_axis, pyplot, save_figure
 
     models = list(dict.fromkeys(r["model"] for r in rows))
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(len(models), 2, figsize=(10, 3.6 * len(models)), squeeze=False)
     for i, model in enumerate(models):
         for j, phase in enumerate(("prefill", "decode")):
@@ -521,7 +521,7 @@ def latency_figure(rows: list[dict], path: Path) -> Path | None:
             ax.set_title(f"{model}: {phase}")
             ax.legend(fontsize=7)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def build_paper_table(name: str, records: list[dict], config: dict | None = None, **options) -> dict:
@@ -542,7 +542,7 @@ def write_paper_table(name: str, records: list[dict], out_dir, config: dict | No
     table = build_paper_table(name, records, config, **options)
     plot = plot_table(name, table, out / f"{stem}.png")
     paths = {"json": atomic_write_text(out / f"{stem}.json", json.dumps(table, indent=1, allow_nan=False) + "\n"),
-             "md": atomic_write_text(out / f"{stem}.md", to_markdown(name, table, plot))}
+             "md": atomic_write_text(out / f"{stem}.md", paper_markdown(name, table, plot))}
     if plot is not None:
         paths["png"] = plot
     return paths

@@ -40,16 +40,17 @@ def to_csv(table: Table) -> str:
     return buf.getvalue()
 
 
-def _save(fig, path) -> Path:
+def save_figure(fig, path) -> Path:
+    """Write ``fig`` as a PNG to ``path`` atomically and close it."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
+    pyplot().close(fig)
     return atomic_write_bytes(path, buf.getvalue())
 
 
-def _plt():
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (no display); imported on first use: matplotlib takes ~1 s to import
+    and only runs that draw need it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -63,7 +64,7 @@ def radar_plot(table: Table, path) -> Path | None:
     rows = [r for r in table.rows if r[0] != "mean"]
     if not rows:
         return None
-    plt = _plt()
+    plt = pyplot()
     strategies = table.columns[1:]
     n = len(rows)
     angles = [2 * math.pi * i / n for i in range(n)] + [0.0]
@@ -80,7 +81,7 @@ def radar_plot(table: Table, path) -> Path | None:
     ax.set_xticklabels([r[0] for r in rows], fontsize=8)
     ax.set_title("per-task score", pad=20)
     ax.legend(loc="upper right", bbox_to_anchor=(1.3, 1.1), fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def bar_plot(table: Table, path, skip=("attempts", "correct", "mean")) -> Path | None:
@@ -88,7 +89,7 @@ def bar_plot(table: Table, path, skip=("attempts", "correct", "mean")) -> Path |
     rows = [r for r in table.rows if r[0] not in skip]
     if not rows:
         return None
-    plt = _plt()
+    plt = pyplot()
     strategies = table.columns[1:]
     width = 0.8 / max(1, len(strategies))
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows)), 4))
@@ -101,7 +102,7 @@ def bar_plot(table: Table, path, skip=("attempts", "correct", "mean")) -> Path |
     ax.set_ylim(bottom=0)
     ax.set_title(table.title)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def latency_plot(table: Table, path) -> Path | None:
@@ -115,7 +116,7 @@ def latency_plot(table: Table, path) -> Path | None:
         series.setdefault(label, []).append((r[idx["num_adapters"]], r[idx["decode_ms_per_token"]]))
     if not series:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ns = sorted({p[0] for label, pts in series.items() if not label.startswith("base ") for p in pts})
     for label, pts in sorted(series.items()):
@@ -128,7 +129,7 @@ def latency_plot(table: Table, path) -> Path | None:
     ax.set_ylabel("decode ms / token")
     ax.set_title("latency vs number of adapters")
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def adapter_axis(ax, ns) -> None:

@@ -26,6 +26,8 @@ import os
 import sys
 from pathlib import Path
 
+from pipeline.runtime import settings  # noqa: F401 registers conf/'s resolvers and schemas before Hydra composes
+
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, FloatingPointError, ChildProcessError)
 

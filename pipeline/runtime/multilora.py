@@ -14,6 +14,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from pipeline.runtime.adapter_dirs import verify_adapter
+
 TRAINED = {"meteora": "meteora", "dlp": "dlp", "dlp_segments": "dlp"}  # strategy -> router checkpoint dir
 
 
@@ -29,8 +31,6 @@ def adapter_dirs(cfg: DictConfig, strategy: str) -> dict[str, Path]:
         if not (d / "adapter_config.json").is_file():
             raise FileNotFoundError(f"adapter {name!r} is missing at {d}; train it first: python -m pipeline.finetune "
                                     f"experiment={cfg.name} task={name}")
-        from pipeline.stages.finetune import verify_adapter  # size + sha256 recorded at save time (issue 7)
-
         out[name] = verify_adapter(d)
     return out
 

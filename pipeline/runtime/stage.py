@@ -15,11 +15,15 @@ import logging
 import time
 from pathlib import Path
 
+import lightning
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from common.provenance import provenance
 from pipeline.runtime.config_tree import show_and_save_config
+from pipeline.runtime.distributed import is_global_zero, wait_for_all
 from pipeline.runtime.metrics_file import write_metrics
+from pipeline.runtime.tracking import NullTracker
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +35,6 @@ def run_dir_of(cfg: DictConfig) -> Path:
 
 def build_tracker(cfg: DictConfig):
     """Instantiate ``cfg.logger`` (wandb / csv / none); a missing logger group means no tracking."""
-    from hydra.utils import instantiate
-
-    from pipeline.runtime.tracking import NullTracker
-
     if cfg.get("logger") is None:
         return NullTracker()
     return instantiate(cfg.logger)
@@ -54,13 +54,9 @@ class StageRun:
         self.writer = True
 
     def __enter__(self) -> StageRun:  # noqa: PYI034
-        import lightning
-
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.t0 = time.perf_counter()  # metrics.json's wall_time_s (paper-table provenance)
         lightning.seed_everything(int(self.cfg.seed), workers=True, verbose=False)
-        from pipeline.runtime.distributed import is_global_zero
-
         self.writer = is_global_zero()  # DDP / SLURM tasks: rank 0 alone saves, tracks and writes metrics.json
         if self.writer:
             show_and_save_config(self.cfg, self.run_dir, print_tree=self.print_config)
@@ -72,8 +68,6 @@ class StageRun:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:  # DDP: no rank leaves the stage before rank 0 has written its outputs
-            from pipeline.runtime.distributed import wait_for_all
-
             wait_for_all()
         if self.tracker is not None:
             self.tracker.finish()
@@ -93,3 +87,9 @@ class StageRun:
         log.info("%s: wrote %s", self.stage, path)
         self.finished = True
         return float(value) if value is not None else None
+
+
+def stage_callbacks(cfg) -> list:
+    """Extra Lightning callbacks a stage run adds from ``cfg.callbacks`` (``{name: {_target_: ...}}``; none by
+    default), e.g. ``+callbacks.times._target_=pipeline.stages.scaling.StepTimes +callbacks.times.path=<file>``."""
+    return [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]

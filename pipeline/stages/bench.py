@@ -31,7 +31,6 @@ batch and prompt length. On CUDA the kernels/ micro-benchmark (``python -m kerne
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
 import tempfile
@@ -41,6 +40,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from common.random_llama import random_llama
 from pipeline.runtime.entry import CONF_DIR, cli, user_errors
 from pipeline.runtime.stage import StageRun
 
@@ -65,22 +65,9 @@ SHAPES = {"llama3_8b": (LLAMA3_8B, True),
                                  "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}, False)}
 
 
-@contextlib.contextmanager
-def _default_dtype(dtype):
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
-
-
-def random_llama(config: dict, device, dtype=torch.bfloat16):
-    """A random-weight ``LlamaForCausalLM`` of ``config``, built directly in ``dtype`` on ``device``."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    with torch.device(device), _default_dtype(dtype):
-        model = LlamaForCausalLM(LlamaConfig(**config)).eval()
+def shape_model(config: dict, device, dtype=torch.bfloat16):
+    """A frozen random-weight LLaMA of ``config`` (``common.random_llama``), in ``dtype`` on ``device``, ready to generate."""
+    model = random_llama(config, dtype=dtype, device=device)
     model.requires_grad_(False)
     model.generation_config.pad_token_id = config["eos_token_id"]
     return model
@@ -103,7 +90,7 @@ def build_shape(cfg: DictConfig, shape: str):
         log.warning("bench: shape %s needs a CUDA GPU (16 GB of bf16 weights); skipped on this machine (its CPU "
                     "stand-in is llama3_8b_tiny)", shape)
         return None
-    model = random_llama(config, device)
+    model = shape_model(config, device)
     model.config.name_or_path = f"random-{shape}"
     return model, config["vocab_size"], device, shape
 

@@ -18,7 +18,6 @@ the step and the last checkpoint, which is kept.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -29,7 +28,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from common.atomic import atomic_dir
+from pipeline.runtime.adapter_dirs import save_adapter
 from pipeline.runtime.entry import CONF_DIR, cli, user_errors
 from pipeline.runtime.stage import StageRun
 from pipeline.train_speed import apply_train_speed
@@ -126,46 +125,6 @@ def _loaders(cfg: DictConfig, tokenizer):
     train_dl = DataLoader(train, batch_size=bs, sampler=sampler, collate_fn=collate, num_workers=int(d.num_workers))
     val_dl = DataLoader(val, batch_size=bs, shuffle=False, collate_fn=collate) if val else None
     return train_dl, val_dl, len(train), len(val)
-
-
-def save_adapter(peft_model, dest, meta: dict) -> Path:
-    """``save_pretrained`` into ``dest`` atomically, with ``loramux.json`` (task, base model, training facts and
-    the size + sha256 of ``adapter_model.safetensors``)."""
-    from common.atomic import file_digest
-    from pipeline.runtime.distributed import is_global_zero
-
-    if not is_global_zero():  # DDP: every rank holds the same adapter; rank 0 writes it
-        return Path(dest)
-    with atomic_dir(dest) as tmp:
-        peft_model.save_pretrained(tmp)
-        weights = Path(tmp) / "adapter_model.safetensors"
-        files = {weights.name: file_digest(weights)} if weights.is_file() else {}
-        (Path(tmp) / "loramux.json").write_text(json.dumps({**meta, "files": files}, indent=2) + "\n")
-    return Path(dest)
-
-
-def verify_adapter(adapter_dir) -> Path:
-    """Check the weights of an adapter saved by :func:`save_adapter` against the size and sha256 in its
-    ``loramux.json``; a truncated, damaged or swapped file is one ValueError line. Dirs without the record pass."""
-    from common.atomic import file_digest
-
-    d = Path(adapter_dir)
-    try:
-        files = json.loads((d / "loramux.json").read_text()).get("files") or {}
-    except (OSError, ValueError, AttributeError):
-        return d
-    for name, want in files.items():
-        if not (d / name).is_file():
-            continue  # the bank names a missing file itself
-        got = {"bytes": (d / name).stat().st_size}
-        if got["bytes"] == want.get("bytes"):
-            got = file_digest(d / name)
-        if got != {k: want.get(k) for k in got}:
-            what = "size" if "sha256" not in got else "sha256"
-            raise ValueError(f"adapter {d}: {name}: {what} does not match loramux.json (truncated, damaged or replaced "
-                             f"after training); retrain it with the finetune stage, or delete loramux.json if these "
-                             f"weights are intended")
-    return d
 
 
 def finetune(cfg: DictConfig) -> float | None:

@@ -8,7 +8,7 @@ record feeds which table. Writes ``<out_dir>/report.md``, ``<out_dir>/tables/<na
 ``<out_dir>/plots/<name>.png``, logs each table as a wandb Table and each plot as an image, and its own
 metrics.json (number of records and tables) in its run dir. When the experiment is one of the papers' tables
 (``paper_table``, default the experiment's name), it also writes ``<paper_tables_dir>/<name>.{json,md,png}``
-(``pipeline.report.paper_tables``: the issue-8 rows, provenance and computed claims; default ``outputs/tables/``).
+(``pipeline.report.paper_tables``: the papers' rows, provenance and computed claims; default ``outputs/tables/``).
 """
 
 from __future__ import annotations

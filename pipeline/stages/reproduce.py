@@ -32,23 +32,13 @@ import time
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, ListConfig, open_dict
 
+from pipeline.runtime.compose import compose
 from pipeline.runtime.entry import CONF_DIR, cli, user_errors
 
 log = logging.getLogger(__name__)
 OWN_KEYS = ("force", "gpus", "parallel", "plan", "print_config", "stage")  # reproduce's own keys: not passed on to the stages
-
-
-def _compose(stage: str, overrides: list[str]) -> DictConfig:
-    """The stage's config, composed like ``python -m pipeline.<stage> <overrides>`` would (inside or outside Hydra)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    if GlobalHydra.instance().is_initialized():
-        return compose(config_name=stage, overrides=overrides)
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(config_name=stage, overrides=overrides)
 
 
 def passed_overrides(cfg: DictConfig, overrides: list[str] | None) -> list[str]:
@@ -61,12 +51,16 @@ def passed_overrides(cfg: DictConfig, overrides: list[str] | None) -> list[str]:
     return kept + list(cfg.plan.get("overrides", []) or [])
 
 
+def _flat(entries) -> list:
+    return [x for e in entries or [] for x in (e if isinstance(e, (list, ListConfig)) else [e])]
+
+
 def plan_steps(cfg: DictConfig) -> list[dict]:
     """The ordered steps: ``{"stage", "step", "overrides", "artefact"}`` (artefact: a file that must exist)."""
     exp = Path(str(cfg.paths.exp_dir))
     adapters, routers = Path(str(cfg.paths.adapters_dir)), Path(str(cfg.paths.routers_dir))
     steps = []
-    for task in cfg.plan.finetune:
+    for task in _flat(cfg.plan.finetune):  # an entry may be a list itself: [${tasks}, lora_b]
         steps.append({"stage": "finetune", "step": str(task), "overrides": [f"task={task}"],
                       "artefact": adapters / str(task) / "adapter_config.json"})
     for router, ovs in (cfg.plan.route or {}).items():
@@ -106,9 +100,8 @@ def step_done(step: dict) -> bool:
 
 
 def run_step(step: dict, overrides: list[str]):
-    cfg = _compose(step["stage"], [*overrides, *step["overrides"]])
+    cfg = compose(step["stage"], [*overrides, *step["overrides"]], run_dir=step["run_dir"])
     with open_dict(cfg):
-        cfg.paths.run_dir = str(step["run_dir"])
         cfg.print_config = False
     return _runner(step["stage"])(cfg)
 

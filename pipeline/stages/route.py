@@ -27,7 +27,7 @@ import torch
 from omegaconf import DictConfig
 
 from pipeline.runtime.entry import CONF_DIR, cli, user_errors
-from pipeline.runtime.stage import StageRun
+from pipeline.runtime.stage import StageRun, stage_callbacks
 from pipeline.train_speed import apply_train_speed
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,6 @@ def route(cfg: DictConfig) -> float | None:
         # GPU: compiled decoder layers, frozen weights in bf16 (the dlp objective runs no LM: nothing to compile)
         speed = apply_train_speed(cfg, mm.model) if objective == "meteora" else {"compile": False}
         from pipeline.runtime.step_log import StepLog
-        from pipeline.stages.scaling import stage_callbacks
 
         every = int(cfg.get("checkpoint", {}).get("every_n_steps", 0) or 0)
         requeue = RequeueCheckpoint(run.run_dir, every_n_steps=every, config=training_config(cfg))

@@ -30,6 +30,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from pipeline.runtime.compose import compose
+
 log = logging.getLogger("loramux.scaling")
 
 
@@ -68,14 +70,6 @@ class StepTimes(L.Callback):
             from common.atomic import atomic_write_text
 
             atomic_write_text(self.path, json.dumps(self.rows) + "\n")
-
-
-def stage_callbacks(cfg) -> list:
-    """Extra Lightning callbacks a stage run adds from ``cfg.callbacks`` (``{name: {_target_: ...}}``; none by
-    default), e.g. ``+callbacks.times._target_=pipeline.stages.scaling.StepTimes +callbacks.times.path=<file>``."""
-    from hydra.utils import instantiate
-
-    return [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
 
 
 # ---- the driver ---------------------------------------------------------------------------------------------------
@@ -148,18 +142,9 @@ def _run(cmd: list[str], log_path: Path, env: dict, fail: bool = True) -> str | 
     return tail
 
 
-def _compose(stage: str, overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-
-    from pipeline.runtime.entry import CONF_DIR
-
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(config_name=stage, overrides=overrides)
-
-
 def ensure_adapters(args, env: dict, work: Path) -> None:
     """Train (briefly) every task adapter of the experiment that is missing, in one finetune sweep process."""
-    cfg = _compose("route", [f"experiment={args.experiment}", f"router={args.router}", *args.overrides])
+    cfg = compose("route", [f"experiment={args.experiment}", f"router={args.router}", *args.overrides])
     root = Path(str(cfg.paths.adapters_dir))  # where route reads them (head_to_head: meteora_tasks' adapters)
     missing = [str(t) for t in cfg.tasks if not (root / str(t) / "adapter_config.json").is_file()]
     if not missing:

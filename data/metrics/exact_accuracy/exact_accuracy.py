@@ -1,7 +1,7 @@
 """Exact-match accuracy: a prediction counts when, stripped and lower-cased, it equals the gold answer.
 
 A local `evaluate` module: load it by path, `evaluate.load("data/metrics/exact_accuracy")`, so nothing is fetched from a
-hub. Predictions are lower-cased first, as MeteoRA's eval.py does (REFERENCE.md §1.6).
+hub. Predictions are lower-cased first, as MeteoRA's eval.py does.
 """
 
 import datasets

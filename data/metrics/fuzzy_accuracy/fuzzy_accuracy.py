@@ -1,7 +1,7 @@
 """Fuzzy accuracy: a prediction counts when the (stripped, lower-cased) gold answer occurs inside it.
 
 A local `evaluate` module: load it by path, `evaluate.load("data/metrics/fuzzy_accuracy")`, so nothing is fetched from a
-hub. Predictions are lower-cased first, as MeteoRA's eval.py does (REFERENCE.md §1.6).
+hub. Predictions are lower-cased first, as MeteoRA's eval.py does.
 """
 
 import datasets

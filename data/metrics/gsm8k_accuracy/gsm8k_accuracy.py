@@ -2,7 +2,7 @@
 number after "####" in the gold solution (else its last number); thousands separators are ignored.
 
 A local `evaluate` module: load it by path, `evaluate.load("data/metrics/gsm8k_accuracy")`, so nothing is fetched from a
-hub. Predictions are lower-cased first, as MeteoRA's eval.py does (REFERENCE.md §1.6).
+hub. Predictions are lower-cased first, as MeteoRA's eval.py does.
 """
 
 import re

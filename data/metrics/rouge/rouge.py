@@ -1,7 +1,7 @@
 """ROUGE-1/2/L F-measure (fractions in [0, 1]) from rouge-score, averaged over rows; empty predictions dropped.
 
 A local `evaluate` module: load it by path, `evaluate.load("data/metrics/rouge")`, so nothing is fetched from a
-hub. Predictions are lower-cased first, as MeteoRA's eval.py does (REFERENCE.md §1.6).
+hub. Predictions are lower-cased first, as MeteoRA's eval.py does.
 """
 
 import datasets

@@ -2,7 +2,7 @@
 and the gold answer (gold answers read "Yes. <explanation>" / "No. <explanation>").
 
 A local `evaluate` module: load it by path, `evaluate.load("data/metrics/strategyqa_accuracy")`, so nothing is fetched from a
-hub. Predictions are lower-cased first, as MeteoRA's eval.py does (REFERENCE.md §1.6).
+hub. Predictions are lower-cased first, as MeteoRA's eval.py does.
 """
 
 import datasets
