@@ -7,6 +7,8 @@ training (positions stay 0..n-1 for real tokens); generation uses the tokenizer'
     enc = encode_pair(tok, "Q: 2+2?\nA:", " 4", max_length=256)   # {"input_ids", "labels"}
     batch = AnswerOnlyCollator(tok.pad_token_id)([enc, ...])      # padded tensors + attention_mask
 
+Routers: ``routed_rows`` labels each task's rows with the task's adapter index (``RoutedRowsCollator`` batches them).
+
 Generation: prompts of a ``PromptGroup`` are encoded exactly as training encoded them (``encode_prompt``), sorted by
 length so each batch pads little, and cut into *jobs* (``plan_jobs``: one ``generate`` call each, left-padded by
 ``left_pad`` so the last column is every row's last real token); prompts longer than ``max_prompt_tokens`` are
@@ -16,9 +18,12 @@ skipped and counted (MeteoRA skips prompts over 4096 tokens), their prediction N
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 
 import torch
+
+from data.task_rows import task_rows
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
@@ -124,3 +129,36 @@ def assemble(groups: list[PromptGroup], skipped: list[int], outputs: list[dict],
     for g in gens:
         g.seconds = seconds
     return gens
+
+
+class RoutedRowsCollator:
+    """Rows with a task index -> right-padded ``input_ids``, ``attention_mask``, ``labels``, ``task_ids``."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad = AnswerOnlyCollator(pad_token_id)
+
+    def __call__(self, rows):
+        batch = self.pad(rows)
+        batch["task_ids"] = torch.tensor([r["task_id"] for r in rows], dtype=torch.long)
+        return batch
+
+
+def routed_rows(tokenizer, tasks, split: str, per_task: int, *, max_length: int, prompt_only: bool,
+                lm_loss_on_prompt: bool = True, append_eos: bool = True, split_seed: int = 0, seed: int = 0) -> list:
+    """A router's training rows: ``per_task`` rows of each task's ``split``, each labelled with its task's index in
+    ``tasks`` (``task_id``), shuffled together with ``seed``. ``prompt_only``: the prompt alone (a sentence
+    classifier); else prompt + answer with answer labels, or labels on every token with ``lm_loss_on_prompt``
+    (MeteoRA's LM loss covers the prompt too)."""
+    rows = []
+    for idx, task in enumerate(tasks):
+        for r in task_rows(str(task), split, per_task, split_seed):
+            if prompt_only:
+                ids = encode_prompt(tokenizer, r["prompt"])[:max_length]
+                enc = {"input_ids": ids, "labels": [-100] * len(ids)}
+            else:
+                enc = encode_pair(tokenizer, r["prompt"], r["answer"], max_length, append_eos)
+                if lm_loss_on_prompt:
+                    enc["labels"] = list(enc["input_ids"])
+            rows.append({**enc, "task_id": idx})
+    random.Random(seed).shuffle(rows)
+    return rows

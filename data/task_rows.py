@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import random
 
+from data.tasks import load_split
+
 LORA_B = "lora_b"
 
 
 def task_rows(task: str, split: str, limit: int | None = None, split_seed: int = 0) -> list[dict]:
     """``[{"prompt", "answer", "choices", "task"}]`` of one task's split, the first ``limit`` rows."""
-    from data.tasks import load_split
-
     caps = {f"max_{split}": None if limit is None else int(limit)}
     ds = load_split(task, split, seed=int(split_seed), **caps)
     return [{"prompt": r["prompt"], "answer": r["answer"], "choices": list(r["choices"]), "task": task} for r in ds]
@@ -33,7 +33,7 @@ def mixed_rows(tasks, split: str, cap: int, seed: int, limit: int | None = None,
 
 def rows_for(task: str, tasks, split: str, data_cfg, seed: int, limit: int | None) -> list[dict]:
     """Rows a finetune run trains on: ``task``'s own, or the LoRA-B mix of ``tasks`` when task == lora_b."""
-    split_seed = int(data_cfg.get("split_seed", 0))
+    split_seed = int(data_cfg.split_seed)
     if task == LORA_B:
         if not tasks:
             raise ValueError("task=lora_b mixes the experiment's `tasks`, which is empty; pick an experiment "

@@ -20,7 +20,7 @@ MultiLoRAModel
         meteora + labels + task_ids: out.loss = out.lm_loss + aux_loss_coef * out.aux_loss (MeteoRA's loss).
     mm.generate(input_ids, attention_mask=..., task_ids=None, **generate_kwargs)   batched, KV cache
         (mm.model.generate works too, after mm.set_routing(task_ids=...) where the strategy needs task ids)
-    mm.set_router(name, **kwargs) / mm.strategy / mm.last_route()
+    mm.set_router(name or builder, **kwargs) / mm.strategy / mm.last_route()
         oracle | meteora(top_k=2, temperature=1.0, aux_loss_coef=50.0) |
         dlp / dlp_segments(top_p=0.6, fusion="softmax"|"renorm", hidden=1408, layers=4, dropout=0.0) |
         lora_b(adapter=name) | merge(mode="delta"|"linear") | base
@@ -37,11 +37,12 @@ Pieces (one concept per file)
     base.py               load_base_model
     adapter_bank.py       AdapterBank, read_peft_adapter, AdapterError (validation of PEFT dirs)
     multilora_linear.py   MultiLoRALinear: base nn.Linear + kernels.multi_lora with the router's route
-    routing.py            Route, RouteContext, Router / SequenceRouter, route_top_k, route_top_p
-    router_fixed.py       oracle, lora_b, merge, base
-    router_meteora.py     per-projection token gates, top-k, MeteoRA's auxiliary loss
-    router_dlp.py         DLP-LoRA sentence MLP (mean-pooled frozen input embeddings), top-p; dlp_segments
-    router_checkpoint.py  save / read / align router checkpoints
+    routing/route.py      Route, RouteContext, Router / SequenceRouter, route_top_k, route_top_p
+    routing/registry.py   strategy names -> builders (@strategy; every module of routing/ is found)
+    routing/<name>.py     one strategy each: base, oracle, lora_b, merge, meteora (token gates, top-k, aux loss),
+                          dlp (sentence MLP, top-p), dlp_segments (dlp + a segmenter); each owns its defaults,
+                          its knob checks and, when trainable, its training_loss
+    routing/checkpoint.py save / read / align router checkpoints
     multilora_model.py    MultiLoRAModel (ties it together)
     tiny.py               tiny random LLaMA + byte tokenizer (HF dir or GGUF), random PEFT adapters (tests, smoke)
 """
@@ -49,14 +50,13 @@ Pieces (one concept per file)
 from models.adapter_bank import AdapterBank, AdapterError, read_peft_adapter
 from models.base import load_base_model
 from models.multilora_linear import MultiLoRALinear
-from models.multilora_model import DLP_TARGETS, METEORA_TARGETS, ROUTERS, MultiLoRAModel
+from models.multilora_model import DLP_TARGETS, METEORA_TARGETS, MultiLoRAModel
 from models.routing.checkpoint import RouterCheckpointError
 from models.routing.route import Route, Router, route_top_k, route_top_p
 
 __all__ = [
            "DLP_TARGETS",
            "METEORA_TARGETS",
-           "ROUTERS",
            "AdapterBank",
            "AdapterError",
            "MultiLoRALinear",

@@ -43,17 +43,15 @@ def _looks_local(name_or_path: str) -> bool:
     return name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1
 
 
-def load_base_model(name_or_path, *, dtype="float32", device=None, gguf_file=None):
-    """Return ``(model, tokenizer)`` for a hub id, a local HF dir or a GGUF file (``gguf_file=`` or a *.gguf path).
-
-    The model is frozen (``requires_grad=False``) and in eval mode; the tokenizer pads on the left with a pad
-    token set (EOS where the model has none). ``device`` is anything ``torch.device`` accepts (default: CPU).
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def check_source(name_or_path, gguf_file=None) -> tuple[str, str | None]:
+    """``(path or hub id, gguf file or None)`` of a model source; a local one that does not exist, or a dir that
+    holds no model, is one FileNotFoundError line naming it and the fix. Reads no weights (stages call it before
+    they load anything)."""
     name_or_path = os.path.expanduser(str(name_or_path))
+    if not name_or_path.strip():
+        raise FileNotFoundError("model.name_or_path is empty; pass a hub id, an HF model directory or a .gguf file "
+                                "(the cached models: python -m data.fetch --model)")
     path, gguf = _split_gguf(name_or_path, gguf_file)
-    torch_dtype = resolve_dtype(dtype)
     local = os.path.exists(path) or _looks_local(path)
     if local and not os.path.exists(path):
         raise FileNotFoundError(
@@ -65,7 +63,22 @@ def load_base_model(name_or_path, *, dtype="float32", device=None, gguf_file=Non
     if local and gguf is None and os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
         ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
         hint = f"pass gguf_file={ggufs[0]!r}" if ggufs else "pass a HF model directory or a .gguf file"
-        raise OSError(f"cannot load base model {name_or_path!r} (no config.json in it); {hint}")
+        raise FileNotFoundError(f"cannot load base model {name_or_path!r} (no config.json in it); {hint}")
+    return path, gguf
+
+
+def load_base_model(name_or_path, *, dtype="float32", device=None, gguf_file=None):
+    """Return ``(model, tokenizer)`` for a hub id, a local HF dir or a GGUF file (``gguf_file=`` or a *.gguf path).
+
+    The model is frozen (``requires_grad=False``) and in eval mode; the tokenizer pads on the left with a pad
+    token set (EOS where the model has none). ``device`` is anything ``torch.device`` accepts (default: CPU).
+    """
+    # lazy: transformers takes seconds to import, and the adapter bank and kernels need none of it
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name_or_path = os.path.expanduser(str(name_or_path))
+    path, gguf = check_source(name_or_path, gguf_file)
+    torch_dtype = resolve_dtype(dtype)
     kwargs = {"gguf_file": gguf} if gguf else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)

@@ -3,7 +3,7 @@
     mm = MultiLoRAModel.from_adapters(model, {"a": dir_a, "b": dir_b}, router="oracle", tokenizer=tok)
     out = mm(input_ids, attention_mask, labels=labels, task_ids=["a", "b"])     # HF output; loss (+ aux)
     gen = mm.generate(input_ids, attention_mask=mask, task_ids=["a", "b"], max_new_tokens=8)
-    mm.set_router("meteora", top_k=2, temperature=1.0)      # same model and bank, new strategy
+    mm.set_router("meteora", top_k=2, temperature=1.0)      # same model and bank, new strategy (by name or builder)
     mm.set_trainable("gates")                                # -> the parameters to optimise
     mm.save_router("routers/meteora"); mm.load_router("routers/meteora", temperature=30)
 
@@ -23,21 +23,18 @@ from torch import nn
 
 from models.adapter_bank import AdapterBank
 from models.multilora_linear import MultiLoRALinear
+from models.routing import registry
+from models.routing.base import BaseRouter
 from models.routing.checkpoint import (
     RouterCheckpointError,
     align_router_state,
     read_router_checkpoint,
     save_router_checkpoint,
 )
-from models.routing.dlp import DLPRouter, DLPSegmentRouter
-from models.routing.merge import BaseRouter, MergeRouter, OracleRouter, SingleAdapterRouter
-from models.routing.meteora import MeteoraRouter
 from models.routing.route import RouteContext, Router, validate_task_ids
 
 METEORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DLP_TARGETS = ("q_proj", "v_proj")
-ROUTERS = {r.name: r for r in (OracleRouter, MeteoraRouter, DLPRouter, DLPSegmentRouter, SingleAdapterRouter,
-                               MergeRouter, BaseRouter)}
 TRAINABLE = ("none", "router", "gates", "adapters", "router+adapters", "gates+adapters")
 
 
@@ -81,7 +78,7 @@ class MultiLoRAModel(nn.Module):
         self.bank = bank
         self.tokenizer = tokenizer
         self.ctx = RouteContext()
-        self.ctx.bank, self.ctx.tokenizer = bank, tokenizer
+        self.ctx.bank, self.ctx.tokenizer, self.ctx.embedding = bank, tokenizer, model.get_input_embeddings()
         for name in bank.modules_wrapped:
             base = model.get_submodule(name)
             if isinstance(base, MultiLoRALinear):
@@ -92,7 +89,7 @@ class MultiLoRAModel(nn.Module):
         self.set_router(router, **router_kwargs)
 
     @classmethod
-    def from_adapters(cls, model, adapters, *, targets=None, router: str = "oracle", tokenizer=None,
+    def from_adapters(cls, model, adapters, *, targets=None, router="oracle", tokenizer=None,
                       check_base_name: bool = True, **router_kwargs) -> MultiLoRAModel:
         """Build from PEFT LoRA dirs: ``adapters`` is ``{name: dir}`` or a list of dirs (names = dir names).
 
@@ -103,24 +100,22 @@ class MultiLoRAModel(nn.Module):
         return cls(model, bank, router, tokenizer, **router_kwargs)
 
     # ---- strategy ----------------------------------------------------------------------------------------------
-    def build_router(self, name: str, **kwargs) -> Router:
-        """A fresh router of strategy ``name`` for this model and bank (not installed)."""
-        if name not in ROUTERS:
-            raise ValueError(f"router={name!r} is not known; choose one of {sorted(ROUTERS)}")
-        cls = ROUTERS[name]
+    def build_router(self, strategy, **kwargs) -> Router:
+        """A fresh router for this model and bank (not installed): ``strategy`` is a registered name
+        (``models.routing.registry``) or a builder (a Router subclass or a function of the route context)."""
+        build = registry.builder(strategy) if isinstance(strategy, str) else strategy
         try:
-            if issubclass(cls, DLPRouter):
-                return cls(self.ctx, self.model.get_input_embeddings(), **kwargs)
-            return cls(self.ctx, **kwargs)
+            return build(self.ctx, **kwargs)
         except TypeError as e:
-            raise ValueError(f"router={name!r}: {e}") from None
+            raise ValueError(f"router={registry.strategy_name(build)!r}: {e}") from None
 
-    def set_router(self, router: str | Router, **kwargs) -> Router:
-        """Switch the routing strategy: ``oracle | meteora | dlp | dlp_segments | lora_b | merge | base``.
+    def set_router(self, router, **kwargs) -> Router:
+        """Switch the routing strategy: ``oracle | meteora | dlp | dlp_segments | lora_b | merge | base`` (a name), a
+        builder, or a ready ``Router`` instance (installed as is).
 
         meteora: top_k=2, temperature=1.0, aux_loss_coef=50.0 — dlp / dlp_segments: top_p=0.6,
         fusion="softmax"|"renorm", hidden=1408, layers=4, dropout=0.0 — lora_b: adapter=<name> —
-        merge: mode="delta"|"linear". A ready ``Router`` instance is installed as is.
+        merge: mode="delta"|"linear" (each strategy's constructor in models/routing/ holds its defaults).
         """
         r = router if isinstance(router, Router) else self.build_router(router, **kwargs)
         self.router = r
@@ -196,7 +191,7 @@ class MultiLoRAModel(nn.Module):
 
     def last_route(self):
         """``(ids [B, K], weights [B, K])`` a sentence router chose at the last prefill (None for token routers)."""
-        return getattr(self.router, "_seq", None)
+        return self.router.last_route()
 
     # ---- training ----------------------------------------------------------------------------------------------
     def set_trainable(self, which: str = "router") -> list[nn.Parameter]:
@@ -218,12 +213,12 @@ class MultiLoRAModel(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     def router_loss(self, input_ids, attention_mask, task_ids) -> torch.Tensor:
-        """DLP router objective (CE on the task id), computed without the LM."""
-        if not isinstance(self.router, DLPRouter):
-            raise ValueError(  # noqa: TRY004
-                f"router_loss is the dlp router's objective; router is {self.router.name!r} "
-                "(meteora trains through forward(labels=..., task_ids=...))")
-        return self.router.classification_loss(input_ids, attention_mask, validate_task_ids(task_ids, self.bank))
+        """A sentence classifier's objective (dlp: CE on the task id), computed without the LM."""
+        loss = getattr(self.router, "classification_loss", None)
+        if loss is None:
+            raise ValueError(f"router_loss is the dlp router's objective; router is {self.router.name!r} "
+                             "(meteora trains through forward(labels=..., task_ids=...))")
+        return loss(input_ids, attention_mask, validate_task_ids(task_ids, self.bank))
 
     # ---- hot swap ----------------------------------------------------------------------------------------------
     def add_adapter(self, name: str, adapter_dir) -> None:
@@ -249,16 +244,18 @@ class MultiLoRAModel(nn.Module):
         return save_router_checkpoint(directory, self.router.name, self.router.config(), self.router.state_dict(),
                                       self.adapter_names, getattr(self.model.config, "name_or_path", None))
 
-    def load_router(self, directory, strategy: str | None = None, **overrides) -> Router:
-        """Install the router saved in ``directory``; ``overrides`` change inference knobs (top_k, temperature,
-        top_p, fusion); ``strategy="dlp_segments"`` applies a trained dlp router per segment (and vice versa).
-        Rows are reordered to the bank's adapter order; mismatches raise one-line errors."""
+    def load_router(self, directory, strategy=None, **overrides) -> Router:
+        """Install the router saved in ``directory``, built with its saved config; ``overrides`` (explicit knobs:
+        top_k, temperature, top_p, fusion) win over it. ``strategy`` (a name or a builder) loads the weights into
+        another strategy that builds the same router class (``dlp_segments`` applies a trained dlp router per
+        segment, and back). Rows are reordered to the bank's adapter order; mismatches raise one-line errors."""
         meta, tensors = read_router_checkpoint(directory)
         saved = meta["strategy"]
         strategy = strategy or saved
-        if strategy != saved and {strategy, saved} != {"dlp", "dlp_segments"}:
+        if registry.router_class(strategy) is not registry.router_class(saved):
+            name = strategy if isinstance(strategy, str) else registry.strategy_name(strategy)
             raise RouterCheckpointError(f"router checkpoint {directory}: strategy: saved as {saved!r}, cannot load as "
-                                        f"{strategy!r} (only dlp <-> dlp_segments share weights)")
+                                        f"{name!r} (only strategies that build the same router share weights)")
         router = self.build_router(strategy, **{**meta["config"], **overrides})
         state = align_router_state(directory, meta, tensors, router.state_dict(), self.adapter_names,
                                    router.adapter_row_keys())

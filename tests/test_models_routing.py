@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from models import MultiLoRAModel, RouterCheckpointError, load_base_model
-from models.routing.dlp import segment_tokens
+from models.routing.dlp_segments import segment_tokens
 from models.tiny import save_test_assets
 
 PROMPTS = ["[INST] count the apples [/INST]\n", "hello there, a longer prompt than the others", "[INST] x [/INST]\n\nq"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -122,14 +123,14 @@ def test_bad_adapter_is_one_line_naming_the_adapter_and_the_fix(outputs, tmp_pat
 STAGE_ROWS = [  # (id, stage, overrides, exception, one-line message regex)
     ("unknown_task", "finetune", ["task=winowhyy"], ValueError, r"unknown task 'winowhyy'; did you mean winowhy.*"),
     ("no_task", "finetune", [], ValueError, r"finetune needs task=<name> \(one of .*\); sweep them with -m task=a,b"),
-    ("r_zero", "finetune", ["task=winowhy", "adapter.r=0"], ValueError, r"adapter.r=0 must be > 0"),
+    ("r_zero", "finetune", ["task=winowhy", "adapter.r=0"], ValueError, r"adapter.r=0 must be > 0; set e.g. adapter.r=8"),
     ("lr_zero", "finetune", ["task=winowhy", "optim.lr=0"], ValueError, r"optim.lr=0(\.0)? must be > 0; set e.g. optim.lr=2e-4"),
     ("lr_negative", "finetune", ["task=winowhy", "optim.lr=-1e-4"], ValueError, r"optim.lr=-0.0001 must be > 0.*"),
-    ("steps_zero", "finetune", ["task=winowhy", "trainer.max_steps=0"], ValueError, r"trainer.max_steps=0 must be > 0"),
-    ("route_steps_zero", "route", ["router.train.steps=0"], ValueError, r"router.train.steps=0 must be > 0"),
-    ("route_lr_zero", "route", ["router.train.lr=0"], ValueError, r"router.train.lr=0(\.0)? must be > 0"),
+    ("steps_zero", "finetune", ["task=winowhy", "trainer.max_steps=0"], ValueError, r"trainer.max_steps=0 must be > 0; set e.g. trainer.max_steps=100"),
+    ("route_steps_zero", "route", ["router.train.steps=0"], ValueError, r"router.train.steps=0 must be > 0; set e.g. router.train.steps=100"),
+    ("route_lr_zero", "route", ["router.train.lr=0"], ValueError, r"router.train.lr=0(\.0)? must be > 0; set e.g. router.train.lr=5e-4"),
     ("route_untrainable", "route", ["router=oracle"], ValueError,
-     r"router=oracle has nothing to train; route trains router=meteora or router=dlp"),
+     r"router=oracle has nothing to train; route trains router=dlp or router=dlp_segments or router=meteora"),
     ("top_p_above_1", "route", ["router=dlp", "router.top_p=1.5"], ValueError,
      r"dlp top_p=1.5 must be in \(0, 1\] \(DLP-LoRA used 0.6\)"),
     ("top_p_zero", "route", ["router=dlp", "router.top_p=0"], ValueError, r"dlp top_p=0(\.0)? must be in \(0, 1\].*"),
@@ -160,35 +161,158 @@ def test_empty_adapter_dir_in_an_experiment_names_the_finetune_command(outputs, 
 
 
 # ------------------------------------------------------------------------------- the command line's one line
-ENTRY_ROWS = [  # (id, argv, the exact stderr line, or a regex for it)
-    ("config_typo", ["experiment=smoke", "optim.lrr=1e-3"],
-     (r"error: config: Could not override 'optim.lrr'; To append to your config use \+optim.lrr=1e-3; Key 'lrr' is "
-      r"not in struct \(check the spelling: `--cfg job` prints every key\)")),
-    ("unknown_experiment", ["experiment=nosuch"],
+NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a CUDA GPU")
+SMOKE_ADAPTERS = "paths.adapters_dir={adapters}"  # the module's smoke adapters, for rows refused after they are found
+ENTRY_ROWS = [  # (id, stage, argv, the exact stderr line as a regex); every row also leaves no run dir behind
+    ("config_typo", "finetune", ["experiment=smoke", "optim.lrr=1e-3"],
+     (r"error: config: Could not override 'optim.lrr'; Key 'lrr' not in 'OptimSettings' \(check the spelling: "
+      r"`--cfg job` prints every key\)")),
+    ("unknown_experiment", "finetune", ["experiment=nosuch"],
      r"error: config: In 'finetune': Could not find 'experiment/nosuch'; pick one of: demo, .*smoke.*"),
-    ("sweep_without_m", ["experiment=smoke", "task=object_counting,winowhy"],
+    ("sweep_without_m", "finetune", ["experiment=smoke", "task=object_counting,winowhy"],
      r"error: config: Ambiguous value for argument 'task=object_counting,winowhy'.*add --multirun to your command line"),
-    ("unknown_task", ["experiment=smoke", "task=nosuch_task", "logger=none", "print_config=false"],
+    ("unknown_task", "finetune", ["experiment=smoke", "task=nosuch_task", "logger=none", "print_config=false"],
      r"error: unknown task 'nosuch_task'.*"),
+    # the inputs a new user got wrong (each used to crash late, run on silently, or print a traceback)
+    ("tasks_not_a_list", "evaluate", ["experiment=smoke", "tasks=winowhy"],
+     r"error: tasks='winowhy' must be a list of task names; write tasks=\[winowhy\]"),
+    ("generation_batch_zero", "evaluate", ["experiment=smoke", "generation.batch_size=0"],
+     (r"error: generation.batch_size=0 must be a number of prompts per generate call >= 1; set e.g. "
+      r"generation.batch_size=8")),
+    ("max_new_tokens_zero", "evaluate", ["experiment=smoke", "generation.max_new_tokens=0"],
+     r"error: generation.max_new_tokens=0 must be a number of tokens >= 1; set e.g. generation.max_new_tokens=16"),
+    ("max_new_tokens_negative", "evaluate", ["experiment=smoke", "generation.max_new_tokens=-1"],
+     r"error: generation.max_new_tokens=-1 must be a number of tokens >= 1; set e.g. generation.max_new_tokens=16"),
+    ("composite_shots_negative", "evaluate", ["experiment=smoke", "composite_n=2", "composite_shots=-1"],
+     r"error: composite_shots=-1 must be a number of examples >= 0; set e.g. composite_shots=2"),
+    ("model_path_missing", "evaluate", ["experiment=smoke", "model.name_or_path=/nonexistent/model"],
+     (r"error: base model '/nonexistent/model' does not exist; build the cached models with `python -m data.fetch "
+      r"--model` or pass a hub id / an existing HF directory")),
+    ("model_path_deleted", "evaluate", ["experiment=smoke", "~model.name_or_path"],
+     (r"error: model.name_or_path is missing; pass a hub id, an HF model directory or a .gguf file \(model=smollm2 is "
+      r"the cached SmolLM2-135M-Instruct\)")),
+    ("model_dtype", "evaluate", ["experiment=smoke", "model.dtype=float17"],
+     r"error: model.dtype='float17' is not supported; use one of bf16, bfloat16, float16, float32, float64, fp16, fp32"),
+    ("model_dir_without_model", "evaluate", ["experiment=smoke", "model.name_or_path={empty}"],
+     r"error: cannot load base model '.*/empty' \(no config.json in it\); pass a HF model directory or a .gguf file"),
+    ("seed_not_an_integer", "finetune", ["experiment=smoke", "task=winowhy", "seed=abc"],
+     r"error: seed='abc' must be an integer; set e.g. seed=0"),
+    ("wrong_type_in_a_typed_section", "evaluate", ["experiment=smoke", "generation.batch_size=abc"],
+     (r"error: config: Error merging override generation.batch_size=abc; Value 'abc' of type 'str' could not be "
+      r"converted to Integer; give a value of the key's type \(`--cfg job` prints every key and its value\)")),
+    ("test_limit_zero", "evaluate", ["experiment=smoke", "data.test_limit=0"],
+     r"error: data.test_limit=0 must be null \(all rows\) or a number of rows >= 1; set e.g. data.test_limit=16"),
+    ("split_name", "evaluate", ["experiment=smoke", "data.test_split=testing"],
+     r"error: data.test_split='testing' must be one of train, val, test; set e.g. data.test_split=test"),
+    ("unknown_task_in_tasks", "evaluate", ["experiment=smoke", "tasks=[object_counting,winowhyy]"],
+     r"error: unknown task 'winowhyy'; did you mean winowhy\? \(list: python -m data.tasks\)"),
+    ("optim_batch_zero", "finetune", ["experiment=smoke", "task=winowhy", "optim.batch_size=0"],
+     r"error: optim.batch_size=0 must be a number of rows >= 1; set e.g. optim.batch_size=4"),
+    ("val_check_zero", "finetune", ["experiment=smoke", "task=winowhy", "trainer.val_check_interval=0"],
+     r"error: trainer.val_check_interval=0 must be a number of steps >= 1; set e.g. trainer.val_check_interval=50"),
+    ("checkpoint_every_negative", "route", ["experiment=smoke", "checkpoint.every_n_steps=-1"],
+     (r"error: checkpoint.every_n_steps=-1 must be a number of steps >= 0 \(0: never\); set e.g. "
+      r"checkpoint.every_n_steps=25")),
+    ("router_batch_zero", "route", ["experiment=smoke", "router=dlp", "router.train.batch_size=0"],
+     r"error: router.train.batch_size=0 must be a number of rows >= 1; set e.g. router.train.batch_size=8"),
+    ("router_knob", "route", ["experiment=smoke", "router=dlp", "router.fusion=max", SMOKE_ADAPTERS],
+     r"error: dlp fusion='max' is not known; use 'softmax' \(DLP-LoRA's code\) or 'renorm'"),
+    ("top_k_zero", "route", ["experiment=smoke", "router=meteora", "router.top_k=0", SMOKE_ADAPTERS],
+     r"error: meteora top_k=0 must be an integer in \[1, number of adapters = 2\]"),
+    ("composite_n_above_tasks", "evaluate", ["experiment=smoke", "router=base", "composite_n=5", SMOKE_ADAPTERS],
+     r"error: composite_n=5 but composite_tasks has 2 tasks; lower composite_n"),
+    ("oracle_on_composite", "evaluate", ["experiment=smoke", "router=oracle", "composite_n=2", SMOKE_ADAPTERS],
+     (r"error: router=oracle needs one task per prompt; composite prompts mix tasks: use a router that decides by "
+      r"itself \(base, lora_b, merge, meteora, dlp or dlp_segments\)")),
+    ("trained_router_missing", "evaluate", ["experiment=smoke", "router=dlp", SMOKE_ADAPTERS],
+     (r"error: router 'dlp' is missing at .*/routers/dlp; train it first: python -m pipeline.route experiment=smoke "
+      r"router=dlp")),
+    ("group_the_stage_ignores", "evaluate", ["experiment=smoke", "adapter=dlp"],
+     (r"error: adapter=dlp: the evaluate stage does not read `adapter`, so it would change nothing; drop it \(the "
+      r"stages that read it: finetune, bench\)")),
+    ("bench_unknown_row", "bench", ["experiment=smoke", "bench.strategies=[base,nosuch]"],
+     (r"error: bench.strategies \['nosuch'\] are not known; use base, peft or a label of bench.routers \(oracle, "
+      r"lora_b, merge, meteora-top1, meteora-top2, dlp, dlp_segments\)")),
+    ("bench_adapter_count", "bench", ["experiment=smoke", "bench.num_adapters=[0]"],
+     r"error: bench.num_adapters=\[0\] must be a list of adapter counts >= 1; set e.g. bench.num_adapters=\[1,4\]"),
+    ("parallel_zero", "reproduce", ["experiment=smoke", "parallel=0"],
+     r"error: parallel=0 must be a number of steps run at once >= 1 \(1: one after another\); set e.g. parallel=1"),
+    pytest.param("model_on_cuda", "evaluate", ["experiment=smoke", "model.device=cuda"],
+                 r"error: model.device=cuda but no CUDA GPU is visible; use model.device=null \(the CPU\)", marks=NO_GPU,
+                 id="model_on_cuda"),
+    pytest.param("trainer_gpu", "finetune", ["experiment=smoke", "task=winowhy", "trainer=gpu"],
+                 r"error: trainer.accelerator=gpu \(trainer=gpu / ddp / fsdp\) but no CUDA GPU is visible; use "
+                 r"trainer=cpu \(or trainer=ddp_cpu for two CPU processes\)", marks=NO_GPU, id="trainer_gpu"),
 ]
 
 
-@pytest.mark.parametrize("argv,line", [r[1:] for r in ENTRY_ROWS], ids=[r[0] for r in ENTRY_ROWS])
-def test_command_line_error_is_one_line_and_status_2(outputs, tmp_path, monkeypatch, capsys, argv, line):
+def _row(r):
+    return r if isinstance(r, type(pytest.param())) else pytest.param(*r, id=r[0])
+
+
+@pytest.mark.parametrize("name,stage,argv,line", [_row(r) for r in ENTRY_ROWS])
+def test_command_line_error_is_one_line_and_status_2(outputs, tmp_path, monkeypatch, capsys, name, stage, argv, line):
+    """Each refusal: exit status 2, exactly one line on stderr (naming the value and the fix), checked before any model
+    loads, and no run dir left behind (Hydra makes one before the stage starts: a refused run removes it)."""
+    import importlib
     import re
 
     from pipeline.runtime.entry import cli
-    from pipeline.stages.finetune import main
 
-    monkeypatch.setenv("LORAMUX_OUTPUTS", str(tmp_path))
-    monkeypatch.setattr(sys, "argv", ["pipeline/finetune.py", *argv, f"hydra.run.dir={tmp_path / 'run'}"])
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "out"
+    argv = [a.format(adapters=outputs / "smoke" / "adapters", empty=tmp_path / "empty") for a in argv]
+    monkeypatch.setenv("LORAMUX_OUTPUTS", str(out))
+    monkeypatch.setattr(sys, "argv", [f"pipeline/{stage}.py", *argv])
+    with pytest.raises(SystemExit) as e:
+        cli(importlib.import_module(f"pipeline.stages.{stage}").main)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and re.fullmatch(line, err.strip()), err
+    assert not [p for p in out.rglob("*") if p.is_file()], "a refused run leaves no file behind"
+
+
+def test_outputs_under_a_regular_file_is_one_line(tmp_path, monkeypatch, capsys):
+    from pipeline.runtime.entry import cli
+    from pipeline.stages.evaluate import main
+
+    (tmp_path / "afile").write_text("not a directory")
+    monkeypatch.setenv("LORAMUX_OUTPUTS", str(tmp_path / "afile" / "outputs"))
+    monkeypatch.setattr(sys, "argv", ["pipeline/evaluate.py", "experiment=smoke"])
     with pytest.raises(SystemExit) as e:
         cli(main)
     assert e.value.code == 2
-    err = capsys.readouterr().err
-    errors = [x for x in err.splitlines() if x.startswith("error:")]
-    assert len(errors) == 1 and re.fullmatch(line, errors[0]), err
-    assert "Traceback" not in err and "HYDRA_FULL_ERROR" not in err
+    assert re.fullmatch(rf"error: cannot create the run dir {tmp_path}/afile/outputs/smoke/evaluate/runs/\S+: "
+                        rf"{tmp_path}/afile is a file, not a directory; point LORAMUX_OUTPUTS \(or paths.output_root, "
+                        r"hydra.run.dir\) at a directory you can write\n", capsys.readouterr().err)
+
+
+def test_empty_cache_and_outputs_variables_count_as_unset(monkeypatch, compose):
+    """LORAMUX_CACHE= / LORAMUX_OUTPUTS= (set but empty) mean the defaults, as `python -m data.fetch` reads them."""
+    from omegaconf import OmegaConf
+
+    monkeypatch.setenv("LORAMUX_CACHE", "")
+    monkeypatch.setenv("LORAMUX_OUTPUTS", "")
+    paths = OmegaConf.to_container(compose("evaluate", ["experiment=smoke"], run_dir="/tmp/r").paths, resolve=True)
+    assert paths["cache_dir"] == str(cache_dir()) == str(Path("~/.cache/loramux").expanduser())
+    assert paths["output_root"] == "outputs" and paths["exp_dir"] == "outputs/smoke"
+
+
+def test_a_refusal_inside_a_run_dir_that_holds_work_keeps_it(outputs, tmp_path, monkeypatch, capsys):
+    """hydra.run.dir pointing at a dir with a user's files (a resumable checkpoint, say): refused, and nothing is
+    removed."""
+    from pipeline.runtime.entry import cli
+    from pipeline.stages.finetune import main
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "resume.json").write_text("{}")
+    monkeypatch.setattr(sys, "argv", ["pipeline/finetune.py", "experiment=smoke", "task=winowhy", "optim.lr=0",
+                                      f"hydra.run.dir={run}", f"paths.output_root={tmp_path}"])
+    with pytest.raises(SystemExit):
+        cli(main)
+    assert capsys.readouterr().err.startswith("error: optim.lr=0.0 must be > 0")
+    assert (run / "checkpoints" / "resume.json").is_file() and (run / ".hydra").is_dir()
 
 
 def test_user_errors_prints_the_first_line_only(capsys):

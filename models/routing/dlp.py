@@ -13,39 +13,57 @@ fresh one), fusion weights = softmax over the kept probabilities (DLP-LoRA's cod
 renormalised (``fusion="renorm"``). One decision per sequence at prefill, reused for every generated token
 (the kernel's seq_ids form).
 
-``dlp_segments`` (beyond the paper): a composite prompt is split into segments (blank lines, ``[INST]`` blocks);
-each segment's tokens are routed by that segment's own embedding at prefill, generated tokens by the whole
-prompt's route.
+Training (``training_loss``, the route stage): cross-entropy of the classifier's logits against each prompt's task
+id, no LM forward; its routing accuracy is the task identification of the prompt (the paper reports 98.45%).
+
+With a ``segmenter`` (``dlp_segments``, beyond the paper) the same classifier also routes each segment of a prompt
+at prefill (``models/routing/dlp_segments.py``); it holds no weights of its own, so one trained router serves both.
 """
 
 from __future__ import annotations
-
-import re
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.routing.registry import strategy
 from models.routing.route import SequenceRouter, route_top_p
 
 
+def _positive_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+
+
+@strategy("dlp")
 class DLPRouter(SequenceRouter):
-    name = "dlp"
     trainable = True
 
-    def __init__(self, ctx, embedding: nn.Embedding, hidden: int = 1408, layers: int = 4, top_p: float = 0.6,
-                 fusion: str = "softmax", dropout: float = 0.0, max_kept: int | None = None):
-        super().__init__(ctx)
-        if not 0 < top_p <= 1:
+    @staticmethod
+    def check(adapters: list, hidden: int = 1408, layers: int = 4, top_p: float = 0.6, fusion: str = "softmax",
+              dropout: float = 0.0, max_kept: int | None = None) -> None:
+        """Refuse knobs the router cannot be built with (one ValueError line); the stages call it before a model loads."""
+        if not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0 < top_p <= 1:
             raise ValueError(f"dlp top_p={top_p!r} must be in (0, 1] (DLP-LoRA used 0.6)")
-        if max_kept is not None and (not isinstance(max_kept, int) or max_kept < 1):
+        if max_kept is not None and not _positive_int(max_kept):
             raise ValueError(f"dlp max_kept={max_kept!r} must be a positive integer or None (no cap on the nucleus)")
-        self.max_kept = max_kept
         if fusion not in ("softmax", "renorm"):
             raise ValueError(f"dlp fusion={fusion!r} is not known; use 'softmax' (DLP-LoRA's code) or 'renorm'")
-        if not isinstance(layers, int) or layers < 1 or not isinstance(hidden, int) or hidden < 1:
+        if not _positive_int(layers) or not _positive_int(hidden):
             raise ValueError(f"dlp layers={layers!r} / hidden={hidden!r} must be positive integers")
+        if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise ValueError(f"dlp dropout={dropout!r} must be in [0, 1)")
+
+    def __init__(self, ctx, embedding: nn.Embedding | None = None, hidden: int = 1408, layers: int = 4,
+                 top_p: float = 0.6, fusion: str = "softmax", dropout: float = 0.0, max_kept: int | None = None,
+                 segmenter=None):
+        super().__init__(ctx)
+        self.check(ctx.bank, hidden, layers, top_p, fusion, dropout, max_kept)
+        self.max_kept = max_kept
+        embedding = ctx.embedding if embedding is None else embedding
         object.__setattr__(self, "embedding", embedding)  # the base model's, frozen, not saved with the router
+        object.__setattr__(self, "segmenter", segmenter)  # routes each segment too (dlp_segments); holds no weights
+        self.name = "dlp_segments" if segmenter is not None else "dlp"
+        self._pending_tok = None  # the segment routes of the prefill being decided
         d, L = embedding.embedding_dim, len(ctx.bank)
         self.top_p, self.fusion, self.hidden, self.layers, self.dropout = float(top_p), fusion, hidden, layers, dropout
         mods: list = [nn.LayerNorm(d)]
@@ -59,6 +77,10 @@ class DLPRouter(SequenceRouter):
     def config(self):
         return {"hidden": self.hidden, "layers": self.layers, "top_p": self.top_p, "fusion": self.fusion,
                 "dropout": self.dropout, "max_kept": self.max_kept}
+
+    @property
+    def label(self) -> str:
+        return "dlp-segments" if self.segmenter is not None else "dlp"
 
     def adapter_row_keys(self):
         last = len(self.mlp) - 1
@@ -84,6 +106,13 @@ class DLPRouter(SequenceRouter):
         """DLP-LoRA's router objective: cross-entropy of the logits against the task id of each sequence."""
         return F.cross_entropy(self.logits(input_ids, attention_mask).float(), task_ids.to(input_ids.device))
 
+    def training_loss(self, mm, batch) -> tuple[torch.Tensor, dict]:
+        """The classifier's cross-entropy on a batch of prompts (``input_ids / attention_mask / task_ids``) and its
+        task-identification accuracy: ``(loss, {router_accuracy})``. No LM forward (``mm`` is not run)."""
+        logits = self.logits(batch["input_ids"], batch["attention_mask"]).float()
+        task_ids = batch["task_ids"].to(logits.device)
+        return F.cross_entropy(logits, task_ids), {"router_accuracy": (logits.argmax(-1) == task_ids).float().mean()}
+
     def select(self, logits: torch.Tensor):
         return route_top_p(torch.softmax(logits.float(), dim=-1), self.top_p, self.fusion, self.max_kept)
 
@@ -96,7 +125,16 @@ class DLPRouter(SequenceRouter):
 
     def decide(self, input_ids, attention_mask, inputs_embeds):
         ref = input_ids if input_ids is not None else inputs_embeds
-        return self.select(self.logits(input_ids, self._mask(attention_mask, ref), inputs_embeds))
+        mask = self._mask(attention_mask, ref)
+        whole = self.select(self.logits(input_ids, mask, inputs_embeds))
+        if self.segmenter is not None:  # each segment's tokens take their segment's route at prefill
+            self._pending_tok = self.segmenter.token_routes(self, input_ids, mask, whole)
+        return whole
+
+    def begin_forward(self, input_ids, attention_mask, inputs_embeds, is_prefill):
+        super().begin_forward(input_ids, attention_mask, inputs_embeds, is_prefill)
+        if is_prefill and self.segmenter is not None:
+            self._tok = self._pending_tok
 
     @torch.no_grad()
     def on_adapters_changed(self, old_names, new_names):
@@ -107,66 +145,3 @@ class DLPRouter(SequenceRouter):
                 new.weight[j], new.bias[j] = last.weight[old_names.index(n)], last.bias[old_names.index(n)]
         new.requires_grad_(last.weight.requires_grad)
         self.mlp[-1] = new
-
-
-SEGMENT_BOUNDARY = re.compile(r"\n[ \t]*\n\s*|(?=\[INST\])")
-
-
-def segment_tokens(pieces: list[str]) -> list[int]:
-    """Segment index of every token, given each token's decoded text: a new segment starts after a blank line
-    and at every ``[INST]``. A token that straddles a boundary belongs to the new segment."""
-    text = "".join(pieces)
-    bounds = sorted({m.end() if m.group(0) else m.start() for m in SEGMENT_BOUNDARY.finditer(text)} - {0})
-    seg, out, end, j = 0, [], 0, 0
-    for piece in pieces:
-        end += len(piece)
-        while j < len(bounds) and bounds[j] < end:
-            seg, j = seg + 1, j + 1
-        out.append(seg)
-    return out
-
-
-class DLPSegmentRouter(DLPRouter):
-    name = "dlp_segments"
-
-    def decide(self, input_ids, attention_mask, inputs_embeds):
-        if input_ids is None or self.ctx.tokenizer is None:
-            raise ValueError("router 'dlp_segments' needs input_ids and the tokenizer: build the model with tokenizer=")
-        mask = self._mask(attention_mask, input_ids)
-        B, S = input_ids.shape
-        seg = torch.full((B, S), -1, dtype=torch.long, device=input_ids.device)
-        n_seg = 0
-        for b in range(B):
-            pos = mask[b].nonzero().squeeze(1)
-            pieces = [self.ctx.tokenizer.decode([int(t)]) for t in input_ids[b, pos]]
-            s = torch.tensor(segment_tokens(pieces), dtype=torch.long, device=input_ids.device)
-            _, s = torch.unique(s, return_inverse=True)
-            seg[b, pos] = s + n_seg
-            n_seg += int(s.max()) + 1 if len(s) else 0
-        # one embedding per segment: mean of its tokens' input embeddings
-        with torch.no_grad():
-            e = self.embedding(input_ids).float().reshape(B * S, -1)
-            flat = seg.reshape(-1)
-            ok = flat >= 0
-            sums = torch.zeros(n_seg, e.shape[1], device=e.device).index_add_(0, flat[ok], e[ok])
-            cnt = torch.zeros(n_seg, device=e.device).index_add_(0, flat[ok], torch.ones_like(flat[ok], dtype=e.dtype))
-            seg_emb = sums / cnt.clamp(min=1)[:, None]
-        seg_ids, seg_w = self.select(self.mlp(seg_emb.to(self.mlp[-1].weight.dtype)))
-        whole_ids, whole_w = whole = self.select(self.logits(input_ids, mask))
-        ks, kw = seg_ids.shape[1], whole_ids.shape[1]
-        K = max(ks, kw)
-        # every token starts with its sequence's whole route (what padding, and the answer tokens of a
-        # teacher-forced forward outside route_mask, use); tokens of a segment then take their segment's route
-        row = torch.arange(B, device=input_ids.device).repeat_interleave(S)
-        tok_ids = torch.full((B * S, K), -1, dtype=torch.long, device=input_ids.device)
-        tok_w = torch.zeros(B * S, K, dtype=seg_w.dtype, device=input_ids.device)
-        tok_ids[:, :kw], tok_w[:, :kw] = whole_ids[row], whole_w[row]
-        tok_ids[ok], tok_w[ok] = -1, 0.0
-        tok_ids[ok, :ks], tok_w[ok, :ks] = seg_ids[flat[ok]], seg_w[flat[ok]]
-        self._pending_tok = (tok_ids.reshape(B, S, K), tok_w.reshape(B, S, K))
-        return whole
-
-    def begin_forward(self, input_ids, attention_mask, inputs_embeds, is_prefill):
-        super().begin_forward(input_ids, attention_mask, inputs_embeds, is_prefill)
-        if is_prefill:
-            self._tok = self._pending_tok

@@ -1,16 +1,12 @@
-"""The baselines of both papers: routers with nothing to learn.
+"""``merge``: every adapter at once, uniformly (MeteoRA's and DLP-LoRA's merging baseline).
 
-``oracle``  the task is known: sequence i uses adapter ``task_ids[i]`` with weight 1 (the PEFT baseline).
-``lora_b``  one adapter for every input (MeteoRA's LoRA-B, DLP-LoRA's joint LoRA): ``adapter=`` names it.
-``merge``   all adapters at once, uniformly:
-              mode="delta"  (default) the average of the adapters' deltas, (1/L) sum_a s_a B_a A_a x; equals
-                            peft's ``add_weighted_adapter(weights=[1/L]*L, combination_type="cat")``, and is
-                            computed as that one merged slot of rank sum_a r_a (one kernel slot, not L;
-                            past MAX_MERGED_RANK as L slots of weight 1/L, the same sum);
-              mode="linear" peft's ``combination_type="linear"`` exactly: A' = sum_a c_a A_a, B' = sum_a c_a B_a
-                            with c_a = sqrt(s_a / L) and scaling 1 (task arithmetic on A and B separately, so it
-                            has cross terms B_a A_b; needs equal ranks, as peft does).
-``base``    no adapter at all.
+    mode="delta"  (default) the average of the adapters' deltas, (1/L) sum_a s_a B_a A_a x; equals peft's
+                  ``add_weighted_adapter(weights=[1/L]*L, combination_type="cat")``, and is computed as that one merged
+                  slot of rank sum_a r_a (one kernel slot, not L; past MAX_MERGED_RANK as L slots of weight 1/L, the
+                  same sum);
+    mode="linear" peft's ``combination_type="linear"`` exactly: A' = sum_a c_a A_a, B' = sum_a c_a B_a with
+                  c_a = sqrt(s_a / L) and scaling 1 (task arithmetic on A and B separately, so it has cross terms
+                  B_a A_b; needs equal ranks, as peft does).
 """
 
 from __future__ import annotations
@@ -20,64 +16,24 @@ import math
 import torch
 
 from models.adapter_bank import padded_rank
-from models.routing.route import Route, Router, SequenceRouter
-
-
-class OracleRouter(SequenceRouter):
-    name = "oracle"
-
-    def decide(self, input_ids, attention_mask, inputs_embeds):
-        ref = input_ids if input_ids is not None else inputs_embeds
-        if self.ctx.task_ids is None:
-            raise ValueError("router 'oracle' needs the task of every sequence: pass task_ids= (adapter names or "
-                             "indices) to forward / generate, or call set_routing(task_ids=...)")
-        ids = self.ctx.task_ids.to(ref.device).reshape(-1, 1)
-        return ids, torch.ones(ids.shape, dtype=torch.float32, device=ref.device)
-
-    def uniform_adapter(self):
-        """Every sequence's task the same (a batch of one task, a one-adapter bank): that adapter, read from the
-        host copy of the task ids (None when they live on the device: reading them would synchronise)."""
-        t = self.ctx.task_ids
-        if t is None or t.device.type != "cpu" or t.numel() == 0:
-            return None
-        return int(t[0]) if bool((t == t[0]).all()) else None
-
-
-class SingleAdapterRouter(SequenceRouter):
-    name = "lora_b"
-
-    def __init__(self, ctx, adapter: str | None = None):
-        super().__init__(ctx)
-        if adapter is None:
-            if len(ctx.bank) != 1:
-                raise ValueError(f"router 'lora_b' needs adapter=<name> (one of {ctx.bank.names})")
-            adapter = ctx.bank.names[0]
-        ctx.bank.index(adapter)  # one-line KeyError if unknown
-        self.adapter = adapter
-
-    def config(self):
-        return {"adapter": self.adapter}
-
-    def decide(self, input_ids, attention_mask, inputs_embeds):
-        ref = input_ids if input_ids is not None else inputs_embeds
-        ids = torch.full((ref.shape[0], 1), self.ctx.bank.index(self.adapter), dtype=torch.long, device=ref.device)
-        return ids, torch.ones(ids.shape, dtype=torch.float32, device=ref.device)
-
-    def uniform_adapter(self):
-        return self.ctx.bank.index(self.adapter)
-
+from models.routing.registry import strategy
+from models.routing.route import Route, SequenceRouter
 
 #: above this stacked rank (sum of the adapters' ranks) "delta" uses L routing slots of weight 1/L instead
 MAX_MERGED_RANK = 128
 
 
+@strategy("merge")
 class MergeRouter(SequenceRouter):
-    name = "merge"
+    @staticmethod
+    def check(adapters: list, mode: str = "delta") -> None:
+        """Refuse an unknown mode (one ValueError line); the stages call it before a model loads."""
+        if mode not in ("delta", "linear"):
+            raise ValueError(f"merge mode={mode!r} is not known; use 'delta' (average of deltas) or 'linear' (peft's)")
 
     def __init__(self, ctx, mode: str = "delta"):
         super().__init__(ctx)
-        if mode not in ("delta", "linear"):
-            raise ValueError(f"merge mode={mode!r} is not known; use 'delta' (average of deltas) or 'linear' (peft's)")
+        self.check(ctx.bank, mode)
         self.mode = mode
         self._merged: dict = {}  # module name -> (cache key, merged one-slot tensors)
         self._one_slot = True
@@ -145,7 +101,3 @@ class MergeRouter(SequenceRouter):
         # peft gives the merged adapter lora_alpha = r: scaling 1, or sqrt(r) when the first adapter uses rsLoRA
         s = math.sqrt(r) if self.ctx.bank.use_rslora[0] else 1.0
         return A1, B1, torch.tensor([s], device=A.device), torch.tensor([r], dtype=torch.int32, device=A.device)
-
-
-class BaseRouter(Router):
-    name = "base"

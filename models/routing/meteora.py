@@ -11,6 +11,11 @@ the projection adds ``sum_k w_k * s_a * B_a A_a x`` through the fused op, so the
 too); the model adds ``aux_loss_coef *`` it. Top-k is 1 or 2 in the paper (any k <= L works); T = 1 for single
 tasks, 15 / 20 / 30 for composite-3 / 5 / 10. ``ctx.force_gates`` replaces the logits by one-hot task logits,
 which makes the gated model exactly the oracle (a test and teacher-forcing switch).
+
+Training (``training_loss``, the route stage): the full model runs with every gate routing every token; loss = LM
+cross-entropy (on all tokens, prompt included, as MeteoRA's script does, or answers only) + ``aux_loss_coef`` x gate
+cross-entropy against the row's task id; its routing accuracy is the fraction of (token, projection) gates whose
+top-1 is the row's task.
 """
 
 from __future__ import annotations
@@ -20,22 +25,34 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.adapter_bank import slot_key
+from models.routing.registry import strategy
 from models.routing.route import Route, Router, expand_rows, route_top_k
 
 
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+@strategy("meteora")
 class MeteoraRouter(Router):
-    name = "meteora"
     trainable = True
+    reads_answers = True
+
+    @staticmethod
+    def check(adapters: list, top_k: int = 2, temperature: float = 1.0, aux_loss_coef: float = 50.0) -> None:
+        """Refuse knobs that cannot route ``adapters`` (one ValueError line); the stages call it before a model loads."""
+        L = len(adapters)
+        if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= L:
+            raise ValueError(f"meteora top_k={top_k!r} must be an integer in [1, number of adapters = {L}]")
+        if not _number(temperature) or not temperature > 0:
+            raise ValueError(f"meteora temperature={temperature!r} must be > 0 (MeteoRA: 1 single task, 15-30 composite)")
+        if not _number(aux_loss_coef) or not aux_loss_coef >= 0:
+            raise ValueError(f"meteora aux_loss_coef={aux_loss_coef!r} must be >= 0 (MeteoRA used 50)")
 
     def __init__(self, ctx, top_k: int = 2, temperature: float = 1.0, aux_loss_coef: float = 50.0):
         super().__init__(ctx)
         L = len(ctx.bank)
-        if not isinstance(top_k, int) or not 1 <= top_k <= L:
-            raise ValueError(f"meteora top_k={top_k!r} must be an integer in [1, number of adapters = {L}]")
-        if not temperature > 0:
-            raise ValueError(f"meteora temperature={temperature!r} must be > 0 (MeteoRA: 1 single task, 15-30 composite)")
-        if not aux_loss_coef >= 0:
-            raise ValueError(f"meteora aux_loss_coef={aux_loss_coef!r} must be >= 0 (MeteoRA used 50)")
+        self.check(range(L), top_k, temperature, aux_loss_coef)
         self.top_k, self.temperature, self.aux_loss_coef = top_k, float(temperature), float(aux_loss_coef)
         bank = ctx.bank
         p = next(bank.parameters())
@@ -51,6 +68,22 @@ class MeteoraRouter(Router):
 
     def config(self):
         return {"top_k": self.top_k, "temperature": self.temperature, "aux_loss_coef": self.aux_loss_coef}
+
+    @property
+    def label(self) -> str:
+        return f"meteora-top{self.top_k}"
+
+    def training_loss(self, mm, batch) -> tuple[torch.Tensor, dict]:
+        """MeteoRA's loss on a batch of ``input_ids / attention_mask / labels / task_ids`` (``mm``: the model that holds
+        this router): ``(LM + aux_loss_coef x gate CE, {lm_loss, aux_loss, router_accuracy})``."""
+        with torch.enable_grad():  # validation too: the route stage's Trainer runs with inference_mode off
+            out = mm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                     task_ids=batch["task_ids"])
+        parts = {k: out[k].detach() for k in ("lm_loss", "aux_loss") if out.get(k) is not None}
+        accuracy = self.gate_accuracy()
+        if accuracy is not None:
+            parts["router_accuracy"] = torch.tensor(accuracy, device=out.loss.device)  # NCCL reduces CUDA tensors only
+        return out.loss, parts
 
     def adapter_row_keys(self):
         return [f"gates.{k}.weight" for k in self.gates]

@@ -1,4 +1,4 @@
-"""The routing interface every strategy implements, and the two selection rules the papers use.
+"""The routing interface every strategy implements, the route it produces, and the two selection rules the papers use.
 
 A *route* says, for the tokens of one projection call, which adapters to add and with which weights:
 
@@ -12,6 +12,10 @@ A *route* says, for the tokens of one projection call, which adapters to add and
         keep the decision for every later decode step of ``generate``;
     route(module_name, x) -> Route | None
         called by every ``MultiLoRALinear``; token routers (MeteoRA gates) compute the route from ``x`` here.
+
+A strategy also says what the stages need to know about it, as class attributes: ``trainable`` (the route stage
+trains it with its ``training_loss(mm, batch)``), ``needs_task_ids`` (the oracle: one task per prompt),
+``reads_answers`` (its training rows hold prompt + answer, not the prompt alone); ``label`` names it in results.
 
 ``route_top_k`` (MeteoRA) and ``route_top_p`` (DLP-LoRA) are the selection rules, written once and tested.
 """
@@ -45,6 +49,7 @@ class RouteContext:
     task_ids      [B] adapter index per sequence: the oracle's choice, the gate / router training label
     route_mask    [B, S] tokens a sentence router reads (e.g. the prompt only, during teacher-forced training)
     force_gates   MeteoRA gates replaced by one-hot logits of task_ids (a test / teacher-forcing switch)
+    bank, tokenizer, embedding   the adapter bank, the model's tokenizer and its (frozen) input embedding
     """
 
     def __init__(self):
@@ -54,6 +59,7 @@ class RouteContext:
         self.router: Router | None = None
         self.bank = None
         self.tokenizer = None
+        self.embedding = None
 
 
 def route_top_k(logits: torch.Tensor, k: int, temperature: float = 1.0):
@@ -101,11 +107,15 @@ def expand_rows(t: torch.Tensor, batch: int, what: str) -> torch.Tensor:
 
 
 class Router(nn.Module):
-    """Base of all routing strategies; subclasses set ``name`` and override the hooks they need."""
+    """The interface of all routing strategies (registered under a ``name``); a strategy overrides the hooks it needs."""
 
     name = "router"
-    #: True when the router has trainable parameters (meteora gates, dlp MLP)
+    #: True when the router has trainable parameters (meteora gates, dlp MLP) and a ``training_loss(mm, batch)``
     trainable = False
+    #: True when the route comes from the task of each sequence (``task_ids``), as the oracle's does
+    needs_task_ids = False
+    #: True when its training rows are prompt + answer (a LM loss runs through the routed model), else the prompt
+    reads_answers = False
 
     def __init__(self, ctx: RouteContext):
         super().__init__()
@@ -131,6 +141,14 @@ class Router(nn.Module):
     def config(self) -> dict:
         """Hyper-parameters saved with a router checkpoint and passed back to the constructor on load."""
         return {}
+
+    @property
+    def label(self) -> str:
+        """The strategy's name in results (metrics.json ``strategy``, tables)."""
+        return self.name
+
+    def last_route(self):
+        """``(ids [B, K], weights [B, K])`` chosen at the last prefill by a sentence router; None for the others."""
 
     def adapter_row_keys(self) -> list:
         """Names of state tensors whose dim 0 runs over adapters (reordered when a checkpoint's order differs)."""
@@ -169,6 +187,9 @@ class SequenceRouter(Router):
             self._tok = None
             self._seq = self.decide(input_ids, attention_mask, inputs_embeds)
             self._uniform = self.uniform_adapter()
+
+    def last_route(self):
+        return self._seq
 
     def route(self, module_name, x, state=None):
         if torch.compiler.is_compiling():  # a compiled layer builds the (few, cheap) route tensors in its graph

@@ -23,10 +23,15 @@ import errno
 import importlib
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 
-from pipeline.runtime import settings  # noqa: F401 registers conf/'s resolvers and schemas before Hydra composes
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+
+# importing settings registers conf/'s schemas and resolvers before Hydra composes
+from pipeline.runtime.settings import refuse_unread_overrides
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, FloatingPointError, ChildProcessError)
@@ -48,18 +53,55 @@ def _report(msg: str, e: BaseException):
     raise SystemExit(2) from None
 
 
-@contextlib.contextmanager
-def user_errors():
-    """Turn a user-facing exception (or a full disk) into ``error: <message>`` + exit status 2."""
+#: what a run writes before it does any work: a refused run that holds nothing else leaves nothing behind
+RUN_PREAMBLE = {".hydra", "config_tree.txt", "config.yaml", "wandb", "csv"}
+
+
+def remove_refused_run(cfg) -> None:
+    """Delete the run dir of a run refused before it produced anything: it holds only Hydra's ``.hydra/`` and log,
+    the saved config and the tracker's files (no metrics.json, no checkpoint, nothing a user made). Empty parent dirs
+    inside ``paths.output_root`` go too. Anything else in the dir keeps it (a resumed run's checkpoints, say)."""
     try:
+        run_dir = Path(str(cfg.paths.run_dir)).resolve()
+        root = Path(str(cfg.paths.output_root)).resolve()
+    except Exception:  # noqa: BLE001 no run dir to speak of (an interpolation only Hydra's runtime resolves)
+        return
+    if not run_dir.is_dir():
+        return
+    job_log = f"{cfg.stage}.log"
+    if any(p.name not in RUN_PREAMBLE and p.name != job_log for p in run_dir.iterdir()):
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    parent = run_dir.parent
+    while parent != root and root in parent.parents and not any(parent.iterdir()):
+        parent.rmdir()
+        parent = parent.parent
+
+
+def _first_line(e: BaseException) -> str:
+    msg = str(e)
+    return msg.splitlines()[0] if msg.strip() else type(e).__name__
+
+
+@contextlib.contextmanager
+def user_errors(cfg=None):
+    """Turn a user-facing exception (or a full disk) into ``error: <message>`` + exit status 2; with the stage's
+    ``cfg``, a run refused before it produced anything leaves no run dir behind (``remove_refused_run``)."""
+    try:
+        if cfg is not None and HydraConfig.initialized():  # the command line of this process, not reproduce's steps
+            refuse_unread_overrides(str(cfg.stage), HydraConfig.get().overrides.task)
         yield
-    except USER_ERRORS as e:
-        msg = str(e)
-        _report(msg.splitlines()[0] if msg else type(e).__name__, e)
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+    except BaseException as e:
+        cause = e.__cause__ if isinstance(e, InstantiationException) else e  # instantiate wraps a target's error
+        if isinstance(cause, USER_ERRORS):
+            line = _first_line(cause)
+        elif isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            line = disk_full_message(cause)
+        else:
             raise
-        _report(disk_full_message(e), e)
+        if cfg is not None:
+            remove_refused_run(cfg)
+        _report(line, cause)
 
 
 def config_error_line(ex: BaseException) -> str:
@@ -73,6 +115,10 @@ def config_error_line(ex: BaseException) -> str:
     cause = ex.__cause__
     if cause is not None and str(cause).strip():
         lines.append(str(cause).strip().splitlines()[0])
+    if any("not in '" in x for x in lines):  # a typed section (pipeline/runtime/settings.py): appending fails too
+        lines = [x for x in lines if not x.startswith("To append to your config")]
+    if any("could not be converted to" in x or "Invalid value assigned" in x for x in lines):
+        lines.append("give a value of the key's type (`--cfg job` prints every key and its value)")
     text = "; ".join(x.rstrip(".") for x in lines) or type(ex).__name__
     if "Could not override" in text or "not in struct" in text:
         text += " (check the spelling: `--cfg job` prints every key)"
@@ -89,6 +135,15 @@ def _canonical(main):
     return module.main
 
 
+def run_dir_error_line(e: OSError) -> str:
+    """The run dir Hydra could not create, what is in the way (a regular file on its path) and the fix."""
+    path = Path(str(e.filename or "?"))
+    blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    why = f"{blocker} is a file, not a directory" if blocker else (e.strerror or type(e).__name__)
+    return (f"cannot create the run dir {path}: {why}; point LORAMUX_OUTPUTS (or paths.output_root, hydra.run.dir) "
+            f"at a directory you can write")
+
+
 def cli(main) -> None:
     """Run a ``@hydra.main`` entry point; a config error Hydra raises is one ``error:`` line and exit status 2."""
     from hydra.errors import HydraException
@@ -100,6 +155,9 @@ def cli(main) -> None:
         main()
     except HydraException as e:
         print(f"error: config: {config_error_line(e)}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    except (NotADirectoryError, FileExistsError, PermissionError) as e:  # Hydra could not make the run dir
+        print(f"error: {run_dir_error_line(e)}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     finally:
         if previous is None:

@@ -1,28 +1,91 @@
-"""Build the ``models.MultiLoRAModel`` a stage needs from its config: base model + adapters + routing strategy.
+"""The ``models.MultiLoRAModel`` a stage needs, from its config: base model + adapters + the strategy of ``cfg.router``.
 
-    mm, tokenizer = build_multilora(cfg, strategy="meteora", load_router=True)
+    plan = plan_multilora(cfg)                    # reads no model: strategy, adapter dirs, router checkpoint, checked
+    mm, tokenizer = build_multilora(cfg, plan=plan)
 
-Adapters are the standard PEFT dirs ``${paths.adapters_dir}/<task>`` of the experiment's ``tasks`` (the
-``lora_b`` strategy uses ``<adapters_dir>/lora_b`` alone). Trainable routers (meteora, dlp) are either fresh
-(``route`` trains them) or loaded from ``${paths.routers_dir}/<strategy>`` (``evaluate``, ``bench``) with the
-config's inference knobs (top_k, temperature, top_p) applied on top of the saved ones.
+``conf/router/<name>.yaml`` names the strategy's builder by ``_target_`` (``_partial_``: the adapter bank is bound
+when the model is built) and holds its knobs; the rest of the file is what the stages read about it (``label``,
+``checkpoint``, ``adapters``, ``train``, ``composite``: ``pipeline.runtime.settings.ROUTER_KEYS``). A knob left
+null is unset: a trained router keeps the value saved in its ``router.json``, a fresh one takes the builder's
+default; a knob given (in the file, an experiment or the command line) wins over both. ``composite[n]`` holds the
+knobs composite-n prompts use (MeteoRA's temperature). Adapters are the standard PEFT dirs
+``${paths.adapters_dir}/<name>`` of ``router.adapters`` (null: the experiment's ``tasks``).
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import DictConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 
+from models import MultiLoRAModel
+from models.routing import registry
 from pipeline.runtime.adapter_dirs import verify_adapter
+from pipeline.runtime.settings import ROUTER_KEYS
 
-TRAINED = {"meteora": "meteora", "dlp": "dlp", "dlp_segments": "dlp"}  # strategy -> router checkpoint dir
+
+@dataclass(frozen=True)
+class Strategy:
+    """A routing strategy as the config gives it: its builder and the knobs the config sets."""
+
+    build: object  # a Router subclass, or a function of the route context that builds one
+    knobs: dict
+
+    @property
+    def router_class(self) -> type:
+        return registry.router_class(self.build)
+
+    @property
+    def name(self) -> str:
+        return registry.strategy_name(self.build)
+
+    @property
+    def trainable(self) -> bool:
+        return bool(getattr(self.router_class, "trainable", False))
+
+    @property
+    def needs_task_ids(self) -> bool:
+        return bool(getattr(self.router_class, "needs_task_ids", False))
+
+    def check(self, adapters: list, saved: dict | None = None) -> None:
+        """The strategy's own knob rules (``check`` of its builder, where it has one) on the knobs it will get."""
+        rule = getattr(self.build, "check", None)
+        if rule is not None:
+            rule(list(adapters), **{**(saved or {}), **self.knobs})
 
 
-def adapter_dirs(cfg: DictConfig, strategy: str) -> dict[str, Path]:
+def strategy_of(router: DictConfig, composite_n: int | None = None) -> Strategy:
+    """``cfg.router``'s builder (by ``_target_``) and the knobs it sets (null = unset), composite-n's on top."""
+    knobs_cfg = OmegaConf.masked_copy(router, [k for k in router if k not in ROUTER_KEYS])
+    partial = instantiate(knobs_cfg, _partial_=True)
+    knobs = {k: v for k, v in partial.keywords.items() if v is not None}
+    per_n = router.composite.get(composite_n) if composite_n else None
+    if per_n:
+        knobs.update(OmegaConf.to_container(per_n, resolve=True))
+    return Strategy(partial.func, knobs)
+
+
+@dataclass(frozen=True)
+class MultiLoRAPlan:
+    """What a stage's MultiLoRAModel is built from, checked before any model loads."""
+
+    strategy: Strategy
+    adapters: dict  # name -> PEFT dir
+    checkpoint: Path | None  # the trained router's dir (what route writes, evaluate reads)
+    load: bool  # True: install the trained router from ``checkpoint``; False: a fresh one
+
+    @staticmethod
+    def trainable_names() -> list[str]:
+        return [n for n in registry.names() if getattr(registry.router_class(n), "trainable", False)]
+
+
+def adapter_dirs(cfg: DictConfig) -> dict[str, Path]:
     """``{name: PEFT dir}`` the strategy runs on; a missing adapter is one clear error naming the fix."""
     root = Path(str(cfg.paths.adapters_dir))
-    names = [str(cfg.router.get("adapter_name", "lora_b"))] if strategy == "lora_b" else [str(t) for t in cfg.tasks]
+    names = [str(a) for a in (cfg.router.adapters if cfg.router.adapters is not None else cfg.tasks)]
     if not names:
         raise ValueError("no tasks to route over; set tasks=[...] or pick an experiment (experiment=demo)")
     out = {}
@@ -31,58 +94,41 @@ def adapter_dirs(cfg: DictConfig, strategy: str) -> dict[str, Path]:
         if not (d / "adapter_config.json").is_file():
             raise FileNotFoundError(f"adapter {name!r} is missing at {d}; train it first: python -m pipeline.finetune "
                                     f"experiment={cfg.name} task={name}")
-        out[name] = verify_adapter(d)
+        out[name] = verify_adapter(d)  # size + sha256 recorded at save time
     return out
 
 
-def router_kwargs(router_cfg: DictConfig, composite_n: int | None = None) -> dict:
-    """Inference (and construction) knobs of ``cfg.router`` in the form ``MultiLoRAModel.set_router`` takes."""
-    s = str(router_cfg.strategy)
-    if s == "meteora":
-        temperature = float(router_cfg.temperature)
-        table = router_cfg.get("composite_temperature") or {}
-        if composite_n and composite_n in table:
-            temperature = float(table[composite_n])
-        return {"top_k": int(router_cfg.top_k), "temperature": temperature,
-                "aux_loss_coef": float(router_cfg.train.aux_loss_coef)}
-    if s in ("dlp", "dlp_segments"):
-        return {"top_p": float(router_cfg.top_p), "fusion": str(router_cfg.fusion)}
-    if s == "lora_b":
-        return {"adapter": str(router_cfg.get("adapter_name", "lora_b"))}
-    return {}
+def _saved_config(checkpoint: Path) -> dict:
+    try:
+        return dict(json.loads((checkpoint / "router.json").read_text()).get("config") or {})
+    except (OSError, ValueError, AttributeError):
+        return {}  # load_router refuses a broken checkpoint with its own one line
 
 
-def build_multilora(cfg: DictConfig, model=None, tokenizer=None, *, load_router: bool = True,
-                    composite_n: int | None = None):
-    """``(MultiLoRAModel, tokenizer)`` with the experiment's adapters and ``cfg.router``'s strategy installed.
+def plan_multilora(cfg: DictConfig, *, fresh: bool = False, composite_n: int | None = None) -> MultiLoRAPlan:
+    """Strategy, adapters and router checkpoint of ``cfg``, every one checked (one line each) before a model loads.
 
-    ``load_router=False`` installs a fresh, untrained router (what ``route`` trains); True loads the trained one.
-    """
-    from hydra.utils import instantiate
+    ``fresh=True`` (route) plans an untrained router; otherwise a strategy with a ``router.checkpoint`` loads it."""
+    strategy = strategy_of(cfg.router, composite_n)
+    dirs = adapter_dirs(cfg)
+    checkpoint = Path(str(cfg.router.checkpoint)) if cfg.router.checkpoint is not None else None
+    load = checkpoint is not None and not fresh
+    if load and not (checkpoint / "router.json").is_file():
+        raise FileNotFoundError(f"router {checkpoint.name!r} is missing at {checkpoint}; train it first: "
+                                f"python -m pipeline.route experiment={cfg.name} router={checkpoint.name}")
+    strategy.check(list(dirs), _saved_config(checkpoint) if load else None)
+    return MultiLoRAPlan(strategy, dirs, checkpoint, load)
 
-    from models import MultiLoRAModel
 
+def build_multilora(cfg: DictConfig, model=None, tokenizer=None, *, plan: MultiLoRAPlan | None = None):
+    """``(MultiLoRAModel, tokenizer)``: ``plan``'s adapters and router on ``cfg.model`` (or the given model)."""
+    plan = plan or plan_multilora(cfg)
     if model is None:
         model, tokenizer = instantiate(cfg.model)
-    strategy = "dlp_segments" if (str(cfg.router.strategy) == "dlp" and cfg.router.get("segments")) \
-        else str(cfg.router.strategy)
-    dirs = adapter_dirs(cfg, strategy)
-    kwargs = router_kwargs(cfg.router, composite_n)
-    if strategy in TRAINED and not load_router:
-        if strategy != "meteora":
-            kwargs.update(hidden=int(cfg.router.hidden), layers=int(cfg.router.layers))
-        mm = MultiLoRAModel.from_adapters(model, dirs, router=strategy, tokenizer=tokenizer, **kwargs)
-    elif strategy in TRAINED:
-        ckpt = Path(str(cfg.paths.routers_dir)) / TRAINED[strategy]
-        if not (ckpt / "router.json").is_file():
-            raise FileNotFoundError(f"router {TRAINED[strategy]!r} is missing at {ckpt}; train it first: "
-                                    f"python -m pipeline.route experiment={cfg.name} router={TRAINED[strategy]}")
-        mm = MultiLoRAModel.from_adapters(model, dirs, router="base", tokenizer=tokenizer)
-        router = mm.load_router(ckpt, **{k: v for k, v in kwargs.items() if k != "aux_loss_coef"})
-        if strategy == "dlp_segments":  # the segment router is the trained dlp router, applied per segment
-            seg = mm.build_router("dlp_segments", **router.config())
-            seg.load_state_dict(router.state_dict())
-            mm.set_router(seg)
+    if not plan.load:
+        mm = MultiLoRAModel.from_adapters(model, plan.adapters, router=plan.strategy.build, tokenizer=tokenizer,
+                                          **plan.strategy.knobs)
     else:
-        mm = MultiLoRAModel.from_adapters(model, dirs, router=strategy, tokenizer=tokenizer, **kwargs)
+        mm = MultiLoRAModel.from_adapters(model, plan.adapters, router="base", tokenizer=tokenizer)
+        mm.load_router(plan.checkpoint, plan.strategy.build, **plan.strategy.knobs)
     return mm, tokenizer

@@ -13,6 +13,9 @@ length and number of adapters it measures:
   meteora-top1/2  loramux token gates, top-k            dlp        loramux sentence router, top-p 0.6
   merge           loramux, all adapters weighted 1/L    dlp_segments  dlp re-routed per prompt segment
 
+Each loramux row is a label of ``bench.routers`` (label -> router overrides): its router comes from
+``conf/router/<name>.yaml`` like any stage's, untrained; ``bench.strategies`` picks the rows.
+
 Shapes: ``default`` = the configured model; ``llama3_8b`` = a random-weight LLaMA-3-8B-shaped model in bf16
 (CUDA only: 16 GB); ``llama3_8b_tiny`` = the same code path (same config keys, vocab, GQA ratio, bf16) with 2
 layers and hidden 64, so CPU tests run every line the GPU runs.
@@ -41,14 +44,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from common.random_llama import random_llama
+from pipeline.runtime.compose import compose
 from pipeline.runtime.entry import CONF_DIR, cli, user_errors
+from pipeline.runtime.multilora import strategy_of
+from pipeline.runtime.settings import check_settings
 from pipeline.runtime.stage import StageRun
 
 log = logging.getLogger(__name__)
 SUITES = ("latency", "train_throughput", "e2e_decode")
-LOADED = {"oracle": ("oracle", {}), "lora_b": ("lora_b", None), "merge": ("merge", {}),
-          "meteora-top1": ("meteora", {"top_k": 1}), "meteora-top2": ("meteora", {"top_k": 2}),
-          "dlp": ("dlp", {"top_p": 0.6}), "dlp_segments": ("dlp_segments", {"top_p": 0.6})}
+PLAIN = ("base", "peft")  # rows without the adapter bank: the model alone, one unmerged peft LoRA
 LLAMA3_8B = {"vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
              "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 8192,
              "rope_theta": 500000.0, "tie_word_embeddings": False, "bos_token_id": 128000,
@@ -142,29 +146,28 @@ class ShapeBench:
         self.budget = budget or TimeBudget(None)
         self.cfg, self.b_cfg, self.shape, self.model = cfg, cfg.bench, shape, model
         self.vocab, self.device, self.label, self.rows = vocab, device, label, rows
-        st = self.b_cfg.get("static") or {}
+        st = self.b_cfg.static
         self.static = st
         engines = list(self.b_cfg.engines)
-        if "static" in engines and device.type != "cuda" and not st.get("allow_on_cpu", False):
+        if "static" in engines and device.type != "cuda" and not st.allow_on_cpu:
             log.warning("bench: engine static needs CUDA (or bench.static.allow_on_cpu=true); measuring eager only")
             engines = [e for e in engines if e != "static"]
         self.engines = engines
 
     def _static_allowed(self, strategy: str, n: int) -> bool:
         def ok(key, value):
-            sel = self.static.get(key)
+            sel = self.static[key]
             return sel is None or value in list(sel)
         plain = strategy in ("base", "peft")  # no adapter count to filter on
         return ok("shapes", self.shape) and ok("strategies", strategy) and (plain or ok("num_adapters", n))
 
     def _compile(self):
         st = self.static
-        if not st.get("compile", True):
+        if not st.compile:
             return None
         from pipeline.stages.bench_timing import compile_config
 
-        return compile_config(str(st.get("backend", "inductor")), st.get("mode", "reduce-overhead"),
-                              bool(st.get("fullgraph", False)), all_devices=self.device.type != "cuda")
+        return compile_config(str(st.backend), st.mode, bool(st.fullgraph), all_devices=self.device.type != "cuda")
 
     def _time(self, generate, b, s, engine, compile=None):
         from pipeline.stages.bench_timing import random_batch, time_generate
@@ -215,12 +218,25 @@ class ShapeBench:
                                       "new_tokens": int(self.b_cfg.new_tokens), **m})
 
 
-def bench_shape(cfg: DictConfig, shape: str, rows: list, budget: TimeBudget | None = None) -> None:
-    """All rows of one shape (appended to ``rows``)."""
+def bench_routers(cfg: DictConfig) -> dict:
+    """``{label: Strategy}`` of the loramux rows in ``bench.strategies``: each label's router overrides in
+    ``bench.routers``, composed from ``conf/router/`` (so its knobs are the configs' own); the routers are fresh."""
+    strategies = [str(s) for s in cfg.bench.strategies]
+    unknown = [s for s in strategies if s not in PLAIN and s not in cfg.bench.routers]
+    if unknown:
+        raise ValueError(f"bench.strategies {unknown} are not known; use {', '.join(PLAIN)} or a label of "
+                         f"bench.routers ({', '.join(cfg.bench.routers)})")
+    return {s: strategy_of(compose("bench", list(cfg.bench.routers[s])).router) for s in strategies if s not in PLAIN}
+
+
+def bench_shape(cfg: DictConfig, shape: str, rows: list, budget: TimeBudget | None = None,
+                routers: dict | None = None) -> None:
+    """All rows of one shape (appended to ``rows``); ``routers``: ``bench_routers(cfg)``."""
     from peft import PeftModel
 
     from models import MultiLoRAModel
 
+    routers = bench_routers(cfg) if routers is None else routers
     built = build_shape(cfg, shape)
     if built is None:
         return
@@ -237,24 +253,21 @@ def bench_shape(cfg: DictConfig, shape: str, rows: list, budget: TimeBudget | No
             sb.measure("peft", 1, lambda i, m, **k: pm.generate(input_ids=i, attention_mask=m, **k))
             model = pm.unload()
             sb.model = model
-        multi = [st for st in strategies if st in LOADED]
-        unknown = [st for st in strategies if st not in LOADED and st not in ("base", "peft")]
-        if unknown:
-            raise ValueError(f"bench.strategies {unknown} are not known; use base, peft, {', '.join(LOADED)}")
-        for n in cfg.bench.num_adapters if multi else []:
+        for n in cfg.bench.num_adapters if routers else []:
             if sb.budget.spent():  # no bank is built for combinations that will not run
                 sb.budget.skipped.append(f"{shape}/*/n{n}")
                 continue
             mm = MultiLoRAModel.from_adapters(model, {f"a{i}": adapter for i in range(int(n))}, router="base",
                                               check_base_name=False)
-            for st in multi:
-                name, kw = LOADED[st]
-                if name == "meteora" and kw["top_k"] > int(n):
+            for st, strategy in routers.items():
+                try:
+                    mm.set_router(strategy.build, **strategy.knobs)
+                except ValueError as err:  # a router this bank cannot hold (top_k above its size): no row
+                    log.info("bench: %s at %s adapters skipped: %s", st, n, err)
                     continue
-                mm.set_router(name, **({"adapter": "a0"} if kw is None else kw))
 
-                def gen(i, a, mm=mm, name=name, **k):
-                    mm.set_routing(task_ids=[0] * i.shape[0] if name == "oracle" else None)
+                def gen(i, a, mm=mm, needs=strategy.needs_task_ids, **k):
+                    mm.set_routing(task_ids=[0] * i.shape[0] if needs else None)  # the oracle: adapter a0
                     return mm.generate(i, attention_mask=a, **k)
                 sb.measure(st, int(n), gen)
             model = mm.unwrap()
@@ -285,7 +298,7 @@ def kernel_micro(run_dir: Path) -> dict | None:
 
 
 def _device(cfg: DictConfig) -> torch.device:
-    want = str(cfg.bench.get("device", "auto"))
+    want = str(cfg.bench.device)
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if want == "auto" else want)
 
 
@@ -395,21 +408,26 @@ def e2e_suite(cfg: DictConfig, run) -> float | None:
 def bench(cfg: DictConfig) -> float | None:
     """Measure every configured combination; return the largest decode ratio to base of a loramux strategy
     (``bench.suite=latency``) or the smallest training tokens/s ratio to peft (``train_throughput``)."""
-    suite = str(cfg.bench.get("suite", "latency"))
+    check_settings(cfg)
+    suite = str(cfg.bench.suite)
     if suite not in SUITES:
         raise ValueError(f"bench.suite={suite!r} is not known; use one of {SUITES}")
+    routers = bench_routers(cfg) if suite == "latency" else {}  # unknown rows / shapes: refused before a model loads
+    unknown = [str(s) for s in cfg.bench.shapes if str(s) != "default" and str(s) not in SHAPES]
+    if unknown:
+        raise ValueError(f"bench.shapes {unknown} are not known; use default, {', '.join(SHAPES)}")
     with StageRun(cfg) as run:
         if suite == "train_throughput":
             return train_suite(cfg, run)
         if suite == "e2e_decode":
             return e2e_suite(cfg, run)
         rows: list = []
-        budget = TimeBudget(cfg.bench.get("max_seconds"))
+        budget = TimeBudget(cfg.bench.max_seconds)
         for shape in cfg.bench.shapes:
             if budget.spent():
                 budget.skipped.append(f"{shape}/*")
                 continue
-            bench_shape(cfg, str(shape), rows, budget)
+            bench_shape(cfg, str(shape), rows, budget, routers)
             gc.collect()  # the shape's model (16 GB at 8B) goes before the next one is built
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -417,7 +435,7 @@ def bench(cfg: DictConfig) -> float | None:
         if not rows:
             raise ValueError("bench measured nothing on this machine; use bench.shapes=[default] "
                              "bench.engines=[eager]")
-        kernel = kernel_micro(run.run_dir) if cfg.bench.get("kernel_micro") else None
+        kernel = kernel_micro(run.run_dir) if cfg.bench.kernel_micro else None
         ratios = [r["ratio_to_base"] for r in rows if r["ratio_to_base"] and r["strategy"] not in ("base", "peft")]
         metrics = {"rows": len(rows), "max_ratio_to_base": max(ratios) if ratios else None,
                    "skipped_for_time": len(budget.skipped)}
@@ -435,7 +453,7 @@ def bench(cfg: DictConfig) -> float | None:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="bench")
 def main(cfg: DictConfig) -> float | None:
-    with user_errors():
+    with user_errors(cfg):
         return bench(cfg)
 
 

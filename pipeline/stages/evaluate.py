@@ -30,11 +30,20 @@ import time
 import hydra
 import lightning as L
 import torch
+from hydra.utils import instantiate
+from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
 
 from common.atomic import atomic_write_text
 from data.batches import Generations, PromptGroup, assemble, left_pad, plan_jobs
+from data.composite import build_composite, score_composite
+from data.scoring import score
+from data.task_rows import task_rows
+from pipeline.runtime.distributed import gather_to_zero
 from pipeline.runtime.entry import CONF_DIR, cli, user_errors
+from pipeline.runtime.multilora import build_multilora, plan_multilora
+from pipeline.runtime.settings import check_settings
 from pipeline.runtime.stage import StageRun
 
 log = logging.getLogger(__name__)
@@ -82,10 +91,6 @@ def generate_groups(trainer, mm, tokenizer, groups: list[PromptGroup], *, batch_
     """Generate every group through ``trainer.predict`` (sharded across its processes); rank 0 gets the
     ``Generations`` (``seconds``: the busiest rank's time inside generate, so process start-up is not counted),
     the other ranks None."""
-    from torch.utils.data import DataLoader
-
-    from pipeline.runtime.distributed import gather_to_zero
-
     jobs, skipped = plan_jobs(tokenizer, groups, batch_size, max_prompt_tokens)
     outputs = trainer.predict(GenerationModule(mm, tokenizer),
                               dataloaders=DataLoader(jobs, batch_size=1, collate_fn=_one_job)) if jobs else []
@@ -108,40 +113,28 @@ def task_score(metrics: dict) -> float | None:
     return None
 
 
-def _label(cfg: DictConfig) -> str:
-    return str(cfg.router.label)
-
-
 def predict_trainer(cfg: DictConfig, progress: bool):
     """The Trainer that runs generation: ``cfg.trainer``'s devices and processes, no logger, no grad.
 
     Generation needs every rank to hold the whole model, so ``trainer=fsdp`` evaluates with DDP replicas."""
-    from hydra.utils import instantiate
-
     kw = {"logger": False, "callbacks": [], "enable_progress_bar": progress, "inference_mode": False}
     if "FSDP" in str(OmegaConf.select(cfg, "trainer.strategy._target_", default="")):
-        from lightning.pytorch.strategies import DDPStrategy
-
         kw["strategy"] = DDPStrategy()
     return instantiate(cfg.trainer, **kw)
 
 
-def _single_task_groups(cfg):
+def _single_task_groups(cfg, needs_task_ids: bool):
     """One prompt group per task: its first ``data.test_limit`` test rows (the oracle gets the task's adapter)."""
-    from data.task_rows import task_rows
-
-    oracle = str(cfg.router.strategy) == "oracle"
     rows, groups = {}, []
     for task in [str(t) for t in cfg.tasks]:
-        rows[task] = task_rows(task, str(cfg.data.test_split), cfg.data.test_limit, int(cfg.data.get("split_seed", 0)))
-        groups.append(PromptGroup([r["prompt"] for r in rows[task]], [task] * len(rows[task]) if oracle else None,
+        rows[task] = task_rows(task, str(cfg.data.test_split), cfg.data.test_limit, int(cfg.data.split_seed))
+        groups.append(PromptGroup([r["prompt"] for r in rows[task]],
+                                  [task] * len(rows[task]) if needs_task_ids else None,
                                   int(cfg.generation.max_new_tokens)))
     return rows, groups
 
 
 def _score_single_tasks(cfg, rows, gens):
-    from data.scoring import score
-
     metrics, lines, skipped, new_tokens = {}, [], 0, 0
     for (task, task_rows_), g in zip(rows.items(), gens):
         scored = [(r, p) for r, p in zip(task_rows_, g.texts) if p is not None]
@@ -158,25 +151,25 @@ def _score_single_tasks(cfg, rows, gens):
     return metrics, lines, list(cfg.tasks), skipped, new_tokens
 
 
-def _composite_group(cfg, n):
-    from data.composite import build_composite
-
+def _check_composite(cfg, n: int, strategy) -> list[str]:
+    """The sub-tasks of composite-n, refused (one line) before any model loads when they cannot be built or routed."""
     subtasks = [str(t) for t in list(cfg.composite_tasks)[:n]]
     if len(subtasks) < n:
         raise ValueError(f"composite_n={n} but composite_tasks has {len(subtasks)} tasks; lower composite_n")
-    if str(cfg.router.strategy) == "oracle":
-        raise ValueError("router=oracle needs one task per prompt; composite prompts mix tasks: use base, lora_b, "
-                         "merge, meteora, dlp or dlp_segments")
+    if strategy.needs_task_ids:
+        raise ValueError(f"router={strategy.name} needs one task per prompt; composite prompts mix tasks: use a "
+                         f"router that decides by itself (base, lora_b, merge, meteora, dlp or dlp_segments)")
+    return subtasks
+
+
+def _composite_group(cfg, n, subtasks):
     ds = build_composite(subtasks, rows=int(cfg.composite_rows), seed=int(cfg.composite_seed),
-                         shots=int(cfg.get("composite_shots", 2)),
-                         split_seed=int(cfg.data.get("split_seed", 0)))
+                         shots=int(cfg.composite_shots), split_seed=int(cfg.data.split_seed))
     return subtasks, ds, PromptGroup(list(ds["prompt"]), None,
                                      n * int(cfg.generation.composite_max_new_tokens_per_task))
 
 
 def _score_composite(n, subtasks, ds, g):
-    from data.composite import score_composite
-
     outputs = ["" if p is None else p for p in g.texts]
     rep = score_composite(outputs, ds)
     metrics = {}
@@ -192,18 +185,19 @@ def _score_composite(n, subtasks, ds, g):
 
 def evaluate(cfg: DictConfig) -> float | None:
     """Evaluate ``cfg.router`` on the tasks (or composite-n); return the mean task score (None on ranks > 0)."""
-    from pipeline.runtime.multilora import build_multilora
-
-    n = int(cfg.composite_n) if cfg.get("composite_n") else None
+    check_settings(cfg)
+    n = int(cfg.composite_n) if cfg.composite_n else None
+    plan = plan_multilora(cfg, composite_n=n)  # strategy, adapters and trained router checked before a model loads
+    subtasks = _check_composite(cfg, n, plan.strategy) if n else None
     with StageRun(cfg) as run:
-        mm, tokenizer = build_multilora(cfg, composite_n=n)
+        mm, tokenizer = build_multilora(cfg, plan=plan)
         mm.eval()
         if n:
-            subtasks, ds, group = _composite_group(cfg, n)
+            subtasks, ds, group = _composite_group(cfg, n, subtasks)
             groups = [group]
         else:
-            rows, groups = _single_task_groups(cfg)
-        trainer = predict_trainer(cfg, bool(cfg.get("progress", True)))
+            rows, groups = _single_task_groups(cfg, mm.router.needs_task_ids)
+        trainer = predict_trainer(cfg, bool(cfg.progress))
         gens = generate_groups(trainer, mm, tokenizer, groups, batch_size=int(cfg.generation.batch_size),
                                max_prompt_tokens=int(cfg.data.max_prompt_tokens))
         if gens is None:  # another DDP rank: its share went to rank 0, which scores and writes
@@ -222,13 +216,14 @@ def evaluate(cfg: DictConfig) -> float | None:
             rows_ = [[x.get("task", f"composite-{n}"), x["prompt"][-300:], str(x.get("answer", x.get("answers"))),
                       x["prediction"]] for x in lines[:200]]
             run.tracker.log_table("evaluate/predictions", cols, rows_)
-        return run.finish(tasks=tasks, strategy=_label(cfg), metrics=metrics, main_metric="main",
-                          extra={"composite_n": n, "router": str(cfg.router.strategy)})
+        label = str(cfg.router.label) if cfg.router.label is not None else mm.router.label
+        return run.finish(tasks=tasks, strategy=label, metrics=metrics, main_metric="main",
+                          extra={"composite_n": n, "router": plan.strategy.name})
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
 def main(cfg: DictConfig) -> float | None:
-    with user_errors():
+    with user_errors(cfg):
         return evaluate(cfg)
 
 

@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.runtime.adapter_dirs import save_adapter
 from pipeline.runtime.entry import CONF_DIR, cli, user_errors
+from pipeline.runtime.settings import check_settings
 from pipeline.runtime.stage import StageRun
 from pipeline.train_speed import apply_train_speed
 
@@ -138,14 +139,11 @@ def finetune(cfg: DictConfig) -> float | None:
 
     if (done := previous_result(cfg)) is not None:  # a relaunched sweep's finished job
         return done.value
-    if cfg.get("task") in (None, ""):
+    if cfg.task in (None, ""):
         raise ValueError(f"finetune needs task=<name> (one of {list(cfg.tasks)} or lora_b); "
                          f"sweep them with -m task=a,b")
+    check_settings(cfg)  # every value in range, the task known, the model there: before any model loads
     steps = int(cfg.trainer.max_steps)
-    if steps <= 0:
-        raise ValueError(f"trainer.max_steps={steps} must be > 0")
-    if int(cfg.adapter.r) <= 0:
-        raise ValueError(f"adapter.r={cfg.adapter.r} must be > 0")
     task = str(cfg.task)
     resume = prepare_resume(cfg)  # a requeued SLURM job: its checkpoint and wandb run id (pipeline/runtime/requeue.py)
     with StageRun(cfg) as run:
@@ -158,8 +156,8 @@ def finetune(cfg: DictConfig) -> float | None:
                                     warmup_steps=cfg.optim.warmup_steps, total_steps=steps)
         from pipeline.runtime.step_log import StepLog
 
-        every = int(cfg.get("checkpoint", {}).get("every_n_steps", 0) or 0)
-        requeue = RequeueCheckpoint(run.run_dir, every_n_steps=every, config=training_config(cfg))
+        requeue = RequeueCheckpoint(run.run_dir, every_n_steps=int(cfg.checkpoint.every_n_steps),
+                                    config=training_config(cfg))
         trainer_kw = {"logger": run.tracker.lightning,
                       "callbacks": [StepLog(int(cfg.trainer.log_every_n_steps), f"finetune {task}"), requeue]}
         if val_dl is None:
@@ -195,7 +193,7 @@ def finetune(cfg: DictConfig) -> float | None:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="finetune")
 def main(cfg: DictConfig) -> float | None:
-    with user_errors():
+    with user_errors(cfg):
         return finetune(cfg)
 
 

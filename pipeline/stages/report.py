@@ -18,13 +18,16 @@ import logging
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from common.atomic import atomic_write_text
+from pipeline.report.paper_tables import PAPER_TABLES, claims_summary, write_paper_table
 from pipeline.report.render import bar_plot, latency_plot, radar_plot, to_markdown, write_table_files
 from pipeline.report.tables import build_tables
 from pipeline.runtime.entry import CONF_DIR, cli, user_errors
 from pipeline.runtime.metrics_file import find_metrics, read_metrics
+from pipeline.runtime.settings import check_settings
+from pipeline.runtime.stage import StageRun
 
 log = logging.getLogger(__name__)
 SKIP_STAGES = ("report", "reproduce")
@@ -82,11 +85,7 @@ def render_report(records: list[dict], out_dir, title: str, tracker=None) -> tup
 def write_experiment_table(cfg: DictConfig, records: list[dict]) -> dict:
     """``<paper_tables_dir>/<paper_table_file or paper_table>.{json,md,png}`` when ``cfg.paper_table`` names a paper
     table, else {}."""
-    from omegaconf import OmegaConf
-
-    from pipeline.report.paper_tables import PAPER_TABLES, claims_summary, write_paper_table
-
-    name = cfg.get("paper_table")
+    name = cfg.paper_table
     if not name or str(name) not in PAPER_TABLES:
         return {}
     try:
@@ -95,7 +94,7 @@ def write_experiment_table(cfg: DictConfig, records: list[dict]) -> dict:
         config = OmegaConf.to_container(cfg, resolve=False)
     config.pop("hydra", None)
     paths = write_paper_table(str(name), records, str(cfg.paper_tables_dir), config=config,
-                              file_name=cfg.get("paper_table_file") or None)
+                              file_name=cfg.paper_table_file or None)
     table = json.loads(Path(paths["json"]).read_text())
     print(f"paper table {name}: {Path(paths['md']).resolve()}\n{claims_summary(table)}")
     return paths
@@ -103,8 +102,7 @@ def write_experiment_table(cfg: DictConfig, records: list[dict]) -> dict:
 
 def report(cfg: DictConfig) -> float | None:
     """Build the report of ``cfg.source_dir`` into ``cfg.out_dir``; return the number of tables."""
-    from pipeline.runtime.stage import StageRun
-
+    check_settings(cfg)
     with StageRun(cfg) as run:
         records = collect_records(cfg.source_dir)
         path, tables = render_report(records, cfg.out_dir, str(cfg.title), tracker=run.tracker)
@@ -119,7 +117,7 @@ def report(cfg: DictConfig) -> float | None:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="report")
 def main(cfg: DictConfig) -> float | None:
-    with user_errors():
+    with user_errors(cfg):
         return report(cfg)
 
 

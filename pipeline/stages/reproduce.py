@@ -36,6 +36,7 @@ from omegaconf import DictConfig, ListConfig, open_dict
 
 from pipeline.runtime.compose import compose
 from pipeline.runtime.entry import CONF_DIR, cli, user_errors
+from pipeline.runtime.settings import check_settings, passed_to
 
 log = logging.getLogger(__name__)
 OWN_KEYS = ("force", "gpus", "parallel", "plan", "print_config", "stage")  # reproduce's own keys: not passed on to the stages
@@ -100,7 +101,7 @@ def step_done(step: dict) -> bool:
 
 
 def run_step(step: dict, overrides: list[str]):
-    cfg = compose(step["stage"], [*overrides, *step["overrides"]], run_dir=step["run_dir"])
+    cfg = compose(step["stage"], [*passed_to(step["stage"], overrides), *step["overrides"]], run_dir=step["run_dir"])
     with open_dict(cfg):
         cfg.print_config = False
     return _runner(step["stage"])(cfg)
@@ -110,7 +111,7 @@ def step_command(step: dict, overrides: list[str]) -> list[str]:
     """The command line that runs ``step`` as its own process, into the same run dir as in-process.
 
     A single run (not a sweep job) never skips itself, so ``force`` needs no passing on."""
-    return [sys.executable, "-m", f"pipeline.{step['stage']}", *overrides, *step["overrides"],
+    return [sys.executable, "-m", f"pipeline.{step['stage']}", *passed_to(step["stage"], overrides), *step["overrides"],
             f"hydra.run.dir={step['run_dir']}", "print_config=false"]
 
 
@@ -174,24 +175,23 @@ def reproduce(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
     """Run (or skip) every planned step of ``cfg``'s experiment, then the report; return the report's path."""
     from pipeline.runtime.config_tree import show_and_save_config
 
+    check_settings(cfg)
     inherited = passed_overrides(cfg, overrides)
     exp = Path(str(cfg.paths.exp_dir))
     steps = plan_steps(cfg)
-    show_and_save_config(cfg, exp / "reproduce", print_tree=bool(cfg.get("print_config", True)))
+    show_and_save_config(cfg, exp / "reproduce", print_tree=bool(cfg.print_config))
     log.info("reproduce %s: %d steps (%s)", cfg.name, len(steps), ", ".join(f"{s['stage']}:{s['step']}" for s in steps))
     t_all = time.perf_counter()
-    width = int(cfg.get("parallel", 1) or 1)
-    if width < 1:
-        raise ValueError(f"parallel={width}: give the number of steps to run at once (1 = one after another)")
+    width = int(cfg.parallel)
     todo = []
     for i, step in enumerate(steps, 1):
         step["tag"] = f"[{i}/{len(steps)}] {step['stage']} {step['step']}"
-        if step_done(step) and not cfg.get("force", False):
+        if step_done(step) and not cfg.force:
             print(f"{step['tag']}: done already ({step['run_dir']}), skipped", flush=True)
         else:
             todo.append(step)
     if width > 1:
-        gpus = visible_gpus(cfg.get("gpus", "auto"))
+        gpus = visible_gpus(cfg.gpus)
         for stage in dict.fromkeys(s["stage"] for s in todo):
             run_parallel([s for s in todo if s["stage"] == stage], inherited, width, gpus)
     else:
@@ -210,7 +210,7 @@ def reproduce(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="reproduce")
 def main(cfg: DictConfig) -> None:
-    with user_errors():
+    with user_errors(cfg):
         reproduce(cfg)
 
 

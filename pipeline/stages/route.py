@@ -3,11 +3,14 @@
     python -m pipeline.route experiment=demo router=meteora      # MeteoRA gates (token level, top-k)
     python -m pipeline.route experiment=demo router=dlp          # DLP-LoRA sentence MLP (top-p)
 
-Training rows: ``router.train.rows_per_task`` rows of each task's train split, labelled with the task's adapter
-index (adapters = ``${paths.adapters_dir}/<task>`` in ``tasks`` order), shuffled together. ``router.train.steps``
-optimizer steps; validation on the val split (loss and routing accuracy, the run's main metric). The router
+Any trainable strategy (``conf/router/<name>.yaml``: a router class with ``trainable`` and ``training_loss``) trains
+here; what it learns from is the strategy's own: ``training_loss(mm, batch)`` gives the loss and the parts logged
+beside it (``router_accuracy`` is the run's main metric). Training rows: ``router.train.rows_per_task`` rows of
+each task's train split, labelled with the task's adapter index (adapters = ``${paths.adapters_dir}/<task>`` in
+``tasks`` order), shuffled together: prompt + answer for a strategy that ``reads_answers`` (MeteoRA's LM loss),
+else the prompt alone. ``router.train.steps`` optimizer steps; validation on the val split. The router
 (``router.safetensors`` + ``router.json``) is written atomically to ``<run_dir>/router`` and to
-``${paths.routers_dir}/<strategy>``.
+``router.checkpoint`` (``${paths.routers_dir}/<name>``), where evaluate and bench read it.
 
 Crashes: like ``finetune``, a resumable checkpoint (trainable router weights, optimizer, loop and RNG state) is
 written every ``checkpoint.every_n_steps`` steps; a restart in the same run dir with the same config resumes from
@@ -17,52 +20,52 @@ it and saves the router an uninterrupted run saves (``pipeline/runtime/requeue.p
 from __future__ import annotations
 
 import logging
-import random
 import time
 from pathlib import Path
 
 import hydra
 import lightning as L
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig
+from torch.utils.data import DataLoader
 
+from data.batches import RoutedRowsCollator, routed_rows
+from pipeline.runtime.distributed import clip_gradients, full_weights, is_global_zero
 from pipeline.runtime.entry import CONF_DIR, cli, user_errors
+from pipeline.runtime.multilora import build_multilora, plan_multilora
+from pipeline.runtime.requeue import (
+    RequeueCheckpoint,
+    ResumableSampler,
+    fit_resumable,
+    prepare_resume,
+    training_config,
+)
+from pipeline.runtime.settings import check_settings
 from pipeline.runtime.stage import StageRun, stage_callbacks
+from pipeline.runtime.step_log import StepLog
 from pipeline.train_speed import apply_train_speed
 
 log = logging.getLogger(__name__)
 
 
 class RouterTrainModule(L.LightningModule):
-    """Train ``mm``'s router; ``objective`` is ``"meteora"`` or ``"dlp"``."""
+    """Train ``mm``'s router by its strategy's own objective (``mm.router.training_loss``) over frozen adapters
+    (``train_loras`` unfreezes the adapters too, as MeteoRA's script does).
 
-    def __init__(self, mm, objective: str, lr: float, weight_decay: float = 0.0, train_loras: bool = False):
+    Validation logs the loss and its parts, among them the router's accuracy. It runs with grad enabled (the
+    Trainer gets ``inference_mode=False``) because MeteoRA's gates record their logits only then."""
+
+    def __init__(self, mm, lr: float, weight_decay: float = 0.0, train_loras: bool = False):
         super().__init__()
-        if objective not in ("meteora", "dlp"):
-            raise ValueError(f"router objective {objective!r} is not trainable; use router=meteora or router=dlp")
-        if not lr > 0:
-            raise ValueError(f"router.train.lr={lr} must be > 0")
-        self.mm, self.objective = mm, objective
+        self.mm = mm
         self.lr, self.weight_decay = float(lr), float(weight_decay)
-        which = ("gates+adapters" if train_loras else "gates") if objective == "meteora" else "router"
-        self.trainable = mm.set_trainable(which)
+        self.trainable = mm.set_trainable("router+adapters" if train_loras else "router")
 
     def _step(self, batch):
-        if self.objective == "dlp":
-            loss = self.mm.router_loss(batch["input_ids"], batch["attention_mask"], batch["task_ids"])
-            return loss, {}
-        with torch.enable_grad():  # the gates record their logits (for the aux loss) only with grad on
-            out = self.mm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                          labels=batch["labels"], task_ids=batch["task_ids"])
-        parts = {k: out[k].detach() for k in ("lm_loss", "aux_loss") if out.get(k) is not None}
-        accuracy = self.mm.router.gate_accuracy()
-        if accuracy is not None:
-            parts["router_accuracy"] = torch.tensor(accuracy, device=out.loss.device)  # NCCL reduces CUDA tensors only
-        return out.loss, parts
+        return self.mm.router.training_loss(self.mm, batch)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        from pipeline.runtime.distributed import clip_gradients
-
         clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)  # FSDP: the norm over all shards
 
     def training_step(self, batch, batch_idx):
@@ -78,96 +81,44 @@ class RouterTrainModule(L.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         loss, parts = self._step(batch)
-        loss = loss.detach()
         bs = batch["input_ids"].shape[0]
-        self.log("val/loss", loss, prog_bar=True, batch_size=bs, sync_dist=True)  # DDP: mean over all ranks
+        self.log("val/loss", loss.detach(), prog_bar=True, batch_size=bs, sync_dist=True)  # DDP: mean over all ranks
         for k, v in parts.items():
-            self.log(f"val/{k}", v, batch_size=bs, sync_dist=True)
-        if self.objective == "dlp":
-            pred = self.mm.router.logits(batch["input_ids"], batch["attention_mask"]).argmax(-1)
-            self.log("val/router_accuracy", (pred == batch["task_ids"]).float().mean(), prog_bar=True,
-                     batch_size=bs, sync_dist=True)
+            self.log(f"val/{k}", v, prog_bar=k == "router_accuracy", batch_size=bs, sync_dist=True)
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.trainable, lr=self.lr, weight_decay=self.weight_decay)
 
 
-class RoutedRowsCollator:
-    """Rows with a task index -> right-padded ``input_ids``, ``attention_mask``, ``labels``, ``task_ids``."""
-
-    def __init__(self, pad_token_id: int):
-        from data.batches import AnswerOnlyCollator
-
-        self.pad = AnswerOnlyCollator(pad_token_id)
-
-    def __call__(self, rows):
-        batch = self.pad(rows)
-        batch["task_ids"] = torch.tensor([r["task_id"] for r in rows], dtype=torch.long)
-        return batch
-
-
-def routed_rows(cfg: DictConfig, tokenizer, split: str, per_task: int, objective: str) -> list[dict]:
-    """Encoded rows of every task, each with its adapter index; dlp rows are the prompt alone."""
-    from data.batches import encode_pair, encode_prompt
-    from data.task_rows import task_rows
-
-    max_len, rows = int(cfg.router.train.max_length), []
-    for idx, task in enumerate(cfg.tasks):
-        for r in task_rows(str(task), split, per_task, int(cfg.data.get("split_seed", 0))):
-            if objective == "dlp":
-                ids = encode_prompt(tokenizer, r["prompt"])[:max_len]
-                enc = {"input_ids": ids, "labels": [-100] * len(ids)}
-            else:
-                enc = encode_pair(tokenizer, r["prompt"], r["answer"], max_len, bool(cfg.data.append_eos))
-                if cfg.router.train.get("lm_loss_on_prompt", True):
-                    enc["labels"] = list(enc["input_ids"])
-            rows.append({**enc, "task_id": idx})
-    random.Random(int(cfg.seed)).shuffle(rows)
-    return rows
-
-
 def route(cfg: DictConfig) -> float | None:
-    """Train ``cfg.router`` (meteora or dlp) over the adapters; return its validation routing accuracy."""
-    from hydra.utils import instantiate
-    from torch.utils.data import DataLoader
-
-    from pipeline.runtime.multilora import build_multilora
-    from pipeline.runtime.requeue import (
-        RequeueCheckpoint,
-        ResumableSampler,
-        fit_resumable,
-        prepare_resume,
-        training_config,
-    )
-
-    objective = "dlp" if str(cfg.router.strategy) in ("dlp", "dlp_segments") else str(cfg.router.strategy)
-    if objective not in ("meteora", "dlp"):
-        raise ValueError(f"router={cfg.router.strategy} has nothing to train; route trains router=meteora or "
-                         f"router=dlp")
-    steps = int(cfg.router.train.steps)
-    if steps <= 0:
-        raise ValueError(f"router.train.steps={steps} must be > 0")
+    """Train ``cfg.router`` over the adapters; return its validation routing accuracy."""
+    check_settings(cfg)
+    plan = plan_multilora(cfg, fresh=True)  # adapters, strategy and its knobs checked before any model loads
+    if not plan.strategy.trainable:
+        raise ValueError(f"router={plan.strategy.name} has nothing to train; route trains router="
+                         f"{' or router='.join(plan.trainable_names())}")
+    name = plan.checkpoint.name  # the router's name in results: the dir evaluate reads it from (dlp for dlp_segments)
+    train_cfg, steps = cfg.router.train, int(cfg.router.train.steps)
     resume = prepare_resume(cfg)  # a restarted run: its checkpoint (and wandb run id)
     with StageRun(cfg) as run:
-        model, tokenizer = instantiate(cfg.model)
-        mm, tokenizer = build_multilora(cfg, model, tokenizer, load_router=False)
-        train = routed_rows(cfg, tokenizer, str(cfg.data.train_split), int(cfg.router.train.rows_per_task), objective)
-        val = routed_rows(cfg, tokenizer, str(cfg.data.val_split), int(cfg.router.train.val_rows_per_task), objective)
+        mm, tokenizer = build_multilora(cfg, plan=plan)
+        rows = {"tokenizer": tokenizer, "tasks": [str(t) for t in cfg.tasks], "max_length": int(train_cfg.max_length),
+                "prompt_only": not mm.router.reads_answers, "lm_loss_on_prompt": bool(train_cfg.lm_loss_on_prompt),
+                "append_eos": bool(cfg.data.append_eos), "split_seed": int(cfg.data.split_seed), "seed": int(cfg.seed)}
+        train = routed_rows(split=str(cfg.data.train_split), per_task=int(train_cfg.rows_per_task), **rows)
+        val = routed_rows(split=str(cfg.data.val_split), per_task=int(train_cfg.val_rows_per_task), **rows)
         collate = RoutedRowsCollator(tokenizer.pad_token_id)
-        bs = int(cfg.router.train.batch_size)
+        bs = int(train_cfg.batch_size)
         sampler = ResumableSampler(len(train), int(cfg.seed))  # shuffled by (seed, epoch): replayable on resume
         train_dl = DataLoader(train, batch_size=bs, sampler=sampler, collate_fn=collate)
         val_dl = DataLoader(val, batch_size=bs, shuffle=False, collate_fn=collate)
-        module = RouterTrainModule(mm, objective, cfg.router.train.lr, cfg.router.train.weight_decay,
-                                   bool(cfg.router.train.get("train_loras", False)))
-        # GPU: compiled decoder layers, frozen weights in bf16 (the dlp objective runs no LM: nothing to compile)
-        speed = apply_train_speed(cfg, mm.model) if objective == "meteora" else {"compile": False}
-        from pipeline.runtime.step_log import StepLog
-
-        every = int(cfg.get("checkpoint", {}).get("every_n_steps", 0) or 0)
-        requeue = RequeueCheckpoint(run.run_dir, every_n_steps=every, config=training_config(cfg))
+        module = RouterTrainModule(mm, train_cfg.lr, train_cfg.weight_decay, bool(train_cfg.train_loras))
+        # GPU: compiled decoder layers, frozen weights in bf16 (a strategy whose training runs no LM: nothing to compile)
+        speed = apply_train_speed(cfg, mm.model) if mm.router.reads_answers else {"compile": False}
+        requeue = RequeueCheckpoint(run.run_dir, every_n_steps=int(cfg.checkpoint.every_n_steps),
+                                    config=training_config(cfg))
         trainer = instantiate(cfg.trainer, logger=run.tracker.lightning, max_steps=steps, inference_mode=False,
-                              callbacks=[StepLog(int(cfg.trainer.log_every_n_steps), f"route {objective}"), requeue,
+                              callbacks=[StepLog(int(cfg.trainer.log_every_n_steps), f"route {name}"), requeue,
                                          *stage_callbacks(cfg)],  # +callbacks.<name>=... (pipeline.stages.scaling)
                               val_check_interval=min(steps, int(cfg.trainer.val_check_interval)))
         mm.router.train()
@@ -179,14 +130,12 @@ def route(cfg: DictConfig) -> float | None:
         else:  # the last in-fit validation was earlier than the last step
             final = trainer.validate(module, dataloaders=val_dl, verbose=False)[0]
         mm.router.eval()
-        from pipeline.runtime.distributed import full_weights, is_global_zero
-
-        shared = Path(str(cfg.paths.routers_dir)) / objective
+        shared = Path(plan.checkpoint)
         with full_weights(trainer):  # FSDP: gather the sharded router first; DDP / one device: nothing to do
             if is_global_zero():  # one writer per job (every DDP rank holds the same router)
                 mm.save_router(run.run_dir / "router")
                 mm.save_router(shared)
-        log.info("route: %s router saved to %s", objective, shared)
+        log.info("route: %s router saved to %s", name, shared)
         metrics = {"val_loss": float(final["val/loss"]), "steps": int(trainer.global_step),
                    "train_rows": len(train), "val_rows": len(val), "train_seconds": round(seconds, 3),
                    "trainable_params": sum(p.numel() for p in module.trainable)}
@@ -194,14 +143,13 @@ def route(cfg: DictConfig) -> float | None:
             if k in final:
                 metrics[k.split("/")[1]] = float(final[k])
         main = "router_accuracy" if "router_accuracy" in metrics else "val_loss"
-        return run.finish(tasks=list(cfg.tasks), strategy=objective, metrics=metrics, main_metric=main,
-                          extra={"router_dir": str(shared), "adapters": list(mm.adapter_names),
-                                 "train_speed": speed})
+        return run.finish(tasks=list(cfg.tasks), strategy=name, metrics=metrics, main_metric=main,
+                          extra={"router_dir": str(shared), "adapters": list(mm.adapter_names), "train_speed": speed})
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="route")
 def main(cfg: DictConfig) -> float | None:
-    with user_errors():
+    with user_errors(cfg):
         return route(cfg)
 
 

@@ -31,6 +31,7 @@ import lightning as L
 import torch
 
 from pipeline.runtime.compose import compose
+from pipeline.runtime.settings import output_root, passed_to
 
 log = logging.getLogger("loramux.scaling")
 
@@ -144,7 +145,7 @@ def _run(cmd: list[str], log_path: Path, env: dict, fail: bool = True) -> str | 
 
 def ensure_adapters(args, env: dict, work: Path) -> None:
     """Train (briefly) every task adapter of the experiment that is missing, in one finetune sweep process."""
-    cfg = compose("route", [f"experiment={args.experiment}", f"router={args.router}", *args.overrides])
+    cfg = compose("route", [f"experiment={args.experiment}", f"router={args.router}", *passed_to("route", args.overrides)])
     root = Path(str(cfg.paths.adapters_dir))  # where route reads them (head_to_head: meteora_tasks' adapters)
     missing = [str(t) for t in cfg.tasks if not (root / str(t) / "adapter_config.json").is_file()]
     if not missing:
@@ -152,7 +153,7 @@ def ensure_adapters(args, env: dict, work: Path) -> None:
     base_trainer = parse_run(args.runs[0])[0]
     _run([sys.executable, "-m", "pipeline.finetune", "-m", f"experiment={args.experiment}", f"task={','.join(missing)}",
           f"trainer={base_trainer}", f"trainer.max_steps={args.adapter_steps}", "logger=none", "print_config=false",
-          f"hydra.sweep.dir={work / 'adapters'}", *args.overrides], work / "adapters.log", env)
+          f"hydra.sweep.dir={work / 'adapters'}", *passed_to("finetune", args.overrides)], work / "adapters.log", env)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -177,7 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.global_batch % n:
             raise SystemExit(f"error: --global-batch {args.global_batch} is not divisible by {n} devices ({name}:{n})")
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
-    exp_root = Path(os.environ.get("LORAMUX_OUTPUTS", "outputs")) / args.experiment
+    exp_root = Path(output_root()) / args.experiment
     work = Path(args.work) if args.work else exp_root / "scaling" / stamp
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     ensure_adapters(args, env, work)
@@ -191,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"router.train.steps={args.steps}", f"trainer.val_check_interval={args.steps}", "logger=csv",
               "print_config=false", "checkpoint.every_n_steps=0", f"hydra.run.dir={run_dir}",
               f"paths.routers_dir={run_dir / 'routers'}", "+callbacks.times._target_=pipeline.stages.scaling.StepTimes",
-              f"+callbacks.times.path={times}", *args.overrides], run_dir / "run.log", env, fail=not results)
+              f"+callbacks.times.path={times}", *passed_to("route", args.overrides)], run_dir / "run.log", env, fail=not results)
         if error is not None:  # a later run failed (e.g. FSDP): keep the others, say why in the table
             failed.append({"run": f"{name}:{n}", "trainer": name, "devices": n, "error": error.splitlines()[-1],
                            "run_dir": str(run_dir)})
