@@ -22,13 +22,11 @@ import os
 
 import torch
 
-from kernels import cast_cache
+from kernels import cast_cache, switches
 from kernels.dense import multi_lora_torch
 from kernels.reference import expand_sequence_routing, multi_lora_reference
 
 BACKENDS = ("auto", "triton", "torch", "reference")
-DIRECT_LAUNCH = True  # False: every triton call goes through the custom op (kernels.bench --overhead compares)
-LAUNCH_STUB = False  # kernels.bench --overhead: the direct path returns an empty output instead of launching
 
 
 @torch.library.custom_op("loramux::multi_lora", mutates_args=())
@@ -130,7 +128,7 @@ def _on(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tens
 def _direct_ok(x: torch.Tensor) -> bool:
     """May this call skip the custom op? Not under torch.compile (it must see the op), not during CUDA graph capture
     (the dtype cache would keep a cast out of the graph)."""
-    if not DIRECT_LAUNCH or torch.compiler.is_compiling():
+    if not switches.state.direct_launch or torch.compiler.is_compiling():
         return False
     return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
 
@@ -146,7 +144,7 @@ def _triton_forward(x2, b2, A, B, scales, ranks, ids, weights, seq_ids):
     if not _needs_autograd(x2, b2, A, B, weights) and _direct_ok(x2):
         # inference: launch the kernels directly (the custom op's dispatch costs more than the launches), keep
         # sentence routing per sequence (the kernels read seq_ids) and cast the bank once per dtype, not per call
-        launch = triton_ops.forward if not LAUNCH_STUB else _no_launch
+        launch = triton_ops.forward if not switches.state.launch_stub else _no_launch
         return launch(
             x2, b2, cast_cache.cast(A, x2.dtype), cast_cache.cast(B, x2.dtype), _on(scales, torch.float32, dev),
             _on(ranks, torch.int32, dev), _on(ids, ids.dtype, dev), _on(weights, weights.dtype, dev),

@@ -16,6 +16,7 @@ import os
 import torch
 import triton
 
+from kernels import switches
 from kernels import triton_bank as tb
 from kernels import triton_kernels as tk
 
@@ -45,11 +46,10 @@ BANK_PART_BYTES = 256e6  # h ([splits, T, L * R], fp32 partials at small T) stay
 # "auto", or force one forward path: "bank", "token" (fused / two-launch, T <= SMALL_T_MAX), "grouped" (benchmarks)
 FORWARD_PATH = os.environ.get("LORAMUX_FORWARD_PATH", "auto")
 FORWARD_PATHS = ("auto", "bank", "token", "grouped")
-POISON = False  # tests: fill every buffer the kernels should overwrite with NaN instead of leaving it uninitialised
 
 
 def _buffer(*shape, dtype, device) -> torch.Tensor:
-    if POISON:
+    if switches.state.poison:  # tests (kernels.switches.poisoned_buffers): an element no kernel wrote shows as NaN
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(*shape, dtype=dtype, device=device)
 
@@ -180,12 +180,14 @@ def _bank_plan(cfg: dict, T: int, D: int, LR: int):
 
 def forward_path(cfg: dict, T: int, L: int, R: int, D: int, DO: int) -> str:
     """Which forward runs: "bank" (every adapter, ``triton_bank``), "token" (sort-free per-pair kernels, T <=
-    SMALL_T_MAX) or "grouped" (pairs sorted by adapter). ``FORWARD_PATH`` forces one (the token path only at small T)."""
-    if FORWARD_PATH not in FORWARD_PATHS:
-        raise ValueError(f"LORAMUX_FORWARD_PATH={FORWARD_PATH!r} is not a forward path; use one of {FORWARD_PATHS}")
+    SMALL_T_MAX) or "grouped" (pairs sorted by adapter). ``kernels.switches.forced_path`` or ``FORWARD_PATH`` forces
+    one (the token path only at small T)."""
+    forced = switches.state.forward_path or FORWARD_PATH
+    if forced not in FORWARD_PATHS:
+        raise ValueError(f"LORAMUX_FORWARD_PATH={forced!r} is not a forward path; use one of {FORWARD_PATHS}")
     small = T <= SMALL_T_MAX
-    if FORWARD_PATH != "auto":
-        return "grouped" if FORWARD_PATH == "token" and not small else FORWARD_PATH
+    if forced != "auto":
+        return "grouped" if forced == "token" and not small else forced
     lr = L * R
     if small:
         bank = lr <= BANK_SMALL_LR_MAX or (T >= 32 and DO >= 2 * D and lr <= BANK_WIDE_LR_MAX)

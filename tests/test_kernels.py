@@ -97,9 +97,9 @@ def check_against_fp64(inp, fn, tol, **kw):
 
 @pytest.fixture
 def triton_ops(monkeypatch):
-    from kernels import triton_ops
+    from kernels import switches, triton_ops
 
-    monkeypatch.setattr(triton_ops, "POISON", True)
+    monkeypatch.setattr(switches.state, "poison", True)  # kernels.switches.poisoned_buffers, for the whole test
     return triton_ops
 
 
@@ -167,8 +167,10 @@ CASES = [(F32, 2, "small"), (F32, 1, "grouped"), (F32, 2, "grouped"), (F32, 4, "
 def use_path(triton_ops, monkeypatch, path):
     """Force the forward onto one path: fused (one launch), small (two launches, split-K), grouped (sorted) or bank
     (every adapter; bank_split: its shrink split over d_in, bank_small: at small T, chunks skipped per row tile)."""
+    from kernels import switches
+
     forced = {"fused": "token", "small": "token", "grouped": "grouped"}.get(path, "bank")
-    monkeypatch.setattr(triton_ops, "FORWARD_PATH", forced)
+    monkeypatch.setattr(switches.state, "forward_path", forced)  # kernels.switches.forced_path, for the whole test
     monkeypatch.setattr(triton_ops, "SMALL_T_MAX", 10**9 if path in ("fused", "small", "bank_small") else 0)
     monkeypatch.setattr(triton_ops, "FUSED_T_MAX", 10**9 if path == "fused" else 0)
     cfg = dict(triton_ops._INTERPRETER_CONFIG, BANK_MIN_CHUNK=16 if path == "bank_split" else 10**9)

@@ -142,11 +142,11 @@ def test_torch_backend_equals_the_reference_for_any_routing(inp):
 @given(routings(max_T=5, d=16, R=16, max_L=3))
 def test_triton_grouped_path_equals_the_reference_for_any_routing(monkeypatch, inp):
     """The grouped path (routing keys, sort, group offsets) for every T: SMALL_T_MAX=0. Interpreted: fp32 dots."""
-    from kernels import triton_ops
+    from kernels import switches, triton_ops
 
     monkeypatch.setattr(triton_ops, "SMALL_T_MAX", 0)
-    monkeypatch.setattr(triton_ops, "FORWARD_PATH", "grouped")
-    monkeypatch.setattr(triton_ops, "POISON", True)  # an element no kernel wrote shows up as NaN
+    monkeypatch.setattr(switches.state, "forward_path", "grouped")  # kernels.switches.forced_path for the test
+    monkeypatch.setattr(switches.state, "poison", True)  # an element no kernel wrote shows up as NaN
     out, grads = _forward_backward(inp, "triton", dtype=torch.float32)
     ref_out, ref_grads = _forward_backward(inp, "reference")
     torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-4)

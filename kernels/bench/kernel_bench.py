@@ -30,7 +30,7 @@ import triton
 
 from common.atomic import atomic_write_text
 from common.provenance import git_sha
-from kernels import multi_lora
+from kernels import multi_lora, switches
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]
 RANKS = [8, 16, 64]
@@ -42,7 +42,7 @@ GATHER_CAP_BWD = 6e9
 METHOD = "CUDA graph replay of several rotated input sets, triton.testing.do_bench median, ms per call"
 
 
-def make_bank(d_in, d_out, r, gen):
+def make_bank(d_in, d_out, r, gen, L=L):
     A = (torch.randn(L, d_in, r, generator=gen, device="cuda") / d_in**0.5).to(DTYPE)
     B = (torch.randn(L, r, d_out, generator=gen, device="cuda") / r**0.5).to(DTYPE)
     scales = torch.full((L,), 2.0, device="cuda")
@@ -50,14 +50,13 @@ def make_bank(d_in, d_out, r, gen):
     return A, B, scales, ranks
 
 
-def make_routing(T, gen):
+def make_routing(T, gen, L=L):
     logits = torch.randn(T, L, generator=gen, device="cuda")
     top, ids = logits.topk(K, dim=1)
     return ids.contiguous(), torch.softmax(top, 1).to(DTYPE).contiguous()
 
 
-FORCED = {"loramux_bank": "bank", "loramux_routed": "token"}  # kernels.triton_ops.FORWARD_PATH per variant
-PATH_VARIANTS = False  # --paths: also time the forced forward paths (fwd rows only)
+FORCED = {"loramux_bank": "bank", "loramux_routed": "token"}  # kernels.switches.forced_path per variant
 
 
 def layer(variant, x, W, A, B, scales, ranks, ids, w):
@@ -67,13 +66,8 @@ def layer(variant, x, W, A, B, scales, ranks, ids, w):
     if variant == "loramux":
         return multi_lora(x, y, A, B, scales, ranks, ids, w)
     if variant in FORCED:
-        from kernels import triton_ops
-
-        triton_ops.FORWARD_PATH = FORCED[variant]
-        try:
+        with switches.forced_path(FORCED[variant]):
             return multi_lora(x, y, A, B, scales, ranks, ids, w)
-        finally:
-            triton_ops.FORWARD_PATH = "auto"
     if variant == "peft_single":
         return y + (x @ A[0]) @ B[0] * scales[0].to(x.dtype)
     if variant == "meteora_bmm":
@@ -81,7 +75,7 @@ def layer(variant, x, W, A, B, scales, ranks, ids, w):
         h = torch.matmul(x[:, None, None, :], Asel) * (w * scales[ids].to(w.dtype))[..., None, None]
         return y + torch.matmul(h, Bsel).sum(1).squeeze(1)
     if variant == "loop":
-        for a in range(L):
+        for a in range(A.shape[0]):
             tok, slot = torch.where(ids == a)
             if tok.numel() == 0:
                 continue
@@ -120,7 +114,9 @@ def time_ms(make_fn, n_sets, graph, stream):
     return ms / n_sets
 
 
-def bench_config(d_in, d_out, T, results, log):
+def bench_config(d_in, d_out, T, results, log, ranks=RANKS, adapters=L, path_variants=False):
+    """Time every variant of one (shape, T) for each rank in ``ranks`` over a bank of ``adapters``; ``path_variants``
+    (--paths) also times the forced forward paths (fwd rows only)."""
     gen = torch.Generator(device="cuda").manual_seed(1000 * T + d_in // 7 + d_out)
     w_bytes = d_in * d_out * 2
     n_sets = max(1, min(6, int(200e6 // w_bytes) + 1)) if T <= 64 else 2
@@ -128,15 +124,15 @@ def bench_config(d_in, d_out, T, results, log):
         (torch.randn(d_out, d_in, generator=gen, device="cuda") / d_in**0.5).to(DTYPE) for _ in range(n_sets)
     ]
     xs = [torch.randn(T, d_in, generator=gen, device="cuda").to(DTYPE) for _ in range(n_sets)]
-    routes = [make_routing(T, gen) for _ in range(n_sets)]
+    routes = [make_routing(T, gen, adapters) for _ in range(n_sets)]
     stream = torch.cuda.Stream()
     base_ms = {}
-    for r in RANKS:
-        banks = [make_bank(d_in, d_out, r, gen) for _ in range(n_sets)]
+    for r in ranks:
+        banks = [make_bank(d_in, d_out, r, gen, adapters) for _ in range(n_sets)]
         gather = T * K * r * (d_in + d_out) * 2
-        forced = tuple(FORCED) if PATH_VARIANTS else ()
+        forced = tuple(FORCED) if path_variants else ()
         for variant in ("base", "loramux", *forced, "meteora_bmm", "loop", "peft_single"):
-            if variant == "base" and r != RANKS[0]:
+            if variant == "base" and r != ranks[0]:
                 for direction in ("fwd", "bwd"):
                     results.append(row(d_in, d_out, r, T, variant, direction, base_ms[direction], 1.0))
                 continue
@@ -227,8 +223,8 @@ def markdown(doc) -> str:
         head = "| r | T | base fwd ms | " + " | ".join(f"{v} fwd" for v in fwd_variants)
         head += " | base bwd ms | " + " | ".join(f"{v} bwd" for v in variants) + " |"
         lines += [head, "|" + "---|" * (3 + 1 + len(fwd_variants) + len(variants))]
-        for r in RANKS:
-            for T in TOKENS:
+        for r in sorted({x["r"] for x in rows}):
+            for T in sorted({x["T"] for x in rows}):
                 sel = {(x["variant"], x["direction"]): x for x in rows if (x["d_in"], x["d_out"], x["r"], x["T"]) == (d_in, d_out, r, T)}  # fmt: skip
                 if not sel:
                     continue
@@ -293,9 +289,11 @@ def paths_markdown(doc) -> str:
 def profile(d_in, d_out, T, r, path):
     """Per-kernel CUDA time of one loramux forward + backward (torch.profiler), forward path forced, to see where
     the time goes."""
-    from kernels import triton_ops
+    with switches.forced_path(path):
+        _profile(d_in, d_out, T, r, path)
 
-    triton_ops.FORWARD_PATH = path
+
+def _profile(d_in, d_out, T, r, path):
     gen = torch.Generator(device="cuda").manual_seed(0)
     A, B, scales, ranks = make_bank(d_in, d_out, r, gen)
     ids, w = make_routing(T, gen)
@@ -311,11 +309,9 @@ def profile(d_in, d_out, T, r, path):
         torch.cuda.synchronize()
     print(f"--- profile {d_in}->{d_out} T={T} r={r} forward path {path} (5 fwd+bwd)")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
-    triton_ops.FORWARD_PATH = "auto"
 
 
 def main(argv=None) -> None:
-    global RANKS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
         "--out", default="outputs/tables", help="directory for kernel_bench.json and kernel_bench.md"
@@ -340,10 +336,11 @@ def main(argv=None) -> None:
 
         bench_overhead.main(args.device, args.out, quick=args.quick)
         return
+    ranks = list(RANKS)
     if args.quick:
-        args.shapes, args.tokens, RANKS = [0], [1, 16, 64, 4096], [8, 64]
+        args.shapes, args.tokens, ranks = [0], [1, 16, 64, 4096], [8, 64]
     if args.ranks:
-        RANKS = list(args.ranks)
+        ranks = list(args.ranks)
     if not torch.cuda.is_available():
         raise SystemExit(
             "kernels.bench: needs a CUDA GPU; run it on the GPU machine (python -m kernels.bench --out DIR)"
@@ -359,7 +356,7 @@ def main(argv=None) -> None:
     t0 = time.time()
     shapes = SHAPES if args.shapes is None else [SHAPES[i] for i in args.shapes]
     if args.paths:
-        paths_main(args, shapes, t0)
+        paths_main(args, shapes, t0, ranks)
         return
 
     def save():
@@ -371,7 +368,7 @@ def main(argv=None) -> None:
 
     for d_in, d_out in shapes:
         for T in args.tokens:
-            bench_config(d_in, d_out, T, results, lambda s: print(s, flush=True))
+            bench_config(d_in, d_out, T, results, lambda s: print(s, flush=True), ranks)
             save()  # a partial table survives a run cut short
     print(save())
 
@@ -383,16 +380,14 @@ def provenance(t0, method):
             "method": method, "seconds": round(time.time() - t0, 1)}  # fmt: skip
 
 
-def paths_main(args, shapes, t0) -> None:
+def paths_main(args, shapes, t0, ranks) -> None:
     """--paths: every config once per bank size, with the forced-path variants; writes kernel_bench_paths.*"""
-    global L, PATH_VARIANTS
-    PATH_VARIANTS, rows = True, []
+    rows = []
     for n in args.adapters or [L]:
-        L = n
         for d_in, d_out in shapes:
             for T in args.tokens:
                 res: list = []
-                bench_config(d_in, d_out, T, res, lambda s, n=n: print(f"L={n} {s}", flush=True))
+                bench_config(d_in, d_out, T, res, lambda s, n=n: print(f"L={n} {s}", flush=True), ranks, n, True)
                 rows += [dict(r, L=n) for r in res if r.get("direction") == "fwd"]
                 doc = {"provenance": provenance(t0, METHOD), "rows": rows}
                 atomic_write_text(os.path.join(args.out, "kernel_bench_paths.json"), json.dumps(doc, indent=1))

@@ -23,6 +23,7 @@ Rows: us per call (ms per CALLS calls = per token) and ratio to ``linear``. Writ
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -34,8 +35,7 @@ import torch.nn.functional as F
 
 from common.atomic import atomic_write_text
 from common.provenance import git_sha
-from kernels import multi_lora
-from kernels import op as kernel_op
+from kernels import multi_lora, switches
 
 CALLS, SETS, L, R = 210, 30, 28, 16
 SHAPES = [(576, 576), (576, 1536), (1536, 576)]
@@ -121,23 +121,16 @@ def measure(device: torch.device, shapes=SHAPES, tokens=TOKENS, log=print) -> li
                     if device.type == "cuda":
                         variants.append("launch_only")
                     for variant in variants:
-                        kernel_op.DIRECT_LAUNCH = variant != "loramux_op"
-                        if variant == "python_only":  # multi_lora with the kernels' launcher stubbed out
-                            kernel_op.LAUNCH_STUB = True
-                        try:
+                        # loramux_op: through the custom op; python_only: multi_lora with the launcher stubbed out
+                        switch = {"loramux_op": switches.custom_op_only, "python_only": switches.stubbed_launches}
+                        with switch.get(variant, contextlib.nullcontext)():
                             res[variant] = _time(_variant_fn(variant, sets, x, ids, w, seq), device)
-                        finally:
-                            kernel_op.DIRECT_LAUNCH, kernel_op.LAUNCH_STUB = True, False
                     if device.type == "cuda":
                         run = _variant_fn("loramux", sets, x, ids, w, seq)
                         s = torch.cuda.Stream()
                         s.wait_stream(torch.cuda.current_stream())
-                        kernel_op.DIRECT_LAUNCH = False  # warm up what capture runs: the custom op (compiled kernels)
-                        try:
-                            with torch.cuda.stream(s):
-                                run()
-                        finally:
-                            kernel_op.DIRECT_LAUNCH = True
+                        with switches.custom_op_only(), torch.cuda.stream(s):  # warm up what capture runs: the op
+                            run()
                         torch.cuda.current_stream().wait_stream(s)
                         g = torch.cuda.CUDAGraph()
                         with torch.cuda.graph(g):
