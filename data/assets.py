@@ -309,6 +309,7 @@ def fetch_gemma(force: bool = False, log: Log = print, gguf: Path | str | None =
 
 def _convert_gguf(gguf: Path, out: Path, name: str = MODEL_NAME, source: str | None = None) -> None:
     """Dequantize the GGUF with transformers (fp32) and save it as a plain HF dir (safetensors + tokenizer)."""
+    # lazy: torch and transformers take seconds to import; the cache needs them only to convert a model
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging

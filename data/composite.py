@@ -29,6 +29,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from data.errors import LoramuxDataError
+from data.scoring import score
 from data.tasks import get_task, load_split, select
 
 INSTRUCTION = "Following the example above, generate answers to the questions below:"
@@ -71,7 +72,7 @@ def build_composite(
     stopping at the smallest test split, cycle it (row i takes its test row i mod size), e.g. composite10 offline,
     whose news_commentary_de substitute has 30 test rows; every composite row is still a distinct combination.
     """
-    from datasets import Dataset, Features, Sequence, Value
+    from datasets import Dataset, Features, Sequence, Value  # lazy: slow to import, only building needs it
 
     names = select(subtasks)
     if len(names) < 2:
@@ -115,8 +116,6 @@ def parse_composite(text: str, n: int) -> list[str]:
 
 def score_composite(outputs: Sequence[str], dataset) -> dict:
     """Per-sub-task metrics plus attempts, correct and parse counts for model outputs on a composite set."""
-    from data.scoring import score
-
     if len(outputs) != len(dataset):
         raise LoramuxDataError(f"{len(outputs)} outputs for {len(dataset)} composite rows; pass one output per row")
     if len(dataset) == 0:

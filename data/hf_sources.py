@@ -45,7 +45,7 @@ def load_hf_rows(spec: HFSpec, data_files: dict[str, str] | None = None) -> dict
 
 @lru_cache(maxsize=8)
 def _load_hf_rows(spec: HFSpec, files: tuple | None) -> dict[str, list[dict]]:
-    from datasets import load_dataset
+    from datasets import load_dataset  # lazy: slow to import; used only with the hub
 
     data_files = dict(files) if files else None
 

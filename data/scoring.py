@@ -22,7 +22,7 @@ METRICS_DIR = Path(__file__).resolve().parent / "metrics"
 @cache
 def load_metric(name: str):
     """The local evaluate module `data/metrics/<name>/<name>.py`, loaded by path (never from a hub)."""
-    import evaluate
+    import evaluate  # lazy: slow to import; only scoring needs it
 
     path = METRICS_DIR / name
     if not (path / f"{name}.py").is_file():

@@ -31,6 +31,7 @@ import numpy as np
 
 from data.bigbench import bigbench_rows
 from data.errors import LoramuxDataError
+from data.hf_sources import load_hf_rows
 from data.task_table import METEORA28, SELECTIONS, TASKS, Task, get_task, select
 
 SPLITS = ("train", "val", "test")
@@ -106,8 +107,6 @@ def _pools(task: Task, hub: bool, hf_data_files: dict | None) -> tuple[list[dict
     first copy is kept, so the splits never share a prompt (strategyqa: 2289 rows, MeteoRA's 1832 + 457).
     """
     if task.source == "hf" and (hub or hf_data_files):
-        from data.hf_sources import load_hf_rows
-
         rows = load_hf_rows(task.hf, data_files=hf_data_files)
         test = rows.get("test")
         if test is None:
@@ -164,7 +163,7 @@ def load_split(
     hf_data_files: {"train": path, "test": path} json/parquet files in the HF data set's own layout, loaded
     through `load_dataset` like the hub copy (tests, local mirrors).
     """
-    from datasets import Dataset, Features, Sequence, Value
+    from datasets import Dataset, Features, Sequence, Value  # lazy: slow to import; listing tasks needs none
 
     task = get_task(task)
     if split not in SPLITS:

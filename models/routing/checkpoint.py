@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from common.atomic import atomic_write_text, atomic_write_with, file_digest
 
@@ -32,8 +33,6 @@ class RouterCheckpointError(ValueError):
 def save_router_checkpoint(directory, strategy: str, config: dict, state: dict, adapter_names: list,
                            base_model: str | None = None) -> Path:
     """Write ``router.safetensors`` + ``router.json`` into ``directory`` (created if missing)."""
-    from safetensors.torch import save_file
-
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
@@ -47,8 +46,6 @@ def save_router_checkpoint(directory, strategy: str, config: dict, state: dict, 
 
 def read_router_checkpoint(directory) -> tuple[dict, dict]:
     """Return ``(meta, tensors)``; ``RouterCheckpointError`` (one line) if files are missing or inconsistent."""
-    from safetensors.torch import load_file
-
     d = Path(directory)
     if not (d / CONFIG).is_file() or not (d / WEIGHTS).is_file():
         raise RouterCheckpointError(f"router checkpoint {d}: {CONFIG} / {WEIGHTS} missing; train a router with the "

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
+import rich.console
+import rich.syntax
+import rich.tree
 from omegaconf import DictConfig, OmegaConf
 
 from common.atomic import atomic_write_text
@@ -14,9 +18,6 @@ ORDER = ("name", "stage", "task", "tasks", "model", "adapter", "router", "data",
 
 def config_tree(cfg: DictConfig):
     """A ``rich.tree.Tree`` of the config: the main groups first, each as a YAML branch."""
-    import rich.syntax
-    import rich.tree
-
     tree = rich.tree.Tree("CONFIG", guide_style="dim")
     keys = [k for k in ORDER if k in cfg] + [k for k in cfg if k not in ORDER and k != "hydra"]
     for key in keys:
@@ -31,10 +32,6 @@ def config_tree(cfg: DictConfig):
 
 def show_and_save_config(cfg: DictConfig, run_dir, print_tree: bool = True) -> None:
     """Print the tree (when asked) and write ``config_tree.txt`` and resolved ``config.yaml`` into ``run_dir``."""
-    import io
-
-    import rich.console
-
     tree = config_tree(cfg)
     if print_tree:
         rich.console.Console().print(tree)

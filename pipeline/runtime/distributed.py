@@ -25,13 +25,17 @@ import contextlib
 import functools
 import os
 
+import torch
+import torch.distributed as dist
+from lightning.pytorch.strategies import FSDPStrategy
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
+
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")  # Lightning's order
 
 
 def global_rank() -> int:
     """This process's global rank: the process group's when it is up, else the launcher's environment."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank()
     for key in RANK_VARIABLES:
@@ -47,15 +51,11 @@ def is_global_zero() -> bool:
 
 def world_size() -> int:
     """Number of processes in the job (1 without a process group)."""
-    import torch.distributed as dist
-
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def gather_to_zero(obj):
     """Every rank's ``obj`` as a list on rank 0 (in rank order), None on the other ranks; ``[obj]`` alone."""
-    import torch.distributed as dist
-
     if world_size() == 1:
         return [obj]
     out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
@@ -65,9 +65,6 @@ def gather_to_zero(obj):
 
 def sum_over_ranks(value: float) -> float:
     """``value`` summed over all ranks (every rank gets the sum); the value itself in one process."""
-    import torch
-    import torch.distributed as dist
-
     if world_size() == 1:
         return value
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
@@ -89,18 +86,12 @@ class _IsDecoderLayer:
 
 def fsdp_auto_wrap(layer_class_names=None):
     """FSDP ``auto_wrap_policy``: one unit per decoder layer (``layer_class_names`` overrides the match)."""
-    from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
-
     return functools.partial(lambda_auto_wrap_policy, lambda_fn=_IsDecoderLayer(layer_class_names))
 
 
 def full_weights(trainer):
     """Context in which every rank sees full (unsharded) parameters: FSDP's ``summon_full_params``; else nothing."""
-    from lightning.pytorch.strategies import FSDPStrategy
-
     if isinstance(trainer.strategy, FSDPStrategy) and trainer.strategy.model is not None:
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
         return FSDP.summon_full_params(trainer.strategy.model, writeback=False)
     return contextlib.nullcontext()
 
@@ -108,8 +99,6 @@ def full_weights(trainer):
 def wait_for_all() -> None:
     """Barrier across the job's processes (none without a process group): a rank that goes on to read what
     rank 0 just wrote (the next stage of ``reproduce`` loading an adapter or router) waits here for it."""
-    import torch.distributed as dist
-
     if world_size() > 1:
         dist.barrier()
 
@@ -121,8 +110,6 @@ def shard(order: list) -> list:
     world = world_size()
     if world == 1:
         return list(order)
-    import torch.distributed as dist
-
     padded = list(order) + list(order)[: (-len(order)) % world]
     return padded[dist.get_rank()::world]
 
@@ -136,8 +123,6 @@ def clip_gradients(module, optimizer, gradient_clip_val=None, gradient_clip_algo
     """Lightning's gradient clipping (``trainer.gradient_clip_val``), except under FSDP: there the norm must be taken
     over every rank's shards, which only the root FSDP module's ``clip_grad_norm_`` does (Lightning's FSDP precision
     plugin refuses ``'norm'`` for that reason). LightningModules call this from ``configure_gradient_clipping``."""
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
     root = getattr(getattr(getattr(module, "trainer", None), "strategy", None), "model", None)
     if gradient_clip_val and isinstance(root, FSDP) and gradient_clip_algorithm in (None, "norm"):
         root.clip_grad_norm_(float(gradient_clip_val))

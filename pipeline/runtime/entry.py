@@ -4,16 +4,19 @@ A user error (unknown task, missing adapter, bad value, a full disk) ends the pr
 naming the thing and the fix, and exit status 2: no traceback noise. Bugs still show their traceback. Inside a
 submitit job (launcher=slurm / submitit_local) the exception is re-raised instead: submitit hands it back to the
 sweep, which fails with it. A config error Hydra finds before the stage starts (a typo under strict mode, an
-unknown experiment, a sweep value without ``-m``) gets the same one line and status 2 when the entry point runs
-its ``@hydra.main`` function through :func:`cli`:
+unknown experiment, a sweep value without ``-m``, a run dir that cannot be made) gets the same one line and
+status 2 when the entry point runs its ``@hydra.main`` function through :func:`cli`:
 
     @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="finetune")
     def main(cfg):
-        with user_errors():
+        with user_errors(cfg):          # also: refuse a group the stage does not read; clean up a refused run
             return finetune(cfg)
 
     if __name__ == "__main__":
         cli(main)
+
+Hydra makes the run dir (``.hydra/``, its log) before the stage starts; a run refused before it produced anything
+leaves none of it behind (:func:`remove_refused_run`).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import sys
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
+from hydra.errors import HydraException, InstantiationException, MissingConfigException
 
 # importing settings registers conf/'s schemas and resolvers before Hydra composes
 from pipeline.runtime.settings import refuse_unread_overrides
@@ -106,8 +109,6 @@ def user_errors(cfg=None):
 
 def config_error_line(ex: BaseException) -> str:
     """Hydra's multi-line config error as one line (what is wrong + Hydra's own hint how to fix it)."""
-    from hydra.errors import MissingConfigException
-
     lines = [x.strip() for x in str(ex).splitlines() if x.strip()]
     if isinstance(ex, MissingConfigException) and getattr(ex, "options", None):
         return f"{lines[0]}; pick one of: {', '.join(ex.options)}"
@@ -146,8 +147,6 @@ def run_dir_error_line(e: OSError) -> str:
 
 def cli(main) -> None:
     """Run a ``@hydra.main`` entry point; a config error Hydra raises is one ``error:`` line and exit status 2."""
-    from hydra.errors import HydraException
-
     main = _canonical(main)
     previous = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises instead of printing its own multi-line report

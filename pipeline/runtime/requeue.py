@@ -45,9 +45,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from omegaconf import OmegaConf, open_dict
 
 from common.atomic import atomic_write_text, atomic_write_with, file_digest
+from pipeline.runtime.distributed import shard, shard_size
 
 log = logging.getLogger(__name__)
 CHECKPOINT = Path("checkpoints") / "requeue.ckpt"
@@ -72,8 +76,6 @@ class ResumePoint:
 
 def training_config(cfg) -> dict:
     """The config as flat ``{dotted key: value}``, without the keys that do not change what training computes."""
-    from omegaconf import OmegaConf
-
     plain = OmegaConf.to_container(cfg, resolve=False) if not isinstance(cfg, dict) else cfg
     flat: dict = {}
 
@@ -131,8 +133,6 @@ def resume_point(run_dir, config: dict | None = None) -> ResumePoint | None:
 
 def prepare_resume(cfg) -> ResumePoint | None:
     """``resume_point`` of the job's run dir; when there is one, point ``logger`` (wandb) at the same run id."""
-    from omegaconf import open_dict
-
     resume = resume_point(cfg.paths.run_dir, training_config(cfg))
     if resume and resume.wandb_run_id and str(cfg.get("logger", {}).get("_target_", "")).endswith("WandbTracker"):
         with open_dict(cfg):
@@ -142,8 +142,6 @@ def prepare_resume(cfg) -> ResumePoint | None:
 
 def _rng_states() -> dict:
     """torch / python / numpy (and CUDA) RNG states as tensors and plain types (Lightning loads weights_only)."""
-    import numpy as np
-
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     states = {"torch": torch.get_rng_state(), "python": random.getstate(),
               "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]}
@@ -153,8 +151,6 @@ def _rng_states() -> dict:
 
 
 def _set_rng_states(states: dict) -> None:
-    import numpy as np
-
     torch.set_rng_state(states["torch"])
     version, internal, gauss = states["python"]
     random.setstate((version, tuple(internal), gauss))
@@ -185,13 +181,9 @@ class ResumableSampler(torch.utils.data.distributed.DistributedSampler):
         self.skip = int(samples)
 
     def __len__(self) -> int:
-        from pipeline.runtime.distributed import shard_size
-
         return shard_size(self.num_samples)
 
     def __iter__(self):
-        from pipeline.runtime.distributed import shard
-
         order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + self.epoch))
         start, self.skip = self.skip, 0
         return iter(shard(order.tolist())[start:])
@@ -288,8 +280,6 @@ class RequeueCheckpoint(L.Callback):
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         """SIGTERM (``scontrol requeue``, preemption, scancel): Lightning stops after a complete step; save there."""
-        from lightning.pytorch.utilities.exceptions import SIGTERMException
-
         if isinstance(exception, SIGTERMException):
             self.save(trainer)
 

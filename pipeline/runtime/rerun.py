@@ -18,6 +18,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from pipeline.runtime.metrics_file import FILENAME, read_metrics
@@ -35,9 +37,6 @@ class PreviousResult:
 
 def _is_sweep_job(run_dir: Path) -> bool:
     """True inside a Hydra multirun job whose run dir is Hydra's own output dir (not a dir set by a caller)."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
     if not HydraConfig.initialized():
         return False
     hc = HydraConfig.get()

@@ -22,6 +22,10 @@ import os
 import shutil
 from pathlib import Path
 
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+from pipeline.runtime.distributed import is_global_zero
+
 log = logging.getLogger(__name__)
 
 
@@ -53,10 +57,6 @@ class CsvTracker(NullTracker):
     name = "csv"
 
     def __init__(self, save_dir):
-        from lightning.pytorch.loggers import CSVLogger
-
-        from pipeline.runtime.distributed import is_global_zero
-
         self.writer = is_global_zero()  # other DDP ranks: CSVLogger writes nothing there; nor do the tables
         self.dir = Path(save_dir) / "csv"
         self.lightning = CSVLogger(save_dir=str(save_dir), name="csv", version="")
@@ -106,14 +106,11 @@ class WandbTracker(NullTracker):
         self.fallback: NullTracker | None = None
         self.lightning = False
         Path(save_dir).mkdir(parents=True, exist_ok=True)
-        from pipeline.runtime.distributed import is_global_zero
-
         if not is_global_zero():  # DDP rank > 0: no wandb run; a WandbLogger that never starts one (rank-zero-only)
             self._silent_rank(project, save_dir)
             return
         try:
-            import wandb
-            from lightning.pytorch.loggers import WandbLogger
+            import wandb  # lazy: optional and slow to import; a failure here falls back to CSV
 
             self.run = wandb.init(project=project, entity=entity, group=group, job_type=job_type,
                                   tags=list(tags or []), dir=str(save_dir), mode=wandb_mode(mode), name=name,
@@ -129,8 +126,6 @@ class WandbTracker(NullTracker):
 
     def _silent_rank(self, project, save_dir) -> None:
         try:
-            from lightning.pytorch.loggers import WandbLogger
-
             self.lightning = WandbLogger(project=project, save_dir=str(save_dir), log_model=False)
         except Exception:  # noqa: BLE001 wandb missing: rank 0 fell back to CSV, so do the same
             self.lightning = CsvTracker(save_dir).lightning
@@ -154,13 +149,13 @@ class WandbTracker(NullTracker):
             self._safely("log_metrics", lambda m: self.run.summary.update(m), numbers)
 
     def log_table(self, key: str, columns: list[str], rows: list[list]) -> None:
-        import wandb
+        import wandb  # lazy (see __init__)
 
         self._safely("log_table", lambda k, c, r: self.run.log({k: wandb.Table(columns=c, data=r)}),
                      key, list(columns), [list(r) for r in rows])
 
     def log_image(self, key: str, path) -> None:
-        import wandb
+        import wandb  # lazy (see __init__)
 
         self._safely("log_image", lambda k, p: self.run.log({k: wandb.Image(str(p))}), key, path)
 

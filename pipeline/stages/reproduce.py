@@ -32,21 +32,28 @@ import time
 from pathlib import Path
 
 import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig, open_dict
 
 from pipeline.runtime.compose import compose
+from pipeline.runtime.config_tree import show_and_save_config
 from pipeline.runtime.entry import CONF_DIR, cli, user_errors
 from pipeline.runtime.settings import check_settings, passed_to
+from pipeline.stages.bench import bench
+from pipeline.stages.evaluate import evaluate
+from pipeline.stages.finetune import finetune
+from pipeline.stages.report import report
+from pipeline.stages.route import route
 
 log = logging.getLogger(__name__)
+RUNNERS = {"finetune": finetune, "route": route, "evaluate": evaluate, "bench": bench, "report": report}
 OWN_KEYS = ("force", "gpus", "parallel", "plan", "print_config", "stage")  # reproduce's own keys: not passed on to the stages
 
 
 def passed_overrides(cfg: DictConfig, overrides: list[str] | None) -> list[str]:
     """Overrides every step inherits: the command line's (or ``overrides``), minus reproduce's own keys."""
     if overrides is None:
-        from hydra.core.hydra_config import HydraConfig
-
         overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     kept = [o for o in overrides if o.lstrip("+~").split("=")[0].split(".")[0] not in OWN_KEYS]
     return kept + list(cfg.plan.get("overrides", []) or [])
@@ -80,20 +87,6 @@ def plan_steps(cfg: DictConfig) -> list[dict]:
     return steps
 
 
-def _runner(stage: str):
-    if stage == "finetune":
-        from pipeline.stages.finetune import finetune as fn
-    elif stage == "route":
-        from pipeline.stages.route import route as fn
-    elif stage == "evaluate":
-        from pipeline.stages.evaluate import evaluate as fn
-    elif stage == "bench":
-        from pipeline.stages.bench import bench as fn
-    else:
-        from pipeline.stages.report import report as fn
-    return fn
-
-
 def step_done(step: dict) -> bool:
     """A step is done when its metrics.json exists (and its artefact, where it has one)."""
     ok = (step["run_dir"] / "metrics.json").is_file()
@@ -104,7 +97,7 @@ def run_step(step: dict, overrides: list[str]):
     cfg = compose(step["stage"], [*passed_to(step["stage"], overrides), *step["overrides"]], run_dir=step["run_dir"])
     with open_dict(cfg):
         cfg.print_config = False
-    return _runner(step["stage"])(cfg)
+    return RUNNERS[step["stage"]](cfg)
 
 
 def step_command(step: dict, overrides: list[str]) -> list[str]:
@@ -127,8 +120,6 @@ def visible_gpus(setting) -> list[str]:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         return [g.strip() for g in visible.split(",") if g.strip() and g.strip() != "-1"]
-    import torch
-
     return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
 
 
@@ -173,8 +164,6 @@ def run_parallel(steps: list[dict], overrides: list[str], width: int, gpus: list
 
 def reproduce(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
     """Run (or skip) every planned step of ``cfg``'s experiment, then the report; return the report's path."""
-    from pipeline.runtime.config_tree import show_and_save_config
-
     check_settings(cfg)
     inherited = passed_overrides(cfg, overrides)
     exp = Path(str(cfg.paths.exp_dir))
@@ -202,10 +191,10 @@ def reproduce(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
             print(f"{step['tag']}: finished in {time.perf_counter() - t0:.1f}s (main metric {value})", flush=True)
     report_step = {"stage": "report", "step": "report", "overrides": [], "run_dir": exp / "report" / "report"}
     run_step(report_step, inherited)
-    report = exp / "report.md"
+    report_md = exp / "report.md"
     print(f"reproduce {cfg.name}: {len(steps)} steps in {time.perf_counter() - t_all:.0f}s; "
-          f"report: {report.resolve()}", flush=True)
-    return report
+          f"report: {report_md.resolve()}", flush=True)
+    return report_md
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="reproduce")

@@ -30,7 +30,10 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from common.atomic import atomic_write_text
+from common.provenance import provenance
 from pipeline.runtime.compose import compose
+from pipeline.runtime.distributed import sum_over_ranks
 from pipeline.runtime.settings import output_root, passed_to
 
 log = logging.getLogger("loramux.scaling")
@@ -56,8 +59,6 @@ class StepTimes(L.Callback):
         self.t0 = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        from pipeline.runtime.distributed import sum_over_ranks
-
         self._sync(pl_module)
         seconds = time.perf_counter() - self.t0
         loss = trainer.callback_metrics.get("train/loss")
@@ -68,8 +69,6 @@ class StepTimes(L.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         if trainer.is_global_zero:
-            from common.atomic import atomic_write_text
-
             atomic_write_text(self.path, json.dumps(self.rows) + "\n")
 
 
@@ -157,9 +156,6 @@ def ensure_adapters(args, env: dict, work: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from common.atomic import atomic_write_text
-    from common.provenance import provenance
-
     ap = argparse.ArgumentParser(prog="python -m pipeline.scaling", description=__doc__.split("\n\n")[0])
     ap.add_argument("--experiment", default="demo")
     ap.add_argument("--router", default="meteora", choices=["meteora", "dlp"])
