@@ -49,7 +49,7 @@ def previous_result(cfg: DictConfig) -> PreviousResult | None:
     """The finished result of this sweep job, or None when it must run (not a sweep job, force=true, no file)."""
     run_dir = Path(str(cfg.paths.run_dir))
     path = run_dir / FILENAME
-    if cfg.get("force", False) or not path.is_file() or not _is_sweep_job(run_dir):
+    if cfg.force or not path.is_file() or not _is_sweep_job(run_dir):
         return None
     try:
         record = read_metrics(path)

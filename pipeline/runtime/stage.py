@@ -47,7 +47,7 @@ class StageRun:
         self.cfg = cfg
         self.stage = str(cfg.stage)
         self.run_dir = run_dir_of(cfg)
-        self.print_config = cfg.get("print_config", True) if print_config is None else print_config
+        self.print_config = bool(cfg.print_config) if print_config is None else print_config
         self.tracker = None
         self.finished = False
         self.t0 = time.perf_counter()
