@@ -430,6 +430,7 @@ def test_disk_full_while_saving_an_adapter_or_a_router_keeps_the_previous_one(ou
     import safetensors.torch
     from peft import PeftModel
 
+    import models.routing.checkpoint
     from models import load_base_model
     from models.routing.checkpoint import read_router_checkpoint, save_router_checkpoint
     from pipeline.runtime.adapter_dirs import save_adapter
@@ -450,6 +451,7 @@ def test_disk_full_while_saving_an_adapter_or_a_router_keeps_the_previous_one(ou
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(safetensors.torch, "save_file", save_half_then_fail)
+    monkeypatch.setattr(models.routing.checkpoint, "save_file", save_half_then_fail)  # the router's writer
     monkeypatch.setattr(peft.peft_model, "safe_save_file", save_half_then_fail)  # peft's own name for it
     with torch.no_grad():
         for p in peft_model.parameters():

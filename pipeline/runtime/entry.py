@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import importlib
+import inspect
 import logging
 import os
 import shutil
@@ -132,8 +133,8 @@ def _canonical(main):
     patches, or submitit pickles by reference, is the one that trains)."""
     if getattr(main, "__module__", None) != "__main__":
         return main
-    module = importlib.import_module(f"pipeline.stages.{Path(sys.modules['__main__'].__file__).stem}")
-    return module.main
+    source = Path(inspect.unwrap(main).__code__.co_filename)  # the stage's file (@hydra.main wraps the function)
+    return importlib.import_module(f"pipeline.stages.{source.stem}").main
 
 
 def run_dir_error_line(e: OSError) -> str:
