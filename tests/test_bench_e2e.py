@@ -1,4 +1,4 @@
-"""The end-to-end decode benchmark (pipeline.e2e_decode): its stage on the 8B shape's CPU stand-in writes rows and
+"""The end-to-end decode benchmark (pipeline/stages/e2e_decode.py): its stage on the 8B shape's CPU stand-in writes rows and
 verdicts that follow from its raw records, and verdicts follow the paired rounds."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipeline import e2e_decode as e2e
+from pipeline.stages import e2e_decode as e2e
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,4 +1,4 @@
-"""The training-throughput benchmark (pipeline.train_throughput): its stage on the CPU stand-in of SmolLM2's shape
+"""The training-throughput benchmark (pipeline/stages/train_throughput.py): its stage on the CPU stand-in of SmolLM2's shape
 writes a table whose ratios and verdicts follow from its rows, and the committed H200 table is rebuilt exactly
 from its own rows (nothing in it typed by hand)."""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import train_throughput as tt
+from pipeline.stages import train_throughput as tt
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMITTED = ROOT / "outputs" / "tables" / "train_throughput.json"

@@ -9,6 +9,7 @@ their default here):
     schema/paths       conf/paths/*.yaml            schema/data        conf/data/*.yaml
     schema/optim       optim (finetune)             schema/generation  generation (evaluate)
     schema/checkpoint  checkpoint (finetune, route) schema/bench       bench (+ bench.static)
+    schema/train_speed train_speed (finetune, route)
     schema/router      the keys a stage reads from conf/router/<name>.yaml (the strategy's knobs sit beside them)
     schema/router_train  router.train of a trainable strategy
 
@@ -106,6 +107,8 @@ class BenchStatic:
 
 @dataclass
 class BenchSettings:
+    suite: str = MISSING  # latency | train_throughput | e2e_decode
+    table_dir: str | None = MISSING
     shapes: list[str] = MISSING
     device: str = MISSING
     engines: list[str] = MISSING
@@ -120,6 +123,17 @@ class BenchSettings:
     repeats: int = MISSING
     kernel_micro: bool = MISSING
     max_seconds: float | None = MISSING
+    train: Any = MISSING  # suite=train_throughput (pipeline/stages/train_throughput.py)
+    e2e: Any = MISSING  # suite=e2e_decode (pipeline/stages/e2e_decode.py)
+
+
+@dataclass
+class TrainSpeedSettings:
+    """How a training step runs on a GPU (pipeline/runtime/train_speed.py): auto, true or false each."""
+
+    compile: Any = MISSING
+    backend: str = MISSING
+    frozen_bf16: Any = MISSING
 
 
 @dataclass
@@ -223,6 +237,8 @@ RULES: list[tuple[str, Callable[[Any], bool], str, str, tuple | None]] = [
     ("bench.warmup", at_least(0), ">= 0", "1", ("bench",)),
     ("bench.repeats", at_least(1), ">= 1", "3", ("bench",)),
     ("bench.max_seconds", optional(positive), "null (no limit) or > 0", "360", ("bench",)),
+    ("train_speed.compile", lambda x: x in (True, False, "auto"), "auto, true or false", "auto", None),
+    ("train_speed.frozen_bf16", lambda x: x in (True, False, "auto"), "auto, true or false", "auto", None),
     ("bench.engines", lambda x: len(x) > 0 and all(e in ("eager", "static") for e in x),
      "a list of engines from eager, static", "[eager]", ("bench",)),
 ]
@@ -333,7 +349,7 @@ def register() -> None:
     cs = ConfigStore.instance()
     for name, node in (("paths", PathsSettings), ("data", DataSettings), ("optim", OptimSettings),
                        ("generation", GenerationSettings), ("checkpoint", CheckpointSettings),
-                       ("bench", BenchSettings), ("router_train", RouterTrain)):
+                       ("bench", BenchSettings), ("router_train", RouterTrain), ("train_speed", TrainSpeedSettings)):
         cs.store(group="schema", name=name, node=node)
     cs.store(group="schema", name="router", node={k: getattr(RouterKeys(), k) for k in ROUTER_KEYS})
     for name, fn in (("selection", _selection), ("cache_dir", lambda: str(cache_dir())), ("output_root", output_root)):

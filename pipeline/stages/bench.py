@@ -218,10 +218,11 @@ class ShapeBench:
                                       "new_tokens": int(self.b_cfg.new_tokens), **m})
 
 
-def bench_routers(cfg: DictConfig) -> dict:
-    """``{label: Strategy}`` of the loramux rows in ``bench.strategies``: each label's router overrides in
-    ``bench.routers``, composed from ``conf/router/`` (so its knobs are the configs' own); the routers are fresh."""
-    strategies = [str(s) for s in cfg.bench.strategies]
+def bench_routers(cfg: DictConfig, strategies=None) -> dict:
+    """``{label: Strategy}`` of the loramux rows in ``strategies`` (default ``bench.strategies``): each label's router
+    overrides in ``bench.routers``, composed from ``conf/router/`` (so its knobs are the configs' own); the routers
+    are fresh."""
+    strategies = [str(s) for s in (cfg.bench.strategies if strategies is None else strategies)]
     unknown = [s for s in strategies if s not in PLAIN and s not in cfg.bench.routers]
     if unknown:
         raise ValueError(f"bench.strategies {unknown} are not known; use {', '.join(PLAIN)} or a label of "
@@ -307,7 +308,7 @@ def write_table(table_dir, name: str, doc: dict, md: str) -> Path:
     each written atomically."""
     import json
 
-    from pipeline.atomic import atomic_write_text
+    from common.atomic import atomic_write_text
 
     out = Path(str(table_dir))
     out.mkdir(parents=True, exist_ok=True)
@@ -317,9 +318,9 @@ def write_table(table_dir, name: str, doc: dict, md: str) -> Path:
 
 
 def train_suite(cfg: DictConfig, run) -> float | None:
-    """``bench.suite=train_throughput``: training steps of every variant (``pipeline.train_throughput``)."""
-    from pipeline import train_throughput as tt
-    from pipeline.provenance import provenance
+    """``bench.suite=train_throughput``: training steps of every variant (``pipeline.stages.train_throughput``)."""
+    from common.provenance import provenance
+    from pipeline.stages import train_throughput as tt
 
     t = cfg.bench.train
     shape = str(cfg.bench.shapes[0])
@@ -333,7 +334,7 @@ def train_suite(cfg: DictConfig, run) -> float | None:
 
     def make_model():  # a fresh fp32 model, the same weights every time
         torch.manual_seed(int(cfg.seed))
-        return random_llama(config, device, torch.float32)
+        return shape_model(config, device, torch.float32)
 
     rows = tt.run_settings(
         tt.settings_from(t), make_model, cfg.adapter,
@@ -356,19 +357,20 @@ def train_suite(cfg: DictConfig, run) -> float | None:
 
 
 def e2e_suite(cfg: DictConfig, run) -> float | None:
-    """``bench.suite=e2e_decode``: generate's decode time per strategy (``pipeline.e2e_decode``). With
+    """``bench.suite=e2e_decode``: generate's decode time per strategy (``pipeline.stages.e2e_decode``). With
     ``bench.e2e.merge`` the records of an existing table are kept where this run measured nothing (one table can be
     filled by several calls, each under a per-command time limit)."""
     import json
 
-    from pipeline import e2e_decode as e2e
-    from pipeline.provenance import provenance
+    from common.provenance import provenance
+    from pipeline.stages import e2e_decode as e2e
 
     settings = OmegaConf.to_container(cfg.bench.e2e, resolve=True)
     unknown = [s for s in settings["strategies"] if s not in e2e.STRATEGIES]
     unknown += [t for t in settings["targets"] if t not in e2e.TARGETS]
     if unknown:
         raise ValueError(f"bench.e2e: {unknown} not known; strategies {e2e.STRATEGIES}, targets {sorted(e2e.TARGETS)}")
+    routers = bench_routers(cfg, settings["strategies"])
     shape = str(cfg.bench.shapes[0])
     if shape not in SHAPES:
         raise ValueError(f"bench.shapes[0]={shape!r}: e2e_decode needs a random-weight shape, one of {sorted(SHAPES)}")
@@ -380,12 +382,12 @@ def e2e_suite(cfg: DictConfig, run) -> float | None:
 
     def make_model():
         torch.manual_seed(int(cfg.seed))
-        return random_llama(config, device, dtype)
+        return shape_model(config, device, dtype)
 
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # a graph per router
     records: list = []
     adapter = OmegaConf.to_container(cfg.adapter, resolve=True)
-    e2e.run(settings, make_model, adapter, config["vocab_size"], device, records)
+    e2e.run(settings, make_model, adapter, config["vocab_size"], device, records, routers)
     prov = provenance(int(cfg.seed))
     for rec in records:
         rec["provenance"] = prov

@@ -36,8 +36,8 @@ log = logging.getLogger(__name__)
 STRATEGIES = ("base", "peft", "oracle", "meteora-top2", "dlp-nucleus2", "dlp-fresh")
 TARGETS = {"all7": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
            "qv": ["q_proj", "v_proj"]}
-ROUTERS = {"oracle": ("oracle", {}), "meteora-top2": ("meteora", {"top_k": 2}),
-           "dlp-nucleus2": ("dlp", {"top_p": 0.6, "max_kept": 2}), "dlp-fresh": ("dlp", {"top_p": 0.6})}
+# the loramux strategies' routers come from conf/router through bench.routers (label -> router overrides), as the
+# latency suite's do: oracle, meteora-top2 (top_k 2), dlp-nucleus2 (dlp, max_kept 2), dlp-fresh (dlp)
 # Targets (ratio of decode ms/token, static+compile, same run): loramux oracle <= peft and <= 1.10 base; MeteoRA
 # top-2 <= 1.3 base; DLP with a 2-adapter nucleus <= 1.15 base; eager: oracle <= peft
 TARGET_RATIOS = (("static+compile", "oracle", "peft", 1.0), ("static+compile", "oracle", "base", 1.10),
@@ -51,7 +51,7 @@ def _sync(device) -> None:
 
 
 def _generate_kwargs(engine: str, backend: str):
-    from pipeline.latency import compile_config, generate_kwargs
+    from pipeline.stages.bench_timing import compile_config, generate_kwargs
 
     if engine == "eager":
         return generate_kwargs("eager")
@@ -75,11 +75,11 @@ def _timed(generate, ids, mask, n: int, kw: dict, device) -> float:
 class Contestants:
     """The models of one ``targets``: a plain base model, a peft model and one loramux bank with every router."""
 
-    def __init__(self, make_model, adapter_cfg, targets: str, num_adapters: int, strategies, tmp: Path):
+    def __init__(self, make_model, adapter_cfg, targets: str, num_adapters: int, strategies, tmp: Path, routers):
         from peft import PeftModel
 
         from models import MultiLoRAModel
-        from pipeline.bench import random_adapter
+        from pipeline.stages.bench import random_adapter
 
         self.generate: dict = {}
         base = make_model()
@@ -89,16 +89,15 @@ class Contestants:
         if "peft" in strategies:
             pm = PeftModel.from_pretrained(make_model(), str(adapter)).eval()
             self.generate["peft"] = lambda i, m, **k: pm.generate(input_ids=i, attention_mask=m, **k)
-        routed = [s for s in strategies if s in ROUTERS]
+        routed = [s for s in strategies if s in routers]
         if routed:
             mm = MultiLoRAModel.from_adapters(make_model(), {f"a{i}": adapter for i in range(num_adapters)},
                                               check_base_name=False)
             for s in routed:
-                name, kw = ROUTERS[s]
                 torch.manual_seed(0)
-                router = mm.build_router(name, **kw)
+                router = mm.build_router(routers[s].build, **routers[s].knobs)
 
-                def gen(i, m, mm=mm, router=router, oracle=name == "oracle", **k):
+                def gen(i, m, mm=mm, router=router, oracle=router.needs_task_ids, **k):
                     mm.set_router(router)
                     mm.set_routing(task_ids=[0] * i.shape[0] if oracle else None)
                     return mm.generate(i, attention_mask=m, **k)
@@ -108,7 +107,7 @@ class Contestants:
 def measure(contestants: Contestants, engine: str, batch: int, prompt_len: int, new_tokens: int, vocab: int,
             device, warmup: int, repeats: int, backend: str) -> dict:
     """One record: every strategy's per-round (t_1, t_N) for this engine and batch, warm-ups first."""
-    from pipeline.latency import random_batch
+    from pipeline.stages.bench_timing import random_batch
 
     ids, mask = random_batch(vocab, batch, prompt_len, device, seed=0)
     kw = _generate_kwargs(engine, backend)
@@ -197,13 +196,14 @@ def markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(settings: dict, make_model, adapter_cfg: dict, vocab: int, device, records_out: list) -> None:
-    """Measure every (targets, engine, batch) of ``settings`` (``bench.e2e``), appending one record each."""
+def run(settings: dict, make_model, adapter_cfg: dict, vocab: int, device, records_out: list, routers: dict) -> None:
+    """Measure every (targets, engine, batch) of ``settings`` (``bench.e2e``), appending one record each; ``routers``:
+    label -> the strategy of each loramux row (``pipeline.stages.bench.bench_routers``)."""
     strategies = [s for s in settings["strategies"] if s in STRATEGIES]
     with tempfile.TemporaryDirectory(prefix="loramux-e2e-") as tmp:
         for targets in settings["targets"]:
             contestants = Contestants(make_model, adapter_cfg, targets, int(settings["num_adapters"]), strategies,
-                                      Path(tmp))
+                                      Path(tmp), routers)
             for engine in settings["engines"]:
                 if engine == "static" and device.type != "cuda" and not settings.get("allow_static_on_cpu"):
                     log.warning("e2e_decode: the static engine needs CUDA; skipped")

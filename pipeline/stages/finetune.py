@@ -32,7 +32,7 @@ from pipeline.runtime.adapter_dirs import save_adapter
 from pipeline.runtime.entry import CONF_DIR, cli, user_errors
 from pipeline.runtime.settings import check_settings
 from pipeline.runtime.stage import StageRun
-from pipeline.train_speed import apply_train_speed
+from pipeline.runtime.train_speed import apply_train_speed
 
 log = logging.getLogger(__name__)
 

@@ -44,7 +44,7 @@ from pipeline.runtime.requeue import (
 from pipeline.runtime.settings import check_settings
 from pipeline.runtime.stage import StageRun, stage_callbacks
 from pipeline.runtime.step_log import StepLog
-from pipeline.train_speed import apply_train_speed
+from pipeline.runtime.train_speed import apply_train_speed
 
 log = logging.getLogger(__name__)
 

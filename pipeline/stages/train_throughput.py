@@ -151,7 +151,7 @@ def run_settings(settings: list[Setting], make_model, adapter_cfg, *, vocab: int
                  profile: tuple = (), warmup_budget_s: float | None = None) -> list[dict]:
     """Build and warm up every setting, then time them in interleaved rounds; one row per setting. A setting
     whose warm-up would start after ``warmup_budget_s`` is reported as skipped (a row without a time)."""
-    from pipeline.bench import random_adapter
+    from pipeline.stages.bench import random_adapter
 
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # a graph per variant
     torch._dynamo.config.automatic_dynamic_shapes = False  # one static graph per batch size
@@ -344,7 +344,7 @@ def rebuild(json_path) -> Path:
     """Re-derive ratios, verdicts and the Markdown page of a committed ``train_throughput.json`` from its rows."""
     import json
 
-    from pipeline.atomic import atomic_write_text
+    from common.atomic import atomic_write_text
 
     path = Path(json_path)
     doc = json.loads(path.read_text())
