@@ -29,6 +29,15 @@ except ImportError:
     pass
 
 
+@pytest.fixture
+def triton_ops(monkeypatch):
+    """``kernels.triton_ops`` with every buffer the kernels should overwrite filled with NaN first (``POISON``)."""
+    from kernels import triton_ops
+
+    monkeypatch.setattr(triton_ops, "POISON", True)
+    return triton_ops
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
