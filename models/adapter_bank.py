@@ -166,10 +166,9 @@ def _foreign_tensor(key: str, cfg: dict) -> tuple[str, str, str]:
     if ".lora_embedding_" in key or key.endswith(".base_layer.weight"):
         # LoRA on an embedding (lora_embedding_A/B), or a layer peft saves whole when it is a target
         # (save_embedding_layers: embed_tokens, lm_head): either way target_modules asked for it
-        module = module.split(".lora_embedding_")[0].removesuffix(".base_layer")
-        return ("target_modules", f"includes {module.rsplit('.', 1)[-1]!r}: peft saved tensor {key!r} for it, "
-                "which is no LoRA weight of an nn.Linear projection",
-                "train without embed_tokens / lm_head in target_modules (the bank takes LoRA on linear projections)")
+        name = module.split(".lora_embedding_")[0].removesuffix(".base_layer").rsplit(".", 1)[-1]
+        problem = f"includes {name!r}: peft saved tensor {key!r} for it, which is no LoRA weight of a linear layer"
+        return "target_modules", problem, "train without embed_tokens / lm_head in target_modules"
     if key.endswith(".bias") and ".lora_" in key:
         return "lora_bias", f"tensor {key!r} is a trained LoRA bias", "train with lora_bias=False"
     if "modules_to_save" in key or any(module == n or module.endswith("." + n) for n in cfg.get("modules_to_save") or []):
