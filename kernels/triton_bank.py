@@ -21,6 +21,13 @@ a plain pipelined GEMM over h = C * u. At prefill h is stored in the data dtype 
 point); at small T the shrink is split over d_in to fill the GPU and h stays fp32 partials that the expand sums
 first. At small T (``SKIP``) both kernels skip the bank columns no token of their row tile routes to, so a decode
 step reads only the routed adapters. Sentence routing is read through seq_ids (``SEQ``), as in the token kernels.
+
+Non-finite values in the bank: the shrink selects (``tl.where``), never multiplies by a zero coefficient, so A of
+an unrouted adapter or past a rank never reaches h; the expand never reads B rows past a rank or of an adapter no
+token of its row tile routes to (a zero in h times a NaN in B would still be NaN). So an unrouted adapter never
+reaches an output; an adapter routed by one token of a row tile is multiplied, with h = 0, into the tile's other
+tokens too, so a non-finite B row of a *routed* adapter can spoil its tile (16-128 tokens), where the routed
+kernels keep it to the tokens routed to it.
 """
 
 import triton
