@@ -18,9 +18,11 @@ one bad value in an adapter nobody routes to would reach every output through ``
 gradient through ``dh @ A_cat^T``. So the bank's copies select away (``where``) not only the rank padding but every
 adapter column that holds a non-finite value (two [L, R] sums find them, cached with the copies while the bank is
 frozen), and a token routed to an adapter with such a column below its rank gets a NaN output row: its own adapter
-is broken (the reference gives NaN or Inf in the affected columns). The guarantee is per token: a token's output
-and its share of every gradient are those of a clean run as long as the adapters *it* routes to are finite,
-whatever the other tokens of the call route to.
+is broken (the reference gives NaN or Inf in the affected columns). That NaN enters through the token's
+coefficient for the broken adapter, so it costs nothing per output element and flows back like the reference's
+(the step's loss is NaN either way). The guarantee is per token: a token's output and its share of every
+gradient are those of a clean run as long as the adapters *it* routes to are finite, whatever the other tokens of
+the call route to.
 
 The gathered form reads only each token's own adapters. Where the bank is known to be finite (checked once per
 bank version on the host: CPU inference) it runs as below; otherwise (training, CUDA, a broken bank) it selects the
@@ -158,13 +160,14 @@ def multi_lora_dense(x, base, A, B, scales, ranks, ids, weights) -> torch.Tensor
     # per (token, adapter): the summed weight of the slots that chose it, and whether any did
     w_ta = torch.zeros(T, L, dtype=wacc, device=x.device).scatter_add(1, a, torch.where(valid, weights.to(wacc), 0.0))
     routed = torch.zeros(T, L, dtype=wacc, device=x.device).scatter_add(1, a, valid.to(wacc)) > 0
-    coef = w_ta * scales.to(x.device, wacc)  # [T, L]
     A_cat, B_cat, broken = _bank_matrices(A, B, ranks)
+    # a token routed to an adapter with a non-finite weight gets NaN through h into its whole row (the adapter's
+    # columns of A_cat / B_cat are zeros, and NaN * 0 is NaN): no extra pass over the output
+    coef = torch.where(routed & broken, float("nan"), w_ta * scales.to(x.device, wacc))  # [T, L]
     h = (x.to(acc) @ A_cat.to(acc)).view(T, L, R)
     h = torch.where(routed[:, :, None], h * coef.to(h.dtype)[:, :, None], 0.0)
     out = torch.addmm(base.reshape(T, -1).to(acc), h.view(T, L * R).to(acc), B_cat.to(acc))
-    spoiled = (routed & broken).any(1, keepdim=True)  # [T, 1]: routed to an adapter with a non-finite weight
-    return torch.where(spoiled, float("nan"), out).to(base.dtype)
+    return out.to(base.dtype)
 
 
 def _acc(x: torch.Tensor) -> torch.dtype:
