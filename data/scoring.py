@@ -6,6 +6,8 @@
 
 Accuracy and ROUGE are fractions in [0, 1], BLEU is 0-100 (sacrebleu's scale). `empty` counts predictions that
 are blank after stripping: they score as wrong for accuracy and are dropped from BLEU/ROUGE, as in MeteoRA.
+BLEU lower-cases the predictions but not the references, as MeteoRA does (so a gold answer with capitals scores
+below 100); `bleu_lowercase="both"` scores with the symmetric rule instead (data/metrics/bleu).
 """
 
 from __future__ import annotations
@@ -31,8 +33,10 @@ def load_metric(name: str):
     return evaluate.load(str(path))
 
 
-def score(task: str | Task, predictions: list[str], references: list[str]) -> dict[str, float]:
-    """All of the task's metrics on these predictions, plus `n` (rows) and `empty` (blank predictions)."""
+def score(task: str | Task, predictions: list[str], references: list[str], *,
+          bleu_lowercase: str = "predictions") -> dict[str, float]:
+    """All of the task's metrics on these predictions, plus `n` (rows) and `empty` (blank predictions).
+    ``bleu_lowercase``: "predictions" (MeteoRA's rule, the paper tables) or "both" (symmetric)."""
     task = get_task(task)
     if len(predictions) != len(references):
         raise LoramuxDataError(
@@ -41,7 +45,9 @@ def score(task: str | Task, predictions: list[str], references: list[str]) -> di
     predictions = ["" if p is None else str(p) for p in predictions]
     out: dict[str, float] = {}
     for name in task.metrics:
-        out.update(load_metric(name).compute(predictions=predictions, references=[str(r) for r in references]))
+        options = {"lowercase": bleu_lowercase} if name == "bleu" else {}
+        out.update(load_metric(name).compute(predictions=predictions, references=[str(r) for r in references],
+                                             **options))
     out["n"] = len(predictions)
     out["empty"] = sum(1 for p in predictions if not p.strip())
     return out

@@ -4,7 +4,10 @@ One call adds the routed LoRA deltas of an adapter bank to a base projection's o
 
     out[t] = base[t] + sum_k w[t, k] * s[a] * (x[t] @ A[a, :, :r[a]]) @ B[a, :r[a], :],   a = ids[t, k]
 
-``ids == -1`` marks an empty slot. Token routing (MeteoRA) passes ids/weights of shape [T, K]; sentence routing
+``ids == -1`` marks an empty slot; any id outside [-1, L) is refused wherever the ids are on the host. Whatever
+the bank holds (NaN and Inf included) in adapters a token does not route to, in the adapter an empty slot would
+read, or past an adapter's rank never reaches that token's output or gradients (per token; per row tile on the
+Triton bank path; see ``kernels.dense`` and README's Kernels section). Token routing (MeteoRA) passes ids/weights of shape [T, K]; sentence routing
 (DLP-LoRA) passes per-sequence ids/weights [S, K] plus ``seq_ids`` [T] naming each token's sequence, so the
 routing is never expanded per token. See ``kernels.reference`` for the readable definition.
 ``multi_lora_sequences`` takes sentence routing over a batch of sequences [S, L, d] and folds each sequence's

@@ -24,7 +24,7 @@ import torch
 
 from kernels import cast_cache, switches
 from kernels.dense import multi_lora_torch
-from kernels.reference import expand_sequence_routing, multi_lora_reference
+from kernels.reference import check_ids, expand_sequence_routing, multi_lora_reference
 
 BACKENDS = ("auto", "triton", "torch", "reference")
 
@@ -181,6 +181,8 @@ def multi_lora(x, base, A, B, scales, ranks, ids, weights, seq_ids=None, *, back
     """
     backend = resolve_backend(x, base, A, B, weights, backend=backend)
     _check(x, base, A, B, scales, ranks, ids, weights, seq_ids)
+    if ids.device.type == "cpu":  # on the host already: no sync (CUDA ids are in range by route construction)
+        check_ids(ids, A.shape[0])
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     b2 = base.reshape(-1, base.shape[-1])

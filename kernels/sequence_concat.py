@@ -27,6 +27,7 @@ import os
 import torch
 
 from kernels.op import multi_lora, resolve_backend
+from kernels.reference import check_ids
 from kernels.route_tables import slot_coefficients
 
 SEQ_CONCAT_MIN_K = int(os.environ.get("LORAMUX_SEQ_CONCAT_MIN_K", "3"))
@@ -44,6 +45,8 @@ def multi_lora_per_sequence(x, base, A, B, scales, ranks, ids, weights):
     if x.dim() != 3 or base.shape[:2] != x.shape[:2] or ids.shape != (x.shape[0], ids.shape[1]):
         raise ValueError(f"multi_lora_per_sequence: x [S, L, d_in], base [S, L, d_out] and ids [S, K] expected, "
                          f"got {tuple(x.shape)} / {tuple(base.shape)} / {tuple(ids.shape)}")
+    if ids.device.type == "cpu":  # on the host already: no sync (CUDA ids are in range by route construction)
+        check_ids(ids, A.shape[0], "multi_lora_per_sequence")
     S, K = ids.shape
     (_, d_in, R), d_out = A.shape, B.shape[2]
     a, keep, coef = slot_coefficients(ids, weights, scales, ranks, R)  # [S, K], [S, K, R] x 2

@@ -21,6 +21,13 @@ a plain pipelined GEMM over h = C * u. At prefill h is stored in the data dtype 
 point); at small T the shrink is split over d_in to fill the GPU and h stays fp32 partials that the expand sums
 first. At small T (``SKIP``) both kernels skip the bank columns no token of their row tile routes to, so a decode
 step reads only the routed adapters. Sentence routing is read through seq_ids (``SEQ``), as in the token kernels.
+
+Non-finite values in the bank: the shrink selects (``tl.where``), never multiplies by a zero coefficient, so A of
+an unrouted adapter or past a rank never reaches h; the expand never reads B rows past a rank or of an adapter no
+token of its row tile routes to (a zero in h times a NaN in B would still be NaN). So an unrouted adapter never
+reaches an output; an adapter routed by one token of a row tile is multiplied, with h = 0, into the tile's other
+tokens too, so a non-finite B row of a *routed* adapter can spoil its tile (16-128 tokens), where the routed
+kernels keep it to the tokens routed to it.
 """
 
 import triton
@@ -107,6 +114,23 @@ def bank_shrink_kernel(
         tl.store(ptrs, h.to(h_ptr.dtype.element_ty), mask=rm[:, None] & jm[None, :])
 
 
+@triton.jit
+def _bit_or(a, b):
+    return a | b
+
+
+@triton.jit
+def _routed_bits(ids_ptr, route, rm, a0, K: tl.constexpr):
+    """A 64-bit set over adapters a0 .. a0 + 63: bit i is set when some routing slot of the row tile names a0 + i.
+    Empty slots (-1) and masked rows set nothing."""
+    rowbits = tl.zeros(route.shape, dtype=tl.uint64)
+    for k in tl.static_range(K):
+        off = tl.load(ids_ptr + route * K + k, mask=rm, other=-1).to(tl.int32) - a0
+        inside = (off >= 0) & (off < 64)
+        rowbits |= tl.where(inside, tl.full(route.shape, 1, tl.uint64) << tl.where(inside, off, 0).to(tl.uint64), 0)
+    return tl.reduce(rowbits, 0, _bit_or)
+
+
 @triton.autotune(BANK_EXPAND_CONFIGS, key=["TB", "DO", "LR", "BM", "SPLIT", "K"], do_bench=_quick_bench)
 @triton.jit
 def bank_expand_kernel(
@@ -114,14 +138,19 @@ def bank_expand_kernel(
     T, DO, LR, TB,
     sbl, sbr, sbd, sbt, sbo, sot, sod,
     R: tl.constexpr, K: tl.constexpr, SPLIT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    BK: tl.constexpr, SEQ: tl.constexpr, SKIP: tl.constexpr, F32: tl.constexpr,
+    BK: tl.constexpr, SEQ: tl.constexpr, SKIP: tl.constexpr, ONE_WINDOW: tl.constexpr, F32: tl.constexpr,
 ):  # fmt: skip
     """out[t, tile] = base[t, tile] + (sum over splits of h[s, t, :]) @ B_cat[:, tile]. Grid: (cdiv(T, BM), cdiv(DO, BN)).
 
     A GEMM over the bank's L*R columns: h already holds the routing coefficients. Rows of B past an adapter's
-    rank are masked (never read). With SKIP the chunks no row of the tile routes to are skipped (a decode step
-    reads only its routed adapters' B); the shrink's column tile is a multiple of BK, so a chunk read was written.
+    rank, and rows of the adapters no token of the row tile routes to, are masked (never read): h is zero there,
+    and a zero times a NaN or Inf in B would still be NaN. The routed adapters of the tile are a 64-bit set
+    (``_routed_bits``), built once per program when the bank has at most 64 adapters (ONE_WINDOW), else per chunk
+    for the 64 adapters from the chunk's first (a chunk of BK <= 64 columns spans at most 64 adapters). With SKIP
+    the chunks no row of the tile routes to are skipped (a decode step reads only its routed adapters' B); the
+    shrink's column tile is a multiple of BK, so a chunk read was written.
     """
+    tl.static_assert(BK <= 64)
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     rm = rows < T
     r64 = rows.to(tl.int64)
@@ -130,14 +159,24 @@ def bank_expand_kernel(
     nm = cols < DO
     m2 = rm[:, None] & nm[None, :]
     acc = tl.load(base_ptr + r64[:, None] * sbt + cols[None, :] * sbo, mask=m2, other=0.0).to(tl.float32)
+    if ONE_WINDOW:
+        bits = _routed_bits(ids_ptr, route, rm, 0, K)
     for j0 in range(0, LR, BK):
-        if _routed_in(ids_ptr, route, rm, j0, BK, R, K, SKIP):
+        first = j0 // R  # the chunk's adapters: first .. first + span
+        if ONE_WINDOW:
+            window = bits >> first.to(tl.uint64)
+        else:
+            window = _routed_bits(ids_ptr, route, rm, first, K)
+        span = ((j0 + BK - 1) // R - first).to(tl.uint64)  # < 64
+        window &= (tl.full((), 2, tl.uint64) << span) - 1  # the routed ones among them, as bits from ``first``
+        if not SKIP or window != 0:
             jj, a, c, jm, cm = _bank_columns(ranks_ptr, j0, LR, BK, R)
+            live = ((window >> (a - first).to(tl.uint64)) & 1) != 0  # routed by some row of the tile
             u = tl.zeros((BM, BK), dtype=tl.float32)
             for s in tl.static_range(SPLIT):
                 u += tl.load(h_ptr + (s * T + r64)[:, None] * LR + jj[None, :],
                              mask=rm[:, None] & jm[None, :], other=0.0).to(tl.float32)  # fmt: skip
             wt = tl.load(b_ptr + a.to(tl.int64)[:, None] * sbl + c[:, None] * sbr + cols[None, :] * sbd,
-                         mask=cm[:, None] & nm[None, :], other=0.0)  # fmt: skip
+                         mask=(cm & live)[:, None] & nm[None, :], other=0.0)  # fmt: skip
             acc = _mma(acc, u, wt, F32)
     tl.store(out_ptr + r64[:, None] * sot + cols[None, :] * sod, acc.to(out_ptr.dtype.element_ty), mask=m2)

@@ -296,6 +296,7 @@ def token_expand_kernel(
             coef = tl.load(scales_ptr + a).to(tl.float32) * tl.load(gate_ptr + row * K + k, mask=tv, other=0.0).to(
                 tl.float32
             )
+            coef = tl.where(r_a > 0, coef, 0.0)  # an empty slot's weight (and adapter 0's scale) stay out
             pm = (ss < SPLIT)[:, None] & (rr < r_a)[None, :]
             parts = tl.load(part_ptr + (n * SPLIT + ss[:, None]) * BR + rr[None, :], mask=pm, other=0.0)
             h = tl.sum(parts, 0) * coef

@@ -216,7 +216,7 @@ def _bank_forward(x, base, A, B, scales, ranks, ids, gates, seq_ptr, seq, out, c
     tb.bank_expand_kernel[lambda m: (triton.cdiv(T, BM), triton.cdiv(DO, m["BN"]))](
         h, B, base, out, ids, seq_ptr, ranks, T, DO, LR, TB,
         *B.stride(), base.stride(0), base.stride(1), out.stride(0), out.stride(1),
-        R=R, K=K, SPLIT=split, BM=BM, SEQ=seq, SKIP=skip, F32=f32,
+        R=R, K=K, SPLIT=split, BM=BM, SEQ=seq, SKIP=skip, ONE_WINDOW=L <= 64, F32=f32,
     )  # fmt: skip
     return out
 

@@ -12,7 +12,9 @@ padding. An adapter that does not touch a wrapped projection gets zeros there (a
 
 Adapters come in exactly as ``peft`` saves them (``adapter_config.json`` + ``adapter_model.safetensors``); anything
 the bank can't represent faithfully (another PEFT method, DoRA, trained biases, modules_to_save, embedding LoRA,
-another base model) is refused with one ``AdapterError`` line naming the adapter dir and the field.
+another base model) or that would poison the model (a NaN or Inf weight, a non-finite lora_alpha) is refused with
+one ``AdapterError`` line naming the adapter dir and the field or tensor. A refused ``add`` / ``replace`` leaves
+the bank as it was.
 
 Hot swap: ``add`` / ``replace`` / ``remove`` change the stacked tensors in place; wrapped layers read them on
 every forward, so the model is never rebuilt. ``version`` increases on every change (routers watch it).
@@ -120,13 +122,7 @@ def read_peft_adapter(adapter_dir, name: str, module_shapes: dict, wrapped: set,
     for key, t in tensors.items():
         m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", key)
         if m is None:
-            what = "modules_to_save" if "modules_to_save" in key or not ".lora_" in key else "weights"
-            if "lora_embedding" in key:
-                what = "target_modules"
-            if key.endswith(".bias") and ".lora_" in key:
-                what = "lora_bias"
-            _fail(d, what, f"tensor {key!r} is not a LoRA A/B weight of a linear layer",
-                  "only plain LoRA on nn.Linear projections can join the bank (no modules_to_save, biases, embeddings)")
+            _fail(d, *_foreign_tensor(key, cfg))
         module, which = m.group(1), m.group(2)
         if module not in module_shapes:
             _fail(d, "target_modules", f"module {module!r} is not a linear layer of the base model",
@@ -134,6 +130,10 @@ def read_peft_adapter(adapter_dir, name: str, module_shapes: dict, wrapped: set,
         if module not in wrapped:
             _fail(d, "target_modules", f"module {module!r} ({module.rsplit('.', 1)[-1]}) is not wrapped by the bank",
                   f"add {module.rsplit('.', 1)[-1]!r} to targets=")
+        bad = t.numel() - int(torch.isfinite(t).sum()) if t.is_floating_point() else 0
+        if bad:
+            _fail(d, "adapter_model.safetensors", f"tensor {key!r} holds {bad} non-finite value(s) (NaN or Inf)",
+                  "the adapter's training diverged or the file is damaged; retrain it or save a good checkpoint")
         (adapter.A if which == "A" else adapter.B)[module] = t
     if not adapter.A:
         _fail(d, "adapter_model.safetensors", "holds no lora_A/lora_B weights", "re-save the adapter with peft")
@@ -151,10 +151,31 @@ def read_peft_adapter(adapter_dir, name: str, module_shapes: dict, wrapped: set,
             _fail(d, "r", f"is {r} in adapter_config.json but {module}.lora_A has rank {a.shape[0]}",
                   "the config and the weights disagree; re-save the adapter")
         alpha = _pattern_value(cfg.get("alpha_pattern"), module, alpha_default)
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+            _fail(d, "lora_alpha", f"is {alpha!r} for {module}", "lora_alpha (and alpha_pattern) must be finite numbers")
         adapter.A[module] = a.t().contiguous()  # [d_in, r]
         adapter.B[module] = b.t().contiguous()  # [r, d_out]
         adapter.scale[module] = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
     return adapter
+
+
+def _foreign_tensor(key: str, cfg: dict) -> tuple[str, str, str]:
+    """(config field, problem, fix) for a saved tensor that is no LoRA A/B weight of a linear layer, naming the field
+    of adapter_config.json that put it there."""
+    module = re.sub(r"^base_model\.model\.", "", key).rsplit(".", 1)[0]
+    if ".lora_embedding_" in key or key.endswith(".base_layer.weight"):
+        # LoRA on an embedding (lora_embedding_A/B), or a layer peft saves whole when it is a target
+        # (save_embedding_layers: embed_tokens, lm_head): either way target_modules asked for it
+        name = module.split(".lora_embedding_")[0].removesuffix(".base_layer").rsplit(".", 1)[-1]
+        problem = f"includes {name!r}: peft saved tensor {key!r} for it, which is no LoRA weight of a linear layer"
+        return "target_modules", problem, "train without embed_tokens / lm_head in target_modules"
+    if key.endswith(".bias") and ".lora_" in key:
+        return "lora_bias", f"tensor {key!r} is a trained LoRA bias", "train with lora_bias=False"
+    if "modules_to_save" in key or any(module == n or module.endswith("." + n) for n in cfg.get("modules_to_save") or []):
+        return ("modules_to_save", f"tensor {key!r} is a fully trained copy of a base layer",
+                "the bank adds LoRA deltas only: train without modules_to_save")
+    return ("weights", f"tensor {key!r} is not a LoRA A/B weight of a linear layer",
+            "only plain LoRA on nn.Linear projections can join the bank (no modules_to_save, biases, embeddings)")
 
 
 class ProjectionSlots(nn.Module):
@@ -272,9 +293,12 @@ class AdapterBank(nn.Module):
         s.host_scales = [float(v) for v in scales.tolist()]
 
     def _write(self, adapter: LoraAdapter, i: int) -> None:
+        """Slot ``i`` := ``adapter`` (appended when i == len(self)). Every projection's new tensors are built before
+        any is installed, so a failure part-way (out of memory, say) leaves the bank as it was."""
         new_r = max(a.shape[1] for a in adapter.A.values())
         R = padded_rank(max(new_r, self.max_rank))
         L = max(len(self.names), i + 1)
+        staged = []
         for module in self.modules_wrapped:
             s = self.slots[slot_key(module)]
             dt, dev = s.A.dtype, s.A.device
@@ -293,10 +317,17 @@ class AdapterBank(nn.Module):
                 r = a.shape[1]
                 A[i, :, :r] = a.to(dt)
                 B[i, :r] = b.to(dt)
+                for which, t in (("A", A[i, :, :r]), ("B", B[i, :r])):
+                    if not bool(torch.isfinite(t).all()):  # finite on disk, out of range in the bank's dtype
+                        _fail(adapter.path, "adapter_model.safetensors",
+                              f"tensor {module}.lora_{which}.weight overflows the bank's dtype {dt} (a value past its range)",
+                              "load the base model in a wider dtype (float32 / bfloat16) or rescale the adapter")
                 ranks[i], scales[i] = r, adapter.scale[module]
             else:  # the adapter leaves this projection alone: zero delta
                 ranks[i], scales[i] = 0, 0.0
-            self._set(s, A, B, ranks, scales)
+            staged.append((s, A, B, ranks, scales))
+        for new in staged:
+            self._set(*new)
         if i == len(self.names):
             self.names.append(adapter.name)
             self.paths.append(adapter.path)

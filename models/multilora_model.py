@@ -31,7 +31,7 @@ from models.routing.checkpoint import (
     read_router_checkpoint,
     save_router_checkpoint,
 )
-from models.routing.route import RouteContext, Router, validate_task_ids
+from models.routing.route import RouteContext, Router, task_ids_for_batch, validate_task_ids
 
 METEORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DLP_TARGETS = ("q_proj", "v_proj")
@@ -41,6 +41,12 @@ TRAINABLE = ("none", "router", "gates", "adapters", "router+adapters", "gates+ad
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+def _batch(input_ids, kwargs: dict) -> int | None:
+    """Number of sequences of a forward / generate call (from input_ids or inputs_embeds), None if neither is given."""
+    ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+    return None if ref is None else ref.shape[0]
 
 
 def is_prefill_call(kwargs: dict) -> bool:
@@ -147,11 +153,14 @@ class MultiLoRAModel(nn.Module):
         self.ctx.force_gates = bool(force_gates)
 
     @contextlib.contextmanager
-    def routing(self, task_ids=None, route_mask=None, force_gates=None):
-        """Temporarily override routing inputs (None keeps the persistent value)."""
+    def routing(self, task_ids=None, route_mask=None, force_gates=None, batch: int | None = None):
+        """Temporarily override routing inputs (None keeps the persistent value). With ``batch`` (the call's number
+        of sequences) the task ids in force must be one per sequence or one for all (broadcast)."""
         old = (self.ctx.task_ids, self.ctx.route_mask, self.ctx.force_gates)
         if task_ids is not None:
-            self.ctx.task_ids = validate_task_ids(task_ids, self.bank)
+            self.ctx.task_ids = validate_task_ids(task_ids, self.bank, batch)
+        elif batch is not None and self.ctx.task_ids is not None:
+            self.ctx.task_ids = task_ids_for_batch(self.ctx.task_ids, batch)
         if route_mask is not None:
             self.ctx.route_mask = route_mask
         if force_gates is not None:
@@ -173,7 +182,7 @@ class MultiLoRAModel(nn.Module):
         task_ids), ``out.loss = lm_loss + aux_loss_coef * aux_loss`` and ``out.lm_loss`` / ``out.aux_loss`` are set."""
         if labels is not None:  # a loss, not generation: no KV cache (it costs a copy per layer and, under
             kwargs.setdefault("use_cache", False)  # per-layer torch.compile, a recompile per layer index)
-        with self.routing(task_ids, route_mask, force_gates):
+        with self.routing(task_ids, route_mask, force_gates, _batch(input_ids, kwargs)):
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
             aux = self.router.aux_loss()
         if aux is not None:
@@ -186,7 +195,7 @@ class MultiLoRAModel(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids=None, attention_mask=None, task_ids=None, route_mask=None, **kwargs):
         """``model.generate`` with routing inputs; sentence routers decide once per sequence at prefill."""
-        with self.routing(task_ids, route_mask, None):
+        with self.routing(task_ids, route_mask, None, _batch(input_ids, kwargs)):
             return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     def last_route(self):
@@ -218,7 +227,7 @@ class MultiLoRAModel(nn.Module):
         if loss is None:
             raise ValueError(f"router_loss is the dlp router's objective; router is {self.router.name!r} "
                              "(meteora trains through forward(labels=..., task_ids=...))")
-        return loss(input_ids, attention_mask, validate_task_ids(task_ids, self.bank))
+        return loss(input_ids, attention_mask, validate_task_ids(task_ids, self.bank, input_ids.shape[0]))
 
     # ---- hot swap ----------------------------------------------------------------------------------------------
     def add_adapter(self, name: str, adapter_dir) -> None:

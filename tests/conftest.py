@@ -46,6 +46,16 @@ def compose():
     return _compose
 
 
+@pytest.fixture
+def triton_ops():
+    """``kernels.triton_ops`` with every buffer the kernels should overwrite filled with NaN first, for the whole
+    test (``kernels.switches.poisoned_buffers``: a kernel that leaves an element unwritten shows as NaN)."""
+    from kernels import switches, triton_ops
+
+    with switches.poisoned_buffers():
+        yield triton_ops
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

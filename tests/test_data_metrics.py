@@ -47,6 +47,24 @@ def test_bleu_matches_sacrebleu_on_lowercased_hypotheses_and_drops_empties():
     assert load_metric("bleu").compute(predictions=["", " "], references=["a", "b"]) == {"bleu": 0.0}
 
 
+def test_bleu_case_rule_meteora_by_default_symmetric_on_request():
+    """MeteoRA lower-cases the prediction only: the gold answer itself scores below 100 when it has capitals. The
+    symmetric rule lower-cases the references too (100 for the gold answer); anything else is refused."""
+    bleu = load_metric("bleu")
+    gold = ["Yes. The Eiffel Tower is in Paris", "No. Whales are mammals and breathe air"]
+    meteora = bleu.compute(predictions=gold, references=gold)["bleu"]
+    want = sacrebleu.BLEU().corpus_score([g.lower() for g in gold], [gold]).score
+    assert meteora == pytest.approx(want) and meteora < 100
+    assert bleu.compute(predictions=gold, references=gold, lowercase="predictions")["bleu"] == meteora
+    assert bleu.compute(predictions=gold, references=gold, lowercase="both")["bleu"] == pytest.approx(100)
+    upper = [g.upper() for g in gold]
+    assert bleu.compute(predictions=upper, references=gold, lowercase="both")["bleu"] == pytest.approx(100)
+    with pytest.raises(ValueError, match="lowercase='refs' is not a rule"):
+        bleu.compute(predictions=gold, references=gold, lowercase="refs")
+    assert score("strategyqa", gold, gold)["bleu"] == pytest.approx(meteora)
+    assert score("strategyqa", gold, gold, bleu_lowercase="both")["bleu"] == pytest.approx(100)
+
+
 def test_rouge_matches_rouge_score_and_drops_empties():
     preds = ["the quick brown fox", "", "jumps over the dog"]
     refs = ["the quick fox", "x", "jumps over the lazy dog"]

@@ -62,6 +62,85 @@ def test_foreign_adapters_rejected(assets, tmp_path):
     assert "use_dora: is true" in _error(base, dora)
     mts = save_random_peft_adapter(base, tmp_path / "mts", modules_to_save=["lm_head"])
     assert "modules_to_save: tensor 'base_model.model.lm_head" in _error(base, mts)
+    for targets, name in ((("q_proj", "embed_tokens"), "embed_tokens"), (("embed_tokens",), "embed_tokens"),
+                          (("v_proj", "lm_head"), "lm_head")):
+        emb = save_random_peft_adapter(base, tmp_path / "_".join(targets), targets=targets)
+        msg = _error(base, emb)
+        assert f"target_modules: includes {name!r}: peft saved tensor " in msg, msg
+        assert "without embed_tokens / lm_head in target_modules" in msg
+
+
+def _poisoned_copy(src, dst, key_part: str, value: float) -> Path:
+    """A copy of a PEFT adapter dir with one element of the first tensor whose name contains ``key_part`` set."""
+    from safetensors.torch import load_file, save_file
+
+    d = _copy(src, dst)
+    tensors = load_file(d / "adapter_model.safetensors")
+    key = next(k for k in sorted(tensors) if key_part in k)
+    tensors[key][1, 2] = value
+    save_file(tensors, d / "adapter_model.safetensors", metadata={"format": "pt"})
+    return d, key
+
+
+def _bank_state(bank):
+    return (list(bank.names), list(bank.paths), bank.version,
+            {k: [t.clone() for t in bank.tensors(m)] for k, m in zip(bank.slots, bank.modules_wrapped)})
+
+
+def _assert_unchanged(bank, state):
+    names, paths, version, tensors = state
+    assert bank.names == names and bank.paths == paths and bank.version == version
+    for k, m in zip(bank.slots, bank.modules_wrapped):
+        for got, want in zip(bank.tensors(m), tensors[k]):
+            assert torch.equal(got, want), f"{m} changed"
+
+
+def test_non_finite_adapters_refused_and_the_bank_left_unchanged(assets, tmp_path):
+    """A NaN / Inf weight (or lora_alpha) is one line naming the dir and the tensor; a refused add or replace leaves
+    names, paths, version and every stacked tensor as they were."""
+    base, dirs = assets
+    model, _ = load_base_model(base)
+    bank = AdapterBank.from_peft_dirs(model, {"a": str(dirs["a"]), "b": str(dirs["b"])})
+    state = _bank_state(bank)
+    nan_b, key = _poisoned_copy(dirs["c"], tmp_path / "nan_b", "lora_B", float("nan"))
+    inf_a, key_a = _poisoned_copy(dirs["a"], tmp_path / "inf_a", "lora_A", float("-inf"))
+    for call, d, k in ((lambda d: bank.add("c", d), nan_b, key), (lambda d: bank.replace("a", d), inf_a, key_a),
+                       (lambda d: bank.replace("b", d), nan_b, key)):
+        with pytest.raises(AdapterError) as e:
+            call(d)
+        msg = str(e.value)
+        assert "\n" not in msg and msg.startswith(f"adapter {d}: adapter_model.safetensors: tensor {k!r} holds 1 ")
+        assert "non-finite" in msg
+        _assert_unchanged(bank, state)
+    bad_alpha = _copy(dirs["c"], tmp_path / "bad_alpha")
+    (bad_alpha / "adapter_config.json").write_text(
+        (bad_alpha / "adapter_config.json").read_text().replace('"lora_alpha": 32', '"lora_alpha": NaN'))
+    with pytest.raises(AdapterError, match=r"lora_alpha: is nan for model\.layers\.0\.self_attn\.q_proj"):
+        bank.add("c", bad_alpha)
+    _assert_unchanged(bank, state)
+    assert "non-finite" in _error(base, nan_b)  # from_peft_dirs too
+    bank.add("c", dirs["c"])  # the bank still takes good adapters
+    assert bank.names == ["a", "b", "c"]
+
+
+def test_weights_that_overflow_the_bank_dtype_are_refused_part_way_without_a_trace(assets, tmp_path):
+    """Finite on disk, Inf once cast to a float16 bank: found while the new stacked tensors are built (after some
+    projections are done), and the bank keeps its old tensors."""
+    from safetensors.torch import load_file, save_file
+
+    base, dirs = assets
+    model, _ = load_base_model(base, dtype="float16")
+    bank = AdapterBank.from_peft_dirs(model, {"a": str(dirs["a"])})
+    state = _bank_state(bank)
+    big = _copy(dirs["a"], tmp_path / "big")
+    tensors = load_file(big / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"  # one of the last projections
+    tensors[key][0, 0] = 1e6
+    save_file(tensors, big / "adapter_model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(AdapterError, match=r"tensor model\.layers\.1\.mlp\.down_proj\.lora_B\.weight overflows "
+                                           r"the bank's dtype torch\.float16"):
+        bank.replace("a", big)
+    _assert_unchanged(bank, state)
 
 
 def test_wrong_base_model_rejected(assets, tmp_path):
@@ -194,14 +273,32 @@ CACHE = Path(os.environ.get("LORAMUX_CACHE", Path.home() / ".cache" / "loramux")
 
 @pytest.mark.slow
 def test_real_smollm2_oracle_equals_peft(tmp_path):
+    """SmolLM2-135M (fp32, logits up to ~30) with a realistically scaled adapter on all 7 projections (peft's own
+    init for lora_A, lora_B drawn at the scale a few hundred training steps give). The tiny model's 1e-5 holds
+    relative to the logits' scale, not absolutely: the oracle differs from peft's unmerged forward by fp32
+    rounding, as peft's merged forward does, and is about as far from a float64 forward as peft itself."""
     real = CACHE / "models" / "SmolLM2-135M-Instruct"
     if not (real / "config.json").is_file():
         pytest.skip(f"{real} not built yet (python -m data.fetch --model)")
-    d = save_random_peft_adapter(real, tmp_path / "real_qv", r=8, lora_alpha=16, b_std=0.02)
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    d = save_random_peft_adapter(real, tmp_path / "real", r=8, lora_alpha=16, b_std=0.02, targets=targets)
     model, tok = load_base_model(real)
     assert tok.padding_side == "left" and tok.pad_token is not None
     mm = MultiLoRAModel.from_adapters(model, {"t": str(d)}, router="oracle", tokenizer=tok)
     batch = tok(["[INST] Which choice is correct? [/INST]\n", "hi"], return_tensors="pt", padding=True)
-    ref = PeftModel.from_pretrained(load_base_model(real)[0], str(d)).eval()
+    real_tokens = batch["attention_mask"].bool()
     with torch.no_grad():
-        torch.testing.assert_close(mm(**batch, task_ids=["t", "t"]).logits, ref(**batch).logits, atol=1e-4, rtol=0)
+        ours = mm(**batch, task_ids=["t", "t"]).logits[real_tokens].double()
+        ref = PeftModel.from_pretrained(load_base_model(real)[0], str(d)).eval()
+        peft = ref(**batch).logits[real_tokens].double()
+        exact = PeftModel.from_pretrained(load_base_model(real, dtype="float64")[0], str(d)).eval()(**batch)
+        exact = exact.logits[real_tokens]
+        merged = ref.merge_and_unload()(**batch).logits[real_tokens].double()
+    scale = exact.abs().max()
+
+    def gap(a, b):
+        return (a - b).abs().max()
+
+    assert gap(ours, peft) <= 1e-5 * scale, f"oracle vs peft {gap(ours, peft):.2e} (logits up to {scale:.1f})"
+    assert gap(ours, exact) <= 2 * gap(peft, exact), f"oracle {gap(ours, exact):.2e} from float64, peft {gap(peft, exact):.2e}"
+    assert gap(merged, peft) > 1e-5, "peft's own merged and unmerged forwards should differ by fp32 rounding too"

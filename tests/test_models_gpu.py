@@ -63,3 +63,30 @@ def test_cuda_bf16_close_to_fp32(assets):
     a = ref(**batch, task_ids=[0, 1, 2]).logits[real]
     b = bf(**batch, task_ids=[0, 1, 2]).logits.float()[real]
     assert (a - b).abs().max() < 0.1 * a.abs().max()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_a_nan_in_an_unrouted_adapter_changes_no_logit(assets, dtype):
+    """tests/test_models_poison.py on CUDA: inference (Triton: bank path at L * R = 48) and a training step (the
+    torch forms), with a NaN in adapter c's lora_B and an Inf in adapter b's rank padding, nobody routed to c."""
+    runs = []
+    for poison in (False, True):
+        mm = _mm(assets, dtype=dtype, router="meteora", top_k=1)
+        mm.set_routing(force_gates=True)
+        if poison:
+            A, B, _, _ = mm.bank.tensors("model.layers.0.self_attn.q_proj")
+            with torch.no_grad():
+                B[2, 3, 7] = float("nan")
+                A[1, 5, 9] = float("inf")
+        batch = mm.tokenizer(PROMPTS, return_tensors="pt", padding=True).to("cuda")
+        with torch.no_grad():
+            logits = mm(**batch, task_ids=["a", "b", "a"]).logits
+        params = mm.set_trainable("adapters")
+        mm(**batch, labels=batch["input_ids"], task_ids=["a", "b", "a"]).loss.backward()
+        runs.append((logits, [p.grad.clone() for p in params]))
+    (clean, clean_grads), (got, grads) = runs
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, clean, atol=1e-5 if dtype == "float32" else 1e-2, rtol=0)
+    for g, g_c in zip(grads, clean_grads):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, g_c)  # the dtype's default tolerances

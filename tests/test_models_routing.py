@@ -185,6 +185,32 @@ def test_option_validation(assets):
         mm.set_trainable("all")
 
 
+@torch.no_grad()
+def test_one_task_id_is_broadcast_to_the_batch_and_other_lengths_refused(assets):
+    """task_ids: one per sequence, or one (a name, a one-element list or tensor) for the whole batch; every other
+    length is one clear error, per call or persistent (a 2-element list for 4 sequences used to repeat each)."""
+    mm = _mm(assets, router="oracle")
+    batch = mm.tokenizer(PROMPTS[:2] * 2, return_tensors="pt", padding=True)
+    want = mm(**batch, task_ids=["b"] * 4).logits
+    for one in ("b", ["b"], [1], torch.tensor([1])):
+        torch.testing.assert_close(mm(**batch, task_ids=one).logits, want, rtol=0, atol=0)
+    mm.set_routing(task_ids="b")
+    torch.testing.assert_close(mm(**batch).logits, want, rtol=0, atol=0)
+    for bad in (["a", "b"], ["a", "b", "c"], [], ["a"] * 5):
+        with pytest.raises(ValueError, match=rf"^{len(bad)} task ids for a batch of 4 sequences; give one per") as e:
+            mm(**batch, task_ids=bad)
+        assert "\n" not in str(e.value)
+        with pytest.raises(ValueError, match=rf"^{len(bad)} task ids for a batch of 4"):
+            mm.generate(**batch, task_ids=bad, max_new_tokens=1)
+    mm.set_routing(task_ids=["a", "b"])  # persistent: checked against the batch of each call
+    with pytest.raises(ValueError, match="2 task ids for a batch of 4 sequences"):
+        mm(**batch)
+    mm.set_router("dlp", hidden=16)
+    assert mm.router_loss(batch["input_ids"], batch["attention_mask"], "c").ndim == 0
+    with pytest.raises(ValueError, match="3 task ids for a batch of 4 sequences"):
+        mm.router_loss(batch["input_ids"], batch["attention_mask"], ["a", "b", "c"])
+
+
 def test_dlp_wide_nucleus_folded_per_sequence_is_the_same_model(assets, monkeypatch):
     """A near-uniform DLP router keeps all 3 adapters: its prefill takes the folded per-sequence form
     (kernels.sequence_concat) in every wrapped projection; logits and greedy tokens equal the unfolded op's."""

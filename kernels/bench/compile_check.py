@@ -69,9 +69,10 @@ def configurations():
             out.append((f"bank_shrink {dt} BM={bm}", tb.bank_shrink_kernel.fn, hp,
                         {"R": 16, "K": 2, "BM": bm, "BN": cfg["BANK_BN"], "BK": 64, "SEQ": small, "SKIP": small,
                          "F32": dt == "fp32"}))  # fmt: skip
-            out.append((f"bank_expand {dt} BM={bm}", tb.bank_expand_kernel.fn, hp,
-                        {"R": 16, "K": 2, "SPLIT": 8 if small else 1, "BM": bm, "BN": 128, "BK": 32, "SEQ": small,
-                         "SKIP": small, "F32": dt == "fp32"}))  # fmt: skip
+            for one_window in (True, False):  # the routed-adapter set once per program (L <= 64), or per chunk
+                out.append((f"bank_expand {dt} BM={bm}" + ("" if one_window else " L>64"), tb.bank_expand_kernel.fn,
+                            hp, {"R": 16, "K": 2, "SPLIT": 8 if small else 1, "BM": bm, "BN": 128, "BK": 32,
+                                 "SEQ": small, "SKIP": small, "ONE_WINDOW": one_window, "F32": dt == "fp32"}))  # fmt: skip
     return out
 
 
@@ -88,7 +89,7 @@ def main(argv=None) -> None:
     if args.few:
         few = ("token_fused bf16 seq=False BR=16", "token_fused fp32 seq=True BR=64", "token_shrink bf16 seq=True",
                "token_expand fp32 seq=False", "grouped_expand bf16", "bank_shrink bf16 BM=16",
-               "bank_expand bf16 BM=16")  # fmt: skip
+               "bank_expand bf16 BM=16", "bank_expand bf16 BM=128 L>64")  # fmt: skip
         configs = [c for c in configs if c[0] in few]
     for name, fn, ptrs, constants in configs:
         sig, consts = signature(fn, ptrs, constants)

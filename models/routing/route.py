@@ -46,7 +46,8 @@ class Route:
 class RouteContext:
     """Per-call routing inputs shared by the model, its router and every wrapped layer (plain object, no params).
 
-    task_ids      [B] adapter index per sequence: the oracle's choice, the gate / router training label
+    task_ids      [B] adapter index per sequence: the oracle's choice, the gate / router training label (one given
+                  for a whole batch is broadcast: ``validate_task_ids``)
     route_mask    [B, S] tokens a sentence router reads (e.g. the prompt only, during teacher-forced training)
     force_gates   MeteoRA gates replaced by one-hot logits of task_ids (a test / teacher-forcing switch)
     bank, tokenizer, embedding   the adapter bank, the model's tokenizer and its (frozen) input embedding
@@ -216,7 +217,12 @@ class SequenceRouter(Router):
 
 
 def validate_task_ids(task_ids, bank, batch: int | None = None) -> torch.Tensor:
-    """Adapter names or indices -> LongTensor of bank indices; one-line error for unknown names / out of range."""
+    """Adapter names or indices -> LongTensor of bank indices; one-line error for unknown names / out of range.
+
+    One task for the whole batch (a name, or a one-element list or tensor) is broadcast to every sequence; with
+    ``batch`` given the result has ``batch`` rows, and any other length than 1 or ``batch`` is refused (a list
+    that is one short would otherwise route every sequence after the gap to its neighbour's adapter).
+    """
     if task_ids is None:
         return None
     if isinstance(task_ids, str):
@@ -226,4 +232,14 @@ def validate_task_ids(task_ids, bank, batch: int | None = None) -> torch.Tensor:
     t = torch.as_tensor(task_ids, dtype=torch.long).reshape(-1)
     if len(t) and (int(t.min()) < 0 or int(t.max()) >= len(bank)):
         raise ValueError(f"task ids {t.tolist()} are out of range for {len(bank)} adapters {bank.names}")
-    return t
+    return t if batch is None else task_ids_for_batch(t, batch)
+
+
+def task_ids_for_batch(t: torch.Tensor, batch: int) -> torch.Tensor:
+    """Validated task ids for a batch of ``batch`` sequences: as they are, or one broadcast to all."""
+    if len(t) == batch:
+        return t
+    if len(t) == 1:
+        return t.expand(batch)
+    raise ValueError(f"{len(t)} task ids for a batch of {batch} sequences; give one per sequence, or a single one "
+                     "for the whole batch")
