@@ -21,9 +21,16 @@ class Bleu(evaluate.Metric):
             features=_FEATURES,
         )
 
-    def _compute(self, predictions, references):
+    def _compute(self, predictions, references, rows=False):
         pairs = [(p.lower(), r) for p, r in zip(predictions, references) if p.strip()]
-        if not pairs:
-            return {"bleu": 0.0}
-        hyps, refs = zip(*pairs)
-        return {"bleu": float(sacrebleu.BLEU().corpus_score(list(hyps), [list(refs)]).score)}
+        out = {"bleu": 0.0}
+        if pairs:
+            hyps, refs = zip(*pairs)
+            out["bleu"] = float(sacrebleu.BLEU().corpus_score(list(hyps), [list(refs)]).score)
+        if rows:  # per-row sacrebleu statistics (lengths, n-gram matches, totals; zeros for a dropped empty row):
+            # their sum over any rows gives those rows' corpus BLEU (data.scoring.from_stats)
+            bleu = sacrebleu.BLEU()
+            stats = iter(bleu._extract_corpus_statistics(list(hyps), [list(refs)]) if pairs else [])
+            width = 2 + 2 * bleu.max_ngram_order
+            out["bleu_rows"] = [[float(x) for x in next(stats)] if p.strip() else [0.0] * width for p in predictions]
+        return out
