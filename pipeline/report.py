@@ -8,7 +8,15 @@ record feeds which table. Writes ``<out_dir>/report.md``, ``<out_dir>/tables/<na
 ``<out_dir>/plots/<name>.png``, logs each table as a wandb Table and each plot as an image, and its own
 metrics.json (number of records and tables) in its run dir. When the experiment is one of the papers' tables
 (``paper_table``, default the experiment's name), it also writes ``<paper_tables_dir>/<name>.{json,md,png}``
-(``pipeline.paper_tables``: the issue-8 rows, provenance and computed claims; default ``outputs/tables/``).
+(``pipeline.paper_tables``: the issue-8 rows, provenance and computed claims; default ``outputs/tables/``) and
+commits the raw records it was built from to ``records_out`` (``outputs/records/<name>/``, ``pipeline.records``).
+
+    python -m pipeline.report experiment=meteora_tasks records=outputs/records/meteora_tasks   # offline rebuild
+    python -m pipeline.report experiment=meteora_tasks records=outputs/records/meteora_tasks readme=README.md
+
+``records=<dir>`` reads a committed records dir instead of the run dirs (nothing else is needed: no adapters, no
+model, no data) and rebuilds the paper table from it. ``readme=<path>`` then rewrites the generated block of that
+README's Results section from every table in ``paper_tables_dir`` (``pipeline.readme_results``).
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ def collect_records(source_dir) -> list[dict]:
             continue
         if rec["stage"] not in SKIP_STAGES:
             rec["_path"] = str(path)
+            rec["_run"] = path.parent.relative_to(source).as_posix()  # the run's name in tables and records
             records.append(rec)
     return records
 
@@ -103,13 +112,21 @@ def write_experiment_table(cfg: DictConfig, records: list[dict]) -> dict:
 
 def report(cfg: DictConfig) -> float | None:
     """Build the report of ``cfg.source_dir`` into ``cfg.out_dir``; return the number of tables."""
+    from pipeline.records import read_records, write_records
     from pipeline.stage import StageRun
 
     with StageRun(cfg) as run:
-        records = collect_records(cfg.source_dir)
+        committed = cfg.get("records")
+        records = read_records(committed) if committed else collect_records(cfg.source_dir)
         path, tables = render_report(records, cfg.out_dir, str(cfg.title), tracker=run.tracker)
         print(f"report: {path.resolve()}")
         paper = write_experiment_table(cfg, records)
+        if paper and not committed and cfg.get("records_out"):  # the raw records the table was built from
+            print(f"records: {write_records(records, cfg.source_dir, cfg.records_out).resolve()}")
+        if cfg.get("readme"):
+            from pipeline.readme_results import update_readme
+
+            print(f"readme: {update_readme(cfg.readme, cfg.paper_tables_dir)}")
         tasks = sorted({t for r in records for t in r.get("tasks", [])})
         return run.finish(tasks=tasks, strategy=None, main_metric="tables",
                           metrics={"records": len(records), "tables": len(tables)},

@@ -46,7 +46,8 @@ def runs(tmp_path_factory):
     from pipeline.reproduce import reproduce
 
     one, two = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("two")
-    overrides = [*_overrides(4, "[object_counting,winowhy,lora_b]"), f"paths.output_root={one}", "logger=none"]
+    overrides = [*_overrides(4, "[object_counting,winowhy,lora_b]"), f"paths.output_root={one}", "logger=none",
+                 "allow_dirty=true"]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="reproduce", overrides=overrides)
     with open_dict(cfg):
@@ -58,7 +59,7 @@ def runs(tmp_path_factory):
         shutil.copytree(one / "smoke" / "adapters" / task, two / "smoke" / "adapters" / task)
     env = {**os.environ, "LORAMUX_OUTPUTS": str(two), "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "pipeline.reproduce", *_overrides(2, "[lora_b]"), "trainer=ddp_cpu",
+    cmd = [sys.executable, "-m", "pipeline.reproduce", *_overrides(2, "[lora_b]"), "trainer=ddp_cpu", "allow_dirty=true",
            "logger=wandb", "print_config=false", f"hydra.run.dir={two / 'reproduce'}"]
     proc = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
