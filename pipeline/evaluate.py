@@ -7,9 +7,11 @@
 
 Single tasks: the first ``data.test_limit`` rows of each task's test split, greedy decoding of at most
 ``generation.max_new_tokens`` tokens, each task's own metrics (``data.scoring.score``). Composite-n:
-``data.composite.build_composite`` over the first n of ``composite_tasks`` (MeteoRA's 2-shot numbered-list
-prompt), answers parsed and scored per sub-task with attempts / correct (``data.composite.score_composite``);
-meteora uses ``router.composite_temperature[n]`` there. Writes ``predictions.jsonl`` (one line per example:
+``data.composite.build_composite`` over MeteoRA's sub-task list for n (``composite3/5/10``), or the first n of
+``composite_tasks`` when set (MeteoRA's prompt: its two fixed examples, ``composite_shots``), ``composite_rows``
+rows, answers parsed and scored per sub-task with attempts / correct (``data.composite.score_composite``);
+meteora uses ``router.composite_temperature[n]`` there, and EOS is held back until n answers
+(``generation.composite_suppress_eos``, pipeline/eos_gate.py). Writes ``predictions.jsonl`` (one line per example:
 prompt, gold, prediction, route) and metrics.json (``<task>/<metric>``, ``<task>/score``, ``main`` = mean score).
 
 Multi-GPU: generation runs through ``Trainer.predict`` with ``cfg.trainer``'s devices (``trainer=ddp``): the
@@ -58,8 +60,10 @@ def predict_trainer(cfg: DictConfig, progress: bool):
     return instantiate(cfg.trainer, **kw)
 
 
-def _single_task_groups(cfg):
-    """One prompt group per task: its first ``data.test_limit`` test rows (the oracle gets the task's adapter)."""
+def _single_task_groups(cfg, tokenizer):
+    """One prompt group per task: its first ``data.test_limit`` test rows (the oracle gets the task's adapter), at
+    most its own answer budget of new tokens (pipeline.answer_budget)."""
+    from pipeline.answer_budget import task_budget
     from pipeline.generation import PromptGroup
     from pipeline.task_rows import task_rows
 
@@ -68,7 +72,7 @@ def _single_task_groups(cfg):
     for task in [str(t) for t in cfg.tasks]:
         rows[task] = task_rows(task, str(cfg.data.test_split), cfg.data.test_limit, int(cfg.data.get("split_seed", 0)))
         groups.append(PromptGroup([r["prompt"] for r in rows[task]], [task] * len(rows[task]) if oracle else None,
-                                  int(cfg.generation.max_new_tokens)))
+                                  task_budget(cfg, task, tokenizer)))
     return rows, groups
 
 
@@ -82,6 +86,7 @@ def _score_single_tasks(cfg, rows, gens):
         metrics.update({f"{task}/{k}": v for k, v in m.items()})
         metrics[f"{task}/score"] = task_score(m)
         metrics[f"{task}/skipped_long"] = g.skipped
+        metrics[f"{task}/max_new_tokens"] = g.max_new_tokens
         skipped, new_tokens = skipped + g.skipped, new_tokens + g.new_tokens
         for i, (r, p, route) in enumerate(zip(task_rows_, g.texts, g.routes)):
             lines.append({"task": task, "index": i, "prompt": r["prompt"], "answer": r["answer"], "prediction": p,
@@ -91,21 +96,37 @@ def _score_single_tasks(cfg, rows, gens):
     return metrics, lines, list(cfg.tasks), skipped, new_tokens
 
 
-def _composite_group(cfg, n):
-    from data.composite import build_composite
-    from pipeline.generation import PromptGroup
+def composite_subtasks(cfg, n: int) -> list[str]:
+    """The sub-tasks of composite-n: MeteoRA's list for n (``composite_tasks: null``), else the first n given."""
+    from data.task_table import SELECTIONS
 
+    if cfg.get("composite_tasks") is None:
+        if f"composite{n}" not in SELECTIONS:
+            raise ValueError(f"composite_n={n} has no MeteoRA sub-task list (it has 3, 5 and 10); set "
+                             f"composite_tasks=[...] to name its sub-tasks")
+        return list(SELECTIONS[f"composite{n}"])
     subtasks = [str(t) for t in list(cfg.composite_tasks)[:n]]
     if len(subtasks) < n:
         raise ValueError(f"composite_n={n} but composite_tasks has {len(subtasks)} tasks; lower composite_n")
+    return subtasks
+
+
+def _composite_group(cfg, n, tokenizer):
+    from data.composite import build_composite
+    from pipeline.answer_budget import composite_budget
+    from pipeline.generation import PromptGroup
+
+    subtasks = composite_subtasks(cfg, n)
     if str(cfg.router.strategy) == "oracle":
         raise ValueError("router=oracle needs one task per prompt; composite prompts mix tasks: use base, lora_b, "
                          "merge, meteora, dlp or dlp_segments")
     ds = build_composite(subtasks, rows=int(cfg.composite_rows), seed=int(cfg.composite_seed),
                          shots=int(cfg.get("composite_shots", 2)),
-                         split_seed=int(cfg.data.get("split_seed", 0)))
-    return subtasks, ds, PromptGroup(list(ds["prompt"]), None,
-                                     n * int(cfg.generation.composite_max_new_tokens_per_task))
+                         split_seed=int(cfg.data.get("split_seed", 0)),
+                         repeat_short=bool(cfg.get("composite_repeat_short", False)))
+    suppress = bool(cfg.generation.get("composite_suppress_eos", True))
+    return subtasks, ds, PromptGroup(list(ds["prompt"]), None, composite_budget(cfg, subtasks, tokenizer),
+                                     min_answers=n if suppress else None)
 
 
 def _score_composite(n, subtasks, ds, g):
@@ -118,6 +139,7 @@ def _score_composite(n, subtasks, ds, g):
         metrics.update({f"{name}/{k}": v for k, v in m.items()})
         metrics[f"{name}/score"] = task_score(m)
     metrics.update({k: rep[k] for k in ("attempts", "correct", "rows", "missing", "extra", "duplicate")})
+    metrics["max_new_tokens"] = g.max_new_tokens
     metrics["main"] = rep["correct"] / n
     lines = [{"index": i, "prompt": row["prompt"], "answers": row["answers"], "prediction": p, "route": r}
              for i, (row, p, r) in enumerate(zip(ds, g.texts, g.routes))]
@@ -134,10 +156,10 @@ def evaluate(cfg: DictConfig) -> float | None:
         mm, tokenizer = build_multilora(cfg, composite_n=n)
         mm.eval()
         if n:
-            subtasks, ds, group = _composite_group(cfg, n)
+            subtasks, ds, group = _composite_group(cfg, n, tokenizer)
             groups = [group]
         else:
-            rows, groups = _single_task_groups(cfg)
+            rows, groups = _single_task_groups(cfg, tokenizer)
         trainer = predict_trainer(cfg, bool(cfg.get("progress", True)))
         gens = generate_groups(trainer, mm, tokenizer, groups, batch_size=int(cfg.generation.batch_size),
                                max_prompt_tokens=int(cfg.data.max_prompt_tokens))

@@ -364,3 +364,27 @@ def test_reproduce_refuses_unknown_or_dirty_code_unless_allowed(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     prov = json.loads((tmp_path / "smoke" / "report" / "report" / "metrics.json").read_text())["provenance"]
     assert prov["git_sha"] == "0123abc+dirty" and prov["allow_dirty"] is True
+
+
+def test_evaluate_gives_each_task_its_answer_budget(smoke, tmp_path):
+    """generation.max_new_tokens=auto: each task generates up to its own budget from its gold answers (recorded);
+    composite-n sums its sub-tasks' budgets."""
+    from pipeline.answer_budget import NUMBERING_TOKENS, answer_budget
+    from pipeline.evaluate import evaluate
+
+    overrides, _exp = smoke
+    common = [o for o in overrides if not o.startswith("allow_dirty=")] + [
+        "router=base", "data.test_limit=2", "generation.max_new_tokens=auto",
+        "generation.composite_max_new_tokens_per_task=auto", "composite_rows=2"]
+    cfg = compose_stage("evaluate", common, tmp_path / "single")
+    evaluate(cfg)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(cache_dir() / "models" / "tiny-random-llama")
+    metrics = json.loads((tmp_path / "single" / "metrics.json").read_text())["metrics"]
+    for task in ("object_counting", "winowhy"):
+        assert metrics[f"{task}/max_new_tokens"] == answer_budget(task, tok)
+    evaluate(compose_stage("evaluate", [*common, "composite_n=2"], tmp_path / "composite"))
+    metrics = json.loads((tmp_path / "composite" / "metrics.json").read_text())["metrics"]
+    assert metrics["max_new_tokens"] == sum(answer_budget(t, tok) + NUMBERING_TOKENS
+                                            for t in ("object_counting", "winowhy"))
