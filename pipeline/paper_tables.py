@@ -130,7 +130,7 @@ def router_info(route: dict | None) -> dict | None:
         return None
     m = route["metrics"]
     return {"run": run_key(route), "router_accuracy": _num(m.get("router_accuracy")), "steps": m.get("steps"),
-            "target_accuracy": _num(m.get("target_accuracy")), "target_reached_step": m.get("target_reached_step")}
+            "target_accuracy": _num(route.get("target_accuracy")), "target_reached_step": route.get("target_reached_step")}
 
 
 # --------------------------------------------------------------------------------------- meteora_composite

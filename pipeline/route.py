@@ -5,7 +5,11 @@
 
 Training rows: ``router.train.rows_per_task`` rows of each task's train split, labelled with the task's adapter
 index (adapters = ``${paths.adapters_dir}/<task>`` in ``tasks`` order), shuffled together. ``router.train.steps``
-optimizer steps; validation on the val split (loss and routing accuracy, the run's main metric). The router
+optimizer steps; validation on the val split (loss and routing accuracy, the run's main metric) every
+``router.train.val_check_interval`` steps (null: ``trainer.val_check_interval``). With
+``router.train.target_accuracy`` the fit stops once the validation routing accuracy first reaches it
+(``router.train.steps`` is then the bound); metrics.json records the target, the step it was reached at and the
+accuracy curve (``pipeline/target_accuracy.py``). The router
 (``router.safetensors`` + ``router.json``) is written atomically to ``<run_dir>/router`` and to
 ``${paths.routers_dir}/<strategy>``.
 
@@ -105,13 +109,18 @@ def route(cfg: DictConfig) -> float | None:
         speed = apply_train_speed(cfg, mm.model) if objective == "meteora" else {"compile": False}
         from pipeline.scaling import stage_callbacks
         from pipeline.step_log import StepLog
+        from pipeline.target_accuracy import AccuracyCurve, target_callbacks
+
+        curve = AccuracyCurve(target=cfg.router.train.get("target_accuracy"))
+        val_every = int(cfg.router.train.get("val_check_interval") or cfg.trainer.val_check_interval)
 
         every = int(cfg.get("checkpoint", {}).get("every_n_steps", 0) or 0)
         requeue = RequeueCheckpoint(run.run_dir, every_n_steps=every, config=training_config(cfg))
         trainer = instantiate(cfg.trainer, logger=run.tracker.lightning, max_steps=steps, inference_mode=False,
                               callbacks=[StepLog(int(cfg.trainer.log_every_n_steps), f"route {objective}"), requeue,
+                                         *target_callbacks(curve),
                                          *stage_callbacks(cfg)],  # +callbacks.<name>=... (pipeline.scaling)
-                              val_check_interval=min(steps, int(cfg.trainer.val_check_interval)))
+                              val_check_interval=min(steps, val_every))
         mm.router.train()
         t0 = time.perf_counter()
         fit_resumable(trainer, module, train_dl, val_dl, resume, requeue)
@@ -138,7 +147,7 @@ def route(cfg: DictConfig) -> float | None:
         main = "router_accuracy" if "router_accuracy" in metrics else "val_loss"
         return run.finish(tasks=list(cfg.tasks), strategy=objective, metrics=metrics, main_metric=main,
                           extra={"router_dir": str(shared), "adapters": list(mm.adapter_names),
-                                 "train_speed": speed})
+                                 "train_speed": speed, **curve.summary()})
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="route")

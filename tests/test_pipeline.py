@@ -388,3 +388,23 @@ def test_evaluate_gives_each_task_its_answer_budget(smoke, tmp_path):
     metrics = json.loads((tmp_path / "composite" / "metrics.json").read_text())["metrics"]
     assert metrics["max_new_tokens"] == sum(answer_budget(t, tok) + NUMBERING_TOKENS
                                             for t in ("object_counting", "winowhy"))
+
+
+def test_route_trains_until_the_target_accuracy(smoke, tmp_path):
+    """router.train.target_accuracy: the fit stops at the first validation at or above it (steps is the bound);
+    the route record keeps the curve and the step; an unreachable target runs every step and says so."""
+    from pipeline.route import route
+
+    overrides, _ = smoke
+    base = [o for o in overrides if not o.startswith("allow_dirty=")] + [
+        "router=meteora", "router.train.steps=6", "router.train.val_check_interval=2",
+        f"paths.routers_dir={tmp_path / 'routers'}"]
+    route(compose_stage("route", [*base, "router.train.target_accuracy=0.0001"], tmp_path / "easy"))
+    easy = json.loads((tmp_path / "easy" / "metrics.json").read_text())
+    assert easy["metrics"]["steps"] == 2 and easy["target_reached_step"] == 2 and easy["target_accuracy"] == 0.0001
+    assert [s for s, _ in easy["router_accuracy_curve"]] == [2]
+    route(compose_stage("route", [*base, "router.train.target_accuracy=1.0"], tmp_path / "hard"))
+    hard = json.loads((tmp_path / "hard" / "metrics.json").read_text())
+    assert hard["metrics"]["steps"] == 6 and hard["target_reached_step"] is None
+    assert [s for s, _ in hard["router_accuracy_curve"]] == [2, 4, 6]
+    assert hard["router_accuracy_curve"][-1][1] == pytest.approx(hard["metrics"]["router_accuracy"], abs=1e-6)
