@@ -1,12 +1,16 @@
 """DLP-LoRA: a small sentence-level router picks a nucleus of adapters once per input.
 
-Sentence embedding (our choice; the paper's 5M "mini-MLP" is unreleased, its code uses ALBERT/RoBERTa): the mean
-of the base model's own *input embeddings* over the routed tokens (frozen, no second tokenizer, no extra forward
-pass; costs one embedding lookup). On it sits a 4-layer MLP
+Sentence features (our choice; the paper's 5M "mini-MLP" is unreleased, its code uses ALBERT/RoBERTa): from the
+base model's own *input embeddings* (frozen, no second tokenizer, no extra forward pass; one embedding lookup),
+the mean over the routed span plus means over windows of the first tokens (``models/router_features.py``: the
+windows keep the instruction cues a mean loses; ``span_tokens`` routes on the span the router was trained on).
+``prefix_windows=(), span_tokens=None`` is the plain mean over every routed token (routers saved before). On the
+features (F = (1 + m) d for m windows) sits a 4-layer MLP
 
-    LayerNorm(d) -> Linear(d, h) -> GELU -> Linear(h, h) -> GELU -> Linear(h, h) -> GELU -> Linear(h, L)
+    LayerNorm(F) -> Linear(F, h) -> GELU -> Linear(h, h) -> GELU -> Linear(h, h) -> GELU -> Linear(h, L)
 
-with h = 1408 by default: 4.8M parameters on SmolLM2-135M (d = 576), the paper's ~5M. Trained with
+``conf/router/dlp.yaml``: windows ends (4, 8, 16, 32), h = 1024: 5.1M parameters on SmolLM2-135M (d = 576), the
+paper's ~5M (the mean alone with h = 1408 was 4.8M). Trained with
 cross-entropy on the task id (``classification_loss``). Routing: ``p = softmax(logits)``, top-p nucleus
 (p = 0.6, keep at least one; ``max_kept`` caps the nucleus, e.g. 2 to time a trained router's typical 1-3 with a
 fresh one), fusion weights = softmax over the kept probabilities (DLP-LoRA's code) or
@@ -26,6 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.router_features import (
+    check_windows,
+    feature_dim,
+    segment_positions,
+    sequence_features,
+    span_features,
+)
 from models.routing import SequenceRouter, route_top_p
 
 
@@ -34,7 +45,8 @@ class DLPRouter(SequenceRouter):
     trainable = True
 
     def __init__(self, ctx, embedding: nn.Embedding, hidden: int = 1408, layers: int = 4, top_p: float = 0.6,
-                 fusion: str = "softmax", dropout: float = 0.0, max_kept: int | None = None):
+                 fusion: str = "softmax", dropout: float = 0.0, max_kept: int | None = None, prefix_windows=(),
+                 span_tokens: int | None = None):
         super().__init__(ctx)
         if not 0 < top_p <= 1:
             raise ValueError(f"dlp top_p={top_p!r} must be in (0, 1] (DLP-LoRA used 0.6)")
@@ -45,11 +57,15 @@ class DLPRouter(SequenceRouter):
             raise ValueError(f"dlp fusion={fusion!r} is not known; use 'softmax' (DLP-LoRA's code) or 'renorm'")
         if not isinstance(layers, int) or layers < 1 or not isinstance(hidden, int) or hidden < 1:
             raise ValueError(f"dlp layers={layers!r} / hidden={hidden!r} must be positive integers")
+        if span_tokens is not None and int(span_tokens) < 1:
+            raise ValueError(f"dlp span_tokens={span_tokens!r} must be a positive number of tokens or null (all)")
         object.__setattr__(self, "embedding", embedding)  # the base model's, frozen, not saved with the router
         d, L = embedding.embedding_dim, len(ctx.bank)
         self.top_p, self.fusion, self.hidden, self.layers, self.dropout = float(top_p), fusion, hidden, layers, dropout
-        mods: list = [nn.LayerNorm(d)]
-        width = d
+        self.prefix_windows = check_windows(prefix_windows)
+        self.span_tokens = None if span_tokens is None else int(span_tokens)
+        width = feature_dim(d, self.prefix_windows)
+        mods: list = [nn.LayerNorm(width)]
         for _ in range(layers - 1):
             mods += [nn.Linear(width, hidden), nn.GELU(), nn.Dropout(dropout)]
             width = hidden
@@ -58,7 +74,8 @@ class DLPRouter(SequenceRouter):
 
     def config(self):
         return {"hidden": self.hidden, "layers": self.layers, "top_p": self.top_p, "fusion": self.fusion,
-                "dropout": self.dropout, "max_kept": self.max_kept}
+                "dropout": self.dropout, "max_kept": self.max_kept, "prefix_windows": list(self.prefix_windows),
+                "span_tokens": self.span_tokens}
 
     def adapter_row_keys(self):
         last = len(self.mlp) - 1
@@ -66,14 +83,10 @@ class DLPRouter(SequenceRouter):
 
     # ---- classifier ------------------------------------------------------------------------------------------
     def sentence_embedding(self, input_ids=None, attention_mask=None, inputs_embeds=None) -> torch.Tensor:
-        """Mean of the frozen input embeddings over the tokens with mask 1 -> [B, d] fp32."""
+        """The router's features of each sequence (tokens with mask 1) -> [B, (1 + windows) d] fp32."""
         with torch.no_grad():
             e = inputs_embeds if inputs_embeds is not None else self.embedding(input_ids)
-            e = e.float()
-            if attention_mask is None:
-                return e.mean(1)
-            m = attention_mask.to(e.dtype).unsqueeze(-1)
-            return (e * m).sum(1) / m.sum(1).clamp(min=1.0)
+            return sequence_features(e, attention_mask, self.span_tokens, self.prefix_windows)
 
     def logits(self, input_ids=None, attention_mask=None, inputs_embeds=None) -> torch.Tensor:
         """Router logits [B, L] for whole sequences."""
@@ -143,14 +156,12 @@ class DLPSegmentRouter(DLPRouter):
             _, s = torch.unique(s, return_inverse=True)
             seg[b, pos] = s + n_seg
             n_seg += int(s.max()) + 1 if len(s) else 0
-        # one embedding per segment: mean of its tokens' input embeddings
+        # one feature vector per segment: the router's features of its tokens (models/router_features.py)
         with torch.no_grad():
             e = self.embedding(input_ids).float().reshape(B * S, -1)
             flat = seg.reshape(-1)
             ok = flat >= 0
-            sums = torch.zeros(n_seg, e.shape[1], device=e.device).index_add_(0, flat[ok], e[ok])
-            cnt = torch.zeros(n_seg, device=e.device).index_add_(0, flat[ok], torch.ones_like(flat[ok], dtype=e.dtype))
-            seg_emb = sums / cnt.clamp(min=1)[:, None]
+            seg_emb = span_features(e, flat, segment_positions(flat), n_seg, self.span_tokens, self.prefix_windows)
         seg_ids, seg_w = self.select(self.mlp(seg_emb.to(self.mlp[-1].weight.dtype)))
         whole_ids, whole_w = whole = self.select(self.logits(input_ids, mask))
         ks, kw = seg_ids.shape[1], whole_ids.shape[1]

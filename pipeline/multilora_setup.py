@@ -70,7 +70,10 @@ def build_multilora(cfg: DictConfig, model=None, tokenizer=None, *, load_router:
     kwargs = router_kwargs(cfg.router, composite_n)
     if strategy in TRAINED and not load_router:
         if strategy != "meteora":
-            kwargs.update(hidden=int(cfg.router.hidden), layers=int(cfg.router.layers))
+            span = cfg.router.get("span_tokens")
+            kwargs.update(hidden=int(cfg.router.hidden), layers=int(cfg.router.layers),
+                          prefix_windows=[int(w) for w in cfg.router.get("prefix_windows") or []],
+                          span_tokens=None if span is None else int(span))
         mm = MultiLoRAModel.from_adapters(model, dirs, router=strategy, tokenizer=tokenizer, **kwargs)
     elif strategy in TRAINED:
         ckpt = Path(str(cfg.paths.routers_dir)) / TRAINED[strategy]
