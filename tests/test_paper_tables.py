@@ -1,7 +1,8 @@
 """The five paper experiments, end to end on the tiny random LLaMA (CPU): each `reproduce experiment=<name>` with
 small overrides writes `<output_root>/tables/<name>.{json,md[,png]}` with the issue-8 row schema, provenance and
 computed claims. One module-scoped chain, in the order the GPU runs it: meteora_tasks trains the shared adapters
-and gates; meteora_composite, dlp_tasks and head_to_head read them; dlp_latency runs the bench on the default
+and gates; meteora_composite and head_to_head read them; dlp_tasks trains DLP-LoRA's own q,v adapters and its
+router; dlp_latency runs the bench on the default
 model and on the 8B shape's 2-layer CPU stand-in, static engine included (dynamo's eager backend on CPU).
 """
 
@@ -33,7 +34,7 @@ EXPERIMENTS = {
     "meteora_composite": [TASK_LIST, f"composite_tasks=[{','.join(TASKS)}]", "plan.composite=[2]", "composite_rows=3",
                           "generation.composite_max_new_tokens_per_task=3"],
     "dlp_tasks": [TASK_LIST, *ROUTER],
-    "head_to_head": [TASK_LIST, "plan.composite=[2]", "composite_rows=3", "generation.composite_max_new_tokens_per_task=3",
+    "head_to_head": [TASK_LIST, "plan.composite=[2]", f"composite_tasks=[{','.join(TASKS)}]", "composite_rows=3", "generation.composite_max_new_tokens_per_task=3",
                      "~plan.route.meteora", "~plan.route.dlp", *[f"~plan.evaluate.{s}" for s in
                                                                  ("base", "meteora-top1", "dlp-segments", "merge")],
                      *[f"~plan.composite_strategies.{s}" for s in ("base", "meteora-top2", "dlp-segments")],
@@ -170,6 +171,10 @@ def test_dlp_tasks_table(tables):
             assert r[c] is not None and 0 <= r[c] <= (100 if r["metric"] == "bleu" else 1)
     assert t["bleu_rouge_from_predictions"] == ["disfl_qa"]
     assert 0 <= t["router_accuracy"] <= 1 and 0 <= t["router_accuracy_test"] <= 1
+    adapter = json.loads((tables / "dlp_tasks" / "adapters" / "winowhy" / "adapter_config.json").read_text())
+    assert sorted(adapter["target_modules"]) == ["q_proj", "v_proj"] and adapter["lora_dropout"] == 0.1  # DLP-LoRA's
+    router = json.loads((tables / "routers" / "dlp" / "router.json").read_text())["config"]
+    assert router["prefix_windows"] == [4, 8, 16, 32] and router["span_tokens"] == 256  # routes the span it trained on
     c3, c4 = t["claims"]
     assert [c3["claim"][:2], c4["claim"][:2]] == ["3.", "4."]
     assert c3["interval"]["estimate"] == pytest.approx(t["router_accuracy_test"], abs=1e-6)
