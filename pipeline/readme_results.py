@@ -29,7 +29,8 @@ from pathlib import Path
 from pipeline.paper_tables import _md_cell, _md_table, interval_cell
 
 ROOT = Path(__file__).resolve().parent.parent
-PAPER_FILES = ("meteora_tasks", "meteora_composite", "dlp_tasks", "dlp_tasks_gemma", "head_to_head", "dlp_latency")
+PAPER_FILES = ("meteora_tasks", "meteora_tasks_gemma", "meteora_composite", "meteora_composite_gemma", "dlp_tasks",
+               "dlp_tasks_gemma", "head_to_head", "dlp_latency")
 # (label, direction, T, ranks, bound): the fused op's time targets, as ratios to the base linear of the same shape
 KERNEL_TARGETS = (("prefill T=4096, r ≤ 16: ≤ 1.08", "fwd", 4096, (8, 16), 1.08),
                   ("prefill T=4096, r = 64: ≤ 1.12", "fwd", 4096, (64,), 1.12),
