@@ -46,7 +46,8 @@ SHOTS: dict[str, tuple[Shot, Shot]] = {
         Shot("In a golf tournament, there were three golfers: Ana, Rob, and Joe. Joe finished above Ana.",
              "Joe finished second.")),
     "question_selection": (
-        Shot("Short Answer: magazines and journals Context: Tesla wrote", "Who was the first to post tesla's writings?"),
+        Shot("Short Answer: magazines and journals Context: Tesla wrote",
+             "Who was the first to post tesla's writings?"),
         Shot("Short Answer: two months Context: It was not until January 1518",
              "How long did the theses take to spread through europe?")),
     "abstract_narrative_understanding": (

@@ -36,7 +36,8 @@ def feature_dim(d: int, windows=()) -> int:
 def check_windows(windows) -> tuple[int, ...]:
     ends = tuple(int(w) for w in windows)
     if any(w <= 0 for w in ends) or list(ends) != sorted(set(ends)):
-        raise ValueError(f"prefix_windows={list(windows)} must be increasing positive token counts, e.g. [4, 8, 16, 32]")
+        raise ValueError(f"prefix_windows={list(windows)} must be increasing positive token counts, "
+                         f"e.g. [4, 8, 16, 32]")
     return ends
 
 

@@ -8,9 +8,9 @@ JSON: ``{"table", "provenance": {git_sha, device, torch, triton, transformers, v
 date, runs, wall_time_s, records}, "rows": [...], "claims": [{claim, measured, threshold, holds, interval, verdict,
 reason}], ...}``. ``provenance.by_run`` holds, per run that made a row (``<stage>/<step>``), its git sha, date,
 wall time, ``allow_dirty`` and its own composed config (the ``config.yaml`` the stage saved; ``report_config`` is
-the report call's, ``runs`` the first and last run date); each row's ``runs`` names the run of each column. Claims: ``pipeline.paper_claims`` (point estimate,
-paired bootstrap interval from the runs' predictions, verdict). Rows per table (scores: accuracy and ROUGE as
-fractions in [0, 1], BLEU 0-100; None where a run is missing):
+the report call's, ``runs`` the first and last run date); each row's ``runs`` names the run of each column.
+Claims: ``pipeline.paper_claims`` (point estimate, paired bootstrap interval from the runs' predictions, verdict).
+Rows per table (scores: accuracy and ROUGE as fractions in [0, 1], BLEU 0-100; None where a run is missing):
 
 * ``meteora_tasks``: ``{task, metric, peft, meteora_top1, meteora_top2, lora_b, merge, runs}``; ``peft`` = the
   oracle (each task's own adapter); ``metric`` = accuracy where the task has it, else rougeL, else bleu.
@@ -19,8 +19,8 @@ fractions in [0, 1], BLEU 0-100; None where a run is missing):
 * ``meteora_composite``: ``{n, subtask, metric, meteora, lora_b, meteora_answered, lora_b_answered, runs}``
   (``*_answered``: share of rows with a non-empty answer to that sub-task); top-level ``per_n`` =
   ``[{n, measure: "attempts" | "correct", meteora, lora_b}]`` (MeteoRA's attempts and correct of each n).
-* ``dlp_tasks``: ``{task, kind: mcq | qa, metric, base, single_lora, dlp, runs}``; MCQ tasks one ``accuracy`` row, QA
-  tasks one row per metric: their own accuracy (if any), ``bleu``, ``rouge1``, ``rougeL`` (BLEU/ROUGE a task's
+* ``dlp_tasks``: ``{task, kind: mcq | qa, metric, base, single_lora, dlp, runs}``; MCQ tasks one ``accuracy`` row,
+  QA tasks one row per metric: their own accuracy (if any), ``bleu``, ``rouge1``, ``rougeL`` (BLEU/ROUGE a task's
   registry does not score are computed here from the run's predictions.jsonl with the same metric modules).
   Top-level ``router_accuracy`` (the route stage's validation accuracy) and ``router_accuracy_test`` (top-1 of
   the dlp router's test-set routes in evaluate's predictions, where they were saved).
@@ -130,7 +130,8 @@ def router_info(route: dict | None) -> dict | None:
         return None
     m = route["metrics"]
     return {"run": run_key(route), "router_accuracy": _num(m.get("router_accuracy")), "steps": m.get("steps"),
-            "target_accuracy": _num(route.get("target_accuracy")), "target_reached_step": route.get("target_reached_step")}
+            "target_accuracy": _num(route.get("target_accuracy")),
+            "target_reached_step": route.get("target_reached_step")}
 
 
 # --------------------------------------------------------------------------------------- meteora_composite

@@ -43,7 +43,8 @@ from omegaconf import DictConfig, open_dict
 from pipeline.entry import CONF_DIR, cli, user_errors
 
 log = logging.getLogger(__name__)
-OWN_KEYS = ("allow_dirty", "force", "gpus", "parallel", "plan", "print_config", "stage")  # reproduce's own keys: not passed on to the stages
+# reproduce's own keys: not passed on to the stages
+OWN_KEYS = ("allow_dirty", "force", "gpus", "parallel", "plan", "print_config", "stage")
 
 
 def _compose(stage: str, overrides: list[str]) -> DictConfig:

@@ -9,7 +9,8 @@ validation's (step, accuracy) and the step the target was first reached (None: n
     curve = AccuracyCurve("val/router_accuracy", target=0.9)
     trainer = Trainer(callbacks=[*target_callbacks(curve), ...], val_check_interval=250, max_steps=15000)
     trainer.fit(...)
-    curve.summary()    # {"target_accuracy": 0.9, "target_reached_step": 1750, "router_accuracy_curve": [[250, 0.41], ...]}
+    curve.summary()    # {"target_accuracy": 0.9, "target_reached_step": 1750,
+                       #  "router_accuracy_curve": [[250, 0.41], ...]}
 
 The curve is part of the callback's state, so a resumed run (pipeline/requeue.py) continues it.
 """

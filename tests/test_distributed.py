@@ -59,8 +59,8 @@ def runs(tmp_path_factory):
         shutil.copytree(one / "smoke" / "adapters" / task, two / "smoke" / "adapters" / task)
     env = {**os.environ, "LORAMUX_OUTPUTS": str(two), "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "pipeline.reproduce", *_overrides(2, "[lora_b]"), "trainer=ddp_cpu", "allow_dirty=true",
-           "logger=wandb", "print_config=false", f"hydra.run.dir={two / 'reproduce'}"]
+    cmd = [sys.executable, "-m", "pipeline.reproduce", *_overrides(2, "[lora_b]"), "trainer=ddp_cpu",
+           "allow_dirty=true", "logger=wandb", "print_config=false", f"hydra.run.dir={two / 'reproduce'}"]
     proc = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
     return one / "smoke", two / "smoke", proc.stdout + proc.stderr

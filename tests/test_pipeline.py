@@ -253,8 +253,8 @@ def test_wandb_offline_run_holds_the_report_table(smoke, monkeypatch):
     overrides, exp = smoke
     monkeypatch.setenv("WANDB_MODE", "offline")
     run_dir = exp / "report" / "wandb-check"
-    cfg = compose_stage("report", [o for o in overrides if not o.startswith(("logger=", "allow_dirty="))] + ["logger=wandb"],
-                        run_dir)
+    kept = [o for o in overrides if not o.startswith(("logger=", "allow_dirty="))]
+    cfg = compose_stage("report", [*kept, "logger=wandb"], run_dir)
     assert report(cfg) >= 4
     [log_file] = list(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
     for _ in range(60):  # wandb's service may still be flushing the log when finish() returns: wait for `exit`
