@@ -49,7 +49,25 @@ def versions() -> dict[str, str]:
     return out
 
 
+ALLOW_DIRTY_ENV = "LORAMUX_ALLOW_DIRTY"  # set by `reproduce allow_dirty=true`, inherited by its step processes
+
+
+def code_version_problem(sha: str) -> str | None:
+    """Why results made by the code at ``sha`` could not be traced to a commit (None when they can)."""
+    if sha == "unknown" or not sha:
+        return ("the code version is unknown (not a git checkout and LORAMUX_GIT_SHA unset): set "
+                "LORAMUX_GIT_SHA=<the commit this snapshot is>")
+    if sha.endswith("+dirty"):
+        return f"the checkout has uncommitted changes to tracked files ({sha}): commit them first"
+    return None
+
+
 def provenance(seed) -> dict:
-    """The ``provenance`` block of every metrics.json."""
-    return {"git_sha": git_sha(), "device": device_name(), "versions": versions(),
-            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "seed": seed}
+    """The ``provenance`` block of every metrics.json (``allow_dirty``: the run was allowed to start from code that
+    is not a clean commit, ``reproduce allow_dirty=true``)."""
+    sha = git_sha()
+    out = {"git_sha": sha, "device": device_name(), "versions": versions(),
+           "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "seed": seed}
+    if os.environ.get(ALLOW_DIRTY_ENV) == "1" and code_version_problem(sha):
+        out["allow_dirty"] = True
+    return out

@@ -74,6 +74,7 @@ class PromptGroup:
     prompts: list
     task_ids: list | None = None  # one adapter name per prompt (the oracle), else None
     max_new_tokens: int = 16
+    min_answers: int | None = None  # composite-n: EOS held back until n numbered answers (pipeline.stages.eos_gate)
 
 
 @dataclass
@@ -85,6 +86,7 @@ class Generations:
     skipped: int = 0
     seconds: float = 0.0
     new_tokens: int = 0
+    max_new_tokens: int = 0
 
 
 def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,15 +112,15 @@ def plan_jobs(tokenizer, groups: list[PromptGroup], batch_size: int, max_prompt_
             batch = order[s:s + batch_size]
             jobs.append({"group": g, "indices": batch, "input_ids": [enc[i] for i in batch],
                          "task_ids": [group.task_ids[i] for i in batch] if group.task_ids is not None else None,
-                         "max_new_tokens": int(group.max_new_tokens)})
+                         "max_new_tokens": int(group.max_new_tokens), "min_answers": group.min_answers})
     return jobs, skipped
 
 
 def assemble(groups: list[PromptGroup], skipped: list[int], outputs: list[dict], seconds: float) -> list[Generations]:
     """Job outputs (any order, from any rank) -> one ``Generations`` per group, in input order; ``seconds`` is the
     generation time of the whole set (each group's share of it is in ``new_tokens``)."""
-    gens = [Generations(texts=[None] * len(g.prompts), routes=[None] * len(g.prompts), skipped=s)
-            for g, s in zip(groups, skipped)]
+    gens = [Generations(texts=[None] * len(g.prompts), routes=[None] * len(g.prompts), skipped=s,
+                        max_new_tokens=int(g.max_new_tokens)) for g, s in zip(groups, skipped)]
     for out in outputs:
         g = gens[out["group"]]
         for i, text, route in zip(out["indices"], out["texts"], out["routes"]):

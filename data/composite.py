@@ -1,65 +1,70 @@
-"""Composite-n: n tasks asked in one prompt, answered as a numbered list (MeteoRA's create_composite.py / eval.py).
+"""Composite-n: n tasks asked in one prompt, answered as a numbered list, exactly as MeteoRA builds and scores it
+(its data/create_composite.py and eval/eval.py).
 
-    ds = build_composite(select("composite3"), rows=200)        # columns prompt, answers, subtasks
+    ds = build_composite("composite5", rows=200)               # MeteoRA's 5 sub-tasks in its order; prompt, answers
     outputs = [generate(p) for p in ds["prompt"]]
     report = score_composite(outputs, ds)                       # per-task metrics + attempts + correct
 
-Building (as MeteoRA's create_composite.py does): each sub-task's test split is shuffled with `seed` (47, MeteoRA's) and row i joins the
-i-th prompt of every sub-task, in sub-task order; the gold answers stay per sub-task (`answers[j]` for sub-task j).
-The prompt opens with a `shots`-shot prefix built from TRAINING rows (never test rows): shot k asks the k-th
-example of every sub-task and answers them as `1. ...` .. `n. ...`; then "Following the example above, generate
-answers to the questions below:" and the n test prompts. Shots are the shortest of each sub-task's first 64
-shuffled training rows, so the prefix stays as short as the data allows; newlines inside shot answers become
-spaces, since an answer is one line.
+Sub-tasks: MeteoRA's lists per n (``composite3/5/10`` in data/task_table.py; the 3- and 5-lists are not prefixes
+of the 10-list), or any list of tasks. Rows: one ``random.Random(seed)`` stream (seed 47, MeteoRA's) shuffles
+each sub-task's test rows in turn, in sub-task order; row i joins the i-th prompt of every sub-task and keeps the
+gold answers per sub-task (``answers[j]``). The test rows are the single-task test split (``split_seed``), less
+the rows used as examples.
 
-Parsing: answer i is the text after `i.` at the start of a line, up to the end of that line (MeteoRA's
-`i. (.*?)(\\n|$)`, anchored to a line start so "11." never reads as "1.", and "2.5 m" is no answer 2); a missing
-number gives "". Numbers above
-n, and repeats of a number (the first one counts), are counted in the report.
+Prompt (MeteoRA's template, character for character)::
+
+    \nExample 1:\n\n<prompt of sub-task 1, without its final newline>\n\n ... <prompt n>\n\n
+    1. <answer 1>\n ... n. <answer n>\n\n\nExample 2:\n\n ... n. <answer n>\n\n\n
+    Following the example above, generate answers to the questions below:\n\n
+    <test prompt 1>\n\n<test prompt 2>\n\n ... <test prompt n>\n
+
+where each test prompt is the sub-task's own single-task prompt (``[INST] ... [/INST]\n``, so test prompts are
+two blank lines apart). The examples are MeteoRA's two fixed ones (``data.composite_shots``: ordinary rows of each
+sub-task, built by the same code as the test prompts); an answer is one line (newlines become spaces).
+``shots=1`` keeps Example 1 only, ``shots=0`` none (the instruction line still opens the questions).
+
+Parsing: answer i is the text after ``i.`` at the start of a line, up to the end of that line (MeteoRA's
+``i. (.*?)(\\n|$)``, anchored to a line start so "11." never reads as "1.", and "2.5 m" is no answer 2); a missing
+number gives "". Numbers above n, and repeats of a number (the first one counts), are counted in the report.
 
 Scoring: every sub-task with its own metrics (data.scoring.score) over the rows, plus MeteoRA's summaries:
-`attempts` = mean number of non-empty answers per row (n - empties/N), `correct` = sum of the sub-tasks' accuracies.
+``attempts`` = mean number of non-empty answers per row (n - empties/N), ``correct`` = sum of the sub-tasks'
+accuracies.
 """
 
 from __future__ import annotations
 
+import random
 import re
 from collections.abc import Sequence
 
-import numpy as np
-
+from data.composite_shots import fixed_shots
 from data.errors import LoramuxDataError
 from data.scoring import score
 from data.tasks import get_task, load_split, select
 
 INSTRUCTION = "Following the example above, generate answers to the questions below:"
-SHOT_POOL = 64
+
+
+def one_line(answer: str) -> str:
+    """An answer as one line of a numbered list (line breaks become spaces, nothing else changes)."""
+    return " ".join(str(answer).strip().splitlines())
 
 
 def _numbered(answers: Sequence[str]) -> str:
-    return "".join(f"{i}. {' '.join(str(a).split())}\n" for i, a in enumerate(answers, 1))
+    return "".join(f"{i}. {one_line(a)}\n" for i, a in enumerate(answers, 1))
 
 
-def _shuffled(ds, seed: int):
-    return ds.select(np.random.default_rng(seed).permutation(len(ds)).tolist())
-
-
-def _shots(subtasks: Sequence[str], shots: int, seed: int, split_seed: int) -> str:
-    """The few-shot prefix: `shots` blocks of n training prompts + their numbered answers."""
-    if shots <= 0:
-        return ""
-    picked = []
-    for name in subtasks:
-        train = _shuffled(load_split(name, "train", seed=split_seed, max_train=SHOT_POOL), seed)
-        order = sorted(range(len(train)), key=lambda i: (len(train[i]["prompt"]) + len(train[i]["answer"]), i))
-        if len(order) < shots:
-            raise LoramuxDataError(f"task {name} has {len(order)} training rows, fewer than shots={shots}; lower shots")
-        picked.append([train[i] for i in order[:shots]])
-    blocks = []
+def composite_prefix(subtasks: Sequence[str], shots: int = 2, split_seed: int = 0, seed: int = 47) -> str:
+    """The fixed part of every row's prompt: the examples and the instruction line (MeteoRA's template)."""
+    picked = [fixed_shots(t, shots, seed=seed, split_seed=split_seed) for t in subtasks]
+    examples = []
     for k in range(shots):
-        prompts = "".join(picked[j][k]["prompt"] for j in range(len(subtasks)))
-        blocks.append(prompts + _numbered([picked[j][k]["answer"] for j in range(len(subtasks))]))
-    return "\n".join(blocks) + "\n"
+        rows = [p[k] for p in picked]
+        prompts = "".join(r["prompt"].rstrip("\n") + "\n\n" for r in rows)
+        examples.append(f"Example {k + 1}:\n\n{prompts}{_numbered([r['answer'] for r in rows])}")
+    head = "\n" + "\n\n".join(examples) + "\n\n" if examples else ""
+    return head + INSTRUCTION + "\n\n"
 
 
 def build_composite(
@@ -77,13 +82,19 @@ def build_composite(
     names = select(subtasks)
     if len(names) < 2:
         raise LoramuxDataError(f"composite needs at least 2 sub-tasks, got {list(names)}; name more tasks")
-    tests = [_shuffled(load_split(n, "test", seed=split_seed), seed) for n in names]
+    prefix = composite_prefix(names, shots, split_seed, seed)
+    rng = random.Random(seed)
+    tests = []
+    for name in names:
+        used = {r["prompt"] for r in fixed_shots(name, shots, seed=seed, split_seed=split_seed)}
+        test = [dict(r) for r in load_split(name, "test", seed=split_seed) if r["prompt"] not in used]
+        rng.shuffle(test)
+        tests.append(test)
     count = rows if repeat_short else min([rows] + [len(t) for t in tests])
-    prefix = _shots(names, shots, seed, split_seed) + INSTRUCTION + "\n"
     prompts, answers = [], []
     for i in range(count):
         picked = [t[i % len(t)] for t in tests]
-        prompts.append(prefix + "".join(r["prompt"] for r in picked))
+        prompts.append(prefix + "".join(r["prompt"] + "\n\n" for r in picked)[:-1])
         answers.append([r["answer"] for r in picked])
     features = Features(
         {"prompt": Value("string"), "answers": Sequence(Value("string")), "subtasks": Sequence(Value("string"))}

@@ -59,8 +59,9 @@ class Task:
 
     name: registry key; source: "bigbench" or "hf"; kind: "mcq" (answer is one of `choices`) or "qa" (free text);
     template: MeteoRA's prompt wrapper, `{inputs}` is the BIG-bench-formatted input (task prefix + input prefix +
-    input + output prefix); for MCQ rows `choice_lead` and one `choice: X` line per choice are appended to the
-    inputs; metrics: local metric module names; bigbench: BIG-bench task dirs (task or task/subtask, relative to
+    input [+ choices, where the BIG-bench file appends them] + output prefix); `choice_lead`: MeteoRA appends its
+    own choice lines to this task (`choice_lead` then one `choice: X` line per choice; None: it appends none);
+    metrics: local metric module names; bigbench: BIG-bench task dirs (task or task/subtask, relative to
     benchmark_tasks) that hold this task's data, for "hf" tasks the substitute's dirs; bigbench_filter: keep only
     examples whose `comment` starts with this; hf: the real HF data set; substitute: the BIG-bench stand-in's
     name used offline (None for BIG-bench tasks).
@@ -72,7 +73,7 @@ class Task:
     metrics: tuple[str, ...]
     bigbench: tuple[str, ...]
     template: str = METEORA_TEMPLATE
-    choice_lead: str = "\n"
+    choice_lead: str | None = None
     bigbench_filter: str | None = None
     hf: HFSpec | None = None
     substitute: str | None = None
@@ -131,7 +132,7 @@ def _news(lang: str) -> Task:
 
 
 _TABLE: list[Task] = [
-    _bb("abstract_narrative_understanding", "mcq", FUZZY),
+    _bb("abstract_narrative_understanding", "mcq", FUZZY, choice_lead="\n"),
     _bb("contextual_parametric_knowledge_conflicts", "mcq", FUZZY),
     _bb("cs_algorithms", "mcq", EXACT),
     _bb("disfl_qa", "qa", FUZZY),
@@ -149,8 +150,8 @@ _TABLE: list[Task] = [
     _bb("reasoning_about_colored_objects", "mcq", FUZZY),
     _bb("strategyqa", "qa", ("strategyqa_accuracy", "bleu", "rouge")),
     _bb("topical_chat", "qa", GENERATION),
-    _bb("tracking_shuffled_objects", "mcq", EXACT),
-    _bb("unit_conversion", "mcq", EXACT),
+    _bb("tracking_shuffled_objects", "mcq", EXACT, choice_lead="\n"),
+    _bb("unit_conversion", "mcq", EXACT, choice_lead="\n"),
     _bb("vitaminc_fact_verification", "mcq", FUZZY),
     _bb("winowhy", "mcq", EXACT),
     Task(
@@ -218,10 +219,13 @@ DLP26_QA: tuple[str, ...] = (
 )
 DLP26: tuple[str, ...] = DLP26_MCQ + DLP26_QA
 
-# MeteoRA's composite-n sub-task lists, in its order (its create_composite.py).
+# MeteoRA's composite-n sub-task lists, in its order (its create_composite.py): the 3- and 5-lists are not
+# prefixes of the 10-list.
 COMPOSITE3 = ("logical_deduction", "question_selection", "strategyqa")
-COMPOSITE5 = COMPOSITE3 + ("abstract_narrative_understanding", "goal_step_wikihow")
-COMPOSITE10 = COMPOSITE5 + ("winowhy", "disfl_qa", "news_commentary_de", "alpaca", "linguistics_puzzles")
+COMPOSITE5 = ("logical_deduction", "question_selection", "abstract_narrative_understanding", "goal_step_wikihow",
+              "strategyqa")
+COMPOSITE10 = ("logical_deduction", "question_selection", "abstract_narrative_understanding", "goal_step_wikihow",
+               "winowhy", "strategyqa", "disfl_qa", "news_commentary_de", "alpaca", "linguistics_puzzles")
 
 SELECTIONS: dict[str, tuple[str, ...]] = {
     "meteora28": METEORA28,

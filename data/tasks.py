@@ -9,8 +9,11 @@ The table itself is data/task_table.py (one source of truth). Splits: rows are p
 the first 20% of the permutation is the test set (MeteoRA's 80/20), then 10% of the rest is validation, the
 remainder training: strategyqa's 2289 distinct rows give 1648/183/458 (MeteoRA: 1832 train / 457 test).
 Caps (`max_train` ...) take the first rows of each part, so a smaller cap is always a prefix of a larger one.
-Prompts: `template.format(inputs=...)`, where multiple-choice rows get `choice_lead` + one `choice: X` line per
-choice appended to their inputs (MeteoRA's format).
+Prompts: `template.format(inputs=...)` around the inputs as BIG-bench formats them (choices included where its
+task file appends them, data/bigbench.py); the four tasks MeteoRA appends choices to itself (a `choice_lead`:
+logical_deduction, abstract_narrative_understanding, tracking_shuffled_objects, unit_conversion) get `choice_lead`
++ one `choice: X` line per choice (MeteoRA's format); the other MCQ tasks whose files append none
+(winowhy, formal_fallacies, ...) show no choices, as in MeteoRA.
 
 HF tasks read the hub when `use_hub()` (LORAMUX_USE_HUB=1, or "auto" with HF_DATASETS_OFFLINE unset and
 huggingface.co reachable); otherwise their named BIG-bench substitute, which `data_source()` reports.
@@ -82,8 +85,10 @@ def data_source(task: str | Task, hub: bool | None = None) -> str:
 
 
 def _build_prompt(task: Task, template: str, row: dict) -> str:
+    """The task template around the BIG-bench inputs; MeteoRA's own choice lines where it appends them (the four
+    tasks with a `choice_lead`, whose BIG-bench files append none)."""
     inputs = row["inputs"]
-    if row["choices"]:
+    if row["choices"] and not row.get("appended") and task.choice_lead is not None:
         inputs = inputs + task.choice_lead + "".join(f"choice: {c}\n" for c in row["choices"])
     return template.format(inputs=inputs)
 
@@ -193,6 +198,15 @@ def load_split(
     )
 
 
+def task_pool(task: str | Task, hub: bool | None = None) -> list[dict]:
+    """Every row of a task's current source, all splits, duplicates dropped, with its prompt built:
+    ``[{"prompt", "answer", "choices", "inputs"}]`` (where fixed examples are looked up)."""
+    task = get_task(task)
+    train_pool, test_pool, template = _pools(task, use_hub() if hub is None else hub, None)
+    return [{"prompt": _build_prompt(task, template, r), "answer": r["answer"], "choices": list(r["choices"]),
+             "inputs": r["inputs"]} for r in train_pool + (test_pool or [])]
+
+
 # ----------------------------------------------------------------------------------------------- CLI
 def describe(task: Task, sizes: dict[str, int] | None, hub: bool) -> str:
     counts = "counts: n/a" if sizes is None else " ".join(f"{s}={sizes[s]}" for s in SPLITS)
@@ -231,4 +245,5 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["METEORA28", "TASKS", "Task", "data_source", "get_task", "load_split", "select", "split_sizes", "task_id"]
+__all__ = ["METEORA28", "TASKS", "Task", "data_source", "get_task", "load_split", "select", "split_sizes", "task_id",
+           "task_pool"]

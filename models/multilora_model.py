@@ -265,7 +265,9 @@ class MultiLoRAModel(nn.Module):
             name = strategy if isinstance(strategy, str) else registry.strategy_name(strategy)
             raise RouterCheckpointError(f"router checkpoint {directory}: strategy: saved as {saved!r}, cannot load as "
                                         f"{name!r} (only strategies that build the same router share weights)")
-        router = self.build_router(strategy, **{**meta["config"], **overrides})
+        # a knob the router class added after this checkpoint was saved takes the value it stood for then
+        saved_config = {**getattr(registry.router_class(saved), "saved_before", {}), **meta["config"]}
+        router = self.build_router(strategy, **{**saved_config, **overrides})
         state = align_router_state(directory, meta, tensors, router.state_dict(), self.adapter_names,
                                    router.adapter_row_keys())
         p = next(self.bank.parameters())

@@ -45,7 +45,8 @@ def runs(tmp_path_factory, compose):
     from pipeline.stages.reproduce import reproduce
 
     one, two = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("two")
-    overrides = [*_overrides(4, "[object_counting,winowhy,lora_b]"), f"paths.output_root={one}", "logger=none"]
+    overrides = [*_overrides(4, "[object_counting,winowhy,lora_b]"), f"paths.output_root={one}", "logger=none",
+                 "allow_dirty=true"]
     cfg = compose("reproduce", overrides, run_dir=one / "reproduce")
     with open_dict(cfg):
         cfg.print_config = False
@@ -56,7 +57,7 @@ def runs(tmp_path_factory, compose):
     env = {**os.environ, "LORAMUX_OUTPUTS": str(two), "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "pipeline.reproduce", *_overrides(2, "[lora_b]"), "trainer=ddp_cpu",
-           "logger=wandb", "print_config=false", f"hydra.run.dir={two / 'reproduce'}"]
+           "allow_dirty=true", "logger=wandb", "print_config=false", f"hydra.run.dir={two / 'reproduce'}"]
     proc = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
     return one / "smoke", two / "smoke", proc.stdout + proc.stderr

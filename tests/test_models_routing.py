@@ -13,7 +13,10 @@ PROMPTS = ["[INST] count the apples [/INST]\n", "hello there, a longer prompt th
 STRATEGIES = [("oracle", {}), ("meteora", {"top_k": 2}), ("meteora", {"top_k": 1, "temperature": 15.0}),
               ("dlp", {"hidden": 32, "top_p": 0.9, "fusion": "renorm"}),
               ("dlp_segments", {"hidden": 32, "top_p": 0.9}), ("lora_b", {"adapter": "b"}), ("merge", {}),
-              ("base", {})]
+              ("base", {}),
+              # the routed span and prefix-window features (models/routing/features.py): padding-side independent
+              ("dlp", {"hidden": 32, "top_p": 0.9, "prefix_windows": [2, 4], "span_tokens": 6}),
+              ("dlp_segments", {"hidden": 32, "top_p": 0.9, "prefix_windows": [1, 3], "span_tokens": 5})]
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +117,8 @@ def test_segment_split_and_segment_routing(assets):
 
 
 @pytest.mark.parametrize("strategy,kw", [("meteora", {"top_k": 2, "temperature": 15.0}),
-                                         ("dlp", {"hidden": 48, "top_p": 0.7, "fusion": "renorm"})])
+                                         ("dlp", {"hidden": 48, "top_p": 0.7, "fusion": "renorm"}),
+                                         ("dlp", {"hidden": 48, "prefix_windows": [2, 8], "span_tokens": 7})])
 def test_router_checkpoint_round_trip(assets, tmp_path, strategy, kw):
     mm = _mm(assets, router=strategy, **kw)
     _randomize(mm.router, seed=3)

@@ -43,7 +43,7 @@ def smoke(tmp_path_factory):
     from pipeline.stages.reproduce import reproduce
 
     root = tmp_path_factory.mktemp("outputs")
-    overrides = ["experiment=smoke", f"paths.output_root={root}", "logger=none"]
+    overrides = ["experiment=smoke", f"paths.output_root={root}", "logger=none", "allow_dirty=true"]
     cfg = compose_stage("reproduce", overrides)
     report = reproduce(cfg, overrides=overrides)
     return overrides, report.parent
@@ -254,7 +254,8 @@ def test_wandb_offline_run_holds_the_report_table(smoke, monkeypatch):
     overrides, exp = smoke
     monkeypatch.setenv("WANDB_MODE", "offline")
     run_dir = exp / "report" / "wandb-check"
-    cfg = compose_stage("report", [o for o in overrides if not o.startswith("logger=")] + ["logger=wandb"], run_dir)
+    kept = [o for o in overrides if not o.startswith(("logger=", "allow_dirty="))]
+    cfg = compose_stage("report", [*kept, "logger=wandb"], run_dir)
     assert report(cfg) >= 4
     [log_file] = list(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
     for _ in range(60):  # wandb's service may still be flushing the log when finish() returns: wait for `exit`
@@ -280,3 +281,131 @@ def test_wandb_offline_run_holds_the_report_table(smoke, monkeypatch):
     assert logged["columns"] == csv_header
     assert [row[0] for row in logged["data"]] == ["object_counting", "winowhy", "mean"]
     assert items["report/tasks_plot"]["_type"] == "image-file"
+
+
+# ------------------------------------------------------------------------------------------ raw records
+def _plain(rec: dict) -> dict:
+    return {k: v for k, v in rec.items() if not k.startswith("_")}
+
+
+def test_records_round_trip_and_rebuild_the_tables(smoke, tmp_path):
+    """The smoke runs' metrics.json, predictions and configs, written compressed and read back, give the same paper
+    tables (rows, claims with their intervals, each run's provenance) as the run dirs."""
+    from pipeline.report.paper_tables import build_paper_table
+    from pipeline.report.records import config_of, predictions_of, prompt_sha1, read_records, write_records
+    from pipeline.stages.report import collect_records
+
+    _, exp = smoke
+    runs = collect_records(exp)
+    out = write_records(runs, exp, tmp_path / "records" / "smoke")
+    index = json.loads((out / "index.json").read_text())["experiment_runs"]
+    assert {e["run"] for e in index} == {r["_run"] for r in runs} and "evaluate/oracle" in {e["run"] for e in index}
+    again = read_records(out)
+    by = {r["_run"]: r for r in runs}
+    assert by.keys() == {r["_run"] for r in again}
+    for rec in again:
+        src = by[rec["_run"]]
+        assert _plain(rec) == _plain(src)
+        lines, plain = predictions_of(rec), predictions_of(src)
+        assert len(lines) == len(plain) and all("prompt" not in x for x in lines)
+        assert [x["prompt_sha1"] for x in lines] == [prompt_sha1(x["prompt"]) for x in plain]
+        assert [x["prediction"] for x in lines] == [x["prediction"] for x in plain]
+        assert config_of(rec) == config_of(src) and config_of(rec)["stage"] == rec["stage"]
+    first = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    write_records(runs, exp, out)  # the same runs give the same bytes: a re-run report changes nothing in git
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == first
+    for name in ("meteora_tasks", "dlp_tasks", "head_to_head"):
+        from_runs, from_records = build_paper_table(name, runs), build_paper_table(name, again)
+        assert from_records["rows"] == from_runs["rows"] and from_records["claims"] == from_runs["claims"], name
+        assert from_records["provenance"]["by_run"] == from_runs["provenance"]["by_run"], name
+    [claim] = build_paper_table("meteora_tasks", again)["claims"]
+    assert claim["interval"]["rows"] == 8  # oracle vs meteora-top2, paired over the 2 x 4 test rows
+
+
+def test_report_rebuilds_a_paper_table_from_records_offline(smoke, tmp_path):
+    """`python -m pipeline.report ... records=<dir>`: the table from the committed records alone; a dir that is
+    not a records dir is one error line and exit 2."""
+    from pipeline.report.paper_tables import build_paper_table
+    from pipeline.report.records import write_records
+    from pipeline.stages.report import collect_records
+
+    _, exp = smoke
+    runs = collect_records(exp)
+    records = write_records(runs, exp, tmp_path / "records" / "smoke")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "pipeline.report", "experiment=smoke", "paper_table=meteora_tasks",
+           f"records={records}", f"paper_tables_dir={out / 'tables'}", f"paths.output_root={out}", "logger=none",
+           f"hydra.run.dir={tmp_path / 'run'}"]
+    proc = subprocess.run(cmd, check=False, cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = json.loads((out / "tables" / "meteora_tasks.json").read_text())
+    want = json.loads(json.dumps(build_paper_table("meteora_tasks", runs)))
+    assert table["rows"] == want["rows"] and table["claims"] == want["claims"]
+    assert not (out / "records").exists()  # reading committed records never rewrites them
+    bad = subprocess.run([*cmd[:5], f"records={tmp_path / 'run'}", *cmd[6:]], check=False, cwd=ROOT,
+                         env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    errors = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
+    assert bad.returncode == 2 and len(errors) == 1 and "index.json" in errors[0], bad.stderr[-2000:]
+
+
+def test_reproduce_refuses_unknown_or_dirty_code_unless_allowed(tmp_path):
+    report_only = [sys.executable, "-m", "pipeline.reproduce", "experiment=smoke", "plan.finetune=[]", "~plan.route",
+                   "+plan.route={}", "~plan.evaluate", "+plan.evaluate={}", "plan.composite=[]", "plan.bench=false",
+                   "logger=none", "print_config=false"]
+    for sha in ("unknown", "0123abc+dirty"):
+        proc = subprocess.run(report_only, check=False, cwd=ROOT, env={**_env(tmp_path), "LORAMUX_GIT_SHA": sha},
+                              capture_output=True, text=True, timeout=300)
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert proc.returncode == 2 and len(errors) == 1 and "allow_dirty=true" in errors[0], proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
+    proc = subprocess.run([*report_only, "allow_dirty=true"], check=False, cwd=ROOT,
+                          env={**_env(tmp_path), "LORAMUX_GIT_SHA": "0123abc+dirty"}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    prov = json.loads((tmp_path / "smoke" / "report" / "report" / "metrics.json").read_text())["provenance"]
+    assert prov["git_sha"] == "0123abc+dirty" and prov["allow_dirty"] is True
+
+
+def test_evaluate_gives_each_task_its_answer_budget(smoke, tmp_path):
+    """generation.max_new_tokens=auto: each task generates up to its own budget from its gold answers (recorded);
+    composite-n sums its sub-tasks' budgets."""
+    from pipeline.stages.answer_budget import NUMBERING_TOKENS, answer_budget
+    from pipeline.stages.evaluate import evaluate
+
+    overrides, _exp = smoke
+    common = [o for o in overrides if not o.startswith("allow_dirty=")] + [
+        "router=base", "data.test_limit=2", "generation.max_new_tokens=auto",
+        "generation.composite_max_new_tokens_per_task=auto", "composite_rows=2"]
+    cfg = compose_stage("evaluate", common, tmp_path / "single")
+    evaluate(cfg)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(cache_dir() / "models" / "tiny-random-llama")
+    metrics = json.loads((tmp_path / "single" / "metrics.json").read_text())["metrics"]
+    for task in ("object_counting", "winowhy"):
+        assert metrics[f"{task}/max_new_tokens"] == answer_budget(task, tok)
+    evaluate(compose_stage("evaluate", [*common, "composite_n=2"], tmp_path / "composite"))
+    metrics = json.loads((tmp_path / "composite" / "metrics.json").read_text())["metrics"]
+    assert metrics["max_new_tokens"] == sum(answer_budget(t, tok) + NUMBERING_TOKENS
+                                            for t in ("object_counting", "winowhy"))
+
+
+def test_route_trains_until_the_target_accuracy(smoke, tmp_path):
+    """router.train.target_accuracy: the fit stops at the first validation at or above it (steps is the bound);
+    the route record keeps the curve and the step; an unreachable target runs every step and says so."""
+    from pipeline.stages.route import route
+
+    overrides, _ = smoke
+    base = [o for o in overrides if not o.startswith("allow_dirty=")] + [
+        "router=meteora", "router.train.steps=6", "router.train.val_check_interval=2",
+        f"paths.routers_dir={tmp_path / 'routers'}"]
+    route(compose_stage("route", [*base, "router.train.target_accuracy=0.0001"], tmp_path / "easy"))
+    easy = json.loads((tmp_path / "easy" / "metrics.json").read_text())
+    assert easy["metrics"]["steps"] == 2 and easy["target_reached_step"] == 2 and easy["target_accuracy"] == 0.0001
+    assert [s for s, _ in easy["router_accuracy_curve"]] == [2]
+    route(compose_stage("route", [*base, "router.train.target_accuracy=1.0"], tmp_path / "hard"))
+    hard = json.loads((tmp_path / "hard" / "metrics.json").read_text())
+    assert hard["metrics"]["steps"] == 6 and hard["target_reached_step"] is None
+    assert [s for s, _ in hard["router_accuracy_curve"]] == [2, 4, 6]
+    assert hard["router_accuracy_curve"][-1][1] == pytest.approx(hard["metrics"]["router_accuracy"], abs=1e-6)

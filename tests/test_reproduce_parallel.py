@@ -27,7 +27,8 @@ PLAN = ["plan.finetune=[object_counting,winowhy]", "~plan.evaluate", '+plan.eval
 def _reproduce(root: Path, dlp_hidden: int, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}
     cmd = [sys.executable, "-m", "pipeline.reproduce", "experiment=smoke", f"paths.output_root={root}",
-           "logger=none", "parallel=2", *PLAN, f'+plan.route={{meteora:[],dlp:["router.hidden={dlp_hidden}"]}}', *extra]
+           "logger=none", "parallel=2", "allow_dirty=true",
+           *PLAN, f'+plan.route={{meteora:[],dlp:["router.hidden={dlp_hidden}"]}}', *extra]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
 
 

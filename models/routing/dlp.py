@@ -1,16 +1,19 @@
 """DLP-LoRA: a small sentence-level router picks a nucleus of adapters once per input.
 
-Sentence embedding (our choice; the paper's 5M "mini-MLP" is unreleased, its code uses ALBERT/RoBERTa): the mean
-of the base model's own *input embeddings* over the routed tokens (frozen, no second tokenizer, no extra forward
-pass; costs one embedding lookup). On it sits a 4-layer MLP
+Sentence features (our choice; the paper's 5M "mini-MLP" is unreleased, its code uses ALBERT/RoBERTa): from the
+base model's own *input embeddings* (frozen, no second tokenizer, no extra forward pass; one embedding lookup),
+the mean over the routed span plus means over windows of the first tokens (``models/routing/features.py``: the
+windows keep the instruction cues a mean loses; ``span_tokens`` routes on the span the router was trained on).
+``prefix_windows=(), span_tokens=None`` is the plain mean over every routed token (routers saved before these
+features load so: ``saved_before``). On the features (F = (1 + m) d for m windows) sits a 4-layer MLP
 
-    LayerNorm(d) -> Linear(d, h) -> GELU -> Linear(h, h) -> GELU -> Linear(h, h) -> GELU -> Linear(h, L)
+    LayerNorm(F) -> Linear(F, h) -> GELU -> Linear(h, h) -> GELU -> Linear(h, h) -> GELU -> Linear(h, L)
 
-with h = 1408 by default: 4.8M parameters on SmolLM2-135M (d = 576), the paper's ~5M. Trained with
-cross-entropy on the task id (``classification_loss``). Routing: ``p = softmax(logits)``, top-p nucleus
-(p = 0.6, keep at least one; ``max_kept`` caps the nucleus, e.g. 2 to time a trained router's typical 1-3 with a
-fresh one), fusion weights = softmax over the kept probabilities (DLP-LoRA's code) or
-renormalised (``fusion="renorm"``). One decision per sequence at prefill, reused for every generated token
+Defaults: windows ends (4, 8, 16, 32), h = 1024: 5.1M parameters on SmolLM2-135M (d = 576), the paper's ~5M (the
+mean alone with h = 1408 was 4.8M). Trained with cross-entropy on the task id (``classification_loss``). Routing:
+``p = softmax(logits)``, top-p nucleus (p = 0.6, keep at least one; ``max_kept`` caps the nucleus, e.g. 2 to time a
+trained router's typical 1-3 with a fresh one), fusion weights = softmax over the kept probabilities (DLP-LoRA's
+code) or renormalised (``fusion="renorm"``). One decision per sequence at prefill, reused for every generated token
 (the kernel's seq_ids form).
 
 Training (``training_loss``, the route stage): cross-entropy of the classifier's logits against each prompt's task
@@ -22,12 +25,17 @@ at prefill (``models/routing/dlp_segments.py``); it holds no weights of its own,
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.routing.features import check_windows, feature_dim, sequence_features
 from models.routing.registry import strategy
 from models.routing.route import SequenceRouter, route_top_p
+
+WINDOWS = (4, 8, 16, 32)  # prefix-window ends of the features (models/routing/features.py)
 
 
 def _positive_int(x) -> bool:
@@ -37,10 +45,13 @@ def _positive_int(x) -> bool:
 @strategy("dlp")
 class DLPRouter(SequenceRouter):
     trainable = True
+    #: what a router.json saved before a knob existed stands for (load_router reads it under the saved config)
+    saved_before: ClassVar[dict] = {"prefix_windows": (), "span_tokens": None}
 
     @staticmethod
-    def check(adapters: list, hidden: int = 1408, layers: int = 4, top_p: float = 0.6, fusion: str = "softmax",
-              dropout: float = 0.0, max_kept: int | None = None) -> None:
+    def check(adapters: list, hidden: int = 1024, layers: int = 4, top_p: float = 0.6, fusion: str = "softmax",
+              dropout: float = 0.0, max_kept: int | None = None, prefix_windows=WINDOWS,
+              span_tokens: int | None = None) -> None:
         """Refuse knobs the router cannot be built with (one ValueError line); the stages call it before a model loads."""
         if not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0 < top_p <= 1:
             raise ValueError(f"dlp top_p={top_p!r} must be in (0, 1] (DLP-LoRA used 0.6)")
@@ -52,12 +63,15 @@ class DLPRouter(SequenceRouter):
             raise ValueError(f"dlp layers={layers!r} / hidden={hidden!r} must be positive integers")
         if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
             raise ValueError(f"dlp dropout={dropout!r} must be in [0, 1)")
+        if span_tokens is not None and not _positive_int(span_tokens):
+            raise ValueError(f"dlp span_tokens={span_tokens!r} must be a positive number of tokens or null (all)")
+        check_windows(prefix_windows)
 
-    def __init__(self, ctx, embedding: nn.Embedding | None = None, hidden: int = 1408, layers: int = 4,
+    def __init__(self, ctx, embedding: nn.Embedding | None = None, hidden: int = 1024, layers: int = 4,
                  top_p: float = 0.6, fusion: str = "softmax", dropout: float = 0.0, max_kept: int | None = None,
-                 segmenter=None):
+                 prefix_windows=WINDOWS, span_tokens: int | None = None, segmenter=None):
         super().__init__(ctx)
-        self.check(ctx.bank, hidden, layers, top_p, fusion, dropout, max_kept)
+        self.check(ctx.bank, hidden, layers, top_p, fusion, dropout, max_kept, prefix_windows, span_tokens)
         self.max_kept = max_kept
         embedding = ctx.embedding if embedding is None else embedding
         object.__setattr__(self, "embedding", embedding)  # the base model's, frozen, not saved with the router
@@ -66,8 +80,10 @@ class DLPRouter(SequenceRouter):
         self._pending_tok = None  # the segment routes of the prefill being decided
         d, L = embedding.embedding_dim, len(ctx.bank)
         self.top_p, self.fusion, self.hidden, self.layers, self.dropout = float(top_p), fusion, hidden, layers, dropout
-        mods: list = [nn.LayerNorm(d)]
-        width = d
+        self.prefix_windows = check_windows(prefix_windows)
+        self.span_tokens = None if span_tokens is None else int(span_tokens)
+        width = feature_dim(d, self.prefix_windows)
+        mods: list = [nn.LayerNorm(width)]
         for _ in range(layers - 1):
             mods += [nn.Linear(width, hidden), nn.GELU(), nn.Dropout(dropout)]
             width = hidden
@@ -76,7 +92,8 @@ class DLPRouter(SequenceRouter):
 
     def config(self):
         return {"hidden": self.hidden, "layers": self.layers, "top_p": self.top_p, "fusion": self.fusion,
-                "dropout": self.dropout, "max_kept": self.max_kept}
+                "dropout": self.dropout, "max_kept": self.max_kept, "prefix_windows": list(self.prefix_windows),
+                "span_tokens": self.span_tokens}
 
     @property
     def label(self) -> str:
@@ -88,14 +105,10 @@ class DLPRouter(SequenceRouter):
 
     # ---- classifier ------------------------------------------------------------------------------------------
     def sentence_embedding(self, input_ids=None, attention_mask=None, inputs_embeds=None) -> torch.Tensor:
-        """Mean of the frozen input embeddings over the tokens with mask 1 -> [B, d] fp32."""
+        """The router's features of each sequence (tokens with mask 1) -> [B, (1 + windows) d] fp32."""
         with torch.no_grad():
             e = inputs_embeds if inputs_embeds is not None else self.embedding(input_ids)
-            e = e.float()
-            if attention_mask is None:
-                return e.mean(1)
-            m = attention_mask.to(e.dtype).unsqueeze(-1)
-            return (e * m).sum(1) / m.sum(1).clamp(min=1.0)
+            return sequence_features(e, attention_mask, self.span_tokens, self.prefix_windows)
 
     def logits(self, input_ids=None, attention_mask=None, inputs_embeds=None) -> torch.Tensor:
         """Router logits [B, L] for whole sequences."""

@@ -3,7 +3,7 @@
 A composite prompt asks several questions at once; one nucleus for all of it mixes their adapters. Composed, not
 inherited: the strategy is the ``dlp`` classifier (``DLPRouter``, the same weights: a trained dlp router loads as
 dlp_segments and back) plus a ``Segmenter`` that splits each prompt at blank lines and at every ``[INST]``. At
-prefill each segment's tokens take the route of that segment's own embedding (the mean of its input embeddings);
+prefill each segment's tokens take the route of that segment's own features (the dlp router's, of its tokens alone);
 padding, tokens outside ``route_mask`` and every generated token take the whole prompt's route.
 
     mm.set_router("dlp_segments", top_p=0.6)          # or load a dlp checkpoint: mm.load_router(dir, "dlp_segments")
@@ -16,6 +16,7 @@ import re
 import torch
 
 from models.routing.dlp import DLPRouter
+from models.routing.features import segment_positions, span_features
 from models.routing.registry import strategy
 
 SEGMENT_BOUNDARY = re.compile(r"\n[ \t]*\n\s*|(?=\[INST\])")
@@ -54,14 +55,12 @@ class Segmenter:
             _, s = torch.unique(s, return_inverse=True)
             seg[b, pos] = s + n_seg
             n_seg += int(s.max()) + 1 if len(s) else 0
-        # one embedding per segment: mean of its tokens' input embeddings
+        # one feature vector per segment: the router's features of its tokens (models/routing/features.py)
         with torch.no_grad():
             e = router.embedding(input_ids).float().reshape(B * S, -1)
             flat = seg.reshape(-1)
             ok = flat >= 0
-            sums = torch.zeros(n_seg, e.shape[1], device=e.device).index_add_(0, flat[ok], e[ok])
-            cnt = torch.zeros(n_seg, device=e.device).index_add_(0, flat[ok], torch.ones_like(flat[ok], dtype=e.dtype))
-            seg_emb = sums / cnt.clamp(min=1)[:, None]
+            seg_emb = span_features(e, flat, segment_positions(flat), n_seg, router.span_tokens, router.prefix_windows)
         seg_ids, seg_w = router.select(router.mlp(seg_emb.to(router.mlp[-1].weight.dtype)))
         whole_ids, whole_w = whole
         ks, kw = seg_ids.shape[1], whole_ids.shape[1]

@@ -4,25 +4,33 @@ figure), built from one experiment's metrics.json records, with the papers' clai
     from pipeline.report.paper_tables import write_paper_table
     write_paper_table("dlp_tasks", records, "outputs/tables", config={...})   # the report stage calls this
 
-JSON: ``{"table", "provenance": {git_sha, device, torch, triton, transformers, versions, config, date,
-wall_time_s, records}, "rows": [...], "claims": [{claim, measured, threshold, holds}], ...}``. Rows per table
-(scores: accuracy and ROUGE as fractions in [0, 1], BLEU 0-100; None where a run is missing):
+JSON: ``{"table", "provenance": {git_sha, device, torch, triton, transformers, versions, by_run, report_config,
+date, runs, wall_time_s, records}, "rows": [...], "claims": [{claim, measured, threshold, holds, interval, verdict,
+reason}], ...}``. ``provenance.by_run`` holds, per run that made a row (``<stage>/<step>``), its git sha, date,
+wall time, ``allow_dirty`` and its own composed config (the ``config.yaml`` the stage saved; ``report_config`` is
+the report call's, ``runs`` the first and last run date); each row's ``runs`` names the run of each column.
+Claims: ``pipeline.report.paper_claims`` (point estimate, paired bootstrap interval from the runs' predictions, verdict).
+Rows per table (scores: accuracy and ROUGE as fractions in [0, 1], BLEU 0-100; None where a run is missing):
 
-* ``meteora_tasks``: ``{task, metric, peft, meteora_top1, meteora_top2, lora_b, merge}``; ``peft`` = the oracle
-  (each task's own adapter); ``metric`` = accuracy where the task has it, else rougeL, else bleu.
-* ``meteora_composite``: ``{n, subtask, metric, meteora, lora_b}``; top-level ``per_n`` =
+* ``meteora_tasks``: ``{task, metric, peft, meteora_top1, meteora_top2, lora_b, merge, runs}``; ``peft`` = the
+  oracle (each task's own adapter); ``metric`` = accuracy where the task has it, else rougeL, else bleu.
+  Top-level ``router``: the MeteoRA gates' route stage (validation token routing accuracy, steps, the target
+  accuracy and the step it was reached, ``router.train.target_accuracy``).
+* ``meteora_composite``: ``{n, subtask, metric, meteora, lora_b, meteora_answered, lora_b_answered, runs}``
+  (``*_answered``: share of rows with a non-empty answer to that sub-task); top-level ``per_n`` =
   ``[{n, measure: "attempts" | "correct", meteora, lora_b}]`` (MeteoRA's attempts and correct of each n).
-* ``dlp_tasks``: ``{task, kind: mcq | qa, metric, base, single_lora, dlp}``; MCQ tasks one ``accuracy`` row, QA
-  tasks one row per metric: their own accuracy (if any), ``bleu``, ``rouge1``, ``rougeL`` (BLEU/ROUGE a task's
+* ``dlp_tasks``: ``{task, kind: mcq | qa, metric, base, single_lora, dlp, runs}``; MCQ tasks one ``accuracy`` row,
+  QA tasks one row per metric: their own accuracy (if any), ``bleu``, ``rouge1``, ``rougeL`` (BLEU/ROUGE a task's
   registry does not score are computed here from the run's predictions.jsonl with the same metric modules).
   Top-level ``router_accuracy`` (the route stage's validation accuracy) and ``router_accuracy_test`` (top-1 of
   the dlp router's test-set routes in evaluate's predictions, where they were saved).
 * ``dlp_latency``: ``{model, n_adapters, phase: prefill | decode, base_ms, single_lora_ms, dlp_ms,
-  meteora_top2_ms}``: prefill = time to the first token of the whole batch (ms), decode = ms per new token;
+  meteora_top2_ms, runs}``: prefill = time to the first token of the whole batch (ms), decode = ms per new token;
   ``single_lora`` = one unmerged peft LoRA; rows of one engine/batch/prompt length (``setting``), other
   engines' rows in ``other_engines``.
-* ``head_to_head``: ``{strategy, avg_score, decode_ms, peak_mem_gb}``: mean single-task score (BLEU/100), decode
-  ms/token and CUDA peak memory at the experiment's adapter count; ``composite`` = composite-n ``correct``.
+* ``head_to_head``: ``{strategy, avg_score, decode_ms, peak_mem_gb, runs}``: mean single-task score (BLEU/100),
+  decode ms/token and CUDA peak memory at the experiment's adapter count; ``composite`` = composite-n ``correct``
+  and ``attempts``; ``task_metrics``: the metric each task's score is (what the claims' intervals resample).
 """
 
 from __future__ import annotations
@@ -32,6 +40,8 @@ import math
 from pathlib import Path
 
 from common.atomic import atomic_write_text
+from pipeline.report.paper_claims import table_claims
+from pipeline.report.records import config_of, predictions_of, run_key
 from pipeline.report.tables import Table, latest_records
 
 PAPER_TABLES = ("meteora_tasks", "meteora_composite", "dlp_tasks", "dlp_latency", "head_to_head")
@@ -83,9 +93,13 @@ def primary_metric(task: str, recs) -> str | None:
     return None
 
 
-def _claim(claim: str, measured, threshold: str, holds) -> dict:
-    return {"claim": claim, "measured": measured, "threshold": threshold,
-            "holds": None if holds is None else bool(holds)}
+def _runs(columns: dict[str, dict | None]) -> dict[str, str]:
+    """A row's ``runs``: column -> the run (``<stage>/<step>``) that made it."""
+    return {col: run_key(rec) for col, rec in columns.items() if rec is not None}
+
+
+def _route(records, strategy: str) -> dict | None:
+    return next((r for r in records if r["stage"] == "route" and r.get("strategy") == strategy), None)
 
 
 # ------------------------------------------------------------------------------------------- meteora_tasks
@@ -102,13 +116,22 @@ def meteora_tasks(records: list[dict]) -> dict:
         row = {"task": task, "metric": metric}
         for col, label in METEORA_TASK_COLUMNS.items():
             row[col] = _num(ev[label]["metrics"].get(f"{task}/{metric}")) if label in ev and metric else None
+        row["runs"] = _runs({col: ev.get(label) for col, label in METEORA_TASK_COLUMNS.items()})
         rows.append(row)
     avg = {col: _mean(_unit(r["metric"], r[col]) for r in rows) for col in METEORA_TASK_COLUMNS}
-    gap = None if avg["peft"] is None or avg["meteora_top2"] is None else round(avg["peft"] - avg["meteora_top2"], 6)
-    claims = [_claim("1. MeteoRA top-2 average within 2 points of the PEFT oracle average (paper: comparable)",
-                     {"meteora_top2_avg": avg["meteora_top2"], "peft_avg": avg["peft"], "peft_minus_top2": gap,
-                      "tasks": len(rows)}, "peft_avg - meteora_top2_avg <= 0.02", None if gap is None else gap <= 0.02)]
-    return {"rows": rows, "claims": claims, "averages": avg}
+    return {"rows": rows, "averages": avg, "router": router_info(_route(records, "meteora")),
+            "_sources": {col: ev[label] for col, label in METEORA_TASK_COLUMNS.items() if label in ev}}
+
+
+def router_info(route: dict | None) -> dict | None:
+    """What a route record says about its router: validation routing accuracy, steps, and (with a target) the
+    step the target accuracy was reached at (None: not reached within ``router.train.steps``)."""
+    if route is None:
+        return None
+    m = route["metrics"]
+    return {"run": run_key(route), "router_accuracy": _num(m.get("router_accuracy")), "steps": m.get("steps"),
+            "target_accuracy": _num(route.get("target_accuracy")),
+            "target_reached_step": route.get("target_reached_step")}
 
 
 # --------------------------------------------------------------------------------------- meteora_composite
@@ -124,30 +147,26 @@ def meteora_composite(records: list[dict]) -> dict:
         side = _composite_side(str(r["strategy"])) if r["stage"] == "evaluate" and r.get("composite_n") else None
         if side:
             by_n.setdefault(int(r["composite_n"]), {})[side] = r
-    rows, per_n, wins = [], [], {}
+    rows, per_n = [], []
     for n in sorted(by_n):
         group = by_n[n]
         recs = list(group.values())
-        better = total = 0
         for sub in _ordered_tasks(recs):
             metric = primary_metric(sub, recs)
             row = {"n": n, "subtask": sub, "metric": metric}
             for side in ("meteora", "lora_b"):
                 row[side] = _num(group[side]["metrics"].get(f"{sub}/{metric}")) if side in group and metric else None
+            for side in ("meteora", "lora_b"):
+                m = group[side]["metrics"] if side in group else {}
+                empty, count = m.get(f"{sub}/empty"), m.get(f"{sub}/n")
+                row[f"{side}_answered"] = _num(1 - empty / count) if empty is not None and count else None
+            row["runs"] = _runs({side: group.get(side) for side in ("meteora", "lora_b")})
             rows.append(row)
-            if row["meteora"] is not None and row["lora_b"] is not None:
-                total += 1
-                better += row["meteora"] > row["lora_b"]
         for measure in ("attempts", "correct"):
             per_n.append({"n": n, "measure": measure,
                           **{side: _num(group[side]["metrics"].get(measure)) if side in group else None
                              for side in ("meteora", "lora_b")}})
-        wins[n] = (better, total)
-    measured = {f"composite-{n}": f"{b}/{t}" for n, (b, t) in wins.items()}
-    holds = all(t > 0 and b > t / 2 for b, t in wins.values()) if wins else None
-    claims = [_claim("2. MeteoRA beats LoRA-B on most sub-tasks of composite-3, -5 and -10 (paper: 8 of 10 at n=10)",
-                     measured, "meteora > lora_b on more than half the sub-tasks, for every n", holds)]
-    return {"rows": rows, "per_n": per_n, "claims": claims}
+    return {"rows": rows, "per_n": per_n, "_sources": by_n}
 
 
 # ---------------------------------------------------------------------------------------------- dlp_tasks
@@ -168,20 +187,13 @@ def dlp_kind(task: str) -> str:
     return get_task(task).kind
 
 
-def _predictions(rec: dict) -> list[dict]:
-    path = Path(rec.get("_path", "")).parent / "predictions.jsonl"
-    if not rec.get("_path") or not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def _text_metrics(rec: dict, task: str, cache: dict) -> dict:
     """BLEU / ROUGE of one task from the run's predictions.jsonl (for QA tasks whose registry skips them)."""
     key = (rec.get("_path"), task)
     if key not in cache:
         from data.scoring import load_metric
 
-        pairs = [(p["prediction"], p["answer"]) for p in _predictions(rec)
+        pairs = [(p["prediction"], p["answer"]) for p in predictions_of(rec)
                  if p.get("task") == task and p.get("prediction") is not None]
         out = {}
         if pairs:
@@ -192,20 +204,25 @@ def _text_metrics(rec: dict, task: str, cache: dict) -> dict:
     return cache[key]
 
 
-def router_test_accuracy(dlp_rec: dict | None, adapters: list[str]) -> float | None:
-    """Share of test prompts whose top-1 dlp route is their own task's adapter (from predictions.jsonl)."""
+def router_hits(dlp_rec: dict | None, adapters: list[str]) -> list[int]:
+    """One 0/1 per test prompt: whether its top-1 dlp route is its own task's adapter (from the predictions)."""
     if dlp_rec is None or not adapters:
-        return None
-    hits = total = 0
-    for p in _predictions(dlp_rec):
+        return []
+    hits = []
+    for p in predictions_of(dlp_rec):
         route = p.get("route") or {}
         ids, weights = route.get("ids"), route.get("weights")
         if not ids or p.get("task") not in adapters:
             continue
         top = max(range(len(ids)), key=lambda k: (ids[k] >= 0, weights[k] if weights else 0))
-        total += 1
-        hits += ids[top] == adapters.index(p["task"])
-    return round(hits / total, 6) if total else None
+        hits.append(int(ids[top] == adapters.index(p["task"])))
+    return hits
+
+
+def router_test_accuracy(dlp_rec: dict | None, adapters: list[str]) -> float | None:
+    """Share of test prompts whose top-1 dlp route is their own task's adapter (from the predictions)."""
+    hits = router_hits(dlp_rec, adapters)
+    return round(sum(hits) / len(hits), 6) if hits else None
 
 
 def dlp_tasks(records: list[dict]) -> dict:
@@ -228,25 +245,18 @@ def dlp_tasks(records: list[dict]) -> dict:
                         if v is not None:
                             computed.add(task)
                 row[col] = _num(v)
+            row["runs"] = _runs({col: ev.get(label) for col, label in DLP_COLUMNS.items()})
             rows.append(row)
-    route = next((r for r in records if r["stage"] == "route" and r.get("strategy") == "dlp"), None)
+    route = _route(records, "dlp")
     val_acc = _num(route["metrics"].get("router_accuracy")) if route else None
     adapters = [str(a) for a in (route or {}).get("adapters") or []]
-    test_acc = router_test_accuracy(ev.get("dlp"), adapters)
-    acc = test_acc if test_acc is not None else val_acc
+    hits = router_hits(ev.get("dlp"), adapters)
+    test_acc = round(sum(hits) / len(hits), 6) if hits else None
     mcq = [r for r in rows if r["kind"] == "mcq"]
     avg = {col: _mean(r[col] for r in mcq) for col in DLP_COLUMNS}
-    gap = None if avg["dlp"] is None or avg["single_lora"] is None else round(avg["single_lora"] - avg["dlp"], 6)
-    claims = [
-        _claim("3. DLP router task-identification accuracy at least 98% (paper: 98.45%)",
-               {"router_accuracy_test": test_acc, "router_accuracy_val": val_acc}, ">= 0.98 (test routes where "
-               "saved, else validation)", None if acc is None else acc >= 0.98),
-        _claim("4. DLP average MCQ accuracy at least the single-LoRA average minus 1 point (paper: -0.35)",
-               {"dlp_mcq_avg": avg["dlp"], "single_lora_mcq_avg": avg["single_lora"], "base_mcq_avg": avg["base"],
-                "single_minus_dlp": gap, "mcq_tasks": len(mcq)}, "single_lora_avg - dlp_avg <= 0.01",
-               None if gap is None else gap <= 0.01)]
-    return {"rows": rows, "router_accuracy": val_acc, "router_accuracy_test": test_acc, "claims": claims,
-            "mcq_averages": avg, "bleu_rouge_from_predictions": sorted(computed)}
+    return {"rows": rows, "router_accuracy": val_acc, "router_accuracy_test": test_acc, "router": router_info(route),
+            "mcq_averages": avg, "bleu_rouge_from_predictions": sorted(computed),
+            "_sources": {**{col: ev[label] for col, label in DLP_COLUMNS.items() if label in ev}, "router_hits": hits}}
 
 
 # -------------------------------------------------------------------------------------------- dlp_latency
@@ -303,24 +313,10 @@ def dlp_latency(records: list[dict], claim_model: str = "llama3_8b", engine: str
         if e != main:
             s = _setting(brows, e)
             others[e] = {"setting": s, "rows": latency_rows(brows, s)}
-    models = list(dict.fromkeys(r["model"] for r in rows))
-    model = claim_model if claim_model in models else next((m for m in models if m.startswith("llama3_8b")),
-                                                           models[-1] if models else None)
-    dec = [r for r in rows if r["model"] == model and r["phase"] == "decode"]
-    dlp_single = {r["n_adapters"]: _ratio(r["dlp_ms"], r["single_lora_ms"]) for r in dec}
-    met_base = {r["n_adapters"]: _ratio(r["meteora_top2_ms"], r["base_ms"]) for r in dec}
-    mean_dlp = _mean(dlp_single.values())
-    mean_met = _mean(met_base.values())
-    claims = [
-        _claim(f"5a. decode with DLP at most 1.2x single LoRA on {model} (paper: < 2x, 1.18 mean)",
-               {"mean_ratio": mean_dlp, "by_n_adapters": dlp_single, "engine": main},
-               "mean over adapter counts of dlp_ms / single_lora_ms <= 1.2", None if mean_dlp is None else
-               mean_dlp <= 1.2),
-        _claim(f"5b. decode with MeteoRA top-2 at most 1.3x the base model on {model} (paper: about 2x single LoRA)",
-               {"mean_ratio": mean_met, "by_n_adapters": met_base, "engine": main},
-               "mean over adapter counts of meteora_top2_ms / base_ms <= 1.3", None if mean_met is None else
-               mean_met <= 1.3)]
-    return {"rows": rows, "setting": setting, "other_engines": others, "claims": claims}
+    bench = next((r for r in records if r["stage"] == "bench"), None)
+    for row in [*rows, *[r for o in others.values() for r in o["rows"]]]:
+        row["runs"] = _runs({"ms": bench})
+    return {"rows": rows, "setting": setting, "other_engines": others, "claim_model": claim_model}
 
 
 # ------------------------------------------------------------------------------------------- head_to_head
@@ -342,33 +338,21 @@ def head_to_head(records: list[dict], engine: str = "eager") -> dict:
             bench_at[_canon(r["strategy"])] = r
     labels = list(dict.fromkeys([_canon(s) for s in ev] + list(bench_at)))
     ev_c = {_canon(k): v for k, v in ev.items()}
+    bench = next((r for r in records if r["stage"] == "bench"), None)
     rows = []
     for s in labels:
         b = bench_at.get(s)
         rec = ev_c.get(s)
         rows.append({"strategy": s, "avg_score": _num(rec["metrics"].get("main")) if rec else None,
                      "decode_ms": _num(b.get("decode_ms_per_token")) if b else None,
-                     "peak_mem_gb": _num(b.get("peak_mem_gb")) if b else None})
+                     "peak_mem_gb": _num(b.get("peak_mem_gb")) if b else None,
+                     "runs": _runs({"avg_score": rec, "decode_ms": bench if b else None})})
     composite = [{"n": int(r["composite_n"]), "strategy": _canon(s), "correct": _num(r["metrics"].get("correct")),
                   "attempts": _num(r["metrics"].get("attempts"))} for s, r in comp.items()]
-    by = {r["strategy"]: r for r in rows}
-
-    def val(s, k):
-        return (by.get(s) or {}).get(k)
-    d, m, o = val("dlp", "decode_ms"), val("meteora-top2", "decode_ms"), val("oracle", "avg_score")
-    claims = [
-        _claim("DLP (sentence routing) decodes at most as slowly as MeteoRA top-2 (token routing)",
-               {"dlp_decode_ms": d, "meteora_top2_decode_ms": m}, "dlp <= meteora-top2",
-               None if d is None or m is None else d <= m),
-        _claim("MeteoRA top-2 average within 2 points of the oracle on the same adapters",
-               {"meteora_top2": val("meteora-top2", "avg_score"), "oracle": o}, "oracle - meteora_top2 <= 0.02",
-               None if o is None or val("meteora-top2", "avg_score") is None else
-               o - val("meteora-top2", "avg_score") <= 0.02),
-        _claim("DLP average within 1 point of the oracle on the same adapters",
-               {"dlp": val("dlp", "avg_score"), "oracle": o}, "oracle - dlp <= 0.01",
-               None if o is None or val("dlp", "avg_score") is None else o - val("dlp", "avg_score") <= 0.01)]
+    recs = list(ev_c.values())
+    task_metrics = {t: primary_metric(t, recs) for t in _ordered_tasks(recs)}
     return {"rows": rows, "setting": {**(setting or {}), "num_adapters": n_max}, "composite": composite,
-            "claims": claims}
+            "task_metrics": {t: m for t, m in task_metrics.items() if m}, "_sources": ev_c}
 
 
 BUILDERS = {"meteora_tasks": meteora_tasks, "meteora_composite": meteora_composite, "dlp_tasks": dlp_tasks,
@@ -393,19 +377,38 @@ def wall_time_s(rec: dict) -> float | None:
     return max(0.0, path.stat().st_mtime - min(p.stat().st_mtime for p in start))
 
 
-def table_provenance(records: list[dict], config: dict | None) -> dict:
+def _used_runs(body: dict) -> set[str]:
+    """The runs a table's rows (and router / bench fields) name."""
+    used = {key for row in body.get("rows", []) for key in (row.get("runs") or {}).values()}
+    used |= {(body.get("router") or {}).get("run")}
+    return {u for u in used if u}
+
+
+def run_provenance(rec: dict) -> dict:
+    """One run's provenance as a table carries it: git sha, date, wall time, allow_dirty, its own config."""
+    p = rec.get("provenance", {})
+    return {"stage": rec["stage"], "strategy": rec.get("strategy"), "git_sha": p.get("git_sha"),
+            "date": p.get("date"), "wall_time_s": wall_time_s(rec), "allow_dirty": p.get("allow_dirty", False),
+            "config": config_of(rec)}
+
+
+def table_provenance(records: list[dict], config: dict | None, used: set[str] | None = None) -> dict:
+    """The table's provenance: versions over all its records, each used run's own provenance and config, and the
+    report call's config (``report_config``: where the table was written, not how its numbers were made)."""
     import datetime as dt
 
     prov = [r.get("provenance", {}) for r in records]
     versions = [p.get("versions", {}) for p in prov]
     times = [wall_time_s(r) for r in records]
+    runs = {run_key(r): run_provenance(r) for r in records if used is None or run_key(r) in used}
     return {"git_sha": _one_or_all(p.get("git_sha") for p in prov),
             "device": _one_or_all(p.get("device") for p in prov),
             "torch": _one_or_all(v.get("torch") for v in versions),
             "triton": _one_or_all(v.get("triton") for v in versions),
             "transformers": _one_or_all(v.get("transformers") for v in versions),
             "versions": versions[-1] if versions else {},
-            "config": config or {},
+            "by_run": dict(sorted(runs.items())),
+            "report_config": config or {},
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "runs": [min((p.get("date") for p in prov if p.get("date")), default=None),
                      max((p.get("date") for p in prov if p.get("date")), default=None)],
@@ -429,7 +432,7 @@ def _md_cell(v) -> str:
 def _md_table(rows: list[dict], columns=None) -> list[str]:
     if not rows:
         return ["_no rows: the runs this table needs are missing_", ""]
-    cols = columns or list(rows[0])
+    cols = columns or [c for c in rows[0] if c != "runs"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join(" --- " for _ in cols) + "|"]
     lines += ["| " + " | ".join(_md_cell(r.get(c)) for c in cols) + " |" for r in rows]
     return lines + [""]
@@ -445,12 +448,22 @@ def _latency_md_rows(rows):
     return out
 
 
+def interval_cell(iv: dict | None) -> str:
+    """``0.113 [0.081, 0.146]`` (estimate [low, high]), or a dash."""
+    if not iv:
+        return "–"
+    return f"{iv['estimate']:.4g} [{iv['low']:.4g}, {iv['high']:.4g}]"
+
+
 def paper_markdown(name: str, table: dict, plot: Path | None) -> str:
     p = table["provenance"]
     head = (f"git `{p['git_sha']}` · {p['device']} · torch {p['torch']} · triton {p['triton']} · "
             f"transformers {p['transformers']} · {p['date']} · {p['records']} runs, {p['wall_time_s']} s")
     lines = [f"# {name}", "", head, "", "## Claims", ""]
-    lines += _md_table(table["claims"], ["claim", "measured", "threshold", "holds"])
+    claims = [{**c, "95% interval": interval_cell(c.get("interval")), "holds (point)": c["holds"]}
+              for c in table["claims"]]
+    lines += _md_table(claims, ["claim", "measured", "threshold", "holds (point)", "95% interval", "verdict",
+                                "reason"])
     lines += ["## Rows", ""]
     if name == "dlp_latency":
         lines += [f"setting: {_md_cell(table.get('setting'))}; ratios are ms over ms", ""]
@@ -470,6 +483,10 @@ def paper_markdown(name: str, table: dict, plot: Path | None) -> str:
         lines += [f"setting: {_md_cell(table.get('setting'))}", "", "### composite", ""] + _md_table(table["composite"])
     if plot is not None:
         lines += [f"![{name}]({plot.name})", ""]
+    runs = [{"run": k, **{f: v.get(f) for f in ("stage", "strategy", "git_sha", "date", "wall_time_s")}}
+            for k, v in (p.get("by_run") or {}).items()]
+    if runs:
+        lines += ["## Runs (each run's own config is in the JSON)", ""] + _md_table(runs)
     return "\n".join(lines)
 
 
@@ -530,7 +547,10 @@ def build_paper_table(name: str, records: list[dict], config: dict | None = None
         raise ValueError(f"paper table {name!r} is not known; use one of {', '.join(PAPER_TABLES)}")
     records = latest_records(records)
     body = BUILDERS[name](records, **options)
-    return {"table": name, "provenance": table_provenance(records, config), **body}
+    body["claims"] = table_claims(name, body)
+    used = _used_runs(body)
+    body = {k: v for k, v in body.items() if not k.startswith("_")}
+    return {"table": name, "provenance": table_provenance(records, config, used), **body}
 
 
 def write_paper_table(name: str, records: list[dict], out_dir, config: dict | None = None,
@@ -549,9 +569,14 @@ def write_paper_table(name: str, records: list[dict], out_dir, config: dict | No
 
 
 def claims_summary(table: dict) -> str:
-    """One line per claim: holds / fails / not measured."""
+    """One line per claim: its verdict by the interval (or why there is none) and the point estimate's side."""
     word = {True: "holds", False: "fails", None: "not measured"}
-    return "\n".join(f"{word[c['holds']]}: {c['claim']}" for c in table.get("claims", []))
+    out = []
+    for c in table.get("claims", []):
+        v = c.get("verdict") or f"no verdict ({c.get('reason')})"
+        out.append(f"{v}: {c['claim']} [point estimate {word[c['holds']]}; 95% interval "
+                   f"{interval_cell(c.get('interval'))}]")
+    return "\n".join(out)
 
 
 __all__ = ["PAPER_TABLES", "build_paper_table", "claims_summary", "write_paper_table"]

@@ -59,8 +59,8 @@ class Strategy:
 
 def strategy_of(router: DictConfig, composite_n: int | None = None) -> Strategy:
     """``cfg.router``'s builder (by ``_target_``) and the knobs it sets (null = unset), composite-n's on top."""
-    knobs_cfg = OmegaConf.masked_copy(router, [k for k in router if k not in ROUTER_KEYS])
-    partial = instantiate(knobs_cfg, _partial_=True)
+    resolved = OmegaConf.to_container(router, resolve=True)  # a knob may name another key (dlp: ${router.train...})
+    partial = instantiate({k: v for k, v in resolved.items() if k not in ROUTER_KEYS}, _partial_=True)
     knobs = {k: v for k, v in partial.keywords.items() if v is not None}
     per_n = router.composite.get(composite_n) if composite_n else None
     if per_n:

@@ -84,8 +84,11 @@ class OptimSettings:
 @dataclass
 class GenerationSettings:
     batch_size: int = MISSING  # prompts per generate call
-    max_new_tokens: int = MISSING
-    composite_max_new_tokens_per_task: int = MISSING
+    max_new_tokens: Any = MISSING  # a number of tokens, or auto (pipeline/stages/answer_budget.py)
+    composite_max_new_tokens_per_task: Any = MISSING  # a number of tokens, or auto
+    composite_suppress_eos: bool = MISSING  # composite-n: EOS held back until n answers (pipeline/stages/eos_gate.py)
+    answer_quantile: float = MISSING  # auto: the quantile of the training answers' token lengths
+    max_new_tokens_cap: int | None = MISSING  # auto: at most this many (null: no cap)
 
 
 @dataclass
@@ -160,6 +163,8 @@ class RouterTrain:
     val_rows_per_task: int = MISSING
     lm_loss_on_prompt: bool = True  # a strategy that reads answers: the LM loss covers the prompt too (MeteoRA's script)
     train_loras: bool = False  # also unfreeze the adapters (MeteoRA's script does)
+    val_check_interval: int | None = None  # validate every N steps (null: trainer.val_check_interval)
+    target_accuracy: float | None = None  # stop once the validation routing accuracy reaches it (steps: the bound)
 
 
 # ------------------------------------------------------------------------------------------------------ rules
@@ -183,6 +188,14 @@ def optional(rule) -> Callable[[Any], bool]:
     return lambda x: x is None or rule(x)
 
 
+def tokens_or_auto(x) -> bool:
+    return at_least(1)(x) or x == "auto"
+
+
+def boolean(x) -> bool:
+    return isinstance(x, bool)
+
+
 def ints_at_least(lo) -> Callable[[Any], bool]:
     return lambda x: isinstance(x, (list, ListConfig)) and len(x) > 0 and all(_int(v) and v >= lo for v in x)
 
@@ -198,6 +211,8 @@ RULES: list[tuple[str, Callable[[Any], bool], str, str, tuple | None]] = [
     ("composite_rows", at_least(1), "a number of prompts >= 1", "200", None),
     ("composite_seed", _int, "an integer", "47", None),
     ("composite_shots", at_least(0), "a number of examples >= 0", "2", None),
+    ("composite_repeat_short", boolean, "true or false", "true", None),
+    ("allow_dirty", boolean, "true or false", "true", None),
     ("parallel", at_least(1), "a number of steps run at once >= 1 (1: one after another)", "1", None),
     ("adapter.r", at_least(1), "> 0", "8", None),
     ("adapter.lora_alpha", positive, "> 0", "16", None),
@@ -217,6 +232,10 @@ RULES: list[tuple[str, Callable[[Any], bool], str, str, tuple | None]] = [
     ("router.train.max_length", at_least(1), "a number of tokens >= 1", "256", ("route",)),
     ("router.train.rows_per_task", at_least(1), "a number of rows >= 1", "64", ("route",)),
     ("router.train.val_rows_per_task", at_least(1), "a number of rows >= 1", "16", ("route",)),
+    ("router.train.val_check_interval", optional(at_least(1)),
+     "null (trainer.val_check_interval) or a number of steps >= 1", "250", ("route",)),
+    ("router.train.target_accuracy", optional(lambda x: _number(x) and 0 < x <= 1),
+     "null (train every step) or an accuracy in (0, 1]", "0.9", ("route",)),
     ("data.train_split", lambda x: x in SPLITS, f"one of {', '.join(SPLITS)}", "train", None),
     ("data.val_split", lambda x: x in SPLITS, f"one of {', '.join(SPLITS)}", "val", None),
     ("data.test_split", lambda x: x in SPLITS, f"one of {', '.join(SPLITS)}", "test", None),
@@ -228,8 +247,12 @@ RULES: list[tuple[str, Callable[[Any], bool], str, str, tuple | None]] = [
     ("data.mix_cap_per_task", at_least(1), "a number of rows >= 1", "1000", None),
     ("data.num_workers", at_least(0), ">= 0", "0", None),
     ("generation.batch_size", at_least(1), "a number of prompts per generate call >= 1", "8", None),
-    ("generation.max_new_tokens", at_least(1), "a number of tokens >= 1", "16", None),
-    ("generation.composite_max_new_tokens_per_task", at_least(1), "a number of tokens >= 1", "24", None),
+    ("generation.max_new_tokens", tokens_or_auto, "a number of tokens >= 1 or auto (from the gold answers)", "16",
+     None),
+    ("generation.composite_max_new_tokens_per_task", tokens_or_auto,
+     "a number of tokens >= 1 or auto (from the gold answers)", "24", None),
+    ("generation.answer_quantile", lambda x: _number(x) and 0 < x <= 1, "a quantile in (0, 1]", "0.99", None),
+    ("generation.max_new_tokens_cap", optional(at_least(1)), "null (no cap) or a number of tokens >= 1", "256", None),
     ("bench.num_adapters", ints_at_least(1), "a list of adapter counts >= 1", "[1,4]", ("bench",)),
     ("bench.batch_sizes", ints_at_least(1), "a list of batch sizes >= 1", "[1]", ("bench",)),
     ("bench.prompt_lengths", ints_at_least(1), "a list of prompt lengths >= 1", "[64]", ("bench",)),
@@ -311,7 +334,7 @@ def check_settings(cfg) -> None:
         if present and not rule(value):
             raise ValueError(f"{key}={_shown(value)} must be {what}; set e.g. {key}={example}")
     tasks = _task_list(cfg, "tasks")
-    if cfg.get("composite_n"):
+    if cfg.get("composite_n") and cfg.get("composite_tasks") is not None:  # null: MeteoRA's list for n
         _task_list(cfg, "composite_tasks")
     if stage == "finetune" and cfg.task not in (None, "") and str(cfg.task) not in (*tasks, LORA_B):
         get_task(str(cfg.task))

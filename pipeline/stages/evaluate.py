@@ -6,11 +6,14 @@
     python -m pipeline.evaluate -m experiment=demo router=base,oracle,dlp           # a sweep over strategies
 
 Single tasks: the first ``data.test_limit`` rows of each task's test split, greedy decoding of at most
-``generation.max_new_tokens`` tokens, each task's own metrics (``data.scoring.score``). Composite-n:
-``data.composite.build_composite`` over the first n of ``composite_tasks`` (MeteoRA's 2-shot numbered-list
-prompt), answers parsed and scored per sub-task with attempts / correct (``data.composite.score_composite``);
-meteora uses ``router.composite_temperature[n]`` there. Writes ``predictions.jsonl`` (one line per example:
-prompt, gold, prediction, route) and metrics.json (``<task>/<metric>``, ``<task>/score``, ``main`` = mean score).
+``generation.max_new_tokens`` tokens (``auto``: each task's answer budget, pipeline/stages/answer_budget.py), each
+task's own metrics (``data.scoring.score``). Composite-n: ``data.composite.build_composite`` over MeteoRA's sub-task
+list for n (``composite3/5/10``), or the first n of ``composite_tasks`` when set (MeteoRA's prompt: its two fixed
+examples, ``composite_shots``), ``composite_rows`` rows, answers parsed and scored per sub-task with attempts /
+correct (``data.composite.score_composite``); meteora uses ``router.composite[n]``'s temperature there, and EOS is
+held back until n answers (``generation.composite_suppress_eos``, pipeline/stages/eos_gate.py). Writes
+``predictions.jsonl`` (one line per example: prompt, gold, prediction, route) and metrics.json (``<task>/<metric>``,
+``<task>/score``, ``main`` = mean score).
 
 Multi-GPU: generation runs through ``Trainer.predict`` with ``cfg.trainer``'s devices (``trainer=ddp``): the
 generate calls are sharded across the processes and gathered once on rank 0, which alone scores and writes;
@@ -34,17 +37,21 @@ from hydra.utils import instantiate
 from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
+from transformers import LogitsProcessorList
 
 from common.atomic import atomic_write_text
 from data.batches import Generations, PromptGroup, assemble, left_pad, plan_jobs
 from data.composite import build_composite, score_composite
 from data.scoring import score
 from data.task_rows import task_rows
+from data.task_table import SELECTIONS
 from pipeline.runtime.distributed import gather_to_zero
 from pipeline.runtime.entry import CONF_DIR, cli, user_errors
 from pipeline.runtime.multilora import build_multilora, plan_multilora
 from pipeline.runtime.settings import check_settings
 from pipeline.runtime.stage import StageRun
+from pipeline.stages.answer_budget import composite_budget, task_budget
+from pipeline.stages.eos_gate import EOSUntilAnswers
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +63,8 @@ def run_job(mm, tokenizer, job: dict) -> dict:
     device = next(mm.parameters()).device
     ids, mask = left_pad(job["input_ids"], tokenizer.pad_token_id)
     kw = {"task_ids": job["task_ids"]} if job["task_ids"] is not None else {}
+    if job.get("min_answers"):  # composite-n: EOS held back until the output holds n answers
+        kw["logits_processor"] = LogitsProcessorList([EOSUntilAnswers(tokenizer, ids.shape[1], job["min_answers"])])
     gen = mm.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=job["max_new_tokens"],
                       do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **kw)
     new = gen[:, ids.shape[1]:].cpu()
@@ -123,14 +132,15 @@ def predict_trainer(cfg: DictConfig, progress: bool):
     return instantiate(cfg.trainer, **kw)
 
 
-def _single_task_groups(cfg, needs_task_ids: bool):
-    """One prompt group per task: its first ``data.test_limit`` test rows (the oracle gets the task's adapter)."""
+def _single_task_groups(cfg, needs_task_ids: bool, tokenizer):
+    """One prompt group per task: its first ``data.test_limit`` test rows (the oracle gets the task's adapter), at
+    most its own answer budget of new tokens (pipeline.stages.answer_budget)."""
     rows, groups = {}, []
     for task in [str(t) for t in cfg.tasks]:
         rows[task] = task_rows(task, str(cfg.data.test_split), cfg.data.test_limit, int(cfg.data.split_seed))
         groups.append(PromptGroup([r["prompt"] for r in rows[task]],
                                   [task] * len(rows[task]) if needs_task_ids else None,
-                                  int(cfg.generation.max_new_tokens)))
+                                  task_budget(cfg, task, tokenizer)))
     return rows, groups
 
 
@@ -142,6 +152,7 @@ def _score_single_tasks(cfg, rows, gens):
         metrics.update({f"{task}/{k}": v for k, v in m.items()})
         metrics[f"{task}/score"] = task_score(m)
         metrics[f"{task}/skipped_long"] = g.skipped
+        metrics[f"{task}/max_new_tokens"] = g.max_new_tokens
         skipped, new_tokens = skipped + g.skipped, new_tokens + g.new_tokens
         for i, (r, p, route) in enumerate(zip(task_rows_, g.texts, g.routes)):
             lines.append({"task": task, "index": i, "prompt": r["prompt"], "answer": r["answer"], "prediction": p,
@@ -151,22 +162,35 @@ def _score_single_tasks(cfg, rows, gens):
     return metrics, lines, list(cfg.tasks), skipped, new_tokens
 
 
-def _check_composite(cfg, n: int, strategy) -> list[str]:
-    """The sub-tasks of composite-n, refused (one line) before any model loads when they cannot be built or routed."""
+def composite_subtasks(cfg, n: int) -> list[str]:
+    """The sub-tasks of composite-n: MeteoRA's list for n (``composite_tasks: null``), else the first n given."""
+    if cfg.composite_tasks is None:
+        if f"composite{n}" not in SELECTIONS:
+            raise ValueError(f"composite_n={n} has no MeteoRA sub-task list (it has 3, 5 and 10); set "
+                             f"composite_tasks=[...] to name its sub-tasks")
+        return list(SELECTIONS[f"composite{n}"])
     subtasks = [str(t) for t in list(cfg.composite_tasks)[:n]]
     if len(subtasks) < n:
         raise ValueError(f"composite_n={n} but composite_tasks has {len(subtasks)} tasks; lower composite_n")
+    return subtasks
+
+
+def _check_composite(cfg, n: int, strategy) -> list[str]:
+    """The sub-tasks of composite-n, refused (one line) before any model loads when they cannot be built or routed."""
+    subtasks = composite_subtasks(cfg, n)
     if strategy.needs_task_ids:
         raise ValueError(f"router={strategy.name} needs one task per prompt; composite prompts mix tasks: use a "
                          f"router that decides by itself (base, lora_b, merge, meteora, dlp or dlp_segments)")
     return subtasks
 
 
-def _composite_group(cfg, n, subtasks):
+def _composite_group(cfg, n, subtasks, tokenizer):
     ds = build_composite(subtasks, rows=int(cfg.composite_rows), seed=int(cfg.composite_seed),
-                         shots=int(cfg.composite_shots), split_seed=int(cfg.data.split_seed))
-    return subtasks, ds, PromptGroup(list(ds["prompt"]), None,
-                                     n * int(cfg.generation.composite_max_new_tokens_per_task))
+                         shots=int(cfg.composite_shots), split_seed=int(cfg.data.split_seed),
+                         repeat_short=bool(cfg.composite_repeat_short))
+    suppress = bool(cfg.generation.composite_suppress_eos)
+    return subtasks, ds, PromptGroup(list(ds["prompt"]), None, composite_budget(cfg, subtasks, tokenizer),
+                                     min_answers=n if suppress else None)
 
 
 def _score_composite(n, subtasks, ds, g):
@@ -177,6 +201,7 @@ def _score_composite(n, subtasks, ds, g):
         metrics.update({f"{name}/{k}": v for k, v in m.items()})
         metrics[f"{name}/score"] = task_score(m)
     metrics.update({k: rep[k] for k in ("attempts", "correct", "rows", "missing", "extra", "duplicate")})
+    metrics["max_new_tokens"] = g.max_new_tokens
     metrics["main"] = rep["correct"] / n
     lines = [{"index": i, "prompt": row["prompt"], "answers": row["answers"], "prediction": p, "route": r}
              for i, (row, p, r) in enumerate(zip(ds, g.texts, g.routes))]
@@ -193,10 +218,10 @@ def evaluate(cfg: DictConfig) -> float | None:
         mm, tokenizer = build_multilora(cfg, plan=plan)
         mm.eval()
         if n:
-            subtasks, ds, group = _composite_group(cfg, n, subtasks)
+            subtasks, ds, group = _composite_group(cfg, n, subtasks, tokenizer)
             groups = [group]
         else:
-            rows, groups = _single_task_groups(cfg, mm.router.needs_task_ids)
+            rows, groups = _single_task_groups(cfg, mm.router.needs_task_ids, tokenizer)
         trainer = predict_trainer(cfg, bool(cfg.progress))
         gens = generate_groups(trainer, mm, tokenizer, groups, batch_size=int(cfg.generation.batch_size),
                                max_prompt_tokens=int(cfg.data.max_prompt_tokens))

@@ -8,7 +8,15 @@ record feeds which table. Writes ``<out_dir>/report.md``, ``<out_dir>/tables/<na
 ``<out_dir>/plots/<name>.png``, logs each table as a wandb Table and each plot as an image, and its own
 metrics.json (number of records and tables) in its run dir. When the experiment is one of the papers' tables
 (``paper_table``, default the experiment's name), it also writes ``<paper_tables_dir>/<name>.{json,md,png}``
-(``pipeline.report.paper_tables``: the papers' rows, provenance and computed claims; default ``outputs/tables/``).
+(``pipeline.report.paper_tables``: the papers' rows, provenance and computed claims; default ``outputs/tables/``) and
+commits the raw records it was built from to ``records_out`` (``outputs/records/<name>/``, ``pipeline.report.records``).
+
+    python -m pipeline.report experiment=meteora_tasks records=outputs/records/meteora_tasks   # offline rebuild
+    python -m pipeline.report experiment=meteora_tasks records=outputs/records/meteora_tasks readme=README.md
+
+``records=<dir>`` reads a committed records dir instead of the run dirs (nothing else is needed: no adapters, no
+model, no data) and rebuilds the paper table from it. ``readme=<path>`` then rewrites the generated block of that
+README's Results section from every table in ``paper_tables_dir`` (``pipeline.stages.readme_results``).
 """
 
 from __future__ import annotations
@@ -22,12 +30,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from common.atomic import atomic_write_text
 from pipeline.report.paper_tables import PAPER_TABLES, claims_summary, write_paper_table
+from pipeline.report.records import read_records, write_records
 from pipeline.report.render import bar_plot, latency_plot, radar_plot, to_markdown, write_table_files
 from pipeline.report.tables import build_tables
 from pipeline.runtime.entry import CONF_DIR, cli, user_errors
 from pipeline.runtime.metrics_file import find_metrics, read_metrics
 from pipeline.runtime.settings import check_settings
 from pipeline.runtime.stage import StageRun
+from pipeline.stages.readme_results import update_readme
 
 log = logging.getLogger(__name__)
 SKIP_STAGES = ("report", "reproduce")
@@ -48,6 +58,7 @@ def collect_records(source_dir) -> list[dict]:
             continue
         if rec["stage"] not in SKIP_STAGES:
             rec["_path"] = str(path)
+            rec["_run"] = path.parent.relative_to(source).as_posix()  # the run's name in tables and records
             records.append(rec)
     return records
 
@@ -104,10 +115,15 @@ def report(cfg: DictConfig) -> float | None:
     """Build the report of ``cfg.source_dir`` into ``cfg.out_dir``; return the number of tables."""
     check_settings(cfg)
     with StageRun(cfg) as run:
-        records = collect_records(cfg.source_dir)
+        committed = cfg.records
+        records = read_records(committed) if committed else collect_records(cfg.source_dir)
         path, tables = render_report(records, cfg.out_dir, str(cfg.title), tracker=run.tracker)
         print(f"report: {path.resolve()}")
         paper = write_experiment_table(cfg, records)
+        if paper and not committed and cfg.records_out:  # the raw records the table was built from
+            print(f"records: {write_records(records, cfg.source_dir, cfg.records_out).resolve()}")
+        if cfg.readme:
+            print(f"readme: {update_readme(cfg.readme, cfg.paper_tables_dir)}")
         tasks = sorted({t for r in records for t in r.get("tasks", [])})
         return run.finish(tasks=tasks, strategy=None, main_metric="tables",
                           metrics={"records": len(records), "tables": len(tables)},

@@ -20,10 +20,16 @@ A failed step does not stop its siblings; the stage then fails with one line nam
 On a node with several GPUs the processes are spread over them (``gpus=auto``: every visible GPU; ``gpus=[0,1]``;
 ``gpus=[]``: no pinning): each starts with ``CUDA_VISIBLE_DEVICES`` set to the GPU running the fewest steps, so
 ``parallel=14`` on 2 GPUs keeps 7 on each.
+
+Every number must trace to a commit, so reproduce refuses to start from code whose version is unknown (no git
+checkout, ``LORAMUX_GIT_SHA`` unset) or a checkout with uncommitted changes to tracked files: one line, exit 2.
+``allow_dirty=true`` runs anyway and every step's metrics.json records ``allow_dirty: true`` beside its git sha
+(``<sha>+dirty`` / ``unknown``), and so does every table built from them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
@@ -36,6 +42,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig, open_dict
 
+from common.provenance import ALLOW_DIRTY_ENV, code_version_problem, git_sha
 from pipeline.runtime.compose import compose
 from pipeline.runtime.config_tree import show_and_save_config
 from pipeline.runtime.entry import CONF_DIR, cli, user_errors
@@ -48,7 +55,8 @@ from pipeline.stages.route import route
 
 log = logging.getLogger(__name__)
 RUNNERS = {"finetune": finetune, "route": route, "evaluate": evaluate, "bench": bench, "report": report}
-OWN_KEYS = ("force", "gpus", "parallel", "plan", "print_config", "stage")  # reproduce's own keys: not passed on to the stages
+# reproduce's own keys: not passed on to the stages
+OWN_KEYS = ("allow_dirty", "force", "gpus", "parallel", "plan", "print_config", "stage")
 
 
 def passed_overrides(cfg: DictConfig, overrides: list[str] | None) -> list[str]:
@@ -162,9 +170,34 @@ def run_parallel(steps: list[dict], overrides: list[str], width: int, gpus: list
                            "(finished steps are skipped)")
 
 
+@contextlib.contextmanager
+def code_version_guard(allow_dirty: bool):
+    """Refuse (ValueError, one line) to run from unknown or dirty code unless ``allow_dirty``; when allowed, mark
+    every step's provenance (``LORAMUX_ALLOW_DIRTY=1`` here and in the step processes) until the run ends."""
+    problem = code_version_problem(git_sha())
+    if problem and not allow_dirty:
+        raise ValueError(f"reproduce: {problem}, or pass allow_dirty=true (recorded in every result's provenance)")
+    previous = os.environ.get(ALLOW_DIRTY_ENV)
+    if problem:
+        os.environ[ALLOW_DIRTY_ENV] = "1"
+        log.warning("reproduce: %s; running anyway (allow_dirty=true, recorded in provenance)", problem)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(ALLOW_DIRTY_ENV, None)
+        else:
+            os.environ[ALLOW_DIRTY_ENV] = previous
+
+
 def reproduce(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
     """Run (or skip) every planned step of ``cfg``'s experiment, then the report; return the report's path."""
     check_settings(cfg)
+    with code_version_guard(bool(cfg.allow_dirty)):
+        return _reproduce(cfg, overrides)
+
+
+def _reproduce(cfg: DictConfig, overrides: list[str] | None) -> Path:
     inherited = passed_overrides(cfg, overrides)
     exp = Path(str(cfg.paths.exp_dir))
     steps = plan_steps(cfg)

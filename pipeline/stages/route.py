@@ -8,7 +8,11 @@ here; what it learns from is the strategy's own: ``training_loss(mm, batch)`` gi
 beside it (``router_accuracy`` is the run's main metric). Training rows: ``router.train.rows_per_task`` rows of
 each task's train split, labelled with the task's adapter index (adapters = ``${paths.adapters_dir}/<task>`` in
 ``tasks`` order), shuffled together: prompt + answer for a strategy that ``reads_answers`` (MeteoRA's LM loss),
-else the prompt alone. ``router.train.steps`` optimizer steps; validation on the val split. The router
+else the prompt alone. ``router.train.steps`` optimizer steps; validation on the val split every
+``router.train.val_check_interval`` steps (null: ``trainer.val_check_interval``). With
+``router.train.target_accuracy`` the fit stops once the validation routing accuracy first reaches it
+(``router.train.steps`` is then the bound); metrics.json records the target, the step it was reached at and the
+accuracy curve (``pipeline/stages/target_accuracy.py``). The router
 (``router.safetensors`` + ``router.json``) is written atomically to ``<run_dir>/router`` and to
 ``router.checkpoint`` (``${paths.routers_dir}/<name>``), where evaluate and bench read it.
 
@@ -45,6 +49,7 @@ from pipeline.runtime.settings import check_settings
 from pipeline.runtime.stage import StageRun, stage_callbacks
 from pipeline.runtime.step_log import StepLog
 from pipeline.runtime.train_speed import apply_train_speed
+from pipeline.stages.target_accuracy import AccuracyCurve, target_callbacks
 
 log = logging.getLogger(__name__)
 
@@ -115,12 +120,15 @@ def route(cfg: DictConfig) -> float | None:
         module = RouterTrainModule(mm, train_cfg.lr, train_cfg.weight_decay, bool(train_cfg.train_loras))
         # GPU: compiled decoder layers, frozen weights in bf16 (a strategy whose training runs no LM: nothing to compile)
         speed = apply_train_speed(cfg, mm.model) if mm.router.reads_answers else {"compile": False}
+        curve = AccuracyCurve(target=train_cfg.target_accuracy)
+        val_every = int(train_cfg.val_check_interval or cfg.trainer.val_check_interval)
         requeue = RequeueCheckpoint(run.run_dir, every_n_steps=int(cfg.checkpoint.every_n_steps),
                                     config=training_config(cfg))
         trainer = instantiate(cfg.trainer, logger=run.tracker.lightning, max_steps=steps, inference_mode=False,
                               callbacks=[StepLog(int(cfg.trainer.log_every_n_steps), f"route {name}"), requeue,
+                                         *target_callbacks(curve),
                                          *stage_callbacks(cfg)],  # +callbacks.<name>=... (pipeline.stages.scaling)
-                              val_check_interval=min(steps, int(cfg.trainer.val_check_interval)))
+                              val_check_interval=min(steps, val_every))
         mm.router.train()
         t0 = time.perf_counter()
         fit_resumable(trainer, module, train_dl, val_dl, resume, requeue)
@@ -144,7 +152,8 @@ def route(cfg: DictConfig) -> float | None:
                 metrics[k.split("/")[1]] = float(final[k])
         main = "router_accuracy" if "router_accuracy" in metrics else "val_loss"
         return run.finish(tasks=list(cfg.tasks), strategy=name, metrics=metrics, main_metric=main,
-                          extra={"router_dir": str(shared), "adapters": list(mm.adapter_names), "train_speed": speed})
+                          extra={"router_dir": str(shared), "adapters": list(mm.adapter_names), "train_speed": speed,
+                                 **curve.summary()})
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="route")

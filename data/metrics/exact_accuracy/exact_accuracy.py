@@ -19,6 +19,9 @@ class ExactAccuracy(evaluate.Metric):
             features=_FEATURES,
         )
 
-    def _compute(self, predictions, references):
+    def _compute(self, predictions, references, rows=False):
         hits = [p.strip().lower() == r.strip().lower() for p, r in zip(predictions, references)]
-        return {"accuracy": sum(hits) / len(hits) if hits else 0.0}
+        out = {"accuracy": sum(hits) / len(hits) if hits else 0.0}
+        if rows:  # per-row additive statistics (data.scoring.row_stats): [hit, 1]
+            out["accuracy_rows"] = [[float(h), 1.0] for h in hits]
+        return out

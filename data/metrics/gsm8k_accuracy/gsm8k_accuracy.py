@@ -41,9 +41,12 @@ class GSM8KAccuracy(evaluate.Metric):
             features=_FEATURES,
         )
 
-    def _compute(self, predictions, references):
+    def _compute(self, predictions, references, rows=False):
         hits = []
         for p, r in zip(predictions, references):
             gold = _number(r, "####")
             hits.append(gold is not None and _number(p, "the answer is") == gold)
-        return {"accuracy": sum(hits) / len(hits) if hits else 0.0}
+        out = {"accuracy": sum(hits) / len(hits) if hits else 0.0}
+        if rows:  # per-row additive statistics (data.scoring.row_stats): [hit, 1]
+            out["accuracy_rows"] = [[float(h), 1.0] for h in hits]
+        return out

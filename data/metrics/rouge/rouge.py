@@ -20,15 +20,19 @@ class Rouge(evaluate.Metric):
             features=_FEATURES,
         )
 
-    def _compute(self, predictions, references):
+    def _compute(self, predictions, references, rows=False):
         keys = ("rouge1", "rouge2", "rougeL")
-        pairs = [(p.lower(), r) for p, r in zip(predictions, references) if p.strip()]
-        if not pairs:
-            return dict.fromkeys(keys, 0.0)
         scorer = rouge_scorer.RougeScorer(list(keys))
-        totals = dict.fromkeys(keys, 0.0)
-        for p, r in pairs:
-            scores = scorer.score(r, p)
-            for k in keys:
-                totals[k] += scores[k].fmeasure
-        return {k: totals[k] / len(pairs) for k in keys}
+        per_row = []  # [F of each key, 1] for a scored row, zeros for a dropped empty one
+        for p, r in zip(predictions, references):
+            if p.strip():
+                scores = scorer.score(r, p.lower())
+                per_row.append([scores[k].fmeasure for k in keys])
+            else:
+                per_row.append(None)
+        scored = [s for s in per_row if s is not None]
+        out = {k: sum(s[i] for s in scored) / len(scored) if scored else 0.0 for i, k in enumerate(keys)}
+        if rows:  # per-row additive statistics (data.scoring.row_stats): [F, 1], or [0, 0] where dropped
+            for i, k in enumerate(keys):
+                out[f"{k}_rows"] = [[s[i], 1.0] if s is not None else [0.0, 0.0] for s in per_row]
+        return out

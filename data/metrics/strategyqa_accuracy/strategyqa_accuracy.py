@@ -20,10 +20,13 @@ class StrategyQAAccuracy(evaluate.Metric):
             features=_FEATURES,
         )
 
-    def _compute(self, predictions, references):
+    def _compute(self, predictions, references, rows=False):
         def verdict(text):
             head = text.strip().lower()[:5]
             return "yes" if "yes" in head else "no" if "no" in head else None
 
         hits = [verdict(p) is not None and verdict(p) == verdict(r) for p, r in zip(predictions, references)]
-        return {"accuracy": sum(hits) / len(hits) if hits else 0.0}
+        out = {"accuracy": sum(hits) / len(hits) if hits else 0.0}
+        if rows:  # per-row additive statistics (data.scoring.row_stats): [hit, 1]
+            out["accuracy_rows"] = [[float(h), 1.0] for h in hits]
+        return out

@@ -1,0 +1,207 @@
+"""The papers' claims, computed from a paper table's rows (point estimates) and, where the table's evaluate records
+are at hand, from their per-row predictions (paired bootstrap intervals and verdicts, ``pipeline.report.statistics``).
+
+    claims = table_claims("meteora_tasks", body)       # body: a table's rows + fields (+ "_sources": records)
+
+Each claim is ``{claim, measured, threshold, holds, interval, verdict, reason}``:
+
+* ``measured``: the numbers the claim is about, recomputed from the table's rows (so a test can recompute the
+  claims of every committed table from its rows alone and compare);
+* ``holds``: the point estimate's side of the threshold (True / False, None when not measured);
+* ``interval``: the 95% paired bootstrap interval of the claim's statistic (``Interval.to_dict``), None without
+  per-row records (a table rebuilt from rows alone) or for timings (medians of repeats: no rows to resample);
+* ``verdict``: ``yes`` / ``no`` / ``inconclusive`` by the interval, or by the point estimate for timings; None
+  when untestable, ``reason`` says why (no per-row records; every row 0 on both sides; a composite run whose
+  model answers fewer than 0.8 n of the n questions, so the comparison measures the answer format).
+
+``body["_sources"]`` maps a column to the evaluate record behind it (``{"peft": rec, ...}``; composite:
+``{n: {"meteora": rec, "lora_b": rec}}``; dlp_tasks adds ``"router_hits"``, one 0/1 per test prompt).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.report.claim_rows import paired, record_rows
+from pipeline.report.statistics import Side, majority_verdict, mean_difference, point_holds, unit, verdict
+
+NO_RECORDS = "no per-row records: point estimate only"
+TIMING = "point estimate: timings are medians of the bench repeats, no rows to resample"
+MIN_ATTEMPTS = 0.8  # composite: answers per row below this share of n make the comparison untestable
+
+
+def _mean(vals):
+    vals = [v for v in vals if v is not None]
+    return round(sum(vals) / len(vals), 6) if vals else None
+
+
+def claim(text: str, measured, threshold: str, holds, iv=None, bar: float | None = None, side: str = "<=",
+          why: str = NO_RECORDS, fixed: tuple | None = None) -> dict:
+    """One claim dict; the verdict from ``iv`` against ``bar`` (``fixed``: a (verdict, reason) decided elsewhere)."""
+    if fixed is not None:
+        v, reason = fixed
+    elif holds is None:
+        v, reason = None, "not measured: the runs this claim needs are missing"
+    else:
+        v, reason = verdict(iv, bar, side, why_none=why)
+    return {"claim": text, "measured": measured, "threshold": threshold,
+            "holds": None if holds is None else bool(holds), "interval": iv.to_dict() if iv is not None else None,
+            "verdict": v, "reason": reason}
+
+
+def _difference(sources: dict, a: str, b: str | None, metrics: dict[str, str]):
+    """The paired interval of mean(score_a - score_b) over ``metrics``' tasks, or None without the records."""
+    if a not in sources or (b is not None and b not in sources) or not metrics:
+        return None
+    sides = paired(record_rows(sources[a]), record_rows(sources[b]) if b is not None else None, metrics)
+    return mean_difference(*sides) if sides else None
+
+
+# ------------------------------------------------------------------------------------------------ claims
+def meteora_tasks_claims(body: dict) -> list[dict]:
+    rows, src = body["rows"], body.get("_sources", {})
+    avg = {col: _mean(unit(r["metric"], r.get(col)) if r.get(col) is not None else None for r in rows)
+           for col in ("peft", "meteora_top2")}
+    gap = None if None in avg.values() else round(avg["peft"] - avg["meteora_top2"], 6)
+    metrics = {r["task"]: r["metric"] for r in rows if r.get("peft") is not None and r.get("meteora_top2") is not None}
+    iv = _difference(src, "peft", "meteora_top2", metrics) if len(metrics) == len(rows) else None
+    return [claim("1. MeteoRA top-2 average within 2 points of the PEFT oracle average (paper: comparable)",
+                  {"meteora_top2_avg": avg["meteora_top2"], "peft_avg": avg["peft"], "peft_minus_top2": gap,
+                   "tasks": len(rows)}, "peft_avg - meteora_top2_avg <= 0.02", point_holds(gap, 0.02, "<="),
+                  iv, 0.02, "<=")]
+
+
+def _composite_n(n: int, rows: list[dict], attempts: dict, src: dict) -> dict:
+    """One n of claim 2: point wins, per-sub-task intervals, and the verdict (None when untestable)."""
+    both = [r for r in rows if r.get("meteora") is not None and r.get("lora_b") is not None]
+    wins = sum(r["meteora"] > r["lora_b"] for r in both)
+    out = {"wins": f"{wins}/{len(both)}", "attempts": attempts}
+    low = {side: a for side, a in attempts.items() if a is not None and a < MIN_ATTEMPTS * n}
+    if low:
+        out.update(verdict=None, reason=", ".join(f"{side} attempts {a:.2f} < {MIN_ATTEMPTS} n = {MIN_ATTEMPTS * n:g}"
+                                                  for side, a in sorted(low.items())) +
+                   ": the model does not answer the numbered list, so the comparison measures the answer format")
+        return out
+    ivs = []
+    for r in both:
+        iv = _difference(src, "meteora", "lora_b", {r["subtask"]: r["metric"]})
+        if iv is None:
+            out.update(verdict=None, reason=NO_RECORDS)
+            return out
+        ivs.append(iv)
+    v, counts = majority_verdict(ivs)
+    out.update(counts, verdict=v, reason=None if v else "no sub-task has both sides scored")
+    return out
+
+
+def meteora_composite_claims(body: dict) -> list[dict]:
+    rows, per_n, src = body["rows"], body.get("per_n", []), body.get("_sources", {})
+    by_n = {}
+    for n in sorted({r["n"] for r in rows}):
+        attempts = {side: next((p[side] for p in per_n if p["n"] == n and p["measure"] == "attempts"), None)
+                    for side in ("meteora", "lora_b")}
+        by_n[n] = _composite_n(n, [r for r in rows if r["n"] == n], attempts, src.get(n, src.get(str(n), {})))
+    totals = {n: [r for r in rows if r["n"] == n and r.get("meteora") is not None and r.get("lora_b") is not None]
+              for n in by_n}
+    holds = all(len(t) > 0 and sum(r["meteora"] > r["lora_b"] for r in t) > len(t) / 2 for t in totals.values()) \
+        if by_n else None
+    verdicts = [b["verdict"] for b in by_n.values()]
+    if "no" in verdicts:
+        fixed = ("no", None)
+    elif None in verdicts:
+        fixed = (None, "; ".join(f"composite-{n}: {b['reason']}" for n, b in by_n.items() if b["verdict"] is None))
+    else:
+        fixed = ("yes", None) if verdicts and all(v == "yes" for v in verdicts) else ("inconclusive", None)
+    c = claim("2. MeteoRA beats LoRA-B on most sub-tasks of composite-3, -5 and -10 (paper: 8 of 10 at n=10)",
+              {f"composite-{n}": b["wins"] for n, b in by_n.items()},
+              "meteora > lora_b on more than half the sub-tasks, for every n (by each sub-task's interval)", holds,
+              fixed=fixed if by_n else None)
+    c["by_n"] = {str(n): b for n, b in by_n.items()}
+    return [c]
+
+
+def dlp_tasks_claims(body: dict) -> list[dict]:
+    rows, src = body["rows"], body.get("_sources", {})
+    test_acc, val_acc = body.get("router_accuracy_test"), body.get("router_accuracy")
+    acc = test_acc if test_acc is not None else val_acc
+    hits = src.get("router_hits")
+    iv3 = mean_difference({"router": Side("accuracy", np.array([[float(h), 1.0] for h in hits]))}) if hits else None
+    mcq = [r for r in rows if r["kind"] == "mcq"]
+    avg = {col: _mean(r.get(col) for r in mcq) for col in ("base", "single_lora", "dlp")}
+    gap = None if avg["dlp"] is None or avg["single_lora"] is None else round(avg["single_lora"] - avg["dlp"], 6)
+    metrics = {r["task"]: "accuracy" for r in mcq if r.get("single_lora") is not None and r.get("dlp") is not None}
+    iv4 = _difference(src, "single_lora", "dlp", metrics) if len(metrics) == len(mcq) else None
+    return [
+        claim("3. DLP router task-identification accuracy at least 98% (paper: 98.45%)",
+              {"router_accuracy_test": test_acc, "router_accuracy_val": val_acc},
+              ">= 0.98 (test routes where saved, else validation)", point_holds(acc, 0.98, ">="), iv3, 0.98, ">=",
+              why="no per-prompt routes in the records" if test_acc is None else NO_RECORDS),
+        claim("4. DLP average MCQ accuracy at least the single-LoRA average minus 1 point (paper: -0.35)",
+              {"dlp_mcq_avg": avg["dlp"], "single_lora_mcq_avg": avg["single_lora"], "base_mcq_avg": avg["base"],
+               "single_minus_dlp": gap, "mcq_tasks": len(mcq)}, "single_lora_avg - dlp_avg <= 0.01",
+              point_holds(gap, 0.01, "<="), iv4, 0.01, "<=")]
+
+
+def _ratio(a, b):
+    return None if a is None or not b else round(a / b, 4)
+
+
+def dlp_latency_claims(body: dict) -> list[dict]:
+    rows, setting = body["rows"], body.get("setting") or {}
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    model = body.get("claim_model") or "llama3_8b"
+    model = model if model in models else next((m for m in models if m.startswith("llama3_8b")),
+                                                models[-1] if models else None)
+    dec = [r for r in rows if r["model"] == model and r["phase"] == "decode"]
+    dlp_single = {r["n_adapters"]: _ratio(r["dlp_ms"], r["single_lora_ms"]) for r in dec}
+    met_base = {r["n_adapters"]: _ratio(r["meteora_top2_ms"], r["base_ms"]) for r in dec}
+    mean_dlp, mean_met = _mean(dlp_single.values()), _mean(met_base.values())
+    engine = setting.get("engine")
+    out = []
+    for text, measured, threshold, value, bar in (
+            (f"5a. decode with DLP at most 1.2x single LoRA on {model} (paper: < 2x, 1.18 mean)",
+             {"mean_ratio": mean_dlp, "by_n_adapters": dlp_single, "engine": engine},
+             "mean over adapter counts of dlp_ms / single_lora_ms <= 1.2", mean_dlp, 1.2),
+            (f"5b. decode with MeteoRA top-2 at most 1.3x the base model on {model} (paper: about 2x single LoRA)",
+             {"mean_ratio": mean_met, "by_n_adapters": met_base, "engine": engine},
+             "mean over adapter counts of meteora_top2_ms / base_ms <= 1.3", mean_met, 1.3)):
+        holds = point_holds(value, bar, "<=")
+        fixed = (None if holds is None else ("yes" if holds else "no"), TIMING if holds is not None else
+                 "not measured: the bench rows this claim needs are missing")
+        out.append(claim(text, measured, threshold, holds, fixed=fixed))
+    return out
+
+
+def head_to_head_claims(body: dict) -> list[dict]:
+    by = {r["strategy"]: r for r in body["rows"]}
+    src, metrics = body.get("_sources", {}), body.get("task_metrics") or {}
+
+    def val(s, k):
+        return (by.get(s) or {}).get(k)
+    d, m, o = val("dlp", "decode_ms"), val("meteora-top2", "decode_ms"), val("oracle", "avg_score")
+    t2, dl = val("meteora-top2", "avg_score"), val("dlp", "avg_score")
+    speed = point_holds(None if d is None or m is None else d - m, 0.0, "<=")
+    gap2 = None if o is None or t2 is None else o - t2
+    gapd = None if o is None or dl is None else o - dl
+    return [
+        claim("DLP (sentence routing) decodes at most as slowly as MeteoRA top-2 (token routing)",
+              {"dlp_decode_ms": d, "meteora_top2_decode_ms": m}, "dlp <= meteora-top2", speed,
+              fixed=(None if speed is None else ("yes" if speed else "no"), TIMING)),
+        claim("MeteoRA top-2 average within 2 points of the oracle on the same adapters",
+              {"meteora_top2": t2, "oracle": o}, "oracle - meteora_top2 <= 0.02", point_holds(gap2, 0.02, "<="),
+              _difference(src, "oracle", "meteora-top2", metrics), 0.02, "<="),
+        claim("DLP average within 1 point of the oracle on the same adapters",
+              {"dlp": dl, "oracle": o}, "oracle - dlp <= 0.01", point_holds(gapd, 0.01, "<="),
+              _difference(src, "oracle", "dlp", metrics), 0.01, "<=")]
+
+
+CLAIMS = {"meteora_tasks": meteora_tasks_claims, "meteora_composite": meteora_composite_claims,
+          "dlp_tasks": dlp_tasks_claims, "dlp_latency": dlp_latency_claims, "head_to_head": head_to_head_claims}
+
+
+def table_claims(name: str, body: dict) -> list[dict]:
+    """The claims of paper table ``name`` from its body (rows + fields, and ``_sources`` when records are at hand)."""
+    return CLAIMS[name](body)
+
+
+__all__ = ["CLAIMS", "MIN_ATTEMPTS", "NO_RECORDS", "TIMING", "claim", "table_claims"]

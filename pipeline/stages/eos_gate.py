@@ -1,0 +1,46 @@
+"""EOS held back until a composite-n output holds n answers: a ``transformers`` logits processor.
+
+MeteoRA trains its adapters on prompt + answer with no EOS after the answer, so in a composite prompt its model goes
+on from one answer to the next. Ours end every training answer with EOS (``data.append_eos``) so single-task
+generation stops by itself; in a composite prompt that EOS ends the list after its first answer. This processor sets
+EOS's logit to -inf in every row whose generated text does not yet hold n non-empty numbered answers
+(``data.composite.parse_composite``), so the model must go on; once a row has them, EOS is free again. The other
+route to the same end, adapters trained without EOS (``data.append_eos=false``), changes single-task generation too;
+this one changes composite generation only.
+
+    gate = EOSUntilAnswers(tokenizer, prompt_len=ids.shape[1], n=3)
+    mm.generate(ids, ..., logits_processor=LogitsProcessorList([gate]))
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import LogitsProcessor
+
+from data.composite import parse_composite
+
+
+class EOSUntilAnswers(LogitsProcessor):
+    """Forbid the EOS token(s) in rows whose new text holds fewer than ``n`` non-empty numbered answers."""
+
+    def __init__(self, tokenizer, prompt_len: int, n: int, eos_token_id=None):
+        eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
+        self.eos = [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
+        self.tokenizer, self.prompt_len, self.n = tokenizer, int(prompt_len), int(n)
+
+    def answered(self, text: str) -> int:
+        return sum(1 for a in parse_composite(text, self.n) if a.strip())
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if not self.eos:
+            return scores
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_len:], skip_special_tokens=True)
+        short = [b for b, t in enumerate(texts) if self.answered(t) < self.n]
+        if short:
+            scores = scores.clone()
+            scores[torch.tensor(short, device=scores.device)[:, None], torch.tensor(self.eos, device=scores.device)] \
+                = float("-inf")
+        return scores
+
+
+__all__ = ["EOSUntilAnswers"]

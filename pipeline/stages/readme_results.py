@@ -1,0 +1,221 @@
+"""README Results, written by code: each block between ``<!-- generated:<name> -->`` and ``<!-- /generated:<name> -->``
+is rebuilt from the committed tables (``outputs/tables/*.json``, ``outputs/demo/tables/*.csv``), so no number or
+verdict inside a block is typed by hand.
+
+    python -m pipeline.readme_results                      # rewrite README.md's blocks from outputs/tables
+    python -m pipeline.readme_results --check              # exit 1 naming the stale blocks (tests run the same check)
+    python -m pipeline.report experiment=X ... readme=README.md    # the report stage does it after writing a table
+
+Blocks:
+
+* ``claims``: every claim of every paper table (``PAPER_FILES``): what was measured, the 95% paired bootstrap
+  interval, the verdict by it (tables whose raw records were not kept have no interval: their verdict is the
+  point estimate's, marked so), then per table its code version, device, date and whether its raw records are
+  committed under ``outputs/records/<table>/`` (the only way a number can be re-derived).
+* ``kernel_targets``: the fused op's time targets (``KERNEL_TARGETS``, ratio to the base linear) against
+  ``kernel_bench.json``: the range over the target's ranks per shape, and where the target holds.
+* ``head_to_head``, ``multigpu``: those tables' rows.
+* ``demo``: ``make demo``'s mean score per strategy and decode time per strategy and adapter count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+from common.atomic import atomic_write_text
+from pipeline.report.paper_tables import _md_cell, _md_table, interval_cell
+
+ROOT = Path(__file__).resolve().parents[2]  # the checkout (pipeline/stages/ is two below it)
+PAPER_FILES = ("meteora_tasks", "meteora_tasks_gemma", "meteora_composite", "meteora_composite_gemma", "dlp_tasks",
+               "dlp_tasks_gemma", "head_to_head", "dlp_latency")
+# (label, direction, T, ranks, bound): the fused op's time targets, as ratios to the base linear of the same shape
+KERNEL_TARGETS = (("prefill T=4096, r ≤ 16: ≤ 1.08", "fwd", 4096, (8, 16), 1.08),
+                  ("prefill T=4096, r = 64: ≤ 1.12", "fwd", 4096, (64,), 1.12),
+                  ("decode T=1: ≤ 1.06", "fwd", 1, (8, 16, 64), 1.06),
+                  ("decode T=64, r = 8: ≤ 1.15", "fwd", 64, (8,), 1.15),
+                  ("backward T=4096: ≤ 1.3", "bwd", 4096, (8, 16, 64), 1.3))
+KERNEL_SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))
+
+
+def _load(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def records_status(name: str, table: dict, records_root: Path) -> str:
+    """Where the table's raw records are, or an honest note that they are not committed."""
+    if (records_root / name / "index.json").is_file():
+        return f"raw records committed: `outputs/records/{name}/`"
+    note = (table.get("provenance") or {}).get("raw_records")
+    return note or "raw records not committed: its numbers cannot be re-derived"
+
+
+def verdict_cell(c: dict) -> str:
+    """The verdict by the interval; for a table without one (built before intervals), the point estimate's."""
+    if "verdict" not in c:
+        point = {True: "yes", False: "no", None: "–"}[c.get("holds")]
+        return f"{point} (point estimate; no interval)"
+    if c["verdict"] is None:
+        return f"none: {c.get('reason')}"
+    return f"**{c['verdict']}**" + (f" ({c['reason']})" if c.get("reason") else "")
+
+
+def claims_block(tables_dir: Path) -> str:
+    rows, notes = [], []
+    for name in PAPER_FILES:
+        t = _load(tables_dir / f"{name}.json")
+        if t is None:
+            continue
+        for c in t.get("claims", []):
+            rows.append({"table": f"`{name}`", "claim": c["claim"], "measured": _md_cell(c["measured"]),
+                         "95% interval": interval_cell(c.get("interval")), "verdict": verdict_cell(c)})
+        p = t.get("provenance", {})
+        sha = p.get("git_sha")
+        sha = ", ".join(str(s)[:7] for s in sha) if isinstance(sha, list) else str(sha)[:7]
+        notes.append(f"- `{name}`: git {sha} · {p.get('device')} · {str(p.get('date'))[:10]} · {p.get('records')} "
+                     f"runs · {records_status(name, t, tables_dir.parent / 'records')}")
+    return "\n".join(_md_table(rows, ["table", "claim", "measured", "95% interval", "verdict"]) + notes)
+
+
+def kernel_targets_block(tables_dir: Path) -> str:
+    t = _load(tables_dir / "kernel_bench.json")
+    if t is None:
+        return "_kernel_bench.json is not committed_"
+    ratio = {(r["d_in"], r["d_out"], r["r"], r["T"], r["direction"]): r["ratio_to_base"]
+             for r in t["rows"] if r.get("variant") == "loramux"}
+    head = ["target (ratio to base)", *[f"{a}→{b}" for a, b in KERNEL_SHAPES], "held where"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, direction, T, ranks, bound in KERNEL_TARGETS:
+        cells, held, n_ok, total = [], [], 0, 0
+        for a, b in KERNEL_SHAPES:
+            got = {r: ratio[(a, b, r, T, direction)] for r in ranks if (a, b, r, T, direction) in ratio}
+            lo, hi = (min(got.values()), max(got.values())) if got else (None, None)
+            cells.append("–" if not got else f"{lo:.2f}" if f"{lo:.2f}" == f"{hi:.2f}" else f"{lo:.2f}–{hi:.2f}")
+            ok = [r for r, v in got.items() if v <= bound]
+            n_ok, total = n_ok + len(ok), total + len(got)
+            if ok:
+                held.append(f"{a}→{b} r {', '.join(map(str, ok))}")
+        where = "nowhere" if not n_ok else "everywhere" if n_ok == total else "; ".join(held)
+        lines.append("| " + " | ".join([label, *cells, where]) + " |")
+    p = t["provenance"]
+    return "\n".join(lines + ["", (f"{p.get('device')}, torch {p.get('torch')}, triton {p.get('triton')}, git "
+                                  f"{str(p.get('git_sha'))[:7]}, {str(p.get('date'))[:10]} (`outputs/tables/"
+                                  f"kernel_bench.json`, variant `loramux`).")])
+
+
+def head_to_head_block(tables_dir: Path) -> str:
+    t = _load(tables_dir / "head_to_head.json")
+    if t is None:
+        return "_head_to_head.json is not committed_"
+    composite = "; ".join(f"n={c['n']} {c['strategy']}: correct {_md_cell(c['correct'])}, attempts "
+                          f"{_md_cell(c.get('attempts'))}" for c in t.get("composite", []))
+    return "\n".join([*_md_table(t["rows"], ["strategy", "avg_score", "decode_ms", "peak_mem_gb"]),
+                      f"setting: {_md_cell(t.get('setting'))}; composite: {composite}"])
+
+
+def multigpu_block(tables_dir: Path) -> str:
+    t = _load(tables_dir / "multigpu.json")
+    if t is None:
+        return "_multigpu.json is not committed_"
+    rows = [{"run": r["run"], "per-GPU batch": r["per_device_batch"], "tokens/s": round(r["tokens_per_s"]),
+             "ms/step": round(r["step_ms"]), "speedup": round(r["speedup"], 2),
+             "final loss": round(r["loss_curve"][-1], 3), "max loss diff vs 1 GPU": round(r["loss_max_abs_diff"], 3),
+             "router acc.": round(r["router_accuracy"], 3)} for r in t["runs"]]
+    return "\n".join(_md_table(rows)).rstrip()
+
+
+def demo_block(demo_dir: Path) -> str:
+    tasks, latency = demo_dir / "tables" / "tasks.csv", demo_dir / "tables" / "latency.csv"
+    if not tasks.is_file():
+        return "_outputs/demo/tables/tasks.csv is not committed_"
+    with open(tasks) as f:
+        mean = next(r for r in csv.DictReader(f) if r["task"] == "mean")
+    rows = [{"strategy": s, "mean score": float(v)} for s, v in mean.items() if s != "task"]
+    lines = _md_table(rows)
+    if latency.is_file():
+        with open(latency) as f:
+            lat = [{"strategy": r["strategy"], "adapters": int(r["num_adapters"]),
+                    "decode ms/token": float(r["decode_ms_per_token"]), "ratio to base": float(r["ratio_to_base"])}
+                   for r in csv.DictReader(f)]
+        lines += _md_table(lat)
+    return "\n".join(lines).rstrip()
+
+
+BLOCKS = {"claims": claims_block, "kernel_targets": kernel_targets_block, "head_to_head": head_to_head_block,
+          "multigpu": multigpu_block}
+
+
+def blocks(tables_dir) -> dict[str, str]:
+    """Every block's text from the committed tables under ``tables_dir`` (and ``<its parent>/demo``)."""
+    tables_dir = Path(tables_dir)
+    out = {name: fn(tables_dir).rstrip() for name, fn in BLOCKS.items()}
+    out["demo"] = demo_block(tables_dir.parent / "demo")
+    return out
+
+
+def _markers(name: str) -> tuple[str, str]:
+    return (f"<!-- generated:{name} (python -m pipeline.readme_results; do not edit by hand) -->",
+            f"<!-- /generated:{name} -->")
+
+
+def render(text: str, generated: dict[str, str]) -> str:
+    """``text`` with every marked block replaced by its generated content; a block whose markers are missing is
+    one ValueError naming it."""
+    for name, body in generated.items():
+        begin, end = _markers(name)
+        if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
+            raise ValueError(f"README has no (or a broken) generated block {name!r}; put the lines {begin!r} and "
+                             f"{end!r} where it goes")
+        head, rest = text.split(begin)
+        _, tail = rest.split(end)
+        text = f"{head}{begin}\n{body}\n{end}{tail}"
+    return text
+
+
+def stale_blocks(readme, tables_dir) -> list[str]:
+    """Names of the README's blocks that differ from what the committed tables give."""
+    text = Path(readme).read_text()
+    want = render(text, blocks(tables_dir))
+    if want == text:
+        return []
+    return [n for n, b in blocks(tables_dir).items() if f"{_markers(n)[0]}\n{b}\n{_markers(n)[1]}" not in text]
+
+
+def update_readme(readme, tables_dir) -> Path:
+    """Rewrite the README's generated blocks from ``tables_dir`` (atomically); return its path."""
+    path = Path(readme)
+    if not path.is_file():
+        raise FileNotFoundError(f"readme={str(path)!r} does not exist; give the repository's README.md")
+    text = path.read_text()
+    new = render(text, blocks(tables_dir))
+    if new != text:
+        atomic_write_text(path, new)
+    return path.resolve()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pipeline.readme_results", description=__doc__.splitlines()[0])
+    ap.add_argument("--readme", default=str(ROOT / "README.md"))
+    ap.add_argument("--tables", default=str(ROOT / "outputs" / "tables"))
+    ap.add_argument("--check", action="store_true", help="exit 1 when a block differs from the tables")
+    args = ap.parse_args(argv)
+    try:
+        if args.check:
+            stale = stale_blocks(args.readme, args.tables)
+            if stale:
+                print(f"error: README blocks out of date: {', '.join(stale)}; run python -m pipeline.readme_results",
+                      file=sys.stderr)
+                return 1
+            return 0
+        print(update_readme(args.readme, args.tables))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

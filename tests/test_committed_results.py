@@ -1,0 +1,83 @@
+"""What is committed was written by code: every committed paper table's claims recompute from its own rows, every
+table whose raw records are committed rebuilds from them offline, and README Results' generated blocks are what
+the committed tables give (numbers and verdicts)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pipeline.report.paper_claims import table_claims
+from pipeline.stages.readme_results import PAPER_FILES, blocks, main, records_status, stale_blocks
+
+ROOT = Path(__file__).resolve().parent.parent
+TABLES = ROOT / "outputs" / "tables"
+RECORDS = ROOT / "outputs" / "records"
+COMMITTED = [n for n in PAPER_FILES if (TABLES / f"{n}.json").is_file()]
+
+
+def _plain(x):
+    return json.loads(json.dumps(x))  # int dict keys -> strings, as the committed JSON has them
+
+
+def test_the_paper_tables_are_committed():
+    assert {"meteora_tasks", "meteora_composite", "dlp_tasks", "head_to_head", "dlp_latency"} <= set(COMMITTED)
+
+
+@pytest.mark.parametrize("name", COMMITTED)
+def test_committed_claims_recompute_from_their_rows(name):
+    table = json.loads((TABLES / f"{name}.json").read_text())
+    body = {k: v for k, v in table.items() if k != "claims"}
+    recomputed = _plain(table_claims(table["table"], body))
+    assert [c["claim"] for c in recomputed] == [c["claim"] for c in table["claims"]]
+    for got, want in zip(recomputed, table["claims"]):
+        assert got["measured"] == want["measured"], want["claim"]
+        assert got["holds"] == want["holds"], want["claim"]
+        if "verdict" in want and want.get("interval") is None:  # with an interval, the records decide (below)
+            assert got["verdict"] == want["verdict"], want["claim"]
+
+
+@pytest.mark.parametrize("name", COMMITTED)
+def test_tables_rebuild_from_their_committed_records_or_say_they_cannot(name):
+    from pipeline.report.paper_tables import build_paper_table
+    from pipeline.report.records import read_records
+
+    table = json.loads((TABLES / f"{name}.json").read_text())
+    status = records_status(name, table, RECORDS)
+    if not (RECORDS / name / "index.json").is_file():
+        assert "not committed" in status  # said in README Results and the table's provenance
+        return
+    rebuilt = _plain(build_paper_table(table["table"], read_records(RECORDS / name)))
+    for key in ("rows", "claims"):
+        assert rebuilt[key] == table[key], key
+    assert rebuilt["provenance"]["by_run"] == table["provenance"]["by_run"]
+
+
+def test_readme_results_blocks_are_the_committed_tables():
+    assert stale_blocks(ROOT / "README.md", TABLES) == []
+    assert main(["--check"]) == 0  # the command's own defaults name this checkout's README and tables
+    text = (ROOT / "README.md").read_text()
+    generated = blocks(TABLES)
+    for name in COMMITTED:  # every claim's verdict of every committed table is in README Results
+        for c in json.loads((TABLES / f"{name}.json").read_text())["claims"]:
+            assert c["claim"] in generated["claims"] and c["claim"] in text
+
+
+def test_a_stale_readme_block_is_found_and_rewritten(tmp_path, capsys):
+    readme = tmp_path / "README.md"
+    shutil.copy(ROOT / "README.md", readme)
+    text = readme.read_text()
+    stale = text.replace("| `dlp_tasks` | 4.", "| `dlp_tasks` | 4. (edited by hand)", 1)
+    assert stale != text
+    readme.write_text(stale)
+    assert stale_blocks(readme, TABLES) == ["claims"]
+    assert main(["--readme", str(readme), "--tables", str(TABLES), "--check"]) == 1
+    assert "claims" in capsys.readouterr().err
+    assert main(["--readme", str(readme), "--tables", str(TABLES)]) == 0
+    assert readme.read_text() == text
+    readme.write_text(text.replace("<!-- /generated:claims -->", ""))
+    assert main(["--readme", str(readme), "--tables", str(TABLES)]) == 2
+    assert "generated block 'claims'" in capsys.readouterr().err

@@ -1,0 +1,59 @@
+"""EOS held back until a composite-n output holds n answers (pipeline.stages.eos_gate), on the real SmolLM2 tokenizer and
+the tiny random LLaMA's real `generate`."""
+
+from __future__ import annotations
+
+import torch
+from needs_assets import needs_tiny_model
+from transformers import LogitsProcessorList
+
+from data.assets import cache_dir
+from pipeline.stages.eos_gate import EOSUntilAnswers
+
+
+def _model():
+    from models import load_base_model
+
+    return load_base_model(cache_dir() / "models" / "tiny-random-llama")
+
+
+@needs_tiny_model
+def test_eos_is_forbidden_until_every_answer_is_there():
+    _, tok = _model()
+    prompt = tok("Following the example above:\n", add_special_tokens=False)["input_ids"]
+    outputs = ["1. yes\n2.", "1. yes\n2. no\n3. ", "1. yes\n2. no\n3. maybe", "3. c\n1. a\n2. b"]
+    gate = EOSUntilAnswers(tok, prompt_len=len(prompt), n=3)
+    eos = tok.eos_token_id
+    blocked = []
+    for text in outputs:
+        ids = torch.tensor([prompt + tok(text, add_special_tokens=False)["input_ids"]])
+        scores = gate(ids, torch.zeros(1, len(tok)))
+        blocked.append(bool(torch.isinf(scores[0, eos])))
+        assert torch.isfinite(scores[0, :eos]).all() and torch.isfinite(scores[0, eos + 1:]).all()  # only EOS
+    assert blocked == [True, True, False, False]
+
+
+@needs_tiny_model
+def test_generation_goes_on_past_eos_until_n_answers():
+    """A model made to prefer EOS stops at once; with the gate it must keep generating (a random model never
+    writes three numbered answers, so it runs to max_new_tokens)."""
+    model, tok = _model()
+    ids = tok(["[INST] 1+1? [/INST]\n"], return_tensors="pt", add_special_tokens=False)
+    kw = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id,
+          "sequence_bias": {(tok.eos_token_id,): 1e4}}
+    plain = model.generate(**ids, **kw)
+    assert plain.shape[1] - ids["input_ids"].shape[1] <= 1  # EOS first
+    gate = EOSUntilAnswers(tok, ids["input_ids"].shape[1], n=3)
+    gated = model.generate(**ids, **kw, logits_processor=LogitsProcessorList([gate]))
+    new = gated[0, ids["input_ids"].shape[1]:]
+    assert len(new) == 12 and tok.eos_token_id not in new.tolist()
+
+
+@needs_tiny_model
+def test_plan_jobs_carry_the_answer_count():
+    from data.batches import PromptGroup, plan_jobs
+
+    _, tok = _model()
+    groups = [PromptGroup(["1. a", "2. b c"], None, 8, min_answers=3), PromptGroup(["d"], None, 4)]
+    jobs, _ = plan_jobs(tok, groups, 8, 100)
+    assert [j["min_answers"] for j in jobs] == [3, None]
