@@ -24,8 +24,10 @@ def expand_sequence_routing(ids: torch.Tensor, weights: torch.Tensor, seq_ids: t
 
 def check_ids(ids: torch.Tensor, L: int, where: str = "multi_lora") -> None:
     """One ``ValueError`` line when an adapter id is outside [-1, L) (-1 = empty slot); reads ``ids`` on the host,
-    so callers use it only where ``ids`` already live there (a CUDA tensor would cost a device sync)."""
-    if ids.numel() == 0:
+    so callers use it only where ``ids`` already live there (a CUDA tensor would cost a device sync). Not while
+    torch.compile traces (a read would break the graph): compiled models take their routes from the routers,
+    which build ids in range."""
+    if ids.numel() == 0 or torch.compiler.is_compiling():
         return
     lo, hi = torch.aminmax(ids)
     if int(lo) < -1 or int(hi) >= L:
