@@ -187,7 +187,8 @@ def test_head_to_head_table(tables):
     speed = t["claims"][0]
     assert speed["interval"] is None and speed["verdict"] == ("yes" if speed["holds"] else "no")
     assert by["dlp"]["avg_score"] == pytest.approx(_evaluate_metrics(tables, "head_to_head", "dlp")["main"])
-    assert by["dlp"]["decode_ms"] > 0 and by["oracle"]["peak_mem_gb"] is None  # CUDA peak memory only
+    # one unwarmed repeat of 3 tokens: the time is the bench's (clipped at 0 when the 1-token run was the slower)
+    assert by["dlp"]["decode_ms"] >= 0 and by["oracle"]["peak_mem_gb"] is None  # CUDA peak memory only
     assert t["setting"]["num_adapters"] == 2
     assert [(c["n"], c["strategy"]) for c in t["composite"]] == [(2, "dlp")]
 

@@ -180,9 +180,9 @@ ENTRY_ROWS = [  # (id, stage, argv, the exact stderr line as a regex); every row
      (r"error: generation.batch_size=0 must be a number of prompts per generate call >= 1; set e.g. "
       r"generation.batch_size=8")),
     ("max_new_tokens_zero", "evaluate", ["experiment=smoke", "generation.max_new_tokens=0"],
-     r"error: generation.max_new_tokens=0 must be a number of tokens >= 1; set e.g. generation.max_new_tokens=16"),
+     r"error: generation.max_new_tokens=0 must be a number of tokens >= 1 or auto \(from the gold answers\); set e.g. generation.max_new_tokens=16"),
     ("max_new_tokens_negative", "evaluate", ["experiment=smoke", "generation.max_new_tokens=-1"],
-     r"error: generation.max_new_tokens=-1 must be a number of tokens >= 1; set e.g. generation.max_new_tokens=16"),
+     r"error: generation.max_new_tokens=-1 must be a number of tokens >= 1 or auto \(from the gold answers\); set e.g. generation.max_new_tokens=16"),
     ("composite_shots_negative", "evaluate", ["experiment=smoke", "composite_n=2", "composite_shots=-1"],
      r"error: composite_shots=-1 must be a number of examples >= 0; set e.g. composite_shots=2"),
     ("model_path_missing", "evaluate", ["experiment=smoke", "model.name_or_path=/nonexistent/model"],
@@ -232,7 +232,7 @@ ENTRY_ROWS = [  # (id, stage, argv, the exact stderr line as a regex); every row
       r"stages that read it: finetune, bench\)")),
     ("bench_unknown_row", "bench", ["experiment=smoke", "bench.strategies=[base,nosuch]"],
      (r"error: bench.strategies \['nosuch'\] are not known; use base, peft or a label of bench.routers \(oracle, "
-      r"lora_b, merge, meteora-top1, meteora-top2, dlp, dlp_segments\)")),
+      r"lora_b, merge, meteora-top1, meteora-top2, dlp, dlp_segments(, [a-z0-9_-]+)*\)")),
     ("bench_adapter_count", "bench", ["experiment=smoke", "bench.num_adapters=[0]"],
      r"error: bench.num_adapters=\[0\] must be a list of adapter counts >= 1; set e.g. bench.num_adapters=\[1,4\]"),
     ("parallel_zero", "reproduce", ["experiment=smoke", "parallel=0"],
