@@ -96,32 +96,42 @@ def verify_adapter(adapter_dir) -> Path:
     return d
 
 
+def check_training_config(cfg: DictConfig) -> int:
+    """One-line errors for settings no LoRA fine-tune can run with; returns ``trainer.max_steps``."""
+    steps = int(cfg.trainer.max_steps)
+    if steps <= 0:
+        raise ValueError(f"trainer.max_steps={steps} must be > 0")
+    if int(cfg.adapter.r) <= 0:
+        raise ValueError(f"adapter.r={cfg.adapter.r} must be > 0")
+    return steps
+
+
 def finetune(cfg: DictConfig) -> float | None:
     """Train the adapter of ``cfg.task``; write it, metrics.json; return the final validation loss."""
     from hydra.utils import instantiate
-    from peft import get_peft_model
 
     from pipeline.distributed import sum_over_ranks
     from pipeline.lora_finetune import LoRAFinetuneModule
+    from pipeline.lora_init import init_lora
     from pipeline.requeue import RequeueCheckpoint, fit_resumable, prepare_resume, training_config
     from pipeline.rerun import previous_result
 
     if (done := previous_result(cfg)) is not None:  # a relaunched sweep's finished job
         return done.value
     if cfg.get("task") in (None, ""):
-        raise ValueError(f"finetune needs task=<name> (one of {list(cfg.tasks)} or lora_b); "
-                         f"sweep them with -m task=a,b")
-    steps = int(cfg.trainer.max_steps)
-    if steps <= 0:
-        raise ValueError(f"trainer.max_steps={steps} must be > 0")
-    if int(cfg.adapter.r) <= 0:
-        raise ValueError(f"adapter.r={cfg.adapter.r} must be > 0")
+        raise ValueError(f"finetune needs task=<name> (one of {list(cfg.tasks)} or lora_b, or all: every task in "
+                         f"one run); sweep them with -m task=a,b")
+    if str(cfg.task) == "all":
+        from pipeline.joint_finetune import joint_finetune
+
+        return joint_finetune(cfg)
+    steps = check_training_config(cfg)
     task = str(cfg.task)
     resume = prepare_resume(cfg)  # a requeued SLURM job: its checkpoint and wandb run id (pipeline/requeue.py)
     with StageRun(cfg) as run:
         model, tokenizer = instantiate(cfg.model)
         train_dl, val_dl, n_train, n_val = _loaders(cfg, tokenizer)
-        peft_model = get_peft_model(model, instantiate(cfg.adapter))
+        peft_model = init_lora(model, instantiate(cfg.adapter), int(cfg.seed))  # the joint run's init too
         trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
         speed = apply_train_speed(cfg, model)  # GPU: compiled decoder layers, frozen weights in bf16
         module = LoRAFinetuneModule(peft_model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,

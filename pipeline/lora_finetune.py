@@ -64,14 +64,21 @@ class LoRAFinetuneModule(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        return adamw_with_schedule([p for p in self.model.parameters() if p.requires_grad], self.lr,
+                                   self.weight_decay, self.warmup_steps, self.total_steps)
 
-        def schedule(step: int) -> float:
-            if step < self.warmup_steps:
-                return (step + 1) / (self.warmup_steps + 1)
-            progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
-            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+def adamw_with_schedule(params, lr: float, weight_decay: float, warmup_steps: int, total_steps: int) -> dict:
+    """AdamW over ``params`` and the LR schedule of every LoRA fine-tune (separate or joint): linear warm-up over
+    ``warmup_steps``, then cosine decay to 10% of ``lr`` at ``total_steps``; Lightning's optimizer config."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    warmup_steps, total_steps = int(warmup_steps), max(1, int(total_steps))
+
+    def schedule(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
