@@ -167,7 +167,8 @@ def finetune(cfg: DictConfig) -> float | None:
         metrics = {"val_loss": val_loss, "train_loss": float(train_loss) if train_loss is not None else None,
                    "steps": int(trainer.global_step), "train_rows": n_train, "val_rows": n_val,
                    "trainable_params": trainable, "train_seconds": round(seconds, 3),
-                   "tokens_per_s": round(sum_over_ranks(module.tokens) / max(seconds, 1e-9), 2),  # DDP: all ranks
+                   "tokens": int(sum_over_ranks(module.tokens)),  # prompt + answer, no padding; DDP: all ranks
+                   "tokens_per_s": round(sum_over_ranks(module.tokens) / max(seconds, 1e-9), 2),
                    "answer_tokens": int(sum_over_ranks(module.answer_tokens))}
         return run.finish(tasks=[task], strategy="peft", metrics=metrics, main_metric="val_loss",
                           extra={"adapter_dir": str(shared), "train_speed": speed})

@@ -34,7 +34,6 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from models.adapter_bank import PEFT_PREFIX
 from pipeline.stage import StageRun
 from pipeline.task_rows import LORA_B
 
@@ -67,6 +66,8 @@ def task_config(cfg: DictConfig, task: str) -> DictConfig:
 def adapter_state(bank, index: int) -> dict:
     """Adapter ``index`` of ``bank`` as peft's state dict (``get_peft_model_state_dict``'s keys and layouts): only
     its first r columns of A / rows of B, transposed back to ``lora_A.weight`` [r, d_in], ``lora_B.weight`` [d_out, r]."""
+    from models.adapter_bank import PEFT_PREFIX
+
     state = {}
     for module in bank.modules_wrapped:
         A, B, _, ranks = bank.tensors(module)
@@ -162,7 +163,8 @@ def joint_finetune(cfg: DictConfig) -> float | None:
             trainer.validate(module, dataloaders=val_dls, verbose=False)
         step = int(trainer.global_step)
         answer = [int(sum_over_ranks(n)) for n in module.answer_tokens]
-        tokens_per_s = round(sum_over_ranks(module.tokens) / max(seconds, 1e-9), 2)
+        tokens = int(sum_over_ranks(module.tokens))
+        tokens_per_s = round(tokens / max(seconds, 1e-9), 2)
         adapter_cfg = OmegaConf.to_container(cfg.adapter, resolve=True)
         rows, metas, dests = [], {}, {}
         for i, t in enumerate(tasks):
@@ -181,7 +183,7 @@ def joint_finetune(cfg: DictConfig) -> float | None:
                    "steps": step, "adapters": len(tasks), "train_rows": sum(r["train_rows"] for r in rows),
                    "val_rows": sum(r["val_rows"] for r in rows),
                    "trainable_params": sum(r["trainable_params"] for r in rows), "train_seconds": round(seconds, 3),
-                   "tokens_per_s": tokens_per_s, "answer_tokens": sum(answer)}
+                   "tokens": tokens, "tokens_per_s": tokens_per_s, "answer_tokens": sum(answer)}
         for r in rows:
             metrics.update({f"{r['adapter']}/val_loss": r["val_loss"], f"{r['adapter']}/train_loss": r["train_loss"]})
         return run.finish(tasks=tasks, strategy="peft", metrics=metrics, main_metric="val_loss", rows=rows,

@@ -1,0 +1,97 @@
+"""Joint vs separate fine-tuning of an experiment's task adapters, timed: which one ``reproduce`` should use.
+
+    python -m pipeline.joint_speed --experiment demo --repeats 2 --out outputs/tables/joint_finetune_cpu
+
+For each repeat, alternating the order, it runs ``python -m pipeline.finetune experiment=<e> task=all`` (joint) and
+``task=<t>`` for every task of the experiment (separate), each in its own process into a scratch outputs root (the
+experiment's own adapters are left alone), and reads their metrics.json: ``train_seconds`` (the fit), ``tokens``
+(prompt + answer tokens trained on, padding not counted: the same rows in both modes), ``wall_time_s`` (the whole
+stage: model load, data, fit, validation, saving). A mode's tokens/s = its tokens / its summed train seconds;
+``stage_seconds`` sums the stages' wall time (what a ``reproduce`` step costs, minus process start).
+Written (atomically): ``<out>.json`` (every run's record, per-mode totals per repeat, the mean ratio joint /
+separate, provenance) and ``<out>.md``. Extra arguments are Hydra overrides for every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+
+def _run(overrides: list[str], run_dir: Path) -> dict:
+    cmd = [sys.executable, "-m", "pipeline.finetune", *overrides, f"hydra.run.dir={run_dir}", "print_config=false"]
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    rec = json.loads((run_dir / "metrics.json").read_text())
+    m = rec["metrics"]
+    return {"tasks": rec["tasks"], "train_seconds": m["train_seconds"], "stage_seconds": rec["wall_time_s"],
+            "tokens": m["tokens"], "steps": m["steps"], "val_loss": m["val_loss"]}
+
+
+def _total(mode: str, repeat: int, runs: list[dict]) -> dict:
+    train, tokens = sum(r["train_seconds"] for r in runs), sum(r["tokens"] for r in runs)
+    return {"mode": mode, "repeat": repeat, "runs": len(runs), "tokens": tokens, "train_seconds": round(train, 2),
+            "stage_seconds": round(sum(r["stage_seconds"] for r in runs), 2),
+            "tokens_per_s": round(tokens / max(train, 1e-9), 1)}
+
+
+def render_md(result: dict) -> str:
+    cols = ["mode", "repeat", "runs", "tokens", "train_seconds", "tokens_per_s", "stage_seconds"]
+    lines = [f"# Joint vs separate fine-tuning: {result['experiment']} ({len(result['tasks'])} adapters)", "",
+             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(t[c]) for c in cols) + " |" for t in result["totals"]]
+    p = result["provenance"]
+    ratios = (f"joint / separate, mean over repeats: tokens/s x{result['ratio_tokens_per_s']}, stage time "
+              f"x{result['ratio_stage_seconds']}; faster: {result['faster']}")
+    where = (f"overrides: {' '.join(result['overrides']) or '-'}; device {p.get('device')}; git {p.get('git_sha')}; "
+             f"{p.get('date')}")
+    lines += ["", ratios, "", where, ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from omegaconf import OmegaConf
+
+    from pipeline.atomic import atomic_write_text
+    from pipeline.entry import CONF_DIR
+    from pipeline.provenance import provenance
+
+    ap = argparse.ArgumentParser(prog="python -m pipeline.joint_speed", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--experiment", default="demo")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--out", default="outputs/tables/joint_finetune_cpu")
+    args, overrides = ap.parse_known_args(argv)
+    tasks = [str(t) for t in OmegaConf.load(Path(CONF_DIR) / "experiment" / f"{args.experiment}.yaml").tasks]
+    base = [f"experiment={args.experiment}", "logger=none", *overrides]
+    runs, totals = [], []
+    with tempfile.TemporaryDirectory(prefix="joint-speed-") as tmp:
+        for rep in range(args.repeats):
+            for mode in (("joint", "separate") if rep % 2 == 0 else ("separate", "joint")):
+                out = [*base, f"paths.output_root={tmp}/{mode}{rep}"]
+                steps = ["all"] if mode == "joint" else tasks
+                done = [{**_run([*out, f"task={t}"], Path(tmp) / f"{mode}{rep}-{t}"), "mode": mode, "repeat": rep}
+                        for t in steps]
+                runs += done
+                totals.append(_total(mode, rep, done))
+                print(json.dumps(totals[-1]), flush=True)
+    mean = lambda mode, key: sum(t[key] for t in totals if t["mode"] == mode) / args.repeats
+    ratio_tps = round(mean("joint", "tokens_per_s") / mean("separate", "tokens_per_s"), 3)
+    ratio_stage = round(mean("joint", "stage_seconds") / mean("separate", "stage_seconds"), 3)
+    result = {"experiment": args.experiment, "tasks": tasks, "overrides": overrides, "repeats": args.repeats,
+              "totals": totals, "runs": runs, "ratio_tokens_per_s": ratio_tps, "ratio_stage_seconds": ratio_stage,
+              "faster": "joint" if ratio_stage < 1 else "separate", "provenance": provenance(0)}
+    out = Path(args.out)
+    atomic_write_text(out.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
+    atomic_write_text(out.with_suffix(".md"), render_md(result))
+    print(render_md(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
