@@ -148,9 +148,9 @@ def finetune(cfg: DictConfig) -> float | None:
             trainer_kw.update(val_check_interval=steps)
         trainer = instantiate(cfg.trainer, **trainer_kw)
         peft_model.train()
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         fit_resumable(trainer, module, train_dl, val_dl, resume, requeue)
-        seconds = time.perf_counter() - t0
+        seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
         train_loss = trainer.callback_metrics.get("train/loss")
         val_loss = None
         if val_dl is not None:  # the in-fit validation ran at the last step when the interval divides the steps
@@ -167,6 +167,7 @@ def finetune(cfg: DictConfig) -> float | None:
         metrics = {"val_loss": val_loss, "train_loss": float(train_loss) if train_loss is not None else None,
                    "steps": int(trainer.global_step), "train_rows": n_train, "val_rows": n_val,
                    "trainable_params": trainable, "train_seconds": round(seconds, 3),
+                   "train_cpu_seconds": round(cpu_seconds, 3),  # every thread of this process: robust to a busy host
                    "tokens": int(sum_over_ranks(module.tokens)),  # prompt + answer, no padding; DDP: all ranks
                    "tokens_per_s": round(sum_over_ranks(module.tokens) / max(seconds, 1e-9), 2),
                    "answer_tokens": int(sum_over_ranks(module.answer_tokens))}

@@ -156,9 +156,9 @@ def joint_finetune(cfg: DictConfig) -> float | None:
             trainer_kw.update(val_check_interval=steps)
         trainer = instantiate(cfg.trainer, **trainer_kw)
         mm.train()
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         fit_resumable(trainer, module, train_batches, val_dls or None, resume, requeue)
-        seconds = time.perf_counter() - t0
+        seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
         if val_dls and module.val_step != trainer.global_step:  # no validation ran at the last step
             trainer.validate(module, dataloaders=val_dls, verbose=False)
         step = int(trainer.global_step)
@@ -183,6 +183,7 @@ def joint_finetune(cfg: DictConfig) -> float | None:
                    "steps": step, "adapters": len(tasks), "train_rows": sum(r["train_rows"] for r in rows),
                    "val_rows": sum(r["val_rows"] for r in rows),
                    "trainable_params": sum(r["trainable_params"] for r in rows), "train_seconds": round(seconds, 3),
+                   "train_cpu_seconds": round(cpu_seconds, 3),
                    "tokens": tokens, "tokens_per_s": tokens_per_s, "answer_tokens": sum(answer)}
         for r in rows:
             metrics.update({f"{r['adapter']}/val_loss": r["val_loss"], f"{r['adapter']}/train_loss": r["train_loss"]})
