@@ -2,6 +2,11 @@
 
     python -m pipeline.finetune experiment=demo task=arithmetic
     python -m pipeline.finetune -m experiment=demo task=arithmetic,object_counting,lora_b   # a sweep
+    python -m pipeline.finetune experiment=demo task=all     # every task adapter of `tasks` in one run (joint)
+
+``task=all`` is joint fine-tuning (``pipeline/joint_finetune.py``): one process, one base model, every task's
+adapter trained through the fused op on its own rows, each ending as its separate run would (dropout 0); it
+writes the same per-task PEFT dirs. Everything below describes one adapter's run and holds for each of them.
 
 The adapter (r, alpha, dropout, target modules: ``adapter=meteora|dlp``) is trained with answer-only loss for
 ``trainer.max_steps`` steps at ``optim.lr``; validation loss is logged every ``trainer.val_check_interval``

@@ -408,3 +408,19 @@ def test_reproduce_plans_one_joint_finetune_step_and_lora_b_its_own(tmp_path):
     joint["artefact"][1].parent.mkdir(parents=True)
     joint["artefact"][1].write_text("{}")
     assert step_done(joint)
+
+
+@needs_tiny_model
+@needs_bigbench
+def test_joint_speed_times_both_modes_and_writes_the_table(tmp_path):
+    from pipeline.joint_speed import main
+
+    out = tmp_path / "tables" / "joint"
+    result = main(["--experiment", "smoke", "--repeats", "1", "--out", str(out), "trainer.max_steps=2"])
+    assert [(t["mode"], t["runs"]) for t in result["totals"]] == [("joint", 1), ("separate", 2)]
+    joint, separate = result["totals"]
+    assert joint["tokens"] == separate["tokens"] > 0  # the same rows trained either way
+    assert all(t["train_cpu_seconds"] > 0 and t["tokens_per_cpu_s"] > 0 for t in result["totals"])
+    assert result["faster"] == ("joint" if result["ratios"]["tokens_per_cpu_s"] > 1 else "separate")
+    assert json.loads(out.with_suffix(".json").read_text())["ratios"] == result["ratios"]
+    assert "| joint | 0 | 1 |" in out.with_suffix(".md").read_text()
