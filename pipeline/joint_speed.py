@@ -8,7 +8,8 @@ experiment's own adapters are left alone), and reads their metrics.json: ``train
 (prompt + answer tokens trained on, padding not counted: the same rows in both modes), ``wall_time_s`` (the whole
 stage: model load, data, fit, validation, saving). A mode's tokens/s = its tokens / its summed train seconds;
 ``stage_seconds`` sums the stages' wall time (what a ``reproduce`` step costs, minus process start).
-On a shared host wall time measures the neighbours too, so CPU time is recorded as well: ``train_cpu_seconds``
+On a shared host wall time measures the neighbours too (and multi-threaded GEMMs wait for descheduled threads:
+``--threads 1`` avoids that), so CPU time is recorded as well: ``train_cpu_seconds``
 (the fit, every thread of the stage's process) and ``process_cpu_seconds`` (the whole process, start-up included);
 ``faster`` is decided by tokens per CPU second of the fit.
 Written (atomically): ``<out>.json`` (every run's record, per-mode totals per repeat, the mean ratio joint /
@@ -27,10 +28,11 @@ import tempfile
 from pathlib import Path
 
 
-def _run(overrides: list[str], run_dir: Path) -> dict:
+def _run(overrides: list[str], run_dir: Path, threads: int | None) -> dict:
     cmd = [sys.executable, "-m", "pipeline.finetune", *overrides, f"hydra.run.dir={run_dir}", "print_config=false"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
@@ -62,7 +64,8 @@ def render_md(result: dict) -> str:
     ratios = (f"joint / separate, mean over repeats: tokens/s x{r['tokens_per_s']}, tokens per CPU second "
               f"x{r['tokens_per_cpu_s']}, whole-process CPU time x{r['process_cpu_seconds']}, stage wall time "
               f"x{r['stage_seconds']}; faster (by CPU time, which a busy host does not distort): {result['faster']}")
-    where = (f"overrides: {' '.join(result['overrides']) or '-'}; device {p.get('device')}; git {p.get('git_sha')}; "
+    where = (f"overrides: {' '.join(result['overrides']) or '-'}; threads {result['threads'] or 'default'}; "
+             f"device {p.get('device')}; git {p.get('git_sha')}; "
              f"{p.get('date')}")
     lines += ["", ratios, "", where, ""]
     return "\n".join(lines)
@@ -79,6 +82,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--experiment", default="demo")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", default="outputs/tables/joint_finetune_cpu")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="OMP_NUM_THREADS of every run (1 on a shared host: no thread waits on a descheduled sibling)")
     args, overrides = ap.parse_known_args(argv)
     tasks = [str(t) for t in OmegaConf.load(Path(CONF_DIR) / "experiment" / f"{args.experiment}.yaml").tasks]
     base = [f"experiment={args.experiment}", "logger=none", *overrides]
@@ -88,7 +93,8 @@ def main(argv: list[str] | None = None) -> dict:
             for mode in (("joint", "separate") if rep % 2 == 0 else ("separate", "joint")):
                 out = [*base, f"paths.output_root={tmp}/{mode}{rep}"]
                 steps = ["all"] if mode == "joint" else tasks
-                done = [{**_run([*out, f"task={t}"], Path(tmp) / f"{mode}{rep}-{t}"), "mode": mode, "repeat": rep}
+                done = [{**_run([*out, f"task={t}"], Path(tmp) / f"{mode}{rep}-{t}", args.threads), "mode": mode,
+                         "repeat": rep}
                         for t in steps]
                 runs += done
                 totals.append(_total(mode, rep, done))
@@ -97,6 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     ratios = {k: round(mean("joint", k) / mean("separate", k), 3)
               for k in ("tokens_per_s", "tokens_per_cpu_s", "stage_seconds", "process_cpu_seconds")}
     result = {"experiment": args.experiment, "tasks": tasks, "overrides": overrides, "repeats": args.repeats,
+              "threads": args.threads,
               "totals": totals, "runs": runs, "ratios": ratios,
               "faster": "joint" if ratios["tokens_per_cpu_s"] > 1 else "separate", "provenance": provenance(0)}
     out = Path(args.out)
