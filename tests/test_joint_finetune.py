@@ -328,6 +328,7 @@ runpy.run_module("pipeline.finetune", run_name="__main__")
 """
 
 
+@pytest.mark.slow
 @needs_tiny_model
 @needs_bigbench
 def test_joint_run_killed_mid_training_resumes_to_the_uninterrupted_adapters(tmp_path, caplog):
@@ -410,6 +411,7 @@ def test_reproduce_plans_one_joint_finetune_step_and_lora_b_its_own(tmp_path):
     assert step_done(joint)
 
 
+@pytest.mark.slow
 @needs_tiny_model
 @needs_bigbench
 def test_joint_speed_times_both_modes_and_writes_the_table(tmp_path):
