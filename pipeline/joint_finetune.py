@@ -121,6 +121,7 @@ def joint_finetune(cfg: DictConfig) -> float | None:
     from pipeline.lora_input_dropout import add_lora_input_dropout
     from pipeline.requeue import RequeueCheckpoint, fit_resumable, prepare_resume, training_config
     from pipeline.step_log import StepLog
+    from pipeline.train_speed import apply_train_speed
 
     tasks = joint_tasks(cfg)
     steps = check_training_config(cfg)
@@ -139,6 +140,7 @@ def joint_finetune(cfg: DictConfig) -> float | None:
             mm.bank.float()  # what is trained stays fp32 (as peft keeps LoRA weights), whatever the base's dtype
         mm.set_trainable("adapters")
         add_lora_input_dropout(mm, float(lora_config.lora_dropout))
+        speed = apply_train_speed(cfg, mm.model)  # GPU: compiled decoder layers, frozen weights in bf16
         val_tasks = [t for t in tasks if data[t][1] is not None]
         module = JointFinetuneModule(mm, tasks, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                                      warmup_steps=cfg.optim.warmup_steps, total_steps=steps, val_tasks=val_tasks)
@@ -188,4 +190,5 @@ def joint_finetune(cfg: DictConfig) -> float | None:
         for r in rows:
             metrics.update({f"{r['adapter']}/val_loss": r["val_loss"], f"{r['adapter']}/train_loss": r["train_loss"]})
         return run.finish(tasks=tasks, strategy="peft", metrics=metrics, main_metric="val_loss", rows=rows,
-                          extra={"joint": True, "adapter_dirs": {t: str(dests[t][1]) for t in tasks}})
+                          extra={"joint": True, "adapter_dirs": {t: str(dests[t][1]) for t in tasks},
+                                 "train_speed": speed})

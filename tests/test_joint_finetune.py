@@ -280,7 +280,7 @@ def test_saved_adapters_load_in_peft_with_the_banks_logits(bank_model, tmp_path)
 def test_lora_input_dropout_drops_only_the_lora_branch(bank_model):
     import torch.nn.functional as F
 
-    from pipeline.lora_input_dropout import add_lora_input_dropout
+    from pipeline.lora_input_dropout import LoRAInputDropout, add_lora_input_dropout
 
     mm, _, tok = bank_model
     with torch.no_grad():
@@ -290,23 +290,24 @@ def test_lora_input_dropout_drops_only_the_lora_branch(bank_model):
     layer = mm.model.get_submodule(name)
     enc = tok(["one two three"], return_tensors="pt")
     mm.set_routing(task_ids=[1])
-    mm.model.train()
     mm.router.begin_forward(enc["input_ids"], enc["attention_mask"], None, True)  # route the bare layer call
     x = torch.randn(1, enc["input_ids"].shape[1], layer.in_features)
+    assert add_lora_input_dropout(mm, 0.5) == mm.bank.modules_wrapped
+    wrapped = mm.model.get_submodule(name)
+    assert isinstance(wrapped, LoRAInputDropout) and wrapped.inner is layer
+    mm.model.train()
     with torch.no_grad():
         torch.manual_seed(5)
         d = F.dropout(x, 0.5, training=True)
         want = layer.base_layer(x) + (layer(d) - layer.base_layer(d))  # base(x) + delta(dropout(x))
-        handles = add_lora_input_dropout(mm, 0.5)
         torch.manual_seed(5)
-        got = layer(x)
+        got = wrapped(x)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-        assert not torch.allclose(got, layer.base_layer(d) + (layer(d) - layer.base_layer(d)), atol=1e-4)
+        assert not torch.allclose(got, layer(d), atol=1e-4)  # not dropout on the base projection too
         mm.model.eval()
-        plain = layer(x)
-        for h in handles:
-            h.remove()
-        assert torch.equal(plain, layer(x))  # eval: no dropout
+        assert torch.equal(wrapped(x), layer(x))  # eval: no dropout
+    model = mm.unwrap()
+    assert isinstance(model.get_submodule(name), torch.nn.Linear)  # unwrap restores the plain projections
     assert add_lora_input_dropout(mm, 0.0) == []
     with pytest.raises(ValueError, match=r"lora_dropout=1.0 must be in \[0, 1\)"):
         add_lora_input_dropout(mm, 1.0)
@@ -426,3 +427,49 @@ def test_joint_speed_times_both_modes_and_writes_the_table(tmp_path):
     assert result["faster"] == ("joint" if result["ratios"]["tokens_per_cpu_s"] > 1 else "separate")
     assert json.loads(out.with_suffix(".json").read_text())["ratios"] == result["ratios"]
     assert "| joint | 0 | 1 |" in out.with_suffix(".md").read_text()
+
+
+@needs_tiny_model
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_joint_step_compiles_one_graph_for_every_layer(tmp_path, dropout):
+    """train_speed.compile on a GPU compiles each decoder layer (models.compile): the joint route and the
+    LoRA-input dropout wrapper trace without a graph break into one graph shared by the layers, same loss as eager."""
+    from peft import LoraConfig
+    from torch._dynamo.utils import counters
+
+    from models import MultiLoRAModel, load_base_model
+    from models.compile import compile_layers
+    from pipeline.joint_module import JointFinetuneModule
+    from pipeline.lora_init import initial_adapters
+    from pipeline.lora_input_dropout import add_lora_input_dropout
+
+    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=["q_proj", "v_proj"],
+                        task_type="CAUSAL_LM")
+
+    def losses(compiled: bool, graphs: list):
+        model, tok = load_base_model(TINY)
+        dirs = initial_adapters(model, config, 0, TASKS, tmp_path / f"init-{compiled}")
+        mm = MultiLoRAModel.from_adapters(model, dirs, router="oracle", tokenizer=tok)
+        mm.set_trainable("adapters")
+        add_lora_input_dropout(mm, dropout)
+        module = JointFinetuneModule(mm, TASKS, lr=1e-3)
+        if compiled:
+            compile_layers(mm.model, backend=lambda gm, inputs: graphs.append(gm) or gm.forward)
+        mm.train()
+        ids = torch.randint(3, 250, (3, 10), generator=torch.Generator().manual_seed(0))
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids, "task_ids": torch.arange(3)}
+        torch.manual_seed(7)
+        out, _ = module.task_losses(batch)
+        out.sum().backward()
+        return out.detach(), [p.grad for p in mm.parameters() if p.requires_grad]
+
+    torch._dynamo.reset()
+    graphs: list = []
+    eager, eager_grads = losses(False, graphs)
+    breaks = sum(counters["graph_break"].values())
+    got, grads = losses(True, graphs)
+    assert 1 <= len(graphs) <= 2, f"{len(graphs)} graphs for 2 layers"
+    assert sum(counters["graph_break"].values()) == breaks
+    torch.testing.assert_close(got, eager)
+    for g, e in zip(grads, eager_grads, strict=True):
+        torch.testing.assert_close(g, e)
