@@ -4,8 +4,9 @@
     python -m pipeline.reproduce experiment=head_to_head force=true
     python -m pipeline.reproduce experiment=meteora_tasks trainer=gpu model.device=cuda parallel=8
 
-The experiment's ``plan`` lists the steps: ``plan.finetune`` (adapters: with ``joint_finetune=true`` the task
-adapters are trained together by one ``finetune task=all`` run, LoRA-B by its own), ``plan.route`` (router -> route overrides),
+The experiment's ``plan`` lists the steps: ``plan.finetune`` (adapters; with ``joint_finetune``, auto on a GPU
+trainer, the task adapters are trained together by one ``finetune task=all`` run, LoRA-B by its own),
+``plan.route`` (router -> route overrides),
 ``plan.evaluate`` (label -> evaluate overrides), ``plan.composite`` x ``plan.composite_strategies``
 (composite-n runs), ``plan.bench``. Each step composes its stage's config with the same experiment and
 command-line overrides plus the step's own, and runs in this process with a fixed run dir
@@ -64,6 +65,22 @@ def passed_overrides(cfg: DictConfig, overrides: list[str] | None) -> list[str]:
     return kept + list(cfg.plan.get("overrides", []) or [])
 
 
+def joint_finetune(cfg: DictConfig) -> bool:
+    """Train the task adapters in one joint run? ``joint_finetune``: true / false, or auto = joint where the trainer
+    runs on a GPU, separate runs on CPU, where joint was measured slower (README, outputs/tables/joint_finetune_cpu.md)."""
+    value = cfg.get("joint_finetune", "auto")
+    if value in (True, False):
+        return bool(value)
+    if str(value) != "auto":
+        raise ValueError(f"joint_finetune={value!r} must be auto, true or false")
+    accel = str(cfg.trainer.get("accelerator", "cpu"))
+    if accel == "auto":
+        import torch
+
+        return torch.cuda.is_available()
+    return accel in ("gpu", "cuda")
+
+
 def plan_steps(cfg: DictConfig) -> list[dict]:
     """The ordered steps: ``{"stage", "step", "overrides", "artefact"}`` (artefact: a file, or a list of files, that
     must exist). With ``joint_finetune`` the task adapters of ``plan.finetune`` are one step, ``finetune/all``."""
@@ -71,7 +88,7 @@ def plan_steps(cfg: DictConfig) -> list[dict]:
     adapters, routers = Path(str(cfg.paths.adapters_dir)), Path(str(cfg.paths.routers_dir))
     steps, finetune = [], [str(t) for t in cfg.plan.finetune]
     joint = [t for t in finetune if t != LORA_B]
-    if cfg.get("joint_finetune", False) and len(joint) > 1:  # one `finetune task=all` run; lora_b stays its own
+    if joint_finetune(cfg) and len(joint) > 1:  # one `finetune task=all` run; lora_b stays its own
         pinned = [] if joint == [str(t) for t in cfg.tasks] else [f"tasks=[{','.join(joint)}]"]
         steps.append({"stage": "finetune", "step": JOINT_TASK, "overrides": [f"task={JOINT_TASK}", *pinned],
                       "artefact": [adapters / t / "adapter_config.json" for t in joint]})

@@ -396,8 +396,14 @@ def test_reproduce_plans_one_joint_finetune_step_and_lora_b_its_own(tmp_path):
     sub = compose_stage("reproduce", [*over, "joint_finetune=true", "plan.finetune=[winowhy,cs_algorithms]"], tmp_path)
     assert [s["overrides"] for s in plan_steps(sub) if s["stage"] == "finetune"] == [
         ["task=all", "tasks=[winowhy,cs_algorithms]"]]
-    separate = plan_steps(compose_stage("reproduce", [*over, "joint_finetune=false"], tmp_path))
-    assert [s["step"] for s in separate if s["stage"] == "finetune"] == ["object_counting", "winowhy", "lora_b"]
+    finetune_steps = lambda extra: [s["step"] for s in plan_steps(compose_stage("reproduce", [*over, *extra], tmp_path))
+                                    if s["stage"] == "finetune"]
+    assert finetune_steps(["joint_finetune=false"]) == ["object_counting", "winowhy", "lora_b"]
+    assert finetune_steps([]) == ["object_counting", "winowhy", "lora_b"]  # auto on a CPU trainer: separate
+    assert finetune_steps(["trainer=gpu"]) == ["all", "lora_b"]  # auto on a GPU trainer: joint
+    assert finetune_steps(["joint_finetune=true", "plan.finetune=[winowhy,lora_b]"]) == ["winowhy", "lora_b"]
+    with pytest.raises(ValueError, match=r"joint_finetune='sometimes' must be auto, true or false"):
+        finetune_steps(["joint_finetune=sometimes"])
 
     joint = steps[0]
     (joint["run_dir"]).mkdir(parents=True)
