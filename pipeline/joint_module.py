@@ -155,10 +155,10 @@ class JointFinetuneModule(L.LightningModule):
         means = (sums[:, 0] / sums[:, 1]).tolist()
         self.val_losses = {t: v for t, v, n in zip(self.val_tasks, means, sums[:, 1].tolist(), strict=True) if n}
         self.val_step = self.global_step
-        for t, v in self.val_losses.items():
-            self.log(f"val/{t}/loss", v)
+        for t, v in self.val_losses.items():  # the same on every rank already: sync_dist only averages equals
+            self.log(f"val/{t}/loss", v, sync_dist=True)
         if self.val_losses:
-            self.log("val/loss", sum(self.val_losses.values()) / len(self.val_losses), prog_bar=True)
+            self.log("val/loss", sum(self.val_losses.values()) / len(self.val_losses), prog_bar=True, sync_dist=True)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["token_counts"] = {"answer_tokens": list(self.answer_tokens), "tokens": self.tokens}
