@@ -3,7 +3,8 @@
 ``data.tasks.load_split(task, split, seed=, max_<split>=)`` gives a ``datasets.Dataset`` with ``prompt`` and
 ``answer`` columns (a cap takes a prefix, so a smaller cap is a subset of a larger one). ``LORA_B`` names
 MeteoRA's LoRA-B baseline: one adapter trained on every task of the experiment at once, at most ``cap`` rows per
-task (the paper uses 1000), shuffled together with the run's seed.
+task (the paper uses 1000), shuffled together with the run's seed. ``JOINT_TASK`` (``finetune task=all``) is no
+task either: it trains every task's own adapter in one run (the finetune stage's joint mode).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import random
 from data.tasks import load_split
 
 LORA_B = "lora_b"
+JOINT_TASK = "all"  # finetune task=all: every task of `tasks` in one run
 
 
 def task_rows(task: str, split: str, limit: int | None = None, split_seed: int = 0) -> list[dict]:

@@ -45,6 +45,7 @@ Pieces (one concept per file)
                           its knob checks and, when trainable, its training_loss
     routing/checkpoint.py save / read / align router checkpoints
     multilora_model.py    MultiLoRAModel (ties it together)
+    lora_input_dropout.py peft's lora_dropout for training a bank: dropout on the LoRA branch's input only
     tiny.py               tiny random LLaMA + byte tokenizer (HF dir or GGUF), random PEFT adapters (tests, smoke)
 """
 

@@ -2,7 +2,8 @@
 
 Which table a record feeds depends on its stage:
 
-* ``finetune``  -> ``finetune``: one row per adapter (validation loss, steps, speed).
+* ``finetune``  -> ``finetune``: one row per adapter (validation loss, steps, speed); a joint run (``task=all``)
+  gives one row per adapter it trained (its ``rows``), with the joint run's time and tokens/s.
 * ``evaluate``  -> ``tasks``: one row per task, one column per strategy, cell = the task's score
   (``<task>/score``: accuracy, or BLEU where a task has no accuracy), plus a ``mean`` row; MeteoRA Fig. 3,
   DLP-LoRA T1/T2.
@@ -53,12 +54,24 @@ def _fmt(value):
     return value
 
 
+def _adapter_rows(rec: dict) -> list[tuple[str, dict]]:
+    """(adapter, its metrics) of a finetune record: one per separate run, one per row of a joint run."""
+    if rec.get("joint"):
+        return [(row["adapter"], row) for row in rec.get("rows", [])]
+    return [(rec["tasks"][0], rec["metrics"])]
+
+
 def finetune_table(records: list[dict]) -> Table | None:
-    recs = sorted((r for r in records if r["stage"] == "finetune"), key=lambda r: r["tasks"][0])
-    if not recs:
+    newest: dict[str, tuple[str, dict]] = {}  # adapter -> (date, metrics): a separate and a joint run of one adapter
+    for rec in (r for r in records if r["stage"] == "finetune"):
+        date = str(rec["provenance"].get("date", ""))
+        for name, metrics in _adapter_rows(rec):
+            if name not in newest or date >= newest[name][0]:
+                newest[name] = (date, metrics)
+    if not newest:
         return None
     cols = ["adapter", "val_loss", "train_loss", "steps", "train_rows", "train_seconds", "tokens_per_s"]
-    rows = [[r["tasks"][0]] + [_fmt(r["metrics"].get(c)) for c in cols[1:]] for r in recs]
+    rows = [[name] + [_fmt(newest[name][1].get(c)) for c in cols[1:]] for name in sorted(newest)]
     return Table("finetune", "Adapters (finetune)", cols, rows, "validation loss on answer tokens; tokens/s counts prompt + answer tokens (fit time incl. validation)")
 
 

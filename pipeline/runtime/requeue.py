@@ -228,11 +228,16 @@ class RequeueCheckpoint(L.Callback):
         """On a resumed fit, skip the samples of the current epoch that were trained before the interruption."""
         loader = trainer.train_dataloader
         sampler = getattr(loader, "sampler", None)
-        if trainer.global_step == 0 or not isinstance(sampler, ResumableSampler):
+        if trainer.global_step == 0:
             return
         per_epoch = len(loader)
         done_in_epoch = trainer.global_step * trainer.accumulate_grad_batches - trainer.current_epoch * per_epoch
-        sampler.skip_next(done_in_epoch * int(loader.batch_size))
+        if isinstance(sampler, ResumableSampler):
+            sampler.skip_next(done_in_epoch * int(loader.batch_size))
+        elif hasattr(loader, "resume_at"):  # a loader that places itself (stages/joint_batches.py)
+            loader.resume_at(done_in_epoch)
+        else:
+            return
         self.saved_step = trainer.global_step
         log.info("resumed at step %d: epoch %d from batch %d", trainer.global_step, trainer.current_epoch,
                  done_in_epoch)

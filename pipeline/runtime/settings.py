@@ -37,7 +37,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from data.assets import cache_dir
-from data.task_rows import LORA_B
+from data.task_rows import JOINT_TASK, LORA_B
 from data.task_table import get_task, select
 from models.base import DTYPES, check_source
 
@@ -214,6 +214,7 @@ RULES: list[tuple[str, Callable[[Any], bool], str, str, tuple | None]] = [
     ("composite_repeat_short", boolean, "true or false", "true", None),
     ("allow_dirty", boolean, "true or false", "true", None),
     ("parallel", at_least(1), "a number of steps run at once >= 1 (1: one after another)", "1", None),
+    ("joint_finetune", lambda x: isinstance(x, bool) or x == "auto", "auto, true or false", "auto", ("reproduce",)),
     ("adapter.r", at_least(1), "> 0", "8", None),
     ("adapter.lora_alpha", positive, "> 0", "16", None),
     ("adapter.lora_dropout", lambda x: _number(x) and 0 <= x < 1, "in [0, 1)", "0.0", None),
@@ -336,7 +337,7 @@ def check_settings(cfg) -> None:
     tasks = _task_list(cfg, "tasks")
     if cfg.get("composite_n") and cfg.get("composite_tasks") is not None:  # null: MeteoRA's list for n
         _task_list(cfg, "composite_tasks")
-    if stage == "finetune" and cfg.task not in (None, "") and str(cfg.task) not in (*tasks, LORA_B):
+    if stage == "finetune" and cfg.task not in (None, "") and str(cfg.task) not in (*tasks, LORA_B, JOINT_TASK):
         get_task(str(cfg.task))
     _check_model(cfg)
     _check_trainer(cfg)

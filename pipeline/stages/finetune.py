@@ -2,6 +2,11 @@
 
     python -m pipeline.finetune experiment=demo task=arithmetic
     python -m pipeline.finetune -m experiment=demo task=arithmetic,object_counting,lora_b   # a sweep
+    python -m pipeline.finetune experiment=demo task=all     # every task adapter of `tasks` in one run (joint)
+
+``task=all`` is joint fine-tuning (``pipeline/stages/joint_finetune.py``): one process, one base model, every task's
+adapter trained through the fused op on its own rows, each ending as its separate run would (dropout 0); it
+writes the same per-task PEFT dirs. Everything below describes one adapter's run and holds for each of them.
 
 The adapter (r, alpha, dropout, target modules: ``adapter=meteora|dlp``) is trained with answer-only loss for
 ``trainer.max_steps`` steps at ``optim.lr``; validation loss is logged every ``trainer.val_check_interval``
@@ -19,20 +24,27 @@ the step and the last checkpoint, which is kept.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 
 import hydra
 import lightning as L
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from data.task_rows import JOINT_TASK, LORA_B
 from pipeline.runtime.adapter_dirs import save_adapter
+from pipeline.runtime.distributed import clip_gradients, sum_over_ranks
 from pipeline.runtime.entry import CONF_DIR, cli, user_errors
+from pipeline.runtime.requeue import RequeueCheckpoint, fit_resumable, prepare_resume, training_config
+from pipeline.runtime.rerun import previous_result
 from pipeline.runtime.settings import check_settings
 from pipeline.runtime.stage import StageRun
+from pipeline.runtime.step_log import StepLog
 from pipeline.runtime.train_speed import apply_train_speed
+from pipeline.stages.joint_finetune import joint_finetune
+from pipeline.stages.lora_training import adamw_with_schedule, init_lora, task_loaders
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +76,6 @@ class LoRAFinetuneModule(L.LightningModule):
                           labels=batch["labels"], use_cache=False).loss  # training needs no KV cache
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        from pipeline.runtime.distributed import clip_gradients
-
         clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)  # FSDP: the norm over all shards
 
     def training_step(self, batch, batch_idx):
@@ -93,69 +103,32 @@ class LoRAFinetuneModule(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
-
-        def schedule(step: int) -> float:
-            if step < self.warmup_steps:
-                return (step + 1) / (self.warmup_steps + 1)
-            progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
-            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-
-def _loaders(cfg: DictConfig, tokenizer):
-    from torch.utils.data import DataLoader
-
-    from data.batches import AnswerOnlyCollator, encode_pair
-    from data.task_rows import rows_for
-    from pipeline.runtime.requeue import ResumableSampler
-
-    d, task, tasks = cfg.data, str(cfg.task), list(cfg.tasks)
-    enc = lambda rows: [encode_pair(tokenizer, r["prompt"], r["answer"], int(d.max_length), bool(d.append_eos))
-                        for r in rows]
-    train = enc(rows_for(task, tasks, d.train_split, d, int(cfg.seed), d.train_limit))
-    val = enc(rows_for(task, tasks, d.val_split, d, int(cfg.seed), d.val_limit))
-    if not train:
-        raise ValueError(f"task {task!r} has no training rows in split {d.train_split!r}; pick another task")
-    collate = AnswerOnlyCollator(tokenizer.pad_token_id)
-    bs = int(cfg.optim.batch_size)
-    sampler = ResumableSampler(len(train), int(cfg.seed))  # shuffled; a requeued job replays it exactly
-    train_dl = DataLoader(train, batch_size=bs, sampler=sampler, collate_fn=collate, num_workers=int(d.num_workers))
-    val_dl = DataLoader(val, batch_size=bs, shuffle=False, collate_fn=collate) if val else None
-    return train_dl, val_dl, len(train), len(val)
+        return adamw_with_schedule([p for p in self.model.parameters() if p.requires_grad], self.lr,
+                                   self.weight_decay, self.warmup_steps, self.total_steps)
 
 
 def finetune(cfg: DictConfig) -> float | None:
-    """Train the adapter of ``cfg.task``; write it, metrics.json; return the final validation loss."""
-    from hydra.utils import instantiate
-    from peft import get_peft_model
-
-    from pipeline.runtime.distributed import sum_over_ranks
-    from pipeline.runtime.requeue import RequeueCheckpoint, fit_resumable, prepare_resume, training_config
-    from pipeline.runtime.rerun import previous_result
-
+    """Train the adapter of ``cfg.task`` (every task's with ``task=all``); write it, metrics.json; return the final
+    validation loss (``task=all``: the mean over tasks)."""
     if (done := previous_result(cfg)) is not None:  # a relaunched sweep's finished job
         return done.value
     if cfg.task in (None, ""):
-        raise ValueError(f"finetune needs task=<name> (one of {list(cfg.tasks)} or lora_b); "
-                         f"sweep them with -m task=a,b")
+        raise ValueError(f"finetune needs task=<name> (one of {list(cfg.tasks)} or {LORA_B}, or {JOINT_TASK}: every "
+                         f"task in one run); sweep them with -m task=a,b")
+    if str(cfg.task) == JOINT_TASK:
+        return joint_finetune(cfg)  # its own checks of `tasks` first, then check_settings
     check_settings(cfg)  # every value in range, the task known, the model there: before any model loads
     steps = int(cfg.trainer.max_steps)
     task = str(cfg.task)
     resume = prepare_resume(cfg)  # a requeued SLURM job: its checkpoint and wandb run id (pipeline/runtime/requeue.py)
     with StageRun(cfg) as run:
         model, tokenizer = instantiate(cfg.model)
-        train_dl, val_dl, n_train, n_val = _loaders(cfg, tokenizer)
-        peft_model = get_peft_model(model, instantiate(cfg.adapter))
+        train_dl, val_dl, n_train, n_val = task_loaders(cfg, tokenizer)
+        peft_model = init_lora(model, instantiate(cfg.adapter), int(cfg.seed))  # the joint run's init too
         trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
         speed = apply_train_speed(cfg, model)  # GPU: compiled decoder layers, frozen weights in bf16
         module = LoRAFinetuneModule(peft_model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                                     warmup_steps=cfg.optim.warmup_steps, total_steps=steps)
-        from pipeline.runtime.step_log import StepLog
-
         requeue = RequeueCheckpoint(run.run_dir, every_n_steps=int(cfg.checkpoint.every_n_steps),
                                     config=training_config(cfg))
         trainer_kw = {"logger": run.tracker.lightning,
@@ -166,9 +139,9 @@ def finetune(cfg: DictConfig) -> float | None:
             trainer_kw.update(val_check_interval=steps)
         trainer = instantiate(cfg.trainer, **trainer_kw)
         peft_model.train()
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         fit_resumable(trainer, module, train_dl, val_dl, resume, requeue)
-        seconds = time.perf_counter() - t0
+        seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
         train_loss = trainer.callback_metrics.get("train/loss")
         val_loss = None
         if val_dl is not None:  # the in-fit validation ran at the last step when the interval divides the steps
@@ -185,7 +158,9 @@ def finetune(cfg: DictConfig) -> float | None:
         metrics = {"val_loss": val_loss, "train_loss": float(train_loss) if train_loss is not None else None,
                    "steps": int(trainer.global_step), "train_rows": n_train, "val_rows": n_val,
                    "trainable_params": trainable, "train_seconds": round(seconds, 3),
-                   "tokens_per_s": round(sum_over_ranks(module.tokens) / max(seconds, 1e-9), 2),  # DDP: all ranks
+                   "train_cpu_seconds": round(cpu_seconds, 3),  # every thread of this process: robust to a busy host
+                   "tokens": int(sum_over_ranks(module.tokens)),  # prompt + answer, no padding; DDP: all ranks
+                   "tokens_per_s": round(sum_over_ranks(module.tokens) / max(seconds, 1e-9), 2),
                    "answer_tokens": int(sum_over_ranks(module.answer_tokens))}
         return run.finish(tasks=[task], strategy="peft", metrics=metrics, main_metric="val_loss",
                           extra={"adapter_dir": str(shared), "train_speed": speed})

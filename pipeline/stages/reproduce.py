@@ -4,7 +4,9 @@
     python -m pipeline.reproduce experiment=head_to_head force=true
     python -m pipeline.reproduce experiment=meteora_tasks trainer=gpu model.device=cuda parallel=8
 
-The experiment's ``plan`` lists the steps: ``plan.finetune`` (adapters), ``plan.route`` (router -> route overrides),
+The experiment's ``plan`` lists the steps: ``plan.finetune`` (adapters; with ``joint_finetune``, auto on a GPU
+trainer, the task adapters are trained together by one ``finetune task=all`` run, LoRA-B by its own),
+``plan.route`` (router -> route overrides),
 ``plan.evaluate`` (label -> evaluate overrides), ``plan.composite`` x ``plan.composite_strategies``
 (composite-n runs), ``plan.bench``. Each step composes its stage's config with the same experiment and
 command-line overrides plus the step's own, and runs in this process with a fixed run dir
@@ -43,6 +45,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig, open_dict
 
 from common.provenance import ALLOW_DIRTY_ENV, code_version_problem, git_sha
+from data.task_rows import JOINT_TASK, LORA_B
 from pipeline.runtime.compose import compose
 from pipeline.runtime.config_tree import show_and_save_config
 from pipeline.runtime.entry import CONF_DIR, cli, user_errors
@@ -56,7 +59,7 @@ from pipeline.stages.route import route
 log = logging.getLogger(__name__)
 RUNNERS = {"finetune": finetune, "route": route, "evaluate": evaluate, "bench": bench, "report": report}
 # reproduce's own keys: not passed on to the stages
-OWN_KEYS = ("allow_dirty", "force", "gpus", "parallel", "plan", "print_config", "stage")
+OWN_KEYS = ("allow_dirty", "force", "gpus", "joint_finetune", "parallel", "plan", "print_config", "stage")
 
 
 def passed_overrides(cfg: DictConfig, overrides: list[str] | None) -> list[str]:
@@ -71,12 +74,33 @@ def _flat(entries) -> list:
     return [x for e in entries or [] for x in (e if isinstance(e, (list, ListConfig)) else [e])]
 
 
+def joint_finetune(cfg: DictConfig) -> bool:
+    """Train the task adapters in one joint run? ``joint_finetune``: true / false (``check_settings`` refuses any
+    other value), or auto = joint where the trainer runs on a GPU, separate runs on CPU, where joint was measured
+    slower (README, outputs/tables/joint_finetune_cpu.md: ``python -m pipeline.joint_speed``)."""
+    value = cfg.get("joint_finetune", "auto")
+    if value != "auto":
+        return bool(value)
+    accel = str(cfg.trainer.get("accelerator", "cpu"))
+    if accel == "auto":
+        return torch.cuda.is_available()
+    return accel in ("gpu", "cuda")
+
+
 def plan_steps(cfg: DictConfig) -> list[dict]:
-    """The ordered steps: ``{"stage", "step", "overrides", "artefact"}`` (artefact: a file that must exist)."""
+    """The ordered steps: ``{"stage", "step", "overrides", "artefact"}`` (artefact: a file, or a list of files, that
+    must exist). With ``joint_finetune`` the task adapters of ``plan.finetune`` are one step, ``finetune/all``."""
     exp = Path(str(cfg.paths.exp_dir))
     adapters, routers = Path(str(cfg.paths.adapters_dir)), Path(str(cfg.paths.routers_dir))
     steps = []
-    for task in _flat(cfg.plan.finetune):  # an entry may be a list itself: [${tasks}, lora_b]
+    finetune = [str(t) for t in _flat(cfg.plan.finetune)]  # an entry may be a list itself: [${tasks}, lora_b]
+    joint = [t for t in finetune if t != LORA_B]
+    if joint_finetune(cfg) and len(joint) > 1:  # one `finetune task=all` run; lora_b stays its own
+        pinned = [] if joint == [str(t) for t in cfg.tasks] else [f"tasks=[{','.join(joint)}]"]
+        steps.append({"stage": "finetune", "step": JOINT_TASK, "overrides": [f"task={JOINT_TASK}", *pinned],
+                      "artefact": [adapters / t / "adapter_config.json" for t in joint]})
+        finetune = [t for t in finetune if t == LORA_B]
+    for task in finetune:
         steps.append({"stage": "finetune", "step": str(task), "overrides": [f"task={task}"],
                       "artefact": adapters / str(task) / "adapter_config.json"})
     for router, ovs in (cfg.plan.route or {}).items():
@@ -96,9 +120,10 @@ def plan_steps(cfg: DictConfig) -> list[dict]:
 
 
 def step_done(step: dict) -> bool:
-    """A step is done when its metrics.json exists (and its artefact, where it has one)."""
-    ok = (step["run_dir"] / "metrics.json").is_file()
-    return ok and (step["artefact"] is None or Path(step["artefact"]).is_file())
+    """A step is done when its metrics.json exists (and its artefacts, where it has some)."""
+    art = step["artefact"]
+    files = [] if art is None else [art] if isinstance(art, (str, Path)) else list(art)
+    return (step["run_dir"] / "metrics.json").is_file() and all(Path(f).is_file() for f in files)
 
 
 def run_step(step: dict, overrides: list[str]):
