@@ -14,6 +14,8 @@ Blocks:
   committed under ``outputs/records/<table>/`` (the only way a number can be re-derived).
 * ``kernel_targets``: the fused op's time targets (``KERNEL_TARGETS``, ratio to the base linear) against
   ``kernel_bench.json``: the range over the target's ranks per shape, and where the target holds.
+* ``train_throughput``: whole training steps beside peft's single LoRA: each target, what was measured (median
+  ratio of paired rounds and their spread) and the verdict, as ``train_throughput.json`` holds them.
 * ``head_to_head``, ``multigpu``: those tables' rows.
 * ``demo``: ``make demo``'s mean score per strategy and decode time per strategy and adapter count.
 """
@@ -28,6 +30,7 @@ from pathlib import Path
 
 from common.atomic import atomic_write_text
 from pipeline.report.paper_tables import _md_cell, _md_table, interval_cell
+from pipeline.stages.train_throughput import targets_table
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout (pipeline/stages/ is two below it)
 PAPER_FILES = ("meteora_tasks", "meteora_tasks_gemma", "meteora_composite", "meteora_composite_gemma", "dlp_tasks",
@@ -106,6 +109,16 @@ def kernel_targets_block(tables_dir: Path) -> str:
                                   f"kernel_bench.json`, variant `loramux`).")])
 
 
+def train_throughput_block(tables_dir: Path) -> str:
+    t = _load(tables_dir / "train_throughput.json")
+    if t is None:
+        return "_train_throughput.json is not committed_"
+    p = t["provenance"]
+    return "\n".join([*targets_table(t["targets"]), "",
+                      f"{p.get('device')}, git {str(p.get('git_sha'))[:7]}, {str(p.get('date'))[:10]} "
+                      "(`outputs/tables/train_throughput.{json,md}`: every row, precision, compile and batch)."])
+
+
 def head_to_head_block(tables_dir: Path) -> str:
     t = _load(tables_dir / "head_to_head.json")
     if t is None:
@@ -144,7 +157,8 @@ def demo_block(demo_dir: Path) -> str:
     return "\n".join(lines).rstrip()
 
 
-BLOCKS = {"claims": claims_block, "kernel_targets": kernel_targets_block, "head_to_head": head_to_head_block,
+BLOCKS = {"claims": claims_block, "kernel_targets": kernel_targets_block, "train_throughput": train_throughput_block,
+          "head_to_head": head_to_head_block,
           "multigpu": multigpu_block}
 
 

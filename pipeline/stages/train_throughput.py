@@ -301,6 +301,23 @@ def verdicts(rows: list[dict]) -> list[dict]:
     return out
 
 
+def targets_table(targets: list[dict]) -> list[str]:
+    """Markdown lines of the targets with what was measured and the verdict (this page and README Results)."""
+    lines = ["| target | measured | verdict |", "| --- | --- | --- |"]
+    for t in targets:
+        if "target_ratio" in t:
+            what = f"{t['variant']} >= {t['target_ratio']}x peft_single at batch {t['batch_size']}"
+            got = (f"{t['ratio']['median']}x ({t['ratio']['min']}..{t['ratio']['max']}; {t['setting']} vs peft "
+                   f"{t['peft_setting']})") if t.get("ratio") else t.get("reason", "")
+        else:
+            what = f"{t['variant']} >= {t['target_tokens_per_s']:,.0f} tokens/s at its best batch"
+            tps = t.get("tokens_per_s")
+            got = (f"{tps['median']:,.0f} ({tps['min']:,.0f}..{tps['max']:,.0f}) at batch {t['batch_size']}"
+                   if tps else t.get("reason", ""))
+        lines.append(f"| {what} | {got} | {t['verdict']} |")
+    return lines
+
+
 def markdown(doc: dict) -> str:
     """The committed table: provenance, every row, then each target with its verdict."""
     p, c = doc["provenance"], doc["config"]
@@ -325,18 +342,7 @@ def markdown(doc: dict) -> str:
                      f"| {r['tokens_per_s']:,.0f} | {r['ms_per_step']:.1f} | {r['ratio_to_peft']} "
                      f"| {r['ratio_to_best_peft']} | {r['peak_gb']} | {r['graph_breaks']} |")
     lines += ["", "## Targets (bf16, best of compiled / eager on each side; spread = min..max over paired rounds)", "",
-              "| target | measured | verdict |", "| --- | --- | --- |"]
-    for t in doc["targets"]:
-        if "target_ratio" in t:
-            what = f"{t['variant']} >= {t['target_ratio']}x peft_single at batch {t['batch_size']}"
-            got = (f"{t['ratio']['median']}x ({t['ratio']['min']}..{t['ratio']['max']}; {t['setting']} vs peft "
-                   f"{t['peft_setting']})") if t.get("ratio") else t.get("reason", "")
-        else:
-            what = f"{t['variant']} >= {t['target_tokens_per_s']:,.0f} tokens/s at its best batch"
-            tps = t.get("tokens_per_s")
-            got = (f"{tps['median']:,.0f} ({tps['min']:,.0f}..{tps['max']:,.0f}) at batch {t['batch_size']}"
-                   if tps else t.get("reason", ""))
-        lines.append(f"| {what} | {got} | {t['verdict']} |")
+              *targets_table(doc["targets"])]
     return "\n".join(lines) + "\n"
 
 
