@@ -41,11 +41,12 @@ slurm-up:
 slurm-down:
 	scripts/slurm_stop.sh
 
+# Test files run on every core (pytest-xdist; one file stays on one worker, so its module fixtures are built once).
 test: assets slurm-up
-	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not gpu" -n auto --dist loadfile --durations=15 $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not gpu and not slow and not slurm" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not gpu and not slow and not slurm" -n auto --dist loadfile $(PYTEST_ARGS)
 
 demo: assets
 	$(BIN)/python -m pipeline.reproduce experiment=demo
