@@ -115,8 +115,8 @@ def train_throughput_block(tables_dir: Path) -> str:
         return "_train_throughput.json is not committed_"
     p = t["provenance"]
     return "\n".join([*targets_table(t["targets"]), "",
-                      f"{p.get('device')}, git {str(p.get('git_sha'))[:7]}, {str(p.get('date'))[:10]} "
-                      "(`outputs/tables/train_throughput.{json,md}`: every row, precision, compile and batch)."])
+                      (f"{p.get('device')}, git {str(p.get('git_sha'))[:7]}, {str(p.get('date'))[:10]} "
+                       "(`outputs/tables/train_throughput.{json,md}`: every row, precision, compile and batch).")])
 
 
 def head_to_head_block(tables_dir: Path) -> str:
