@@ -77,8 +77,8 @@ def test_dlp_route_used_for_every_decode_step(assets):
     seen = []
     orig = mm.router.route
 
-    def spy(name, x):
-        r = orig(name, x)
+    def spy(name, x, state=None):  # the wrapped layer hands its projection state too
+        r = orig(name, x, state)
         seen.append((x.shape[1], r.ids.clone(), r.seq_ids.numel()))
         return r
 
