@@ -113,7 +113,7 @@ def test_compiled_decode_of_a_routed_model_is_one_graph(tiny8b, tmp_path, router
     import torch._dynamo
 
     from models import MultiLoRAModel
-    from pipeline.stages.bench import random_adapter
+    from pipeline.stages.bench_timing import random_adapter
 
     cfg = _bench_cfg(["experiment=dlp_latency"])
     adapter = random_adapter(tiny8b, tmp_path / "a", cfg.adapter, 0)

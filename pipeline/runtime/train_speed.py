@@ -20,6 +20,9 @@ import logging
 import torch
 from omegaconf import DictConfig
 
+from models.compile import compile_layers
+from models.precision import store_frozen
+
 log = logging.getLogger(__name__)
 
 
@@ -40,9 +43,6 @@ def _decide(value, auto: bool, key: str) -> bool:
 
 def apply_train_speed(cfg: DictConfig, model) -> dict:
     """Apply ``cfg.train_speed`` to ``model`` (after its trainable parameters are set); return what was applied."""
-    from models.compile import compile_layers
-    from models.precision import store_frozen
-
     s = cfg.get("train_speed") or {}
     gpu = _on_one_gpu(cfg)
     bf16 = str(cfg.trainer.get("precision", "32")).startswith("bf16")

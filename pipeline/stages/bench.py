@@ -35,20 +35,31 @@ batch and prompt length. On CUDA the kernels/ micro-benchmark (``python -m kerne
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import tempfile
+import time
 from pathlib import Path
 
 import hydra
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from peft import PeftModel
 
+from common.atomic import atomic_write_text
+from common.provenance import provenance
 from common.random_llama import random_llama
+from kernels.bench import kernel_bench as kbench
+from models import MultiLoRAModel
 from pipeline.runtime.compose import compose
 from pipeline.runtime.entry import CONF_DIR, cli, user_errors
 from pipeline.runtime.multilora import strategy_of
 from pipeline.runtime.settings import check_settings
 from pipeline.runtime.stage import StageRun
+from pipeline.stages import e2e_decode as e2e
+from pipeline.stages import train_throughput as tt
+from pipeline.stages.bench_timing import compile_config, random_adapter, random_batch, time_generate
 
 log = logging.getLogger(__name__)
 SUITES = ("latency", "train_throughput", "e2e_decode")
@@ -79,8 +90,6 @@ def shape_model(config: dict, device, dtype=torch.bfloat16):
 
 def build_shape(cfg: DictConfig, shape: str):
     """``(model, vocab_size, device, model label)`` for a shape; None where this machine cannot hold it."""
-    from hydra.utils import instantiate
-
     device = _device(cfg)
     if shape == "default":
         model, tok = instantiate(cfg.model)
@@ -99,29 +108,11 @@ def build_shape(cfg: DictConfig, shape: str):
     return model, config["vocab_size"], device, shape
 
 
-def random_adapter(model, out_dir, adapter_cfg: DictConfig, seed: int = 0) -> Path:
-    """Write a random (non-zero B) PEFT LoRA for ``model`` with the configured r/alpha/targets; model unchanged."""
-    from hydra.utils import instantiate
-    from peft import get_peft_model
-
-    torch.manual_seed(seed)
-    pm = get_peft_model(model, instantiate(adapter_cfg))
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.02)
-    pm.save_pretrained(out_dir)
-    pm.unload()
-    return Path(out_dir)
-
-
 class TimeBudget:
     """``bench.max_seconds``: combinations not started within it are skipped and listed (the rows measured so far
     are still written), so one bench command stays under a hard per-command limit (e.g. 10 min on a lent GPU)."""
 
     def __init__(self, seconds):
-        import time
-
         self.clock = time.perf_counter
         self.t0, self.seconds = self.clock(), (float(seconds) if seconds else None)
         self.skipped: list[str] = []
@@ -165,13 +156,10 @@ class ShapeBench:
         st = self.static
         if not st.compile:
             return None
-        from pipeline.stages.bench_timing import compile_config
 
         return compile_config(str(st.backend), st.mode, bool(st.fullgraph), all_devices=self.device.type != "cuda")
 
     def _time(self, generate, b, s, engine, compile=None):
-        from pipeline.stages.bench_timing import random_batch, time_generate
-
         ids, mask = random_batch(self.vocab, b, s, self.device, seed=int(self.cfg.seed))
         return time_generate(generate, ids, mask, int(self.b_cfg.new_tokens), warmup=int(self.b_cfg.warmup),
                              repeats=int(self.b_cfg.repeats), engine=engine, compile=compile)
@@ -233,10 +221,6 @@ def bench_routers(cfg: DictConfig, strategies=None) -> dict:
 def bench_shape(cfg: DictConfig, shape: str, rows: list, budget: TimeBudget | None = None,
                 routers: dict | None = None) -> None:
     """All rows of one shape (appended to ``rows``); ``routers``: ``bench_routers(cfg)``."""
-    from peft import PeftModel
-
-    from models import MultiLoRAModel
-
     routers = bench_routers(cfg) if routers is None else routers
     built = build_shape(cfg, shape)
     if built is None:
@@ -289,9 +273,6 @@ def kernel_micro(run_dir: Path) -> dict | None:
     if not torch.cuda.is_available():
         log.info("bench: kernels micro-benchmark needs CUDA; skipped")
         return None
-    import json
-
-    from kernels.bench import kernel_bench as kbench
 
     out = run_dir / "kernel"
     kbench.main(["--out", str(out), "--tokens", "1", "64", "1024", "--shapes", "0"])
@@ -306,10 +287,6 @@ def _device(cfg: DictConfig) -> torch.device:
 def write_table(table_dir, name: str, doc: dict, md: str) -> Path:
     """``<table_dir>/<name>.json`` (rows, config, provenance: what the table is rebuilt from) and ``.md``,
     each written atomically."""
-    import json
-
-    from common.atomic import atomic_write_text
-
     out = Path(str(table_dir))
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / f"{name}.json", json.dumps(doc, indent=1) + "\n")
@@ -319,9 +296,6 @@ def write_table(table_dir, name: str, doc: dict, md: str) -> Path:
 
 def train_suite(cfg: DictConfig, run) -> float | None:
     """``bench.suite=train_throughput``: training steps of every variant (``pipeline.stages.train_throughput``)."""
-    from common.provenance import provenance
-    from pipeline.stages import train_throughput as tt
-
     t = cfg.bench.train
     shape = str(cfg.bench.shapes[0])
     if shape not in SHAPES:
@@ -360,11 +334,6 @@ def e2e_suite(cfg: DictConfig, run) -> float | None:
     """``bench.suite=e2e_decode``: generate's decode time per strategy (``pipeline.stages.e2e_decode``). With
     ``bench.e2e.merge`` the records of an existing table are kept where this run measured nothing (one table can be
     filled by several calls, each under a per-command time limit)."""
-    import json
-
-    from common.provenance import provenance
-    from pipeline.stages import e2e_decode as e2e
-
     settings = OmegaConf.to_container(cfg.bench.e2e, resolve=True)
     unknown = [s for s in settings["strategies"] if s not in e2e.STRATEGIES]
     unknown += [t for t in settings["targets"] if t not in e2e.TARGETS]

@@ -20,8 +20,13 @@ from __future__ import annotations
 
 import statistics
 import time
+from pathlib import Path
 
 import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from peft import get_peft_model
+from transformers import CompileConfig
 
 
 def _sync(device) -> None:
@@ -39,8 +44,6 @@ def random_batch(vocab_size: int, batch: int, prompt_len: int, device, seed: int
 def compile_config(backend: str = "inductor", mode: str | None = "reduce-overhead", fullgraph: bool = False,
                    all_devices: bool = False):
     """A ``transformers.CompileConfig`` for generate's decode step (``all_devices``: compile on CPU too)."""
-    from transformers import CompileConfig
-
     kw = {"backend": backend, "fullgraph": fullgraph}
     if mode:
         kw["mode"] = mode
@@ -101,3 +104,16 @@ def time_generate(generate, ids, mask, new_tokens: int, *, warmup: int = 1, repe
     return {"prefill_tok_s": round(b * s / t1, 2), "prefill_ms": round(1000 * t1, 3),
             "decode_ms_per_token": round(1000 * max(decode, 0) / (new_tokens - 1), 4),
             "t1_s": round(t1, 5), "tN_s": round(tn, 5), "peak_mem_gb": peak}
+
+
+def random_adapter(model, out_dir, adapter_cfg: DictConfig, seed: int = 0) -> Path:
+    """Write a random (non-zero B) PEFT LoRA for ``model`` with the configured r/alpha/targets; model unchanged."""
+    torch.manual_seed(seed)
+    pm = get_peft_model(model, instantiate(adapter_cfg))
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.02)
+    pm.save_pretrained(out_dir)
+    pm.unload()
+    return Path(out_dir)

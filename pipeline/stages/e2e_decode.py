@@ -30,6 +30,10 @@ import time
 from pathlib import Path
 
 import torch
+from peft import PeftModel
+
+from models import MultiLoRAModel
+from pipeline.stages.bench_timing import compile_config, generate_kwargs, random_adapter, random_batch
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +55,6 @@ def _sync(device) -> None:
 
 
 def _generate_kwargs(engine: str, backend: str):
-    from pipeline.stages.bench_timing import compile_config, generate_kwargs
 
     if engine == "eager":
         return generate_kwargs("eager")
@@ -76,11 +79,6 @@ class Contestants:
     """The models of one ``targets``: a plain base model, a peft model and one loramux bank with every router."""
 
     def __init__(self, make_model, adapter_cfg, targets: str, num_adapters: int, strategies, tmp: Path, routers):
-        from peft import PeftModel
-
-        from models import MultiLoRAModel
-        from pipeline.stages.bench import random_adapter
-
         self.generate: dict = {}
         base = make_model()
         adapter = random_adapter(base, tmp / f"adapter_{targets}", {**adapter_cfg, "target_modules": TARGETS[targets]})
@@ -107,8 +105,6 @@ class Contestants:
 def measure(contestants: Contestants, engine: str, batch: int, prompt_len: int, new_tokens: int, vocab: int,
             device, warmup: int, repeats: int, backend: str) -> dict:
     """One record: every strategy's per-round (t_1, t_N) for this engine and batch, warm-ups first."""
-    from pipeline.stages.bench_timing import random_batch
-
     ids, mask = random_batch(vocab, batch, prompt_len, device, seed=0)
     kw = _generate_kwargs(engine, backend)
     rounds: dict = {s: [] for s in contestants.generate}

@@ -27,14 +27,25 @@ before it, plus this variant's own parameters and optimizer state (other variant
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from peft import PeftModel
+from torch._dynamo.utils import counters
+from torch.profiler import ProfilerActivity, profile
+
+from common.atomic import atomic_write_text
+from models import MultiLoRAModel
+from models.compile import compile_layers
+from models.precision import store_frozen
+from pipeline.stages.bench_timing import random_adapter
 
 log = logging.getLogger(__name__)
 
@@ -85,12 +96,6 @@ def _sync(device) -> None:
 def build_trainee(setting: Setting, make_model, adapter_dir, num_adapters: int, top_k: int, device,
                   compile_backend: str) -> Trainee:
     """A fresh random model (same seed for every variant) made into ``setting.variant``."""
-    from peft import PeftModel
-
-    from models import MultiLoRAModel
-    from models.compile import compile_layers
-    from models.precision import store_frozen
-
     model = make_model()
     if setting.variant == "peft_single":
         pm = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
@@ -131,8 +136,6 @@ def _peak_gb(trainee: Trainee, ids, steps: int) -> float | None:
 
 def profile_step(trainee: Trainee, ids, out_path: Path, rows: int = 40) -> None:
     """``torch.profiler`` over one step (after warm-up): the top ops by self device time, then by self CPU time."""
-    from torch.profiler import ProfilerActivity, profile
-
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trainee.device.type == "cuda" else [])
     with profile(activities=acts) as prof:
         trainee.step(ids)
@@ -151,8 +154,6 @@ def run_settings(settings: list[Setting], make_model, adapter_cfg, *, vocab: int
                  profile: tuple = (), warmup_budget_s: float | None = None) -> list[dict]:
     """Build and warm up every setting, then time them in interleaved rounds; one row per setting. A setting
     whose warm-up would start after ``warmup_budget_s`` is reported as skipped (a row without a time)."""
-    from pipeline.stages.bench import random_adapter
-
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # a graph per variant
     torch._dynamo.config.automatic_dynamic_shapes = False  # one static graph per batch size
     g = torch.Generator().manual_seed(0)
@@ -165,7 +166,6 @@ def run_settings(settings: list[Setting], make_model, adapter_cfg, *, vocab: int
         start = time.perf_counter()
         for s in settings:
             key = (s.variant, s.precision, s.compiled)
-            from torch._dynamo.utils import counters
 
             if warmup_budget_s is not None and time.perf_counter() - start > warmup_budget_s:
                 meta[s] = {"error": f"skipped: warm-up budget of {warmup_budget_s:.0f} s spent"}
@@ -348,10 +348,6 @@ def markdown(doc: dict) -> str:
 
 def rebuild(json_path) -> Path:
     """Re-derive ratios, verdicts and the Markdown page of a committed ``train_throughput.json`` from its rows."""
-    import json
-
-    from common.atomic import atomic_write_text
-
     path = Path(json_path)
     doc = json.loads(path.read_text())
     add_ratios(doc["rows"])
@@ -361,7 +357,6 @@ def rebuild(json_path) -> Path:
 
 
 if __name__ == "__main__":
-    import sys
 
     if len(sys.argv) != 2 or not sys.argv[1].endswith(".json"):
         sys.exit("usage: python -m pipeline.train_throughput outputs/tables/train_throughput.json (rebuilds the .md)")
