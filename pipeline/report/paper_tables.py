@@ -35,13 +35,18 @@ Rows per table (scores: accuracy and ROUGE as fractions in [0, 1], BLEU 0-100; N
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import math
 from pathlib import Path
 
 from common.atomic import atomic_write_text
+from data.scoring import load_metric
+from data.task_table import DLP26_MCQ, DLP26_QA
+from data.tasks import get_task
 from pipeline.report.paper_claims import table_claims
 from pipeline.report.records import config_of, predictions_of, run_key
+from pipeline.report.render import adapter_axis, bar_plot, pyplot, radar_plot, save_figure
 from pipeline.report.tables import Table, latest_records
 
 PAPER_TABLES = ("meteora_tasks", "meteora_composite", "dlp_tasks", "dlp_latency", "head_to_head")
@@ -176,13 +181,10 @@ QA_METRICS = ("accuracy", "bleu", "rouge1", "rougeL")
 
 def dlp_kind(task: str) -> str:
     """mcq | qa as DLP-LoRA's table groups it (``data.task_table.DLP26_*``, else the registry's kind)."""
-    from data.task_table import DLP26_MCQ, DLP26_QA
-
     if task in DLP26_MCQ:
         return "mcq"
     if task in DLP26_QA:
         return "qa"
-    from data.tasks import get_task
 
     return get_task(task).kind
 
@@ -191,8 +193,6 @@ def _text_metrics(rec: dict, task: str, cache: dict) -> dict:
     """BLEU / ROUGE of one task from the run's predictions.jsonl (for QA tasks whose registry skips them)."""
     key = (rec.get("_path"), task)
     if key not in cache:
-        from data.scoring import load_metric
-
         pairs = [(p["prediction"], p["answer"]) for p in predictions_of(rec)
                  if p.get("task") == task and p.get("prediction") is not None]
         out = {}
@@ -395,8 +395,6 @@ def run_provenance(rec: dict) -> dict:
 def table_provenance(records: list[dict], config: dict | None, used: set[str] | None = None) -> dict:
     """The table's provenance: versions over all its records, each used run's own provenance and config, and the
     report call's config (``report_config``: where the table was written, not how its numbers were made)."""
-    import datetime as dt
-
     prov = [r.get("provenance", {}) for r in records]
     versions = [p.get("versions", {}) for p in prov]
     times = [wall_time_s(r) for r in records]
@@ -492,8 +490,6 @@ def paper_markdown(name: str, table: dict, plot: Path | None) -> str:
 
 def plot_table(name: str, table: dict, path: Path) -> Path | None:
     """The paper's figure: per-task radar (meteora_tasks), composite bars per n, latency vs adapters."""
-    from pipeline.report.render import bar_plot, radar_plot
-
     rows = table["rows"]
     if not rows:
         return None
@@ -516,8 +512,6 @@ def plot_table(name: str, table: dict, path: Path) -> Path | None:
 
 def latency_figure(rows: list[dict], path: Path) -> Path | None:
     """DLP-LoRA's figure: ms vs number of adapters per model and phase; base and single LoRA as reference lines."""
-    from pipeline.report.render import adapter_axis, pyplot, save_figure
-
     models = list(dict.fromkeys(r["model"] for r in rows))
     plt = pyplot()
     fig, axes = plt.subplots(len(models), 2, figsize=(10, 3.6 * len(models)), squeeze=False)
