@@ -40,6 +40,7 @@ def _multi_lora_op(
     ids: torch.Tensor,
     weights: torch.Tensor,
 ) -> torch.Tensor:
+    # lazy: Triton loads only when a Triton path runs (after TRITON_INTERPRET is chosen)
     from kernels import triton_ops
 
     return triton_ops.forward(x, base, A, B, scales, ranks, ids, weights)
@@ -61,6 +62,7 @@ def _multi_lora_backward_op(
     ids: torch.Tensor,
     weights: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # lazy: Triton loads only when a Triton path runs (after TRITON_INTERPRET is chosen)
     from kernels import triton_ops
 
     return triton_ops.backward(grad, x, A, B, scales, ranks, ids, weights)
@@ -138,6 +140,7 @@ def _no_launch(x, base, *args):
 
 
 def _triton_forward(x2, b2, A, B, scales, ranks, ids, weights, seq_ids):
+    # lazy: Triton loads only when a Triton path runs (after TRITON_INTERPRET is chosen)
     from kernels import triton_ops
 
     dev = x2.device

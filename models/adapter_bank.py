@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 from torch import nn
 
 RANK_MULTIPLE = 16
@@ -61,7 +62,6 @@ def _pattern_value(patterns: dict, module_name: str, default):
 @dataclass
 class LoraAdapter:
     """One PEFT LoRA adapter read from disk: per module name, A [d_in, r], B [r, d_out] and its scale."""
-
     name: str
     path: str
     config: dict
@@ -81,8 +81,6 @@ def read_peft_adapter(adapter_dir, name: str, module_shapes: dict, wrapped: set,
     ``module_shapes`` maps every nn.Linear module name of the base model to ``(d_in, d_out)``; ``wrapped`` is the
     subset the bank wraps. Raises ``AdapterError`` (one line: adapter dir, field, fix) on anything unusable.
     """
-    from safetensors.torch import load_file
-
     d = Path(os.path.expanduser(str(adapter_dir)))
     if not d.is_dir():
         _fail(d, "path", "is not a directory", "pass a PEFT adapter dir (adapter_config.json + adapter_model.safetensors)")
@@ -180,7 +178,6 @@ def _foreign_tensor(key: str, cfg: dict) -> tuple[str, str, str]:
 
 class ProjectionSlots(nn.Module):
     """The stacked adapters of one wrapped projection: A [L, d_in, R], B [L, R, d_out], ranks [L], scales [L]."""
-
     def __init__(self, d_in: int, d_out: int, dtype, device):
         super().__init__()
         self.d_in, self.d_out = d_in, d_out
@@ -220,7 +217,6 @@ class AdapterBank(nn.Module):
     ``targets``; ``bank.add(name, dir)`` / ``replace`` / ``remove`` change adapters; ``bank.tensors(module)``
     gives ``(A, B, scales, ranks)`` for the kernel op.
     """
-
     def __init__(self, model: nn.Module, targets, *, check_base_name: bool = True):
         super().__init__()
         self.targets = list(targets)
@@ -363,8 +359,6 @@ class AdapterBank(nn.Module):
 
 def _adapter_projection_names(adapter_dir) -> set:
     """Last name components of the modules an adapter's safetensors touches (empty if unreadable)."""
-    from safetensors import safe_open
-
     f = Path(os.path.expanduser(str(adapter_dir))) / "adapter_model.safetensors"
     if not f.is_file():
         return set()

@@ -34,7 +34,7 @@ def signature(fn, dtypes: dict, constants: dict):
 
 def configurations():
     """(name, kernel, pointer dtypes, constants): the token (decode) kernels as ``triton_ops.forward`` launches them."""
-    from kernels import triton_kernels as tk
+    from kernels import triton_kernels as tk  # lazy: importing Triton is what this check is about to do
     from kernels.triton_ops import _CUDA_CONFIG as cfg
 
     out = []
@@ -59,7 +59,7 @@ def configurations():
                     {"K": 6, "BM": 64, "BK": 64, "BR": 16, "GP": 128, "F32": dt == "fp32", "ATOMIC": True}))  # fmt: skip
         out.append((f"grouped_expand {dt}", tk.grouped_expand_kernel.fn, ptrs,
                     {"K": 6, "BM": 64, "BN": 128, "BR": 16, "GP": 128, "F32": dt == "fp32", "ZERO_SRC": False}))  # fmt: skip
-    from kernels import triton_bank as tb
+    from kernels import triton_bank as tb  # lazy, as above
 
     for dt in ("bf16", "fp32"):  # the bank-wide kernels: a decode step (split, skipping) and a prefill tile
         ptrs = {"ids_ptr": "*i64", "seq_ptr": "*i64", "ranks_ptr": "*i32", "scales_ptr": "*fp32", "gate_ptr": f"*{dt}",

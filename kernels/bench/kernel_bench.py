@@ -332,7 +332,7 @@ def main(argv=None) -> None:
     ap.add_argument("--adapters", type=int, nargs="*", default=None, help=f"--paths: bank sizes L (default {L})")
     args = ap.parse_args(argv)
     if args.overhead:
-        from kernels.bench import overhead as bench_overhead
+        from kernels.bench import overhead as bench_overhead  # lazy: only the --overhead mode uses it
 
         bench_overhead.main(args.device, args.out, quick=args.quick)
         return

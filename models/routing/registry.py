@@ -36,7 +36,7 @@ def strategy(name: str, builds: type | None = None):
 
 
 def _discover() -> None:
-    from models import routing
+    from models import routing  # lazy: models.routing imports this registry, so the package is read after it
 
     for module in pkgutil.iter_modules(routing.__path__):
         importlib.import_module(f"{routing.__name__}.{module.name}")
