@@ -57,9 +57,16 @@ def triton_ops():
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    """GPU tests skip where no CUDA GPU is visible. Test files with the most ``slow`` / ``slurm`` tests run first,
+    each file's own order kept: ``make test`` hands whole files to its workers in this order (pytest-xdist,
+    ``--dist loadfile``), so the long files start early instead of one worker running the last of them alone."""
+    weight: dict[str, int] = {}
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        heavy = item.get_closest_marker("slow") is not None or item.get_closest_marker("slurm") is not None
+        weight[item.path] = weight.get(item.path, 0) + int(heavy)
+    items.sort(key=lambda item: -weight[item.path])  # stable: files stay whole, in their own order
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)

@@ -40,6 +40,7 @@ def test_verdicts_follow_the_paired_rounds():
                                                  "max": round(100 / 99, 3)}
 
 
+@pytest.mark.slow  # real training subprocesses: tens of seconds
 def test_stage_writes_the_table_on_the_cpu_stand_in(tmp_path):
     cmd = [sys.executable, "-m", "pipeline.bench", "experiment=train_throughput", "print_config=false",
            "bench.shapes=[smollm2_135m_tiny]", "bench.train.compile_backend=eager", f"bench.table_dir={tmp_path}",

@@ -184,6 +184,7 @@ def _env(tmp_path):
             "HF_DATASETS_OFFLINE": "1"}
 
 
+@pytest.mark.slow  # real training subprocesses: tens of seconds
 def test_finetune_multirun_over_two_tasks(tmp_path):
     """`python -m pipeline.finetune -m task=a,b`: two jobs, two adapters, one sweep dir, report aggregates it."""
     cmd = [sys.executable, "-m", "pipeline.finetune", "-m", "experiment=smoke", "task=object_counting,winowhy",
@@ -322,6 +323,7 @@ def test_records_round_trip_and_rebuild_the_tables(smoke, tmp_path):
     assert claim["interval"]["rows"] == 8  # oracle vs meteora-top2, paired over the 2 x 4 test rows
 
 
+@pytest.mark.slow  # real training subprocesses: tens of seconds
 def test_report_rebuilds_a_paper_table_from_records_offline(smoke, tmp_path):
     """`python -m pipeline.report ... records=<dir>`: the table from the committed records alone; a dir that is
     not a records dir is one error line and exit 2."""
@@ -349,6 +351,7 @@ def test_report_rebuilds_a_paper_table_from_records_offline(smoke, tmp_path):
     assert bad.returncode == 2 and len(errors) == 1 and "index.json" in errors[0], bad.stderr[-2000:]
 
 
+@pytest.mark.slow  # real training subprocesses: tens of seconds
 def test_reproduce_refuses_unknown_or_dirty_code_unless_allowed(tmp_path):
     report_only = [sys.executable, "-m", "pipeline.reproduce", "experiment=smoke", "plan.finetune=[]", "~plan.route",
                    "+plan.route={}", "~plan.evaluate", "+plan.evaluate={}", "plan.composite=[]", "plan.bench=false",

@@ -32,6 +32,7 @@ def _reproduce(root: Path, dlp_hidden: int, *extra: str) -> subprocess.Completed
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
 
 
+@pytest.mark.slow  # real training subprocesses: tens of seconds
 def test_parallel_steps_fail_alone_then_resume(tmp_path):
     exp = tmp_path / "smoke"
     broken = _reproduce(tmp_path, 0, "gpus=[7,9]")  # ids a CPU build ignores: pinning is only printed

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from needs_assets import needs_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,6 +38,7 @@ def _job_files(sweep: Path) -> dict[str, int]:
     return {p.parent.name: p.stat().st_mtime_ns for p in sweep.glob("*/metrics.json")}
 
 
+@pytest.mark.slow  # real training subprocesses: tens of seconds
 def test_sweeps_started_in_the_same_second_get_their_own_dirs(tmp_path):
     """Two sweeps launched at once: two dirs, named to the microsecond. (Their one job fails fast on purpose.)"""
     cmd = [sys.executable, "-m", "pipeline.finetune", "-m", *SMOKE, "task=nosuch_task"]
@@ -48,6 +50,7 @@ def test_sweeps_started_in_the_same_second_get_their_own_dirs(tmp_path):
     assert len(dirs) == 2 and all(STAMP.match(d) for d in dirs), dirs
 
 
+@pytest.mark.slow  # real training subprocesses: tens of seconds
 def test_relaunched_sweep_skips_finished_jobs_and_force_reruns_them(tmp_path):
     first = _sweep(tmp_path, "task=object_counting,winowhy")
     assert first.returncode == 0, first.stderr[-3000:]

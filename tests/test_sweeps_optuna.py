@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = needs_tiny_model
 
 
+@pytest.mark.slow  # real training subprocesses: tens of seconds
 def test_optuna_two_trials_minimise_validation_loss(tmp_path):
     cmd = [sys.executable, "-m", "pipeline.finetune", "experiment=smoke", "task=object_counting",
            "hparams_search=adapter_optuna", "hydra.sweeper.n_trials=2", "logger=none", "print_config=false",
