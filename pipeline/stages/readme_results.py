@@ -159,8 +159,8 @@ def demo_block(demo_dir: Path) -> str:
     if finetune.is_file():
         with open(finetune) as f:
             tps = sorted(float(r["tokens_per_s"]) for r in csv.DictReader(f))
-        lines += [f"Fine-tuning on the CPU (fp32, peft, one process per adapter): {tps[0]:g}-{tps[-1]:g} tokens/s "
-                  "(prompt + answer tokens over the fit, `outputs/demo/tables/finetune.csv`).", ""]
+        lines += [(f"Fine-tuning on the CPU (fp32, peft, one process per adapter): {tps[0]:g}-{tps[-1]:g} "
+                   "tokens/s (prompt + answer tokens over the fit, `outputs/demo/tables/finetune.csv`)."), ""]
     sha = re.search(r"<sub>git: ([0-9a-f]+)</sub>", report.read_text()) if report.is_file() else None
     lines.append(f"Made by `make demo` at git {sha.group(1) if sha else '(no report.md)'}; every number above is in that "
                  "run's metrics.json files, gathered by its report (`outputs/demo/report.md`).")
