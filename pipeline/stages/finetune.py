@@ -37,14 +37,13 @@ from data.task_rows import JOINT_TASK, LORA_B
 from pipeline.runtime.adapter_dirs import save_adapter
 from pipeline.runtime.distributed import clip_gradients, sum_over_ranks
 from pipeline.runtime.entry import CONF_DIR, cli, user_errors
-from pipeline.runtime.requeue import RequeueCheckpoint, fit_resumable, prepare_resume, training_config
+from pipeline.runtime.requeue import fit_resumable, prepare_resume
 from pipeline.runtime.rerun import previous_result
 from pipeline.runtime.settings import check_settings
 from pipeline.runtime.stage import StageRun
-from pipeline.runtime.step_log import StepLog
 from pipeline.runtime.train_speed import apply_train_speed
 from pipeline.stages.joint_finetune import joint_finetune
-from pipeline.stages.lora_training import adamw_with_schedule, init_lora, task_loaders
+from pipeline.stages.lora_training import adamw_with_schedule, init_lora, lora_trainer, task_loaders
 
 log = logging.getLogger(__name__)
 
@@ -129,15 +128,7 @@ def finetune(cfg: DictConfig) -> float | None:
         speed = apply_train_speed(cfg, model)  # GPU: compiled decoder layers, frozen weights in bf16
         module = LoRAFinetuneModule(peft_model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                                     warmup_steps=cfg.optim.warmup_steps, total_steps=steps)
-        requeue = RequeueCheckpoint(run.run_dir, every_n_steps=int(cfg.checkpoint.every_n_steps),
-                                    config=training_config(cfg))
-        trainer_kw = {"logger": run.tracker.lightning,
-                      "callbacks": [StepLog(int(cfg.trainer.log_every_n_steps), f"finetune {task}"), requeue]}
-        if val_dl is None:
-            trainer_kw.update(limit_val_batches=0)
-        elif int(cfg.trainer.val_check_interval) > steps:
-            trainer_kw.update(val_check_interval=steps)
-        trainer = instantiate(cfg.trainer, **trainer_kw)
+        trainer, requeue = lora_trainer(cfg, run, steps, f"finetune {task}", validate=val_dl is not None)
         peft_model.train()
         t0, cpu0 = time.perf_counter(), time.process_time()
         fit_resumable(trainer, module, train_dl, val_dl, resume, requeue)

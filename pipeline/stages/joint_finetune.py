@@ -70,13 +70,12 @@ from models.adapter_bank import PEFT_PREFIX
 from models.lora_input_dropout import add_lora_input_dropout
 from pipeline.runtime.adapter_dirs import save_adapter
 from pipeline.runtime.distributed import sum_over_ranks
-from pipeline.runtime.requeue import RequeueCheckpoint, fit_resumable, prepare_resume, training_config
+from pipeline.runtime.requeue import fit_resumable, prepare_resume
 from pipeline.runtime.settings import check_settings
 from pipeline.runtime.stage import StageRun
-from pipeline.runtime.step_log import StepLog
 from pipeline.runtime.train_speed import apply_train_speed
 from pipeline.stages.joint_batches import JointBatches
-from pipeline.stages.lora_training import adamw_with_schedule, initial_adapters, task_loaders
+from pipeline.stages.lora_training import adamw_with_schedule, initial_adapters, lora_trainer, task_loaders
 
 log = logging.getLogger(__name__)
 
@@ -307,16 +306,8 @@ def joint_finetune(cfg: DictConfig) -> float | None:
         accumulate = int(cfg.trainer.get("accumulate_grad_batches", 1) or 1)
         train_batches = JointBatches([data[t][0] for t in tasks], tokenizer.pad_token_id, steps * accumulate)
         val_dls = [data[t][1] for t in val_tasks]
-        every = int(cfg.get("checkpoint", {}).get("every_n_steps", 0) or 0)
-        requeue = RequeueCheckpoint(run.run_dir, every_n_steps=every, config=training_config(cfg))
-        trainer_kw = {"logger": run.tracker.lightning,
-                      "callbacks": [StepLog(int(cfg.trainer.log_every_n_steps), f"finetune all ({len(tasks)} adapters)"),
-                                    requeue]}
-        if not val_dls:
-            trainer_kw.update(limit_val_batches=0)
-        elif int(cfg.trainer.val_check_interval) > steps:
-            trainer_kw.update(val_check_interval=steps)
-        trainer = instantiate(cfg.trainer, **trainer_kw)
+        trainer, requeue = lora_trainer(cfg, run, steps, f"finetune all ({len(tasks)} adapters)",
+                                        validate=bool(val_dls))
         mm.train()
         t0, cpu0 = time.perf_counter(), time.process_time()
         fit_resumable(trainer, module, train_batches, val_dls or None, resume, requeue)

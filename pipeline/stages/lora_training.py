@@ -5,6 +5,7 @@ step: peft's init drawn from a seeded RNG, one task's loaders, AdamW with the LR
     dirs = initial_adapters(model, LoraConfig(...), seed, tasks, tmp)     # the joint run (task=all): one PEFT dir each
     train_dl, val_dl, n_train, n_val = task_loaders(cfg, tokenizer)      # cfg.task's rows, as both modes draw them
     adamw_with_schedule(params, lr, weight_decay, warmup_steps, total_steps)    # both LightningModules' optimizer
+    trainer, requeue = lora_trainer(cfg, run, steps, label, validate)     # both modes' Lightning trainer
 
 peft initialises ``lora_A`` with kaiming-uniform draws from torch's global RNG (``lora_B`` is zero) while it
 injects the layers in model order, so an adapter's start depends on the RNG state at that moment. Loading the
@@ -20,13 +21,15 @@ import math
 from pathlib import Path
 
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 from peft import get_peft_model
 from torch.utils.data import DataLoader
 
 from data.batches import AnswerOnlyCollator, encode_pair
 from data.task_rows import rows_for
-from pipeline.runtime.requeue import ResumableSampler
+from pipeline.runtime.requeue import RequeueCheckpoint, ResumableSampler, training_config
+from pipeline.runtime.step_log import StepLog
 
 
 def init_lora(model, lora_config, seed: int):
@@ -80,3 +83,17 @@ def adamw_with_schedule(params, lr: float, weight_decay: float, warmup_steps: in
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def lora_trainer(cfg: DictConfig, run, steps: int, label: str, validate: bool):
+    """``(trainer, requeue)``: ``cfg.trainer`` with the step log (``label`` names the run in it) and the resumable
+    checkpoint every ``checkpoint.every_n_steps``; without validation data no validation loop, and validation
+    at least once, at the last step, when ``trainer.val_check_interval`` exceeds ``steps``."""
+    requeue = RequeueCheckpoint(run.run_dir, every_n_steps=int(cfg.checkpoint.every_n_steps),
+                                config=training_config(cfg))
+    kw = {"logger": run.tracker.lightning, "callbacks": [StepLog(int(cfg.trainer.log_every_n_steps), label), requeue]}
+    if not validate:
+        kw.update(limit_val_batches=0)
+    elif int(cfg.trainer.val_check_interval) > steps:
+        kw.update(val_check_interval=steps)
+    return instantiate(cfg.trainer, **kw), requeue
