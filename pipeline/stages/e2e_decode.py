@@ -33,7 +33,13 @@ import torch
 from peft import PeftModel
 
 from models import MultiLoRAModel
-from pipeline.stages.bench_timing import compile_config, generate_kwargs, random_adapter, random_batch
+from pipeline.stages.bench_timing import (
+    compile_config,
+    generate_kwargs,
+    random_adapter,
+    random_batch,
+    written_by,
+)
 
 log = logging.getLogger(__name__)
 
@@ -168,8 +174,7 @@ def verdicts(records: list[dict]) -> list[dict]:
 def markdown(doc: dict) -> str:
     p, c = doc["provenance"], doc["config"]
     lines = ["# e2e_decode: ms per generated token, loramux beside peft's single LoRA and the base model", "",
-             (f"Written by `python -m pipeline.bench experiment=e2e_decode` at git `{p['git_sha']}` on {p['device']}, "
-             f"{p['date']}; versions {', '.join(f'{k} {v}' for k, v in p['versions'].items())}."),
+             written_by("e2e_decode", p),
              (f"Model: {c['shape']} (random weights, bf16 on CUDA); {c['num_adapters']} random r=8 adapters; prompt "
               f"{c['prompt_len']} tokens, {c['new_tokens']} new tokens, greedy; {c['warmup']} warm-up, then "
               f"{c['repeats']} interleaved rounds, medians. Raw per-round times in the JSON beside this file."), "",

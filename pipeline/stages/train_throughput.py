@@ -45,7 +45,7 @@ from common.atomic import atomic_write_text
 from models import MultiLoRAModel
 from models.compile import compile_layers
 from models.precision import store_frozen
-from pipeline.stages.bench_timing import random_adapter
+from pipeline.stages.bench_timing import random_adapter, written_by
 
 log = logging.getLogger(__name__)
 
@@ -322,8 +322,7 @@ def markdown(doc: dict) -> str:
     """The committed table: provenance, every row, then each target with its verdict."""
     p, c = doc["provenance"], doc["config"]
     lines = ["# train_throughput: tokens/s of whole training steps, loramux beside peft's single LoRA", "",
-             (f"Written by `python -m pipeline.bench experiment=train_throughput` at git `{p['git_sha']}` on "
-             f"{p['device']}, {p['date']}; versions {', '.join(f'{k} {v}' for k, v in p['versions'].items())}."),
+             written_by("train_throughput", p),
              (f"Model: {c['shape']} (random weights), LoRA r={c['adapter']['r']} alpha={c['adapter']['lora_alpha']} on "
              f"{', '.join(c['adapter']['target_modules'])}; {c['seq_len']} tokens per row, no padding; AdamW; "
              f"loss on every token. {c['num_adapters']} adapters for joint / gates (top-{c['top_k']}). Each setting: "
