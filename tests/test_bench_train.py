@@ -47,7 +47,7 @@ def test_stage_writes_the_table_on_the_cpu_stand_in(tmp_path):
            "bench.train.variants=[peft_single,loramux_single,loramux_gates]", "bench.train.batch_sizes=[2]",
            "bench.train.extra_batch_sizes=[3]", "bench.train.seq_len=8", "bench.train.num_adapters=3",
            "bench.train.warmup=1", "bench.train.steps=1", "bench.train.repeats=2", "bench.train.precisions=[fp32]",
-           f"hydra.run.dir={tmp_path / 'run'}"]
+           "bench.train.graphs=[false]", f"hydra.run.dir={tmp_path / 'run'}"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     doc = json.loads((tmp_path / "train_throughput.json").read_text())
@@ -70,3 +70,39 @@ def test_committed_table_is_rebuilt_from_its_rows(tmp_path):
     tt.add_ratios(rows)
     assert rows == doc["rows"] and tt.verdicts(rows) == doc["targets"]
     assert COMMITTED.with_suffix(".md").read_text() == tt.markdown(doc)
+
+
+@pytest.mark.gpu
+def test_a_replayed_cuda_graph_step_trains_as_the_eager_step():
+    """The whole step captured once and replayed (graph=True) updates the trained parameters as eager steps do, for
+    peft and for the routed variants (their routing is read inside the graph)."""
+    import tempfile
+
+    import torch
+    from omegaconf import OmegaConf
+
+    from pipeline.stages.bench import SHAPES, shape_model
+    from pipeline.stages.bench_timing import random_adapter
+
+    device = torch.device("cuda")
+    config = SHAPES["smollm2_135m_tiny"][0]
+    adapter = OmegaConf.create({"_target_": "peft.LoraConfig", "r": 4, "lora_alpha": 8, "lora_dropout": 0.0,
+                                "target_modules": ["q_proj", "v_proj", "down_proj"], "task_type": "CAUSAL_LM"})
+
+    def make_model():
+        torch.manual_seed(0)
+        return shape_model(config, device, torch.float32)
+
+    ids = torch.randint(10, config["vocab_size"] - 10, (4, 16), generator=torch.Generator().manual_seed(1)).to(device)
+    with tempfile.TemporaryDirectory() as tmp:
+        adir = random_adapter(make_model(), Path(tmp) / "a", adapter, seed=0)
+        for variant in ("peft_single", "loramux_joint", "loramux_gates"):
+            trained = []
+            for graph, calls in ((False, 5), (True, 2)):  # graph: the first call runs 3 warm-up steps, then replays
+                s = tt.Setting(variant, "fp32", False, 4, graph)
+                tr = tt.build_trainee(s, make_model, adir, 3, 2, device, "inductor")
+                for _ in range(calls):
+                    tr.step(ids)
+                trained.append([p.detach().clone() for p in tr.params])
+            for a, b in zip(*trained):
+                assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), variant

@@ -15,10 +15,12 @@ the configured ``adapter`` (r, alpha, targets), batch B x ``bench.train.seq_len`
                    with LM loss + the gate CE against each row's task
 
 each in ``precision`` fp32 or bf16 (autocast; trained parameters and their AdamW state fp32, frozen weights stored
-in bf16, as the pipeline's GPU trainer runs) and ``compiled``
-false / true (every decoder layer compiled with ``torch.compile``: regional compilation, so routing decisions stay
-in eager Python at the model's top while each layer's routed projections are traced (``models.compile``); dynamo's graph-break count
-is recorded per row). Every setting is built and warmed up first (compiles included), then timed in interleaved
+in bf16, as the pipeline's GPU trainer runs), ``compiled`` false / true (every decoder layer compiled with
+``torch.compile``: regional compilation, so routing decisions stay in eager Python at the model's top while each
+layer's routed projections are traced (``models.compile``); dynamo's graph-break count is recorded per row) and
+``graph`` false / true (CUDA only: the whole step, forward, loss, backward and AdamW, captured once in one CUDA
+graph and replayed; a step then costs the host one launch, so the row measures the device's work alone. The
+routing of a step is part of the graph: task ids live on the device, set once before the capture). Every setting is built and warmed up first (compiles included), then timed in interleaved
 rounds (each setting ``steps`` steps per round, ``repeats`` rounds): tokens/s is the median over rounds, so a
 slow phase of the machine hits every variant alike. ``peak_gb``: the step's peak CUDA memory above what was held
 before it, plus this variant's own parameters and optimizer state (other variants' models stay resident).
@@ -59,29 +61,75 @@ class Setting:
     precision: str
     compiled: bool
     batch_size: int
+    graph: bool = False
 
     @property
     def label(self) -> str:
-        return f"{self.variant}/{self.precision}/{'compiled' if self.compiled else 'eager'}/b{self.batch_size}"
+        graph = "/graph" if self.graph else ""
+        return f"{self.variant}/{self.precision}/{'compiled' if self.compiled else 'eager'}{graph}/b{self.batch_size}"
 
 
 class Trainee:
-    """One variant ready to step: the model to call, its trainable parameters and optimizer, its routing."""
+    """One variant ready to step: the model to call, its trainable parameters and optimizer, its routing.
 
-    def __init__(self, setting: Setting, model, params: list, device, task_ids=None, multi=None):
+    With ``graph`` (CUDA) the first ``step`` per batch size warms up (3 steps) on a side stream and captures the
+    whole step (forward, loss, backward, AdamW) in a ``torch.cuda.CUDAGraph``; every step then copies the batch into
+    the graph's static input and replays it. AdamW is then ``capturable`` (its step count lives on the device) and autocast
+    keeps no cast cache (a cache would hold tensors from outside the graph's memory pool).
+    """
+
+    def __init__(self, setting: Setting, model, params: list, device, num_routed: int = 0, multi=None,
+                 graph: bool = False):
         self.setting, self.model, self.params, self.device = setting, model, params, device
-        self.task_ids, self.multi = task_ids, multi
-        self.optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=device.type == "cuda")
+        self.num_routed, self.multi, self.graph = num_routed, multi, graph
+        cuda = device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=cuda, capturable=graph)
+        self._graphs: dict = {}  # batch size -> (CUDAGraph, static input ids, device task ids)
 
-    def step(self, ids: torch.Tensor) -> None:
+    def task_ids(self, batch: int) -> torch.Tensor:
+        """Row i of a batch -> adapter i mod L (a host tensor: setting it reads nothing back from the device)."""
+        return torch.arange(batch) % self.num_routed
+
+    def _eager_step(self, ids: torch.Tensor) -> None:
         bf16 = self.setting.precision == "bf16"
-        if self.multi is not None:
-            self.multi.set_routing(task_ids=self.task_ids[: ids.shape[0]])
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
+        if self.multi is not None and not self.graph:
+            self.multi.set_routing(task_ids=self.task_ids(ids.shape[0]))
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=not self.graph):
             out = self.model(input_ids=ids, labels=ids, use_cache=False)
         out.loss.backward()
         self.optimizer.step()
+        if not self.graph:
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def _capture(self, ids: torch.Tensor):
+        task_ids = None
+        if self.multi is not None:  # device task ids: the oracle / gate labels are read inside the graph, from
+            task_ids = self.task_ids(ids.shape[0]).to(self.device)  # this tensor (kept alive with the graph)
+            self.multi.set_routing(task_ids=task_ids)
+        static = ids.clone()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self.optimizer.zero_grad(set_to_none=True)
+                self._eager_step(static)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
         self.optimizer.zero_grad(set_to_none=True)
+        with torch.cuda.graph(graph):
+            self._eager_step(static)  # backward accumulates into the graph's own .grad buffers
+        return graph, static, task_ids
+
+    def step(self, ids: torch.Tensor) -> None:
+        if not self.graph:
+            self._eager_step(ids)
+            return
+        b = ids.shape[0]
+        if b not in self._graphs:  # the capture records without running: the replay below runs this step
+            self._graphs[b] = self._capture(ids)
+        graph, static, _task_ids = self._graphs[b]
+        static.copy_(ids)
+        graph.replay()
 
     def resident_bytes(self) -> int:
         state = [t for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
@@ -100,7 +148,7 @@ def build_trainee(setting: Setting, make_model, adapter_dir, num_adapters: int, 
     if setting.variant == "peft_single":
         pm = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
         pm.train()
-        trainee = Trainee(setting, pm, [p for p in pm.parameters() if p.requires_grad], device)
+        trainee = Trainee(setting, pm, [p for p in pm.parameters() if p.requires_grad], device, graph=setting.graph)
     else:
         n = 1 if setting.variant == "loramux_single" else num_adapters
         mm = MultiLoRAModel.from_adapters(model, {f"a{i}": adapter_dir for i in range(n)}, check_base_name=False)
@@ -110,8 +158,7 @@ def build_trainee(setting: Setting, make_model, adapter_dir, num_adapters: int, 
         else:
             params = mm.set_trainable("adapters")
         mm.train()
-        task_ids = torch.arange(max(setting.batch_size, 1)) % n  # row i -> adapter i mod L (host tensor)
-        trainee = Trainee(setting, mm, params, device, task_ids=task_ids, multi=mm)
+        trainee = Trainee(setting, mm, params, device, num_routed=n, multi=mm, graph=setting.graph)
     if setting.precision == "bf16":
         store_frozen(trainee.model, torch.bfloat16)
     if setting.compiled:
@@ -165,12 +212,15 @@ def run_settings(settings: list[Setting], make_model, adapter_cfg, *, vocab: int
         adapter_dir = random_adapter(make_model(), Path(tmp) / "adapter", adapter_cfg, seed=0)
         start = time.perf_counter()
         for s in settings:
-            key = (s.variant, s.precision, s.compiled)
+            key = (s.variant, s.precision, s.compiled, s.graph)
 
             if warmup_budget_s is not None and time.perf_counter() - start > warmup_budget_s:
                 meta[s] = {"error": f"skipped: warm-up budget of {warmup_budget_s:.0f} s spent"}
                 continue
 
+            if s.graph and device.type != "cuda":
+                meta[s] = {"error": "skipped: a CUDA graph needs a CUDA device"}
+                continue
             breaks0 = sum(counters["graph_break"].values())
             t0 = time.perf_counter()
             try:
@@ -198,7 +248,7 @@ def run_settings(settings: list[Setting], make_model, adapter_cfg, *, vocab: int
         times: dict = {s: [] for s in timed}
         for _ in range(repeats):
             for s in timed:
-                trainee = built[(s.variant, s.precision, s.compiled)]
+                trainee = built[(s.variant, s.precision, s.compiled, s.graph)]
                 trainee.setting = s
                 ids = batches[s.batch_size]
                 _sync(device)
@@ -224,35 +274,37 @@ def run_settings(settings: list[Setting], make_model, adapter_cfg, *, vocab: int
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """``ratio_to_peft``: tokens/s over peft_single's at the same precision, compile choice and batch size, and
+    """``ratio_to_peft``: tokens/s over peft_single's at the same precision, compile and graph choice and batch size, and
     ``ratio_to_best_peft`` over peft_single's best (compiled or not) at the same precision and batch size."""
-    peft = {(r["precision"], r["compiled"], r["batch_size"]): r["tokens_per_s"]
+    peft = {(r["precision"], r["compiled"], r.get("graph", False), r["batch_size"]): r["tokens_per_s"]
             for r in rows if r["variant"] == "peft_single" and r["tokens_per_s"]}
     best = {}
-    for (p, _c, b), v in peft.items():
+    for (p, _c, _g, b), v in peft.items():
         best[(p, b)] = max(best.get((p, b), 0.0), v)
     for r in rows:
-        ref = peft.get((r["precision"], r["compiled"], r["batch_size"]))
+        ref = peft.get((r["precision"], r["compiled"], r.get("graph", False), r["batch_size"]))
         r["ratio_to_peft"] = round(r["tokens_per_s"] / ref, 3) if ref and r["tokens_per_s"] else None
         ref = best.get((r["precision"], r["batch_size"]))
         r["ratio_to_best_peft"] = round(r["tokens_per_s"] / ref, 3) if ref and r["tokens_per_s"] else None
 
 
 def settings_from(tcfg) -> list[Setting]:
-    """Every (variant, precision, compiled, batch) of ``bench.train``, plus ``extra_batch_sizes`` for the listed
-    ``extra_variants`` (bf16, compiled and eager: the best-batch search)."""
+    """Every (variant, precision, compiled, graph, batch) of ``bench.train``, plus ``extra_batch_sizes`` for the
+    listed ``extra_variants`` (bf16, every compile and graph choice: the best-batch search)."""
     variants = list(tcfg.variants)
     bad = [v for v in variants if v not in VARIANTS] + [p for p in tcfg.precisions if p not in PRECISIONS]
     if bad:
         raise ValueError(f"bench.train: {bad} not known; variants are {VARIANTS}, precisions {PRECISIONS}")
-    out = [Setting(v, str(p), bool(c), int(b)) for v in variants for p in tcfg.precisions
-           for c in tcfg.compiled for b in tcfg.batch_sizes]
+    graphs = [bool(g) for g in (tcfg.get("graphs") or [False])]
+    out = [Setting(v, str(p), bool(c), int(b), g) for v in variants for p in tcfg.precisions
+           for c in tcfg.compiled for g in graphs for b in tcfg.batch_sizes]
     for v in tcfg.get("extra_variants") or []:
         for b in tcfg.get("extra_batch_sizes") or []:
             for c in tcfg.compiled:
-                s = Setting(str(v), "bf16", bool(c), int(b))
-                if s not in out:
-                    out.append(s)
+                for g in graphs:
+                    s = Setting(str(v), "bf16", bool(c), int(b), g)
+                    if s not in out:
+                        out.append(s)
     return out
 
 
@@ -273,6 +325,11 @@ def paired_ratio(row: dict, ref: dict) -> dict:
     return {"median": round(statistics.median(per), 3), "min": round(per[0], 3), "max": round(per[-1], 3)}
 
 
+def form(row: dict) -> str:
+    """How a row's step ran: eager or compiled, and whether it was one replayed CUDA graph."""
+    return ("compiled" if row["compiled"] else "eager") + (" + CUDA graph" if row.get("graph") else "")
+
+
 def verdicts(rows: list[dict]) -> list[dict]:
     """Each target's measured ratio (best of compiled / eager for both sides, bf16) with its spread over rounds;
     verdict yes when every round meets it, no when none does, else inconclusive; None where a row is missing."""
@@ -286,8 +343,7 @@ def verdicts(rows: list[dict]) -> list[dict]:
                 continue
             r = paired_ratio(mine, peft)
             v = "yes" if r["min"] >= min_ratio else "no" if r["max"] < min_ratio else "inconclusive"
-            out.append({**item, "setting": mine["compiled"] and "compiled" or "eager",
-                        "peft_setting": peft["compiled"] and "compiled" or "eager", "ratio": r, "verdict": v})
+            out.append({**item, "setting": form(mine), "peft_setting": form(peft), "ratio": r, "verdict": v})
         if min_tps is not None:
             best = _best(rows, variant)
             item = {"variant": variant, "batch_size": best and best["batch_size"], "target_tokens_per_s": min_tps}
@@ -321,6 +377,7 @@ def targets_table(targets: list[dict]) -> list[str]:
 def markdown(doc: dict) -> str:
     """The committed table: provenance, every row, then each target with its verdict."""
     p, c = doc["provenance"], doc["config"]
+    graphs = any(r.get("graph") for r in doc["rows"])  # the column appears once a run measured CUDA-graph steps
     lines = ["# train_throughput: tokens/s of whole training steps, loramux beside peft's single LoRA", "",
              written_by("train_throughput", p),
              (f"Model: {c['shape']} (random weights), LoRA r={c['adapter']['r']} alpha={c['adapter']['lora_alpha']} on "
@@ -329,16 +386,19 @@ def markdown(doc: dict) -> str:
              f"{c['warmup']} warm-up steps, then {c['repeats']} interleaved rounds of {c['steps']} steps; tokens/s "
              "is the median round. bf16 = autocast, with what is trained (and its AdamW state) in fp32 and the frozen "
              "weights stored in bf16; fp32 = no autocast. AdamW fused on CUDA. Raw per-round step times are in the "
-             "JSON beside this file; `python -m pipeline.train_throughput <json>` rebuilds this page from it."), "",
-             ("| variant | precision | compiled | batch | tokens/s | ms/step | x peft (same compile) | x best peft "
-             "| peak GB | graph breaks |"), "|" + " --- |" * 10]
+             "JSON beside this file; `python -m pipeline.train_throughput <json>` rebuilds this page from it."
+             + (" CUDA graph = the whole step (forward, loss, backward, AdamW) captured once and replayed: the host "
+                "launches one graph per step." if graphs else "")), "",
+             ("| variant | precision | compiled |" + (" CUDA graph |" if graphs else "") + " batch | tokens/s | "
+              "ms/step | x peft (same compile) | x best peft | peak GB | graph breaks |"),
+             "|" + " --- |" * (11 if graphs else 10)]
     for r in doc["rows"]:
+        head = (f"| {r['variant']} | {r['precision']} | {'yes' if r['compiled'] else 'no'} | "
+                + (f"{'yes' if r.get('graph') else 'no'} | " if graphs else "") + f"{r['batch_size']} ")
         if not r["tokens_per_s"]:
-            lines.append(f"| {r['variant']} | {r['precision']} | {'yes' if r['compiled'] else 'no'} | "
-                         f"{r['batch_size']} | {r.get('error', 'not measured')} | | | | | |")
+            lines.append(head + f"| {r.get('error', 'not measured')} | | | | | |")
             continue
-        lines.append(f"| {r['variant']} | {r['precision']} | {'yes' if r['compiled'] else 'no'} | {r['batch_size']} "
-                     f"| {r['tokens_per_s']:,.0f} | {r['ms_per_step']:.1f} | {r['ratio_to_peft']} "
+        lines.append(head + f"| {r['tokens_per_s']:,.0f} | {r['ms_per_step']:.1f} | {r['ratio_to_peft']} "
                      f"| {r['ratio_to_best_peft']} | {r['peak_gb']} | {r['graph_breaks']} |")
     lines += ["", "## Targets (bf16, best of compiled / eager on each side; spread = min..max over paired rounds)", "",
               *targets_table(doc["targets"])]
