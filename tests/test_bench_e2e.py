@@ -47,3 +47,25 @@ def test_stage_on_the_cpu_stand_in(tmp_path):
     assert doc["rows"] == e2e.rows_from(doc["records"]) and doc["targets"] == e2e.verdicts(doc["records"])
     assert (tmp_path / "e2e_decode.md").read_text() == e2e.markdown(doc)
     assert doc["provenance"]["git_sha"] not in ("", "unknown")
+
+
+def test_a_spent_time_budget_leaves_strategies_out_by_name(tmp_path):
+    """Under ``bench.max_seconds`` no warm-up starts after the deadline: the record keeps what was measured and
+    names the rest (``skipped``), and the page says they were not measured."""
+    import time
+
+    import torch
+
+    from pipeline.stages.bench import SHAPES, shape_model
+
+    config = SHAPES["llama3_8b_tiny"][0]
+    adapter = {"_target_": "peft.LoraConfig", "_convert_": "all", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"],
+               "task_type": "CAUSAL_LM"}
+    cpu = torch.device("cpu")
+    cont = e2e.Contestants(lambda: shape_model(config, cpu, torch.float32), adapter, "qv", 2, ["base", "peft"],
+                           tmp_path, {})
+    rec = e2e.measure(cont, "eager", 1, 4, 2, config["vocab_size"], cpu, 0, 1, "eager",
+                      deadline=time.perf_counter() - 1)
+    assert rec["rounds"] == {} and rec["skipped"] == ["base", "peft"]
+    rec = e2e.measure(cont, "eager", 1, 4, 2, config["vocab_size"], cpu, 0, 1, "eager", deadline=None)
+    assert set(rec["rounds"]) == {"base", "peft"} and "skipped" not in rec

@@ -40,6 +40,19 @@ def test_verdicts_follow_the_paired_rounds():
                                                  "max": round(100 / 99, 3)}
 
 
+def test_settings_cover_every_form_but_a_compiled_capture():
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"variants": ["peft_single", "loramux_gates"], "precisions": ["bf16"],
+                            "compiled": [False, True], "graphs": [False, True], "batch_sizes": [16, 64],
+                            "extra_variants": ["loramux_gates"], "extra_batch_sizes": [256]})
+    got = {(s.variant, s.compiled, s.graph, s.batch_size) for s in tt.settings_from(cfg)}
+    forms = {(False, False), (True, False), (False, True)}  # a captured step runs the eager layers
+    assert got == {(v, c, g, b) for v in ("peft_single", "loramux_gates") for c, g in forms for b in (16, 64)} | {
+        ("loramux_gates", c, g, 256) for c, g in forms}
+    assert len(tt.settings_from(cfg)) == len(got)
+
+
 @pytest.mark.slow  # real training subprocesses: tens of seconds
 def test_stage_writes_the_table_on_the_cpu_stand_in(tmp_path):
     cmd = [sys.executable, "-m", "pipeline.bench", "experiment=train_throughput", "print_config=false",

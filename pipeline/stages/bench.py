@@ -356,7 +356,8 @@ def e2e_suite(cfg: DictConfig, run) -> float | None:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # a graph per router
     records: list = []
     adapter = OmegaConf.to_container(cfg.adapter, resolve=True)
-    e2e.run(settings, make_model, adapter, config["vocab_size"], device, records, routers)
+    e2e.run(settings, make_model, adapter, config["vocab_size"], device, records, routers,
+            cfg.bench.get("max_seconds"))
     prov = provenance(int(cfg.seed))
     for rec in records:
         rec["provenance"] = prov

@@ -109,13 +109,22 @@ class Contestants:
 
 
 def measure(contestants: Contestants, engine: str, batch: int, prompt_len: int, new_tokens: int, vocab: int,
-            device, warmup: int, repeats: int, backend: str) -> dict:
-    """One record: every strategy's per-round (t_1, t_N) for this engine and batch, warm-ups first."""
+            device, warmup: int, repeats: int, backend: str, deadline: float | None = None) -> dict:
+    """One record: every strategy's per-round (t_1, t_N) for this engine and batch, warm-ups first. A strategy
+    whose warm-up (its compile, for the static engine) would start after ``deadline`` (``time.perf_counter``) is
+    left out of the record and named in its ``skipped`` list (a run under a time limit keeps what it measured)."""
     ids, mask = random_batch(vocab, batch, prompt_len, device, seed=0)
     kw = _generate_kwargs(engine, backend)
-    rounds: dict = {s: [] for s in contestants.generate}
     peak: dict = {}
-    for s, gen in contestants.generate.items():
+    skipped: list = []
+    gens = dict(contestants.generate)
+    rounds: dict = {s: [] for s in gens}
+    for s, gen in list(gens.items()):
+        if deadline is not None and time.perf_counter() > deadline:
+            skipped.append(s)
+            del gens[s], rounds[s]
+            log.warning("e2e_decode: %s %s b=%s skipped: bench.max_seconds spent", engine, s, batch)
+            continue
         for _ in range(max(1, warmup)):
             _timed(gen, ids, mask, 1, kw, device)
             _timed(gen, ids, mask, new_tokens, kw, device)
@@ -124,10 +133,11 @@ def measure(contestants: Contestants, engine: str, batch: int, prompt_len: int, 
             _timed(gen, ids, mask, new_tokens, kw, device)
             peak[s] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
     for _ in range(repeats):
-        for s, gen in contestants.generate.items():
+        for s, gen in gens.items():
             rounds[s].append((_timed(gen, ids, mask, 1, kw, device), _timed(gen, ids, mask, new_tokens, kw, device)))
-    return {"engine": "static+compile" if engine == "static" else "eager", "batch_size": batch,
-            "prompt_len": prompt_len, "new_tokens": new_tokens, "rounds": rounds, "peak_gb": peak}
+    rec = {"engine": "static+compile" if engine == "static" else "eager", "batch_size": batch,
+           "prompt_len": prompt_len, "new_tokens": new_tokens, "rounds": rounds, "peak_gb": peak}
+    return {**rec, "skipped": skipped} if skipped else rec
 
 
 def rows_from(records: list[dict]) -> list[dict]:
@@ -187,6 +197,10 @@ def markdown(doc: dict) -> str:
         ratio = round(r["decode_ms_per_token"] / ref, 3) if ref else None
         lines.append(f"| {r['engine']} | {r['targets']} | {r['batch_size']} | {r['strategy']} | {r['num_adapters']} "
                      f"| {r['decode_ms_per_token']} | {ratio} | {r['prefill_ms']} | {r['peak_gb']} |")
+    for rec in doc["records"]:
+        if rec.get("skipped"):
+            lines.append(f"| {rec['engine']} | {rec['targets']} | {rec['batch_size']} | "
+                         f"{', '.join(rec['skipped'])} | | not measured: bench.max_seconds spent | | | |")
     lines += ["", "## Targets (decode ms/token ratio, paired by round; spread = min..max)", "",
               "| engine | targets | batch | target | measured | verdict |", "| --- | --- | --- | --- | --- | --- |"]
     for t in doc["targets"]:
@@ -197,9 +211,12 @@ def markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(settings: dict, make_model, adapter_cfg: dict, vocab: int, device, records_out: list, routers: dict) -> None:
+def run(settings: dict, make_model, adapter_cfg: dict, vocab: int, device, records_out: list, routers: dict,
+        max_seconds: float | None = None) -> None:
     """Measure every (targets, engine, batch) of ``settings`` (``bench.e2e``), appending one record each; ``routers``:
-    label -> the strategy of each loramux row (``pipeline.stages.bench.bench_routers``)."""
+    label -> the strategy of each loramux row (``pipeline.stages.bench.bench_routers``). No warm-up starts after
+    ``max_seconds`` (``bench.max_seconds``): what was left is named in the records' ``skipped``."""
+    deadline = None if max_seconds is None else time.perf_counter() + float(max_seconds)
     strategies = [s for s in settings["strategies"] if s in STRATEGIES]
     with tempfile.TemporaryDirectory(prefix="loramux-e2e-") as tmp:
         for targets in settings["targets"]:
@@ -212,7 +229,8 @@ def run(settings: dict, make_model, adapter_cfg: dict, vocab: int, device, recor
                 for b in settings["batch_sizes"]:
                     rec = measure(contestants, engine, int(b), int(settings["prompt_len"]),
                                   int(settings["new_tokens"]), vocab, device, int(settings["warmup"]),
-                                  int(settings["repeats"]), str(settings.get("compile_backend", "inductor")))
+                                  int(settings["repeats"]), str(settings.get("compile_backend", "inductor")),
+                                  deadline)
                     records_out.append({**rec, "targets": targets, "num_adapters": int(settings["num_adapters"])})
                     log.info("e2e_decode: %s %s b=%s measured", targets, engine, b)
             del contestants
