@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from pipeline.stages import e2e_decode as e2e
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,3 +71,14 @@ def test_a_spent_time_budget_leaves_strategies_out_by_name(tmp_path):
     assert rec["rounds"] == {} and rec["skipped"] == ["base", "peft"]
     rec = e2e.measure(cont, "eager", 1, 4, 2, config["vocab_size"], cpu, 0, 1, "eager", deadline=None)
     assert set(rec["rounds"]) == {"base", "peft"} and "skipped" not in rec
+
+
+COMMITTED = ROOT / "outputs" / "tables" / "e2e_decode.json"
+
+
+@pytest.mark.skipif(not COMMITTED.is_file(), reason="no committed e2e_decode table")
+def test_committed_table_is_rebuilt_from_its_records():
+    doc = json.loads(COMMITTED.read_text())
+    assert doc["provenance"]["git_sha"] not in ("", "unknown") and doc["provenance"]["device"].startswith("cuda:")
+    assert doc["rows"] == e2e.rows_from(doc["records"]) and doc["targets"] == e2e.verdicts(doc["records"])
+    assert COMMITTED.with_suffix(".md").read_text() == e2e.markdown(doc)

@@ -16,6 +16,7 @@ Blocks:
   ``kernel_bench.json``: the range over the target's ranks per shape, and where the target holds.
 * ``train_throughput``: whole training steps beside peft's single LoRA: each target, what was measured (median
   ratio of paired rounds and their spread) and the verdict, as ``train_throughput.json`` holds them.
+* ``e2e_decode``: whole-model decode ms/token per strategy and each decode target with its paired-round spread.
 * ``head_to_head``, ``multigpu``: those tables' rows.
 * ``demo``: ``make demo``'s mean score per strategy and decode time per strategy and adapter count.
 """
@@ -111,13 +112,44 @@ def kernel_targets_block(tables_dir: Path) -> str:
 
 
 def train_throughput_block(tables_dir: Path) -> str:
-    t = _load(tables_dir / "train_throughput.json")
-    if t is None:
+    """The targets of every committed ``train_throughput*.json`` (the latest run, and earlier runs that measured
+    what it did not, e.g. the batch-size search), each under its own provenance line."""
+    paths = sorted(tables_dir.glob("train_throughput*.json"), key=lambda p: (p.stem != "train_throughput", p.stem))
+    if not paths:
         return "_train_throughput.json is not committed_"
+    lines: list = []
+    for path in paths:
+        t = _load(path)
+        p = t["provenance"]
+        lines += [*targets_table(t["targets"]), "",
+                  (f"{p.get('device')}, git {str(p.get('git_sha'))[:7]}, {str(p.get('date'))[:10]} "
+                   f"(`outputs/tables/{path.stem}.{{json,md}}`: every row, precision, compile, CUDA graph and batch)."),
+                  ""]
+    return "\n".join(lines).rstrip()
+
+
+def e2e_decode_block(tables_dir: Path) -> str:
+    """Decode ms/token per strategy and each target of ``e2e_decode.json`` with its paired-round spread."""
+    t = _load(tables_dir / "e2e_decode.json")
+    if t is None:
+        return "_e2e_decode.json is not committed_"
+    rows = [{"engine": r["engine"], "targets": r["targets"], "batch": r["batch_size"], "strategy": r["strategy"],
+             "decode ms/token": r["decode_ms_per_token"]} for r in t["rows"]]
+    lines = _md_table(rows)
+    lines += ["| engine | targets | batch | target | measured | verdict |", "| --- | --- | --- | --- | --- | --- |"]
+    for v in t["targets"]:
+        got = (f"{v['ratio']['median']} ({v['ratio']['min']}..{v['ratio']['max']})" if v.get("ratio")
+               else v.get("reason", ""))
+        lines.append(f"| {v['engine']} | {v['targets']} | {v['batch_size']} | {v['strategy']} <= {v['limit']}x "
+                     f"{v['versus']} | {got} | {v['verdict']} |")
     p = t["provenance"]
-    return "\n".join([*targets_table(t["targets"]), "",
-                      (f"{p.get('device')}, git {str(p.get('git_sha'))[:7]}, {str(p.get('date'))[:10]} "
-                       "(`outputs/tables/train_throughput.{json,md}`: every row, precision, compile and batch).")])
+    skipped = sorted({s for r in t["records"] for s in r.get("skipped", [])})
+    measured = sorted({(r["engine"], r["targets"], r["batch_size"]) for r in t["records"]})
+    lines += ["", (f"{p.get('device')}, git {str(p.get('git_sha'))[:7]}, {str(p.get('date'))[:10]}; measured: "
+                   + "; ".join(f"{e} {tg} batch {b}" for e, tg, b in measured)
+                   + (f"; not measured (time budget): {', '.join(skipped)}" if skipped else "")
+                   + " (`outputs/tables/e2e_decode.{json,md}`, raw per-round times in the JSON).")]
+    return "\n".join(lines).rstrip()
 
 
 def head_to_head_block(tables_dir: Path) -> str:
@@ -168,7 +200,7 @@ def demo_block(demo_dir: Path) -> str:
 
 
 BLOCKS = {"claims": claims_block, "kernel_targets": kernel_targets_block, "train_throughput": train_throughput_block,
-          "head_to_head": head_to_head_block,
+          "e2e_decode": e2e_decode_block, "head_to_head": head_to_head_block,
           "multigpu": multigpu_block}
 
 

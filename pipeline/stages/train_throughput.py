@@ -364,6 +364,11 @@ def verdicts(rows: list[dict]) -> list[dict]:
             if best is None:
                 out.append({**item, "verdict": None, "reason": "variant not measured"})
                 continue
+            sizes = sorted({r["batch_size"] for r in rows if r["variant"] == variant and r["tokens_per_s"]})
+            if len(sizes) < 2:  # one batch size is no search for the best one
+                out.append({**item, "verdict": None, "reason": f"one batch size measured ({sizes[0]}): no search "
+                            "for the best batch in this run"})
+                continue
             tps = sorted(best["batch_size"] * best["seq_len"] / (t / 1000) for t in best["ms_per_step_rounds"])
             v = "yes" if tps[0] >= min_tps else "no" if tps[-1] < min_tps else "inconclusive"
             out.append({**item, "tokens_per_s": {"median": best["tokens_per_s"], "min": round(tps[0], 1),
