@@ -82,3 +82,27 @@ def test_committed_table_is_rebuilt_from_its_records():
     assert doc["provenance"]["git_sha"] not in ("", "unknown") and doc["provenance"]["device"].startswith("cuda:")
     assert doc["rows"] == e2e.rows_from(doc["records"]) and doc["targets"] == e2e.verdicts(doc["records"])
     assert COMMITTED.with_suffix(".md").read_text() == e2e.markdown(doc)
+
+
+def test_claim_5_follows_the_paired_rounds_of_the_static_records():
+    from pipeline.report.paper_claims import table_claims
+
+    def rec(rounds, engine="static+compile"):
+        return {"engine": engine, "targets": "all7", "batch_size": 1, "prompt_len": 8, "new_tokens": 9,
+                "rounds": rounds, "peak_gb": {}}
+
+    base, peft = [(0.0, 1.0)] * 3, [(0.0, 1.0), (0.0, 1.0), (0.0, 1.0)]
+    dlp = [(0.0, 1.1), (0.0, 1.15), (0.0, 1.19)]  # 1.1..1.19x peft: every round within 1.2
+    met = [(0.0, 1.2), (0.0, 1.35), (0.0, 1.4)]  # 1.2..1.4x base: rounds on both sides of 1.3
+    doc = {"config": {"shape": "llama3_8b"}, "records": [
+        rec({"base": base, "peft": peft, "dlp-nucleus2": dlp, "meteora-top2": met}),
+        rec({"base": base, "peft": peft}, engine="eager")]}  # eager records are not claim 5's
+    got = table_claims("e2e_decode", doc)
+    assert [c["claim"][:3] for c in got] == ["5a.", "5b."]
+    assert got[0]["verdict"] == "yes" and got[0]["measured"]["median_ratio"] == 1.15 and got[0]["holds"]
+    assert got[1]["verdict"] == "inconclusive" and got[1]["measured"]["median_ratio"] == 1.35
+    assert got[1]["holds"] is False
+    doc["records"][0]["rounds"] = {"base": base, "peft": peft}
+    assert [c["verdict"] for c in table_claims("e2e_decode", doc)] == [None, None]
+    doc["records"][0]["rounds"]["meteora-top2"] = [(0.0, 1.5)] * 3  # every round above 1.3
+    assert table_claims("e2e_decode", doc)[1]["verdict"] == "no"

@@ -141,3 +141,16 @@ def majority_verdict(intervals: list[Interval]) -> tuple[str | None, dict]:
 
 
 __all__ = ["Interval", "Side", "majority_verdict", "mean_difference", "point_holds", "unit", "verdict"]
+
+
+def paired_time_ratios(mine: list, ref: list) -> list[float]:
+    """Per interleaved round, the decode-time ratio of two strategies, sorted. Each round holds ``(t_1, t_N)``: a
+    1-token and an N-token generation, so ``t_N - t_1`` is the decode time; rounds where ``ref`` measured no
+    decode time are left out. The same rounds on both sides: a slow phase of the machine hits both alike."""
+    return sorted((a[1] - a[0]) / (b[1] - b[0]) for a, b in zip(mine, ref) if b[1] > b[0])
+
+
+def spread_verdict(ratios: list[float], limit: float) -> str:
+    """``yes`` when every paired round is at most ``limit``, ``no`` when none is, else ``inconclusive``."""
+    return "yes" if ratios[-1] <= limit else "no" if ratios[0] > limit else "inconclusive"
+

@@ -33,6 +33,7 @@ import torch
 from peft import PeftModel
 
 from models import MultiLoRAModel
+from pipeline.report.statistics import paired_time_ratios, spread_verdict
 from pipeline.stages.bench_timing import (
     compile_config,
     generate_kwargs,
@@ -171,11 +172,11 @@ def verdicts(records: list[dict]) -> list[dict]:
                 out.append({**item, "verdict": None, "reason": f"{mine if not a else ref} not measured"})
                 continue
             n = rec["new_tokens"]
-            per = sorted(((ta[1] - ta[0]) / (tb[1] - tb[0])) for ta, tb in zip(a, b) if tb[1] > tb[0])
+            per = paired_time_ratios(a, b)
             if not per:
                 out.append({**item, "verdict": None, "reason": "no decode time measured"})
                 continue
-            v = "yes" if per[-1] <= limit else "no" if per[0] > limit else "inconclusive"
+            v = spread_verdict(per, limit)
             out.append({**item, "ratio": {"median": round(statistics.median(per), 3), "min": round(per[0], 3),
                                           "max": round(per[-1], 3)}, "new_tokens": n, "verdict": v})
     return out
