@@ -131,6 +131,11 @@ class Trainee:
         static.copy_(ids)
         graph.replay()
 
+    def release(self, batch: int) -> None:
+        """Drop the captured graph of ``batch`` (its private memory pool) and the gradients, which live in it."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self._graphs.pop(batch, None)
+
     def resident_bytes(self) -> int:
         state = [t for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
         return sum(t.numel() * t.element_size() for t in (*self.model.parameters(), *state))
@@ -195,76 +200,101 @@ def profile_step(trainee: Trainee, ids, out_path: Path, rows: int = 40) -> None:
     out_path.write_text(text)
 
 
+def _key(s: Setting) -> tuple:
+    return (s.variant, s.precision, s.compiled, s.graph)
+
+
+def _warm_up(s: Setting, built: dict, ids, make_model, adapter_dir, num_adapters: int, top_k: int, device,
+             compile_backend: str, warmup: int, start: float, warmup_budget_s: float | None) -> dict:
+    """Build (once per variant / precision / compile / graph) and warm up one setting; its row's metadata, or
+    ``{"error": ...}``: skipped for time, a graph on a CPU, out of memory, a step that cannot be captured."""
+    if warmup_budget_s is not None and time.perf_counter() - start > warmup_budget_s:
+        return {"error": f"skipped: warm-up budget of {warmup_budget_s:.0f} s spent"}
+    if s.graph and device.type != "cuda":
+        return {"error": "skipped: a CUDA graph needs a CUDA device"}
+    key = _key(s)
+    breaks0 = sum(counters["graph_break"].values())
+    t0 = time.perf_counter()
+    try:
+        if key not in built:
+            built[key] = build_trainee(s, make_model, adapter_dir, num_adapters, top_k, device, compile_backend)
+        trainee = built[key]
+        trainee.setting = s
+        peak = _peak_gb(trainee, ids, max(1, warmup))
+    except torch.OutOfMemoryError:  # reported as a row without a time, never silently dropped
+        log.warning("train bench: %s ran out of device memory; left out of the timing", s.label)
+        if key in built:
+            built[key].release(s.batch_size)
+        gc.collect()
+        torch.cuda.empty_cache()
+        return {"error": "out of memory"}
+    except RuntimeError as e:  # a step that cannot be captured (a host read inside it): a row saying so
+        if not s.graph:
+            raise
+        log.warning("train bench: %s could not be captured: %s", s.label, str(e).splitlines()[0])
+        built.pop(key, None)
+        gc.collect()
+        return {"error": f"capture failed: {str(e).splitlines()[0][:160]}"}
+    warm_s = time.perf_counter() - t0
+    log.info("train bench: %s warm (%.1f s)", s.label, warm_s)
+    return {"peak_gb": peak, "warmup_s": round(warm_s, 2),
+            "graph_breaks": sum(counters["graph_break"].values()) - breaks0 if s.compiled else None}
+
+
 def run_settings(settings: list[Setting], make_model, adapter_cfg, *, vocab: int, seq_len: int,
                  num_adapters: int, top_k: int, warmup: int, steps: int, repeats: int, device,
                  compile_backend: str = "inductor", profile_dir: Path | None = None,
                  profile: tuple = (), warmup_budget_s: float | None = None) -> list[dict]:
-    """Build and warm up every setting, then time them in interleaved rounds; one row per setting. A setting
-    whose warm-up would start after ``warmup_budget_s`` is reported as skipped (a row without a time)."""
+    """Build and warm up every setting, then time them in interleaved rounds, one batch size after another (the
+    ratios compare settings of one batch size); one row per setting. A setting whose warm-up would start after
+    ``warmup_budget_s`` is reported as skipped (a row without a time)."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # a graph per variant
     torch._dynamo.config.automatic_dynamic_shapes = False  # one static graph per batch size
     g = torch.Generator().manual_seed(0)
     batches = {b: torch.randint(10, vocab - 10, (b, seq_len), generator=g).to(device)
                for b in sorted({s.batch_size for s in settings})}
-    built: dict = {}  # (variant, precision, compiled) -> Trainee (one model serves every batch size)
+    built: dict = {}  # (variant, precision, compiled, graph) -> Trainee (one model serves every batch size)
     meta: dict = {}
+    times: dict = {}
     with tempfile.TemporaryDirectory(prefix="loramux-train-bench-") as tmp:
         adapter_dir = random_adapter(make_model(), Path(tmp) / "adapter", adapter_cfg, seed=0)
         start = time.perf_counter()
-        for s in settings:
-            key = (s.variant, s.precision, s.compiled, s.graph)
-
-            if warmup_budget_s is not None and time.perf_counter() - start > warmup_budget_s:
-                meta[s] = {"error": f"skipped: warm-up budget of {warmup_budget_s:.0f} s spent"}
-                continue
-
-            if s.graph and device.type != "cuda":
-                meta[s] = {"error": "skipped: a CUDA graph needs a CUDA device"}
-                continue
-            breaks0 = sum(counters["graph_break"].values())
-            t0 = time.perf_counter()
-            try:
-                if key not in built:
-                    built[key] = build_trainee(s, make_model, adapter_dir, num_adapters, top_k, device,
-                                               compile_backend)
-                trainee = built[key]
-                trainee.setting = s
-                peak = _peak_gb(trainee, batches[s.batch_size], max(1, warmup))
-            except torch.OutOfMemoryError:  # reported as a row without a time, never silently dropped
-                log.warning("train bench: %s ran out of device memory; left out of the timing", s.label)
-                meta[s] = {"error": "out of memory"}
-                if key in built:
-                    built[key].optimizer.zero_grad(set_to_none=True)
-                gc.collect()
+        # one phase per batch size: its settings are warmed up, then timed in interleaved rounds, then its captured
+        # graphs (each holds the step's activations in a private pool) are released before the next batch size
+        for batch in dict.fromkeys(s.batch_size for s in settings):
+            phase = [s for s in settings if s.batch_size == batch]
+            for s in phase:
+                meta[s] = _warm_up(s, built, batches[batch], make_model, adapter_dir, num_adapters, top_k, device,
+                                   compile_backend, warmup, start, warmup_budget_s)
+                if profile_dir is not None and s.label in profile and "error" not in meta[s]:
+                    profile_step(built[_key(s)], batches[batch],
+                                 profile_dir / f"profile_{s.label.replace('/', '_')}.txt")
+            timed = [s for s in phase if "error" not in meta[s]]
+            times.update({s: [] for s in timed})
+            for _ in range(repeats):
+                for s in list(timed):
+                    trainee = built[_key(s)]
+                    trainee.setting = s
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    try:
+                        for _ in range(steps):
+                            trainee.step(batches[batch])
+                        _sync(device)
+                    except torch.OutOfMemoryError:  # another setting's memory left too little: a row saying so
+                        log.warning("train bench: %s ran out of device memory while timed", s.label)
+                        meta[s] = {**meta[s], "error": "out of memory while timed"}
+                        timed.remove(s)
+                        del times[s]
+                        trainee.release(batch)
+                        torch.cuda.empty_cache()
+                        continue
+                    times[s].append((time.perf_counter() - t0) / steps)
+            for trainee in built.values():
+                trainee.release(batch)
+            gc.collect()
+            if device.type == "cuda":
                 torch.cuda.empty_cache()
-                continue
-            except RuntimeError as e:  # a step that cannot be captured (a host read inside it): a row saying so
-                if not s.graph:
-                    raise
-                log.warning("train bench: %s could not be captured: %s", s.label, str(e).splitlines()[0])
-                meta[s] = {"error": f"capture failed: {str(e).splitlines()[0][:160]}"}
-                built.pop(key, None)
-                gc.collect()
-                continue
-            warm_s = time.perf_counter() - t0
-            meta[s] = {"peak_gb": peak, "warmup_s": round(warm_s, 2),
-                       "graph_breaks": sum(counters["graph_break"].values()) - breaks0 if s.compiled else None}
-            if profile_dir is not None and s.label in profile:
-                profile_step(trainee, batches[s.batch_size], profile_dir / f"profile_{s.label.replace('/', '_')}.txt")
-            log.info("train bench: %s warm (%.1f s)", s.label, warm_s)
-        timed = [s for s in settings if "error" not in meta[s]]
-        times: dict = {s: [] for s in timed}
-        for _ in range(repeats):
-            for s in timed:
-                trainee = built[(s.variant, s.precision, s.compiled, s.graph)]
-                trainee.setting = s
-                ids = batches[s.batch_size]
-                _sync(device)
-                t0 = time.perf_counter()
-                for _ in range(steps):
-                    trainee.step(ids)
-                _sync(device)
-                times[s].append((time.perf_counter() - t0) / steps)
     rows = []
     for s in settings:
         if s not in times:
