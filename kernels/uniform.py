@@ -8,7 +8,10 @@ for a single-adapter bank). Then the op needs no routing metadata, no gather and
 ``[d_in, r]`` and ``[r, d_out]`` slices (views of the bank, rank padding excluded) go straight to cuBLAS / the CPU
 BLAS, with the scale folded into the second product's epilogue. That is fewer launches than peft's unmerged LoRA
 (which adds dropout, a separate scaling multiply and the add), and plain autograd, so torch.compile traces it and a
-training step differentiates A and B through the views into the bank's stacked tensors.
+training step differentiates A and B through the views into the bank's stacked tensors. ``MultiLoRALinear`` takes
+this form for a uniform route on the Triton backend too (CUDA inference: decode and prefill), where the routed
+kernels would add routing gathers and a split-K partial buffer to the same two products; for a bank held in
+another dtype than the activations it casts the bank once (``kernels.cast_cache``), not per call.
 """
 
 from __future__ import annotations

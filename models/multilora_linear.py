@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels import multi_lora, multi_lora_sequences, multi_lora_uniform
+from kernels import cast_cache, multi_lora, multi_lora_sequences, multi_lora_uniform
 from kernels.op import resolve_backend
 from models.adapter_bank import slot_key
 
@@ -55,11 +55,17 @@ class MultiLoRALinear(nn.Module):
             return y
         slots = self.slots
         A, B, scales, ranks = route.tensors or (slots.A, slots.B, slots.scales, slots.ranks)
-        if route.tensors is None and resolve_backend(x, A, B, route.weights) == "torch":
+        backend = resolve_backend(x, A, B, route.weights) if route.tensors is None else None
+        if route.uniform is not None and backend in ("torch", "triton"):
+            # one adapter for every row, known on the host: a plain LoRA on its slices of the bank, two GEMMs on any
+            # device and in training or inference (the routed kernels' gathers and launches would only add work)
             a = route.uniform
-            if a is not None:  # one adapter for every row, known on the host: a plain LoRA on its slices of the bank
-                r = slots.host_ranks[a]
-                return multi_lora_uniform(x, y, A[a, :, :r], B[a, :r], slots.host_scales[a])
+            r = slots.host_ranks[a]
+            if A.dtype != x.dtype and not torch.compiler.is_compiling() and not (
+                    torch.is_grad_enabled() and (A.requires_grad or B.requires_grad)):
+                A, B = cast_cache.cast(A, x.dtype), cast_cache.cast(B, x.dtype)  # inference: the bank cast once
+            return multi_lora_uniform(x, y, A[a, :, :r], B[a, :r], slots.host_scales[a])
+        if backend == "torch":
             A, B = slots.tight()  # no rank padding in the torch forms
             if A.shape[2] == 0:
                 return y

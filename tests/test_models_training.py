@@ -76,3 +76,23 @@ def test_routes_know_when_one_adapter_serves_every_row(three):
             mm(input_ids=ids, task_ids=task_ids)
         assert seen["route"].uniform == want, (router, task_ids)
     hook.remove()
+
+
+def test_a_uniform_route_is_two_gemms_on_the_triton_backend_too(three, monkeypatch):
+    """Inference with one host-known adapter for every row takes the plain-LoRA form on every backend (the routed
+    kernels are never launched), with the reference's logits."""
+    from kernels import op
+
+    base, adapters = three
+    ids = torch.randint(0, 250, (2, 6), generator=torch.Generator().manual_seed(3))
+    launches = []
+    monkeypatch.setattr(op, "_triton_forward", lambda *a, **k: launches.append(1) / 0)  # fails if ever called
+    logits = {}
+    for backend in ("triton", "reference"):
+        monkeypatch.setenv("LORAMUX_KERNEL_BACKEND", backend)
+        model, _ = load_base_model(base)
+        mm = MultiLoRAModel.from_adapters(model, adapters)
+        with torch.no_grad():
+            logits[backend] = mm(input_ids=ids, task_ids=["t1", "t1"]).logits
+    assert launches == []
+    torch.testing.assert_close(logits["triton"], logits["reference"], rtol=1e-5, atol=1e-5)

@@ -34,7 +34,7 @@ class Route:
 
     ``uniform``: the adapter index every row uses with weight 1, when the router knows it on the host (lora_b; the
     oracle when every sequence has the same task); the layer then runs that adapter as a plain LoRA
-    (``kernels.multi_lora_uniform``) wherever the torch forms run."""
+    (``kernels.multi_lora_uniform``) on the torch and Triton backends alike (only ``reference`` keeps its loop)."""
 
     ids: torch.Tensor
     weights: torch.Tensor
