@@ -119,3 +119,13 @@ def test_a_replayed_cuda_graph_step_trains_as_the_eager_step():
                 trained.append([p.detach().clone() for p in tr.params])
             for a, b in zip(*trained):
                 assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), variant
+
+
+def test_a_step_graph_on_the_cpu_is_one_clear_error():
+    import torch
+
+    from pipeline.runtime.step_graph import StepGraphs
+
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
+    with pytest.raises(ValueError, match="a CUDA graph needs a CUDA device, got cpu"):
+        StepGraphs(lambda ids: None, opt, "cpu")

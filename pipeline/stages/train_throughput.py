@@ -47,6 +47,7 @@ from common.atomic import atomic_write_text
 from models import MultiLoRAModel
 from models.compile import compile_layers
 from models.precision import store_frozen
+from pipeline.runtime.step_graph import StepGraphs
 from pipeline.stages.bench_timing import random_adapter, written_by
 
 log = logging.getLogger(__name__)
@@ -72,10 +73,10 @@ class Setting:
 class Trainee:
     """One variant ready to step: the model to call, its trainable parameters and optimizer, its routing.
 
-    With ``graph`` (CUDA) the first ``step`` per batch size warms up (3 steps) on a side stream and captures the
-    whole step (forward, loss, backward, AdamW) in a ``torch.cuda.CUDAGraph``; every step then copies the batch into
-    the graph's static input and replays it. AdamW is then ``capturable`` (its step count lives on the device) and autocast
-    keeps no cast cache (a cache would hold tensors from outside the graph's memory pool).
+    With ``graph`` (CUDA) the whole step (forward, loss, backward, AdamW) is captured per batch shape and replayed
+    (``pipeline.runtime.step_graph``): AdamW is then ``capturable`` (its step count lives on the device), autocast
+    keeps no cast cache (a cache would hold tensors from outside the graph's memory pool), and the task ids are
+    device tensors set before each capture, so the routing is read inside the graph.
     """
 
     def __init__(self, setting: Setting, model, params: list, device, num_routed: int = 0, multi=None,
@@ -84,57 +85,42 @@ class Trainee:
         self.num_routed, self.multi, self.graph = num_routed, multi, graph
         cuda = device.type == "cuda"
         self.optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=cuda, capturable=graph)
-        self._graphs: dict = {}  # batch size -> (CUDAGraph, static input ids, device task ids)
+        self.graphs = StepGraphs(self._step, self.optimizer, device, prepare=self._route_on_device) if graph else None
 
     def task_ids(self, batch: int) -> torch.Tensor:
         """Row i of a batch -> adapter i mod L (a host tensor: setting it reads nothing back from the device)."""
         return torch.arange(batch) % self.num_routed
 
-    def _eager_step(self, ids: torch.Tensor) -> None:
+    def _route_on_device(self, ids: torch.Tensor):
+        if self.multi is None:
+            return None
+        task_ids = self.task_ids(ids.shape[0]).to(self.device)  # read inside the graph: kept alive with it
+        self.multi.set_routing(task_ids=task_ids)
+        return task_ids
+
+    def _step(self, ids: torch.Tensor) -> None:
         bf16 = self.setting.precision == "bf16"
-        if self.multi is not None and not self.graph:
-            self.multi.set_routing(task_ids=self.task_ids(ids.shape[0]))
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=not self.graph):
             out = self.model(input_ids=ids, labels=ids, use_cache=False)
         out.loss.backward()
         self.optimizer.step()
-        if not self.graph:
-            self.optimizer.zero_grad(set_to_none=True)
-
-    def _capture(self, ids: torch.Tensor):
-        task_ids = None
-        if self.multi is not None:  # device task ids: the oracle / gate labels are read inside the graph, from
-            task_ids = self.task_ids(ids.shape[0]).to(self.device)  # this tensor (kept alive with the graph)
-            self.multi.set_routing(task_ids=task_ids)
-        static = ids.clone()
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                self.optimizer.zero_grad(set_to_none=True)
-                self._eager_step(static)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        self.optimizer.zero_grad(set_to_none=True)
-        with torch.cuda.graph(graph):
-            self._eager_step(static)  # backward accumulates into the graph's own .grad buffers
-        return graph, static, task_ids
 
     def step(self, ids: torch.Tensor) -> None:
-        if not self.graph:
-            self._eager_step(ids)
+        if self.graphs is not None:
+            self.graphs(ids)
             return
-        b = ids.shape[0]
-        if b not in self._graphs:  # the capture records without running: the replay below runs this step
-            self._graphs[b] = self._capture(ids)
-        graph, static, _task_ids = self._graphs[b]
-        static.copy_(ids)
-        graph.replay()
+        if self.multi is not None:
+            self.multi.set_routing(task_ids=self.task_ids(ids.shape[0]))
+        self._step(ids)
+        self.optimizer.zero_grad(set_to_none=True)
 
     def release(self, batch: int) -> None:
-        """Drop the captured graph of ``batch`` (its private memory pool) and the gradients, which live in it."""
+        """Drop the captured graphs of ``batch`` (their private memory pools) and the gradients, which live there."""
         self.optimizer.zero_grad(set_to_none=True)
-        self._graphs.pop(batch, None)
+        if self.graphs is not None:
+            for shape in self.graphs.shapes:
+                if shape[0] == batch:
+                    self.graphs.release(shape)
 
     def resident_bytes(self) -> int:
         state = [t for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
