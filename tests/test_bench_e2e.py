@@ -70,7 +70,7 @@ def test_a_spent_time_budget_leaves_strategies_out_by_name(tmp_path):
                       deadline=time.perf_counter() - 1)
     assert rec["rounds"] == {} and rec["skipped"] == ["base", "peft"]
     rec = e2e.measure(cont, "eager", 1, 4, 2, config["vocab_size"], cpu, 0, 1, "eager", deadline=None)
-    assert set(rec["rounds"]) == {"base", "peft"} and "skipped" not in rec
+    assert set(rec["rounds"]) == {"base", "peft"} and "skipped" not in rec and set(rec["warmup_s"]) == {"base", "peft"}
 
 
 COMMITTED = ROOT / "outputs" / "tables" / "e2e_decode.json"
