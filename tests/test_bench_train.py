@@ -45,12 +45,16 @@ def test_settings_cover_every_form_but_a_compiled_capture():
 
     cfg = OmegaConf.create({"variants": ["peft_single", "loramux_gates"], "precisions": ["bf16"],
                             "compiled": [False, True], "graphs": [False, True], "batch_sizes": [16, 64],
+                            "compile_modes": ["default", "reduce-overhead"],
                             "extra_variants": ["loramux_gates"], "extra_batch_sizes": [256]})
-    got = {(s.variant, s.compiled, s.graph, s.batch_size) for s in tt.settings_from(cfg)}
-    forms = {(False, False), (True, False), (False, True)}  # a captured step runs the eager layers
-    assert got == {(v, c, g, b) for v in ("peft_single", "loramux_gates") for c, g in forms for b in (16, 64)} | {
-        ("loramux_gates", c, g, 256) for c, g in forms}
+    got = {(s.variant, s.compiled, s.graph, s.compile_mode, s.batch_size) for s in tt.settings_from(cfg)}
+    # a captured step runs the eager layers; a compile mode belongs to compiled layers only
+    forms = {(False, False, None), (True, False, None), (True, False, "reduce-overhead"), (False, True, None)}
+    assert got == {(v, *f, b) for v in ("peft_single", "loramux_gates") for f in forms for b in (16, 64)} | {
+        ("loramux_gates", *f, 256) for f in forms}
     assert len(tt.settings_from(cfg)) == len(got)
+    assert {s.label for s in tt.settings_from(cfg) if s.compile_mode} >= {
+        "peft_single/bf16/compiled[reduce-overhead]/b16"}
 
 
 @pytest.mark.slow  # real training subprocesses: tens of seconds

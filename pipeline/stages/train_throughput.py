@@ -18,7 +18,8 @@ each in ``precision`` fp32 or bf16 (autocast; trained parameters and their AdamW
 in bf16, as the pipeline's GPU trainer runs), ``compiled`` false / true (every decoder layer compiled with
 ``torch.compile``: regional compilation, so routing decisions stay in eager Python at the model's top while each
 layer's routed projections are traced (``models.compile``); dynamo's graph-break count is recorded per row) and
-``graph`` false / true (CUDA only: the whole step, forward, loss, backward and AdamW, captured once in one CUDA
+``compile_modes`` (torch.compile's mode for the compiled layers: default, or ``reduce-overhead``: each layer's
+forward and backward replayed as CUDA graphs by torch's graph trees) and ``graph`` false / true (CUDA only: the whole step, forward, loss, backward and AdamW, captured once in one CUDA
 graph and replayed; a step then costs the host one launch, so the row measures the device's work alone. The
 routing of a step is part of the graph: task ids live on the device, set once before the capture). Every setting is built and warmed up first (compiles included), then timed in interleaved
 rounds (each setting ``steps`` steps per round, ``repeats`` rounds): tokens/s is the median over rounds, so a
@@ -63,11 +64,13 @@ class Setting:
     compiled: bool
     batch_size: int
     graph: bool = False
+    compile_mode: str | None = None  # torch.compile's mode for the layers: None (default) or "reduce-overhead"
 
     @property
     def label(self) -> str:
         graph = "/graph" if self.graph else ""
-        return f"{self.variant}/{self.precision}/{'compiled' if self.compiled else 'eager'}{graph}/b{self.batch_size}"
+        how = ("compiled" + (f"[{self.compile_mode}]" if self.compile_mode else "")) if self.compiled else "eager"
+        return f"{self.variant}/{self.precision}/{how}{graph}/b{self.batch_size}"
 
 
 class Trainee:
@@ -111,6 +114,8 @@ class Trainee:
             return
         if self.multi is not None:
             self.multi.set_routing(task_ids=self.task_ids(ids.shape[0]))
+        if self.setting.compile_mode == "reduce-overhead":  # the layers' CUDA graph trees: a new iteration begins
+            torch.compiler.cudagraph_mark_step_begin()
         self._step(ids)
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -153,7 +158,7 @@ def build_trainee(setting: Setting, make_model, adapter_dir, num_adapters: int, 
     if setting.precision == "bf16":
         store_frozen(trainee.model, torch.bfloat16)
     if setting.compiled:
-        compile_layers(model, backend=compile_backend)
+        compile_layers(model, backend=compile_backend, mode=setting.compile_mode)
     return trainee
 
 
@@ -187,7 +192,7 @@ def profile_step(trainee: Trainee, ids, out_path: Path, rows: int = 40) -> None:
 
 
 def _key(s: Setting) -> tuple:
-    return (s.variant, s.precision, s.compiled, s.graph)
+    return (s.variant, s.precision, s.compiled, s.graph, s.compile_mode)
 
 
 def _warm_up(s: Setting, built: dict, ids, make_model, adapter_dir, num_adapters: int, top_k: int, device,
@@ -215,7 +220,7 @@ def _warm_up(s: Setting, built: dict, ids, make_model, adapter_dir, num_adapters
         torch.cuda.empty_cache()
         return {"error": "out of memory"}
     except RuntimeError as e:  # a step that cannot be captured (a host read inside it): a row saying so
-        if not s.graph:
+        if not (s.graph or s.compile_mode):
             raise
         log.warning("train bench: %s could not be captured: %s", s.label, str(e).splitlines()[0])
         built.pop(key, None)
@@ -300,13 +305,15 @@ def run_settings(settings: list[Setting], make_model, adapter_cfg, *, vocab: int
 def add_ratios(rows: list[dict]) -> None:
     """``ratio_to_peft``: tokens/s over peft_single's at the same precision, compile and graph choice and batch size, and
     ``ratio_to_best_peft`` over peft_single's best (compiled or not) at the same precision and batch size."""
-    peft = {(r["precision"], r["compiled"], r.get("graph", False), r["batch_size"]): r["tokens_per_s"]
-            for r in rows if r["variant"] == "peft_single" and r["tokens_per_s"]}
+    def form_key(r):
+        return r["precision"], r["compiled"], r.get("graph", False), r.get("compile_mode"), r["batch_size"]
+
+    peft = {form_key(r): r["tokens_per_s"] for r in rows if r["variant"] == "peft_single" and r["tokens_per_s"]}
     best = {}
-    for (p, _c, _g, b), v in peft.items():
+    for (p, _c, _g, _m, b), v in peft.items():
         best[(p, b)] = max(best.get((p, b), 0.0), v)
     for r in rows:
-        ref = peft.get((r["precision"], r["compiled"], r.get("graph", False), r["batch_size"]))
+        ref = peft.get(form_key(r))
         r["ratio_to_peft"] = round(r["tokens_per_s"] / ref, 3) if ref and r["tokens_per_s"] else None
         ref = best.get((r["precision"], r["batch_size"]))
         r["ratio_to_best_peft"] = round(r["tokens_per_s"] / ref, 3) if ref and r["tokens_per_s"] else None
@@ -320,13 +327,15 @@ def settings_from(tcfg) -> list[Setting]:
     if bad:
         raise ValueError(f"bench.train: {bad} not known; variants are {VARIANTS}, precisions {PRECISIONS}")
     graphs = [bool(g) for g in (tcfg.get("graphs") or [False])]
-    forms = [(bool(c), g) for c in tcfg.compiled for g in graphs if not (c and g)]  # see GRAPH_NOT_COMPILED
-    out = [Setting(v, str(p), c, int(b), g) for v in variants for p in tcfg.precisions
-           for c, g in forms for b in tcfg.batch_sizes]
+    modes = [None if m in (None, "default") else str(m) for m in (tcfg.get("compile_modes") or [None])]
+    forms = [(bool(c), g, m if c else None) for c in tcfg.compiled for g in graphs for m in (modes if c else [None])
+             if not (c and g)]  # see GRAPH_NOT_COMPILED
+    out = [Setting(v, str(p), c, int(b), g, m) for v in variants for p in tcfg.precisions
+           for c, g, m in forms for b in tcfg.batch_sizes]
     for v in tcfg.get("extra_variants") or []:
         for b in tcfg.get("extra_batch_sizes") or []:
-            for c, g in forms:
-                s = Setting(str(v), "bf16", c, int(b), g)
+            for c, g, m in forms:
+                s = Setting(str(v), "bf16", c, int(b), g, m)
                 if s not in out:
                     out.append(s)
     return out
@@ -357,7 +366,8 @@ def paired_ratio(row: dict, ref: dict) -> dict:
 
 def form(row: dict) -> str:
     """How a row's step ran: eager or compiled, and whether it was one replayed CUDA graph."""
-    return ("compiled" if row["compiled"] else "eager") + (" + CUDA graph" if row.get("graph") else "")
+    how = ("compiled" + (f" ({row['compile_mode']})" if row.get("compile_mode") else "")) if row["compiled"] else "eager"
+    return how + (" + CUDA graph" if row.get("graph") else "")
 
 
 def verdicts(rows: list[dict]) -> list[dict]:
@@ -428,7 +438,8 @@ def markdown(doc: dict) -> str:
               "ms/step | x peft (same compile) | x best peft | peak GB | graph breaks |"),
              "|" + " --- |" * (11 if graphs else 10)]
     for r in doc["rows"]:
-        head = (f"| {r['variant']} | {r['precision']} | {'yes' if r['compiled'] else 'no'} | "
+        compiled = (r.get("compile_mode") or "yes") if r["compiled"] else "no"
+        head = (f"| {r['variant']} | {r['precision']} | {compiled} | "
                 + (f"{'yes' if r.get('graph') else 'no'} | " if graphs else "") + f"{r['batch_size']} ")
         if not r["tokens_per_s"]:
             lines.append(head + f"| {r.get('error', 'not measured')} | | | | | |")
