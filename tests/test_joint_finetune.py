@@ -107,7 +107,8 @@ def test_joint_run_equals_three_separate_runs(tmp_path, run_finetune):
 
     table = finetune_table([rec])
     assert [r[0] for r in table.rows] == sorted(TASKS)
-    assert table.rows[0][1] == round(next(r for r in rec["rows"] if r["adapter"] == "cs_algorithms")["val_loss"], 4)
+    assert table.rows[0][2] == round(next(r for r in rec["rows"] if r["adapter"] == "cs_algorithms")["val_loss"], 4)
+    assert {r[1] for r in table.rows} == {"joint"}
 
 
 # --------------------------------------------------------------------------------------------------- batches
@@ -368,8 +369,9 @@ def test_reproduce_plans_one_joint_finetune_step_and_lora_b_its_own(tmp_path, co
     finetune_steps = lambda extra: [s["step"] for s in plan_steps(compose("reproduce", [*over, *extra], tmp_path))
                                     if s["stage"] == "finetune"]
     assert finetune_steps(["joint_finetune=false"]) == ["object_counting", "winowhy", "lora_b"]
-    assert finetune_steps([]) == ["object_counting", "winowhy", "lora_b"]  # auto on a CPU trainer: separate
-    assert finetune_steps(["trainer=gpu"]) == ["all", "lora_b"]  # auto on a GPU trainer: joint
+    assert finetune_steps([]) == ["all", "lora_b"]  # auto: joint, on CPU too (measured faster there)
+    assert finetune_steps(["parallel=2"]) == ["object_counting", "winowhy", "lora_b"]  # CPU runs side by side
+    assert finetune_steps(["trainer=gpu", "parallel=2"]) == ["all", "lora_b"]  # auto on a GPU trainer: joint
     assert finetune_steps(["joint_finetune=true", "plan.finetune=[winowhy,lora_b]"]) == ["winowhy", "lora_b"]
     with pytest.raises(ValueError, match=r"joint_finetune='sometimes' must be auto, true or false; set e.g. "
                                          r"joint_finetune=auto"):

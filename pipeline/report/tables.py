@@ -67,12 +67,14 @@ def finetune_table(records: list[dict]) -> Table | None:
         date = str(rec["provenance"].get("date", ""))
         for name, metrics in _adapter_rows(rec):
             if name not in newest or date >= newest[name][0]:
-                newest[name] = (date, metrics)
+                newest[name] = (date, {**metrics, "run": "joint" if rec.get("joint") else "own"})
     if not newest:
         return None
-    cols = ["adapter", "val_loss", "train_loss", "steps", "train_rows", "train_seconds", "tokens_per_s"]
+    cols = ["adapter", "run", "val_loss", "train_loss", "steps", "train_rows", "train_seconds", "tokens_per_s"]
     rows = [[name] + [_fmt(newest[name][1].get(c)) for c in cols[1:]] for name in sorted(newest)]
-    return Table("finetune", "Adapters (finetune)", cols, rows, "validation loss on answer tokens; tokens/s counts prompt + answer tokens (fit time incl. validation)")
+    return Table("finetune", "Adapters (finetune)", cols, rows, "run: joint (every task adapter in one run, the run's "
+                 "time and tokens/s) or own; validation loss on answer tokens; tokens/s counts prompt + answer tokens "
+                 "(fit time incl. validation)")
 
 
 def _strategy_order(labels):

@@ -199,9 +199,14 @@ def demo_block(demo_dir: Path) -> str:
     finetune, report = demo_dir / "tables" / "finetune.csv", demo_dir / "report.md"
     if finetune.is_file():
         with open(finetune) as f:
-            tps = sorted(float(r["tokens_per_s"]) for r in csv.DictReader(f))
-        lines += [(f"Fine-tuning on the CPU (fp32, peft, one process per adapter): {tps[0]:g}-{tps[-1]:g} "
-                   "tokens/s (prompt + answer tokens over the fit, `outputs/demo/tables/finetune.csv`)."), ""]
+            rows = list(csv.DictReader(f))
+        joint = [r for r in rows if r.get("run") == "joint"]
+        own = sorted(float(r["tokens_per_s"]) for r in rows if r.get("run") != "joint")
+        parts = ([f"one joint run of the {len(joint)} task adapters {float(joint[0]['tokens_per_s']):g} tokens/s"]
+                 if joint else [])
+        parts += [f"one run per adapter {own[0]:g}-{own[-1]:g} tokens/s"] if own else []
+        lines += [(f"Fine-tuning on the CPU (fp32): {'; '.join(parts)} (prompt + answer tokens over the fit, "
+                   "`outputs/demo/tables/finetune.csv`)."), ""]
     sha = re.search(r"<sub>git: ([0-9a-f]+)</sub>", report.read_text()) if report.is_file() else None
     lines.append(f"Made by `make demo` at git {sha.group(1) if sha else '(no report.md)'}; every number above is in that "
                  "run's metrics.json files, gathered by its report (`outputs/demo/report.md`).")
