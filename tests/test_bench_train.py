@@ -64,7 +64,7 @@ def test_stage_writes_the_table_on_the_cpu_stand_in(tmp_path):
            "bench.train.variants=[peft_single,loramux_single,loramux_gates]", "bench.train.batch_sizes=[2]",
            "bench.train.extra_batch_sizes=[3]", "bench.train.seq_len=8", "bench.train.num_adapters=3",
            "bench.train.warmup=1", "bench.train.steps=1", "bench.train.repeats=2", "bench.train.precisions=[fp32]",
-           "bench.train.graphs=[false]", f"hydra.run.dir={tmp_path / 'run'}"]
+           "bench.train.graphs=[false]", "bench.train.compile_modes=[default]", f"hydra.run.dir={tmp_path / 'run'}"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     doc = json.loads((tmp_path / "train_throughput.json").read_text())

@@ -226,8 +226,8 @@ def e2e_decode_claims(doc: dict) -> list[dict]:
             med = round(float(np.median(per)), 4)
             measured = {"median_ratio": med, "min": round(per[0], 4), "max": round(per[-1], 4), "rounds": len(per)}
             out.append(claim(text, measured, f"{mine} / {ref} decode ms <= {bar}", med <= bar,
-                             fixed=(spread_verdict(per, bar), f"spread of {len(per)} paired rounds (timings: no "
-                                                              "rows to resample)")))
+                             fixed=(spread_verdict(per, bar),
+                                    f"spread of {len(per)} paired rounds (timings: no rows to resample)")))
     return out
 
 
