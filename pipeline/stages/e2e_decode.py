@@ -119,12 +119,9 @@ def measure(contestants: Contestants, engine: str, batch: int, prompt_len: int, 
     peak: dict = {}
     skipped: list = []
     warm: dict = {}
-    gens = dict(contestants.generate)
-    rounds: dict = {s: [] for s in gens}
-    for s, gen in list(gens.items()):
+    for s, gen in contestants.generate.items():
         if deadline is not None and time.perf_counter() > deadline:
             skipped.append(s)
-            del gens[s], rounds[s]
             log.warning("e2e_decode: %s %s b=%s skipped: bench.max_seconds spent", engine, s, batch)
             continue
         t0 = time.perf_counter()
@@ -136,6 +133,8 @@ def measure(contestants: Contestants, engine: str, batch: int, prompt_len: int, 
             torch.cuda.reset_peak_memory_stats(device)
             _timed(gen, ids, mask, new_tokens, kw, device)
             peak[s] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+    gens = {s: g for s, g in contestants.generate.items() if s not in skipped}
+    rounds: dict = {s: [] for s in gens}
     for _ in range(repeats):
         for s, gen in gens.items():
             rounds[s].append((_timed(gen, ids, mask, 1, kw, device), _timed(gen, ids, mask, new_tokens, kw, device)))
@@ -206,13 +205,19 @@ def markdown(doc: dict) -> str:
             lines.append(f"| {rec['engine']} | {rec['targets']} | {rec['batch_size']} | "
                          f"{', '.join(rec['skipped'])} | | not measured: bench.max_seconds spent | | | |")
     lines += ["", "## Targets (decode ms/token ratio, paired by round; spread = min..max)", "",
-              "| engine | targets | batch | target | measured | verdict |", "| --- | --- | --- | --- | --- | --- |"]
-    for t in doc["targets"]:
+              *targets_table(doc["targets"])]
+    return "\n".join(lines) + "\n"
+
+
+def targets_table(targets: list[dict]) -> list[str]:
+    """Markdown lines of the decode targets with what was measured and the verdict (this page and README)."""
+    lines = ["| engine | targets | batch | target | measured | verdict |", "| --- | --- | --- | --- | --- | --- |"]
+    for t in targets:
         got = (f"{t['ratio']['median']} ({t['ratio']['min']}..{t['ratio']['max']})" if t.get("ratio")
                else t.get("reason", ""))
         lines.append(f"| {t['engine']} | {t['targets']} | {t['batch_size']} | {t['strategy']} <= {t['limit']}x "
                      f"{t['versus']} | {got} | {t['verdict']} |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def run(settings: dict, make_model, adapter_cfg: dict, vocab: int, device, records_out: list, routers: dict,

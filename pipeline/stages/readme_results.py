@@ -33,6 +33,7 @@ from pathlib import Path
 from common.atomic import atomic_write_text
 from pipeline.report.paper_claims import table_claims
 from pipeline.report.paper_tables import _md_cell, _md_table, interval_cell
+from pipeline.stages.e2e_decode import targets_table as e2e_targets_table
 from pipeline.stages.train_throughput import targets_table
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout (pipeline/stages/ is two below it)
@@ -144,13 +145,7 @@ def e2e_decode_block(tables_dir: Path) -> str:
         return "_e2e_decode.json is not committed_"
     rows = [{"engine": r["engine"], "targets": r["targets"], "batch": r["batch_size"], "strategy": r["strategy"],
              "decode ms/token": r["decode_ms_per_token"]} for r in t["rows"]]
-    lines = _md_table(rows)
-    lines += ["| engine | targets | batch | target | measured | verdict |", "| --- | --- | --- | --- | --- | --- |"]
-    for v in t["targets"]:
-        got = (f"{v['ratio']['median']} ({v['ratio']['min']}..{v['ratio']['max']})" if v.get("ratio")
-               else v.get("reason", ""))
-        lines.append(f"| {v['engine']} | {v['targets']} | {v['batch_size']} | {v['strategy']} <= {v['limit']}x "
-                     f"{v['versus']} | {got} | {v['verdict']} |")
+    lines = [*_md_table(rows), *e2e_targets_table(t["targets"])]
     p = t["provenance"]
     skipped = sorted({s for r in t["records"] for s in r.get("skipped", [])})
     measured = sorted({(r["engine"], r["targets"], r["batch_size"]) for r in t["records"]})

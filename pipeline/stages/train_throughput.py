@@ -17,13 +17,14 @@ the configured ``adapter`` (r, alpha, targets), batch B x ``bench.train.seq_len`
 each in ``precision`` fp32 or bf16 (autocast; trained parameters and their AdamW state fp32, frozen weights stored
 in bf16, as the pipeline's GPU trainer runs), ``compiled`` false / true (every decoder layer compiled with
 ``torch.compile``: regional compilation, so routing decisions stay in eager Python at the model's top while each
-layer's routed projections are traced (``models.compile``); dynamo's graph-break count is recorded per row) and
+layer's routed projections are traced (``models.compile``); dynamo's graph-break count is recorded per row),
 ``compile_modes`` (torch.compile's mode for the compiled layers: default, or ``reduce-overhead``: each layer's
-forward and backward replayed as CUDA graphs by torch's graph trees) and ``graph`` false / true (CUDA only: the whole step, forward, loss, backward and AdamW, captured once in one CUDA
-graph and replayed; a step then costs the host one launch, so the row measures the device's work alone. The
-routing of a step is part of the graph: task ids live on the device, set once before the capture). Every setting is built and warmed up first (compiles included), then timed in interleaved
-rounds (each setting ``steps`` steps per round, ``repeats`` rounds): tokens/s is the median over rounds, so a
-slow phase of the machine hits every variant alike. ``peak_gb``: the step's peak CUDA memory above what was held
+forward and backward replayed as CUDA graphs by torch's graph trees) and ``graph`` false / true (CUDA only: the
+whole step, forward, loss, backward and AdamW, captured once in one CUDA graph and replayed; a step then costs the
+host one launch, so the row measures the device's work alone. The routing of a step is part of the graph: task ids
+live on the device, set once before the capture). Every setting is built and warmed up first (compiles included),
+then timed in interleaved rounds (each setting ``steps`` steps per round, ``repeats`` rounds): tokens/s is the
+median over rounds, so a slow phase of the machine hits every variant alike. ``peak_gb``: the step's peak CUDA memory above what was held
 before it, plus this variant's own parameters and optimizer state (other variants' models stay resident).
 """
 
@@ -85,7 +86,7 @@ class Trainee:
     def __init__(self, setting: Setting, model, params: list, device, num_routed: int = 0, multi=None,
                  graph: bool = False):
         self.setting, self.model, self.params, self.device = setting, model, params, device
-        self.num_routed, self.multi, self.graph = num_routed, multi, graph
+        self.num_routed, self.multi = num_routed, multi
         cuda = device.type == "cuda"
         self.optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=cuda, capturable=graph)
         self.graphs = StepGraphs(self._step, self.optimizer, device, prepare=self._route_on_device) if graph else None
@@ -103,7 +104,7 @@ class Trainee:
 
     def _step(self, ids: torch.Tensor) -> None:
         bf16 = self.setting.precision == "bf16"
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=not self.graph):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=self.graphs is None):
             out = self.model(input_ids=ids, labels=ids, use_cache=False)
         out.loss.backward()
         self.optimizer.step()
@@ -328,8 +329,11 @@ def settings_from(tcfg) -> list[Setting]:
         raise ValueError(f"bench.train: {bad} not known; variants are {VARIANTS}, precisions {PRECISIONS}")
     graphs = [bool(g) for g in (tcfg.get("graphs") or [False])]
     modes = [None if m in (None, "default") else str(m) for m in (tcfg.get("compile_modes") or [None])]
+    # A captured step runs the eager layers: dynamo recompiled the regionally compiled layers on the capture pass
+    # (H200, torch 2.11), and inductor's constant folding reads a value back to the host, which a capture refuses.
+    # Under a replayed graph the host cost compile removes is gone anyway; compile would still add kernel fusion.
     forms = [(bool(c), g, m if c else None) for c in tcfg.compiled for g in graphs for m in (modes if c else [None])
-             if not (c and g)]  # see GRAPH_NOT_COMPILED
+             if not (c and g)]
     out = [Setting(v, str(p), c, int(b), g, m) for v in variants for p in tcfg.precisions
            for c, g, m in forms for b in tcfg.batch_sizes]
     for v in tcfg.get("extra_variants") or []:
@@ -339,12 +343,6 @@ def settings_from(tcfg) -> list[Setting]:
                 if s not in out:
                     out.append(s)
     return out
-
-
-# A captured step runs the eager layers: dynamo recompiled the regionally compiled layers on the capture pass (H200,
-# torch 2.11), and inductor's constant folding reads a value back to the host, which a capture refuses. Under a
-# replayed graph the host cost compile removes is gone anyway; what compile would still add is kernel fusion.
-GRAPH_NOT_COMPILED = True
 
 
 # Targets: (variant, batch sizes, minimum ratio to peft_single's best, minimum tokens/s at the variant's best batch)
