@@ -64,10 +64,11 @@ def test_stage_writes_the_table_on_the_cpu_stand_in(tmp_path):
            "bench.train.variants=[peft_single,loramux_single,loramux_gates]", "bench.train.batch_sizes=[2]",
            "bench.train.extra_batch_sizes=[3]", "bench.train.seq_len=8", "bench.train.num_adapters=3",
            "bench.train.warmup=1", "bench.train.steps=1", "bench.train.repeats=2", "bench.train.precisions=[fp32]",
-           "bench.train.graphs=[false]", "bench.train.compile_modes=[default]", f"hydra.run.dir={tmp_path / 'run'}"]
+           "bench.train.graphs=[false]", "bench.train.compile_modes=[default]",
+           "bench.train.table_name=train_throughput_batches", f"hydra.run.dir={tmp_path / 'run'}"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
-    doc = json.loads((tmp_path / "train_throughput.json").read_text())
+    doc = json.loads((tmp_path / "train_throughput_batches.json").read_text())  # bench.train.table_name
     labels = {(r["variant"], r["compiled"], r["batch_size"]) for r in doc["rows"]}
     assert labels == {(v, c, 2) for v in ("peft_single", "loramux_single", "loramux_gates") for c in (False, True)} | {
         ("loramux_gates", c, 3) for c in (False, True)}
@@ -76,7 +77,8 @@ def test_stage_writes_the_table_on_the_cpu_stand_in(tmp_path):
         assert (r["graph_breaks"] == 0) if r["compiled"] else r["graph_breaks"] is None
     assert doc["provenance"]["git_sha"] not in ("", "unknown") and doc["config"]["shape"] == "smollm2_135m_tiny"
     assert doc["targets"] == tt.verdicts(doc["rows"])
-    assert (tmp_path / "train_throughput.md").read_text() == tt.markdown(doc)
+    assert (tmp_path / "train_throughput_batches.md").read_text() == tt.markdown(doc)
+    assert "experiment=train_throughput bench.train.table_name=train_throughput_batches`" in tt.markdown(doc)
 
 
 @pytest.mark.parametrize("committed", sorted(COMMITTED.parent.glob("train_throughput*.json")), ids=lambda p: p.stem)

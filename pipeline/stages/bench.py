@@ -321,7 +321,8 @@ def train_suite(cfg: DictConfig, run) -> float | None:
             **{k: v for k, v in OmegaConf.to_container(t, resolve=True).items()}}
     doc = {"provenance": provenance(int(cfg.seed)), "config": conf, "rows": rows, "targets": tt.verdicts(rows)}
     if cfg.bench.get("table_dir"):
-        log.info("bench: wrote %s", write_table(cfg.bench.table_dir, "train_throughput", doc, tt.markdown(doc)))
+        name = str(t.get("table_name") or tt.TABLE)
+        log.info("bench: wrote %s", write_table(cfg.bench.table_dir, name, doc, tt.markdown(doc)))
     metrics = {f"{r['variant']}/{r['precision']}/{'compiled' if r['compiled'] else 'eager'}/b{r['batch_size']}"
                "/tokens_per_s": r["tokens_per_s"] for r in rows}
     ratios = [r["ratio_to_best_peft"] for r in rows if r["variant"] != "peft_single" and r["ratio_to_best_peft"]]

@@ -119,9 +119,10 @@ def random_adapter(model, out_dir, adapter_cfg: DictConfig, seed: int = 0) -> Pa
     return Path(out_dir)
 
 
-def written_by(experiment: str, provenance: dict) -> str:
-    """The provenance line that opens a bench suite's committed page: its command, code version, device, date and
-    package versions."""
+def written_by(experiment: str, provenance: dict, overrides: str = "") -> str:
+    """The provenance line that opens a bench suite's committed page: its command (with ``overrides`` that name
+    where it wrote), code version, device, date and package versions."""
     p = provenance
-    return (f"Written by `python -m pipeline.bench experiment={experiment}` at git `{p['git_sha']}` on {p['device']}, "
+    cmd = f"python -m pipeline.bench experiment={experiment}" + (f" {overrides}" if overrides else "")
+    return (f"Written by `{cmd}` at git `{p['git_sha']}` on {p['device']}, "
             f"{p['date']}; versions {', '.join(f'{k} {v}' for k, v in p['versions'].items())}.")

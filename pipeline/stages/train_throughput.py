@@ -54,6 +54,7 @@ from pipeline.stages.bench_timing import random_adapter, written_by
 
 log = logging.getLogger(__name__)
 
+TABLE = "train_throughput"  # the table's default name under bench.table_dir (bench.train.table_name)
 VARIANTS = ("peft_single", "loramux_single", "loramux_joint", "loramux_gates")
 PRECISIONS = ("fp32", "bf16")
 
@@ -422,7 +423,8 @@ def markdown(doc: dict) -> str:
     p, c = doc["provenance"], doc["config"]
     graphs = any(r.get("graph") for r in doc["rows"])  # the column appears once a run measured CUDA-graph steps
     lines = ["# train_throughput: tokens/s of whole training steps, loramux beside peft's single LoRA", "",
-             written_by("train_throughput", p),
+             written_by("train_throughput", p, "" if c.get("table_name", TABLE) == TABLE
+                        else f"bench.train.table_name={c['table_name']}"),
              (f"Model: {c['shape']} (random weights), LoRA r={c['adapter']['r']} alpha={c['adapter']['lora_alpha']} on "
              f"{', '.join(c['adapter']['target_modules'])}; {c['seq_len']} tokens per row, no padding; AdamW; "
              f"loss on every token. {c['num_adapters']} adapters for joint / gates (top-{c['top_k']}). Each setting: "
