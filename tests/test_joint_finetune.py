@@ -373,6 +373,13 @@ def test_reproduce_plans_one_joint_finetune_step_and_lora_b_its_own(tmp_path, co
     assert finetune_steps(["parallel=2"]) == ["object_counting", "winowhy", "lora_b"]  # CPU runs side by side
     assert finetune_steps(["trainer=gpu", "parallel=2"]) == ["all", "lora_b"]  # auto on a GPU trainer: joint
     assert finetune_steps(["joint_finetune=true", "plan.finetune=[winowhy,lora_b]"]) == ["winowhy", "lora_b"]
+    own = ["+plan.finetune_overrides.lora_b=['trainer.max_steps=7']",
+           "+plan.finetune_overrides.all=['optim.lr=0.1']"]  # each step's own budget
+    assert [s["overrides"] for s in plan_steps(compose("reproduce", [*over, *own], tmp_path))
+            if s["stage"] == "finetune"] == [["task=all", "optim.lr=0.1"], ["task=lora_b", "trainer.max_steps=7"]]
+    with pytest.raises(ValueError, match=r"plan.finetune_overrides names lora_a, not a step of plan.finetune; use "
+                                         r"one of object_counting, winowhy, lora_b, all"):
+        plan_steps(compose("reproduce", [*over, "+plan.finetune_overrides.lora_a=['x=1']"], tmp_path))
     with pytest.raises(ValueError, match=r"joint_finetune='sometimes' must be auto, true or false; set e.g. "
                                          r"joint_finetune=auto"):
         check_settings(compose("reproduce", [*over, "joint_finetune=sometimes"], tmp_path))

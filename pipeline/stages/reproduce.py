@@ -6,7 +6,8 @@
 
 The experiment's ``plan`` lists the steps: ``plan.finetune`` (adapters; with ``joint_finetune`` (auto: unless CPU
 steps run in parallel) the task adapters are trained together by one ``finetune task=all`` run, LoRA-B by its own),
-``plan.route`` (router -> route overrides),
+``plan.finetune_overrides`` (step -> its own finetune overrides, e.g. LoRA-B's longer budget: ``lora_b:
+[trainer.max_steps=1750]``; the joint run's step is ``all``), ``plan.route`` (router -> route overrides),
 ``plan.evaluate`` (label -> evaluate overrides), ``plan.composite`` x ``plan.composite_strategies``
 (composite-n runs), ``plan.bench``. Each step composes its stage's config with the same experiment and
 command-line overrides plus the step's own, and runs in this process with a fixed run dir
@@ -95,15 +96,21 @@ def plan_steps(cfg: DictConfig) -> list[dict]:
     exp = Path(str(cfg.paths.exp_dir))
     adapters, routers = Path(str(cfg.paths.adapters_dir)), Path(str(cfg.paths.routers_dir))
     steps = []
+    own = {str(k): list(v) for k, v in (cfg.plan.get("finetune_overrides") or {}).items()}
     finetune = [str(t) for t in _flat(cfg.plan.finetune)]  # an entry may be a list itself: [${tasks}, lora_b]
+    stray = sorted(set(own) - set(finetune) - {JOINT_TASK})
+    if stray:
+        raise ValueError(f"plan.finetune_overrides names {', '.join(stray)}, not a step of plan.finetune; use one of "
+                         f"{', '.join([*finetune, JOINT_TASK])}")
     joint = [t for t in finetune if t != LORA_B]
     if joint_finetune(cfg) and len(joint) > 1:  # one `finetune task=all` run; lora_b stays its own
         pinned = [] if joint == [str(t) for t in cfg.tasks] else [f"tasks=[{','.join(joint)}]"]
-        steps.append({"stage": "finetune", "step": JOINT_TASK, "overrides": [f"task={JOINT_TASK}", *pinned],
+        steps.append({"stage": "finetune", "step": JOINT_TASK,
+                      "overrides": [f"task={JOINT_TASK}", *pinned, *own.get(JOINT_TASK, [])],
                       "artefact": [adapters / t / "adapter_config.json" for t in joint]})
         finetune = [t for t in finetune if t == LORA_B]
     for task in finetune:
-        steps.append({"stage": "finetune", "step": str(task), "overrides": [f"task={task}"],
+        steps.append({"stage": "finetune", "step": str(task), "overrides": [f"task={task}", *own.get(str(task), [])],
                       "artefact": adapters / str(task) / "adapter_config.json"})
     for router, ovs in (cfg.plan.route or {}).items():
         steps.append({"stage": "route", "step": str(router), "overrides": [f"router={router}", *ovs],
