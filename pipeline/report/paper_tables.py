@@ -136,7 +136,23 @@ def router_info(route: dict | None) -> dict | None:
     m = route["metrics"]
     return {"run": run_key(route), "router_accuracy": _num(m.get("router_accuracy")), "steps": m.get("steps"),
             "target_accuracy": _num(route.get("target_accuracy")),
-            "target_reached_step": route.get("target_reached_step")}
+            "target_reached_step": route.get("target_reached_step"), "stopped_by": stopped_by(route)}
+
+
+def stopped_by(route: dict) -> str | None:
+    """Why the route stage's fit ended, from its record and its own config: ``target`` (the target accuracy was
+    reached), ``router.train.steps`` (the step bound), ``trainer.max_time=<limit>`` (a wall-clock limit ended it
+    first), or None when the config is not there to tell."""
+    if route.get("target_reached_step") is not None:
+        return "target"
+    cfg = config_of(route)
+    if not cfg:
+        return None
+    steps, bound = route["metrics"].get("steps"), (cfg.get("router") or {}).get("train", {}).get("steps")
+    limit = (cfg.get("trainer") or {}).get("max_time")
+    if limit and steps is not None and bound is not None and int(steps) < int(bound):
+        return f"trainer.max_time={limit}"
+    return "router.train.steps"
 
 
 # --------------------------------------------------------------------------------------- meteora_composite
@@ -453,6 +469,19 @@ def interval_cell(iv: dict | None) -> str:
     return f"{iv['estimate']:.4g} [{iv['low']:.4g}, {iv['high']:.4g}]"
 
 
+def router_line(router: dict) -> str:
+    """The route stage's router in one line: accuracy, steps, and whether its target accuracy was reached."""
+    line = (f"router ({router['run']}): validation routing accuracy {_md_cell(router.get('router_accuracy'))} after "
+            f"{router.get('steps')} steps")
+    if router.get("target_accuracy") is not None:
+        reached = router.get("target_reached_step")
+        line += (f"; target {_md_cell(router['target_accuracy'])} "
+                 + (f"reached at step {reached}" if reached is not None else "not reached"))
+    if router.get("stopped_by") not in (None, "target"):
+        line += f"; stopped by {router['stopped_by']}"
+    return line
+
+
 def paper_markdown(name: str, table: dict, plot: Path | None) -> str:
     p = table["provenance"]
     head = (f"git `{p['git_sha']}` · {p['device']} · torch {p['torch']} · triton {p['triton']} · "
@@ -471,6 +500,10 @@ def paper_markdown(name: str, table: dict, plot: Path | None) -> str:
             lines += _md_table(_latency_md_rows(other["rows"]))
     else:
         lines += _md_table(table["rows"])
+    if table.get("averages"):
+        lines += ["averages: " + ", ".join(f"{k} {_md_cell(v)}" for k, v in table["averages"].items()), ""]
+    if table.get("router"):
+        lines += [router_line(table["router"]), ""]
     if name == "meteora_composite":
         lines += ["### attempts and correct", ""] + _md_table(table["per_n"])
     if name == "dlp_tasks":
