@@ -79,7 +79,8 @@ class PromptGroup:
 
 @dataclass
 class Generations:
-    """Outputs in input order (None = skipped), sentence routes where the router made one, and timing."""
+    """Outputs in input order (None = skipped), sentence routes where the router made one, and timing:
+    ``seconds`` the whole set's generation time, ``own_seconds`` this group's generate calls (summed over ranks)."""
 
     texts: list
     routes: list = field(default_factory=list)
@@ -87,6 +88,7 @@ class Generations:
     seconds: float = 0.0
     new_tokens: int = 0
     max_new_tokens: int = 0
+    own_seconds: float = 0.0
 
 
 def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,6 +130,7 @@ def assemble(groups: list[PromptGroup], skipped: list[int], outputs: list[dict],
                 raise RuntimeError(f"prompt {i} of group {out['group']} was generated twice")
             g.texts[i], g.routes[i] = text, route
         g.new_tokens += out["new_tokens"]
+        g.own_seconds += out["seconds"]
     for g in gens:
         g.seconds = seconds
     return gens

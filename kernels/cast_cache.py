@@ -18,6 +18,18 @@ import torch
 from kernels import derived_cache
 
 
+def may_cache(*tensors: torch.Tensor) -> bool:
+    """May a call over ``tensors`` read cached casts? Only where nothing must trace or differentiate them: not under
+    torch.compile (it must see the cast), not during a CUDA graph capture (a cached copy made there would live in
+    the graph's pool, a copy made before it would be read from outside), and when none of ``tensors`` needs a
+    gradient (a cached cast is detached). The one rule for every caller: the op's direct launch, the uniform path."""
+    if torch.compiler.is_compiling():
+        return False
+    if any(t.is_cuda for t in tensors) and torch.cuda.is_current_stream_capturing():
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
 def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t`` in ``dtype``: ``t`` itself, a cached copy, or (first time / after a change) a new cached copy."""
     if t.dtype == dtype:

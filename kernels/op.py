@@ -127,14 +127,6 @@ def _on(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tens
     return t.to(device, dtype).contiguous()
 
 
-def _direct_ok(x: torch.Tensor) -> bool:
-    """May this call skip the custom op? Not under torch.compile (it must see the op), not during CUDA graph capture
-    (the dtype cache would keep a cast out of the graph)."""
-    if not switches.state.direct_launch or torch.compiler.is_compiling():
-        return False
-    return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
-
-
 def _no_launch(x, base, *args):
     return torch.empty_like(base)
 
@@ -144,9 +136,10 @@ def _triton_forward(x2, b2, A, B, scales, ranks, ids, weights, seq_ids):
     from kernels import triton_ops
 
     dev = x2.device
-    if not _needs_autograd(x2, b2, A, B, weights) and _direct_ok(x2):
-        # inference: launch the kernels directly (the custom op's dispatch costs more than the launches), keep
-        # sentence routing per sequence (the kernels read seq_ids) and cast the bank once per dtype, not per call
+    if switches.state.direct_launch and cast_cache.may_cache(x2, b2, A, B, weights):
+        # inference outside compile and capture (the custom op is what those see): launch the kernels directly (the
+        # custom op's dispatch costs more than the launches), keep sentence routing per sequence (the kernels read
+        # seq_ids) and cast the bank once per dtype, not per call
         launch = triton_ops.forward if not switches.state.launch_stub else _no_launch
         return launch(
             x2, b2, cast_cache.cast(A, x2.dtype), cast_cache.cast(B, x2.dtype), _on(scales, torch.float32, dev),

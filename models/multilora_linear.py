@@ -61,9 +61,8 @@ class MultiLoRALinear(nn.Module):
             # device and in training or inference (the routed kernels' gathers and launches would only add work)
             a = route.uniform
             r = slots.host_ranks[a]
-            if A.dtype != x.dtype and not torch.compiler.is_compiling() and not (
-                    torch.is_grad_enabled() and (A.requires_grad or B.requires_grad)):
-                A, B = cast_cache.cast(A, x.dtype), cast_cache.cast(B, x.dtype)  # inference: the bank cast once
+            if A.dtype != x.dtype and cast_cache.may_cache(A, B):  # a frozen bank: cast once, not per call
+                A, B = cast_cache.cast(A, x.dtype), cast_cache.cast(B, x.dtype)
             return multi_lora_uniform(x, y, A[a, :, :r], B[a, :r], slots.host_scales[a])
         if backend == "torch":
             A, B = slots.tight()  # no rank padding in the torch forms

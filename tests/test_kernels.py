@@ -475,3 +475,21 @@ def test_gpu_torch_compile_holds_the_op():
     compiled = torch.compile(lambda *a: call(multi_lora, dict(zip(inp, a))) * 2, fullgraph=True)
     got = compiled(*inp.values())
     torch.testing.assert_close(got, call(multi_lora, inp) * 2)
+
+
+def test_cached_casts_only_where_nothing_traces_or_differentiates_them():
+    """One rule for the op's direct launch and the uniform path: no gradient needed, not compiling, not capturing."""
+    from kernels.cast_cache import may_cache
+
+    frozen, trained = torch.randn(3, 4), torch.randn(3, 4, requires_grad=True)
+    assert may_cache(frozen) and not may_cache(frozen, trained)
+    with torch.no_grad():
+        assert may_cache(frozen, trained)  # no graph is recorded: the detached cached copy is exact
+    seen = []
+
+    def probe(t):
+        seen.append(may_cache(t))
+        return t * 2
+
+    torch.compile(probe, backend="eager", fullgraph=True)(frozen)
+    assert seen == [False]  # traced once by dynamo, which must see the cast itself

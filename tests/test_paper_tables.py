@@ -30,7 +30,8 @@ TASK_LIST = f"tasks=[{','.join(TASKS)}]"
 # Few steps: the experiments share one routers dir here (meteora gates from meteora_tasks, the dlp router from
 # dlp_tasks), so head_to_head trains none; runs a table can do without are dropped (~plan...).
 EXPERIMENTS = {
-    "meteora_tasks": [TASK_LIST, f"plan.finetune=[{','.join(TASKS)},lora_b]", "optim.batch_size=2", *ROUTER],
+    "meteora_tasks": [TASK_LIST, f"plan.finetune=[{','.join(TASKS)},lora_b]", "optim.batch_size=2", *ROUTER,
+                      "plan.finetune_overrides.lora_b=[]"],  # LoRA-B's own epoch: SMALL's steps here
     "meteora_composite": [TASK_LIST, f"composite_tasks=[{','.join(TASKS)}]", "plan.composite=[2]", "composite_rows=3",
                           "generation.composite_max_new_tokens_per_task=3"],
     "dlp_tasks": [TASK_LIST, *ROUTER],

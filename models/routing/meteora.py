@@ -82,7 +82,7 @@ class MeteoraRouter(Router):
         parts = {k: out[k].detach() for k in ("lm_loss", "aux_loss") if out.get(k) is not None}
         accuracy = self.gate_accuracy()
         if accuracy is not None:
-            parts["router_accuracy"] = torch.tensor(accuracy, device=out.loss.device)  # NCCL reduces CUDA tensors only
+            parts["router_accuracy"] = accuracy  # a device tensor: NCCL reduces CUDA tensors only
         return out.loss, parts
 
     def adapter_row_keys(self):
@@ -99,8 +99,8 @@ class MeteoraRouter(Router):
         tid = expand_rows(tid, B, "task_ids")
         labels = tid[:, None].expand(B, S).clone()
         self._forced = labels.reshape(-1).clone()  # pad tokens too, exactly as the oracle routes them
-        if attention_mask is not None:
-            labels[attention_mask[:, -S:] == 0] = -100
+        if attention_mask is not None:  # masked_fill, not a boolean index: no nonzero(), nothing read back to the host
+            labels.masked_fill_(attention_mask[:, -S:] == 0, -100)
         self._labels = labels.reshape(-1)
         self._ce_sum = torch.zeros((), dtype=torch.float32, device=ref.device)
         self._hits = torch.zeros((), dtype=torch.long, device=ref.device)
@@ -135,12 +135,13 @@ class MeteoraRouter(Router):
             return None
         return self._ce_sum / self._pairs()
 
-    def gate_accuracy(self) -> float | None:
-        """Fraction of (token, projection) pairs whose top-1 gate choice is the token's task, in the last forward."""
+    def gate_accuracy(self) -> torch.Tensor | None:
+        """Fraction of (token, projection) pairs whose top-1 gate choice is the token's task, in the last forward: a
+        0-d float tensor on the gates' device (NaN when no token has a label), computed there, so a training step
+        reads nothing back to the host for it (the logger reads it when it logs)."""
         if self._hits is None:
             return None
-        pairs = int(self._pairs())
-        return float(self._hits) / pairs if pairs else None
+        return self._hits.float() / self._pairs().float()
 
     @torch.no_grad()
     def on_adapters_changed(self, old_names, new_names):

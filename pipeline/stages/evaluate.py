@@ -153,6 +153,7 @@ def _score_single_tasks(cfg, rows, gens):
         metrics[f"{task}/score"] = task_score(m)
         metrics[f"{task}/skipped_long"] = g.skipped
         metrics[f"{task}/max_new_tokens"] = g.max_new_tokens
+        metrics[f"{task}/gen_seconds"] = round(g.own_seconds, 3)  # where a run's generation time goes, per task
         skipped, new_tokens = skipped + g.skipped, new_tokens + g.new_tokens
         for i, (r, p, route) in enumerate(zip(task_rows_, g.texts, g.routes)):
             lines.append({"task": task, "index": i, "prompt": r["prompt"], "answer": r["answer"], "prediction": p,
