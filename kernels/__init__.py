@@ -12,11 +12,13 @@ Triton bank path; see ``kernels.dense`` and README's Kernels section). Token rou
 routing is never expanded per token. See ``kernels.reference`` for the readable definition.
 ``multi_lora_sequences`` takes sentence routing over a batch of sequences [S, L, d] and folds each sequence's
 kept adapters into one concatenated adapter where that saves passes (``kernels.sequence_concat``);
-``multi_lora_uniform`` is the op when one adapter, known on the host, serves every token (a plain LoRA).
+``multi_lora_uniform`` is the op when one adapter, known on the host, serves every token (a plain LoRA);
+``multi_lora_coef`` takes token routing as one [T, L] coefficient matrix (MeteoRA's gates while they train).
 """
 
+from kernels.coef import multi_lora_coef
 from kernels.op import multi_lora
 from kernels.sequence_concat import multi_lora_sequences
 from kernels.uniform import multi_lora_uniform
 
-__all__ = ["multi_lora", "multi_lora_sequences", "multi_lora_uniform"]
+__all__ = ["multi_lora", "multi_lora_coef", "multi_lora_sequences", "multi_lora_uniform"]

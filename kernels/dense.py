@@ -121,7 +121,7 @@ def bank_is_finite(A: torch.Tensor, B: torch.Tensor) -> bool:
     return derived(("bank_is_finite",), (A, B), lambda: bool(finite_columns(A, B).all()))
 
 
-def _bank_matrices(A: torch.Tensor, B: torch.Tensor, ranks: torch.Tensor):
+def bank_matrices(A: torch.Tensor, B: torch.Tensor, ranks: torch.Tensor):
     """``A_cat [d_in, L*R]``, ``B_cat [L*R, d_out]`` and ``broken [L]``: every column / row past an adapter's rank
     or holding a non-finite value selected to zero (whatever the bank stores there never reaches the output or a
     gradient), and which adapters have such a non-finite column below their rank. Copies of the weights, not of
@@ -151,7 +151,7 @@ def multi_lora_dense(x, base, A, B, scales, ranks, ids, weights) -> torch.Tensor
     keeps per call beyond the GEMMs' own inputs is h and [T, L] (not [T, L*R] masks). On CUDA the products run in
     the activations' dtype (autocast casts them as it does any matmul); on the CPU in fp32 (fp64 for fp64). Tokens
     routed to an adapter with a non-finite weight get a NaN row (module docstring)."""
-    acc = _acc(x)
+    acc = compute_dtype(x)
     T = x.shape[0]
     L, _, R = A.shape
     wacc = torch.float64 if weights.dtype == torch.float64 else torch.float32
@@ -160,7 +160,7 @@ def multi_lora_dense(x, base, A, B, scales, ranks, ids, weights) -> torch.Tensor
     # per (token, adapter): the summed weight of the slots that chose it, and whether any did
     w_ta = torch.zeros(T, L, dtype=wacc, device=x.device).scatter_add(1, a, torch.where(valid, weights.to(wacc), 0.0))
     routed = torch.zeros(T, L, dtype=wacc, device=x.device).scatter_add(1, a, valid.to(wacc)) > 0
-    A_cat, B_cat, broken = _bank_matrices(A, B, ranks)
+    A_cat, B_cat, broken = bank_matrices(A, B, ranks)
     # a token routed to an adapter with a non-finite weight gets NaN through h into its whole row (the adapter's
     # columns of A_cat / B_cat are zeros, and NaN * 0 is NaN): no extra pass over the output
     coef = torch.where(routed & broken, float("nan"), w_ta * scales.to(x.device, wacc))  # [T, L]
@@ -170,7 +170,7 @@ def multi_lora_dense(x, base, A, B, scales, ranks, ids, weights) -> torch.Tensor
     return out.to(base.dtype)
 
 
-def _acc(x: torch.Tensor) -> torch.dtype:
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """Compute dtype of the torch forms: the activations' own on CUDA, at least fp32 on the CPU (bf16 is slow there)."""
     if x.is_cuda:
         return x.dtype

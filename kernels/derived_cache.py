@@ -27,13 +27,25 @@ def _stamp(t: torch.Tensor):
     return (t._version, t.data_ptr(), t.device)
 
 
+def _fresh(hit, sources: tuple, stamps: tuple) -> bool:
+    return hit is not None and hit[1] == stamps and all(r is None and t is None or r is not None and r() is t
+                                                        for r, t in zip(hit[0], sources))
+
+
+def peek(name, sources: tuple, default=None):
+    """The value ``derived(name, sources, ...)`` holds while it is fresh, else ``default``; never computes (for a
+    caller that may not run ``fn`` now, e.g. during a CUDA graph capture, where ``fn`` would read the device)."""
+    hit = _CACHE.get((name, *(id(t) for t in sources)))
+    stamps = tuple(None if t is None else _stamp(t) for t in sources)
+    return hit[2] if _fresh(hit, sources, stamps) else default
+
+
 def derived(name, sources: tuple, fn):
     """``fn()``, cached until one of ``sources`` (tensors, or None) changes or is freed."""
     key = (name, *(id(t) for t in sources))
     hit = _CACHE.get(key)
     stamps = tuple(None if t is None else _stamp(t) for t in sources)
-    if hit is not None and hit[1] == stamps and all(r is None and t is None or r is not None and r() is t
-                                                    for r, t in zip(hit[0], sources)):
+    if _fresh(hit, sources, stamps):
         return hit[2]
     value = fn()
     refs = tuple(None if t is None else weakref.ref(t) for t in sources)

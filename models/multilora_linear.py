@@ -5,7 +5,7 @@
 The layer owns no adapter weights: it reads its projection's stacked ``(A, B, scales, ranks)`` from the shared
 ``AdapterBank`` on every call (so hot swaps need no rewiring) and asks the current router (``ctx.router``) for
 the route; ``None`` (the ``base`` strategy) returns the base output untouched. There is no per-adapter Python loop
-here: selection is data (``ids``/``weights``), compute is the kernel.
+here: selection is data (``ids``/``weights``, or a [T, L] ``coef`` matrix while gates learn), compute is the kernel.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels import cast_cache, multi_lora, multi_lora_sequences, multi_lora_uniform
+from kernels import cast_cache, multi_lora, multi_lora_coef, multi_lora_sequences, multi_lora_uniform
+from kernels.coef import multi_lora_coef_reference
 from kernels.op import resolve_backend
 from models.adapter_bank import slot_key
 
@@ -54,6 +55,11 @@ class MultiLoRALinear(nn.Module):
         if route is None or len(self.ctx.bank) == 0:
             return y
         slots = self.slots
+        if route.coef is not None:  # token routes as one [T, L] matrix (gates that learn): the torch form only
+            A, B = route.tensors[:2] if route.tensors else slots.tight()
+            scales, ranks = route.tensors[2:] if route.tensors else (slots.scales, slots.ranks)
+            coef_op = multi_lora_coef_reference if resolve_backend(x, A, B) == "reference" else multi_lora_coef
+            return coef_op(x, y, A, B, scales, ranks, route.coef)
         A, B, scales, ranks = route.tensors or (slots.A, slots.B, slots.scales, slots.ranks)
         backend = resolve_backend(x, A, B, route.weights) if route.tensors is None else None
         if route.uniform is not None and backend in ("torch", "triton"):

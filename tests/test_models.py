@@ -199,6 +199,23 @@ def test_meteora_loss_and_gate_gradients_through_fused_op(mm):
         assert mm(**batch).get("aux_loss") is None
 
 
+def test_learning_gates_route_as_coefficients_with_the_output_of_the_inference_route(mm):
+    """While the gates learn, a projection's route is the [T, L] coefficient form (kernels.multi_lora_coef); at
+    inference it is ids/weights (what the Triton kernels read). The two give the layer the same output."""
+    mm.set_router("meteora", top_k=2)
+    lin = mm.model.get_submodule("model.layers.0.self_attn.q_proj")
+    x = torch.randn(2, 5, lin.in_features, generator=torch.Generator().manual_seed(0))
+    mm.router.begin_forward(None, None, x, True)
+    with torch.no_grad():
+        inference = lin(x)
+        route = mm.router.route(lin.module_name, x)
+    assert route.coef is None and route.ids.shape == (10, 2)
+    mm.set_trainable("gates")
+    route = mm.router.route(lin.module_name, x)
+    assert route.ids is None and route.coef.shape == (10, 3) and route.coef.requires_grad
+    torch.testing.assert_close(lin(x), inference, atol=ATOL, rtol=0)
+
+
 def test_gates_and_adapters_trainable(mm):
     batch = _batch(mm)
     mm.set_router("meteora")

@@ -14,8 +14,10 @@ which makes the gated model exactly the oracle (a test and teacher-forcing switc
 
 Training (``training_loss``, the route stage): the full model runs with every gate routing every token; loss = LM
 cross-entropy (on all tokens, prompt included, as MeteoRA's script does, or answers only) + ``aux_loss_coef`` x gate
-cross-entropy against the row's task id; its routing accuracy is the fraction of (token, projection) gates whose
-top-1 is the row's task.
+cross-entropy against the row's task id; its routing accuracy (measured in eval mode: validation) is the fraction of
+(token, projection) gates whose top-1 is the row's task. While the gates learn (grad enabled, gate logits need a gradient) a projection's route is
+the [T, L] coefficient matrix of ``kernels.multi_lora_coef`` (the same weights, fewer ops per call); inference
+routes with ids/weights, which the Triton kernels read.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.coef import top_k_coef
 from models.adapter_bank import slot_key
 from models.routing.registry import strategy
 from models.routing.route import Route, Router, expand_rows, route_top_k
@@ -103,7 +106,9 @@ class MeteoraRouter(Router):
             labels.masked_fill_(attention_mask[:, -S:] == 0, -100)
         self._labels = labels.reshape(-1)
         self._ce_sum = torch.zeros((), dtype=torch.float32, device=ref.device)
-        self._hits = torch.zeros((), dtype=torch.long, device=ref.device)
+        # routing accuracy where it is read (validation, evaluation: eval mode); a training step skips its five ops
+        # per projection
+        self._hits = None if self.training else torch.zeros((), dtype=torch.long, device=ref.device)
 
     def projection_state(self, module_name):
         return self.gates[slot_key(module_name)]
@@ -115,12 +120,15 @@ class MeteoraRouter(Router):
         if self._labels is not None:  # task ids known: the aux loss and gate accuracy of this projection
             self._ce_sum = self._ce_sum + F.cross_entropy(logits.float(), self._labels, ignore_index=-100,
                                                           reduction="sum")
-            self._hits = self._hits + ((logits.argmax(-1) == self._labels) & (self._labels != -100)).sum()
+            if self._hits is not None:
+                self._hits = self._hits + ((logits.argmax(-1) == self._labels) & (self._labels != -100)).sum()
         if self.ctx.force_gates:
             if self._labels is None:
                 raise ValueError("force_gates needs task_ids: pass task_ids= with force_gates=True")
             onehot = F.one_hot(self._forced, logits.shape[-1]).to(torch.float32)
             logits = onehot * 1e4
+        if torch.is_grad_enabled() and logits.requires_grad:  # the gates learn: the [T, L] form, fewest ops
+            return Route(None, None, coef=top_k_coef(logits, self.top_k, self.temperature))
         ids, w = route_top_k(logits, self.top_k, self.temperature)
         return Route(ids, w.to(x.dtype))
 
@@ -136,9 +144,9 @@ class MeteoraRouter(Router):
         return self._ce_sum / self._pairs()
 
     def gate_accuracy(self) -> torch.Tensor | None:
-        """Fraction of (token, projection) pairs whose top-1 gate choice is the token's task, in the last forward: a
-        0-d float tensor on the gates' device (NaN when no token has a label), computed there, so a training step
-        reads nothing back to the host for it (the logger reads it when it logs)."""
+        """Fraction of (token, projection) pairs whose top-1 gate choice is the token's task, in the last forward in
+        eval mode (None in train mode, or without task ids): a 0-d float tensor on the gates' device (NaN when no
+        token has a label), computed there, so nothing is read back to the host for it until it is logged."""
         if self._hits is None:
             return None
         return self._hits.float() / self._pairs().float()

@@ -34,13 +34,16 @@ class Route:
 
     ``uniform``: the adapter index every row uses with weight 1, when the router knows it on the host (lora_b; the
     oracle when every sequence has the same task); the layer then runs that adapter as a plain LoRA
-    (``kernels.multi_lora_uniform``) on the torch and Triton backends alike (only ``reference`` keeps its loop)."""
+    (``kernels.multi_lora_uniform``) on the torch and Triton backends alike (only ``reference`` keeps its loop).
+    ``coef``: the route as one [T, L] matrix of per-(token, adapter) weights instead of ids/weights (MeteoRA's gates
+    while they train: ``kernels.multi_lora_coef``); ids and weights are then None."""
 
-    ids: torch.Tensor
-    weights: torch.Tensor
+    ids: torch.Tensor | None
+    weights: torch.Tensor | None
     seq_ids: torch.Tensor | None = None
     tensors: tuple | None = None
     uniform: int | None = None
+    coef: torch.Tensor | None = None
 
 
 class RouteContext:

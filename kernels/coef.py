@@ -1,0 +1,95 @@
+"""The op with the routing given as one [T, L] matrix: each token's weight on each adapter, 0 where not routed.
+
+    out[t] = base[t] + sum_a coef[t, a] * s_a * (x[t] @ A[a, :, :r_a]) @ B[a, :r_a, :]      (over a with coef != 0)
+
+Why a second way to pass a route. MeteoRA's gates choose top-k adapters per token and projection; as ids/weights
+[T, K] they must be turned back into per-(token, adapter) coefficients by the dense form (``kernels.dense``: two
+scatters, a mask, selects), about twenty small ops per projection call on top of the two products, and as many
+again in the backward. Training the gates runs that at every one of SmolLM2's 210 projections per step, so the op
+count, not the arithmetic, sets the step time (host launches in eager mode, kernels in a CUDA graph). The gate can
+instead write its top-k softmax straight into a [T, L] zero matrix (``torch.zeros().scatter``: one op), and the
+products need only ``coef * s`` where routed:
+
+    h   = (x @ A_cat).view(T, L, R) * (coef * s)[:, :, None]         A_cat [d_in, L*R], B_cat [L*R, d_out]
+    out = base + h.view(T, L*R) @ B_cat
+
+Plain autograd differentiates it in x, A, B and ``coef`` (the gates learn through the scatter), torch.compile
+traces it, and nothing is read back to the host. The gradient in ``coef`` is the dense function's, defined at every
+entry (an adapter's contribution had its coefficient been non-zero); a route built by a scatter reads it only at
+the routed entries, where it is the definition's.
+
+Non-finite adapters. ``A_cat`` / ``B_cat`` are the bank with every column past a rank or holding a non-finite value
+set to zero (``kernels.dense.bank_matrices``, cached while the bank is frozen), so a finite token's ``h`` is
+finite and an adapter it does not route to contributes exactly 0 to its output and gradients, whatever that adapter
+holds. A token routed to an adapter with such a column (coef != 0) gets NaN in its coefficient for it, hence a NaN
+output row, as the reference gives NaN there: its own adapter is broken. (That select is skipped for a frozen bank
+known to have no such column: ``bank_known_clean``.)
+
+``multi_lora_coef_reference`` is the readable definition (a loop over adapters, each on the tokens routed to it).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.dense import bank_matrices, compute_dtype
+from kernels.derived_cache import derived, peek
+
+
+def multi_lora_coef(x: torch.Tensor, base: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scales: torch.Tensor,
+                    ranks: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """``base`` plus the LoRA deltas weighted by ``coef`` [T, L] (T = prod of x's leading dims); x [..., d_in],
+    base [..., d_out], A [L, d_in, R], B [L, R, d_out], scales / ranks [L]. On CUDA the products run in the
+    activations' dtype (autocast casts them as any matmul), on the CPU in fp32 (fp64 for fp64)."""
+    lead = base.shape[:-1]
+    x2, b2 = x.reshape(-1, x.shape[-1]), base.reshape(-1, base.shape[-1])
+    T, (L, _, R) = x2.shape[0], A.shape
+    if coef.shape != (T, L):
+        raise ValueError(f"multi_lora_coef: coef has shape {tuple(coef.shape)}, expected [tokens, adapters] = "
+                         f"[{T}, {L}]")
+    acc = compute_dtype(x2)
+    A_cat, B_cat, broken = bank_matrices(A, B, ranks)
+    c = coef * scales.to(coef.device, coef.dtype)
+    if not bank_known_clean(A, B, ranks, broken):  # routed to a broken adapter: NaN, that token only
+        c = torch.where((coef != 0) & broken, float("nan"), c)
+    h = (x2.to(acc) @ A_cat.to(acc)).view(T, L, R) * c.to(acc)[:, :, None]
+    out = torch.addmm(b2.to(acc), h.view(T, L * R), B_cat.to(acc))
+    return out.to(base.dtype).reshape(*lead, out.shape[-1])
+
+
+def bank_known_clean(A: torch.Tensor, B: torch.Tensor, ranks: torch.Tensor, broken: torch.Tensor) -> bool:
+    """True when no adapter has a non-finite column below its rank and that is known without a device read on
+    every call: the bank is frozen (the answer is then kept per bank version, ``kernels.derived_cache``; reading it
+    the first time is one host read per version), not under torch.compile, and during a CUDA graph capture only
+    when the answer was kept before. False means "not known": the caller keeps the device-side select."""
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (A.requires_grad or B.requires_grad)):
+        return False
+    sources = (A, B, ranks)
+    if A.is_cuda and torch.cuda.is_current_stream_capturing():
+        return peek(("bank_clean",), sources, False)
+    return derived(("bank_clean",), sources, lambda: not bool(broken.any()))
+
+
+def multi_lora_coef_reference(x: torch.Tensor, base: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                              scales: torch.Tensor, ranks: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """The definition: for each adapter, its LoRA on the tokens with a non-zero coefficient for it, weighted and
+    added; fp32 accumulation (fp64 for fp64 inputs)."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    lead = base.shape[:-1]
+    x2, out = x.reshape(-1, x.shape[-1]).to(acc), base.reshape(-1, base.shape[-1]).to(acc)
+    for a in range(A.shape[0]):
+        r = int(ranks[a])
+        tok = (coef[:, a] != 0).nonzero().squeeze(1)
+        if r == 0 or tok.numel() == 0:
+            continue
+        delta = (x2[tok] @ A[a, :, :r].to(acc)) @ B[a, :r].to(acc)
+        out = out.index_add(0, tok, delta * (scales[a].to(acc) * coef[tok, a, None].to(acc)))
+    return out.to(base.dtype).reshape(*lead, out.shape[-1])
+
+
+def top_k_coef(logits: torch.Tensor, k: int, temperature: float = 1.0) -> torch.Tensor:
+    """MeteoRA's route as coefficients: softmax(top-k logits / T) written at the top-k adapters of each row of
+    ``logits`` [T, L], zeros elsewhere ([T, L], fp32). The same weights as ``route_top_k``'s ids/weights."""
+    vals, ids = torch.topk(logits, k, dim=-1)
+    w = torch.softmax(vals.float() / temperature, dim=-1)
+    return torch.zeros(logits.shape, dtype=w.dtype, device=logits.device).scatter(-1, ids, w)
