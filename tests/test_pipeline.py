@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from hydra.core.global_hydra import GlobalHydra
-from needs_assets import needs_tiny_model
+from needs_assets import needs_bigbench, needs_tiny_model
 from omegaconf import open_dict
 
 from data.assets import cache_dir
@@ -101,6 +101,25 @@ def test_answer_only_labels():
     batch = AnswerOnlyCollator(tok.pad_token_id)([enc, short])
     assert batch["labels"].shape == batch["input_ids"].shape
     assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
+
+
+@needs_tiny_model
+@needs_bigbench
+def test_batched_encoding_gives_every_row_the_ids_of_its_own_call():
+    """Stages encode a task's rows in one batched tokenizer call; each row must get exactly what encoding it alone
+    gives (long and short prompts, an empty answer, a prompt cut from the left)."""
+    from transformers import AutoTokenizer
+
+    from data.batches import encode_pair, encode_pairs, encode_prompts
+    from data.task_rows import task_rows
+
+    tok = AutoTokenizer.from_pretrained(str(cache_dir() / "models" / "tiny-random-llama"))
+    rows = task_rows("paragraph_segmentation", "train", 6, 0) + task_rows("winowhy", "train", 6, 0)
+    prompts, answers = [r["prompt"] for r in rows] + ["x " * 300], [r["answer"] for r in rows] + [""]
+    assert encode_prompts(tok, prompts) == [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    assert encode_pairs(tok, prompts, answers, 48) == [encode_pair(tok, p, a, 48) for p, a in zip(prompts, answers)]
+    assert max(len(e["input_ids"]) for e in encode_pairs(tok, prompts, answers, 48)) == 48  # cut from the left
+    assert encode_prompts(tok, []) == [] and encode_pairs(tok, [], [], 8) == []
 
 
 def test_routers_trained_and_saved(smoke):

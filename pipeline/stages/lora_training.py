@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 from peft import get_peft_model
 from torch.utils.data import DataLoader
 
-from data.batches import AnswerOnlyCollator, encode_pair
+from data.batches import AnswerOnlyCollator, encode_pairs
 from data.task_rows import rows_for
 from pipeline.runtime.requeue import RequeueCheckpoint, ResumableSampler, training_config
 from pipeline.runtime.step_log import StepLog
@@ -55,8 +55,8 @@ def task_loaders(cfg: DictConfig, tokenizer):
     loader shuffles with a ``ResumableSampler`` seeded by ``cfg.seed``, so a requeued job (and a joint run) replays
     exactly the batches of an uninterrupted separate run."""
     d, task, tasks = cfg.data, str(cfg.task), list(cfg.tasks)
-    enc = lambda rows: [encode_pair(tokenizer, r["prompt"], r["answer"], int(d.max_length), bool(d.append_eos))
-                        for r in rows]
+    enc = lambda rows: encode_pairs(tokenizer, [r["prompt"] for r in rows], [r["answer"] for r in rows],
+                                    int(d.max_length), bool(d.append_eos))
     train = enc(rows_for(task, tasks, d.train_split, d, int(cfg.seed), d.train_limit))
     val = enc(rows_for(task, tasks, d.val_split, d, int(cfg.seed), d.val_limit))
     if not train:
