@@ -8,7 +8,7 @@ scatters, a mask, selects), about twenty small ops per projection call on top of
 again in the backward. Training the gates runs that at every one of SmolLM2's 210 projections per step, so the op
 count, not the arithmetic, sets the step time (host launches in eager mode, kernels in a CUDA graph). The gate can
 instead write its top-k softmax straight into a [T, L] zero matrix (``torch.zeros().scatter``: one op), and the
-products need only ``coef * s`` where routed:
+products need only ``coef * s`` where routed (the router builds the matrix: ``models.routing.route.top_k_coef``):
 
     h   = (x @ A_cat).view(T, L, R) * (coef * s)[:, :, None]         A_cat [d_in, L*R], B_cat [L*R, d_out]
     out = base + h.view(T, L*R) @ B_cat
@@ -85,11 +85,3 @@ def multi_lora_coef_reference(x: torch.Tensor, base: torch.Tensor, A: torch.Tens
         delta = (x2[tok] @ A[a, :, :r].to(acc)) @ B[a, :r].to(acc)
         out = out.index_add(0, tok, delta * (scales[a].to(acc) * coef[tok, a, None].to(acc)))
     return out.to(base.dtype).reshape(*lead, out.shape[-1])
-
-
-def top_k_coef(logits: torch.Tensor, k: int, temperature: float = 1.0) -> torch.Tensor:
-    """MeteoRA's route as coefficients: softmax(top-k logits / T) written at the top-k adapters of each row of
-    ``logits`` [T, L], zeros elsewhere ([T, L], fp32). The same weights as ``route_top_k``'s ids/weights."""
-    vals, ids = torch.topk(logits, k, dim=-1)
-    w = torch.softmax(vals.float() / temperature, dim=-1)
-    return torch.zeros(logits.shape, dtype=w.dtype, device=logits.device).scatter(-1, ids, w)

@@ -6,9 +6,9 @@ import torch
 from test_kernels import TOL, make_inputs, rel_err
 
 from kernels import multi_lora, multi_lora_coef
-from kernels.coef import bank_known_clean, multi_lora_coef_reference, top_k_coef
+from kernels.coef import bank_known_clean, multi_lora_coef_reference
 from kernels.dense import bank_matrices
-from models.routing.route import route_top_k
+from models.routing.route import route_top_k, top_k_coef
 
 LEAVES = ("x", "base", "A", "B", "coef")
 
@@ -116,7 +116,7 @@ def test_coef_of_the_wrong_shape_is_one_clear_error():
 
 def test_a_gate_training_step_dispatches_under_100_ops_per_projection():
     """Not a timing: the number of torch ops one MeteoRA gate step dispatches (each a launch or a graph kernel on a
-    GPU). 126 per projection with the ids/weights route, 86 with the coefficient route and eval-only accuracy."""
+    GPU). 126 per projection with the ids/weights route, 82 with the coefficient route and eval-only accuracy."""
     from pipeline.stages.op_count import count_step_ops
 
     total, projections, ops = count_step_ops("meteora", "gates")

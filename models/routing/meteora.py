@@ -26,10 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.coef import top_k_coef
 from models.adapter_bank import slot_key
 from models.routing.registry import strategy
-from models.routing.route import Route, Router, expand_rows, route_top_k
+from models.routing.route import Route, Router, expand_rows, route_top_k, top_k_coef
 
 
 def _number(x) -> bool:
@@ -116,10 +115,9 @@ class MeteoraRouter(Router):
     def route(self, module_name, x, state=None):
         x2 = x.reshape(-1, x.shape[-1])
         gate = state if state is not None else self.gates[slot_key(module_name)]
-        logits = gate(x2)
+        logits = gate(x2).float()  # one cast (autocast: bf16 logits) for the CE, the top-k and its softmax
         if self._labels is not None:  # task ids known: the aux loss and gate accuracy of this projection
-            self._ce_sum = self._ce_sum + F.cross_entropy(logits.float(), self._labels, ignore_index=-100,
-                                                          reduction="sum")
+            self._ce_sum = self._ce_sum + F.cross_entropy(logits, self._labels, ignore_index=-100, reduction="sum")
             if self._hits is not None:
                 self._hits = self._hits + ((logits.argmax(-1) == self._labels) & (self._labels != -100)).sum()
         if self.ctx.force_gates:

@@ -69,7 +69,15 @@ class RouteContext:
 def route_top_k(logits: torch.Tensor, k: int, temperature: float = 1.0):
     """MeteoRA: ``ids, w = topk(logits, k); w = softmax(top-k logits / T)`` over the last dim ([T, L] -> [T, k])."""
     vals, ids = torch.topk(logits, k, dim=-1)
-    return ids, torch.softmax(vals.float() / temperature, dim=-1)
+    vals = vals.float()
+    return ids, torch.softmax(vals / temperature if temperature != 1.0 else vals, dim=-1)
+
+
+def top_k_coef(logits: torch.Tensor, k: int, temperature: float = 1.0) -> torch.Tensor:
+    """``route_top_k`` as one [T, L] matrix (``kernels.multi_lora_coef``'s route): the top-k softmax weights at the
+    chosen adapters of each row of ``logits``, zeros elsewhere (fp32)."""
+    ids, w = route_top_k(logits, k, temperature)
+    return torch.zeros(logits.shape, dtype=w.dtype, device=logits.device).scatter(-1, ids, w)
 
 
 def route_top_p(probs: torch.Tensor, p: float, fusion: str = "softmax", max_kept: int | None = None):
