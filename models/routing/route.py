@@ -233,6 +233,9 @@ def validate_task_ids(task_ids, bank, batch: int | None = None) -> torch.Tensor:
     One task for the whole batch (a name, or a one-element list or tensor) is broadcast to every sequence; with
     ``batch`` given the result has ``batch`` rows, and any other length than 1 or ``batch`` is refused (a list
     that is one short would otherwise route every sequence after the gap to its neighbour's adapter).
+    The range is checked where the ids are on the host (names, lists, CPU tensors); a CUDA tensor is taken as it
+    is, as ``kernels.reference.check_ids`` takes CUDA ids: reading it would synchronise every training step (the
+    stages' collators build their task ids in range; a CUDA graph could not be captured around the read).
     """
     if task_ids is None:
         return None
@@ -241,7 +244,7 @@ def validate_task_ids(task_ids, bank, batch: int | None = None) -> torch.Tensor:
     if isinstance(task_ids, (list, tuple)):
         task_ids = [bank.index(t) if isinstance(t, str) else int(t) for t in task_ids]
     t = torch.as_tensor(task_ids, dtype=torch.long).reshape(-1)
-    if len(t) and (int(t.min()) < 0 or int(t.max()) >= len(bank)):
+    if len(t) and t.device.type == "cpu" and (int(t.min()) < 0 or int(t.max()) >= len(bank)):
         raise ValueError(f"task ids {t.tolist()} are out of range for {len(bank)} adapters {bank.names}")
     return t if batch is None else task_ids_for_batch(t, batch)
 
