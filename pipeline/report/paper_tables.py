@@ -129,14 +129,15 @@ def meteora_tasks(records: list[dict]) -> dict:
 
 
 def router_info(route: dict | None) -> dict | None:
-    """What a route record says about its router: validation routing accuracy, steps, and (with a target) the
-    step the target accuracy was reached at (None: not reached within ``router.train.steps``)."""
+    """What a route record says about its router: validation routing accuracy, steps, (with a target) the step
+    the target accuracy was reached at (None: not reached), what stopped the fit, and the validation curve."""
     if route is None:
         return None
     m = route["metrics"]
     return {"run": run_key(route), "router_accuracy": _num(m.get("router_accuracy")), "steps": m.get("steps"),
             "target_accuracy": _num(route.get("target_accuracy")),
-            "target_reached_step": route.get("target_reached_step"), "stopped_by": stopped_by(route)}
+            "target_reached_step": route.get("target_reached_step"), "stopped_by": stopped_by(route),
+            "curve": [[int(s), _num(a)] for s, a in route.get("router_accuracy_curve") or []]}
 
 
 def stopped_by(route: dict) -> str | None:
@@ -479,6 +480,8 @@ def router_line(router: dict) -> str:
                  + (f"reached at step {reached}" if reached is not None else "not reached"))
     if router.get("stopped_by") not in (None, "target"):
         line += f"; stopped by {router['stopped_by']}"
+    if router.get("curve"):
+        line += "; validation curve (step: accuracy) " + ", ".join(f"{s}: {_md_cell(a)}" for s, a in router["curve"])
     return line
 
 
