@@ -216,6 +216,32 @@ def test_learning_gates_route_as_coefficients_with_the_output_of_the_inference_r
     torch.testing.assert_close(lin(x), inference, atol=ATOL, rtol=0)
 
 
+def test_gate_hits_by_task_count_each_tasks_tokens_in_eval_mode(mm):
+    """Per task: the (token, projection) pairs whose top-1 gate chose it, and all its labelled pairs. Zeroed gates
+    tie every logit, and the top-1 of a tie is adapter 0: task 0's pairs all hit, task 2's none; the sums are the
+    global accuracy's; train mode counts nothing."""
+    batch = _batch(mm)
+    mm.set_router("meteora", top_k=2)
+    mm.eval()
+    with torch.no_grad():
+        for gate in mm.router.gates.values():
+            gate.weight.zero_()
+        mm(**batch, task_ids=[2, 0, 2])
+        hits, pairs = mm.router.gate_hits_by_task()
+        real = batch["attention_mask"].sum(1)  # labelled tokens per row; 14 projections each
+        assert pairs.tolist() == [int(real[1]) * 14, 0, int(real[0] + real[2]) * 14]
+        assert hits.tolist() == [int(real[1]) * 14, 0, 0]
+        assert float(mm.router.gate_accuracy()) == pytest.approx(float(real[1] / real.sum()))
+        mm.set_router("meteora", top_k=2)
+        mm.eval()  # (a new router starts in train mode, as any module)
+        mm(**batch, task_ids=[2, 0, 2])  # fresh gates: hits somewhere in between, summing to the global count
+        hits, pairs = mm.router.gate_hits_by_task()
+        assert (hits <= pairs).all() and float(hits.sum() / pairs.sum()) == pytest.approx(float(mm.router.gate_accuracy()))
+    mm.train()
+    mm(**batch, task_ids=[2, 0, 2])
+    assert mm.router.gate_hits_by_task() is None and mm.router.gate_accuracy() is None
+
+
 def test_gates_and_adapters_trainable(mm):
     batch = _batch(mm)
     mm.set_router("meteora")

@@ -115,7 +115,8 @@ def test_meteora_tasks_table(tables):
     t = _load(tables, "meteora_tasks")
     assert [r["task"] for r in t["rows"]] == TASKS
     for r in t["rows"]:
-        assert r.keys() == {"task", "metric", "peft", "meteora_top1", "meteora_top2", "lora_b", "merge", "runs"}
+        assert r.keys() == {"task", "metric", "peft", "meteora_top1", "meteora_top2", "lora_b", "merge", "gate_accuracy",
+                            "runs"}
         assert all(r[c] is not None for c in ("peft", "meteora_top1", "meteora_top2", "lora_b", "merge"))
         assert r["runs"]["peft"] == "evaluate/oracle" and r["runs"]["meteora_top2"] == "evaluate/meteora-top2"
     by = {r["task"]: r for r in t["rows"]}
@@ -130,6 +131,11 @@ def test_meteora_tasks_table(tables):
     assert claim["interval"]["estimate"] == pytest.approx(gap, abs=1e-6)  # the same rows, paired
     assert claim["interval"]["rows"] == 2 * 3  # 3 test rows per task
     assert t["router"]["run"] == "route/meteora" and 0 <= t["router"]["router_accuracy"] <= 1
+    route = json.loads((tables / "meteora_tasks" / "route" / "meteora" / "metrics.json").read_text())
+    assert set(route["router_accuracy_by_task"]) == set(TASKS)  # the gates' accuracy per task, from the last validation
+    for task in TASKS:
+        assert by[task]["gate_accuracy"] == pytest.approx(route["router_accuracy_by_task"][task])
+        assert 0 <= by[task]["gate_accuracy"] <= 1 and by[task]["runs"]["gate_accuracy"] == "route/meteora"
     _png(tables, "meteora_tasks")
 
 

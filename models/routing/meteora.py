@@ -67,6 +67,7 @@ class MeteoraRouter(Router):
         # decoder layer may reassign a tensor, while appending to a list would specialise it to the list's length)
         self._ce_sum: torch.Tensor | None = None
         self._hits: torch.Tensor | None = None
+        self._task_hits: torch.Tensor | None = None  # [L] top-1 hits per task (eval mode)
 
     def config(self):
         return {"top_k": self.top_k, "temperature": self.temperature, "aux_loss_coef": self.aux_loss_coef}
@@ -91,7 +92,7 @@ class MeteoraRouter(Router):
         return [f"gates.{k}.weight" for k in self.gates]
 
     def begin_forward(self, input_ids, attention_mask, inputs_embeds, is_prefill):
-        self._labels = self._ce_sum = self._hits = None
+        self._labels = self._ce_sum = self._hits = self._task_hits = None
         tid = self.ctx.task_ids
         if tid is None:
             return
@@ -108,6 +109,8 @@ class MeteoraRouter(Router):
         # routing accuracy where it is read (validation, evaluation: eval mode); a training step skips its five ops
         # per projection
         self._hits = None if self.training else torch.zeros((), dtype=torch.long, device=ref.device)
+        self._task_hits = None if self.training else torch.zeros(self._num_adapters(), dtype=torch.long,
+                                                                 device=ref.device)
 
     def projection_state(self, module_name):
         return self.gates[slot_key(module_name)]
@@ -119,7 +122,9 @@ class MeteoraRouter(Router):
         if self._labels is not None:  # task ids known: the aux loss and gate accuracy of this projection
             self._ce_sum = self._ce_sum + F.cross_entropy(logits, self._labels, ignore_index=-100, reduction="sum")
             if self._hits is not None:
-                self._hits = self._hits + ((logits.argmax(-1) == self._labels) & (self._labels != -100)).sum()
+                hit = (logits.argmax(-1) == self._labels) & (self._labels != -100)
+                self._hits = self._hits + hit.sum()
+                self._task_hits = self._task_hits.scatter_add(0, self._labels.clamp(min=0), hit.long())
         if self.ctx.force_gates:
             if self._labels is None:
                 raise ValueError("force_gates needs task_ids: pass task_ids= with force_gates=True")
@@ -140,6 +145,19 @@ class MeteoraRouter(Router):
         if self._ce_sum is None:
             return None
         return self._ce_sum / self._pairs()
+
+    def _num_adapters(self) -> int:
+        return next(iter(self.gates.values())).out_features if len(self.gates) else 0
+
+    def gate_hits_by_task(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(hits [L], pairs [L])`` of the last forward in eval mode: per task (adapter index), the (token,
+        projection) pairs whose top-1 gate chose it, and all its labelled pairs; device tensors (None in train mode
+        or without task ids). Summed over a validation set they give each task's routing accuracy."""
+        if self._task_hits is None:
+            return None
+        valid = (self._labels != -100).long()
+        pairs = torch.zeros_like(self._task_hits).scatter_add(0, self._labels.clamp(min=0), valid) * len(self.gates)
+        return self._task_hits, pairs
 
     def gate_accuracy(self) -> torch.Tensor | None:
         """Fraction of (token, projection) pairs whose top-1 gate choice is the token's task, in the last forward in

@@ -12,10 +12,11 @@ the report call's, ``runs`` the first and last run date); each row's ``runs`` na
 Claims: ``pipeline.report.paper_claims`` (point estimate, paired bootstrap interval from the runs' predictions, verdict).
 Rows per table (scores: accuracy and ROUGE as fractions in [0, 1], BLEU 0-100; None where a run is missing):
 
-* ``meteora_tasks``: ``{task, metric, peft, meteora_top1, meteora_top2, lora_b, merge, runs}``; ``peft`` = the
-  oracle (each task's own adapter); ``metric`` = accuracy where the task has it, else rougeL, else bleu.
-  Top-level ``router``: the MeteoRA gates' route stage (validation token routing accuracy, steps, the target
-  accuracy and the step it was reached, ``router.train.target_accuracy``).
+* ``meteora_tasks``: ``{task, metric, peft, meteora_top1, meteora_top2, lora_b, merge, gate_accuracy, runs}``;
+  ``peft`` = the oracle (each task's own adapter); ``metric`` = accuracy where the task has it, else rougeL, else
+  bleu; ``gate_accuracy`` = the route stage's validation routing accuracy on the task's tokens (None where the
+  route record has no per-task counts). Top-level ``router``: the MeteoRA gates' route stage (validation token
+  routing accuracy, steps, the target accuracy and the step it was reached, what stopped it, the curve).
 * ``meteora_composite``: ``{n, subtask, metric, meteora, lora_b, meteora_answered, lora_b_answered, runs}``
   (``*_answered``: share of rows with a non-empty answer to that sub-task); top-level ``per_n`` =
   ``[{n, measure: "attempts" | "correct", meteora, lora_b}]`` (MeteoRA's attempts and correct of each n).
@@ -115,13 +116,17 @@ METEORA_TASK_COLUMNS = {"peft": "oracle", "meteora_top1": "meteora-top1", "meteo
 def meteora_tasks(records: list[dict]) -> dict:
     ev = _evaluate(records)
     recs = [ev[s] for s in METEORA_TASK_COLUMNS.values() if s in ev]
+    route = _route(records, "meteora")
+    gates = (route or {}).get("router_accuracy_by_task") or {}  # each task's gate routing accuracy (validation)
     rows = []
     for task in _ordered_tasks(recs):
         metric = primary_metric(task, recs)
         row = {"task": task, "metric": metric}
         for col, label in METEORA_TASK_COLUMNS.items():
             row[col] = _num(ev[label]["metrics"].get(f"{task}/{metric}")) if label in ev and metric else None
-        row["runs"] = _runs({col: ev.get(label) for col, label in METEORA_TASK_COLUMNS.items()})
+        row["gate_accuracy"] = _num(gates.get(task))
+        row["runs"] = _runs({**{col: ev.get(label) for col, label in METEORA_TASK_COLUMNS.items()},
+                             "gate_accuracy": route if task in gates else None})
         rows.append(row)
     avg = {col: _mean(_unit(r["metric"], r[col]) for r in rows) for col in METEORA_TASK_COLUMNS}
     return {"rows": rows, "averages": avg, "router": router_info(_route(records, "meteora")),

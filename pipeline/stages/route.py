@@ -12,7 +12,8 @@ else the prompt alone. ``router.train.steps`` optimizer steps; validation on the
 ``router.train.val_check_interval`` steps (null: ``trainer.val_check_interval``). With
 ``router.train.target_accuracy`` the fit stops once the validation routing accuracy first reaches it
 (``router.train.steps`` is then the bound); metrics.json records the target, the step it was reached at and the
-accuracy curve (``pipeline/stages/target_accuracy.py``). The router
+accuracy curve (``pipeline/stages/target_accuracy.py``); a router that counts its top-1 hits per task (MeteoRA's
+gates) also gives each task's routing accuracy over the last validation (``router_accuracy_by_task``). The router
 (``router.safetensors`` + ``router.json``) is written atomically to ``<run_dir>/router`` and to
 ``router.checkpoint`` (``${paths.routers_dir}/<name>``), where evaluate and bench read it.
 
@@ -84,8 +85,19 @@ class RouterTrainModule(L.LightningModule):
             self.log(f"train/{k}", v, batch_size=bs, sync_dist=True)
         return loss
 
+    def on_validation_epoch_start(self) -> None:
+        self.val_task_hits = None  # (hits [L], pairs [L]) summed over this validation (routers that count them)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.val_task_hits is not None:  # every rank's counts: the whole validation set's
+            self.val_task_hits = tuple(self.trainer.strategy.reduce(t, reduce_op="sum") for t in self.val_task_hits)
+
     def validation_step(self, batch, batch_idx):
         loss, parts = self._step(batch)
+        counts = getattr(self.mm.router, "gate_hits_by_task", lambda: None)()
+        if counts is not None:
+            prev = getattr(self, "val_task_hits", None)
+            self.val_task_hits = counts if prev is None else tuple(a + b for a, b in zip(prev, counts, strict=True))
         bs = batch["input_ids"].shape[0]
         self.log("val/loss", loss.detach(), prog_bar=True, batch_size=bs, sync_dist=True)  # DDP: mean over all ranks
         for k, v in parts.items():
@@ -153,7 +165,17 @@ def route(cfg: DictConfig) -> float | None:
         main = "router_accuracy" if "router_accuracy" in metrics else "val_loss"
         return run.finish(tasks=list(cfg.tasks), strategy=name, metrics=metrics, main_metric=main,
                           extra={"router_dir": str(shared), "adapters": list(mm.adapter_names), "train_speed": speed,
-                                 **curve.summary()})
+                                 **curve.summary(), "router_accuracy_by_task":
+                                     task_accuracies(getattr(module, "val_task_hits", None), list(mm.adapter_names))})
+
+
+def task_accuracies(counts, adapters: list[str]) -> dict | None:
+    """Per adapter (task) name: its routing accuracy over the last validation, hits / pairs (None without pairs),
+    from ``RouterTrainModule.val_task_hits``; None for a router that does not count them."""
+    if counts is None:
+        return None
+    hits, pairs = (t.tolist() for t in counts)
+    return {name: (round(h / p, 6) if p else None) for name, h, p in zip(adapters, hits, pairs, strict=True)}
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="route")
