@@ -170,8 +170,8 @@ def routed_rows(tokenizer, tasks, split: str, per_task: int, *, max_length: int,
         task_rows_ = task_rows(str(task), split, per_task, split_seed)
         prompts = [r["prompt"] for r in task_rows_]
         if prompt_only:
-            encs = [{"input_ids": ids[:max_length], "labels": [-100] * len(ids[:max_length])}
-                    for ids in encode_prompts(tokenizer, prompts)]
+            cut = [ids[:max_length] for ids in encode_prompts(tokenizer, prompts)]
+            encs = [{"input_ids": ids, "labels": [-100] * len(ids)} for ids in cut]
         else:
             encs = encode_pairs(tokenizer, prompts, [r["answer"] for r in task_rows_], max_length, append_eos)
             if lm_loss_on_prompt:

@@ -56,10 +56,9 @@ class MultiLoRALinear(nn.Module):
             return y
         slots = self.slots
         if route.coef is not None:  # token routes as one [T, L] matrix (gates that learn): the torch form only
-            A, B = route.tensors[:2] if route.tensors else slots.tight()
-            scales, ranks = route.tensors[2:] if route.tensors else (slots.scales, slots.ranks)
+            A, B = slots.tight()
             coef_op = multi_lora_coef_reference if resolve_backend(x, A, B) == "reference" else multi_lora_coef
-            return coef_op(x, y, A, B, scales, ranks, route.coef)
+            return coef_op(x, y, A, B, slots.scales, slots.ranks, route.coef)
         A, B, scales, ranks = route.tensors or (slots.A, slots.B, slots.scales, slots.ranks)
         backend = resolve_backend(x, A, B, route.weights) if route.tensors is None else None
         if route.uniform is not None and backend in ("torch", "triton"):

@@ -66,8 +66,7 @@ class MeteoraRouter(Router):
         # gate CE and top-1 hits summed over this forward's projections (tensors, not a list of logits: a compiled
         # decoder layer may reassign a tensor, while appending to a list would specialise it to the list's length)
         self._ce_sum: torch.Tensor | None = None
-        self._hits: torch.Tensor | None = None
-        self._task_hits: torch.Tensor | None = None  # [L] top-1 hits per task (eval mode)
+        self._task_hits: torch.Tensor | None = None  # [L] top-1 hits per task (eval mode); their sum: all hits
 
     def config(self):
         return {"top_k": self.top_k, "temperature": self.temperature, "aux_loss_coef": self.aux_loss_coef}
@@ -92,7 +91,7 @@ class MeteoraRouter(Router):
         return [f"gates.{k}.weight" for k in self.gates]
 
     def begin_forward(self, input_ids, attention_mask, inputs_embeds, is_prefill):
-        self._labels = self._ce_sum = self._hits = self._task_hits = None
+        self._labels = self._ce_sum = self._task_hits = None
         tid = self.ctx.task_ids
         if tid is None:
             return
@@ -108,7 +107,6 @@ class MeteoraRouter(Router):
         self._ce_sum = torch.zeros((), dtype=torch.float32, device=ref.device)
         # routing accuracy where it is read (validation, evaluation: eval mode); a training step skips its five ops
         # per projection
-        self._hits = None if self.training else torch.zeros((), dtype=torch.long, device=ref.device)
         self._task_hits = None if self.training else torch.zeros(self._num_adapters(), dtype=torch.long,
                                                                  device=ref.device)
 
@@ -121,9 +119,8 @@ class MeteoraRouter(Router):
         logits = gate(x2).float()  # one cast (autocast: bf16 logits) for the CE, the top-k and its softmax
         if self._labels is not None:  # task ids known: the aux loss and gate accuracy of this projection
             self._ce_sum = self._ce_sum + F.cross_entropy(logits, self._labels, ignore_index=-100, reduction="sum")
-            if self._hits is not None:
+            if self._task_hits is not None:
                 hit = (logits.argmax(-1) == self._labels) & (self._labels != -100)
-                self._hits = self._hits + hit.sum()
                 self._task_hits = self._task_hits.scatter_add(0, self._labels.clamp(min=0), hit.long())
         if self.ctx.force_gates:
             if self._labels is None:
@@ -163,9 +160,9 @@ class MeteoraRouter(Router):
         """Fraction of (token, projection) pairs whose top-1 gate choice is the token's task, in the last forward in
         eval mode (None in train mode, or without task ids): a 0-d float tensor on the gates' device (NaN when no
         token has a label), computed there, so nothing is read back to the host for it until it is logged."""
-        if self._hits is None:
+        if self._task_hits is None:
             return None
-        return self._hits.float() / self._pairs().float()
+        return self._task_hits.sum().float() / self._pairs().float()
 
     @torch.no_grad()
     def on_adapters_changed(self, old_names, new_names):

@@ -162,6 +162,10 @@ class Router(nn.Module):
     def last_route(self):
         """``(ids [B, K], weights [B, K])`` chosen at the last prefill by a sentence router; None for the others."""
 
+    def gate_hits_by_task(self):
+        """``(hits [L], pairs [L])`` per task of the last forward, for a router that counts them (MeteoRA's gates,
+        in eval mode); None for the others."""
+
     def adapter_row_keys(self) -> list:
         """Names of state tensors whose dim 0 runs over adapters (reordered when a checkpoint's order differs)."""
         return []

@@ -67,6 +67,7 @@ class RouterTrainModule(L.LightningModule):
         self.mm = mm
         self.lr, self.weight_decay = float(lr), float(weight_decay)
         self.trainable = mm.set_trainable("router+adapters" if train_loras else "router")
+        self.val_task_hits = None  # (hits [L], pairs [L]) summed over the last validation (routers that count them)
 
     def _step(self, batch):
         return self.mm.router.training_loss(self.mm, batch)
@@ -86,7 +87,7 @@ class RouterTrainModule(L.LightningModule):
         return loss
 
     def on_validation_epoch_start(self) -> None:
-        self.val_task_hits = None  # (hits [L], pairs [L]) summed over this validation (routers that count them)
+        self.val_task_hits = None
 
     def on_validation_epoch_end(self) -> None:
         if self.val_task_hits is not None:  # every rank's counts: the whole validation set's
@@ -94,9 +95,9 @@ class RouterTrainModule(L.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         loss, parts = self._step(batch)
-        counts = getattr(self.mm.router, "gate_hits_by_task", lambda: None)()
+        counts = self.mm.router.gate_hits_by_task()
         if counts is not None:
-            prev = getattr(self, "val_task_hits", None)
+            prev = self.val_task_hits
             self.val_task_hits = counts if prev is None else tuple(a + b for a, b in zip(prev, counts, strict=True))
         bs = batch["input_ids"].shape[0]
         self.log("val/loss", loss.detach(), prog_bar=True, batch_size=bs, sync_dist=True)  # DDP: mean over all ranks
@@ -166,7 +167,7 @@ def route(cfg: DictConfig) -> float | None:
         return run.finish(tasks=list(cfg.tasks), strategy=name, metrics=metrics, main_metric=main,
                           extra={"router_dir": str(shared), "adapters": list(mm.adapter_names), "train_speed": speed,
                                  **curve.summary(), "router_accuracy_by_task":
-                                     task_accuracies(getattr(module, "val_task_hits", None), list(mm.adapter_names))})
+                                     task_accuracies(module.val_task_hits, list(mm.adapter_names))})
 
 
 def task_accuracies(counts, adapters: list[str]) -> dict | None:
