@@ -18,13 +18,14 @@ def decoder_layers(model) -> list:
     return [m for m in model.modules() if type(m).__name__ in names]
 
 
-def compile_layers(model, backend: str = "inductor", mode: str | None = None) -> int:
+def compile_layers(model, backend: str = "inductor", mode: str | None = None, dynamic: bool | None = None) -> int:
     """``torch.compile`` every decoder layer of ``model`` in place; returns how many. The model keeps its type and
-    state dict (``nn.Module.compile`` only swaps the call path)."""
+    state dict (``nn.Module.compile`` only swaps the call path). ``dynamic``: torch.compile's (None: static shapes
+    first, dynamic after a second shape; True: dynamic from the first call)."""
     layers = decoder_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} names no decoder layer class in _no_split_modules; cannot compile "
                          "it by layer")
     for layer in layers:
-        layer.compile(backend=backend, mode=mode)
+        layer.compile(backend=backend, mode=mode, dynamic=dynamic)
     return len(layers)

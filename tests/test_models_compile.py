@@ -70,3 +70,25 @@ def test_one_graph_serves_every_layer(four_layers, variant):
     torch.testing.assert_close(loss, eager)
     trained = [p for p in mm.parameters() if p.requires_grad]
     assert trained and all(p.grad is not None and torch.isfinite(p.grad).all() for p in trained)
+
+
+@pytest.mark.parametrize("dynamic, compiles", [(None, 2), (True, 1)])
+def test_dynamic_compiles_once_for_every_batch_length(four_layers, dynamic, compiles):
+    """A stage's batches are padded to their longest row, so their length varies. Compiled with ``dynamic=True``
+    (the stages' train_speed.dynamic) the layers compile once for any length; static shapes compile the first length
+    and again at the second. Counted in eval mode (one graph per compile: no frozen-input recompile)."""
+    torch._dynamo.reset()
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    mm = _model(four_layers, "joint")
+    mm.eval()
+    compile_layers(mm.model, backend=counting, dynamic=dynamic)
+    with torch.no_grad():
+        for length in (9, 12, 15):
+            ids = torch.randint(0, 250, (3, length), generator=torch.Generator().manual_seed(length))
+            mm(input_ids=ids, labels=ids, task_ids=[0, 1, 2])  # a loss, as the stages' validation steps
+    assert len(graphs) == compiles

@@ -136,6 +136,7 @@ class TrainSpeedSettings:
 
     compile: Any = MISSING
     backend: str = MISSING
+    dynamic: bool = MISSING
     frozen_bf16: Any = MISSING
 
 

@@ -7,6 +7,10 @@ compiled decoder layers make a joint / gates training step 2.6-2.7x faster than 
     train_speed.compile      auto: compile every decoder layer (``models.compile``) when the trainer runs on one
                              CUDA GPU (multi-device strategies stay eager); true / false force it
     train_speed.backend      the torch.compile backend (inductor; eager in CPU tests)
+    train_speed.dynamic      compile with dynamic shapes from the first batch. A stage's batches are padded to
+                             their longest row, so lengths vary: with static shapes dynamo compiles the first length,
+                             then recompiles for any length at the second (about 50 s each for the gates' step on an
+                             H200, once for training and once for the eval-mode validation graph)
     train_speed.frozen_bf16  auto: with a bf16 trainer precision on CUDA, store the frozen weights in bf16
                              (``models.precision``); trained parameters and AdamW state stay fp32; true / false
 
@@ -53,6 +57,7 @@ def apply_train_speed(cfg: DictConfig, model) -> dict:
         applied["frozen_cast"] = store_frozen(model, torch.bfloat16)
     if compiled:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        applied["compiled_layers"] = compile_layers(model, backend=str(s.get("backend", "inductor")))
+        applied["compiled_layers"] = compile_layers(model, backend=str(s.get("backend", "inductor")),
+                                                   dynamic=bool(s.get("dynamic", True)))
     log.info("train speed: %s", applied)
     return applied
