@@ -59,8 +59,10 @@ class MultiLoRALinear(nn.Module):
             A, B = slots.tight()
             coef_op = multi_lora_coef_reference if resolve_backend(x, A, B) == "reference" else multi_lora_coef
             return coef_op(x, y, A, B, slots.scales, slots.ranks, route.coef)
-        A, B, scales, ranks = route.tensors or (slots.A, slots.B, slots.scales, slots.ranks)
-        backend = resolve_backend(x, A, B, route.weights) if route.tensors is None else None
+        if route.lora is not None:  # the router's own plain LoRA for every row (merge): two GEMMs, any rank
+            return multi_lora_uniform(x, y, *route.lora)
+        A, B, scales, ranks = slots.A, slots.B, slots.scales, slots.ranks
+        backend = resolve_backend(x, A, B, route.weights)
         if route.uniform is not None and backend in ("torch", "triton"):
             # one adapter for every row, known on the host: a plain LoRA on its slices of the bank, two GEMMs on any
             # device and in training or inference (the routed kernels' gathers and launches would only add work)

@@ -30,8 +30,11 @@ from torch import nn
 
 @dataclass
 class Route:
-    """Arguments of ``kernels.multi_lora`` beyond x/base; ``tensors`` overrides the bank's (A, B, scales, ranks).
+    """Arguments of ``kernels.multi_lora`` beyond x/base.
 
+    ``lora``: ``(A [d_in, r], B [r, d_out], scale)`` (scale a host float), one plain LoRA of the router's own that
+    every row uses instead of the bank's adapters (merge: the merged adapter); the layer runs it as two GEMMs
+    (``kernels.multi_lora_uniform``) at any rank, and ``ids`` / ``weights`` only record the route (one slot each).
     ``uniform``: the adapter index every row uses with weight 1, when the router knows it on the host (lora_b; the
     oracle when every sequence has the same task); the layer then runs that adapter as a plain LoRA
     (``kernels.multi_lora_uniform``) on the torch and Triton backends alike (only ``reference`` keeps its loop).
@@ -41,7 +44,7 @@ class Route:
     ids: torch.Tensor | None
     weights: torch.Tensor | None
     seq_ids: torch.Tensor | None = None
-    tensors: tuple | None = None
+    lora: tuple | None = None
     uniform: int | None = None
     coef: torch.Tensor | None = None
 
