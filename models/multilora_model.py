@@ -172,8 +172,8 @@ class MultiLoRAModel(nn.Module):
 
     def _before_forward(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        self.router.begin_forward(input_ids, kwargs.get("attention_mask"), kwargs.get("inputs_embeds"),
-                                  is_prefill_call(kwargs))
+        prefill = self.ctx.prefill if self.ctx.prefill is not None else is_prefill_call(kwargs)
+        self.router.begin_forward(input_ids, kwargs.get("attention_mask"), kwargs.get("inputs_embeds"), prefill)
 
     # ---- compute -----------------------------------------------------------------------------------------------
     def forward(self, input_ids=None, attention_mask=None, labels=None, task_ids=None, route_mask=None,

@@ -100,3 +100,21 @@ def test_cuda_a_nan_in_an_unrouted_adapter_changes_no_logit(assets, dtype):
     for g, g_c in zip(grads, clean_grads):
         assert torch.isfinite(g).all()
         torch.testing.assert_close(g, g_c)  # the dtype's default tolerances
+
+
+@pytest.mark.parametrize("router, kw, task_ids", [("oracle", {}, ["a", "b", "c"]), ("meteora", {"top_k": 2}, None),
+                                                   ("dlp", {"hidden": 32, "layers": 1}, None), ("merge", {}, None)])
+def test_cuda_graph_decode_equals_generate(assets, router, kw, task_ids):
+    """models.graph_generate with the decode step captured as a CUDA graph: generate's tokens (fp32)."""
+    from models.graph_generate import graph_generate
+
+    torch.manual_seed(0)
+    mm = _mm(assets, router=router, **kw).eval()
+    tok = mm.tokenizer
+    batch = tok(PROMPTS, return_tensors="pt", padding=True).to("cuda")
+    route = {"task_ids": task_ids} if task_ids else {}
+    want = mm.generate(**batch, max_new_tokens=24, do_sample=False, pad_token_id=tok.pad_token_id,
+                       eos_token_id=tok.eos_token_id, **route)
+    got = graph_generate(mm, batch["input_ids"], batch["attention_mask"], max_new_tokens=24,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, task_ids=task_ids, capture=True)
+    assert torch.equal(got, want)

@@ -414,6 +414,25 @@ def test_evaluate_gives_each_task_its_answer_budget(smoke, tmp_path):
                                             for t in ("object_counting", "winowhy"))
 
 
+def test_evaluate_graph_engine_predicts_what_generate_does(smoke, tmp_path):
+    """generation.engine=graph (models.graph_generate; uncaptured on the CPU) writes the same predictions as
+    transformers' generate, single tasks (oracle) and composite-2 (EOS held back by a logits processor), and the
+    run records which engine ran."""
+    from pipeline.stages.evaluate import evaluate
+
+    overrides, _exp = smoke
+    common = [o for o in overrides if not o.startswith("allow_dirty=")] + ["data.test_limit=3", "composite_rows=2"]
+    for extra in (["router=oracle"], ["router=base", "composite_n=2"]):
+        preds = {}
+        for engine in ("generate", "graph"):
+            out = tmp_path / f"{extra[-1]}-{engine}"
+            evaluate(compose_stage("evaluate", [*common, *extra, f"generation.engine={engine}"], out))
+            preds[engine] = [json.loads(x)["prediction"] for x in (out / "predictions.jsonl").read_text().splitlines()]
+            rec = json.loads((out / "metrics.json").read_text())["metrics"]
+            assert rec["generation_engine"] == engine
+        assert preds["graph"] == preds["generate"] and len(preds["graph"]) >= 2
+
+
 def test_route_trains_until_the_target_accuracy(smoke, tmp_path):
     """router.train.target_accuracy: the fit stops at the first validation at or above it (steps is the bound);
     the route record keeps the curve and the step; an unreachable target runs every step and says so."""

@@ -179,6 +179,8 @@ ENTRY_ROWS = [  # (id, stage, argv, the exact stderr line as a regex); every row
     ("generation_batch_zero", "evaluate", ["experiment=smoke", "generation.batch_size=0"],
      (r"error: generation.batch_size=0 must be a number of prompts per generate call >= 1; set e.g. "
       r"generation.batch_size=8")),
+    ("generation_engine_unknown", "evaluate", ["experiment=smoke", "generation.engine=fast"],
+     r"error: generation.engine='fast' must be one of auto, graph, generate; set e.g. generation.engine=auto"),
     ("max_new_tokens_zero", "evaluate", ["experiment=smoke", "generation.max_new_tokens=0"],
      r"error: generation.max_new_tokens=0 must be a number of tokens >= 1 or auto \(from the gold answers\); set e.g. generation.max_new_tokens=16"),
     ("max_new_tokens_negative", "evaluate", ["experiment=smoke", "generation.max_new_tokens=-1"],

@@ -57,6 +57,8 @@ class RouteContext:
     route_mask    [B, S] tokens a sentence router reads (e.g. the prompt only, during teacher-forced training)
     force_gates   MeteoRA gates replaced by one-hot logits of task_ids (a test / teacher-forcing switch)
     bank, tokenizer, embedding   the adapter bank, the model's tokenizer and its (frozen) input embedding
+    prefill       whether the next forwards start their sequences (True) or continue them from the KV cache (False),
+                  set by a caller that knows (``models.graph_generate``); None: the model finds out from the call
     """
 
     def __init__(self):
@@ -67,6 +69,7 @@ class RouteContext:
         self.bank = None
         self.tokenizer = None
         self.embedding = None
+        self.prefill: bool | None = None
 
 
 def route_top_k(logits: torch.Tensor, k: int, temperature: float = 1.0):

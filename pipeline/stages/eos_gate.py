@@ -27,6 +27,7 @@ class EOSUntilAnswers(LogitsProcessor):
         eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
         self.eos = [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
         self.tokenizer, self.prompt_len, self.n = tokenizer, int(prompt_len), int(n)
+        self.done: set[int] = set()  # rows that hold n answers already: a row's answers only grow, so it keeps them
 
     def answered(self, text: str) -> int:
         return sum(1 for a in parse_composite(text, self.n) if a.strip())
@@ -34,8 +35,16 @@ class EOSUntilAnswers(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if not self.eos:
             return scores
-        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_len:], skip_special_tokens=True)
-        short = [b for b, t in enumerate(texts) if self.answered(t) < self.n]
+        if input_ids.shape[1] <= self.prompt_len:  # a generation starts (the processor may serve more than one)
+            self.done = set()
+        rows = [b for b in range(input_ids.shape[0]) if b not in self.done]  # decode only rows still short
+        texts = self.tokenizer.batch_decode(input_ids[rows, self.prompt_len:], skip_special_tokens=True) if rows else []
+        short = []
+        for b, t in zip(rows, texts, strict=True):
+            if self.answered(t) < self.n:
+                short.append(b)
+            else:
+                self.done.add(b)
         if short:
             scores = scores.clone()
             scores[torch.tensor(short, device=scores.device)[:, None], torch.tensor(self.eos, device=scores.device)] \

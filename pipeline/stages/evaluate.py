@@ -51,22 +51,26 @@ from pipeline.runtime.multilora import build_multilora, plan_multilora
 from pipeline.runtime.settings import check_settings
 from pipeline.runtime.stage import StageRun
 from pipeline.stages.answer_budget import composite_budget, task_budget
+from pipeline.stages.decode_engine import DecodeEngine
 from pipeline.stages.eos_gate import EOSUntilAnswers
 
 log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def run_job(mm, tokenizer, job: dict) -> dict:
-    """One batched greedy ``generate``: ``{"group", "indices", "texts", "routes", "new_tokens"}``."""
+def run_job(mm, tokenizer, job: dict, engine: DecodeEngine | None = None) -> dict:
+    """One batched greedy generate call (``engine``: how it runs, transformers' generate by default):
+    ``{"group", "indices", "texts", "routes", "new_tokens"}``."""
     t0 = time.perf_counter()
     device = next(mm.parameters()).device
     ids, mask = left_pad(job["input_ids"], tokenizer.pad_token_id)
-    kw = {"task_ids": job["task_ids"]} if job["task_ids"] is not None else {}
+    processors = None
     if job.get("min_answers"):  # composite-n: EOS held back until the output holds n answers
-        kw["logits_processor"] = LogitsProcessorList([EOSUntilAnswers(tokenizer, ids.shape[1], job["min_answers"])])
-    gen = mm.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=job["max_new_tokens"],
-                      do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **kw)
+        processors = LogitsProcessorList([EOSUntilAnswers(tokenizer, ids.shape[1], job["min_answers"])])
+    engine = engine or DecodeEngine("generate", mm)
+    gen = engine(mm, ids.to(device), mask.to(device), max_new_tokens=job["max_new_tokens"],
+                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, task_ids=job["task_ids"],
+                 logits_processor=processors)
     new = gen[:, ids.shape[1]:].cpu()
     route = mm.last_route()
     routes = [None] * len(job["indices"])
@@ -82,13 +86,14 @@ def run_job(mm, tokenizer, job: dict) -> dict:
 class GenerationModule(L.LightningModule):
     """``Trainer.predict`` adapter: each predict batch is one job (``plan_jobs``), its output ``run_job``'s."""
 
-    def __init__(self, mm, tokenizer):
+    def __init__(self, mm, tokenizer, engine: DecodeEngine | None = None):
         super().__init__()
         self.mm = mm
         self.tokenizer = tokenizer
+        self.engine = engine
 
     def predict_step(self, job, batch_idx):
-        return run_job(self.mm, self.tokenizer, job)
+        return run_job(self.mm, self.tokenizer, job, self.engine)
 
 
 def _one_job(items):
@@ -96,12 +101,12 @@ def _one_job(items):
 
 
 def generate_groups(trainer, mm, tokenizer, groups: list[PromptGroup], *, batch_size: int = 8,
-                    max_prompt_tokens: int = 1024) -> list[Generations] | None:
+                    max_prompt_tokens: int = 1024, engine: DecodeEngine | None = None) -> list[Generations] | None:
     """Generate every group through ``trainer.predict`` (sharded across its processes); rank 0 gets the
     ``Generations`` (``seconds``: the busiest rank's time inside generate, so process start-up is not counted),
     the other ranks None."""
     jobs, skipped = plan_jobs(tokenizer, groups, batch_size, max_prompt_tokens)
-    outputs = trainer.predict(GenerationModule(mm, tokenizer),
+    outputs = trainer.predict(GenerationModule(mm, tokenizer, engine),
                               dataloaders=DataLoader(jobs, batch_size=1, collate_fn=_one_job)) if jobs else []
     outputs = list(outputs or [])
     parts = gather_to_zero((outputs, sum(o["seconds"] for o in outputs)))
@@ -224,8 +229,9 @@ def evaluate(cfg: DictConfig) -> float | None:
         else:
             rows, groups = _single_task_groups(cfg, mm.router.needs_task_ids, tokenizer)
         trainer = predict_trainer(cfg, bool(cfg.progress))
+        engine = DecodeEngine(str(cfg.generation.engine), mm)
         gens = generate_groups(trainer, mm, tokenizer, groups, batch_size=int(cfg.generation.batch_size),
-                               max_prompt_tokens=int(cfg.data.max_prompt_tokens))
+                               max_prompt_tokens=int(cfg.data.max_prompt_tokens), engine=engine)
         if gens is None:  # another DDP rank: its share went to rank 0, which scores and writes
             return None
         if n:
@@ -235,7 +241,7 @@ def evaluate(cfg: DictConfig) -> float | None:
         seconds = gens[0].seconds if gens else 0.0
         metrics.update({"skipped_long": skipped, "gen_seconds": round(seconds, 3),
                         "new_tokens_per_s": round(new_tokens / max(seconds, 1e-9), 2),
-                        "processes": trainer.world_size})
+                        "processes": trainer.world_size, **engine.record()})
         atomic_write_text(run.run_dir / "predictions.jsonl", "".join(json.dumps(x) + "\n" for x in lines))
         if run.tracker is not None and lines:
             cols = ["task", "prompt", "answer", "prediction"]

@@ -1,0 +1,146 @@
+"""Greedy generation with a static KV cache whose decode step is one CUDA graph: the host launches one graph per
+new token instead of every kernel of every layer.
+
+Why. A batch of 256 prompts of SmolLM2-135M decodes in well under a millisecond of GPU work per token, but eager
+``generate`` launches each layer's kernels from Python (30 layers, 7 routed projections each, plus the gates or the
+routing of the strategy): tens of milliseconds of host time per token, and five evaluate processes sharing one GPU
+queue them behind each other. Captured once per generate call, the decode step replays with no Python at all.
+
+How it equals ``MultiLoRAModel.generate(do_sample=False)``:
+
+- prefill: one eager forward over the left-padded prompts with their 2-D mask and generate's position ids
+  (``cumsum(mask) - 1``, 1 on padding), writing a ``transformers.StaticCache`` of length prompt + new tokens; the
+  routers see it as the prefill (sentence routers decide here, ``RouteContext.prefill``);
+- decode: the new token of each row at position ``real prompt tokens + t``, attending to its row's real prompt
+  tokens and to every generated position up to the current one, through an additive 4-D mask kept in a fixed
+  buffer (transformers uses a 4-D mask as given: no mask construction, which reads the device, inside the graph);
+- after each step, on the graph's logits: the logits processors (``EOSUntilAnswers`` for composite-n), argmax,
+  pad for rows that have finished, stop when every row has (or after ``max_new_tokens``).
+
+Every tensor the graph reads is this call's (its cache, buffers, the routers' prefill decisions), so a graph is
+captured per call and dropped after it; capture costs about one decode step. ``capture=False`` runs the same loop
+eagerly (the CPU, and the tests that check it against ``generate`` token for token). Models with sliding-window
+layers (Gemma 3) need per-layer masks: ``supports`` says no, and callers use ``generate``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+
+import torch
+
+
+def supports(mm) -> bool:
+    """Can this model decode here? Not with sliding-window attention layers (their cache and mask differ)."""
+    cfg = mm.model.config
+    cfg = getattr(cfg, "get_text_config", lambda: cfg)()
+    return not getattr(cfg, "sliding_window", None) and "sliding_attention" not in (getattr(cfg, "layer_types", None)
+                                                                                    or [])
+
+
+def _cache_kwarg(model) -> str:
+    """The forward's name for the KV cache: ``past_key_values``, or ``cache`` from transformers 5.2x."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+@torch.no_grad()
+def graph_generate(mm, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
+                   eos_token_id: int, pad_token_id: int, task_ids=None, logits_processor=None,
+                   capture: bool = True) -> torch.Tensor:
+    """Greedy decoding of left-padded ``input_ids`` [B, P]: ``[B, P + n]`` as ``generate`` returns it (n <= the
+    budget: it stops when every row has produced EOS; a finished row continues with ``pad_token_id``)."""
+    from transformers import StaticCache
+
+    model = mm.model
+    B, P = input_ids.shape
+    N = int(max_new_tokens)
+    dev = input_ids.device
+    dtype = next(model.parameters()).dtype
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        dtype = torch.float32
+    cache = StaticCache(config=model.config, max_cache_len=P + N)
+    ckw = _cache_kwarg(model)
+    mask = attention_mask.to(dev).long()
+    real = mask.sum(-1)  # [B] real prompt tokens per row
+    seq = torch.full((B, P + N), pad_token_id, dtype=input_ids.dtype, device=dev)
+    seq[:, :P] = input_ids
+    finished = torch.zeros(B, dtype=torch.bool, device=dev)
+    processors = list(logits_processor or [])
+
+    with mm.routing(task_ids, None, None, B), _phase(mm, prefill=True):
+        pos = mask.cumsum(-1) - 1
+        pos.masked_fill_(mask == 0, 1)
+        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                       logits_to_keep=1, **{ckw: cache}).logits[:, -1]
+    nxt = _choose(logits, seq[:, :P], processors, finished, eos_token_id, pad_token_id)
+    seq[:, P] = nxt
+    n = 1  # tokens generated so far
+    if N == 1 or bool(finished.all()):
+        return seq[:, :P + n]
+
+    # decode state in fixed buffers: the token fed, its position, the key mask (additive: 0 attend, min: not)
+    neg = torch.finfo(dtype).min
+    tok = nxt[:, None].clone()
+    dpos = real[:, None].clone()  # the first generated token sits at position real (0-based)
+    dmask = torch.full((B, 1, 1, P + N), neg, dtype=dtype, device=dev)
+    dmask[:, 0, 0, :P].masked_fill_(mask.bool(), 0.0)
+    cur = torch.tensor([P], dtype=torch.long, device=dev)  # the cache index the fed token is written at
+
+    def step():
+        dmask.index_fill_(3, cur, 0.0)
+        return model(input_ids=tok, attention_mask=dmask, position_ids=dpos, use_cache=True, **{ckw: cache}).logits[:, -1]
+
+    def advance(out):
+        nonlocal n
+        nxt = _choose(out, seq[:, :P + n], processors, finished, eos_token_id, pad_token_id)
+        seq[:, P + n] = nxt
+        n += 1
+        tok.copy_(nxt[:, None])
+        dpos.add_(1)
+        cur.add_(1)
+
+    with mm.routing(task_ids, None, None, B), _phase(mm, prefill=False):
+        graph, out = None, None
+        if capture and dev.type == "cuda":
+            # warm-up on a side stream (as CUDA graph capture asks), as the real first decode step
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                out = step()
+            torch.cuda.current_stream().wait_stream(side)
+            advance(out)
+            if n < N and not bool(finished.all()):
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    out = step()
+        while n < N and not bool(finished.all()):
+            if graph is not None:
+                graph.replay()
+            else:
+                out = step()
+            advance(out)
+    return seq[:, :P + n]
+
+
+def _choose(logits, seq_so_far, processors, finished, eos_token_id, pad_token_id):
+    """generate's greedy choice: processors, argmax, pad where a row had finished; marks rows that now finish."""
+    scores = logits.float()
+    for p in processors:
+        scores = p(seq_so_far, scores)
+    nxt = scores.argmax(-1)
+    nxt = torch.where(finished, torch.full_like(nxt, pad_token_id), nxt)
+    finished |= nxt == eos_token_id
+    return nxt
+
+
+@contextlib.contextmanager
+def _phase(mm, prefill: bool):
+    """Tell the routers which phase the next forwards are (``RouteContext.prefill``): known here, so the model's
+    pre-hook reads nothing from the device to find out (a read inside a CUDA graph capture is an error)."""
+    old = mm.ctx.prefill
+    mm.ctx.prefill = prefill
+    try:
+        yield
+    finally:
+        mm.ctx.prefill = old

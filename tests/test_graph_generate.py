@@ -1,0 +1,73 @@
+"""models.graph_generate against MultiLoRAModel.generate: the same greedy tokens, for every kind of router.
+
+On the CPU the static-cache loop runs without capture (``capture=False``), which is the code a CUDA graph records:
+prefill with generate's position ids, decode through the fixed 4-D mask and position buffers, EOS and padding of
+finished rows. Left-padded prompts of different lengths; an "EOS" that the model does produce, so rows stop at
+different steps and the loop stops when all have.
+"""
+
+import pytest
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from models import MultiLoRAModel, load_base_model
+from models.graph_generate import graph_generate, supports
+from models.tiny import save_test_assets
+
+PROMPTS = ["hello world, this is a test", "[INST] what is 2+2? [/INST]\n", "abc"]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return save_test_assets(tmp_path_factory.mktemp("graph_generate"))
+
+
+class Record(LogitsProcessor):
+    """Keeps every step's scores (returned unchanged): the two loops must see the same logits, not only the same
+    argmax (greedy tokens of a tiny random model hide small errors, e.g. a position off by one)."""
+
+    def __init__(self):
+        self.scores = []
+
+    def __call__(self, input_ids, scores):
+        self.scores.append(scores.clone())
+        return scores
+
+
+def _mm(assets, router, **kw):
+    base, dirs = assets
+    model, tok = load_base_model(base)
+    torch.manual_seed(0)  # fresh gates / router weights
+    return MultiLoRAModel.from_adapters(model, {n: str(d) for n, d in dirs.items()}, router=router, tokenizer=tok,
+                                        **kw).eval()
+
+
+@pytest.mark.parametrize("router, kw, task_ids", [
+    ("oracle", {}, ["a", "b", "c"]),
+    ("oracle", {}, ["b", "b", "b"]),          # one adapter for every row: the uniform route
+    ("meteora", {"top_k": 2}, None),
+    ("dlp", {"hidden": 32, "layers": 1}, None),
+    ("merge", {}, None),
+])
+def test_same_tokens_as_generate(assets, router, kw, task_ids):
+    mm = _mm(assets, router, **kw)
+    assert supports(mm)
+    tok = mm.tokenizer
+    batch = tok(PROMPTS, return_tensors="pt", padding=True)
+    assert tok.padding_side == "left" and (batch["attention_mask"] == 0).any()  # really left-padded
+    route = {"task_ids": task_ids} if task_ids else {}
+    free = mm.generate(**batch, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id,
+                       eos_token_id=None, **route)
+    eos = int(free[0, batch["input_ids"].shape[1] + 3])  # row 0's 4th new token: rows now stop at different steps
+    seen, saw = Record(), Record()
+    want = mm.generate(**batch, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id,
+                       eos_token_id=eos, logits_processor=LogitsProcessorList([seen]), **route)
+    got = graph_generate(mm, batch["input_ids"], batch["attention_mask"], max_new_tokens=12, eos_token_id=eos,
+                         pad_token_id=tok.pad_token_id, task_ids=task_ids, logits_processor=[saw], capture=False)
+    assert got.shape == want.shape, (got.shape, want.shape)
+    assert torch.equal(got, want)
+    assert len(saw.scores) == len(seen.scores) == want.shape[1] - batch["input_ids"].shape[1]
+    unfinished = torch.ones(len(PROMPTS), dtype=torch.bool)  # a finished row's scores are not used by either
+    for a, b, t in zip(saw.scores, seen.scores, want[:, batch["input_ids"].shape[1]:].T, strict=True):
+        torch.testing.assert_close(a[unfinished], b[unfinished], atol=1e-4, rtol=1e-4)
+        unfinished &= t != eos
