@@ -33,7 +33,7 @@ import torch
 
 def supports(mm) -> bool:
     """Can this model decode here? Not with sliding-window attention layers (their cache and mask differ)."""
-    cfg = mm.model.config
+    cfg = (mm.model if hasattr(mm, "ctx") else mm).config
     cfg = getattr(cfg, "get_text_config", lambda: cfg)()
     return not getattr(cfg, "sliding_window", None) and "sliding_attention" not in (getattr(cfg, "layer_types", None)
                                                                                     or [])
@@ -46,13 +46,16 @@ def _cache_kwarg(model) -> str:
 
 @torch.no_grad()
 def graph_generate(mm, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
-                   eos_token_id: int, pad_token_id: int, task_ids=None, logits_processor=None,
+                   eos_token_id: int | None, pad_token_id: int, task_ids=None, logits_processor=None,
                    capture: bool = True) -> torch.Tensor:
     """Greedy decoding of left-padded ``input_ids`` [B, P]: ``[B, P + n]`` as ``generate`` returns it (n <= the
-    budget: it stops when every row has produced EOS; a finished row continues with ``pad_token_id``)."""
+    budget: it stops when every row has produced EOS; a finished row continues with ``pad_token_id``; no EOS:
+    exactly ``max_new_tokens``). ``mm``: a ``MultiLoRAModel`` (``task_ids`` route its rows), or any transformers
+    causal LM, peft's ``PeftModel`` included (the benchmarks' base and peft rows)."""
     from transformers import StaticCache
 
-    model = mm.model
+    routed = hasattr(mm, "routing") and hasattr(mm, "ctx")
+    model = mm.model if routed else mm
     B, P = input_ids.shape
     N = int(max_new_tokens)
     dev = input_ids.device
@@ -60,7 +63,7 @@ def graph_generate(mm, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
     if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         dtype = torch.float32
     cache = StaticCache(config=model.config, max_cache_len=P + N)
-    ckw = _cache_kwarg(model)
+    ckw = _cache_kwarg(model.get_base_model() if hasattr(model, "get_base_model") else model)
     mask = attention_mask.to(dev).long()
     real = mask.sum(-1)  # [B] real prompt tokens per row
     seq = torch.full((B, P + N), pad_token_id, dtype=input_ids.dtype, device=dev)
@@ -68,7 +71,7 @@ def graph_generate(mm, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
     finished = torch.zeros(B, dtype=torch.bool, device=dev)
     processors = list(logits_processor or [])
 
-    with mm.routing(task_ids, None, None, B), _phase(mm, prefill=True):
+    with _phase(mm, routed, task_ids, B, prefill=True):
         pos = mask.cumsum(-1) - 1
         pos.masked_fill_(mask == 0, 1)
         logits = model(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=True,
@@ -100,7 +103,7 @@ def graph_generate(mm, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
         dpos.add_(1)
         cur.add_(1)
 
-    with mm.routing(task_ids, None, None, B), _phase(mm, prefill=False):
+    with _phase(mm, routed, task_ids, B, prefill=False):
         graph, out = None, None
         if capture and dev.type == "cuda":
             # warm-up on a side stream (as CUDA graph capture asks), as the real first decode step
@@ -130,17 +133,23 @@ def _choose(logits, seq_so_far, processors, finished, eos_token_id, pad_token_id
         scores = p(seq_so_far, scores)
     nxt = scores.argmax(-1)
     nxt = torch.where(finished, torch.full_like(nxt, pad_token_id), nxt)
-    finished |= nxt == eos_token_id
+    if eos_token_id is not None:
+        finished |= nxt == eos_token_id
     return nxt
 
 
 @contextlib.contextmanager
-def _phase(mm, prefill: bool):
-    """Tell the routers which phase the next forwards are (``RouteContext.prefill``): known here, so the model's
-    pre-hook reads nothing from the device to find out (a read inside a CUDA graph capture is an error)."""
-    old = mm.ctx.prefill
-    mm.ctx.prefill = prefill
-    try:
+def _phase(mm, routed: bool, task_ids, batch: int, prefill: bool):
+    """A MultiLoRAModel's routing inputs for the call, and the phase of the next forwards for its routers
+    (``RouteContext.prefill``): known here, so the model's pre-hook reads nothing from the device to find out (a
+    read inside a CUDA graph capture is an error). Nothing for a plain model."""
+    if not routed:
         yield
-    finally:
-        mm.ctx.prefill = old
+        return
+    old = mm.ctx.prefill
+    with mm.routing(task_ids, None, None, batch):
+        mm.ctx.prefill = prefill
+        try:
+            yield
+        finally:
+            mm.ctx.prefill = old

@@ -71,3 +71,19 @@ def test_same_tokens_as_generate(assets, router, kw, task_ids):
     for a, b, t in zip(saw.scores, seen.scores, want[:, batch["input_ids"].shape[1]:].T, strict=True):
         torch.testing.assert_close(a[unfinished], b[unfinished], atol=1e-4, rtol=1e-4)
         unfinished &= t != eos
+
+
+def test_plain_and_peft_models_decode_as_their_generate(assets):
+    """The benchmarks' base and peft rows go through the same loop: a transformers model and a PeftModel, with no
+    EOS (exactly max_new_tokens, as a latency run asks)."""
+    from peft import PeftModel
+
+    base, dirs = assets
+    model, tok = load_base_model(base)
+    batch = tok(PROMPTS, return_tensors="pt", padding=True)
+    for m in (model, PeftModel.from_pretrained(load_base_model(base)[0], str(dirs["a"])).eval()):
+        want = m.generate(**batch, max_new_tokens=9, min_new_tokens=9, do_sample=False,
+                          pad_token_id=tok.pad_token_id)
+        got = graph_generate(m, batch["input_ids"], batch["attention_mask"], max_new_tokens=9, eos_token_id=None,
+                             pad_token_id=tok.pad_token_id, capture=False)
+        assert torch.equal(got, want)

@@ -12,8 +12,10 @@ up,down) or ``qv`` projections. Strategies, each in its own model instance where
   dlp-nucleus2   loramux, a fresh DLP router with its nucleus capped at 2 kept adapters (a trained router keeps 1-3)
   dlp-fresh      loramux, a fresh DLP router at top-p 0.6 (a near-uniform distribution: the widest nucleus)
 
-Engines: ``eager`` (``generate`` with the dynamic cache) and ``static+compile`` (static KV cache, the decode step
-compiled with ``reduce-overhead``: CUDA graphs; CUDA only unless ``e2e.allow_static_on_cpu``). For one (engine,
+Engines: ``eager`` (``generate`` with the dynamic cache), ``static+compile`` (static KV cache, the decode step
+compiled with ``reduce-overhead``: CUDA graphs; CUDA only unless ``e2e.allow_static_on_cpu``) and ``static+graph``
+(``models.graph_generate``, what evaluate runs on CUDA: static KV cache, the eager decode step captured as one CUDA
+graph per call, no compile; on the CPU the same loop uncaptured). For one (engine,
 targets, batch) every strategy is warmed up (compiles happen there), then timed in interleaved rounds: each round
 runs, per strategy, one 1-token and one N-token greedy generation of the same prompts (``min_new_tokens`` forces
 the length, checked); decode ms/token = (t_N - t_1) / (N - 1), prefill ms = t_1; medians over rounds. Every
@@ -33,6 +35,7 @@ import torch
 from peft import PeftModel
 
 from models import MultiLoRAModel
+from models.graph_generate import graph_generate
 from pipeline.report.statistics import paired_time_ratios, spread_verdict
 from pipeline.stages.bench_timing import (
     compile_config,
@@ -51,8 +54,11 @@ TARGETS = {"all7": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pro
 # latency suite's do: oracle, meteora-top2 (top_k 2), dlp-nucleus2 (dlp, max_kept 2), dlp-fresh (dlp)
 # Targets (ratio of decode ms/token, static+compile, same run): loramux oracle <= peft and <= 1.10 base; MeteoRA
 # top-2 <= 1.3 base; DLP with a 2-adapter nucleus <= 1.15 base; eager: oracle <= peft
+ENGINE_LABELS = {"eager": "eager", "static": "static+compile", "graph": "static+graph"}
 TARGET_RATIOS = (("static+compile", "oracle", "peft", 1.0), ("static+compile", "oracle", "base", 1.10),
                  ("static+compile", "meteora-top2", "base", 1.3), ("static+compile", "dlp-nucleus2", "base", 1.15),
+                 ("static+graph", "oracle", "peft", 1.0), ("static+graph", "oracle", "base", 1.10),
+                 ("static+graph", "meteora-top2", "base", 1.3), ("static+graph", "dlp-nucleus2", "base", 1.15),
                  ("eager", "oracle", "peft", 1.0))
 
 
@@ -62,7 +68,8 @@ def _sync(device) -> None:
 
 
 def _generate_kwargs(engine: str, backend: str):
-
+    if engine == "graph":  # the contestants' callables take it to models.graph_generate
+        return {"engine": "graph"}
     if engine == "eager":
         return generate_kwargs("eager")
     return generate_kwargs("static", compile_config(backend, "reduce-overhead" if backend == "inductor" else None,
@@ -90,10 +97,10 @@ class Contestants:
         base = make_model()
         adapter = random_adapter(base, tmp / f"adapter_{targets}", {**adapter_cfg, "target_modules": TARGETS[targets]})
         if "base" in strategies:
-            self.generate["base"] = lambda i, m, **k: base.generate(input_ids=i, attention_mask=m, **k)
+            self.generate["base"] = lambda i, m, **k: _decode(base, i, m, **k)
         if "peft" in strategies:
             pm = PeftModel.from_pretrained(make_model(), str(adapter)).eval()
-            self.generate["peft"] = lambda i, m, **k: pm.generate(input_ids=i, attention_mask=m, **k)
+            self.generate["peft"] = lambda i, m, **k: _decode(pm, i, m, **k)
         routed = [s for s in strategies if s in routers]
         if routed:
             mm = MultiLoRAModel.from_adapters(make_model(), {f"a{i}": adapter for i in range(num_adapters)},
@@ -105,8 +112,17 @@ class Contestants:
                 def gen(i, m, mm=mm, router=router, oracle=router.needs_task_ids, **k):
                     mm.set_router(router)
                     mm.set_routing(task_ids=[0] * i.shape[0] if oracle else None)
-                    return mm.generate(i, attention_mask=m, **k)
+                    return _decode(mm, i, m, **k)
                 self.generate[s] = gen
+
+
+def _decode(model, ids, mask, engine: str | None = None, **kw):
+    """``model.generate`` with ``kw``, or with ``engine="graph"`` ``models.graph_generate`` (no EOS: exactly
+    ``max_new_tokens``)."""
+    if engine != "graph":
+        return model.generate(input_ids=ids, attention_mask=mask, **kw)
+    return graph_generate(model, ids, mask, max_new_tokens=kw["max_new_tokens"], eos_token_id=None, pad_token_id=0,
+                          capture=ids.is_cuda)
 
 
 def measure(contestants: Contestants, engine: str, batch: int, prompt_len: int, new_tokens: int, vocab: int,
@@ -138,7 +154,7 @@ def measure(contestants: Contestants, engine: str, batch: int, prompt_len: int, 
     for _ in range(repeats):
         for s, gen in gens.items():
             rounds[s].append((_timed(gen, ids, mask, 1, kw, device), _timed(gen, ids, mask, new_tokens, kw, device)))
-    rec = {"engine": "static+compile" if engine == "static" else "eager", "batch_size": batch,
+    rec = {"engine": ENGINE_LABELS[engine], "batch_size": batch,
            "prompt_len": prompt_len, "new_tokens": new_tokens, "rounds": rounds, "peak_gb": peak, "warmup_s": warm}
     return {**rec, "skipped": skipped} if skipped else rec
 
@@ -225,6 +241,9 @@ def run(settings: dict, make_model, adapter_cfg: dict, vocab: int, device, recor
     """Measure every (targets, engine, batch) of ``settings`` (``bench.e2e``), appending one record each; ``routers``:
     label -> the strategy of each loramux row (``pipeline.stages.bench.bench_routers``). No warm-up starts after
     ``max_seconds`` (``bench.max_seconds``): what was left is named in the records' ``skipped``."""
+    unknown = [e for e in settings["engines"] if e not in ENGINE_LABELS]
+    if unknown:
+        raise ValueError(f"bench.e2e.engines has {unknown}: not an engine; use {', '.join(ENGINE_LABELS)}")
     deadline = None if max_seconds is None else time.perf_counter() + float(max_seconds)
     strategies = [s for s in settings["strategies"] if s in STRATEGIES]
     with tempfile.TemporaryDirectory(prefix="loramux-e2e-") as tmp:
