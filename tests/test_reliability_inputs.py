@@ -179,6 +179,8 @@ ENTRY_ROWS = [  # (id, stage, argv, the exact stderr line as a regex); every row
     ("generation_batch_zero", "evaluate", ["experiment=smoke", "generation.batch_size=0"],
      (r"error: generation.batch_size=0 must be a number of prompts per generate call >= 1; set e.g. "
       r"generation.batch_size=8")),
+    ("router_schedule_unknown", "route", ["experiment=smoke", "router=meteora", "router.train.schedule=step"],
+     r"error: router.train.schedule='step' must be constant or cosine; set e.g. router.train.schedule=cosine"),
     ("generation_engine_unknown", "evaluate", ["experiment=smoke", "generation.engine=fast"],
      r"error: generation.engine='fast' must be one of auto, graph, generate; set e.g. generation.engine=auto"),
     ("max_new_tokens_zero", "evaluate", ["experiment=smoke", "generation.max_new_tokens=0"],

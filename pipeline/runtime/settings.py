@@ -171,6 +171,9 @@ class RouterTrain:
     train_loras: bool = False  # also unfreeze the adapters (MeteoRA's script does)
     val_check_interval: int | None = None  # validate every N steps (null: trainer.val_check_interval)
     target_accuracy: float | None = None  # stop once the validation routing accuracy reaches it (steps: the bound)
+    schedule: str = "constant"  # the lr over the steps: constant | cosine (linear warm-up, cosine decay to 10%)
+    warmup_ratio: float = 0.0  # cosine: the share of steps warming up
+    grad_clip: float | None = None  # clip the gradients' global norm to this (null: no clipping)
 
 
 # ------------------------------------------------------------------------------------------------------ rules
@@ -235,6 +238,10 @@ RULES: list[tuple[str, Callable[[Any], bool], str, str, tuple | None]] = [
     ("checkpoint.every_n_steps", at_least(0), "a number of steps >= 0 (0: never)", "25", None),
     ("router.train.steps", at_least(1), "> 0", "100", ("route",)),
     ("router.train.lr", positive, "> 0", "5e-4", ("route",)),
+    ("router.train.schedule", lambda x: x in ("constant", "cosine"), "constant or cosine", "cosine", ("route",)),
+    ("router.train.warmup_ratio", lambda x: _number(x) and 0 <= x < 1, "a share of the steps in [0, 1)", "0.005",
+     ("route",)),
+    ("router.train.grad_clip", optional(positive), "null (no clipping) or a norm > 0", "0.3", ("route",)),
     ("router.train.batch_size", at_least(1), "a number of rows >= 1", "8", ("route",)),
     ("router.train.max_length", at_least(1), "a number of tokens >= 1", "256", ("route",)),
     ("router.train.rows_per_task", at_least(1), "a number of rows >= 1", "64", ("route",)),

@@ -50,6 +50,7 @@ from pipeline.runtime.settings import check_settings
 from pipeline.runtime.stage import StageRun, stage_callbacks
 from pipeline.runtime.step_log import StepLog
 from pipeline.runtime.train_speed import apply_train_speed
+from pipeline.stages.lora_training import adamw_with_schedule
 from pipeline.stages.target_accuracy import AccuracyCurve, target_callbacks
 
 log = logging.getLogger(__name__)
@@ -62,10 +63,12 @@ class RouterTrainModule(L.LightningModule):
     Validation logs the loss and its parts, among them the router's accuracy. It runs with grad enabled (the
     Trainer gets ``inference_mode=False``) because MeteoRA's gates record their logits only then."""
 
-    def __init__(self, mm, lr: float, weight_decay: float = 0.0, train_loras: bool = False):
+    def __init__(self, mm, lr: float, weight_decay: float = 0.0, train_loras: bool = False,
+                 schedule: str = "constant", warmup_steps: int = 0, total_steps: int = 1):
         super().__init__()
         self.mm = mm
         self.lr, self.weight_decay = float(lr), float(weight_decay)
+        self.schedule, self.warmup_steps, self.total_steps = schedule, int(warmup_steps), int(total_steps)
         self.trainable = mm.set_trainable("router+adapters" if train_loras else "router")
         self.val_task_hits = None  # (hits [L], pairs [L]) summed over the last validation (routers that count them)
 
@@ -105,6 +108,8 @@ class RouterTrainModule(L.LightningModule):
             self.log(f"val/{k}", v, prog_bar=k == "router_accuracy", batch_size=bs, sync_dist=True)
 
     def configure_optimizers(self):
+        if self.schedule == "cosine":  # MeteoRA's script: warm-up, then cosine decay
+            return adamw_with_schedule(self.trainable, self.lr, self.weight_decay, self.warmup_steps, self.total_steps)
         return torch.optim.AdamW(self.trainable, lr=self.lr, weight_decay=self.weight_decay)
 
 
@@ -130,14 +135,16 @@ def route(cfg: DictConfig) -> float | None:
         sampler = ResumableSampler(len(train), int(cfg.seed))  # shuffled by (seed, epoch): replayable on resume
         train_dl = DataLoader(train, batch_size=bs, sampler=sampler, collate_fn=collate)
         val_dl = DataLoader(val, batch_size=bs, shuffle=False, collate_fn=collate)
-        module = RouterTrainModule(mm, train_cfg.lr, train_cfg.weight_decay, bool(train_cfg.train_loras))
+        module = RouterTrainModule(mm, train_cfg.lr, train_cfg.weight_decay, bool(train_cfg.train_loras),
+                                   str(train_cfg.schedule), round(float(train_cfg.warmup_ratio) * steps), steps)
         # GPU: compiled decoder layers, frozen weights in bf16 (a strategy whose training runs no LM: nothing to compile)
         speed = apply_train_speed(cfg, mm.model) if mm.router.reads_answers else {"compile": False}
         curve = AccuracyCurve(target=train_cfg.target_accuracy)
         val_every = int(train_cfg.val_check_interval or cfg.trainer.val_check_interval)
         requeue = RequeueCheckpoint(run.run_dir, every_n_steps=int(cfg.checkpoint.every_n_steps),
                                     config=training_config(cfg))
-        trainer = instantiate(cfg.trainer, logger=run.tracker.lightning, max_steps=steps, inference_mode=False,
+        clip = {} if train_cfg.grad_clip is None else {"gradient_clip_val": float(train_cfg.grad_clip)}
+        trainer = instantiate(cfg.trainer, logger=run.tracker.lightning, max_steps=steps, inference_mode=False, **clip,
                               callbacks=[StepLog(int(cfg.trainer.log_every_n_steps), f"route {name}"), requeue,
                                          *target_callbacks(curve),
                                          *stage_callbacks(cfg)],  # +callbacks.<name>=... (pipeline.stages.scaling)
