@@ -82,16 +82,19 @@ def graph_generate(mm, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
     if N == 1 or bool(finished.all()):
         return seq[:, :P + n]
 
-    # decode state in fixed buffers: the token fed, its position, the key mask (additive: 0 attend, min: not)
-    neg = torch.finfo(dtype).min
+    # decode state in fixed buffers: the token fed, its position, the key mask. SDPA takes a boolean mask (True:
+    # attend) in any compute dtype, autocast included; the eager attention adds the mask (0: attend, min: not)
     tok = nxt[:, None].clone()
     dpos = real[:, None].clone()  # the first generated token sits at position real (0-based)
-    dmask = torch.full((B, 1, 1, P + N), neg, dtype=dtype, device=dev)
-    dmask[:, 0, 0, :P].masked_fill_(mask.bool(), 0.0)
+    if getattr(model.config, "_attn_implementation", None) == "sdpa":
+        dmask, attend = torch.zeros((B, 1, 1, P + N), dtype=torch.bool, device=dev), True
+    else:
+        dmask, attend = torch.full((B, 1, 1, P + N), torch.finfo(dtype).min, dtype=dtype, device=dev), 0.0
+    dmask[:, 0, 0, :P].masked_fill_(mask.bool(), attend)
     cur = torch.tensor([P], dtype=torch.long, device=dev)  # the cache index the fed token is written at
 
     def step():
-        dmask.index_fill_(3, cur, 0.0)
+        dmask.index_fill_(3, cur, attend)
         return model(input_ids=tok, attention_mask=dmask, position_ids=dpos, use_cache=True, **{ckw: cache}).logits[:, -1]
 
     def advance(out):

@@ -49,8 +49,10 @@ def _mm(assets, router, **kw):
     ("dlp", {"hidden": 32, "layers": 1}, None),
     ("merge", {}, None),
 ])
-def test_same_tokens_as_generate(assets, router, kw, task_ids):
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])  # a boolean decode mask, an additive one
+def test_same_tokens_as_generate(assets, router, kw, task_ids, attention):
     mm = _mm(assets, router, **kw)
+    mm.model.config._attn_implementation = attention
     assert supports(mm)
     tok = mm.tokenizer
     batch = tok(PROMPTS, return_tensors="pt", padding=True)
