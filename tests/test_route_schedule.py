@@ -1,6 +1,8 @@
 """The route stage's learning-rate schedule (router.train.schedule): MeteoRA's script trains its gates with a
 linear warm-up and a cosine decay, clipped gradients; a constant lr is the other choice (DLP-LoRA's router)."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -28,7 +30,7 @@ def test_cosine_warms_up_then_decays_to_a_tenth(mm):
     lrs.append(opt.param_groups[0]["lr"])
     assert lrs[0] == pytest.approx(1e-3 / 5) and lrs[:5] == sorted(lrs[:5])  # warm-up: rising to lr
     assert max(lrs) == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1e-4)  # cosine down to 10%
-    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:], strict=False))
+    assert all(a >= b for a, b in itertools.pairwise(lrs[4:]))
     assert opt.param_groups[0]["weight_decay"] == 0.01
 
 
