@@ -74,6 +74,33 @@ def test_a_spent_time_budget_leaves_strategies_out_by_name(tmp_path):
     assert set(rec["rounds"]) == {"base", "peft"} and "skipped" not in rec and set(rec["warmup_s"]) == {"base", "peft"}
 
 
+def test_a_strategy_that_fails_is_named_and_the_others_measured(tmp_path):
+    """A warm-up that raises (e.g. a decode step a CUDA graph cannot capture) leaves that strategy out of the record,
+    named in ``failed`` with the error's first line, on the page too; the others are timed as usual."""
+    import torch
+
+    from pipeline.stages.bench import SHAPES, shape_model
+
+    config = SHAPES["llama3_8b_tiny"][0]
+    adapter = {"_target_": "peft.LoraConfig", "_convert_": "all", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"],
+               "task_type": "CAUSAL_LM"}
+    cpu = torch.device("cpu")
+    cont = e2e.Contestants(lambda: shape_model(config, cpu, torch.float32), adapter, "qv", 2, ["base", "peft"],
+                           tmp_path, {})
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore")
+
+    cont.generate["peft"] = broken
+    rec = e2e.measure(cont, "eager", 1, 4, 2, config["vocab_size"], cpu, 0, 1, "eager")
+    assert set(rec["rounds"]) == {"base"} and rec["failed"] == {"peft": "operation not permitted when stream is capturing"}
+    doc = {"provenance": {"git_sha": "x", "device": "cpu", "versions": {}, "date": "d"}, "config": {
+        "shape": "t", "num_adapters": 2, "prompt_len": 4, "new_tokens": 2, "warmup": 0, "repeats": 1},
+        "rows": e2e.rows_from([{**rec, "targets": "qv", "num_adapters": 2}]), "records": [{**rec, "targets": "qv"}],
+        "targets": []}
+    assert "| peft | | failed: operation not permitted" in e2e.markdown(doc)
+
+
 COMMITTED = ROOT / "outputs" / "tables" / "e2e_decode.json"
 
 

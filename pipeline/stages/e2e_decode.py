@@ -129,11 +129,13 @@ def measure(contestants: Contestants, engine: str, batch: int, prompt_len: int, 
             device, warmup: int, repeats: int, backend: str, deadline: float | None = None) -> dict:
     """One record: every strategy's per-round (t_1, t_N) for this engine and batch, warm-ups first. A strategy
     whose warm-up (its compile, for the static engine) would start after ``deadline`` (``time.perf_counter``) is
-    left out of the record and named in its ``skipped`` list (a run under a time limit keeps what it measured)."""
+    left out of the record and named in its ``skipped`` list (a run under a time limit keeps what it measured); one
+    whose warm-up raises a RuntimeError is left out and named in ``failed`` with the error's first line."""
     ids, mask = random_batch(vocab, batch, prompt_len, device, seed=0)
     kw = _generate_kwargs(engine, backend)
     peak: dict = {}
     skipped: list = []
+    failed: dict = {}  # strategy -> the first line of its warm-up's error
     warm: dict = {}
     for s, gen in contestants.generate.items():
         if deadline is not None and time.perf_counter() > deadline:
@@ -141,22 +143,27 @@ def measure(contestants: Contestants, engine: str, batch: int, prompt_len: int, 
             log.warning("e2e_decode: %s %s b=%s skipped: bench.max_seconds spent", engine, s, batch)
             continue
         t0 = time.perf_counter()
-        for _ in range(max(1, warmup)):
-            _timed(gen, ids, mask, 1, kw, device)
-            _timed(gen, ids, mask, new_tokens, kw, device)
+        try:
+            for _ in range(max(1, warmup)):
+                _timed(gen, ids, mask, 1, kw, device)
+                _timed(gen, ids, mask, new_tokens, kw, device)
+        except RuntimeError as e:  # e.g. a capture this strategy cannot do: the others are still measured
+            failed[s] = str(e).splitlines()[0][:200]
+            log.warning("e2e_decode: %s %s b=%s failed: %s", engine, s, batch, failed[s])
+            continue
         warm[s] = round(time.perf_counter() - t0, 2)  # the static engine's compile is in here: plan calls by it
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             _timed(gen, ids, mask, new_tokens, kw, device)
             peak[s] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
-    gens = {s: g for s, g in contestants.generate.items() if s not in skipped}
+    gens = {s: g for s, g in contestants.generate.items() if s not in skipped and s not in failed}
     rounds: dict = {s: [] for s in gens}
     for _ in range(repeats):
         for s, gen in gens.items():
             rounds[s].append((_timed(gen, ids, mask, 1, kw, device), _timed(gen, ids, mask, new_tokens, kw, device)))
     rec = {"engine": ENGINE_LABELS[engine], "batch_size": batch,
            "prompt_len": prompt_len, "new_tokens": new_tokens, "rounds": rounds, "peak_gb": peak, "warmup_s": warm}
-    return {**rec, "skipped": skipped} if skipped else rec
+    return {**rec, **({"skipped": skipped} if skipped else {}), **({"failed": failed} if failed else {})}
 
 
 def rows_from(records: list[dict]) -> list[dict]:
@@ -220,6 +227,9 @@ def markdown(doc: dict) -> str:
         if rec.get("skipped"):
             lines.append(f"| {rec['engine']} | {rec['targets']} | {rec['batch_size']} | "
                          f"{', '.join(rec['skipped'])} | | not measured: bench.max_seconds spent | | | |")
+        for s, err in (rec.get("failed") or {}).items():
+            lines.append(f"| {rec['engine']} | {rec['targets']} | {rec['batch_size']} | {s} | | failed: "
+                         f"{err.replace('|', '/')} | | | |")
     lines += ["", "## Targets (decode ms/token ratio, paired by round; spread = min..max)", "",
               *targets_table(doc["targets"])]
     return "\n".join(lines) + "\n"
