@@ -19,8 +19,9 @@ How it equals ``MultiLoRAModel.generate(do_sample=False)``:
 
 Every tensor the graph reads is this call's (its cache, buffers, the routers' prefill decisions), so a graph is
 captured per call and dropped after it; capture costs about one decode step. ``capture=False`` runs the same loop
-eagerly (the CPU, and the tests that check it against ``generate`` token for token). Models with sliding-window
-layers (Gemma 3) need per-layer masks: ``supports`` says no, and callers use ``generate``.
+eagerly (the CPU, and the tests that check it against ``generate`` token for token). Sliding-window layers
+(Gemma 3) keep full static layers and get their own decode mask, the full one cut to the last ``sliding_window``
+cache positions (transformers takes a dict of prepared masks by layer type).
 """
 
 from __future__ import annotations
@@ -31,12 +32,19 @@ import inspect
 import torch
 
 
-def supports(mm) -> bool:
-    """Can this model decode here? Not with sliding-window attention layers (their cache and mask differ)."""
+def _text_config(mm):
     cfg = (mm.model if hasattr(mm, "ctx") else mm).config
-    cfg = getattr(cfg, "get_text_config", lambda: cfg)()
-    return not getattr(cfg, "sliding_window", None) and "sliding_attention" not in (getattr(cfg, "layer_types", None)
-                                                                                    or [])
+    return getattr(cfg, "get_text_config", lambda: cfg)()
+
+
+def _layer_types(cfg) -> list[str]:
+    return list(getattr(cfg, "layer_types", None) or ["full_attention"] * int(cfg.num_hidden_layers))
+
+
+def supports(mm) -> bool:
+    """Can this model decode here? Decoder layers of full attention or sliding-window attention (Gemma 3) only."""
+    cfg = _text_config(mm)
+    return hasattr(cfg, "num_hidden_layers") and set(_layer_types(cfg)) <= {"full_attention", "sliding_attention"}
 
 
 def _cache_kwarg(model) -> str:
@@ -52,7 +60,7 @@ def graph_generate(mm, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
     budget: it stops when every row has produced EOS; a finished row continues with ``pad_token_id``; no EOS:
     exactly ``max_new_tokens``). ``mm``: a ``MultiLoRAModel`` (``task_ids`` route its rows), or any transformers
     causal LM, peft's ``PeftModel`` included (the benchmarks' base and peft rows)."""
-    from transformers import StaticCache
+    from transformers.cache_utils import Cache, StaticLayer
 
     routed = hasattr(mm, "routing") and hasattr(mm, "ctx")
     model = mm.model if routed else mm
@@ -62,7 +70,12 @@ def graph_generate(mm, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
     dtype = next(model.parameters()).dtype
     if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         dtype = torch.float32
-    cache = StaticCache(config=model.config, max_cache_len=P + N)
+    cfg = _text_config(mm)
+    types = _layer_types(cfg)
+    # every layer a full static layer (a sliding-window layer too: its window is in its mask), so one buffer layout
+    # and one mask per layer type serve every step
+    cache = Cache(layers=[StaticLayer(max_cache_len=P + N) for _ in types])
+    window = int(cfg.sliding_window) if "sliding_attention" in types else None
     ckw = _cache_kwarg(model.get_base_model() if hasattr(model, "get_base_model") else model)
     mask = attention_mask.to(dev).long()
     real = mask.sum(-1)  # [B] real prompt tokens per row
@@ -92,10 +105,19 @@ def graph_generate(mm, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
         dmask, attend = torch.full((B, 1, 1, P + N), torch.finfo(dtype).min, dtype=dtype, device=dev), 0.0
     dmask[:, 0, 0, :P].masked_fill_(mask.bool(), attend)
     cur = torch.tensor([P], dtype=torch.long, device=dev)  # the cache index the fed token is written at
+    masks = dmask
+    if window is not None:  # sliding-window layers see the keys of the last `window` cache positions only
+        idx = torch.arange(P + N, device=dev)
+        smask = dmask.clone()
+        masks = {"full_attention": dmask, "sliding_attention": smask}
 
     def step():
         dmask.index_fill_(3, cur, attend)
-        return model(input_ids=tok, attention_mask=dmask, position_ids=dpos, use_cache=True, **{ckw: cache}).logits[:, -1]
+        if window is not None:
+            smask.copy_(torch.where(idx > cur - window, dmask, torch.zeros_like(dmask) if attend is True else
+                                    torch.full_like(dmask, torch.finfo(dtype).min)))
+        return model(input_ids=tok, attention_mask=masks, position_ids=dpos, use_cache=True,
+                     **{ckw: cache}).logits[:, -1]
 
     def advance(out):
         nonlocal n

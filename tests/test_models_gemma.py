@@ -54,3 +54,40 @@ def test_a_missing_local_gemma_gguf_is_one_clear_error(tmp_path, capsys, monkeyp
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "no such file" in err and assets.GEMMA_GGUF in err
     assert not (tmp_path / "cache" / "models" / assets.GEMMA_NAME).exists()
+
+
+@pytest.mark.slow
+def test_gemma_graph_decode_equals_generate_across_its_sliding_window():
+    """models.graph_generate on Gemma 3 (sliding-window and full layers), uncaptured on the CPU: generate's tokens and
+    every step's logits. The window is cut to 6 tokens so that prompts and answers cross it (a sliding layer given
+    the full mask, or a window one key too wide, fails here)."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    from models.graph_generate import graph_generate, supports
+
+    model, tok = load_base_model(assets.fetch_gemma())
+    model.config.sliding_window = 6
+    for layer in model.model.layers:
+        if layer.self_attn.sliding_window is not None:
+            layer.self_attn.sliding_window = 6
+    assert supports(model) and "sliding_attention" in model.config.layer_types
+
+    class Record(LogitsProcessor):
+        def __init__(self):
+            self.scores = []
+
+        def __call__(self, input_ids, scores):
+            self.scores.append(scores.clone())
+            return scores
+
+    batch = tok(["The capital of France is the city of", "Two plus two"], return_tensors="pt", padding=True)
+    seen, saw = Record(), Record()
+    want = model.generate(**batch, max_new_tokens=10, min_new_tokens=10, do_sample=False,
+                          pad_token_id=tok.pad_token_id, logits_processor=LogitsProcessorList([seen]))
+    got = graph_generate(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=10, eos_token_id=None,
+                         pad_token_id=tok.pad_token_id, logits_processor=[saw], capture=False)
+    assert torch.equal(got, want)
+    for a, b in zip(saw.scores, seen.scores, strict=True):  # (generate's min_new_tokens sets EOS to -inf first)
+        kept = torch.isfinite(b)
+        assert kept.sum() >= b.numel() - b.shape[0] * 2
+        torch.testing.assert_close(a[kept], b[kept], atol=2e-4, rtol=1e-4)

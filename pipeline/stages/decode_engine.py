@@ -3,10 +3,10 @@
     generate   transformers' ``generate`` (dynamic KV cache, one Python step per token)
     graph      ``models.graph_generate``: static KV cache, the decode step captured once per call as a CUDA graph
                and replayed per token (on the CPU the same loop without capture)
-    auto       graph on CUDA where the model supports it (no sliding-window layers), generate elsewhere; the first
-               call is run both ways and compared, and a disagreement (fewer than ``MIN_AGREEMENT`` of the rows with
-               the same tokens: bf16 near-ties can flip a greedy choice, a wrong route or position flips most rows)
-               or a capture error falls back to generate for the rest of the run
+    auto       graph on CUDA where the model supports it (full and sliding-window attention layers), generate
+               elsewhere; the first call is run both ways and compared, and a disagreement (fewer than
+               ``MIN_AGREEMENT`` of the rows with the same tokens: bf16 near-ties can flip a greedy choice, a wrong
+               route or position flips most rows) or a capture error falls back to generate for the rest of the run
 
 What ran is recorded in the run's metrics.json (``generation_engine``, ``graph_check``).
 """
