@@ -89,3 +89,29 @@ def test_plain_and_peft_models_decode_as_their_generate(assets):
         got = graph_generate(m, batch["input_ids"], batch["attention_mask"], max_new_tokens=9, eos_token_id=None,
                              pad_token_id=tok.pad_token_id, capture=False)
         assert torch.equal(got, want)
+
+
+def test_engine_checks_its_first_call_and_falls_back_on_a_disagreement(assets, monkeypatch):
+    """pipeline.stages.decode_engine: auto's first call is checked against generate (recorded); a graph decode that
+    disagrees (here: one whose tokens are shifted) hands the run to generate, which gives this call's answer too."""
+    from pipeline.stages import decode_engine
+    from pipeline.stages.decode_engine import DecodeEngine
+
+    mm = _mm(assets, "oracle")
+    tok = mm.tokenizer
+    batch = tok(PROMPTS, return_tensors="pt", padding=True)
+    kw = {"max_new_tokens": 6, "pad_token_id": tok.pad_token_id, "eos_token_id": None, "task_ids": ["a", "b", "c"]}
+    want = mm.generate(**batch, do_sample=False, **kw)
+    engine = DecodeEngine("graph", mm)
+    engine.to_check = True  # as auto on CUDA
+    assert torch.equal(engine(mm, batch["input_ids"], batch["attention_mask"], **kw), want)
+    assert engine.record() == {"generation_engine": "graph",
+                               "graph_check": {"rows": 3, "rows_equal": 3, "tokens_compared": 6}}
+
+    real = decode_engine.graph_generate
+    monkeypatch.setattr(decode_engine, "graph_generate", lambda *a, **k: real(*a, **k).roll(1, dims=1))
+    engine = DecodeEngine("graph", mm)
+    engine.to_check = True
+    assert torch.equal(engine(mm, batch["input_ids"], batch["attention_mask"], **kw), want)
+    assert engine.name == "generate" and engine.check["rows_equal"] == 0
+    assert DecodeEngine("auto", mm).name == "generate"  # the CPU: generate
