@@ -52,11 +52,8 @@ def test_stage_on_the_cpu_stand_in(tmp_path):
     assert doc["provenance"]["git_sha"] not in ("", "unknown")
 
 
-def test_a_spent_time_budget_leaves_strategies_out_by_name(tmp_path):
-    """Under ``bench.max_seconds`` no warm-up starts after the deadline: the record keeps what was measured and
-    names the rest (``skipped``), and the page says they were not measured."""
-    import time
-
+def _base_and_peft(tmp_path):
+    """(contestants base and peft on the 2-layer CPU stand-in, its config, the CPU device)."""
     import torch
 
     from pipeline.stages.bench import SHAPES, shape_model
@@ -67,6 +64,15 @@ def test_a_spent_time_budget_leaves_strategies_out_by_name(tmp_path):
     cpu = torch.device("cpu")
     cont = e2e.Contestants(lambda: shape_model(config, cpu, torch.float32), adapter, "qv", 2, ["base", "peft"],
                            tmp_path, {})
+    return cont, config, cpu
+
+
+def test_a_spent_time_budget_leaves_strategies_out_by_name(tmp_path):
+    """Under ``bench.max_seconds`` no warm-up starts after the deadline: the record keeps what was measured and
+    names the rest (``skipped``), and the page says they were not measured."""
+    import time
+
+    cont, config, cpu = _base_and_peft(tmp_path)
     rec = e2e.measure(cont, "eager", 1, 4, 2, config["vocab_size"], cpu, 0, 1, "eager",
                       deadline=time.perf_counter() - 1)
     assert rec["rounds"] == {} and rec["skipped"] == ["base", "peft"]
@@ -77,16 +83,7 @@ def test_a_spent_time_budget_leaves_strategies_out_by_name(tmp_path):
 def test_a_strategy_that_fails_is_named_and_the_others_measured(tmp_path):
     """A warm-up that raises (e.g. a decode step a CUDA graph cannot capture) leaves that strategy out of the record,
     named in ``failed`` with the error's first line, on the page too; the others are timed as usual."""
-    import torch
-
-    from pipeline.stages.bench import SHAPES, shape_model
-
-    config = SHAPES["llama3_8b_tiny"][0]
-    adapter = {"_target_": "peft.LoraConfig", "_convert_": "all", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"],
-               "task_type": "CAUSAL_LM"}
-    cpu = torch.device("cpu")
-    cont = e2e.Contestants(lambda: shape_model(config, cpu, torch.float32), adapter, "qv", 2, ["base", "peft"],
-                           tmp_path, {})
+    cont, config, cpu = _base_and_peft(tmp_path)
 
     def broken(*args, **kwargs):
         raise RuntimeError("operation not permitted when stream is capturing\nmore")
