@@ -118,3 +118,21 @@ def test_cuda_graph_decode_equals_generate(assets, router, kw, task_ids):
     got = graph_generate(mm, batch["input_ids"], batch["attention_mask"], max_new_tokens=24,
                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, task_ids=task_ids, capture=True)
     assert torch.equal(got, want)
+
+
+def test_cuda_graph_decode_under_bf16_autocast(assets):
+    """As evaluate runs it (Lightning's bf16-mixed predict: autocast): the boolean decode mask in a bf16 attention;
+    the same first tokens as generate (bf16 near-ties may part a row later)."""
+    from models.graph_generate import graph_generate
+
+    torch.manual_seed(0)
+    mm = _mm(assets, router="meteora", top_k=2).eval()
+    tok = mm.tokenizer
+    batch = tok(PROMPTS, return_tensors="pt", padding=True).to("cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        want = mm.generate(**batch, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id,
+                           eos_token_id=tok.eos_token_id)
+        got = graph_generate(mm, batch["input_ids"], batch["attention_mask"], max_new_tokens=8,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, capture=True)
+    n = min(got.shape[1], want.shape[1])
+    assert int((got[:, :n] == want[:, :n]).all(dim=1).sum()) >= 2
