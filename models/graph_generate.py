@@ -9,11 +9,12 @@ queue them behind each other. Captured once per generate call, the decode step r
 How it equals ``MultiLoRAModel.generate(do_sample=False)``:
 
 - prefill: one eager forward over the left-padded prompts with their 2-D mask and generate's position ids
-  (``cumsum(mask) - 1``, 1 on padding), writing a ``transformers.StaticCache`` of length prompt + new tokens; the
+  (``cumsum(mask) - 1``, 1 on padding), writing a static KV cache of length prompt + new tokens; the
   routers see it as the prefill (sentence routers decide here, ``RouteContext.prefill``);
 - decode: the new token of each row at position ``real prompt tokens + t``, attending to its row's real prompt
-  tokens and to every generated position up to the current one, through an additive 4-D mask kept in a fixed
-  buffer (transformers uses a 4-D mask as given: no mask construction, which reads the device, inside the graph);
+  tokens and to every generated position up to the current one, through a 4-D mask kept in a fixed buffer
+  (boolean for SDPA, additive for the eager attention; transformers uses a 4-D mask as given: no mask
+  construction, which reads the device, inside the graph);
 - after each step, on the graph's logits: the logits processors (``EOSUntilAnswers`` for composite-n), argmax,
   pad for rows that have finished, stop when every row has (or after ``max_new_tokens``).
 
@@ -100,9 +101,10 @@ def graph_generate(mm, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
     tok = nxt[:, None].clone()
     dpos = real[:, None].clone()  # the first generated token sits at position real (0-based)
     if getattr(model.config, "_attn_implementation", None) == "sdpa":
-        dmask, attend = torch.zeros((B, 1, 1, P + N), dtype=torch.bool, device=dev), True
+        attend, blocked, mask_dtype = True, False, torch.bool
     else:
-        dmask, attend = torch.full((B, 1, 1, P + N), torch.finfo(dtype).min, dtype=dtype, device=dev), 0.0
+        attend, blocked, mask_dtype = 0.0, torch.finfo(dtype).min, dtype
+    dmask = torch.full((B, 1, 1, P + N), blocked, dtype=mask_dtype, device=dev)
     dmask[:, 0, 0, :P].masked_fill_(mask.bool(), attend)
     cur = torch.tensor([P], dtype=torch.long, device=dev)  # the cache index the fed token is written at
     masks = dmask
@@ -114,8 +116,7 @@ def graph_generate(mm, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
     def step():
         dmask.index_fill_(3, cur, attend)
         if window is not None:
-            smask.copy_(torch.where(idx > cur - window, dmask, torch.zeros_like(dmask) if attend is True else
-                                    torch.full_like(dmask, torch.finfo(dtype).min)))
+            smask.copy_(dmask).masked_fill_(idx <= cur - window, blocked)
         return model(input_ids=tok, attention_mask=masks, position_ids=dpos, use_cache=True,
                      **{ckw: cache}).logits[:, -1]
 

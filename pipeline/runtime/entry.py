@@ -82,7 +82,8 @@ def remove_refused_run(cfg) -> None:
         parent = parent.parent
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+    """An error's first line (its type's name when it has no message): what a one-line report shows of it."""
     msg = str(e)
     return msg.splitlines()[0] if msg.strip() else type(e).__name__
 
@@ -98,7 +99,7 @@ def user_errors(cfg=None):
     except BaseException as e:
         cause = e.__cause__ if isinstance(e, InstantiationException) else e  # instantiate wraps a target's error
         if isinstance(cause, USER_ERRORS):
-            line = _first_line(cause)
+            line = first_line(cause)
         elif isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
             line = disk_full_message(cause)
         else:

@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
 from models.graph_generate import graph_generate, supports
+from pipeline.runtime.entry import first_line
 from pipeline.runtime.settings import GENERATION_ENGINES
 
 log = logging.getLogger(__name__)
@@ -49,9 +48,10 @@ class DecodeEngine:
         try:
             out = graph_generate(mm, ids, mask, capture=self.cuda, **kw)
         except (RuntimeError, ValueError, AssertionError) as e:  # a capture the stack cannot do: keep the run going
+            error = first_line(e)[:200]
             log.warning("generation.engine: the CUDA graph decode failed (%s); generate for the rest of the run",
-                        str(e).splitlines()[0][:200])
-            self.name, self.check = "generate", {"error": str(e).splitlines()[0][:200]}
+                        error)
+            self.name, self.check = "generate", {"error": error}
             return _generate(mm, ids, mask, **kw)
         if self.to_check:
             self.to_check = False
@@ -75,6 +75,5 @@ def _generate(mm, ids, mask, *, max_new_tokens, pad_token_id, eos_token_id, task
     kw = {"task_ids": task_ids} if task_ids is not None else {}
     if logits_processor:
         kw["logits_processor"] = logits_processor
-    with torch.no_grad():
-        return mm.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                           pad_token_id=pad_token_id, eos_token_id=eos_token_id, **kw)
+    return mm.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                       pad_token_id=pad_token_id, eos_token_id=eos_token_id, **kw)

@@ -37,6 +37,7 @@ from peft import PeftModel
 from models import MultiLoRAModel
 from models.graph_generate import graph_generate
 from pipeline.report.statistics import paired_time_ratios, spread_verdict
+from pipeline.runtime.entry import first_line
 from pipeline.stages.bench_timing import (
     compile_config,
     generate_kwargs,
@@ -148,7 +149,7 @@ def measure(contestants: Contestants, engine: str, batch: int, prompt_len: int, 
                 _timed(gen, ids, mask, 1, kw, device)
                 _timed(gen, ids, mask, new_tokens, kw, device)
         except RuntimeError as e:  # e.g. a capture this strategy cannot do: the others are still measured
-            failed[s] = str(e).splitlines()[0][:200]
+            failed[s] = first_line(e)[:200]
             log.warning("e2e_decode: %s %s b=%s failed: %s", engine, s, batch, failed[s])
             continue
         warm[s] = round(time.perf_counter() - t0, 2)  # the static engine's compile is in here: plan calls by it

@@ -49,6 +49,7 @@ from common.atomic import atomic_write_text
 from models import MultiLoRAModel
 from models.compile import compile_layers
 from models.precision import store_frozen
+from pipeline.runtime.entry import first_line
 from pipeline.runtime.step_graph import StepGraphs
 from pipeline.stages.bench_timing import random_adapter, written_by
 
@@ -224,10 +225,10 @@ def _warm_up(s: Setting, built: dict, ids, make_model, adapter_dir, num_adapters
     except RuntimeError as e:  # a step that cannot be captured (a host read inside it): a row saying so
         if not (s.graph or s.compile_mode):
             raise
-        log.warning("train bench: %s could not be captured: %s", s.label, str(e).splitlines()[0])
+        log.warning("train bench: %s could not be captured: %s", s.label, first_line(e))
         built.pop(key, None)
         gc.collect()
-        return {"error": f"capture failed: {str(e).splitlines()[0][:160]}"}
+        return {"error": f"capture failed: {first_line(e)[:160]}"}
     warm_s = time.perf_counter() - t0
     log.info("train bench: %s warm (%.1f s)", s.label, warm_s)
     return {"peak_gb": peak, "warmup_s": round(warm_s, 2),
