@@ -61,7 +61,8 @@ def test_gemma_graph_decode_equals_generate_across_its_sliding_window():
     """models.graph_generate on Gemma 3 (sliding-window and full layers), uncaptured on the CPU: generate's tokens and
     every step's logits. The window is cut to 6 tokens so that prompts and answers cross it (a sliding layer given
     the full mask, or a window one key too wide, fails here)."""
-    from transformers import LogitsProcessor, LogitsProcessorList
+    from test_graph_generate import Record
+    from transformers import LogitsProcessorList
 
     from models.graph_generate import graph_generate, supports
 
@@ -71,14 +72,6 @@ def test_gemma_graph_decode_equals_generate_across_its_sliding_window():
         if layer.self_attn.sliding_window is not None:
             layer.self_attn.sliding_window = 6
     assert supports(model) and "sliding_attention" in model.config.layer_types
-
-    class Record(LogitsProcessor):
-        def __init__(self):
-            self.scores = []
-
-        def __call__(self, input_ids, scores):
-            self.scores.append(scores.clone())
-            return scores
 
     batch = tok(["The capital of France is the city of", "Two plus two"], return_tensors="pt", padding=True)
     seen, saw = Record(), Record()
