@@ -23,11 +23,17 @@ captured per call and dropped after it; capture costs about one decode step. ``c
 eagerly (the CPU, and the tests that check it against ``generate`` token for token). Sliding-window layers
 (Gemma 3) keep full static layers and get their own decode mask, the full one cut to the last ``sliding_window``
 cache positions (transformers takes a dict of prepared masks by layer type).
+
+Under autocast (evaluate's bf16-mixed) the keys leave the rotary embedding in fp32 (bf16 ``k_proj`` output times
+fp32 cos / sin) while the values stay bf16; transformers 5.17's static layer allocates both buffers in the keys'
+dtype and then refuses the bf16 values. The cache here stores the values in the keys' dtype: exact (bf16 -> fp32),
+and the attention, which autocast runs in bf16, casts them back, so the logits are generate's.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 
 import torch
@@ -48,6 +54,22 @@ def supports(mm) -> bool:
     return hasattr(cfg, "num_hidden_layers") and set(_layer_types(cfg)) <= {"full_attention", "sliding_attention"}
 
 
+@functools.cache
+def _static_layer_class():
+    """transformers' static KV layer, storing the values in the keys' dtype (module docstring)."""
+    from transformers.cache_utils import StaticLayer
+
+    class SameDtypeStaticLayer(StaticLayer):
+        def update(self, key_states, value_states, *args, **kwargs):
+            return super().update(key_states, value_states.to(key_states.dtype), *args, **kwargs)
+
+    return SameDtypeStaticLayer
+
+
+def _static_layer(max_cache_len: int):
+    return _static_layer_class()(max_cache_len=max_cache_len)
+
+
 def _cache_kwarg(model) -> str:
     """The forward's name for the KV cache: ``past_key_values``, or ``cache`` from transformers 5.2x."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -61,7 +83,7 @@ def graph_generate(mm, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
     budget: it stops when every row has produced EOS; a finished row continues with ``pad_token_id``; no EOS:
     exactly ``max_new_tokens``). ``mm``: a ``MultiLoRAModel`` (``task_ids`` route its rows), or any transformers
     causal LM, peft's ``PeftModel`` included (the benchmarks' base and peft rows)."""
-    from transformers.cache_utils import Cache, StaticLayer
+    from transformers.cache_utils import Cache
 
     routed = hasattr(mm, "routing") and hasattr(mm, "ctx")
     model = mm.model if routed else mm
@@ -75,7 +97,7 @@ def graph_generate(mm, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
     types = _layer_types(cfg)
     # every layer a full static layer (a sliding-window layer too: its window is in its mask), so one buffer layout
     # and one mask per layer type serve every step
-    cache = Cache(layers=[StaticLayer(max_cache_len=P + N) for _ in types])
+    cache = Cache(layers=[_static_layer(P + N) for _ in types])
     window = int(cfg.sliding_window) if "sliding_attention" in types else None
     ckw = _cache_kwarg(model.get_base_model() if hasattr(model, "get_base_model") else model)
     mask = attention_mask.to(dev).long()

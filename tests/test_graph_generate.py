@@ -115,3 +115,31 @@ def test_engine_checks_its_first_call_and_falls_back_on_a_disagreement(assets, m
     assert torch.equal(engine(mm, batch["input_ids"], batch["attention_mask"], **kw), want)
     assert engine.name == "generate" and engine.check["rows_equal"] == 0
     assert DecodeEngine("auto", mm).name == "generate"  # the CPU: generate
+
+
+def test_bf16_autocast_keys_and_values_share_the_cache_dtype(assets):
+    """Under bf16 autocast the keys leave the rotary embedding in fp32 and the values stay bf16; transformers 5.17's
+    static layer sizes both buffers from the keys and refused the values (index_copy_ dtype error on an H200). The
+    cache stores the values in the keys' dtype (exact), and the decode still equals generate's tokens, its step logits within bf16 rounding (the static cache's
+    attention reduces over more, masked, keys)."""
+    from models.graph_generate import _static_layer
+
+    layer = _static_layer(4)
+    k = torch.randn(1, 2, 3, 8)
+    v = torch.randn(1, 2, 3, 8).bfloat16()
+    keys, values = layer.update(k, v, cache_kwargs={"cache_position": torch.arange(3)})
+    assert values.dtype == keys.dtype == torch.float32
+    assert torch.equal(values[:, :, :3], v.float())
+
+    mm = _mm(assets, "meteora", top_k=2)
+    tok = mm.tokenizer
+    batch = tok(PROMPTS, return_tensors="pt", padding=True)
+    kw = {"max_new_tokens": 6, "pad_token_id": tok.pad_token_id, "eos_token_id": None}
+    rec_want, rec_got = Record(), Record()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = mm.generate(**batch, do_sample=False, logits_processor=LogitsProcessorList([rec_want]), **kw)
+        got = graph_generate(mm, batch["input_ids"], batch["attention_mask"], capture=False,
+                             logits_processor=[rec_got], **kw)
+    assert torch.equal(got, want)
+    for a, b in zip(rec_got.scores, rec_want.scores, strict=True):
+        torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
