@@ -30,6 +30,9 @@ class MultiLoRALinear(nn.Module):
         # as a key would specialise the compiled graph to each layer). Not submodules: the bank and router own them.
         object.__setattr__(self, "slots", ctx.bank.slots[slot_key(module_name)])
         object.__setattr__(self, "route_state", None)
+        # the q / k / v or gate / up group this projection belongs to when grouped (models.projection_groups)
+        object.__setattr__(self, "group", None)
+        object.__setattr__(self, "group_index", 0)
 
     # what HF code may read off a projection
     @property
@@ -49,6 +52,11 @@ class MultiLoRALinear(nn.Module):
         return self.base_layer.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        group = self.group
+        if group is not None:  # grouped: the leader computes the group, the others take their share of it
+            out = group.lead(x) if self.group_index == 0 else group.take(self.group_index, x)
+            if out is not None:
+                return out
         y = self.base_layer(x)
         router = self.ctx.router
         route = router.route(self.module_name, x, self.route_state) if router is not None else None

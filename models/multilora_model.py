@@ -23,6 +23,7 @@ from torch import nn
 
 from models.adapter_bank import AdapterBank
 from models.multilora_linear import MultiLoRALinear
+from models.projection_groups import find_groups
 from models.routing import registry
 from models.routing.base import BaseRouter
 from models.routing.checkpoint import (
@@ -91,19 +92,41 @@ class MultiLoRAModel(nn.Module):
                 raise ValueError(f"{name} is already wrapped; build one MultiLoRAModel per base model")  # noqa: TRY004
             _set_submodule(model, name, MultiLoRALinear(base, name, self.ctx))
         self._hook = model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+        self._groups: list = []
         self.router: Router = BaseRouter(self.ctx)
         self.set_router(router, **router_kwargs)
 
     @classmethod
     def from_adapters(cls, model, adapters, *, targets=None, router="oracle", tokenizer=None,
-                      check_base_name: bool = True, **router_kwargs) -> MultiLoRAModel:
+                      check_base_name: bool = True, group_projections: bool = False,
+                      **router_kwargs) -> MultiLoRAModel:
         """Build from PEFT LoRA dirs: ``adapters`` is ``{name: dir}`` or a list of dirs (names = dir names).
 
         ``targets`` = projection names to wrap (e.g. ``METEORA_TARGETS``, ``DLP_TARGETS``); None wraps the union
-        of what the adapters touch. ``router`` and ``router_kwargs`` as in ``set_router``.
+        of what the adapters touch. ``router`` and ``router_kwargs`` as in ``set_router``. ``group_projections``:
+        see ``group_projections``.
         """
         bank = AdapterBank.from_peft_dirs(model, adapters, targets, check_base_name=check_base_name)
-        return cls(model, bank, router, tokenizer, **router_kwargs)
+        mm = cls(model, bank, router, tokenizer, **router_kwargs)
+        if group_projections:
+            mm.group_projections()
+        return mm
+
+    def group_projections(self, on: bool = True) -> int:
+        """Run q / k / v and gate / up of each block as one projection at inference (``models.projection_groups``):
+        their base weights packed into one tensor (each member's weight a view of it), and one packed LoRA where
+        the router routes every projection alike. ``on=False`` gives every member its own weight again. Call it
+        again after anything replaces the base weights (a dtype cast): a broken group runs its members alone.
+        Returns the number of groups."""
+        for g in self._groups:
+            g.unpack()
+        self._groups = find_groups(self.model, MultiLoRALinear) if on else []
+        for g in self._groups:
+            g.pack()
+            for i, m in enumerate(g.members):
+                object.__setattr__(m, "group", g)
+                object.__setattr__(m, "group_index", i)
+        return len(self._groups)
 
     # ---- strategy ----------------------------------------------------------------------------------------------
     def build_router(self, strategy, **kwargs) -> Router:
@@ -276,6 +299,7 @@ class MultiLoRAModel(nn.Module):
 
     def unwrap(self) -> nn.Module:
         """Put the original nn.Linear layers back, drop the hook, and return the plain HF model."""
+        self.group_projections(False)
         for name in self.bank.modules_wrapped:
             _set_submodule(self.model, name, self.model.get_submodule(name).base_layer)
         self._hook.remove()

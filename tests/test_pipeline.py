@@ -416,21 +416,24 @@ def test_evaluate_gives_each_task_its_answer_budget(smoke, tmp_path):
 
 def test_evaluate_graph_engine_predicts_what_generate_does(smoke, tmp_path):
     """generation.engine=graph (models.graph_generate; uncaptured on the CPU) writes the same predictions as
-    transformers' generate, single tasks (oracle) and composite-2 (EOS held back by a logits processor), and the
-    run records which engine ran."""
+    transformers' generate, single tasks (oracle) and composite-2 (EOS held back by a logits processor), and so
+    does it with generation.group_projections; the run records which engine ran and how many groups."""
     from pipeline.stages.evaluate import evaluate
 
     overrides, _exp = smoke
     common = [o for o in overrides if not o.startswith("allow_dirty=")] + ["data.test_limit=3", "composite_rows=2"]
     for extra in (["router=oracle"], ["router=base", "composite_n=2"]):
         preds = {}
-        for engine in ("generate", "graph"):
-            out = tmp_path / f"{extra[-1]}-{engine}"
-            evaluate(compose_stage("evaluate", [*common, *extra, f"generation.engine={engine}"], out))
-            preds[engine] = [json.loads(x)["prediction"] for x in (out / "predictions.jsonl").read_text().splitlines()]
+        for engine, grouped in (("generate", False), ("graph", False), ("graph", True)):
+            out = tmp_path / f"{extra[-1]}-{engine}-{grouped}"
+            evaluate(compose_stage("evaluate", [*common, *extra, f"generation.engine={engine}",
+                                                f"generation.group_projections={str(grouped).lower()}"], out))
+            preds[engine, grouped] = [json.loads(x)["prediction"]
+                                      for x in (out / "predictions.jsonl").read_text().splitlines()]
             rec = json.loads((out / "metrics.json").read_text())["metrics"]
-            assert rec["generation_engine"] == engine
-        assert preds["graph"] == preds["generate"] and len(preds["graph"]) >= 2
+            assert rec["generation_engine"] == engine and (rec["projection_groups"] > 0) == grouped
+        assert preds["graph", False] == preds["generate", False] == preds["graph", True]
+        assert len(preds["graph", False]) >= 2
 
 
 def test_route_trains_until_the_target_accuracy(smoke, tmp_path):

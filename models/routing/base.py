@@ -9,3 +9,5 @@ from models.routing.route import Router
 @strategy("base")
 class BaseRouter(Router):
     """Routes nothing: every wrapped projection returns its base output (``route`` is None)."""
+
+    shares_route = True

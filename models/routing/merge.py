@@ -26,6 +26,8 @@ from models.routing.route import Route, SequenceRouter
 
 @strategy("merge")
 class MergeRouter(SequenceRouter):
+    shares_route = False  # each projection gets its own merged LoRA (Route.lora)
+
     @staticmethod
     def check(adapters: list, mode: str = "delta") -> None:
         """Refuse an unknown mode (one ValueError line); the stages call it before a model loads."""

@@ -134,6 +134,9 @@ class Router(nn.Module):
     needs_task_ids = False
     #: True when its training rows are prompt + answer (a LM loss runs through the routed model), else the prompt
     reads_answers = False
+    #: True when every projection of a forward gets the same route (from ``route`` of any one of them): grouped
+    #: projections (``models.projection_groups``) then run one packed LoRA
+    shares_route = False
 
     def __init__(self, ctx: RouteContext):
         super().__init__()
@@ -186,6 +189,8 @@ class SequenceRouter(Router):
     Within one forward every wrapped projection gets the same ``Route`` object (built once for the forward's
     shape and dtype), so the 100-odd projection calls of a step add no routing work of their own.
     """
+
+    shares_route = True
 
     def __init__(self, ctx: RouteContext):
         super().__init__(ctx)

@@ -89,6 +89,7 @@ GENERATION_ENGINES = ("auto", "graph", "generate")
 class GenerationSettings:
     batch_size: int = MISSING  # prompts per generate call
     engine: str = MISSING  # auto | graph | generate (pipeline/stages/decode_engine.py)
+    group_projections: bool = MISSING  # q / k / v and gate / up as one projection each (models/projection_groups.py)
     max_new_tokens: Any = MISSING  # a number of tokens, or auto (pipeline/stages/answer_budget.py)
     composite_max_new_tokens_per_task: Any = MISSING  # a number of tokens, or auto
     composite_suppress_eos: bool = MISSING  # composite-n: EOS held back until n answers (pipeline/stages/eos_gate.py)

@@ -11,6 +11,9 @@ up,down) or ``qv`` projections. Strategies, each in its own model instance where
   meteora-top2   loramux, fresh token gates, top-2
   dlp-nucleus2   loramux, a fresh DLP router with its nucleus capped at 2 kept adapters (a trained router keeps 1-3)
   dlp-fresh      loramux, a fresh DLP router at top-p 0.6 (a near-uniform distribution: the widest nucleus)
+  <s>+grouped    the same loramux strategy with q / k / v and gate / up run as one projection each
+                 (``MultiLoRAModel.group_projections``: packed base weights, one packed LoRA where the route is
+                 shared, e.g. ``oracle+grouped``), in its own model beside the ungrouped one
 
 Engines: ``eager`` (``generate`` with the dynamic cache), ``static+compile`` (static KV cache, the decode step
 compiled with ``reduce-overhead``: CUDA graphs; CUDA only unless ``e2e.allow_static_on_cpu``) and ``static+graph``
@@ -49,6 +52,7 @@ from pipeline.stages.bench_timing import (
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("base", "peft", "oracle", "meteora-top2", "dlp-nucleus2", "dlp-fresh")
+GROUPED = "+grouped"  # a strategy label's suffix: the same router on the grouped model
 TARGETS = {"all7": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
            "qv": ["q_proj", "v_proj"]}
 # the loramux strategies' routers come from conf/router through bench.routers (label -> router overrides), as the
@@ -61,6 +65,7 @@ TARGET_RATIOS = (("static+compile", "oracle", "peft", 1.0), ("static+compile", "
                  ("static+graph", "oracle", "peft", 1.0), ("static+graph", "oracle", "base", 1.10),
                  ("static+graph", "meteora-top2", "base", 1.3), ("static+graph", "dlp-nucleus2", "base", 1.15),
                  ("eager", "oracle", "peft", 1.0))
+TARGET_RATIOS += tuple((e, s + GROUPED, ref, limit) for e, s, ref, limit in TARGET_RATIOS if e != "eager")
 
 
 def _sync(device) -> None:
@@ -102,19 +107,23 @@ class Contestants:
         if "peft" in strategies:
             pm = PeftModel.from_pretrained(make_model(), str(adapter)).eval()
             self.generate["peft"] = lambda i, m, **k: _decode(pm, i, m, **k)
-        routed = [s for s in strategies if s in routers]
-        if routed:
-            mm = MultiLoRAModel.from_adapters(make_model(), {f"a{i}": adapter for i in range(num_adapters)},
-                                              check_base_name=False)
-            for s in routed:
-                torch.manual_seed(0)
-                router = mm.build_router(routers[s].build, **routers[s].knobs)
+        routed = [s for s in strategies if s.removesuffix(GROUPED) in routers]
+        models = {}
+        for s in routed:
+            grouped = s.endswith(GROUPED)
+            if grouped not in models:
+                models[grouped] = MultiLoRAModel.from_adapters(
+                    make_model(), {f"a{i}": adapter for i in range(num_adapters)}, check_base_name=False,
+                    group_projections=grouped)
+            mm, spec = models[grouped], routers[s.removesuffix(GROUPED)]
+            torch.manual_seed(0)
+            router = mm.build_router(spec.build, **spec.knobs)
 
-                def gen(i, m, mm=mm, router=router, oracle=router.needs_task_ids, **k):
-                    mm.set_router(router)
-                    mm.set_routing(task_ids=[0] * i.shape[0] if oracle else None)
-                    return _decode(mm, i, m, **k)
-                self.generate[s] = gen
+            def gen(i, m, mm=mm, router=router, oracle=router.needs_task_ids, **k):
+                mm.set_router(router)
+                mm.set_routing(task_ids=[0] * i.shape[0] if oracle else None)
+                return _decode(mm, i, m, **k)
+            self.generate[s] = gen
 
 
 def _decode(model, ids, mask, engine: str | None = None, **kw):
@@ -191,6 +200,9 @@ def verdicts(records: list[dict]) -> list[dict]:
         for rec in records:
             if rec["engine"] != engine:
                 continue
+            tried = set(rec["rounds"]) | set(rec.get("skipped", [])) | set(rec.get("failed", {}))
+            if mine.endswith(GROUPED) and mine not in tried:
+                continue  # a grouped variant is judged where a run asked for it
             item = {"engine": engine, "strategy": mine, "versus": ref, "limit": limit, "targets": rec["targets"],
                     "batch_size": rec["batch_size"]}
             a, b = rec["rounds"].get(mine), rec["rounds"].get(ref)
@@ -256,7 +268,7 @@ def run(settings: dict, make_model, adapter_cfg: dict, vocab: int, device, recor
     if unknown:
         raise ValueError(f"bench.e2e.engines has {unknown}: not an engine; use {', '.join(ENGINE_LABELS)}")
     deadline = None if max_seconds is None else time.perf_counter() + float(max_seconds)
-    strategies = [s for s in settings["strategies"] if s in STRATEGIES]
+    strategies = [s for s in settings["strategies"] if s.removesuffix(GROUPED) in STRATEGIES]
     with tempfile.TemporaryDirectory(prefix="loramux-e2e-") as tmp:
         for targets in settings["targets"]:
             contestants = Contestants(make_model, adapter_cfg, targets, int(settings["num_adapters"]), strategies,

@@ -223,6 +223,7 @@ def evaluate(cfg: DictConfig) -> float | None:
     with StageRun(cfg) as run:
         mm, tokenizer = build_multilora(cfg, plan=plan)
         mm.eval()
+        grouped = mm.group_projections() if cfg.generation.group_projections else 0
         if n:
             subtasks, ds, group = _composite_group(cfg, n, subtasks, tokenizer)
             groups = [group]
@@ -241,7 +242,7 @@ def evaluate(cfg: DictConfig) -> float | None:
         seconds = gens[0].seconds if gens else 0.0
         metrics.update({"skipped_long": skipped, "gen_seconds": round(seconds, 3),
                         "new_tokens_per_s": round(new_tokens / max(seconds, 1e-9), 2),
-                        "processes": trainer.world_size, **engine.record()})
+                        "processes": trainer.world_size, "projection_groups": grouped, **engine.record()})
         atomic_write_text(run.run_dir / "predictions.jsonl", "".join(json.dumps(x) + "\n" for x in lines))
         if run.tracker is not None and lines:
             cols = ["task", "prompt", "answer", "prediction"]

@@ -1,0 +1,182 @@
+"""Projections that read the same input, run as one: q / k / v of an attention block, gate / up of an MLP.
+
+    q, k, v = x @ W_q.T, x @ W_k.T, x @ W_v.T   (+ each one's LoRA)    seven launches or more per group ...
+    qkv = x @ [W_q; W_k; W_v].T  (+ one packed LoRA)  ;  q, k, v = qkv.split(...)      ... three
+
+Why. Decoding a batch of one is launch-bound: the base projections are memory-bound GEMVs of a few microseconds each
+and every LoRA adds two tiny GEMMs of about the same cost, so an 8B model with adapters on all 7 projections of
+its 32 layers pays for 224 base and 448 LoRA launches per token. Grouping q / k / v and gate / up makes it 4 base
+GEMMs and 8 LoRA GEMMs per layer instead of 7 and 14 (vLLM packs the same slices in its LoRA layers).
+
+How.
+- Base: the members' weights are concatenated once into one ``[sum d_out, d_in]`` tensor and each member's
+  ``base_layer.weight`` becomes a view of its rows (no extra memory; the member still works alone).
+- LoRA, when the route is the same for every projection of the forward (the strategies that route once per
+  sequence: oracle, lora_b, dlp; ``Router.shares_route``): one LoRA over the packed output, of the members'
+  adapters stacked: ``A = [A_q | A_k | A_v]`` (``[d_in, sum r]``) and ``B`` block-diagonal (``[sum r, sum d_out]``),
+  each member's scale folded into its block and its rank padding zeroed (``where``, so a NaN in padding never
+  enters), so one scale of 1 and one rank serve the packed adapter. These are copies in the activations' dtype,
+  rebuilt when the bank changes (``AdapterBank.version``); a uniform route (one adapter for every row) packs only
+  that adapter.
+- The first member (the one HF calls first: q_proj, gate_proj) computes the group and keeps the other members'
+  outputs for the input it was given; a later member called with that same tensor takes its output, any other call
+  computes itself as before. Token routers (MeteoRA's per-projection gates) and merge's per-projection LoRA use the
+  packed base only through the views, each member routing its own LoRA.
+
+Inference only: with gradients enabled (training) every member runs as before, so autograd sees the bank's own
+parameters. ``MultiLoRAModel.group_projections()`` turns it on (``ungroup`` restores separate weights).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+#: sibling projection names that read the same input, in the order the HF blocks call them
+GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+class ProjectionGroup:
+    """The wrapped projections (``MultiLoRALinear``) of one block that read the same input; members[0] leads."""
+
+    def __init__(self, members: list):
+        self.members = members
+        self.sizes = [m.out_features for m in members]
+        self.weight = None  # the packed base weight; each member's base weight is a view of its rows
+        self.bias = None
+        self.views: list = []
+        self.ptrs: list = []
+        self._pending: tuple | None = None  # (x, [outputs of members 1..], how many taken)
+        self._packed: dict = {}  # (what, dtype, device) -> (bank.version, packed tensors)
+
+    # ---- base weights ------------------------------------------------------------------------------------------
+    @staticmethod
+    def can_pack(members) -> bool:
+        ws = [m.base_layer.weight for m in members]
+        biases = [m.base_layer.bias for m in members]
+        same = all(w.dtype == ws[0].dtype and w.device == ws[0].device and w.shape[1] == ws[0].shape[1] for w in ws)
+        return same and (all(b is None for b in biases) or all(b is not None for b in biases))
+
+    def pack(self) -> None:
+        """Concatenate the members' base weights (and biases) and point each member at its rows."""
+        layers = [m.base_layer for m in self.members]
+        with torch.no_grad():
+            self.weight = torch.cat([lin.weight.detach() for lin in layers], 0)
+            self.bias = None if layers[0].bias is None else torch.cat([lin.bias.detach() for lin in layers], 0)
+        o = 0
+        self.views = []
+        for lin, d in zip(layers, self.sizes):
+            grad = lin.weight.requires_grad
+            lin.weight = nn.Parameter(self.weight[o:o + d], requires_grad=grad)
+            if self.bias is not None:
+                lin.bias = nn.Parameter(self.bias[o:o + d], requires_grad=lin.bias.requires_grad)
+            self.views.append(lin.weight)
+            o += d
+        self.ptrs = [v.data_ptr() for v in self.views]
+
+    def unpack(self) -> None:
+        """Give every member its own contiguous weight again (before saving, or a change of dtype)."""
+        for m in self.members:
+            lin = m.base_layer
+            lin.weight = nn.Parameter(lin.weight.detach().clone(), requires_grad=lin.weight.requires_grad)
+            if lin.bias is not None:
+                lin.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=lin.bias.requires_grad)
+            object.__setattr__(m, "group", None)
+        self.weight, self.bias, self.views, self.ptrs, self._pending, self._packed = None, None, [], [], None, {}
+
+    def intact(self) -> bool:
+        """The members still hold the packed views: a weight replaced, or moved off them by ``model.to(dtype)``
+        (which swaps a parameter's data in place), breaks the group (its members then run alone). An in-place
+        copy (``load_state_dict``) writes through the views into the packed weight and keeps it."""
+        W = self.weight
+        for m, v, ptr in zip(self.members, self.views, self.ptrs):
+            w = m.base_layer.weight
+            if w is not v or w.dtype != W.dtype or w.device != W.device:
+                return False
+            if not torch.compiler.is_compiling() and w.data_ptr() != ptr:  # (a compiled graph guards dtype, device)
+                return False
+        return True
+
+    # ---- forward -----------------------------------------------------------------------------------------------
+    def lead(self, x: torch.Tensor):
+        """The first member's output, the others kept for their calls on ``x``; None: run the member alone."""
+        router = self.members[0].ctx.router
+        if torch.is_grad_enabled() or not self.intact() or (router is not None and not router.shares_route):
+            return None
+        y = nn.functional.linear(x, self.weight, self.bias)
+        leader = self.members[0]
+        route = router.route(leader.module_name, x, leader.route_state) if router is not None else None
+        if route is not None and len(leader.ctx.bank) > 0:
+            y = self._add_lora(x, y, route)
+            if y is None:
+                return None
+        outs = list(y.split(self.sizes, dim=-1))
+        self._pending = (x, outs, 1)
+        return outs[0]
+
+    def take(self, index: int, x: torch.Tensor):
+        """Member ``index``'s output kept by the leader for this very ``x``; None otherwise."""
+        p = self._pending
+        if p is None or p[0] is not x:
+            return None
+        n = p[2] + 1
+        self._pending = None if n == len(self.members) else (p[0], p[1], n)
+        return p[1][index]
+
+    def _add_lora(self, x, y, route):
+        from kernels import multi_lora, multi_lora_uniform
+
+        if route.coef is not None or route.lora is not None:
+            return None  # a per-projection route form: each member runs its own
+        bank = self.members[0].ctx.bank
+        if route.uniform is not None:
+            A, B = self._packed_tensors(bank, x.dtype, x.device, route.uniform)
+            return multi_lora_uniform(x, y, A, B, 1.0)
+        A, B, scales, ranks = self._packed_tensors(bank, x.dtype, x.device, None)
+        return multi_lora(x, y, A, B, scales, ranks, route.ids, route.weights, route.seq_ids)
+
+    def _packed_tensors(self, bank, dtype, device, adapter: int | None):
+        """The members' adapters as one (module docstring): adapter ``adapter``'s ``(A [d_in, sum r], B)``, or the
+        whole bank's ``(A [L, d_in, sum R], B [L, sum R, sum d_out], scales = 1, ranks = sum R)``."""
+        key = (adapter, dtype, device)
+        hit = self._packed.get(key)
+        if hit is not None and hit[0] == bank.version:
+            return hit[1]
+        slots = [m.slots for m in self.members]
+        with torch.no_grad():
+            if adapter is not None:
+                blocks = [(s.A[adapter, :, :s.host_ranks[adapter]], s.B[adapter, :s.host_ranks[adapter]],
+                           s.host_scales[adapter]) for s in slots]
+                value = (torch.cat([a for a, _, _ in blocks], 1).to(dtype).contiguous(),
+                         torch.block_diag(*[b.float() * sc for _, b, sc in blocks]).to(dtype))
+            else:
+                L = len(bank)
+                As, Bs = [], []
+                for s in slots:
+                    R = s.A.shape[2]
+                    live = torch.arange(R, device=s.A.device)[None, :] < s.ranks[:, None]  # [L, R]
+                    As.append(torch.where(live[:, None, :], s.A, torch.zeros((), dtype=s.A.dtype, device=s.A.device)))
+                    b = torch.where(live[:, :, None], s.B, torch.zeros((), dtype=s.B.dtype, device=s.B.device))
+                    Bs.append(b.float() * s.scales.float()[:, None, None])
+                A = torch.cat(As, 2).to(dtype).contiguous()
+                Rs = [b.shape[1] for b in Bs]
+                B = torch.zeros(L, sum(Rs), sum(self.sizes), dtype=dtype, device=device)
+                r0 = c0 = 0
+                for b, d in zip(Bs, self.sizes):
+                    B[:, r0:r0 + b.shape[1], c0:c0 + d] = b.to(dtype)
+                    r0, c0 = r0 + b.shape[1], c0 + d
+                value = (A.to(device), B, torch.ones(L, dtype=torch.float32, device=device),
+                         torch.full((L,), sum(Rs), dtype=torch.int32, device=device))
+        self._packed[key] = (bank.version, value)
+        return value
+
+
+def find_groups(model: nn.Module, wrapped_type) -> list[ProjectionGroup]:
+    """Every group of sibling wrapped projections in ``model`` (``GROUPS``) whose base weights can be packed."""
+    groups = []
+    for parent in model.modules():
+        for names in GROUPS:
+            members = [getattr(parent, n, None) for n in names]
+            if all(isinstance(m, wrapped_type) for m in members) and ProjectionGroup.can_pack(members):
+                groups.append(ProjectionGroup(members))
+    return groups

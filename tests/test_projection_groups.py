@@ -1,0 +1,179 @@
+"""models.projection_groups: q / k / v and gate / up run as one packed projection at inference, with the outputs of
+the ungrouped model.
+
+The test adapters differ in rank (8, 4), scale (rsLoRA) and targets (only "a" touches k_proj, gate_proj, up_proj),
+so the packed adapter's blocks have different ranks, scales and empty blocks. Every router is compared: the ones
+that route all projections alike run one packed LoRA, the others (MeteoRA's per-projection gates, merge's
+per-projection LoRA) the packed base only.
+"""
+
+import pytest
+import torch
+
+from models import MultiLoRAModel, load_base_model
+from models.graph_generate import graph_generate
+from models.tiny import save_test_assets
+
+PROMPTS = ["hello world, this is a test", "[INST] what is 2+2? [/INST]\n", "abc"]
+
+ROUTERS = [
+    ("oracle", {}, ["a", "b", "c"]),
+    ("oracle", {}, ["a", "a", "a"]),          # one adapter for every row: the packed adapter alone
+    ("lora_b", {"adapter": "c"}, None),
+    ("dlp", {"hidden": 32, "layers": 1}, None),
+    ("base", {}, None),
+    ("meteora", {"top_k": 2}, None),          # per-projection routes: the packed base only
+    ("merge", {}, None),
+]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return save_test_assets(tmp_path_factory.mktemp("projection_groups"))
+
+
+def _mm(assets, router, kw, grouped: bool):
+    base, dirs = assets
+    model, tok = load_base_model(base)
+    torch.manual_seed(0)  # the same fresh gates / router weights for both models
+    return MultiLoRAModel.from_adapters(model, {n: str(d) for n, d in dirs.items()}, router=router, tokenizer=tok,
+                                        group_projections=grouped, **kw).eval()
+
+
+def _count_base_calls(mm):
+    calls = {}
+    for name, m in mm.model.named_modules():
+        if hasattr(m, "base_layer"):
+            m.base_layer.register_forward_hook(lambda mod, a, o, n=name: calls.__setitem__(n, calls.get(n, 0) + 1))
+    return calls
+
+
+@pytest.mark.parametrize("router, kw, task_ids", ROUTERS)
+def test_grouped_logits_and_tokens_equal_the_ungrouped_model(assets, router, kw, task_ids):
+    plain, grouped = _mm(assets, router, kw, False), _mm(assets, router, kw, True)
+    assert grouped._groups and len(grouped._groups) == 4  # 2 layers x (q/k/v, gate/up)
+    tok = plain.tokenizer
+    batch = tok(PROMPTS, return_tensors="pt", padding=True)
+    extra = {"task_ids": task_ids} if task_ids is not None else {}
+    calls = _count_base_calls(grouped)
+    with torch.no_grad():
+        want = plain(**batch, **extra).logits
+        got = grouped(**batch, **extra).logits
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    members = [n for n in calls if n.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")]
+    if grouped.router.shares_route:  # the group ran as one: no member's own base layer was called
+        assert members == []
+    else:
+        assert len(members) == 10 and all(calls[n] == 1 for n in members)
+
+    kw_gen = {"max_new_tokens": 6, "pad_token_id": tok.pad_token_id, "eos_token_id": None, **extra}
+    want_ids = plain.generate(**batch, do_sample=False, **kw_gen)
+    got_ids = graph_generate(grouped, batch["input_ids"], batch["attention_mask"], capture=False, **kw_gen)
+    assert torch.equal(got_ids, want_ids)
+
+
+def test_training_runs_the_members_alone_with_the_bank_gradients(assets):
+    """With gradients enabled nothing is grouped: the adapters' gradients are the ungrouped model's."""
+    plain, grouped = _mm(assets, "oracle", {}, False), _mm(assets, "oracle", {}, True)
+    tok = plain.tokenizer
+    batch = tok(PROMPTS, return_tensors="pt", padding=True)
+    grads = []
+    for mm in (plain, grouped):
+        mm.set_trainable("adapters")
+        loss = mm(**batch, labels=batch["input_ids"], task_ids=["a", "b", "c"]).loss
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in mm.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-6, rtol=1e-5)
+
+
+def test_nan_in_what_is_not_routed_never_reaches_the_grouped_output(assets):
+    """Poison adapter "b" (NaN in its live and padding columns) and the rank padding of "a" and "c", and route only
+    "a" and "c": the grouped output equals the clean model's (the packed bank zeroes padding with a select)."""
+    clean, poisoned = _mm(assets, "oracle", {}, True), _mm(assets, "oracle", {}, True)
+    b = poisoned.bank.index("b")
+    with torch.no_grad():
+        for slots in poisoned.bank.slots.values():
+            slots.A[b] = float("nan")
+            slots.B[b] = float("nan")
+            for a in (poisoned.bank.index("a"), poisoned.bank.index("c")):
+                r = slots.host_ranks[a]
+                assert r < slots.A.shape[2]  # there is padding to poison
+                slots.A[a, :, r:] = float("nan")
+                slots.B[a, r:] = float("nan")
+    poisoned.bank.version += 1
+    tok = clean.tokenizer
+    batch = tok(PROMPTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        want = clean(**batch, task_ids=["a", "c", "a"]).logits
+        got = poisoned(**batch, task_ids=["a", "c", "a"]).logits
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+def test_a_member_called_on_another_input_computes_itself(assets):
+    """The leader keeps the others' outputs for its own input only: k_proj called on another tensor (not how HF
+    calls it, but a caller may) computes its own projection of that tensor."""
+    plain, grouped = _mm(assets, "oracle", {}, False), _mm(assets, "oracle", {}, True)
+    for mm in (plain, grouped):
+        mm.set_routing(task_ids=["a"])
+        mm.router.begin_forward(torch.zeros(1, 5, dtype=torch.long), None, None, True)
+    x1, x2 = torch.randn(1, 5, 64), torch.randn(1, 5, 64)
+    attn = [mm.model.model.layers[0].self_attn for mm in (plain, grouped)]
+    with torch.no_grad():
+        grouped_q = attn[1].q_proj(x1)
+        torch.testing.assert_close(grouped_q, attn[0].q_proj(x1), atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(attn[1].k_proj(x2), attn[0].k_proj(x2), atol=2e-5, rtol=1e-5)
+
+
+def test_a_bank_change_repacks_and_a_replaced_weight_breaks_the_group(assets):
+    """A hot swap changes the packed adapter; a base weight replaced after grouping (a cast) runs its group's
+    members alone, still correct; ungrouping gives every member its own contiguous weight (savable)."""
+    _, dirs = assets
+    plain, grouped = _mm(assets, "oracle", {}, False), _mm(assets, "oracle", {}, True)
+    tok = plain.tokenizer
+    batch = tok(PROMPTS, return_tensors="pt", padding=True)
+    ids = ["a", "a", "a"]
+    with torch.no_grad():
+        grouped(**batch, task_ids=ids)
+        for mm in (plain, grouped):
+            mm.replace_adapter("a", dirs["c"])
+        torch.testing.assert_close(grouped(**batch, task_ids=ids).logits, plain(**batch, task_ids=ids).logits,
+                                   atol=2e-5, rtol=1e-5)
+        q = grouped.model.model.layers[0].self_attn.q_proj.base_layer
+        q.weight = torch.nn.Parameter(q.weight.detach().clone(), requires_grad=False)
+        g = grouped.model.model.layers[0].self_attn.q_proj.group
+        assert not g.intact()
+        torch.testing.assert_close(grouped(**batch, task_ids=ids).logits, plain(**batch, task_ids=ids).logits,
+                                   atol=2e-5, rtol=1e-5)
+    for mm in (plain, grouped):  # model.to(dtype) swaps every parameter's data: the groups run their members alone
+        mm.to(torch.float64)
+    assert not any(g.intact() for g in grouped._groups)
+    with torch.no_grad():
+        torch.testing.assert_close(grouped(**batch, task_ids=ids).logits, plain(**batch, task_ids=ids).logits)
+    model = grouped.unwrap()
+    k = model.model.layers[0].self_attn.k_proj.weight
+    assert k.is_contiguous() and k.untyped_storage().nbytes() == k.numel() * k.element_size()
+
+
+def test_the_triton_kernels_take_the_packed_bank(assets, monkeypatch):
+    """The packed bank (sum R = 48 for q / k / v) through the Triton kernels (the interpreter here, so only the
+    grouped model runs them; the ungrouped one on the torch path, which other tests hold to the kernels): the
+    prefill and a decode step give the ungrouped model's tokens and step logits."""
+    from test_graph_generate import Record
+
+    plain, grouped = _mm(assets, "oracle", {}, False), _mm(assets, "oracle", {}, True)
+    tok = plain.tokenizer
+    batch = tok(["[INST] hi", "a b c", "xyz"], return_tensors="pt", padding=True)
+    kw_gen = {"max_new_tokens": 2, "pad_token_id": tok.pad_token_id, "eos_token_id": None, "task_ids": ["a", "b", "c"]}
+    want_scores, got_scores = Record(), Record()
+    monkeypatch.setenv("LORAMUX_KERNEL_BACKEND", "torch")
+    want = graph_generate(plain, batch["input_ids"], batch["attention_mask"], capture=False,
+                          logits_processor=[want_scores], **kw_gen)
+    monkeypatch.setenv("LORAMUX_KERNEL_BACKEND", "triton")
+    got = graph_generate(grouped, batch["input_ids"], batch["attention_mask"], capture=False,
+                         logits_processor=[got_scores], **kw_gen)
+    assert torch.equal(got, want)
+    for a, b in zip(got_scores.scores, want_scores.scores, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
