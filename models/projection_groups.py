@@ -1,30 +1,37 @@
-"""Projections that read the same input, run as one: q / k / v of an attention block, gate / up of an MLP.
+"""Projections that read the same input, run as one: q / k / v of an attention block, gate / up of an MLP (and
+o / down alone, for the shrink below).
 
-    q, k, v = x @ W_q.T, x @ W_k.T, x @ W_v.T   (+ each one's LoRA)    seven launches or more per group ...
-    qkv = x @ [W_q; W_k; W_v].T  (+ one packed LoRA)  ;  q, k, v = qkv.split(...)      ... three
+    q, k, v = x @ W_q.T, x @ W_k.T, x @ W_v.T, each + s (x @ A) @ B        9 launches (3 base, 6 LoRA)
+    [qkv | h] = x @ [W_q; W_k; W_v; A_q^T; A_k^T; A_v^T].T                  1 launch: base and shrink together
+    qkv += h @ blockdiag(s_q B_q, s_k B_k, s_v B_v)                         1 launch: the expand
+    q, k, v = qkv.split(...)
 
 Why. Decoding a batch of one is launch-bound: the base projections are memory-bound GEMVs of a few microseconds each
 and every LoRA adds two tiny GEMMs of about the same cost, so an 8B model with adapters on all 7 projections of
-its 32 layers pays for 224 base and 448 LoRA launches per token. Grouping q / k / v and gate / up makes it 4 base
-GEMMs and 8 LoRA GEMMs per layer instead of 7 and 14 (vLLM packs the same slices in its LoRA layers).
+its 32 layers pays for 224 base and 448 LoRA launches per token. Grouped, a layer takes 4 base GEMMs (q/k/v,
+o, gate/up, down) that also compute the shrink, and 4 expands: 8 launches where the base model takes 7 (vLLM packs
+the same slices in its LoRA layers; here the shrink also rides in the base GEMM).
 
 How.
-- Base: the members' weights are concatenated once into one ``[sum d_out, d_in]`` tensor and each member's
-  ``base_layer.weight`` becomes a view of its rows (no extra memory; the member still works alone).
-- LoRA, when the route is the same for every projection of the forward (the strategies that route once per
-  sequence: oracle, lora_b, dlp; ``Router.shares_route``): one LoRA over the packed output, of the members'
-  adapters stacked: ``A = [A_q | A_k | A_v]`` (``[d_in, sum r]``) and ``B`` block-diagonal (``[sum r, sum d_out]``),
-  each member's scale folded into its block and its rank padding zeroed (``where``, so a NaN in padding never
-  enters), so one scale of 1 and one rank serve the packed adapter. These are copies in the activations' dtype,
-  rebuilt when the bank changes (``AdapterBank.version``); a uniform route (one adapter for every row) packs only
-  that adapter.
+- Base: the members' weights are copied once into one ``[sum d_out + extra, d_in]`` tensor and each member's
+  ``base_layer.weight`` becomes a view of its rows (the member still works alone; the old weights are freed).
+  The ``extra`` rows (the members' largest adapter ranks summed, rounded up to 8) hold the shrink.
+- One adapter for every row (a uniform route: lora_b, the oracle on a batch of one task): that adapter's
+  ``[A_q | A_k | A_v]^T`` is written into the extra rows (once per adapter and bank version), so the base GEMM's
+  last columns are ``h = x @ A``, and one ``addmm`` adds ``h @ B`` with ``B`` block-diagonal, each member's scale
+  folded into its block (rsLoRA, rank patterns and adapters that skip a member pack too).
+- Any other route that is the same for every projection of the forward (``Router.shares_route``: the oracle with
+  mixed tasks, dlp): the routed kernels on a packed bank, ``A = [A_q | A_k | A_v]`` (``[L, d_in, sum R]``) and
+  ``B`` block-diagonal (``[L, sum R, sum d_out]``), scales folded, rank padding zeroed by a select (a NaN in
+  padding never enters), ranks ``sum R``; copies in the activations' dtype, rebuilt when ``AdapterBank.version``
+  moves.
 - The first member (the one HF calls first: q_proj, gate_proj) computes the group and keeps the other members'
   outputs for the input it was given; a later member called with that same tensor takes its output, any other call
-  computes itself as before. Token routers (MeteoRA's per-projection gates) and merge's per-projection LoRA use the
-  packed base only through the views, each member routing its own LoRA.
+  computes itself as before. Token routers (MeteoRA's per-projection gates) and merge's per-projection LoRA run
+  each member alone (on its view of the packed weight).
 
 Inference only: with gradients enabled (training) every member runs as before, so autograd sees the bank's own
-parameters. ``MultiLoRAModel.group_projections()`` turns it on (``ungroup`` restores separate weights).
+parameters. ``MultiLoRAModel.group_projections()`` turns it on (``group_projections(False)`` gives every member its own weight again).
 """
 
 from __future__ import annotations
@@ -33,19 +40,24 @@ import torch
 from torch import nn
 
 #: sibling projection names that read the same input, in the order the HF blocks call them
-GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("o_proj",), ("down_proj",))
+SHRINK_ALIGN = 8  # the shrink rows appended to a packed weight, rounded up to this many
 
 
 class ProjectionGroup:
-    """The wrapped projections (``MultiLoRALinear``) of one block that read the same input; members[0] leads."""
+    """The wrapped projections (``MultiLoRAModel``'s ``MultiLoRALinear``) of one block that read the same input
+    (one, for o_proj / down_proj); members[0] leads."""
 
     def __init__(self, members: list):
         self.members = members
         self.sizes = [m.out_features for m in members]
-        self.weight = None  # the packed base weight; each member's base weight is a view of its rows
+        self.out = sum(self.sizes)
+        self.weight = None  # [out + extra, d_in]: the members' base weights (views), then the shrink rows
         self.bias = None
+        self.extra = 0
         self.views: list = []
         self.ptrs: list = []
+        self._shrink: tuple | None = None  # (adapter, bank version) whose A^T fills the shrink rows
         self._pending: tuple | None = None  # (x, [outputs of members 1..], how many taken)
         self._packed: dict = {}  # (what, dtype, device) -> (bank.version, packed tensors)
 
@@ -58,11 +70,19 @@ class ProjectionGroup:
         return same and (all(b is None for b in biases) or all(b is not None for b in biases))
 
     def pack(self) -> None:
-        """Concatenate the members' base weights (and biases) and point each member at its rows."""
+        """Copy the members' base weights (and biases) into one tensor with room for the shrink rows (the sum of
+        the members' largest adapter ranks), and point each member at its rows."""
         layers = [m.base_layer for m in self.members]
+        w0 = layers[0].weight
+        r = sum(max(m.slots.host_ranks, default=0) for m in self.members)
+        self.extra = -(-r // SHRINK_ALIGN) * SHRINK_ALIGN
         with torch.no_grad():
-            self.weight = torch.cat([lin.weight.detach() for lin in layers], 0)
-            self.bias = None if layers[0].bias is None else torch.cat([lin.bias.detach() for lin in layers], 0)
+            self.weight = torch.zeros(self.out + self.extra, w0.shape[1], dtype=w0.dtype, device=w0.device)
+            torch.cat([lin.weight.detach() for lin in layers], 0, out=self.weight[:self.out])
+            self.bias = None
+            if layers[0].bias is not None:
+                self.bias = torch.zeros(self.out + self.extra, dtype=layers[0].bias.dtype, device=w0.device)
+                torch.cat([lin.bias.detach() for lin in layers], 0, out=self.bias[:self.out])
         o = 0
         self.views = []
         for lin, d in zip(layers, self.sizes):
@@ -73,6 +93,7 @@ class ProjectionGroup:
             self.views.append(lin.weight)
             o += d
         self.ptrs = [v.data_ptr() for v in self.views]
+        self._shrink = None
 
     def unpack(self) -> None:
         """Give every member its own contiguous weight again (before saving, or a change of dtype)."""
@@ -103,16 +124,53 @@ class ProjectionGroup:
         router = self.members[0].ctx.router
         if torch.is_grad_enabled() or not self.intact() or (router is not None and not router.shares_route):
             return None
-        y = nn.functional.linear(x, self.weight, self.bias)
         leader = self.members[0]
         route = router.route(leader.module_name, x, leader.route_state) if router is not None else None
-        if route is not None and len(leader.ctx.bank) > 0:
+        if route is not None and len(leader.ctx.bank) == 0:
+            route = None
+        if route is not None and (route.coef is not None or route.lora is not None):
+            return None  # a per-projection route form: each member runs its own
+        B_slot = None
+        if route is not None and route.uniform is not None:
+            B_slot = self._shrink_rows(leader.ctx.bank, route.uniform, x.dtype)
+        y_all = nn.functional.linear(x, self.weight, self.bias)
+        y = y_all[..., :self.out]
+        if B_slot is not None:  # the shrink came out of the base GEMM: x @ A is y_all's last columns
+            lead = y.shape[:-1]
+            y2 = y_all.reshape(-1, y_all.shape[-1])
+            y = torch.addmm(y2[:, :self.out], y2[:, self.out:], B_slot.to(y2.dtype)).reshape(*lead, self.out)
+        elif route is not None:
             y = self._add_lora(x, y, route)
-            if y is None:
-                return None
         outs = list(y.split(self.sizes, dim=-1))
-        self._pending = (x, outs, 1)
+        self._pending = (x, outs, 1) if len(outs) > 1 else None
         return outs[0]
+
+    def _shrink_rows(self, bank, adapter: int, dtype):
+        """Write adapter ``adapter``'s ``[A_q | A_k | A_v]^T`` into the packed weight's shrink rows (once per adapter
+        and bank version), so the base GEMM also computes ``x @ A``; return the block-diagonal B of those rows
+        (``[extra, out]``, scales folded in). None when the adapter's ranks need more rows than there are."""
+        ranks = [m.slots.host_ranks[adapter] for m in self.members]
+        if sum(ranks) == 0 or sum(ranks) > self.extra:
+            return None
+        key = (adapter, bank.version)
+        if self._shrink != key:
+            with torch.no_grad():
+                rows = torch.cat([m.slots.A[adapter, :, :r].T for m, r in zip(self.members, ranks)], 0)
+                self.weight[self.out:self.out + rows.shape[0]] = rows.to(self.weight.dtype)
+                self.weight[self.out + rows.shape[0]:] = 0
+            self._shrink = key
+        hit = self._packed.get(("rows", adapter, dtype))
+        if hit is not None and hit[0] == bank.version:
+            return hit[1]
+        with torch.no_grad():
+            B = torch.zeros(self.extra, self.out, dtype=torch.float32, device=self.weight.device)
+            r0 = c0 = 0
+            for m, r, d in zip(self.members, ranks, self.sizes):
+                B[r0:r0 + r, c0:c0 + d] = m.slots.B[adapter, :r].float() * m.slots.host_scales[adapter]
+                r0, c0 = r0 + r, c0 + d
+            B = B.to(dtype)
+        self._packed[("rows", adapter, dtype)] = (bank.version, B)
+        return B
 
     def take(self, index: int, x: torch.Tensor):
         """Member ``index``'s output kept by the leader for this very ``x``; None otherwise."""
@@ -124,12 +182,11 @@ class ProjectionGroup:
         return p[1][index]
 
     def _add_lora(self, x, y, route):
+        """The packed LoRA on the packed output, through the routed kernels (any shared route but uniform)."""
         from kernels import multi_lora, multi_lora_uniform
 
-        if route.coef is not None or route.lora is not None:
-            return None  # a per-projection route form: each member runs its own
         bank = self.members[0].ctx.bank
-        if route.uniform is not None:
+        if route.uniform is not None:  # an adapter too wide for the shrink rows (hot-swapped in after packing)
             A, B = self._packed_tensors(bank, x.dtype, x.device, route.uniform)
             return multi_lora_uniform(x, y, A, B, 1.0)
         A, B, scales, ranks = self._packed_tensors(bank, x.dtype, x.device, None)

@@ -51,7 +51,7 @@ def _count_base_calls(mm):
 @pytest.mark.parametrize("router, kw, task_ids", ROUTERS)
 def test_grouped_logits_and_tokens_equal_the_ungrouped_model(assets, router, kw, task_ids):
     plain, grouped = _mm(assets, router, kw, False), _mm(assets, router, kw, True)
-    assert grouped._groups and len(grouped._groups) == 4  # 2 layers x (q/k/v, gate/up)
+    assert len(grouped._groups) == 8  # 2 layers x (q/k/v, gate/up, o, down)
     tok = plain.tokenizer
     batch = tok(PROMPTS, return_tensors="pt", padding=True)
     extra = {"task_ids": task_ids} if task_ids is not None else {}
@@ -60,11 +60,17 @@ def test_grouped_logits_and_tokens_equal_the_ungrouped_model(assets, router, kw,
         want = plain(**batch, **extra).logits
         got = grouped(**batch, **extra).logits
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
-    members = [n for n in calls if n.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")]
-    if grouped.router.shares_route:  # the group ran as one: no member's own base layer was called
-        assert members == []
+    if grouped.router.shares_route:  # each group ran as one: no member's own base layer was called
+        assert calls == {}
     else:
-        assert len(members) == 10 and all(calls[n] == 1 for n in members)
+        assert len(calls) == 14 and all(c == 1 for c in calls.values())
+    one = kw.get("adapter") or (task_ids[0] if task_ids is not None and len(set(task_ids)) == 1 else None)
+    # one adapter for every row: its shrink rode in the base GEMM (the packed weight's last rows) wherever it has a
+    # rank; adapter "c" (lora_b's) touches only q, v and down
+    for g in grouped._groups:
+        touched = one is not None and any(m.slots.host_ranks[grouped.bank.index(one)] for m in g.members)
+        assert (g._shrink is not None) == touched
+    assert one is None or sum(g._shrink is not None for g in grouped._groups) == {"a": 8, "c": 4}[one]
 
     kw_gen = {"max_new_tokens": 6, "pad_token_id": tok.pad_token_id, "eos_token_id": None, **extra}
     want_ids = plain.generate(**batch, do_sample=False, **kw_gen)
