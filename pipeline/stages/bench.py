@@ -368,7 +368,8 @@ def e2e_suite(cfg: DictConfig, run) -> float | None:
         new = {(r["engine"], r["targets"], r["batch_size"]) for r in records}
         records = [r for r in json.loads(table.read_text())["records"]
                    if (r["engine"], r["targets"], r["batch_size"]) not in new] + records
-    conf = {"shape": shape, **{k: v for k, v in settings.items() if k != "merge"}}
+    conf = {"shape": shape, "dtype": str(dtype).removeprefix("torch."),
+            **{k: v for k, v in settings.items() if k != "merge"}}
     doc = {"provenance": prov, "config": conf, "records": records, "rows": e2e.rows_from(records),
            "targets": e2e.verdicts(records)}
     if table is not None:

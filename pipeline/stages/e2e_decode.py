@@ -222,9 +222,11 @@ def verdicts(records: list[dict]) -> list[dict]:
 
 def markdown(doc: dict) -> str:
     p, c = doc["provenance"], doc["config"]
+    dtype = c.get("dtype", "bfloat16")  # (tables before the key: bf16 on CUDA)
+    where = "bf16 on CUDA" if dtype == "bfloat16" and p["device"].startswith("cuda") else f"{dtype} on {p['device']}"
     lines = ["# e2e_decode: ms per generated token, loramux beside peft's single LoRA and the base model", "",
              written_by("e2e_decode", p),
-             (f"Model: {c['shape']} (random weights, bf16 on CUDA); {c['num_adapters']} random r=8 adapters; prompt "
+             (f"Model: {c['shape']} (random weights, {where}); {c['num_adapters']} random r=8 adapters; prompt "
               f"{c['prompt_len']} tokens, {c['new_tokens']} new tokens, greedy; {c['warmup']} warm-up, then "
               f"{c['repeats']} interleaved rounds, medians. Raw per-round times in the JSON beside this file."), "",
              "| engine | targets | batch | strategy | adapters | decode ms/token | x base | prefill ms | peak GB |",
