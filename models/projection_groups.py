@@ -39,6 +39,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from models.adapter_bank import RANK_MULTIPLE
+
 #: sibling projection names that read the same input, in the order the HF blocks call them
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("o_proj",), ("down_proj",))
 SHRINK_ALIGN = 8  # the shrink rows appended to a packed weight, rounded up to this many
@@ -130,6 +132,8 @@ class ProjectionGroup:
             route = None
         if route is not None and (route.coef is not None or route.lora is not None):
             return None  # a per-projection route form: each member runs its own
+        if route is not None and route.uniform is None and x.dim() == 3 and x.shape[1] > 1:
+            return None  # a prefill on the packed bank: its zero blocks would be computed as a dense GEMM
         B_slot = None
         if route is not None and route.uniform is not None:
             B_slot = self._shrink_rows(leader.ctx.bank, route.uniform, x.dtype)
@@ -194,7 +198,8 @@ class ProjectionGroup:
 
     def _packed_tensors(self, bank, dtype, device, adapter: int | None):
         """The members' adapters as one (module docstring): adapter ``adapter``'s ``(A [d_in, sum r], B)``, or the
-        whole bank's ``(A [L, d_in, sum R], B [L, sum R, sum d_out], scales = 1, ranks = sum R)``."""
+        whole bank's ``(A [L, d_in, R], B [L, R, sum d_out], scales = 1, ranks = R)``, R = the members' widest
+        ranks summed, padded to ``RANK_MULTIPLE``."""
         key = (adapter, dtype, device)
         hit = self._packed.get(key)
         if hit is not None and hit[0] == bank.version:
@@ -206,24 +211,22 @@ class ProjectionGroup:
                            s.host_scales[adapter]) for s in slots]
                 value = (torch.cat([a for a, _, _ in blocks], 1).to(dtype).contiguous(),
                          torch.block_diag(*[b.float() * sc for _, b, sc in blocks]).to(dtype))
-            else:
+            else:  # each member's block as wide as its widest adapter, the total padded to the kernels' multiple
                 L = len(bank)
-                As, Bs = [], []
-                for s in slots:
-                    R = s.A.shape[2]
-                    live = torch.arange(R, device=s.A.device)[None, :] < s.ranks[:, None]  # [L, R]
-                    As.append(torch.where(live[:, None, :], s.A, torch.zeros((), dtype=s.A.dtype, device=s.A.device)))
-                    b = torch.where(live[:, :, None], s.B, torch.zeros((), dtype=s.B.dtype, device=s.B.device))
-                    Bs.append(b.float() * s.scales.float()[:, None, None])
-                A = torch.cat(As, 2).to(dtype).contiguous()
-                Rs = [b.shape[1] for b in Bs]
-                B = torch.zeros(L, sum(Rs), sum(self.sizes), dtype=dtype, device=device)
+                widths = [max(sl.host_ranks, default=0) for sl in slots]
+                total = max(RANK_MULTIPLE, -(-sum(widths) // RANK_MULTIPLE) * RANK_MULTIPLE)
+                A = torch.zeros(L, slots[0].A.shape[1], total, dtype=dtype, device=device)
+                B = torch.zeros(L, total, self.out, dtype=dtype, device=device)
                 r0 = c0 = 0
-                for b, d in zip(Bs, self.sizes):
-                    B[:, r0:r0 + b.shape[1], c0:c0 + d] = b.to(dtype)
-                    r0, c0 = r0 + b.shape[1], c0 + d
-                value = (A.to(device), B, torch.ones(L, dtype=torch.float32, device=device),
-                         torch.full((L,), sum(Rs), dtype=torch.int32, device=device))
+                for sl, w, d in zip(slots, widths, self.sizes):
+                    live = torch.arange(w, device=sl.A.device)[None, :] < sl.ranks[:, None]  # [L, w]
+                    zero = torch.zeros((), dtype=sl.A.dtype, device=sl.A.device)
+                    A[:, :, r0:r0 + w] = torch.where(live[:, None, :], sl.A[:, :, :w], zero).to(dtype)
+                    b = torch.where(live[:, :, None], sl.B[:, :w], zero).float() * sl.scales.float()[:, None, None]
+                    B[:, r0:r0 + w, c0:c0 + d] = b.to(dtype)
+                    r0, c0 = r0 + w, c0 + d
+                value = (A, B, torch.ones(L, dtype=torch.float32, device=device),
+                         torch.full((L,), total, dtype=torch.int32, device=device))
         self._packed[key] = (bank.version, value)
         return value
 

@@ -9,6 +9,7 @@ per-projection LoRA) the packed base only.
 
 import pytest
 import torch
+from test_graph_generate import Record
 
 from models import MultiLoRAModel, load_base_model
 from models.graph_generate import graph_generate
@@ -55,15 +56,10 @@ def test_grouped_logits_and_tokens_equal_the_ungrouped_model(assets, router, kw,
     tok = plain.tokenizer
     batch = tok(PROMPTS, return_tensors="pt", padding=True)
     extra = {"task_ids": task_ids} if task_ids is not None else {}
-    calls = _count_base_calls(grouped)
     with torch.no_grad():
         want = plain(**batch, **extra).logits
         got = grouped(**batch, **extra).logits
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
-    if grouped.router.shares_route:  # each group ran as one: no member's own base layer was called
-        assert calls == {}
-    else:
-        assert len(calls) == 14 and all(c == 1 for c in calls.values())
     one = kw.get("adapter") or (task_ids[0] if task_ids is not None and len(set(task_ids)) == 1 else None)
     # one adapter for every row: its shrink rode in the base GEMM (the packed weight's last rows) wherever it has a
     # rank; adapter "c" (lora_b's) touches only q, v and down
@@ -72,10 +68,21 @@ def test_grouped_logits_and_tokens_equal_the_ungrouped_model(assets, router, kw,
         assert (g._shrink is not None) == touched
     assert one is None or sum(g._shrink is not None for g in grouped._groups) == {"a": 8, "c": 4}[one]
 
+    calls = _count_base_calls(grouped)
     kw_gen = {"max_new_tokens": 6, "pad_token_id": tok.pad_token_id, "eos_token_id": None, **extra}
-    want_ids = plain.generate(**batch, do_sample=False, **kw_gen)
-    got_ids = graph_generate(grouped, batch["input_ids"], batch["attention_mask"], capture=False, **kw_gen)
+    want_scores, got_scores = Record(), Record()
+    want_ids = graph_generate(plain, batch["input_ids"], batch["attention_mask"], capture=False,
+                              logits_processor=[want_scores], **kw_gen)
+    got_ids = graph_generate(grouped, batch["input_ids"], batch["attention_mask"], capture=False,
+                             logits_processor=[got_scores], **kw_gen)
     assert torch.equal(got_ids, want_ids)
+    for a, b in zip(got_scores.scores, want_scores.scores, strict=True):  # the decode steps' logits too
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+    # a member's own base layer runs when its group does not: every step for the per-projection routers, the
+    # prefill for a shared route on the packed bank (its dense form would compute the zero blocks), never else
+    per_member = 6 if not grouped.router.shares_route else 1 if router in ("dlp",) or (
+        task_ids is not None and one is None) else 0
+    assert len(calls) == (14 if per_member else 0) and all(c == per_member for c in calls.values())
 
 
 def test_training_runs_the_members_alone_with_the_bank_gradients(assets):
@@ -111,11 +118,15 @@ def test_nan_in_what_is_not_routed_never_reaches_the_grouped_output(assets):
     poisoned.bank.version += 1
     tok = clean.tokenizer
     batch = tok(PROMPTS, return_tensors="pt", padding=True)
-    with torch.no_grad():
-        want = clean(**batch, task_ids=["a", "c", "a"]).logits
-        got = poisoned(**batch, task_ids=["a", "c", "a"]).logits
-    assert torch.isfinite(got).all()
-    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    kw = {"max_new_tokens": 4, "pad_token_id": tok.pad_token_id, "eos_token_id": None, "task_ids": ["a", "c", "a"]}
+    scores = []
+    for mm in (clean, poisoned):  # the prefill, then decode steps on the packed bank
+        scores.append(Record())
+        graph_generate(mm, batch["input_ids"], batch["attention_mask"], capture=False, logits_processor=[scores[-1]],
+                       **kw)
+    for want, got in zip(*(r.scores for r in scores), strict=True):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
 
 
 def test_a_member_called_on_another_input_computes_itself(assets):
@@ -167,8 +178,6 @@ def test_the_triton_kernels_take_the_packed_bank(assets, monkeypatch):
     """The packed bank (sum R = 48 for q / k / v) through the Triton kernels (the interpreter here, so only the
     grouped model runs them; the ungrouped one on the torch path, which other tests hold to the kernels): the
     prefill and a decode step give the ungrouped model's tokens and step logits."""
-    from test_graph_generate import Record
-
     plain, grouped = _mm(assets, "oracle", {}, False), _mm(assets, "oracle", {}, True)
     tok = plain.tokenizer
     batch = tok(["[INST] hi", "a b c", "xyz"], return_tensors="pt", padding=True)
