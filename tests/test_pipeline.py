@@ -454,3 +454,6 @@ def test_route_trains_until_the_target_accuracy(smoke, tmp_path):
     assert hard["metrics"]["steps"] == 6 and hard["target_reached_step"] is None
     assert [s for s, _ in hard["router_accuracy_curve"]] == [2, 4, 6]
     assert hard["router_accuracy_curve"][-1][1] == pytest.approx(hard["metrics"]["router_accuracy"], abs=1e-6)
+    # no causal gate beats the ceiling of its validation rows (every gate routes from tokens up to its own)
+    assert 0 < hard["metrics"]["router_accuracy"] <= hard["router_accuracy_ceiling"] <= 1
+    assert set(hard["router_accuracy_ceiling_by_task"]) == set(hard["adapters"])

@@ -142,7 +142,8 @@ def router_info(route: dict | None) -> dict | None:
     return {"run": run_key(route), "router_accuracy": _num(m.get("router_accuracy")), "steps": m.get("steps"),
             "target_accuracy": _num(route.get("target_accuracy")),
             "target_reached_step": route.get("target_reached_step"), "stopped_by": stopped_by(route),
-            "curve": [[int(s), _num(a)] for s, a in route.get("router_accuracy_curve") or []]}
+            "curve": [[int(s), _num(a)] for s, a in route.get("router_accuracy_curve") or []],
+            **({"ceiling": _num(route["router_accuracy_ceiling"])} if "router_accuracy_ceiling" in route else {})}
 
 
 def stopped_by(route: dict) -> str | None:
@@ -483,6 +484,9 @@ def router_line(router: dict) -> str:
         reached = router.get("target_reached_step")
         line += (f"; target {_md_cell(router['target_accuracy'])} "
                  + (f"reached at step {reached}" if reached is not None else "not reached"))
+    if router.get("ceiling") is not None:
+        line += (f"; the most a causal token router can score on these validation rows (their shared prefixes): "
+                 f"{_md_cell(router['ceiling'])}")
     if router.get("stopped_by") not in (None, "target"):
         line += f"; stopped by {router['stopped_by']}"
     if router.get("curve"):

@@ -36,6 +36,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from data.batches import RoutedRowsCollator, routed_rows
+from data.routing_ceiling import causal_routing_ceiling
 from pipeline.runtime.distributed import clip_gradients, full_weights, is_global_zero
 from pipeline.runtime.entry import CONF_DIR, cli, user_errors
 from pipeline.runtime.multilora import build_multilora, plan_multilora
@@ -174,7 +175,19 @@ def route(cfg: DictConfig) -> float | None:
         return run.finish(tasks=list(cfg.tasks), strategy=name, metrics=metrics, main_metric=main,
                           extra={"router_dir": str(shared), "adapters": list(mm.adapter_names), "train_speed": speed,
                                  **curve.summary(), "router_accuracy_by_task":
-                                     task_accuracies(module.val_task_hits, list(mm.adapter_names))})
+                                     task_accuracies(module.val_task_hits, list(mm.adapter_names)),
+                                 **routing_ceiling(mm.router, val, list(mm.adapter_names))})
+
+
+def routing_ceiling(router, val: list, adapters: list[str]) -> dict:
+    """For a token router (its rows are prompt + answer, every token labelled with its task: MeteoRA's gates), the
+    most any causal router can score on these validation rows (``data.routing_ceiling``): recorded beside its
+    accuracy, overall and per task, so a table can say whether the gates or the rows limit it."""
+    if not router.reads_answers:
+        return {}
+    c = causal_routing_ceiling(val)
+    return {"router_accuracy_ceiling": c["accuracy"],
+            "router_accuracy_ceiling_by_task": {adapters[k]: v for k, v in c["by_task"].items()}}
 
 
 def task_accuracies(counts, adapters: list[str]) -> dict | None:

@@ -1,0 +1,30 @@
+"""data.routing_ceiling: the best causal token router's accuracy on labelled rows, counted by hand on small cases."""
+
+from data.routing_ceiling import causal_routing_ceiling
+
+
+def test_shared_prefixes_cap_what_any_causal_router_gets_right():
+    rows = [{"input_ids": [1, 2, 3], "task_id": 0},   # tokens 1, 2 shared with the task-1 row: a tie there
+            {"input_ids": [1, 2, 4], "task_id": 1},
+            {"input_ids": [5, 6], "task_id": 1}]      # nothing shared: every token routable
+    got = causal_routing_ceiling(rows)
+    # prefixes [1] and [1, 2]: one row of each task, the router names one (task 0, counted first): 2 hits of 4
+    # tokens there; [1, 2, 3], [1, 2, 4], [5], [5, 6]: 4 hits
+    assert got["tokens"] == 8 and got["accuracy"] == 6 / 8
+    assert got["by_task"] == {0: 1.0, 1: 0.6}  # task 0: 3 of 3; task 1: [1,2,4]'s last token + 2 = 3 of 5
+
+
+def test_distinct_rows_are_fully_routable_and_identical_rows_are_not():
+    assert causal_routing_ceiling([{"input_ids": [i, 7], "task_id": i % 3} for i in range(6)])["accuracy"] == 1.0
+    same = [{"input_ids": [9, 9, 9], "task_id": t} for t in (0, 1, 1, 2)]
+    assert causal_routing_ceiling(same) == {"accuracy": 0.5, "by_task": {0: 0.0, 1: 1.0, 2: 0.0}, "tokens": 12}
+
+
+def test_the_table_router_line_gives_the_ceiling_where_the_route_record_has_it():
+    from pipeline.report.paper_tables import router_info, router_line
+
+    route = {"stage": "route", "strategy": "meteora", "metrics": {"router_accuracy": 0.7, "steps": 10},
+             "router_accuracy_curve": [[10, 0.7]], "target_accuracy": 0.9, "target_reached_step": None}
+    assert "causal" not in router_line(router_info(route))  # records made before the ceiling: as they were
+    line = router_line(router_info({**route, "router_accuracy_ceiling": 0.9321}))
+    assert "validation routing accuracy 0.7 after 10 steps" in line and "validation rows (their shared prefixes): 0.9321" in line
