@@ -53,7 +53,7 @@ def test_stage_on_the_cpu_stand_in(tmp_path):
     assert all(len(v) == 2 for rec in doc["records"] for v in rec["rounds"].values())
     assert doc["rows"] == e2e.rows_from(doc["records"]) and doc["targets"] == e2e.verdicts(doc["records"])
     assert (tmp_path / "e2e_decode.md").read_text() == e2e.markdown(doc)
-    assert "(random weights, float32 on cpu)" in e2e.markdown(doc)
+    assert "(random weights, float32 on cpu:" in e2e.markdown(doc)
     assert doc["provenance"]["git_sha"] not in ("", "unknown")
 
 
