@@ -43,3 +43,43 @@ def causal_routing_ceiling(rows: list[dict]) -> dict:
     total = sum(tokens.values())
     return {"accuracy": round(sum(hits.values()) / total, 6) if total else None,
             "by_task": {k: round(hits[k] / tokens[k], 6) for k in sorted(tokens)}, "tokens": total}
+
+
+def ceiling_of_route_record(record_dir) -> dict:
+    """The ceiling of the validation rows a committed route record was scored on, rebuilt from its own composed
+    config (``config.yaml.xz``: tasks, split, seeds, rows per task, max length; the tokenizer at its
+    ``model.name_or_path``), beside the accuracy the gates reached there, overall and per task."""
+    import json
+    import lzma
+    from pathlib import Path
+
+    import yaml
+    from transformers import AutoTokenizer
+
+    from data.batches import routed_rows
+
+    record_dir = Path(record_dir)
+    with lzma.open(record_dir / "config.yaml.xz", "rt") as f:
+        cfg = yaml.safe_load(f)
+    with lzma.open(record_dir / "metrics.json.xz", "rt") as f:
+        rec = json.load(f)
+    tr, data = cfg["router"]["train"], cfg["data"]
+    # the stage's tokenizer is this one with a pad token set and left padding: neither changes a row's ids
+    tokenizer = AutoTokenizer.from_pretrained(cfg["model"]["name_or_path"])
+    val = routed_rows(tokenizer, [str(t) for t in cfg["tasks"]], split=str(data["val_split"]),
+                      per_task=int(tr["val_rows_per_task"]), max_length=int(tr["max_length"]), prompt_only=False,
+                      lm_loss_on_prompt=bool(tr["lm_loss_on_prompt"]), append_eos=bool(data["append_eos"]),
+                      split_seed=int(data["split_seed"]), seed=int(cfg["seed"]))
+    c = causal_routing_ceiling(val)
+    gates = rec.get("router_accuracy_by_task") or {}
+    return {"rows": len(val), "tokens": c["tokens"], "ceiling": c["accuracy"],
+            "router_accuracy": rec["metrics"].get("router_accuracy"),
+            "by_task": {str(t): {"ceiling": c["by_task"].get(i), "router_accuracy": gates.get(str(t))}
+                        for i, t in enumerate(cfg["tasks"])}}
+
+
+if __name__ == "__main__":  # python -m data.routing_ceiling outputs/records/<experiment>/route/meteora
+    import json
+    import sys
+
+    print(json.dumps(ceiling_of_route_record(sys.argv[1]), indent=1))

@@ -28,3 +28,27 @@ def test_the_table_router_line_gives_the_ceiling_where_the_route_record_has_it()
     assert "causal" not in router_line(router_info(route))  # records made before the ceiling: as they were
     line = router_line(router_info({**route, "router_accuracy_ceiling": 0.9321}))
     assert "validation routing accuracy 0.7 after 10 steps" in line and "validation rows (their shared prefixes): 0.9321" in line
+
+
+def test_the_committed_route_record_rebuilds_its_validation_rows(tmp_path):
+    """python -m data.routing_ceiling on the committed meteora_tasks route record: its validation rows rebuilt from
+    its own config, the ceiling above the gates' accuracy, every task scored (needs the SmolLM2 tokenizer at the
+    record's model path and BIG-bench here: skipped where they are not)."""
+    import lzma
+    from pathlib import Path
+
+    import pytest
+    import yaml
+
+    from data.routing_ceiling import ceiling_of_route_record
+
+    record = Path(__file__).resolve().parent.parent / "outputs/records/meteora_tasks/route/meteora"
+    if not (record / "config.yaml.xz").is_file():
+        pytest.skip("no committed route record with its config")
+    with lzma.open(record / "config.yaml.xz", "rt") as f:
+        model_path = Path(yaml.safe_load(f)["model"]["name_or_path"])
+    if not (model_path / "tokenizer.json").is_file():
+        pytest.skip(f"the record's tokenizer is not at {model_path} (make assets builds it)")
+    got = ceiling_of_route_record(record)
+    assert got["router_accuracy"] < got["ceiling"] <= 1 and got["rows"] > 0
+    assert all(v["ceiling"] is not None and v["router_accuracy"] is not None for v in got["by_task"].values())
