@@ -27,8 +27,12 @@ How.
   moves.
 - The first member (the one HF calls first: q_proj, gate_proj) computes the group and keeps the other members'
   outputs for the input it was given; a later member called with that same tensor takes its output, any other call
-  computes itself as before. Token routers (MeteoRA's per-projection gates) and merge's per-projection LoRA run
-  each member alone (on its view of the packed weight).
+  computes itself as before.
+- Routers that route each projection from ``x`` itself (MeteoRA's per-projection gates): at decode their group
+  route (``Router.route_group``: the members' gates as one GEMM, each member's top-k from its block) indexes a
+  virtual bank of members x adapters (adapter ``m * L + a`` is ``A_m[a]`` with ``s B_m[a]`` in member m's output
+  columns), one routed LoRA for the group. Merge's per-projection LoRA, and any prefill on a packed or virtual
+  bank (the routed kernels' dense form would compute its zero blocks), run each member alone (on its view).
 
 Inference only: with gradients enabled (training) every member runs as before, so autograd sees the bank's own
 parameters. ``MultiLoRAModel.group_projections()`` turns it on (``group_projections(False)`` gives every member its own weight again).
@@ -124,9 +128,11 @@ class ProjectionGroup:
     def lead(self, x: torch.Tensor):
         """The first member's output, the others kept for their calls on ``x``; None: run the member alone."""
         router = self.members[0].ctx.router
-        if torch.is_grad_enabled() or not self.intact() or (router is not None and not router.shares_route):
+        if torch.is_grad_enabled() or not self.intact():
             return None
         leader = self.members[0]
+        if router is not None and not router.shares_route:  # per-projection routes: one over the virtual bank
+            return self._lead_per_projection(x, router)
         route = router.route(leader.module_name, x, leader.route_state) if router is not None else None
         if route is not None and len(leader.ctx.bank) == 0:
             route = None
@@ -148,6 +154,53 @@ class ProjectionGroup:
         outs = list(y.split(self.sizes, dim=-1))
         self._pending = (x, outs, 1) if len(outs) > 1 else None
         return outs[0]
+
+    def _lead_per_projection(self, x, router):
+        """A router that routes each projection from ``x`` itself (MeteoRA's gates): at decode, its group route
+        (``Router.route_group``: every member's top-k at once, ids into a virtual bank of members x adapters) and
+        one routed LoRA over that bank on the packed output; None (members alone) at prefill, where the routed
+        kernels' dense form would compute the virtual bank's zeros, or where the router gives no group route."""
+        bank = self.members[0].ctx.bank
+        if len(bank) == 0 or (x.dim() == 3 and x.shape[1] > 1):
+            return None
+        route = router.route_group([m.module_name for m in self.members], x, [m.route_state for m in self.members])
+        if route is None:
+            return None
+        from kernels import multi_lora
+
+        y = nn.functional.linear(x, self.weight, self.bias)[..., :self.out]
+        A, B, scales, ranks = self._virtual_bank(bank, x.dtype, x.device)
+        y = multi_lora(x, y, A, B, scales, ranks, route.ids, route.weights)
+        outs = list(y.split(self.sizes, dim=-1))
+        self._pending = (x, outs, 1) if len(outs) > 1 else None
+        return outs[0]
+
+    def _virtual_bank(self, bank, dtype, device):
+        """Members x adapters as one bank: adapter ``m * L + a`` is ``A_m[a]`` (rank padding zeroed by a select, to
+        the widest member's rank) with ``s_m[a] B_m[a]`` in member m's output columns, zeros elsewhere; scales 1."""
+        hit = self._packed.get(("virtual", dtype, device))
+        if hit is not None and hit[0] == bank.version:
+            return hit[1]
+        slots = [m.slots for m in self.members]
+        L, n = len(bank), len(slots)
+        width = max(max(sl.host_ranks, default=0) for sl in slots)
+        width = max(RANK_MULTIPLE, -(-width // RANK_MULTIPLE) * RANK_MULTIPLE)
+        with torch.no_grad():
+            A = torch.zeros(n * L, slots[0].A.shape[1], width, dtype=dtype, device=device)
+            B = torch.zeros(n * L, width, self.out, dtype=dtype, device=device)
+            c0 = 0
+            for m, (sl, d) in enumerate(zip(slots, self.sizes)):
+                w = min(sl.A.shape[2], width)
+                live = torch.arange(w, device=sl.A.device)[None, :] < sl.ranks[:, None]  # [L, w]
+                zero = torch.zeros((), dtype=sl.A.dtype, device=sl.A.device)
+                A[m * L:(m + 1) * L, :, :w] = torch.where(live[:, None, :], sl.A[:, :, :w], zero).to(dtype)
+                b = torch.where(live[:, :, None], sl.B[:, :w], zero).float() * sl.scales.float()[:, None, None]
+                B[m * L:(m + 1) * L, :w, c0:c0 + d] = b.to(dtype)
+                c0 += d
+            value = (A, B, torch.ones(n * L, dtype=torch.float32, device=device),
+                     torch.full((n * L,), width, dtype=torch.int32, device=device))
+        self._packed[("virtual", dtype, device)] = (bank.version, value)
+        return value
 
     def _shrink_rows(self, bank, adapter: int, dtype):
         """Write adapter ``adapter``'s ``[A_q | A_k | A_v]^T`` into the packed weight's shrink rows (once per adapter

@@ -78,9 +78,10 @@ def test_grouped_logits_and_tokens_equal_the_ungrouped_model(assets, router, kw,
     assert torch.equal(got_ids, want_ids)
     for a, b in zip(got_scores.scores, want_scores.scores, strict=True):  # the decode steps' logits too
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
-    # a member's own base layer runs when its group does not: every step for the per-projection routers, the
-    # prefill for a shared route on the packed bank (its dense form would compute the zero blocks), never else
-    per_member = 6 if not grouped.router.shares_route else 1 if router in ("dlp",) or (
+    # a member's own base layer runs when its group does not: every step for merge's per-projection LoRA; the
+    # prefill for a route on the packed or virtual bank (its dense form would compute the zero blocks: dlp, the
+    # mixed oracle, MeteoRA's gates, whose decode steps route the group at once); never else
+    per_member = 6 if router == "merge" else 1 if router in ("dlp", "meteora") or (
         task_ids is not None and one is None) else 0
     assert len(calls) == (14 if per_member else 0) and all(c == per_member for c in calls.values())
 
@@ -174,14 +175,17 @@ def test_a_bank_change_repacks_and_a_replaced_weight_breaks_the_group(assets):
     assert k.is_contiguous() and k.untyped_storage().nbytes() == k.numel() * k.element_size()
 
 
-def test_the_triton_kernels_take_the_packed_bank(assets, monkeypatch):
-    """The packed bank (sum R = 48 for q / k / v) through the Triton kernels (the interpreter here, so only the
-    grouped model runs them; the ungrouped one on the torch path, which other tests hold to the kernels): the
-    prefill and a decode step give the ungrouped model's tokens and step logits."""
-    plain, grouped = _mm(assets, "oracle", {}, False), _mm(assets, "oracle", {}, True)
+@pytest.mark.parametrize("router, kw, task_ids", [("oracle", {}, ["a", "b", "c"]), ("meteora", {"top_k": 2}, None)])
+def test_the_triton_kernels_take_the_packed_and_virtual_banks(assets, monkeypatch, router, kw, task_ids):
+    """The packed bank (the mixed oracle) and the virtual bank of members x adapters (MeteoRA's gates: 6 slots
+    per token for q / k / v) through the Triton kernels (the interpreter here, so only the grouped model runs them;
+    the ungrouped one on the torch path, which other tests hold to the kernels): the prefill and a decode step give
+    the ungrouped model's tokens and step logits."""
+    plain, grouped = _mm(assets, router, kw, False), _mm(assets, router, kw, True)
     tok = plain.tokenizer
     batch = tok(["[INST] hi", "a b c", "xyz"], return_tensors="pt", padding=True)
-    kw_gen = {"max_new_tokens": 2, "pad_token_id": tok.pad_token_id, "eos_token_id": None, "task_ids": ["a", "b", "c"]}
+    kw_gen = {"max_new_tokens": 2, "pad_token_id": tok.pad_token_id, "eos_token_id": None,
+              **({"task_ids": task_ids} if task_ids else {})}
     want_scores, got_scores = Record(), Record()
     monkeypatch.setenv("LORAMUX_KERNEL_BACKEND", "torch")
     want = graph_generate(plain, batch["input_ids"], batch["attention_mask"], capture=False,

@@ -150,6 +150,13 @@ class Router(nn.Module):
         ``projection_state(module_name)`` gave that projection (the layer holds it by reference)."""
         return None
 
+    def route_group(self, module_names: list[str], x: torch.Tensor, states: list) -> Route | None:
+        """One route for projections that read the same ``x`` (``models.projection_groups``), over a virtual bank
+        of ``len(module_names) x L`` adapters: id ``m * L + a`` is adapter ``a`` on projection ``m`` (its delta
+        only in that projection's outputs). None (the default): each projection routes itself. A router whose
+        route is the same for every projection (``shares_route``) needs none."""
+        return None
+
     def projection_state(self, module_name: str) -> nn.Module | None:
         """This router's own module for one projection (MeteoRA's gate), handed to the wrapped layer when the router
         is installed so the layer's forward needs no lookup by name; None (the default) for routers without one."""
