@@ -127,107 +127,14 @@ class ProjectionGroup:
     # ---- forward -----------------------------------------------------------------------------------------------
     def lead(self, x: torch.Tensor):
         """The first member's output, the others kept for their calls on ``x``; None: run the member alone."""
-        router = self.members[0].ctx.router
         if torch.is_grad_enabled() or not self.intact():
             return None
-        leader = self.members[0]
-        if router is not None and not router.shares_route:  # per-projection routes: one over the virtual bank
-            return self._lead_per_projection(x, router)
-        route = router.route(leader.module_name, x, leader.route_state) if router is not None else None
-        if route is not None and len(leader.ctx.bank) == 0:
-            route = None
-        if route is not None and (route.coef is not None or route.lora is not None):
-            return None  # a per-projection route form: each member runs its own
-        if route is not None and route.uniform is None and x.dim() == 3 and x.shape[1] > 1:
-            return None  # a prefill on the packed bank: its zero blocks would be computed as a dense GEMM
-        B_slot = None
-        if route is not None and route.uniform is not None:
-            B_slot = self._shrink_rows(leader.ctx.bank, route.uniform, x.dtype)
-        y_all = nn.functional.linear(x, self.weight, self.bias)
-        y = y_all[..., :self.out]
-        if B_slot is not None:  # the shrink came out of the base GEMM: x @ A is y_all's last columns
-            lead = y.shape[:-1]
-            y2 = y_all.reshape(-1, y_all.shape[-1])
-            y = torch.addmm(y2[:, :self.out], y2[:, self.out:], B_slot.to(y2.dtype)).reshape(*lead, self.out)
-        elif route is not None:
-            y = self._add_lora(x, y, route)
+        y = self._output(x, self.members[0].ctx.router)
+        if y is None:
+            return None
         outs = list(y.split(self.sizes, dim=-1))
         self._pending = (x, outs, 1) if len(outs) > 1 else None
         return outs[0]
-
-    def _lead_per_projection(self, x, router):
-        """A router that routes each projection from ``x`` itself (MeteoRA's gates): at decode, its group route
-        (``Router.route_group``: every member's top-k at once, ids into a virtual bank of members x adapters) and
-        one routed LoRA over that bank on the packed output; None (members alone) at prefill, where the routed
-        kernels' dense form would compute the virtual bank's zeros, or where the router gives no group route."""
-        bank = self.members[0].ctx.bank
-        if len(bank) == 0 or (x.dim() == 3 and x.shape[1] > 1):
-            return None
-        route = router.route_group([m.module_name for m in self.members], x, [m.route_state for m in self.members])
-        if route is None:
-            return None
-        from kernels import multi_lora
-
-        y = nn.functional.linear(x, self.weight, self.bias)[..., :self.out]
-        A, B, scales, ranks = self._virtual_bank(bank, x.dtype, x.device)
-        y = multi_lora(x, y, A, B, scales, ranks, route.ids, route.weights)
-        outs = list(y.split(self.sizes, dim=-1))
-        self._pending = (x, outs, 1) if len(outs) > 1 else None
-        return outs[0]
-
-    def _virtual_bank(self, bank, dtype, device):
-        """Members x adapters as one bank: adapter ``m * L + a`` is ``A_m[a]`` (rank padding zeroed by a select, to
-        the widest member's rank) with ``s_m[a] B_m[a]`` in member m's output columns, zeros elsewhere; scales 1."""
-        hit = self._packed.get(("virtual", dtype, device))
-        if hit is not None and hit[0] == bank.version:
-            return hit[1]
-        slots = [m.slots for m in self.members]
-        L, n = len(bank), len(slots)
-        width = max(max(sl.host_ranks, default=0) for sl in slots)
-        width = max(RANK_MULTIPLE, -(-width // RANK_MULTIPLE) * RANK_MULTIPLE)
-        with torch.no_grad():
-            A = torch.zeros(n * L, slots[0].A.shape[1], width, dtype=dtype, device=device)
-            B = torch.zeros(n * L, width, self.out, dtype=dtype, device=device)
-            c0 = 0
-            for m, (sl, d) in enumerate(zip(slots, self.sizes)):
-                w = min(sl.A.shape[2], width)
-                live = torch.arange(w, device=sl.A.device)[None, :] < sl.ranks[:, None]  # [L, w]
-                zero = torch.zeros((), dtype=sl.A.dtype, device=sl.A.device)
-                A[m * L:(m + 1) * L, :, :w] = torch.where(live[:, None, :], sl.A[:, :, :w], zero).to(dtype)
-                b = torch.where(live[:, :, None], sl.B[:, :w], zero).float() * sl.scales.float()[:, None, None]
-                B[m * L:(m + 1) * L, :w, c0:c0 + d] = b.to(dtype)
-                c0 += d
-            value = (A, B, torch.ones(n * L, dtype=torch.float32, device=device),
-                     torch.full((n * L,), width, dtype=torch.int32, device=device))
-        self._packed[("virtual", dtype, device)] = (bank.version, value)
-        return value
-
-    def _shrink_rows(self, bank, adapter: int, dtype):
-        """Write adapter ``adapter``'s ``[A_q | A_k | A_v]^T`` into the packed weight's shrink rows (once per adapter
-        and bank version), so the base GEMM also computes ``x @ A``; return the block-diagonal B of those rows
-        (``[extra, out]``, scales folded in). None when the adapter's ranks need more rows than there are."""
-        ranks = [m.slots.host_ranks[adapter] for m in self.members]
-        if sum(ranks) == 0 or sum(ranks) > self.extra:
-            return None
-        key = (adapter, bank.version)
-        if self._shrink != key:
-            with torch.no_grad():
-                rows = torch.cat([m.slots.A[adapter, :, :r].T for m, r in zip(self.members, ranks)], 0)
-                self.weight[self.out:self.out + rows.shape[0]] = rows.to(self.weight.dtype)
-                self.weight[self.out + rows.shape[0]:] = 0
-            self._shrink = key
-        hit = self._packed.get(("rows", adapter, dtype))
-        if hit is not None and hit[0] == bank.version:
-            return hit[1]
-        with torch.no_grad():
-            B = torch.zeros(self.extra, self.out, dtype=torch.float32, device=self.weight.device)
-            r0 = c0 = 0
-            for m, r, d in zip(self.members, ranks, self.sizes):
-                B[r0:r0 + r, c0:c0 + d] = m.slots.B[adapter, :r].float() * m.slots.host_scales[adapter]
-                r0, c0 = r0 + r, c0 + d
-            B = B.to(dtype)
-        self._packed[("rows", adapter, dtype)] = (bank.version, B)
-        return B
 
     def take(self, index: int, x: torch.Tensor):
         """Member ``index``'s output kept by the leader for this very ``x``; None otherwise."""
@@ -237,6 +144,42 @@ class ProjectionGroup:
         n = p[2] + 1
         self._pending = None if n == len(self.members) else (p[0], p[1], n)
         return p[1][index]
+
+    def _output(self, x, router):
+        """The group's packed output ``[..., sum d_out]`` (base + LoRA), or None where its members must run alone:
+        a per-projection route form (merge's LoRA), or a prefill on a packed or virtual bank (the routed kernels'
+        dense form would compute its zero blocks)."""
+        from kernels import multi_lora
+
+        leader, bank = self.members[0], self.members[0].ctx.bank
+        prefill = x.dim() == 3 and x.shape[1] > 1
+        if router is not None and not router.shares_route:  # per-projection routes: one over the virtual bank
+            if len(bank) == 0 or prefill:
+                return None
+            route = router.route_group([m.module_name for m in self.members], x,
+                                       [m.route_state for m in self.members])
+            if route is None:
+                return None
+            y = nn.functional.linear(x, self.weight, self.bias)[..., :self.out]
+            return multi_lora(x, y, *self._virtual_bank(bank, x.dtype, x.device), route.ids, route.weights)
+        route = router.route(leader.module_name, x, leader.route_state) if router is not None else None
+        if route is not None and len(bank) == 0:
+            route = None
+        if route is not None and (route.coef is not None or route.lora is not None):
+            return None
+        if route is not None and route.uniform is None and prefill:
+            return None
+        B_slot = None
+        if route is not None and route.uniform is not None:
+            B_slot = self._shrink_rows(bank, route.uniform, x.dtype)
+        y_all = nn.functional.linear(x, self.weight, self.bias)
+        y = y_all[..., :self.out]
+        if B_slot is not None:  # the shrink came out of the base GEMM: x @ A is y_all's last columns
+            y2 = y_all.reshape(-1, y_all.shape[-1])
+            return torch.addmm(y2[:, :self.out], y2[:, self.out:], B_slot.to(y2.dtype)).reshape(*y.shape)
+        if route is not None:
+            return self._add_lora(x, y, route)
+        return y
 
     def _add_lora(self, x, y, route):
         """The packed LoRA on the packed output, through the routed kernels (any shared route but uniform)."""
@@ -249,39 +192,99 @@ class ProjectionGroup:
         A, B, scales, ranks = self._packed_tensors(bank, x.dtype, x.device, None)
         return multi_lora(x, y, A, B, scales, ranks, route.ids, route.weights, route.seq_ids)
 
+    # ---- packed adapters (copies, rebuilt when the bank changes) ------------------------------------------------
+    def _cached(self, key, bank, build):
+        """``build()``, kept under ``key`` until ``bank.version`` moves."""
+        hit = self._packed.get(key)
+        if hit is not None and hit[0] == bank.version:
+            return hit[1]
+        with torch.no_grad():
+            value = build()
+        self._packed[key] = (bank.version, value)
+        return value
+
+    def _adapter_blocks(self, adapter: int):
+        """Adapter ``adapter`` over the members: ``[A_q | A_k | A_v]`` (``[d_in, sum r]``, the bank's dtype) and
+        the block-diagonal B (``[sum r, sum d_out]``, fp32, each member's scale folded into its block)."""
+        ranks = [m.slots.host_ranks[adapter] for m in self.members]
+        A = torch.cat([m.slots.A[adapter, :, :r] for m, r in zip(self.members, ranks)], 1)
+        B = torch.block_diag(*[m.slots.B[adapter, :r].float() * m.slots.host_scales[adapter]
+                               for m, r in zip(self.members, ranks)])
+        return A, B
+
+    @staticmethod
+    def _live_blocks(sl, w: int):
+        """One member's adapters cut to ``w`` rank columns, rank padding zeroed by a select (a NaN there never
+        enters): ``A [L, d_in, w]`` (its dtype) and ``s B [L, w, d_out]`` (fp32, the scales folded in)."""
+        live = torch.arange(w, device=sl.A.device)[None, :] < sl.ranks[:, None]  # [L, w]
+        zero = torch.zeros((), dtype=sl.A.dtype, device=sl.A.device)
+        A = torch.where(live[:, None, :], sl.A[:, :, :w], zero)
+        B = torch.where(live[:, :, None], sl.B[:, :w], zero).float() * sl.scales.float()[:, None, None]
+        return A, B
+
+    def _shrink_rows(self, bank, adapter: int, dtype):
+        """Write adapter ``adapter``'s ``[A_q | A_k | A_v]^T`` into the packed weight's shrink rows (once per adapter
+        and bank version), so the base GEMM also computes ``x @ A``; return the block-diagonal B of those rows
+        (``[extra, out]``, scales folded in). None when the adapter's ranks need more rows than there are."""
+        r = sum(m.slots.host_ranks[adapter] for m in self.members)
+        if r == 0 or r > self.extra:
+            return None
+        blocks = None
+        if self._shrink != (adapter, bank.version):
+            with torch.no_grad():
+                blocks = self._adapter_blocks(adapter)
+                self.weight[self.out:self.out + r] = blocks[0].T.to(self.weight.dtype)
+                self.weight[self.out + r:] = 0
+            self._shrink = (adapter, bank.version)
+
+        def build():
+            B = (blocks or self._adapter_blocks(adapter))[1]
+            return torch.cat([B, B.new_zeros(self.extra - r, self.out)], 0).to(dtype)
+        return self._cached(("rows", adapter, dtype), bank, build)
+
     def _packed_tensors(self, bank, dtype, device, adapter: int | None):
         """The members' adapters as one (module docstring): adapter ``adapter``'s ``(A [d_in, sum r], B)``, or the
         whole bank's ``(A [L, d_in, R], B [L, R, sum d_out], scales = 1, ranks = R)``, R = the members' widest
         ranks summed, padded to ``RANK_MULTIPLE``."""
-        key = (adapter, dtype, device)
-        hit = self._packed.get(key)
-        if hit is not None and hit[0] == bank.version:
-            return hit[1]
-        slots = [m.slots for m in self.members]
-        with torch.no_grad():
-            if adapter is not None:
-                blocks = [(s.A[adapter, :, :s.host_ranks[adapter]], s.B[adapter, :s.host_ranks[adapter]],
-                           s.host_scales[adapter]) for s in slots]
-                value = (torch.cat([a for a, _, _ in blocks], 1).to(dtype).contiguous(),
-                         torch.block_diag(*[b.float() * sc for _, b, sc in blocks]).to(dtype))
-            else:  # each member's block as wide as its widest adapter, the total padded to the kernels' multiple
-                L = len(bank)
-                widths = [max(sl.host_ranks, default=0) for sl in slots]
-                total = max(RANK_MULTIPLE, -(-sum(widths) // RANK_MULTIPLE) * RANK_MULTIPLE)
-                A = torch.zeros(L, slots[0].A.shape[1], total, dtype=dtype, device=device)
-                B = torch.zeros(L, total, self.out, dtype=dtype, device=device)
-                r0 = c0 = 0
-                for sl, w, d in zip(slots, widths, self.sizes):
-                    live = torch.arange(w, device=sl.A.device)[None, :] < sl.ranks[:, None]  # [L, w]
-                    zero = torch.zeros((), dtype=sl.A.dtype, device=sl.A.device)
-                    A[:, :, r0:r0 + w] = torch.where(live[:, None, :], sl.A[:, :, :w], zero).to(dtype)
-                    b = torch.where(live[:, :, None], sl.B[:, :w], zero).float() * sl.scales.float()[:, None, None]
-                    B[:, r0:r0 + w, c0:c0 + d] = b.to(dtype)
-                    r0, c0 = r0 + w, c0 + d
-                value = (A, B, torch.ones(L, dtype=torch.float32, device=device),
-                         torch.full((L,), total, dtype=torch.int32, device=device))
-        self._packed[key] = (bank.version, value)
-        return value
+        def one():
+            A, B = self._adapter_blocks(adapter)
+            return A.to(dtype).contiguous(), B.to(dtype)
+
+        def whole():  # each member's block as wide as its widest adapter, the total padded to the kernels' multiple
+            slots = [m.slots for m in self.members]
+            L = len(bank)
+            widths = [max(sl.host_ranks, default=0) for sl in slots]
+            total = max(RANK_MULTIPLE, -(-sum(widths) // RANK_MULTIPLE) * RANK_MULTIPLE)
+            A = torch.zeros(L, slots[0].A.shape[1], total, dtype=dtype, device=device)
+            B = torch.zeros(L, total, self.out, dtype=dtype, device=device)
+            r0 = c0 = 0
+            for sl, w, d in zip(slots, widths, self.sizes):
+                a, b = self._live_blocks(sl, w)
+                A[:, :, r0:r0 + w], B[:, r0:r0 + w, c0:c0 + d] = a.to(dtype), b.to(dtype)
+                r0, c0 = r0 + w, c0 + d
+            return (A, B, torch.ones(L, dtype=torch.float32, device=device),
+                    torch.full((L,), total, dtype=torch.int32, device=device))
+        return self._cached((adapter, dtype, device), bank, one if adapter is not None else whole)
+
+    def _virtual_bank(self, bank, dtype, device):
+        """Members x adapters as one bank: adapter ``m * L + a`` is ``A_m[a]`` (rank padding zeroed by a select, to
+        the widest member's rank) with ``s_m[a] B_m[a]`` in member m's output columns, zeros elsewhere; scales 1."""
+        def build():
+            slots = [m.slots for m in self.members]
+            L, n = len(bank), len(slots)
+            width = max(max(sl.host_ranks, default=0) for sl in slots)
+            width = max(RANK_MULTIPLE, -(-width // RANK_MULTIPLE) * RANK_MULTIPLE)
+            A = torch.zeros(n * L, slots[0].A.shape[1], width, dtype=dtype, device=device)
+            B = torch.zeros(n * L, width, self.out, dtype=dtype, device=device)
+            c0 = 0
+            for m, (sl, d) in enumerate(zip(slots, self.sizes)):
+                w = min(sl.A.shape[2], width)
+                a, b = self._live_blocks(sl, w)
+                A[m * L:(m + 1) * L, :, :w], B[m * L:(m + 1) * L, :w, c0:c0 + d] = a.to(dtype), b.to(dtype)
+                c0 += d
+            return (A, B, torch.ones(n * L, dtype=torch.float32, device=device),
+                    torch.full((n * L,), width, dtype=torch.int32, device=device))
+        return self._cached(("virtual", dtype, device), bank, build)
 
 
 def find_groups(model: nn.Module, wrapped_type) -> list[ProjectionGroup]:

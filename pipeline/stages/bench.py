@@ -336,12 +336,12 @@ def e2e_suite(cfg: DictConfig, run) -> float | None:
     ``bench.e2e.merge`` the records of an existing table are kept where this run measured nothing (one table can be
     filled by several calls, each under a per-command time limit)."""
     settings = OmegaConf.to_container(cfg.bench.e2e, resolve=True)
-    unknown = [s for s in settings["strategies"] if s.removesuffix(e2e.GROUPED) not in e2e.STRATEGIES]
+    unknown = [s for s in settings["strategies"] if e2e.router_label(s) not in e2e.STRATEGIES]
     unknown += [t for t in settings["targets"] if t not in e2e.TARGETS]
     if unknown:
         raise ValueError(f"bench.e2e: {unknown} not known; strategies {e2e.STRATEGIES} (each may end in "
                          f"{e2e.GROUPED!r}), targets {sorted(e2e.TARGETS)}")
-    routers = bench_routers(cfg, [s.removesuffix(e2e.GROUPED) for s in settings["strategies"]])
+    routers = bench_routers(cfg, [e2e.router_label(s) for s in settings["strategies"]])
     shape = str(cfg.bench.shapes[0])
     if shape not in SHAPES:
         raise ValueError(f"bench.shapes[0]={shape!r}: e2e_decode needs a random-weight shape, one of {sorted(SHAPES)}")

@@ -53,6 +53,11 @@ log = logging.getLogger(__name__)
 
 STRATEGIES = ("base", "peft", "oracle", "meteora-top2", "dlp-nucleus2", "dlp-fresh")
 GROUPED = "+grouped"  # a strategy label's suffix: the same router on the grouped model
+
+
+def router_label(strategy: str) -> str:
+    """The strategy a label names, without its ``+grouped`` suffix (``oracle+grouped`` -> ``oracle``)."""
+    return strategy.removesuffix(GROUPED)
 TARGETS = {"all7": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
            "qv": ["q_proj", "v_proj"]}
 # the loramux strategies' routers come from conf/router through bench.routers (label -> router overrides), as the
@@ -107,7 +112,7 @@ class Contestants:
         if "peft" in strategies:
             pm = PeftModel.from_pretrained(make_model(), str(adapter)).eval()
             self.generate["peft"] = lambda i, m, **k: _decode(pm, i, m, **k)
-        routed = [s for s in strategies if s.removesuffix(GROUPED) in routers]
+        routed = [s for s in strategies if router_label(s) in routers]
         models = {}
         for s in routed:
             grouped = s.endswith(GROUPED)
@@ -115,7 +120,7 @@ class Contestants:
                 models[grouped] = MultiLoRAModel.from_adapters(
                     make_model(), {f"a{i}": adapter for i in range(num_adapters)}, check_base_name=False,
                     group_projections=grouped)
-            mm, spec = models[grouped], routers[s.removesuffix(GROUPED)]
+            mm, spec = models[grouped], routers[router_label(s)]
             torch.manual_seed(0)
             router = mm.build_router(spec.build, **spec.knobs)
 
@@ -270,7 +275,7 @@ def run(settings: dict, make_model, adapter_cfg: dict, vocab: int, device, recor
     if unknown:
         raise ValueError(f"bench.e2e.engines has {unknown}: not an engine; use {', '.join(ENGINE_LABELS)}")
     deadline = None if max_seconds is None else time.perf_counter() + float(max_seconds)
-    strategies = [s for s in settings["strategies"] if s.removesuffix(GROUPED) in STRATEGIES]
+    strategies = [s for s in settings["strategies"] if router_label(s) in STRATEGIES]
     with tempfile.TemporaryDirectory(prefix="loramux-e2e-") as tmp:
         for targets in settings["targets"]:
             contestants = Contestants(make_model, adapter_cfg, targets, int(settings["num_adapters"]), strategies,
