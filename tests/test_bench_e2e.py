@@ -139,3 +139,20 @@ def test_claim_5_follows_the_paired_rounds_of_the_static_records():
     assert [c["verdict"] for c in table_claims("e2e_decode", doc)] == [None, None]
     doc["records"][0]["rounds"]["meteora-top2"] = [(0.0, 1.5)] * 3  # every round above 1.3
     assert table_claims("e2e_decode", doc)[1]["verdict"] == "no"
+
+
+def test_claim_5_reads_the_graph_engine_and_the_grouped_rows():
+    from pipeline.report.paper_claims import table_claims
+
+    ones = [(0.0, 1.0)] * 3
+    rounds = {"base": ones, "peft": ones, "dlp-nucleus2": [(0.0, 1.5)] * 3,
+              "dlp-nucleus2+grouped": [(0.0, 1.1)] * 3, "meteora-top2": [(0.0, 2.0)] * 3}
+    doc = {"config": {"shape": "llama3_8b"}, "records": [
+        {"engine": "static+graph", "targets": "all7", "batch_size": 8, "prompt_len": 8, "new_tokens": 9,
+         "rounds": rounds, "peak_gb": {}}]}
+    got = {c["claim"].split(" at most")[0]: c for c in table_claims("e2e_decode", doc)}
+    assert set(got) == {"5a. decode with dlp-nucleus2", "5a. decode with dlp-nucleus2+grouped",
+                        "5b. decode with meteora-top2"}  # no grouped MeteoRA row was timed: no claim row for it
+    assert got["5a. decode with dlp-nucleus2"]["verdict"] == "no"
+    assert got["5a. decode with dlp-nucleus2+grouped"]["verdict"] == "yes"
+    assert "batch 8, static cache + CUDA graph" in got["5b. decode with meteora-top2"]["claim"]
