@@ -196,3 +196,12 @@ def test_the_triton_kernels_take_the_packed_and_virtual_banks(assets, monkeypatc
     assert torch.equal(got, want)
     for a, b in zip(got_scores.scores, want_scores.scores, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_evaluate_groups_projections_on_cuda_only_when_auto():
+    """generation.group_projections=auto groups a model on a CUDA device (where the e2e table timed it faster) and
+    leaves a CPU model alone; true / false are obeyed."""
+    from pipeline.stages.evaluate import _grouped
+
+    cpu = torch.nn.Linear(2, 2)
+    assert _grouped("auto", cpu) is False and _grouped(True, cpu) is True and _grouped(False, cpu) is False

@@ -183,6 +183,9 @@ ENTRY_ROWS = [  # (id, stage, argv, the exact stderr line as a regex); every row
      r"error: router.train.schedule='step' must be constant or cosine; set e.g. router.train.schedule=cosine"),
     ("generation_engine_unknown", "evaluate", ["experiment=smoke", "generation.engine=fast"],
      r"error: generation.engine='fast' must be one of auto, graph, generate; set e.g. generation.engine=auto"),
+    ("group_projections_unknown", "evaluate", ["experiment=smoke", "generation.group_projections=sometimes"],
+     (r"error: generation.group_projections='sometimes' must be auto \(on CUDA\), true or false; set e.g. "
+     r"generation.group_projections=auto")),
     ("max_new_tokens_zero", "evaluate", ["experiment=smoke", "generation.max_new_tokens=0"],
      r"error: generation.max_new_tokens=0 must be a number of tokens >= 1 or auto \(from the gold answers\); set e.g. generation.max_new_tokens=16"),
     ("max_new_tokens_negative", "evaluate", ["experiment=smoke", "generation.max_new_tokens=-1"],

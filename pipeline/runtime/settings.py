@@ -89,7 +89,7 @@ GENERATION_ENGINES = ("auto", "graph", "generate")
 class GenerationSettings:
     batch_size: int = MISSING  # prompts per generate call
     engine: str = MISSING  # auto | graph | generate (pipeline/stages/decode_engine.py)
-    group_projections: bool = MISSING  # q / k / v and gate / up as one projection each (models/projection_groups.py)
+    group_projections: Any = MISSING  # auto | true | false: q / k / v and gate / up as one projection each
     max_new_tokens: Any = MISSING  # a number of tokens, or auto (pipeline/stages/answer_budget.py)
     composite_max_new_tokens_per_task: Any = MISSING  # a number of tokens, or auto
     composite_suppress_eos: bool = MISSING  # composite-n: EOS held back until n answers (pipeline/stages/eos_gate.py)
@@ -263,6 +263,8 @@ RULES: list[tuple[str, Callable[[Any], bool], str, str, tuple | None]] = [
     ("data.num_workers", at_least(0), ">= 0", "0", None),
     ("generation.batch_size", at_least(1), "a number of prompts per generate call >= 1", "8", None),
     ("generation.engine", lambda x: x in GENERATION_ENGINES, f"one of {', '.join(GENERATION_ENGINES)}", "auto", None),
+    ("generation.group_projections", lambda x: x in (True, False, "auto"), "auto (on CUDA), true or false", "auto",
+     None),
     ("generation.max_new_tokens", tokens_or_auto, "a number of tokens >= 1 or auto (from the gold answers)", "16",
      None),
     ("generation.composite_max_new_tokens_per_task", tokens_or_auto,

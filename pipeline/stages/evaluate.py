@@ -214,6 +214,13 @@ def _score_composite(n, subtasks, ds, g):
     return metrics, lines, subtasks, g.skipped, g.new_tokens
 
 
+def _grouped(setting, mm) -> bool:
+    """``generation.group_projections``: true / false, or auto = on where the model sits on a CUDA device."""
+    if setting == "auto":
+        return next(mm.parameters()).device.type == "cuda"
+    return bool(setting)
+
+
 def evaluate(cfg: DictConfig) -> float | None:
     """Evaluate ``cfg.router`` on the tasks (or composite-n); return the mean task score (None on ranks > 0)."""
     check_settings(cfg)
@@ -223,7 +230,7 @@ def evaluate(cfg: DictConfig) -> float | None:
     with StageRun(cfg) as run:
         mm, tokenizer = build_multilora(cfg, plan=plan)
         mm.eval()
-        grouped = mm.group_projections() if cfg.generation.group_projections else 0
+        grouped = mm.group_projections() if _grouped(cfg.generation.group_projections, mm) else 0
         if n:
             subtasks, ds, group = _composite_group(cfg, n, subtasks, tokenizer)
             groups = [group]
