@@ -39,7 +39,18 @@ from kernels import switches
 from kernels.reference import check_ids
 
 BACKENDS = ("auto", "triton", "torch")
-BLOCK_N = {"cuda": 128, "cpu": 32}  # output columns a program (the interpreter: small, so blocks straddle members)
+# a program's [BR, BN] tiles of h and B: at most TILE elements (sm_90, 4 warps: 2048 keeps BR = 16..64, K = 2..8 at
+# 96-168 registers without spills, where BR = 64 with BN = 128 spilled), BN at most BN_MAX output columns (the
+# interpreter: small, so the tests' blocks straddle members)
+TILE = {"cuda": 2048, "cpu": 256}
+BN_MAX = {"cuda": 128, "cpu": 32}
+
+
+def block_n(R: int, device_type: str) -> int:
+    """Output columns a program takes for rank width R (padded to BR, a power of two) on ``device_type``."""
+    br = 1 << max(R - 1, 0).bit_length()
+    kind = "cuda" if device_type == "cuda" else "cpu"
+    return min(BN_MAX[kind], max(16, TILE[kind] // br))
 
 
 def _check(y, h, B, col_member, ids, weights, seq_ids, logits, top_k, temperature, out):
@@ -142,4 +153,4 @@ def expand_shrunk(y, h, B, col_member, *, ids=None, weights=None, seq_ids=None, 
         if switches.state.poison:  # tests: a column the kernel misses shows as NaN
             out.fill_(float("nan"))
     return triton_shrunk_expand.launch(y, h, B, _contig(col_member), out, ids, weights, _contig(seq_ids), logits,
-                                       top_k, temperature, BLOCK_N["cuda" if y.is_cuda else "cpu"])
+                                       top_k, temperature, block_n(h.shape[3], y.device.type))

@@ -40,7 +40,9 @@ def make_case(route, K, temperature, sizes, *, T=5, L=6, R=6, S=3, dtype=torch.f
     h = torch.randn(T, n, L, R, generator=g)
     h = torch.where(torch.arange(R) < ranks[None, :, :, None], h, 0.0)  # the GEMM's zero A rows: exact zeros
     wide[:, h0:lg0] = h.reshape(T, -1)
-    wide[:, lg0:lg0 + n * L] = torch.randn(T, n * L, generator=g)
+    # distinct logits, apart by >= 0.25 so that bf16 keeps them distinct (a tie would make the top-k ambiguous)
+    perm = torch.stack([torch.randperm(L, generator=g) for _ in range(T * n)]).view(T, n * L)
+    wide[:, lg0:lg0 + n * L] = (perm + 0.5 * torch.rand(T, n * L, generator=g)) * 0.5 - L / 4
     member = torch.repeat_interleave(torch.arange(n), torch.tensor(sizes))
     B = torch.randn(L, R, N, generator=g) / R**0.5
     B = torch.where(torch.arange(R)[None, :, None] < ranks[member].T[:, None, :], B, 0.0)  # [L, R, N]
