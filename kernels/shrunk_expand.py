@@ -117,12 +117,12 @@ def expand_shrunk_torch(y, h, B, col_member, *, ids=None, weights=None, seq_ids=
     member = col_member.long()
     cols = torch.arange(N, device=y.device)
     Bt = B.permute(2, 0, 1)  # [N, L, R] view: column c of adapter a is Bt[c, a]
-    out = y.to(acc)
+    out = y.to(acc, copy=True)  # a new tensor even with no slot (K = 0)
     for k in range(a.shape[2]):
         c = coef[:, member, k]  # [T, N, R]
         b = Bt[cols[None, :], a[:, member, k]].to(acc)  # [T, N, R]: the routed adapter's B column
         out = out + torch.where(c != 0, c * b, 0).sum(-1)
-    return out.to(y.dtype)
+    return out.to(y.dtype).contiguous()
 
 
 def _contig(t):

@@ -193,6 +193,13 @@ def test_in_place_equals_out_of_place(route, backend):
     torch.testing.assert_close(v["wide"][:, 80:], before[:, 80:], rtol=0, atol=0, equal_nan=True)  # the rest kept
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_no_slot_gives_a_copy_of_y(backend):
+    v, kw = make_case("token", 2, 1.0, (48, 16, 16), seed=4, device=DEV if backend == "triton" else "cpu")
+    got = call(v, dict(kw, ids=kw["ids"][:, :0], weights=kw["weights"][:, :0]), backend=backend)
+    assert torch.equal(got, v["y"]) and got.is_contiguous() and got.data_ptr() != v["y"].data_ptr()
+
+
 def test_refuses_bad_calls():
     v, kw = make_case("token", 2, 1.0, (48,), seed=1)
     with pytest.raises(ValueError, match="pass a route"):
