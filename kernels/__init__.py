@@ -14,11 +14,14 @@ routing is never expanded per token. See ``kernels.reference`` for the readable 
 kept adapters into one concatenated adapter where that saves passes (``kernels.sequence_concat``);
 ``multi_lora_uniform`` is the op when one adapter, known on the host, serves every token (a plain LoRA);
 ``multi_lora_coef`` takes token routing as one [T, L] coefficient matrix (MeteoRA's gates while they train).
+``expand_shrunk`` is the decode epilogue of a projection group whose base GEMM already computed every adapter's
+shrink (and the gates' logits): the routing and the expand in one launch (``kernels.shrunk_expand``).
 """
 
 from kernels.coef import multi_lora_coef
 from kernels.op import multi_lora
 from kernels.sequence_concat import multi_lora_sequences
+from kernels.shrunk_expand import expand_shrunk
 from kernels.uniform import multi_lora_uniform
 
-__all__ = ["multi_lora", "multi_lora_coef", "multi_lora_sequences", "multi_lora_uniform"]
+__all__ = ["expand_shrunk", "multi_lora", "multi_lora_coef", "multi_lora_sequences", "multi_lora_uniform"]

@@ -18,14 +18,15 @@ from triton.compiler import ASTSource
 
 
 def signature(fn, dtypes: dict, constants: dict):
-    """(signature, constexprs) for ``triton.compile``: pointers by name (``dtypes``), other params i32 unless given."""
+    """(signature, constexprs) for ``triton.compile``: pointers (and any other param) typed by name in ``dtypes``,
+    the rest i32."""
     sig, consts = {}, {}
     for i, p in enumerate(fn.params):
         name = p.name
         if p.is_constexpr or name in constants:
             sig[name] = "constexpr"
             consts[(i,)] = constants[name]
-        elif name.endswith("_ptr"):
+        elif name.endswith("_ptr") or name in dtypes:
             sig[name] = dtypes[name]
         else:
             sig[name] = "i32"
@@ -73,6 +74,16 @@ def configurations():
                 out.append((f"bank_expand {dt} BM={bm}" + ("" if one_window else " L>64"), tb.bank_expand_kernel.fn,
                             hp, {"R": 16, "K": 2, "SPLIT": 8 if small else 1, "BM": bm, "BN": 128, "BK": 32,
                                  "SEQ": small, "SKIP": small, "ONE_WINDOW": one_window, "F32": dt == "fp32"}))  # fmt: skip
+    from kernels import shrunk_expand as se
+    from kernels import triton_shrunk_expand as tse  # lazy, as above
+
+    for dt in ("bf16", "fp32"):  # the decode epilogue over a precomputed shrink: MeteoRA (logits) and DLP (seq_ids)
+        ptrs = {"cm_ptr": "*i32", "ids_ptr": "*i64", "w_ptr": "*fp32", "seq_ptr": "*i64", "inv_temp": "fp32",
+                **{n: f"*{dt}" for n in ("y_ptr", "h_ptr", "b_ptr", "out_ptr", "lg_ptr")}}  # fmt: skip
+        for mode in ("logits", "seq"):
+            out.append((f"shrunk_expand {dt} {mode}", tse.shrunk_expand_kernel, ptrs,
+                        {"R": 16, "BR": 16, "K": 2, "BN": se.block_n(16, "cuda"), "SEQ": mode == "seq",
+                         "LOGITS": mode == "logits", "MP": 4, "LP": 32, "KP": 2}))  # fmt: skip
     return out
 
 
@@ -89,7 +100,8 @@ def main(argv=None) -> None:
     if args.few:
         few = ("token_fused bf16 seq=False BR=16", "token_fused fp32 seq=True BR=64", "token_shrink bf16 seq=True",
                "token_expand fp32 seq=False", "grouped_expand bf16", "bank_shrink bf16 BM=16",
-               "bank_expand bf16 BM=16", "bank_expand bf16 BM=128 L>64")  # fmt: skip
+               "bank_expand bf16 BM=16", "bank_expand bf16 BM=128 L>64", "shrunk_expand bf16 logits",
+               "shrunk_expand fp32 seq")  # fmt: skip
         configs = [c for c in configs if c[0] in few]
     for name, fn, ptrs, constants in configs:
         sig, consts = signature(fn, ptrs, constants)
