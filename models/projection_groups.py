@@ -6,6 +6,11 @@ o / down alone, for the shrink below).
     qkv += h @ blockdiag(s_q B_q, s_k B_k, s_v B_v)                         1 launch: the expand
     q, k, v = qkv.split(...)
 
+and with many adapters routed per token (decode):
+
+    [qkv | h | logits] = x @ [W_q; W_k; W_v; every A_m[a]^T; gates].T       1 launch
+    qkv += sum_k w_k h[m, a_k] @ s B_m[a_k]   (route from logits or given)  1 launch (kernels.expand_shrunk)
+
 Why. Decoding a batch of one is launch-bound: the base projections are memory-bound GEMVs of a few microseconds each
 and every LoRA adds two tiny GEMMs of about the same cost, so an 8B model with adapters on all 7 projections of
 its 32 layers pays for 224 base and 448 LoRA launches per token. Grouped, a layer takes 4 base GEMMs (q/k/v,
@@ -20,19 +25,20 @@ How.
   ``[A_q | A_k | A_v]^T`` is written into the extra rows (once per adapter and bank version), so the base GEMM's
   last columns are ``h = x @ A``, and one ``addmm`` adds ``h @ B`` with ``B`` block-diagonal, each member's scale
   folded into its block (rsLoRA, rank patterns and adapters that skip a member pack too).
-- Any other route that is the same for every projection of the forward (``Router.shares_route``: the oracle with
-  mixed tasks, dlp): the routed kernels on a packed bank, ``A = [A_q | A_k | A_v]`` (``[L, d_in, sum R]``) and
-  ``B`` block-diagonal (``[L, sum R, sum d_out]``), scales folded, rank padding zeroed by a select (a NaN in
-  padding never enters), ranks ``sum R``; copies in the activations' dtype, rebuilt when ``AdapterBank.version``
-  moves.
+- Any other route at decode (the oracle with mixed tasks, dlp, MeteoRA's per-projection gates): the packed weight
+  also holds every adapter's ``A_m[a]^T`` (rank padding zeroed: ``n x L x R`` rows) and, for MeteoRA, the members'
+  gates (``n x L`` rows), so the one base GEMM gives each token its base outputs, ``h[m, a] = x @ A_m[a]`` for
+  every member and adapter, and the gate logits; one launch of ``kernels.expand_shrunk`` then picks each token's
+  adapters (the shared route's ids and weights, or each member's top-k of its logits, softmax / T) and adds
+  ``sum_k w_k h[m, a_k] @ s B_m[a_k]``, reading only the routed adapters' B. Two launches per group at decode
+  whatever the route; the extra GEMM rows are the adapters' A (about 4% of an 8B model's weights at 28 adapters
+  of rank 8 on all 7 projections). The rows are laid out when first needed (outside a CUDA graph capture) and
+  rewritten when ``AdapterBank.version`` or a gate weight moves.
 - The first member (the one HF calls first: q_proj, gate_proj) computes the group and keeps the other members'
   outputs for the input it was given; a later member called with that same tensor takes its output, any other call
   computes itself as before.
-- Routers that route each projection from ``x`` itself (MeteoRA's per-projection gates): at decode their group
-  route (``Router.route_group``: the members' gates as one GEMM, each member's top-k from its block) indexes a
-  virtual bank of members x adapters (adapter ``m * L + a`` is ``A_m[a]`` with ``s B_m[a]`` in member m's output
-  columns), one routed LoRA for the group. Merge's per-projection LoRA, and any prefill on a packed or virtual
-  bank (the routed kernels' dense form would compute its zero blocks), run each member alone (on its view).
+- Merge's per-projection LoRA, and any prefill but a uniform one, run each member alone (on its view): a prefill
+  is compute-bound, where the members' own routed kernels are the right tool.
 
 Inference only: with gradients enabled (training) every member runs as before, so autograd sees the bank's own
 parameters. ``MultiLoRAModel.group_projections()`` turns it on (``group_projections(False)`` gives every member its own weight again).
@@ -43,8 +49,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.adapter_bank import RANK_MULTIPLE
-
 #: sibling projection names that read the same input, in the order the HF blocks call them
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("o_proj",), ("down_proj",))
 SHRINK_ALIGN = 8  # the shrink rows appended to a packed weight, rounded up to this many
@@ -52,18 +56,24 @@ SHRINK_ALIGN = 8  # the shrink rows appended to a packed weight, rounded up to t
 
 class ProjectionGroup:
     """The wrapped projections (``MultiLoRAModel``'s ``MultiLoRALinear``) of one block that read the same input
-    (one, for o_proj / down_proj); members[0] leads."""
+    (one, for o_proj / down_proj); members[0] leads.
+
+    The packed weight's rows: ``[members' base rows (out) | uniform shrink (extra) | every adapter's A^T
+    (n x L x R) | gates (n x L, or none)]``."""
 
     def __init__(self, members: list):
         self.members = members
         self.sizes = [m.out_features for m in members]
         self.out = sum(self.sizes)
-        self.weight = None  # [out + extra, d_in]: the members' base weights (views), then the shrink rows
+        self.weight = None  # [rows, d_in]: the members' base weights (views), then the rows above
         self.bias = None
         self.extra = 0
+        self.L = self.R = 0  # the bank rows: L adapters x R rank rows per member (0: not laid out)
+        self.gate_rows = 0  # n x L when the gates are packed, else 0
         self.views: list = []
         self.ptrs: list = []
         self._shrink: tuple | None = None  # (adapter, bank version) whose A^T fills the shrink rows
+        self._rows: tuple | None = None  # (bank version, gates' (ptr, version)) the bank and gate rows hold
         self._pending: tuple | None = None  # (x, [outputs of members 1..], how many taken)
         self._packed: dict = {}  # (what, dtype, device) -> (bank.version, packed tensors)
 
@@ -75,20 +85,26 @@ class ProjectionGroup:
         same = all(w.dtype == ws[0].dtype and w.device == ws[0].device and w.shape[1] == ws[0].shape[1] for w in ws)
         return same and (all(b is None for b in biases) or all(b is not None for b in biases))
 
-    def pack(self) -> None:
+    def pack(self, bank_rows: tuple[int, int] = (0, 0), gates: bool = False) -> None:
         """Copy the members' base weights (and biases) into one tensor with room for the shrink rows (the sum of
-        the members' largest adapter ranks), and point each member at its rows."""
+        the members' largest adapter ranks), ``bank_rows = (L, R)``: every adapter's A^T per member, and the
+        members' gates (``gates``); point each member at its rows. The added rows start at zero."""
         layers = [m.base_layer for m in self.members]
         w0 = layers[0].weight
         r = sum(max(m.slots.host_ranks, default=0) for m in self.members)
         self.extra = -(-r // SHRINK_ALIGN) * SHRINK_ALIGN
+        n = len(self.members)
+        self.L, self.R = bank_rows
+        self.gate_rows = n * self.L if gates else 0
+        rows = self.out + self.extra + n * self.L * self.R + self.gate_rows
         with torch.no_grad():
-            self.weight = torch.zeros(self.out + self.extra, w0.shape[1], dtype=w0.dtype, device=w0.device)
-            torch.cat([lin.weight.detach() for lin in layers], 0, out=self.weight[:self.out])
-            self.bias = None
+            weight = torch.zeros(rows, w0.shape[1], dtype=w0.dtype, device=w0.device)
+            torch.cat([lin.weight.detach() for lin in layers], 0, out=weight[:self.out])
+            bias = None
             if layers[0].bias is not None:
-                self.bias = torch.zeros(self.out + self.extra, dtype=layers[0].bias.dtype, device=w0.device)
-                torch.cat([lin.bias.detach() for lin in layers], 0, out=self.bias[:self.out])
+                bias = torch.zeros(rows, dtype=layers[0].bias.dtype, device=w0.device)
+                torch.cat([lin.bias.detach() for lin in layers], 0, out=bias[:self.out])
+        self.weight, self.bias = weight, bias
         o = 0
         self.views = []
         for lin, d in zip(layers, self.sizes):
@@ -99,7 +115,7 @@ class ProjectionGroup:
             self.views.append(lin.weight)
             o += d
         self.ptrs = [v.data_ptr() for v in self.views]
-        self._shrink = None
+        self._shrink = self._rows = None
 
     def unpack(self) -> None:
         """Give every member its own contiguous weight again (before saving, or a change of dtype)."""
@@ -110,6 +126,7 @@ class ProjectionGroup:
                 lin.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=lin.bias.requires_grad)
             object.__setattr__(m, "group", None)
         self.weight, self.bias, self.views, self.ptrs, self._pending, self._packed = None, None, [], [], None, {}
+        self._rows = None
 
     def intact(self) -> bool:
         """The members still hold the packed views: a weight replaced, or moved off them by ``model.to(dtype)``
@@ -145,52 +162,65 @@ class ProjectionGroup:
         self._pending = None if n == len(self.members) else (p[0], p[1], n)
         return p[1][index]
 
+    def _rows_of(self, count: int):
+        """The packed weight's (and bias') first ``count`` rows."""
+        return self.weight[:count], (self.bias[:count] if self.bias is not None else None)
+
     def _output(self, x, router):
         """The group's packed output ``[..., sum d_out]`` (base + LoRA), or None where its members must run alone:
-        a per-projection route form (merge's LoRA), or a prefill on a packed or virtual bank (the routed kernels'
-        dense form would compute its zero blocks)."""
-        from kernels import multi_lora
-
+        a per-projection route form (merge's LoRA, MeteoRA's gates while they record a loss), or a prefill that
+        is not uniform."""
         leader, bank = self.members[0], self.members[0].ctx.bank
         prefill = x.dim() == 3 and x.shape[1] > 1
-        if router is not None and not router.shares_route:  # per-projection routes: one over the virtual bank
-            if len(bank) == 0 or prefill:
-                return None
-            route = router.route_group([m.module_name for m in self.members], x,
-                                       [m.route_state for m in self.members])
-            if route is None:
-                return None
-            y = nn.functional.linear(x, self.weight, self.bias)[..., :self.out]
-            return multi_lora(x, y, *self._virtual_bank(bank, x.dtype, x.device), route.ids, route.weights)
-        route = router.route(leader.module_name, x, leader.route_state) if router is not None else None
-        if route is not None and len(bank) == 0:
-            route = None
-        if route is not None and (route.coef is not None or route.lora is not None):
+        if router is None or len(bank) == 0:
+            return nn.functional.linear(x, *self._rows_of(self.out))
+        if not router.shares_route:  # per-projection routes (MeteoRA's gates): the group's gates in its GEMM
+            gates = None if prefill else router.group_gates([m.route_state for m in self.members])
+            return None if gates is None else self._routed_expand(x, bank, gates=gates)
+        route = router.route(leader.module_name, x, leader.route_state)
+        if route is None:
+            return nn.functional.linear(x, *self._rows_of(self.out))
+        if route.coef is not None or route.lora is not None:
             return None
-        if route is not None and route.uniform is None and prefill:
+        if route.uniform is not None:
+            return self._uniform(x, bank, route.uniform)
+        return None if prefill else self._routed_expand(x, bank, route=route)
+
+    def _uniform(self, x, bank, adapter: int):
+        """One adapter for every row: its shrink in the base GEMM (the shrink rows), one ``addmm`` for the expand."""
+        B_slot = self._shrink_rows(bank, adapter, x.dtype)
+        if B_slot is None:  # an adapter too wide for the shrink rows (hot-swapped in after packing): two GEMMs
+            from kernels import multi_lora_uniform
+
+            A, B = self._cached((adapter, x.dtype, x.device), bank, lambda: self._one_adapter(adapter, x.dtype))
+            return multi_lora_uniform(x, nn.functional.linear(x, *self._rows_of(self.out)), A, B, 1.0)
+        y_all = nn.functional.linear(x, *self._rows_of(self.out + self.extra))
+        y2 = y_all.reshape(-1, y_all.shape[-1])  # x @ A is y_all's last columns
+        return torch.addmm(y2[:, :self.out], y2[:, self.out:], B_slot.to(y2.dtype)).reshape(*y_all.shape[:-1],
+                                                                                          self.out)
+
+    def _routed_expand(self, x, bank, route=None, gates=None):
+        """Any route at decode: the base GEMM over every row (base outputs, every adapter's shrink, the gate
+        logits), then one ``kernels.expand_shrunk`` launch that routes and expands in place; None when the rows
+        cannot be laid out now (inside a CUDA graph capture or a compile)."""
+        from kernels import expand_shrunk
+
+        if not self._ready_rows(bank, gates.weights if gates is not None else None):
             return None
-        B_slot = None
-        if route is not None and route.uniform is not None:
-            B_slot = self._shrink_rows(bank, route.uniform, x.dtype)
+        n, L, R = len(self.members), self.L, self.R
         y_all = nn.functional.linear(x, self.weight, self.bias)
-        y = y_all[..., :self.out]
-        if B_slot is not None:  # the shrink came out of the base GEMM: x @ A is y_all's last columns
-            y2 = y_all.reshape(-1, y_all.shape[-1])
-            return torch.addmm(y2[:, :self.out], y2[:, self.out:], B_slot.to(y2.dtype)).reshape(*y.shape)
-        if route is not None:
-            return self._add_lora(x, y, route)
-        return y
-
-    def _add_lora(self, x, y, route):
-        """The packed LoRA on the packed output, through the routed kernels (any shared route but uniform)."""
-        from kernels import multi_lora, multi_lora_uniform
-
-        bank = self.members[0].ctx.bank
-        if route.uniform is not None:  # an adapter too wide for the shrink rows (hot-swapped in after packing)
-            A, B = self._packed_tensors(bank, x.dtype, x.device, route.uniform)
-            return multi_lora_uniform(x, y, A, B, 1.0)
-        A, B, scales, ranks = self._packed_tensors(bank, x.dtype, x.device, None)
-        return multi_lora(x, y, A, B, scales, ranks, route.ids, route.weights, route.seq_ids)
+        y2 = y_all.reshape(-1, y_all.shape[-1])
+        o = self.out + self.extra
+        h = y2[:, o:o + n * L * R].unflatten(1, (n, L, R))
+        y = y2[:, :self.out]
+        Bc, col_member = self._expand_weights(bank, x.dtype, x.device)
+        if gates is not None:
+            logits = y2[:, o + n * L * R:].unflatten(1, (n, L))
+            expand_shrunk(y, h, Bc, col_member, logits=logits, top_k=gates.top_k, temperature=gates.temperature,
+                          out=y)
+        else:
+            expand_shrunk(y, h, Bc, col_member, ids=route.ids, weights=route.weights, seq_ids=route.seq_ids, out=y)
+        return y.reshape(*y_all.shape[:-1], self.out)
 
     # ---- packed adapters (copies, rebuilt when the bank changes) ------------------------------------------------
     def _cached(self, key, bank, build):
@@ -212,14 +242,22 @@ class ProjectionGroup:
                                for m, r in zip(self.members, ranks)])
         return A, B
 
-    @staticmethod
-    def _live_blocks(sl, w: int):
-        """One member's adapters cut to ``w`` rank columns, rank padding zeroed by a select (a NaN there never
-        enters): ``A [L, d_in, w]`` (its dtype) and ``s B [L, w, d_out]`` (fp32, the scales folded in)."""
-        live = torch.arange(w, device=sl.A.device)[None, :] < sl.ranks[:, None]  # [L, w]
+    def _one_adapter(self, adapter: int, dtype):
+        A, B = self._adapter_blocks(adapter)
+        return A.to(dtype).contiguous(), B.to(dtype)
+
+    def _live_blocks(self, sl, w: int):
+        """One member's adapters at ``w`` rank columns (this group's R), rank padding zeroed by a select (a NaN
+        there never enters): ``A [L, d_in, w]`` (its dtype) and ``s B [L, w, d_out]`` (fp32, the scales folded
+        in); zero columns past the member's own rank width."""
+        have = min(w, sl.A.shape[2])
+        live = torch.arange(have, device=sl.A.device)[None, :] < sl.ranks[:, None]  # [L, have]
         zero = torch.zeros((), dtype=sl.A.dtype, device=sl.A.device)
-        A = torch.where(live[:, None, :], sl.A[:, :, :w], zero)
-        B = torch.where(live[:, :, None], sl.B[:, :w], zero).float() * sl.scales.float()[:, None, None]
+        A = torch.where(live[:, None, :], sl.A[:, :, :have], zero)
+        B = torch.where(live[:, :, None], sl.B[:, :have], zero).float() * sl.scales.float()[:, None, None]
+        if have < w:
+            A = nn.functional.pad(A, (0, w - have))
+            B = nn.functional.pad(B, (0, 0, 0, w - have))
         return A, B
 
     def _shrink_rows(self, bank, adapter: int, dtype):
@@ -234,7 +272,7 @@ class ProjectionGroup:
             with torch.no_grad():
                 blocks = self._adapter_blocks(adapter)
                 self.weight[self.out:self.out + r] = blocks[0].T.to(self.weight.dtype)
-                self.weight[self.out + r:] = 0
+                self.weight[self.out + r:self.out + self.extra] = 0
             self._shrink = (adapter, bank.version)
 
         def build():
@@ -242,49 +280,41 @@ class ProjectionGroup:
             return torch.cat([B, B.new_zeros(self.extra - r, self.out)], 0).to(dtype)
         return self._cached(("rows", adapter, dtype), bank, build)
 
-    def _packed_tensors(self, bank, dtype, device, adapter: int | None):
-        """The members' adapters as one (module docstring): adapter ``adapter``'s ``(A [d_in, sum r], B)``, or the
-        whole bank's ``(A [L, d_in, R], B [L, R, sum d_out], scales = 1, ranks = R)``, R = the members' widest
-        ranks summed, padded to ``RANK_MULTIPLE``."""
-        def one():
-            A, B = self._adapter_blocks(adapter)
-            return A.to(dtype).contiguous(), B.to(dtype)
+    def _ready_rows(self, bank, gates) -> bool:
+        """Make the bank rows hold every adapter's ``A_m[a]^T`` (R rows each, rank padding zero) and the gate rows
+        the members' gates: re-packed for a new layout (L, R, gates or not), rewritten in place for new contents
+        (``bank.version``, a gate weight's pointer or version). False where that cannot happen now (a CUDA graph
+        capture or a compile in progress): the members then run alone."""
+        L = len(bank)
+        R = max(max(m.slots.host_ranks, default=0) for m in self.members)
+        key = (bank.version, tuple((w.data_ptr(), w._version) for w in gates) if gates is not None else None)
+        layout = (L, R, gates is not None)
+        if (self.L, self.R, self.gate_rows > 0) == layout and self._rows == key:
+            return True
+        if torch.compiler.is_compiling() or (self.weight.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return False
+        if (self.L, self.R, self.gate_rows > 0) != layout:
+            self.pack((L, R), gates is not None)
+        with torch.no_grad():
+            o = self.out + self.extra
+            for m in self.members:
+                A = self._live_blocks(m.slots, R)[0]  # [L, d_in, R]
+                self.weight[o:o + L * R] = A.transpose(1, 2).reshape(L * R, -1).to(self.weight.dtype)
+                o += L * R
+            if gates is not None:
+                self.weight[o:] = torch.cat([w.detach() for w in gates], 0).to(self.weight.dtype)
+        self._rows = key
+        return True
 
-        def whole():  # each member's block as wide as its widest adapter, the total padded to the kernels' multiple
-            slots = [m.slots for m in self.members]
-            L = len(bank)
-            widths = [max(sl.host_ranks, default=0) for sl in slots]
-            total = max(RANK_MULTIPLE, -(-sum(widths) // RANK_MULTIPLE) * RANK_MULTIPLE)
-            A = torch.zeros(L, slots[0].A.shape[1], total, dtype=dtype, device=device)
-            B = torch.zeros(L, total, self.out, dtype=dtype, device=device)
-            r0 = c0 = 0
-            for sl, w, d in zip(slots, widths, self.sizes):
-                a, b = self._live_blocks(sl, w)
-                A[:, :, r0:r0 + w], B[:, r0:r0 + w, c0:c0 + d] = a.to(dtype), b.to(dtype)
-                r0, c0 = r0 + w, c0 + d
-            return (A, B, torch.ones(L, dtype=torch.float32, device=device),
-                    torch.full((L,), total, dtype=torch.int32, device=device))
-        return self._cached((adapter, dtype, device), bank, one if adapter is not None else whole)
-
-    def _virtual_bank(self, bank, dtype, device):
-        """Members x adapters as one bank: adapter ``m * L + a`` is ``A_m[a]`` (rank padding zeroed by a select, to
-        the widest member's rank) with ``s_m[a] B_m[a]`` in member m's output columns, zeros elsewhere; scales 1."""
+    def _expand_weights(self, bank, dtype, device):
+        """``(B [L, R, sum d_out], col_member [sum d_out])`` for ``kernels.expand_shrunk``: column c holds its
+        member's ``s B_m[a]`` (scales folded, rank padding zeroed by a select); ``col_member`` names c's member."""
         def build():
-            slots = [m.slots for m in self.members]
-            L, n = len(bank), len(slots)
-            width = max(max(sl.host_ranks, default=0) for sl in slots)
-            width = max(RANK_MULTIPLE, -(-width // RANK_MULTIPLE) * RANK_MULTIPLE)
-            A = torch.zeros(n * L, slots[0].A.shape[1], width, dtype=dtype, device=device)
-            B = torch.zeros(n * L, width, self.out, dtype=dtype, device=device)
-            c0 = 0
-            for m, (sl, d) in enumerate(zip(slots, self.sizes)):
-                w = min(sl.A.shape[2], width)
-                a, b = self._live_blocks(sl, w)
-                A[m * L:(m + 1) * L, :, :w], B[m * L:(m + 1) * L, :w, c0:c0 + d] = a.to(dtype), b.to(dtype)
-                c0 += d
-            return (A, B, torch.ones(n * L, dtype=torch.float32, device=device),
-                    torch.full((n * L,), width, dtype=torch.int32, device=device))
-        return self._cached(("virtual", dtype, device), bank, build)
+            B = torch.cat([self._live_blocks(m.slots, self.R)[1] for m in self.members], 2).to(dtype).contiguous()
+            sizes = torch.tensor(self.sizes, device=device)
+            col = torch.repeat_interleave(torch.arange(len(self.members), device=device), sizes).to(torch.int32)
+            return B, col
+        return self._cached(("expand", self.R, dtype, device), bank, build)
 
 
 def find_groups(model: nn.Module, wrapped_type) -> list[ProjectionGroup]:

@@ -2,9 +2,10 @@
 the ungrouped model.
 
 The test adapters differ in rank (8, 4), scale (rsLoRA) and targets (only "a" touches k_proj, gate_proj, up_proj),
-so the packed adapter's blocks have different ranks, scales and empty blocks. Every router is compared: the ones
-that route all projections alike run one packed LoRA, the others (MeteoRA's per-projection gates, merge's
-per-projection LoRA) the packed base only.
+so the packed adapter's blocks have different ranks, scales and empty blocks. Every router is compared: one adapter
+for every row rides its shrink in the base GEMM; any other route at decode (the mixed oracle, dlp, MeteoRA's gates)
+runs the GEMM over every adapter's shrink rows (and the gates) and one routed expand (``kernels.expand_shrunk``);
+merge's per-projection LoRA runs the members alone.
 """
 
 import pytest
@@ -79,8 +80,8 @@ def test_grouped_logits_and_tokens_equal_the_ungrouped_model(assets, router, kw,
     for a, b in zip(got_scores.scores, want_scores.scores, strict=True):  # the decode steps' logits too
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
     # a member's own base layer runs when its group does not: every step for merge's per-projection LoRA; the
-    # prefill for a route on the packed or virtual bank (its dense form would compute the zero blocks: dlp, the
-    # mixed oracle, MeteoRA's gates, whose decode steps route the group at once); never else
+    # prefill of a route that is not one adapter for every row (dlp, the mixed oracle, MeteoRA's gates: their
+    # decode steps run the group's GEMM and routed expand); never else
     per_member = 6 if router == "merge" else 1 if router in ("dlp", "meteora") or (
         task_ids is not None and one is None) else 0
     assert len(calls) == (14 if per_member else 0) and all(c == per_member for c in calls.values())
@@ -176,11 +177,11 @@ def test_a_bank_change_repacks_and_a_replaced_weight_breaks_the_group(assets):
 
 
 @pytest.mark.parametrize("router, kw, task_ids", [("oracle", {}, ["a", "b", "c"]), ("meteora", {"top_k": 2}, None)])
-def test_the_triton_kernels_take_the_packed_and_virtual_banks(assets, monkeypatch, router, kw, task_ids):
-    """The packed bank (the mixed oracle) and the virtual bank of members x adapters (MeteoRA's gates: 6 slots
-    per token for q / k / v) through the Triton kernels (the interpreter here, so only the grouped model runs them;
-    the ungrouped one on the torch path, which other tests hold to the kernels): the prefill and a decode step give
-    the ungrouped model's tokens and step logits."""
+def test_the_triton_kernels_route_and_expand_the_group(assets, monkeypatch, router, kw, task_ids):
+    """The routed expand over the group's shrink rows through the Triton kernels (the interpreter here, so only the
+    grouped model runs them; the ungrouped one on the torch path, which other tests hold to the kernels): the mixed
+    oracle's given route and MeteoRA's top-k of the gate logits the GEMM computed; the prefill and a decode step
+    give the ungrouped model's tokens and step logits."""
     plain, grouped = _mm(assets, router, kw, False), _mm(assets, router, kw, True)
     tok = plain.tokenizer
     batch = tok(["[INST] hi", "a b c", "xyz"], return_tensors="pt", padding=True)
@@ -205,3 +206,38 @@ def test_evaluate_groups_projections_on_cuda_only_when_auto():
 
     cpu = torch.nn.Linear(2, 2)
     assert _grouped("auto", cpu) is False and _grouped(True, cpu) is True and _grouped(False, cpu) is False
+
+
+@pytest.mark.parametrize("router, kw", [("meteora", {"top_k": 2}), ("dlp", {"hidden": 32, "layers": 1})])
+def test_new_gates_or_adapters_rewrite_the_group_rows(assets, router, kw):
+    """The rows a decode step reads (every adapter's A^T, MeteoRA's gates) follow the model: gate weights changed
+    in place, and an adapter added (a new layout: more rows), give the ungrouped model's decode logits."""
+    _, dirs = assets
+    plain, grouped = _mm(assets, router, kw, False), _mm(assets, router, kw, True)
+    tok = plain.tokenizer
+    batch = tok(PROMPTS, return_tensors="pt", padding=True)
+    kw_gen = {"max_new_tokens": 3, "pad_token_id": tok.pad_token_id, "eos_token_id": None}
+
+    def decode_scores(mm):
+        rec = Record()
+        graph_generate(mm, batch["input_ids"], batch["attention_mask"], capture=False, logits_processor=[rec],
+                       **kw_gen)
+        return rec.scores
+
+    def same():
+        for a, b in zip(decode_scores(grouped), decode_scores(plain), strict=True):
+            torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+
+    same()
+    rows = [g.weight.shape[0] for g in grouped._groups]
+    with torch.no_grad():
+        for mm in (plain, grouped):
+            torch.manual_seed(1)
+            for p in mm.router.parameters():
+                p.mul_(-1.5).add_(0.1 * torch.randn_like(p))
+    same()
+    for mm in (plain, grouped):
+        mm.add_adapter("d", dirs["a"])
+    grouped.router.load_state_dict(plain.router.state_dict())  # the new adapter's fresh router rows: the same
+    same()
+    assert all(g.weight.shape[0] > r for g, r in zip(grouped._groups, rows, strict=True))  # L 3 -> 4: re-laid out

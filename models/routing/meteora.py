@@ -26,10 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.derived_cache import derived
 from models.adapter_bank import slot_key
 from models.routing.registry import strategy
-from models.routing.route import Route, Router, expand_rows, route_top_k, top_k_coef
+from models.routing.route import GroupGates, Route, Router, expand_rows, route_top_k, top_k_coef
 
 
 def _number(x) -> bool:
@@ -133,22 +132,14 @@ class MeteoraRouter(Router):
         ids, w = route_top_k(logits, self.top_k, self.temperature)
         return Route(ids, w.to(x.dtype))
 
-    def route_group(self, module_names, x, states):
-        """At inference (no task ids, no forced gates, no gradient, not compiling): the gates of projections that
-        read the same ``x`` as one GEMM (their weights stacked, cached while they are unchanged), each projection's
-        top-k taken from its own block of the logits, ids offset to the virtual bank of the group. The same
-        top-k and softmax as ``route`` per projection; None otherwise (each projection then routes itself)."""
+    def group_gates(self, states):
+        """At inference (no task ids, no forced gates, no gradient, not compiling): the members' gate weights, for
+        the group's GEMM, with this router's top-k and temperature (the same rule as ``route`` per projection);
+        None otherwise (each projection then routes itself, recording its CE and hits)."""
         if (self._labels is not None or self.ctx.force_gates or torch.is_grad_enabled()
                 or torch.compiler.is_compiling() or any(s is None for s in states)):
             return None
-        weights = tuple(s.weight for s in states)
-        G = derived(("meteora_group_gates",), weights, lambda: torch.cat([w.detach() for w in weights], 0))
-        x2 = x.reshape(-1, x.shape[-1])
-        n, L = len(states), states[0].out_features
-        logits = F.linear(x2, G).float().view(-1, n, L)
-        ids, w = route_top_k(logits, self.top_k, self.temperature)  # [T, n, k] each
-        ids = ids + torch.arange(n, device=ids.device)[None, :, None] * L
-        return Route(ids.reshape(ids.shape[0], -1), w.reshape(w.shape[0], -1).to(x.dtype))
+        return GroupGates([s.weight for s in states], self.top_k, self.temperature)
 
     def _pairs(self) -> torch.Tensor:
         """(token, projection) pairs with a label in the last forward: every wrapped projection routes once."""

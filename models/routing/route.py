@@ -49,6 +49,16 @@ class Route:
     coef: torch.Tensor | None = None
 
 
+@dataclass
+class GroupGates:
+    """Per-token gates of a projection group (``Router.group_gates``): one ``[L, d_in]`` weight per member, and the
+    rule that turns a member's logits into its route: top ``top_k``, ``softmax(top-k logits / temperature)``."""
+
+    weights: list
+    top_k: int
+    temperature: float
+
+
 class RouteContext:
     """Per-call routing inputs shared by the model, its router and every wrapped layer (plain object, no params).
 
@@ -150,11 +160,12 @@ class Router(nn.Module):
         ``projection_state(module_name)`` gave that projection (the layer holds it by reference)."""
         return None
 
-    def route_group(self, module_names: list[str], x: torch.Tensor, states: list) -> Route | None:
-        """One route for projections that read the same ``x`` (``models.projection_groups``), over a virtual bank
-        of ``len(module_names) x L`` adapters: id ``m * L + a`` is adapter ``a`` on projection ``m`` (its delta
-        only in that projection's outputs). None (the default): each projection routes itself. A router whose
-        route is the same for every projection (``shares_route``) needs none."""
+    def group_gates(self, states: list) -> GroupGates | None:
+        """The gates of projections that read the same ``x`` (``models.projection_groups``), for the group to
+        compute in its own base GEMM and route from (each projection its top-k of its own logits): a router that
+        routes each projection from ``x`` itself returns them where it may (MeteoRA at inference); None (the
+        default) leaves each projection to route itself. A router whose route is the same for every projection
+        (``shares_route``) needs none."""
         return None
 
     def projection_state(self, module_name: str) -> nn.Module | None:
