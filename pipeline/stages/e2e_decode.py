@@ -12,8 +12,9 @@ up,down) or ``qv`` projections. Strategies, each in its own model instance where
   dlp-nucleus2   loramux, a fresh DLP router with its nucleus capped at 2 kept adapters (a trained router keeps 1-3)
   dlp-fresh      loramux, a fresh DLP router at top-p 0.6 (a near-uniform distribution: the widest nucleus)
   <s>+grouped    the same loramux strategy with q / k / v and gate / up run as one projection each
-                 (``MultiLoRAModel.group_projections``: packed base weights, one packed LoRA where the route is
-                 shared, e.g. ``oracle+grouped``), in its own model beside the ungrouped one
+                 (``MultiLoRAModel.group_projections``: packed base weights; at decode one GEMM with every
+                 adapter's shrink and the gates, then one routed expand; e.g. ``oracle+grouped``), in its own
+                 model beside the ungrouped one
 
 Engines: ``eager`` (``generate`` with the dynamic cache), ``static+compile`` (static KV cache, the decode step
 compiled with ``reduce-overhead``: CUDA graphs; CUDA only unless ``e2e.allow_static_on_cpu``) and ``static+graph``
