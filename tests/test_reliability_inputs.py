@@ -389,6 +389,24 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(outpu
         resume_point(run)
 
 
+def test_nan_loss_found_at_the_end_names_the_step_it_happened(outputs, tmp_path):
+    """The NaN check is deferred (a step reads nothing back: pipeline/runtime/step_checks.py): with no log line and
+    no checkpoint before the last step, the run trains on past the blow-up, then stops naming the step the
+    every-step check above names, and saves nothing."""
+    base = ["task=winowhy", "optim.lr=1e30", "trainer.max_steps=6"]
+    every_step = ["trainer.log_every_n_steps=1", "checkpoint.every_n_steps=1"]
+    with pytest.raises(FloatingPointError) as now:
+        run_stage("finetune", [*base, *every_step], outputs, tmp_path / "now")
+    with pytest.raises(FloatingPointError) as late:
+        run_stage("finetune", [*base, "trainer.log_every_n_steps=100", "checkpoint.every_n_steps=0"], outputs,
+                  tmp_path / "late")
+    first = re.match(r"training loss is (nan|inf) at step (\d+); lower optim.lr or check the task's data", str(now.value))
+    assert first and int(first.group(2)) < 5, str(now.value)  # the deferred run must outlive it to test anything
+    assert str(late.value) == f"{first.group(0)} (no checkpoint was written before it (checkpoint.every_n_steps))"
+    assert not (tmp_path / "late" / "metrics.json").exists()
+    assert not (outputs / "smoke" / "adapters" / "winowhy" / "loramux.json").exists()
+
+
 # ----------------------------------------------------------------------------------- disk full while saving
 class _DiskFullAfterHalf:
     """A file object that writes half of what it is given, then fails like a full disk (ENOSPC)."""

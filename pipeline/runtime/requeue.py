@@ -52,6 +52,7 @@ from omegaconf import OmegaConf, open_dict
 
 from common.atomic import atomic_write_text, atomic_write_with, file_digest
 from pipeline.runtime.distributed import shard, shard_size
+from pipeline.runtime.step_checks import check_module
 
 log = logging.getLogger(__name__)
 CHECKPOINT = Path("checkpoints") / "requeue.ckpt"
@@ -289,12 +290,18 @@ class RequeueCheckpoint(L.Callback):
             self.save(trainer)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        """Training finished: the checkpoint has served; a later rerun (force=true) must start afresh."""
+        """Training finished: the checkpoint has served; a later rerun (force=true) must start afresh. Unless a
+        loss went non-finite since the last read point (``pipeline/runtime/step_checks.py``): that raises here,
+        before the checkpoint is deleted, so the last good one is kept."""
+        check_module(pl_module)
         for path in (self.run_dir / STATE, self.run_dir / CHECKPOINT):
             path.unlink(missing_ok=True)
 
     def save(self, trainer, periodic: bool = False) -> Path:
-        """Write requeue.ckpt (atomically: temp file + rename), then resume.json (step, size, sha256, config)."""
+        """Write requeue.ckpt (atomically: temp file + rename), then resume.json (step, size, sha256, config).
+        First the module's deferred NaN check (``pipeline/runtime/step_checks.py``): a checkpoint never holds
+        weights trained past a non-finite loss, so the one kept is the last good one."""
+        check_module(trainer.lightning_module)
         ckpt = self.run_dir / CHECKPOINT
         if trainer.world_size > 1:  # every rank takes part in save_checkpoint; rank 0 writes
             trainer.save_checkpoint(ckpt.with_name(f".{ckpt.name}.ddp.tmp"))
@@ -317,8 +324,9 @@ class RequeueCheckpoint(L.Callback):
 
 
 def fit_resumable(trainer, module, train_dl, val_dl, resume: ResumePoint | None, callback: RequeueCheckpoint) -> None:
-    """``trainer.fit`` from ``resume`` (or from scratch); a NaN/inf loss (``FloatingPointError`` raised by the
-    module's training_step) ends it with one line that names the step and the last good checkpoint, kept."""
+    """``trainer.fit`` from ``resume`` (or from scratch); a NaN/inf loss (``FloatingPointError``, raised at a read
+    point of the module's ``step_checks``: a log line, a checkpoint, the end of training) ends it with one line that
+    names the step and the last good checkpoint, kept."""
     try:
         trainer.fit(module, train_dataloaders=train_dl, val_dataloaders=val_dl,
                     ckpt_path=str(resume.checkpoint) if resume else None)

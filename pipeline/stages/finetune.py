@@ -18,7 +18,9 @@ the weights records their size and sha256.
 Crashes: a resumable checkpoint is written every ``checkpoint.every_n_steps`` steps (and on SLURM's preemption
 signal); started again in the same run dir with the same config, the run resumes from it and ends with the
 adapter an uninterrupted run gives (``pipeline/runtime/requeue.py``). A NaN/inf loss stops the run with one line naming
-the step and the last checkpoint, which is kept.
+the step and the last checkpoint, which is kept. The step does not read the loss back to check it (a GPU would
+wait for it): ``pipeline/runtime/step_checks.py`` notes it on the device, and the run stops at the next log line,
+checkpoint or the end of training, whichever comes first, before any adapter is saved.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from pipeline.runtime.requeue import fit_resumable, prepare_resume
 from pipeline.runtime.rerun import previous_result
 from pipeline.runtime.settings import check_settings
 from pipeline.runtime.stage import StageRun
+from pipeline.runtime.step_checks import StepChecks, progress_bar_shown
 from pipeline.runtime.train_speed import apply_train_speed
 from pipeline.stages.joint_finetune import joint_finetune
 from pipeline.stages.lora_training import adamw_with_schedule, init_lora, lora_trainer, task_loaders
@@ -64,8 +67,18 @@ class LoRAFinetuneModule(L.LightningModule):
         self.model = model
         self.lr, self.weight_decay = float(lr), float(weight_decay)
         self.warmup_steps, self.total_steps = int(warmup_steps), max(1, int(total_steps))
-        self.answer_tokens = 0  # tokens that carry loss
-        self.tokens = 0  # tokens the model processed (prompt + answer)
+        # the NaN stop and the token counts, kept on the device: a step reads nothing back (step_checks.py)
+        self.step_checks = StepChecks("training loss is {loss} at step {step}; lower optim.lr or check the task's data")
+
+    @property
+    def tokens(self) -> int:
+        """Tokens the model processed (prompt + answer, no padding); a host read."""
+        return self.step_checks.total("tokens")
+
+    @property
+    def answer_tokens(self) -> int:
+        """Tokens that carry loss; a host read."""
+        return self.step_checks.total("answer_tokens")
 
     def forward(self, **batch):
         return self.model(**batch)
@@ -79,12 +92,11 @@ class LoRAFinetuneModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         loss = self._loss(batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss is {loss.item()} at step {self.global_step}; "
-                                     f"lower optim.lr or check the task's data")
-        self.answer_tokens += int((batch["labels"] != -100).sum())
-        self.tokens += int(batch["attention_mask"].sum())
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0], sync_dist=True)
+        self.step_checks.watch(loss, self.global_step)  # raised at the next read point, naming this step
+        self.step_checks.count("answer_tokens", (batch["labels"] != -100).sum())
+        self.step_checks.count("tokens", batch["attention_mask"].sum())
+        self.log("train/loss", loss, prog_bar=progress_bar_shown(self), batch_size=batch["input_ids"].shape[0],
+                 sync_dist=True)
         return loss
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -93,7 +105,8 @@ class LoRAFinetuneModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """A resumed run counts on from the checkpoint, so its metrics equal an uninterrupted run's."""
         counts = checkpoint.get("token_counts", {})
-        self.answer_tokens, self.tokens = int(counts.get("answer_tokens", 0)), int(counts.get("tokens", 0))
+        for key in ("answer_tokens", "tokens"):
+            self.step_checks.set_total(key, int(counts.get(key, 0)))
 
     def validation_step(self, batch, batch_idx):
         loss = self._loss(batch)

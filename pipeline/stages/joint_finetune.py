@@ -35,7 +35,9 @@ of a small model's FLOPs, and the joint batch holds every task's rows).
 Validation: each task's own val loader (``dataloader_idx`` = the task's position among those with val rows),
 loss = the mean over its batches weighted by rows (what Lightning logs for the separate run's ``val/loss``),
 logged as ``val/<task>/loss``; ``val/loss`` = the mean over tasks. A NaN/inf training loss raises
-``FloatingPointError`` naming the step and the tasks (``pipeline.runtime.requeue.fit_resumable`` makes it one line).
+``FloatingPointError`` naming the step and the tasks (``pipeline.runtime.requeue.fit_resumable`` makes it one line),
+at the next log line, checkpoint or the end of training: the step itself reads nothing back to the host
+(``pipeline/runtime/step_checks.py``).
 
 Its outputs are the separate runs' outputs, per task:
 
@@ -52,7 +54,6 @@ written by peft's own ``save_pretrained`` (each adapter loaded into a peft model
 from __future__ import annotations
 
 import logging
-import math
 import tempfile
 import time
 from pathlib import Path
@@ -73,6 +74,7 @@ from pipeline.runtime.distributed import sum_over_ranks
 from pipeline.runtime.requeue import fit_resumable, prepare_resume
 from pipeline.runtime.settings import check_settings
 from pipeline.runtime.stage import StageRun
+from pipeline.runtime.step_checks import StepChecks, progress_bar_shown
 from pipeline.runtime.train_speed import apply_train_speed
 from pipeline.stages.joint_batches import JointBatches
 from pipeline.stages.lora_training import adamw_with_schedule, initial_adapters, lora_trainer, task_loaders
@@ -196,14 +198,30 @@ class JointFinetuneModule(L.LightningModule):
         self.val_tasks = list(self.tasks if val_tasks is None else val_tasks)  # tasks with a val loader, in order
         self.lr, self.weight_decay = float(lr), float(weight_decay)
         self.warmup_steps, self.total_steps = int(warmup_steps), max(1, int(total_steps))
-        self.tokens = 0  # tokens processed (prompt + answer, no padding), all tasks
-        self.answer_tokens = [0] * len(self.tasks)  # tokens that carry loss, per task
-        self.train_losses: dict[str, float] = {}  # each task's loss at the last training step
+        # the NaN stop (per task) and the token counts, kept on the device: a step reads nothing back (step_checks.py)
+        self.step_checks = StepChecks("training loss is not finite at step {step} for task(s) {names}; lower "
+                                      "optim.lr or check those tasks' data", names=self.tasks)
+        self._last_losses: torch.Tensor | None = None  # each task's loss at the last training step, on the device
         self.val_losses: dict[str, float] = {}  # each task's loss at the last validation
         self.val_step = -1  # global step of that validation
         self._val_sums = None
         self._hidden = None
         self._hook = mm.model.get_decoder().register_forward_hook(self._keep_hidden)
+
+    @property
+    def tokens(self) -> int:
+        """Tokens processed (prompt + answer, no padding), all tasks; a host read."""
+        return self.step_checks.total("tokens")
+
+    @property
+    def answer_tokens(self) -> list[int]:
+        """Tokens that carry loss, per task; a host read."""
+        return self.step_checks.total("answer_tokens", [0] * len(self.tasks))
+
+    @property
+    def train_losses(self) -> dict[str, float]:
+        """Each task's loss at the last training step (empty before one); a host read."""
+        return {} if self._last_losses is None else dict(zip(self.tasks, self._last_losses.tolist(), strict=True))
 
     def _keep_hidden(self, module, args, output):
         self._hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
@@ -218,16 +236,12 @@ class JointFinetuneModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         losses, counts = self.task_losses(batch)
-        bad = [t for t, v in zip(self.tasks, losses.tolist(), strict=True) if not math.isfinite(v)]
-        if bad:
-            raise FloatingPointError(f"training loss is not finite at step {self.global_step} for task(s) "
-                                     f"{', '.join(bad)}; lower optim.lr or check those tasks' data")
-        self.tokens += int(batch["attention_mask"].sum())
-        for i, n in enumerate(counts.tolist()):
-            self.answer_tokens[i] += int(n)
-        self.train_losses = dict(zip(self.tasks, losses.tolist(), strict=True))
+        self.step_checks.watch(losses, self.global_step)  # raised at the next read point, naming this step's tasks
+        self.step_checks.count("tokens", batch["attention_mask"].sum())
+        self.step_checks.count("answer_tokens", counts)  # whole numbers in float: added as int64
+        self._last_losses = losses.detach()
         rows = batch["input_ids"].shape[0]
-        self.log("train/loss", losses.mean(), prog_bar=True, batch_size=rows, sync_dist=True)
+        self.log("train/loss", losses.mean(), prog_bar=progress_bar_shown(self), batch_size=rows, sync_dist=True)
         for t, v in zip(self.tasks, losses, strict=True):
             self.log(f"train/{t}/loss", v, batch_size=rows, sync_dist=True)
         return losses.sum()
@@ -270,8 +284,8 @@ class JointFinetuneModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """A resumed run counts on from the checkpoint, so its metrics equal an uninterrupted run's."""
         counts = checkpoint.get("token_counts", {})
-        self.tokens = int(counts.get("tokens", 0))
-        self.answer_tokens = [int(n) for n in counts.get("answer_tokens", [0] * len(self.tasks))]
+        self.step_checks.set_total("tokens", int(counts.get("tokens", 0)))
+        self.step_checks.set_total("answer_tokens", [int(n) for n in counts.get("answer_tokens", [0] * len(self.tasks))])
 
     def configure_optimizers(self):
         params = [p for p in self.mm.parameters() if p.requires_grad]
@@ -320,8 +334,9 @@ def joint_finetune(cfg: DictConfig) -> float | None:
         tokens_per_s = round(tokens / max(seconds, 1e-9), 2)
         adapter_cfg = OmegaConf.to_container(cfg.adapter, resolve=True)
         rows, metas, dests = [], {}, {}
+        train_losses = module.train_losses  # one host read
         for i, t in enumerate(tasks):
-            val_loss, train_loss = module.val_losses.get(t), module.train_losses.get(t)
+            val_loss, train_loss = module.val_losses.get(t), train_losses.get(t)
             metas[t] = {"task": t, "tasks": [t], "base_model": str(cfg.model.name_or_path), "steps": step,
                         "val_loss": val_loss, "adapter": adapter_cfg, "joint": tasks}
             dests[t] = [run.run_dir / "adapters" / t, Path(str(cfg.paths.adapters_dir)) / t]

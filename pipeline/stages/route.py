@@ -19,7 +19,9 @@ gates) also gives each task's routing accuracy over the last validation (``route
 
 Crashes: like ``finetune``, a resumable checkpoint (trainable router weights, optimizer, loop and RNG state) is
 written every ``checkpoint.every_n_steps`` steps; a restart in the same run dir with the same config resumes from
-it and saves the router an uninterrupted run saves (``pipeline/runtime/requeue.py``).
+it and saves the router an uninterrupted run saves (``pipeline/runtime/requeue.py``). A NaN/inf loss stops it as it
+stops ``finetune``: one line naming the step, checked at the next log line, checkpoint or the end of training
+(``pipeline/runtime/step_checks.py``), before the router is saved.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from pipeline.runtime.requeue import (
 )
 from pipeline.runtime.settings import check_settings
 from pipeline.runtime.stage import StageRun, stage_callbacks
+from pipeline.runtime.step_checks import StepChecks, progress_bar_shown
 from pipeline.runtime.step_log import StepLog
 from pipeline.runtime.train_speed import apply_train_speed
 from pipeline.stages.lora_training import adamw_with_schedule
@@ -72,6 +75,7 @@ class RouterTrainModule(L.LightningModule):
         self.schedule, self.warmup_steps, self.total_steps = schedule, int(warmup_steps), int(total_steps)
         self.trainable = mm.set_trainable("router+adapters" if train_loras else "router")
         self.val_task_hits = None  # (hits [L], pairs [L]) summed over the last validation (routers that count them)
+        self.step_checks = StepChecks("router loss is {loss} at step {step}; lower router.train.lr")  # the NaN stop
 
     def _step(self, batch):
         return self.mm.router.training_loss(self.mm, batch)
@@ -81,11 +85,10 @@ class RouterTrainModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         loss, parts = self._step(batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"router loss is {loss.item()} at step {self.global_step}; "
-                                     f"lower router.train.lr")
+        self.step_checks.watch(loss, self.global_step)  # raised at the next read point (pipeline/runtime/step_checks.py)
         bs = batch["input_ids"].shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=bs, sync_dist=True)  # DDP: the global loss curve
+        self.log("train/loss", loss, prog_bar=progress_bar_shown(self), batch_size=bs,
+                 sync_dist=True)  # DDP: the global loss curve
         for k, v in parts.items():
             self.log(f"train/{k}", v, batch_size=bs, sync_dist=True)
         return loss
