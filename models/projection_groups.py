@@ -246,19 +246,29 @@ class ProjectionGroup:
         A, B = self._adapter_blocks(adapter)
         return A.to(dtype).contiguous(), B.to(dtype)
 
-    def _live_blocks(self, sl, w: int):
-        """One member's adapters at ``w`` rank columns (this group's R), rank padding zeroed by a select (a NaN
-        there never enters): ``A [L, d_in, w]`` (its dtype) and ``s B [L, w, d_out]`` (fp32, the scales folded
-        in); zero columns past the member's own rank width."""
+    @staticmethod
+    def _live(sl, w: int):
+        """``(have, live [L, have])``: the columns of one member's bank that fit ``w`` rank columns (this group's R),
+        and which of them are inside each adapter's rank (the rest is padding, zeroed by a select: a NaN there
+        never enters)."""
         have = min(w, sl.A.shape[2])
-        live = torch.arange(have, device=sl.A.device)[None, :] < sl.ranks[:, None]  # [L, have]
-        zero = torch.zeros((), dtype=sl.A.dtype, device=sl.A.device)
-        A = torch.where(live[:, None, :], sl.A[:, :, :have], zero)
-        B = torch.where(live[:, :, None], sl.B[:, :have], zero).float() * sl.scales.float()[:, None, None]
-        if have < w:
-            A = nn.functional.pad(A, (0, w - have))
-            B = nn.functional.pad(B, (0, 0, 0, w - have))
-        return A, B
+        return have, torch.arange(have, device=sl.A.device)[None, :] < sl.ranks[:, None]
+
+    @classmethod
+    def _live_A(cls, sl, w: int):
+        """One member's ``A [L, d_in, w]`` (its dtype), rank padding and columns past its own width zero."""
+        have, live = cls._live(sl, w)
+        A = torch.where(live[:, None, :], sl.A[:, :, :have], torch.zeros((), dtype=sl.A.dtype, device=sl.A.device))
+        return nn.functional.pad(A, (0, w - have)) if have < w else A
+
+    @classmethod
+    def _live_B(cls, sl, w: int):
+        """One member's ``s B [L, w, d_out]`` (fp32, the scales folded in), rank padding and rows past its own
+        width zero."""
+        have, live = cls._live(sl, w)
+        B = torch.where(live[:, :, None], sl.B[:, :have], torch.zeros((), dtype=sl.B.dtype, device=sl.B.device))
+        B = B.float() * sl.scales.float()[:, None, None]
+        return nn.functional.pad(B, (0, 0, 0, w - have)) if have < w else B
 
     def _shrink_rows(self, bank, adapter: int, dtype):
         """Write adapter ``adapter``'s ``[A_q | A_k | A_v]^T`` into the packed weight's shrink rows (once per adapter
@@ -288,17 +298,17 @@ class ProjectionGroup:
         L = len(bank)
         R = max(max(m.slots.host_ranks, default=0) for m in self.members)
         key = (bank.version, tuple((w.data_ptr(), w._version) for w in gates) if gates is not None else None)
-        layout = (L, R, gates is not None)
-        if (self.L, self.R, self.gate_rows > 0) == layout and self._rows == key:
+        same_layout = (self.L, self.R, self.gate_rows > 0) == (L, R, gates is not None)
+        if same_layout and self._rows == key:
             return True
         if torch.compiler.is_compiling() or (self.weight.is_cuda and torch.cuda.is_current_stream_capturing()):
             return False
-        if (self.L, self.R, self.gate_rows > 0) != layout:
+        if not same_layout:
             self.pack((L, R), gates is not None)
         with torch.no_grad():
             o = self.out + self.extra
             for m in self.members:
-                A = self._live_blocks(m.slots, R)[0]  # [L, d_in, R]
+                A = self._live_A(m.slots, R)  # [L, d_in, R]
                 self.weight[o:o + L * R] = A.transpose(1, 2).reshape(L * R, -1).to(self.weight.dtype)
                 o += L * R
             if gates is not None:
@@ -310,7 +320,7 @@ class ProjectionGroup:
         """``(B [L, R, sum d_out], col_member [sum d_out])`` for ``kernels.expand_shrunk``: column c holds its
         member's ``s B_m[a]`` (scales folded, rank padding zeroed by a select); ``col_member`` names c's member."""
         def build():
-            B = torch.cat([self._live_blocks(m.slots, self.R)[1] for m in self.members], 2).to(dtype).contiguous()
+            B = torch.cat([self._live_B(m.slots, self.R) for m in self.members], 2).to(dtype).contiguous()
             sizes = torch.tensor(self.sizes, device=device)
             col = torch.repeat_interleave(torch.arange(len(self.members), device=device), sizes).to(torch.int32)
             return B, col
