@@ -5,9 +5,10 @@ token t and a block of BN output columns
 
   1. loads y[t, block] (fp32 accumulator) and each column's member m(c) from ``col_member`` (a block may straddle
      members: every gather below is per column);
-  2. finds the routing: ids/weights row ``seq_ids[t]`` (SEQ) or t, the same for every member; or (LOGITS) the
-     top-k of logits[t, m, :L] for every member the block touches, by k passes of max / lowest argmax over a
-     [MP, LP] tile, and the softmax of the kept logits / temperature (``_top_k``);
+  2. finds the routing: ids/weights row ``seq_ids[t]`` (SEQ) or t, the same for every member; or (LOGITS) each
+     column's top-k of logits[t, m(c), :L], by k passes of max / lowest argmax over a [BN, LP] tile, and the
+     softmax of the kept logits / temperature (``_top_k``). (A [members, LP] tile mapped to columns afterwards
+     trips Triton 3.6's GPU compiler -- "operand does not dominate this use" -- at small L and rank 8.)
   3. per slot k: the column's adapter a_c and weight w_c, then gathers h[t, m(c), a_c, :R] and B[a_c, :R, c] as
      [BR, BN] tiles and adds sum_j (w_c h) * B (CUDA cores, fp32), a product taken only where w_c h != 0;
   4. stores y + delta once (in place when out is y: the program reads its own columns before it writes them).
@@ -23,36 +24,28 @@ import triton.language as tl
 
 
 @triton.jit
-def _top_k(lg_ptr, t, slt, slm, sla, L, m_lo, m_hi, inv_temp,
-           MP: tl.constexpr, LP: tl.constexpr, KP: tl.constexpr, TOPK: tl.constexpr):  # fmt: skip
-    """Members m_lo..m_hi's top-TOPK adapters of logits[t, m, :L] and their softmax weights: ([MP, KP] int32 ids,
-    [MP, KP] fp32 weights); column i is the i-th largest (ties: the lowest index, as torch.topk on distinct
-    values). Other members (and a NaN logit's missing winner) get the id LP, which no column reads."""
-    mm = tl.arange(0, MP)
+def _top_k(lg_ptr, t, slt, slm, sla, L, m_c, cv, inv_temp,
+           BN: tl.constexpr, LP: tl.constexpr, KP: tl.constexpr, TOPK: tl.constexpr):  # fmt: skip
+    """Each column's top-TOPK adapters of logits[t, m(c), :L] and their softmax weights: ([BN, KP] int32 ids,
+    [BN, KP] fp32 weights); slot i is the i-th largest (ties: the lowest index, as torch.topk on distinct values).
+    Columns past N (and a NaN logit's missing winner) get the id LP, which no load reads. The [BN, LP] tile reads
+    a member's logits once per column: L1 hits, a few KB per program."""
     aa = tl.arange(0, LP)
     kk = tl.arange(0, KP)
-    avail = ((mm >= m_lo) & (mm <= m_hi))[:, None] & (aa < L)[None, :]
-    v = tl.load(lg_ptr + t * slt + mm[:, None] * slm + aa[None, :] * sla, mask=avail, other=0.0).to(tl.float32)
-    top_v = tl.full((MP, KP), float("-inf"), tl.float32)
-    top_a = tl.full((MP, KP), LP, tl.int32)
+    avail = cv[:, None] & (aa < L)[None, :]
+    v = tl.load(lg_ptr + t * slt + m_c[:, None].to(tl.int64) * slm + aa[None, :] * sla, mask=avail,
+                other=0.0).to(tl.float32)  # fmt: skip
+    top_v = tl.full((BN, KP), float("-inf"), tl.float32)
+    top_a = tl.full((BN, KP), LP, tl.int32)
     for i in tl.static_range(TOPK):
         mx = tl.max(tl.where(avail, v, float("-inf")), 1)
         idx = tl.min(tl.where(avail & (v == mx[:, None]), aa[None, :], LP), 1)
         avail = avail & (aa[None, :] != idx[:, None])  # taken (an -inf logit cannot be picked twice)
         top_v = tl.where(kk[None, :] == i, mx[:, None], top_v)
         top_a = tl.where(kk[None, :] == i, idx[:, None], top_a)
-    first = tl.max(top_v, 1)  # column 0: the largest
+    first = tl.max(top_v, 1)  # slot 0: the largest
     e = tl.where(kk[None, :] < TOPK, tl.exp((top_v - first[:, None]) * inv_temp), 0.0)
     return top_a, e / tl.sum(e, 1)[:, None]
-
-
-@triton.jit
-def _per_column(vals, i, m_c, MP: tl.constexpr, KP: tl.constexpr):
-    """Column i of a [MP, KP] per-member table, read for each output column's member: [BN]."""
-    mm = tl.arange(0, MP)
-    kk = tl.arange(0, KP)
-    col = tl.sum(tl.where(kk[None, :] == i, vals, 0), 1)  # [MP]
-    return tl.sum(tl.where(mm[:, None] == m_c[None, :], col[:, None], 0), 0)
 
 
 @triton.jit
@@ -61,7 +54,7 @@ def shrunk_expand_kernel(
     N, L, inv_temp,
     syt, syc, sht, shm, sha, shr, sbl, sbr, sbc, sot, soc, sis, sik, sws, swk, slt, slm, sla,
     R: tl.constexpr, BR: tl.constexpr, K: tl.constexpr, BN: tl.constexpr, SEQ: tl.constexpr,
-    LOGITS: tl.constexpr, MP: tl.constexpr, LP: tl.constexpr, KP: tl.constexpr,
+    LOGITS: tl.constexpr, LP: tl.constexpr, KP: tl.constexpr,
 ):  # fmt: skip
     """out[t, c] = y[t, c] + sum_k w_k sum_{j<R} h[t, m(c), a_k, j] * B[a_k, j, c]. Grid (T, cdiv(N, BN))."""
     t = tl.program_id(0).to(tl.int64)
@@ -72,9 +65,8 @@ def shrunk_expand_kernel(
     rv = rr < R
     acc = tl.load(y_ptr + t * syt + cols * syc, mask=cv, other=0.0).to(tl.float32)
     if LOGITS:
-        m_lo = tl.min(tl.where(cv, m_c, 2147483647), 0)
-        m_hi = tl.max(tl.where(cv, m_c, -1), 0)
-        top_a, top_w = _top_k(lg_ptr, t, slt, slm, sla, L, m_lo, m_hi, inv_temp, MP, LP, KP, K)
+        top_a, top_w = _top_k(lg_ptr, t, slt, slm, sla, L, m_c, cv, inv_temp, BN, LP, KP, K)
+        kk = tl.arange(0, KP)
         row = t
     elif SEQ:
         row = tl.load(seq_ptr + t).to(tl.int64)
@@ -83,8 +75,8 @@ def shrunk_expand_kernel(
     h_tok = h_ptr + t * sht + m_c[None, :].to(tl.int64) * shm + rr[:, None] * shr
     for k in tl.static_range(K):
         if LOGITS:
-            a_c = _per_column(top_a, k, m_c, MP, KP)
-            w_c = _per_column(top_w, k, m_c, MP, KP)
+            a_c = tl.sum(tl.where(kk[None, :] == k, top_a, 0), 1)  # slot k of each column's own top-k
+            w_c = tl.sum(tl.where(kk[None, :] == k, top_w, 0.0), 1)
         else:
             a_c = tl.full((BN,), 0, tl.int32) + tl.load(ids_ptr + row * sis + k * sik).to(tl.int32)
             w_c = tl.full((BN,), 0.0, tl.float32) + tl.load(w_ptr + row * sws + k * swk).to(tl.float32)
@@ -103,7 +95,7 @@ def shrunk_expand_kernel(
 def launch(y, h, B, col_member, out, ids, weights, seq_ids, logits, top_k, temperature, block_n):
     """One ``shrunk_expand_kernel`` launch writing ``out``; the caller has checked shapes (``shrunk_expand``)."""
     T, N = y.shape
-    n, L, R = h.shape[1:]
+    L, R = h.shape[2:]
     if T == 0 or N == 0:
         return out
     mode = logits is not None
@@ -120,7 +112,7 @@ def launch(y, h, B, col_member, out, ids, weights, seq_ids, logits, top_k, tempe
         logits if mode else any_t, N, L, 1.0 / temperature,
         y.stride(0), y.stride(1), *h.stride(), *B.stride(), out.stride(0), out.stride(1), *ids_s, *w_s, *lg_s,
         R=R, BR=triton.next_power_of_2(max(R, 1)), K=K, BN=block_n, SEQ=seq_ids is not None, LOGITS=mode,
-        MP=triton.next_power_of_2(n), LP=triton.next_power_of_2(L), KP=triton.next_power_of_2(max(K, 1)),
+        LP=triton.next_power_of_2(L), KP=triton.next_power_of_2(max(K, 1)),
         num_warps=4,
     )  # fmt: skip
     return out

@@ -83,7 +83,10 @@ def configurations():
         for mode in ("logits", "seq"):
             out.append((f"shrunk_expand {dt} {mode}", tse.shrunk_expand_kernel, ptrs,
                         {"R": 16, "BR": 16, "K": 2, "BN": se.block_n(16, "cuda"), "SEQ": mode == "seq",
-                         "LOGITS": mode == "logits", "MP": 4, "LP": 32, "KP": 2}))  # fmt: skip
+                         "LOGITS": mode == "logits", "LP": 32, "KP": 2}))  # fmt: skip
+        # rank 8 over 4 adapters: the shape at which an earlier form of the logits path broke Triton 3.6's compiler
+        out.append((f"shrunk_expand {dt} logits r8 L4", tse.shrunk_expand_kernel, ptrs,
+                    {"R": 8, "BR": 8, "K": 2, "BN": 128, "SEQ": False, "LOGITS": True, "LP": 4, "KP": 2}))
     return out
 
 
