@@ -226,6 +226,17 @@ def verdicts(records: list[dict]) -> list[dict]:
     return out
 
 
+def measured_at(records: list) -> list[str]:
+    """"<engine> <targets> batch <b> at <git> <date>" per measured group, for a table merged from several calls
+    (``bench.e2e.merge``): each group keeps the provenance of the call that measured it."""
+    seen: dict = {}
+    for r in records:
+        p = r.get("provenance") or {}
+        seen.setdefault((r["engine"], r["targets"], r["batch_size"]),
+                        (str(p.get("git_sha"))[:7], str(p.get("date"))[:16]))
+    return [f"{e} {tg} batch {b} at git {g} {d}" for (e, tg, b), (g, d) in sorted(seen.items())]
+
+
 def markdown(doc: dict) -> str:
     p, c = doc["provenance"], doc["config"]
     dtype = c.get("dtype", "bfloat16")  # (tables before the key: bf16 on CUDA)
@@ -234,7 +245,9 @@ def markdown(doc: dict) -> str:
              written_by("e2e_decode", p),
              (f"Model: {c['shape']} (random weights, {where}); {c['num_adapters']} random r=8 adapters; prompt "
               f"{c['prompt_len']} tokens, {c['new_tokens']} new tokens, greedy; {c['warmup']} warm-up, then "
-              f"{c['repeats']} interleaved rounds, medians. Raw per-round times in the JSON beside this file."), "",
+              f"{c['repeats']} interleaved rounds, medians. Raw per-round times in the JSON beside this file; "
+              "`python -m pipeline.e2e_decode <json>` rebuilds this page from them."),
+             "Measured: " + "; ".join(measured_at(doc["records"])) + ".", "",
              "| engine | targets | batch | strategy | adapters | decode ms/token | x base | prefill ms | peak GB |",
              "|" + " --- |" * 9]
     base = {(r["engine"], r["targets"], r["batch_size"]): r["decode_ms_per_token"] for r in doc["rows"]
@@ -296,3 +309,24 @@ def run(settings: dict, make_model, adapter_cfg: dict, vocab: int, device, recor
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+
+
+def rebuild(json_path) -> Path:
+    """Re-derive the rows, verdicts and Markdown page of a committed ``e2e_decode.json`` from its raw records."""
+    import json
+
+    from common.atomic import atomic_write_text
+
+    path = Path(json_path)
+    doc = json.loads(path.read_text())
+    doc["rows"], doc["targets"] = rows_from(doc["records"]), verdicts(doc["records"])
+    atomic_write_text(path, json.dumps(doc, indent=1) + "\n")
+    return atomic_write_text(path.with_suffix(".md"), markdown(doc))
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 2 or not sys.argv[1].endswith(".json"):
+        sys.exit("usage: python -m pipeline.e2e_decode outputs/tables/e2e_decode.json (rebuilds the .md from it)")
+    print(rebuild(sys.argv[1]))

@@ -33,6 +33,7 @@ from pathlib import Path
 from common.atomic import atomic_write_text
 from pipeline.report.paper_claims import table_claims
 from pipeline.report.paper_tables import _md_cell, _md_table, interval_cell
+from pipeline.stages import e2e_decode as e2e
 from pipeline.stages.e2e_decode import targets_table as e2e_targets_table
 from pipeline.stages.train_throughput import targets_table
 
@@ -148,9 +149,8 @@ def e2e_decode_block(tables_dir: Path) -> str:
     lines = [*_md_table(rows), *e2e_targets_table(t["targets"])]
     p = t["provenance"]
     skipped = sorted({s for r in t["records"] for s in r.get("skipped", [])})
-    measured = sorted({(r["engine"], r["targets"], r["batch_size"]) for r in t["records"]})
-    lines += ["", (f"{p.get('device')}, git {str(p.get('git_sha'))[:7]}, {str(p.get('date'))[:10]}; measured: "
-                   + "; ".join(f"{e} {tg} batch {b}" for e, tg, b in measured)
+    lines += ["", (f"{p.get('device')}, written at git {str(p.get('git_sha'))[:7]}, {str(p.get('date'))[:10]}; "
+                   "measured: " + "; ".join(e2e.measured_at(t["records"]))
                    + (f"; not measured (time budget): {', '.join(skipped)}" if skipped else "")
                    + " (`outputs/tables/e2e_decode.{json,md}`, raw per-round times in the JSON).")]
     return "\n".join(lines).rstrip()
