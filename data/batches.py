@@ -159,6 +159,36 @@ class RoutedRowsCollator:
         return batch
 
 
+#: what a padded position holds, per key of a collated batch (any other [B, S] key: 0)
+PAD_VALUES = {"attention_mask": 0, "labels": -100, "task_ids": 0}
+
+
+def pad_to_shape(batch: dict, rows: int, multiple: int, pad_token_id: int) -> dict:
+    """A right-padded batch grown to ``rows`` rows and a width rounded up to a multiple of ``multiple``, for a
+    step captured per shape (``pipeline.runtime.step_graph``): added columns and rows are padding (``input_ids``
+    the pad token, ``attention_mask`` 0, ``labels`` -100; an added row's ``task_ids`` 0), which no loss or
+    count reads: the step's loss, gradients and counts are the unpadded batch's. Shapes come from the host; on
+    the device, no value is read back."""
+    ids = batch["input_ids"]
+    b, width = ids.shape
+    if b > rows:
+        raise ValueError(f"a batch of {b} rows cannot be padded to {rows}")
+    new_width = -(-width // multiple) * multiple
+    out = {}
+    for k, v in batch.items():
+        if not torch.is_tensor(v):
+            out[k] = v
+            continue
+        fill = pad_token_id if k == "input_ids" else PAD_VALUES.get(k, 0)
+        if v.dim() == 2 and v.shape == (b, width):
+            out[k] = torch.nn.functional.pad(v, (0, new_width - width, 0, rows - b), value=fill)
+        elif v.dim() == 1 and v.shape[0] == b:
+            out[k] = torch.nn.functional.pad(v, (0, rows - b), value=fill)
+        else:
+            raise ValueError(f"pad_to_shape: batch[{k!r}] of shape {tuple(v.shape)} is neither [B] nor [B, S]")
+    return out
+
+
 def routed_rows(tokenizer, tasks, split: str, per_task: int, *, max_length: int, prompt_only: bool,
                 lm_loss_on_prompt: bool = True, append_eos: bool = True, split_seed: int = 0, seed: int = 0) -> list:
     """A router's training rows: ``per_task`` rows of each task's ``split``, each labelled with its task's index in

@@ -196,18 +196,31 @@ class MultiLoRAModel(nn.Module):
     def _before_forward(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         prefill = self.ctx.prefill if self.ctx.prefill is not None else is_prefill_call(kwargs)
-        self.router.begin_forward(input_ids, kwargs.get("attention_mask"), kwargs.get("inputs_embeds"), prefill)
+        mask = kwargs.get("attention_mask")
+        self.router.begin_forward(input_ids, mask if mask is not None else self.ctx.token_mask,
+                                  kwargs.get("inputs_embeds"), prefill)
 
     # ---- compute -----------------------------------------------------------------------------------------------
     def forward(self, input_ids=None, attention_mask=None, labels=None, task_ids=None, route_mask=None,
-                force_gates=None, **kwargs):
+                force_gates=None, right_padded: bool = False, **kwargs):
         """HF forward with routing inputs. With ``labels`` and a router that has an auxiliary loss (meteora with
-        task_ids), ``out.loss = lm_loss + aux_loss_coef * aux_loss`` and ``out.lm_loss`` / ``out.aux_loss`` are set."""
+        task_ids), ``out.loss = lm_loss + aux_loss_coef * aux_loss`` and ``out.lm_loss`` / ``out.aux_loss`` are set.
+
+        ``right_padded``: every row's pads come after its tokens (training batches), so causal attention never
+        shows a token a pad and the model runs without the mask: each real token's output, and so the loss over
+        labels that skip the pads, is the masked forward's. The router still gets the mask (its token labels
+        skip the pads). What it saves: transformers' mask code reads the mask back to the host on every forward
+        (is any of it padding?), a sync per step, which a CUDA graph capture of the step refuses."""
         if labels is not None:  # a loss, not generation: no KV cache (it costs a copy per layer and, under
             kwargs.setdefault("use_cache", False)  # per-layer torch.compile, a recompile per layer index)
-        with self.routing(task_ids, route_mask, force_gates, _batch(input_ids, kwargs)):
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
-            aux = self.router.aux_loss()
+        model_mask = None if right_padded else attention_mask
+        self.ctx.token_mask = attention_mask if right_padded else None
+        try:
+            with self.routing(task_ids, route_mask, force_gates, _batch(input_ids, kwargs)):
+                out = self.model(input_ids=input_ids, attention_mask=model_mask, labels=labels, **kwargs)
+                aux = self.router.aux_loss()
+        finally:
+            self.ctx.token_mask = None
         if aux is not None:
             out["aux_loss"] = aux
             if out.get("loss") is not None:

@@ -192,6 +192,43 @@ def test_meteora_loss_and_gate_gradients_through_fused_op(mm):
         assert mm(**batch).get("aux_loss") is None
 
 
+def test_right_padded_rows_give_the_masked_forwards_loss_gradients_and_gate_counts(mm):
+    """``right_padded``: the model runs without the mask (no host read in transformers' mask code), the router
+    with it. On right-padded rows every real token's output, so the loss, the gates' gradients and their counts
+    are those of the masked forward; on left-padded rows the two differ (the flag is for right padding only)."""
+    mm.tokenizer.padding_side = "right"
+    batch = mm.tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    assert (batch["attention_mask"][:, 0] == 1).all() and (batch["attention_mask"] == 0).any()
+    mm.set_router("meteora", top_k=2, aux_loss_coef=50.0)
+    gates = mm.set_trainable("gates")
+    runs = []
+    for right_padded in (False, True):
+        mm.zero_grad(set_to_none=True)
+        out = mm(**batch, labels=labels, task_ids=[0, 1, 2], right_padded=right_padded)
+        out.loss.backward()
+        runs.append((out.loss.detach(), out.aux_loss.detach(), [g.grad.clone() for g in gates]))
+        assert mm.ctx.token_mask is None  # the call's mask does not outlive it
+    (loss0, aux0, g0), (loss1, aux1, g1) = runs
+    torch.testing.assert_close(loss1, loss0, atol=1e-5, rtol=0)
+    torch.testing.assert_close(aux1, aux0, atol=1e-6, rtol=0)
+    for a, b in zip(g1, g0, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    mm.eval()
+    with torch.no_grad():
+        counts = []
+        for right_padded in (False, True):
+            mm(**batch, task_ids=[0, 1, 2], right_padded=right_padded)
+            counts.append([t.tolist() for t in mm.router.gate_hits_by_task()])
+        assert counts[0] == counts[1]
+        mm.tokenizer.padding_side = "left"
+        left = mm.tokenizer(PROMPTS, return_tensors="pt", padding=True)
+        want = mm(**left, labels=left["input_ids"].masked_fill(left["attention_mask"] == 0, -100), task_ids=[0, 1, 2])
+        got = mm(**left, labels=left["input_ids"].masked_fill(left["attention_mask"] == 0, -100), task_ids=[0, 1, 2],
+                 right_padded=True)
+        assert not torch.allclose(got.lm_loss, want.lm_loss, atol=1e-4)
+
+
 def test_learning_gates_route_as_coefficients_with_the_output_of_the_inference_route(mm):
     """While the gates learn, a projection's route is the [T, L] coefficient form (kernels.multi_lora_coef); at
     inference it is ids/weights (what the Triton kernels read). The two give the layer the same output."""

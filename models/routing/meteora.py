@@ -77,10 +77,12 @@ class MeteoraRouter(Router):
 
     def training_loss(self, mm, batch) -> tuple[torch.Tensor, dict]:
         """MeteoRA's loss on a batch of ``input_ids / attention_mask / labels / task_ids`` (``mm``: the model that holds
-        this router): ``(LM + aux_loss_coef x gate CE, {lm_loss, aux_loss, router_accuracy})``."""
+        this router): ``(LM + aux_loss_coef x gate CE, {lm_loss, aux_loss, router_accuracy})``. The rows are
+        right-padded, as ``data.batches`` pads them: the model runs without the mask (``right_padded``), so the
+        step reads nothing back to the host and a CUDA graph can hold it."""
         with torch.enable_grad():  # validation too: the route stage's Trainer runs with inference_mode off
             out = mm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                     task_ids=batch["task_ids"])
+                     task_ids=batch["task_ids"], right_padded=True)
         parts = {k: out[k].detach() for k in ("lm_loss", "aux_loss") if out.get(k) is not None}
         accuracy = self.gate_accuracy()
         if accuracy is not None:

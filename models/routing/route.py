@@ -69,6 +69,8 @@ class RouteContext:
     bank, tokenizer, embedding   the adapter bank, the model's tokenizer and its (frozen) input embedding
     prefill       whether the next forwards start their sequences (True) or continue them from the KV cache (False),
                   set by a caller that knows (``models.graph_generate``); None: the model finds out from the call
+    token_mask    [B, S] the call's attention mask where the model was not given it (``right_padded``): the router
+                  still skips the pads
     """
 
     def __init__(self):
@@ -80,6 +82,7 @@ class RouteContext:
         self.tokenizer = None
         self.embedding = None
         self.prefill: bool | None = None
+        self.token_mask: torch.Tensor | None = None
 
 
 def route_top_k(logits: torch.Tensor, k: int, temperature: float = 1.0):

@@ -144,6 +144,8 @@ class TrainSpeedSettings:
     backend: str = MISSING
     dynamic: bool = MISSING
     frozen_bf16: Any = MISSING
+    cuda_graph: Any = MISSING
+    graph_bucket: int = MISSING
 
 
 @dataclass
@@ -280,6 +282,8 @@ RULES: list[tuple[str, Callable[[Any], bool], str, str, tuple | None]] = [
     ("bench.max_seconds", optional(positive), "null (no limit) or > 0", "360", ("bench",)),
     ("train_speed.compile", lambda x: x in (True, False, "auto"), "auto, true or false", "auto", None),
     ("train_speed.frozen_bf16", lambda x: x in (True, False, "auto"), "auto, true or false", "auto", None),
+    ("train_speed.cuda_graph", lambda x: x in (True, False, "auto"), "auto, true or false", "auto", None),
+    ("train_speed.graph_bucket", at_least(1), "a number of tokens >= 1", "64", None),
     ("bench.engines", lambda x: len(x) > 0 and all(e in ("eager", "static") for e in x),
      "a list of engines from eager, static", "[eager]", ("bench",)),
 ]

@@ -1,7 +1,7 @@
 """A whole training step (forward, loss, backward, optimizer) captured once per batch shape in a CUDA graph.
 
-    graphs = StepGraphs(step, optimizer, device)    # step(ids): forward, loss.backward(), optimizer.step()
-    graphs(ids)                                     # first call per shape: warm up, capture, replay; then replay
+    graphs = StepGraphs(step, optimizer, device)    # step(batch): forward, loss.backward(), optimizer.step()
+    out = graphs(batch)                             # first call per shape: warm up, capture, replay; then replay
 
 A step of a small model is host-bound: hundreds of kernel launches, each a few microseconds of Python and driver
 work, around a few milliseconds of device work (an H200 trained a 135M model's one-adapter and joint LoRA steps at
@@ -9,11 +9,22 @@ batch 64 in half the time as one replayed graph; ``outputs/tables/train_throughp
 costs the host one launch. What a step may do to be captured: read nothing back to the host (no ``.item()``, no
 data-dependent shapes), keep its shapes (a batch is copied into the graph's static input, so every batch of a
 shape must have it exactly), and use an optimizer that keeps its step count on the device (``capturable=True``
-for AdamW) and autocast without its cast cache (``cache_enabled=False``). The routing of the fused core qualifies:
-its routes are built on the device, from task ids set before the capture (``prepare``).
+for AdamW; a learning rate that changes must be a tensor the caller fills) and autocast without its cast cache
+(``cache_enabled=False``). The routing of the fused core qualifies: its routes are built on the device, from
+task ids set before the capture (``prepare``) or carried in the batch as a device tensor.
 
-Memory: a graph keeps the step's activations and gradients in its own pool (24-25 GB for the 135M model at batch
-64 x 256 tokens), for as long as it lives; ``release(shape)`` frees one.
+A batch is one tensor or a dict of tensors (the stages' collated rows); ``step`` may return tensors (the loss and
+its parts): the call returns the graph's own output tensors, overwritten by the next replay of that shape, so
+whatever must outlive the next step is copied out first.
+
+Capturing needs a few real steps first (on a side stream, where lazy allocations happen). Those steps would
+train on the capturing batch several extra times; with ``undo_warmup`` (the default) the trained parameters and
+the optimizer's state are put back as they were before them, so the run is the eager run's, step for step.
+
+Memory: the graphs of every shape share one memory pool (each replay is self-contained: its inputs live outside
+the pool and its outputs are read before the next replay), so they hold about the largest step's activations
+and gradients (24-25 GB for the 135M model at batch 64 x 256 tokens) for as long as they live; ``release()``
+frees them.
 """
 
 from __future__ import annotations
@@ -23,23 +34,73 @@ from collections.abc import Callable
 import torch
 
 
+def _shape_key(batch) -> tuple:
+    if torch.is_tensor(batch):
+        return tuple(batch.shape)
+    return tuple((k, tuple(v.shape)) for k, v in sorted(batch.items()) if torch.is_tensor(v))
+
+
+def _static_copy(batch):
+    if torch.is_tensor(batch):
+        return batch.clone()
+    return {k: (v.clone() if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def _copy_into(static, batch) -> None:
+    if torch.is_tensor(batch):
+        static.copy_(batch)
+        return
+    for k, v in batch.items():
+        if torch.is_tensor(v):
+            static[k].copy_(v)
+
+
 class StepGraphs:
-    """``step`` captured per input shape and replayed; ``prepare(ids)`` (optional) runs before each capture and
+    """``step`` captured per input shape and replayed; ``prepare(batch)`` (optional) runs before each capture and
     returns what the graph reads and must outlive it (e.g. device task ids)."""
 
-    def __init__(self, step: Callable[[torch.Tensor], None], optimizer: torch.optim.Optimizer, device,
-                 warmup: int = 3, prepare: Callable[[torch.Tensor], object] | None = None):
+    def __init__(self, step: Callable, optimizer: torch.optim.Optimizer, device, warmup: int = 3,
+                 prepare: Callable | None = None, undo_warmup: bool = True):
         if torch.device(device).type != "cuda":
             raise ValueError(f"a CUDA graph needs a CUDA device, got {device}")
         self.step, self.optimizer, self.device = step, optimizer, torch.device(device)
-        self.warmup, self.prepare = warmup, prepare
-        self._graphs: dict = {}  # shape -> (CUDAGraph, static input, what prepare returned)
+        self.warmup, self.prepare, self.undo_warmup = warmup, prepare, undo_warmup
+        self._graphs: dict = {}  # shape key -> (CUDAGraph, static input, static output, what prepare returned)
+        self._pool = None
 
-    def capture(self, ids: torch.Tensor):
+    def _snapshot(self):
+        """The trained parameters and the optimizer's state, as copies (None where a parameter has no state yet)."""
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        saved_state = {}
+        for p in params:
+            st = self.optimizer.state.get(p)
+            saved_state[p] = None if not st else {k: (v.clone() if torch.is_tensor(v) else v) for k, v in st.items()}
+        return [(p, p.detach().clone()) for p in params], saved_state
+
+    @torch.no_grad()
+    def _restore(self, snapshot) -> None:
+        """Put parameters and optimizer state back in place (the same tensors: a captured graph reads them)."""
+        params, saved_state = snapshot
+        for p, v in params:
+            p.copy_(v)
+        for p, saved in saved_state.items():
+            st = self.optimizer.state.get(p)
+            if not st:
+                continue
+            for k, v in st.items():
+                if not torch.is_tensor(v):
+                    continue
+                if saved is None:
+                    v.zero_()  # a parameter's first step made its state: back to a fresh optimizer's
+                else:
+                    v.copy_(saved[k])
+
+    def capture(self, batch):
         """Warm up ``warmup`` steps on a side stream (allocations and lazy inits happen there), then record one
-        step without running it. The warm-up steps do update the parameters, as any step does."""
-        keep = self.prepare(ids) if self.prepare is not None else None
-        static = ids.clone()
+        step without running it. The warm-up steps' updates are undone (``undo_warmup``)."""
+        keep = self.prepare(batch) if self.prepare is not None else None
+        static = _static_copy(batch)
+        snapshot = self._snapshot() if self.undo_warmup else None
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
@@ -47,24 +108,29 @@ class StepGraphs:
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step(static)
         torch.cuda.current_stream(self.device).wait_stream(side)
+        if snapshot is not None:
+            self._restore(snapshot)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         self.optimizer.zero_grad(set_to_none=True)  # backward then writes fresh .grad buffers of the graph's pool
-        with torch.cuda.graph(graph):
-            self.step(static)
-        return graph, static, keep
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = self.step(static)
+        return graph, static, out, keep
 
-    def __call__(self, ids: torch.Tensor) -> None:
-        """One step on ``ids``: captured first if its shape is new, then replayed."""
-        shape = tuple(ids.shape)
-        if shape not in self._graphs:
-            self._graphs[shape] = self.capture(ids)
-        graph, static, _keep = self._graphs[shape]
-        static.copy_(ids)
+    def __call__(self, batch):
+        """One step on ``batch``: captured first if its shape is new, then replayed; the step's outputs."""
+        key = _shape_key(batch)
+        if key not in self._graphs:
+            self._graphs[key] = self.capture(batch)
+        graph, static, out, _keep = self._graphs[key]
+        _copy_into(static, batch)
         graph.replay()
+        return out
 
     @property
     def shapes(self) -> list[tuple]:
-        """The input shapes captured so far."""
+        """The input shape keys captured so far (a tensor batch: its shape)."""
         return list(self._graphs)
 
     def release(self, shape=None) -> None:
@@ -74,3 +140,5 @@ class StepGraphs:
             self._graphs.clear()
         else:
             self._graphs.pop(tuple(shape), None)
+        if not self._graphs:
+            self._pool = None  # the pool goes with its last graph; the next capture starts a new one

@@ -13,6 +13,13 @@ compiled decoder layers make a joint / gates training step 2.6-2.7x faster than 
                              H200, once for training and once for the eval-mode validation graph)
     train_speed.frozen_bf16  auto: with a bf16 trainer precision on CUDA, store the frozen weights in bf16
                              (``models.precision``); trained parameters and AdamW state stay fp32; true / false
+    train_speed.cuda_graph   auto: capture the whole training step (forward, loss, backward, AdamW) in a CUDA graph
+                             per batch shape and replay it (``pipeline.runtime.step_graph``) where the stage can
+                             (route, on one CUDA GPU); the layers are then not compiled (the graph replays the
+                             eager step: the bench timed it faster than the compiled one for every loramux form);
+                             true / false
+    train_speed.graph_bucket rows are padded to a multiple of this many tokens (and every batch to the batch size)
+                             under ``cuda_graph``: a graph per length bucket, not per length
 
 What was applied is returned and recorded in the run's metrics.json.
 """
@@ -45,14 +52,30 @@ def _decide(value, auto: bool, key: str) -> bool:
     return auto
 
 
-def apply_train_speed(cfg: DictConfig, model) -> dict:
-    """Apply ``cfg.train_speed`` to ``model`` (after its trainable parameters are set); return what was applied."""
+def cuda_graph_wanted(cfg: DictConfig, graphable: bool) -> bool:
+    """Whether the stage captures its training step (``train_speed.cuda_graph``): auto = where the stage can
+    (``graphable``) on one CUDA GPU; true where it cannot is a user error naming the fix."""
+    s = cfg.get("train_speed") or {}
+    gpu = _on_one_gpu(cfg)
+    wanted = _decide(s.get("cuda_graph", "auto"), gpu and graphable, "cuda_graph")
+    if wanted and not (gpu and graphable):
+        raise ValueError("train_speed.cuda_graph=true needs one CUDA GPU (trainer=gpu, one device) and a stage "
+                         "that captures its step (route with router=meteora); set train_speed.cuda_graph=auto")
+    return wanted
+
+
+def apply_train_speed(cfg: DictConfig, model, cuda_graph: bool = False) -> dict:
+    """Apply ``cfg.train_speed`` to ``model`` (after its trainable parameters are set); return what was applied.
+    ``cuda_graph``: the stage replays its step as a CUDA graph (``cuda_graph_wanted``): no compile then."""
     s = cfg.get("train_speed") or {}
     gpu = _on_one_gpu(cfg)
     bf16 = str(cfg.trainer.get("precision", "32")).startswith("bf16")
     frozen = _decide(s.get("frozen_bf16", "auto"), gpu and bf16, "frozen_bf16")
-    compiled = _decide(s.get("compile", "auto"), gpu, "compile")
-    applied = {"compile": compiled, "frozen_bf16": frozen}
+    compiled = _decide(s.get("compile", "auto"), gpu and not cuda_graph, "compile")
+    if compiled and cuda_graph:
+        raise ValueError("train_speed.compile=true and a CUDA graph of the step do not stack here; set "
+                         "train_speed.compile=auto (or train_speed.cuda_graph=false)")
+    applied = {"compile": compiled, "frozen_bf16": frozen, "cuda_graph": cuda_graph}
     if frozen:
         applied["frozen_cast"] = store_frozen(model, torch.bfloat16)
     if compiled:

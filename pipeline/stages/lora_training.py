@@ -73,16 +73,18 @@ def adamw_with_schedule(params, lr: float, weight_decay: float, warmup_steps: in
     """AdamW over ``params`` and the LR schedule of every LoRA fine-tune (separate or joint): linear warm-up over
     ``warmup_steps``, then cosine decay to 10% of ``lr`` at ``total_steps``; Lightning's optimizer config."""
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    warmup_steps, total_steps = int(warmup_steps), max(1, int(total_steps))
-
-    def schedule(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, warmup_steps, total_steps))
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """The LR multiplier at optimizer step ``step`` (0-based): linear warm-up over ``warmup_steps``, then cosine
+    decay to 0.1 at ``total_steps``."""
+    warmup_steps, total_steps = int(warmup_steps), max(1, int(total_steps))
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def lora_trainer(cfg: DictConfig, run, steps: int, label: str, validate: bool):

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -37,7 +38,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from data.batches import RoutedRowsCollator, routed_rows
+from data.batches import RoutedRowsCollator, pad_to_shape, routed_rows
 from data.routing_ceiling import causal_routing_ceiling
 from pipeline.runtime.distributed import clip_gradients, full_weights, is_global_zero
 from pipeline.runtime.entry import CONF_DIR, cli, user_errors
@@ -52,12 +53,25 @@ from pipeline.runtime.requeue import (
 from pipeline.runtime.settings import check_settings
 from pipeline.runtime.stage import StageRun, stage_callbacks
 from pipeline.runtime.step_checks import StepChecks, progress_bar_shown
+from pipeline.runtime.step_graph import StepGraphs
 from pipeline.runtime.step_log import StepLog
-from pipeline.runtime.train_speed import apply_train_speed
-from pipeline.stages.lora_training import adamw_with_schedule
+from pipeline.runtime.train_speed import apply_train_speed, cuda_graph_wanted
+from pipeline.stages.lora_training import adamw_with_schedule, lr_factor
 from pipeline.stages.target_accuracy import AccuracyCurve, target_callbacks
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GraphedStep:
+    """How the route stage captures its training step (``train_speed.cuda_graph``): every batch padded to ``rows``
+    rows and a multiple of ``bucket`` tokens (``data.batches.pad_to_shape``), so a few graphs serve the run."""
+
+    rows: int
+    bucket: int
+    pad_token_id: int
+    bf16: bool
+    grad_clip: float | None
 
 
 class RouterTrainModule(L.LightningModule):
@@ -68,7 +82,8 @@ class RouterTrainModule(L.LightningModule):
     Trainer gets ``inference_mode=False``) because MeteoRA's gates record their logits only then."""
 
     def __init__(self, mm, lr: float, weight_decay: float = 0.0, train_loras: bool = False,
-                 schedule: str = "constant", warmup_steps: int = 0, total_steps: int = 1):
+                 schedule: str = "constant", warmup_steps: int = 0, total_steps: int = 1,
+                 graph: GraphedStep | None = None):
         super().__init__()
         self.mm = mm
         self.lr, self.weight_decay = float(lr), float(weight_decay)
@@ -76,22 +91,58 @@ class RouterTrainModule(L.LightningModule):
         self.trainable = mm.set_trainable("router+adapters" if train_loras else "router")
         self.val_task_hits = None  # (hits [L], pairs [L]) summed over the last validation (routers that count them)
         self.step_checks = StepChecks("router loss is {loss} at step {step}; lower router.train.lr")  # the NaN stop
+        self.graph = graph  # the whole training step replayed as a CUDA graph (train_speed.cuda_graph)
+        self._graphs: StepGraphs | None = None
 
     def _step(self, batch):
         return self.mm.router.training_loss(self.mm, batch)
+
+    # ---- the step as a CUDA graph ------------------------------------------------------------------------------
+    def _graph_step(self, batch):
+        """What the graph holds: forward (bf16 autocast without its cast cache where the trainer is bf16), loss,
+        backward, gradient clipping, AdamW; returns the loss and its parts (the graph's own tensors)."""
+        opt = self._graphs.optimizer
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.graph.bf16, cache_enabled=False):
+            loss, parts = self._step(batch)
+        loss.backward()
+        if self.graph.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.trainable, self.graph.grad_clip, foreach=True)
+        opt.step()
+        return loss.detach(), {k: v.detach() for k, v in parts.items()}
+
+    def _replay(self, batch):
+        """One training step through the captured graph of the batch's padded shape; ``(loss, parts)`` copies."""
+        opt = self.optimizers().optimizer
+        if self._graphs is None:
+            for group in opt.param_groups:  # a tensor the step reads, filled per step (a resumed state may hold
+                group["lr"] = torch.tensor(float(group["lr"]), device=self.device)  # a float or a host tensor)
+            self._graphs = StepGraphs(self._graph_step, opt, self.device)
+        if self.schedule == "cosine":
+            factor = lr_factor(self.global_step, self.warmup_steps, self.total_steps)
+            for group in opt.param_groups:
+                group["lr"].fill_(self.lr * factor)
+        padded = pad_to_shape(batch, self.graph.rows, self.graph.bucket, self.graph.pad_token_id)
+        loss, parts = self._graphs(padded)
+        return loss.clone(), {k: v.clone() for k, v in parts.items()}
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        if self.graph is None:
+            return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        optimizer_closure()  # training_step: the replayed graph ran forward, backward and AdamW; Lightning counts it
+        return None
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)  # FSDP: the norm over all shards
 
     def training_step(self, batch, batch_idx):
-        loss, parts = self._step(batch)
+        loss, parts = self._replay(batch) if self.graph is not None else self._step(batch)
         self.step_checks.watch(loss, self.global_step)  # raised at the next read point (pipeline/runtime/step_checks.py)
         bs = batch["input_ids"].shape[0]
         self.log("train/loss", loss, prog_bar=progress_bar_shown(self), batch_size=bs,
                  sync_dist=True)  # DDP: the global loss curve
         for k, v in parts.items():
             self.log(f"train/{k}", v, batch_size=bs, sync_dist=True)
-        return loss
+        return None if self.graph is not None else loss  # graph: nothing left for Lightning to backpropagate
 
     def on_validation_epoch_start(self) -> None:
         self.val_task_hits = None
@@ -112,6 +163,9 @@ class RouterTrainModule(L.LightningModule):
             self.log(f"val/{k}", v, prog_bar=k == "router_accuracy", batch_size=bs, sync_dist=True)
 
     def configure_optimizers(self):
+        if self.graph is not None:  # the step count on the device, the LR a tensor the step reads (_replay fills it)
+            return torch.optim.AdamW(self.trainable, lr=torch.tensor(self.lr, device=self.device),
+                                     weight_decay=self.weight_decay, capturable=True, fused=True)
         if self.schedule == "cosine":  # MeteoRA's script: warm-up, then cosine decay
             return adamw_with_schedule(self.trainable, self.lr, self.weight_decay, self.warmup_steps, self.total_steps)
         return torch.optim.AdamW(self.trainable, lr=self.lr, weight_decay=self.weight_decay)
@@ -126,6 +180,8 @@ def route(cfg: DictConfig) -> float | None:
                          f"{' or router='.join(plan.trainable_names())}")
     name = plan.checkpoint.name  # the router's name in results: the dir evaluate reads it from (dlp for dlp_segments)
     train_cfg, steps = cfg.router.train, int(cfg.router.train.steps)
+    # the step as one CUDA graph where it is a LM step (MeteoRA's gates), decided before anything loads or is written
+    graphed = cuda_graph_wanted(cfg, graphable=bool(getattr(plan.strategy.router_class, "reads_answers", False)))
     resume = prepare_resume(cfg)  # a restarted run: its checkpoint (and wandb run id)
     with StageRun(cfg) as run:
         mm, tokenizer = build_multilora(cfg, plan=plan)
@@ -139,15 +195,21 @@ def route(cfg: DictConfig) -> float | None:
         sampler = ResumableSampler(len(train), int(cfg.seed))  # shuffled by (seed, epoch): replayable on resume
         train_dl = DataLoader(train, batch_size=bs, sampler=sampler, collate_fn=collate)
         val_dl = DataLoader(val, batch_size=bs, shuffle=False, collate_fn=collate)
+        # GPU: the step as one CUDA graph (MeteoRA's gates: a LM step) or compiled decoder layers, frozen weights
+        # in bf16 (a strategy whose training runs no LM: nothing to compile or capture)
+        graph = GraphedStep(rows=bs, bucket=int(cfg.train_speed.graph_bucket), pad_token_id=int(tokenizer.pad_token_id),
+                            bf16=str(cfg.trainer.get("precision", "32")).startswith("bf16"),
+                            grad_clip=None if train_cfg.grad_clip is None else float(train_cfg.grad_clip)) \
+            if graphed else None
         module = RouterTrainModule(mm, train_cfg.lr, train_cfg.weight_decay, bool(train_cfg.train_loras),
-                                   str(train_cfg.schedule), round(float(train_cfg.warmup_ratio) * steps), steps)
-        # GPU: compiled decoder layers, frozen weights in bf16 (a strategy whose training runs no LM: nothing to compile)
-        speed = apply_train_speed(cfg, mm.model) if mm.router.reads_answers else {"compile": False}
+                                   str(train_cfg.schedule), round(float(train_cfg.warmup_ratio) * steps), steps,
+                                   graph=graph)
+        speed = apply_train_speed(cfg, mm.model, cuda_graph=graphed) if mm.router.reads_answers else {"compile": False}
         curve = AccuracyCurve(target=train_cfg.target_accuracy)
         val_every = int(train_cfg.val_check_interval or cfg.trainer.val_check_interval)
         requeue = RequeueCheckpoint(run.run_dir, every_n_steps=int(cfg.checkpoint.every_n_steps),
                                     config=training_config(cfg))
-        clip = {} if train_cfg.grad_clip is None else {"gradient_clip_val": float(train_cfg.grad_clip)}
+        clip = {} if train_cfg.grad_clip is None or graphed else {"gradient_clip_val": float(train_cfg.grad_clip)}
         trainer = instantiate(cfg.trainer, logger=run.tracker.lightning, max_steps=steps, inference_mode=False, **clip,
                               callbacks=[StepLog(int(cfg.trainer.log_every_n_steps), f"route {name}"), requeue,
                                          *target_callbacks(curve),

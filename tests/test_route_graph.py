@@ -1,0 +1,128 @@
+"""The route stage's training step as one CUDA graph (``train_speed.cuda_graph``): what makes it exact on any
+device (right-padded rows run without the model's mask; batches padded to a graph's shape change nothing) and,
+on a GPU, the replayed step trains the gates as the eager step does."""
+
+import lightning as L
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader
+
+from data.batches import RoutedRowsCollator, pad_to_shape
+from models import MultiLoRAModel, load_base_model
+from models.tiny import save_test_assets
+from pipeline.runtime.train_speed import cuda_graph_wanted
+from pipeline.stages.route import GraphedStep, RouterTrainModule
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return save_test_assets(tmp_path_factory.mktemp("route_graph"))
+
+
+def _mm(assets, device="cpu"):
+    base, dirs = assets
+    model, tok = load_base_model(base, device=device)
+    return MultiLoRAModel.from_adapters(model, {n: str(d) for n, d in dirs.items()}, router="meteora", tokenizer=tok)
+
+
+def _rows(n: int, seed: int = 0) -> list[dict]:
+    """Token rows of lengths 5..40 labelled with task i mod 3, every token an LM label (MeteoRA's rows)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        length = int(torch.randint(5, 41, (1,), generator=g))
+        ids = torch.randint(0, 256, (length,), generator=g).tolist()
+        rows.append({"input_ids": ids, "labels": list(ids), "task_id": i % 3})
+    return rows
+
+
+def _loss_and_grads(mm, batch):
+    gates = mm.set_trainable("gates")
+    mm.zero_grad(set_to_none=True)
+    loss, parts = mm.router.training_loss(mm, batch)
+    loss.backward()
+    return loss.detach(), parts["aux_loss"], [g.grad.clone() for g in gates]
+
+
+def test_a_batch_padded_to_a_graph_shape_trains_and_counts_as_the_batch(assets):
+    """pad_to_shape: rows and columns of padding (pad token, mask 0, labels -100, task 0) add nothing to the LM
+    loss, the gates' CE, their gradients or their validation counts."""
+    mm = _mm(assets)
+    mm.set_router("meteora", top_k=2, aux_loss_coef=50.0)
+    batch = RoutedRowsCollator(mm.tokenizer.pad_token_id)(_rows(3))
+    padded = pad_to_shape(batch, rows=5, multiple=16, pad_token_id=mm.tokenizer.pad_token_id)
+    width = batch["input_ids"].shape[1]
+    assert padded["input_ids"].shape == (5, -(-width // 16) * 16) and padded["task_ids"].tolist() == [0, 1, 2, 0, 0]
+    assert int(padded["attention_mask"].sum()) == int(batch["attention_mask"].sum())
+    assert (padded["labels"][3:] == -100).all() and (padded["input_ids"][3:] == mm.tokenizer.pad_token_id).all()
+    (l0, a0, g0), (l1, a1, g1) = _loss_and_grads(mm, batch), _loss_and_grads(mm, padded)
+    torch.testing.assert_close(l1, l0, atol=1e-5, rtol=0)
+    torch.testing.assert_close(a1, a0, atol=1e-6, rtol=0)
+    for a, b in zip(g1, g0, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    mm.eval()
+    with torch.no_grad():
+        counts = []
+        for b in (batch, padded):
+            mm.router.training_loss(mm, b)
+            counts.append([t.tolist() for t in mm.router.gate_hits_by_task()])
+    assert counts[0] == counts[1]
+
+
+def test_pad_to_shape_refuses_what_it_cannot_pad():
+    batch = {"input_ids": torch.zeros(4, 7, dtype=torch.long), "attention_mask": torch.ones(4, 7, dtype=torch.long)}
+    with pytest.raises(ValueError, match="cannot be padded to 2"):
+        pad_to_shape(batch, rows=2, multiple=8, pad_token_id=0)
+    with pytest.raises(ValueError, match="neither"):
+        pad_to_shape({**batch, "odd": torch.zeros(3)}, rows=4, multiple=8, pad_token_id=0)
+    assert pad_to_shape(batch, rows=4, multiple=7, pad_token_id=0)["input_ids"].shape == (4, 7)
+
+
+def _cfg(accelerator="cpu", devices=1, cuda_graph="auto"):
+    return OmegaConf.create({"trainer": {"accelerator": accelerator, "devices": devices},
+                             "train_speed": {"cuda_graph": cuda_graph}})
+
+
+def test_cuda_graph_auto_stays_off_without_a_gpu_and_true_names_the_fix():
+    assert cuda_graph_wanted(_cfg(), graphable=True) is False
+    assert cuda_graph_wanted(_cfg(cuda_graph=False), graphable=True) is False
+    with pytest.raises(ValueError, match="train_speed.cuda_graph=true needs one CUDA GPU"):
+        cuda_graph_wanted(_cfg(cuda_graph=True), graphable=True)
+    with pytest.raises(ValueError, match="must be auto, true or false"):
+        cuda_graph_wanted(_cfg(cuda_graph="sometimes"), graphable=True)
+
+
+def _fit(mm, rows, graph, steps, schedule="cosine"):
+    """``steps`` steps of the route module through a real Lightning Trainer (fp32) on ``rows`` in order."""
+    torch.manual_seed(0)
+    for gate in mm.router.gates.values():
+        torch.nn.init.normal_(gate.weight, std=0.02)
+    module = RouterTrainModule(mm, lr=2e-2, weight_decay=0.01, schedule=schedule, warmup_steps=1, total_steps=steps,
+                               graph=graph)
+    dl = DataLoader(rows, batch_size=4, shuffle=False, collate_fn=RoutedRowsCollator(mm.tokenizer.pad_token_id))
+    trainer = L.Trainer(accelerator="gpu", devices=1, precision="32-true", max_steps=steps, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, inference_mode=False,
+                        gradient_clip_val=None if graph is not None else 0.3)
+    trainer.fit(module, dl)
+    assert trainer.global_step == steps
+    return [g.weight.detach().clone() for g in mm.router.gates.values()], module
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_route_step_replayed_as_a_cuda_graph_trains_as_the_eager_step(assets):
+    """Six steps over batches of two length buckets (two graphs, one memory pool), cosine LR, clipping at 0.3:
+    the gates end as the eager fit's (fp32), the warm-up steps of each capture undone; Lightning counts every
+    replayed step."""
+    rows = _rows(24)
+    mm = _mm(assets, "cuda")
+    mm.set_router("meteora", top_k=2, aux_loss_coef=50.0)
+    want, _ = _fit(mm, rows, None, 6)
+    mm.set_router("meteora", top_k=2, aux_loss_coef=50.0)
+    graph = GraphedStep(rows=4, bucket=16, pad_token_id=int(mm.tokenizer.pad_token_id), bf16=False, grad_clip=0.3)
+    got, module = _fit(mm, rows, graph, 6)
+    assert len(module._graphs.shapes) >= 2
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
