@@ -109,7 +109,7 @@ def time_generate(generate, ids, mask, new_tokens: int, *, warmup: int = 1, repe
 def random_adapter(model, out_dir, adapter_cfg: DictConfig, seed: int = 0) -> Path:
     """Write a random (non-zero B) PEFT LoRA for ``model`` with the configured r/alpha/targets; model unchanged."""
     torch.manual_seed(seed)
-    pm = get_peft_model(model, instantiate(adapter_cfg))
+    pm = get_peft_model(model, instantiate(adapter_cfg, _convert_="all"))  # plain lists: the config is saved as JSON
     with torch.no_grad():
         for name, p in pm.named_parameters():
             if "lora_B" in name:
