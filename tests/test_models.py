@@ -272,6 +272,51 @@ def test_gate_hits_by_task_count_each_tasks_tokens_in_eval_mode(mm):
     assert mm.router.gate_hits_by_task() is None and mm.router.gate_accuracy() is None
 
 
+def test_gate_hits_by_projection_sum_to_the_pooled_hits_and_match_each_gate_by_hand(mm):
+    """Per projection gate (in the order of ``router.gates``): the labelled tokens its top-1 routed to their task,
+    and the labelled tokens. Zeroed gates choose adapter 0 everywhere: with every row on task 0 each gate hits every
+    labelled token (and no pad token, which has no label). Fresh gates: the hits summed over the gates are the
+    per-task hits summed over the tasks (the pooled count), and one layer-1 gate's hits equal argmax(gate(x)) ==
+    task over the labelled tokens of the very input that gate read (caught by a forward hook)."""
+    batch = _batch(mm)
+    real = int(batch["attention_mask"].sum())
+    assert real < batch["attention_mask"].numel(), "the batch must hold pad tokens for the test to mean anything"
+    mm.set_router("meteora", top_k=2)
+    mm.eval()
+    with torch.no_grad():
+        for gate in mm.router.gates.values():
+            gate.weight.zero_()
+        mm(**batch, task_ids=[0, 0, 0])
+        hits, tokens = mm.router.gate_hits_by_projection()
+        assert hits.tolist() == [real] * 14 and int(tokens) == real
+        torch.manual_seed(3)
+        mm.set_router("meteora", top_k=2)
+        mm.eval()
+        keys = list(mm.router.gates)
+        key = "model__layers__1__mlp__down_proj"
+        seen = []
+        hook = mm.router.gates[key].register_forward_hook(lambda m, args, out: seen.append(args[0].clone()))
+        task = [2, 0, 1]
+        mm(**batch, task_ids=task)
+        hook.remove()
+        hits, tokens = mm.router.gate_hits_by_projection()
+        task_hits, _ = mm.router.gate_hits_by_task()
+        assert hits.shape == (14,) and int(hits.sum()) == int(task_hits.sum()) and int(tokens) == real
+        assert float(hits.sum()) / (14 * real) == pytest.approx(float(mm.router.gate_accuracy()))
+        [x] = seen  # [B * S, d_in]: the gate reads each projection's input once
+        labels = torch.tensor(task)[:, None].expand_as(batch["attention_mask"]).reshape(-1)
+        labelled = batch["attention_mask"].reshape(-1) == 1
+        expected = int(((mm.router.gates[key](x).argmax(-1) == labels) & labelled).sum())
+        i = keys.index(key)
+        assert int(hits[i]) == expected and 0 < expected < real  # fresh gates: some hits, not all
+        assert len(set(hits.tolist())) > 1, "gates that all count alike cannot tell a misplaced count"
+    mm.train()
+    mm(**batch, task_ids=task)
+    assert mm.router.gate_hits_by_projection() is None
+    mm.set_router("oracle")
+    assert mm.router.gate_hits_by_projection() is None  # a router without gates counts none
+
+
 def test_gates_and_adapters_trainable(mm):
     batch = _batch(mm)
     mm.set_router("meteora")

@@ -203,6 +203,8 @@ def test_hot_swap_add_replace_remove(assets, tmp_path):
     mm.add_adapter("c", dirs["c"])
     assert mm.adapter_names == ["a", "b", "c"]
     assert torch.equal(mm.router.gates["model__layers__0__self_attn__q_proj"].weight[:2], rows_ab)
+    # the new gates keep their slots in the per-projection hit counts (gate_hits_by_projection)
+    assert [int(g.projection_index) for g in mm.router.gates.values()] == list(range(len(mm.router.gates)))
     mm.set_router("oracle")
     torch.testing.assert_close(mm(**batch, task_ids=["c", "c"]).logits, peft_logits(dirs["c"]), atol=1e-5, rtol=0)
     big = save_random_peft_adapter(base, tmp_path / "big", r=20, lora_alpha=20, seed=9)

@@ -92,3 +92,32 @@ def test_dynamic_compiles_once_for_every_batch_length(four_layers, dynamic, comp
             ids = torch.randint(0, 250, (3, length), generator=torch.Generator().manual_seed(length))
             mm(input_ids=ids, labels=ids, task_ids=[0, 1, 2])  # a loss, as the stages' validation steps
     assert len(graphs) == compiles
+
+
+def test_gate_counts_per_projection_keep_one_graph_for_every_layer(four_layers):
+    """Validation counts MeteoRA's top-1 hits per projection gate (eval mode): each gate adds its hits at the slot
+    its own ``projection_index`` tensor names, so the compiled layers still share one graph (a Python index per
+    gate would compile one per layer), break no graph, and count what the eager model counts."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    ids = torch.randint(0, 250, (3, 12), generator=torch.Generator().manual_seed(0))
+    counts = []
+    for compiled in (False, True):
+        mm = _model(four_layers, "gates")
+        mm.eval()
+        breaks = sum(counters["graph_break"].values())
+        if compiled:
+            compile_layers(mm.model, backend=counting)
+        with torch.no_grad():
+            mm(input_ids=ids, labels=ids, task_ids=[0, 1, 2])
+        counts.append([t.tolist() for t in mm.router.gate_hits_by_projection()])
+    assert len(graphs) == 1, f"{len(graphs)} graphs for 4 layers: a gate's count specialised the compiled code"
+    assert sum(counters["graph_break"].values()) == breaks
+    assert counts[1] == counts[0] and len(counts[0][0]) == 4 * 7 and counts[0][1] == 3 * 12

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from hydra.core.global_hydra import GlobalHydra
 from needs_assets import needs_bigbench, needs_tiny_model
 from omegaconf import open_dict
@@ -128,6 +129,9 @@ def test_routers_trained_and_saved(smoke):
         rec = _metrics(exp, "route", router)
         assert 0.0 <= rec["metrics"]["router_accuracy"] <= 1.0
         assert (exp / "routers" / router / "router.safetensors").is_file()
+    _assert_accuracy_by_projection_and_layer(_metrics(exp, "route", "meteora"))
+    dlp = _metrics(exp, "route", "dlp")  # a sentence router: no gate per projection, nothing counted per layer
+    assert dlp["router_accuracy_by_projection"] is None and dlp["router_accuracy_by_layer"] is None
 
 
 def test_evaluate_scores_each_strategy_and_saves_predictions(smoke):
@@ -457,3 +461,38 @@ def test_route_trains_until_the_target_accuracy(smoke, tmp_path):
     # no causal gate beats the ceiling of its validation rows (every gate routes from tokens up to its own)
     assert 0 < hard["metrics"]["router_accuracy"] <= hard["router_accuracy_ceiling"] <= 1
     assert set(hard["router_accuracy_ceiling_by_task"]) == set(hard["adapters"])
+    # where the accuracy is lost: each of the 7 x layers gates' accuracy over the last validation, and each layer's
+    _assert_accuracy_by_projection_and_layer(hard)
+
+
+def _assert_accuracy_by_projection_and_layer(rec: dict) -> None:
+    """A MeteoRA route record's ``router_accuracy_by_projection`` (a gate key per wrapped projection: 7 per layer of
+    the tiny model) and ``router_accuracy_by_layer`` (every layer index), accuracies in [0, 1]; per-layer values
+    are the means of that layer's gates; the record's keys from before are still there."""
+    layers = json.loads((cache_dir() / "models" / "tiny-random-llama" / "config.json").read_text())["num_hidden_layers"]
+    by_projection, by_layer = rec["router_accuracy_by_projection"], rec["router_accuracy_by_layer"]
+    assert len(by_projection) == 7 * layers and all(k.startswith("model__layers__") for k in by_projection)
+    assert list(by_layer) == [str(i) for i in range(layers)]  # every layer, in order (no "other": all are layers)
+    assert all(0 <= v <= 1 for v in [*by_projection.values(), *by_layer.values()])
+    for i in range(layers):
+        mine = [v for k, v in by_projection.items() if k.startswith(f"model__layers__{i}__")]
+        assert len(mine) == 7 and by_layer[str(i)] == pytest.approx(sum(mine) / 7, abs=1e-5)
+    assert set(rec["router_accuracy_by_task"]) == set(rec["adapters"])
+
+
+def test_projection_accuracies_by_hand():
+    """pipeline.stages.route.projection_accuracies on counts summed by hand: each gate's hits over the labelled
+    tokens, each layer's mean (its index parsed from the gate key or module name; ``other`` without one)."""
+    from pipeline.stages.route import layer_of, projection_accuracies
+
+    keys = ["model__layers__0__self_attn__q_proj", "model__layers__0__mlp__down_proj",
+            "model__layers__10__self_attn__q_proj", "model__layers__2__self_attn__q_proj", "lm_head"]
+    got = projection_accuracies((torch.tensor([1, 3, 8, 7, 5]), torch.tensor(8)), keys)
+    assert got["router_accuracy_by_projection"] == dict(zip(keys, [0.125, 0.375, 1.0, 0.875, 0.625], strict=True))
+    assert got["router_accuracy_by_layer"] == {"0": 0.25, "2": 0.875, "10": 1.0, "other": 0.625}
+    assert list(got["router_accuracy_by_layer"]) == ["0", "2", "10", "other"]
+    assert projection_accuracies((torch.tensor([0, 0]), torch.tensor(0)), keys[:2])["router_accuracy_by_layer"] == {
+        "0": None}  # no labelled token: no accuracy
+    assert projection_accuracies(None, []) == {"router_accuracy_by_projection": None, "router_accuracy_by_layer": None}
+    assert layer_of("model.layers.12.self_attn.q_proj") == "12" == layer_of("model__layers__12__mlp__up_proj")
+    assert layer_of("transformer.h.3.attn.c_attn") == "3" and layer_of("lm_head") == "other"

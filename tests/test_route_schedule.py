@@ -37,3 +37,40 @@ def test_cosine_warms_up_then_decays_to_a_tenth(mm):
 def test_constant_is_plain_adamw(mm):
     opt = RouterTrainModule(mm, lr=1e-3).configure_optimizers()
     assert isinstance(opt, torch.optim.AdamW) and opt.param_groups[0]["lr"] == 1e-3
+
+
+def test_validation_sums_gate_hits_per_projection_over_its_batches(mm):
+    """RouterTrainModule.validation_step sums the per-projection counts of every batch as it sums the per-task ones;
+    over the whole validation the mean of the gates' accuracies (``projection_accuracies``) is the pooled accuracy
+    the per-task counts give, and each layer's value is the mean of its 7 gates'."""
+    from pipeline.stages.route import projection_accuracies
+
+    torch.manual_seed(0)
+    mm.set_router("meteora", top_k=2)
+    module = RouterTrainModule(mm, lr=1e-3)
+    module.log = lambda *args, **kwargs: None  # no Trainer here: the logged values are not what is checked
+    mm.eval()
+    tok = mm.tokenizer
+    batches = []
+    for prompts, tasks in ((["hello world, this is a test", "abc"], [2, 0]),
+                           (["[INST] what is 2+2? [/INST]\n", "x y", "one two three four"], [1, 1, 0])):
+        enc = tok(prompts, return_tensors="pt", padding=True)
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        batches.append({**enc, "labels": labels, "task_ids": torch.tensor(tasks)})
+    module.on_validation_epoch_start()
+    hits, tokens = 0, 0
+    for i, batch in enumerate(batches):
+        module.validation_step(batch, i)
+        h, t = mm.router.gate_hits_by_projection()
+        hits, tokens = hits + h, tokens + int(t)
+    got_hits, got_tokens = module.val_projection_hits
+    assert got_hits.tolist() == hits.tolist() and int(got_tokens) == tokens == sum(
+        int(b["attention_mask"].sum()) for b in batches)
+    task_hits, task_pairs = module.val_task_hits
+    pooled = float(task_hits.sum() / task_pairs.sum())
+    acc = projection_accuracies(module.val_projection_hits, list(mm.router.gates))
+    by_projection, by_layer = acc["router_accuracy_by_projection"], acc["router_accuracy_by_layer"]
+    assert list(by_projection) == list(mm.router.gates) and list(by_layer) == ["0", "1"]
+    assert sum(by_projection.values()) / len(by_projection) == pytest.approx(pooled, abs=1e-5)
+    assert sum(by_layer.values()) / 2 == pytest.approx(pooled, abs=1e-5)
+    assert 0 < pooled < 1  # fresh gates: neither all right nor all wrong

@@ -15,9 +15,11 @@ which makes the gated model exactly the oracle (a test and teacher-forcing switc
 Training (``training_loss``, the route stage): the full model runs with every gate routing every token; loss = LM
 cross-entropy (on all tokens, prompt included, as MeteoRA's script does, or answers only) + ``aux_loss_coef`` x gate
 cross-entropy against the row's task id; its routing accuracy (measured in eval mode: validation) is the fraction of
-(token, projection) gates whose top-1 is the row's task. While the gates learn (grad enabled, gate logits need a gradient) a projection's route is
-the [T, L] coefficient matrix of ``kernels.multi_lora_coef`` (the same weights, fewer ops per call); inference
-routes with ids/weights, which the Triton kernels read.
+(token, projection) gates whose top-1 is the row's task, also counted per task (``gate_hits_by_task``) and per
+projection (``gate_hits_by_projection``: which layers' gates lose it; a layer-0 gate sees no context). While the
+gates learn (grad enabled, gate logits need a gradient) a projection's route is the [T, L] coefficient matrix of
+``kernels.multi_lora_coef`` (the same weights, fewer ops per call); inference routes with ids/weights, which the
+Triton kernels read.
 """
 
 from __future__ import annotations
@@ -33,6 +35,17 @@ from models.routing.route import GroupGates, Route, Router, expand_rows, route_t
 
 def _number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _gate(d_in: int, num_adapters: int, index, dtype, device) -> nn.Linear:
+    """One projection's gate ``Linear(d_in, L, bias=False)``, holding its position among the router's gates as a
+    non-persistent buffer ``projection_index`` ([1], long; not in the checkpoint): where ``route`` adds the gate's
+    hits to the per-projection counts. A tensor, not an int attribute, so a compiled decoder layer reads it as
+    data and one graph still serves every layer."""
+    gate = nn.Linear(d_in, num_adapters, bias=False, dtype=dtype, device=device)
+    gate.register_buffer("projection_index", torch.as_tensor(index, dtype=torch.long, device=device).reshape(1).clone(),
+                         persistent=False)
+    return gate
 
 
 @strategy("meteora")
@@ -59,14 +72,15 @@ class MeteoraRouter(Router):
         bank = ctx.bank
         p = next(bank.parameters())
         self.gates = nn.ModuleDict({
-            slot_key(m): nn.Linear(bank.module_shapes[m][0], L, bias=False, dtype=p.dtype, device=p.device)
-            for m in bank.modules_wrapped})
+            slot_key(m): _gate(bank.module_shapes[m][0], L, i, p.dtype, p.device)
+            for i, m in enumerate(bank.modules_wrapped)})
         self._labels: torch.Tensor | None = None
         self._forced: torch.Tensor | None = None
         # gate CE and top-1 hits summed over this forward's projections (tensors, not a list of logits: a compiled
         # decoder layer may reassign a tensor, while appending to a list would specialise it to the list's length)
         self._ce_sum: torch.Tensor | None = None
         self._task_hits: torch.Tensor | None = None  # [L] top-1 hits per task (eval mode); their sum: all hits
+        self._projection_hits: torch.Tensor | None = None  # [P] top-1 hits per gate, in self.gates order (eval mode)
 
     def config(self):
         return {"top_k": self.top_k, "temperature": self.temperature, "aux_loss_coef": self.aux_loss_coef}
@@ -93,7 +107,7 @@ class MeteoraRouter(Router):
         return [f"gates.{k}.weight" for k in self.gates]
 
     def begin_forward(self, input_ids, attention_mask, inputs_embeds, is_prefill):
-        self._labels = self._ce_sum = self._task_hits = None
+        self._labels = self._ce_sum = self._task_hits = self._projection_hits = None
         tid = self.ctx.task_ids
         if tid is None:
             return
@@ -107,10 +121,11 @@ class MeteoraRouter(Router):
             labels.masked_fill_(attention_mask[:, -S:] == 0, -100)
         self._labels = labels.reshape(-1)
         self._ce_sum = torch.zeros((), dtype=torch.float32, device=ref.device)
-        # routing accuracy where it is read (validation, evaluation: eval mode); a training step skips its five ops
-        # per projection
-        self._task_hits = None if self.training else torch.zeros(self._num_adapters(), dtype=torch.long,
-                                                                 device=ref.device)
+        # routing accuracy where it is read (validation, evaluation: eval mode), per task and per projection; a
+        # training step skips its seven ops per projection
+        if not self.training:
+            self._task_hits = torch.zeros(self._num_adapters(), dtype=torch.long, device=ref.device)
+            self._projection_hits = torch.zeros(len(self.gates), dtype=torch.long, device=ref.device)
 
     def projection_state(self, module_name):
         return self.gates[slot_key(module_name)]
@@ -124,6 +139,10 @@ class MeteoraRouter(Router):
             if self._task_hits is not None:
                 hit = (logits.argmax(-1) == self._labels) & (self._labels != -100)
                 self._task_hits = self._task_hits.scatter_add(0, self._labels.clamp(min=0), hit.long())
+                # this gate's slot, from a tensor it holds: a Python index (or its name as a key) would make a
+                # compiled decoder layer specialise to each layer
+                self._projection_hits = self._projection_hits.index_add(0, gate.projection_index,
+                                                                        hit.sum().reshape(1))
         if self.ctx.force_gates:
             if self._labels is None:
                 raise ValueError("force_gates needs task_ids: pass task_ids= with force_gates=True")
@@ -167,6 +186,19 @@ class MeteoraRouter(Router):
         pairs = torch.zeros_like(self._task_hits).scatter_add(0, self._labels.clamp(min=0), valid) * len(self.gates)
         return self._task_hits, pairs
 
+    def gate_hits_by_projection(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(hits [P], tokens)`` of the last forward in eval mode: per gate (one per wrapped projection, in the
+        order of ``self.gates``, whose keys name them), the labelled tokens whose top-1 gate choice was the token's
+        task, and the number of labelled tokens (a 0-d tensor: every gate routes each of them once); device
+        tensors (None in train mode or without task ids). The hits summed over the gates are ``gate_hits_by_task``'s
+        summed over the tasks. Summed over a validation set, ``hits / tokens`` is each gate's routing accuracy:
+        the pooled accuracy says how often the gates are right, this says where they are wrong. A layer-0 q / k / v
+        gate reads only its token's embedding (no context before it), so it can know the task only from the token
+        itself; gates of later layers read the context the attention has mixed in."""
+        if self._projection_hits is None:
+            return None
+        return self._projection_hits, (self._labels != -100).sum()
+
     def gate_accuracy(self) -> torch.Tensor | None:
         """Fraction of (token, projection) pairs whose top-1 gate choice is the token's task, in the last forward in
         eval mode (None in train mode, or without task ids): a 0-d float tensor on the gates' device (NaN when no
@@ -178,8 +210,8 @@ class MeteoraRouter(Router):
     @torch.no_grad()
     def on_adapters_changed(self, old_names, new_names):
         for key, gate in self.gates.items():
-            new = nn.Linear(gate.in_features, len(new_names), bias=False, dtype=gate.weight.dtype,
-                            device=gate.weight.device)
+            new = _gate(gate.in_features, len(new_names), gate.projection_index, gate.weight.dtype,
+                        gate.weight.device)
             for j, n in enumerate(new_names):
                 if n in old_names:
                     new.weight[j] = gate.weight[old_names.index(n)]

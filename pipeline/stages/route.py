@@ -13,7 +13,9 @@ else the prompt alone. ``router.train.steps`` optimizer steps; validation on the
 ``router.train.target_accuracy`` the fit stops once the validation routing accuracy first reaches it
 (``router.train.steps`` is then the bound); metrics.json records the target, the step it was reached at and the
 accuracy curve (``pipeline/stages/target_accuracy.py``); a router that counts its top-1 hits per task (MeteoRA's
-gates) also gives each task's routing accuracy over the last validation (``router_accuracy_by_task``). The router
+gates) also gives each task's routing accuracy over the last validation (``router_accuracy_by_task``), and one
+that counts them per projection gate (MeteoRA's) each gate's and each layer's (``router_accuracy_by_projection``,
+``router_accuracy_by_layer``: ``projection_accuracies``), which say where the pooled accuracy is lost. The router
 (``router.safetensors`` + ``router.json``) is written atomically to ``<run_dir>/router`` and to
 ``router.checkpoint`` (``${paths.routers_dir}/<name>``), where evaluate and bench read it.
 
@@ -27,6 +29,7 @@ stops ``finetune``: one line naming the step, checked at the next log line, chec
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,6 +93,7 @@ class RouterTrainModule(L.LightningModule):
         self.schedule, self.warmup_steps, self.total_steps = schedule, int(warmup_steps), int(total_steps)
         self.trainable = mm.set_trainable("router+adapters" if train_loras else "router")
         self.val_task_hits = None  # (hits [L], pairs [L]) summed over the last validation (routers that count them)
+        self.val_projection_hits = None  # (hits [P], tokens) likewise, per projection gate (MeteoRA's)
         self.step_checks = StepChecks("router loss is {loss} at step {step}; lower router.train.lr")  # the NaN stop
         self.graph = graph  # the whole training step replayed as a CUDA graph (train_speed.cuda_graph)
         self._graphs: StepGraphs | None = None
@@ -145,18 +149,19 @@ class RouterTrainModule(L.LightningModule):
         return None if self.graph is not None else loss  # graph: nothing left for Lightning to backpropagate
 
     def on_validation_epoch_start(self) -> None:
-        self.val_task_hits = None
+        self.val_task_hits = self.val_projection_hits = None
 
     def on_validation_epoch_end(self) -> None:
-        if self.val_task_hits is not None:  # every rank's counts: the whole validation set's
-            self.val_task_hits = tuple(self.trainer.strategy.reduce(t, reduce_op="sum") for t in self.val_task_hits)
+        reduce = self.trainer.strategy.reduce  # every rank's counts: the whole validation set's
+        if self.val_task_hits is not None:
+            self.val_task_hits = tuple(reduce(t, reduce_op="sum") for t in self.val_task_hits)
+        if self.val_projection_hits is not None:
+            self.val_projection_hits = tuple(reduce(t, reduce_op="sum") for t in self.val_projection_hits)
 
     def validation_step(self, batch, batch_idx):
         loss, parts = self._step(batch)
-        counts = self.mm.router.gate_hits_by_task()
-        if counts is not None:
-            prev = self.val_task_hits
-            self.val_task_hits = counts if prev is None else tuple(a + b for a, b in zip(prev, counts, strict=True))
+        self.val_task_hits = _add_counts(self.val_task_hits, self.mm.router.gate_hits_by_task())
+        self.val_projection_hits = _add_counts(self.val_projection_hits, self.mm.router.gate_hits_by_projection())
         bs = batch["input_ids"].shape[0]
         self.log("val/loss", loss.detach(), prog_bar=True, batch_size=bs, sync_dist=True)  # DDP: mean over all ranks
         for k, v in parts.items():
@@ -169,6 +174,13 @@ class RouterTrainModule(L.LightningModule):
         if self.schedule == "cosine":  # MeteoRA's script: warm-up, then cosine decay
             return adamw_with_schedule(self.trainable, self.lr, self.weight_decay, self.warmup_steps, self.total_steps)
         return torch.optim.AdamW(self.trainable, lr=self.lr, weight_decay=self.weight_decay)
+
+
+def _add_counts(total, counts):
+    """A validation step's device counts added to the sum so far (None: the router counts none)."""
+    if counts is None:
+        return total
+    return counts if total is None else tuple(a + b for a, b in zip(total, counts, strict=True))
 
 
 def route(cfg: DictConfig) -> float | None:
@@ -241,6 +253,8 @@ def route(cfg: DictConfig) -> float | None:
                           extra={"router_dir": str(shared), "adapters": list(mm.adapter_names), "train_speed": speed,
                                  **curve.summary(), "router_accuracy_by_task":
                                      task_accuracies(module.val_task_hits, list(mm.adapter_names)),
+                                 **projection_accuracies(module.val_projection_hits,
+                                                         list(getattr(mm.router, "gates", {}))),
                                  **routing_ceiling(mm.router, val, list(mm.adapter_names))})
 
 
@@ -262,6 +276,42 @@ def task_accuracies(counts, adapters: list[str]) -> dict | None:
         return None
     hits, pairs = (t.tolist() for t in counts)
     return {name: (round(h / p, 6) if p else None) for name, h, p in zip(adapters, hits, pairs, strict=True)}
+
+
+def projection_accuracies(counts, keys: list[str]) -> dict:
+    """Where the routing accuracy is lost, from ``RouterTrainModule.val_projection_hits`` (hits [P], tokens) over
+    the last validation, ``keys`` the router's gate keys in the order of the hits (MeteoRA's ``gates``: slot keys
+    such as ``model__layers__12__self_attn__q_proj``, the names of ``gates.<key>.weight`` in router.safetensors):
+
+    ``router_accuracy_by_projection``  {gate key: its top-1 accuracy over the labelled tokens}
+    ``router_accuracy_by_layer``       {layer index: the mean of that layer's gates' accuracies}; a gate whose name
+                                       holds no layer index falls under ``"other"``
+
+    Every gate routes every labelled token, so a layer's mean is also its pooled accuracy and the mean over all
+    gates is ``router_accuracy``'s pooled value. Per layer matters because the gates see different things: a
+    layer-0 q / k / v gate reads the token's embedding alone (no context: it can tell the task only by the token
+    itself), while a later layer's gates read what attention has gathered from the prompt. Both are None for a
+    router that does not count per projection (and an accuracy is None without labelled tokens)."""
+    if counts is None:
+        return {"router_accuracy_by_projection": None, "router_accuracy_by_layer": None}
+    hits, tokens = counts[0].tolist(), int(counts[1])
+    if len(hits) != len(keys):
+        raise ValueError(f"{len(hits)} per-projection counts for {len(keys)} gate keys")
+    by_projection = {k: (round(h / tokens, 6) if tokens else None) for k, h in zip(keys, hits, strict=True)}
+    layers: dict = {}
+    for key, h in zip(keys, hits, strict=True):
+        layers.setdefault(layer_of(key), []).append(h)
+    order = sorted((k for k in layers if k != "other"), key=int) + (["other"] if "other" in layers else [])
+    by_layer = {k: (round(sum(layers[k]) / (len(layers[k]) * tokens), 6) if tokens else None) for k in order}
+    return {"router_accuracy_by_projection": by_projection, "router_accuracy_by_layer": by_layer}
+
+
+def layer_of(name: str) -> str:
+    """The decoder layer index in a module name or gate key, as a string (a JSON key): the first dot- (or
+    ``__``-) separated part that is a number, ``model.layers.12.self_attn.q_proj`` -> ``"12"``; ``"other"`` for a
+    name without one."""
+    m = re.search(r"(?:^|\.)(\d+)(?:\.|$)", name.replace("__", "."))
+    return str(int(m.group(1))) if m else "other"
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="route")
