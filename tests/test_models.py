@@ -386,3 +386,28 @@ def test_merge_of_many_adapters_is_one_lora_at_any_stacked_rank(assets):
     mm.set_router("oracle")
     torch.testing.assert_close(merged, mm(**batch, task_ids=[0] * batch["input_ids"].shape[0]).logits, atol=ATOL,
                                rtol=0)
+
+
+def test_finetune_loss_on_right_padded_rows_is_the_masked_loss(assets):
+    """finetune runs its peft model without the attention mask (its rows are right-padded, labels -100 past each
+    row's end): the loss and the LoRA gradients are the masked forward's."""
+    from data.batches import AnswerOnlyCollator
+    from pipeline.stages.finetune import LoRAFinetuneModule
+
+    base, dirs = assets
+    model, tok = load_base_model(base)
+    pm = PeftModel.from_pretrained(model, str(dirs["a"]), is_trainable=True)
+    rows = [tok(p)["input_ids"] for p in PROMPTS]
+    batch = AnswerOnlyCollator(tok.pad_token_id)([{"input_ids": r, "labels": r} for r in rows])
+    assert (batch["attention_mask"] == 0).any()
+    module = LoRAFinetuneModule(pm, lr=1e-3)
+    lora = [p for n, p in pm.named_parameters() if p.requires_grad]
+    got = module._loss(batch)
+    got.backward()
+    g_got = [p.grad.clone() for p in lora]
+    pm.zero_grad(set_to_none=True)
+    want = pm(**batch, use_cache=False).loss
+    want.backward()
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    for a, b in zip(g_got, [p.grad for p in lora], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

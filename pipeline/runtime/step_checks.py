@@ -30,8 +30,11 @@ One more read hides in Lightning: after every batch it turns each value logged w
 Python number (``.item()``), whether or not a progress bar is shown. A step therefore puts its loss on the bar
 only when there is one (``self.log(..., prog_bar=progress_bar_shown(self))``); a run without a bar
 (``trainer.enable_progress_bar=false``, as the GPU experiments set it) reads nothing back per step. Two reads per
-step remain outside this repo: AdamW's step counters (``.item()`` on CPU tensors: no wait for the GPU) and
-transformers' check whether the attention mask has padding before building the causal mask (a GPU wait).
+step remained outside this repo: AdamW's step counters (``.item()`` on CPU tensors: no wait for the GPU) and
+transformers' check whether the attention mask has padding before building the causal mask (a GPU wait). The
+training stages avoid the second: their rows are right-padded, so they run the model without the mask
+(``MultiLoRAModel.forward(right_padded=True)``; finetune's peft model gets no mask), which changes no real token's
+output.
 
 A module opts in by holding its ``StepChecks`` as ``step_checks`` (``check_module`` looks for that attribute).
 The message is a ``str.format`` template with ``{step}``, ``{loss}`` (the first non-finite value) and ``{names}``

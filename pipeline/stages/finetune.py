@@ -84,8 +84,11 @@ class LoRAFinetuneModule(L.LightningModule):
         return self.model(**batch)
 
     def _loss(self, batch) -> torch.Tensor:
-        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                          labels=batch["labels"], use_cache=False).loss  # training needs no KV cache
+        # the rows are right-padded (AnswerOnlyCollator) and their labels -100 past each row's end: causal attention
+        # never shows a real token a pad, so the model runs without the mask (the same loss) and transformers'
+        # mask code reads nothing back to the host (its "any padding?" check is a GPU wait every step)
+        return self.model(input_ids=batch["input_ids"], labels=batch["labels"],
+                          use_cache=False).loss  # training needs no KV cache
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)  # FSDP: the norm over all shards

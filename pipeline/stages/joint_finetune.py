@@ -230,7 +230,7 @@ class JointFinetuneModule(L.LightningModule):
         """``(losses [T], answer tokens [T])`` of a batch whose rows carry ``task_ids`` (bank indices)."""
         self._hidden = None
         self.mm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], task_ids=batch["task_ids"],
-                logits_to_keep=1, use_cache=False)  # training needs no KV cache
+                logits_to_keep=1, use_cache=False, right_padded=True)  # no KV cache; rows right-padded: no mask
         hidden, self._hidden = self._hidden, None
         return per_task_answer_ce(self.mm.model, hidden, batch["labels"], batch["task_ids"], len(self.tasks))
 
