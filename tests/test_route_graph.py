@@ -11,7 +11,9 @@ from torch.utils.data import DataLoader
 from data.batches import RoutedRowsCollator, pad_to_shape
 from models import MultiLoRAModel, load_base_model
 from models.tiny import save_test_assets
+from pipeline.runtime.step_graph import StepGraphs
 from pipeline.runtime.train_speed import cuda_graph_wanted
+from pipeline.stages import route as route_stage
 from pipeline.stages.route import GraphedStep, RouterTrainModule
 
 
@@ -93,15 +95,18 @@ def test_cuda_graph_auto_stays_off_without_a_gpu_and_true_names_the_fix():
         cuda_graph_wanted(_cfg(cuda_graph="sometimes"), graphable=True)
 
 
-def _fit(mm, rows, graph, steps, schedule="cosine"):
+def _fit(mm, rows, graph, steps, schedule="cosine", accelerator="gpu"):
     """``steps`` steps of the route module through a real Lightning Trainer (fp32) on ``rows`` in order."""
     torch.manual_seed(0)
     for gate in mm.router.gates.values():
         torch.nn.init.normal_(gate.weight, std=0.02)
     module = RouterTrainModule(mm, lr=2e-2, weight_decay=0.01, schedule=schedule, warmup_steps=1, total_steps=steps,
                                graph=graph)
+    if accelerator == "cpu" and graph is not None:  # the CPU has no capturable fused AdamW: the same maths unfused
+        module.configure_optimizers = lambda: torch.optim.AdamW(module.trainable, lr=torch.tensor(module.lr),
+                                                                weight_decay=module.weight_decay, foreach=False)
     dl = DataLoader(rows, batch_size=4, shuffle=False, collate_fn=RoutedRowsCollator(mm.tokenizer.pad_token_id))
-    trainer = L.Trainer(accelerator="gpu", devices=1, precision="32-true", max_steps=steps, logger=False,
+    trainer = L.Trainer(accelerator=accelerator, devices=1, precision="32-true", max_steps=steps, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0, inference_mode=False,
                         gradient_clip_val=None if graph is not None else 0.3)
@@ -126,3 +131,41 @@ def test_gpu_route_step_replayed_as_a_cuda_graph_trains_as_the_eager_step(assets
     assert len(module._graphs.shapes) >= 2
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
+class StepsRunEagerly(StepGraphs):
+    """What a CPU can run in place of the CUDA graphs: per new shape the same warm-up steps and their undoing,
+    then every call runs the step eagerly on fresh gradients (as a replay writes them). Everything around the
+    graph (padding, the LR tensor, clipping inside the step, Lightning's step count) is the stage's own code."""
+
+    def __init__(self, step, optimizer, device, warmup: int = 3):
+        self.step, self.optimizer, self.device = step, optimizer, torch.device(device)
+        self.warmup, self.prepare, self.undo_warmup, self._graphs, self._pool = warmup, None, True, {}, None
+
+    def __call__(self, batch):
+        key = tuple((k, tuple(v.shape)) for k, v in sorted(batch.items()) if torch.is_tensor(v))
+        if key not in self._graphs:
+            snapshot = self._snapshot()
+            for _ in range(self.warmup):
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step(batch)
+            self._restore(snapshot)
+            self._graphs[key] = None
+        self.optimizer.zero_grad(set_to_none=True)
+        return self.step(batch)
+
+
+def test_the_graph_path_around_the_step_trains_as_the_eager_path(assets, monkeypatch):
+    """On the CPU, with each graph's step run eagerly: six steps over two length buckets with a cosine LR and
+    clipping at 0.3 inside the step end with the eager fit's gates; the warm-up steps leave nothing behind."""
+    monkeypatch.setattr(route_stage, "StepGraphs", StepsRunEagerly)
+    rows = _rows(24)
+    mm = _mm(assets)
+    mm.set_router("meteora", top_k=2, aux_loss_coef=50.0)
+    want, _ = _fit(mm, rows, None, 6, accelerator="cpu")
+    mm.set_router("meteora", top_k=2, aux_loss_coef=50.0)
+    graph = GraphedStep(rows=4, bucket=16, pad_token_id=int(mm.tokenizer.pad_token_id), bf16=False, grad_clip=0.3)
+    got, module = _fit(mm, rows, graph, 6, accelerator="cpu")
+    assert len(module._graphs.shapes) >= 2
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
