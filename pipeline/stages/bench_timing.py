@@ -18,8 +18,11 @@ no C++ build). ``compile=None`` passes ``disable_compile=True``: a static cache 
 
 from __future__ import annotations
 
+import json
 import statistics
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -27,6 +30,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from peft import get_peft_model
 from transformers import CompileConfig
+
+from common.atomic import atomic_write_text
 
 
 def _sync(device) -> None:
@@ -126,3 +131,20 @@ def written_by(experiment: str, provenance: dict, overrides: str = "") -> str:
     cmd = f"python -m pipeline.bench experiment={experiment}" + (f" {overrides}" if overrides else "")
     return (f"Written by `{cmd}` at git `{p['git_sha']}` on {p['device']}, "
             f"{p['date']}; versions {', '.join(f'{k} {v}' for k, v in p['versions'].items())}.")
+
+
+def rebuild_page(json_path, derive: Callable[[dict], None], markdown: Callable[[dict], str]) -> Path:
+    """Re-derive what a committed bench table computes from its raw rows or records (``derive(doc)``, in place),
+    rewrite its JSON and write its Markdown page (``markdown(doc)``) beside it; returns the page's path."""
+    path = Path(json_path)
+    doc = json.loads(path.read_text())
+    derive(doc)
+    atomic_write_text(path, json.dumps(doc, indent=1) + "\n")
+    return atomic_write_text(path.with_suffix(".md"), markdown(doc))
+
+
+def rebuild_cli(name: str, rebuild: Callable[[str], Path]) -> None:
+    """``python -m pipeline.<name> outputs/tables/<name>.json``: rebuild that page, print its path."""
+    if len(sys.argv) != 2 or not sys.argv[1].endswith(".json"):
+        sys.exit(f"usage: python -m pipeline.{name} outputs/tables/{name}.json (rebuilds the .md from it)")
+    print(rebuild(sys.argv[1]))

@@ -47,6 +47,8 @@ from pipeline.stages.bench_timing import (
     generate_kwargs,
     random_adapter,
     random_batch,
+    rebuild_cli,
+    rebuild_page,
     written_by,
 )
 
@@ -313,20 +315,11 @@ def run(settings: dict, make_model, adapter_cfg: dict, vocab: int, device, recor
 
 def rebuild(json_path) -> Path:
     """Re-derive the rows, verdicts and Markdown page of a committed ``e2e_decode.json`` from its raw records."""
-    import json
+    def derive(doc):
+        doc["rows"], doc["targets"] = rows_from(doc["records"]), verdicts(doc["records"])
 
-    from common.atomic import atomic_write_text
-
-    path = Path(json_path)
-    doc = json.loads(path.read_text())
-    doc["rows"], doc["targets"] = rows_from(doc["records"]), verdicts(doc["records"])
-    atomic_write_text(path, json.dumps(doc, indent=1) + "\n")
-    return atomic_write_text(path.with_suffix(".md"), markdown(doc))
+    return rebuild_page(json_path, derive, markdown)
 
 
 if __name__ == "__main__":
-    import sys
-
-    if len(sys.argv) != 2 or not sys.argv[1].endswith(".json"):
-        sys.exit("usage: python -m pipeline.e2e_decode outputs/tables/e2e_decode.json (rebuilds the .md from it)")
-    print(rebuild(sys.argv[1]))
+    rebuild_cli("e2e_decode", rebuild)

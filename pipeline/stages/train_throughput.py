@@ -31,10 +31,8 @@ before it, plus this variant's own parameters and optimizer state (other variant
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -45,13 +43,12 @@ from peft import PeftModel
 from torch._dynamo.utils import counters
 from torch.profiler import ProfilerActivity, profile
 
-from common.atomic import atomic_write_text
 from models import MultiLoRAModel
 from models.compile import compile_layers
 from models.precision import store_frozen
 from pipeline.runtime.entry import first_line
 from pipeline.runtime.step_graph import StepGraphs
-from pipeline.stages.bench_timing import random_adapter, written_by
+from pipeline.stages.bench_timing import random_adapter, rebuild_cli, rebuild_page, written_by
 
 log = logging.getLogger(__name__)
 
@@ -454,16 +451,12 @@ def markdown(doc: dict) -> str:
 
 def rebuild(json_path) -> Path:
     """Re-derive ratios, verdicts and the Markdown page of a committed ``train_throughput.json`` from its rows."""
-    path = Path(json_path)
-    doc = json.loads(path.read_text())
-    add_ratios(doc["rows"])
-    doc["targets"] = verdicts(doc["rows"])
-    atomic_write_text(path, json.dumps(doc, indent=1) + "\n")
-    return atomic_write_text(path.with_suffix(".md"), markdown(doc))
+    def derive(doc):
+        add_ratios(doc["rows"])
+        doc["targets"] = verdicts(doc["rows"])
+
+    return rebuild_page(json_path, derive, markdown)
 
 
 if __name__ == "__main__":
-
-    if len(sys.argv) != 2 or not sys.argv[1].endswith(".json"):
-        sys.exit("usage: python -m pipeline.train_throughput outputs/tables/train_throughput.json (rebuilds the .md)")
-    print(rebuild(sys.argv[1]))
+    rebuild_cli("train_throughput", rebuild)
