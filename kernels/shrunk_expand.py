@@ -53,6 +53,9 @@ def block_n(R: int, device_type: str) -> int:
     return min(BN_MAX[kind], max(16, TILE[kind] // br))
 
 
+_default_block_n = block_n  # (``expand_shrunk``'s keyword of that name shadows it there)
+
+
 def _check(y, h, B, col_member, ids, weights, seq_ids, logits, top_k, temperature, out):
     """Shape checks only (no device value is read; ``col_member`` is range-checked where it lives on the host)."""
     def bad(msg):
@@ -130,15 +133,21 @@ def _contig(t):
 
 
 def expand_shrunk(y, h, B, col_member, *, ids=None, weights=None, seq_ids=None, logits=None, top_k=0,
-                  temperature=1.0, out=None, backend="auto") -> torch.Tensor:
+                  temperature=1.0, out=None, backend="auto", block_n=None) -> torch.Tensor:
     """``y + sum_k w_k h[t, m, a_k] @ B[a_k]`` per token t and output column (member m), into ``out`` if given
     (``out`` may be ``y``: in place), else a new contiguous [T, N] tensor of y's dtype.
 
     Shapes: y [T, N] (row stride free, a view of the GEMM output), h [T, n, L, R] (any strides), B [L, R, N]
     (y's dtype or fp32), col_member int [N]; route ``ids``/``weights`` [S, K] (+ ``seq_ids`` [T], else S = T; id -1
-    = empty slot) or ``logits`` [T, n, L] with ``top_k`` (>= 1, L <= 128) and ``temperature``."""
+    = empty slot) or ``logits`` [T, n, L] with ``top_k`` (>= 1, L <= 128) and ``temperature``.
+
+    ``block_n``: output columns per program of the Triton kernel (grid T x cdiv(N, block_n)); a power of two
+    >= 16, or None for ``block_n(R, device)`` (the default choice). The torch backend ignores it (benchmarks pass
+    it: ``kernels.bench.epilogue``)."""
     if backend not in BACKENDS:
         raise ValueError(f"expand_shrunk: unknown backend {backend!r}; use one of {BACKENDS}")
+    if block_n is not None and (not isinstance(block_n, int) or block_n < 16 or block_n & (block_n - 1)):
+        raise ValueError(f"expand_shrunk: block_n must be a power of two >= 16 (or None), got {block_n!r}")
     _check(y, h, B, col_member, ids, weights, seq_ids, logits, top_k, temperature, out)
     if backend == "auto":
         backend = "triton" if y.is_cuda else "torch"
@@ -153,4 +162,4 @@ def expand_shrunk(y, h, B, col_member, *, ids=None, weights=None, seq_ids=None, 
         if switches.state.poison:  # tests: a column the kernel misses shows as NaN
             out.fill_(float("nan"))
     return triton_shrunk_expand.launch(y, h, B, _contig(col_member), out, ids, weights, _contig(seq_ids), logits,
-                                       top_k, temperature, block_n(h.shape[3], y.device.type))
+                                       top_k, temperature, block_n or _default_block_n(h.shape[3], y.device.type))

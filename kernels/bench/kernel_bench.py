@@ -330,7 +330,15 @@ def main(argv=None) -> None:
     ap.add_argument("--paths", action="store_true",
                     help="A/B of the forward paths (routed vs bank, fwd) per bank size: writes kernel_bench_paths.*")
     ap.add_argument("--adapters", type=int, nargs="*", default=None, help=f"--paths: bank sizes L (default {L})")
+    ap.add_argument("--epilogue", action="store_true",
+                    help="time a projection group's decode GEMM and its expand_shrunk epilogue (8B groups, T 1 / 8, "
+                         "per block_n): writes kernel_bench_epilogue.* (kernels.bench.epilogue)")
     args = ap.parse_args(argv)
+    if args.epilogue:
+        from kernels.bench import epilogue as bench_epilogue  # lazy: only the --epilogue mode uses it
+
+        bench_epilogue.main(args.out)
+        return
     if args.overhead:
         from kernels.bench import overhead as bench_overhead  # lazy: only the --overhead mode uses it
 
