@@ -16,7 +16,7 @@ down), T in {1, 8} decode tokens, L = 28 adapters of rank 8, top-2, bf16, and ti
             shrink and bank rows, expand_shrunk
   logits    MeteoRA: each member's top-2 of its gate logits (temperature 1), GEMM over every row, expand_shrunk
 
-Per (group, T, mode, block_n), each the median us of one call over a CUDA graph replay (``kernel_bench.time_ms``:
+Per (group, T, mode, block_n), each the median us of one call over a CUDA graph replay (``kernels.bench.timing.time_ms``:
 input sets rotated inside one graph, triton.testing.do_bench, which flushes L2 between replays):
 
   base_gemm_us            (a) F.linear over the members' base rows only (the base model's GEMM)
@@ -60,7 +60,7 @@ LAYERS = 32  # LLaMA-3-8B: each group runs once per layer per decode step
 EPI_SETS = 6  # input sets of the epilogue-alone graph (its inputs are small: more sets, one graph launch)
 GEMM_ROTATE_BYTES = 200e6  # the GEMM graphs rotate weight copies up to about this many bytes (as kernel_bench)
 DTYPE = torch.bfloat16
-METHOD = ("CUDA graph replay of several rotated input sets (kernel_bench.time_ms), triton.testing.do_bench median, "
+METHOD = ("CUDA graph replay of several rotated input sets (kernels.bench.timing.time_ms), triton.testing.do_bench median, "
           "us per call")  # fmt: skip
 OUT_NAME = "kernel_bench_epilogue"
 
@@ -247,7 +247,7 @@ def check(g: Group, mode: str, block_n=None) -> float:
 
 def bench_group(name, T, rows, log, block_ns=BLOCK_NS):
     """Time (a)-(d) of one group at T tokens for every mode (and block_n), appending rows."""
-    from kernels.bench.kernel_bench import time_ms  # lazy: imports triton.testing
+    from kernels.bench.timing import time_ms  # lazy: imports triton.testing
 
     sizes, d_in = GROUPS[name]
     gen = torch.Generator(device="cuda").manual_seed(1000 * T + sum(sizes) // 7 + d_in)
@@ -291,7 +291,7 @@ def bench_group(name, T, rows, log, block_ns=BLOCK_NS):
 
 def graph_floor_us() -> float:
     """One trivial kernel (a one-element add) per call, EPI_SETS of them in a graph: what any launch costs there."""
-    from kernels.bench.kernel_bench import time_ms
+    from kernels.bench.timing import time_ms
 
     bufs = [torch.zeros(1, device="cuda") for _ in range(EPI_SETS)]
     torch.cuda.synchronize()
@@ -304,7 +304,7 @@ def main(out_dir="outputs/tables", block_ns=BLOCK_NS, tokens=TOKENS, groups=None
     if not torch.cuda.is_available():
         raise SystemExit("kernels.bench --epilogue: needs a CUDA GPU; run it on the GPU machine "
                          "(python -m kernels.bench --epilogue --out DIR)")  # fmt: skip
-    from kernels.bench.kernel_bench import provenance  # lazy: imports triton
+    from kernels.bench.timing import provenance  # lazy: imports triton
 
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.time()

@@ -19,18 +19,16 @@ ratio_to_base = ms / ms(base, same shape and T, same direction, same run).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import time
 
 import torch
 import torch.nn.functional as F
-import triton
 
 from common.atomic import atomic_write_text
-from common.provenance import git_sha
 from kernels import multi_lora, switches
+from kernels.bench.timing import provenance, time_ms
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]
 RANKS = [8, 16, 64]
@@ -83,35 +81,6 @@ def layer(variant, x, W, A, B, scales, ranks, ids, w):
             y = y.index_add(0, tok, delta)
         return y
     raise ValueError(variant)
-
-
-def time_ms(make_fn, n_sets, graph, stream):
-    """Median ms of one call; ``make_fn(i)`` returns the callable for input set i (setup runs on ``stream``)."""
-    if not graph:  # eager: do_bench's events are recorded on the current stream, so run everything there
-        stream = torch.cuda.current_stream()
-    with torch.cuda.stream(stream):
-        fns = [make_fn(i) for i in range(n_sets)]
-
-        def run_all():
-            for f in fns:
-                f()
-
-        run_all()
-        run_all()
-    torch.cuda.synchronize()
-    if graph:
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, stream=stream):
-            run_all()
-        fn = g.replay
-    else:
-
-        def fn():
-            with torch.cuda.stream(stream):
-                run_all()
-
-    ms = triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
-    return ms / n_sets
 
 
 def bench_config(d_in, d_out, T, results, log, ranks=RANKS, adapters=L, path_variants=False):
@@ -379,13 +348,6 @@ def main(argv=None) -> None:
             bench_config(d_in, d_out, T, results, lambda s: print(s, flush=True), ranks)
             save()  # a partial table survives a run cut short
     print(save())
-
-
-def provenance(t0, method):
-    """Where and with what a result file was measured (device, versions, git sha, date, method, duration)."""
-    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "git_sha": git_sha(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "method": method, "seconds": round(time.time() - t0, 1)}  # fmt: skip
 
 
 def paths_main(args, shapes, t0, ranks) -> None:
