@@ -14,10 +14,13 @@ Entry points
 
 MultiLoRAModel
 --------------
-    mm(input_ids, attention_mask, labels=None, task_ids=None, route_mask=None, force_gates=None) -> HF output
+    mm(input_ids, attention_mask, labels=None, task_ids=None, route_mask=None, force_gates=None,
+       right_padded=False) -> HF output
         task_ids: adapter names or indices, one per sequence (oracle's choice; meteora gate / dlp labels), or one
             for the whole batch (broadcast); any other length is refused.
         route_mask [B, S]: tokens a sentence router reads (e.g. prompt only in teacher-forced training).
+        right_padded: rows padded on the right (training batches): the model runs without the mask (no host
+            read in transformers' mask code), the router still gets it; real tokens' outputs are unchanged.
         meteora + labels + task_ids: out.loss = out.lm_loss + aux_loss_coef * out.aux_loss (MeteoRA's loss).
     mm.generate(input_ids, attention_mask=..., task_ids=None, **generate_kwargs)   batched, KV cache
         (mm.model.generate works too, after mm.set_routing(task_ids=...) where the strategy needs task ids)
