@@ -128,6 +128,7 @@ def test_gpu_route_step_replayed_as_a_cuda_graph_trains_as_the_eager_step(assets
     mm.set_router("meteora", top_k=2, aux_loss_coef=50.0)
     graph = GraphedStep(rows=4, bucket=16, pad_token_id=int(mm.tokenizer.pad_token_id), bf16=False, grad_clip=0.3)
     got, module = _fit(mm, rows, graph, 6)
+    assert module._graphs.fallback is None, module._graphs.fallback  # the replays held (verified), no eager fallback
     assert len(module._graphs.shapes) >= 2
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
@@ -138,9 +139,10 @@ class StepsRunEagerly(StepGraphs):
     then every call runs the step eagerly on fresh gradients (as a replay writes them). Everything around the
     graph (padding, the LR tensor, clipping inside the step, Lightning's step count) is the stage's own code."""
 
-    def __init__(self, step, optimizer, device, warmup: int = 3):
+    def __init__(self, step, optimizer, device, warmup: int = 3, verify: int = 0):
         self.step, self.optimizer, self.device = step, optimizer, torch.device(device)
         self.warmup, self.prepare, self.undo_warmup, self._graphs, self._pool = warmup, None, True, {}, None
+        self.verify, self._checked, self.fallback = verify, {}, None
 
     def __call__(self, batch):
         key = tuple((k, tuple(v.shape)) for k, v in sorted(batch.items()) if torch.is_tensor(v))
@@ -169,3 +171,55 @@ def test_the_graph_path_around_the_step_trains_as_the_eager_path(assets, monkeyp
     assert len(module._graphs.shapes) >= 2
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+class _Verifier(StepGraphs):
+    """StepGraphs' verification on the CPU: the replay is a callable the test gives (a stand-in for the graph)."""
+
+    def __init__(self, step, optimizer, verify=2):
+        self.step, self.optimizer, self.device = step, optimizer, torch.device("cpu")
+        self.warmup, self.prepare, self.undo_warmup, self.verify = 0, None, True, verify
+        self._graphs, self._checked, self._pool, self.fallback = {}, {}, None, None
+
+
+def _toy():
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(6))
+    opt = torch.optim.AdamW([w], lr=0.1)
+    x = {"x": torch.randn(6)}
+
+    def step(batch):
+        loss = ((w - batch["x"]) ** 2).sum()
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    return w, opt, x, step
+
+
+def test_a_verified_replay_that_holds_its_step_stands():
+    w, opt, x, step = _toy()
+    sg = _Verifier(step, opt)
+    want_w, _, _, want_step = _toy()
+    want_step(x)
+    sg._verified_replay("k", lambda: (opt.zero_grad(set_to_none=True), step(x)), x, None)
+    assert sg.fallback is None and sg._checked["k"] == 1
+    torch.testing.assert_close(w.detach(), want_w.detach(), atol=1e-7, rtol=0)
+
+
+def test_a_replay_that_differs_from_the_eager_step_falls_back_to_it():
+    """A replay that steps on other data (as a graph holding a stale input would): found at its first check; the
+    parameters end as the eager step leaves them, and later calls run eagerly."""
+    w, opt, x, step = _toy()
+    sg = _Verifier(step, opt)
+    want_w, want_opt, _, want_step = _toy()
+    want_step(x)
+    stale = {"x": x["x"] + 1.0}
+    sg._verified_replay("k", lambda: (opt.zero_grad(set_to_none=True), step(stale)), x, None)
+    assert sg.fallback is not None and "eagerly" in sg.fallback
+    torch.testing.assert_close(w.detach(), want_w.detach(), atol=1e-7, rtol=0)
+    opt.zero_grad(set_to_none=True)
+    want_opt.zero_grad(set_to_none=True)
+    sg(x)  # eager from now on
+    want_step(x)
+    torch.testing.assert_close(w.detach(), want_w.detach(), atol=1e-7, rtol=0)

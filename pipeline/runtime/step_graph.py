@@ -21,6 +21,11 @@ Capturing needs a few real steps first (on a side stream, where lazy allocations
 train on the capturing batch several extra times; with ``undo_warmup`` (the default) the trained parameters and
 the optimizer's state are put back as they were before them, so the run is the eager run's, step for step.
 
+``verify=N``: the first N replays of each shape are checked against the same step run eagerly from the same
+state (on every trained parameter, within 1% of the step's largest update); a replay that differs drops the
+graphs and every later step runs eagerly (``fallback`` says why), so a graph that does not hold its step costs
+speed, not the run.
+
 Memory: the graphs of every shape share one memory pool (each replay is self-contained: its inputs live outside
 the pool and its outputs are read before the next replay), so they hold about the largest step's activations
 and gradients (24-25 GB for the 135M model at batch 64 x 256 tokens) for as long as they live; ``release()``
@@ -60,13 +65,15 @@ class StepGraphs:
     returns what the graph reads and must outlive it (e.g. device task ids)."""
 
     def __init__(self, step: Callable, optimizer: torch.optim.Optimizer, device, warmup: int = 3,
-                 prepare: Callable | None = None, undo_warmup: bool = True):
+                 prepare: Callable | None = None, undo_warmup: bool = True, verify: int = 0):
         if torch.device(device).type != "cuda":
             raise ValueError(f"a CUDA graph needs a CUDA device, got {device}")
         self.step, self.optimizer, self.device = step, optimizer, torch.device(device)
-        self.warmup, self.prepare, self.undo_warmup = warmup, prepare, undo_warmup
+        self.warmup, self.prepare, self.undo_warmup, self.verify = warmup, prepare, undo_warmup, int(verify)
         self._graphs: dict = {}  # shape key -> (CUDAGraph, static input, static output, what prepare returned)
+        self._checked: dict = {}  # shape key -> replays verified against an eager step
         self._pool = None
+        self.fallback: str | None = None  # why the steps run eagerly now (a replay that differed), else None
 
     def _snapshot(self):
         """The trained parameters and the optimizer's state, as copies (None where a parameter has no state yet)."""
@@ -119,14 +126,49 @@ class StepGraphs:
         return graph, static, out, keep
 
     def __call__(self, batch):
-        """One step on ``batch``: captured first if its shape is new, then replayed; the step's outputs."""
+        """One step on ``batch``: captured first if its shape is new, then replayed; the step's outputs. After a
+        verified replay that differed from the eager step (``fallback``), the step runs eagerly."""
+        if self.fallback is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+            return self.step(batch)
         key = _shape_key(batch)
         if key not in self._graphs:
             self._graphs[key] = self.capture(batch)
         graph, static, out, _keep = self._graphs[key]
         _copy_into(static, batch)
-        graph.replay()
-        return out
+        if self._checked.get(key, 0) >= self.verify:
+            graph.replay()
+            return out
+        return self._verified_replay(key, graph.replay, static, out)
+
+    def _params(self) -> list:
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    def _verified_replay(self, key, replay: Callable[[], None], static, out):
+        """The first ``verify`` replays of a shape: the same step run eagerly from the same state first (then
+        undone), the replay compared with it on every trained parameter. Within 1% of the step's largest update
+        the replay stands; otherwise the graphs are dropped, the replay undone, the eager step taken instead and
+        every later step runs eagerly (``fallback`` says why): a wrong graph costs speed, never the run."""
+        before = self._snapshot()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step(static)
+        eager = [p.detach().clone() for p in self._params()]
+        self._restore(before)
+        replay()
+        start = dict(before[0])
+        moved = max((float((e - start[p]).abs().max()) for p, e in zip(self._params(), eager, strict=True)),
+                    default=0.0)
+        diff = max((float((p.detach() - e).abs().max()) for p, e in zip(self._params(), eager, strict=True)),
+                   default=0.0)
+        self._checked[key] = self._checked.get(key, 0) + 1
+        if diff <= 0.01 * moved + 1e-12:
+            return out
+        self.fallback = (f"the replayed step of shape {key} moved the trained parameters up to {diff:.3g} away from "
+                         f"the eager step's (whose largest update was {moved:.3g}); steps run eagerly from here")
+        self._restore(before)
+        self.release()
+        self.optimizer.zero_grad(set_to_none=True)
+        return self.step(static)
 
     @property
     def shapes(self) -> list[tuple]:

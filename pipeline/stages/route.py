@@ -75,6 +75,7 @@ class GraphedStep:
     pad_token_id: int
     bf16: bool
     grad_clip: float | None
+    verify: int = 2  # replays per shape checked against the eager step (pipeline.runtime.step_graph: fallback)
 
 
 class RouterTrainModule(L.LightningModule):
@@ -120,13 +121,16 @@ class RouterTrainModule(L.LightningModule):
         if self._graphs is None:
             for group in opt.param_groups:  # a tensor the step reads, filled per step (a resumed state may hold
                 group["lr"] = torch.tensor(float(group["lr"]), device=self.device)  # a float or a host tensor)
-            self._graphs = StepGraphs(self._graph_step, opt, self.device)
+            self._graphs = StepGraphs(self._graph_step, opt, self.device, verify=self.graph.verify)
         if self.schedule == "cosine":
             factor = lr_factor(self.global_step, self.warmup_steps, self.total_steps)
             for group in opt.param_groups:
                 group["lr"].fill_(self.lr * factor)
         padded = pad_to_shape(batch, self.graph.rows, self.graph.bucket, self.graph.pad_token_id)
+        fell_back = self._graphs.fallback
         loss, parts = self._graphs(padded)
+        if self._graphs.fallback is not None and fell_back is None:
+            log.warning("route: step %d: %s", self.global_step, self._graphs.fallback)
         return loss.clone(), {k: v.clone() for k, v in parts.items()}
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
@@ -236,6 +240,8 @@ def route(cfg: DictConfig) -> float | None:
         else:  # the last in-fit validation was earlier than the last step
             final = trainer.validate(module, dataloaders=val_dl, verbose=False)[0]
         mm.router.eval()
+        if graphed:  # whether the replayed step held (verified against the eager one) or the run fell back to it
+            speed["cuda_graph_fallback"] = module._graphs.fallback if module._graphs is not None else None
         shared = Path(plan.checkpoint)
         with full_weights(trainer):  # FSDP: gather the sharded router first; DDP / one device: nothing to do
             if is_global_zero():  # one writer per job (every DDP rank holds the same router)
