@@ -189,6 +189,16 @@ def pad_to_shape(batch: dict, rows: int, multiple: int, pad_token_id: int) -> di
     return out
 
 
+def routed_rows_settings(cfg, tokenizer, prompt_only: bool) -> dict:
+    """The keyword arguments of ``routed_rows`` that a route run's composed config sets (its ``tasks``,
+    ``router.train``, ``data`` and ``seed``; a DictConfig or the plain dict of a committed ``config.yaml``): one
+    reading for the stage and for whoever rebuilds its rows from a record (``data.routing_ceiling``)."""
+    tr, data = cfg["router"]["train"], cfg["data"]
+    return {"tokenizer": tokenizer, "tasks": [str(t) for t in cfg["tasks"]], "max_length": int(tr["max_length"]),
+            "prompt_only": bool(prompt_only), "lm_loss_on_prompt": bool(tr["lm_loss_on_prompt"]),
+            "append_eos": bool(data["append_eos"]), "split_seed": int(data["split_seed"]), "seed": int(cfg["seed"])}
+
+
 def routed_rows(tokenizer, tasks, split: str, per_task: int, *, max_length: int, prompt_only: bool,
                 lm_loss_on_prompt: bool = True, append_eos: bool = True, split_seed: int = 0, seed: int = 0) -> list:
     """A router's training rows: ``per_task`` rows of each task's ``split``, each labelled with its task's index in

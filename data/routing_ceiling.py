@@ -56,20 +56,17 @@ def ceiling_of_route_record(record_dir) -> dict:
     import yaml
     from transformers import AutoTokenizer
 
-    from data.batches import routed_rows
+    from data.batches import routed_rows, routed_rows_settings
 
     record_dir = Path(record_dir)
     with lzma.open(record_dir / "config.yaml.xz", "rt") as f:
         cfg = yaml.safe_load(f)
     with lzma.open(record_dir / "metrics.json.xz", "rt") as f:
         rec = json.load(f)
-    tr, data = cfg["router"]["train"], cfg["data"]
     # the stage's tokenizer is this one with a pad token set and left padding: neither changes a row's ids
     tokenizer = AutoTokenizer.from_pretrained(cfg["model"]["name_or_path"])
-    val = routed_rows(tokenizer, [str(t) for t in cfg["tasks"]], split=str(data["val_split"]),
-                      per_task=int(tr["val_rows_per_task"]), max_length=int(tr["max_length"]), prompt_only=False,
-                      lm_loss_on_prompt=bool(tr["lm_loss_on_prompt"]), append_eos=bool(data["append_eos"]),
-                      split_seed=int(data["split_seed"]), seed=int(cfg["seed"]))
+    val = routed_rows(split=str(cfg["data"]["val_split"]), per_task=int(cfg["router"]["train"]["val_rows_per_task"]),
+                      **routed_rows_settings(cfg, tokenizer, prompt_only=False))
     c = causal_routing_ceiling(val)
     gates = rec.get("router_accuracy_by_task") or {}
     return {"rows": len(val), "tokens": c["tokens"], "ceiling": c["accuracy"],

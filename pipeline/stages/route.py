@@ -41,7 +41,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from data.batches import RoutedRowsCollator, pad_to_shape, routed_rows
+from data.batches import RoutedRowsCollator, pad_to_shape, routed_rows, routed_rows_settings
 from data.routing_ceiling import causal_routing_ceiling
 from pipeline.runtime.distributed import clip_gradients, full_weights, is_global_zero
 from pipeline.runtime.entry import CONF_DIR, cli, user_errors
@@ -201,9 +201,7 @@ def route(cfg: DictConfig) -> float | None:
     resume = prepare_resume(cfg)  # a restarted run: its checkpoint (and wandb run id)
     with StageRun(cfg) as run:
         mm, tokenizer = build_multilora(cfg, plan=plan)
-        rows = {"tokenizer": tokenizer, "tasks": [str(t) for t in cfg.tasks], "max_length": int(train_cfg.max_length),
-                "prompt_only": not mm.router.reads_answers, "lm_loss_on_prompt": bool(train_cfg.lm_loss_on_prompt),
-                "append_eos": bool(cfg.data.append_eos), "split_seed": int(cfg.data.split_seed), "seed": int(cfg.seed)}
+        rows = routed_rows_settings(cfg, tokenizer, prompt_only=not mm.router.reads_answers)
         train = routed_rows(split=str(cfg.data.train_split), per_task=int(train_cfg.rows_per_task), **rows)
         val = routed_rows(split=str(cfg.data.val_split), per_task=int(train_cfg.val_rows_per_task), **rows)
         collate = RoutedRowsCollator(tokenizer.pad_token_id)
