@@ -77,7 +77,7 @@ class StepGraphs:
 
     def _snapshot(self):
         """The trained parameters and the optimizer's state, as copies (None where a parameter has no state yet)."""
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        params = self._params()
         saved_state = {}
         for p in params:
             st = self.optimizer.state.get(p)
@@ -129,8 +129,7 @@ class StepGraphs:
         """One step on ``batch``: captured first if its shape is new, then replayed; the step's outputs. After a
         verified replay that differed from the eager step (``fallback``), the step runs eagerly."""
         if self.fallback is not None:
-            self.optimizer.zero_grad(set_to_none=True)
-            return self.step(batch)
+            return self._eager_step(batch)
         key = _shape_key(batch)
         if key not in self._graphs:
             self._graphs[key] = self.capture(batch)
@@ -144,14 +143,18 @@ class StepGraphs:
     def _params(self) -> list:
         return [p for g in self.optimizer.param_groups for p in g["params"]]
 
+    def _eager_step(self, batch):
+        """The step run eagerly, on fresh gradients (as a replay writes them)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        return self.step(batch)
+
     def _verified_replay(self, key, replay: Callable[[], None], static, out):
         """The first ``verify`` replays of a shape: the same step run eagerly from the same state first (then
         undone), the replay compared with it on every trained parameter. Within 1% of the step's largest update
         the replay stands; otherwise the graphs are dropped, the replay undone, the eager step taken instead and
         every later step runs eagerly (``fallback`` says why): a wrong graph costs speed, never the run."""
         before = self._snapshot()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step(static)
+        self._eager_step(static)
         eager = [p.detach().clone() for p in self._params()]
         self._restore(before)
         replay()
@@ -167,8 +170,7 @@ class StepGraphs:
                          f"the eager step's (whose largest update was {moved:.3g}); steps run eagerly from here")
         self._restore(before)
         self.release()
-        self.optimizer.zero_grad(set_to_none=True)
-        return self.step(static)
+        return self._eager_step(static)
 
     @property
     def shapes(self) -> list[tuple]:

@@ -52,6 +52,11 @@ def _decide(value, auto: bool, key: str) -> bool:
     return auto
 
 
+def bf16_trainer(cfg: DictConfig) -> bool:
+    """Whether ``cfg.trainer`` trains under bf16 precision (``bf16-mixed`` / ``bf16-true``)."""
+    return str(cfg.trainer.get("precision", "32")).startswith("bf16")
+
+
 def cuda_graph_wanted(cfg: DictConfig, graphable: bool) -> bool:
     """Whether the stage captures its training step (``train_speed.cuda_graph``): auto = where the stage can
     (``graphable``) on one CUDA GPU; true where it cannot is a user error naming the fix."""
@@ -69,7 +74,7 @@ def apply_train_speed(cfg: DictConfig, model, cuda_graph: bool = False) -> dict:
     ``cuda_graph``: the stage replays its step as a CUDA graph (``cuda_graph_wanted``): no compile then."""
     s = cfg.get("train_speed") or {}
     gpu = _on_one_gpu(cfg)
-    bf16 = str(cfg.trainer.get("precision", "32")).startswith("bf16")
+    bf16 = bf16_trainer(cfg)
     frozen = _decide(s.get("frozen_bf16", "auto"), gpu and bf16, "frozen_bf16")
     compiled = _decide(s.get("compile", "auto"), gpu and not cuda_graph, "compile")
     if compiled and cuda_graph:

@@ -58,7 +58,7 @@ from pipeline.runtime.stage import StageRun, stage_callbacks
 from pipeline.runtime.step_checks import StepChecks, progress_bar_shown
 from pipeline.runtime.step_graph import StepGraphs
 from pipeline.runtime.step_log import StepLog
-from pipeline.runtime.train_speed import apply_train_speed, cuda_graph_wanted
+from pipeline.runtime.train_speed import apply_train_speed, bf16_trainer, cuda_graph_wanted
 from pipeline.stages.lora_training import adamw_with_schedule, lr_factor
 from pipeline.stages.target_accuracy import AccuracyCurve, target_callbacks
 
@@ -212,7 +212,7 @@ def route(cfg: DictConfig) -> float | None:
         # GPU: the step as one CUDA graph (MeteoRA's gates: a LM step) or compiled decoder layers, frozen weights
         # in bf16 (a strategy whose training runs no LM: nothing to compile or capture)
         graph = GraphedStep(rows=bs, bucket=int(cfg.train_speed.graph_bucket), pad_token_id=int(tokenizer.pad_token_id),
-                            bf16=str(cfg.trainer.get("precision", "32")).startswith("bf16"),
+                            bf16=bf16_trainer(cfg),
                             grad_clip=None if train_cfg.grad_clip is None else float(train_cfg.grad_clip)) \
             if graphed else None
         module = RouterTrainModule(mm, train_cfg.lr, train_cfg.weight_decay, bool(train_cfg.train_loras),
