@@ -122,9 +122,10 @@ def test_gpu_route_step_replayed_as_a_cuda_graph_trains_as_the_eager_step(assets
     the gates end as the eager fit's (fp32), the warm-up steps of each capture undone; Lightning counts every
     replayed step."""
     rows = _rows(24)
-    mm = _mm(assets, "cuda")
+    mm = _mm(assets, "cuda")  # one model per fit: Lightning's teardown moves a fitted module to the CPU
     mm.set_router("meteora", top_k=2, aux_loss_coef=50.0)
     want, _ = _fit(mm, rows, None, 6)
+    mm = _mm(assets, "cuda")
     mm.set_router("meteora", top_k=2, aux_loss_coef=50.0)
     graph = GraphedStep(rows=4, bucket=16, pad_token_id=int(mm.tokenizer.pad_token_id), bf16=False, grad_clip=0.3)
     got, module = _fit(mm, rows, graph, 6)
