@@ -171,6 +171,9 @@ def graph_generate(mm, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
             else:
                 out = step()
             advance(out)
+    if graph is not None:  # the graph's private pool back to the driver, not kept reserved by this process: the
+        del graph, out     # evaluate processes of a reproduce share one GPU (an H200 run had a finetune beside two
+        torch.cuda.empty_cache()  # evaluates go out of memory: they held 58 and 72 GiB)
     return seq[:, :P + n]
 
 
