@@ -82,15 +82,21 @@ class MultiLoRAPlan:
         return [n for n in registry.names() if getattr(registry.router_class(n), "trainable", False)]
 
 
-def adapter_dirs(cfg: DictConfig) -> dict[str, Path]:
-    """``{name: PEFT dir}`` the strategy runs on; a missing adapter is one clear error naming the fix."""
+def adapter_paths(cfg: DictConfig) -> dict[str, Path]:
+    """``{name: PEFT dir}`` the strategy reads (``router.adapters``, null: the experiment's ``tasks``), whether or
+    not they exist yet (reproduce orders its steps by them: ``pipeline/runtime/step_dag.py``)."""
     root = Path(str(cfg.paths.adapters_dir))
     names = [str(a) for a in (cfg.router.adapters if cfg.router.adapters is not None else cfg.tasks)]
-    if not names:
+    return {name: root / name for name in names}
+
+
+def adapter_dirs(cfg: DictConfig) -> dict[str, Path]:
+    """``{name: PEFT dir}`` the strategy runs on; a missing adapter is one clear error naming the fix."""
+    paths = adapter_paths(cfg)
+    if not paths:
         raise ValueError("no tasks to route over; set tasks=[...] or pick an experiment (experiment=demo)")
     out = {}
-    for name in names:
-        d = root / name
+    for name, d in paths.items():
         if not (d / "adapter_config.json").is_file():
             raise FileNotFoundError(f"adapter {name!r} is missing at {d}; train it first: python -m pipeline.finetune "
                                     f"experiment={cfg.name} task={name}")

@@ -15,11 +15,12 @@ command-line overrides plus the step's own, and runs in this process with a fixe
 skipped, so an interrupted reproduce continues where it stopped (``force=true`` reruns everything). The report
 is rebuilt every time and its path printed last.
 
-``parallel=N`` (N > 1) runs up to N independent steps of the same stage at once, each as its own
-``python -m pipeline.<stage> ... hydra.run.dir=<its run dir>`` process (log in ``<run dir>/stage.log``): the
-adapters of a finetune sweep, the routers, the evaluate runs. A small model leaves one GPU mostly idle while
-Python drives it, so N processes share it well. Stages still follow each other (route needs every adapter).
-A failed step does not stop its siblings; the stage then fails with one line naming every failed step's log.
+``parallel=N`` (N > 1) runs up to N steps at once, each as its own ``python -m pipeline.<stage> ...
+hydra.run.dir=<its run dir>`` process (log in ``<run dir>/stage.log``), each as soon as the steps that write what
+it reads have finished (``pipeline/runtime/step_dag.py``: a route waits for the task adapters, an evaluation for
+its adapters and its router, LoRA-B's evaluation alone for LoRA-B). A small model leaves one GPU mostly idle
+while Python drives it, so N processes share it well. A failed step stops only the steps that read what it
+writes; the others go on, and the run then fails with one line naming every failed step's log.
 On a node with several GPUs the processes are spread over them (``gpus=auto``: every visible GPU; ``gpus=[0,1]``;
 ``gpus=[]``: no pinning): each starts with ``CUDA_VISIBLE_DEVICES`` set to the GPU running the fewest steps, so
 ``parallel=14`` on 2 GPUs keeps 7 on each.
@@ -35,8 +36,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -51,6 +50,7 @@ from pipeline.runtime.compose import compose
 from pipeline.runtime.config_tree import show_and_save_config
 from pipeline.runtime.entry import CONF_DIR, cli, user_errors
 from pipeline.runtime.settings import check_settings, passed_to
+from pipeline.runtime.step_dag import run_parallel
 from pipeline.stages.bench import bench
 from pipeline.stages.evaluate import evaluate
 from pipeline.stages.finetune import finetune
@@ -142,14 +142,6 @@ def run_step(step: dict, overrides: list[str]):
     return RUNNERS[step["stage"]](cfg)
 
 
-def step_command(step: dict, overrides: list[str]) -> list[str]:
-    """The command line that runs ``step`` as its own process, into the same run dir as in-process.
-
-    A single run (not a sweep job) never skips itself, so ``force`` needs no passing on."""
-    return [sys.executable, "-m", f"pipeline.{step['stage']}", *passed_to(step["stage"], overrides), *step["overrides"],
-            f"hydra.run.dir={step['run_dir']}", "print_config=false"]
-
-
 def visible_gpus(setting) -> list[str]:
     """The GPUs parallel steps are spread over: ``"auto"`` = every visible one (``CUDA_VISIBLE_DEVICES`` when set,
     else torch's device count), a list = those ids, ``None`` / ``[]`` = none (children inherit the environment)."""
@@ -163,45 +155,6 @@ def visible_gpus(setting) -> list[str]:
     if visible is not None:
         return [g.strip() for g in visible.split(",") if g.strip() and g.strip() != "-1"]
     return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
-
-
-def least_busy_gpu(gpus: list[str], busy: list[str]) -> str | None:
-    """The GPU of ``gpus`` running the fewest of ``busy`` (the GPUs of the running steps); the first on a tie."""
-    return min(gpus, key=busy.count) if gpus else None
-
-
-def run_parallel(steps: list[dict], overrides: list[str], width: int, gpus: list[str] | None = None) -> None:
-    """Run ``steps`` (all of one stage) as subprocesses, at most ``width`` at a time, each pinned to the least busy
-    of ``gpus`` (when there are two or more); raise once if any failed."""
-    pending, running, failed = list(steps), [], []
-    gpus = gpus if gpus and len(gpus) > 1 else []
-    while pending or running:
-        while pending and len(running) < width:
-            step = pending.pop(0)
-            step["run_dir"].mkdir(parents=True, exist_ok=True)
-            gpu = least_busy_gpu(gpus, [r[3] for r in running])
-            env = {**os.environ, "PYTHONUNBUFFERED": "1", **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {})}
-            with open(step["run_dir"] / "stage.log", "w") as log_file:
-                proc = subprocess.Popen(step_command(step, overrides), stdout=log_file, stderr=subprocess.STDOUT,
-                                        env=env)
-            where = "" if gpu is None else f", GPU {gpu}"
-            print(f"{step['tag']}: started (pid {proc.pid}{where}, log {log_file.name})", flush=True)
-            running.append((step, proc, time.perf_counter(), gpu))
-        time.sleep(0.5)
-        for item in list(running):
-            step, proc, t0, _ = item
-            if proc.poll() is None:
-                continue
-            running.remove(item)
-            took, log_path = time.perf_counter() - t0, step["run_dir"] / "stage.log"
-            if proc.returncode == 0 and step_done(step):
-                print(f"{step['tag']}: finished in {took:.1f}s", flush=True)
-            else:
-                failed.append(f"{step['stage']}:{step['step']} (exit {proc.returncode}, log {log_path})")
-                print(f"{step['tag']}: FAILED after {took:.1f}s, see {log_path}", flush=True)
-    if failed:
-        raise ChildProcessError(f"reproduce: {len(failed)} step(s) failed: {'; '.join(failed)}; fix and rerun "
-                           "(finished steps are skipped)")
 
 
 @contextlib.contextmanager
@@ -246,10 +199,8 @@ def _reproduce(cfg: DictConfig, overrides: list[str] | None) -> Path:
             print(f"{step['tag']}: done already ({step['run_dir']}), skipped", flush=True)
         else:
             todo.append(step)
-    if width > 1:
-        gpus = visible_gpus(cfg.gpus)
-        for stage in dict.fromkeys(s["stage"] for s in todo):
-            run_parallel([s for s in todo if s["stage"] == stage], inherited, width, gpus)
+    if width > 1:  # each step as soon as the steps it reads from have finished (pipeline/runtime/step_dag.py)
+        run_parallel(todo, inherited, width, visible_gpus(cfg.gpus), done=step_done)
     else:
         for step in todo:
             print(f"{step['tag']}: running -> {step['run_dir']}", flush=True)
