@@ -45,6 +45,35 @@ def causal_routing_ceiling(rows: list[dict]) -> dict:
             "by_task": {k: round(hits[k] / tokens[k], 6) for k in sorted(tokens)}, "tokens": total}
 
 
+def one_token_routing(train_rows: list[dict], rows: list[dict]) -> dict:
+    """``{"accuracy", "by_task", "tokens"}`` of the router that reads one token and nothing before it: each token id
+    goes to the task it most often belongs to in ``train_rows`` (ties: the task counted first; an id never seen
+    there: the task with the most training tokens), scored on every token of ``rows``.
+
+    What it is for: a layer-0 q / k / v gate reads only its token's (normed) embedding, so it sees what this
+    router sees; later gates read context. Where the gates' accuracy sits near this and far below the causal
+    ceiling, the early layers' gates are what hold the pooled accuracy down. (It is the plug-in estimate from the
+    training rows, so it may fall a little below the best one-token router on ``rows``.)"""
+    by_token: dict = defaultdict(Counter)
+    per_task = Counter()
+    for row in train_rows:
+        for tok in row["input_ids"]:
+            by_token[int(tok)][row["task_id"]] += 1
+        per_task[row["task_id"]] += len(row["input_ids"])
+    if not per_task:
+        raise ValueError("one_token_routing needs training rows")
+    fallback = per_task.most_common(1)[0][0]
+    top = {tok: c.most_common(1)[0][0] for tok, c in by_token.items()}
+    hits, tokens = Counter(), Counter()
+    for row in rows:
+        task = row["task_id"]
+        hits[task] += sum(top.get(int(tok), fallback) == task for tok in row["input_ids"])
+        tokens[task] += len(row["input_ids"])
+    total = sum(tokens.values())
+    return {"accuracy": round(sum(hits.values()) / total, 6) if total else None,
+            "by_task": {k: round(hits[k] / tokens[k], 6) for k in sorted(tokens)}, "tokens": total}
+
+
 def ceiling_of_route_record(record_dir) -> dict:
     """The ceiling of the validation rows a committed route record was scored on, rebuilt from its own composed
     config (``config.yaml.xz``: tasks, split, seeds, rows per task, max length; the tokenizer at its

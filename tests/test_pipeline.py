@@ -461,6 +461,9 @@ def test_route_trains_until_the_target_accuracy(smoke, tmp_path):
     # no causal gate beats the ceiling of its validation rows (every gate routes from tokens up to its own)
     assert 0 < hard["metrics"]["router_accuracy"] <= hard["router_accuracy_ceiling"] <= 1
     assert set(hard["router_accuracy_ceiling_by_task"]) == set(hard["adapters"])
+    # beside it, what a router reading one token scores on the same rows (a layer-0 q / k / v gate's view)
+    assert 0 <= hard["router_accuracy_one_token"] <= 1
+    assert set(hard["router_accuracy_one_token_by_task"]) == set(hard["adapters"])
     # where the accuracy is lost: each of the 7 x layers gates' accuracy over the last validation, and each layer's
     _assert_accuracy_by_projection_and_layer(hard)
 

@@ -1,6 +1,8 @@
 """data.routing_ceiling: the best causal token router's accuracy on labelled rows, counted by hand on small cases."""
 
-from data.routing_ceiling import causal_routing_ceiling
+import pytest
+
+from data.routing_ceiling import causal_routing_ceiling, one_token_routing
 
 
 def test_shared_prefixes_cap_what_any_causal_router_gets_right():
@@ -20,6 +22,21 @@ def test_distinct_rows_are_fully_routable_and_identical_rows_are_not():
     assert causal_routing_ceiling(same) == {"accuracy": 0.5, "by_task": {0: 0.0, 1: 1.0, 2: 0.0}, "tokens": 12}
 
 
+def test_a_one_token_router_names_each_token_ids_majority_task_of_the_training_rows():
+    train = [{"input_ids": [1, 2, 2], "task_id": 0},   # token 2: task 0 twice, task 1 once -> task 0
+             {"input_ids": [2, 3], "task_id": 1},      # token 3: task 1; token 1: task 0
+             {"input_ids": [4, 4, 4, 4], "task_id": 2}]  # task 2 has the most training tokens: unseen ids go there
+    rows = [{"input_ids": [1, 2, 3], "task_id": 0},    # 1 -> 0 hit, 2 -> 0 hit, 3 -> 1 miss
+            {"input_ids": [3, 9], "task_id": 1},       # 3 -> 1 hit, 9 unseen -> 2 miss
+            {"input_ids": [9], "task_id": 2}]          # unseen -> 2 hit
+    got = one_token_routing(train, rows)
+    assert got == {"accuracy": round(4 / 6, 6), "by_task": {0: round(2 / 3, 6), 1: 0.5, 2: 1.0}, "tokens": 6}
+    # context decides where one token cannot: the causal ceiling on the same rows is higher
+    assert causal_routing_ceiling(rows)["accuracy"] > got["accuracy"]
+    with pytest.raises(ValueError, match="needs training rows"):
+        one_token_routing([], rows)
+
+
 def test_the_table_router_line_gives_the_ceiling_where_the_route_record_has_it():
     from pipeline.report.paper_tables import router_info, router_line
 
@@ -28,6 +45,9 @@ def test_the_table_router_line_gives_the_ceiling_where_the_route_record_has_it()
     assert "causal" not in router_line(router_info(route))  # records made before the ceiling: as they were
     line = router_line(router_info({**route, "router_accuracy_ceiling": 0.9321}))
     assert "validation routing accuracy 0.7 after 10 steps" in line and "validation rows (their shared prefixes): 0.9321" in line
+    assert "one token" not in line
+    line = router_line(router_info({**route, "router_accuracy_one_token": 0.367}))
+    assert "a router reading one token (a layer-0 q / k / v gate's view) scores 0.367 there" in line
 
 
 def test_the_committed_route_record_rebuilds_its_validation_rows(tmp_path):

@@ -143,7 +143,8 @@ def router_info(route: dict | None) -> dict | None:
             "target_accuracy": _num(route.get("target_accuracy")),
             "target_reached_step": route.get("target_reached_step"), "stopped_by": stopped_by(route),
             "curve": [[int(s), _num(a)] for s, a in route.get("router_accuracy_curve") or []],
-            **({"ceiling": _num(route["router_accuracy_ceiling"])} if "router_accuracy_ceiling" in route else {})}
+            **({"ceiling": _num(route["router_accuracy_ceiling"])} if "router_accuracy_ceiling" in route else {}),
+            **({"one_token": _num(route["router_accuracy_one_token"])} if "router_accuracy_one_token" in route else {})}
 
 
 def stopped_by(route: dict) -> str | None:
@@ -487,6 +488,9 @@ def router_line(router: dict) -> str:
     if router.get("ceiling") is not None:
         line += (f"; the most a causal token router can score on these validation rows (their shared prefixes): "
                  f"{_md_cell(router['ceiling'])}")
+    if router.get("one_token") is not None:
+        line += (f"; a router reading one token (a layer-0 q / k / v gate's view) scores "
+                 f"{_md_cell(router['one_token'])} there")
     if router.get("stopped_by") not in (None, "target"):
         line += f"; stopped by {router['stopped_by']}"
     if router.get("curve"):

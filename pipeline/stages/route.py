@@ -15,7 +15,10 @@ else the prompt alone. ``router.train.steps`` optimizer steps; validation on the
 accuracy curve (``pipeline/stages/target_accuracy.py``); a router that counts its top-1 hits per task (MeteoRA's
 gates) also gives each task's routing accuracy over the last validation (``router_accuracy_by_task``), and one
 that counts them per projection gate (MeteoRA's) each gate's and each layer's (``router_accuracy_by_projection``,
-``router_accuracy_by_layer``: ``projection_accuracies``), which say where the pooled accuracy is lost. The router
+``router_accuracy_by_layer``: ``projection_accuracies``), which say where the pooled accuracy is lost, beside
+two references computed from the rows (``data.routing_ceiling``): the most any causal token router can score
+on the validation rows (``router_accuracy_ceiling``) and what a router reading one token scores there
+(``router_accuracy_one_token``: a layer-0 q / k / v gate's view). The router
 (``router.safetensors`` + ``router.json``) is written atomically to ``<run_dir>/router`` and to
 ``router.checkpoint`` (``${paths.routers_dir}/<name>``), where evaluate and bench read it.
 
@@ -42,7 +45,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from data.batches import RoutedRowsCollator, pad_to_shape, routed_rows, routed_rows_settings
-from data.routing_ceiling import causal_routing_ceiling
+from data.routing_ceiling import causal_routing_ceiling, one_token_routing
 from pipeline.runtime.distributed import clip_gradients, full_weights, is_global_zero
 from pipeline.runtime.entry import CONF_DIR, cli, user_errors
 from pipeline.runtime.multilora import build_multilora, plan_multilora
@@ -259,18 +262,21 @@ def route(cfg: DictConfig) -> float | None:
                                      task_accuracies(module.val_task_hits, list(mm.adapter_names)),
                                  **projection_accuracies(module.val_projection_hits,
                                                          list(getattr(mm.router, "gates", {}))),
-                                 **routing_ceiling(mm.router, val, list(mm.adapter_names))})
+                                 **routing_ceiling(mm.router, train, val, list(mm.adapter_names))})
 
 
-def routing_ceiling(router, val: list, adapters: list[str]) -> dict:
+def routing_ceiling(router, train: list, val: list, adapters: list[str]) -> dict:
     """For a token router (its rows are prompt + answer, every token labelled with its task: MeteoRA's gates), the
-    most any causal router can score on these validation rows (``data.routing_ceiling``): recorded beside its
-    accuracy, overall and per task, so a table can say whether the gates or the rows limit it."""
+    most any causal router can score on these validation rows, and what a router reading one token scores there
+    (``data.routing_ceiling``: a layer-0 q / k / v gate's view), overall and per task, recorded beside its
+    accuracy, so a table can say whether the gates or the rows limit it."""
     if not router.reads_answers:
         return {}
-    c = causal_routing_ceiling(val)
+    c, one = causal_routing_ceiling(val), one_token_routing(train, val)
     return {"router_accuracy_ceiling": c["accuracy"],
-            "router_accuracy_ceiling_by_task": {adapters[k]: v for k, v in c["by_task"].items()}}
+            "router_accuracy_ceiling_by_task": {adapters[k]: v for k, v in c["by_task"].items()},
+            "router_accuracy_one_token": one["accuracy"],
+            "router_accuracy_one_token_by_task": {adapters[k]: v for k, v in one["by_task"].items()}}
 
 
 def task_accuracies(counts, adapters: list[str]) -> dict | None:
