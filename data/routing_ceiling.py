@@ -74,7 +74,7 @@ def one_token_routing(train_rows: list[dict], rows: list[dict]) -> dict:
             "by_task": {k: round(hits[k] / tokens[k], 6) for k in sorted(tokens)}, "tokens": total}
 
 
-def ceiling_of_route_record(record_dir) -> dict:
+def ceiling_of_route_record(record_dir, one_token: bool = False) -> dict:
     """The ceiling of the validation rows a committed route record was scored on, rebuilt from its own composed
     config (``config.yaml.xz``: tasks, split, seeds, rows per task, max length; the tokenizer at its
     ``model.name_or_path``), beside the accuracy the gates reached there, overall and per task."""
@@ -98,14 +98,22 @@ def ceiling_of_route_record(record_dir) -> dict:
                       **routed_rows_settings(cfg, tokenizer, prompt_only=False))
     c = causal_routing_ceiling(val)
     gates = rec.get("router_accuracy_by_task") or {}
-    return {"rows": len(val), "tokens": c["tokens"], "ceiling": c["accuracy"],
-            "router_accuracy": rec["metrics"].get("router_accuracy"),
-            "by_task": {str(t): {"ceiling": c["by_task"].get(i), "router_accuracy": gates.get(str(t))}
-                        for i, t in enumerate(cfg["tasks"])}}
+    out = {"rows": len(val), "tokens": c["tokens"], "ceiling": c["accuracy"],
+           "router_accuracy": rec["metrics"].get("router_accuracy"),
+           "by_task": {str(t): {"ceiling": c["by_task"].get(i), "router_accuracy": gates.get(str(t))}
+                       for i, t in enumerate(cfg["tasks"])}}
+    if one_token:  # the training rows too (every task's rows_per_task: a minute of tokenizing for meteora_tasks)
+        train = routed_rows(split=str(cfg["data"]["train_split"]), per_task=int(cfg["router"]["train"]["rows_per_task"]),
+                            **routed_rows_settings(cfg, tokenizer, prompt_only=False))
+        one = one_token_routing(train, val)
+        out["one_token"] = one["accuracy"]
+        for i, t in enumerate(cfg["tasks"]):
+            out["by_task"][str(t)]["one_token"] = one["by_task"].get(i)
+    return out
 
 
-if __name__ == "__main__":  # python -m data.routing_ceiling outputs/records/<experiment>/route/meteora
+if __name__ == "__main__":  # python -m data.routing_ceiling outputs/records/<experiment>/route/meteora [--one-token]
     import json
     import sys
 
-    print(json.dumps(ceiling_of_route_record(sys.argv[1]), indent=1))
+    print(json.dumps(ceiling_of_route_record(sys.argv[1], one_token="--one-token" in sys.argv[2:]), indent=1))
