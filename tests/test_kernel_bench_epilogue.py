@@ -62,10 +62,10 @@ def model_group(g):
 
 @pytest.mark.parametrize("sizes", SIZES)
 def test_layout_and_outputs_are_projection_groups(sizes):
-    from models.projection_groups import SHRINK_ALIGN
+    from models.projection_groups import PACK_ALIGN, SHRINK_ALIGN
     from models.routing.route import GroupGates
 
-    assert ep.SHRINK_ALIGN == SHRINK_ALIGN
+    assert ep.SHRINK_ALIGN == SHRINK_ALIGN and ep.PACK_ALIGN == PACK_ALIGN
     g = small(sizes, T=3, S=2)
     pg, bank = model_group(g)
     route = SimpleNamespace(ids=g.ids, weights=g.weights, seq_ids=g.seq_ids)
@@ -117,7 +117,10 @@ def test_programs_and_rows():
     assert [ep.programs(g, bn) for bn in (16, 32)] == [3 * 3, 3 * 2]
     n, L, R = 3, 4, 4
     assert g.extra == 16  # n R = 12, rounded up to 8
-    assert [g.rows(m) for m in ep.MODES] == [40 + 16, 40 + 16 + n * L * R, 40 + 16 + n * L * R + n * L]
+    assert [g.used_rows(m) for m in ep.MODES] == [40 + 16, 40 + 16 + n * L * R, 40 + 16 + n * L * R + n * L]
+    # a routed mode's rows rounded up to PACK_ALIGN (zero rows: the model's packed weight); uniform: a prefix
+    assert [g.rows(m) for m in ep.MODES] == [40 + 16, 128, 128] and ep.PACK_ALIGN == 64
+    assert g.W.shape[0] == 128 and (g.W[g.used_rows("logits"):] == 0).all()
     with pytest.raises(ValueError, match="unknown mode"):
         g.rows("nope")
     q = ep.GROUPS["qkv"]

@@ -14,6 +14,7 @@ from test_graph_generate import Record
 
 from models import MultiLoRAModel, load_base_model
 from models.graph_generate import graph_generate
+from models.projection_groups import PACK_ALIGN
 from models.tiny import save_test_assets
 
 PROMPTS = ["hello world, this is a test", "[INST] what is 2+2? [/INST]\n", "abc"]
@@ -240,4 +241,8 @@ def test_new_gates_or_adapters_rewrite_the_group_rows(assets, router, kw):
         mm.add_adapter("d", dirs["a"])
     grouped.router.load_state_dict(plain.router.state_dict())  # the new adapter's fresh router rows: the same
     same()
-    assert all(g.weight.shape[0] > r for g, r in zip(grouped._groups, rows, strict=True))  # L 3 -> 4: re-laid out
+    assert all(g.L == 4 and g.weight.shape[0] >= r for g, r in zip(grouped._groups, rows, strict=True))  # re-laid out
+    for g in grouped._groups:  # rows rounded up with zero rows after the gates (an aligned GEMM output row)
+        used = g.out + g.extra + len(g.members) * g.L * g.R + g.gate_rows
+        assert g.weight.shape[0] % PACK_ALIGN == 0 and g.weight.shape[0] - used < PACK_ALIGN
+        assert g.gate_rows in (0, len(g.members) * 4) and (g.weight[used:] == 0).all()  # gates: MeteoRA only

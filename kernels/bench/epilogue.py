@@ -56,6 +56,7 @@ SCALE = 2.0  # each adapter's LoRA scale (folded into its B, as the model folds 
 MODES = ("uniform", "seq", "logits")
 BLOCK_NS = (16, 32, 64, 128)
 SHRINK_ALIGN = 8  # models.projection_groups.SHRINK_ALIGN (the test checks they agree)
+PACK_ALIGN = 64  # models.projection_groups.PACK_ALIGN: a routed mode's packed rows, zero rows up to a multiple
 LAYERS = 32  # LLaMA-3-8B: each group runs once per layer per decode step
 EPI_SETS = 6  # input sets of the epilogue-alone graph (its inputs are small: more sets, one graph launch)
 GEMM_ROTATE_BYTES = 200e6  # the GEMM graphs rotate weight copies up to about this many bytes (as kernel_bench)
@@ -69,8 +70,9 @@ OUT_NAME = "kernel_bench_epilogue"
 class Group:
     """One projection group's decode inputs, laid out as ``ProjectionGroup`` lays them out.
 
-    ``W`` holds every row (base | shrink of the uniform adapter | bank | gates); a mode's GEMM takes a prefix of it
-    (``rows``). ``A[m]`` [L, d_in, R] and ``Bs[m]`` [L, R, d_m] (scale folded) are member m's adapters, ``gates``
+    ``W`` holds every row (base | shrink of the uniform adapter | bank | gates | zero rows up to PACK_ALIGN); a
+    mode's GEMM takes a prefix of it (``rows``: a routed mode's rounded up to PACK_ALIGN, as the model's;
+    ``used_rows``: without the rounding). ``A[m]`` [L, d_in, R] and ``Bs[m]`` [L, R, d_m] (scale folded) are member m's adapters, ``gates``
     [n L, d_in] its gates' rows; ``B`` [L, R, N] and ``col_member`` [N] are expand_shrunk's, ``B_slot`` [extra, N]
     the uniform addmm's block-diagonal B. Route: ``ids`` / ``weights`` [S, K] + ``seq_ids`` [T] (seq), the
     ``adapter`` of every token (uniform), or the gates with ``top_k`` / ``temperature`` (logits)."""
@@ -111,8 +113,8 @@ class Group:
     def extra(self) -> int:
         return -(-self.n * self.R // SHRINK_ALIGN) * SHRINK_ALIGN
 
-    def rows(self, mode: str) -> int:
-        """How many rows of ``W`` the mode's GEMM takes (the model's packed weight for that route)."""
+    def used_rows(self, mode: str) -> int:
+        """The rows the mode's GEMM needs: base | shrink (| bank A^T for a routed mode | gates for logits)."""
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; use one of {MODES}")
         r = self.N + self.extra
@@ -121,6 +123,12 @@ class Group:
         if mode == "logits":
             r += self.n * self.L
         return r
+
+    def rows(self, mode: str) -> int:
+        """How many rows of ``W`` the mode's GEMM takes (the model's packed weight for that route: a routed mode's
+        rows rounded up to PACK_ALIGN; the uniform prefix is the base and shrink rows alone)."""
+        r = self.used_rows(mode)
+        return r if mode == "uniform" else -(-r // PACK_ALIGN) * PACK_ALIGN
 
 
 def build_group(sizes, d_in, T, *, L=L, R=R, K=K, S=None, temperature=TEMPERATURE, dtype=DTYPE, device="cuda",
@@ -136,7 +144,8 @@ def build_group(sizes, d_in, T, *, L=L, R=R, K=K, S=None, temperature=TEMPERATUR
         return (torch.randn(*shape, generator=gen, device=device) * std).to(dtype)
 
     extra = -(-n * R // SHRINK_ALIGN) * SHRINK_ALIGN
-    W = torch.empty(N + extra + n * L * R + n * L, d_in, dtype=dtype, device=device)
+    used = N + extra + n * L * R + n * L
+    W = torch.zeros(-(-used // PACK_ALIGN) * PACK_ALIGN, d_in, dtype=dtype, device=device)
     W[:N] = randn(N, d_in, std=d_in**-0.5)
     A = [randn(L, d_in, R, std=d_in**-0.5) for _ in sizes]
     Bs = [randn(L, R, d, std=SCALE * R**-0.5) for d in sizes]
@@ -148,7 +157,7 @@ def build_group(sizes, d_in, T, *, L=L, R=R, K=K, S=None, temperature=TEMPERATUR
     for a in A:  # every adapter's A_m[a]^T, member by member
         W[o:o + L * R] = a.transpose(1, 2).reshape(L * R, d_in)
         o += L * R
-    W[o:] = gates
+    W[o:o + n * L] = gates
     B = torch.cat(Bs, 2).contiguous()
     col_member = torch.repeat_interleave(torch.arange(n, device=device), torch.tensor(sizes, device=device))
     B_slot = torch.zeros(extra, N, dtype=dtype, device=device)
@@ -182,7 +191,7 @@ def epilogue(g: Group, mode: str, y_all: torch.Tensor, block_n=None, backend="au
     y = y_all[:, :N]
     h = y_all[:, o:o + n * L * R].unflatten(1, (n, L, R))
     if mode == "logits":
-        logits = y_all[:, o + n * L * R:].unflatten(1, (n, L))
+        logits = y_all[:, o + n * L * R:o + n * L * R + n * L].unflatten(1, (n, L))
         expand_shrunk(y, h, g.B, g.col_member, logits=logits, top_k=g.top_k, temperature=g.temperature, out=y,
                       backend=backend, block_n=block_n)  # fmt: skip
     else:
@@ -241,7 +250,7 @@ def check(g: Group, mode: str, block_n=None) -> float:
     logits = None
     if mode == "logits":
         o = g.N + g.extra + g.n * g.L * g.R
-        logits = y_all[:, o:].unflatten(1, (g.n, g.L)).clone()
+        logits = y_all[:, o:o + g.n * g.L].unflatten(1, (g.n, g.L)).clone()
     return rel_err(epilogue(g, mode, y_all, block_n), reference(g, mode, logits))
 
 
@@ -270,6 +279,10 @@ def bench_group(name, T, rows, log, block_ns=BLOCK_NS):
     base = us(lambda i: lambda: base_gemm(groups[i]), n_w)
     for mode in MODES:
         gemm = us(lambda i, mode=mode: lambda: packed_gemm(groups[i], mode), n_w)
+        unaligned = None  # the same GEMM over the rows it needs, not rounded up: what the alignment buys
+        if groups[0].used_rows(mode) != groups[0].rows(mode):
+            unaligned = us(lambda i, mode=mode: lambda: F.linear(groups[i].x, groups[i].W[:groups[i].used_rows(mode)]),
+                           n_w)
         for bn in (None,) if mode == "uniform" else tuple(block_ns):
 
             def make_epi(i, mode=mode, bn=bn):
@@ -281,8 +294,8 @@ def bench_group(name, T, rows, log, block_ns=BLOCK_NS):
             err = check(groups[0], mode, bn)
             row = {"group": name, "T": T, "mode": mode, "block_n": bn,
                    "programs": None if bn is None else programs(groups[0], bn), "base_gemm_us": base,
-                   "packed_gemm_us": gemm, "epilogue_us": epi_us, "gemm_plus_epilogue_us": both, "rel_err": err,
-                   "weight_sets": n_w}  # fmt: skip
+                   "packed_gemm_us": gemm, "packed_unaligned_us": unaligned, "epilogue_us": epi_us,
+                   "gemm_plus_epilogue_us": both, "rel_err": err, "weight_sets": n_w}  # fmt: skip
             rows.append(row)
             log(f"{name:<7} T={T} {mode:<7} bn={bn!s:<4} progs={row['programs']!s:<4} base {base:7.2f}  "
                 f"gemm {gemm:7.2f}  epi {epi_us:6.2f}  gemm+epi {both:7.2f} us  rel err {err:.1e}  "
@@ -326,6 +339,7 @@ def main(out_dir="outputs/tables", block_ns=BLOCK_NS, tokens=TOKENS, groups=None
 def document(rows, provenance, floor) -> dict:
     return {"provenance": provenance, "config": {"L": L, "R": R, "K": K, "temperature": TEMPERATURE,
             "dtype": str(DTYPE).removeprefix("torch."), "layers": LAYERS, "default_block_n": default_block_n(R, "cuda"),
+            "pack_align": PACK_ALIGN,
             "groups": {k: {"sizes": list(v[0]), "d_in": v[1]} for k, v in GROUPS.items()}},
             "graph_kernel_floor_us": floor, "rows": rows}  # fmt: skip
 
@@ -340,6 +354,13 @@ def write(doc, out_dir) -> str:
 # ---- the page ----------------------------------------------------------------------------------------------------
 def _f(v, digits=2) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
+
+
+def _unaligned(r) -> float | None:
+    """(b0): the packed GEMM over the rows it needs, not rounded up; (b) itself where the two are the same rows,
+    and in records made before the rounding (their (b) was this)."""
+    v = r.get("packed_unaligned_us")
+    return r["packed_gemm_us"] if v is None else v
 
 
 def _diff(a, b):
@@ -366,6 +387,7 @@ def per_token(doc) -> list:
 
             out.append({"T": T, "mode": mode, "groups": [r["group"] for r in sel],
                         "gemm_rows_ms": total(lambda r: _diff(r["packed_gemm_us"], r["base_gemm_us"])),
+                        "unaligned_rows_ms": total(lambda r: _diff(_unaligned(r), r["base_gemm_us"])),
                         "epilogue_ms": total(lambda r: r["epilogue_us"]),
                         "over_base_ms": total(lambda r: _diff(r["gemm_plus_epilogue_us"], r["base_gemm_us"])),
                         "base_ms": total(lambda r: r["base_gemm_us"])})  # fmt: skip
@@ -376,6 +398,10 @@ def markdown(doc) -> str:
     """The page, from the JSON document alone (``rebuild`` re-derives it)."""
     p, cfg = doc["provenance"], doc["config"]
     dflt = cfg["default_block_n"]
+    align = cfg.get("pack_align")
+    rounding = (f", a routed mode's rounded up to a multiple of {align} with zero rows, as the model packs them; (b0) "
+                "the same GEMM over the rows it needs, not rounded up ('-': the same rows)" if align else
+                ", not rounded up (a record made before the model rounded its packed rows up: (b0) is (b))")
     lines = [
         "# kernel_bench_epilogue: a projection group's decode epilogue (expand_shrunk) against its GEMM",
         "",
@@ -385,25 +411,28 @@ def markdown(doc) -> str:
          f"{_f(doc.get('graph_kernel_floor_us'))} us. Rebuild: `python -m kernels.bench.epilogue <json>`."),
         "",
         ("(a) base GEMM: the members' base rows only; (b) packed GEMM: the mode's rows (base | shrink | bank A^T | "
-         "gates); (c) the epilogue alone on a ready GEMM output (expand_shrunk in place; uniform: one addmm); "
-         "(d) (b) and (c) in one graph. uniform = one adapter for every token (the oracle), seq = DLP (ids / "
+         f"gates){rounding}; (c) the epilogue alone on a ready GEMM output (expand_shrunk in place; uniform: one "
+         "addmm); (d) (b) and (c) in one graph. uniform = one adapter for every token (the oracle), seq = DLP (ids / "
          "weights per sequence + seq_ids), logits = MeteoRA (each member's top-k of its gate logits). rel err: (d) "
          f"in bf16 against the ungrouped fp32 reference. Default block_n: {dflt} (bold)."),
         "",
         f"## Per decode token (x {cfg['layers']} layers, summed over the groups; block_n = {dflt}), ms",
         "",
-        "| T | mode | base GEMMs (a) | GEMM rows (b - a) | epilogue (c) | GEMM + epilogue over base (d - a) | groups |",
-        "|---|---|---|---|---|---|---|",
+        ("| T | mode | base GEMMs (a) | GEMM rows (b - a) | epilogue (c) | GEMM + epilogue over base (d - a) | groups "
+         "| rows unaligned (b0 - a) |"),
+        "|---|---|---|---|---|---|---|---|",
     ]
     for t in per_token(doc):
         lines.append(f"| {t['T']} | {t['mode']} | {_f(t['base_ms'], 3)} | {_f(t['gemm_rows_ms'], 3)} | "
-                     f"{_f(t['epilogue_ms'], 3)} | {_f(t['over_base_ms'], 3)} | {', '.join(t['groups'])} |")
+                     f"{_f(t['epilogue_ms'], 3)} | {_f(t['over_base_ms'], 3)} | {', '.join(t['groups'])} | "
+                     f"{_f(t['unaligned_rows_ms'], 3)} |")
     lines.append("")
     for name in [g for g in cfg["groups"] if any(r["group"] == g for r in doc["rows"])]:
         spec = cfg["groups"][name]
         lines += [f"## {name}: members {' + '.join(map(str, spec['sizes']))}, d_in {spec['d_in']}", "",
                   ("| T | mode | block_n | programs | (a) base GEMM | (b) packed GEMM | (c) epilogue | (d) GEMM + "
-                   "epilogue | d - a | d - b | rel err |"), "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                   "epilogue | d - a | d - b | rel err | (b0) rows unaligned |"),
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in doc["rows"]:
             if r["group"] != name:
                 continue
@@ -413,7 +442,8 @@ def markdown(doc) -> str:
                 f"| {r['T']} | {r['mode']} | {bn} | {'-' if r['programs'] is None else r['programs']} | "
                 f"{_f(r['base_gemm_us'])} | {_f(r['packed_gemm_us'])} | {_f(r['epilogue_us'])} | "
                 f"{_f(r['gemm_plus_epilogue_us'])} | {_f(_diff(r['gemm_plus_epilogue_us'], r['base_gemm_us']))} | "
-                f"{_f(_diff(r['gemm_plus_epilogue_us'], r['packed_gemm_us']))} | {err} |"
+                f"{_f(_diff(r['gemm_plus_epilogue_us'], r['packed_gemm_us']))} | {err} | "
+                f"{_f(r.get('packed_unaligned_us'))} |"
             )
         lines.append("")
     return "\n".join(lines)
