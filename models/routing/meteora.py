@@ -76,9 +76,14 @@ class MeteoraRouter(Router):
             for i, m in enumerate(bank.modules_wrapped)})
         self._labels: torch.Tensor | None = None
         self._forced: torch.Tensor | None = None
-        # gate CE and top-1 hits summed over this forward's projections (tensors, not a list of logits: a compiled
-        # decoder layer may reassign a tensor, while appending to a list would specialise it to the list's length)
+        # gate CE and top-1 hits summed over this forward's projections. Eagerly (and in a captured CUDA graph)
+        # each projection's logits are kept and the CE is taken once over all of them (aux_loss): one
+        # log-softmax and one NLL, forward and backward, for the whole model instead of one per projection (a
+        # graphed gate-training step is bound by its kernel count). Under torch.compile each projection adds its
+        # CE to a tensor instead: a compiled decoder layer may reassign a tensor, while appending to a list would
+        # specialise it to the list's length.
         self._ce_sum: torch.Tensor | None = None
+        self._gate_logits: list = []  # this forward's [T, L] logits per projection, not yet in _ce_sum
         self._task_hits: torch.Tensor | None = None  # [L] top-1 hits per task (eval mode); their sum: all hits
         self._projection_hits: torch.Tensor | None = None  # [P] top-1 hits per gate, in self.gates order (eval mode)
 
@@ -108,6 +113,7 @@ class MeteoraRouter(Router):
 
     def begin_forward(self, input_ids, attention_mask, inputs_embeds, is_prefill):
         self._labels = self._ce_sum = self._task_hits = self._projection_hits = None
+        self._gate_logits = []
         tid = self.ctx.task_ids
         if tid is None:
             return
@@ -135,7 +141,11 @@ class MeteoraRouter(Router):
         gate = state if state is not None else self.gates[slot_key(module_name)]
         logits = gate(x2).float()  # one cast (autocast: bf16 logits) for the CE, the top-k and its softmax
         if self._labels is not None:  # task ids known: the aux loss and gate accuracy of this projection
-            self._ce_sum = self._ce_sum + F.cross_entropy(logits, self._labels, ignore_index=-100, reduction="sum")
+            if torch.compiler.is_compiling():
+                self._ce_sum = self._ce_sum + F.cross_entropy(logits, self._labels, ignore_index=-100,
+                                                              reduction="sum")
+            else:
+                self._gate_logits.append(logits)
             if self._task_hits is not None:
                 hit = (logits.argmax(-1) == self._labels) & (self._labels != -100)
                 self._task_hits = self._task_hits.scatter_add(0, self._labels.clamp(min=0), hit.long())
@@ -171,6 +181,11 @@ class MeteoraRouter(Router):
         logits concatenated against the token's task."""
         if self._ce_sum is None:
             return None
+        if self._gate_logits:  # the kept projections' CE, once over all of them (then folded into _ce_sum)
+            n = len(self._gate_logits)
+            self._ce_sum = self._ce_sum + F.cross_entropy(torch.cat(self._gate_logits, 0), self._labels.repeat(n),
+                                                          ignore_index=-100, reduction="sum")
+            self._gate_logits = []
         return self._ce_sum / self._pairs()
 
     def _num_adapters(self) -> int:
