@@ -10,8 +10,8 @@ count, not the arithmetic, sets the step time (host launches in eager mode, kern
 instead write its top-k softmax straight into a [T, L] zero matrix (``torch.zeros().scatter``: one op), and the
 products need only ``coef * s`` where routed (the router builds the matrix: ``models.routing.route.top_k_coef``):
 
-    h   = (x @ A_cat).view(T, L, R) * (coef * s)[:, :, None]         A_cat [d_in, L*R], B_cat [L*R, d_out]
-    out = base + h.view(T, L*R) @ B_cat
+    h   = (x @ A_cat).view(T, L, R) * coef[:, :, None]               A_cat [d_in, L*R], B_cat [L*R, d_out]
+    out = base + h.view(T, L*R) @ (s B_cat)                          each adapter's rows of B_cat times its s_a
 
 Plain autograd differentiates it in x, A, B and ``coef`` (the gates learn through the scatter), torch.compile
 traces it, and nothing is read back to the host. The gradient in ``coef`` is the dense function's, defined at every
@@ -49,12 +49,28 @@ def multi_lora_coef(x: torch.Tensor, base: torch.Tensor, A: torch.Tensor, B: tor
                          f"[{T}, {L}]")
     acc = compute_dtype(x2)
     A_cat, B_cat, broken = bank_matrices(A, B, ranks)
-    c = coef * scales.to(coef.device, coef.dtype)
+    c = coef
     if not bank_known_clean(A, B, ranks, broken):  # routed to a broken adapter: NaN, that token only
         c = torch.where((coef != 0) & broken, float("nan"), c)
     h = (x2.to(acc) @ A_cat.to(acc)).view(T, L, R) * c.to(acc)[:, :, None]
-    out = torch.addmm(b2.to(acc), h.view(T, L * R), B_cat.to(acc))
+    out = torch.addmm(b2.to(acc), h.view(T, L * R), scaled_expand(B_cat, scales, R, acc))
     return out.to(base.dtype).reshape(*lead, out.shape[-1])
+
+
+def scaled_expand(B_cat: torch.Tensor, scales: torch.Tensor, R: int, dtype: torch.dtype) -> torch.Tensor:
+    """``B_cat`` [L*R, d_out] with adapter a's R rows times its scale s_a, in ``dtype``: the scales ride in the
+    expand's weight, not in a per-token multiply (one op fewer forward and backward per projection call). Kept per
+    (B_cat, scales, dtype) while nothing differentiates B (``kernels.derived_cache``: a frozen bank's ``B_cat`` is
+    itself kept per bank version); a bank that trains (or a compile) computes it per call."""
+    def build():
+        return (B_cat * scales.to(B_cat.device, B_cat.dtype).repeat_interleave(R)[:, None]).to(dtype)
+
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and B_cat.requires_grad):
+        return build()
+    if B_cat.is_cuda and torch.cuda.is_current_stream_capturing():  # kept only if made before the capture: a
+        hit = peek(("scaled_expand", dtype), (B_cat, scales))         # copy made inside it would live in its pool
+        return build() if hit is None else hit
+    return derived(("scaled_expand", dtype), (B_cat, scales), build)
 
 
 def bank_known_clean(A: torch.Tensor, B: torch.Tensor, ranks: torch.Tensor, broken: torch.Tensor) -> bool:
