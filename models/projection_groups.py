@@ -77,7 +77,8 @@ class ProjectionGroup:
         self.views: list = []
         self.ptrs: list = []
         self._shrink: tuple | None = None  # (adapter, bank version) whose A^T fills the shrink rows
-        self._rows: tuple | None = None  # (bank version, gates' (ptr, version)) the bank and gate rows hold
+        self._rows = None  # the bank version the bank rows hold (None: not written since the last pack)
+        self._gates_key: tuple | None = None  # the gates' (ptr, version) the gate rows hold
         self._pending: tuple | None = None  # (x, [outputs of members 1..], how many taken)
         self._packed: dict = {}  # (what, dtype, device) -> (bank.version, packed tensors)
 
@@ -120,7 +121,7 @@ class ProjectionGroup:
             self.views.append(lin.weight)
             o += d
         self.ptrs = [v.data_ptr() for v in self.views]
-        self._shrink = self._rows = None
+        self._shrink = self._rows = self._gates_key = None
 
     def unpack(self) -> None:
         """Give every member its own contiguous weight again (before saving, or a change of dtype)."""
@@ -131,7 +132,7 @@ class ProjectionGroup:
                 lin.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=lin.bias.requires_grad)
             object.__setattr__(m, "group", None)
         self.weight, self.bias, self.views, self.ptrs, self._pending, self._packed = None, None, [], [], None, {}
-        self._rows = None
+        self._rows = self._gates_key = None
 
     def intact(self) -> bool:
         """The members still hold the packed views: a weight replaced, or moved off them by ``model.to(dtype)``
@@ -296,29 +297,38 @@ class ProjectionGroup:
         return self._cached(("rows", adapter, dtype), bank, build)
 
     def _ready_rows(self, bank, gates) -> bool:
-        """Make the bank rows hold every adapter's ``A_m[a]^T`` (R rows each, rank padding zero) and the gate rows
-        the members' gates: re-packed for a new layout (L, R, gates or not), rewritten in place for new contents
-        (``bank.version``, a gate weight's pointer or version). False where that cannot happen now (a CUDA graph
-        capture or a compile in progress): the members then run alone."""
+        """Make the bank rows hold every adapter's ``A_m[a]^T`` (R rows each, rank padding zero) and, for MeteoRA,
+        the gate rows the members' gates: re-packed for a layout that does not fit (another L or R, or gates wanted
+        where there are no gate rows), rewritten in place for new contents (``bank.version``; a gate weight's
+        pointer or version). A layout with gate rows also serves a route without gates (DLP, the oracle with mixed
+        tasks: the GEMM computes the unused logits, about 1% more rows), so a model whose router alternates
+        between MeteoRA and another packs once, not at every switch (a re-pack copies every base weight of the
+        group). False where that cannot happen now (a CUDA graph capture or a compile in progress): the members
+        then run alone."""
         L = len(bank)
         R = max(max(m.slots.host_ranks, default=0) for m in self.members)
-        key = (bank.version, tuple((w.data_ptr(), w._version) for w in gates) if gates is not None else None)
-        same_layout = (self.L, self.R, self.gate_rows > 0) == (L, R, gates is not None)
-        if same_layout and self._rows == key:
+        fits = (self.L, self.R) == (L, R) and (gates is None or self.gate_rows > 0)
+        bank_key = bank.version
+        gate_key = tuple((w.data_ptr(), w._version) for w in gates) if gates is not None else None
+        if fits and self._rows == bank_key and (gates is None or self._gates_key == gate_key):
             return True
         if torch.compiler.is_compiling() or (self.weight.is_cuda and torch.cuda.is_current_stream_capturing()):
             return False
-        if not same_layout:
+        if not fits:
             self.pack((L, R), gates is not None)
         with torch.no_grad():
             o = self.out + self.extra
-            for m in self.members:
-                A = self._live_A(m.slots, R)  # [L, d_in, R]
-                self.weight[o:o + L * R] = A.transpose(1, 2).reshape(L * R, -1).to(self.weight.dtype)
-                o += L * R
-            if gates is not None:
+            if self._rows != bank_key:
+                for m in self.members:
+                    A = self._live_A(m.slots, R)  # [L, d_in, R]
+                    self.weight[o:o + L * R] = A.transpose(1, 2).reshape(L * R, -1).to(self.weight.dtype)
+                    o += L * R
+            o = self.out + self.extra + len(self.members) * L * R
+            if gates is not None and self._gates_key != gate_key:
                 self.weight[o:o + self.gate_rows] = torch.cat([w.detach() for w in gates], 0).to(self.weight.dtype)
-        self._rows = key
+        self._rows = bank_key
+        if gates is not None:
+            self._gates_key = gate_key
         return True
 
     def _expand_weights(self, bank, dtype, device):

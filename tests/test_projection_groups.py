@@ -246,3 +246,33 @@ def test_new_gates_or_adapters_rewrite_the_group_rows(assets, router, kw):
         used = g.out + g.extra + len(g.members) * g.L * g.R + g.gate_rows
         assert g.weight.shape[0] % PACK_ALIGN == 0 and g.weight.shape[0] - used < PACK_ALIGN
         assert g.gate_rows in (0, len(g.members) * 4) and (g.weight[used:] == 0).all()  # gates: MeteoRA only
+
+
+def test_a_router_that_alternates_with_meteora_packs_once(assets):
+    """One model whose router switches between MeteoRA's gates and DLP (the e2e benchmark's shared model, or a user
+    comparing strategies): the layout with gate rows serves both, so the packed weights are laid out once, and
+    every decode equals the ungrouped model's under the same router."""
+    plain, grouped = _mm(assets, "meteora", {"top_k": 2}, False), _mm(assets, "meteora", {"top_k": 2}, True)
+    tok = plain.tokenizer
+    batch = tok(PROMPTS, return_tensors="pt", padding=True)
+    kw_gen = {"max_new_tokens": 3, "pad_token_id": tok.pad_token_id, "eos_token_id": None}
+    routers = {}
+    for mm in (plain, grouped):
+        torch.manual_seed(0)
+        routers[id(mm)] = {"meteora": mm.router, "dlp": mm.build_router("dlp", hidden=32, layers=1)}
+
+    def decode_scores(mm, name):
+        mm.set_router(routers[id(mm)][name])
+        rec = Record()
+        graph_generate(mm, batch["input_ids"], batch["attention_mask"], capture=False, logits_processor=[rec],
+                       **kw_gen)
+        return rec.scores
+
+    weights = None
+    for name in ("meteora", "dlp", "meteora", "dlp"):
+        for a, b in zip(decode_scores(grouped, name), decode_scores(plain, name), strict=True):
+            torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+        now = [g.weight for g in grouped._groups]
+        assert all(g.gate_rows > 0 for g in grouped._groups)
+        assert weights is None or all(a is b for a, b in zip(now, weights, strict=True)), name  # not re-packed
+        weights = now
