@@ -250,6 +250,10 @@ def evaluate(cfg: DictConfig) -> float | None:
         metrics.update({"skipped_long": skipped, "gen_seconds": round(seconds, 3),
                         "new_tokens_per_s": round(new_tokens / max(seconds, 1e-9), 2),
                         "processes": trainer.world_size, "projection_groups": grouped, **engine.record()})
+        device = next(mm.parameters()).device
+        if device.type == "cuda":  # what this process held at its peak (processes of a reproduce share one GPU)
+            metrics.update({"peak_allocated_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 3),
+                            "peak_reserved_gb": round(torch.cuda.max_memory_reserved(device) / 2**30, 3)})
         atomic_write_text(run.run_dir / "predictions.jsonl", "".join(json.dumps(x) + "\n" for x in lines))
         if run.tracker is not None and lines:
             cols = ["task", "prompt", "answer", "prediction"]
