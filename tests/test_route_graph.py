@@ -140,10 +140,8 @@ class StepsRunEagerly(StepGraphs):
     then every call runs the step eagerly on fresh gradients (as a replay writes them). Everything around the
     graph (padding, the LR tensor, clipping inside the step, Lightning's step count) is the stage's own code."""
 
-    def __init__(self, step, optimizer, device, warmup: int = 3, verify: int = 0):
-        self.step, self.optimizer, self.device = step, optimizer, torch.device(device)
-        self.warmup, self.prepare, self.undo_warmup, self._graphs, self._pool = warmup, None, True, {}, None
-        self.verify, self._checked, self.fallback = verify, {}, None
+    def _check_device(self, device):
+        pass  # runs anywhere: nothing is captured
 
     def __call__(self, batch):
         key = tuple((k, tuple(v.shape)) for k, v in sorted(batch.items()) if torch.is_tensor(v))
@@ -177,9 +175,10 @@ class _Verifier(StepGraphs):
     """StepGraphs' verification on the CPU: the replay is a callable the test gives (a stand-in for the graph)."""
 
     def __init__(self, step, optimizer, verify=2):
-        self.step, self.optimizer, self.device = step, optimizer, torch.device("cpu")
-        self.warmup, self.prepare, self.undo_warmup, self.verify = 0, None, True, verify
-        self._graphs, self._checked, self._pool, self.fallback = {}, {}, None, None
+        super().__init__(step, optimizer, "cpu", warmup=0, verify=verify)
+
+    def _check_device(self, device):
+        pass  # the replay is the test's callable: nothing is captured
 
 
 def _toy():

@@ -66,14 +66,18 @@ class StepGraphs:
 
     def __init__(self, step: Callable, optimizer: torch.optim.Optimizer, device, warmup: int = 3,
                  prepare: Callable | None = None, undo_warmup: bool = True, verify: int = 0):
-        if torch.device(device).type != "cuda":
-            raise ValueError(f"a CUDA graph needs a CUDA device, got {device}")
+        self._check_device(torch.device(device))
         self.step, self.optimizer, self.device = step, optimizer, torch.device(device)
         self.warmup, self.prepare, self.undo_warmup, self.verify = warmup, prepare, undo_warmup, int(verify)
         self._graphs: dict = {}  # shape key -> (CUDAGraph, static input, static output, what prepare returned)
         self._checked: dict = {}  # shape key -> replays verified against an eager step
         self._pool = None
         self.fallback: str | None = None  # why the steps run eagerly now (a replay that differed), else None
+
+    def _check_device(self, device: torch.device) -> None:
+        """A CUDA graph needs a CUDA device (a CPU stand-in that runs each step eagerly overrides this)."""
+        if device.type != "cuda":
+            raise ValueError(f"a CUDA graph needs a CUDA device, got {device}")
 
     def _snapshot(self):
         """The trained parameters and the optimizer's state, as copies (None where a parameter has no state yet)."""
