@@ -35,11 +35,16 @@ def causal_routing_ceiling(rows: list[dict]) -> dict:
             path.append(node)
         paths.append(path)
     top = {node: c.most_common(1)[0][0] for node, c in counts.items()}
+    return _scored(rows, [[top[node] for node in path] for path in paths])
+
+
+def _scored(rows: list[dict], routed: list[list[int]]) -> dict:
+    """``{"accuracy", "by_task", "tokens"}`` of a router that sent each token of ``rows`` to ``routed`` (per row,
+    per token): overall and per task, the share of tokens routed to their row's task."""
     hits, tokens = Counter(), Counter()
-    for row, path in zip(rows, paths):
-        task = row["task_id"]
-        hits[task] += sum(top[node] == task for node in path)
-        tokens[task] += len(path)
+    for row, tasks in zip(rows, routed, strict=True):
+        hits[row["task_id"]] += sum(t == row["task_id"] for t in tasks)
+        tokens[row["task_id"]] += len(tasks)
     total = sum(tokens.values())
     return {"accuracy": round(sum(hits.values()) / total, 6) if total else None,
             "by_task": {k: round(hits[k] / tokens[k], 6) for k in sorted(tokens)}, "tokens": total}
@@ -64,14 +69,7 @@ def one_token_routing(train_rows: list[dict], rows: list[dict]) -> dict:
         raise ValueError("one_token_routing needs training rows")
     fallback = per_task.most_common(1)[0][0]
     top = {tok: c.most_common(1)[0][0] for tok, c in by_token.items()}
-    hits, tokens = Counter(), Counter()
-    for row in rows:
-        task = row["task_id"]
-        hits[task] += sum(top.get(int(tok), fallback) == task for tok in row["input_ids"])
-        tokens[task] += len(row["input_ids"])
-    total = sum(tokens.values())
-    return {"accuracy": round(sum(hits.values()) / total, 6) if total else None,
-            "by_task": {k: round(hits[k] / tokens[k], 6) for k in sorted(tokens)}, "tokens": total}
+    return _scored(rows, [[top.get(int(tok), fallback) for tok in row["input_ids"]] for row in rows])
 
 
 def ceiling_of_route_record(record_dir, one_token: bool = False) -> dict:
