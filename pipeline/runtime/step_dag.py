@@ -87,15 +87,16 @@ def run_parallel(steps: list[dict], overrides: list[str], width: int, gpus: list
     (default: exit 0); ``command(step, overrides)``: its command line; ``deps``: ``dependencies(steps, overrides)``
     unless given."""
     deps = dependencies(steps, overrides) if deps is None else deps
-    pending, running, finished, failed, blocked = list(steps), [], set(), {}, []
+    pending, running, finished, failed = list(steps), [], set(), set()
+    problems: list[str] = []  # one line per failed or unrun step
     gpus = gpus if gpus and len(gpus) > 1 else []
     while pending or running:
-        for step in list(pending):  # steps whose inputs failed never start
+        for step in list(pending):  # steps whose inputs failed never start (and fail their own readers in turn)
             bad = [d for d in deps[step["tag"]] if d in failed]
             if bad:
                 pending.remove(step)
-                failed[step["tag"]] = None
-                blocked.append(f"{step['stage']}:{step['step']} (not run: it reads what {', '.join(bad)} writes)")
+                failed.add(step["tag"])
+                problems.append(f"{step['stage']}:{step['step']} (not run: it reads what {', '.join(bad)} writes)")
                 print(f"{step['tag']}: not run, it needs {', '.join(bad)}", flush=True)
         ready = [s for s in pending if all(d in finished for d in deps[s["tag"]])]
         while ready and len(running) < width:
@@ -122,9 +123,9 @@ def run_parallel(steps: list[dict], overrides: list[str], width: int, gpus: list
                 finished.add(step["tag"])
                 print(f"{step['tag']}: finished in {took:.1f}s", flush=True)
             else:
-                failed[step["tag"]] = f"{step['stage']}:{step['step']} (exit {proc.returncode}, log {log_path})"
+                failed.add(step["tag"])
+                problems.append(f"{step['stage']}:{step['step']} (exit {proc.returncode}, log {log_path})")
                 print(f"{step['tag']}: FAILED after {took:.1f}s, see {log_path}", flush=True)
-    problems = [m for m in failed.values() if m] + blocked
     if problems:
         raise ChildProcessError(f"reproduce: {len(problems)} step(s) failed: {'; '.join(problems)}; fix and rerun "
                                 "(finished steps are skipped)")
