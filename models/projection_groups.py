@@ -316,15 +316,15 @@ class ProjectionGroup:
             return False
         if not fits:
             self.pack((L, R), gates is not None)
+        bank_at = self.out + self.extra  # member i's A^T rows at bank_at + i L R; the gate rows after them all
         with torch.no_grad():
-            o = self.out + self.extra
             if self._rows != bank_key:
-                for m in self.members:
+                for i, m in enumerate(self.members):
                     A = self._live_A(m.slots, R)  # [L, d_in, R]
+                    o = bank_at + i * L * R
                     self.weight[o:o + L * R] = A.transpose(1, 2).reshape(L * R, -1).to(self.weight.dtype)
-                    o += L * R
-            o = self.out + self.extra + len(self.members) * L * R
             if gates is not None and self._gates_key != gate_key:
+                o = bank_at + len(self.members) * L * R
                 self.weight[o:o + self.gate_rows] = torch.cat([w.detach() for w in gates], 0).to(self.weight.dtype)
         self._rows = bank_key
         if gates is not None:

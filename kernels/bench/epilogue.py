@@ -176,9 +176,10 @@ def base_gemm(g: Group) -> torch.Tensor:
     return F.linear(g.x, g.W[:g.N])
 
 
-def packed_gemm(g: Group, mode: str) -> torch.Tensor:
-    """(b) The group's GEMM over the mode's rows of the packed weight."""
-    return F.linear(g.x, g.W[:g.rows(mode)])
+def packed_gemm(g: Group, mode: str, aligned: bool = True) -> torch.Tensor:
+    """(b) The group's GEMM over the mode's rows of the packed weight; ``aligned=False``: (b0), over the rows it
+    needs, not rounded up to PACK_ALIGN."""
+    return F.linear(g.x, g.W[:g.rows(mode) if aligned else g.used_rows(mode)])
 
 
 def epilogue(g: Group, mode: str, y_all: torch.Tensor, block_n=None, backend="auto") -> torch.Tensor:
@@ -281,8 +282,7 @@ def bench_group(name, T, rows, log, block_ns=BLOCK_NS):
         gemm = us(lambda i, mode=mode: lambda: packed_gemm(groups[i], mode), n_w)
         unaligned = None  # the same GEMM over the rows it needs, not rounded up: what the alignment buys
         if groups[0].used_rows(mode) != groups[0].rows(mode):
-            unaligned = us(lambda i, mode=mode: lambda: F.linear(groups[i].x, groups[i].W[:groups[i].used_rows(mode)]),
-                           n_w)
+            unaligned = us(lambda i, mode=mode: lambda: packed_gemm(groups[i], mode, aligned=False), n_w)
         for bn in (None,) if mode == "uniform" else tuple(block_ns):
 
             def make_epi(i, mode=mode, bn=bn):
