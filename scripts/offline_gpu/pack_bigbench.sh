@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Here: pack the extracted BIG-bench task files of the local asset cache into .gpubb/bb.tgz (for start.sh).
+set -euo pipefail
+cd "$(git rev-parse --show-toplevel)"
+cache=${LORAMUX_CACHE:-$HOME/.cache/loramux}
+[ -f "$cache/bigbench/MANIFEST.json" ] || { echo "no BIG-bench in $cache: run make assets first" >&2; exit 2; }
+rm -rf .gpubb && mkdir .gpubb
+tar czf .gpubb/bb.tgz -C "$cache" bigbench
+ls -la .gpubb

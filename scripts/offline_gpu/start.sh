@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# On the node, from the repo root: start.sh <full git sha> <chain> [chain args...]
+# Fills the asset cache (BIG-bench from .gpubb, SmolLM2 from the bundle's GGUF), snapshots this tree to
+# /root/lmx/src, and runs chains/<chain>.sh there in the background (log: /root/lmx/chain.log).
+set -euo pipefail
+sha=$1 chain=$2; shift 2
+[[ $sha =~ ^[0-9a-f]{40}$ ]] || { echo "start.sh: give the full 40-hex git sha of this tree" >&2; exit 2; }
+mkdir -p /root/lmx/cache /root/lmx/logs && echo "$sha" > /root/lmx/sha
+source scripts/offline_gpu/env.sh
+[ -f /root/lmx/cache/bigbench/MANIFEST.json ] || tar xzf .gpubb/bb.tgz -C /root/lmx/cache
+python3 -m data.fetch --model --gguf /root/gpu-bundle/SmolLM2-135M-Instruct.Q4_1.gguf | tail -2
+rm -rf /root/lmx/src && mkdir /root/lmx/src && cp -r . /root/lmx/src/ && rm -rf /root/lmx/src/.gpu*
+cd /root/lmx/src
+nohup bash "scripts/offline_gpu/chains/$chain.sh" "$@" >> /root/lmx/chain.log 2>&1 &
+sleep 5; cat /root/lmx/chain.log
