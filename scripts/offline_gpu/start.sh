@@ -11,5 +11,6 @@ source scripts/offline_gpu/env.sh
 python3 -m data.fetch --model --gguf /root/gpu-bundle/SmolLM2-135M-Instruct.Q4_1.gguf | tail -2
 rm -rf /root/lmx/src && mkdir /root/lmx/src && cp -r . /root/lmx/src/ && rm -rf /root/lmx/src/.gpu*
 cd /root/lmx/src
-nohup bash "scripts/offline_gpu/chains/$chain.sh" "$@" >> /root/lmx/chain.log 2>&1 &
+# setsid: the chain outlives the call that started it (a call ends by killing its process group)
+setsid nohup bash "scripts/offline_gpu/chains/$chain.sh" "$@" >> /root/lmx/chain.log 2>&1 < /dev/null &
 sleep 5; cat /root/lmx/chain.log
