@@ -5,10 +5,13 @@ token t and a block of BN output columns
 
   1. loads y[t, block] (fp32 accumulator) and each column's member m(c) from ``col_member`` (a block may straddle
      members: every gather below is per column);
-  2. finds the routing: ids/weights row ``seq_ids[t]`` (SEQ) or t, the same for every member; or (LOGITS) each
-     column's top-k of logits[t, m(c), :L], by k passes of max / lowest argmax over a [BN, LP] tile, and the
-     softmax of the kept logits / temperature (``_top_k``). (A [members, LP] tile mapped to columns afterwards
-     trips Triton 3.6's GPU compiler -- "operand does not dominate this use" -- at small L and rank 8.)
+  2. finds the routing: ids/weights row ``seq_ids[t]`` (SEQ) or t, the same for every member; or (LOGITS) the
+     top-k of logits[t, m, :L] by k passes of max / lowest argmax, and the softmax of the kept logits /
+     temperature (``_top_k``). A block inside one member (every block, where each member's width is a multiple of
+     BN, as LLaMA's are) does that once, as a [1, LP] tile, and every column then shares each slot's adapter, so
+     B's rows load as contiguous vectors as in SEQ mode; a block across members does it per column, over a
+     [BN, LP] tile, with per-column gathers. (A [members, LP] tile mapped to columns afterwards trips Triton 3.6's
+     GPU compiler -- "operand does not dominate this use" -- at small L and rank 8.)
   3. per slot k: the column's adapter a_c and weight w_c, then gathers h[t, m(c), a_c, :R] and B[a_c, :R, c] as
      [BR, BN] tiles and adds sum_j (w_c h) * B (CUDA cores, fp32), a product taken only where w_c h != 0;
   4. stores y + delta once (in place when out is y: the program reads its own columns before it writes them).
@@ -49,6 +52,21 @@ def _top_k(lg_ptr, t, slt, slm, sla, L, m_c, cv, inv_temp,
 
 
 @triton.jit
+def _add_slot(acc, h_tok, b_ptr, a_c, w_c, rr, rv, cols, cv, L, sha, sbl, sbr, sbc):
+    """acc + w_c * h[t, m(c), a_c, :] @ B[a_c, :, c] for one slot ([BN] adapters and weights, one per column); an
+    id outside [0, L) reads nothing and adds nothing."""
+    ok = cv & (a_c >= 0) & (a_c < L)
+    a64 = tl.where(ok, a_c, 0).to(tl.int64)
+    w_c = tl.where(ok, w_c, 0.0)  # an empty slot's weight (NaN, even) stays out
+    m2 = rv[:, None] & ok[None, :]
+    hv = tl.load(h_tok + a64[None, :] * sha, mask=m2, other=0.0).to(tl.float32)
+    bv = tl.load(b_ptr + a64[None, :] * sbl + rr[:, None] * sbr + cols[None, :] * sbc, mask=m2,
+                 other=0.0).to(tl.float32)  # fmt: skip
+    c = hv * w_c[None, :]
+    return acc + tl.sum(tl.where(c != 0.0, c * bv, 0.0), 0)
+
+
+@triton.jit
 def shrunk_expand_kernel(
     y_ptr, h_ptr, b_ptr, cm_ptr, out_ptr, ids_ptr, w_ptr, seq_ptr, lg_ptr,
     N, L, inv_temp,
@@ -65,30 +83,35 @@ def shrunk_expand_kernel(
     rv = rr < R
     acc = tl.load(y_ptr + t * syt + cols * syc, mask=cv, other=0.0).to(tl.float32)
     if LOGITS:
-        top_a, top_w = _top_k(lg_ptr, t, slt, slm, sla, L, m_c, cv, inv_temp, BN, LP, KP, K)
         kk = tl.arange(0, KP)
-        row = t
-    elif SEQ:
-        row = tl.load(seq_ptr + t).to(tl.int64)
+        m0 = tl.load(cm_ptr + tl.program_id(1) * BN).to(tl.int32)  # the block's first column (< N)
+        mm = tl.where(cv, m_c, m0)
+        if tl.min(mm, 0) == tl.max(mm, 0):
+            # the block lies in one member (always, where members are multiples of BN): one top-k for the block
+            # and each slot's adapter the same in every column, so B's rows load as contiguous vectors
+            one = tl.full((1,), 1, tl.int1)
+            one_a, one_w = _top_k(lg_ptr, t, slt, slm, sla, L, tl.full((1,), 0, tl.int32) + m0, one, inv_temp,
+                                  1, LP, KP, K)  # fmt: skip
+            h_one = h_ptr + t * sht + m0.to(tl.int64) * shm + rr[:, None] * shr
+            for k in tl.static_range(K):
+                a = tl.sum(tl.where(kk[None, :] == k, one_a, 0))
+                w = tl.sum(tl.where(kk[None, :] == k, one_w, 0.0))
+                acc = _add_slot(acc, h_one, b_ptr, tl.full((BN,), 0, tl.int32) + a,
+                                tl.full((BN,), 0.0, tl.float32) + w, rr, rv, cols, cv, L, sha, sbl, sbr, sbc)
+        else:  # a block across members: each column's own top-k
+            top_a, top_w = _top_k(lg_ptr, t, slt, slm, sla, L, m_c, cv, inv_temp, BN, LP, KP, K)
+            h_tok = h_ptr + t * sht + m_c[None, :].to(tl.int64) * shm + rr[:, None] * shr
+            for k in tl.static_range(K):
+                a_c = tl.sum(tl.where(kk[None, :] == k, top_a, 0), 1)  # slot k of each column's own top-k
+                w_c = tl.sum(tl.where(kk[None, :] == k, top_w, 0.0), 1)
+                acc = _add_slot(acc, h_tok, b_ptr, a_c, w_c, rr, rv, cols, cv, L, sha, sbl, sbr, sbc)
     else:
-        row = t
-    h_tok = h_ptr + t * sht + m_c[None, :].to(tl.int64) * shm + rr[:, None] * shr
-    for k in tl.static_range(K):
-        if LOGITS:
-            a_c = tl.sum(tl.where(kk[None, :] == k, top_a, 0), 1)  # slot k of each column's own top-k
-            w_c = tl.sum(tl.where(kk[None, :] == k, top_w, 0.0), 1)
-        else:
+        row = tl.load(seq_ptr + t).to(tl.int64) if SEQ else t
+        h_tok = h_ptr + t * sht + m_c[None, :].to(tl.int64) * shm + rr[:, None] * shr
+        for k in tl.static_range(K):
             a_c = tl.full((BN,), 0, tl.int32) + tl.load(ids_ptr + row * sis + k * sik).to(tl.int32)
             w_c = tl.full((BN,), 0.0, tl.float32) + tl.load(w_ptr + row * sws + k * swk).to(tl.float32)
-        ok = cv & (a_c >= 0) & (a_c < L)
-        a64 = tl.where(ok, a_c, 0).to(tl.int64)
-        w_c = tl.where(ok, w_c, 0.0)  # an empty slot's weight (NaN, even) stays out
-        m2 = rv[:, None] & ok[None, :]
-        hv = tl.load(h_tok + a64[None, :] * sha, mask=m2, other=0.0).to(tl.float32)
-        bv = tl.load(b_ptr + a64[None, :] * sbl + rr[:, None] * sbr + cols[None, :] * sbc, mask=m2,
-                     other=0.0).to(tl.float32)  # fmt: skip
-        c = hv * w_c[None, :]
-        acc += tl.sum(tl.where(c != 0.0, c * bv, 0.0), 0)
+            acc = _add_slot(acc, h_tok, b_ptr, a_c, w_c, rr, rv, cols, cv, L, sha, sbl, sbr, sbc)
     tl.store(out_ptr + t * sot + cols * soc, acc.to(out_ptr.dtype.element_ty), mask=cv)
 
 

@@ -160,6 +160,19 @@ def test_triton_matches_torch_backend(route, K, temperature, sizes):
     assert rel_err(got, brute(v, kw)) < 1e-5
 
 
+@pytest.mark.parametrize("block_n", [16, 32, 64])
+def test_logits_blocks_inside_and_across_members(block_n):
+    """MeteoRA's route takes one top-k per block where the block lies in one member, and one per column where it
+    spans members. Members 48 / 16 / 16: every block of 16 lies in one member, blocks of 32 and 64 also cross
+    members. Both kinds equal the fp64 loop, poisoned inputs included."""
+    v, kw = make_case("logits", 2, 3.0, (48, 16, 16), T=3, L=7, seed=20 + block_n, device=DEV)
+    want = brute(v, kw)
+    assert rel_err(call(v, kw, backend="triton", block_n=block_n), want) < 1e-5
+    pv, pkw = poison(v, kw)
+    got = call(pv, pkw, backend="triton", block_n=block_n)
+    assert torch.isfinite(got).all() and rel_err(got, want) < 1e-5
+
+
 @pytest.mark.parametrize("route,K,temperature", [("sentence", 2, 1.0), ("logits", 2, 15.0)])
 def test_triton_bf16(route, K, temperature):
     v, kw = make_case(route, K, temperature, (48, 16, 16), seed=3, dtype=torch.bfloat16, device=DEV)
