@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 
 from kernels.dense import bank_matrices, compute_dtype
-from kernels.derived_cache import derived, peek
+from kernels.derived_cache import kept_when_frozen
 
 
 def multi_lora_coef(x: torch.Tensor, base: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scales: torch.Tensor,
@@ -65,12 +65,8 @@ def scaled_expand(B_cat: torch.Tensor, scales: torch.Tensor, R: int, dtype: torc
     def build():
         return (B_cat * scales.to(B_cat.device, B_cat.dtype).repeat_interleave(R)[:, None]).to(dtype)
 
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and B_cat.requires_grad):
-        return build()
-    if B_cat.is_cuda and torch.cuda.is_current_stream_capturing():  # kept only if made before the capture: a
-        hit = peek(("scaled_expand", dtype), (B_cat, scales))         # copy made inside it would live in its pool
-        return build() if hit is None else hit
-    return derived(("scaled_expand", dtype), (B_cat, scales), build)
+    return kept_when_frozen(("scaled_expand", dtype), (B_cat, scales), build, trains=B_cat.requires_grad,
+                            otherwise=build)
 
 
 def bank_known_clean(A: torch.Tensor, B: torch.Tensor, ranks: torch.Tensor, broken: torch.Tensor) -> bool:
@@ -78,12 +74,8 @@ def bank_known_clean(A: torch.Tensor, B: torch.Tensor, ranks: torch.Tensor, brok
     every call: the bank is frozen (the answer is then kept per bank version, ``kernels.derived_cache``; reading it
     the first time is one host read per version), not under torch.compile, and during a CUDA graph capture only
     when the answer was kept before. False means "not known": the caller keeps the device-side select."""
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (A.requires_grad or B.requires_grad)):
-        return False
-    sources = (A, B, ranks)
-    if A.is_cuda and torch.cuda.is_current_stream_capturing():
-        return peek(("bank_clean",), sources, False)
-    return derived(("bank_clean",), sources, lambda: not bool(broken.any()))
+    return kept_when_frozen(("bank_clean",), (A, B, ranks), lambda: not bool(broken.any()),
+                            trains=A.requires_grad or B.requires_grad, otherwise=lambda: False)
 
 
 def multi_lora_coef_reference(x: torch.Tensor, base: torch.Tensor, A: torch.Tensor, B: torch.Tensor,

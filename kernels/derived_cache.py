@@ -57,5 +57,20 @@ def derived(name, sources: tuple, fn):
     return value
 
 
+def kept_when_frozen(name, sources: tuple, fn, *, trains: bool, otherwise):
+    """``derived(name, sources, fn)`` where keeping a value is sound, else ``otherwise()``: under torch.compile or
+    while autograd differentiates a source (``trains``) nothing is kept; during a CUDA graph capture only a value
+    kept before it is used (``fn`` there would read the device or allocate in the graph's pool)."""
+    if torch.compiler.is_compiling() or (trains and torch.is_grad_enabled()):
+        return otherwise()
+    if sources[0].is_cuda and torch.cuda.is_current_stream_capturing():
+        hit = peek(name, sources, _MISS)
+        return otherwise() if hit is _MISS else hit
+    return derived(name, sources, fn)
+
+
+_MISS = object()
+
+
 def clear() -> None:
     _CACHE.clear()

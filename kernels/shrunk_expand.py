@@ -50,14 +50,13 @@ TILE = {"cuda": 2048, "cpu": 256}
 BN_MAX = {"cuda": 32, "cpu": 32}
 
 
-def block_n(R: int, device_type: str) -> int:
+def default_block_n(R: int, device_type: str) -> int:
     """Output columns a program takes for rank width R (padded to BR, a power of two) on ``device_type``."""
     br = 1 << max(R - 1, 0).bit_length()
     kind = "cuda" if device_type == "cuda" else "cpu"
     return min(BN_MAX[kind], max(16, TILE[kind] // br))
 
 
-_default_block_n = block_n  # (``expand_shrunk``'s keyword of that name shadows it there)
 
 
 def _check(y, h, B, col_member, ids, weights, seq_ids, logits, top_k, temperature, out):
@@ -146,7 +145,7 @@ def expand_shrunk(y, h, B, col_member, *, ids=None, weights=None, seq_ids=None, 
     = empty slot) or ``logits`` [T, n, L] with ``top_k`` (>= 1, L <= 128) and ``temperature``.
 
     ``block_n``: output columns per program of the Triton kernel (grid T x cdiv(N, block_n)); a power of two
-    >= 16, or None for ``block_n(R, device)`` (the default choice). The torch backend ignores it (benchmarks pass
+    >= 16, or None for ``default_block_n(R, device)``. The torch backend ignores it (benchmarks pass
     it: ``kernels.bench.epilogue``)."""
     if backend not in BACKENDS:
         raise ValueError(f"expand_shrunk: unknown backend {backend!r}; use one of {BACKENDS}")
@@ -166,4 +165,4 @@ def expand_shrunk(y, h, B, col_member, *, ids=None, weights=None, seq_ids=None, 
         if switches.state.poison:  # tests: a column the kernel misses shows as NaN
             out.fill_(float("nan"))
     return triton_shrunk_expand.launch(y, h, B, _contig(col_member), out, ids, weights, _contig(seq_ids), logits,
-                                       top_k, temperature, block_n or _default_block_n(h.shape[3], y.device.type))
+                                       top_k, temperature, block_n or default_block_n(h.shape[3], y.device.type))

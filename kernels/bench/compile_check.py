@@ -82,13 +82,13 @@ def configurations():
                 **{n: f"*{dt}" for n in ("y_ptr", "h_ptr", "b_ptr", "out_ptr", "lg_ptr")}}  # fmt: skip
         for mode in ("logits", "seq"):
             out.append((f"shrunk_expand {dt} {mode}", tse.shrunk_expand_kernel, ptrs,
-                        {"R": 16, "BR": 16, "K": 2, "BN": se.block_n(16, "cuda"), "SEQ": mode == "seq",
+                        {"R": 16, "BR": 16, "K": 2, "BN": se.default_block_n(16, "cuda"), "SEQ": mode == "seq",
                          "LOGITS": mode == "logits", "LP": 32, "KP": 2}))  # fmt: skip
         # rank 8 over 4 adapters: the shape at which an earlier form of the logits path broke Triton 3.6's compiler
         out.append((f"shrunk_expand {dt} logits r8 L4", tse.shrunk_expand_kernel, ptrs,
                     {"R": 8, "BR": 8, "K": 2, "BN": 128, "SEQ": False, "LOGITS": True, "LP": 4, "KP": 2}))
         # the 8B decode default (rank 8, 28 adapters, BN 32) and the narrowest block the benchmark sweeps
-        for bn in (se.block_n(8, "cuda"), 16):
+        for bn in (se.default_block_n(8, "cuda"), 16):
             out.append((f"shrunk_expand {dt} logits r8 L28 BN={bn}", tse.shrunk_expand_kernel, ptrs,
                         {"R": 8, "BR": 8, "K": 2, "BN": bn, "SEQ": False, "LOGITS": True, "LP": 32, "KP": 2}))
     return out

@@ -26,7 +26,7 @@ input sets rotated inside one graph, triton.testing.do_bench, which flushes L2 b
   gemm_plus_epilogue_us   (d) (b) then (c), captured together in one graph
 
 ``programs``: expand_shrunk's grid, T x cdiv(N, block_n), for each block_n in BLOCK_NS (the op's default is
-``kernels.shrunk_expand.block_n``). ``rel_err``: (b)+(c) in bf16 against the ungrouped fp32 reference (each
+``kernels.shrunk_expand.default_block_n``). ``rel_err``: (b)+(c) in bf16 against the ungrouped fp32 reference (each
 member's base + its routed adapters' LoRA; MeteoRA's route taken from the GEMM's own bf16 logits, so a bf16 near
 tie does not count). ``graph_kernel_floor_us`` (the doc): one trivial kernel's time inside a graph on this GPU.
 The layout is checked against ``ProjectionGroup``'s on CPU (tests/test_kernel_bench_epilogue.py).
@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from common.atomic import atomic_write_text
 from kernels import expand_shrunk
-from kernels.shrunk_expand import block_n as default_block_n
+from kernels.shrunk_expand import default_block_n
 
 #: name -> (members' out sizes, d_in): LLaMA-3-8B's projection groups (q/k/v, gate/up, o, down)
 GROUPS = {"qkv": ((4096, 1024, 1024), 4096), "gate_up": ((14336, 14336), 4096), "o": ((4096,), 4096),
