@@ -36,6 +36,7 @@ from __future__ import annotations
 import torch
 
 from kernels import switches
+from kernels.derived_cache import kept_when_frozen
 from kernels.reference import check_ids
 
 BACKENDS = ("auto", "triton", "torch")
@@ -164,5 +165,20 @@ def expand_shrunk(y, h, B, col_member, *, ids=None, weights=None, seq_ids=None, 
         out = torch.empty(*y.shape, dtype=y.dtype, device=y.device)
         if switches.state.poison:  # tests: a column the kernel misses shows as NaN
             out.fill_(float("nan"))
-    return triton_shrunk_expand.launch(y, h, B, _contig(col_member), out, ids, weights, _contig(seq_ids), logits,
-                                       top_k, temperature, block_n or default_block_n(h.shape[3], y.device.type))
+    bn = block_n or default_block_n(h.shape[3], y.device.type)
+    col_member = _contig(col_member)
+    one = logits is not None and blocks_in_one_member(col_member, bn)
+    return triton_shrunk_expand.launch(y, h, B, col_member, out, ids, weights, _contig(seq_ids), logits, top_k,
+                                       temperature, bn, one_member=one)
+
+
+def blocks_in_one_member(col_member: torch.Tensor, block_n: int) -> bool:
+    """True when every block of ``block_n`` columns lies in one member (each member boundary a multiple of
+    ``block_n``). Kept per ``col_member`` version (one host read the first time, ``kernels.derived_cache``); inside
+    a CUDA graph capture only a kept answer is used, else False (the per-column path, right for any layout)."""
+    def find() -> bool:
+        edges = (col_member[1:] != col_member[:-1]).nonzero().squeeze(1) + 1  # first column of each later member
+        return bool((edges % block_n == 0).all())
+
+    return kept_when_frozen(("blocks_in_one_member", block_n), (col_member,), find, trains=False,
+                            otherwise=lambda: False)

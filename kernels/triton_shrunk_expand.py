@@ -7,11 +7,13 @@ token t and a block of BN output columns
      members: every gather below is per column);
   2. finds the routing: ids/weights row ``seq_ids[t]`` (SEQ) or t, the same for every member; or (LOGITS) the
      top-k of logits[t, m, :L] by k passes of max / lowest argmax, and the softmax of the kept logits /
-     temperature (``_top_k``). A block inside one member (every block, where each member's width is a multiple of
-     BN, as LLaMA's are) does that once, as a [1, LP] tile, and every column then shares each slot's adapter, so
-     B's rows load as contiguous vectors as in SEQ mode; a block across members does it per column, over a
-     [BN, LP] tile, with per-column gathers. (A [members, LP] tile mapped to columns afterwards trips Triton 3.6's
-     GPU compiler -- "operand does not dominate this use" -- at small L and rank 8.)
+     temperature (``_top_k``). Where no block crosses a member (``ONE_MEMBER``: each member's width a multiple
+     of BN, as LLaMA's are; the caller knows it from ``col_member``), that is done once per block, as a [1, LP]
+     tile, and every column then shares each slot's adapter, so B's rows load as contiguous vectors as in SEQ
+     mode; otherwise per column, over a [BN, LP] tile, with per-column gathers. (A [members, LP] tile mapped to
+     columns afterwards trips Triton 3.6's GPU compiler -- "operand does not dominate this use" -- at small L
+     and rank 8.) A compile-time choice: a run-time branch between the two costs the one-member path the other's
+     registers (63 against 37 at rank 8, BN 32, sm_90).
   3. per slot k: the column's adapter a_c and weight w_c, then gathers h[t, m(c), a_c, :R] and B[a_c, :R, c] as
      [BR, BN] tiles and adds sum_j (w_c h) * B (CUDA cores, fp32), a product taken only where w_c h != 0;
   4. stores y + delta once (in place when out is y: the program reads its own columns before it writes them).
@@ -52,6 +54,26 @@ def _top_k(lg_ptr, t, slt, slm, sla, L, m_c, cv, inv_temp,
 
 
 @triton.jit
+def _top_k_row(lg_ptr, t, slt, slm, sla, L, m, inv_temp, LP: tl.constexpr, KP: tl.constexpr, TOPK: tl.constexpr):
+    """``_top_k`` of one member's row logits[t, m, :L]: ([KP] int32 ids, [KP] fp32 weights), the same rules (ties:
+    the lowest index; a NaN's missing winner: id LP) on a 1-D tile, for a block whose columns share the member."""
+    aa = tl.arange(0, LP)
+    kk = tl.arange(0, KP)
+    avail = aa < L
+    v = tl.load(lg_ptr + t * slt + m.to(tl.int64) * slm + aa * sla, mask=avail, other=0.0).to(tl.float32)
+    top_v = tl.full((KP,), float("-inf"), tl.float32)
+    top_a = tl.full((KP,), LP, tl.int32)
+    for i in tl.static_range(TOPK):
+        mx = tl.max(tl.where(avail, v, float("-inf")), 0)
+        idx = tl.min(tl.where(avail & (v == mx), aa, LP), 0)
+        avail = avail & (aa != idx)
+        top_v = tl.where(kk == i, mx, top_v)
+        top_a = tl.where(kk == i, idx, top_a)
+    e = tl.where(kk < TOPK, tl.exp((top_v - tl.max(top_v, 0)) * inv_temp), 0.0)
+    return top_a, e / tl.sum(e, 0)
+
+
+@triton.jit
 def _add_slot(acc, h_tok, b_ptr, a_c, w_c, rr, rv, cols, cv, L, sha, sbl, sbr, sbc):
     """acc + w_c * h[t, m(c), a_c, :] @ B[a_c, :, c] for one slot ([BN] adapters and weights, one per column); an
     id outside [0, L) reads nothing and adds nothing."""
@@ -72,7 +94,7 @@ def shrunk_expand_kernel(
     N, L, inv_temp,
     syt, syc, sht, shm, sha, shr, sbl, sbr, sbc, sot, soc, sis, sik, sws, swk, slt, slm, sla,
     R: tl.constexpr, BR: tl.constexpr, K: tl.constexpr, BN: tl.constexpr, SEQ: tl.constexpr,
-    LOGITS: tl.constexpr, LP: tl.constexpr, KP: tl.constexpr,
+    LOGITS: tl.constexpr, LP: tl.constexpr, KP: tl.constexpr, ONE_MEMBER: tl.constexpr = False,
 ):  # fmt: skip
     """out[t, c] = y[t, c] + sum_k w_k sum_{j<R} h[t, m(c), a_k, j] * B[a_k, j, c]. Grid (T, cdiv(N, BN))."""
     t = tl.program_id(0).to(tl.int64)
@@ -84,21 +106,18 @@ def shrunk_expand_kernel(
     acc = tl.load(y_ptr + t * syt + cols * syc, mask=cv, other=0.0).to(tl.float32)
     if LOGITS:
         kk = tl.arange(0, KP)
-        m0 = tl.load(cm_ptr + tl.program_id(1) * BN).to(tl.int32)  # the block's first column (< N)
-        mm = tl.where(cv, m_c, m0)
-        if tl.min(mm, 0) == tl.max(mm, 0):
-            # the block lies in one member (always, where members are multiples of BN): one top-k for the block
-            # and each slot's adapter the same in every column, so B's rows load as contiguous vectors
-            one = tl.full((1,), 1, tl.int1)
-            one_a, one_w = _top_k(lg_ptr, t, slt, slm, sla, L, tl.full((1,), 0, tl.int32) + m0, one, inv_temp,
-                                  1, LP, KP, K)  # fmt: skip
+        if ONE_MEMBER:
+            # every block lies in one member (each member's width a multiple of BN, as LLaMA's are): one top-k for
+            # the block and each slot's adapter the same in every column, so B's rows load as contiguous vectors
+            m0 = tl.load(cm_ptr + tl.program_id(1) * BN).to(tl.int32)  # the block's first column (< N)
+            one_a, one_w = _top_k_row(lg_ptr, t, slt, slm, sla, L, m0, inv_temp, LP, KP, K)
             h_one = h_ptr + t * sht + m0.to(tl.int64) * shm + rr[:, None] * shr
             for k in tl.static_range(K):
-                a = tl.sum(tl.where(kk[None, :] == k, one_a, 0))
-                w = tl.sum(tl.where(kk[None, :] == k, one_w, 0.0))
+                a = tl.sum(tl.where(kk == k, one_a, 0), 0)
+                w = tl.sum(tl.where(kk == k, one_w, 0.0), 0)
                 acc = _add_slot(acc, h_one, b_ptr, tl.full((BN,), 0, tl.int32) + a,
                                 tl.full((BN,), 0.0, tl.float32) + w, rr, rv, cols, cv, L, sha, sbl, sbr, sbc)
-        else:  # a block across members: each column's own top-k
+        else:  # blocks may cross members: each column's own top-k
             top_a, top_w = _top_k(lg_ptr, t, slt, slm, sla, L, m_c, cv, inv_temp, BN, LP, KP, K)
             h_tok = h_ptr + t * sht + m_c[None, :].to(tl.int64) * shm + rr[:, None] * shr
             for k in tl.static_range(K):
@@ -115,8 +134,10 @@ def shrunk_expand_kernel(
     tl.store(out_ptr + t * sot + cols * soc, acc.to(out_ptr.dtype.element_ty), mask=cv)
 
 
-def launch(y, h, B, col_member, out, ids, weights, seq_ids, logits, top_k, temperature, block_n):
-    """One ``shrunk_expand_kernel`` launch writing ``out``; the caller has checked shapes (``shrunk_expand``)."""
+def launch(y, h, B, col_member, out, ids, weights, seq_ids, logits, top_k, temperature, block_n, one_member=False):
+    """One ``shrunk_expand_kernel`` launch writing ``out``; the caller has checked shapes (``shrunk_expand``).
+    ``one_member``: no block of ``block_n`` columns crosses a member boundary (the logits mode then routes once
+    per block)."""
     T, N = y.shape
     L, R = h.shape[2:]
     if T == 0 or N == 0:
@@ -135,7 +156,7 @@ def launch(y, h, B, col_member, out, ids, weights, seq_ids, logits, top_k, tempe
         logits if mode else any_t, N, L, 1.0 / temperature,
         y.stride(0), y.stride(1), *h.stride(), *B.stride(), out.stride(0), out.stride(1), *ids_s, *w_s, *lg_s,
         R=R, BR=triton.next_power_of_2(max(R, 1)), K=K, BN=block_n, SEQ=seq_ids is not None, LOGITS=mode,
-        LP=triton.next_power_of_2(L), KP=triton.next_power_of_2(max(K, 1)),
+        LP=triton.next_power_of_2(L), KP=triton.next_power_of_2(max(K, 1)), ONE_MEMBER=bool(one_member and mode),
         num_warps=4,
     )  # fmt: skip
     return out

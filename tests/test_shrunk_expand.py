@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before kernels.triton_shrunk_expand is first imported
 
 from kernels import expand_shrunk, switches
-from kernels.shrunk_expand import expand_shrunk_torch
+from kernels.shrunk_expand import blocks_in_one_member, expand_shrunk_torch
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"  # where backend="triton" tests run (interpreted on CPU)
 NAN = float("nan")
@@ -162,10 +162,11 @@ def test_triton_matches_torch_backend(route, K, temperature, sizes):
 
 @pytest.mark.parametrize("block_n", [16, 32, 64])
 def test_logits_blocks_inside_and_across_members(block_n):
-    """MeteoRA's route takes one top-k per block where the block lies in one member, and one per column where it
-    spans members. Members 48 / 16 / 16: every block of 16 lies in one member, blocks of 32 and 64 also cross
-    members. Both kinds equal the fp64 loop, poisoned inputs included."""
+    """MeteoRA's route takes one top-k per block where no block crosses a member, else one per column. Members
+    48 / 16 / 16: every block of 16 lies in one member, blocks of 32 and 64 cross members. Both paths equal the
+    fp64 loop, poisoned inputs included."""
     v, kw = make_case("logits", 2, 3.0, (48, 16, 16), T=3, L=7, seed=20 + block_n, device=DEV)
+    assert blocks_in_one_member(kw["col_member"], block_n) == (block_n == 16)
     want = brute(v, kw)
     assert rel_err(call(v, kw, backend="triton", block_n=block_n), want) < 1e-5
     pv, pkw = poison(v, kw)

@@ -25,7 +25,7 @@ def signature(fn, dtypes: dict, constants: dict):
         name = p.name
         if p.is_constexpr or name in constants:
             sig[name] = "constexpr"
-            consts[(i,)] = constants[name]
+            consts[(i,)] = constants[name] if name in constants or not p.has_default else p.default
         elif name.endswith("_ptr") or name in dtypes:
             sig[name] = dtypes[name]
         else:
@@ -87,10 +87,12 @@ def configurations():
         # rank 8 over 4 adapters: the shape at which an earlier form of the logits path broke Triton 3.6's compiler
         out.append((f"shrunk_expand {dt} logits r8 L4", tse.shrunk_expand_kernel, ptrs,
                     {"R": 8, "BR": 8, "K": 2, "BN": 128, "SEQ": False, "LOGITS": True, "LP": 4, "KP": 2}))
-        # the 8B decode default (rank 8, 28 adapters, BN 32) and the narrowest block the benchmark sweeps
+        # the 8B decode default (rank 8, 28 adapters, BN 32; blocks inside one member) and the narrowest block the
+        # benchmark sweeps
         for bn in (se.default_block_n(8, "cuda"), 16):
             out.append((f"shrunk_expand {dt} logits r8 L28 BN={bn}", tse.shrunk_expand_kernel, ptrs,
-                        {"R": 8, "BR": 8, "K": 2, "BN": bn, "SEQ": False, "LOGITS": True, "LP": 32, "KP": 2}))
+                        {"R": 8, "BR": 8, "K": 2, "BN": bn, "SEQ": False, "LOGITS": True, "LP": 32, "KP": 2,
+                         "ONE_MEMBER": True}))  # fmt: skip
     return out
 
 
