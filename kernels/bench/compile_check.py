@@ -110,6 +110,7 @@ def main(argv=None) -> None:
         few = ("token_fused bf16 seq=False BR=16", "token_fused fp32 seq=True BR=64", "token_shrink bf16 seq=True",
                "token_expand fp32 seq=False", "grouped_expand bf16", "bank_shrink bf16 BM=16",
                "bank_expand bf16 BM=16", "bank_expand bf16 BM=128 L>64", "shrunk_expand bf16 logits",
+               "shrunk_expand bf16 logits r8 L28 BN=32",
                "shrunk_expand fp32 seq")  # fmt: skip
         configs = [c for c in configs if c[0] in few]
     for name, fn, ptrs, constants in configs:
