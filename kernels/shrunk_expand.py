@@ -137,7 +137,7 @@ def _contig(t):
 
 
 def expand_shrunk(y, h, B, col_member, *, ids=None, weights=None, seq_ids=None, logits=None, top_k=0,
-                  temperature=1.0, out=None, backend="auto", block_n=None) -> torch.Tensor:
+                  temperature=1.0, out=None, backend="auto", block_n=None, block_t=1) -> torch.Tensor:
     """``y + sum_k w_k h[t, m, a_k] @ B[a_k]`` per token t and output column (member m), into ``out`` if given
     (``out`` may be ``y``: in place), else a new contiguous [T, N] tensor of y's dtype.
 
@@ -147,11 +147,14 @@ def expand_shrunk(y, h, B, col_member, *, ids=None, weights=None, seq_ids=None, 
 
     ``block_n``: output columns per program of the Triton kernel (grid T x cdiv(N, block_n)); a power of two
     >= 16, or None for ``default_block_n(R, device)``. The torch backend ignores it (benchmarks pass
-    it: ``kernels.bench.epilogue``)."""
+    it: ``kernels.bench.epilogue``). ``block_t``: tokens a program takes (1 to 16; grid cdiv(T, block_t) x
+    cdiv(N, block_n)): at a decode batch, fewer programs each doing several tokens' independent loads."""
     if backend not in BACKENDS:
         raise ValueError(f"expand_shrunk: unknown backend {backend!r}; use one of {BACKENDS}")
     if block_n is not None and (not isinstance(block_n, int) or block_n < 16 or block_n & (block_n - 1)):
         raise ValueError(f"expand_shrunk: block_n must be a power of two >= 16 (or None), got {block_n!r}")
+    if not isinstance(block_t, int) or not 1 <= block_t <= 16:
+        raise ValueError(f"expand_shrunk: block_t must be an int in [1, 16], got {block_t!r}")
     _check(y, h, B, col_member, ids, weights, seq_ids, logits, top_k, temperature, out)
     if backend == "auto":
         backend = "triton" if y.is_cuda else "torch"
@@ -169,7 +172,7 @@ def expand_shrunk(y, h, B, col_member, *, ids=None, weights=None, seq_ids=None, 
     col_member = _contig(col_member)
     one = logits is not None and blocks_in_one_member(col_member, bn)
     return triton_shrunk_expand.launch(y, h, B, col_member, out, ids, weights, _contig(seq_ids), logits, top_k,
-                                       temperature, bn, one_member=one)
+                                       temperature, bn, one_member=one, block_t=block_t)
 
 
 def blocks_in_one_member(col_member: torch.Tensor, block_n: int) -> bool:

@@ -89,20 +89,11 @@ def _add_slot(acc, h_tok, b_ptr, a_c, w_c, rr, rv, cols, cv, L, sha, sbl, sbr, s
 
 
 @triton.jit
-def shrunk_expand_kernel(
-    y_ptr, h_ptr, b_ptr, cm_ptr, out_ptr, ids_ptr, w_ptr, seq_ptr, lg_ptr,
-    N, L, inv_temp,
-    syt, syc, sht, shm, sha, shr, sbl, sbr, sbc, sot, soc, sis, sik, sws, swk, slt, slm, sla,
-    R: tl.constexpr, BR: tl.constexpr, K: tl.constexpr, BN: tl.constexpr, SEQ: tl.constexpr,
-    LOGITS: tl.constexpr, LP: tl.constexpr, KP: tl.constexpr, ONE_MEMBER: tl.constexpr = False,
-):  # fmt: skip
-    """out[t, c] = y[t, c] + sum_k w_k sum_{j<R} h[t, m(c), a_k, j] * B[a_k, j, c]. Grid (T, cdiv(N, BN))."""
-    t = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BN + tl.arange(0, BN)
-    cv = cols < N
-    m_c = tl.load(cm_ptr + cols, mask=cv, other=0).to(tl.int32)
-    rr = tl.arange(0, BR)
-    rv = rr < R
+def _token(t, sv, y_ptr, h_ptr, b_ptr, cm_ptr, out_ptr, ids_ptr, w_ptr, seq_ptr, lg_ptr, L, inv_temp, cols, cv, m_c,
+           rr, rv, syt, syc, sht, shm, sha, shr, sbl, sbr, sbc, sot, soc, sis, sik, sws, swk, slt, slm, sla,
+           K: tl.constexpr, BN: tl.constexpr, SEQ: tl.constexpr, LOGITS: tl.constexpr, LP: tl.constexpr,
+           KP: tl.constexpr, ONE_MEMBER: tl.constexpr):  # fmt: skip
+    """Token t's BN output columns: route, expand, store where ``sv`` (steps 1-4 above)."""
     acc = tl.load(y_ptr + t * syt + cols * syc, mask=cv, other=0.0).to(tl.float32)
     if LOGITS:
         kk = tl.arange(0, KP)
@@ -131,13 +122,39 @@ def shrunk_expand_kernel(
             a_c = tl.full((BN,), 0, tl.int32) + tl.load(ids_ptr + row * sis + k * sik).to(tl.int32)
             w_c = tl.full((BN,), 0.0, tl.float32) + tl.load(w_ptr + row * sws + k * swk).to(tl.float32)
             acc = _add_slot(acc, h_tok, b_ptr, a_c, w_c, rr, rv, cols, cv, L, sha, sbl, sbr, sbc)
-    tl.store(out_ptr + t * sot + cols * soc, acc.to(out_ptr.dtype.element_ty), mask=cv)
+    tl.store(out_ptr + t * sot + cols * soc, acc.to(out_ptr.dtype.element_ty), mask=sv)
 
 
-def launch(y, h, B, col_member, out, ids, weights, seq_ids, logits, top_k, temperature, block_n, one_member=False):
+@triton.jit
+def shrunk_expand_kernel(
+    y_ptr, h_ptr, b_ptr, cm_ptr, out_ptr, ids_ptr, w_ptr, seq_ptr, lg_ptr,
+    T, N, L, inv_temp,
+    syt, syc, sht, shm, sha, shr, sbl, sbr, sbc, sot, soc, sis, sik, sws, swk, slt, slm, sla,
+    R: tl.constexpr, BR: tl.constexpr, K: tl.constexpr, BN: tl.constexpr, SEQ: tl.constexpr,
+    LOGITS: tl.constexpr, LP: tl.constexpr, KP: tl.constexpr, ONE_MEMBER: tl.constexpr = False,
+    BT: tl.constexpr = 1,
+):  # fmt: skip
+    """out[t, c] = y[t, c] + sum_k w_k sum_{j<R} h[t, m(c), a_k, j] * B[a_k, j, c]. Grid (cdiv(T, BT), cdiv(N, BN)):
+    a program takes BT tokens (unrolled, independent) of one block of columns."""
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    cv = cols < N
+    m_c = tl.load(cm_ptr + cols, mask=cv, other=0).to(tl.int32)
+    rr = tl.arange(0, BR)
+    rv = rr < R
+    for i in tl.static_range(BT):
+        # straight-line code, no branch: a token past T repeats the last one's loads and stores nothing, so the
+        # BT tokens' loads are independent and can be in flight together
+        t = tl.program_id(0).to(tl.int64) * BT + i
+        _token(tl.minimum(t, T - 1), cv & (t < T), y_ptr, h_ptr, b_ptr, cm_ptr, out_ptr, ids_ptr, w_ptr, seq_ptr,
+               lg_ptr, L, inv_temp, cols, cv, m_c, rr, rv, syt, syc, sht, shm, sha, shr, sbl, sbr, sbc, sot, soc, sis,
+               sik, sws, swk, slt, slm, sla, K, BN, SEQ, LOGITS, LP, KP, ONE_MEMBER)  # fmt: skip
+
+
+def launch(y, h, B, col_member, out, ids, weights, seq_ids, logits, top_k, temperature, block_n, one_member=False,
+           block_t=1):
     """One ``shrunk_expand_kernel`` launch writing ``out``; the caller has checked shapes (``shrunk_expand``).
     ``one_member``: no block of ``block_n`` columns crosses a member boundary (the logits mode then routes once
-    per block)."""
+    per block). ``block_t``: tokens per program."""
     T, N = y.shape
     L, R = h.shape[2:]
     if T == 0 or N == 0:
@@ -151,12 +168,13 @@ def launch(y, h, B, col_member, out, ids, weights, seq_ids, logits, top_k, tempe
     lg_s = logits.stride() if mode else (0, 0, 0)
     if K == 0:
         return out.copy_(y) if out is not y else out
-    shrunk_expand_kernel[(T, triton.cdiv(N, block_n))](
+    shrunk_expand_kernel[(triton.cdiv(T, block_t), triton.cdiv(N, block_n))](
         y, h, B, col_member, out, ids_t, w_t, seq_ids if seq_ids is not None else any_t,
-        logits if mode else any_t, N, L, 1.0 / temperature,
+        logits if mode else any_t, T, N, L, 1.0 / temperature,
         y.stride(0), y.stride(1), *h.stride(), *B.stride(), out.stride(0), out.stride(1), *ids_s, *w_s, *lg_s,
         R=R, BR=triton.next_power_of_2(max(R, 1)), K=K, BN=block_n, SEQ=seq_ids is not None, LOGITS=mode,
         LP=triton.next_power_of_2(L), KP=triton.next_power_of_2(max(K, 1)), ONE_MEMBER=bool(one_member and mode),
+        BT=block_t,
         num_warps=4,
     )  # fmt: skip
     return out

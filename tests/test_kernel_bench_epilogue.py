@@ -159,7 +159,8 @@ def test_bench_refuses_without_a_gpu(tmp_path):
 
 
 def records():
-    """Hand-built rows (two groups, T = 1, every mode; made-up numbers, not results)."""
+    """Hand-built rows (two groups, T = 1, every mode; T = 8 seq with one and eight tokens per program; made-up
+    numbers, not results). The T = 1 rows carry no block_t, as records made before it (read as 1)."""
     rows = []
     for group, base in (("qkv", 10.0), ("o", 6.0)):
         rows.append({"group": group, "T": 1, "mode": "uniform", "block_n": None, "programs": None,
@@ -170,6 +171,10 @@ def records():
                 rows.append({"group": group, "T": 1, "mode": mode, "block_n": bn, "programs": 6144 // bn,
                              "base_gemm_us": base, "packed_gemm_us": base + 1.0, "epilogue_us": 4.0 + bn / 64,
                              "gemm_plus_epilogue_us": base + 5.0 + bn / 64, "rel_err": 2e-3})  # fmt: skip
+        for bt in (1, 8):  # T = 8 with one token per program, then all 8 in one
+            rows.append({"group": group, "T": 8, "mode": "seq", "block_n": 128, "block_t": bt,
+                         "programs": (8 // bt) * 48, "base_gemm_us": base, "packed_gemm_us": base + 1.0,
+                         "epilogue_us": 8.0 / bt, "gemm_plus_epilogue_us": base + 1.0 + 8.0 / bt, "rel_err": 2e-3})
     prov = {"device": "NVIDIA H200 (hand-built)", "torch": "2.x", "triton": "3.x", "git_sha": "0123456789abcdef",
             "date": "2000-01-01T00:00:00+00:00", "method": ep.METHOD, "seconds": 1.0}  # fmt: skip
     doc = ep.document(rows, prov, 2.5)
@@ -185,10 +190,16 @@ def test_markdown_from_records(tmp_path):
     assert "NVIDIA H200 (hand-built)" in md and "git 0123456789" in md and "2.50 us" in md
     assert "## qkv: members 4096 + 1024 + 1024, d_in 4096" in md and "## o: members 4096, d_in 4096" in md
     assert "## gate_up" not in md
-    # a row: T, mode, block_n (the default in bold), programs, a, b, c, d, d - a, d - b, rel err
-    assert "| 1 | seq | **128** | 48 | 10.00 | 11.00 | 6.00 | 17.00 | 7.00 | 6.00 | 2.0e-03 |" in md
-    assert "| 1 | logits | 64 | 96 | 6.00 | 7.00 | 5.00 | 12.00 | 6.00 | 5.00 | 2.0e-03 |" in md
-    assert "| 1 | uniform | - | - | 10.00 | 10.50 | 3.00 | 12.00 | 2.00 | 1.50 | 1.0e-03 |" in md
+    # a row: T, mode, block_n (the default in bold), block_t, programs, a, b, c, d, d - a, d - b, rel err
+    assert "| 1 | seq | **128** | 1 | 48 | 10.00 | 11.00 | 6.00 | 17.00 | 7.00 | 6.00 | 2.0e-03 |" in md
+    assert "| 1 | logits | 64 | 1 | 96 | 6.00 | 7.00 | 5.00 | 12.00 | 6.00 | 5.00 | 2.0e-03 |" in md
+    assert "| 1 | uniform | - | 1 | - | 10.00 | 10.50 | 3.00 | 12.00 | 2.00 | 1.50 | 1.0e-03 |" in md
+    assert "| 8 | seq | **128** | 8 | 48 | 10.00 | 11.00 | 1.00 | 12.00 | 2.00 | 1.00 | 2.0e-03 |" in md
+    # per token: one token per program in the first table, all 8 in one in the second
+    assert ep.per_token(doc)[-1]["epilogue_ms"] == pytest.approx(32 * (8.0 + 8.0) / 1e3)
+    wide = [t for t in ep.per_token(doc, all_tokens=True) if t["T"] == 8]
+    assert len(wide) == 1 and wide[0]["epilogue_ms"] == pytest.approx(32 * (1.0 + 1.0) / 1e3)
+    assert "all T tokens in one program" in md and "| 8 | seq | 0.512 | 0.064 | 0.064 | 0.128 | qkv, o |" in md
     # per token at the default block_n: 32 layers x (qkv + o), in ms
     tok = {(t["T"], t["mode"]): t for t in ep.per_token(doc)}
     assert tok[1, "seq"]["over_base_ms"] == pytest.approx(32 * (7.0 + 7.0) / 1e3)

@@ -174,6 +174,20 @@ def test_logits_blocks_inside_and_across_members(block_n):
     assert torch.isfinite(got).all() and rel_err(got, want) < 1e-5
 
 
+@pytest.mark.parametrize("block_t", [2, 4, 8])
+@pytest.mark.parametrize("route,K,temperature", [("sentence", 2, 1.0), ("token", 3, 1.0), ("logits", 2, 15.0)])
+def test_programs_of_several_tokens(route, K, temperature, block_t):
+    """block_t tokens per program (5 tokens: a last program with fewer, or one program with all): the same output as
+    one token per program and as the fp64 loop, in place too, poisoned inputs included."""
+    v, kw = make_case(route, K, temperature, (48, 16, 16), seed=30 + block_t, device=DEV)
+    one = call(v, kw, backend="triton")
+    got = call(v, kw, backend="triton", block_t=block_t)
+    assert torch.equal(got, one) and rel_err(got, brute(v, kw)) < 1e-5
+    pv, pkw = poison(v, kw)
+    assert torch.equal(call(pv, pkw, backend="triton", block_t=block_t), one)
+    assert call(v, kw, backend="triton", block_t=block_t, out=v["y"]) is v["y"] and torch.equal(v["y"], one)
+
+
 @pytest.mark.parametrize("route,K,temperature", [("sentence", 2, 1.0), ("logits", 2, 15.0)])
 def test_triton_bf16(route, K, temperature):
     v, kw = make_case(route, K, temperature, (48, 16, 16), seed=3, dtype=torch.bfloat16, device=DEV)
@@ -226,6 +240,8 @@ def test_refuses_bad_calls():
         call(v, dict(kw, B=kw["B"].clone().requires_grad_(True)))
     with torch.no_grad():
         call(v, dict(kw, B=kw["B"].clone().requires_grad_(True)))
+    with pytest.raises(ValueError, match="block_t"):
+        call(v, kw, block_t=0)
     with pytest.raises(ValueError, match="unknown backend"):
         call(v, kw, backend="cuda-magic")
 

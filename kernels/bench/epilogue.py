@@ -16,7 +16,7 @@ down), T in {1, 8} decode tokens, L = 28 adapters of rank 8, top-2, bf16, and ti
             shrink and bank rows, expand_shrunk
   logits    MeteoRA: each member's top-2 of its gate logits (temperature 1), GEMM over every row, expand_shrunk
 
-Per (group, T, mode, block_n), each the median us of one call over a CUDA graph replay (``kernels.bench.timing.time_ms``:
+Per (group, T, mode, block_n, block_t), each the median us of one call over a CUDA graph replay (``kernels.bench.timing.time_ms``:
 input sets rotated inside one graph, triton.testing.do_bench, which flushes L2 between replays):
 
   base_gemm_us            (a) F.linear over the members' base rows only (the base model's GEMM)
@@ -25,8 +25,9 @@ input sets rotated inside one graph, triton.testing.do_bench, which flushes L2 b
                               EPI_SETS sets per graph
   gemm_plus_epilogue_us   (d) (b) then (c), captured together in one graph
 
-``programs``: expand_shrunk's grid, T x cdiv(N, block_n), for each block_n in BLOCK_NS (the op's default is
-``kernels.shrunk_expand.default_block_n``). ``rel_err``: (b)+(c) in bf16 against the ungrouped fp32 reference (each
+``programs``: expand_shrunk's grid, cdiv(T, block_t) x cdiv(N, block_n), for each block_n in BLOCK_NS (the op's
+default is ``kernels.shrunk_expand.default_block_n``) with one token per program (block_t 1, the op's default) and,
+at T > 1, all T tokens in one (block_t = T: fewer programs, each with T independent tokens' loads). ``rel_err``: (b)+(c) in bf16 against the ungrouped fp32 reference (each
 member's base + its routed adapters' LoRA; MeteoRA's route taken from the GEMM's own bf16 logits, so a bf16 near
 tie does not count). ``graph_kernel_floor_us`` (the doc): one trivial kernel's time inside a graph on this GPU.
 The layout is checked against ``ProjectionGroup``'s on CPU (tests/test_kernel_bench_epilogue.py).
@@ -182,7 +183,7 @@ def packed_gemm(g: Group, mode: str, aligned: bool = True) -> torch.Tensor:
     return F.linear(g.x, g.W[:g.rows(mode) if aligned else g.used_rows(mode)])
 
 
-def epilogue(g: Group, mode: str, y_all: torch.Tensor, block_n=None, backend="auto") -> torch.Tensor:
+def epilogue(g: Group, mode: str, y_all: torch.Tensor, block_n=None, backend="auto", block_t=1) -> torch.Tensor:
     """(c) What ``ProjectionGroup`` runs on the GEMM output ``y_all``: the members' [T, N] outputs (expand_shrunk
     in place on y_all's base columns; uniform: a new tensor from one addmm)."""
     N, n, L, R = g.N, g.n, g.L, g.R
@@ -194,21 +195,21 @@ def epilogue(g: Group, mode: str, y_all: torch.Tensor, block_n=None, backend="au
     if mode == "logits":
         logits = y_all[:, o + n * L * R:o + n * L * R + n * L].unflatten(1, (n, L))
         expand_shrunk(y, h, g.B, g.col_member, logits=logits, top_k=g.top_k, temperature=g.temperature, out=y,
-                      backend=backend, block_n=block_n)  # fmt: skip
+                      backend=backend, block_n=block_n, block_t=block_t)  # fmt: skip
     else:
         expand_shrunk(y, h, g.B, g.col_member, ids=g.ids, weights=g.weights, seq_ids=g.seq_ids, out=y,
-                      backend=backend, block_n=block_n)  # fmt: skip
+                      backend=backend, block_n=block_n, block_t=block_t)  # fmt: skip
     return y
 
 
-def step(g: Group, mode: str, block_n=None, backend="auto") -> torch.Tensor:
+def step(g: Group, mode: str, block_n=None, backend="auto", block_t=1) -> torch.Tensor:
     """(d) = (b) then (c): the group's decode output [T, N]."""
-    return epilogue(g, mode, packed_gemm(g, mode), block_n, backend)
+    return epilogue(g, mode, packed_gemm(g, mode), block_n, backend, block_t)
 
 
-def programs(g: Group, block_n: int) -> int:
-    """expand_shrunk's grid size: T x cdiv(N, block_n)."""
-    return g.x.shape[0] * -(-g.N // block_n)
+def programs(g: Group, block_n: int, block_t: int = 1) -> int:
+    """expand_shrunk's grid size: cdiv(T, block_t) x cdiv(N, block_n)."""
+    return -(-g.x.shape[0] // block_t) * -(-g.N // block_n)
 
 
 def reference(g: Group, mode: str, logits=None) -> torch.Tensor:
@@ -245,14 +246,14 @@ def rel_err(got, want) -> float:
     return ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
 
 
-def check(g: Group, mode: str, block_n=None) -> float:
+def check(g: Group, mode: str, block_n=None, block_t=1) -> float:
     """(b)+(c) against the ungrouped fp32 reference (MeteoRA's route from the GEMM's own logits)."""
     y_all = packed_gemm(g, mode)
     logits = None
     if mode == "logits":
         o = g.N + g.extra + g.n * g.L * g.R
         logits = y_all[:, o:o + g.n * g.L].unflatten(1, (g.n, g.L)).clone()
-    return rel_err(epilogue(g, mode, y_all, block_n), reference(g, mode, logits))
+    return rel_err(epilogue(g, mode, y_all, block_n, block_t=block_t), reference(g, mode, logits))
 
 
 def bench_group(name, T, rows, log, block_ns=BLOCK_NS):
@@ -283,21 +284,23 @@ def bench_group(name, T, rows, log, block_ns=BLOCK_NS):
         unaligned = None  # the same GEMM over the rows it needs, not rounded up: what the alignment buys
         if groups[0].used_rows(mode) != groups[0].rows(mode):
             unaligned = us(lambda i, mode=mode: lambda: packed_gemm(groups[i], mode, aligned=False), n_w)
-        for bn in (None,) if mode == "uniform" else tuple(block_ns):
+        # (block_n, block_t): every block_n with one token per program, and where T > 1 also all T tokens in one
+        combos = [(None, 1)] if mode == "uniform" else [(bn, bt) for bn in block_ns for bt in sorted({1, T})]
+        for bn, bt in combos:
 
-            def make_epi(i, mode=mode, bn=bn):
+            def make_epi(i, mode=mode, bn=bn, bt=bt):
                 y_all = packed_gemm(epi[i], mode)  # a ready GEMM output, the epilogue's in-place target
-                return lambda: epilogue(epi[i], mode, y_all, bn)
+                return lambda: epilogue(epi[i], mode, y_all, bn, block_t=bt)
 
             epi_us = us(make_epi, EPI_SETS)
-            both = us(lambda i, mode=mode, bn=bn: lambda: step(groups[i], mode, bn), n_w)
-            err = check(groups[0], mode, bn)
-            row = {"group": name, "T": T, "mode": mode, "block_n": bn,
-                   "programs": None if bn is None else programs(groups[0], bn), "base_gemm_us": base,
+            both = us(lambda i, mode=mode, bn=bn, bt=bt: lambda: step(groups[i], mode, bn, block_t=bt), n_w)
+            err = check(groups[0], mode, bn, bt)
+            row = {"group": name, "T": T, "mode": mode, "block_n": bn, "block_t": bt,
+                   "programs": None if bn is None else programs(groups[0], bn, bt), "base_gemm_us": base,
                    "packed_gemm_us": gemm, "packed_unaligned_us": unaligned, "epilogue_us": epi_us,
                    "gemm_plus_epilogue_us": both, "rel_err": err, "weight_sets": n_w}  # fmt: skip
             rows.append(row)
-            log(f"{name:<7} T={T} {mode:<7} bn={bn!s:<4} progs={row['programs']!s:<4} base {base:7.2f}  "
+            log(f"{name:<7} T={T} {mode:<7} bn={bn!s:<4} bt={bt} progs={row['programs']!s:<4} base {base:7.2f}  "
                 f"gemm {gemm:7.2f}  epi {epi_us:6.2f}  gemm+epi {both:7.2f} us  rel err {err:.1e}  "
                 f"({time.time() - t0:.1f}s)")  # fmt: skip
 
@@ -367,16 +370,18 @@ def _diff(a, b):
     return None if a is None or b is None else a - b
 
 
-def per_token(doc) -> list:
-    """Per (T, mode) at the op's default block_n (uniform: its addmm): the 8B's decode step summed over the groups
-    present x LAYERS, in ms: (b - a) the packed GEMM's extra rows, (c) the epilogue alone, (d - a) all over base."""
+def per_token(doc, all_tokens: bool = False) -> list:
+    """Per (T, mode) at the op's default block_n (uniform: its addmm) and one token per program (``all_tokens``:
+    all T tokens in one program, for T > 1): the 8B's decode step summed over the groups present x LAYERS, in ms:
+    (b - a) the packed GEMM's extra rows, (c) the epilogue alone, (d - a) all over base."""
     cfg = doc["config"]
     layers, dflt = cfg["layers"], cfg["default_block_n"]
     out = []
     Ts = sorted({r["T"] for r in doc["rows"]})
     for T in Ts:
         for mode in MODES:
-            sel = [r for r in doc["rows"] if r["T"] == T and r["mode"] == mode
+            bt = T if all_tokens and mode != "uniform" else 1
+            sel = [r for r in doc["rows"] if r["T"] == T and r["mode"] == mode and r.get("block_t", 1) == bt
                    and (r["block_n"] is None if mode == "uniform" else r["block_n"] == dflt)]  # fmt: skip
             if not sel:
                 continue
@@ -392,6 +397,16 @@ def per_token(doc) -> list:
                         "over_base_ms": total(lambda r: _diff(r["gemm_plus_epilogue_us"], r["base_gemm_us"])),
                         "base_ms": total(lambda r: r["base_gemm_us"])})  # fmt: skip
     return out
+
+
+TOKEN_HEADER = (("| T | mode | base GEMMs (a) | GEMM rows (b - a) | epilogue (c) | GEMM + epilogue over base "
+                 "(d - a) | groups | rows unaligned (b0 - a) |"), "|---|---|---|---|---|---|---|---|")
+
+
+def _token_line(t) -> str:
+    return (f"| {t['T']} | {t['mode']} | {_f(t['base_ms'], 3)} | {_f(t['gemm_rows_ms'], 3)} | "
+            f"{_f(t['epilogue_ms'], 3)} | {_f(t['over_base_ms'], 3)} | {', '.join(t['groups'])} | "
+            f"{_f(t['unaligned_rows_ms'], 3)} |")
 
 
 def markdown(doc) -> str:
@@ -418,28 +433,29 @@ def markdown(doc) -> str:
         "",
         f"## Per decode token (x {cfg['layers']} layers, summed over the groups; block_n = {dflt}), ms",
         "",
-        ("| T | mode | base GEMMs (a) | GEMM rows (b - a) | epilogue (c) | GEMM + epilogue over base (d - a) | groups "
-         "| rows unaligned (b0 - a) |"),
-        "|---|---|---|---|---|---|---|---|",
+        *TOKEN_HEADER,
     ]
     for t in per_token(doc):
-        lines.append(f"| {t['T']} | {t['mode']} | {_f(t['base_ms'], 3)} | {_f(t['gemm_rows_ms'], 3)} | "
-                     f"{_f(t['epilogue_ms'], 3)} | {_f(t['over_base_ms'], 3)} | {', '.join(t['groups'])} | "
-                     f"{_f(t['unaligned_rows_ms'], 3)} |")
+        lines.append(_token_line(t))
+    wide = [t for t in per_token(doc, all_tokens=True) if t["T"] > 1 and t["mode"] != "uniform"]
+    if wide:
+        lines += ["", f"The same with all T tokens in one program (block_t = T; block_n = {dflt}):", "",
+                  *TOKEN_HEADER, *map(_token_line, wide)]
     lines.append("")
     for name in [g for g in cfg["groups"] if any(r["group"] == g for r in doc["rows"])]:
         spec = cfg["groups"][name]
         lines += [f"## {name}: members {' + '.join(map(str, spec['sizes']))}, d_in {spec['d_in']}", "",
-                  ("| T | mode | block_n | programs | (a) base GEMM | (b) packed GEMM | (c) epilogue | (d) GEMM + "
-                   "epilogue | d - a | d - b | rel err | (b0) rows unaligned |"),
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                  ("| T | mode | block_n | block_t | programs | (a) base GEMM | (b) packed GEMM | (c) epilogue | (d) "
+                   "GEMM + epilogue | d - a | d - b | rel err | (b0) rows unaligned |"),
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in doc["rows"]:
             if r["group"] != name:
                 continue
             bn = "-" if r["block_n"] is None else (f"**{r['block_n']}**" if r["block_n"] == dflt else str(r["block_n"]))
             err = "-" if r.get("rel_err") is None else f"{r['rel_err']:.1e}"
             lines.append(
-                f"| {r['T']} | {r['mode']} | {bn} | {'-' if r['programs'] is None else r['programs']} | "
+                f"| {r['T']} | {r['mode']} | {bn} | {r.get('block_t', 1)} | "
+                f"{'-' if r['programs'] is None else r['programs']} | "
                 f"{_f(r['base_gemm_us'])} | {_f(r['packed_gemm_us'])} | {_f(r['epilogue_us'])} | "
                 f"{_f(r['gemm_plus_epilogue_us'])} | {_f(_diff(r['gemm_plus_epilogue_us'], r['base_gemm_us']))} | "
                 f"{_f(_diff(r['gemm_plus_epilogue_us'], r['packed_gemm_us']))} | {err} | "
