@@ -1,19 +1,22 @@
 """Triton kernel of ``kernels.shrunk_expand``: route and expand over a precomputed shrink, one launch.
 
-Imported lazily (TRITON_INTERPRET is read when the kernel is decorated). Grid (T, cdiv(N, BN)): the program of
-token t and a block of BN output columns
+Imported lazily (TRITON_INTERPRET is read when the kernel is decorated). Grid (cdiv(T, BT), cdiv(N, BN)): a
+program takes BT tokens (``block_t``; 1 by default) of one block of BN output columns, one after another in
+straight-line code (a token past T re-reads the last one and stores nothing, so the tokens' loads are
+independent), and for each token t
 
   1. loads y[t, block] (fp32 accumulator) and each column's member m(c) from ``col_member`` (a block may straddle
      members: every gather below is per column);
   2. finds the routing: ids/weights row ``seq_ids[t]`` (SEQ) or t, the same for every member; or (LOGITS) the
      top-k of logits[t, m, :L] by k passes of max / lowest argmax, and the softmax of the kept logits /
      temperature (``_top_k``). Where no block crosses a member (``ONE_MEMBER``: each member's width a multiple
-     of BN, as LLaMA's are; the caller knows it from ``col_member``), that is done once per block, as a [1, LP]
-     tile, and every column then shares each slot's adapter, so B's rows load as contiguous vectors as in SEQ
-     mode; otherwise per column, over a [BN, LP] tile, with per-column gathers. (A [members, LP] tile mapped to
+     of BN, as LLaMA's are; the caller knows it from ``col_member``), that is done once per block over the
+     member's row (``_top_k_row``, a 1-D [LP] tile), and every column then shares each slot's adapter, so B's
+     rows load as contiguous vectors as in SEQ mode; otherwise per column, over a [BN, LP] tile, with per-column
+     gathers. (A [members, LP] tile mapped to
      columns afterwards trips Triton 3.6's GPU compiler -- "operand does not dominate this use" -- at small L
      and rank 8.) A compile-time choice: a run-time branch between the two costs the one-member path the other's
-     registers (63 against 37 at rank 8, BN 32, sm_90).
+     registers (63 against 29 at rank 8, BN 32, sm_90).
   3. per slot k: the column's adapter a_c and weight w_c, then gathers h[t, m(c), a_c, :R] and B[a_c, :R, c] as
      [BR, BN] tiles and adds sum_j (w_c h) * B (CUDA cores, fp32), a product taken only where w_c h != 0;
   4. stores y + delta once (in place when out is y: the program reads its own columns before it writes them).
