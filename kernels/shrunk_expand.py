@@ -58,8 +58,6 @@ def default_block_n(R: int, device_type: str) -> int:
     return min(BN_MAX[kind], max(16, TILE[kind] // br))
 
 
-
-
 def _check(y, h, B, col_member, ids, weights, seq_ids, logits, top_k, temperature, out):
     """Shape checks only (no device value is read; ``col_member`` is range-checked where it lives on the host)."""
     def bad(msg):

@@ -16,8 +16,9 @@ down), T in {1, 8} decode tokens, L = 28 adapters of rank 8, top-2, bf16, and ti
             shrink and bank rows, expand_shrunk
   logits    MeteoRA: each member's top-2 of its gate logits (temperature 1), GEMM over every row, expand_shrunk
 
-Per (group, T, mode, block_n, block_t), each the median us of one call over a CUDA graph replay (``kernels.bench.timing.time_ms``:
-input sets rotated inside one graph, triton.testing.do_bench, which flushes L2 between replays):
+Per (group, T, mode, block_n, block_t), each the median us of one call over a CUDA graph replay
+(``kernels.bench.timing.time_ms``: input sets rotated inside one graph, triton.testing.do_bench, which flushes L2
+between replays):
 
   base_gemm_us            (a) F.linear over the members' base rows only (the base model's GEMM)
   packed_gemm_us          (b) F.linear over the mode's rows of the packed weight
@@ -27,10 +28,11 @@ input sets rotated inside one graph, triton.testing.do_bench, which flushes L2 b
 
 ``programs``: expand_shrunk's grid, cdiv(T, block_t) x cdiv(N, block_n), for each block_n in BLOCK_NS (the op's
 default is ``kernels.shrunk_expand.default_block_n``) with one token per program (block_t 1, the op's default) and,
-at T > 1, all T tokens in one (block_t = T: fewer programs, each with T independent tokens' loads). ``rel_err``: (b)+(c) in bf16 against the ungrouped fp32 reference (each
-member's base + its routed adapters' LoRA; MeteoRA's route taken from the GEMM's own bf16 logits, so a bf16 near
-tie does not count). ``graph_kernel_floor_us`` (the doc): one trivial kernel's time inside a graph on this GPU.
-The layout is checked against ``ProjectionGroup``'s on CPU (tests/test_kernel_bench_epilogue.py).
+at T > 1, all T tokens in one (block_t = T: fewer programs, each with T independent tokens' loads). ``rel_err``:
+(b)+(c) in bf16 against the ungrouped fp32 reference (each member's base + its routed adapters' LoRA; MeteoRA's
+route taken from the GEMM's own bf16 logits, so a bf16 near tie does not count). ``graph_kernel_floor_us`` (the
+doc): one trivial kernel's time inside a graph on this GPU. The layout is checked against ``ProjectionGroup``'s
+on CPU (tests/test_kernel_bench_epilogue.py).
 """
 
 from __future__ import annotations

@@ -8,9 +8,6 @@ step epilogue timeout 300 python3 -m kernels.bench --epilogue --out /root/lmx/kb
 step e2e timeout 900 python3 -m pipeline.bench experiment=e2e_decode 'bench.e2e.targets=[all7]' \
   "bench.e2e.batch_sizes=${E2E_BATCHES:-[1,8]}" 'bench.e2e.engines=[graph]' bench.e2e.merge=true \
   "bench.e2e.strategies=${E2E_STRATEGIES:-[base,peft,oracle,oracle+grouped,meteora-top2+grouped,dlp-nucleus2+grouped]}"
-step meteora_tasks python3 -m pipeline.reproduce experiment=meteora_tasks trainer=gpu model.device=cuda \
-  logger=csv parallel=2 "$@"
-for exp in ${THEN:-}; do
-  step "$exp" python3 -m pipeline.reproduce "experiment=$exp" trainer=gpu model.device=cuda logger=csv parallel=2
-done
+reproduce meteora_tasks "$@"
+for exp in ${THEN:-}; do reproduce "$exp"; done
 echo DONE
