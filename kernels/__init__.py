@@ -16,12 +16,15 @@ kept adapters into one concatenated adapter where that saves passes (``kernels.s
 ``multi_lora_coef`` takes token routing as one [T, L] coefficient matrix (MeteoRA's gates while they train).
 ``expand_shrunk`` is the decode epilogue of a projection group whose base GEMM already computed every adapter's
 shrink (and the gates' logits): the routing and the expand in one launch (``kernels.shrunk_expand``).
+``gemv_lora`` is a uniform route's decode GEMV over such a packed weight with the LoRA in its epilogue: one launch
+for base and adapter (``kernels.packed_gemv``).
 """
 
 from kernels.coef import multi_lora_coef
 from kernels.op import multi_lora
+from kernels.packed_gemv import gemv_lora
 from kernels.sequence_concat import multi_lora_sequences
 from kernels.shrunk_expand import expand_shrunk
 from kernels.uniform import multi_lora_uniform
 
-__all__ = ["expand_shrunk", "multi_lora", "multi_lora_coef", "multi_lora_sequences", "multi_lora_uniform"]
+__all__ = ["expand_shrunk", "gemv_lora", "multi_lora", "multi_lora_coef", "multi_lora_sequences", "multi_lora_uniform"]

@@ -93,6 +93,16 @@ def configurations():
             out.append((f"shrunk_expand {dt} logits r8 L28 BN={bn}", tse.shrunk_expand_kernel, ptrs,
                         {"R": 8, "BR": 8, "K": 2, "BN": bn, "SEQ": False, "LOGITS": True, "LP": 32, "KP": 2,
                          "ONE_MEMBER": True}))  # fmt: skip
+    from kernels import packed_gemv as gl
+    from kernels import triton_packed_gemv as tgl  # lazy, as above
+
+    for dt in ("bf16", "fp32"):  # a uniform route's decode GEMV with the LoRA in its epilogue, and the base alone
+        ptrs = {n: f"*{dt}" for n in ("x_ptr", "w_ptr", "b_ptr", "out_ptr")}
+        for bn in (16, gl.default_block_n("cuda"), 64):
+            for lora in (True, False):
+                out.append((f"gemv_lora {dt} BN={bn}" + ("" if lora else " base"), tgl.gemv_lora_kernel, ptrs,
+                            {"BT": 16, "BN": bn, "BE": 32, "BK": gl.BLOCK_K, "HAS_LORA": lora,
+                             "F32": dt == "fp32"}))  # fmt: skip
     return out
 
 
@@ -111,7 +121,7 @@ def main(argv=None) -> None:
                "token_expand fp32 seq=False", "grouped_expand bf16", "bank_shrink bf16 BM=16",
                "bank_expand bf16 BM=16", "bank_expand bf16 BM=128 L>64", "shrunk_expand bf16 logits",
                "shrunk_expand bf16 logits r8 L28 BN=32",
-               "shrunk_expand fp32 seq")  # fmt: skip
+               "shrunk_expand fp32 seq", "gemv_lora bf16 BN=32")  # fmt: skip
         configs = [c for c in configs if c[0] in few]
     for name, fn, ptrs, constants in configs:
         sig, consts = signature(fn, ptrs, constants)

@@ -26,6 +26,11 @@ between replays):
                               EPI_SETS sets per graph
   gemm_plus_epilogue_us   (d) (b) then (c), captured together in one graph
 
+Uniform mode also times the one-launch form (``kernels.gemv_lora``: a Triton GEMV over the base and shrink rows
+with the ``h @ B_slot`` epilogue inside, rows with ``form: one_launch``) for each block_n in ONE_LAUNCH_BLOCK_NS:
+``gemm_plus_epilogue_us`` is that one launch, ``triton_base_us`` the same kernel over the base rows alone (what the
+Triton GEMV costs against cuBLAS's (a), before any adapter).
+
 ``programs``: expand_shrunk's grid, cdiv(T, block_t) x cdiv(N, block_n), for each block_n in BLOCK_NS (the op's
 default is ``kernels.shrunk_expand.default_block_n``) with one token per program (block_t 1, the op's default) and,
 at T > 1, all T tokens in one (block_t = T: fewer programs, each with T independent tokens' loads). ``rel_err``:
@@ -47,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from common.atomic import atomic_write_text
-from kernels import expand_shrunk
+from kernels import expand_shrunk, gemv_lora
 from kernels.shrunk_expand import default_block_n
 
 #: name -> (members' out sizes, d_in): LLaMA-3-8B's projection groups (q/k/v, gate/up, o, down)
@@ -58,6 +63,7 @@ L, R, K, TEMPERATURE = 28, 8, 2, 1.0
 SCALE = 2.0  # each adapter's LoRA scale (folded into its B, as the model folds it)
 MODES = ("uniform", "seq", "logits")
 BLOCK_NS = (16, 32, 64, 128)
+ONE_LAUNCH_BLOCK_NS = (16, 32, 64)  # gemv_lora's output columns per program, swept (uniform mode)
 SHRINK_ALIGN = 8  # models.projection_groups.SHRINK_ALIGN (the test checks they agree)
 PACK_ALIGN = 64  # models.projection_groups.PACK_ALIGN: a routed mode's packed rows, zero rows up to a multiple
 LAYERS = 32  # LLaMA-3-8B: each group runs once per layer per decode step
@@ -209,6 +215,12 @@ def step(g: Group, mode: str, block_n=None, backend="auto", block_t=1) -> torch.
     return epilogue(g, mode, packed_gemm(g, mode), block_n, backend, block_t)
 
 
+def one_launch(g: Group, block_n: int, lora: bool = True) -> torch.Tensor:
+    """(e) The uniform route in one launch (``kernels.gemv_lora``): base + shrink rows with the LoRA epilogue, or
+    (``lora=False``) the Triton GEMV over the base rows alone."""
+    return gemv_lora(g.x, g.W, g.N, g.extra if lora else 0, g.B_slot if lora else None, block_n=block_n)
+
+
 def programs(g: Group, block_n: int, block_t: int = 1) -> int:
     """expand_shrunk's grid size: cdiv(T, block_t) x cdiv(N, block_n)."""
     return -(-g.x.shape[0] // block_t) * -(-g.N // block_n)
@@ -305,6 +317,16 @@ def bench_group(name, T, rows, log, block_ns=BLOCK_NS):
             log(f"{name:<7} T={T} {mode:<7} bn={bn!s:<4} bt={bt} progs={row['programs']!s:<4} base {base:7.2f}  "
                 f"gemm {gemm:7.2f}  epi {epi_us:6.2f}  gemm+epi {both:7.2f} us  rel err {err:.1e}  "
                 f"({time.time() - t0:.1f}s)")  # fmt: skip
+    for bn in ONE_LAUNCH_BLOCK_NS:  # the uniform route in one launch, and its Triton GEMV over the base alone
+        fused = us(lambda i, bn=bn: lambda: one_launch(groups[i], bn), n_w)
+        tbase = us(lambda i, bn=bn: lambda: one_launch(groups[i], bn, lora=False), n_w)
+        err = rel_err(one_launch(groups[0], bn), reference(groups[0], "uniform"))
+        rows.append({"group": name, "T": T, "mode": "uniform", "form": "one_launch", "block_n": bn, "block_t": 1,
+                     "programs": -(-T // 16) * -(-groups[0].N // bn), "base_gemm_us": base, "packed_gemm_us": None,
+                     "packed_unaligned_us": None, "epilogue_us": None, "gemm_plus_epilogue_us": fused,
+                     "triton_base_us": tbase, "rel_err": err, "weight_sets": n_w})  # fmt: skip
+        log(f"{name:<7} T={T} one launch bn={bn:<3} base {base:7.2f}  triton base {tbase:7.2f}  one launch "
+            f"{fused:7.2f} us  rel err {err:.1e}  ({time.time() - t0:.1f}s)")  # fmt: skip
 
 
 def graph_floor_us() -> float:
@@ -384,6 +406,7 @@ def per_token(doc, all_tokens: bool = False) -> list:
         for mode in MODES:
             bt = T if all_tokens and mode != "uniform" else 1
             sel = [r for r in doc["rows"] if r["T"] == T and r["mode"] == mode and r.get("block_t", 1) == bt
+                   and r.get("form", "two_launch") == "two_launch"
                    and (r["block_n"] is None if mode == "uniform" else r["block_n"] == dflt)]  # fmt: skip
             if not sel:
                 continue
@@ -398,6 +421,32 @@ def per_token(doc, all_tokens: bool = False) -> list:
                         "epilogue_ms": total(lambda r: r["epilogue_us"]),
                         "over_base_ms": total(lambda r: _diff(r["gemm_plus_epilogue_us"], r["base_gemm_us"])),
                         "base_ms": total(lambda r: r["base_gemm_us"])})  # fmt: skip
+    return out
+
+
+def one_launch_per_token(doc) -> list:
+    """Per (T, block_n) of the one-launch rows, summed over the groups present x LAYERS, in ms: cuBLAS's base (a),
+    the Triton GEMV over the base alone, the one launch, and the one launch over (a); beside the two-launch
+    uniform form over (a) (d - a) from the same run."""
+    layers, out = doc["config"]["layers"], []
+    ones = [r for r in doc["rows"] if r.get("form") == "one_launch"]
+    for T in sorted({r["T"] for r in ones}):
+        two = {r["group"]: r for r in doc["rows"] if r["T"] == T and r["mode"] == "uniform"
+               and r.get("form", "two_launch") == "two_launch"}  # fmt: skip
+        for bn in sorted({r["block_n"] for r in ones if r["T"] == T}):
+            sel = [r for r in ones if r["T"] == T and r["block_n"] == bn]
+
+            def total(fn, sel=sel):
+                return layers * sum(fn(r) for r in sel) / 1e3
+
+            two_over = (total(lambda r, two=two: two[r["group"]]["gemm_plus_epilogue_us"] - r["base_gemm_us"])
+                        if all(r["group"] in two for r in sel) else None)  # fmt: skip
+            out.append({"T": T, "block_n": bn, "groups": [r["group"] for r in sel],
+                        "base_ms": total(lambda r: r["base_gemm_us"]),
+                        "triton_base_ms": total(lambda r: r["triton_base_us"]),
+                        "one_launch_ms": total(lambda r: r["gemm_plus_epilogue_us"]),
+                        "one_over_base_ms": total(lambda r: r["gemm_plus_epilogue_us"] - r["base_gemm_us"]),
+                        "two_over_base_ms": two_over})  # fmt: skip
     return out
 
 
@@ -443,6 +492,16 @@ def markdown(doc) -> str:
     if wide:
         lines += ["", f"The same with all T tokens in one program (block_t = T; block_n = {dflt}):", "",
                   *TOKEN_HEADER, *map(_token_line, wide)]
+    ones = one_launch_per_token(doc)
+    if ones:
+        lines += ["", (f"Uniform in one launch (kernels.gemv_lora: a Triton GEMV over the base and shrink rows with "
+                       f"the LoRA in its epilogue; x {cfg['layers']} layers, summed over the groups), ms per token:"), "",
+                  ("| T | block_n | cuBLAS base (a) | Triton base GEMV | one launch | one launch over (a) | two launches "
+                   "over (a) (d - a) | groups |"),
+                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [f"| {t['T']} | {t['block_n']} | {_f(t['base_ms'], 3)} | {_f(t['triton_base_ms'], 3)} | "
+                  f"{_f(t['one_launch_ms'], 3)} | {_f(t['one_over_base_ms'], 3)} | {_f(t['two_over_base_ms'], 3)} | "
+                  f"{', '.join(t['groups'])} |" for t in ones]
     lines.append("")
     for name in [g for g in cfg["groups"] if any(r["group"] == g for r in doc["rows"])]:
         spec = cfg["groups"][name]
@@ -455,8 +514,9 @@ def markdown(doc) -> str:
                 continue
             bn = "-" if r["block_n"] is None else (f"**{r['block_n']}**" if r["block_n"] == dflt else str(r["block_n"]))
             err = "-" if r.get("rel_err") is None else f"{r['rel_err']:.1e}"
+            mode = r["mode"] + (" (one launch)" if r.get("form") == "one_launch" else "")
             lines.append(
-                f"| {r['T']} | {r['mode']} | {bn} | {r.get('block_t', 1)} | "
+                f"| {r['T']} | {mode} | {bn} | {r.get('block_t', 1)} | "
                 f"{'-' if r['programs'] is None else r['programs']} | "
                 f"{_f(r['base_gemm_us'])} | {_f(r['packed_gemm_us'])} | {_f(r['epilogue_us'])} | "
                 f"{_f(r['gemm_plus_epilogue_us'])} | {_f(_diff(r['gemm_plus_epilogue_us'], r['base_gemm_us']))} | "
