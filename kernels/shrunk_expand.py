@@ -146,7 +146,9 @@ def expand_shrunk(y, h, B, col_member, *, ids=None, weights=None, seq_ids=None, 
     ``block_n``: output columns per program of the Triton kernel (grid T x cdiv(N, block_n)); a power of two
     >= 16, or None for ``default_block_n(R, device)``. The torch backend ignores it (benchmarks pass
     it: ``kernels.bench.epilogue``). ``block_t``: tokens a program takes (1 to 16; grid cdiv(T, block_t) x
-    cdiv(N, block_n)): at a decode batch, fewer programs each doing several tokens' independent loads."""
+    cdiv(N, block_n)): at a decode batch, fewer programs each doing several tokens' independent loads. The H200
+    epilogue benchmark timed it slower at block_t = T = 8 in every group (2.2-2.5 against 1.0-1.1 ms per decode
+    token of the 8B shape), so 1 stays the default."""
     if backend not in BACKENDS:
         raise ValueError(f"expand_shrunk: unknown backend {backend!r}; use one of {BACKENDS}")
     if block_n is not None and (not isinstance(block_n, int) or block_n < 16 or block_n & (block_n - 1)):

@@ -112,17 +112,20 @@ class MultiLoRAModel(nn.Module):
             mm.group_projections()
         return mm
 
-    def group_projections(self, on: bool = True) -> int:
+    def group_projections(self, on: bool = True, one_launch: bool | str = False) -> int:
         """Run q / k / v and gate / up of each block as one projection at inference (``models.projection_groups``):
         their base weights packed into one tensor (each member's weight a view of it), and one packed LoRA where
         the router routes every projection alike. ``on=False`` gives every member its own weight again. Call it
         again after anything replaces the base weights (a dtype cast): a broken group runs its members alone.
-        Returns the number of groups."""
+        ``one_launch``: a uniform route's decode call is one ``kernels.gemv_lora`` launch per group (the LoRA in the
+        base GEMV's epilogue) instead of cuBLAS's GEMM and an addmm (a str names gemv_lora's backend). Returns the
+        number of groups."""
         for g in self._groups:
             g.unpack()
         self._groups = find_groups(self.model, MultiLoRALinear) if on else []
         for g in self._groups:
             g.pack()
+            g.one_launch = one_launch
             for i, m in enumerate(g.members):
                 object.__setattr__(m, "group", g)
                 object.__setattr__(m, "group_index", i)

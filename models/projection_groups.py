@@ -25,6 +25,10 @@ How.
   ``[A_q | A_k | A_v]^T`` is written into the extra rows (once per adapter and bank version), so the base GEMM's
   last columns are ``h = x @ A``, and one ``addmm`` adds ``h @ B`` with ``B`` block-diagonal, each member's scale
   folded into its block (rsLoRA, rank patterns and adapters that skip a member pack too).
+- With ``one_launch`` (``MultiLoRAModel.group_projections(one_launch=True)``), a uniform decode call (at most
+  ONE_LAUNCH_MAX_TOKENS tokens, no bias, one dtype) is one launch instead: ``kernels.gemv_lora`` walks the base and
+  shrink rows once and adds ``h @ B`` in its epilogue. Off by default until the H200 benchmarks say it beats
+  cuBLAS's GEMM and the addmm.
 - Any other route at decode (the oracle with mixed tasks, dlp, MeteoRA's per-projection gates): the packed weight
   also holds every adapter's ``A_m[a]^T`` (rank padding zeroed: ``n x L x R`` rows) and, for MeteoRA, the members'
   gates (``n x L`` rows), so the one base GEMM gives each token its base outputs, ``h[m, a] = x @ A_m[a]`` for
@@ -56,6 +60,9 @@ SHRINK_ALIGN = 8  # the shrink rows appended to a packed weight, rounded up to t
 # is then 16-byte aligned. Unaligned row counts ran cuBLAS's bf16 decode GEMM a third slower on the H200 (epilogue
 # benchmark: MeteoRA's q/k/v, 6924 rows, 25.4 us against 18.5 for the 6144 base rows; DLP's aligned 6840: 19.8 us)
 PACK_ALIGN = 64
+# a uniform route's decode in one launch (``one_launch``: kernels.gemv_lora, the LoRA in the GEMV's epilogue) up to
+# this many tokens a call; a prefill keeps cuBLAS's GEMM and the addmm (a GEMV-shaped kernel is the wrong tool there)
+ONE_LAUNCH_MAX_TOKENS = 16
 
 
 class ProjectionGroup:
@@ -81,6 +88,7 @@ class ProjectionGroup:
         self._gates_key: tuple | None = None  # the gates' (ptr, version) the gate rows hold
         self._pending: tuple | None = None  # (x, [outputs of members 1..], how many taken)
         self._packed: dict = {}  # (what, dtype, device) -> (bank.version, packed tensors)
+        self.one_launch: bool | str = False  # a uniform decode as one kernels.gemv_lora launch (a str: its backend)
 
     # ---- base weights ------------------------------------------------------------------------------------------
     @staticmethod
@@ -200,6 +208,14 @@ class ProjectionGroup:
 
             A, B = self._cached((adapter, x.dtype, x.device), bank, lambda: self._one_adapter(adapter, x.dtype))
             return multi_lora_uniform(x, nn.functional.linear(x, *self._rows_of(self.out)), A, B, 1.0)
+        x2 = x.reshape(-1, x.shape[-1])
+        if (self.one_launch and x2.shape[0] <= ONE_LAUNCH_MAX_TOKENS and self.bias is None
+                and x.dtype == self.weight.dtype == B_slot.dtype):  # fmt: skip
+            from kernels import gemv_lora
+
+            backend = self.one_launch if isinstance(self.one_launch, str) else "auto"
+            y = gemv_lora(x2, self.weight, self.out, self.extra, B_slot, backend=backend)
+            return y.reshape(*x.shape[:-1], self.out)
         y_all = nn.functional.linear(x, *self._rows_of(self.out + self.extra))
         y2 = y_all.reshape(-1, y_all.shape[-1])  # x @ A is y_all's last columns
         return torch.addmm(y2[:, :self.out], y2[:, self.out:], B_slot.to(y2.dtype)).reshape(*y_all.shape[:-1],

@@ -39,16 +39,17 @@ def test_stage_on_the_cpu_stand_in(tmp_path):
     cmd = [sys.executable, "-m", "pipeline.bench", "experiment=e2e_decode", "print_config=false",
            "bench.shapes=[llama3_8b_tiny]", f"bench.table_dir={tmp_path}", "bench.e2e.targets=[all7]",
            "bench.e2e.engines=[eager,graph]",
-           "bench.e2e.strategies=[base,peft,oracle,dlp-nucleus2,oracle+grouped,dlp-nucleus2+grouped]",
+           "bench.e2e.strategies=[base,peft,oracle,dlp-nucleus2,oracle+grouped,dlp-nucleus2+grouped,oracle+onelaunch]",
            "bench.e2e.batch_sizes=[2]", "bench.e2e.num_adapters=3", "bench.e2e.new_tokens=3",
            "bench.e2e.prompt_len=6", "bench.e2e.repeats=2", f"hydra.run.dir={tmp_path / 'run'}"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     doc = json.loads((tmp_path / "e2e_decode.json").read_text())
     assert {r["strategy"] for r in doc["rows"]} == {"base", "peft", "oracle", "dlp-nucleus2", "oracle+grouped",
-                                                    "dlp-nucleus2+grouped"}
-    grouped = [t for t in doc["targets"] if t["strategy"] == "oracle+grouped" and t["engine"] == "static+graph"]
-    assert {t["versus"] for t in grouped} == {"peft", "base"} and all(t["verdict"] is not None for t in grouped)
+                                                    "dlp-nucleus2+grouped", "oracle+onelaunch"}
+    for s in ("oracle+grouped", "oracle+onelaunch"):
+        grouped = [t for t in doc["targets"] if t["strategy"] == s and t["engine"] == "static+graph"]
+        assert {t["versus"] for t in grouped} == {"peft", "base"} and all(t["verdict"] is not None for t in grouped)
     assert {r["engine"] for r in doc["rows"]} == {"eager", "static+graph"}
     assert all(len(v) == 2 for rec in doc["records"] for v in rec["rounds"].values())
     assert doc["rows"] == e2e.rows_from(doc["records"]) and doc["targets"] == e2e.verdicts(doc["records"])

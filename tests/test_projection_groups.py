@@ -200,6 +200,36 @@ def test_the_triton_kernels_route_and_expand_the_group(assets, monkeypatch, rout
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("router, kw, task_ids", [("oracle", {}, ["a", "a", "a"]), ("lora_b", {"adapter": "c"}, None)])
+def test_one_launch_decode_equals_the_two_launch_group(assets, monkeypatch, router, kw, task_ids):
+    """``group_projections(one_launch=...)``: a uniform route's decode steps go through ``kernels.gemv_lora`` (the
+    Triton kernel, interpreted here) once per touched group and token step, the prefill keeps the GEMM + addmm, and
+    the tokens and step logits are the two-launch group's."""
+    import kernels
+
+    two = _mm(assets, router, kw, True)
+    one = _mm(assets, router, kw, True)
+    assert one.group_projections(one_launch="triton") == 8
+    calls = []
+    real = kernels.gemv_lora
+    monkeypatch.setattr(kernels, "gemv_lora", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    tok = two.tokenizer
+    batch = tok(["[INST] hi", "a b c", "xyz"], return_tensors="pt", padding=True)
+    kw_gen = {"max_new_tokens": 3, "pad_token_id": tok.pad_token_id, "eos_token_id": None,
+              **({"task_ids": task_ids} if task_ids else {})}  # fmt: skip
+    want_scores, got_scores = Record(), Record()
+    want = graph_generate(two, batch["input_ids"], batch["attention_mask"], capture=False,
+                          logits_processor=[want_scores], **kw_gen)  # fmt: skip
+    assert not calls  # the two-launch group never calls it
+    got = graph_generate(one, batch["input_ids"], batch["attention_mask"], capture=False,
+                         logits_processor=[got_scores], **kw_gen)  # fmt: skip
+    assert torch.equal(got, want)
+    for a, b in zip(got_scores.scores, want_scores.scores, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    touched = {"a": 8, "c": 4}[task_ids[0] if task_ids else kw["adapter"]]  # groups the adapter has a rank in
+    assert len(calls) == touched * 2 and all(s[0] == 3 for s in calls)  # 2 decode steps x 3 rows; no prefill
+
+
 def test_evaluate_groups_projections_on_cuda_only_when_auto():
     """generation.group_projections=auto groups a model on a CUDA device (where the e2e table timed it faster) and
     leaves a CPU model alone; true / false are obeyed."""

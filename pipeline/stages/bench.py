@@ -340,7 +340,7 @@ def e2e_suite(cfg: DictConfig, run) -> float | None:
     unknown += [t for t in settings["targets"] if t not in e2e.TARGETS]
     if unknown:
         raise ValueError(f"bench.e2e: {unknown} not known; strategies {e2e.STRATEGIES} (each may end in "
-                         f"{e2e.GROUPED!r}), targets {sorted(e2e.TARGETS)}")
+                         f"one of {e2e.VARIANTS}), targets {sorted(e2e.TARGETS)}")
     routers = bench_routers(cfg, [e2e.router_label(s) for s in settings["strategies"]])
     shape = str(cfg.bench.shapes[0])
     if shape not in SHAPES:

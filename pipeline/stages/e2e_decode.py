@@ -15,6 +15,9 @@ up,down) or ``qv`` projections. Strategies, each in its own model instance where
                  (``MultiLoRAModel.group_projections``: packed base weights; at decode one GEMM with every
                  adapter's shrink and the gates, then one routed expand; e.g. ``oracle+grouped``), in its own
                  model beside the ungrouped one
+  <s>+onelaunch  grouped, and a uniform route's decode step in one launch per group (``group_projections(
+                 one_launch=True)``: ``kernels.gemv_lora``, the LoRA in a Triton GEMV's epilogue, in place of
+                 cuBLAS's GEMM and an addmm; e.g. ``oracle+onelaunch``)
 
 Engines: ``eager`` (``generate`` with the dynamic cache), ``static+compile`` (static KV cache, the decode step
 compiled with ``reduce-overhead``: CUDA graphs; CUDA only unless ``e2e.allow_static_on_cpu``) and ``static+graph``
@@ -56,11 +59,18 @@ log = logging.getLogger(__name__)
 
 STRATEGIES = ("base", "peft", "oracle", "meteora-top2", "dlp-nucleus2", "dlp-fresh")
 GROUPED = "+grouped"  # a strategy label's suffix: the same router on the grouped model
+ONE_LAUNCH = "+onelaunch"  # the same on the grouped model whose uniform decode is one kernels.gemv_lora launch
+VARIANTS = (GROUPED, ONE_LAUNCH)
+
+
+def variant(strategy: str) -> str:
+    """The model variant a label names: its suffix (``+grouped``, ``+onelaunch``), or "" (the ungrouped model)."""
+    return next((v for v in VARIANTS if strategy.endswith(v)), "")
 
 
 def router_label(strategy: str) -> str:
-    """The strategy a label names, without its ``+grouped`` suffix (``oracle+grouped`` -> ``oracle``)."""
-    return strategy.removesuffix(GROUPED)
+    """The strategy a label names, without its variant suffix (``oracle+grouped`` -> ``oracle``)."""
+    return strategy.removesuffix(variant(strategy)) if variant(strategy) else strategy
 TARGETS = {"all7": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
            "qv": ["q_proj", "v_proj"]}
 # the loramux strategies' routers come from conf/router through bench.routers (label -> router overrides), as the
@@ -74,6 +84,8 @@ TARGET_RATIOS = (("static+compile", "oracle", "peft", 1.0), ("static+compile", "
                  ("static+graph", "meteora-top2", "base", 1.3), ("static+graph", "dlp-nucleus2", "base", 1.15),
                  ("eager", "oracle", "peft", 1.0))
 TARGET_RATIOS += tuple((e, s + GROUPED, ref, limit) for e, s, ref, limit in TARGET_RATIOS if e != "eager")
+TARGET_RATIOS += tuple((e, s + ONE_LAUNCH, ref, limit) for e, s, ref, limit in TARGET_RATIOS
+                       if s == "oracle" and e != "eager")  # fmt: skip
 
 
 def _sync(device) -> None:
@@ -118,12 +130,13 @@ class Contestants:
         routed = [s for s in strategies if router_label(s) in routers]
         models = {}
         for s in routed:
-            grouped = s.endswith(GROUPED)
-            if grouped not in models:
-                models[grouped] = MultiLoRAModel.from_adapters(
-                    make_model(), {f"a{i}": adapter for i in range(num_adapters)}, check_base_name=False,
-                    group_projections=grouped)
-            mm, spec = models[grouped], routers[router_label(s)]
+            v = variant(s)
+            if v not in models:
+                models[v] = MultiLoRAModel.from_adapters(
+                    make_model(), {f"a{i}": adapter for i in range(num_adapters)}, check_base_name=False)
+                if v:
+                    models[v].group_projections(one_launch=v == ONE_LAUNCH)
+            mm, spec = models[v], routers[router_label(s)]
             torch.manual_seed(0)
             router = mm.build_router(spec.build, **spec.knobs)
 
@@ -209,8 +222,8 @@ def verdicts(records: list[dict]) -> list[dict]:
             if rec["engine"] != engine:
                 continue
             tried = set(rec["rounds"]) | set(rec.get("skipped", [])) | set(rec.get("failed", {}))
-            if mine.endswith(GROUPED) and mine not in tried:
-                continue  # a grouped variant is judged where a run asked for it
+            if variant(mine) and mine not in tried:
+                continue  # a grouped / one-launch variant is judged where a run asked for it
             item = {"engine": engine, "strategy": mine, "versus": ref, "limit": limit, "targets": rec["targets"],
                     "batch_size": rec["batch_size"]}
             a, b = rec["rounds"].get(mine), rec["rounds"].get(ref)
