@@ -211,14 +211,14 @@ def test_markdown_from_records(tmp_path):
     assert (tmp_path / "kernel_bench_epilogue.md").read_text() == md
 
 
-@pytest.mark.parametrize("block_n", [16, 32])
-def test_one_launch_equals_the_ungrouped_reference(block_n):
+@pytest.mark.parametrize("block_n, block_k", [(16, 16), (32, None)])
+def test_one_launch_equals_the_ungrouped_reference(block_n, block_k):
     """(e) the uniform route through kernels.gemv_lora on the bench's own packed layout (interpreted on CPU): the
     ungrouped reference with the LoRA, the base GEMM without it."""
     g = small((24, 8, 8), T=3, seed=4, device=DEV)
-    got = ep.one_launch(g, block_n)
+    got = ep.one_launch(g, block_n, block_k=block_k)
     assert rel(got, ep.reference(g, "uniform")) < 1e-5
-    assert rel(ep.one_launch(g, block_n, lora=False), ep.base_gemm(g)) < 1e-5
+    assert rel(ep.one_launch(g, block_n, lora=False, block_k=block_k), ep.base_gemm(g)) < 1e-5
     assert rel(got, ep.base_gemm(g)) > 1e-3  # the adapter does contribute
 
 
@@ -228,7 +228,7 @@ def test_one_launch_rows_on_the_page():
     before = ep.per_token(doc)
     for group, base in (("qkv", 10.0), ("o", 6.0)):
         doc["rows"].append({"group": group, "T": 1, "mode": "uniform", "form": "one_launch", "block_n": 32,
-                            "block_t": 1, "programs": 2, "base_gemm_us": base, "packed_gemm_us": None,
+                            "block_k": 128, "block_t": 1, "programs": 2, "base_gemm_us": base, "packed_gemm_us": None,
                             "packed_unaligned_us": None, "epilogue_us": None, "gemm_plus_epilogue_us": base + 1.0,
                             "triton_base_us": base - 0.5, "rel_err": 1e-3})  # fmt: skip
     assert ep.per_token(doc) == before
@@ -237,5 +237,5 @@ def test_one_launch_rows_on_the_page():
     assert one["two_over_base_ms"] == pytest.approx(32 * 4.0 / 1e3)  # the uniform rows' d - a: 2.0 per group
     assert one["triton_base_ms"] == pytest.approx(32 * 15.0 / 1e3)
     md = ep.markdown(doc)
-    assert "| 1 | 32 | 0.512 | 0.480 | 0.576 | 0.064 | 0.128 | qkv, o |" in md
+    assert "| 1 | 32 | 128 | 0.512 | 0.480 | 0.576 | 0.064 | 0.128 | qkv, o |" in md
     assert "| 1 | uniform (one launch) | 32 | 1 | 2 | 10.00 | - | - | 11.00 | 1.00 | - | 1.0e-03 | - |" in md

@@ -27,7 +27,8 @@ between replays):
   gemm_plus_epilogue_us   (d) (b) then (c), captured together in one graph
 
 Uniform mode also times the one-launch form (``kernels.gemv_lora``: a Triton GEMV over the base and shrink rows
-with the ``h @ B_slot`` epilogue inside, rows with ``form: one_launch``) for each block_n in ONE_LAUNCH_BLOCK_NS:
+with the ``h @ B_slot`` epilogue inside, rows with ``form: one_launch``) for each (block_n, block_k) in
+ONE_LAUNCH_BLOCKS:
 ``gemm_plus_epilogue_us`` is that one launch, ``triton_base_us`` the same kernel over the base rows alone (what the
 Triton GEMV costs against cuBLAS's (a), before any adapter).
 
@@ -63,7 +64,9 @@ L, R, K, TEMPERATURE = 28, 8, 2, 1.0
 SCALE = 2.0  # each adapter's LoRA scale (folded into its B, as the model folds it)
 MODES = ("uniform", "seq", "logits")
 BLOCK_NS = (16, 32, 64, 128)
-ONE_LAUNCH_BLOCK_NS = (16, 32, 64)  # gemv_lora's output columns per program, swept (uniform mode)
+# gemv_lora's (output columns, d_in step) per program, swept (uniform mode): 16 columns give LLaMA-8B's o / down 256
+# programs (no split-K: many small programs keep the loads in flight), 256 of d_in twice the bytes per step
+ONE_LAUNCH_BLOCKS = tuple((bn, bk) for bn in (16, 32, 64) for bk in (128, 256))
 SHRINK_ALIGN = 8  # models.projection_groups.SHRINK_ALIGN (the test checks they agree)
 PACK_ALIGN = 64  # models.projection_groups.PACK_ALIGN: a routed mode's packed rows, zero rows up to a multiple
 LAYERS = 32  # LLaMA-3-8B: each group runs once per layer per decode step
@@ -215,10 +218,11 @@ def step(g: Group, mode: str, block_n=None, backend="auto", block_t=1) -> torch.
     return epilogue(g, mode, packed_gemm(g, mode), block_n, backend, block_t)
 
 
-def one_launch(g: Group, block_n: int, lora: bool = True) -> torch.Tensor:
+def one_launch(g: Group, block_n: int, lora: bool = True, block_k=None) -> torch.Tensor:
     """(e) The uniform route in one launch (``kernels.gemv_lora``): base + shrink rows with the LoRA epilogue, or
     (``lora=False``) the Triton GEMV over the base rows alone."""
-    return gemv_lora(g.x, g.W, g.N, g.extra if lora else 0, g.B_slot if lora else None, block_n=block_n)
+    return gemv_lora(g.x, g.W, g.N, g.extra if lora else 0, g.B_slot if lora else None, block_n=block_n,
+                     block_k=block_k)
 
 
 def programs(g: Group, block_n: int, block_t: int = 1) -> int:
@@ -317,15 +321,16 @@ def bench_group(name, T, rows, log, block_ns=BLOCK_NS):
             log(f"{name:<7} T={T} {mode:<7} bn={bn!s:<4} bt={bt} progs={row['programs']!s:<4} base {base:7.2f}  "
                 f"gemm {gemm:7.2f}  epi {epi_us:6.2f}  gemm+epi {both:7.2f} us  rel err {err:.1e}  "
                 f"({time.time() - t0:.1f}s)")  # fmt: skip
-    for bn in ONE_LAUNCH_BLOCK_NS:  # the uniform route in one launch, and its Triton GEMV over the base alone
-        fused = us(lambda i, bn=bn: lambda: one_launch(groups[i], bn), n_w)
-        tbase = us(lambda i, bn=bn: lambda: one_launch(groups[i], bn, lora=False), n_w)
-        err = rel_err(one_launch(groups[0], bn), reference(groups[0], "uniform"))
-        rows.append({"group": name, "T": T, "mode": "uniform", "form": "one_launch", "block_n": bn, "block_t": 1,
+    for bn, bk in ONE_LAUNCH_BLOCKS:  # the uniform route in one launch, and its Triton GEMV over the base alone
+        fused = us(lambda i, bn=bn, bk=bk: lambda: one_launch(groups[i], bn, block_k=bk), n_w)
+        tbase = us(lambda i, bn=bn, bk=bk: lambda: one_launch(groups[i], bn, lora=False, block_k=bk), n_w)
+        err = rel_err(one_launch(groups[0], bn, block_k=bk), reference(groups[0], "uniform"))
+        rows.append({"group": name, "T": T, "mode": "uniform", "form": "one_launch", "block_n": bn, "block_k": bk,
+                     "block_t": 1,
                      "programs": -(-T // 16) * -(-groups[0].N // bn), "base_gemm_us": base, "packed_gemm_us": None,
                      "packed_unaligned_us": None, "epilogue_us": None, "gemm_plus_epilogue_us": fused,
                      "triton_base_us": tbase, "rel_err": err, "weight_sets": n_w})  # fmt: skip
-        log(f"{name:<7} T={T} one launch bn={bn:<3} base {base:7.2f}  triton base {tbase:7.2f}  one launch "
+        log(f"{name:<7} T={T} one launch bn={bn:<3} bk={bk:<3} base {base:7.2f}  triton base {tbase:7.2f}  one launch "
             f"{fused:7.2f} us  rel err {err:.1e}  ({time.time() - t0:.1f}s)")  # fmt: skip
 
 
@@ -425,7 +430,7 @@ def per_token(doc, all_tokens: bool = False) -> list:
 
 
 def one_launch_per_token(doc) -> list:
-    """Per (T, block_n) of the one-launch rows, summed over the groups present x LAYERS, in ms: cuBLAS's base (a),
+    """Per (T, block_n, block_k) of the one-launch rows, summed over the groups present x LAYERS, in ms: cuBLAS's base (a),
     the Triton GEMV over the base alone, the one launch, and the one launch over (a); beside the two-launch
     uniform form over (a) (d - a) from the same run."""
     layers, out = doc["config"]["layers"], []
@@ -433,15 +438,15 @@ def one_launch_per_token(doc) -> list:
     for T in sorted({r["T"] for r in ones}):
         two = {r["group"]: r for r in doc["rows"] if r["T"] == T and r["mode"] == "uniform"
                and r.get("form", "two_launch") == "two_launch"}  # fmt: skip
-        for bn in sorted({r["block_n"] for r in ones if r["T"] == T}):
-            sel = [r for r in ones if r["T"] == T and r["block_n"] == bn]
+        for bn, bk in sorted({(r["block_n"], r.get("block_k")) for r in ones if r["T"] == T}, key=str):
+            sel = [r for r in ones if r["T"] == T and r["block_n"] == bn and r.get("block_k") == bk]
 
             def total(fn, sel=sel):
                 return layers * sum(fn(r) for r in sel) / 1e3
 
             two_over = (total(lambda r, two=two: two[r["group"]]["gemm_plus_epilogue_us"] - r["base_gemm_us"])
                         if all(r["group"] in two for r in sel) else None)  # fmt: skip
-            out.append({"T": T, "block_n": bn, "groups": [r["group"] for r in sel],
+            out.append({"T": T, "block_n": bn, "block_k": bk, "groups": [r["group"] for r in sel],
                         "base_ms": total(lambda r: r["base_gemm_us"]),
                         "triton_base_ms": total(lambda r: r["triton_base_us"]),
                         "one_launch_ms": total(lambda r: r["gemm_plus_epilogue_us"]),
@@ -496,10 +501,10 @@ def markdown(doc) -> str:
     if ones:
         lines += ["", (f"Uniform in one launch (kernels.gemv_lora: a Triton GEMV over the base and shrink rows with "
                        f"the LoRA in its epilogue; x {cfg['layers']} layers, summed over the groups), ms per token:"), "",
-                  ("| T | block_n | cuBLAS base (a) | Triton base GEMV | one launch | one launch over (a) | two launches "
-                   "over (a) (d - a) | groups |"),
-                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-        lines += [f"| {t['T']} | {t['block_n']} | {_f(t['base_ms'], 3)} | {_f(t['triton_base_ms'], 3)} | "
+                  ("| T | block_n | block_k | cuBLAS base (a) | Triton base GEMV | one launch | one launch over (a) | "
+                   "two launches over (a) (d - a) | groups |"),
+                  "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [f"| {t['T']} | {t['block_n']} | {t['block_k'] or '-'} | {_f(t['base_ms'], 3)} | {_f(t['triton_base_ms'], 3)} | "
                   f"{_f(t['one_launch_ms'], 3)} | {_f(t['one_over_base_ms'], 3)} | {_f(t['two_over_base_ms'], 3)} | "
                   f"{', '.join(t['groups'])} |" for t in ones]
     lines.append("")
