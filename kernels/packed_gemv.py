@@ -17,8 +17,9 @@ Backends: ``triton`` (``kernels.triton_packed_gemv``: a program per 16 tokens x 
 for its base rows and the E shrink rows, then adds its block's ``h @ B_slot``; CUDA, or CPU under
 TRITON_INTERPRET=1); ``torch``: the two-launch form above (the CPU path and the reference the kernel is held to);
 ``auto``: triton on CUDA, torch elsewhere. ``E = 0`` is the base GEMV alone, so the benchmark can time this form
-against cuBLAS's base GEMM with and without the epilogue (``kernels.bench.epilogue``: where it loses to cuBLAS
-it is not used). Inference only: no autograd (an input that requires grad under grad mode is refused).
+against cuBLAS's base GEMM with and without the epilogue (``kernels.bench.epilogue``). The model takes it only
+when asked (``MultiLoRAModel.group_projections(one_launch=True)``) until that benchmark and the e2e table say where
+it wins. Inference only: no autograd (an input that requires grad under grad mode is refused).
 """
 
 from __future__ import annotations
