@@ -17,6 +17,12 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 
+# keys a configuration's constants may carry besides the kernel's own: the parameters a launch specialises as
+# divisible by 16 (16-byte aligned pointers, strides and sizes that are multiples of 16, as Triton does at run time;
+# without them a load cannot become cp.async and the loop is not software-pipelined), and num_stages
+ALIGNED, STAGES = "__aligned__", "__num_stages__"
+
+
 def signature(fn, dtypes: dict, constants: dict):
     """(signature, constexprs) for ``triton.compile``: pointers (and any other param) typed by name in ``dtypes``,
     the rest i32."""
@@ -96,16 +102,20 @@ def configurations():
     from kernels import packed_gemv as gl
     from kernels import triton_packed_gemv as tgl  # lazy, as above
 
-    for dt in ("bf16", "fp32"):  # a uniform route's decode GEMV with the LoRA in its epilogue, and the base alone
+    # a uniform route's decode GEMV with the LoRA in its epilogue, and the base alone, specialised as the 8B shape's
+    # launch is (aligned pointers, d_in and strides multiples of 16): pipelined, num_stages as gemv_lora launches it
+    spec = {ALIGNED: ("x_ptr", "w_ptr", "b_ptr", "out_ptr", "N", "D", "sxt", "swn", "sbe", "sot"),
+            STAGES: gl.NUM_STAGES}
+    for dt in ("bf16", "fp32"):
         ptrs = {n: f"*{dt}" for n in ("x_ptr", "w_ptr", "b_ptr", "out_ptr")}
         for bn in (16, gl.default_block_n("cuda"), 64):
             for lora in (True, False):
                 out.append((f"gemv_lora {dt} BN={bn}" + ("" if lora else " base"), tgl.gemv_lora_kernel, ptrs,
                             {"BT": 16, "BN": bn, "BE": 32, "BK": gl.BLOCK_K, "HAS_LORA": lora,
-                             "F32": dt == "fp32"}))  # fmt: skip
+                             "F32": dt == "fp32", **spec}))  # fmt: skip
         if dt == "bf16":  # the benchmark's wider d_in step
             out.append(("gemv_lora bf16 BN=16 BK=256", tgl.gemv_lora_kernel, ptrs,
-                        {"BT": 16, "BN": 16, "BE": 32, "BK": 256, "HAS_LORA": True, "F32": False}))
+                        {"BT": 16, "BN": 16, "BE": 32, "BK": 256, "HAS_LORA": True, "F32": False, **spec}))
     return out
 
 
@@ -128,8 +138,12 @@ def main(argv=None) -> None:
         configs = [c for c in configs if c[0] in few]
     for name, fn, ptrs, constants in configs:
         sig, consts = signature(fn, ptrs, constants)
-        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target,
-                           options={"num_warps": 4})  # fmt: skip
+        names = [p.name for p in fn.params]
+        aligned = constants.pop(ALIGNED, ())  # what a launch specialises as divisible by 16 (see ALIGNED)
+        attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+        options = {"num_warps": 4, **({"num_stages": constants.pop(STAGES)} if STAGES in constants else {})}
+        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs), target=target,
+                           options=options)  # fmt: skip
         assert k.asm.get("cubin"), f"{name}: no cubin"
         print(f"ok  {name:<34} sm_{args.arch}  shared {k.metadata.shared} B", flush=True)
 
