@@ -16,7 +16,6 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-
 # keys a configuration's constants may carry besides the kernel's own: the parameters a launch specialises as
 # divisible by 16 (16-byte aligned pointers, strides and sizes that are multiples of 16, as Triton does at run time;
 # without them a load cannot become cp.async and the loop is not software-pipelined), and num_stages
