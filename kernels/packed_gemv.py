@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from kernels import switches
 
 BACKENDS = ("auto", "triton", "torch")
+BLOCK_T = 16  # token rows a program takes: tl.dot's smallest M (a decode call's rows past T are masked)
 BLOCK_K = 128  # d_in per loop step: x [16, 128] and W [block_n, 128] tiles, bf16
 NUM_STAGES = 4  # software-pipelined loads in flight per program (a GEMV is bound by them)
 
@@ -102,5 +103,5 @@ def gemv_lora(x, W, N, E, B_slot=None, *, out=None, backend="auto", block_n=None
         out = torch.empty(x.shape[0], N, dtype=x.dtype, device=x.device)
         if switches.state.poison:  # tests: a column the kernel misses shows as NaN
             out.fill_(float("nan"))
-    return triton_packed_gemv.launch(_unit_cols(x), _unit_cols(W), N, E, _unit_cols(B_slot), out,
+    return triton_packed_gemv.launch(_unit_cols(x), _unit_cols(W), N, E, _unit_cols(B_slot), out, BLOCK_T,
                                    block_n or default_block_n(x.device.type), block_k or BLOCK_K, num_stages)

@@ -1,7 +1,7 @@
 """Triton kernel of ``kernels.packed_gemv``: a decode GEMV over a packed weight with the uniform LoRA in its epilogue.
 
 Imported lazily (TRITON_INTERPRET is read when the kernel is decorated). Grid (cdiv(T, BT), cdiv(N, BN)): a
-program owns BT = 16 token rows (``tl.dot``'s smallest M; rows past T are masked) of one block of BN output
+program owns BT token rows (``kernels.packed_gemv.BLOCK_T``: ``tl.dot``'s smallest M; rows past T are masked) of one block of BN output
 columns, and walks d_in in steps of BK:
 
   1. loads x[rows, k:k+BK] once and the block's base rows W[cols, k:k+BK], accumulating ``x W^T`` (fp32);
@@ -22,6 +22,8 @@ captures it.
 import torch
 import triton
 import triton.language as tl
+
+from kernels.triton_kernels import _mma
 
 
 @triton.jit
@@ -45,36 +47,26 @@ def gemv_lora_kernel(x_ptr, w_ptr, b_ptr, out_ptr, T, N, E, D, sxt, swn, sbe, so
                      other=0.0)  # fmt: skip
         wt = tl.load(w_ptr + cols[:, None].to(tl.int64) * swn + k[None, :], mask=col_ok[:, None] & k_ok[None, :],
                      other=0.0)  # fmt: skip
-        if F32:
-            acc = tl.dot(xt, tl.trans(wt), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(xt, tl.trans(wt), acc)
+        acc = _mma(acc, xt, tl.trans(wt), F32)
         if HAS_LORA:
             at = tl.load(w_ptr + (N + ee[:, None]).to(tl.int64) * swn + k[None, :],
                          mask=e_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
-            if F32:
-                h = tl.dot(xt, tl.trans(at), h, input_precision="ieee")
-            else:
-                h = tl.dot(xt, tl.trans(at), h)
+            h = _mma(h, xt, tl.trans(at), F32)
     if HAS_LORA:
         bt = tl.load(b_ptr + ee[:, None].to(tl.int64) * sbe + cols[None, :], mask=e_ok[:, None] & col_ok[None, :],
                      other=0.0)  # fmt: skip
-        hq = h.to(bt.dtype)  # the stored h of the two-launch form (a bf16 GEMM output column)
-        if F32:
-            acc = tl.dot(hq, bt, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(hq, bt, acc)
+        acc = _mma(acc, h, bt, F32)  # h rounded to B's dtype: the stored h of the two-launch form (a GEMM output)
     tl.store(out_ptr + rows[:, None].to(tl.int64) * sot + cols[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])  # fmt: skip
 
 
-def launch(x, W, N, E, B_slot, out, block_n, block_k, num_stages):
+def launch(x, W, N, E, B_slot, out, block_t, block_n, block_k, num_stages):
     """Launch over x [T, D], W [>= N + E, D], B_slot [E, N] (ignored at E = 0) into out [T, N], each with a unit
     column stride. fp32 inputs take ``tl.dot`` in full precision (``ieee``: tf32 would round them)."""
     T, D = x.shape
     b = B_slot if E else W  # any pointer: HAS_LORA false reads nothing of it
-    grid = (triton.cdiv(T, 16), triton.cdiv(N, block_n))
+    grid = (triton.cdiv(T, block_t), triton.cdiv(N, block_n))
     gemv_lora_kernel[grid](x, W, b, out, T, N, E, D, x.stride(0), W.stride(0), b.stride(0), out.stride(0),
-                           BT=16, BN=block_n, BE=max(16, triton.next_power_of_2(max(E, 1))), BK=block_k,
+                           BT=block_t, BN=block_n, BE=max(16, triton.next_power_of_2(max(E, 1))), BK=block_k,
                            HAS_LORA=E > 0, F32=x.dtype == torch.float32, num_stages=num_stages)  # fmt: skip
     return out

@@ -110,11 +110,11 @@ def configurations():
         for bn in (16, gl.default_block_n("cuda"), 64):
             for lora in (True, False):
                 out.append((f"gemv_lora {dt} BN={bn}" + ("" if lora else " base"), tgl.gemv_lora_kernel, ptrs,
-                            {"BT": 16, "BN": bn, "BE": 32, "BK": gl.BLOCK_K, "HAS_LORA": lora,
+                            {"BT": gl.BLOCK_T, "BN": bn, "BE": 32, "BK": gl.BLOCK_K, "HAS_LORA": lora,
                              "F32": dt == "fp32", **spec}))  # fmt: skip
         if dt == "bf16":  # the benchmark's wider d_in step
             out.append(("gemv_lora bf16 BN=16 BK=256", tgl.gemv_lora_kernel, ptrs,
-                        {"BT": 16, "BN": 16, "BE": 32, "BK": 256, "HAS_LORA": True, "F32": False, **spec}))
+                        {"BT": gl.BLOCK_T, "BN": 16, "BE": 32, "BK": 256, "HAS_LORA": True, "F32": False, **spec}))
     return out
 
 

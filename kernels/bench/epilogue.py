@@ -54,6 +54,7 @@ import torch.nn.functional as F
 
 from common.atomic import atomic_write_text
 from kernels import expand_shrunk, gemv_lora
+from kernels.packed_gemv import BLOCK_T as ONE_LAUNCH_BLOCK_T
 from kernels.shrunk_expand import default_block_n
 
 #: name -> (members' out sizes, d_in): LLaMA-3-8B's projection groups (q/k/v, gate/up, o, down)
@@ -327,7 +328,7 @@ def bench_group(name, T, rows, log, block_ns=BLOCK_NS):
         err = rel_err(one_launch(groups[0], bn, block_k=bk), reference(groups[0], "uniform"))
         rows.append({"group": name, "T": T, "mode": "uniform", "form": "one_launch", "block_n": bn, "block_k": bk,
                      "block_t": 1,
-                     "programs": -(-T // 16) * -(-groups[0].N // bn), "base_gemm_us": base, "packed_gemm_us": None,
+                     "programs": -(-T // ONE_LAUNCH_BLOCK_T) * -(-groups[0].N // bn), "base_gemm_us": base, "packed_gemm_us": None,
                      "packed_unaligned_us": None, "epilogue_us": None, "gemm_plus_epilogue_us": fused,
                      "triton_base_us": tbase, "rel_err": err, "weight_sets": n_w})  # fmt: skip
         log(f"{name:<7} T={T} one launch bn={bn:<3} bk={bk:<3} base {base:7.2f}  triton base {tbase:7.2f}  one launch "
@@ -395,6 +396,12 @@ def _unaligned(r) -> float | None:
     return r["packed_gemm_us"] if v is None else v
 
 
+def _one_launch(r) -> bool:
+    """A row of the one-launch form (``kernels.gemv_lora``); the others (and every record made before it) are the
+    two-launch GEMM + epilogue."""
+    return r.get("form") == "one_launch"
+
+
 def _diff(a, b):
     return None if a is None or b is None else a - b
 
@@ -411,7 +418,7 @@ def per_token(doc, all_tokens: bool = False) -> list:
         for mode in MODES:
             bt = T if all_tokens and mode != "uniform" else 1
             sel = [r for r in doc["rows"] if r["T"] == T and r["mode"] == mode and r.get("block_t", 1) == bt
-                   and r.get("form", "two_launch") == "two_launch"
+                   and not _one_launch(r)
                    and (r["block_n"] is None if mode == "uniform" else r["block_n"] == dflt)]  # fmt: skip
             if not sel:
                 continue
@@ -434,10 +441,9 @@ def one_launch_per_token(doc) -> list:
     the Triton GEMV over the base alone, the one launch, and the one launch over (a); beside the two-launch
     uniform form over (a) (d - a) from the same run."""
     layers, out = doc["config"]["layers"], []
-    ones = [r for r in doc["rows"] if r.get("form") == "one_launch"]
+    ones = [r for r in doc["rows"] if _one_launch(r)]
     for T in sorted({r["T"] for r in ones}):
-        two = {r["group"]: r for r in doc["rows"] if r["T"] == T and r["mode"] == "uniform"
-               and r.get("form", "two_launch") == "two_launch"}  # fmt: skip
+        two = {r["group"]: r for r in doc["rows"] if r["T"] == T and r["mode"] == "uniform" and not _one_launch(r)}
         for bn, bk in sorted({(r["block_n"], r.get("block_k")) for r in ones if r["T"] == T}, key=str):
             sel = [r for r in ones if r["T"] == T and r["block_n"] == bn and r.get("block_k") == bk]
 
@@ -519,7 +525,7 @@ def markdown(doc) -> str:
                 continue
             bn = "-" if r["block_n"] is None else (f"**{r['block_n']}**" if r["block_n"] == dflt else str(r["block_n"]))
             err = "-" if r.get("rel_err") is None else f"{r['rel_err']:.1e}"
-            mode = r["mode"] + (" (one launch)" if r.get("form") == "one_launch" else "")
+            mode = r["mode"] + (" (one launch)" if _one_launch(r) else "")
             lines.append(
                 f"| {r['T']} | {mode} | {bn} | {r.get('block_t', 1)} | "
                 f"{'-' if r['programs'] is None else r['programs']} | "

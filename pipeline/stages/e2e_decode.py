@@ -70,7 +70,7 @@ def variant(strategy: str) -> str:
 
 def router_label(strategy: str) -> str:
     """The strategy a label names, without its variant suffix (``oracle+grouped`` -> ``oracle``)."""
-    return strategy.removesuffix(variant(strategy)) if variant(strategy) else strategy
+    return strategy.removesuffix(variant(strategy))
 TARGETS = {"all7": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
            "qv": ["q_proj", "v_proj"]}
 # the loramux strategies' routers come from conf/router through bench.routers (label -> router overrides), as the
