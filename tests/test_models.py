@@ -317,6 +317,44 @@ def test_gate_hits_by_projection_sum_to_the_pooled_hits_and_match_each_gate_by_h
     assert mm.router.gate_hits_by_projection() is None  # a router without gates counts none
 
 
+def test_gate_confusion_equals_every_gates_argmax_counted_by_hand(mm):
+    """``gate_confusion``: [L, L] counts of (labelled token's task, its top-1 gate's choice) summed over every gate.
+    Fresh gates, each gate's input caught by a forward hook: the matrix equals the argmax of each gate on the very
+    input it read, counted over the labelled tokens only (pad tokens have none); its diagonal and row sums are
+    ``gate_hits_by_task``'s hits and pairs. Train mode counts nothing."""
+    batch = _batch(mm)
+    torch.manual_seed(5)
+    mm.set_router("meteora", top_k=2)
+    mm.eval()
+    seen = {}
+    def keep(key):  # a forward hook that returns None (a returned value would replace the gate's output)
+        return lambda m, args, out: seen.__setitem__(key, args[0].clone())
+
+    hooks = [g.register_forward_hook(keep(k)) for k, g in mm.router.gates.items()]
+    task = [2, 0, 1]
+    with torch.no_grad():
+        mm(**batch, task_ids=task)
+    for h in hooks:
+        h.remove()
+    L = mm.router.gates[next(iter(mm.router.gates))].out_features
+    labels = torch.tensor(task)[:, None].expand_as(batch["attention_mask"]).reshape(-1)
+    labelled = batch["attention_mask"].reshape(-1) == 1
+    expected = torch.zeros(L, L, dtype=torch.long)
+    with torch.no_grad():
+        for k, x in seen.items():
+            chosen = mm.router.gates[k](x).argmax(-1)
+            for t, c in zip(labels[labelled].tolist(), chosen[labelled].tolist(), strict=True):
+                expected[t, c] += 1
+    got = mm.router.gate_confusion()
+    assert len(seen) == 14 and got.tolist() == expected.tolist()
+    assert (expected - torch.diag(expected.diagonal())).sum() > 0, "fresh gates must misroute some tokens"
+    hits, pairs = mm.router.gate_hits_by_task()
+    assert hits.tolist() == got.diagonal().tolist() and pairs.tolist() == got.sum(1).tolist()
+    mm.train()
+    mm(**batch, task_ids=task)
+    assert mm.router.gate_confusion() is None
+
+
 def test_gates_and_adapters_trainable(mm):
     batch = _batch(mm)
     mm.set_router("meteora")

@@ -118,7 +118,7 @@ def test_meteora_tasks_table(tables):
     assert [r["task"] for r in t["rows"]] == TASKS
     for r in t["rows"]:
         assert r.keys() == {"task", "metric", "peft", "meteora_top1", "meteora_top2", "lora_b", "merge", "gate_accuracy",
-                            "runs"}
+                            "gate_confused_with", "runs"}
         assert all(r[c] is not None for c in ("peft", "meteora_top1", "meteora_top2", "lora_b", "merge"))
         assert r["runs"]["peft"] == "evaluate/oracle" and r["runs"]["meteora_top2"] == "evaluate/meteora-top2"
     by = {r["task"]: r for r in t["rows"]}
@@ -138,6 +138,18 @@ def test_meteora_tasks_table(tables):
     for task in TASKS:
         assert by[task]["gate_accuracy"] == pytest.approx(route["router_accuracy_by_task"][task])
         assert 0 <= by[task]["gate_accuracy"] <= 1 and by[task]["runs"]["gate_accuracy"] == "route/meteora"
+    confusion = route["router_confusion"]  # (task, chosen task) counts of the last validation, rows in TASKS order
+    assert confusion["tasks"] == TASKS
+    for i, task in enumerate(TASKS):
+        row = confusion["counts"][i]
+        assert row[i] / sum(row) == pytest.approx(route["router_accuracy_by_task"][task], abs=1e-6)
+        top = confusion["confused_with"][task]
+        if top:
+            other, share = top[0]
+            assert share == pytest.approx(max(c for j, c in enumerate(row) if j != i) / sum(row), abs=1e-4)
+            assert by[task]["gate_confused_with"].startswith(f"{other} {share:.2f}")
+        else:
+            assert by[task]["gate_confused_with"] is None
     _png(tables, "meteora_tasks")
 
 

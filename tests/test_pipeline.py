@@ -483,6 +483,22 @@ def _assert_accuracy_by_projection_and_layer(rec: dict) -> None:
     assert set(rec["router_accuracy_by_task"]) == set(rec["adapters"])
 
 
+def test_confusion_record_by_hand():
+    """pipeline.stages.route.confusion_record: the counts as rows, and each task's three largest off-diagonal shares
+    of its pairs (>= 0.01, largest first); a task without pairs confuses nothing; a matrix of the wrong size is an
+    error; no counts, no record."""
+    from pipeline.stages.route import confusion_record
+
+    counts = torch.tensor([[6, 3, 1, 0], [0, 10, 0, 0], [1, 2, 3, 4], [0, 0, 0, 0]])
+    rec = confusion_record(counts, ["a", "b", "c", "d"])
+    assert rec["tasks"] == ["a", "b", "c", "d"] and rec["counts"] == counts.tolist()
+    assert rec["confused_with"] == {"a": [["b", 0.3], ["c", 0.1]], "b": [], "c": [["d", 0.4], ["b", 0.2], ["a", 0.1]],
+                                    "d": []}
+    with pytest.raises(ValueError, match="4-row confusion matrix for 3 adapters"):
+        confusion_record(counts, ["a", "b", "c"])
+    assert confusion_record(None, ["a"]) is None
+
+
 def test_projection_accuracies_by_hand():
     """pipeline.stages.route.projection_accuracies on counts summed by hand: each gate's hits over the labelled
     tokens, each layer's mean (its index parsed from the gate key or module name; ``other`` without one)."""

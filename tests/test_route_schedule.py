@@ -67,6 +67,8 @@ def test_validation_sums_gate_hits_per_projection_over_its_batches(mm):
     assert got_hits.tolist() == hits.tolist() and int(got_tokens) == tokens == sum(
         int(b["attention_mask"].sum()) for b in batches)
     task_hits, task_pairs = module.val_task_hits
+    assert module.val_confusion.diagonal().tolist() == task_hits.tolist()  # summed over the batches as the hits are
+    assert module.val_confusion.sum(1).tolist() == task_pairs.tolist()
     pooled = float(task_hits.sum() / task_pairs.sum())
     acc = projection_accuracies(module.val_projection_hits, list(mm.router.gates))
     by_projection, by_layer = acc["router_accuracy_by_projection"], acc["router_accuracy_by_layer"]

@@ -84,7 +84,7 @@ class MeteoraRouter(Router):
         # specialise it to the list's length.
         self._ce_sum: torch.Tensor | None = None
         self._gate_logits: list = []  # this forward's [T, L] logits per projection, not yet in _ce_sum
-        self._task_hits: torch.Tensor | None = None  # [L] top-1 hits per task (eval mode); their sum: all hits
+        self._confusion: torch.Tensor | None = None  # [L * L] (task, chosen task) counts (eval mode)
         self._projection_hits: torch.Tensor | None = None  # [P] top-1 hits per gate, in self.gates order (eval mode)
 
     def config(self):
@@ -112,7 +112,7 @@ class MeteoraRouter(Router):
         return [f"gates.{k}.weight" for k in self.gates]
 
     def begin_forward(self, input_ids, attention_mask, inputs_embeds, is_prefill):
-        self._labels = self._ce_sum = self._task_hits = self._projection_hits = None
+        self._labels = self._ce_sum = self._confusion = self._projection_hits = None
         self._gate_logits = []
         tid = self.ctx.task_ids
         if tid is None:
@@ -130,7 +130,7 @@ class MeteoraRouter(Router):
         # routing accuracy where it is read (validation, evaluation: eval mode), per task and per projection; a
         # training step skips its seven ops per projection
         if not self.training:
-            self._task_hits = torch.zeros(self._num_adapters(), dtype=torch.long, device=ref.device)
+            self._confusion = torch.zeros(self._num_adapters() ** 2, dtype=torch.long, device=ref.device)
             self._projection_hits = torch.zeros(len(self.gates), dtype=torch.long, device=ref.device)
 
     def projection_state(self, module_name):
@@ -146,9 +146,13 @@ class MeteoraRouter(Router):
                                                               reduction="sum")
             else:
                 self._gate_logits.append(logits)
-            if self._task_hits is not None:
-                hit = (logits.argmax(-1) == self._labels) & (self._labels != -100)
-                self._task_hits = self._task_hits.scatter_add(0, self._labels.clamp(min=0), hit.long())
+            if self._confusion is not None:
+                chosen = logits.argmax(-1)
+                hit = (chosen == self._labels) & (self._labels != -100)
+                # (true task, chosen task) counts, flattened [L * L]: the diagonal is each task's hits
+                L = logits.shape[-1]
+                self._confusion = self._confusion.index_add(0, self._labels.clamp(min=0) * L + chosen,
+                                                            (self._labels != -100).long())
                 # this gate's slot, from a tensor it holds: a Python index (or its name as a key) would make a
                 # compiled decoder layer specialise to each layer
                 self._projection_hits = self._projection_hits.index_add(0, gate.projection_index,
@@ -195,11 +199,21 @@ class MeteoraRouter(Router):
         """``(hits [L], pairs [L])`` of the last forward in eval mode: per task (adapter index), the (token,
         projection) pairs whose top-1 gate chose it, and all its labelled pairs; device tensors (None in train mode
         or without task ids). Summed over a validation set they give each task's routing accuracy."""
-        if self._task_hits is None:
+        confusion = self.gate_confusion()
+        if confusion is None:
             return None
-        valid = (self._labels != -100).long()
-        pairs = torch.zeros_like(self._task_hits).scatter_add(0, self._labels.clamp(min=0), valid) * len(self.gates)
-        return self._task_hits, pairs
+        return confusion.diagonal().clone(), confusion.sum(1)
+
+    def gate_confusion(self) -> torch.Tensor | None:
+        """``[L, L]`` counts of the last forward in eval mode: row = a labelled token's task, column = the task its
+        top-1 gate chose, summed over every gate (each (token, projection) pair counts once; a row sums to that
+        task's pairs, the diagonal is its hits). Summed over a validation set it says which tasks the gates confuse:
+        tasks that read alike (the same prompt format, text in neighbouring languages) share their off-diagonal
+        mass. A device tensor (None in train mode or without task ids)."""
+        if self._confusion is None:
+            return None
+        L = self._num_adapters()
+        return self._confusion.reshape(L, L)
 
     def gate_hits_by_projection(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(hits [P], tokens)`` of the last forward in eval mode: per gate (one per wrapped projection, in the
@@ -218,9 +232,9 @@ class MeteoraRouter(Router):
         """Fraction of (token, projection) pairs whose top-1 gate choice is the token's task, in the last forward in
         eval mode (None in train mode, or without task ids): a 0-d float tensor on the gates' device (NaN when no
         token has a label), computed there, so nothing is read back to the host for it until it is logged."""
-        if self._task_hits is None:
+        if self._confusion is None:
             return None
-        return self._task_hits.sum().float() / self._pairs().float()
+        return self.gate_confusion().diagonal().sum().float() / self._pairs().float()
 
     @torch.no_grad()
     def on_adapters_changed(self, old_names, new_names):

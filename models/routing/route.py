@@ -196,6 +196,10 @@ class Router(nn.Module):
         """``(hits [L], pairs [L])`` per task of the last forward, for a router that counts them (MeteoRA's gates,
         in eval mode); None for the others."""
 
+    def gate_confusion(self):
+        """``[L, L]`` (task, chosen task) counts of the last forward, for a router that counts them (MeteoRA's gates,
+        in eval mode); None for the others."""
+
     def gate_hits_by_projection(self):
         """``(hits [P], tokens)`` of the last forward: per projection gate, the labelled tokens its top-1 routed to
         their task, and the labelled tokens (each gate routes every one), for a router with a gate per projection

@@ -12,10 +12,12 @@ the report call's, ``runs`` the first and last run date); each row's ``runs`` na
 Claims: ``pipeline.report.paper_claims`` (point estimate, paired bootstrap interval from the runs' predictions, verdict).
 Rows per table (scores: accuracy and ROUGE as fractions in [0, 1], BLEU 0-100; None where a run is missing):
 
-* ``meteora_tasks``: ``{task, metric, peft, meteora_top1, meteora_top2, lora_b, merge, gate_accuracy, runs}``;
-  ``peft`` = the oracle (each task's own adapter); ``metric`` = accuracy where the task has it, else rougeL, else
-  bleu; ``gate_accuracy`` = the route stage's validation routing accuracy on the task's tokens (None where the
-  route record has no per-task counts). Top-level ``router``: the MeteoRA gates' route stage (validation token
+* ``meteora_tasks``: ``{task, metric, peft, meteora_top1, meteora_top2, lora_b, merge, gate_accuracy,
+  gate_confused_with, runs}``; ``peft`` = the oracle (each task's own adapter); ``metric`` = accuracy where the
+  task has it, else rougeL, else bleu; ``gate_accuracy`` = the route stage's validation routing accuracy on the
+  task's tokens (None where the route record has no per-task counts); ``gate_confused_with`` = the tasks the
+  gates chose instead, with their share of the task's (token, gate) pairs (the route record's
+  ``router_confusion``; None without it). Top-level ``router``: the MeteoRA gates' route stage (validation token
   routing accuracy, steps, the target accuracy and the step it was reached, what stopped it, the curve).
 * ``meteora_composite``: ``{n, subtask, metric, meteora, lora_b, meteora_answered, lora_b_answered, runs}``
   (``*_answered``: share of rows with a non-empty answer to that sub-task); top-level ``per_n`` =
@@ -118,6 +120,7 @@ def meteora_tasks(records: list[dict]) -> dict:
     recs = [ev[s] for s in METEORA_TASK_COLUMNS.values() if s in ev]
     route = _route(records, "meteora")
     gates = (route or {}).get("router_accuracy_by_task") or {}  # each task's gate routing accuracy (validation)
+    confused = ((route or {}).get("router_confusion") or {}).get("confused_with") or {}
     rows = []
     for task in _ordered_tasks(recs):
         metric = primary_metric(task, recs)
@@ -125,12 +128,22 @@ def meteora_tasks(records: list[dict]) -> dict:
         for col, label in METEORA_TASK_COLUMNS.items():
             row[col] = _num(ev[label]["metrics"].get(f"{task}/{metric}")) if label in ev and metric else None
         row["gate_accuracy"] = _num(gates.get(task))
+        row["gate_confused_with"] = confused_cell(confused.get(task))
         row["runs"] = _runs({**{col: ev.get(label) for col, label in METEORA_TASK_COLUMNS.items()},
                              "gate_accuracy": route if task in gates else None})
         rows.append(row)
     avg = {col: _mean(_unit(r["metric"], r[col]) for r in rows) for col in METEORA_TASK_COLUMNS}
     return {"rows": rows, "averages": avg, "router": router_info(_route(records, "meteora")),
             "_sources": {col: ev[label] for col, label in METEORA_TASK_COLUMNS.items() if label in ev}}
+
+
+def confused_cell(pairs) -> str | None:
+    """A task's largest confusions from the route record's ``router_confusion.confused_with`` (``[[other task,
+    share of its (token, gate) pairs], ...]``) as one cell, ``"b 0.31, c 0.05"``; None without counts or
+    confusions."""
+    if not pairs:
+        return None
+    return ", ".join(f"{other} {share:.2f}" for other, share in pairs)
 
 
 def router_info(route: dict | None) -> dict | None:

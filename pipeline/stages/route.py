@@ -13,8 +13,9 @@ else the prompt alone. ``router.train.steps`` optimizer steps; validation on the
 ``router.train.target_accuracy`` the fit stops once the validation routing accuracy first reaches it
 (``router.train.steps`` is then the bound); metrics.json records the target, the step it was reached at and the
 accuracy curve (``pipeline/stages/target_accuracy.py``); a router that counts its top-1 hits per task (MeteoRA's
-gates) also gives each task's routing accuracy over the last validation (``router_accuracy_by_task``), and one
-that counts them per projection gate (MeteoRA's) each gate's and each layer's (``router_accuracy_by_projection``,
+gates) also gives each task's routing accuracy over the last validation (``router_accuracy_by_task``) and
+which tasks it takes for which (``router_confusion``: ``confusion_record``), and one that counts them per
+projection gate (MeteoRA's) each gate's and each layer's (``router_accuracy_by_projection``,
 ``router_accuracy_by_layer``: ``projection_accuracies``), which say where the pooled accuracy is lost, beside
 two references computed from the rows (``data.routing_ceiling``): the most any causal token router can score
 on the validation rows (``router_accuracy_ceiling``) and what a router reading one token scores there
@@ -98,6 +99,7 @@ class RouterTrainModule(L.LightningModule):
         self.trainable = mm.set_trainable("router+adapters" if train_loras else "router")
         self.val_task_hits = None  # (hits [L], pairs [L]) summed over the last validation (routers that count them)
         self.val_projection_hits = None  # (hits [P], tokens) likewise, per projection gate (MeteoRA's)
+        self.val_confusion = None  # [L, L] (task, chosen task) counts summed over the last validation (MeteoRA's)
         self.step_checks = StepChecks("router loss is {loss} at step {step}; lower router.train.lr")  # the NaN stop
         self.graph = graph  # the whole training step replayed as a CUDA graph (train_speed.cuda_graph)
         self._graphs: StepGraphs | None = None
@@ -156,7 +158,7 @@ class RouterTrainModule(L.LightningModule):
         return None if self.graph is not None else loss  # graph: nothing left for Lightning to backpropagate
 
     def on_validation_epoch_start(self) -> None:
-        self.val_task_hits = self.val_projection_hits = None
+        self.val_task_hits = self.val_projection_hits = self.val_confusion = None
 
     def on_validation_epoch_end(self) -> None:
         reduce = self.trainer.strategy.reduce  # every rank's counts: the whole validation set's
@@ -164,11 +166,16 @@ class RouterTrainModule(L.LightningModule):
             self.val_task_hits = tuple(reduce(t, reduce_op="sum") for t in self.val_task_hits)
         if self.val_projection_hits is not None:
             self.val_projection_hits = tuple(reduce(t, reduce_op="sum") for t in self.val_projection_hits)
+        if self.val_confusion is not None:
+            self.val_confusion = reduce(self.val_confusion, reduce_op="sum")
 
     def validation_step(self, batch, batch_idx):
         loss, parts = self._step(batch)
         self.val_task_hits = _add_counts(self.val_task_hits, self.mm.router.gate_hits_by_task())
         self.val_projection_hits = _add_counts(self.val_projection_hits, self.mm.router.gate_hits_by_projection())
+        confusion = self.mm.router.gate_confusion()
+        if confusion is not None:
+            self.val_confusion = confusion if self.val_confusion is None else self.val_confusion + confusion
         bs = batch["input_ids"].shape[0]
         self.log("val/loss", loss.detach(), prog_bar=True, batch_size=bs, sync_dist=True)  # DDP: mean over all ranks
         for k, v in parts.items():
@@ -260,6 +267,7 @@ def route(cfg: DictConfig) -> float | None:
                           extra={"router_dir": str(shared), "adapters": list(mm.adapter_names), "train_speed": speed,
                                  **curve.summary(), "router_accuracy_by_task":
                                      task_accuracies(module.val_task_hits, list(mm.adapter_names)),
+                                 "router_confusion": confusion_record(module.val_confusion, list(mm.adapter_names)),
                                  **projection_accuracies(module.val_projection_hits,
                                                          list(getattr(mm.router, "gates", {}))),
                                  **routing_ceiling(mm.router, train, val, list(mm.adapter_names))})
@@ -286,6 +294,25 @@ def task_accuracies(counts, adapters: list[str]) -> dict | None:
         return None
     hits, pairs = (t.tolist() for t in counts)
     return {name: (round(h / p, 6) if p else None) for name, h, p in zip(adapters, hits, pairs, strict=True)}
+
+
+def confusion_record(counts, adapters: list[str]) -> dict | None:
+    """The last validation's ``[L, L]`` (task, chosen task) counts (``RouterTrainModule.val_confusion``) as a record:
+    ``{"tasks": adapters, "counts": rows of ints, "confused_with": {task: [[other task, share of its pairs], ...]}}``,
+    the three largest off-diagonal shares of each task (those >= 0.01). Where the pooled accuracy is lost between
+    tasks: e.g. text in neighbouring languages, or the same reading-comprehension format, routed to each other.
+    None for a router that does not count them."""
+    if counts is None:
+        return None
+    rows = counts.tolist()
+    if len(rows) != len(adapters):
+        raise ValueError(f"a {len(rows)}-row confusion matrix for {len(adapters)} adapters")
+    confused = {}
+    for i, (name, row) in enumerate(zip(adapters, rows, strict=True)):
+        total = sum(row)
+        off = sorted(((row[j] / total, adapters[j]) for j in range(len(row)) if j != i and total), reverse=True)
+        confused[name] = [[other, round(share, 4)] for share, other in off[:3] if share >= 0.01]
+    return {"tasks": list(adapters), "counts": rows, "confused_with": confused}
 
 
 def projection_accuracies(counts, keys: list[str]) -> dict:
