@@ -1,0 +1,222 @@
+"""How far a linear gate can go: per-layer linear probes on the rows a MeteoRA route record was scored on.
+
+    python -m pipeline.report.gate_probe outputs/records/meteora_tasks/route/meteora            # the committed run
+    python -m pipeline.report.gate_probe <route record dir> --per-task 60 --layers 0,3,29 --out outputs/tables
+
+MeteoRA's gate in a projection is ``Linear(d_in, L)`` on that projection's input, and its routing accuracy is the
+share of tokens whose top-1 is the row's task. A route run that stops below its target accuracy leaves a question
+the run cannot answer: were the gates under-trained, or can no linear function of those inputs do better? This
+tool answers the second half. It rebuilds the record's validation rows (its own composed config: tasks, split,
+rows per task, max length, the same tokenizer; ``data.batches.routed_rows``) and ``per_task`` training rows of
+each task, runs the base model over them (no adapters), catches the input of each chosen layer's ``q_proj`` (what
+the q / k / v gates read), and fits one multinomial logistic regression per layer on the training tokens (AdamW,
+full passes, fixed seed). It then scores each probe on the validation tokens, beside the accuracy the record's
+gates reached at the same layer (``router_accuracy_by_projection``).
+
+What it measures, and what not:
+- The probes see the base model's hidden states; the gates saw those of the model with the routed adapters added,
+  which differ a little. The probes also see fewer training rows than a route run. So their accuracy is an
+  estimate of what a converged linear gate reaches here, not an upper bound.
+- ``pooled_probe`` is the mean of the probes over the probed layers. With evenly spaced layers it estimates the
+  pooled accuracy of converged q / k / v gates. When even the best layer's probe falls short of the target, no
+  amount of gate training reaches the target with linear gates on this model.
+
+Writes ``<out>/gate_probe.{json,md}`` (provenance: this code's git sha, device, versions, date, the record it read
+and that record's sha). Minutes on a CPU (the forward passes); seconds on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import lzma
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from common.atomic import atomic_write_text
+from common.provenance import device_name, git_sha, versions
+
+DEFAULT_LAYERS = "0,3,6,9,12,15,18,21,24,27,last"
+
+
+def projection_inputs(model, rows: list[dict], layers: list[int]) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """``({layer: [tokens, d_in] fp16}, labels [tokens])``: the input of each layer's ``self_attn.q_proj`` for
+    every token of ``rows`` (one row a forward, no padding), and each token's task id."""
+    caught: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
+    hooks = [model.model.layers[i].self_attn.q_proj.register_forward_pre_hook(
+        lambda m, args, i=i: caught[i].append(args[0][0].to(torch.float16))) for i in layers]
+    labels = []
+    try:
+        with torch.no_grad():
+            for row in rows:
+                ids = torch.tensor(row["input_ids"], device=model.device)[None]
+                model(input_ids=ids)
+                labels.append(torch.full((ids.shape[1],), int(row["task_id"])))
+    finally:
+        for h in hooks:
+            h.remove()
+    return {i: torch.cat(caught[i]).cpu() for i in layers}, torch.cat(labels)
+
+
+def fit_probe(x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor, num_classes: int,
+              epochs: int = 15, lr: float = 3e-3, batch: int = 2048, seed: int = 0) -> dict:
+    """A ``Linear(d_in, num_classes, bias=False)`` (a gate's shape) fitted by AdamW on ``(x, y)`` for ``epochs``
+    shuffled passes; ``{"val": accuracy on (x_val, y_val), "train": accuracy on the training tokens}``."""
+    g = torch.Generator().manual_seed(seed)
+    probe = torch.nn.Linear(x.shape[1], num_classes, bias=False)
+    torch.nn.init.zeros_(probe.weight)
+    opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=0.0)
+    x, x_val = x.float(), x_val.float()
+    for _ in range(epochs):
+        order = torch.randperm(x.shape[0], generator=g)
+        for i in range(0, x.shape[0], batch):
+            b = order[i:i + batch]
+            loss = F.cross_entropy(probe(x[b]), y[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        return {"val": round(float((probe(x_val).argmax(-1) == y_val).float().mean()), 4),
+                "train": round(float((probe(x).argmax(-1) == y).float().mean()), 4)}
+
+
+def _record(record_dir: Path) -> tuple[dict, dict]:
+    import yaml
+
+    for name in ("config.yaml.xz", "metrics.json.xz"):
+        if not (record_dir / name).is_file():
+            raise ValueError(f"{record_dir} is not a route record (no {name}): give a committed route record dir, "
+                             f"e.g. outputs/records/meteora_tasks/route/meteora")
+    with lzma.open(record_dir / "config.yaml.xz", "rt") as f:
+        cfg = yaml.safe_load(f)
+    with lzma.open(record_dir / "metrics.json.xz", "rt") as f:
+        rec = json.load(f)
+    if rec.get("stage") != "route" or not rec.get("router_accuracy_by_projection"):
+        raise ValueError(f"{record_dir}: not a MeteoRA route record with per-projection accuracies")
+    return cfg, rec
+
+
+def local_model(recorded: str) -> str:
+    """The record's model dir where it is here, else the same model in this machine's asset cache
+    (``data.assets.cache_dir()/models/<its name>``: a record made on another machine names that machine's path)."""
+    from data.assets import cache_dir
+
+    for path in (Path(recorded), cache_dir() / "models" / Path(recorded).name):
+        if path.is_dir():
+            return str(path)
+    raise ValueError(f"model {recorded} (the record's model.name_or_path) is not here, nor under "
+                     f"{cache_dir() / 'models'}: run `make assets`, or give --model <local dir of the same model>")
+
+
+def parse_layers(spec: str, num_layers: int) -> list[int]:
+    """``"0,3,last"`` -> ``[0, 3, num_layers - 1]`` (sorted, unique); a layer outside the model is an error."""
+    out = set()
+    for part in spec.split(","):
+        part = part.strip()
+        i = num_layers - 1 if part == "last" else int(part) if part.lstrip("-").isdigit() else None
+        if i is None or not 0 <= i < num_layers:
+            raise ValueError(f"--layers {spec!r}: {part!r} is not a layer of this {num_layers}-layer model "
+                             f"(give 0..{num_layers - 1} or 'last', comma-separated)")
+        out.add(i)
+    return sorted(out)
+
+
+def gate_probe(record_dir, per_task: int = 60, layers: str = DEFAULT_LAYERS, model_path: str | None = None,
+               epochs: int = 15, seed: int = 0) -> dict:
+    """The probe document of one route record (see the module docstring)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from data.batches import routed_rows, routed_rows_settings
+
+    record_dir = Path(record_dir)
+    cfg, rec = _record(record_dir)
+    path = model_path or local_model(cfg["model"]["name_or_path"])
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    settings = routed_rows_settings(cfg, tokenizer, prompt_only=False)
+    train = routed_rows(split=str(cfg["data"]["train_split"]), per_task=per_task, **settings)
+    val = routed_rows(split=str(cfg["data"]["val_split"]), per_task=int(cfg["router"]["train"]["val_rows_per_task"]),
+                      **settings)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+    chosen = parse_layers(layers, model.config.num_hidden_layers)
+    torch.manual_seed(seed)
+    x_train, y_train = projection_inputs(model, train, chosen)
+    x_val, y_val = projection_inputs(model, val, chosen)
+    num_classes = len(rec["adapters"])
+    gates = rec["router_accuracy_by_projection"]
+    rows = []
+    for i in chosen:
+        probe = fit_probe(x_train[i], y_train, x_val[i], y_val, num_classes, epochs=epochs, seed=seed)
+        rows.append({"layer": i, "probe_val": probe["val"], "probe_train": probe["train"],
+                     "gate_q_proj": gates.get(f"model__layers__{i}__self_attn__q_proj")})
+    target = rec.get("target_accuracy")
+    best = max(r["probe_val"] for r in rows)
+    return {"provenance": {"git_sha": git_sha(), "device": device_name(), "versions": versions(),
+                           "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "seed": seed},
+            "record": {"dir": str(record_dir), "git_sha": rec["provenance"]["git_sha"],
+                       "router_accuracy": rec["metrics"].get("router_accuracy"), "steps": rec["metrics"].get("steps"),
+                       "target_accuracy": target, "model": cfg["model"]["name_or_path"]},
+            "setting": {"per_task": per_task, "train_rows": len(train), "train_tokens": int(y_train.numel()),
+                        "val_rows": len(val), "val_tokens": int(y_val.numel()), "epochs": epochs,
+                        "projection": "self_attn.q_proj input (= k_proj, v_proj)", "adapters": num_classes},
+            "rows": rows,
+            "pooled_probe": round(sum(r["probe_val"] for r in rows) / len(rows), 4),
+            "best_probe": best,
+            "best_probe_reaches_target": None if target is None else best >= float(target)}
+
+
+def markdown(doc: dict) -> str:
+    p, r, s = doc["provenance"], doc["record"], doc["setting"]
+    lines = ["# gate_probe: per-layer linear probes beside MeteoRA's gates", "",
+             (f"Written by `python -m pipeline.report.gate_probe {r['dir']} --per-task {s['per_task']}` at git "
+             f"`{p['git_sha']}` on {p['device']}, {p['date']}; torch {p['versions'].get('torch')}, transformers "
+             f"{p['versions'].get('transformers')}."),
+             (f"Route record: `{r['dir']}` (git `{r['git_sha']}`): gates at {r['router_accuracy']:.4f} validation "
+             f"token routing accuracy after {r['steps']} steps; target {r['target_accuracy']}."),
+             (f"Probes: a `Linear(d_in, {s['adapters']})` per layer on the {s['projection']} of the base model "
+             f"(no adapters), AdamW, {s['epochs']} passes over {s['train_tokens']:,} tokens of {s['train_rows']} "
+             f"training rows; scored on the record's own {s['val_rows']} validation rows ({s['val_tokens']:,} "
+             f"tokens)."), "",
+             "| layer | probe (validation) | probe (training tokens) | the gates' q_proj (validation) |",
+             "| --- | --- | --- | --- |"]
+    for row in doc["rows"]:
+        gate = "-" if row["gate_q_proj"] is None else f"{row['gate_q_proj']:.4f}"
+        lines.append(f"| {row['layer']} | {row['probe_val']:.4f} | {row['probe_train']:.4f} | {gate} |")
+    reach = doc["best_probe_reaches_target"]
+    verdict = ("no target in the record" if reach is None else
+               "reaches the target" if reach else "falls short of the target")
+    lines += ["", (f"Mean of the probes over these layers: {doc['pooled_probe']:.4f}. Best layer's probe: "
+                  f"{doc['best_probe']:.4f}: {verdict} ({r['target_accuracy']})."), ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pipeline.report.gate_probe", description=__doc__.splitlines()[0])
+    ap.add_argument("record", help="a MeteoRA route record dir (config.yaml.xz + metrics.json.xz)")
+    ap.add_argument("--per-task", type=int, default=60, help="training rows per task for the probes")
+    ap.add_argument("--layers", default=DEFAULT_LAYERS, help="comma-separated layer indices, 'last' for the last")
+    ap.add_argument("--model", default=None, help="local dir of the record's model (default: its name_or_path)")
+    ap.add_argument("--epochs", type=int, default=15)
+    ap.add_argument("--out", default="outputs/tables", help="where gate_probe.{json,md} are written")
+    args = ap.parse_args(argv)
+    try:
+        if args.per_task < 1 or args.epochs < 1:
+            raise ValueError("--per-task and --epochs must be >= 1")
+        doc = gate_probe(args.record, args.per_task, args.layers, args.model, args.epochs)
+    except ValueError as e:
+        print(f"gate_probe: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "gate_probe.json", json.dumps(doc, indent=1) + "\n")
+    atomic_write_text(out / "gate_probe.md", markdown(doc))
+    print(f"gate_probe: {out / 'gate_probe.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
