@@ -128,21 +128,23 @@ def parse_layers(spec: str, num_layers: int) -> list[int]:
 def gate_probe(record_dir, per_task: int = 60, layers: str = DEFAULT_LAYERS, model_path: str | None = None,
                epochs: int = 15, seed: int = 0) -> dict:
     """The probe document of one route record (see the module docstring)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     from data.batches import routed_rows, routed_rows_settings
 
     record_dir = Path(record_dir)
     cfg, rec = _record(record_dir)
     path = model_path or local_model(cfg["model"]["name_or_path"])
+    chosen = parse_layers(layers, AutoConfig.from_pretrained(path).num_hidden_layers)  # before anything heavy
     tokenizer = AutoTokenizer.from_pretrained(path)
     settings = routed_rows_settings(cfg, tokenizer, prompt_only=False)
     train = routed_rows(split=str(cfg["data"]["train_split"]), per_task=per_task, **settings)
     val = routed_rows(split=str(cfg["data"]["val_split"]), per_task=int(cfg["router"]["train"]["val_rows_per_task"]),
                       **settings)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    hf_logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
-    chosen = parse_layers(layers, model.config.num_hidden_layers)
     torch.manual_seed(seed)
     x_train, y_train = projection_inputs(model, train, chosen)
     x_val, y_val = projection_inputs(model, val, chosen)
