@@ -250,6 +250,19 @@ class AdapterBank(nn.Module):
         s = self.slots[slot_key(module_name)]
         return s.A, s.B, s.scales, s.ranks
 
+    def peft_state(self, index: int) -> dict:
+        """Adapter ``index`` as peft's saved state dict (``get_peft_model_state_dict``'s keys and layouts): only its
+        first r columns of A / rows of B, transposed back to ``lora_A.weight`` [r, d_in], ``lora_B.weight``
+        [d_out, r]; detached views of the bank's tensors (their dtype and device)."""
+        state = {}
+        for module in self.modules_wrapped:
+            A, B, _, ranks = self.tensors(module)
+            r = int(ranks[index])
+            if r:
+                state[f"{PEFT_PREFIX}{module}.lora_A.weight"] = A[index, :, :r].detach().t().contiguous()
+                state[f"{PEFT_PREFIX}{module}.lora_B.weight"] = B[index, :r].detach().t().contiguous()
+        return state
+
     @property
     def max_rank(self) -> int:
         return max((int(s.ranks.max()) for s in self.slots.values() if len(s.ranks)), default=0)

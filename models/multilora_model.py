@@ -287,10 +287,11 @@ class MultiLoRAModel(nn.Module):
         self._attach_projection_state()
 
     # ---- router checkpoints ------------------------------------------------------------------------------------
-    def save_router(self, directory):
-        """Save the current router (weights + strategy + config + adapter names) atomically into ``directory``."""
+    def save_router(self, directory, adapters: str | None = None):
+        """Save the current router (weights + strategy + config + adapter names) atomically into ``directory``;
+        ``adapters``: the subdir of ``directory`` holding the adapters it was trained with, if it changed them."""
         return save_router_checkpoint(directory, self.router.name, self.router.config(), self.router.state_dict(),
-                                      self.adapter_names, getattr(self.model.config, "name_or_path", None))
+                                      self.adapter_names, getattr(self.model.config, "name_or_path", None), adapters)
 
     def load_router(self, directory, strategy=None, **overrides) -> Router:
         """Install the router saved in ``directory``, built with its saved config; ``overrides`` (explicit knobs:

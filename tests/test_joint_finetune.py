@@ -40,7 +40,6 @@ from pipeline.stages.finetune import finetune
 from pipeline.stages.joint_batches import JointBatches
 from pipeline.stages.joint_finetune import (
     JointFinetuneModule,
-    adapter_state,
     clip_per_adapter,
     save_joint_adapters,
 )
@@ -178,7 +177,7 @@ def test_initial_adapters_are_the_separate_runs_init(bank_model):
     torch.rand(1000)
     separate = get_peft_model_state_dict(init_lora(model, config, 0))
     for i in range(3):
-        mine = adapter_state(mm.bank, i)
+        mine = mm.bank.peft_state(i)
         assert mine.keys() == separate.keys()
         assert all(torch.equal(mine[k], separate[k]) for k in mine)
 

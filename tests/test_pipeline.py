@@ -468,6 +468,48 @@ def test_route_trains_until_the_target_accuracy(smoke, tmp_path):
     _assert_accuracy_by_projection_and_layer(hard)
 
 
+def test_route_with_train_loras_keeps_the_cotrained_adapters_and_evaluate_runs_on_them(smoke, tmp_path):
+    """router.train.train_loras=true (MeteoRA's script: gates and LoRA weights trained together): the router dir
+    holds the adapters it ended with, as PEFT dirs peft loads, different from the ones it started from, and its
+    router.json names them; the plan of an evaluate (and bench) loads those, the bank then holds their weights.
+    Without train_loras the router names none and the experiment's adapters are used."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from pipeline.runtime.multilora import build_multilora, plan_multilora
+    from pipeline.stages.route import route
+
+    overrides, exp = smoke
+    base = [o for o in overrides if not o.startswith("allow_dirty=")] + [
+        "router=meteora", "router.train.steps=3", "router.train.val_check_interval=3", "router.train.lr=0.05",
+        f"paths.routers_dir={tmp_path / 'routers'}"]
+    route(compose_stage("route", [*base, "router.train.train_loras=true"], tmp_path / "co"))
+    router_dir = tmp_path / "routers" / "meteora"
+    assert json.loads((router_dir / "router.json").read_text())["adapters"] == "adapters"
+    names = ["object_counting", "winowhy"]
+    for name in names:
+        mine, start = router_dir / "adapters" / name, exp / "adapters" / name
+        assert (mine / "adapter_config.json").read_text() == (start / "adapter_config.json").read_text()
+        new, old = load_file(str(mine / "adapter_model.safetensors")), load_file(str(start / "adapter_model.safetensors"))
+        assert new.keys() == old.keys() and max(float((new[k] - old[k].float()).abs().max()) for k in new) > 0
+        assert json.loads((mine / "loramux.json").read_text())["cotrained_from"] == str(start)
+        assert (tmp_path / "co" / "router" / "adapters" / name / "adapter_model.safetensors").is_file()
+    from models.base import load_base_model
+
+    model, _ = load_base_model(str(cache_dir() / "models" / "tiny-random-llama"))
+    PeftModel.from_pretrained(model, str(router_dir / "adapters" / names[0]))  # a standard PEFT dir
+    ev = compose_stage("evaluate", [*base, f"router.checkpoint={router_dir}"], tmp_path / "ev")
+    plan = plan_multilora(ev)
+    assert plan.adapters == {n: router_dir / "adapters" / n for n in names}
+    mm, _ = build_multilora(ev, plan=plan)
+    got = mm.bank.peft_state(mm.bank.index("winowhy"))
+    want = load_file(str(router_dir / "adapters" / "winowhy" / "adapter_model.safetensors"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k].float(), want[k]) for k in want)
+    route(compose_stage("route", base, tmp_path / "plain"))  # the same router dir, without train_loras
+    assert "adapters" not in json.loads((router_dir / "router.json").read_text())
+    assert plan_multilora(ev).adapters == {n: exp / "adapters" / n for n in names}
+
+
 def _assert_accuracy_by_projection_and_layer(rec: dict) -> None:
     """A MeteoRA route record's ``router_accuracy_by_projection`` (a gate key per wrapped projection: 7 per layer of
     the tiny model) and ``router_accuracy_by_layer`` (every layer index), accuracies in [0, 1]; per-layer values

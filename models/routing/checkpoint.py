@@ -31,15 +31,18 @@ class RouterCheckpointError(ValueError):
 
 
 def save_router_checkpoint(directory, strategy: str, config: dict, state: dict, adapter_names: list,
-                           base_model: str | None = None) -> Path:
-    """Write ``router.safetensors`` + ``router.json`` into ``directory`` (created if missing)."""
+                           base_model: str | None = None, adapters: str | None = None) -> Path:
+    """Write ``router.safetensors`` + ``router.json`` into ``directory`` (created if missing). ``adapters``: the
+    dir (relative to ``directory``) of adapters trained together with the router, which it goes with
+    (``pipeline.runtime.cotrained_adapters``); None: it routes the adapters it was trained over, unchanged."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     atomic_write_with(d / WEIGHTS, lambda p: save_file(tensors, p, metadata={"format": FORMAT, "strategy": strategy}))
     meta = {"format": FORMAT, "version": 1, "strategy": strategy, "config": config,
             "adapter_names": list(adapter_names), "base_model": base_model,
-            "shapes": {k: list(v.shape) for k, v in tensors.items()}, "weights": file_digest(d / WEIGHTS)}
+            "shapes": {k: list(v.shape) for k, v in tensors.items()}, "weights": file_digest(d / WEIGHTS),
+            **({"adapters": adapters} if adapters else {})}
     atomic_write_text(d / CONFIG, json.dumps(meta, indent=2))
     return d
 

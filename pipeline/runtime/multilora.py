@@ -9,7 +9,9 @@ when the model is built) and holds its knobs; the rest of the file is what the s
 null is unset: a trained router keeps the value saved in its ``router.json``, a fresh one takes the builder's
 default; a knob given (in the file, an experiment or the command line) wins over both. ``composite[n]`` holds the
 knobs composite-n prompts use (MeteoRA's temperature). Adapters are the standard PEFT dirs
-``${paths.adapters_dir}/<name>`` of ``router.adapters`` (null: the experiment's ``tasks``).
+``${paths.adapters_dir}/<name>`` of ``router.adapters`` (null: the experiment's ``tasks``); a router trained
+together with its adapters (``router.train.train_loras``) is loaded with those instead, the dirs its
+``router.json`` names (``pipeline.runtime.cotrained_adapters``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from models import MultiLoRAModel
 from models.routing import registry
 from pipeline.runtime.adapter_dirs import verify_adapter
+from pipeline.runtime.cotrained_adapters import cotrained_dirs
 from pipeline.runtime.settings import ROUTER_KEYS
 
 
@@ -123,6 +126,9 @@ def plan_multilora(cfg: DictConfig, *, fresh: bool = False, composite_n: int | N
         raise FileNotFoundError(f"router {checkpoint.name!r} is missing at {checkpoint}; train it first: "
                                 f"python -m pipeline.route experiment={cfg.name} router={checkpoint.name}")
     strategy.check(list(dirs), _saved_config(checkpoint) if load else None)
+    cotrained = cotrained_dirs(checkpoint, list(dirs)) if load else None
+    if cotrained:  # a router trained together with its adapters (router.train.train_loras) runs on those
+        dirs = {n: verify_adapter(d) for n, d in cotrained.items()}
     return MultiLoRAPlan(strategy, dirs, checkpoint, load)
 
 

@@ -171,7 +171,7 @@ class RouterTrain:
     rows_per_task: int = MISSING
     val_rows_per_task: int = MISSING
     lm_loss_on_prompt: bool = True  # a strategy that reads answers: the LM loss covers the prompt too (MeteoRA's script)
-    train_loras: bool = False  # also unfreeze the adapters (MeteoRA's script does)
+    train_loras: bool = False  # also train the adapters, kept beside the router (MeteoRA's script does)
     val_check_interval: int | None = None  # validate every N steps (null: trainer.val_check_interval)
     target_accuracy: float | None = None  # stop once the validation routing accuracy reaches it (steps: the bound)
     schedule: str = "constant"  # the lr over the steps: constant | cosine (linear warm-up, cosine decay to 10%)

@@ -67,7 +67,6 @@ from peft import get_peft_model, set_peft_model_state_dict
 
 from data.task_rows import JOINT_TASK, LORA_B
 from models import MultiLoRAModel
-from models.adapter_bank import PEFT_PREFIX
 from models.lora_input_dropout import add_lora_input_dropout
 from pipeline.runtime.adapter_dirs import save_adapter
 from pipeline.runtime.distributed import sum_over_ranks
@@ -104,25 +103,12 @@ def task_config(cfg: DictConfig, task: str) -> DictConfig:
     return one
 
 
-def adapter_state(bank, index: int) -> dict:
-    """Adapter ``index`` of ``bank`` as peft's state dict (``get_peft_model_state_dict``'s keys and layouts): only
-    its first r columns of A / rows of B, transposed back to ``lora_A.weight`` [r, d_in], ``lora_B.weight`` [d_out, r]."""
-    state = {}
-    for module in bank.modules_wrapped:
-        A, B, _, ranks = bank.tensors(module)
-        r = int(ranks[index])
-        if r:
-            state[f"{PEFT_PREFIX}{module}.lora_A.weight"] = A[index, :, :r].detach().t().contiguous()
-            state[f"{PEFT_PREFIX}{module}.lora_B.weight"] = B[index, :r].detach().t().contiguous()
-    return state
-
-
 def save_joint_adapters(mm, lora_config, dests: dict, metas: dict):
     """Write each adapter of ``mm``'s bank (``dests``: name -> dirs) as peft saves it, with ``metas[name]``.
 
     The model is unwrapped (``mm`` is unusable afterwards); each adapter is loaded into a peft model of the base
     built with the run's ``lora_config`` and saved by ``save_adapter``. Returns the base model."""
-    states = {name: adapter_state(mm.bank, mm.bank.index(name)) for name in dests}
+    states = {name: mm.bank.peft_state(mm.bank.index(name)) for name in dests}
     model = mm.unwrap()
     for name, dirs in dests.items():
         peft_model = get_peft_model(model, lora_config)  # config and layout of the separate run's adapter

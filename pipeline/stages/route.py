@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader
 
 from data.batches import RoutedRowsCollator, pad_to_shape, routed_rows, routed_rows_settings
 from data.routing_ceiling import causal_routing_ceiling, one_token_routing
+from pipeline.runtime.cotrained_adapters import write_cotrained
 from pipeline.runtime.distributed import clip_gradients, full_weights, is_global_zero
 from pipeline.runtime.entry import CONF_DIR, cli, user_errors
 from pipeline.runtime.multilora import build_multilora, plan_multilora
@@ -84,7 +85,9 @@ class GraphedStep:
 
 class RouterTrainModule(L.LightningModule):
     """Train ``mm``'s router by its strategy's own objective (``mm.router.training_loss``) over frozen adapters
-    (``train_loras`` unfreezes the adapters too, as MeteoRA's script does).
+    (``train_loras`` unfreezes the adapters too, as MeteoRA's script does; the stage then writes the adapters it
+    ends with into the router dir, ``<router>/adapters/<name>``, and ``router.json`` names them, so evaluate and
+    bench run the router on them: ``pipeline/runtime/cotrained_adapters.py``).
 
     Validation logs the loss and its parts, among them the router's accuracy. It runs with grad enabled (the
     Trainer gets ``inference_mode=False``) because MeteoRA's gates record their logits only then."""
@@ -252,9 +255,15 @@ def route(cfg: DictConfig) -> float | None:
             speed["cuda_graph_fallback"] = module._graphs.fallback if module._graphs is not None else None
         shared = Path(plan.checkpoint)
         with full_weights(trainer):  # FSDP: gather the sharded router first; DDP / one device: nothing to do
+            sub = None
+            if train_cfg.train_loras:  # MeteoRA's script: the adapters trained with the gates go with them
+                sub = "adapters"
+                for where in (run.run_dir / "router", shared):
+                    write_cotrained(mm, plan.adapters, where / sub,
+                                    meta={"router": name, "experiment": str(cfg.name), "steps": trainer.global_step})
             if is_global_zero():  # one writer per job (every DDP rank holds the same router)
-                mm.save_router(run.run_dir / "router")
-                mm.save_router(shared)
+                mm.save_router(run.run_dir / "router", adapters=sub)  # router.json after the adapters it names
+                mm.save_router(shared, adapters=sub)
         log.info("route: %s router saved to %s", name, shared)
         metrics = {"val_loss": float(final["val/loss"]), "steps": int(trainer.global_step),
                    "train_rows": len(train), "val_rows": len(val), "train_seconds": round(seconds, 3),
