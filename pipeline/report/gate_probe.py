@@ -133,6 +133,8 @@ def gate_probe(record_dir, per_task: int = 60, layers: str = DEFAULT_LAYERS, mod
 
     from data.batches import routed_rows, routed_rows_settings
 
+    provenance = {"git_sha": git_sha(), "device": device_name(), "versions": versions(), "seed": seed,
+                  "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}  # the code as it starts
     record_dir = Path(record_dir)
     cfg, rec = _record(record_dir)
     path = model_path or local_model(cfg["model"]["name_or_path"])
@@ -157,8 +159,7 @@ def gate_probe(record_dir, per_task: int = 60, layers: str = DEFAULT_LAYERS, mod
                      "gate_q_proj": gates.get(f"model__layers__{i}__self_attn__q_proj")})
     target = rec.get("target_accuracy")
     best = max(r["probe_val"] for r in rows)
-    return {"provenance": {"git_sha": git_sha(), "device": device_name(), "versions": versions(),
-                           "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "seed": seed},
+    return {"provenance": provenance,
             "record": {"dir": str(record_dir), "git_sha": rec["provenance"]["git_sha"],
                        "router_accuracy": rec["metrics"].get("router_accuracy"), "steps": rec["metrics"].get("steps"),
                        "target_accuracy": target, "model": cfg["model"]["name_or_path"]},
