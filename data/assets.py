@@ -82,6 +82,17 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LORAMUX_CACHE") or "~/.cache/loramux").expanduser()
 
 
+def local_model_dir(recorded: str) -> Path:
+    """A model dir a record names (its ``model.name_or_path``) where it is here, else the same model in this
+    machine's cache (``cache_dir()/models/<its name>``: a record made on another machine names that machine's
+    path); ValueError naming the fix when neither is."""
+    for path in (Path(recorded), cache_dir() / "models" / Path(recorded).name):
+        if path.is_dir():
+            return path
+    raise ValueError(f"model {recorded} (the record's model.name_or_path) is not here, nor under "
+                     f"{cache_dir() / 'models'}: run `make assets`, or give the local dir of the same model")
+
+
 def model_dir(name: str = MODEL_NAME) -> Path:
     """Directory of a cached model (`SmolLM2-135M-Instruct` or `tiny-random-llama`); error if it is not built."""
     path = cache_dir() / "models" / name

@@ -75,7 +75,8 @@ def one_token_routing(train_rows: list[dict], rows: list[dict]) -> dict:
 def ceiling_of_route_record(record_dir, one_token: bool = False) -> dict:
     """The ceiling of the validation rows a committed route record was scored on, rebuilt from its own composed
     config (``config.yaml.xz``: tasks, split, seeds, rows per task, max length; the tokenizer at its
-    ``model.name_or_path``), beside the accuracy the gates reached there, overall and per task."""
+    ``model.name_or_path``, or the same model in this machine's cache), beside the accuracy the gates reached
+    there, overall and per task."""
     import json
     import lzma
     from pathlib import Path
@@ -83,6 +84,7 @@ def ceiling_of_route_record(record_dir, one_token: bool = False) -> dict:
     import yaml
     from transformers import AutoTokenizer
 
+    from data.assets import local_model_dir
     from data.batches import routed_rows, routed_rows_settings
 
     record_dir = Path(record_dir)
@@ -91,7 +93,7 @@ def ceiling_of_route_record(record_dir, one_token: bool = False) -> dict:
     with lzma.open(record_dir / "metrics.json.xz", "rt") as f:
         rec = json.load(f)
     # the stage's tokenizer is this one with a pad token set and left padding: neither changes a row's ids
-    tokenizer = AutoTokenizer.from_pretrained(cfg["model"]["name_or_path"])
+    tokenizer = AutoTokenizer.from_pretrained(str(local_model_dir(cfg["model"]["name_or_path"])))
     val = routed_rows(split=str(cfg["data"]["val_split"]), per_task=int(cfg["router"]["train"]["val_rows_per_task"]),
                       **routed_rows_settings(cfg, tokenizer, prompt_only=False))
     c = causal_routing_ceiling(val)

@@ -100,18 +100,6 @@ def _record(record_dir: Path) -> tuple[dict, dict]:
     return cfg, rec
 
 
-def local_model(recorded: str) -> str:
-    """The record's model dir where it is here, else the same model in this machine's asset cache
-    (``data.assets.cache_dir()/models/<its name>``: a record made on another machine names that machine's path)."""
-    from data.assets import cache_dir
-
-    for path in (Path(recorded), cache_dir() / "models" / Path(recorded).name):
-        if path.is_dir():
-            return str(path)
-    raise ValueError(f"model {recorded} (the record's model.name_or_path) is not here, nor under "
-                     f"{cache_dir() / 'models'}: run `make assets`, or give --model <local dir of the same model>")
-
-
 def parse_layers(spec: str, num_layers: int) -> list[int]:
     """``"0,3,last"`` -> ``[0, 3, num_layers - 1]`` (sorted, unique); a layer outside the model is an error."""
     out = set()
@@ -131,13 +119,14 @@ def gate_probe(record_dir, per_task: int = 60, layers: str = DEFAULT_LAYERS, mod
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    from data.assets import local_model_dir
     from data.batches import routed_rows, routed_rows_settings
 
     provenance = {"git_sha": git_sha(), "device": device_name(), "versions": versions(), "seed": seed,
                   "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}  # the code as it starts
     record_dir = Path(record_dir)
     cfg, rec = _record(record_dir)
-    path = model_path or local_model(cfg["model"]["name_or_path"])
+    path = model_path or str(local_model_dir(cfg["model"]["name_or_path"]))
     chosen = parse_layers(layers, AutoConfig.from_pretrained(path).num_hidden_layers)  # before anything heavy
     tokenizer = AutoTokenizer.from_pretrained(path)
     settings = routed_rows_settings(cfg, tokenizer, prompt_only=False)
