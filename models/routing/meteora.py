@@ -147,12 +147,12 @@ class MeteoraRouter(Router):
             else:
                 self._gate_logits.append(logits)
             if self._confusion is not None:
-                chosen = logits.argmax(-1)
-                hit = (chosen == self._labels) & (self._labels != -100)
+                chosen, labelled = logits.argmax(-1), self._labels != -100
+                hit = (chosen == self._labels) & labelled
                 # (true task, chosen task) counts, flattened [L * L]: the diagonal is each task's hits
                 L = logits.shape[-1]
                 self._confusion = self._confusion.index_add(0, self._labels.clamp(min=0) * L + chosen,
-                                                            (self._labels != -100).long())
+                                                            labelled.long())
                 # this gate's slot, from a tensor it holds: a Python index (or its name as a key) would make a
                 # compiled decoder layer specialise to each layer
                 self._projection_hits = self._projection_hits.index_add(0, gate.projection_index,

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import lzma
 import sys
 from pathlib import Path
 
@@ -39,6 +38,7 @@ import torch.nn.functional as F
 
 from common.atomic import atomic_write_text
 from common.provenance import device_name, git_sha, versions
+from pipeline.report.records import config_of, read_run
 
 DEFAULT_LAYERS = "0,3,6,9,12,15,18,21,24,27,last"
 
@@ -85,16 +85,12 @@ def fit_probe(x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, y_val: torc
 
 
 def _record(record_dir: Path) -> tuple[dict, dict]:
-    import yaml
-
-    for name in ("config.yaml.xz", "metrics.json.xz"):
-        if not (record_dir / name).is_file():
-            raise ValueError(f"{record_dir} is not a route record (no {name}): give a committed route record dir, "
-                             f"e.g. outputs/records/meteora_tasks/route/meteora")
-    with lzma.open(record_dir / "config.yaml.xz", "rt") as f:
-        cfg = yaml.safe_load(f)
-    with lzma.open(record_dir / "metrics.json.xz", "rt") as f:
-        rec = json.load(f)
+    """``(composed config, metrics record)`` of a MeteoRA route run (a committed record dir or a run dir)."""
+    rec = read_run(record_dir)
+    cfg = config_of(rec) if rec is not None else None
+    if rec is None or cfg is None:
+        raise ValueError(f"{record_dir} is not a route record (no metrics.json and config.yaml, plain or .xz): give "
+                         f"a committed route record dir, e.g. outputs/records/meteora_tasks/route/meteora")
     if rec.get("stage") != "route" or not rec.get("router_accuracy_by_projection"):
         raise ValueError(f"{record_dir}: not a MeteoRA route record with per-projection accuracies")
     return cfg, rec
@@ -136,7 +132,6 @@ def gate_probe(record_dir, per_task: int = 60, layers: str = DEFAULT_LAYERS, mod
     device = "cuda" if torch.cuda.is_available() else "cpu"
     hf_logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
-    torch.manual_seed(seed)
     x_train, y_train = projection_inputs(model, train, chosen)
     x_val, y_val = projection_inputs(model, val, chosen)
     num_classes = len(rec["adapters"])

@@ -123,6 +123,15 @@ def write_records(records: list[dict], source_dir, out_dir) -> Path:
     return Path(out_dir)
 
 
+def read_run(run_dir) -> dict | None:
+    """One run's record (its ``metrics.json``, plain or committed ``.xz``) with ``_path`` set, so ``config_of`` and
+    ``predictions_of`` read the files beside it; None when the dir holds none."""
+    text = _read(Path(run_dir) / "metrics.json")
+    if text is None:
+        return None
+    return {**json.loads(text), "_path": str(Path(run_dir) / "metrics.json")}
+
+
 def read_records(records_dir) -> list[dict]:
     """The records of a committed records dir, each with ``_path`` (its metrics.json.xz) and ``_run``."""
     root = Path(records_dir)
