@@ -472,7 +472,8 @@ def test_route_with_train_loras_keeps_the_cotrained_adapters_and_evaluate_runs_o
     """router.train.train_loras=true (MeteoRA's script: gates and LoRA weights trained together): the router dir
     holds the adapters it ended with, as PEFT dirs peft loads, different from the ones it started from, and its
     router.json names them; the plan of an evaluate (and bench) loads those, the bank then holds their weights.
-    A router saved without them names none, and the experiment's adapters are used."""
+    A router saved without them names none, and the experiment's adapters are used. The route run's record dir
+    keeps the same files (hard links where the filesystem allows)."""
     from peft import PeftModel
     from safetensors.torch import load_file
 
@@ -493,7 +494,9 @@ def test_route_with_train_loras_keeps_the_cotrained_adapters_and_evaluate_runs_o
         new, old = load_file(str(mine / "adapter_model.safetensors")), load_file(str(start / "adapter_model.safetensors"))
         assert new.keys() == old.keys() and max(float((new[k] - old[k].float()).abs().max()) for k in new) > 0
         assert json.loads((mine / "loramux.json").read_text())["cotrained_from"] == str(start)
-        assert (tmp_path / "co" / "router" / "adapters" / name / "adapter_model.safetensors").is_file()
+        run_copy = tmp_path / "co" / "router" / "adapters" / name  # the run's own copy: the same bytes (hard-linked)
+        assert sorted(p.name for p in run_copy.iterdir()) == sorted(p.name for p in mine.iterdir())
+        assert all((run_copy / f.name).read_bytes() == f.read_bytes() for f in mine.iterdir())
     from models.base import load_base_model
 
     model, _ = load_base_model(str(cache_dir() / "models" / "tiny-random-llama"))
@@ -505,6 +508,10 @@ def test_route_with_train_loras_keeps_the_cotrained_adapters_and_evaluate_runs_o
     got = mm.bank.peft_state(mm.bank.index("winowhy"))
     want = load_file(str(router_dir / "adapters" / "winowhy" / "adapter_model.safetensors"))
     assert got.keys() == want.keys() and all(torch.equal(got[k].float(), want[k]) for k in want)
+    # the adapters it started from are not read (nor need to exist) once the router has its own
+    gone = compose_stage("evaluate", [*base, f"router.checkpoint={router_dir}",
+                                      f"paths.adapters_dir={tmp_path / 'none'}"], tmp_path / "ev2")
+    assert plan_multilora(gone).adapters == plan.adapters
     mm.save_router(router_dir)  # as route saves a router trained without train_loras: it names no adapters
     assert "adapters" not in json.loads((router_dir / "router.json").read_text())
     assert plan_multilora(ev).adapters == {n: exp / "adapters" / n for n in names}

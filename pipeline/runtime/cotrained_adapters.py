@@ -4,9 +4,10 @@ MeteoRA's script trains its gates and the LoRA weights together (it unfreezes ``
 releases is the gates plus those co-trained adapters, not the gates over the adapters it started from. In the route
 stage, ``router.train.train_loras=true`` does the same. The adapters it ends with are then part of the router:
 
-    write_cotrained(mm, adapter_dirs, checkpoint / "adapters")   # route: every adapter of the bank, as PEFT dirs
-    save_router_checkpoint(..., adapters="adapters")             # router.json names them (written after them)
-    cotrained_dirs(checkpoint, names)                            # evaluate / bench: {name: dir} or None
+    written = write_cotrained(mm, adapter_dirs, checkpoint / "adapters")  # route: the bank's adapters, PEFT dirs
+    mirror_dirs(written, run_copy / "adapters")     # the run's own copy: hard links, not twice the bytes
+    save_router_checkpoint(..., adapters="adapters")  # router.json names them (written after them)
+    cotrained_dirs(checkpoint, names)               # evaluate / bench: {name: dir} or None
 
 Each adapter is written as a standard PEFT dir (``adapter_config.json`` copied from the dir it started from, so rank,
 alpha and targets are the same; ``adapter_model.safetensors`` in peft's saved key layout; ``loramux.json`` with the
@@ -18,6 +19,7 @@ loads it. ``router.json`` is written after the adapters: a crash in between leav
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -47,6 +49,22 @@ def write_cotrained(mm, started_from: dict, out_dir, meta: dict | None = None) -
                       "files": {weights.name: file_digest(weights)}}
             (Path(tmp) / "loramux.json").write_text(json.dumps(record, indent=2) + "\n")
     return out
+
+
+def mirror_dirs(dirs: dict, dest) -> None:
+    """``dest/<name>`` for every ``{name: dir}`` of ``dirs`` (what ``write_cotrained`` returns): the same files, hard-linked where the filesystem allows
+    (copied where not), each dir swapped in atomically. The route stage keeps its run's copy of the co-trained
+    adapters this way; a later run that rewrites the source dirs replaces their files (new inodes), so the run's copy keeps
+    what that run wrote."""
+    if not is_global_zero():
+        return
+    for name, d in dirs.items():
+        with atomic_dir(Path(dest) / name) as tmp:
+            for f in Path(d).iterdir():
+                try:
+                    os.link(f, Path(tmp) / f.name)
+                except OSError:  # another filesystem, or one without hard links
+                    shutil.copy2(f, Path(tmp) / f.name)
 
 
 def cotrained_dirs(checkpoint, names: list[str]) -> dict[str, Path] | None:

@@ -119,16 +119,16 @@ def plan_multilora(cfg: DictConfig, *, fresh: bool = False, composite_n: int | N
 
     ``fresh=True`` (route) plans an untrained router; otherwise a strategy with a ``router.checkpoint`` loads it."""
     strategy = strategy_of(cfg.router, composite_n)
-    dirs = adapter_dirs(cfg)
     checkpoint = Path(str(cfg.router.checkpoint)) if cfg.router.checkpoint is not None else None
     load = checkpoint is not None and not fresh
     if load and not (checkpoint / "router.json").is_file():
         raise FileNotFoundError(f"router {checkpoint.name!r} is missing at {checkpoint}; train it first: "
                                 f"python -m pipeline.route experiment={cfg.name} router={checkpoint.name}")
+    cotrained = cotrained_dirs(checkpoint, list(adapter_paths(cfg))) if load else None
+    # a router trained together with its adapters (router.train.train_loras) runs on those, not on the ones it
+    # started from (which need not exist any more); only the adapters that run are verified
+    dirs = {n: verify_adapter(d) for n, d in cotrained.items()} if cotrained else adapter_dirs(cfg)
     strategy.check(list(dirs), _saved_config(checkpoint) if load else None)
-    cotrained = cotrained_dirs(checkpoint, list(dirs)) if load else None
-    if cotrained:  # a router trained together with its adapters (router.train.train_loras) runs on those
-        dirs = {n: verify_adapter(d) for n, d in cotrained.items()}
     return MultiLoRAPlan(strategy, dirs, checkpoint, load)
 
 

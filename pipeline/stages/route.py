@@ -47,7 +47,7 @@ from torch.utils.data import DataLoader
 
 from data.batches import RoutedRowsCollator, pad_to_shape, routed_rows, routed_rows_settings
 from data.routing_ceiling import causal_routing_ceiling, one_token_routing
-from pipeline.runtime.cotrained_adapters import write_cotrained
+from pipeline.runtime.cotrained_adapters import mirror_dirs, write_cotrained
 from pipeline.runtime.distributed import clip_gradients, full_weights, is_global_zero
 from pipeline.runtime.entry import CONF_DIR, cli, user_errors
 from pipeline.runtime.multilora import build_multilora, plan_multilora
@@ -258,9 +258,9 @@ def route(cfg: DictConfig) -> float | None:
             sub = None
             if train_cfg.train_loras:  # MeteoRA's script: the adapters trained with the gates go with them
                 sub = "adapters"
-                for where in (run.run_dir / "router", shared):
-                    write_cotrained(mm, plan.adapters, where / sub,
-                                    meta={"router": name, "experiment": str(cfg.name), "steps": trainer.global_step})
+                written = write_cotrained(mm, plan.adapters, shared / sub, meta={
+                    "router": name, "experiment": str(cfg.name), "steps": trainer.global_step})
+                mirror_dirs(written, run.run_dir / "router" / sub)  # the run's own copy, hard-linked
             if is_global_zero():  # one writer per job (every DDP rank holds the same router)
                 mm.save_router(run.run_dir / "router", adapters=sub)  # router.json after the adapters it names
                 mm.save_router(shared, adapters=sub)
