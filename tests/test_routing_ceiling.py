@@ -78,3 +78,21 @@ def test_the_committed_route_record_rebuilds_its_validation_rows(tmp_path):
     got = ceiling_of_route_record(record)
     assert got["router_accuracy"] < got["ceiling"] <= 1 and got["rows"] > 0
     assert all(v["ceiling"] is not None and v["router_accuracy"] is not None for v in got["by_task"].values())
+
+
+def test_the_router_line_says_whether_the_adapters_were_trained_with_the_gates(tmp_path):
+    """The route run's own config (its config.yaml beside metrics.json) decides: router.train.train_loras=true puts
+    "trained together with the LoRA weights" in the table's router line; false, or no config, leaves it out. The
+    validation LM loss is given where the record has it."""
+    from pipeline.report.paper_tables import router_info, router_line
+
+    route = {"stage": "route", "strategy": "meteora", "metrics": {"router_accuracy": 0.9161, "steps": 3000,
+                                                                 "lm_loss": 4.6828}}
+    assert "together" not in router_line(router_info(route)) and "LM loss 4.683" in router_line(router_info(route))
+    for flag in (True, False):
+        run = tmp_path / str(flag)
+        run.mkdir()
+        (run / "config.yaml").write_text(f"router:\n  train:\n    train_loras: {str(flag).lower()}\n")
+        info = router_info({**route, "_path": str(run / "metrics.json")})
+        assert info["train_loras"] is flag
+        assert ("trained together with the LoRA weights" in router_line(info)) is flag

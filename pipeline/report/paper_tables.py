@@ -147,12 +147,16 @@ def confused_cell(pairs) -> str | None:
 
 
 def router_info(route: dict | None) -> dict | None:
-    """What a route record says about its router: validation routing accuracy, steps, (with a target) the step
-    the target accuracy was reached at (None: not reached), what stopped the fit, and the validation curve."""
+    """What a route record says about its router: validation routing accuracy, steps, its validation LM loss,
+    whether the LoRA weights were trained with it (``router.train.train_loras`` of the run's config; None: the
+    config is not there to tell), (with a target) the step the target accuracy was reached at (None: not
+    reached), what stopped the fit, and the validation curve."""
     if route is None:
         return None
     m = route["metrics"]
+    train = ((config_of(route) or {}).get("router") or {}).get("train") or {}
     return {"run": run_key(route), "router_accuracy": _num(m.get("router_accuracy")), "steps": m.get("steps"),
+            "lm_loss": _num(m.get("lm_loss")), "train_loras": train.get("train_loras"),
             "target_accuracy": _num(route.get("target_accuracy")),
             "target_reached_step": route.get("target_reached_step"), "stopped_by": stopped_by(route),
             "curve": [[int(s), _num(a)] for s, a in route.get("router_accuracy_curve") or []],
@@ -494,6 +498,11 @@ def router_line(router: dict) -> str:
     """The route stage's router in one line: accuracy, steps, and whether its target accuracy was reached."""
     line = (f"router ({router['run']}): validation routing accuracy {_md_cell(router.get('router_accuracy'))} after "
             f"{router.get('steps')} steps")
+    if router.get("train_loras"):
+        line += (" trained together with the LoRA weights (router.train.train_loras; its strategies' rows ran on the "
+                 "adapters it ended with)")
+    if router.get("lm_loss") is not None:
+        line += f"; validation LM loss {_md_cell(router['lm_loss'])}"
     if router.get("target_accuracy") is not None:
         reached = router.get("target_reached_step")
         line += (f"; target {_md_cell(router['target_accuracy'])} "
@@ -511,11 +520,12 @@ def router_line(router: dict) -> str:
     return line
 
 
-def paper_markdown(name: str, table: dict, plot: Path | None) -> str:
+def paper_markdown(name: str, table: dict, plot: Path | None, title: str | None = None) -> str:
     p = table["provenance"]
     head = (f"git `{p['git_sha']}` · {p['device']} · torch {p['torch']} · triton {p['triton']} · "
             f"transformers {p['transformers']} · {p['date']} · {p['records']} runs, {p['wall_time_s']} s")
-    lines = [f"# {name}", "", head, "", "## Claims", ""]
+    heading = name if title in (None, name) else f"{title} (paper table {name})"
+    lines = [f"# {heading}", "", head, "", "## Claims", ""]
     claims = [{**c, "95% interval": interval_cell(c.get("interval")), "holds (point)": c["holds"]}
               for c in table["claims"]]
     lines += _md_table(claims, ["claim", "measured", "threshold", "holds (point)", "95% interval", "verdict",
@@ -618,7 +628,7 @@ def write_paper_table(name: str, records: list[dict], out_dir, config: dict | No
     table = build_paper_table(name, records, config, **options)
     plot = plot_table(name, table, out / f"{stem}.png")
     paths = {"json": atomic_write_text(out / f"{stem}.json", json.dumps(table, indent=1, allow_nan=False) + "\n"),
-             "md": atomic_write_text(out / f"{stem}.md", paper_markdown(name, table, plot))}
+             "md": atomic_write_text(out / f"{stem}.md", paper_markdown(name, table, plot, title=stem))}
     if plot is not None:
         paths["png"] = plot
     return paths
