@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On the node, from the repo root: start.sh <full git sha> <chain> [chain args...]
-# Fills the asset cache (BIG-bench from .gpubb, SmolLM2 from the bundle's GGUF), snapshots this tree to
+# Fills the asset cache (BIG-bench from .gpubb, SmolLM2 from the bundle's GGUF, Gemma-3-270M where pack_gemma.sh's
+# folders were installed), snapshots this tree to
 # /root/lmx/src, and runs chains/<chain>.sh there in the background (log: /root/lmx/chain.log).
 set -euo pipefail
 sha=$1 chain=$2; shift 2
@@ -9,6 +10,8 @@ mkdir -p /root/lmx/cache /root/lmx/logs && echo "$sha" > /root/lmx/sha
 source scripts/offline_gpu/env.sh
 [ -f /root/lmx/cache/bigbench/MANIFEST.json ] || tar xzf .gpubb/bb.tgz -C /root/lmx/cache
 python3 -m data.fetch --model --gguf /root/gpu-bundle/SmolLM2-135M-Instruct.Q4_1.gguf | tail -2
+gemma=/root/gpu-bundle/gemma/gemma-3-270m-q4_k_m.gguf   # the second backbone, where pack_gemma.sh's folders came
+[ -f "$gemma" ] && python3 -m data.fetch --gemma-gguf "$gemma" | tail -1
 rm -rf /root/lmx/src && mkdir /root/lmx/src && cp -r . /root/lmx/src/ && rm -rf /root/lmx/src/.gpu*
 cd /root/lmx/src
 # setsid: the chain outlives the call that started it (a call ends by killing its process group)
