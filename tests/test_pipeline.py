@@ -512,6 +512,20 @@ def test_route_with_train_loras_keeps_the_cotrained_adapters_and_evaluate_runs_o
     gone = compose_stage("evaluate", [*base, f"router.checkpoint={router_dir}",
                                       f"paths.adapters_dir={tmp_path / 'none'}"], tmp_path / "ev2")
     assert plan_multilora(gone).adapters == plan.adapters
+    # router.train.lora_lr: the adapters' own lr (here so small that they stay as they started), the gates' at lr
+    slow = tmp_path / "slow_routers"
+    route(compose_stage("route", [*base, "router.train.train_loras=true", "router.train.lora_lr=1e-12",
+                                  f"paths.routers_dir={slow}"], tmp_path / "slow"))
+    for name in names:
+        new = load_file(str(slow / "meteora" / "adapters" / name / "adapter_model.safetensors"))
+        old = load_file(str(exp / "adapters" / name / "adapter_model.safetensors"))
+        assert max(float((new[k] - old[k].float()).abs().max()) for k in new) < 1e-6
+    from pipeline.stages.route import RouterTrainModule
+
+    groups = RouterTrainModule(mm, lr=0.05, train_loras=True, lora_lr=1e-3).param_groups()
+    bank = {id(p) for sl in mm.bank.slots.values() for p in (sl.A, sl.B)}
+    assert [g["base_lr"] for g in groups] == [0.05, 1e-3]  # the gates at lr, the adapters at lora_lr
+    assert {id(p) for p in groups[1]["params"]} == bank and not bank & {id(p) for p in groups[0]["params"]}
     mm.save_router(router_dir)  # as route saves a router trained without train_loras: it names no adapters
     assert "adapters" not in json.loads((router_dir / "router.json").read_text())
     assert plan_multilora(ev).adapters == {n: exp / "adapters" / n for n in names}

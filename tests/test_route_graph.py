@@ -95,16 +95,18 @@ def test_cuda_graph_auto_stays_off_without_a_gpu_and_true_names_the_fix():
         cuda_graph_wanted(_cfg(cuda_graph="sometimes"), graphable=True)
 
 
-def _fit(mm, rows, graph, steps, schedule="cosine", accelerator="gpu"):
-    """``steps`` steps of the route module through a real Lightning Trainer (fp32) on ``rows`` in order."""
+def _fit(mm, rows, graph, steps, schedule="cosine", accelerator="gpu", **train):
+    """``steps`` steps of the route module through a real Lightning Trainer (fp32) on ``rows`` in order
+    (``train``: train_loras, lora_lr)."""
     torch.manual_seed(0)
     for gate in mm.router.gates.values():
         torch.nn.init.normal_(gate.weight, std=0.02)
     module = RouterTrainModule(mm, lr=2e-2, weight_decay=0.01, schedule=schedule, warmup_steps=1, total_steps=steps,
-                               graph=graph)
+                               graph=graph, **train)
     if accelerator == "cpu" and graph is not None:  # the CPU has no capturable fused AdamW: the same maths unfused
-        module.configure_optimizers = lambda: torch.optim.AdamW(module.trainable, lr=torch.tensor(module.lr),
-                                                                weight_decay=module.weight_decay, foreach=False)
+        module.configure_optimizers = lambda: torch.optim.AdamW(
+            module.param_groups(on_device=True), lr=torch.tensor(module.lr), weight_decay=module.weight_decay,
+            foreach=False)
     dl = DataLoader(rows, batch_size=4, shuffle=False, collate_fn=RoutedRowsCollator(mm.tokenizer.pad_token_id))
     trainer = L.Trainer(accelerator=accelerator, devices=1, precision="32-true", max_steps=steps, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -168,6 +170,26 @@ def test_the_graph_path_around_the_step_trains_as_the_eager_path(assets, monkeyp
     got, module = _fit(mm, rows, graph, 6, accelerator="cpu")
     assert len(module._graphs.shapes) >= 2
     for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_the_graph_path_trains_gates_and_adapters_at_their_own_lrs_as_the_eager_path(assets, monkeypatch):
+    """train_loras with its own lora_lr (two AdamW groups, each lr a tensor the graphed step reads, each scaled by
+    the cosine schedule from its own base): on the CPU, with each graph's step run eagerly, six steps end with the
+    eager fit's gates and adapters; the adapters moved."""
+    monkeypatch.setattr(route_stage, "StepGraphs", StepsRunEagerly)
+    rows, out = _rows(24), []
+    for graphed in (False, True):
+        mm = _mm(assets)  # a fresh bank per fit: the fit trains it
+        mm.set_router("meteora", top_k=2, aux_loss_coef=50.0)
+        start = [p.detach().clone() for sl in mm.bank.slots.values() for p in (sl.A, sl.B)]
+        graph = GraphedStep(rows=4, bucket=16, pad_token_id=int(mm.tokenizer.pad_token_id), bf16=False,
+                            grad_clip=0.3) if graphed else None
+        gates, _ = _fit(mm, rows, graph, 6, accelerator="cpu", train_loras=True, lora_lr=5e-3)
+        bank = [p.detach().clone() for sl in mm.bank.slots.values() for p in (sl.A, sl.B)]
+        assert any(not torch.equal(a, b) for a, b in zip(bank, start, strict=True))
+        out.append(gates + bank)
+    for a, b in zip(*out, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 

@@ -172,6 +172,7 @@ class RouterTrain:
     val_rows_per_task: int = MISSING
     lm_loss_on_prompt: bool = True  # a strategy that reads answers: the LM loss covers the prompt too (MeteoRA's script)
     train_loras: bool = False  # also train the adapters, kept beside the router (MeteoRA's script does)
+    lora_lr: float | None = None  # train_loras: the adapters' own lr (null: lr, as MeteoRA's script)
     val_check_interval: int | None = None  # validate every N steps (null: trainer.val_check_interval)
     target_accuracy: float | None = None  # stop once the validation routing accuracy reaches it (steps: the bound)
     schedule: str = "constant"  # the lr over the steps: constant | cosine (linear warm-up, cosine decay to 10%)
@@ -245,6 +246,7 @@ RULES: list[tuple[str, Callable[[Any], bool], str, str, tuple | None]] = [
     ("router.train.warmup_ratio", lambda x: _number(x) and 0 <= x < 1, "a share of the steps in [0, 1)", "0.005",
      ("route",)),
     ("router.train.grad_clip", optional(positive), "null (no clipping) or a norm > 0", "0.3", ("route",)),
+    ("router.train.lora_lr", optional(positive), "null (the gates' lr) or > 0", "5e-5", ("route",)),
     ("router.train.batch_size", at_least(1), "a number of rows >= 1", "8", ("route",)),
     ("router.train.max_length", at_least(1), "a number of tokens >= 1", "256", ("route",)),
     ("router.train.rows_per_task", at_least(1), "a number of rows >= 1", "64", ("route",)),

@@ -85,19 +85,21 @@ class GraphedStep:
 
 class RouterTrainModule(L.LightningModule):
     """Train ``mm``'s router by its strategy's own objective (``mm.router.training_loss``) over frozen adapters
-    (``train_loras`` unfreezes the adapters too, as MeteoRA's script does; the stage then writes the adapters it
-    ends with into the router dir, ``<router>/adapters/<name>``, and ``router.json`` names them, so evaluate and
-    bench run the router on them: ``pipeline/runtime/cotrained_adapters.py``).
+    (``train_loras`` unfreezes the adapters too, as MeteoRA's script does, at ``lora_lr``, default ``lr``; the
+    stage then writes the adapters it ends with into the router dir, ``<router>/adapters/<name>``, and
+    ``router.json`` names them, so evaluate and bench run the router on them:
+    ``pipeline/runtime/cotrained_adapters.py``).
 
     Validation logs the loss and its parts, among them the router's accuracy. It runs with grad enabled (the
     Trainer gets ``inference_mode=False``) because MeteoRA's gates record their logits only then."""
 
     def __init__(self, mm, lr: float, weight_decay: float = 0.0, train_loras: bool = False,
                  schedule: str = "constant", warmup_steps: int = 0, total_steps: int = 1,
-                 graph: GraphedStep | None = None):
+                 graph: GraphedStep | None = None, lora_lr: float | None = None):
         super().__init__()
         self.mm = mm
         self.lr, self.weight_decay = float(lr), float(weight_decay)
+        self.lora_lr = self.lr if lora_lr is None else float(lora_lr)  # the adapters' lr (train_loras)
         self.schedule, self.warmup_steps, self.total_steps = schedule, int(warmup_steps), int(total_steps)
         self.trainable = mm.set_trainable("router+adapters" if train_loras else "router")
         self.val_task_hits = None  # (hits [L], pairs [L]) summed over the last validation (routers that count them)
@@ -133,7 +135,7 @@ class RouterTrainModule(L.LightningModule):
         if self.schedule == "cosine":
             factor = lr_factor(self.global_step, self.warmup_steps, self.total_steps)
             for group in opt.param_groups:
-                group["lr"].fill_(self.lr * factor)
+                group["lr"].fill_(group.get("base_lr", self.lr) * factor)
         padded = pad_to_shape(batch, self.graph.rows, self.graph.bucket, self.graph.pad_token_id)
         fell_back = self._graphs.fallback
         loss, parts = self._graphs(padded)
@@ -184,13 +186,24 @@ class RouterTrainModule(L.LightningModule):
         for k, v in parts.items():
             self.log(f"val/{k}", v, prog_bar=k == "router_accuracy", batch_size=bs, sync_dist=True)
 
+    def param_groups(self, on_device: bool = False) -> list[dict]:
+        """The trainable parameters as AdamW groups: the router's at ``lr``, the adapters' (``train_loras``) at
+        ``lora_lr``; each group keeps its ``base_lr`` (what the schedule scales). ``on_device``: every lr a tensor
+        on the module's device (the graphed step reads it there)."""
+        adapters = {id(p) for s in self.mm.bank.slots.values() for p in (s.A, s.B)}
+        split = ([p for p in self.trainable if id(p) not in adapters], self.lr), \
+                ([p for p in self.trainable if id(p) in adapters], self.lora_lr)
+        return [{"params": ps, "base_lr": lr, "lr": torch.tensor(lr, device=self.device) if on_device else lr}
+                for ps, lr in split if ps]
+
     def configure_optimizers(self):
         if self.graph is not None:  # the step count on the device, the LR a tensor the step reads (_replay fills it)
-            return torch.optim.AdamW(self.trainable, lr=torch.tensor(self.lr, device=self.device),
+            return torch.optim.AdamW(self.param_groups(on_device=True), lr=torch.tensor(self.lr, device=self.device),
                                      weight_decay=self.weight_decay, capturable=True, fused=True)
         if self.schedule == "cosine":  # MeteoRA's script: warm-up, then cosine decay
-            return adamw_with_schedule(self.trainable, self.lr, self.weight_decay, self.warmup_steps, self.total_steps)
-        return torch.optim.AdamW(self.trainable, lr=self.lr, weight_decay=self.weight_decay)
+            return adamw_with_schedule(self.param_groups(), self.lr, self.weight_decay, self.warmup_steps,
+                                       self.total_steps)
+        return torch.optim.AdamW(self.param_groups(), lr=self.lr, weight_decay=self.weight_decay)
 
 
 def _add_counts(total, counts):
@@ -230,7 +243,7 @@ def route(cfg: DictConfig) -> float | None:
             if graphed else None
         module = RouterTrainModule(mm, train_cfg.lr, train_cfg.weight_decay, bool(train_cfg.train_loras),
                                    str(train_cfg.schedule), round(float(train_cfg.warmup_ratio) * steps), steps,
-                                   graph=graph)
+                                   graph=graph, lora_lr=train_cfg.get("lora_lr"))
         speed = apply_train_speed(cfg, mm.model, cuda_graph=graphed) if mm.router.reads_answers else {"compile": False}
         curve = AccuracyCurve(target=train_cfg.target_accuracy)
         val_every = int(train_cfg.val_check_interval or cfg.trainer.val_check_interval)
