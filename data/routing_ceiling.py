@@ -13,6 +13,9 @@ by itself (capacity, training); one close to it, by the data.
 
     ceiling = causal_routing_ceiling(rows)     # rows: {"input_ids": [...], "task_id": int}, every token labelled
     ceiling["accuracy"], ceiling["by_task"]    # overall and per task id
+
+The route stage records both references beside its gates' accuracy; ``python -m pipeline.report.routing_ceiling
+<route record>`` rebuilds them from a committed record.
 """
 
 from __future__ import annotations
@@ -70,50 +73,3 @@ def one_token_routing(train_rows: list[dict], rows: list[dict]) -> dict:
     fallback = per_task.most_common(1)[0][0]
     top = {tok: c.most_common(1)[0][0] for tok, c in by_token.items()}
     return _scored(rows, [[top.get(int(tok), fallback) for tok in row["input_ids"]] for row in rows])
-
-
-def ceiling_of_route_record(record_dir, one_token: bool = False) -> dict:
-    """The ceiling of the validation rows a committed route record was scored on, rebuilt from its own composed
-    config (``config.yaml.xz``: tasks, split, seeds, rows per task, max length; the tokenizer at its
-    ``model.name_or_path``, or the same model in this machine's cache), beside the accuracy the gates reached
-    there, overall and per task."""
-    import json
-    import lzma
-    from pathlib import Path
-
-    import yaml
-    from transformers import AutoTokenizer
-
-    from data.assets import local_model_dir
-    from data.batches import routed_rows, routed_rows_settings
-
-    record_dir = Path(record_dir)
-    with lzma.open(record_dir / "config.yaml.xz", "rt") as f:
-        cfg = yaml.safe_load(f)
-    with lzma.open(record_dir / "metrics.json.xz", "rt") as f:
-        rec = json.load(f)
-    # the stage's tokenizer is this one with a pad token set and left padding: neither changes a row's ids
-    tokenizer = AutoTokenizer.from_pretrained(str(local_model_dir(cfg["model"]["name_or_path"])))
-    val = routed_rows(split=str(cfg["data"]["val_split"]), per_task=int(cfg["router"]["train"]["val_rows_per_task"]),
-                      **routed_rows_settings(cfg, tokenizer, prompt_only=False))
-    c = causal_routing_ceiling(val)
-    gates = rec.get("router_accuracy_by_task") or {}
-    out = {"rows": len(val), "tokens": c["tokens"], "ceiling": c["accuracy"],
-           "router_accuracy": rec["metrics"].get("router_accuracy"),
-           "by_task": {str(t): {"ceiling": c["by_task"].get(i), "router_accuracy": gates.get(str(t))}
-                       for i, t in enumerate(cfg["tasks"])}}
-    if one_token:  # the training rows too (every task's rows_per_task: a minute of tokenizing for meteora_tasks)
-        train = routed_rows(split=str(cfg["data"]["train_split"]), per_task=int(cfg["router"]["train"]["rows_per_task"]),
-                            **routed_rows_settings(cfg, tokenizer, prompt_only=False))
-        one = one_token_routing(train, val)
-        out["one_token"] = one["accuracy"]
-        for i, t in enumerate(cfg["tasks"]):
-            out["by_task"][str(t)]["one_token"] = one["by_task"].get(i)
-    return out
-
-
-if __name__ == "__main__":  # python -m data.routing_ceiling outputs/records/<experiment>/route/meteora [--one-token]
-    import json
-    import sys
-
-    print(json.dumps(ceiling_of_route_record(sys.argv[1], one_token="--one-token" in sys.argv[2:]), indent=1))

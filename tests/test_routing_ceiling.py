@@ -51,7 +51,7 @@ def test_the_table_router_line_gives_the_ceiling_where_the_route_record_has_it()
 
 
 def test_the_committed_route_record_rebuilds_its_validation_rows(tmp_path):
-    """python -m data.routing_ceiling on the committed meteora_tasks route record: its validation rows rebuilt from
+    """python -m pipeline.report.routing_ceiling on the committed meteora_tasks route record: its validation rows rebuilt from
     its own config, the ceiling above the gates' accuracy, every task scored (needs the SmolLM2 tokenizer at the
     record's model path and BIG-bench here: skipped where they are not)."""
     import lzma
@@ -60,7 +60,7 @@ def test_the_committed_route_record_rebuilds_its_validation_rows(tmp_path):
     import pytest
     import yaml
 
-    from data.routing_ceiling import ceiling_of_route_record
+    from pipeline.report.routing_ceiling import ceiling_of_route_record
 
     record = Path(__file__).resolve().parent.parent / "outputs/records/meteora_tasks/route/meteora"
     if not (record / "config.yaml.xz").is_file():
@@ -96,3 +96,11 @@ def test_the_router_line_says_whether_the_adapters_were_trained_with_the_gates(t
         info = router_info({**route, "_path": str(run / "metrics.json")})
         assert info["train_loras"] is flag
         assert ("trained together with the LoRA weights" in router_line(info)) is flag
+
+
+def test_the_record_tool_names_the_fix_for_a_dir_that_is_no_route_record(tmp_path, capsys):
+    from pipeline.report.routing_ceiling import main
+
+    assert main([str(tmp_path)]) == 2
+    assert "is not a route record" in capsys.readouterr().err
+    assert main([]) == 2
