@@ -7,6 +7,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+# One intra-op thread per process (set before torch is first imported; the stage, DDP and SLURM processes the tests
+# start inherit it): `make test` runs a pytest worker per core and many tests start 2 more processes, so torch's
+# default of a thread per core only has threads wait on descheduled siblings (`pipeline.joint_speed --threads`
+# says the same of a shared host). Results do not depend on it; set OMP_NUM_THREADS to choose otherwise.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import sys
 
@@ -54,6 +59,13 @@ def triton_ops():
 
     with switches.poisoned_buffers():
         yield triton_ops
+
+
+def pytest_configure(config):
+    """pytest-xdist (>= 3.6) re-sorts ``--dist loadfile`` work by test count unless told not to, which would start
+    the few-test, minutes-long files last: keep the order ``pytest_collection_modifyitems`` gives."""
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
 
 
 def pytest_collection_modifyitems(config, items):

@@ -55,12 +55,13 @@ def test_experiment_composes_with_stage(stage, experiment, tmp_path, _compose):
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_reproduce_plan_steps_compose(experiment, _compose):
     """Every run the reproduce plan would start is a valid config of its stage."""
-    plan = _compose("reproduce", [f"experiment={experiment}"]).plan
+    reproduce = _compose("reproduce", [f"experiment={experiment}"])
+    plan = reproduce.plan
     for entry in list(plan.evaluate.values()) + list(plan.composite_strategies.values()):
         _compose("evaluate", [f"experiment={experiment}", *entry])
     for router, ovs in plan.route.items():
         _compose("route", [f"experiment={experiment}", f"router={router}", *ovs])
-    finetune = [s["step"] for s in plan_steps(_compose("reproduce", [f"experiment={experiment}"])) if s["stage"] == "finetune"]
+    finetune = [s["step"] for s in plan_steps(reproduce) if s["stage"] == "finetune"]
     for task in finetune[:1] + [t for t in finetune if t == "lora_b"]:
         _compose("finetune", [f"experiment={experiment}", f"task={task}"])
 

@@ -2,8 +2,8 @@
 
 One module-scoped reproduce of `smoke` runs every stage in-process (the task adapters in one joint finetune run +
 lora_b, meteora + dlp routers, five single-task strategies, composite-2, bench, report); the tests then read what
-it wrote. A finetune multirun
-over two tasks runs in a subprocess, and a wandb offline run is decoded with wandb's own protobuf records.
+it wrote. A wandb offline run is decoded with wandb's own protobuf records. (The finetune multirun over two
+tasks, in a subprocess: test_sweeps.py, which relaunches that same sweep.)
 """
 
 from __future__ import annotations
@@ -206,28 +206,6 @@ def test_missing_adapter_names_the_fix(tmp_path):
 def _env(tmp_path):
     return {**os.environ, "LORAMUX_OUTPUTS": str(tmp_path), "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1",
             "HF_DATASETS_OFFLINE": "1"}
-
-
-@pytest.mark.slow  # real training subprocesses: tens of seconds
-def test_finetune_multirun_over_two_tasks(tmp_path):
-    """`python -m pipeline.finetune -m task=a,b`: two jobs, two adapters, one sweep dir, report aggregates it."""
-    cmd = [sys.executable, "-m", "pipeline.finetune", "-m", "experiment=smoke", "task=object_counting,winowhy",
-           "print_config=false", "trainer.max_steps=2"]
-    proc = subprocess.run(cmd, check=False, cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    exp = tmp_path / "smoke"
-    sweeps = list((exp / "finetune" / "multiruns").iterdir())
-    assert len(sweeps) == 1
-    jobs = sorted(p.parent.name for p in sweeps[0].rglob("metrics.json"))
-    assert len(jobs) == 2 and jobs[0].startswith("0_") and "task=object_counting" in jobs[0]
-    assert jobs[1].startswith("1_") and "task=winowhy" in jobs[1]
-    for task in ("object_counting", "winowhy"):
-        assert (exp / "adapters" / task / "adapter_model.safetensors").is_file()
-    from pipeline.stages.report import collect_records, render_report
-
-    _, tables = render_report(collect_records(sweeps[0]), tmp_path / "rep", "sweep")
-    finetune = next(t for t in tables if t.name == "finetune")
-    assert [r[0] for r in finetune.rows] == ["object_counting", "winowhy"]
 
 
 def test_user_error_exits_with_one_line(tmp_path):

@@ -1,14 +1,16 @@
 """Multirun hygiene and hyper-parameter search, with Hydra's basic launcher (no cluster needed).
 
 Real `python -m pipeline.finetune -m` processes on the `smoke` experiment (tiny random LLaMA, real BIG-bench rows):
-sweep dirs are unique to the microsecond, a relaunched sweep skips finished jobs (force=true reruns them), and
-the Optuna sweeper minimises finetune's validation loss over lr and r.
+a sweep over two tasks gives two jobs and two adapters that the report aggregates, sweep dirs are unique to the
+microsecond, and a relaunched sweep skips finished jobs (force=true reruns them). That two-task sweep runs once
+(a module fixture); the relaunch test works on its own copy of it. (The Optuna sweeper: test_sweeps_optuna.py.)
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -38,6 +40,39 @@ def _job_files(sweep: Path) -> dict[str, int]:
     return {p.parent.name: p.stat().st_mtime_ns for p in sweep.glob("*/metrics.json")}
 
 
+@pytest.fixture(scope="module")
+def two_task_sweep(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """`python -m pipeline.finetune -m task=object_counting,winowhy`, once: (its outputs root, the process). Tests
+    read it; one that changes it works on a copy (:func:`_copy_of`)."""
+    out = tmp_path_factory.mktemp("two-task-sweep")
+    return out, _sweep(out, "task=object_counting,winowhy")
+
+
+def _copy_of(sweep_outputs: Path, dest: Path) -> None:
+    """The finished sweep's outputs root copied to ``dest``, file times kept (copy2), so the copy is that sweep."""
+    shutil.copytree(sweep_outputs, dest, dirs_exist_ok=True)
+
+
+@pytest.mark.slow  # real training subprocesses: tens of seconds
+def test_finetune_multirun_over_two_tasks(two_task_sweep, tmp_path):
+    """`python -m pipeline.finetune -m task=a,b`: two jobs, two adapters, one sweep dir, report aggregates it."""
+    out, proc = two_task_sweep
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    exp = out / "smoke"
+    sweeps = list((exp / "finetune" / "multiruns").iterdir())
+    assert len(sweeps) == 1
+    jobs = sorted(p.parent.name for p in sweeps[0].rglob("metrics.json"))
+    assert len(jobs) == 2 and jobs[0].startswith("0_") and "task=object_counting" in jobs[0]
+    assert jobs[1].startswith("1_") and "task=winowhy" in jobs[1]
+    for task in ("object_counting", "winowhy"):
+        assert (exp / "adapters" / task / "adapter_model.safetensors").is_file()
+    from pipeline.stages.report import collect_records, render_report
+
+    _, tables = render_report(collect_records(sweeps[0]), tmp_path / "rep", "sweep")
+    finetune = next(t for t in tables if t.name == "finetune")
+    assert [r[0] for r in finetune.rows] == ["object_counting", "winowhy"]
+
+
 @pytest.mark.slow  # real training subprocesses: tens of seconds
 def test_sweeps_started_in_the_same_second_get_their_own_dirs(tmp_path):
     """Two sweeps launched at once: two dirs, named to the microsecond. (Their one job fails fast on purpose.)"""
@@ -51,9 +86,10 @@ def test_sweeps_started_in_the_same_second_get_their_own_dirs(tmp_path):
 
 
 @pytest.mark.slow  # real training subprocesses: tens of seconds
-def test_relaunched_sweep_skips_finished_jobs_and_force_reruns_them(tmp_path):
-    first = _sweep(tmp_path, "task=object_counting,winowhy")
+def test_relaunched_sweep_skips_finished_jobs_and_force_reruns_them(two_task_sweep, tmp_path):
+    first_out, first = two_task_sweep  # the first launch: `_sweep(<outputs>, "task=object_counting,winowhy")`
     assert first.returncode == 0, first.stderr[-3000:]
+    _copy_of(first_out, tmp_path)  # relaunched here, outputs root tmp_path: the fixture's sweep stays as it ended
     (sweep,) = (tmp_path / "smoke" / "finetune" / "multiruns").iterdir()
     done = _job_files(sweep)
     assert sorted(done) == ["0_task=object_counting,trainer.max_steps=2", "1_task=winowhy,trainer.max_steps=2"]
