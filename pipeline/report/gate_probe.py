@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from common.atomic import atomic_write_text
 from common.provenance import device_name, git_sha, versions
-from pipeline.report.records import config_of, read_run
+from pipeline.report.records import read_route_record
 
 DEFAULT_LAYERS = "0,3,6,9,12,15,18,21,24,27,last"
 
@@ -86,11 +86,7 @@ def fit_probe(x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, y_val: torc
 
 def _record(record_dir: Path) -> tuple[dict, dict]:
     """``(composed config, metrics record)`` of a MeteoRA route run (a committed record dir or a run dir)."""
-    rec = read_run(record_dir)
-    cfg = config_of(rec) if rec is not None else None
-    if rec is None or cfg is None:
-        raise ValueError(f"{record_dir} is not a route record (no metrics.json and config.yaml, plain or .xz): give "
-                         f"a committed route record dir, e.g. outputs/records/meteora_tasks/route/meteora")
+    cfg, rec = read_route_record(record_dir)
     if rec.get("stage") != "route" or not rec.get("router_accuracy_by_projection"):
         raise ValueError(f"{record_dir}: not a MeteoRA route record with per-projection accuracies")
     return cfg, rec

@@ -132,6 +132,17 @@ def read_run(run_dir) -> dict | None:
     return {**json.loads(text), "_path": str(Path(run_dir) / "metrics.json")}
 
 
+def read_route_record(record_dir) -> tuple[dict, dict]:
+    """``(composed config, metrics record)`` of a route run, a committed record dir or a run dir (what the offline
+    tools over a route record read); one ValueError line naming the fix when the dir holds no such pair."""
+    rec = read_run(record_dir)
+    cfg = config_of(rec) if rec is not None else None
+    if rec is None or cfg is None:
+        raise ValueError(f"{record_dir} is not a route record (no metrics.json and config.yaml, plain or .xz): give "
+                         f"a committed route record dir, e.g. outputs/records/meteora_tasks/route/meteora")
+    return cfg, rec
+
+
 def read_records(records_dir) -> list[dict]:
     """The records of a committed records dir, each with ``_path`` (its metrics.json.xz) and ``_run``."""
     root = Path(records_dir)

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from data.routing_ceiling import causal_routing_ceiling, one_token_routing
-from pipeline.report.records import config_of, read_run
+from pipeline.report.records import read_route_record
 
 
 def ceiling_of_route_record(record_dir, one_token: bool = False) -> dict:
@@ -28,11 +28,7 @@ def ceiling_of_route_record(record_dir, one_token: bool = False) -> dict:
     from data.assets import local_model_dir
     from data.batches import routed_rows, routed_rows_settings
 
-    rec = read_run(record_dir)
-    cfg = config_of(rec) if rec is not None else None
-    if rec is None or cfg is None:
-        raise ValueError(f"{record_dir} is not a route record (no metrics.json and config.yaml, plain or .xz): give "
-                         f"a committed route record dir, e.g. outputs/records/meteora_tasks/route/meteora")
+    cfg, rec = read_route_record(record_dir)
     # the stage's tokenizer is this one with a pad token set and left padding: neither changes a row's ids
     tokenizer = AutoTokenizer.from_pretrained(str(local_model_dir(cfg["model"]["name_or_path"])))
     settings = routed_rows_settings(cfg, tokenizer, prompt_only=False)

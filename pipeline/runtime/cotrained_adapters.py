@@ -52,10 +52,10 @@ def write_cotrained(mm, started_from: dict, out_dir, meta: dict | None = None) -
 
 
 def mirror_dirs(dirs: dict, dest) -> None:
-    """``dest/<name>`` for every ``{name: dir}`` of ``dirs`` (what ``write_cotrained`` returns): the same files, hard-linked where the filesystem allows
-    (copied where not), each dir swapped in atomically. The route stage keeps its run's copy of the co-trained
-    adapters this way; a later run that rewrites the source dirs replaces their files (new inodes), so the run's copy keeps
-    what that run wrote."""
+    """``dest/<name>`` for every ``{name: dir}`` of ``dirs`` (what ``write_cotrained`` returns): the same files,
+    hard-linked where the filesystem allows (copied where not), each dir swapped in atomically. The route stage
+    keeps its run's copy of the co-trained adapters this way; a later run that rewrites the source dirs replaces
+    their files (new inodes), so the run's copy keeps what that run wrote."""
     if not is_global_zero():
         return
     for name, d in dirs.items():

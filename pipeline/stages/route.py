@@ -190,7 +190,7 @@ class RouterTrainModule(L.LightningModule):
         """The trainable parameters as AdamW groups: the router's at ``lr``, the adapters' (``train_loras``) at
         ``lora_lr``; each group keeps its ``base_lr`` (what the schedule scales). ``on_device``: every lr a tensor
         on the module's device (the graphed step reads it there)."""
-        adapters = {id(p) for s in self.mm.bank.slots.values() for p in (s.A, s.B)}
+        adapters = {id(p) for p in self.mm.bank.parameters()}  # every slot's A and B
         split = ([p for p in self.trainable if id(p) not in adapters], self.lr), \
                 ([p for p in self.trainable if id(p) in adapters], self.lora_lr)
         return [{"params": ps, "base_lr": lr, "lr": torch.tensor(lr, device=self.device) if on_device else lr}
@@ -243,7 +243,7 @@ def route(cfg: DictConfig) -> float | None:
             if graphed else None
         module = RouterTrainModule(mm, train_cfg.lr, train_cfg.weight_decay, bool(train_cfg.train_loras),
                                    str(train_cfg.schedule), round(float(train_cfg.warmup_ratio) * steps), steps,
-                                   graph=graph, lora_lr=train_cfg.get("lora_lr"))
+                                   graph=graph, lora_lr=train_cfg.lora_lr)
         speed = apply_train_speed(cfg, mm.model, cuda_graph=graphed) if mm.router.reads_answers else {"compile": False}
         curve = AccuracyCurve(target=train_cfg.target_accuracy)
         val_every = int(train_cfg.val_check_interval or cfg.trainer.val_check_interval)
