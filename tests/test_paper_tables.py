@@ -247,3 +247,25 @@ def test_a_variant_table_keeps_its_own_file_name(tables, tmp_path):
     variant = json.loads(Path(paths["json"]).read_text())
     assert variant["table"] == "dlp_tasks" and variant["rows"] == json.loads(before)["rows"]
     assert (tables / "tables" / "dlp_tasks.json").read_bytes() == before
+
+
+def test_the_oracle_over_cotrained_adapters_is_a_column_where_its_run_exists(tables):
+    """An evaluate run labelled oracle-cotrained (router.adapters_from: the oracle over the adapters MeteoRA's gates
+    were trained with) adds the peft_cotrained column and its average, read from that run; without it the table
+    has no such column (test_meteora_tasks_table)."""
+    import copy
+
+    from pipeline.report.paper_tables import build_paper_table
+    from pipeline.stages.report import collect_records
+
+    records = collect_records(tables / "meteora_tasks")
+    oracle = next(r for r in records if r["stage"] == "evaluate" and r["strategy"] == "oracle")
+    cot = copy.deepcopy(oracle)
+    cot["strategy"], cot["_run"] = "oracle-cotrained", "evaluate/oracle-cotrained"
+    cot["metrics"] = {k: (v / 2 if isinstance(v, float) else v) for k, v in oracle["metrics"].items()}
+    t = build_paper_table("meteora_tasks", [*records, cot])
+    for r in t["rows"]:
+        want = oracle["metrics"][f"{r['task']}/{r['metric']}"] / 2
+        assert r["peft_cotrained"] == pytest.approx(want) and r["peft"] == pytest.approx(2 * want)
+        assert r["runs"]["peft_cotrained"] == "evaluate/oracle-cotrained"
+    assert t["averages"]["peft_cotrained"] == pytest.approx(t["averages"]["peft"] / 2)

@@ -504,9 +504,18 @@ def test_route_with_train_loras_keeps_the_cotrained_adapters_and_evaluate_runs_o
     bank = {id(p) for sl in mm.bank.slots.values() for p in (sl.A, sl.B)}
     assert [g["base_lr"] for g in groups] == [0.05, 1e-3]  # the gates at lr, the adapters at lora_lr
     assert {id(p) for p in groups[1]["params"]} == bank and not bank & {id(p) for p in groups[0]["params"]}
+    # router.adapters_from: another strategy (the oracle) on a router's co-trained adapters, the oracle's own routing
+    others = [o for o in base if not o.startswith("router")]
+    orc = compose_stage("evaluate", [*others, "router=oracle", f"router.adapters_from={router_dir}"], tmp_path / "o")
+    assert plan_multilora(orc).adapters == plan.adapters and plan_multilora(orc).checkpoint is None
     mm.save_router(router_dir)  # as route saves a router trained without train_loras: it names no adapters
     assert "adapters" not in json.loads((router_dir / "router.json").read_text())
     assert plan_multilora(ev).adapters == {n: exp / "adapters" / n for n in names}
+    with pytest.raises(ValueError, match="left unchanged.*drop router.adapters_from"):
+        plan_multilora(orc)  # that router has no co-trained adapters (any more)
+    with pytest.raises(FileNotFoundError, match="no router there; train it first"):
+        plan_multilora(compose_stage("evaluate", [*others, "router=oracle",
+                                                  f"router.adapters_from={tmp_path / 'nowhere'}"], tmp_path / "o2"))
 
 
 def _assert_accuracy_by_projection_and_layer(rec: dict) -> None:

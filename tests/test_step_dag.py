@@ -32,6 +32,12 @@ def test_meteora_tasks_route_and_evaluations_wait_only_for_what_they_read(compos
     assert deps["evaluate lora_b"] == ["finetune lora_b"]
 
 
+def test_the_oracle_over_cotrained_adapters_waits_for_the_route_that_writes_them(compose, tmp_path):
+    deps, steps = _steps(compose, "meteora_tasks_cotrained_aux5", tmp_path, "joint_finetune=true")
+    assert deps["evaluate oracle-cotrained"] == ["finetune all", "route meteora"]  # router.adapters_from
+    assert deps["evaluate oracle"] == ["finetune all"]
+
+
 def test_separate_finetunes_and_a_router_read_under_another_name(compose, tmp_path):
     deps, steps = _steps(compose, "dlp_tasks", tmp_path, "joint_finetune=false")
     tasks = [s["tag"] for s in steps if s["stage"] == "finetune"]

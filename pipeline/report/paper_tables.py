@@ -13,7 +13,8 @@ Claims: ``pipeline.report.paper_claims`` (point estimate, paired bootstrap inter
 Rows per table (scores: accuracy and ROUGE as fractions in [0, 1], BLEU 0-100; None where a run is missing):
 
 * ``meteora_tasks``: ``{task, metric, peft, meteora_top1, meteora_top2, lora_b, merge, gate_accuracy,
-  gate_confused_with, runs}``; ``peft`` = the oracle (each task's own adapter); ``metric`` = accuracy where the
+  gate_confused_with, runs}`` (+ ``peft_cotrained`` where its run exists); ``peft`` = the oracle (each task's own
+  adapter); ``metric`` = accuracy where the
   task has it, else rougeL, else bleu; ``gate_accuracy`` = the route stage's validation routing accuracy on the
   task's tokens (None where the route record has no per-task counts); ``gate_confused_with`` = the tasks the
   gates chose instead, with their share of the task's (token, gate) pairs (the route record's
@@ -113,11 +114,16 @@ def _route(records, strategy: str) -> dict | None:
 # ------------------------------------------------------------------------------------------- meteora_tasks
 METEORA_TASK_COLUMNS = {"peft": "oracle", "meteora_top1": "meteora-top1", "meteora_top2": "meteora-top2",
                         "lora_b": "lora_b", "merge": "merge"}
+#: columns a table has only where their run exists: ``peft_cotrained`` is the oracle over the adapters MeteoRA's
+#: gates were trained together with (``router.adapters_from``), which splits the oracle-to-MeteoRA gap into what the
+#: adapters' change costs (peft - peft_cotrained) and what the routing costs (peft_cotrained - meteora_top2)
+METEORA_TASK_OPTIONAL = {"peft_cotrained": "oracle-cotrained"}
 
 
 def meteora_tasks(records: list[dict]) -> dict:
     ev = _evaluate(records)
-    recs = [ev[s] for s in METEORA_TASK_COLUMNS.values() if s in ev]
+    columns = {**METEORA_TASK_COLUMNS, **{c: s for c, s in METEORA_TASK_OPTIONAL.items() if s in ev}}
+    recs = [ev[s] for s in columns.values() if s in ev]
     route = _route(records, "meteora")
     gates = (route or {}).get("router_accuracy_by_task") or {}  # each task's gate routing accuracy (validation)
     confused = ((route or {}).get("router_confusion") or {}).get("confused_with") or {}
@@ -125,16 +131,16 @@ def meteora_tasks(records: list[dict]) -> dict:
     for task in _ordered_tasks(recs):
         metric = primary_metric(task, recs)
         row = {"task": task, "metric": metric}
-        for col, label in METEORA_TASK_COLUMNS.items():
+        for col, label in columns.items():
             row[col] = _num(ev[label]["metrics"].get(f"{task}/{metric}")) if label in ev and metric else None
         row["gate_accuracy"] = _num(gates.get(task))
         row["gate_confused_with"] = confused_cell(confused.get(task))
-        row["runs"] = _runs({**{col: ev.get(label) for col, label in METEORA_TASK_COLUMNS.items()},
+        row["runs"] = _runs({**{col: ev.get(label) for col, label in columns.items()},
                              "gate_accuracy": route if task in gates else None})
         rows.append(row)
-    avg = {col: _mean(_unit(r["metric"], r[col]) for r in rows) for col in METEORA_TASK_COLUMNS}
+    avg = {col: _mean(_unit(r["metric"], r[col]) for r in rows) for col in columns}
     return {"rows": rows, "averages": avg, "router": router_info(_route(records, "meteora")),
-            "_sources": {col: ev[label] for col, label in METEORA_TASK_COLUMNS.items() if label in ev}}
+            "_sources": {col: ev[label] for col, label in columns.items() if label in ev}}
 
 
 def confused_cell(pairs) -> str | None:
@@ -566,7 +572,7 @@ def plot_table(name: str, table: dict, path: Path) -> Path | None:
     if not rows:
         return None
     if name == "meteora_tasks":
-        cols = list(METEORA_TASK_COLUMNS)
+        cols = [c for c in (*METEORA_TASK_COLUMNS, *METEORA_TASK_OPTIONAL) if c in rows[0]]
         t = Table(name, "MeteoRA per-task", ["task", *cols],
                   [[r["task"], *[_unit(r["metric"], r[c]) for c in cols]] for r in rows])
         return radar_plot(t, path)

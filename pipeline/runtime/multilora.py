@@ -11,7 +11,9 @@ default; a knob given (in the file, an experiment or the command line) wins over
 knobs composite-n prompts use (MeteoRA's temperature). Adapters are the standard PEFT dirs
 ``${paths.adapters_dir}/<name>`` of ``router.adapters`` (null: the experiment's ``tasks``); a router trained
 together with its adapters (``router.train.train_loras``) is loaded with those instead, the dirs its
-``router.json`` names (``pipeline.runtime.cotrained_adapters``).
+``router.json`` names (``pipeline.runtime.cotrained_adapters``); ``router.adapters_from: <router dir>`` runs any
+strategy on another router's co-trained adapters (the oracle over MeteoRA's: how much of MeteoRA's score the
+adapters' change costs, apart from the routing).
 """
 
 from __future__ import annotations
@@ -114,6 +116,25 @@ def _saved_config(checkpoint: Path) -> dict:
         return {}  # load_router refuses a broken checkpoint with its own one line
 
 
+def cotrained_source(cfg: DictConfig, checkpoint: Path | None) -> dict[str, Path] | None:
+    """The co-trained adapters ``cfg`` runs on: those of ``router.adapters_from`` (another router's checkpoint,
+    which must have been trained with its adapters), else those of its own ``checkpoint`` where it has some, else
+    None (the experiment's adapters)."""
+    names = list(adapter_paths(cfg))
+    source = cfg.router.get("adapters_from")
+    if source is None:
+        return cotrained_dirs(checkpoint, names) if checkpoint is not None else None
+    source = Path(str(source))
+    if not (source / "router.json").is_file():
+        raise FileNotFoundError(f"router.adapters_from={source}: no router there; train it first: python -m "
+                                f"pipeline.route experiment={cfg.name} router={source.name} router.train.train_loras=true")
+    found = cotrained_dirs(source, names)
+    if not found:
+        raise ValueError(f"router.adapters_from={source}: that router was trained over adapters it left unchanged "
+                         f"(router.train.train_loras=false), so there are none to run on; drop router.adapters_from")
+    return found
+
+
 def plan_multilora(cfg: DictConfig, *, fresh: bool = False, composite_n: int | None = None) -> MultiLoRAPlan:
     """Strategy, adapters and router checkpoint of ``cfg``, every one checked (one line each) before a model loads.
 
@@ -124,7 +145,7 @@ def plan_multilora(cfg: DictConfig, *, fresh: bool = False, composite_n: int | N
     if load and not (checkpoint / "router.json").is_file():
         raise FileNotFoundError(f"router {checkpoint.name!r} is missing at {checkpoint}; train it first: "
                                 f"python -m pipeline.route experiment={cfg.name} router={checkpoint.name}")
-    cotrained = cotrained_dirs(checkpoint, list(adapter_paths(cfg))) if load else None
+    cotrained = cotrained_source(cfg, checkpoint if load else None)
     # a router trained together with its adapters (router.train.train_loras) runs on those, not on the ones it
     # started from (which need not exist any more); only the adapters that run are verified
     dirs = {n: verify_adapter(d) for n, d in cotrained.items()} if cotrained else adapter_dirs(cfg)

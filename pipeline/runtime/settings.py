@@ -43,7 +43,7 @@ from models.base import DTYPES, check_source
 
 #: what the stages read from ``conf/router/<name>.yaml`` beside the strategy's knobs (every other key but ``_target_``
 #: and ``_partial_`` is a knob, passed to the builder)
-ROUTER_KEYS = ("label", "checkpoint", "adapters", "composite", "train")
+ROUTER_KEYS = ("label", "checkpoint", "adapters", "adapters_from", "composite", "train")
 
 
 # ------------------------------------------------------------------------------------------------------ schemas
@@ -155,6 +155,10 @@ class RouterKeys:
     label: str | None = None  # name in results; null: the router's own (meteora-top2, dlp-segments, ...)
     checkpoint: str | None = None  # where route saves it and evaluate loads it; null: nothing trained
     adapters: list[str] | None = None  # the adapters the bank holds; null: the experiment's tasks
+    # a router checkpoint trained together with its adapters (router.train.train_loras): run on the adapters it
+    # ended with instead of the experiment's (e.g. the oracle over MeteoRA's co-trained adapters); null: the
+    # experiment's, or this router's own checkpoint's where it was co-trained
+    adapters_from: str | None = None
     composite: dict = field(default_factory=dict)  # {n: {knob: value}} for composite-n prompts
     train: dict | None = None  # route's settings (schema/router_train) of a trainable strategy
 

@@ -46,8 +46,9 @@ def inputs(step: dict, overrides: list[str]) -> list[Path] | None:
     cfg = compose(stage, [*passed_to(stage, overrides), *step["overrides"]], run_dir=step["run_dir"])
     files = [Path(d) / "adapter_config.json" for d in adapter_paths(cfg).values()]
     checkpoint = cfg.router.get("checkpoint") if stage == "evaluate" else None
-    if checkpoint:
-        files.append(Path(str(checkpoint)) / "router.json")
+    for router_dir in (checkpoint, cfg.router.get("adapters_from")):  # its router, and whose co-trained adapters
+        if router_dir:
+            files.append(Path(str(router_dir)) / "router.json")
     return files
 
 
