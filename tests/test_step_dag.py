@@ -33,7 +33,7 @@ def test_meteora_tasks_route_and_evaluations_wait_only_for_what_they_read(compos
 
 
 def test_the_oracle_over_cotrained_adapters_waits_for_the_route_that_writes_them(compose, tmp_path):
-    deps, steps = _steps(compose, "meteora_tasks_cotrained_aux5", tmp_path, "joint_finetune=true")
+    deps, _ = _steps(compose, "meteora_tasks_cotrained_aux5", tmp_path, "joint_finetune=true")
     assert deps["evaluate oracle-cotrained"] == ["finetune all", "route meteora"]  # router.adapters_from
     assert deps["evaluate oracle"] == ["finetune all"]
 
