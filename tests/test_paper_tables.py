@@ -269,3 +269,15 @@ def test_the_oracle_over_cotrained_adapters_is_a_column_where_its_run_exists(tab
         assert r["peft_cotrained"] == pytest.approx(want) and r["peft"] == pytest.approx(2 * want)
         assert r["runs"]["peft_cotrained"] == "evaluate/oracle-cotrained"
     assert t["averages"]["peft_cotrained"] == pytest.approx(t["averages"]["peft"] / 2)
+    [claim] = t["claims"]  # claim 1's gap split in two: the adapters' change and the routing, paired intervals
+    split = claim["gap_split"]
+    assert split["peft_cotrained_avg"] == pytest.approx(t["averages"]["peft_cotrained"], abs=1e-6)
+    assert split["adapters"]["point"] + split["routing"]["point"] == pytest.approx(
+        claim["measured"]["peft_minus_top2"], abs=1e-5)
+    assert split["adapters"]["interval"]["estimate"] == pytest.approx(split["adapters"]["point"], abs=1e-6)
+    assert split["routing"]["interval"]["estimate"] == pytest.approx(split["routing"]["point"], abs=1e-6)
+    assert "gap_split" not in build_paper_table("meteora_tasks", records)["claims"][0]
+    from pipeline.report.paper_tables import paper_markdown
+
+    md = paper_markdown("meteora_tasks", t, None)
+    assert "the adapters' change (peft - peft_cotrained)" in md and " peft_cotrained |" in md  # text and column

@@ -493,6 +493,10 @@ def _latency_md_rows(rows):
     return out
 
 
+def _split_cell(part: dict) -> str:
+    return interval_cell(part["interval"]) if part.get("interval") else _md_cell(part["point"])
+
+
 def interval_cell(iv: dict | None) -> str:
     """``0.113 [0.081, 0.146]`` (estimate [low, high]), or a dash."""
     if not iv:
@@ -536,6 +540,14 @@ def paper_markdown(name: str, table: dict, plot: Path | None, title: str | None 
               for c in table["claims"]]
     lines += _md_table(claims, ["claim", "measured", "threshold", "holds (point)", "95% interval", "verdict",
                                 "reason"])
+    for c in table["claims"]:
+        if c.get("gap_split"):
+            sp = c["gap_split"]
+            text = (f"The gap of claim {c['claim'].split('.')[0]}, split (the oracle over the adapters the gates "
+                    f"were trained with averages {_md_cell(sp['peft_cotrained_avg'])}): the adapters' change "
+                    f"(peft - peft_cotrained) {_split_cell(sp['adapters'])}, the routing (peft_cotrained - "
+                    f"meteora_top2) {_split_cell(sp['routing'])}.")
+            lines += [text, ""]
     lines += ["## Rows", ""]
     if name == "dlp_latency":
         lines += [f"setting: {_md_cell(table.get('setting'))}; ratios are ms over ms", ""]
