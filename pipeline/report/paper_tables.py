@@ -14,10 +14,10 @@ Rows per table (scores: accuracy and ROUGE as fractions in [0, 1], BLEU 0-100; N
 
 * ``meteora_tasks``: ``{task, metric, peft, meteora_top1, meteora_top2, lora_b, merge, gate_accuracy,
   gate_confused_with, runs}`` (+ ``peft_cotrained`` where its run exists); ``peft`` = the oracle (each task's own
-  adapter); ``metric`` = accuracy where the task has it, else rougeL, else bleu; ``gate_accuracy`` = the route stage's validation routing accuracy on the
-  task's tokens (None where the route record has no per-task counts); ``gate_confused_with`` = the tasks the
-  gates chose instead, with their share of the task's (token, gate) pairs (the route record's
-  ``router_confusion``; None without it). Top-level ``router``: the MeteoRA gates' route stage (validation token
+  adapter); ``metric`` = accuracy where the task has it, else rougeL, else bleu; ``gate_accuracy`` = the route
+  stage's validation routing accuracy on the task's tokens (None where the route record has no per-task counts);
+  ``gate_confused_with`` = the tasks the gates chose instead, with their share of the task's (token, gate) pairs
+  (the route record's ``router_confusion``; None without it). Top-level ``router``: the MeteoRA gates' route stage (validation token
   routing accuracy, steps, the target accuracy and the step it was reached, what stopped it, the curve).
 * ``meteora_composite``: ``{n, subtask, metric, meteora, lora_b, meteora_answered, lora_b_answered, runs}``
   (``*_answered``: share of rows with a non-empty answer to that sub-task); top-level ``per_n`` =
