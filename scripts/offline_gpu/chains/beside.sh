@@ -7,7 +7,7 @@
 # (020c30e). Each experiment therefore starts once the previous one's finetune steps have all finished.
 source scripts/offline_gpu/chains/common.sh
 finetuned() {  # every finetune step of experiment $1 has its metrics.json
-  local d=/root/lmx/$1/finetune n
+  local d=${LMX_ROOT:-/root/lmx}/$1/finetune n
   n=$(ls -d "$d"/*/ 2>/dev/null | wc -l)
   (( n > 0 )) && (( $(ls "$d"/*/metrics.json 2>/dev/null | wc -l) == n ))
 }
