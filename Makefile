@@ -29,8 +29,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Each part is one process, all at once: the SmolLM2 and Gemma conversions (transformers dequantizing a GGUF) and the
+# BIG-bench extraction (one .tar.gz streamed) each keep one core busy, so on 2 cores they end with the slowest.
+# `make test` adds Gemma-3-270M, the second backbone that tests/test_models_gemma.py runs.
+ASSET_PARTS ?= --model --bigbench
 assets: $(STAMP)
-	$(BIN)/python -m data.fetch --model --bigbench
+	@pids=; for part in $(ASSET_PARTS); do echo "$(BIN)/python -m data.fetch $$part"; \
+	  $(BIN)/python -m data.fetch $$part & pids="$$pids $$!"; done; \
+	rc=0; for pid in $$pids; do wait $$pid || rc=$$?; done; exit $$rc
 
 # The `slurm` tests submit real sweeps to a one-node SLURM cluster on this host (needs root to install and start
 # it; elsewhere those tests skip and say why).
@@ -42,6 +48,7 @@ slurm-down:
 	scripts/slurm_stop.sh
 
 # Test files run on every core (pytest-xdist; one file stays on one worker, so its module fixtures are built once).
+test: ASSET_PARTS += --gemma
 test: assets slurm-up
 	$(BIN)/python -m pytest -m "not gpu" -n auto --dist loadfile --durations=15 $(PYTEST_ARGS)
 

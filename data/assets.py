@@ -318,6 +318,31 @@ def fetch_gemma(force: bool = False, log: Log = print, gguf: Path | str | None =
     return final
 
 
+@contextlib.contextmanager
+def _gguf_read_once():
+    """One ``gguf.GGUFReader`` per file while a conversion runs. transformers opens the GGUF three times (the config,
+    the tokenizer's config, the weights), and each reader parses every metadata field in Python, one numpy view per
+    vocabulary entry: ~20 s a read for Gemma-3's 262k tokens on a slow core. The reader only maps the file read-only,
+    so sharing it changes nothing that is read (the converted files hash the same either way). Where transformers no
+    longer looks the class up on ``gguf`` at call time this does nothing, and the conversion is as slow as before."""
+    import gguf as gguf_lib
+
+    real = gguf_lib.GGUFReader
+    readers: dict = {}
+
+    def shared_reader(path, mode="r"):
+        key = (os.path.realpath(path), mode)
+        if key not in readers:
+            readers[key] = real(path, mode)
+        return readers[key]
+
+    gguf_lib.GGUFReader = shared_reader
+    try:
+        yield
+    finally:
+        gguf_lib.GGUFReader = real
+
+
 def _convert_gguf(gguf: Path, out: Path, name: str = MODEL_NAME, source: str | None = None) -> None:
     """Dequantize the GGUF with transformers (fp32) and save it as a plain HF dir (safetensors + tokenizer)."""
     # lazy: torch and transformers take seconds to import; the cache needs them only to convert a model
@@ -327,8 +352,9 @@ def _convert_gguf(gguf: Path, out: Path, name: str = MODEL_NAME, source: str | N
 
     hf_logging.disable_progress_bar()
     os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF dequantizer's own bar would flood CI logs
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    with _gguf_read_once():
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     model.hf_quantizer = None  # GGUF weights are already dequantized; without this save_pretrained refuses
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
