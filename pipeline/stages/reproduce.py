@@ -34,6 +34,7 @@ checkout, ``LORAMUX_GIT_SHA`` unset) or a checkout with uncommitted changes to t
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import time
@@ -50,15 +51,17 @@ from pipeline.runtime.compose import compose
 from pipeline.runtime.config_tree import show_and_save_config
 from pipeline.runtime.entry import CONF_DIR, cli, user_errors
 from pipeline.runtime.settings import check_settings, passed_to
-from pipeline.runtime.step_dag import run_parallel
-from pipeline.stages.bench import bench
-from pipeline.stages.evaluate import evaluate
-from pipeline.stages.finetune import finetune
-from pipeline.stages.report import report
-from pipeline.stages.route import route
 
 log = logging.getLogger(__name__)
-RUNNERS = {"finetune": finetune, "route": route, "evaluate": evaluate, "bench": bench, "report": report}
+#: stage -> the module whose function of the same name runs it in this process, imported when a step of it runs
+#: here: a reproduce that refuses to start, or only schedules step processes (parallel=N), does not import lightning
+#: and transformers (~8 s of every such start on a small host)
+RUNNERS = {stage: f"pipeline.stages.{stage}" for stage in ("finetune", "route", "evaluate", "bench", "report")}
+
+
+def runner(stage: str):
+    """The function that runs ``stage`` in this process (``RUNNERS``)."""
+    return getattr(importlib.import_module(RUNNERS[stage]), stage)
 # reproduce's own keys: not passed on to the stages
 OWN_KEYS = ("allow_dirty", "force", "gpus", "joint_finetune", "parallel", "plan", "print_config", "stage")
 
@@ -139,7 +142,7 @@ def run_step(step: dict, overrides: list[str]):
     cfg = compose(step["stage"], [*passed_to(step["stage"], overrides), *step["overrides"]], run_dir=step["run_dir"])
     with open_dict(cfg):
         cfg.print_config = False
-    return RUNNERS[step["stage"]](cfg)
+    return runner(step["stage"])(cfg)
 
 
 def visible_gpus(setting) -> list[str]:
@@ -200,6 +203,8 @@ def _reproduce(cfg: DictConfig, overrides: list[str] | None) -> Path:
         else:
             todo.append(step)
     if width > 1:  # each step as soon as the steps it reads from have finished (pipeline/runtime/step_dag.py)
+        from pipeline.runtime.step_dag import run_parallel  # (it plans over the stages' configs: lightning)
+
         run_parallel(todo, inherited, width, visible_gpus(cfg.gpus), done=step_done)
     else:
         for step in todo:
