@@ -17,8 +17,9 @@ Rows per table (scores: accuracy and ROUGE as fractions in [0, 1], BLEU 0-100; N
   adapter); ``metric`` = accuracy where the task has it, else rougeL, else bleu; ``gate_accuracy`` = the route
   stage's validation routing accuracy on the task's tokens (None where the route record has no per-task counts);
   ``gate_confused_with`` = the tasks the gates chose instead, with their share of the task's (token, gate) pairs
-  (the route record's ``router_confusion``; None without it). Top-level ``router``: the MeteoRA gates' route stage (validation token
-  routing accuracy, steps, the target accuracy and the step it was reached, what stopped it, the curve).
+  (the route record's ``router_confusion``; None without it). Top-level ``router``: the MeteoRA gates' route
+  stage (validation token routing accuracy, steps, the target accuracy and the step it was reached, what stopped
+  it, the curve).
 * ``meteora_composite``: ``{n, subtask, metric, meteora, lora_b, meteora_answered, lora_b_answered, runs}``
   (``*_answered``: share of rows with a non-empty answer to that sub-task); top-level ``per_n`` =
   ``[{n, measure: "attempts" | "correct", meteora, lora_b}]`` (MeteoRA's attempts and correct of each n).

@@ -127,7 +127,8 @@ def cotrained_source(cfg: DictConfig, checkpoint: Path | None) -> dict[str, Path
     source = Path(str(source))
     if not (source / "router.json").is_file():
         raise FileNotFoundError(f"router.adapters_from={source}: no router there; train it first: python -m "
-                                f"pipeline.route experiment={cfg.name} router={source.name} router.train.train_loras=true")
+                                f"pipeline.route experiment={cfg.name} router={source.name} "
+                                f"router.train.train_loras=true")
     found = cotrained_dirs(source, names)
     if not found:
         raise ValueError(f"router.adapters_from={source}: that router was trained over adapters it left unchanged "

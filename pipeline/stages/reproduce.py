@@ -62,6 +62,8 @@ RUNNERS = {stage: f"pipeline.stages.{stage}" for stage in ("finetune", "route", 
 def runner(stage: str):
     """The function that runs ``stage`` in this process (``RUNNERS``)."""
     return getattr(importlib.import_module(RUNNERS[stage]), stage)
+
+
 # reproduce's own keys: not passed on to the stages
 OWN_KEYS = ("allow_dirty", "force", "gpus", "joint_finetune", "parallel", "plan", "print_config", "stage")
 
