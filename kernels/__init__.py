@@ -12,7 +12,8 @@ Triton bank path; see ``kernels.dense`` and README's Kernels section). Token rou
 routing is never expanded per token. See ``kernels.reference`` for the readable definition.
 ``multi_lora_sequences`` takes sentence routing over a batch of sequences [S, L, d] and folds each sequence's
 kept adapters into one concatenated adapter where that saves passes (``kernels.sequence_concat``);
-``multi_lora_uniform`` is the op when one adapter, known on the host, serves every token (a plain LoRA);
+``multi_lora_uniform`` is the op when one adapter, known on the host, serves every token (a plain LoRA;
+``bank_uniform`` takes it as a bank index, and writes the bank's gradients directly while it trains);
 ``multi_lora_coef`` takes token routing as one [T, L] coefficient matrix (MeteoRA's gates while they train).
 ``expand_shrunk`` is the decode epilogue of a projection group whose base GEMM already computed every adapter's
 shrink (and the gates' logits): the routing and the expand in one launch (``kernels.shrunk_expand``).
@@ -25,6 +26,6 @@ from kernels.op import multi_lora
 from kernels.packed_gemv import gemv_lora
 from kernels.sequence_concat import multi_lora_sequences
 from kernels.shrunk_expand import expand_shrunk
-from kernels.uniform import multi_lora_uniform
+from kernels.uniform import bank_uniform, multi_lora_uniform
 
-__all__ = ["expand_shrunk", "gemv_lora", "multi_lora", "multi_lora_coef", "multi_lora_sequences", "multi_lora_uniform"]
+__all__ = ["bank_uniform", "expand_shrunk", "gemv_lora", "multi_lora", "multi_lora_coef", "multi_lora_sequences", "multi_lora_uniform"]

@@ -32,3 +32,59 @@ def multi_lora_uniform(x: torch.Tensor, base: torch.Tensor, A_a: torch.Tensor, B
     h = torch.mm(x2, A_a.to(x2.dtype))
     out = torch.addmm(base.reshape(-1, base.shape[-1]), h.to(base.dtype), B_a.to(base.dtype), alpha=scale)
     return out.reshape(*lead, out.shape[-1])
+
+
+class _BankUniform(torch.autograd.Function):
+    """``multi_lora_uniform`` on adapter ``a`` of a bank, with the bank's gradients written directly.
+
+    Autograd differentiates ``A[a, :, :r]`` through a select and a slice: each builds a zeroed gradient of its
+    input's shape and copies the smaller one into it, after a separate cast of the product to the bank's dtype, so
+    every trained projection pays six small kernels per tensor. Here each of ``dA`` / ``dB`` is one zero fill of
+    the bank's shape and one copy (cast included) of the adapter's product into its slice. The products, their
+    order and their dtypes are autograd's own (``mm`` / ``addmm`` backward), so the gradients are the same bits.
+    """
+
+    @staticmethod
+    def forward(ctx, x2, base2, A, B, a: int, r: int, scale: float):
+        A_a = A[a, :, :r].to(x2.dtype)
+        h = torch.mm(x2, A_a)
+        h_b = h.to(base2.dtype)
+        B_a = B[a, :r].to(base2.dtype)
+        ctx.save_for_backward(x2, A_a, h_b, B_a)
+        ctx.a, ctx.r, ctx.scale = a, r, scale
+        ctx.A_meta, ctx.B_meta = (A.shape, A.dtype, A.device), (B.shape, B.dtype, B.device)
+        ctx.h_dtype = h.dtype
+        return torch.addmm(base2, h_b, B_a, alpha=scale)
+
+    @staticmethod
+    def backward(ctx, g):
+        x2, A_a, h_b, B_a = ctx.saved_tensors
+        a, r, s = ctx.a, ctx.r, ctx.scale
+        need_x, need_base, need_A, need_B = ctx.needs_input_grad[:4]
+        dx = dA = dB = None
+        if need_B:
+            dB = torch.zeros(ctx.B_meta[0], dtype=ctx.B_meta[1], device=ctx.B_meta[2])
+            dB[a, :r].copy_(torch.mm(h_b.t(), g).mul_(s))
+        if need_x or need_A:
+            dh = torch.mm(g, B_a.t()).mul_(s).to(ctx.h_dtype)
+            if need_x:
+                dx = torch.mm(dh, A_a.t())
+            if need_A:
+                dA = torch.zeros(ctx.A_meta[0], dtype=ctx.A_meta[1], device=ctx.A_meta[2])
+                dA[a, :, :r].copy_(torch.mm(x2.t(), dh))
+        return dx, (g if need_base else None), dA, dB, None, None, None
+
+
+def bank_uniform(x: torch.Tensor, base: torch.Tensor, A: torch.Tensor, B: torch.Tensor, a: int, r: int,
+                 scale: float) -> torch.Tensor:
+    """``base + scale * (x @ A[a, :, :r]) @ B[a, :r]`` for a bank A [L, d_in, R], B [L, R, d_out].
+
+    The same as ``multi_lora_uniform`` on the adapter's slices; while the bank trains (A or B requires grad, grad
+    mode on) its gradients come from ``_BankUniform``, written straight into bank-shaped tensors."""
+    if r == 0:
+        return base
+    if not (torch.is_grad_enabled() and (A.requires_grad or B.requires_grad)):
+        return multi_lora_uniform(x, base, A[a, :, :r], B[a, :r], scale)
+    lead = base.shape[:-1]
+    out = _BankUniform.apply(x.reshape(-1, x.shape[-1]), base.reshape(-1, base.shape[-1]), A, B, a, r, scale)
+    return out.reshape(*lead, out.shape[-1])

@@ -13,7 +13,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels import cast_cache, multi_lora, multi_lora_coef, multi_lora_sequences, multi_lora_uniform
+from kernels import (
+    bank_uniform,
+    cast_cache,
+    multi_lora,
+    multi_lora_coef,
+    multi_lora_sequences,
+    multi_lora_uniform,
+)
 from kernels.coef import multi_lora_coef_reference
 from kernels.op import resolve_backend
 from models.adapter_bank import slot_key
@@ -78,7 +85,7 @@ class MultiLoRALinear(nn.Module):
             r = slots.host_ranks[a]
             if A.dtype != x.dtype and cast_cache.may_cache(A, B):  # a frozen bank: cast once, not per call
                 A, B = cast_cache.cast(A, x.dtype), cast_cache.cast(B, x.dtype)
-            return multi_lora_uniform(x, y, A[a, :, :r], B[a, :r], slots.host_scales[a])
+            return bank_uniform(x, y, A, B, a, r, slots.host_scales[a])
         if backend == "torch":
             A, B = slots.tight()  # no rank padding in the torch forms
             if A.shape[2] == 0:

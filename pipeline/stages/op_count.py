@@ -2,6 +2,7 @@
 kernel in a CUDA graph, so for a small model the count, not the arithmetic, sets the step time.
 
     python -m pipeline.op_count [--router meteora] [--trainable gates]      (CPU, the 2-layer test model)
+    python -m pipeline.op_count --against-peft                               (one adapter: loramux beside peft)
 
 Counts the aten calls of one step (forward, loss, backward, AdamW) under ``torch.profiler``, leaving out views and
 other calls that launch nothing, and prints the total, per wrapped projection, and the most frequent ops.
@@ -52,11 +53,61 @@ def count_step_ops(router: str = "meteora", trainable: str = "gates", batch: int
     return sum(ops.values()), projections, ops
 
 
+def leaf_launches(events) -> Counter:
+    """The profiled aten calls that call no other aten op and are not views: the calls that each launch a kernel."""
+    return Counter(e.name for e in events if e.name.startswith("aten::") and e.name not in NO_LAUNCH
+                   and not any(ch.name.startswith("aten::") for ch in e.cpu_children))
+
+
+def single_adapter_launches(variant: str, batch: int = 2, seq: int = 16) -> tuple:
+    """``(kernel launches of one forward + backward, wrapped projections, Counter)`` for a single LoRA (r=8 on all
+    7 projections) trained on the CPU stand-in of the SmolLM2-135M shape under bf16 autocast, as the training
+    benchmark builds it: ``variant`` is ``peft_single`` (peft's own LoRA) or ``loramux_single`` (one adapter in the
+    bank, uniform route). The optimizer is left out: both train the same tensors with the same AdamW."""
+    from omegaconf import OmegaConf
+
+    from pipeline.runtime.entry import CONF_DIR
+    from pipeline.stages import train_throughput as tt
+    from pipeline.stages.bench import SHAPES, shape_model
+    from pipeline.stages.bench_timing import random_adapter
+
+    config, _ = SHAPES["smollm2_135m_tiny"]
+    cpu = torch.device("cpu")
+
+    def make_model():
+        torch.manual_seed(0)
+        return shape_model(config, cpu, torch.float32)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter = random_adapter(make_model(), f"{tmp}/adapter", OmegaConf.load(f"{CONF_DIR}/adapter/meteora.yaml"))
+        trainee = tt.build_trainee(tt.Setting(variant, "bf16", False, batch), make_model, adapter, 1, 1, cpu, "eager")
+    ids = torch.randint(10, config["vocab_size"] - 10, (batch, seq), generator=torch.Generator().manual_seed(0))
+    for _ in range(2):
+        trainee.step(ids)
+    if trainee.multi is not None:
+        trainee.multi.set_routing(task_ids=trainee.task_ids(batch))
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = trainee.model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+    ops = leaf_launches(prof.events())
+    projections = 7 * config["num_hidden_layers"]
+    return sum(ops.values()), projections, ops
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--router", default="meteora")
     p.add_argument("--trainable", default="gates")
+    p.add_argument("--against-peft", action="store_true",
+                   help="one adapter trained: kernel launches of loramux's uniform route beside peft's LoRA")
     args = p.parse_args(argv)
+    if args.against_peft:
+        for variant in ("peft_single", "loramux_single"):
+            total, proj, ops = single_adapter_launches(variant)
+            print(f"{variant}: {total} kernel launches per forward + backward, {total / proj:.1f} per projection; "
+                  + ", ".join(f"{k.removeprefix('aten::')} {v}" for k, v in ops.most_common(6)))
+        return
     total, proj, ops = count_step_ops(args.router, args.trainable)
     print(f"{args.router} ({args.trainable} trained): {total} aten calls per training step, {proj} wrapped "
           f"projections, {total / proj:.1f} per projection")
