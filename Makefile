@@ -20,11 +20,16 @@ export WANDB_MODE ?= offline
 
 .PHONY: install assets slurm-up slurm-down test test-fast demo lint clean-venv
 
+# torch through pip (it reads this machine's pip configuration: where the CPU build lies), the rest through uv:
+# the same packages (checked), resolved and installed in parallel, ~10 s against pip's ~2 min on 2 cores. uv is held
+# to the torch pip installed (never a CUDA build from the registry); where uv cannot run, pip does the rest.
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q --upgrade pip uv
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -c "import importlib.metadata as m; print('torch==' + m.version('torch'))" > $(VENV)/torch-pin.txt
+	$(BIN)/uv pip install -q --python $(BIN)/python --constraint $(VENV)/torch-pin.txt -e ".[dev]" \
+	  || $(BIN)/python -m pip install -q -e ".[dev]"
 	@touch $(STAMP)
 
 install: $(STAMP)
