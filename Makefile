@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip uv
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/python -c "import importlib.metadata as m; print('torch==' + m.version('torch'))" > $(VENV)/torch-pin.txt
-	$(BIN)/uv pip install -q --python $(BIN)/python --constraint $(VENV)/torch-pin.txt -e ".[dev]" \
+	$(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python --constraint $(VENV)/torch-pin.txt -e ".[dev]" \
 	  || $(BIN)/python -m pip install -q -e ".[dev]"
 	@touch $(STAMP)
 
