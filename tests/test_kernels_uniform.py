@@ -90,7 +90,7 @@ def test_training_one_adapter_launches_no_more_kernels_than_peft():
     """Not a timing: the kernels one forward + backward launches with one adapter trained (bf16 autocast, the CPU
     stand-in of the benchmark's SmolLM2 shape), loramux's uniform route beside peft's LoRA. Each launch is a kernel
     of a CUDA graph, where at batch 16 the count, not the arithmetic, sets the step time. Through autograd's
-    slices of the bank it was 434 against peft's 365 (4 more zero fills a projection)."""
+    slices of the bank it was 542 against peft's 487 (4 more zero fills a projection), now 458."""
     from pipeline.stages.op_count import single_adapter_launches
 
     peft, projections, peft_ops = single_adapter_launches("peft_single")

@@ -21,7 +21,9 @@ NO_LAUNCH = {"aten::view", "aten::reshape", "aten::t", "aten::transpose", "aten:
              "aten::unsqueeze", "aten::squeeze", "aten::slice", "aten::select", "aten::permute", "aten::_unsafe_view",
              "aten::detach", "aten::alias", "aten::empty", "aten::empty_strided", "aten::to", "aten::_to_copy",
              "aten::contiguous", "aten::lift_fresh", "aten::resolve_conj", "aten::resolve_neg", "aten::result_type",
-             "aten::empty_like", "aten::zeros", "aten::ones", "aten::item", "aten::_local_scalar_dense"}
+             "aten::empty_like", "aten::zeros", "aten::ones", "aten::item", "aten::_local_scalar_dense",
+             "aten::narrow", "aten::split", "aten::split_with_sizes", "aten::chunk", "aten::unbind", "aten::flatten",
+             "aten::unflatten", "aten::view_as", "aten::_reshape_alias", "aten::numpy_T", "aten::movedim"}
 
 
 def count_step_ops(router: str = "meteora", trainable: str = "gates", batch: int = 2, seq: int = 16) -> tuple:
@@ -53,10 +55,20 @@ def count_step_ops(router: str = "meteora", trainable: str = "gates", batch: int
     return sum(ops.values()), projections, ops
 
 
+def _launches(event) -> bool:
+    """An aten call that launches a kernel itself: not a view or allocation, and nothing it calls launches one."""
+    return (event.name.startswith("aten::") and event.name not in NO_LAUNCH
+            and not any(_reaches_a_launch(ch) for ch in event.cpu_children))
+
+
+def _reaches_a_launch(event) -> bool:
+    return _launches(event) or any(_reaches_a_launch(ch) for ch in event.cpu_children)
+
+
 def leaf_launches(events) -> Counter:
-    """The profiled aten calls that call no other aten op and are not views: the calls that each launch a kernel."""
-    return Counter(e.name for e in events if e.name.startswith("aten::") and e.name not in NO_LAUNCH
-                   and not any(ch.name.startswith("aten::") for ch in e.cpu_children))
+    """The profiled aten calls that each launch a kernel: an ``mm`` that allocates its output counts, a ``linear``
+    that calls ``mm`` does not (its ``mm`` does)."""
+    return Counter(e.name for e in events if _launches(e))
 
 
 def single_adapter_launches(variant: str, batch: int = 2, seq: int = 16) -> tuple:
