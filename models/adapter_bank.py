@@ -191,6 +191,13 @@ class ProjectionSlots(nn.Module):
         self.host_scales: list[float] = []
         self._tight: tuple | None = None
 
+    def shared_rank_and_scale(self) -> tuple[int, float] | None:
+        """``(r, scale)`` when every adapter of the bank has that rank and scale at this projection (host copies),
+        else None."""
+        if not self.host_ranks or len(set(self.host_ranks)) != 1 or len(set(self.host_scales)) != 1:
+            return None
+        return self.host_ranks[0], self.host_scales[0]
+
     def tight(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A[:, :, :r_max], B[:, :r_max])``: views without the rank padding, for the torch forms of the op
         (the Triton kernels take the padded tensors). Made once and reused while the parameters keep their storage

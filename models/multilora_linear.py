@@ -18,6 +18,7 @@ from kernels import (
     cast_cache,
     multi_lora,
     multi_lora_coef,
+    multi_lora_per_row,
     multi_lora_sequences,
     multi_lora_uniform,
 )
@@ -86,6 +87,11 @@ class MultiLoRALinear(nn.Module):
             if A.dtype != x.dtype and cast_cache.may_cache(A, B):  # a frozen bank: cast once, not per call
                 A, B = cast_cache.cast(A, x.dtype), cast_cache.cast(B, x.dtype)
             return bank_uniform(x, y, A, B, a, r, slots.host_scales[a])
+        if (backend == "torch" and route.one_per_row and x.dim() == 3 and route.ids.shape[0] == x.shape[0]
+                and slots.shared_rank_and_scale() is not None):
+            # one adapter per row, weight 1, every adapter of one rank and scale here: two batched GEMMs
+            r, scale = slots.shared_rank_and_scale()
+            return multi_lora_per_row(x, y, A, B, route.ids[:, 0], r, scale)
         if backend == "torch":
             A, B = slots.tight()  # no rank padding in the torch forms
             if A.shape[2] == 0:

@@ -24,6 +24,9 @@ class OracleRouter(SequenceRouter):
         ids = self.ctx.task_ids.to(ref.device).reshape(-1, 1)
         return ids, torch.ones(ids.shape, dtype=torch.float32, device=ref.device)
 
+    def one_adapter_per_row(self) -> bool:
+        return True
+
     def uniform_adapter(self):
         """Every sequence's task the same (a batch of one task, a one-adapter bank): that adapter, read from the
         host copy of the task ids (None when they live on the device: reading them would synchronise)."""

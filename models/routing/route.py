@@ -39,7 +39,11 @@ class Route:
     oracle when every sequence has the same task); the layer then runs that adapter as a plain LoRA
     (``kernels.multi_lora_uniform``) on the torch and Triton backends alike (only ``reference`` keeps its loop).
     ``coef``: the route as one [T, L] matrix of per-(token, adapter) weights instead of ids/weights (MeteoRA's gates
-    while they train: ``kernels.multi_lora_coef``); ids and weights are then None."""
+    while they train: ``kernels.multi_lora_coef``); ids and weights are then None.
+    ``one_per_row``: sentence routing where ids [S, 1] give every sequence exactly one adapter with weight 1 (the
+    oracle over a batch of several tasks: a joint fine-tuning step), known by the router without reading the
+    device; on the torch backend the layer then runs ``kernels.multi_lora_per_row`` (two batched GEMMs) where the
+    bank's adapters share one rank and scale at that projection."""
 
     ids: torch.Tensor | None
     weights: torch.Tensor | None
@@ -47,6 +51,7 @@ class Route:
     lora: tuple | None = None
     uniform: int | None = None
     coef: torch.Tensor | None = None
+    one_per_row: bool = False
 
 
 @dataclass
@@ -238,6 +243,10 @@ class SequenceRouter(Router):
         reading the device; None otherwise (the default)."""
         return None
 
+    def one_adapter_per_row(self) -> bool:
+        """Whether ``decide`` always gives each sequence one adapter (K = 1) with weight 1; False by default."""
+        return False
+
     def begin_forward(self, input_ids, attention_mask, inputs_embeds, is_prefill):
         self._cache = {}
         if is_prefill:
@@ -269,7 +278,8 @@ class SequenceRouter(Router):
         if ids.shape[0] != B:
             ids, w = expand_rows(ids, B, "the route"), expand_rows(w, B, "the route")
             self._seq = (ids, w)
-        return Route(ids, w.to(x.dtype), sequence_ids(B, S, x.device), uniform=self._uniform)
+        return Route(ids, w.to(x.dtype), sequence_ids(B, S, x.device), uniform=self._uniform,
+                     one_per_row=self.one_adapter_per_row())
 
 
 def validate_task_ids(task_ids, bank, batch: int | None = None) -> torch.Tensor:

@@ -2,7 +2,7 @@
 kernel in a CUDA graph, so for a small model the count, not the arithmetic, sets the step time.
 
     python -m pipeline.op_count [--router meteora] [--trainable gates]      (CPU, the 2-layer test model)
-    python -m pipeline.op_count --against-peft                               (one adapter: loramux beside peft)
+    python -m pipeline.op_count --against-peft         (LoRA trained: one adapter and a joint batch beside peft)
 
 Counts the aten calls of one step (forward, loss, backward, AdamW) under ``torch.profiler``, leaving out views and
 other calls that launch nothing, and prints the total, per wrapped projection, and the most frequent ops.
@@ -71,11 +71,12 @@ def leaf_launches(events) -> Counter:
     return Counter(e.name for e in events if _launches(e))
 
 
-def single_adapter_launches(variant: str, batch: int = 2, seq: int = 16) -> tuple:
-    """``(kernel launches of one forward + backward, wrapped projections, Counter)`` for a single LoRA (r=8 on all
-    7 projections) trained on the CPU stand-in of the SmolLM2-135M shape under bf16 autocast, as the training
-    benchmark builds it: ``variant`` is ``peft_single`` (peft's own LoRA) or ``loramux_single`` (one adapter in the
-    bank, uniform route). The optimizer is left out: both train the same tensors with the same AdamW."""
+def training_launches(variant: str, batch: int = 4, seq: int = 16) -> tuple:
+    """``(kernel launches of one forward + backward, wrapped projections, Counter)`` for LoRA (r=8 on all 7
+    projections) trained on the CPU stand-in of the SmolLM2-135M shape under bf16 autocast, as the training
+    benchmark builds it: ``variant`` is ``peft_single`` (peft's own LoRA), ``loramux_single`` (one adapter in the
+    bank, uniform route) or ``loramux_joint`` (``batch`` adapters, row i on adapter i: a joint fine-tuning step).
+    The optimizer is left out (the same AdamW over the trained tensors)."""
     from omegaconf import OmegaConf
 
     from pipeline.runtime.entry import CONF_DIR
@@ -92,7 +93,8 @@ def single_adapter_launches(variant: str, batch: int = 2, seq: int = 16) -> tupl
 
     with tempfile.TemporaryDirectory() as tmp:
         adapter = random_adapter(make_model(), f"{tmp}/adapter", OmegaConf.load(f"{CONF_DIR}/adapter/meteora.yaml"))
-        trainee = tt.build_trainee(tt.Setting(variant, "bf16", False, batch), make_model, adapter, 1, 1, cpu, "eager")
+        trainee = tt.build_trainee(tt.Setting(variant, "bf16", False, batch), make_model, adapter, batch, 1, cpu,
+                                   "eager")
     ids = torch.randint(10, config["vocab_size"] - 10, (batch, seq), generator=torch.Generator().manual_seed(0))
     for _ in range(2):
         trainee.step(ids)
@@ -112,11 +114,11 @@ def main(argv=None) -> None:
     p.add_argument("--router", default="meteora")
     p.add_argument("--trainable", default="gates")
     p.add_argument("--against-peft", action="store_true",
-                   help="one adapter trained: kernel launches of loramux's uniform route beside peft's LoRA")
+                   help="LoRA trained: kernel launches of one adapter and of a joint batch beside peft's LoRA")
     args = p.parse_args(argv)
     if args.against_peft:
-        for variant in ("peft_single", "loramux_single"):
-            total, proj, ops = single_adapter_launches(variant)
+        for variant in ("peft_single", "loramux_single", "loramux_joint"):
+            total, proj, ops = training_launches(variant)
             print(f"{variant}: {total} kernel launches per forward + backward, {total / proj:.1f} per projection; "
                   + ", ".join(f"{k.removeprefix('aten::')} {v}" for k, v in ops.most_common(6)))
         return
