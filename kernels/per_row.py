@@ -33,26 +33,25 @@ class _PerRow(torch.autograd.Function):
         A_s, B_s = _gather(A, B, rows, r, x.dtype, base.dtype)
         h = torch.bmm(x, A_s)
         h_b = h.to(base.dtype)
-        ctx.save_for_backward(x, A_s, h_b, B_s, rows)
+        ctx.save_for_backward(x, A_s, h_b, B_s, rows, A, B)
         ctx.r, ctx.scale, ctx.h_dtype = r, scale, h.dtype
-        ctx.A_meta, ctx.B_meta = (A.shape, A.dtype, A.device), (B.shape, B.dtype, B.device)
         return torch.baddbmm(base, h_b, B_s, alpha=scale)
 
     @staticmethod
     def backward(ctx, g):
-        x, A_s, h_b, B_s, rows = ctx.saved_tensors
+        x, A_s, h_b, B_s, rows, A, B = ctx.saved_tensors
         r, s = ctx.r, ctx.scale
         need_x, need_base, need_A, need_B = ctx.needs_input_grad[:4]
         dx = dA = dB = None
         if need_B:
-            dB = torch.zeros(ctx.B_meta[0], dtype=ctx.B_meta[1], device=ctx.B_meta[2])
+            dB = torch.zeros_like(B)
             dB[:, :r].index_add_(0, rows, torch.bmm(h_b.transpose(1, 2), g).mul_(s).to(dB.dtype))
         if need_x or need_A:
             dh = torch.bmm(g, B_s.transpose(1, 2)).mul_(s).to(ctx.h_dtype)
             if need_x:
                 dx = torch.bmm(dh, A_s.transpose(1, 2))
             if need_A:
-                dA = torch.zeros(ctx.A_meta[0], dtype=ctx.A_meta[1], device=ctx.A_meta[2])
+                dA = torch.zeros_like(A)
                 dA[:, :, :r].index_add_(0, rows, torch.bmm(x.transpose(1, 2), dh).to(dA.dtype))
         return dx, (g if need_base else None), dA, dB, None, None, None
 

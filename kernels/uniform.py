@@ -50,27 +50,25 @@ class _BankUniform(torch.autograd.Function):
         h = torch.mm(x2, A_a)
         h_b = h.to(base2.dtype)
         B_a = B[a, :r].to(base2.dtype)
-        ctx.save_for_backward(x2, A_a, h_b, B_a)
-        ctx.a, ctx.r, ctx.scale = a, r, scale
-        ctx.A_meta, ctx.B_meta = (A.shape, A.dtype, A.device), (B.shape, B.dtype, B.device)
-        ctx.h_dtype = h.dtype
+        ctx.save_for_backward(x2, A_a, h_b, B_a, A, B)
+        ctx.a, ctx.r, ctx.scale, ctx.h_dtype = a, r, scale, h.dtype
         return torch.addmm(base2, h_b, B_a, alpha=scale)
 
     @staticmethod
     def backward(ctx, g):
-        x2, A_a, h_b, B_a = ctx.saved_tensors
+        x2, A_a, h_b, B_a, A, B = ctx.saved_tensors
         a, r, s = ctx.a, ctx.r, ctx.scale
         need_x, need_base, need_A, need_B = ctx.needs_input_grad[:4]
         dx = dA = dB = None
         if need_B:
-            dB = torch.zeros(ctx.B_meta[0], dtype=ctx.B_meta[1], device=ctx.B_meta[2])
+            dB = torch.zeros_like(B)
             dB[a, :r].copy_(torch.mm(h_b.t(), g).mul_(s))
         if need_x or need_A:
             dh = torch.mm(g, B_a.t()).mul_(s).to(ctx.h_dtype)
             if need_x:
                 dx = torch.mm(dh, A_a.t())
             if need_A:
-                dA = torch.zeros(ctx.A_meta[0], dtype=ctx.A_meta[1], device=ctx.A_meta[2])
+                dA = torch.zeros_like(A)
                 dA[a, :, :r].copy_(torch.mm(x2.t(), dh))
         return dx, (g if need_base else None), dA, dB, None, None, None
 

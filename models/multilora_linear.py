@@ -88,10 +88,9 @@ class MultiLoRALinear(nn.Module):
                 A, B = cast_cache.cast(A, x.dtype), cast_cache.cast(B, x.dtype)
             return bank_uniform(x, y, A, B, a, r, slots.host_scales[a])
         if (backend == "torch" and route.one_per_row and x.dim() == 3 and route.ids.shape[0] == x.shape[0]
-                and slots.shared_rank_and_scale() is not None):
+                and (shared := slots.shared_rank_and_scale()) is not None):
             # one adapter per row, weight 1, every adapter of one rank and scale here: two batched GEMMs
-            r, scale = slots.shared_rank_and_scale()
-            return multi_lora_per_row(x, y, A, B, route.ids[:, 0], r, scale)
+            return multi_lora_per_row(x, y, A, B, route.ids[:, 0], *shared)
         if backend == "torch":
             A, B = slots.tight()  # no rank padding in the torch forms
             if A.shape[2] == 0:

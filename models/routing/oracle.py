@@ -15,6 +15,7 @@ from models.routing.route import SequenceRouter
 @strategy("oracle")
 class OracleRouter(SequenceRouter):
     needs_task_ids = True
+    one_adapter_per_row = True
 
     def decide(self, input_ids, attention_mask, inputs_embeds):
         ref = input_ids if input_ids is not None else inputs_embeds
@@ -23,9 +24,6 @@ class OracleRouter(SequenceRouter):
                              "indices) to forward / generate, or call set_routing(task_ids=...)")
         ids = self.ctx.task_ids.to(ref.device).reshape(-1, 1)
         return ids, torch.ones(ids.shape, dtype=torch.float32, device=ref.device)
-
-    def one_adapter_per_row(self) -> bool:
-        return True
 
     def uniform_adapter(self):
         """Every sequence's task the same (a batch of one task, a one-adapter bank): that adapter, read from the

@@ -226,6 +226,7 @@ class SequenceRouter(Router):
     """
 
     shares_route = True
+    one_adapter_per_row = False  # ``decide`` always gives each sequence one adapter (K = 1) with weight 1
 
     def __init__(self, ctx: RouteContext):
         super().__init__(ctx)
@@ -242,10 +243,6 @@ class SequenceRouter(Router):
         """The adapter index every sequence of this prefill uses with weight 1, if the router knows it without
         reading the device; None otherwise (the default)."""
         return None
-
-    def one_adapter_per_row(self) -> bool:
-        """Whether ``decide`` always gives each sequence one adapter (K = 1) with weight 1; False by default."""
-        return False
 
     def begin_forward(self, input_ids, attention_mask, inputs_embeds, is_prefill):
         self._cache = {}
@@ -279,7 +276,7 @@ class SequenceRouter(Router):
             ids, w = expand_rows(ids, B, "the route"), expand_rows(w, B, "the route")
             self._seq = (ids, w)
         return Route(ids, w.to(x.dtype), sequence_ids(B, S, x.device), uniform=self._uniform,
-                     one_per_row=self.one_adapter_per_row())
+                     one_per_row=self.one_adapter_per_row)
 
 
 def validate_task_ids(task_ids, bank, batch: int | None = None) -> torch.Tensor:
