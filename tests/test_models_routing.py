@@ -238,3 +238,19 @@ def test_dlp_wide_nucleus_folded_per_sequence_is_the_same_model(assets, monkeypa
     assert mm.last_route()[0].shape[1] == 3 and (mm.last_route()[0] >= 0).all()
     torch.testing.assert_close(logits[1], logits[10**9], atol=1e-5, rtol=1e-5)
     assert torch.equal(tokens[1], tokens[10**9])
+
+
+def test_oracle_over_a_one_adapter_bank_is_uniform_wherever_its_task_ids_live(assets):
+    """A one-adapter bank routes every row to adapter 0, so the oracle's route is uniform (two plain GEMMs a
+    projection, ``kernels.uniform``) without reading its task ids, also where they live on the device (a captured
+    CUDA-graph training step; the meta device stands in for it here: nothing there can be read). With more
+    adapters, ids that cannot be read leave the route general."""
+    mm = _mm(assets, router="oracle", names=("a",))
+    router = mm.ctx.router
+    mm.ctx.task_ids = torch.zeros(4, dtype=torch.long, device="meta")
+    assert router.uniform_adapter() == 0
+    many = _mm(assets, router="oracle")
+    many.ctx.task_ids = torch.zeros(4, dtype=torch.long, device="meta")
+    assert many.ctx.router.uniform_adapter() is None
+    many.ctx.task_ids = torch.tensor([1, 1, 1, 1])
+    assert many.ctx.router.uniform_adapter() == 1

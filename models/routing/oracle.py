@@ -26,8 +26,11 @@ class OracleRouter(SequenceRouter):
         return ids, torch.ones(ids.shape, dtype=torch.float32, device=ref.device)
 
     def uniform_adapter(self):
-        """Every sequence's task the same (a batch of one task, a one-adapter bank): that adapter, read from the
-        host copy of the task ids (None when they live on the device: reading them would synchronise)."""
+        """Every sequence's task the same: that adapter. A one-adapter bank has no other (its task ids, on the host
+        or on the device, can only say 0: nothing is read); otherwise read from the host copy of the task ids (None
+        when they live on the device, as in a captured CUDA-graph step: reading them would synchronise)."""
+        if self.ctx.bank is not None and len(self.ctx.bank) == 1:
+            return 0
         t = self.ctx.task_ids
         if t is None or t.device.type != "cpu" or t.numel() == 0:
             return None
