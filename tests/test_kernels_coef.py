@@ -1,6 +1,8 @@
 """The op with a [T, L] coefficient route (kernels.coef, MeteoRA's gates while they train): its float64 definition,
 the ids/weights op it replaces, and poison that must stay where no token routes."""
 
+import math
+
 import pytest
 import torch
 from test_kernels import TOL, make_inputs, rel_err
@@ -60,6 +62,28 @@ def test_top_k_coef_holds_the_top_k_softmax_at_the_chosen_adapters():
     assert int((coef != 0).sum(1).max()) == 2 and torch.allclose(coef.sum(1), torch.ones(7))
     coef.sum(0)[1].backward()  # the gates learn through the scatter: the chosen logits get a gradient
     assert logits.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("shape", [(7, 6), (3, 5, 28), (64, 28)])
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("temperature", [1.0, 15.0])
+def test_top_k_coef_by_row_maxima_is_the_topk_definition(shape, k, temperature):
+    """top_k_coef finds its k adapters as row maxima, not by a sort: the same matrix and the same gradient in the
+    logits as the definition (torch.topk, softmax over the k values / T, scattered into zeros), fp32 and bf16."""
+    gen = torch.Generator().manual_seed(k * 100 + len(shape))
+    rows, L = math.prod(shape[:-1]), shape[-1]
+    for dtype in (torch.float32, torch.bfloat16):  # distinct in each row (topk breaks ties its own way): a permutation
+        ranks = torch.stack([torch.randperm(L, generator=gen) for _ in range(rows)]).reshape(shape)
+        logits = (ranks * 0.25 - 3).to(dtype).requires_grad_(True)
+        ids, w = route_top_k(logits, k, temperature)
+        want = torch.zeros(shape, dtype=w.dtype).scatter(-1, ids, w)
+        got = top_k_coef(logits, k, temperature)
+        assert got.dtype == torch.float32 and torch.equal(got != 0, want != 0)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+        grad = torch.randn(shape, generator=gen)
+        g_want, = torch.autograd.grad((want * grad).sum(), logits)
+        g_got, = torch.autograd.grad((got * grad).sum(), logits)
+        torch.testing.assert_close(g_got, g_want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
