@@ -36,8 +36,9 @@ def test_verdicts_follow_the_paired_rounds():
     assert got[("loramux_joint", 64, True)] == "no"  # 0.77..0.83 < 0.9 in every round
     assert got[("loramux_gates", 64, True)] == "no"  # 0.667 in every round
     assert got[("loramux_gates", 256, False)] == "no"  # its best batch: 131k..146k tokens/s, all under 150k
-    assert tt.paired_ratio(rows[3], rows[2]) == {"median": round(100 / 101, 3), "min": round(100 / 110, 3),
-                                                 "max": round(100 / 99, 3)}
+    r = tt.paired_ratio(rows[3], rows[2])  # 3 rounds: the interval is min..max, which holds the median 75% of times
+    assert (r["median"], r["low"], r["high"], r["n"]) == (round(100 / 101, 3), round(100 / 110, 3), round(100 / 99, 3), 3)
+    assert r["coverage"] == 0.75
 
 
 def test_settings_cover_every_form_but_a_compiled_capture():

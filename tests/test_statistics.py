@@ -143,3 +143,32 @@ def test_composite_majority_verdict():
     assert majority_verdict([iv(0.1, 0.2), iv(-0.05, 0.3), iv(-0.1, 0.1)])[0] == "inconclusive"
     assert majority_verdict([iv(0.1, 0.2), iv(-0.3, -0.1), iv(0.0, 0.0)])[0] == "no"
     assert majority_verdict([])[0] is None
+
+
+def test_median_interval_is_the_order_statistics_interval():
+    """x(k) .. x(n+1-k) with the largest k whose coverage 1 - 2 P(Bin(n, 1/2) <= k-1) is >= 95% (the textbook
+    table: n=15 -> 4..12, n=20 -> 6..15, n=30 -> 10..21); below 6 values min..max with its own coverage."""
+    from pipeline.report.statistics import median_interval
+
+    for n, (k, cover) in {5: (1, 0.9375), 6: (1, 0.96875), 15: (4, 0.9648), 20: (6, 0.9586), 30: (10, 0.9572)}.items():
+        values = [float(v) for v in range(n, 0, -1)]  # unsorted on purpose
+        iv = median_interval(values)
+        assert (iv["low"], iv["high"], iv["n"]) == (k, n + 1 - k, n), n
+        assert abs(iv["coverage"] - cover) < 1e-4 and iv["coverage"] >= (0.95 if n >= 6 else 0.9)
+        assert iv["median"] == (n + 1) / 2 and (iv["min"], iv["max"]) == (1, n)
+    with pytest.raises(ValueError, match="no values"):
+        median_interval([])
+
+
+def test_median_verdict_by_the_interval_not_the_extremes():
+    """15 rounds: one slow round beyond the bar leaves min..max across it, but the interval of the median is
+    under it: yes. The verdict flips to inconclusive when the bar cuts the interval, to no when all of it is over."""
+    from pipeline.report.statistics import median_interval, median_verdict
+
+    rounds = [1.00, 1.01, 1.02, 1.02, 1.03, 1.03, 1.04, 1.04, 1.05, 1.05, 1.06, 1.07, 1.08, 1.12, 1.30]
+    iv = median_interval(rounds)
+    assert (iv["low"], iv["high"]) == (1.02, 1.07)
+    assert median_verdict(iv, 1.10) == "yes" and median_verdict(iv, 1.07) == "yes"  # touching the bar holds
+    assert median_verdict(iv, 1.05) == "inconclusive" and median_verdict(iv, 1.01) == "no"
+    assert median_verdict(iv, 1.0, ">=") == "yes" and median_verdict(iv, 1.1, ">=") == "no"
+    assert median_verdict(iv, 1.04, ">=") == "inconclusive"

@@ -27,6 +27,8 @@ resampling is written here: one multinomial draw of row counts per task and resa
 
 from __future__ import annotations
 
+import math
+import statistics
 from dataclasses import dataclass
 
 import numpy as np
@@ -140,7 +142,19 @@ def majority_verdict(intervals: list[Interval]) -> tuple[str | None, dict]:
     return ("yes" if sure >= need else "no" if possible < need else "inconclusive"), counts
 
 
-__all__ = ["Interval", "Side", "majority_verdict", "mean_difference", "point_holds", "unit", "verdict"]
+__all__ = [
+    "Interval",
+    "Side",
+    "interval_text",
+    "majority_verdict",
+    "mean_difference",
+    "median_interval",
+    "median_verdict",
+    "point_holds",
+    "rounded",
+    "unit",
+    "verdict",
+]
 
 
 def paired_time_ratios(mine: list, ref: list) -> list[float]:
@@ -150,7 +164,45 @@ def paired_time_ratios(mine: list, ref: list) -> list[float]:
     return sorted((a[1] - a[0]) / (b[1] - b[0]) for a, b in zip(mine, ref) if b[1] > b[0])
 
 
-def spread_verdict(ratios: list[float], limit: float) -> str:
-    """``yes`` when every paired round is at most ``limit``, ``no`` when none is, else ``inconclusive``."""
-    return "yes" if ratios[-1] <= limit else "no" if ratios[0] > limit else "inconclusive"
+def median_interval(values: list[float], level: float = LEVEL) -> dict:
+    """The median of repeated timings (paired rounds) with a distribution-free interval for it, from order
+    statistics: ``x(k) .. x(n+1-k)`` of the sorted values holds the median with probability
+    ``1 - 2 P(Binomial(n, 1/2) <= k - 1)``, whatever the distribution; k is the largest that keeps this at least
+    ``level``. Timings have no rows to resample, and the rounds' min..max would widen as rounds are added (at 15
+    rounds it holds the median with probability 0.99994); this interval narrows instead. Below 6 values no k reaches
+    95%: the interval is then min..max, and ``coverage`` says what it holds (0.9375 at 5). Returns ``{"median",
+    "low", "high", "coverage", "n", "min", "max"}``."""
+    xs = sorted(float(v) for v in values)
+    n = len(xs)
+    if n == 0:
+        raise ValueError("median_interval: no values")
+    k, tail = 1, 0.5 ** n  # min..max, x(1) .. x(n): it misses the median with probability 2 P(B <= 0)
+    for kk in range(2, (n + 1) // 2 + 1):
+        p = sum(math.comb(n, j) for j in range(kk)) / 2 ** n  # P(B <= kk - 1)
+        if p > (1 - level) / 2:
+            break
+        k, tail = kk, p
+    return {"median": statistics.median(xs), "low": xs[k - 1], "high": xs[n - k], "coverage": 1 - 2 * tail,
+            "n": n, "min": xs[0], "max": xs[-1]}
+
+
+def rounded(interval: dict, digits: int = 3) -> dict:
+    """``median_interval``'s dict with its values rounded for a table (coverage to 4 places, n as is)."""
+    return {k: (v if k == "n" else round(v, 4 if k == "coverage" else digits)) for k, v in interval.items()}
+
+
+def interval_text(iv: dict, fmt: str = "{}") -> str:
+    """``median [low, high]`` as tables print it (``fmt`` formats each number)."""
+    return f"{fmt.format(iv['median'])} [{fmt.format(iv['low'])}, {fmt.format(iv['high'])}]"
+
+
+def median_verdict(interval: dict, bar: float, side: str = "<=") -> str:
+    """A timing claim "median <= bar" (or ">="), by ``median_interval``'s interval: ``yes`` when all of it is on
+    the claim's side (touching the bar counts), ``no`` when none of it is, else ``inconclusive``."""
+    lo, hi = interval["low"], interval["high"]
+    if side == "<=":
+        return "yes" if hi <= bar + TIE else "no" if lo > bar + TIE else "inconclusive"
+    if side == ">=":
+        return "yes" if lo >= bar - TIE else "no" if hi < bar - TIE else "inconclusive"
+    raise ValueError(f"median_verdict: side {side!r} is not '<=' or '>='")
 

@@ -43,7 +43,13 @@ from peft import PeftModel
 
 from models import MultiLoRAModel
 from models.graph_generate import graph_generate
-from pipeline.report.statistics import paired_time_ratios, spread_verdict
+from pipeline.report.statistics import (
+    interval_text,
+    median_interval,
+    median_verdict,
+    paired_time_ratios,
+    rounded,
+)
 from pipeline.runtime.entry import first_line
 from pipeline.stages.bench_timing import (
     compile_config,
@@ -214,8 +220,10 @@ def rows_from(records: list[dict]) -> list[dict]:
 
 
 def verdicts(records: list[dict]) -> list[dict]:
-    """Each target per (targets, batch): the decode-time ratio per round (paired: same round), median and spread;
-    yes when every round meets it, no when none does, else inconclusive; None where a side was not measured."""
+    """Each target per (targets, batch): the decode-time ratio per round (paired: same round), its median and a
+    distribution-free 95% interval of the median (``pipeline.report.statistics.median_interval``; min..max below 6
+    rounds); yes when the whole interval meets the target, no when none of it does, else inconclusive; None where a
+    side was not measured."""
     out = []
     for engine, mine, ref, limit in TARGET_RATIOS:
         for rec in records:
@@ -235,9 +243,8 @@ def verdicts(records: list[dict]) -> list[dict]:
             if not per:
                 out.append({**item, "verdict": None, "reason": "no decode time measured"})
                 continue
-            v = spread_verdict(per, limit)
-            out.append({**item, "ratio": {"median": round(statistics.median(per), 3), "min": round(per[0], 3),
-                                          "max": round(per[-1], 3)}, "new_tokens": n, "verdict": v})
+            iv = median_interval(per)
+            out.append({**item, "ratio": rounded(iv), "new_tokens": n, "verdict": median_verdict(iv, limit)})
     return out
 
 
@@ -279,7 +286,8 @@ def markdown(doc: dict) -> str:
         for s, err in (rec.get("failed") or {}).items():
             lines.append(f"| {rec['engine']} | {rec['targets']} | {rec['batch_size']} | {s} | | failed: "
                          f"{err.replace('|', '/')} | | | |")
-    lines += ["", "## Targets (decode ms/token ratio, paired by round; spread = min..max)", "",
+    lines += ["", ("## Targets (decode ms/token ratio, paired by round: median [95% interval of the median, order "
+                   "statistics; min..max below 6 rounds])"), "",
               *targets_table(doc["targets"])]
     return "\n".join(lines) + "\n"
 
@@ -288,7 +296,7 @@ def targets_table(targets: list[dict]) -> list[str]:
     """Markdown lines of the decode targets with what was measured and the verdict (this page and README)."""
     lines = ["| engine | targets | batch | target | measured | verdict |", "| --- | --- | --- | --- | --- | --- |"]
     for t in targets:
-        got = (f"{t['ratio']['median']} ({t['ratio']['min']}..{t['ratio']['max']})" if t.get("ratio")
+        got = (f"{interval_text(t['ratio'])}, {t['ratio']['n']} rounds" if t.get("ratio") and "low" in t["ratio"]
                else t.get("reason", ""))
         lines.append(f"| {t['engine']} | {t['targets']} | {t['batch_size']} | {t['strategy']} <= {t['limit']}x "
                      f"{t['versus']} | {got} | {t['verdict']} |")

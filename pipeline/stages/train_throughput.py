@@ -46,6 +46,7 @@ from torch.profiler import ProfilerActivity, profile
 from models import MultiLoRAModel
 from models.compile import compile_layers
 from models.precision import store_frozen
+from pipeline.report.statistics import interval_text, median_interval, median_verdict, rounded
 from pipeline.runtime.entry import first_line
 from pipeline.runtime.step_graph import StepGraphs
 from pipeline.stages.bench_timing import random_adapter, rebuild_cli, rebuild_page, written_by
@@ -356,9 +357,9 @@ def _best(rows: list[dict], variant: str, batch: int | None = None, precision: s
 
 
 def paired_ratio(row: dict, ref: dict) -> dict:
-    """Tokens/s ratio of ``row`` to ``ref`` per interleaved round (the same rounds, so paired): median, min, max."""
-    per = sorted(b / a for a, b in zip(row["ms_per_step_rounds"], ref["ms_per_step_rounds"]))
-    return {"median": round(statistics.median(per), 3), "min": round(per[0], 3), "max": round(per[-1], 3)}
+    """Tokens/s ratio of ``row`` to ``ref`` per interleaved round (the same rounds, so paired): its median with a
+    distribution-free 95% interval of the median (``median_interval``: min..max below 6 rounds), rounded."""
+    return rounded(median_interval([b / a for a, b in zip(row["ms_per_step_rounds"], ref["ms_per_step_rounds"])]))
 
 
 def form(row: dict) -> str:
@@ -368,8 +369,9 @@ def form(row: dict) -> str:
 
 
 def verdicts(rows: list[dict]) -> list[dict]:
-    """Each target's measured ratio (best of compiled / eager for both sides, bf16) with its spread over rounds;
-    verdict yes when every round meets it, no when none does, else inconclusive; None where a row is missing."""
+    """Each target's measured ratio (best of compiled / eager for both sides, bf16) over paired rounds: its median
+    and a distribution-free 95% interval of the median (min..max below 6 rounds); verdict yes when the whole
+    interval meets the target, no when none of it does, else inconclusive; None where a row is missing."""
     out = []
     for variant, batches, min_ratio, min_tps in TARGETS:
         for b in batches:
@@ -379,7 +381,7 @@ def verdicts(rows: list[dict]) -> list[dict]:
                 out.append({**item, "verdict": None, "reason": "variant or peft_single not measured at this batch"})
                 continue
             r = paired_ratio(mine, peft)
-            v = "yes" if r["min"] >= min_ratio else "no" if r["max"] < min_ratio else "inconclusive"
+            v = median_verdict(r, min_ratio, ">=")
             out.append({**item, "setting": form(mine), "peft_setting": form(peft), "ratio": r, "verdict": v})
         if min_tps is not None:
             best = _best(rows, variant)
@@ -392,10 +394,8 @@ def verdicts(rows: list[dict]) -> list[dict]:
                 out.append({**item, "verdict": None, "reason": f"one batch size measured ({sizes[0]}): no search "
                             "for the best batch in this run"})
                 continue
-            tps = sorted(best["batch_size"] * best["seq_len"] / (t / 1000) for t in best["ms_per_step_rounds"])
-            v = "yes" if tps[0] >= min_tps else "no" if tps[-1] < min_tps else "inconclusive"
-            out.append({**item, "tokens_per_s": {"median": best["tokens_per_s"], "min": round(tps[0], 1),
-                                                 "max": round(tps[-1], 1)}, "verdict": v})
+            iv = median_interval([best["batch_size"] * best["seq_len"] / (t / 1000) for t in best["ms_per_step_rounds"]])
+            out.append({**item, "tokens_per_s": rounded(iv, 1), "verdict": median_verdict(iv, min_tps, ">=")})
     return out
 
 
@@ -405,13 +405,12 @@ def targets_table(targets: list[dict]) -> list[str]:
     for t in targets:
         if "target_ratio" in t:
             what = f"{t['variant']} >= {t['target_ratio']}x peft_single at batch {t['batch_size']}"
-            got = (f"{t['ratio']['median']}x ({t['ratio']['min']}..{t['ratio']['max']}; {t['setting']} vs peft "
+            got = (f"{interval_text(t['ratio'], '{}x')} ({t['ratio']['n']} rounds; {t['setting']} vs peft "
                    f"{t['peft_setting']})") if t.get("ratio") else t.get("reason", "")
         else:
             what = f"{t['variant']} >= {t['target_tokens_per_s']:,.0f} tokens/s at its best batch"
             tps = t.get("tokens_per_s")
-            got = (f"{tps['median']:,.0f} ({tps['min']:,.0f}..{tps['max']:,.0f}) at batch {t['batch_size']}"
-                   if tps else t.get("reason", ""))
+            got = (f"{interval_text(tps, '{:,.0f}')} at batch {t['batch_size']}" if tps else t.get("reason", ""))
         lines.append(f"| {what} | {got} | {t['verdict']} |")
     return lines
 
@@ -444,7 +443,8 @@ def markdown(doc: dict) -> str:
             continue
         lines.append(head + f"| {r['tokens_per_s']:,.0f} | {r['ms_per_step']:.1f} | {r['ratio_to_peft']} "
                      f"| {r['ratio_to_best_peft']} | {r['peak_gb']} | {r['graph_breaks']} |")
-    lines += ["", "## Targets (bf16, best of compiled / eager on each side; spread = min..max over paired rounds)", "",
+    lines += ["", ("## Targets (bf16, best of compiled / eager on each side; median [95% interval of the median over "
+                   "paired rounds, order statistics; min..max below 6 rounds])"), "",
               *targets_table(doc["targets"])]
     return "\n".join(lines) + "\n"
 

@@ -14,12 +14,12 @@
 #          $E2E_REPEATS interleaved rounds, default 15), merged into the committed table.
 source scripts/offline_gpu/chains/common.sh
 mkdir -p /root/lmx/tables && cp outputs/tables/e2e_decode.json /root/lmx/tables/
-step train timeout 540 python3 -m pipeline.bench experiment=train_throughput \
+step train timeout 540 python3 -m pipeline.bench experiment=train_throughput bench.train.repeats=9 \
   'bench.train.variants=[peft_single,loramux_single,loramux_joint,loramux_gates]' 'bench.train.compiled=[false]' \
   'bench.train.compile_modes=[default]' 'bench.train.graphs=[true]' 'bench.train.batch_sizes=[16,64]' \
   'bench.train.extra_batch_sizes=[128,256]' \
   'bench.train.profile=[peft_single/bf16/eager/graph/b16,loramux_single/bf16/eager/graph/b16,loramux_gates/bf16/eager/graph/b64]'
-step train_compiled timeout 360 python3 -m pipeline.bench experiment=train_throughput bench.max_seconds=200 \
+step train_compiled timeout 360 python3 -m pipeline.bench experiment=train_throughput bench.max_seconds=200 bench.train.repeats=9 \
   'bench.train.variants=[peft_single,loramux_gates]' 'bench.train.compiled=[true]' \
   'bench.train.compile_modes=[reduce-overhead]' 'bench.train.graphs=[false]' 'bench.train.batch_sizes=[64,128]' \
   'bench.train.extra_batch_sizes=[]' bench.train.table_name=train_throughput_compiled \
