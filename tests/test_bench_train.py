@@ -54,6 +54,10 @@ def test_settings_cover_every_form_but_a_compiled_capture():
     assert got == {(v, *f, b) for v in ("peft_single", "loramux_gates") for f in forms for b in (16, 64)} | {
         ("loramux_gates", *f, 256) for f in forms}
     assert len(tt.settings_from(cfg)) == len(got)
+    cfg.compiled_graph = True  # asked for: compiled layers inside the captured step too
+    both = {(s.variant, s.compiled, s.graph, s.compile_mode, s.batch_size) for s in tt.settings_from(cfg)}
+    assert both - got == {(v, True, True, m, b) for v in ("peft_single", "loramux_gates") for m in (None, "reduce-overhead")
+                          for b in (16, 64)} | {("loramux_gates", True, True, m, 256) for m in (None, "reduce-overhead")}
     assert {s.label for s in tt.settings_from(cfg) if s.compile_mode} >= {
         "peft_single/bf16/compiled[reduce-overhead]/b16"}
 

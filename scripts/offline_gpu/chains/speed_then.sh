@@ -10,6 +10,8 @@
 #          whole-step graph recompiled on the capture pass), batch 64 and 128, its own table: does fusion beat the
 #          whole-step graph? (the gates' 150k tokens/s target; in a compiled gate step's profile at 9d88c5b the
 #          device worked ~84 ms at batch 64 against 149 ms for the graphed eager step).
+#   train_compiled_graph: compiled layers inside the whole-step graph (bench.train.compiled_graph), peft and the
+#          gates at batch 64, with dynamo's recompile log: at 412f547 the capture pass recompiled; which guard failed?
 #   e2e:   the e2e decode table at batch 1 and 8 (graph engine, all 7 projections, the grouped strategies,
 #          $E2E_REPEATS interleaved rounds, default 15), merged into the committed table.
 source scripts/offline_gpu/chains/common.sh
@@ -27,5 +29,10 @@ step train_compiled timeout 360 python3 -m pipeline.bench experiment=train_throu
 step e2e timeout 480 python3 -m pipeline.bench experiment=e2e_decode 'bench.e2e.targets=[all7]' \
   'bench.e2e.batch_sizes=[1,8]' 'bench.e2e.engines=[graph]' bench.e2e.merge=true "bench.e2e.repeats=${E2E_REPEATS:-15}" \
   'bench.e2e.strategies=[base,peft,oracle+grouped,meteora-top2+grouped,dlp-nucleus2+grouped]'
+step train_compiled_graph timeout 240 env TORCH_LOGS=recompiles python3 -m pipeline.bench \
+  experiment=train_throughput bench.max_seconds=150 'bench.train.variants=[peft_single,loramux_gates]' \
+  'bench.train.compiled=[true]' 'bench.train.compile_modes=[default]' 'bench.train.graphs=[true]' \
+  bench.train.compiled_graph=true 'bench.train.batch_sizes=[64]' 'bench.train.extra_batch_sizes=[]' \
+  bench.train.table_name=train_throughput_compiled_graph
 for exp in "$@"; do reproduce "$exp"; done
 echo DONE
