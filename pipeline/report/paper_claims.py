@@ -46,8 +46,9 @@ def _mean(vals):
 
 
 def claim(text: str, measured, threshold: str, holds, iv=None, bar: float | None = None, side: str = "<=",
-          why: str = NO_RECORDS, fixed: tuple | None = None) -> dict:
-    """One claim dict; the verdict from ``iv`` against ``bar`` (``fixed``: a (verdict, reason) decided elsewhere)."""
+          why: str = NO_RECORDS, fixed: tuple | None = None, interval: dict | None = None) -> dict:
+    """One claim dict; the verdict from ``iv`` against ``bar`` (``fixed``: a (verdict, reason) decided elsewhere,
+    with the ``interval`` it was decided by, when it was not a bootstrap's)."""
     if fixed is not None:
         v, reason = fixed
     elif holds is None:
@@ -55,7 +56,8 @@ def claim(text: str, measured, threshold: str, holds, iv=None, bar: float | None
     else:
         v, reason = verdict(iv, bar, side, why_none=why)
     return {"claim": text, "measured": measured, "threshold": threshold,
-            "holds": None if holds is None else bool(holds), "interval": iv.to_dict() if iv is not None else None,
+            "holds": None if holds is None else bool(holds),
+            "interval": iv.to_dict() if iv is not None else interval,
             "verdict": v, "reason": reason}
 
 
@@ -251,12 +253,14 @@ def e2e_decode_claims(doc: dict) -> list[dict]:
                     continue
                 iv = median_interval(per)
                 med = round(iv["median"], 4)
-                measured = {"median_ratio": med, "low": round(iv["low"], 4), "high": round(iv["high"], 4),
-                            "rounds": len(per)}
+                measured = {"median_ratio": med, "rounds": len(per)}
                 out.append(claim(text, measured, f"{mine} / {ref} decode ms <= {bar}", med <= bar,
                                  fixed=(median_verdict(iv, bar),
                                         (f"{iv['coverage']:.1%} interval of the median of {len(per)} paired rounds "
-                                         "(order statistics; timings have no rows to resample)"))))
+                                         "(order statistics; timings have no rows to resample)")),
+                                 interval={"estimate": med, "low": round(iv["low"], 4), "high": round(iv["high"], 4),
+                                           "level": round(iv["coverage"], 4), "method": "order statistics",
+                                           "rows": len(per)}))
     return out
 
 

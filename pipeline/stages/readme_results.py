@@ -92,7 +92,7 @@ def claims_block(tables_dir: Path) -> str:
     if e2e is not None:
         for c in table_claims("e2e_decode", e2e):
             rows.append({"table": "`e2e_decode`", "claim": c["claim"], "measured": _md_cell(c["measured"]),
-                         "95% interval": "–", "verdict": verdict_cell(c)})
+                         "95% interval": interval_cell(c.get("interval")), "verdict": verdict_cell(c)})
         p = e2e["provenance"]
         notes.append(f"- `e2e_decode`: git {str(p.get('git_sha'))[:7]} · {p.get('device')} · "
                      f"{str(p.get('date'))[:10]} · raw per-round times in the table's JSON")
