@@ -136,6 +136,9 @@ def test_claim_5_follows_the_paired_rounds_of_the_static_records():
     assert got[0]["verdict"] == "yes" and got[0]["measured"]["median_ratio"] == 1.15 and got[0]["holds"]
     assert got[1]["verdict"] == "inconclusive" and got[1]["measured"]["median_ratio"] == 1.35
     assert got[1]["holds"] is False
+    # 3 rounds: the interval decided by is min..max, which holds the median 75% of the time, and says so
+    assert (got[1]["interval"]["low"], got[1]["interval"]["high"], got[1]["interval"]["level"]) == (1.2, 1.4, 0.75)
+    assert "75.0% interval of the median of 3 paired rounds" in got[1]["reason"]
     doc["records"][0]["rounds"] = {"base": base, "peft": peft}
     assert [c["verdict"] for c in table_claims("e2e_decode", doc)] == [None, None]
     doc["records"][0]["rounds"]["meteora-top2"] = [(0.0, 1.5)] * 3  # every round above 1.3
