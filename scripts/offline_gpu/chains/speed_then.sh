@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # speed_then.sh [<experiment> ...]: the speed issues' benchmarks first, on a quiet GPU, then the experiments given
-# (one after another, e.g. dlp_latency). A 30-minute session holds the two benchmarks (~14 minutes) and a short
+# (one after another, e.g. dlp_latency). A 30-minute session holds the benchmarks (~20 minutes) and perhaps a short
 # experiment; the long paper tables (meteora_tasks + its composite runs) need a session of their own.
 #   train: every training-throughput variant at batch 16 and 64 (the gates also at 128 and 256: their best batch),
 #          the whole step as one CUDA graph, one table (outputs/tables/train_throughput.{json,md}) that decides
@@ -12,6 +12,8 @@
 #          device worked ~84 ms at batch 64 against 149 ms for the graphed eager step).
 #   train_compiled_graph: compiled layers inside the whole-step graph (bench.train.compiled_graph), peft and the
 #          gates at batch 64, with dynamo's recompile log: at 412f547 the capture pass recompiled; which guard failed?
+#   e2e_eager: the eager target (oracle <= peft, all 7 projections, batch 1), 9 rounds, merged into the same table.
+#   kernel_bench: the op micro-benchmark at this commit (outputs/tables/kernel_bench.{json,md}).
 #   e2e:   the e2e decode table at batch 1 and 8 (graph engine, all 7 projections, the grouped strategies,
 #          $E2E_REPEATS interleaved rounds, default 15), merged into the committed table.
 source scripts/offline_gpu/chains/common.sh
@@ -29,6 +31,10 @@ step train_compiled timeout 360 python3 -m pipeline.bench experiment=train_throu
 step e2e timeout 480 python3 -m pipeline.bench experiment=e2e_decode 'bench.e2e.targets=[all7]' \
   'bench.e2e.batch_sizes=[1,8]' 'bench.e2e.engines=[graph]' bench.e2e.merge=true "bench.e2e.repeats=${E2E_REPEATS:-15}" \
   'bench.e2e.strategies=[base,peft,oracle+grouped,meteora-top2+grouped,dlp-nucleus2+grouped]'
+step e2e_eager timeout 300 python3 -m pipeline.bench experiment=e2e_decode 'bench.e2e.targets=[all7]' \
+  'bench.e2e.batch_sizes=[1]' 'bench.e2e.engines=[eager]' bench.e2e.merge=true bench.e2e.repeats=9 \
+  'bench.e2e.strategies=[base,peft,oracle]'
+step kernel_bench timeout 300 python3 -m kernels.bench --out /root/lmx/tables
 step train_compiled_graph timeout 240 env TORCH_LOGS=recompiles python3 -m pipeline.bench \
   experiment=train_throughput bench.max_seconds=150 'bench.train.variants=[peft_single,loramux_gates]' \
   'bench.train.compiled=[true]' 'bench.train.compile_modes=[default]' 'bench.train.graphs=[true]' \
