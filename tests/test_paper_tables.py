@@ -277,7 +277,22 @@ def test_the_oracle_over_cotrained_adapters_is_a_column_where_its_run_exists(tab
     assert split["adapters"]["interval"]["estimate"] == pytest.approx(split["adapters"]["point"], abs=1e-6)
     assert split["routing"]["interval"]["estimate"] == pytest.approx(split["routing"]["point"], abs=1e-6)
     assert "gap_split" not in build_paper_table("meteora_tasks", records)["claims"][0]
+    assert "meteora_top2_frozen" not in t["rows"][0] and "gates_on_finetuned" not in split
+    # MeteoRA top-2 with those gates over the adapters as fine-tuned (router.adapters_from=experiment): its column,
+    # and the gap it leaves to the oracle, with its paired interval
+    top2 = next(r for r in records if r["stage"] == "evaluate" and r["strategy"] == "meteora-top2")
+    frozen = copy.deepcopy(top2)
+    frozen["strategy"], frozen["_run"] = "meteora-top2-frozen", "evaluate/meteora-top2-frozen"
+    t2 = build_paper_table("meteora_tasks", [*records, cot, frozen])
+    assert all(r["meteora_top2_frozen"] == r["meteora_top2"] for r in t2["rows"])
+    split2 = t2["claims"][0]["gap_split"]
+    assert split2["gates_on_finetuned"]["point"] == pytest.approx(t2["claims"][0]["measured"]["peft_minus_top2"],
+                                                                  abs=1e-5)
+    assert split2["gates_on_finetuned"]["interval"]["estimate"] == pytest.approx(
+        split2["gates_on_finetuned"]["point"], abs=1e-6)
     from pipeline.report.paper_tables import paper_markdown
+
+    assert "The same gates over the adapters as fine-tuned" in paper_markdown("meteora_tasks", t2, None)
 
     md = paper_markdown("meteora_tasks", t, None)
     assert "the adapters' change (peft - peft_cotrained)" in md and " peft_cotrained |" in md  # text and column

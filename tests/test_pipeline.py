@@ -515,6 +515,16 @@ def test_route_with_train_loras_keeps_the_cotrained_adapters_and_evaluate_runs_o
     others = [o for o in base if not o.startswith("router")]
     orc = compose_stage("evaluate", [*others, "router=oracle", f"router.adapters_from={router_dir}"], tmp_path / "o")
     assert plan_multilora(orc).adapters == plan.adapters and plan_multilora(orc).checkpoint is None
+    # router.adapters_from=experiment: the co-trained gates over the experiment's adapters as fine-tuned
+    own = compose_stage("evaluate", [*base, f"router.checkpoint={router_dir}", "router.adapters_from=experiment"],
+                        tmp_path / "own")
+    assert plan_multilora(own).adapters == {n: exp / "adapters" / n for n in names}
+    assert plan_multilora(own).checkpoint == router_dir and plan_multilora(own).load
+    mm_own, _ = build_multilora(own)  # the gates loaded, the bank the experiment's adapters, not the co-trained
+    start = load_file(str(exp / "adapters" / "winowhy" / "adapter_model.safetensors"))
+    held = mm_own.bank.peft_state(mm_own.bank.index("winowhy"))
+    assert all(torch.equal(held[k].float(), start[k].float()) for k in start) and mm_own.router.name == "meteora"
+    assert any(not torch.equal(want[k], start[k].float()) for k in start)  # co-training did change them
     mm.save_router(router_dir)  # as route saves a router trained without train_loras: it names no adapters
     assert "adapters" not in json.loads((router_dir / "router.json").read_text())
     assert plan_multilora(ev).adapters == {n: exp / "adapters" / n for n in names}

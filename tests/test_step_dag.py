@@ -36,6 +36,8 @@ def test_the_oracle_over_cotrained_adapters_waits_for_the_route_that_writes_them
     deps, _ = _steps(compose, "meteora_tasks_cotrained_aux5", tmp_path, "joint_finetune=true")
     assert deps["evaluate oracle-cotrained"] == ["finetune all", "route meteora"]  # router.adapters_from
     assert deps["evaluate oracle"] == ["finetune all"]
+    # the gates over the adapters as fine-tuned (router.adapters_from=experiment): its router and those adapters
+    assert deps["evaluate meteora-top2-frozen"] == ["finetune all", "route meteora"]
 
 
 def test_separate_finetunes_and_a_router_read_under_another_name(compose, tmp_path):

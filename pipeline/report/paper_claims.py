@@ -89,12 +89,18 @@ def meteora_tasks_claims(body: dict) -> list[dict]:
 def _gap_split(rows: list[dict], src: dict, metrics: dict, avg: dict) -> dict:
     """Where gates trained together with the adapters ran on changed adapters (the ``peft_cotrained`` column: the
     oracle over those), the oracle-to-top-2 gap is the adapters' change (peft - peft_cotrained) plus the routing
-    (peft_cotrained - meteora_top2), each with its paired interval."""
+    (peft_cotrained - meteora_top2), each with its paired interval; where MeteoRA top-2 also ran with those gates
+    over the adapters as fine-tuned (``meteora_top2_frozen``), the gap that leaves (``gates_on_finetuned``: peft -
+    meteora_top2_frozen) too."""
     cot = _mean(unit(r["metric"], r["peft_cotrained"]) for r in rows)
     whole = len(metrics) == len(rows)
     parts = {"adapters": ("peft", "peft_cotrained", avg["peft"] - cot),
              "routing": ("peft_cotrained", "meteora_top2", cot - avg["meteora_top2"])}
     out = {"peft_cotrained_avg": cot}
+    if all(r.get("meteora_top2_frozen") is not None for r in rows):  # the gates over the adapters as fine-tuned
+        frozen = _mean(unit(r["metric"], r["meteora_top2_frozen"]) for r in rows)
+        out["meteora_top2_frozen_avg"] = frozen
+        parts["gates_on_finetuned"] = ("peft", "meteora_top2_frozen", avg["peft"] - frozen)
     for name, (a, b, point) in parts.items():
         iv = _difference(src, a, b, metrics) if whole else None
         out[name] = {"point": round(point, 6), "interval": iv.to_dict() if iv is not None else None}

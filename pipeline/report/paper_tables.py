@@ -116,8 +116,10 @@ METEORA_TASK_COLUMNS = {"peft": "oracle", "meteora_top1": "meteora-top1", "meteo
                         "lora_b": "lora_b", "merge": "merge"}
 #: columns a table has only where their run exists: ``peft_cotrained`` is the oracle over the adapters MeteoRA's
 #: gates were trained together with (``router.adapters_from``), which splits the oracle-to-MeteoRA gap into what the
-#: adapters' change costs (peft - peft_cotrained) and what the routing costs (peft_cotrained - meteora_top2)
-METEORA_TASK_OPTIONAL = {"peft_cotrained": "oracle-cotrained"}
+#: adapters' change costs (peft - peft_cotrained) and what the routing costs (peft_cotrained - meteora_top2);
+#: ``meteora_top2_frozen`` is MeteoRA top-2 with those gates over the adapters as fine-tuned
+#: (``router.adapters_from=experiment``): how well the gates route adapters they were not trained with
+METEORA_TASK_OPTIONAL = {"peft_cotrained": "oracle-cotrained", "meteora_top2_frozen": "meteora-top2-frozen"}
 
 
 def meteora_tasks(records: list[dict]) -> dict:
@@ -547,6 +549,10 @@ def paper_markdown(name: str, table: dict, plot: Path | None, title: str | None 
                     f"were trained with averages {_md_cell(sp['peft_cotrained_avg'])}): the adapters' change "
                     f"(peft - peft_cotrained) {_split_cell(sp['adapters'])}, the routing (peft_cotrained - "
                     f"meteora_top2) {_split_cell(sp['routing'])}.")
+            if sp.get("gates_on_finetuned"):
+                text += (f" The same gates over the adapters as fine-tuned (meteora_top2_frozen, averaging "
+                         f"{_md_cell(sp['meteora_top2_frozen_avg'])}) leave a gap (peft - meteora_top2_frozen) of "
+                         f"{_split_cell(sp['gates_on_finetuned'])}.")
             lines += [text, ""]
     lines += ["## Rows", ""]
     if name == "dlp_latency":

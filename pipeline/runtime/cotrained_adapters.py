@@ -28,6 +28,10 @@ from safetensors.torch import save_file
 from common.atomic import atomic_dir, file_digest
 from pipeline.runtime.distributed import is_global_zero
 
+#: ``router.adapters_from: experiment``: the experiment's own adapters (as fine-tuned), also under a router whose
+#: checkpoint was trained together with its adapters: MeteoRA's gates over the adapters they did not change
+EXPERIMENT = "experiment"
+
 
 def write_cotrained(mm, started_from: dict, out_dir, meta: dict | None = None) -> dict[str, Path]:
     """Write every adapter of ``mm``'s bank into ``out_dir/<name>`` as a PEFT dir (fp32 weights), its

@@ -13,7 +13,8 @@ knobs composite-n prompts use (MeteoRA's temperature). Adapters are the standard
 together with its adapters (``router.train.train_loras``) is loaded with those instead, the dirs its
 ``router.json`` names (``pipeline.runtime.cotrained_adapters``); ``router.adapters_from: <router dir>`` runs any
 strategy on another router's co-trained adapters (the oracle over MeteoRA's: how much of MeteoRA's score the
-adapters' change costs, apart from the routing).
+adapters' change costs, apart from the routing); ``router.adapters_from: experiment`` runs a co-trained router on
+the experiment's own adapters instead (MeteoRA's gates over the adapters as fine-tuned).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from models import MultiLoRAModel
 from models.routing import registry
 from pipeline.runtime.adapter_dirs import verify_adapter
-from pipeline.runtime.cotrained_adapters import cotrained_dirs
+from pipeline.runtime.cotrained_adapters import EXPERIMENT, cotrained_dirs
 from pipeline.runtime.settings import ROUTER_KEYS
 
 
@@ -119,9 +120,11 @@ def _saved_config(checkpoint: Path) -> dict:
 def cotrained_source(cfg: DictConfig, checkpoint: Path | None) -> dict[str, Path] | None:
     """The co-trained adapters ``cfg`` runs on: those of ``router.adapters_from`` (another router's checkpoint,
     which must have been trained with its adapters), else those of its own ``checkpoint`` where it has some, else
-    None (the experiment's adapters)."""
+    None (the experiment's adapters; also for ``router.adapters_from=experiment``, whatever the checkpoint)."""
     names = list(adapter_paths(cfg))
     source = cfg.router.get("adapters_from")
+    if source is not None and str(source) == EXPERIMENT:
+        return None
     if source is None:
         return cotrained_dirs(checkpoint, names) if checkpoint is not None else None
     source = Path(str(source))

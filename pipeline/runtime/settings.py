@@ -157,7 +157,8 @@ class RouterKeys:
     adapters: list[str] | None = None  # the adapters the bank holds; null: the experiment's tasks
     # a router checkpoint trained together with its adapters (router.train.train_loras): run on the adapters it
     # ended with instead of the experiment's (e.g. the oracle over MeteoRA's co-trained adapters); null: the
-    # experiment's, or this router's own checkpoint's where it was co-trained
+    # experiment's, or this router's own checkpoint's where it was co-trained; "experiment": the experiment's own
+    # adapters even under a co-trained checkpoint (its gates over the adapters as fine-tuned)
     adapters_from: str | None = None
     composite: dict = field(default_factory=dict)  # {n: {knob: value}} for composite-n prompts
     train: dict | None = None  # route's settings (schema/router_train) of a trainable strategy

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.runtime.compose import compose
+from pipeline.runtime.cotrained_adapters import EXPERIMENT
 from pipeline.runtime.multilora import adapter_paths
 from pipeline.runtime.settings import passed_to
 
@@ -47,7 +48,7 @@ def inputs(step: dict, overrides: list[str]) -> list[Path] | None:
     files = [Path(d) / "adapter_config.json" for d in adapter_paths(cfg).values()]
     checkpoint = cfg.router.get("checkpoint") if stage == "evaluate" else None
     for router_dir in (checkpoint, cfg.router.get("adapters_from")):  # its router, and whose co-trained adapters
-        if router_dir:
+        if router_dir and str(router_dir) != EXPERIMENT:
             files.append(Path(str(router_dir)) / "router.json")
     return files
 
