@@ -60,6 +60,10 @@ def test_settings_cover_every_form_but_a_compiled_capture():
                           for b in (16, 64)} | {("loramux_gates", True, True, m, 256) for m in (None, "reduce-overhead")}
     assert {s.label for s in tt.settings_from(cfg) if s.compile_mode} >= {
         "peft_single/bf16/compiled[reduce-overhead]/b16"}
+    # graphs [true] alone: the eager layers captured, the compiled layers uncaptured (each one's best form)
+    cfg.compiled_graph, cfg.graphs, cfg.compile_modes = False, [True], ["default"]
+    assert [(s.compiled, s.graph) for s in tt.settings_from(cfg) if s.variant == "peft_single" and s.batch_size == 16] \
+        == [(False, True), (True, False)]
 
 
 @pytest.mark.slow  # real training subprocesses: tens of seconds

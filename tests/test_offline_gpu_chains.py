@@ -39,3 +39,43 @@ reproduce() {{  # the finetune steps' run dirs appear at once; all/ finishes, th
     t = {tuple(line.split()[:2]): float(line.split()[2]) for line in (tmp_path / "times").read_text().splitlines()}
     assert t[("B", "start")] >= t[("A", "finetuned")] and t[("C", "start")] >= t[("B", "finetuned")]
     assert t[("B", "start")] < t[("A", "end")]  # side by side after the fine-tuning: not one after the other
+
+
+def _composed_steps(tmp_path, *names):
+    """Run bench_steps.sh's step functions with ``step`` replaced by one that composes the step's Hydra config
+    (``--cfg job``: printed, nothing run) with this Python: a typo in an override fails here, not on the GPU."""
+    import sys
+
+    chains = tmp_path / "scripts" / "offline_gpu" / "chains"
+    chains.mkdir(parents=True)
+    shutil.copy(CHAINS / "bench_steps.sh", chains / "bench_steps.sh")
+    (chains / "common.sh").write_text(f"""
+step() {{ local n=$1; shift; [ "$1" = timeout ] && shift 2; [ "$1" = env ] && {{ shift; while [[ $1 == *=* ]]; do shift; done; }}
+         (cd {CHAINS.parents[2]} && {sys.executable} "${{@:2}}" --cfg job) > {tmp_path}/$n.yaml; }}
+""")
+    (tmp_path / "outputs" / "tables").mkdir(parents=True)
+    (tmp_path / "outputs" / "tables" / "e2e_decode.json").write_text("{}")
+    script = "source scripts/offline_gpu/chains/bench_steps.sh; " + "; ".join(names)
+    env = {"LMX_ROOT": str(tmp_path / "lmx"), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
+    subprocess.run(["bash", "-euc", script], cwd=tmp_path, check=True, timeout=300, env=env)
+    assert (tmp_path / "lmx" / "tables" / "e2e_decode.json").is_file()  # the e2e steps' merge base
+
+
+def test_bench_steps_compose_and_train_decides_every_target_in_one_run(tmp_path):
+    from omegaconf import OmegaConf
+
+    from pipeline.stages import train_throughput as tt
+
+    _composed_steps(tmp_path, "train", "e2e", "e2e_eager")
+    train = OmegaConf.load(tmp_path / "train.yaml").bench.train
+    settings = tt.settings_from(train)
+    # every variant at 16 and 64, eager layers captured beside compiled layers uncaptured; the gates also at 256
+    for v in tt.VARIANTS:
+        for b in (16, 64):
+            assert {(s.compiled, s.graph) for s in settings if s.variant == v and s.batch_size == b} == {
+                (False, True), (True, False)}
+    assert {s.variant for s in settings if s.batch_size == 256} == {"loramux_gates"}
+    for b in (1, 8):
+        e2e = OmegaConf.load(tmp_path / f"e2e_b{b}.yaml").bench.e2e
+        assert list(e2e.batch_sizes) == [b] and e2e.merge and list(e2e.engines) == ["graph"]
+    assert list(OmegaConf.load(tmp_path / "e2e_eager.yaml").bench.e2e.engines) == ["eager"]

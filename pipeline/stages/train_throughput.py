@@ -332,11 +332,13 @@ def settings_from(tcfg) -> list[Setting]:
     # A captured step runs the eager layers: dynamo recompiled the regionally compiled layers on the capture pass
     # (H200, torch 2.11), and inductor's constant folding reads a value back to the host, which a capture refuses.
     # Under a replayed graph the host cost compile removes is gone anyway; compile would still add kernel fusion.
-    # ``compiled_graph: true`` tries it anyway (a failed capture is a row saying why; run with
+    # So compiled layers run without the whole-step graph: ``compiled: [false, true], graphs: [true]`` times the eager
+    # layers captured and the compiled layers uncaptured, the best form of each in one run.
+    # ``compiled_graph: true`` tries the capture anyway (a failed capture is a row saying why; run with
     # TORCH_LOGS=recompiles to see which guard failed).
     both = bool(tcfg.get("compiled_graph", False))
-    forms = [(bool(c), g, m if c else None) for c in tcfg.compiled for g in graphs for m in (modes if c else [None])
-             if both or not (c and g)]
+    forms = list(dict.fromkeys((bool(c), g and (both or not c), m if c else None) for c in tcfg.compiled
+                               for g in graphs for m in (modes if c else [None])))
     out = [Setting(v, str(p), c, int(b), g, m) for v in variants for p in tcfg.precisions
            for c, g, m in forms for b in tcfg.batch_sizes]
     for v in tcfg.get("extra_variants") or []:

@@ -1,0 +1,44 @@
+# Sourced by speed_then.sh and once.sh: the speed issues' benchmark steps, one function each, every one a `step`
+# (its log in /root/lmx/logs/<name>.log, start / exit in chain.log) under its own time limit. Tables go to
+# /root/lmx/tables; the e2e steps merge into the table found there (or, the first time, the committed one).
+source scripts/offline_gpu/chains/common.sh
+LMX=${LMX_ROOT:-/root/lmx}
+mkdir -p "$LMX/tables" "$LMX/logs"
+[ -f "$LMX/tables/e2e_decode.json" ] || cp outputs/tables/e2e_decode.json "$LMX/tables/"
+
+# every training-throughput variant at batch 16 and 64 (the gates also at 256, their best batch at 9d88c5b), the eager
+# layers as one captured step and the compiled layers uncaptured, one table that decides every target (~7 minutes)
+train() {
+  step train timeout 550 python3 -m pipeline.bench experiment=train_throughput bench.max_seconds=360 \
+    bench.train.repeats=9 'bench.train.variants=[peft_single,loramux_single,loramux_joint,loramux_gates]' \
+    'bench.train.compiled=[false,true]' 'bench.train.compile_modes=[default]' 'bench.train.graphs=[true]' \
+    'bench.train.batch_sizes=[16,64]' 'bench.train.extra_variants=[loramux_gates]' 'bench.train.extra_batch_sizes=[256]'
+}
+# compiled layers inside the whole-step graph, peft and the gates at batch 64, with dynamo's recompile log: at
+# 412f547 the capture pass recompiled; which guard failed?
+train_compiled_graph() {
+  step train_compiled_graph timeout 240 env TORCH_LOGS=recompiles python3 -m pipeline.bench \
+    experiment=train_throughput bench.max_seconds=150 'bench.train.variants=[peft_single,loramux_gates]' \
+    'bench.train.compiled=[true]' 'bench.train.compile_modes=[default]' 'bench.train.graphs=[true]' \
+    bench.train.compiled_graph=true 'bench.train.batch_sizes=[64]' 'bench.train.extra_batch_sizes=[]' \
+    bench.train.table_name=train_throughput_compiled_graph
+}
+# the e2e decode targets: graph engine, all 7 projections, the grouped strategies, $E2E_REPEATS interleaved rounds
+# (default 15), batch 1 then batch 8, each merged into the table (~5 minutes)
+e2e() {
+  local b
+  for b in 1 8; do
+    step "e2e_b$b" timeout 270 python3 -m pipeline.bench experiment=e2e_decode 'bench.e2e.targets=[all7]' \
+      "bench.e2e.batch_sizes=[$b]" 'bench.e2e.engines=[graph]' bench.e2e.merge=true \
+      "bench.e2e.repeats=${E2E_REPEATS:-15}" \
+      'bench.e2e.strategies=[base,peft,oracle+grouped,meteora-top2+grouped,dlp-nucleus2+grouped]'
+  done
+}
+# the eager target (oracle <= peft, all 7 projections, batch 1), 9 rounds, merged into the same table (~3 minutes)
+e2e_eager() {
+  step e2e_eager timeout 300 python3 -m pipeline.bench experiment=e2e_decode 'bench.e2e.targets=[all7]' \
+    'bench.e2e.batch_sizes=[1]' 'bench.e2e.engines=[eager]' bench.e2e.merge=true bench.e2e.repeats=9 \
+    'bench.e2e.strategies=[base,peft,oracle]'
+}
+# the op micro-benchmark at this commit (~2 minutes)
+kernel_bench() { step kernel_bench timeout 300 python3 -m kernels.bench --out "$LMX/tables"; }
