@@ -66,7 +66,7 @@ def test_bench_steps_compose_and_train_decides_every_target_in_one_run(tmp_path)
 
     from pipeline.stages import train_throughput as tt
 
-    _composed_steps(tmp_path, "train", "e2e", "e2e_eager")
+    _composed_steps(tmp_path, "train", "train_gates_compiled", "e2e", "e2e_eager")
     train = OmegaConf.load(tmp_path / "train.yaml").bench.train
     settings = tt.settings_from(train)
     # every variant at 16 and 64, eager layers captured beside compiled layers uncaptured; the gates also at 256
@@ -75,6 +75,8 @@ def test_bench_steps_compose_and_train_decides_every_target_in_one_run(tmp_path)
             assert {(s.compiled, s.graph) for s in settings if s.variant == v and s.batch_size == b} == {
                 (False, True), (True, False)}
     assert {s.variant for s in settings if s.batch_size == 256} == {"loramux_gates"}
+    gates = tt.settings_from(OmegaConf.load(tmp_path / "train_gates_compiled.yaml").bench.train)
+    assert [(s.variant, s.compiled, s.graph, s.batch_size) for s in gates] == [("loramux_gates", True, False, 256)]
     for b in (1, 8):
         e2e = OmegaConf.load(tmp_path / f"e2e_b{b}.yaml").bench.e2e
         assert list(e2e.batch_sizes) == [b] and e2e.merge and list(e2e.engines) == ["graph"]

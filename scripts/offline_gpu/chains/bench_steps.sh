@@ -42,3 +42,11 @@ e2e_eager() {
 }
 # the op micro-benchmark at this commit (~2 minutes)
 kernel_bench() { step kernel_bench timeout 300 python3 -m kernels.bench --out "$LMX/tables"; }
+# the gates' tokens/s target alone (an absolute rate, no ratio): compiled layers at batch 256, their best batch at
+# 9d88c5b, 6 rounds, its own table (~1.5 minutes)
+train_gates_compiled() {
+  step train_gates_compiled timeout "${STEP_LIMIT:-170}" python3 -m pipeline.bench experiment=train_throughput \
+    bench.train.repeats=6 'bench.train.variants=[loramux_gates]' 'bench.train.compiled=[true]' \
+    'bench.train.compile_modes=[default]' 'bench.train.graphs=[false]' 'bench.train.batch_sizes=[256]' \
+    bench.train.table_name=train_throughput_gates_compiled
+}
