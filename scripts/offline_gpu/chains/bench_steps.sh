@@ -47,6 +47,6 @@ kernel_bench() { step kernel_bench timeout 300 python3 -m kernels.bench --out "$
 train_gates_compiled() {
   step train_gates_compiled timeout "${STEP_LIMIT:-170}" python3 -m pipeline.bench experiment=train_throughput \
     bench.train.repeats=6 'bench.train.variants=[loramux_gates]' 'bench.train.compiled=[true]' \
-    'bench.train.compile_modes=[default]' 'bench.train.graphs=[false]' 'bench.train.batch_sizes=[256]' \
+    'bench.train.compile_modes=[default]' 'bench.train.graphs=[false]' 'bench.train.batch_sizes=[256]' 'bench.train.extra_batch_sizes=[]' \
     bench.train.table_name=train_throughput_gates_compiled
 }
