@@ -41,6 +41,18 @@ def test_verdicts_follow_the_paired_rounds():
     assert r["coverage"] == 0.75
 
 
+def test_one_batch_size_shows_the_rate_target_met_but_never_missed():
+    """One batch size measured is no search for the best batch: a rate over the target there is a lower bound of the
+    best batch's (yes), a rate under it says nothing of the other batches (None)."""
+    fast = [_row("loramux_gates", 256, [300.0, 310.0, 305.0, 302.0, 299.0, 301.0], compiled=True)]  # ~215k tokens/s
+    slow = [_row("loramux_gates", 256, [500.0, 510.0, 505.0, 502.0, 499.0, 501.0], compiled=True)]  # ~130k
+    rate = next(t for t in tt.verdicts(fast) if "target_tokens_per_s" in t)
+    assert rate["verdict"] == "yes" and rate["searched"] is False and rate["tokens_per_s"]["low"] > 150_000
+    assert "the only batch measured" in "\n".join(tt.targets_table([rate]))
+    rate = next(t for t in tt.verdicts(slow) if "target_tokens_per_s" in t)
+    assert rate["verdict"] is None and "no search" in rate["reason"]
+
+
 def test_settings_cover_every_form_but_a_compiled_capture():
     from omegaconf import OmegaConf
 

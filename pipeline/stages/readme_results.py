@@ -126,8 +126,8 @@ def kernel_targets_block(tables_dir: Path) -> str:
 
 
 def train_throughput_block(tables_dir: Path) -> str:
-    """The targets of every committed ``train_throughput*.json`` (the latest run, and earlier runs that measured
-    what it did not, e.g. the batch-size search), each under its own provenance line."""
+    """The targets of every committed ``train_throughput*.json`` (the latest run, all of them; earlier or narrower
+    runs, e.g. the batch-size search, those they decided), each under its own provenance line."""
     paths = sorted(tables_dir.glob("train_throughput*.json"), key=lambda p: (p.stem != "train_throughput", p.stem))
     if not paths:
         return "_train_throughput.json is not committed_"
@@ -135,7 +135,9 @@ def train_throughput_block(tables_dir: Path) -> str:
     for path in paths:
         t = _load(path)
         p = t["provenance"]
-        lines += [*targets_table(t["targets"]), "",
+        # the latest run lists every target; an earlier or narrower run only those it measured
+        shown = [x for x in t["targets"] if path.stem == "train_throughput" or x["verdict"] is not None]
+        lines += [*targets_table(shown), "",
                   (f"{p.get('device')}, git {str(p.get('git_sha'))[:7]}, {str(p.get('date'))[:10]} "
                    f"(`outputs/tables/{path.stem}.{{json,md}}`: every row, precision, compile, CUDA graph and batch)."),
                   ""]
