@@ -53,6 +53,20 @@ def test_one_batch_size_shows_the_rate_target_met_but_never_missed():
     assert rate["verdict"] is None and "no search" in rate["reason"]
 
 
+def test_bf16_against_fp32_where_a_run_timed_both():
+    rows = [_row("peft_single", 64, [100.0, 100.0, 100.0]), _row("loramux_joint", 64, [90.0, 91.0, 92.0]),
+            {**_row("loramux_joint", 64, [150.0, 151.0, 149.0]), "precision": "fp32"},
+            _row("loramux_gates", 64, [150.0, 150.0, 150.0]),
+            {**_row("loramux_gates", 64, [140.0, 160.0, 150.0]), "precision": "fp32"},
+            {**_row("peft_single", 64, [200.0, 200.0, 200.0]), "precision": "fp32"}]
+    got = {t["variant"]: t for t in tt.verdicts(rows) if "precision_ratio" in t}
+    assert set(got) == {"loramux_joint", "loramux_gates"}  # loramux variants only, each in the form it ran
+    assert got["loramux_joint"]["verdict"] == "yes" and got["loramux_joint"]["ratio"]["low"] > 1.6
+    assert got["loramux_gates"]["verdict"] == "inconclusive"  # 0.93..1.07 over the paired rounds
+    assert "loramux_joint bf16 faster than fp32 at batch 64 (eager)" in "\n".join(tt.targets_table(got.values()))
+    assert not any("precision_ratio" in t for t in tt.verdicts(rows[:2] + rows[3:4]))  # no fp32 row, no check
+
+
 def test_settings_cover_every_form_but_a_compiled_capture():
     from omegaconf import OmegaConf
 

@@ -403,6 +403,23 @@ def verdicts(rows: list[dict]) -> list[dict]:
                 continue
             out.append({**item, "tokens_per_s": rounded(iv, 1), "verdict": v,
                         **({"searched": False} if len(sizes) < 2 else {})})
+    return out + precision_verdicts(rows)
+
+
+def precision_verdicts(rows: list[dict]) -> list[dict]:
+    """Where a run timed a loramux variant in both precisions, in the same form and batch: is bf16 (autocast, frozen
+    weights stored in bf16) faster than fp32? The paired ratio of bf16's tokens/s to fp32's, verdict by its interval
+    against 1.0."""
+    out = []
+    key = lambda r: (r["variant"], r["batch_size"], r["compiled"], r.get("graph"), r.get("compile_mode"))
+    fp32 = {key(r): r for r in rows if r["precision"] == "fp32" and r["tokens_per_s"]}
+    for r in rows:
+        ref = fp32.get(key(r))
+        if r["precision"] != "bf16" or not r["tokens_per_s"] or ref is None or r["variant"] == "peft_single":
+            continue
+        ratio = paired_ratio(r, ref)
+        out.append({"variant": r["variant"], "batch_size": r["batch_size"], "precision_ratio": 1.0,
+                    "setting": form(r), "ratio": ratio, "verdict": median_verdict(ratio, 1.0, ">=")})
     return out
 
 
@@ -410,7 +427,10 @@ def targets_table(targets: list[dict]) -> list[str]:
     """Markdown lines of the targets with what was measured and the verdict (this page and README Results)."""
     lines = ["| target | measured | verdict |", "| --- | --- | --- |"]
     for t in targets:
-        if "target_ratio" in t:
+        if "precision_ratio" in t:
+            what = f"{t['variant']} bf16 faster than fp32 at batch {t['batch_size']} ({t['setting']})"
+            got = f"{interval_text(t['ratio'], '{}x')} ({t['ratio']['n']} rounds)"
+        elif "target_ratio" in t:
             what = f"{t['variant']} >= {t['target_ratio']}x peft_single at batch {t['batch_size']}"
             got = (f"{interval_text(t['ratio'], '{}x')} ({t['ratio']['n']} rounds; {t['setting']} vs peft "
                    f"{t['peft_setting']})") if t.get("ratio") else t.get("reason", "")

@@ -50,3 +50,10 @@ train_gates_compiled() {
     'bench.train.compile_modes=[default]' 'bench.train.graphs=[false]' 'bench.train.batch_sizes=[256]' 'bench.train.extra_batch_sizes=[]' \
     bench.train.table_name=train_throughput_gates_compiled
 }
+# bf16 against fp32 for every variant (the whole step captured, batch 64, 6 rounds), its own table (~2 minutes)
+train_precision() {
+  step train_precision timeout "${STEP_LIMIT:-240}" python3 -m pipeline.bench experiment=train_throughput \
+    bench.train.repeats=6 'bench.train.precisions=[bf16,fp32]' 'bench.train.compiled=[false]' \
+    'bench.train.graphs=[true]' 'bench.train.batch_sizes=[64]' 'bench.train.extra_batch_sizes=[]' \
+    bench.train.table_name=train_throughput_precision
+}
