@@ -86,6 +86,18 @@ def test_a_spent_time_budget_leaves_strategies_out_by_name(tmp_path):
     assert set(rec["rounds"]) == {"base", "peft"} and "skipped" not in rec and set(rec["warmup_s"]) == {"base", "peft"}
 
 
+def test_rounds_rotate_which_strategy_runs_first(tmp_path):
+    """Interleaved rounds start each at the next strategy, so none is always first or last in a round."""
+    cont, config, cpu = _base_and_peft(tmp_path)
+    calls = []
+    for name, gen in list(cont.generate.items()):
+        cont.generate[name] = lambda *a, _g=gen, _n=name, **k: calls.append(_n) or _g(*a, **k)
+    e2e.measure(cont, "eager", 1, 4, 2, config["vocab_size"], cpu, 0, 3, "eager")
+    timed = calls[2 * 2:]  # after each strategy's warm-up (1 and 2 tokens; the peak-memory run is CUDA's only)
+    firsts = [timed[i * 4] for i in range(3)]  # a round: each strategy times 1 token, then new_tokens
+    assert firsts == ["base", "peft", "base"], calls
+
+
 def test_a_strategy_that_fails_is_named_and_the_others_measured(tmp_path):
     """A warm-up that raises (e.g. a decode step a CUDA graph cannot capture) leaves that strategy out of the record,
     named in ``failed`` with the error's first line, on the page too; the others are timed as usual."""

@@ -195,8 +195,11 @@ def measure(contestants: Contestants, engine: str, batch: int, prompt_len: int, 
             peak[s] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
     gens = {s: g for s, g in contestants.generate.items() if s not in skipped and s not in failed}
     rounds: dict = {s: [] for s in gens}
-    for _ in range(repeats):
-        for s, gen in gens.items():
+    order = list(gens)
+    for i in range(repeats):  # round i starts at the i-th strategy: no strategy always runs first (after the
+        k = i % len(order) if order else 0  # host's pause between rounds) or last
+        for s in order[k:] + order[:k]:
+            gen = gens[s]
             rounds[s].append((_timed(gen, ids, mask, 1, kw, device), _timed(gen, ids, mask, new_tokens, kw, device)))
     rec = {"engine": ENGINE_LABELS[engine], "batch_size": batch,
            "prompt_len": prompt_len, "new_tokens": new_tokens, "rounds": rounds, "peak_gb": peak, "warmup_s": warm}
