@@ -82,8 +82,9 @@ def test_settings_cover_every_form_but_a_compiled_capture():
     assert len(tt.settings_from(cfg)) == len(got)
     cfg.compiled_graph = True  # asked for: compiled layers inside the captured step too
     both = {(s.variant, s.compiled, s.graph, s.compile_mode, s.batch_size) for s in tt.settings_from(cfg)}
-    assert both - got == {(v, True, True, m, b) for v in ("peft_single", "loramux_gates") for m in (None, "reduce-overhead")
-                          for b in (16, 64)} | {("loramux_gates", True, True, m, 256) for m in (None, "reduce-overhead")}
+    # (not reduce-overhead: its own CUDA graphs cannot nest in the step's capture)
+    assert both - got == {(v, True, True, None, b) for v in ("peft_single", "loramux_gates") for b in (16, 64)} | {
+        ("loramux_gates", True, True, None, 256)}
     assert {s.label for s in tt.settings_from(cfg) if s.compile_mode} >= {
         "peft_single/bf16/compiled[reduce-overhead]/b16"}
     # graphs [true] alone: the eager layers captured, the compiled layers uncaptured (each one's best form)

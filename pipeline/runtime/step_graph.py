@@ -125,7 +125,10 @@ class StepGraphs:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         self.optimizer.zero_grad(set_to_none=True)  # backward then writes fresh .grad buffers of the graph's pool
-        with torch.cuda.graph(graph, pool=self._pool):
+        # compiled code in the step was compiled by the warm-up: a recompile here would run inductor inside the
+        # capture (it reads constants back to the host, which a capture refuses), so it fails at once, naming the
+        # guard that changed (models.attention says why the attention mask once did)
+        with torch.compiler.set_stance("fail_on_recompile"), torch.cuda.graph(graph, pool=self._pool):
             out = self.step(static)
         return graph, static, out, keep
 

@@ -44,6 +44,7 @@ from torch._dynamo.utils import counters
 from torch.profiler import ProfilerActivity, profile
 
 from models import MultiLoRAModel
+from models.attention import capture_stable_sdpa
 from models.compile import compile_layers
 from models.precision import store_frozen
 from pipeline.report.statistics import interval_text, median_interval, median_verdict, rounded
@@ -140,8 +141,10 @@ def _sync(device) -> None:
 
 def build_trainee(setting: Setting, make_model, adapter_dir, num_adapters: int, top_k: int, device,
                   compile_backend: str) -> Trainee:
-    """A fresh random model (same seed for every variant) made into ``setting.variant``."""
-    model = make_model()
+    """A fresh random model (same seed for every variant) made into ``setting.variant``. Every variant attends through
+    ``models.attention.capture_stable_sdpa``: its rows are unpadded, so a captured step runs the causal kernel, as
+    the warm-up did, and compiled layers see the same inputs in both."""
+    model = capture_stable_sdpa(make_model())
     if setting.variant == "peft_single":
         pm = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
         pm.train()
@@ -331,13 +334,16 @@ def settings_from(tcfg) -> list[Setting]:
     modes = [None if m in (None, "default") else str(m) for m in (tcfg.get("compile_modes") or [None])]
     # A captured step runs the eager layers: dynamo recompiled the regionally compiled layers on the capture pass
     # (H200, torch 2.11), and inductor's constant folding reads a value back to the host, which a capture refuses.
+    # The recompile's likely cause: transformers built an attention mask only while capturing (models.attention;
+    # every variant now attends through capture_stable_sdpa, and a capture fails on any recompile, naming it).
     # Under a replayed graph the host cost compile removes is gone anyway; compile would still add kernel fusion.
     # So compiled layers run without the whole-step graph: ``compiled: [false, true], graphs: [true]`` times the eager
     # layers captured and the compiled layers uncaptured, the best form of each in one run.
     # ``compiled_graph: true`` tries the capture anyway (a failed capture is a row saying why; run with
     # TORCH_LOGS=recompiles to see which guard failed).
     both = bool(tcfg.get("compiled_graph", False))
-    forms = list(dict.fromkeys((bool(c), g and (both or not c), m if c else None) for c in tcfg.compiled
+    # reduce-overhead replays its own CUDA graphs, which cannot nest inside the whole step's capture
+    forms = list(dict.fromkeys((bool(c), g and (not c or both and m is None), m if c else None) for c in tcfg.compiled
                                for g in graphs for m in (modes if c else [None])))
     out = [Setting(v, str(p), c, int(b), g, m) for v in variants for p in tcfg.precisions
            for c, g, m in forms for b in tcfg.batch_sizes]
