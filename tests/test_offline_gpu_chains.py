@@ -66,7 +66,8 @@ def test_bench_steps_compose_and_train_decides_every_target_in_one_run(tmp_path)
 
     from pipeline.stages import train_throughput as tt
 
-    _composed_steps(tmp_path, "train", "train_gates_compiled", "train_precision", "e2e", "e2e_eager")
+    _composed_steps(tmp_path, "train", "train_gates_compiled", "train_precision", "train_compiled_graph", "e2e",
+                    "e2e_eager")
     train = OmegaConf.load(tmp_path / "train.yaml").bench.train
     settings = tt.settings_from(train)
     # every variant at 16 and 64, eager layers captured beside compiled layers uncaptured; the gates also at 256
@@ -77,6 +78,8 @@ def test_bench_steps_compose_and_train_decides_every_target_in_one_run(tmp_path)
     assert {s.variant for s in settings if s.batch_size == 256} == {"loramux_gates"}
     gates = tt.settings_from(OmegaConf.load(tmp_path / "train_gates_compiled.yaml").bench.train)
     assert [(s.variant, s.compiled, s.graph, s.batch_size) for s in gates] == [("loramux_gates", True, False, 256)]
+    both = tt.settings_from(OmegaConf.load(tmp_path / "train_compiled_graph.yaml").bench.train)
+    assert {(s.compiled, s.graph) for s in both} == {(False, True), (True, False), (True, True)}
     prec = tt.settings_from(OmegaConf.load(tmp_path / "train_precision.yaml").bench.train)
     assert {(s.variant, s.precision) for s in prec} == {(v, p) for v in tt.VARIANTS for p in ("bf16", "fp32")}
     assert {(s.compiled, s.graph, s.batch_size) for s in prec} == {(False, True, 64)}
