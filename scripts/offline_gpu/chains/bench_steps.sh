@@ -14,7 +14,7 @@ train() {
     'bench.train.compiled=[false,true]' 'bench.train.compile_modes=[default]' 'bench.train.graphs=[true]' \
     'bench.train.batch_sizes=[16,64]' 'bench.train.extra_variants=[loramux_gates]' 'bench.train.extra_batch_sizes=[256]'
 }
-# compiled layers inside the whole-step graph beside each form alone, peft and the gates at batch 8 (the route
+# compiled layers inside the whole-step graph beside eager layers captured, peft and the gates at batch 8 (the route
 # stage's) and 64, 6 rounds, with dynamo's recompile log: at 412f547 the capture pass recompiled (the likely cause,
 # an attention mask built only while capturing, is fixed at 31a1ecf: models.attention), ~5 minutes
 train_compiled_graph() {
