@@ -171,3 +171,12 @@ def test_a_step_graph_on_the_cpu_is_one_clear_error():
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
     with pytest.raises(ValueError, match="a CUDA graph needs a CUDA device, got cpu"):
         StepGraphs(lambda ids: None, opt, "cpu")
+
+
+def test_each_round_starts_at_the_next_setting():
+    from pipeline.stages.bench_timing import round_order
+
+    names = ["a", "b", "c"]
+    assert [round_order(names, i) for i in range(4)] == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"],
+                                                          ["a", "b", "c"]]
+    assert round_order([], 3) == [] and names == ["a", "b", "c"]  # a new list; the given one stays as it was

@@ -111,6 +111,13 @@ def time_generate(generate, ids, mask, new_tokens: int, *, warmup: int = 1, repe
             "t1_s": round(t1, 5), "tN_s": round(tn, 5), "peak_mem_gb": peak}
 
 
+def round_order(items: list, i: int) -> list:
+    """The order of interleaved round ``i``: ``items`` rotated to start at the i-th, so no variant always runs first
+    (after the host's pause between rounds) or right after the same neighbour's cache and allocator state."""
+    k = i % len(items) if items else 0
+    return items[k:] + items[:k]
+
+
 def random_adapter(model, out_dir, adapter_cfg: DictConfig, seed: int = 0) -> Path:
     """Write a random (non-zero B) PEFT LoRA for ``model`` with the configured r/alpha/targets; model unchanged."""
     torch.manual_seed(seed)

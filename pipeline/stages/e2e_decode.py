@@ -58,6 +58,7 @@ from pipeline.stages.bench_timing import (
     random_batch,
     rebuild_cli,
     rebuild_page,
+    round_order,
     written_by,
 )
 
@@ -195,10 +196,8 @@ def measure(contestants: Contestants, engine: str, batch: int, prompt_len: int, 
             peak[s] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
     gens = {s: g for s, g in contestants.generate.items() if s not in skipped and s not in failed}
     rounds: dict = {s: [] for s in gens}
-    order = list(gens)
-    for i in range(repeats):  # round i starts at the i-th strategy: no strategy always runs first (after the
-        k = i % len(order) if order else 0  # host's pause between rounds) or last
-        for s in order[k:] + order[:k]:
+    for i in range(repeats):
+        for s in round_order(list(gens), i):
             gen = gens[s]
             rounds[s].append((_timed(gen, ids, mask, 1, kw, device), _timed(gen, ids, mask, new_tokens, kw, device)))
     rec = {"engine": ENGINE_LABELS[engine], "batch_size": batch,

@@ -23,9 +23,10 @@ forward and backward replayed as CUDA graphs by torch's graph trees) and ``graph
 whole step, forward, loss, backward and AdamW, captured once in one CUDA graph and replayed; a step then costs the
 host one launch, so the row measures the device's work alone. The routing of a step is part of the graph: task ids
 live on the device, set once before the capture). Every setting is built and warmed up first (compiles included),
-then timed in interleaved rounds (each setting ``steps`` steps per round, ``repeats`` rounds): tokens/s is the
-median over rounds, so a slow phase of the machine hits every variant alike. ``peak_gb``: the step's peak CUDA memory above what was held
-before it, plus this variant's own parameters and optimizer state (other variants' models stay resident).
+then timed in interleaved rounds (each setting ``steps`` steps per round, ``repeats`` rounds, each round starting
+at the next setting: ``bench_timing.round_order``): tokens/s is the median over rounds, so a slow phase of the
+machine hits every variant alike. ``peak_gb``: the step's peak CUDA memory above what was held before it, plus this
+variant's own parameters and optimizer state (other variants' models stay resident).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from models.precision import store_frozen
 from pipeline.report.statistics import interval_text, median_interval, median_verdict, rounded
 from pipeline.runtime.entry import first_line
 from pipeline.runtime.step_graph import StepGraphs
-from pipeline.stages.bench_timing import random_adapter, rebuild_cli, rebuild_page, written_by
+from pipeline.stages.bench_timing import random_adapter, rebuild_cli, rebuild_page, round_order, written_by
 
 log = logging.getLogger(__name__)
 
@@ -266,8 +267,8 @@ def run_settings(settings: list[Setting], make_model, adapter_cfg, *, vocab: int
                                  profile_dir / f"profile_{s.label.replace('/', '_')}.txt")
             timed = [s for s in phase if "error" not in meta[s]]
             times.update({s: [] for s in timed})
-            for _ in range(repeats):
-                for s in list(timed):
+            for i in range(repeats):
+                for s in round_order(timed, i):
                     trainee = built[_key(s)]
                     trainee.setting = s
                     _sync(device)
