@@ -35,11 +35,12 @@ e2e() {
       'bench.e2e.strategies=[base,peft,oracle+grouped,meteora-top2+grouped,dlp-nucleus2+grouped]'
   done
 }
-# the eager target (oracle <= peft, all 7 projections, batch 1), 9 rounds, merged into the same table (~3 minutes)
+# the eager target (oracle <= peft, ungrouped and grouped, all 7 projections, batch 1), 9 rounds, merged into the
+# same table (~4 minutes)
 e2e_eager() {
-  step e2e_eager timeout 300 python3 -m pipeline.bench experiment=e2e_decode 'bench.e2e.targets=[all7]' \
+  step e2e_eager timeout 330 python3 -m pipeline.bench experiment=e2e_decode 'bench.e2e.targets=[all7]' \
     'bench.e2e.batch_sizes=[1]' 'bench.e2e.engines=[eager]' bench.e2e.merge=true bench.e2e.repeats=9 \
-    'bench.e2e.strategies=[base,peft,oracle]'
+    'bench.e2e.strategies=[base,peft,oracle,oracle+grouped]'
 }
 # the op micro-benchmark at this commit (~2 minutes)
 kernel_bench() { step kernel_bench timeout 300 python3 -m kernels.bench --out "$LMX/tables"; }
@@ -48,8 +49,8 @@ kernel_bench() { step kernel_bench timeout 300 python3 -m kernels.bench --out "$
 train_gates_compiled() {
   step train_gates_compiled timeout "${STEP_LIMIT:-170}" python3 -m pipeline.bench experiment=train_throughput \
     bench.train.repeats=6 'bench.train.variants=[loramux_gates]' 'bench.train.compiled=[true]' \
-    'bench.train.compile_modes=[default]' 'bench.train.graphs=[false]' 'bench.train.batch_sizes=[256]' 'bench.train.extra_batch_sizes=[]' \
-    bench.train.table_name=train_throughput_gates_compiled
+    'bench.train.compile_modes=[default]' 'bench.train.graphs=[false]' 'bench.train.batch_sizes=[256]' \
+    'bench.train.extra_batch_sizes=[]' bench.train.table_name=train_throughput_gates_compiled
 }
 # bf16 against fp32 for every variant (the whole step captured, batch 64, 6 rounds), its own table (~2 minutes)
 train_precision() {
