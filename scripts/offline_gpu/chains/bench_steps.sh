@@ -59,3 +59,19 @@ train_precision() {
     'bench.train.graphs=[true]' 'bench.train.batch_sizes=[64]' 'bench.train.extra_batch_sizes=[]' \
     bench.train.table_name=train_throughput_precision
 }
+# every variant with compiled layers inside the captured step (the fastest form of peft at 2d94ff0: 282k tokens/s at
+# batch 64, twice its eager captured step), batch 16 and 64, 6 rounds, its own table (~2.5 minutes)
+train_compiled_graph_all() {
+  step train_compiled_graph_all timeout "${STEP_LIMIT:-300}" python3 -m pipeline.bench experiment=train_throughput \
+    bench.train.repeats=6 'bench.train.compiled=[true]' 'bench.train.compile_modes=[default]' \
+    'bench.train.graphs=[true]' bench.train.compiled_graph=true 'bench.train.batch_sizes=[16,64]' \
+    'bench.train.extra_batch_sizes=[]' bench.train.table_name=train_throughput_compiled_graph_all
+}
+# bf16 against fp32 for the routed variants alone (train_precision ran out of memory after peft and loramux_single),
+# batch 64, 6 rounds, its own table (~1.5 minutes)
+train_precision_routed() {
+  step train_precision_routed timeout "${STEP_LIMIT:-240}" python3 -m pipeline.bench experiment=train_throughput \
+    bench.train.repeats=6 'bench.train.variants=[loramux_joint,loramux_gates]' 'bench.train.precisions=[bf16,fp32]' \
+    'bench.train.compiled=[false]' 'bench.train.graphs=[true]' 'bench.train.batch_sizes=[64]' \
+    'bench.train.extra_batch_sizes=[]' bench.train.table_name=train_throughput_precision_routed
+}
