@@ -71,7 +71,7 @@ train_compiled_graph_all() {
 # batch 64, 6 rounds, its own table (~1.5 minutes)
 train_precision_routed() {
   step train_precision_routed timeout "${STEP_LIMIT:-240}" python3 -m pipeline.bench experiment=train_throughput \
-    bench.train.repeats=6 'bench.train.variants=[loramux_joint,loramux_gates]' 'bench.train.precisions=[bf16,fp32]' \
+    bench.train.repeats=6 "bench.train.variants=[${ROUTED_VARIANTS:-loramux_joint,loramux_gates}]" 'bench.train.precisions=[bf16,fp32]' \
     'bench.train.compiled=[false]' 'bench.train.graphs=[true]' 'bench.train.batch_sizes=[64]' \
     'bench.train.extra_batch_sizes=[]' bench.train.table_name=train_throughput_precision_routed
 }
