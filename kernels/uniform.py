@@ -42,6 +42,7 @@ class _BankUniform(torch.autograd.Function):
     every trained projection pays six small kernels per tensor. Here each of ``dA`` / ``dB`` is one zero fill of
     the bank's shape and one copy (cast included) of the adapter's product into its slice. The products, their
     order and their dtypes are autograd's own (``mm`` / ``addmm`` backward), so the gradients are the same bits.
+    A bank of one adapter at full rank gets the products themselves (``_into_bank``).
     """
 
     @staticmethod
@@ -61,16 +62,25 @@ class _BankUniform(torch.autograd.Function):
         need_x, need_base, need_A, need_B = ctx.needs_input_grad[:4]
         dx = dA = dB = None
         if need_B:
-            dB = torch.zeros_like(B)
-            dB[a, :r].copy_(torch.mm(h_b.t(), g).mul_(s))
+            dB = _into_bank(torch.mm(h_b.t(), g).mul_(s), B, (a, slice(0, r)))
         if need_x or need_A:
             dh = torch.mm(g, B_a.t()).mul_(s).to(ctx.h_dtype)
             if need_x:
                 dx = torch.mm(dh, A_a.t())
             if need_A:
-                dA = torch.zeros_like(A)
-                dA[a, :, :r].copy_(torch.mm(x2.t(), dh))
+                dA = _into_bank(torch.mm(x2.t(), dh), A, (a, slice(None), slice(0, r)))
         return dx, (g if need_base else None), dA, dB, None, None, None
+
+
+def _into_bank(grad_a: torch.Tensor, bank: torch.Tensor, where: tuple) -> torch.Tensor:
+    """The bank-shaped gradient holding ``grad_a`` at ``bank[where]`` and zeros elsewhere. Where the slice is the
+    whole bank (one adapter at full rank: ``loramux_single``, a bank of one) it is ``grad_a`` itself, cast to the
+    bank's dtype: no zero fill and no copy, two fewer kernels per trained tensor and projection."""
+    if bank.shape[0] == 1 and grad_a.shape == bank.shape[1:]:
+        return grad_a.to(bank.dtype).unsqueeze(0)
+    out = torch.zeros_like(bank)
+    out[where].copy_(grad_a)
+    return out
 
 
 def bank_uniform(x: torch.Tensor, base: torch.Tensor, A: torch.Tensor, B: torch.Tensor, a: int, r: int,
