@@ -163,6 +163,50 @@ def test_a_replayed_cuda_graph_step_trains_as_the_eager_step():
                 assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), variant
 
 
+@pytest.mark.gpu
+def test_settings_sharing_one_graph_pool_each_train_as_their_eager_step():
+    """Two captured settings whose graphs share one memory pool (as a benchmark run's settings do), replayed in
+    turns in both orders, each update their parameters as their own eager steps do: a graph's temporaries in memory
+    another graph's capture freed never reach what either keeps."""
+    import tempfile
+
+    import torch
+    from omegaconf import OmegaConf
+
+    from pipeline.stages.bench import SHAPES, shape_model
+    from pipeline.stages.bench_timing import random_adapter
+
+    device = torch.device("cuda")
+    config = SHAPES["smollm2_135m_tiny"][0]
+    adapter = OmegaConf.create({"_target_": "peft.LoraConfig", "r": 4, "lora_alpha": 8, "lora_dropout": 0.0,
+                                "target_modules": ["q_proj", "v_proj", "down_proj"], "task_type": "CAUSAL_LM"})
+
+    def make_model():
+        torch.manual_seed(0)
+        return shape_model(config, device, torch.float32)
+
+    g = torch.Generator().manual_seed(2)
+    batches = [torch.randint(10, config["vocab_size"] - 10, (4, 16), generator=g).to(device) for _ in range(4)]
+    variants = ("peft_single", "loramux_gates")
+    with tempfile.TemporaryDirectory() as tmp:
+        adir = random_adapter(make_model(), Path(tmp) / "a", adapter, seed=0)
+        eager = {}
+        for v in variants:
+            tr = tt.build_trainee(tt.Setting(v, "fp32", False, 4, False), make_model, adir, 3, 2, device, "inductor")
+            for ids in batches:
+                tr.step(ids)
+            eager[v] = [p.detach().clone() for p in tr.params]
+        pool = torch.cuda.graph_pool_handle()
+        shared = {v: tt.build_trainee(tt.Setting(v, "fp32", False, 4, True), make_model, adir, 3, 2, device,
+                                      "inductor", pool) for v in variants}
+        for i, ids in enumerate(batches):
+            for v in (variants if i % 2 == 0 else variants[::-1]):
+                shared[v].step(ids)
+        for v in variants:
+            for a, b in zip(eager[v], shared[v].params):
+                assert torch.allclose(a, b.detach(), atol=1e-5, rtol=1e-4), v
+
+
 def test_a_step_graph_on_the_cpu_is_one_clear_error():
     import torch
 

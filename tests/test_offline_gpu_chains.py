@@ -70,11 +70,11 @@ def test_bench_steps_compose_and_train_decides_every_target_in_one_run(tmp_path)
                     "e2e_eager")
     train = OmegaConf.load(tmp_path / "train.yaml").bench.train
     settings = tt.settings_from(train)
-    # every variant at 16 and 64, eager layers captured beside compiled layers uncaptured; the gates also at 256
+    # every variant at 16 and 64, eager and compiled layers, each captured as one step; the gates also at 256
     for v in tt.VARIANTS:
         for b in (16, 64):
             assert {(s.compiled, s.graph) for s in settings if s.variant == v and s.batch_size == b} == {
-                (False, True), (True, False)}
+                (False, True), (True, True)}
     assert {s.variant for s in settings if s.batch_size == 256} == {"loramux_gates"}
     gates = tt.settings_from(OmegaConf.load(tmp_path / "train_gates_compiled.yaml").bench.train)
     assert [(s.variant, s.compiled, s.graph, s.batch_size) for s in gates] == [("loramux_gates", True, False, 256)]

@@ -29,7 +29,12 @@ speed, not the run.
 Memory: the graphs of every shape share one memory pool (each replay is self-contained: its inputs live outside
 the pool and its outputs are read before the next replay), so they hold about the largest step's activations
 and gradients (24-25 GB for the 135M model at batch 64 x 256 tokens) for as long as they live; ``release()``
-frees them.
+frees them. ``pool=`` (a ``torch.cuda.graph_pool_handle()``) shares one pool across several ``StepGraphs`` too,
+e.g. the settings of a benchmark replayed in turns: their steps never overlap, so they hold the largest
+step's temporaries once, not each. What one graph leaves allocated (its gradients, its outputs) is never handed
+to another; a graph's temporaries may take memory another graph's capture freed, which that graph rewrites before
+it reads (vLLM's decode graphs of every batch size share a pool the same way). So what a step returns must be
+read before a graph sharing its pool replays, as before the next replay of its own shape.
 """
 
 from __future__ import annotations
@@ -65,13 +70,14 @@ class StepGraphs:
     returns what the graph reads and must outlive it (e.g. device task ids)."""
 
     def __init__(self, step: Callable, optimizer: torch.optim.Optimizer, device, warmup: int = 3,
-                 prepare: Callable | None = None, undo_warmup: bool = True, verify: int = 0):
+                 prepare: Callable | None = None, undo_warmup: bool = True, verify: int = 0, pool=None):
         self._check_device(torch.device(device))
         self.step, self.optimizer, self.device = step, optimizer, torch.device(device)
         self.warmup, self.prepare, self.undo_warmup, self.verify = warmup, prepare, undo_warmup, int(verify)
         self._graphs: dict = {}  # shape key -> (CUDAGraph, static input, static output, what prepare returned)
         self._checked: dict = {}  # shape key -> replays verified against an eager step
-        self._pool = None
+        self._shared_pool = pool  # a pool given by the caller, shared with other StepGraphs (kept on release)
+        self._pool = pool
         self.fallback: str | None = None  # why the steps run eagerly now (a replay that differed), else None
 
     def _check_device(self, device: torch.device) -> None:
@@ -192,4 +198,5 @@ class StepGraphs:
         else:
             self._graphs.pop(tuple(shape), None)
         if not self._graphs:
-            self._pool = None  # the pool goes with its last graph; the next capture starts a new one
+            # an own pool goes with its last graph (the next capture starts a new one); a shared one stays
+            self._pool = self._shared_pool

@@ -86,12 +86,13 @@ class Trainee:
     """
 
     def __init__(self, setting: Setting, model, params: list, device, num_routed: int = 0, multi=None,
-                 graph: bool = False):
+                 graph: bool = False, pool=None):
         self.setting, self.model, self.params, self.device = setting, model, params, device
         self.num_routed, self.multi = num_routed, multi
         cuda = device.type == "cuda"
         self.optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=cuda, capturable=graph)
-        self.graphs = StepGraphs(self._step, self.optimizer, device, prepare=self._route_on_device) if graph else None
+        self.graphs = (StepGraphs(self._step, self.optimizer, device, prepare=self._route_on_device, pool=pool)
+                       if graph else None)
 
     def task_ids(self, batch: int) -> torch.Tensor:
         """Row i of a batch -> adapter i mod L (a host tensor: setting it reads nothing back from the device)."""
@@ -123,7 +124,7 @@ class Trainee:
         self.optimizer.zero_grad(set_to_none=True)
 
     def release(self, batch: int) -> None:
-        """Drop the captured graphs of ``batch`` (their private memory pools) and the gradients, which live there."""
+        """Drop the captured graphs of ``batch`` and the gradients, which live in their memory pool."""
         self.optimizer.zero_grad(set_to_none=True)
         if self.graphs is not None:
             for shape in self.graphs.shapes:
@@ -141,15 +142,17 @@ def _sync(device) -> None:
 
 
 def build_trainee(setting: Setting, make_model, adapter_dir, num_adapters: int, top_k: int, device,
-                  compile_backend: str) -> Trainee:
+                  compile_backend: str, pool=None) -> Trainee:
     """A fresh random model (same seed for every variant) made into ``setting.variant``. Every variant attends through
     ``models.attention.capture_stable_sdpa``: its rows are unpadded, so a captured step runs the causal kernel, as
-    the warm-up did, and compiled layers see the same inputs in both."""
+    the warm-up did, and compiled layers see the same inputs in both. ``pool``: the graph memory pool its captured
+    steps share with the other settings (``StepGraphs``)."""
     model = capture_stable_sdpa(make_model())
     if setting.variant == "peft_single":
         pm = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
         pm.train()
-        trainee = Trainee(setting, pm, [p for p in pm.parameters() if p.requires_grad], device, graph=setting.graph)
+        trainee = Trainee(setting, pm, [p for p in pm.parameters() if p.requires_grad], device, graph=setting.graph,
+                          pool=pool)
     else:
         n = 1 if setting.variant == "loramux_single" else num_adapters
         mm = MultiLoRAModel.from_adapters(model, {f"a{i}": adapter_dir for i in range(n)}, check_base_name=False)
@@ -159,7 +162,7 @@ def build_trainee(setting: Setting, make_model, adapter_dir, num_adapters: int, 
         else:
             params = mm.set_trainable("adapters")
         mm.train()
-        trainee = Trainee(setting, mm, params, device, num_routed=n, multi=mm, graph=setting.graph)
+        trainee = Trainee(setting, mm, params, device, num_routed=n, multi=mm, graph=setting.graph, pool=pool)
     if setting.precision == "bf16":
         store_frozen(trainee.model, torch.bfloat16)
     if setting.compiled:
@@ -201,7 +204,7 @@ def _key(s: Setting) -> tuple:
 
 
 def _warm_up(s: Setting, built: dict, ids, make_model, adapter_dir, num_adapters: int, top_k: int, device,
-             compile_backend: str, warmup: int, start: float, warmup_budget_s: float | None) -> dict:
+             compile_backend: str, warmup: int, start: float, warmup_budget_s: float | None, pool=None) -> dict:
     """Build (once per variant / precision / compile / graph) and warm up one setting; its row's metadata, or
     ``{"error": ...}``: skipped for time, a graph on a CPU, out of memory, a step that cannot be captured."""
     if warmup_budget_s is not None and time.perf_counter() - start > warmup_budget_s:
@@ -213,7 +216,7 @@ def _warm_up(s: Setting, built: dict, ids, make_model, adapter_dir, num_adapters
     t0 = time.perf_counter()
     try:
         if key not in built:
-            built[key] = build_trainee(s, make_model, adapter_dir, num_adapters, top_k, device, compile_backend)
+            built[key] = build_trainee(s, make_model, adapter_dir, num_adapters, top_k, device, compile_backend, pool)
         trainee = built[key]
         trainee.setting = s
         peak = _peak_gb(trainee, ids, max(1, warmup))
@@ -250,18 +253,21 @@ def run_settings(settings: list[Setting], make_model, adapter_cfg, *, vocab: int
     batches = {b: torch.randint(10, vocab - 10, (b, seq_len), generator=g).to(device)
                for b in sorted({s.batch_size for s in settings})}
     built: dict = {}  # (variant, precision, compiled, graph) -> Trainee (one model serves every batch size)
+    # every captured setting replays in its turn, never two at once: one graph memory pool holds the largest step's
+    # temporaries once (each graph keeps only its gradients and outputs), so a batch size's settings fit together
+    pool = torch.cuda.graph_pool_handle() if device.type == "cuda" and any(s.graph for s in settings) else None
     meta: dict = {}
     times: dict = {}
     with tempfile.TemporaryDirectory(prefix="loramux-train-bench-") as tmp:
         adapter_dir = random_adapter(make_model(), Path(tmp) / "adapter", adapter_cfg, seed=0)
         start = time.perf_counter()
         # one phase per batch size: its settings are warmed up, then timed in interleaved rounds, then its captured
-        # graphs (each holds the step's activations in a private pool) are released before the next batch size
+        # graphs (their gradients, and the pool's share of the step's activations) are released before the next
         for batch in dict.fromkeys(s.batch_size for s in settings):
             phase = [s for s in settings if s.batch_size == batch]
             for s in phase:
                 meta[s] = _warm_up(s, built, batches[batch], make_model, adapter_dir, num_adapters, top_k, device,
-                                   compile_backend, warmup, start, warmup_budget_s)
+                                   compile_backend, warmup, start, warmup_budget_s, pool)
                 if profile_dir is not None and s.label in profile and "error" not in meta[s]:
                     profile_step(built[_key(s)], batches[batch],
                                  profile_dir / f"profile_{s.label.replace('/', '_')}.txt")
@@ -333,15 +339,11 @@ def settings_from(tcfg) -> list[Setting]:
         raise ValueError(f"bench.train: {bad} not known; variants are {VARIANTS}, precisions {PRECISIONS}")
     graphs = [bool(g) for g in (tcfg.get("graphs") or [False])]
     modes = [None if m in (None, "default") else str(m) for m in (tcfg.get("compile_modes") or [None])]
-    # A captured step runs the eager layers: dynamo recompiled the regionally compiled layers on the capture pass
-    # (H200, torch 2.11), and inductor's constant folding reads a value back to the host, which a capture refuses.
-    # The recompile's likely cause: transformers built an attention mask only while capturing (models.attention;
-    # every variant now attends through capture_stable_sdpa, and a capture fails on any recompile, naming it).
-    # Under a replayed graph the host cost compile removes is gone anyway; compile would still add kernel fusion.
-    # So compiled layers run without the whole-step graph: ``compiled: [false, true], graphs: [true]`` times the eager
-    # layers captured and the compiled layers uncaptured, the best form of each in one run.
-    # ``compiled_graph: true`` tries the capture anyway (a failed capture is a row saying why; run with
-    # TORCH_LOGS=recompiles to see which guard failed).
+    # ``compiled_graph`` (conf/bench.yaml): compiled layers inside the captured step too, the fastest form of every
+    # variant on an H200 (outputs/tables/train_throughput_compiled_graph_all.md). Without it compiled layers run
+    # uncaptured: at 412f547 dynamo recompiled them on the capture pass, because transformers built an attention
+    # mask only while capturing (models.attention: every variant now attends through capture_stable_sdpa, and a
+    # capture fails on any recompile, naming the guard; a failed capture is a row saying why).
     both = bool(tcfg.get("compiled_graph", False))
     # reduce-overhead replays its own CUDA graphs, which cannot nest inside the whole step's capture
     forms = list(dict.fromkeys((bool(c), g and (not c or both and m is None), m if c else None) for c in tcfg.compiled

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # On the node, from the repo root, carrying .gpubench (pack_bench.sh): once.sh <full git sha> <step> [<step> ...]
-# Runs benchmark steps of chains/bench_steps.sh (train, train_gates_compiled, train_precision, train_compiled_graph, e2e, e2e_eager, kernel_bench) in the
+# Runs benchmark steps (the functions of chains/bench_steps.sh: train, e2e, gpu_tests, ...) in the
 # foreground of this one call and packs /root/lmx into $OUT/lmx.tgz. The benchmarks build their models from shapes
 # with random weights, so they need the wheels and this tree only: each call stands alone, and a node lost between
 # two calls costs its restart (~1.5 minutes), not a chain. Keep one call's steps inside the 600 s a call may run.
 set -uo pipefail
 sha=${1:-}; shift || true
 [[ $sha =~ ^[0-9a-f]{40}$ ]] || { echo "once.sh: give the full 40-hex git sha of this tree first" >&2; exit 2; }
-(( $# )) || { echo "once.sh: name the steps to run (train, train_gates_compiled, train_precision, train_compiled_graph, e2e, e2e_eager, kernel_bench)" >&2; exit 2; }
+steps=$(sed -n 's/^\([a-z0-9_]*\)() {.*/\1/p' scripts/offline_gpu/chains/bench_steps.sh | tr '\n' ' ')
+(( $# )) || { echo "once.sh: name the steps to run (${steps% })" >&2; exit 2; }
 bash .gpubench/install.sh | tail -1
 mkdir -p /root/lmx/logs && echo "$sha" > /root/lmx/sha
 source scripts/offline_gpu/chains/bench_steps.sh

@@ -6,12 +6,14 @@ LMX=${LMX_ROOT:-/root/lmx}
 mkdir -p "$LMX/tables" "$LMX/logs"
 [ -f "$LMX/tables/e2e_decode.json" ] || cp outputs/tables/e2e_decode.json "$LMX/tables/"
 
-# every training-throughput variant at batch 16 and 64 (the gates also at 256, their best batch at 9d88c5b), the eager
-# layers as one captured step and the compiled layers uncaptured, one table that decides every target (~7 minutes)
+# every training-throughput variant at batch 16 and 64 (the gates also at 256, their best batch at 9d88c5b), eager
+# and compiled layers, each form as one captured step (their graphs share one memory pool, so a batch size's eight
+# settings fit together), one table that decides every target (~7 minutes)
 train() {
   step train timeout 550 python3 -m pipeline.bench experiment=train_throughput bench.max_seconds=360 \
     bench.train.repeats=9 'bench.train.variants=[peft_single,loramux_single,loramux_joint,loramux_gates]' \
     'bench.train.compiled=[false,true]' 'bench.train.compile_modes=[default]' 'bench.train.graphs=[true]' \
+    bench.train.compiled_graph=true \
     'bench.train.batch_sizes=[16,64]' 'bench.train.extra_variants=[loramux_gates]' 'bench.train.extra_batch_sizes=[256]'
 }
 # compiled layers inside the whole-step graph beside eager layers captured, peft and the gates at batch 8 (the route
@@ -67,11 +69,20 @@ train_compiled_graph_all() {
     'bench.train.graphs=[true]' bench.train.compiled_graph=true 'bench.train.batch_sizes=[16,64]' \
     'bench.train.extra_batch_sizes=[]' bench.train.table_name=train_throughput_compiled_graph_all
 }
-# bf16 against fp32 for the routed variants alone (train_precision ran out of memory after peft and loramux_single),
-# batch 64, 6 rounds, its own table (~1.5 minutes)
+# bf16 against fp32 for the routed variants alone, batch 64, 6 rounds, table train_throughput_precision_$ROUTED_TABLE
+# (~1.5 minutes). At 7d91b3e train_precision ran out of memory after peft and loramux_single (each captured setting
+# then held its own graph pool); since the settings share one pool this step is for re-running some variants alone.
 train_precision_routed() {
   step train_precision_routed timeout "${STEP_LIMIT:-240}" python3 -m pipeline.bench experiment=train_throughput \
-    bench.train.repeats=6 "bench.train.variants=[${ROUTED_VARIANTS:-loramux_joint,loramux_gates}]" 'bench.train.precisions=[bf16,fp32]' \
+    bench.train.repeats=6 "bench.train.variants=[${ROUTED_VARIANTS:-loramux_joint,loramux_gates}]" \
+    'bench.train.precisions=[bf16,fp32]' \
     'bench.train.compiled=[false]' 'bench.train.graphs=[true]' 'bench.train.batch_sizes=[64]' \
-    'bench.train.extra_batch_sizes=[]' bench.train.table_name=train_throughput_precision_routed
+    'bench.train.extra_batch_sizes=[]' "bench.train.table_name=train_throughput_precision_${ROUTED_TABLE:-routed}"
+}
+# the GPU tests of what a benchmark step relies on ($GPU_TESTS: files or node ids; default the captured training
+# steps, a shared graph pool among them, and the route stage's captured step), their report in the log (~2 minutes)
+gpu_tests() {
+  # shellcheck disable=SC2086
+  step gpu_tests timeout "${STEP_LIMIT:-300}" python3 -m pytest -q -m gpu -p no:cacheprovider \
+    ${GPU_TESTS:-tests/test_bench_train.py tests/test_route_graph.py}
 }
