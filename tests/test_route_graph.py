@@ -119,16 +119,24 @@ def _fit(mm, rows, graph, steps, schedule="cosine", accelerator="gpu", **train):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_route_step_replayed_as_a_cuda_graph_trains_as_the_eager_step(assets):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager_layers", "compiled_layers"])
+def test_gpu_route_step_replayed_as_a_cuda_graph_trains_as_the_eager_step(assets, compiled):
     """Six steps over batches of two length buckets (two graphs, one memory pool), cosine LR, clipping at 0.3:
     the gates end as the eager fit's (fp32), the warm-up steps of each capture undone; Lightning counts every
-    replayed step."""
+    replayed step. With compiled layers (train_speed.compile=true under cuda_graph) the captures hold too: no
+    recompile inside them, no fallback."""
+    from models.compile import compile_layers
+
+    def model():
+        mm = _mm(assets, "cuda")  # one model per fit: Lightning's teardown moves a fitted module to the CPU
+        mm.set_router("meteora", top_k=2, aux_loss_coef=50.0)
+        if compiled:
+            compile_layers(mm.model, backend="inductor", dynamic=True)
+        return mm
+
     rows = _rows(24)
-    mm = _mm(assets, "cuda")  # one model per fit: Lightning's teardown moves a fitted module to the CPU
-    mm.set_router("meteora", top_k=2, aux_loss_coef=50.0)
-    want, _ = _fit(mm, rows, None, 6)
-    mm = _mm(assets, "cuda")
-    mm.set_router("meteora", top_k=2, aux_loss_coef=50.0)
+    want, _ = _fit(model(), rows, None, 6)
+    mm = model()
     graph = GraphedStep(rows=4, bucket=16, pad_token_id=int(mm.tokenizer.pad_token_id), bf16=False, grad_clip=0.3)
     got, module = _fit(mm, rows, graph, 6)
     assert module._graphs.fallback is None, module._graphs.fallback  # the replays held (verified), no eager fallback
@@ -244,3 +252,47 @@ def test_a_replay_that_differs_from_the_eager_step_falls_back_to_it():
     sg(x)  # eager from now on
     want_step(x)
     torch.testing.assert_close(w.detach(), want_w.detach(), atol=1e-7, rtol=0)
+
+
+class _FailingCapture(_Verifier):
+    """A capture that raises what it is given (a recompile inside it, a host read; or running out of memory)."""
+
+    def __init__(self, step, optimizer, error):
+        super().__init__(step, optimizer)
+        self.error = error
+
+    def capture(self, batch):
+        raise self.error
+
+
+def test_a_capture_that_fails_falls_back_to_eager_steps_and_out_of_memory_is_the_callers():
+    """A step whose capture fails (e.g. compiled code recompiling inside it) runs eagerly from then on, the step
+    taken and ``fallback`` naming why; running out of memory while capturing is raised to the caller."""
+    w, opt, x, step = _toy()
+    sg = _FailingCapture(step, opt, RuntimeError("Detected recompile when torch.compile stance is 'fail_on_recompile'"))
+    want_w, want_opt, _, want_step = _toy()
+    for _ in range(2):
+        sg(x)
+        want_opt.zero_grad(set_to_none=True)
+        want_step(x)
+    assert "capture of shape" in sg.fallback and "fail_on_recompile" in sg.fallback and not sg.shapes
+    torch.testing.assert_close(w.detach(), want_w.detach(), atol=1e-7, rtol=0)
+    w, opt, x, step = _toy()
+    with pytest.raises(torch.OutOfMemoryError):
+        _FailingCapture(step, opt, torch.OutOfMemoryError("CUDA out of memory"))(x)
+
+
+def test_compile_under_a_step_graph_is_asked_for_and_auto_leaves_the_layers_eager(assets):
+    """train_speed.compile=true with the step captured compiles the layers (to be captured); auto leaves them eager
+    under a graph; neither is an error any more."""
+    from pipeline.runtime.train_speed import apply_train_speed
+
+    def cfg(compile_):
+        return OmegaConf.create({"trainer": {"accelerator": "cpu", "devices": 1}, "train_speed": {
+            "compile": compile_, "backend": "eager", "dynamic": True, "frozen_bf16": False, "cuda_graph": "auto"}})
+
+    mm = _mm(assets)
+    auto = apply_train_speed(cfg("auto"), mm.model, cuda_graph=True)
+    assert auto["compile"] is False and auto["cuda_graph"] is True and "compiled_layers" not in auto
+    asked = apply_train_speed(cfg(True), mm.model, cuda_graph=True)
+    assert asked["compile"] is True and asked["compiled_layers"] == mm.model.config.num_hidden_layers

@@ -24,7 +24,7 @@ the optimizer's state are put back as they were before them, so the run is the e
 ``verify=N``: the first N replays of each shape are checked against the same step run eagerly from the same
 state (on every trained parameter, within 1% of the step's largest update); a replay that differs drops the
 graphs and every later step runs eagerly (``fallback`` says why), so a graph that does not hold its step costs
-speed, not the run.
+speed, not the run. A capture that fails (a recompile of compiled code, a host read) does the same.
 
 Memory: the graphs of every shape share one memory pool (each replay is self-contained: its inputs live outside
 the pool and its outputs are read before the next replay), so they hold about the largest step's activations
@@ -140,12 +140,21 @@ class StepGraphs:
 
     def __call__(self, batch):
         """One step on ``batch``: captured first if its shape is new, then replayed; the step's outputs. After a
-        verified replay that differed from the eager step (``fallback``), the step runs eagerly."""
+        verified replay that differed from the eager step, or a capture that failed (``fallback``), the step runs
+        eagerly."""
         if self.fallback is not None:
             return self._eager_step(batch)
         key = _shape_key(batch)
         if key not in self._graphs:
-            self._graphs[key] = self.capture(batch)
+            try:
+                self._graphs[key] = self.capture(batch)
+            except torch.OutOfMemoryError:  # not the graph's fault: the caller decides (a bench row, a smaller batch)
+                self.release()
+                raise
+            except RuntimeError as e:  # e.g. a recompile or a host read inside the capture: eager from here on
+                self.fallback = f"capture of shape {key} failed: {(str(e).strip().splitlines() or [''])[0][:200]}"
+                self.release()
+                return self._eager_step(batch)
         graph, static, out, _keep = self._graphs[key]
         _copy_into(static, batch)
         if self._checked.get(key, 0) >= self.verify:

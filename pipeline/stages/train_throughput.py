@@ -220,6 +220,8 @@ def _warm_up(s: Setting, built: dict, ids, make_model, adapter_dir, num_adapters
         trainee = built[key]
         trainee.setting = s
         peak = _peak_gb(trainee, ids, max(1, warmup))
+        if trainee.graphs is not None and trainee.graphs.fallback:  # its steps would run eagerly: not this form
+            raise RuntimeError(trainee.graphs.fallback)
     except torch.OutOfMemoryError:  # reported as a row without a time, never silently dropped
         log.warning("train bench: %s ran out of device memory; left out of the timing", s.label)
         if key in built:
