@@ -74,8 +74,9 @@ class _BankUniform(torch.autograd.Function):
 
 def _into_bank(grad_a: torch.Tensor, bank: torch.Tensor, where: tuple) -> torch.Tensor:
     """The bank-shaped gradient holding ``grad_a`` at ``bank[where]`` and zeros elsewhere. Where the slice is the
-    whole bank (one adapter at full rank: ``loramux_single``, a bank of one) it is ``grad_a`` itself, cast to the
-    bank's dtype: no zero fill and no copy, two fewer kernels per trained tensor and projection."""
+    whole bank (a bank of one adapter whose rank is the bank's padded rank, e.g. r = 16: ``RANK_MULTIPLE``) it is
+    ``grad_a`` itself, cast to the bank's dtype: no zero fill and no copy, two fewer kernels per trained tensor and
+    projection in eager mode (compiled layers fuse the fill and the copy into one kernel anyway)."""
     if bank.shape[0] == 1 and grad_a.shape == bank.shape[1:]:
         return grad_a.to(bank.dtype).unsqueeze(0)
     out = torch.zeros_like(bank)
