@@ -67,7 +67,7 @@ def test_bench_steps_compose_and_train_decides_every_target_in_one_run(tmp_path)
     from pipeline.stages import train_throughput as tt
 
     _composed_steps(tmp_path, "train", "train_gates_compiled", "train_precision", "train_compiled_graph", "e2e",
-                    "e2e_eager")
+                    "e2e_eager", "train_profile")
     train = OmegaConf.load(tmp_path / "train.yaml").bench.train
     settings = tt.settings_from(train)
     # every variant at 16 and 64, eager and compiled layers, each captured as one step; the gates also at 256
@@ -83,6 +83,8 @@ def test_bench_steps_compose_and_train_decides_every_target_in_one_run(tmp_path)
     prec = tt.settings_from(OmegaConf.load(tmp_path / "train_precision.yaml").bench.train)
     assert {(s.variant, s.precision) for s in prec} == {(v, p) for v in tt.VARIANTS for p in ("bf16", "fp32")}
     assert {(s.compiled, s.graph, s.batch_size) for s in prec} == {(False, True, 64)}
+    prof = OmegaConf.load(tmp_path / "train_profile.yaml").bench.train
+    assert set(prof.profile) == {s.label for s in tt.settings_from(prof)}  # every setting it times is profiled
     for b in (1, 8):
         e2e = OmegaConf.load(tmp_path / f"e2e_b{b}.yaml").bench.e2e
         assert list(e2e.batch_sizes) == [b] and e2e.merge and list(e2e.engines) == ["graph"]

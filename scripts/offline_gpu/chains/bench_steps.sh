@@ -86,3 +86,13 @@ gpu_tests() {
   step gpu_tests timeout "${STEP_LIMIT:-300}" python3 -m pytest -q -m gpu -p no:cacheprovider \
     ${GPU_TESTS:-tests/test_bench_train.py tests/test_route_graph.py}
 }
+# where loramux_single's last 1-3% go beside peft (compiled layers captured, batch 16): one step of each profiled
+# (kernels by self device time, profile_*.txt beside the run's metrics.json), 3 rounds, its own table (~1.5 minutes)
+train_profile() {
+  step train_profile timeout "${STEP_LIMIT:-200}" python3 -m pipeline.bench experiment=train_throughput \
+    bench.train.repeats=3 'bench.train.variants=[peft_single,loramux_single]' 'bench.train.compiled=[true]' \
+    'bench.train.compile_modes=[default]' 'bench.train.graphs=[true]' bench.train.compiled_graph=true \
+    'bench.train.batch_sizes=[16]' 'bench.train.extra_batch_sizes=[]' \
+    'bench.train.profile=[peft_single/bf16/compiled/graph/b16,loramux_single/bf16/compiled/graph/b16]' \
+    bench.train.table_name=train_throughput_profile
+}
