@@ -127,17 +127,12 @@ def test_committed_table_is_rebuilt_from_its_rows(committed):
     assert committed.with_suffix(".md").read_text() == tt.markdown(doc)
 
 
-@pytest.mark.gpu
-def test_a_replayed_cuda_graph_step_trains_as_the_eager_step():
-    """The whole step captured once and replayed (graph=True) updates the trained parameters as eager steps do, for
-    peft and for the routed variants (their routing is read inside the graph)."""
-    import tempfile
-
+def _cuda_tiny_shape():
+    """The GPU tests' model: the tiny SmolLM2-shaped stand-in on CUDA (fp32, seed 0) and a LoRA config for it."""
     import torch
     from omegaconf import OmegaConf
 
     from pipeline.stages.bench import SHAPES, shape_model
-    from pipeline.stages.bench_timing import random_adapter
 
     device = torch.device("cuda")
     config = SHAPES["smollm2_135m_tiny"][0]
@@ -147,6 +142,21 @@ def test_a_replayed_cuda_graph_step_trains_as_the_eager_step():
     def make_model():
         torch.manual_seed(0)
         return shape_model(config, device, torch.float32)
+
+    return device, config, adapter, make_model
+
+
+@pytest.mark.gpu
+def test_a_replayed_cuda_graph_step_trains_as_the_eager_step():
+    """The whole step captured once and replayed (graph=True) updates the trained parameters as eager steps do, for
+    peft and for the routed variants (their routing is read inside the graph)."""
+    import tempfile
+
+    import torch
+
+    from pipeline.stages.bench_timing import random_adapter
+
+    device, config, adapter, make_model = _cuda_tiny_shape()
 
     ids = torch.randint(10, config["vocab_size"] - 10, (4, 16), generator=torch.Generator().manual_seed(1)).to(device)
     with tempfile.TemporaryDirectory() as tmp:
@@ -171,19 +181,10 @@ def test_settings_sharing_one_graph_pool_each_train_as_their_eager_step():
     import tempfile
 
     import torch
-    from omegaconf import OmegaConf
 
-    from pipeline.stages.bench import SHAPES, shape_model
     from pipeline.stages.bench_timing import random_adapter
 
-    device = torch.device("cuda")
-    config = SHAPES["smollm2_135m_tiny"][0]
-    adapter = OmegaConf.create({"_target_": "peft.LoraConfig", "r": 4, "lora_alpha": 8, "lora_dropout": 0.0,
-                                "target_modules": ["q_proj", "v_proj", "down_proj"], "task_type": "CAUSAL_LM"})
-
-    def make_model():
-        torch.manual_seed(0)
-        return shape_model(config, device, torch.float32)
+    device, config, adapter, make_model = _cuda_tiny_shape()
 
     g = torch.Generator().manual_seed(2)
     batches = [torch.randint(10, config["vocab_size"] - 10, (4, 16), generator=g).to(device) for _ in range(4)]
