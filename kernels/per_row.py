@@ -11,7 +11,8 @@ per-projection routing tables. The general sentence form (``kernels.sequence_con
 per column for any mix of ranks, weights and K; here K = 1 with weight 1 makes all of that unnecessary.
 
 While the bank trains, ``_PerRow``'s backward computes autograd's own products (the ``bmm`` / ``baddbmm`` backward,
-same order and dtypes, so the same bits) and writes each bank gradient as one zero fill of the bank's shape plus
+same order and dtypes; the scale as each product's alpha, not a multiply after it: the same bits where the scale
+is a power of two, else within a rounding) and writes each bank gradient as one zero fill of the bank's shape plus
 one ``index_add_`` of the rows' gradients into the adapters' slices, where autograd through the gather and the cut
 builds two zeroed tensors and a cast. Rows that share an adapter add up in its gradient, as they must.
 """
@@ -45,9 +46,10 @@ class _PerRow(torch.autograd.Function):
         dx = dA = dB = None
         if need_B:
             dB = torch.zeros_like(B)
-            dB[:, :r].index_add_(0, rows, torch.bmm(h_b.transpose(1, 2), g).mul_(s).to(dB.dtype))
+            # the scale in each product's alpha (beta = 0: the input gives the shape only), no multiply after it
+            dB[:, :r].index_add_(0, rows, torch.baddbmm(B_s, h_b.transpose(1, 2), g, beta=0, alpha=s).to(dB.dtype))
         if need_x or need_A:
-            dh = torch.bmm(g, B_s.transpose(1, 2)).mul_(s).to(ctx.h_dtype)
+            dh = torch.baddbmm(h_b, g, B_s.transpose(1, 2), beta=0, alpha=s).to(ctx.h_dtype)
             if need_x:
                 dx = torch.bmm(dh, A_s.transpose(1, 2))
             if need_A:

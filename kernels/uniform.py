@@ -41,7 +41,9 @@ class _BankUniform(torch.autograd.Function):
     input's shape and copies the smaller one into it, after a separate cast of the product to the bank's dtype, so
     every trained projection pays six small kernels per tensor. Here each of ``dA`` / ``dB`` is one zero fill of
     the bank's shape and one copy (cast included) of the adapter's product into its slice. The products, their
-    order and their dtypes are autograd's own (``mm`` / ``addmm`` backward), so the gradients are the same bits.
+    order and their dtypes are autograd's own (``mm`` / ``addmm`` backward); the scale is each product's alpha
+    instead of a multiply after it, the same bits where the scale is a power of two (LoRA's alpha / r, typically),
+    else within a rounding of them.
     A bank of one adapter at full rank gets the products themselves (``_into_bank``).
     """
 
@@ -61,10 +63,13 @@ class _BankUniform(torch.autograd.Function):
         a, r, s = ctx.a, ctx.r, ctx.scale
         need_x, need_base, need_A, need_B = ctx.needs_input_grad[:4]
         dx = dA = dB = None
+        # the scale rides in each product's alpha (beta = 0: the input is shape only, never read), as in the
+        # forward: a separate multiply would be one more kernel per product that torch.compile cannot fuse into
+        # cuBLAS (7 a decoder layer, where peft scales the [T, d_out] gradient once)
         if need_B:
-            dB = _into_bank(torch.mm(h_b.t(), g).mul_(s), B, (a, slice(0, r)))
+            dB = _into_bank(torch.addmm(B_a, h_b.t(), g, beta=0, alpha=s), B, (a, slice(0, r)))
         if need_x or need_A:
-            dh = torch.mm(g, B_a.t()).mul_(s).to(ctx.h_dtype)
+            dh = torch.addmm(h_b, g, B_a.t(), beta=0, alpha=s).to(ctx.h_dtype)
             if need_x:
                 dx = torch.mm(dh, A_a.t())
             if need_A:

@@ -274,6 +274,22 @@ class AdapterBank(nn.Module):
     def max_rank(self) -> int:
         return max((int(s.ranks.max()) for s in self.slots.values() if len(s.ranks)), default=0)
 
+    def fit_rank_to_adapters(self) -> bool:
+        """Trim each projection's rank padding to its adapters' largest rank there (``RANK_MULTIPLE`` pads r = 8 to
+        16 for the Triton kernels, which mask any rank): what a bank that trains wants. Its A / B are then the
+        trained tensors at their own size, so a bank of one adapter gets the gradient products themselves, with no
+        zero fill and no copy into a padded tensor per tensor and projection (``kernels.uniform``), and AdamW
+        keeps no state for padding. Values are unchanged; a later ``add`` pads again. True where anything changed."""
+        changed = False
+        for s in self.slots.values():
+            r = max(s.host_ranks, default=0)
+            if 0 < r < s.A.shape[2]:
+                self._set(s, s.A.data[:, :, :r], s.B.data[:, :r], s.ranks, s.scales)
+                changed = True
+        if changed:
+            self.version += 1
+        return changed
+
     # ---- hot swap ------------------------------------------------------------------------------------------
     def read(self, name: str, adapter_dir) -> LoraAdapter:
         return read_peft_adapter(adapter_dir, name, self.module_shapes, set(self.modules_wrapped),

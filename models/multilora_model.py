@@ -244,7 +244,9 @@ class MultiLoRAModel(nn.Module):
     # ---- training ----------------------------------------------------------------------------------------------
     def set_trainable(self, which: str = "router") -> list[nn.Parameter]:
         """Freeze everything, then unfreeze ``which``: none | router | gates | adapters | router+adapters |
-        gates+adapters ("gates" = the meteora router). Returns the trainable parameters."""
+        gates+adapters ("gates" = the meteora router). Returns the trainable parameters (make the optimizer after
+        this call: training the adapters trims the bank's rank padding, ``AdapterBank.fit_rank_to_adapters``, which
+        replaces its A / B parameters)."""
         if which not in TRAINABLE:
             raise ValueError(f"trainable={which!r} is not known; choose one of {TRAINABLE}")
         self.requires_grad_(False)
@@ -255,6 +257,7 @@ class MultiLoRAModel(nn.Module):
                 raise ValueError(f"router {self.router.name!r} has no parameters to train; use meteora or dlp")
             self.router.requires_grad_(True)
         if "adapters" in which:
+            self.bank.fit_rank_to_adapters()  # trained at their own rank: no padding in the gradients or AdamW
             for s in self.bank.slots.values():
                 s.A.requires_grad_(True)
                 s.B.requires_grad_(True)

@@ -58,26 +58,33 @@ def test_per_row_is_the_reference_with_each_row_on_its_adapter(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("compiled", [False, True])
-def test_per_row_gives_autograds_own_gradients_bit_for_bit(dtype, compiled):
-    """The bank's gradients written directly (one zero fill and one index_add each) are exactly autograd's through
-    the gather and the cut, rows that share an adapter included."""
+@pytest.mark.parametrize("scale", [2.0, SCALE], ids=["power_of_two", "other"])
+def test_per_row_gives_autograds_own_gradients_bit_for_bit(dtype, compiled, scale):
+    """The bank's gradients written directly (one zero fill and one index_add each, the scale in each product's
+    alpha) are exactly autograd's through the gather and the cut, rows that share an adapter included, where the
+    scale is a power of two; for another scale within a rounding of them."""
     x, base, A, B, grad = _bank(seed=2 + compiled, poison=False)
     rows = torch.tensor(ROWS)
 
     def direct(x, b, A, B):
-        return multi_lora_per_row(x, b, A, B, rows, RANK, SCALE)
+        return multi_lora_per_row(x, b, A, B, rows, RANK, scale)
 
     def plain(x, b, A, B):  # the same ops, differentiated by autograd
         A_s, B_s = _gather(A, B, rows, RANK, x.dtype, b.dtype)
-        return torch.baddbmm(b, torch.bmm(x, A_s).to(b.dtype), B_s, alpha=SCALE)
+        return torch.baddbmm(b, torch.bmm(x, A_s).to(b.dtype), B_s, alpha=scale)
 
     if compiled:
         direct = torch.compile(direct, backend="aot_eager", fullgraph=True)
     ours, theirs = _run(direct, x, base, A, B, grad, dtype), _run(plain, x, base, A, B, grad, dtype)
     for name, o, t in zip(("out", "x", "base", "A", "B"), ours, theirs):
-        assert o.dtype == t.dtype and torch.equal(o, t), name
+        assert o.dtype == t.dtype, name
+        if scale == 2.0:
+            assert torch.equal(o, t), name
+        else:  # one rounding of the gradient's dtype apart at most (bf16: 8 bits of mantissa)
+            tol = 2 ** -7 if dtype == torch.bfloat16 else 1e-6
+            torch.testing.assert_close(o, t, rtol=tol, atol=tol * float(t.abs().max()), msg=name)
     with torch.no_grad():  # inference: the plain products, no autograd Function
-        assert torch.equal(multi_lora_per_row(x.to(dtype), base.to(dtype), A, B, rows, RANK, SCALE), ours[0])
+        assert torch.equal(multi_lora_per_row(x.to(dtype), base.to(dtype), A, B, rows, RANK, scale), ours[0])
 
 
 def test_per_row_refuses_what_it_cannot_take():
