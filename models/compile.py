@@ -29,3 +29,16 @@ def compile_layers(model, backend: str = "inductor", mode: str | None = None, dy
     for layer in layers:
         layer.compile(backend=backend, mode=mode, dynamic=dynamic)
     return len(layers)
+
+
+def uncompile_layers(model) -> int:
+    """Undo ``compile_layers``: every decoder layer runs its eager forward again (``nn.Module.compile`` keeps the
+    compiled callable in ``_compiled_call_impl``; None restores the plain call). Returns how many layers were
+    compiled. Used where compiled layers cannot be captured in a CUDA graph (``pipeline.runtime.step_graph``):
+    the eager layers captured are the next best form."""
+    n = 0
+    for layer in decoder_layers(model):
+        if getattr(layer, "_compiled_call_impl", None) is not None:
+            layer._compiled_call_impl = None
+            n += 1
+    return n

@@ -140,6 +140,7 @@ def test_gpu_route_step_replayed_as_a_cuda_graph_trains_as_the_eager_step(assets
     graph = GraphedStep(rows=4, bucket=16, pad_token_id=int(mm.tokenizer.pad_token_id), bf16=False, grad_clip=0.3)
     got, module = _fit(mm, rows, graph, 6)
     assert module._graphs.fallback is None, module._graphs.fallback  # the replays held (verified), no eager fallback
+    assert module._graphs.capture_retried is None, module._graphs.capture_retried  # compiled layers captured as such
     assert len(module._graphs.shapes) >= 2
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
@@ -296,3 +297,61 @@ def test_compile_under_a_step_graph_is_asked_for_and_auto_leaves_the_layers_eage
     assert auto["compile"] is False and auto["cuda_graph"] is True and "compiled_layers" not in auto
     asked = apply_train_speed(cfg(True), mm.model, cuda_graph=True)
     assert asked["compile"] is True and asked["compiled_layers"] == mm.model.config.num_hidden_layers
+
+
+class _CapturesOnSecondTry(_Verifier):
+    """A capture that fails once (as compiled layers recompiling inside it would), then holds: its "graph" replays
+    the step eagerly on the static batch, so the replay is the eager step."""
+
+    def __init__(self, step, optimizer, on_capture_failure):
+        super().__init__(step, optimizer)
+        self.on_capture_failure, self.tries = on_capture_failure, 0
+
+    def capture(self, batch):
+        self.tries += 1
+        if self.tries == 1:
+            raise RuntimeError("Detected recompile when torch.compile stance is 'fail_on_recompile'")
+        static = dict(batch)
+
+        class Replay:
+            def replay(_):
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step(static)
+
+        return Replay(), static, None, None
+
+
+def test_a_failed_capture_is_tried_again_where_the_callback_changed_the_step():
+    """``on_capture_failure`` returning True (the route stage's: its layers no longer compiled) gets the capture a
+    second try, recorded in ``capture_retried``; the steps then replay, no fallback. Returning False: eager steps."""
+    w, opt, x, step = _toy()
+    asked = []
+    sg = _CapturesOnSecondTry(step, opt, lambda why: asked.append(why) or True)
+    want_w, want_opt, _, want_step = _toy()
+    for _ in range(3):
+        sg(x)
+        want_opt.zero_grad(set_to_none=True)
+        want_step(x)
+    assert sg.tries == 2 and len(asked) == 1 and "fail_on_recompile" in asked[0]
+    assert sg.capture_retried == asked[0] and sg.fallback is None and len(sg.shapes) == 1
+    torch.testing.assert_close(w.detach(), want_w.detach(), atol=1e-6, rtol=0)
+    w, opt, x, step = _toy()
+    sg = _CapturesOnSecondTry(step, opt, lambda why: False)
+    sg(x)
+    assert sg.tries == 1 and sg.capture_retried is None and "capture of shape" in sg.fallback
+
+
+def test_uncompile_layers_undoes_compile_layers(assets):
+    from models.compile import compile_layers, decoder_layers, uncompile_layers
+
+    mm = _mm(assets)
+    ids = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(0))
+    mm.set_routing(task_ids=torch.tensor([0, 1]))
+    with torch.no_grad():
+        want = mm(input_ids=ids).logits
+    n = compile_layers(mm.model, backend="eager")
+    assert all(layer._compiled_call_impl is not None for layer in decoder_layers(mm.model))
+    assert uncompile_layers(mm.model) == n > 0 and uncompile_layers(mm.model) == 0
+    assert all(layer._compiled_call_impl is None for layer in decoder_layers(mm.model))
+    with torch.no_grad():
+        torch.testing.assert_close(mm(input_ids=ids).logits, want, rtol=0, atol=0)

@@ -24,7 +24,9 @@ the optimizer's state are put back as they were before them, so the run is the e
 ``verify=N``: the first N replays of each shape are checked against the same step run eagerly from the same
 state (on every trained parameter, within 1% of the step's largest update); a replay that differs drops the
 graphs and every later step runs eagerly (``fallback`` says why), so a graph that does not hold its step costs
-speed, not the run. A capture that fails (a recompile of compiled code, a host read) does the same.
+speed, not the run. A capture that fails (a recompile of compiled code, a host read) does the same, unless
+``on_capture_failure`` changes the step and says so (the route stage drops its layers' compilation): then the
+capture is tried once more (``capture_retried`` says why).
 
 Memory: the graphs of every shape share one memory pool (each replay is self-contained: its inputs live outside
 the pool and its outputs are read before the next replay), so they hold about the largest step's activations
@@ -70,7 +72,8 @@ class StepGraphs:
     returns what the graph reads and must outlive it (e.g. device task ids)."""
 
     def __init__(self, step: Callable, optimizer: torch.optim.Optimizer, device, warmup: int = 3,
-                 prepare: Callable | None = None, undo_warmup: bool = True, verify: int = 0, pool=None):
+                 prepare: Callable | None = None, undo_warmup: bool = True, verify: int = 0, pool=None,
+                 on_capture_failure: Callable[[str], bool] | None = None):
         self._check_device(torch.device(device))
         self.step, self.optimizer, self.device = step, optimizer, torch.device(device)
         self.warmup, self.prepare, self.undo_warmup, self.verify = warmup, prepare, undo_warmup, int(verify)
@@ -79,6 +82,10 @@ class StepGraphs:
         self._shared_pool = pool  # a pool given by the caller, shared with other StepGraphs (kept on release)
         self._pool = pool
         self.fallback: str | None = None  # why the steps run eagerly now (a replay that differed), else None
+        # a failed capture asks this first (with why it failed); True: it changed the step (e.g. its layers no longer
+        # compiled), so the capture is tried once more before the steps fall back to eager ones
+        self.on_capture_failure = on_capture_failure
+        self.capture_retried: str | None = None  # why a capture was tried a second time, else None
 
     def _check_device(self, device: torch.device) -> None:
         """A CUDA graph needs a CUDA device (a CPU stand-in that runs each step eagerly overrides this)."""
@@ -152,8 +159,12 @@ class StepGraphs:
                 self.release()
                 raise
             except RuntimeError as e:  # e.g. a recompile or a host read inside the capture: eager from here on
-                self.fallback = f"capture of shape {key} failed: {(str(e).strip().splitlines() or [''])[0][:200]}"
+                why = f"capture of shape {key} failed: {(str(e).strip().splitlines() or [''])[0][:200]}"
                 self.release()
+                if self.capture_retried is None and self.on_capture_failure is not None and self.on_capture_failure(why):
+                    self.capture_retried = why
+                    return self(batch)
+                self.fallback = why
                 return self._eager_step(batch)
         graph, static, out, _keep = self._graphs[key]
         _copy_into(static, batch)

@@ -19,8 +19,9 @@ compiled decoder layers make a joint / gates training step 2.6-2.7x faster than 
                              eager (the form the route stage's GPU test and runs have held), and ``compile: true``
                              captures compiled layers: the bench's fastest form of every variant (the gates at the
                              route stage's 8 rows: 1.7x the eager captured step, e9f06c9,
-                             outputs/tables/train_throughput_compiled_graph.md). A capture that fails (a recompile
-                             inside it) falls back to eager steps, as a replay that differs does.
+                             outputs/tables/train_throughput_compiled_graph.md). Compiled layers whose capture
+                             fails (a recompile inside it) run eagerly and are captured again; a capture that still
+                             fails falls back to eager steps, as a replay that differs does.
     train_speed.graph_bucket rows are padded to a multiple of this many tokens (and every batch to the batch size)
                              under ``cuda_graph``: a graph per length bucket, not per length
 

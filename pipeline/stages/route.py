@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader
 
 from data.batches import RoutedRowsCollator, pad_to_shape, routed_rows, routed_rows_settings
 from data.routing_ceiling import causal_routing_ceiling, one_token_routing
+from models.compile import uncompile_layers
 from pipeline.runtime.cotrained_adapters import mirror_dirs, write_cotrained
 from pipeline.runtime.distributed import clip_gradients, full_weights, is_global_zero
 from pipeline.runtime.entry import CONF_DIR, cli, user_errors
@@ -125,13 +126,22 @@ class RouterTrainModule(L.LightningModule):
         opt.step()
         return loss.detach(), {k: v.detach() for k, v in parts.items()}
 
+    def _drop_compiled_layers(self, why: str) -> bool:
+        """A capture failed (``why``): where the layers are compiled (``train_speed.compile=true`` under the graph),
+        run them eagerly and capture again, the form the stage ran before compiled captures; True where it did."""
+        dropped = uncompile_layers(self.mm.model) > 0
+        if dropped:
+            log.warning("route: %s; capturing the eager layers instead", why)
+        return dropped
+
     def _replay(self, batch):
         """One training step through the captured graph of the batch's padded shape; ``(loss, parts)`` copies."""
         opt = self.optimizers().optimizer
         if self._graphs is None:
             for group in opt.param_groups:  # a tensor the step reads, filled per step (a resumed state may hold
                 group["lr"] = torch.tensor(float(group["lr"]), device=self.device)  # a float or a host tensor)
-            self._graphs = StepGraphs(self._graph_step, opt, self.device, verify=self.graph.verify)
+            self._graphs = StepGraphs(self._graph_step, opt, self.device, verify=self.graph.verify,
+                                      on_capture_failure=self._drop_compiled_layers)
         if self.schedule == "cosine":
             factor = lr_factor(self.global_step, self.warmup_steps, self.total_steps)
             for group in opt.param_groups:
@@ -266,6 +276,8 @@ def route(cfg: DictConfig) -> float | None:
         mm.router.eval()
         if graphed:  # whether the replayed step held (verified against the eager one) or the run fell back to it
             speed["cuda_graph_fallback"] = module._graphs.fallback if module._graphs is not None else None
+            if module._graphs is not None and module._graphs.capture_retried:  # compiled layers that would not capture
+                speed["compile_dropped"] = module._graphs.capture_retried
         shared = Path(plan.checkpoint)
         with full_weights(trainer):  # FSDP: gather the sharded router first; DDP / one device: nothing to do
             sub = None
