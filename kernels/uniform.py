@@ -44,7 +44,8 @@ class _BankUniform(torch.autograd.Function):
     order and their dtypes are autograd's own (``mm`` / ``addmm`` backward); the scale is each product's alpha
     instead of a multiply after it, the same bits where the scale is a power of two (LoRA's alpha / r, typically),
     else within a rounding of them.
-    A bank of one adapter at full rank gets the products themselves (``_into_bank``).
+    A bank of one adapter at the bank's rank (a trained bank is trimmed to it) gets the products themselves
+    (``_into_bank``).
     """
 
     @staticmethod
@@ -79,9 +80,9 @@ class _BankUniform(torch.autograd.Function):
 
 def _into_bank(grad_a: torch.Tensor, bank: torch.Tensor, where: tuple) -> torch.Tensor:
     """The bank-shaped gradient holding ``grad_a`` at ``bank[where]`` and zeros elsewhere. Where the slice is the
-    whole bank (a bank of one adapter whose rank is the bank's padded rank, e.g. r = 16: ``RANK_MULTIPLE``) it is
-    ``grad_a`` itself, cast to the bank's dtype: no zero fill and no copy, two fewer kernels per trained tensor and
-    projection in eager mode (compiled layers fuse the fill and the copy into one kernel anyway)."""
+    whole bank (a bank of one adapter at the bank's rank: a bank that trains is trimmed to its adapters' rank,
+    ``AdapterBank.fit_rank_to_adapters``) it is ``grad_a`` itself, cast to the bank's dtype: no zero fill and no
+    copy (two kernels per trained tensor and projection in eager mode, one that compiled layers still ran)."""
     if bank.shape[0] == 1 and grad_a.shape == bank.shape[1:]:
         return grad_a.to(bank.dtype).unsqueeze(0)
     out = torch.zeros_like(bank)
