@@ -33,7 +33,6 @@ from data.batches import AnswerOnlyCollator
 from models import MultiLoRAModel, load_base_model
 from models.compile import compile_layers
 from models.lora_input_dropout import LoRAInputDropout, add_lora_input_dropout
-from models.tiny import save_test_assets
 from pipeline.report.tables import finetune_table
 from pipeline.runtime.requeue import ResumableSampler
 from pipeline.runtime.settings import check_settings
@@ -205,40 +204,6 @@ def test_clip_per_adapter_equals_clip_grad_norm_of_each_adapter(bank_model):
         assert float(norms[a]) == pytest.approx(norm, rel=1e-6)
         for p, g in zip(params, scaled, strict=True):
             torch.testing.assert_close(p.grad[a], g, rtol=1e-6, atol=1e-9)
-
-
-@needs_tiny_model
-def test_a_trained_bank_holds_its_adapters_rank_and_keeps_their_padding_zero(bank_model, tmp_path):
-    """Training the adapters trims the bank's rank padding (16 for r = 8) to the largest rank at each projection
-    (``AdapterBank.fit_rank_to_adapters``), values and logits unchanged. Where ranks differ (the test adapters:
-    r = 8, 4 rsLoRA, 8 on other targets) the smaller adapter's columns past its rank get exactly zero gradient and
-    stay exactly zero under AdamW with weight decay, while the real ones train."""
-    mm, _, tok = bank_model
-    assert {s.A.shape[2] for s in mm.bank.slots.values()} == {8}  # r = 8 everywhere: no padding left
-    base, dirs = save_test_assets(tmp_path / "mixed")
-    model, tok = load_base_model(base)
-    mixed = MultiLoRAModel.from_adapters(model, {n: str(d) for n, d in dirs.items()}, router="oracle", tokenizer=tok)
-    enc = tok(["a b c d e f", "g h i j", "k l m n o p q"], return_tensors="pt", padding=True)
-    mixed.set_routing(task_ids=torch.tensor([0, 1, 2]))
-    with torch.no_grad():
-        before = mixed(**enc).logits
-    params = mixed.set_trainable("adapters")
-    q = mixed.bank.slots[next(k for k in mixed.bank.slots if k.endswith("q_proj"))]
-    assert q.A.shape[2] == 8 and q.host_ranks == [8, 4, 8]  # padded to 16 before: trimmed to the largest rank
-    with torch.no_grad():
-        torch.testing.assert_close(mixed(**enc).logits, before, rtol=0, atol=0)
-    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
-    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-    start = q.B.detach().clone()
-    mixed.train()
-    for _ in range(3):
-        opt.zero_grad()
-        mixed.set_routing(task_ids=torch.tensor([0, 1, 2]))
-        mixed(**enc, labels=labels).loss.backward()
-        assert (q.A.grad[1, :, 4:] == 0).all() and (q.B.grad[1, 4:] == 0).all()
-        opt.step()
-    assert (q.A[1, :, 4:] == 0).all() and (q.B[1, 4:] == 0).all()
-    assert not torch.equal(q.B[:, :4], start[:, :4])  # the real rows trained
 
 
 @needs_tiny_model

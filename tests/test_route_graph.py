@@ -255,22 +255,36 @@ def test_a_replay_that_differs_from_the_eager_step_falls_back_to_it():
     torch.testing.assert_close(w.detach(), want_w.detach(), atol=1e-7, rtol=0)
 
 
-class _FailingCapture(_Verifier):
-    """A capture that raises what it is given (a recompile inside it, a host read; or running out of memory)."""
+class _Capture(_Verifier):
+    """A capture that raises each of ``errors`` in turn (a recompile inside it, a host read; running out of memory),
+    then holds: its "graph" replays the step eagerly on the static batch, so a replay is the eager step."""
 
-    def __init__(self, step, optimizer, error):
+    def __init__(self, step, optimizer, errors, on_capture_failure=None):
         super().__init__(step, optimizer)
-        self.error = error
+        self.errors, self.on_capture_failure, self.tries = list(errors), on_capture_failure, 0
 
     def capture(self, batch):
-        raise self.error
+        self.tries += 1
+        if self.tries <= len(self.errors):
+            raise self.errors[self.tries - 1]
+        static = dict(batch)
+
+        class Replay:
+            def replay(_):
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step(static)
+
+        return Replay(), static, None, None
+
+
+RECOMPILE = RuntimeError("Detected recompile when torch.compile stance is 'fail_on_recompile'")
 
 
 def test_a_capture_that_fails_falls_back_to_eager_steps_and_out_of_memory_is_the_callers():
     """A step whose capture fails (e.g. compiled code recompiling inside it) runs eagerly from then on, the step
     taken and ``fallback`` naming why; running out of memory while capturing is raised to the caller."""
     w, opt, x, step = _toy()
-    sg = _FailingCapture(step, opt, RuntimeError("Detected recompile when torch.compile stance is 'fail_on_recompile'"))
+    sg = _Capture(step, opt, [RECOMPILE, RECOMPILE])
     want_w, want_opt, _, want_step = _toy()
     for _ in range(2):
         sg(x)
@@ -280,7 +294,7 @@ def test_a_capture_that_fails_falls_back_to_eager_steps_and_out_of_memory_is_the
     torch.testing.assert_close(w.detach(), want_w.detach(), atol=1e-7, rtol=0)
     w, opt, x, step = _toy()
     with pytest.raises(torch.OutOfMemoryError):
-        _FailingCapture(step, opt, torch.OutOfMemoryError("CUDA out of memory"))(x)
+        _Capture(step, opt, [torch.OutOfMemoryError("CUDA out of memory")])(x)
 
 
 def test_compile_under_a_step_graph_is_asked_for_and_auto_leaves_the_layers_eager(assets):
@@ -299,34 +313,12 @@ def test_compile_under_a_step_graph_is_asked_for_and_auto_leaves_the_layers_eage
     assert asked["compile"] is True and asked["compiled_layers"] == mm.model.config.num_hidden_layers
 
 
-class _CapturesOnSecondTry(_Verifier):
-    """A capture that fails once (as compiled layers recompiling inside it would), then holds: its "graph" replays
-    the step eagerly on the static batch, so the replay is the eager step."""
-
-    def __init__(self, step, optimizer, on_capture_failure):
-        super().__init__(step, optimizer)
-        self.on_capture_failure, self.tries = on_capture_failure, 0
-
-    def capture(self, batch):
-        self.tries += 1
-        if self.tries == 1:
-            raise RuntimeError("Detected recompile when torch.compile stance is 'fail_on_recompile'")
-        static = dict(batch)
-
-        class Replay:
-            def replay(_):
-                self.optimizer.zero_grad(set_to_none=True)
-                self.step(static)
-
-        return Replay(), static, None, None
-
-
 def test_a_failed_capture_is_tried_again_where_the_callback_changed_the_step():
     """``on_capture_failure`` returning True (the route stage's: its layers no longer compiled) gets the capture a
     second try, recorded in ``capture_retried``; the steps then replay, no fallback. Returning False: eager steps."""
     w, opt, x, step = _toy()
     asked = []
-    sg = _CapturesOnSecondTry(step, opt, lambda why: asked.append(why) or True)
+    sg = _Capture(step, opt, [RECOMPILE], lambda why: asked.append(why) or True)
     want_w, want_opt, _, want_step = _toy()
     for _ in range(3):
         sg(x)
@@ -336,7 +328,7 @@ def test_a_failed_capture_is_tried_again_where_the_callback_changed_the_step():
     assert sg.capture_retried == asked[0] and sg.fallback is None and len(sg.shapes) == 1
     torch.testing.assert_close(w.detach(), want_w.detach(), atol=1e-6, rtol=0)
     w, opt, x, step = _toy()
-    sg = _CapturesOnSecondTry(step, opt, lambda why: False)
+    sg = _Capture(step, opt, [RECOMPILE], lambda why: False)
     sg(x)
     assert sg.tries == 1 and sg.capture_retried is None and "capture of shape" in sg.fallback
 

@@ -72,12 +72,10 @@ def leaf_launches(events) -> Counter:
     return Counter(e.name for e in events if _launches(e))
 
 
-def training_launches(variant: str, batch: int = 4, seq: int = 16) -> tuple:
-    """``(kernel launches of one forward + backward, wrapped projections, Counter)`` for LoRA (r=8 on all 7
-    projections) trained on the CPU stand-in of the SmolLM2-135M shape under bf16 autocast, as the training
-    benchmark builds it: ``variant`` is ``peft_single`` (peft's own LoRA), ``loramux_single`` (one adapter in the
-    bank, uniform route) or ``loramux_joint`` (``batch`` adapters, row i on adapter i: a joint fine-tuning step).
-    The optimizer is left out (the same AdamW over the trained tensors)."""
+def _stand_in_trainee(variant: str, precision: str, compiled: bool, batch: int, seq: int, backend: str) -> tuple:
+    """``(trainee, config, ids)``: ``variant`` as the training benchmark builds it (``train_throughput.build_trainee``)
+    on the CPU stand-in of the SmolLM2-135M shape, with a random LoRA (r=8 on all 7 projections) and ``batch`` rows
+    of ``seq`` tokens."""
     from omegaconf import OmegaConf
 
     from pipeline.runtime.entry import CONF_DIR
@@ -94,9 +92,19 @@ def training_launches(variant: str, batch: int = 4, seq: int = 16) -> tuple:
 
     with tempfile.TemporaryDirectory() as tmp:
         adapter = random_adapter(make_model(), f"{tmp}/adapter", OmegaConf.load(f"{CONF_DIR}/adapter/meteora.yaml"))
-        trainee = tt.build_trainee(tt.Setting(variant, "bf16", False, batch), make_model, adapter, batch, 1, cpu,
-                                   "eager")
+        trainee = tt.build_trainee(tt.Setting(variant, precision, compiled, batch), make_model, adapter, batch, 1,
+                                   cpu, backend)
     ids = torch.randint(10, config["vocab_size"] - 10, (batch, seq), generator=torch.Generator().manual_seed(0))
+    return trainee, config, ids
+
+
+def training_launches(variant: str, batch: int = 4, seq: int = 16) -> tuple:
+    """``(kernel launches of one forward + backward, wrapped projections, Counter)`` for LoRA (r=8 on all 7
+    projections) trained on the CPU stand-in of the SmolLM2-135M shape under bf16 autocast, as the training
+    benchmark builds it: ``variant`` is ``peft_single`` (peft's own LoRA), ``loramux_single`` (one adapter in the
+    bank, uniform route) or ``loramux_joint`` (``batch`` adapters, row i on adapter i: a joint fine-tuning step).
+    The optimizer is left out (the same AdamW over the trained tensors)."""
+    trainee, config, ids = _stand_in_trainee(variant, "bf16", False, batch, seq, "eager")
     for _ in range(2):
         trainee.step(ids)
     if trainee.multi is not None:
@@ -115,27 +123,10 @@ def compiled_kernels(variant: str, batch: int = 2, seq: int = 16) -> int:
     fp32, the CPU stand-in of the SmolLM2 shape) of ``variant``, as ``training_launches`` builds it. cuBLAS products
     (extern calls) are not counted: they are the same GEMMs on both sides; what differs is the pointwise work
     around them that inductor could not fuse into them (each a kernel in a CUDA graph on the GPU)."""
-    from omegaconf import OmegaConf
     from torch._inductor import metrics
 
-    from pipeline.runtime.entry import CONF_DIR
-    from pipeline.stages import train_throughput as tt
-    from pipeline.stages.bench import SHAPES, shape_model
-    from pipeline.stages.bench_timing import random_adapter
-
-    config, _ = SHAPES["smollm2_135m_tiny"]
-    cpu = torch.device("cpu")
-
-    def make_model():
-        torch.manual_seed(0)
-        return shape_model(config, cpu, torch.float32)
-
     torch._dynamo.reset()
-    with tempfile.TemporaryDirectory() as tmp:
-        adapter = random_adapter(make_model(), f"{tmp}/adapter", OmegaConf.load(f"{CONF_DIR}/adapter/meteora.yaml"))
-        trainee = tt.build_trainee(tt.Setting(variant, "fp32", True, batch), make_model, adapter, batch, 1, cpu,
-                                   "inductor")
-    ids = torch.randint(10, config["vocab_size"] - 10, (batch, seq), generator=torch.Generator().manual_seed(0))
+    trainee, _, ids = _stand_in_trainee(variant, "fp32", True, batch, seq, "inductor")
     metrics.reset()
     trainee.step(ids)
     return int(metrics.generated_kernel_count)
