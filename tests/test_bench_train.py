@@ -182,6 +182,7 @@ def test_settings_sharing_one_graph_pool_each_train_as_their_eager_step():
 
     import torch
 
+    from pipeline.runtime.step_graph import GraphPool
     from pipeline.stages.bench_timing import random_adapter
 
     device, config, adapter, make_model = _cuda_tiny_shape()
@@ -197,15 +198,25 @@ def test_settings_sharing_one_graph_pool_each_train_as_their_eager_step():
             for ids in batches:
                 tr.step(ids)
             eager[v] = [p.detach().clone() for p in tr.params]
-        pool = torch.cuda.graph_pool_handle()
+        pool = GraphPool(device)
         shared = {v: tt.build_trainee(tt.Setting(v, "fp32", False, 4, True), make_model, adir, 3, 2, device,
-                                      "inductor", pool) for v in variants}
+                                      "inductor", pool.handle) for v in variants}
         for i, ids in enumerate(batches):
             for v in (variants if i % 2 == 0 else variants[::-1]):
                 shared[v].step(ids)
         for v in variants:
             for a, b in zip(eager[v], shared[v].params):
                 assert torch.allclose(a, b.detach(), atol=1e-5, rtol=1e-4), v
+            shared[v].release(4)
+        # the next batch size, as a benchmark's next phase: every graph of the first pool is gone, so the settings
+        # capture into a new one (a capture into a pool whose last graph was freed fails inside the allocator)
+        second = GraphPool(device)
+        for v in variants:
+            shared[v].graphs.share_pool(second.handle)
+        wide = torch.randint(10, config["vocab_size"] - 10, (8, 16), generator=g).to(device)
+        for v in variants:
+            shared[v].step(wide)
+            assert shared[v].graphs.fallback is None and shared[v].graphs.shapes == [(8, 16)], v
 
 
 def test_a_step_graph_on_the_cpu_is_one_clear_error():

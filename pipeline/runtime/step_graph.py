@@ -37,6 +37,12 @@ step's temporaries once, not each. What one graph leaves allocated (its gradient
 to another; a graph's temporaries may take memory another graph's capture freed, which that graph rewrites before
 it reads (vLLM's decode graphs of every batch size share a pool the same way). So what a step returns must be
 read before a graph sharing its pool replays, as before the next replay of its own shape.
+
+A shared pool must outlive the graphs captured into it: CUDA's caching allocator retires a pool when its last
+graph is freed, and a later capture into that retired pool fails an internal assertion (``use_count > 0``). So a
+shared pool is a ``GraphPool``: a handle kept alive by a one-kernel anchor graph of its own, for as long as the
+``GraphPool`` lives; a caller frees its memory by dropping it (and every graph in it), and starts the next phase
+on a new one (``StepGraphs.share_pool``).
 """
 
 from __future__ import annotations
@@ -65,6 +71,17 @@ def _copy_into(static, batch) -> None:
     for k, v in batch.items():
         if torch.is_tensor(v):
             static[k].copy_(v)
+
+
+class GraphPool:
+    """A CUDA graph memory pool for several ``StepGraphs`` that stays usable while its graphs come and go: an anchor
+    graph (one fill kernel) holds it, so the capture after every graph in it was released still finds it live."""
+
+    def __init__(self, device):
+        self.handle = torch.cuda.graph_pool_handle()
+        self._anchor = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._anchor, pool=self.handle):
+            self._anchor_out = torch.zeros(1, device=device)
 
 
 class StepGraphs:
@@ -209,6 +226,13 @@ class StepGraphs:
     def shapes(self) -> list[tuple]:
         """The input shape keys captured so far (a tensor batch: its shape)."""
         return list(self._graphs)
+
+    def share_pool(self, pool) -> None:
+        """Capture into ``pool`` (a ``GraphPool``'s handle) from now on: only while no graph of this step lives
+        (those stay in the pool they were captured into)."""
+        if self._graphs:
+            raise RuntimeError("share_pool: release this step's graphs first (they live in the pool they use now)")
+        self._shared_pool = self._pool = pool
 
     def release(self, shape=None) -> None:
         """Free the graph of ``shape`` (every graph when None) and the gradients, which live in its pool."""

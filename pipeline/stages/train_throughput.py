@@ -50,7 +50,7 @@ from models.compile import compile_layers
 from models.precision import store_frozen
 from pipeline.report.statistics import interval_text, median_interval, median_verdict, rounded
 from pipeline.runtime.entry import first_line
-from pipeline.runtime.step_graph import StepGraphs
+from pipeline.runtime.step_graph import GraphPool, StepGraphs
 from pipeline.stages.bench_timing import random_adapter, rebuild_cli, rebuild_page, round_order, written_by
 
 log = logging.getLogger(__name__)
@@ -255,9 +255,9 @@ def run_settings(settings: list[Setting], make_model, adapter_cfg, *, vocab: int
     batches = {b: torch.randint(10, vocab - 10, (b, seq_len), generator=g).to(device)
                for b in sorted({s.batch_size for s in settings})}
     built: dict = {}  # (variant, precision, compiled, graph) -> Trainee (one model serves every batch size)
-    # every captured setting replays in its turn, never two at once: one graph memory pool holds the largest step's
-    # temporaries once (each graph keeps only its gradients and outputs), so a batch size's settings fit together
-    pool = torch.cuda.graph_pool_handle() if device.type == "cuda" and any(s.graph for s in settings) else None
+    # every captured setting replays in its turn, never two at once: one graph memory pool per batch size holds the
+    # largest step's temporaries once (each graph keeps only its gradients and outputs), so its settings fit together
+    pooled = device.type == "cuda" and any(s.graph for s in settings)
     meta: dict = {}
     times: dict = {}
     with tempfile.TemporaryDirectory(prefix="loramux-train-bench-") as tmp:
@@ -267,9 +267,14 @@ def run_settings(settings: list[Setting], make_model, adapter_cfg, *, vocab: int
         # graphs (their gradients, and the pool's share of the step's activations) are released before the next
         for batch in dict.fromkeys(s.batch_size for s in settings):
             phase = [s for s in settings if s.batch_size == batch]
+            pool = GraphPool(device) if pooled else None  # the last batch size's pool went with its graphs
+            for trainee in built.values():
+                if trainee.graphs is not None:
+                    trainee.graphs.share_pool(pool.handle)
             for s in phase:
                 meta[s] = _warm_up(s, built, batches[batch], make_model, adapter_dir, num_adapters, top_k, device,
-                                   compile_backend, warmup, start, warmup_budget_s, pool)
+                                   compile_backend, warmup, start, warmup_budget_s,
+                                   pool.handle if pool is not None else None)
                 if profile_dir is not None and s.label in profile and "error" not in meta[s]:
                     profile_step(built[_key(s)], batches[batch],
                                  profile_dir / f"profile_{s.label.replace('/', '_')}.txt")
@@ -296,6 +301,7 @@ def run_settings(settings: list[Setting], make_model, adapter_cfg, *, vocab: int
                     times[s].append((time.perf_counter() - t0) / steps)
             for trainee in built.values():
                 trainee.release(batch)
+            pool = None
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
