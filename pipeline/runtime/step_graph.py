@@ -176,7 +176,7 @@ class StepGraphs:
                 self.release()
                 raise
             except RuntimeError as e:  # e.g. a recompile or a host read inside the capture: eager from here on
-                why = f"capture of shape {key} failed: {(str(e).strip().splitlines() or [''])[0][:200]}"
+                why = f"capture of shape {key} failed: {' '.join(str(e).split())[:800]}"  # a recompile's reason too
                 self.release()
                 if self.capture_retried is None and self.on_capture_failure is not None and self.on_capture_failure(why):
                     self.capture_retried = why
