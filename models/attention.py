@@ -13,7 +13,9 @@ step captured whole (``pipeline.runtime.step_graph``):
 
 ``capture_stable_sdpa(model)`` registers ``sdpa_unpadded``: transformers' own SDPA attention with a mask function
 that returns None for a call without a 2-D attention mask (the causal kernel, as outside a capture) and
-transformers' ``sdpa_mask`` otherwise. A padded batch passes its mask and keeps it. This assumes rows are never
+transformers' ``sdpa_mask`` otherwise, never skipped (a batch given a 2-D mask gets the 4-D mask even when none of
+its rows is padded: transformers skips it then, but only outside a capture; the route stage's padded batches
+recompiled inside the capture that way). A padded batch passes its mask and keeps it. This assumes rows are never
 packed (several sequences in one row told apart by position ids), and no stage here packs rows. Outside a capture
 the logits are the same as plain ``sdpa``.
 """
@@ -26,7 +28,12 @@ NAME = "sdpa_unpadded"
 def _mask_unless_padded(*args, attention_mask=None, **kwargs):
     from transformers.masking_utils import sdpa_mask
 
-    return None if attention_mask is None else sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+    if attention_mask is None:
+        return None
+    # a padded batch always gets its mask: transformers would skip it for a batch whose rows are all full, but only
+    # outside a capture (reading the mask's values is refused inside one), so the two would differ
+    kwargs["allow_is_causal_skip"] = False
+    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
 
 
 def register() -> str:

@@ -24,14 +24,14 @@ def _pair():
     return plain, capture_stable_sdpa(fixed)
 
 
-def _masks_seen(model, ids):
+def _masks_seen(model, ids, attention_mask=None):
     """The attention_mask each decoder layer receives in one forward."""
     seen = []
     hooks = [layer.register_forward_pre_hook(lambda m, a, k: seen.append(k.get("attention_mask")), with_kwargs=True)
              for layer in model.model.layers]
     try:
         with torch.no_grad():
-            model(input_ids=ids, use_cache=False)  # a training step's call: no KV cache
+            model(input_ids=ids, attention_mask=attention_mask, use_cache=False)  # a training step's: no KV cache
     finally:
         for h in hooks:
             h.remove()
@@ -78,3 +78,18 @@ def test_compiled_layers_do_not_recompile_on_the_capture_pass(monkeypatch, fix):
     new = counters["stats"]["unique_graphs"] - before
     assert (new == 0) if fix else (new > 0), new
     torch._dynamo.reset()
+
+
+def test_a_given_mask_is_built_alike_inside_and_outside_a_capture(monkeypatch):
+    """A batch padded to the graph's shape passes a 2-D mask, and one whose rows happen to be all full must not lose
+    it outside the capture only (plain sdpa does: None in the warm-up, a tensor while capturing, so compiled layers
+    recompiled inside the route stage's capture)."""
+    plain, fixed = _pair()
+    ids = torch.randint(3, 97, (2, 9), generator=torch.Generator().manual_seed(4))
+    full = torch.ones_like(ids)
+    outside = _masks_seen(fixed, ids, full)
+    assert all(m is None for m in _masks_seen(plain, ids, full))  # what plain sdpa does outside a capture
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    inside = _masks_seen(fixed, ids, full)
+    assert all(torch.is_tensor(m) for m in outside + inside)
+    assert all(torch.equal(a, b) for a, b in zip(outside, inside, strict=True))
