@@ -35,7 +35,6 @@ import logging
 import torch
 from omegaconf import DictConfig
 
-from models.attention import capture_stable_sdpa
 from models.compile import compile_layers
 from models.precision import store_frozen
 
@@ -84,8 +83,6 @@ def apply_train_speed(cfg: DictConfig, model, cuda_graph: bool = False) -> dict:
     frozen = _decide(s.get("frozen_bf16", "auto"), gpu and bf16, "frozen_bf16")
     compiled = _decide(s.get("compile", "auto"), gpu and not cuda_graph, "compile")
     applied = {"compile": compiled, "frozen_bf16": frozen, "cuda_graph": cuda_graph}
-    if cuda_graph:  # attention whose mask is the same while capturing as in the warm-up (models.attention)
-        capture_stable_sdpa(model)
     if frozen:
         applied["frozen_cast"] = store_frozen(model, torch.bfloat16)
     if compiled:

@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader
 
 from data.batches import RoutedRowsCollator, pad_to_shape, routed_rows, routed_rows_settings
 from data.routing_ceiling import causal_routing_ceiling, one_token_routing
+from models.attention import capture_stable_sdpa
 from models.compile import uncompile_layers
 from pipeline.runtime.cotrained_adapters import mirror_dirs, write_cotrained
 from pipeline.runtime.distributed import clip_gradients, full_weights, is_global_zero
@@ -108,6 +109,8 @@ class RouterTrainModule(L.LightningModule):
         self.val_confusion = None  # [L, L] (task, chosen task) counts summed over the last validation (MeteoRA's)
         self.step_checks = StepChecks("router loss is {loss} at step {step}; lower router.train.lr")  # the NaN stop
         self.graph = graph  # the whole training step replayed as a CUDA graph (train_speed.cuda_graph)
+        if graph is not None:  # attention whose mask is the same while capturing as in the warm-up (models.attention)
+            capture_stable_sdpa(mm.model)
         self._graphs: StepGraphs | None = None
 
     def _step(self, batch):
