@@ -53,7 +53,9 @@ def multi_lora_coef(x: torch.Tensor, base: torch.Tensor, A: torch.Tensor, B: tor
     if not bank_known_clean(A, B, ranks, broken):  # routed to a broken adapter: NaN, that token only
         c = torch.where((coef != 0) & broken, float("nan"), c)
     h = (x2.to(acc) @ A_cat.to(acc)).view(T, L, R) * c.to(acc)[:, :, None]
-    out = torch.addmm(b2.to(acc), h.view(T, L * R), scaled_expand(B_cat, scales, R, acc))
+    # base + product as an add, not addmm(base, ...): addmm copies base into its output first (a device copy per
+    # call); the add fuses into the output's readers under torch.compile
+    out = torch.add(b2.to(acc), torch.mm(h.view(T, L * R), scaled_expand(B_cat, scales, R, acc)))
     return out.to(base.dtype).reshape(*lead, out.shape[-1])
 
 

@@ -6,11 +6,12 @@ This is the oracle over a batch of several tasks, which is what a joint fine-tun
 experiment trained at once, each row of the batch routed to its own task's adapter. When every adapter of the bank
 has the same rank r and scale at this projection (one LoRA config for all tasks, as a joint fine-tuning has), the
 routed adapters are gathered and cut to that rank (the rank padding is never read, so whatever it holds stays out),
-and the delta is a ``bmm`` and a ``baddbmm`` with the scale in its alpha: no per-slot masks, no coefficients, no
+and the delta is two ``bmm`` added to the base with the scale as the add's alpha (not ``baddbmm(base, ...)``,
+which copies the base into its output first: ``kernels.uniform`` says why): no per-slot masks, no coefficients, no
 per-projection routing tables. The general sentence form (``kernels.sequence_concat``) masks the padding and scales
 per column for any mix of ranks, weights and K; here K = 1 with weight 1 makes all of that unnecessary.
 
-While the bank trains, ``_PerRow``'s backward computes autograd's own products (the ``bmm`` / ``baddbmm`` backward,
+While the bank trains, ``_PerRow``'s backward computes autograd's own products (the ``bmm`` / scaled add backward,
 same order and dtypes; the scale as each product's alpha, not a multiply after it: the same bits where the scale
 is a power of two, else within a rounding) and writes each bank gradient as one zero fill of the bank's shape plus
 one ``index_add_`` of the rows' gradients into the adapters' slices, where autograd through the gather and the cut
@@ -36,7 +37,8 @@ class _PerRow(torch.autograd.Function):
         h_b = h.to(base.dtype)
         ctx.save_for_backward(x, A_s, h_b, B_s, rows, A, B)
         ctx.r, ctx.scale, ctx.h_dtype = r, scale, h.dtype
-        return torch.baddbmm(base, h_b, B_s, alpha=scale)
+        # the add, not baddbmm(base, ...), which first copies base into its output (kernels.uniform's _BankUniform)
+        return torch.add(base, torch.bmm(h_b, B_s), alpha=scale)
 
     @staticmethod
     def backward(ctx, g):
@@ -73,4 +75,4 @@ def multi_lora_per_row(x: torch.Tensor, base: torch.Tensor, A: torch.Tensor, B: 
     if torch.is_grad_enabled() and (A.requires_grad or B.requires_grad):
         return _PerRow.apply(x, base, A, B, rows, r, scale)
     A_s, B_s = _gather(A, B, rows, r, x.dtype, base.dtype)
-    return torch.baddbmm(base, torch.bmm(x, A_s).to(base.dtype), B_s, alpha=scale)
+    return torch.add(base, torch.bmm(torch.bmm(x, A_s).to(base.dtype), B_s), alpha=scale)

@@ -23,8 +23,8 @@ How.
   The ``extra`` rows (the members' largest adapter ranks summed, rounded up to 8) hold the shrink.
 - One adapter for every row (a uniform route: lora_b, the oracle on a batch of one task): that adapter's
   ``[A_q | A_k | A_v]^T`` is written into the extra rows (once per adapter and bank version), so the base GEMM's
-  last columns are ``h = x @ A``, and one ``addmm`` adds ``h @ B`` with ``B`` block-diagonal, each member's scale
-  folded into its block (rsLoRA, rank patterns and adapters that skip a member pack too).
+  last columns are ``h = x @ A``, and one in-place ``addmm_`` adds ``h @ B`` into the base columns with ``B``
+  block-diagonal, each member's scale folded into its block (rsLoRA, rank patterns and adapters that skip a member pack too).
 - With ``one_launch`` (``MultiLoRAModel.group_projections(one_launch=True)``), a uniform decode call (at most
   ONE_LAUNCH_MAX_TOKENS tokens, no bias, one dtype) is one launch instead: ``kernels.gemv_lora`` walks the base and
   shrink rows once and adds ``h @ B`` in its epilogue. Off by default until the H200 benchmarks say it beats
@@ -218,8 +218,11 @@ class ProjectionGroup:
             return y.reshape(*x.shape[:-1], self.out)
         y_all = nn.functional.linear(x, *self._rows_of(self.out + self.extra))
         y2 = y_all.reshape(-1, y_all.shape[-1])  # x @ A is y_all's last columns
-        return torch.addmm(y2[:, :self.out], y2[:, self.out:], B_slot.to(y2.dtype)).reshape(*y_all.shape[:-1],
-                                                                                          self.out)
+        # the expand accumulates in place into the base columns (cuBLAS reads them with y_all's row stride): an
+        # out-of-place addmm would first copy them into a new tensor, one more kernel per group and decode step
+        y = y2[:, :self.out]
+        y.addmm_(y2[:, self.out:], B_slot.to(y2.dtype))
+        return y.reshape(*y_all.shape[:-1], self.out)
 
     def _routed_expand(self, x, bank, route=None, gates=None):
         """Any route at decode: the base GEMM over every row (base outputs, every adapter's shrink, the gate

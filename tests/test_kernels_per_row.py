@@ -71,7 +71,7 @@ def test_per_row_gives_autograds_own_gradients_bit_for_bit(dtype, compiled, scal
 
     def plain(x, b, A, B):  # the same ops, differentiated by autograd
         A_s, B_s = _gather(A, B, rows, RANK, x.dtype, b.dtype)
-        return torch.baddbmm(b, torch.bmm(x, A_s).to(b.dtype), B_s, alpha=scale)
+        return torch.add(b, torch.bmm(torch.bmm(x, A_s).to(b.dtype), B_s), alpha=scale)
 
     if compiled:
         direct = torch.compile(direct, backend="aot_eager", fullgraph=True)

@@ -297,9 +297,10 @@ def test_a_capture_that_fails_falls_back_to_eager_steps_and_out_of_memory_is_the
         _Capture(step, opt, [torch.OutOfMemoryError("CUDA out of memory")])(x)
 
 
-def test_compile_under_a_step_graph_is_asked_for_and_auto_leaves_the_layers_eager(assets):
-    """train_speed.compile=true with the step captured compiles the layers (to be captured); auto leaves them eager
-    under a graph; neither is an error any more."""
+def test_compile_under_a_step_graph_is_asked_for_and_auto_compiles_on_one_gpu(assets, monkeypatch):
+    """train_speed.compile=true with the step captured compiles the layers (to be captured); auto compiles them
+    under a graph on one GPU (the bench's fastest form), stays eager on the CPU, and false keeps them eager."""
+    from pipeline.runtime import train_speed
     from pipeline.runtime.train_speed import apply_train_speed
 
     def cfg(compile_):
@@ -308,9 +309,13 @@ def test_compile_under_a_step_graph_is_asked_for_and_auto_leaves_the_layers_eage
 
     mm = _mm(assets)
     auto = apply_train_speed(cfg("auto"), mm.model, cuda_graph=True)
-    assert auto["compile"] is False and auto["cuda_graph"] is True and "compiled_layers" not in auto
+    assert auto["compile"] is False and auto["cuda_graph"] is True and "compiled_layers" not in auto  # the CPU
     asked = apply_train_speed(cfg(True), mm.model, cuda_graph=True)
     assert asked["compile"] is True and asked["compiled_layers"] == mm.model.config.num_hidden_layers
+    monkeypatch.setattr(train_speed, "_on_one_gpu", lambda cfg: True)  # the trainer's device: what auto reads
+    on_gpu = apply_train_speed(cfg("auto"), _mm(assets).model, cuda_graph=True)
+    assert on_gpu["compile"] is True and on_gpu["compiled_layers"] == mm.model.config.num_hidden_layers
+    assert apply_train_speed(cfg(False), _mm(assets).model, cuda_graph=True)["compile"] is False
 
 
 def test_a_failed_capture_is_tried_again_where_the_callback_changed_the_step():

@@ -15,13 +15,13 @@ compiled decoder layers make a joint / gates training step 2.6-2.7x faster than 
                              (``models.precision``); trained parameters and AdamW state stay fp32; true / false
     train_speed.cuda_graph   auto: capture the whole training step (forward, loss, backward, AdamW) in a CUDA graph
                              per batch shape and replay it (``pipeline.runtime.step_graph``) where the stage can
-                             (route, on one CUDA GPU); true / false. Under it ``compile: auto`` leaves the layers
-                             eager (the form the route stage's GPU test and runs have held), and ``compile: true``
-                             captures compiled layers: the bench's fastest form of every variant (the gates at the
+                             (route, on one CUDA GPU); true / false. Under it the compiled layers (``compile``
+                             auto or true) are captured: the bench's fastest form of every variant (the gates at the
                              route stage's 8 rows: 1.7x the eager captured step, e9f06c9,
-                             outputs/tables/train_throughput_compiled_graph.md). Compiled layers whose capture
-                             fails (a recompile inside it) run eagerly and are captured again; a capture that still
-                             fails falls back to eager steps, as a replay that differs does.
+                             outputs/tables/train_throughput_compiled_graph.md; the route stage's GPU test of it
+                             passed at db59aab). Compiled layers whose capture fails (a recompile inside it) run
+                             eagerly and are captured again; a capture that still fails falls back to eager steps,
+                             as a replay that differs does.
     train_speed.graph_bucket rows are padded to a multiple of this many tokens (and every batch to the batch size)
                              under ``cuda_graph``: a graph per length bucket, not per length
 
@@ -75,13 +75,13 @@ def cuda_graph_wanted(cfg: DictConfig, graphable: bool) -> bool:
 
 def apply_train_speed(cfg: DictConfig, model, cuda_graph: bool = False) -> dict:
     """Apply ``cfg.train_speed`` to ``model`` (after its trainable parameters are set); return what was applied.
-    ``cuda_graph``: the stage replays its step as a CUDA graph (``cuda_graph_wanted``): compiled layers then only
-    where ``compile`` is true (they compile in the capture's warm-up steps and are captured)."""
+    ``cuda_graph``: the stage replays its step as a CUDA graph (``cuda_graph_wanted``): compiled layers compile in
+    the capture's warm-up steps and are captured."""
     s = cfg.get("train_speed") or {}
     gpu = _on_one_gpu(cfg)
     bf16 = bf16_trainer(cfg)
     frozen = _decide(s.get("frozen_bf16", "auto"), gpu and bf16, "frozen_bf16")
-    compiled = _decide(s.get("compile", "auto"), gpu and not cuda_graph, "compile")
+    compiled = _decide(s.get("compile", "auto"), gpu, "compile")
     applied = {"compile": compiled, "frozen_bf16": frozen, "cuda_graph": cuda_graph}
     if frozen:
         applied["frozen_cast"] = store_frozen(model, torch.bfloat16)
