@@ -233,9 +233,14 @@ class ProjectionGroup:
         if not self._ready_rows(bank, gates.weights if gates is not None else None):
             return None
         n, L, R = len(self.members), self.L, self.R
-        y_all = nn.functional.linear(x, self.weight, self.bias)
-        y2 = y_all.reshape(-1, y_all.shape[-1])
         o = self.out + self.extra
+        # a shared route (DLP, the oracle with mixed tasks) reads no gate logits: the GEMM stops at the bank rows,
+        # where their count keeps its output rows 16-byte aligned (unaligned rows slowed cuBLAS's bf16 GEMM by a
+        # third: PACK_ALIGN); MeteoRA's gates need every row
+        rows = o + n * L * R
+        y_all = (nn.functional.linear(x, *self._rows_of(rows)) if gates is None and rows % 8 == 0
+                 else nn.functional.linear(x, self.weight, self.bias))
+        y2 = y_all.reshape(-1, y_all.shape[-1])
         h = y2[:, o:o + n * L * R].unflatten(1, (n, L, R))
         y = y2[:, :self.out]
         Bc, col_member = self._expand_weights(bank, x.dtype, x.device)

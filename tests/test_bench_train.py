@@ -87,6 +87,11 @@ def test_settings_cover_every_form_but_a_compiled_capture():
         ("loramux_gates", True, True, None, 256)}
     assert {s.label for s in tt.settings_from(cfg) if s.compile_mode} >= {
         "peft_single/bf16/compiled[reduce-overhead]/b16"}
+    # inductor's autotuned GEMMs without CUDA graphs of their own nest in the captured step
+    cfg.compile_modes, cfg.extra_batch_sizes = ["max-autotune-no-cudagraphs", "max-autotune"], []
+    tuned = {(s.compiled, s.graph, s.compile_mode) for s in tt.settings_from(cfg) if s.variant == "peft_single"}
+    assert tuned == {(False, False, None), (False, True, None), (True, False, "max-autotune-no-cudagraphs"),
+                     (True, True, "max-autotune-no-cudagraphs"), (True, False, "max-autotune")}
     # graphs [true] alone: the eager layers captured, the compiled layers uncaptured (each one's best form)
     cfg.compiled_graph, cfg.graphs, cfg.compile_modes = False, [True], ["default"]
     assert [(s.compiled, s.graph) for s in tt.settings_from(cfg) if s.variant == "peft_single" and s.batch_size == 16] \

@@ -18,8 +18,9 @@ each in ``precision`` fp32 or bf16 (autocast; trained parameters and their AdamW
 in bf16, as the pipeline's GPU trainer runs), ``compiled`` false / true (every decoder layer compiled with
 ``torch.compile``: regional compilation, so routing decisions stay in eager Python at the model's top while each
 layer's routed projections are traced (``models.compile``); dynamo's graph-break count is recorded per row),
-``compile_modes`` (torch.compile's mode for the compiled layers: default, or ``reduce-overhead``: each layer's
-forward and backward replayed as CUDA graphs by torch's graph trees) and ``graph`` false / true (CUDA only: the
+``compile_modes`` (torch.compile's mode for the compiled layers: default, ``reduce-overhead``: each layer's
+forward and backward replayed as CUDA graphs by torch's graph trees, or ``max-autotune-no-cudagraphs``: inductor
+autotunes Triton GEMM templates against cuBLAS and fuses the pointwise ops around a product into its epilogue) and ``graph`` false / true (CUDA only: the
 whole step, forward, loss, backward and AdamW, captured once in one CUDA graph and replayed; a step then costs the
 host one launch, so the row measures the device's work alone. The routing of a step is part of the graph: task ids
 live on the device, set once before the capture). Every setting is built and warmed up first (compiles included),
@@ -67,7 +68,7 @@ class Setting:
     compiled: bool
     batch_size: int
     graph: bool = False
-    compile_mode: str | None = None  # torch.compile's mode for the layers: None (default) or "reduce-overhead"
+    compile_mode: str | None = None  # torch.compile's mode for the layers: None (default) or another mode's name
 
     @property
     def label(self) -> str:
@@ -118,7 +119,7 @@ class Trainee:
             return
         if self.multi is not None:
             self.multi.set_routing(task_ids=self.task_ids(ids.shape[0]))
-        if self.setting.compile_mode == "reduce-overhead":  # the layers' CUDA graph trees: a new iteration begins
+        if _own_graphs(self.setting.compile_mode):  # the layers' CUDA graph trees: a new iteration begins
             torch.compiler.cudagraph_mark_step_begin()
         self._step(ids)
         self.optimizer.zero_grad(set_to_none=True)
@@ -338,6 +339,11 @@ def add_ratios(rows: list[dict]) -> None:
         r["ratio_to_best_peft"] = round(r["tokens_per_s"] / ref, 3) if ref and r["tokens_per_s"] else None
 
 
+def _own_graphs(mode: str | None) -> bool:
+    """Whether torch.compile's ``mode`` captures CUDA graphs of its own (cudagraph trees)."""
+    return mode in ("reduce-overhead", "max-autotune")
+
+
 def settings_from(tcfg) -> list[Setting]:
     """Every (variant, precision, compiled, graph, batch) of ``bench.train``, plus ``extra_batch_sizes`` for the
     listed ``extra_variants`` (bf16, every compile and graph choice: the best-batch search)."""
@@ -353,9 +359,11 @@ def settings_from(tcfg) -> list[Setting]:
     # mask only while capturing (models.attention: every variant now attends through capture_stable_sdpa, and a
     # capture fails on any recompile, naming the guard; a failed capture is a row saying why).
     both = bool(tcfg.get("compiled_graph", False))
-    # reduce-overhead replays its own CUDA graphs, which cannot nest inside the whole step's capture
-    forms = list(dict.fromkeys((bool(c), g and (not c or both and m is None), m if c else None) for c in tcfg.compiled
-                               for g in graphs for m in (modes if c else [None])))
+    # reduce-overhead (and max-autotune) replay their own CUDA graphs, which cannot nest inside the whole step's
+    # capture; default and max-autotune-no-cudagraphs (inductor's Triton GEMM templates, autotuned against cuBLAS,
+    # with the pointwise ops around a product fused into its epilogue) can
+    forms = list(dict.fromkeys((bool(c), g and (not c or both and not _own_graphs(m)), m if c else None)
+                               for c in tcfg.compiled for g in graphs for m in (modes if c else [None])))
     out = [Setting(v, str(p), c, int(b), g, m) for v in variants for p in tcfg.precisions
            for c, g, m in forms for b in tcfg.batch_sizes]
     for v in tcfg.get("extra_variants") or []:

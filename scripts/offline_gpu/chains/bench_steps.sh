@@ -86,13 +86,26 @@ gpu_tests() {
   step gpu_tests timeout "${STEP_LIMIT:-300}" python3 -m pytest -q -m gpu -p no:cacheprovider \
     ${GPU_TESTS:-tests/test_bench_train.py tests/test_route_graph.py}
 }
-# where loramux_single's last 1-3% go beside peft (compiled layers captured, batch 16): one step of each profiled
-# (kernels by self device time, profile_*.txt beside the run's metrics.json), 3 rounds, its own table (~1.5 minutes)
+# where a variant's time goes beside peft's (compiled layers captured, batch $PROFILE_BATCH, default 16): one step of
+# each of $PROFILE_VARIANTS (default peft_single,loramux_single) profiled (kernels by self device time,
+# profile_*.txt beside the run's metrics.json), 3 rounds, table train_throughput_profile (~1.5 minutes). At 0df74f3 it
+# found loramux_single's device copy per projection (addmm's copy of the base output)
 train_profile() {
+  local vs=${PROFILE_VARIANTS:-peft_single,loramux_single} b=${PROFILE_BATCH:-16} v labels=()
+  for v in ${vs//,/ }; do labels+=("$v/bf16/compiled/graph/b$b"); done
   step train_profile timeout "${STEP_LIMIT:-200}" python3 -m pipeline.bench experiment=train_throughput \
-    bench.train.repeats=3 'bench.train.variants=[peft_single,loramux_single]' 'bench.train.compiled=[true]' \
+    bench.train.repeats=3 "bench.train.variants=[$vs]" 'bench.train.compiled=[true]' \
     'bench.train.compile_modes=[default]' 'bench.train.graphs=[true]' bench.train.compiled_graph=true \
-    'bench.train.batch_sizes=[16]' 'bench.train.extra_batch_sizes=[]' \
-    'bench.train.profile=[peft_single/bf16/compiled/graph/b16,loramux_single/bf16/compiled/graph/b16]' \
-    bench.train.table_name=train_throughput_profile
+    "bench.train.batch_sizes=[$b]" 'bench.train.extra_batch_sizes=[]' \
+    "bench.train.profile=[$(IFS=,; echo "${labels[*]}")]" bench.train.table_name=train_throughput_profile
+}
+# inductor's autotuned Triton GEMMs with their pointwise neighbours fused into the epilogue
+# (max-autotune-no-cudagraphs) beside the default compile, both captured, peft / loramux_single / the gates at batch
+# 64, 6 rounds, table train_throughput_autotune (the autotuning adds minutes to the warm-up: not yet timed)
+train_autotune() {
+  step train_autotune timeout "${STEP_LIMIT:-540}" python3 -m pipeline.bench experiment=train_throughput \
+    bench.max_seconds=420 bench.train.repeats=6 "bench.train.variants=[${AUTOTUNE_VARIANTS:-peft_single,loramux_single,loramux_gates}]" \
+    'bench.train.compiled=[true]' 'bench.train.compile_modes=[default,max-autotune-no-cudagraphs]' \
+    'bench.train.graphs=[true]' bench.train.compiled_graph=true 'bench.train.batch_sizes=[64]' \
+    'bench.train.extra_batch_sizes=[]' bench.train.table_name=train_throughput_autotune
 }
