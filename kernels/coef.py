@@ -25,6 +25,9 @@ holds. A token routed to an adapter with such a column (coef != 0) gets NaN in i
 output row, as the reference gives NaN there: its own adapter is broken. (That select is skipped for a frozen bank
 known to have no such column: ``bank_known_clean``.)
 
+While the gates learn over a frozen bank, a projection computes its base output, the shrink ``h`` and its gate's
+logits in one GEMM (``multi_lora_coef_packed``, ``kernels.packed_gate``) and the rest as here (``weighted_expand``).
+
 ``multi_lora_coef_reference`` is the readable definition (a loop over adapters, each on the tokens routed to it).
 """
 
@@ -43,20 +46,47 @@ def multi_lora_coef(x: torch.Tensor, base: torch.Tensor, A: torch.Tensor, B: tor
     activations' dtype (autocast casts them as any matmul), on the CPU in fp32 (fp64 for fp64)."""
     lead = base.shape[:-1]
     x2, b2 = x.reshape(-1, x.shape[-1]), base.reshape(-1, base.shape[-1])
-    T, (L, _, R) = x2.shape[0], A.shape
+    T, L = x2.shape[0], A.shape[0]
     if coef.shape != (T, L):
         raise ValueError(f"multi_lora_coef: coef has shape {tuple(coef.shape)}, expected [tokens, adapters] = "
                          f"[{T}, {L}]")
     acc = compute_dtype(x2)
     A_cat, B_cat, broken = bank_matrices(A, B, ranks)
+    out = weighted_expand(b2, x2.to(acc) @ A_cat.to(acc), coef, A, B, ranks, scales, B_cat, broken, acc)
+    return out.to(base.dtype).reshape(*lead, out.shape[-1])
+
+
+def weighted_expand(b2: torch.Tensor, h: torch.Tensor, coef: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                    ranks: torch.Tensor, scales: torch.Tensor, B_cat: torch.Tensor, broken: torch.Tensor,
+                    acc: torch.dtype) -> torch.Tensor:
+    """``b2 + (h * coef per adapter) @ (s B_cat)`` for the shrink ``h`` [T, L*R] (every adapter's, from
+    ``x @ A_cat`` or the packed GEMM of ``kernels.packed_gate``), ``coef`` [T, L], in ``acc``."""
+    T, (L, _, R) = h.shape[0], A.shape
     c = coef
     if not bank_known_clean(A, B, ranks, broken):  # routed to a broken adapter: NaN, that token only
         c = torch.where((coef != 0) & broken, float("nan"), c)
-    h = (x2.to(acc) @ A_cat.to(acc)).view(T, L, R) * c.to(acc)[:, :, None]
+    hc = h.to(acc).view(T, L, R) * c.to(acc)[:, :, None]
     # base + product as an add, not addmm(base, ...): addmm copies base into its output first (a device copy per
     # call); the add fuses into the output's readers under torch.compile
-    out = torch.add(b2.to(acc), torch.mm(h.view(T, L * R), scaled_expand(B_cat, scales, R, acc)))
-    return out.to(base.dtype).reshape(*lead, out.shape[-1])
+    return torch.add(b2.to(acc), torch.mm(hc.view(T, L * R), scaled_expand(B_cat, scales, R, acc)))
+
+
+def multi_lora_coef_packed(x: torch.Tensor, base_layer: torch.nn.Linear, A: torch.Tensor, B: torch.Tensor,
+                           scales: torch.Tensor, ranks: torch.Tensor, gate: torch.Tensor, route) -> torch.Tensor:
+    """``multi_lora_coef`` on ``base_layer(x)`` with the coefficients of a gate that learns: the base output,
+    every adapter's shrink and the gate's logits ``x @ gate^T`` in one GEMM (``kernels.packed_gate``), then
+    ``route(logits)`` -> coef [T, L] (the router's rule and its losses), then the weighted expand. Base layer and
+    bank frozen."""
+    from kernels.packed_gate import packed_gate_gemm
+
+    lead, d_out = x.shape[:-1], base_layer.out_features
+    x2 = x.reshape(-1, x.shape[-1])
+    A_cat, B_cat, broken = bank_matrices(A, B, ranks)
+    b2, h, logits = packed_gate_gemm(x2, base_layer.weight, A_cat, gate)
+    if base_layer.bias is not None:
+        b2 = b2 + base_layer.bias.to(b2.dtype)
+    out = weighted_expand(b2, h, route(logits), A, B, ranks, scales, B_cat, broken, b2.dtype)
+    return out.reshape(*lead, d_out)
 
 
 def scaled_expand(B_cat: torch.Tensor, scales: torch.Tensor, R: int, dtype: torch.dtype) -> torch.Tensor:

@@ -22,7 +22,7 @@ from kernels import (
     multi_lora_sequences,
     multi_lora_uniform,
 )
-from kernels.coef import multi_lora_coef_reference
+from kernels.coef import multi_lora_coef_packed, multi_lora_coef_reference
 from kernels.op import resolve_backend
 from models.adapter_bank import slot_key
 
@@ -65,8 +65,12 @@ class MultiLoRALinear(nn.Module):
             out = group.lead(x) if self.group_index == 0 else group.take(self.group_index, x)
             if out is not None:
                 return out
-        y = self.base_layer(x)
         router = self.ctx.router
+        if router is not None and (gate := router.packed_gate(self.route_state)) is not None:
+            out = self._packed_gate(x, router, gate)
+            if out is not None:
+                return out
+        y = self.base_layer(x)
         route = router.route(self.module_name, x, self.route_state) if router is not None else None
         if route is None or len(self.ctx.bank) == 0:
             return y
@@ -99,6 +103,17 @@ class MultiLoRALinear(nn.Module):
             # sentence routing, one sequence per batch row: wide nuclei at prefill take the concatenated form
             return multi_lora_sequences(x, y, A, B, scales, ranks, route.ids, route.weights, route.seq_ids)
         return multi_lora(x, y, A, B, scales, ranks, route.ids, route.weights, route.seq_ids)
+
+    def _packed_gate(self, x, router, gate):
+        """A learning gate's projection as one GEMM (``kernels.multi_lora_coef_packed``), where the base layer and
+        the bank are frozen and the torch form runs; None otherwise (the three GEMMs apart)."""
+        slots = self.slots
+        A, B = slots.tight()
+        frozen = not (self.base_layer.weight.requires_grad or A.requires_grad or B.requires_grad)
+        if not frozen or len(self.ctx.bank) == 0 or resolve_backend(x, A, B) == "reference":
+            return None
+        return multi_lora_coef_packed(x, self.base_layer, A, B, slots.scales, slots.ranks, gate,
+                                      lambda logits: router.route_logits(self.route_state, logits).coef)
 
     def extra_repr(self) -> str:
         return f"{self.module_name}, adapters={len(self.ctx.bank)}"

@@ -18,8 +18,10 @@ cross-entropy against the row's task id; its routing accuracy (measured in eval 
 (token, projection) gates whose top-1 is the row's task, also counted per task (``gate_hits_by_task``) and per
 projection (``gate_hits_by_projection``: which layers' gates lose it; a layer-0 gate sees no context). While the
 gates learn (grad enabled, gate logits need a gradient) a projection's route is the [T, L] coefficient matrix of
-``kernels.multi_lora_coef`` (the same weights, fewer ops per call); inference routes with ids/weights, which the
-Triton kernels read.
+``kernels.multi_lora_coef`` (the same weights, fewer ops per call), and over a frozen bank each projection packs
+its gate into its base GEMM (``packed_gate``, ``route_logits``: one GEMM for the base output, the shrink and the
+logits, one for the input gradient; ``kernels.packed_gate``); inference routes with ids/weights, which the Triton
+kernels read.
 """
 
 from __future__ import annotations
@@ -86,6 +88,9 @@ class MeteoraRouter(Router):
         self._gate_logits: list = []  # this forward's [T, L] logits per projection, not yet in _ce_sum
         self._confusion: torch.Tensor | None = None  # [L * L] (task, chosen task) counts (eval mode)
         self._projection_hits: torch.Tensor | None = None  # [P] top-1 hits per gate, in self.gates order (eval mode)
+        # while the gates learn, each projection packs its gate into its base GEMM (kernels.packed_gate); False runs
+        # the three GEMMs apart (the same route and losses; tests compare the two)
+        self.pack_gates = True
 
     def config(self):
         return {"top_k": self.top_k, "temperature": self.temperature, "aux_loss_coef": self.aux_loss_coef}
@@ -139,7 +144,22 @@ class MeteoraRouter(Router):
     def route(self, module_name, x, state=None):
         x2 = x.reshape(-1, x.shape[-1])
         gate = state if state is not None else self.gates[slot_key(module_name)]
-        logits = gate(x2).float()  # one cast (autocast: bf16 logits) for the CE, the top-k and its softmax
+        return self.route_logits(gate, gate(x2), x.dtype)
+
+    def packed_gate(self, state):
+        """While the gates learn (grad enabled, the gate's weight trained): this projection's gate weight, for the
+        projection to compute its logits in its own base GEMM (``kernels.packed_gate``) and route from them with
+        ``route_logits``; None otherwise."""
+        if state is None or not torch.is_grad_enabled() or not state.weight.requires_grad or not self.pack_gates:
+            return None
+        return state.weight
+
+    def route_logits(self, gate, logits, dtype=None):
+        """The route of one projection from its gate's ``logits`` [T, L] (``gate``: that projection's gate module):
+        the aux loss and accuracy counts of this projection, then the top-k route (inference weights in ``dtype``,
+        the activations', default the logits')."""
+        dtype = logits.dtype if dtype is None else dtype
+        logits = logits.float()  # one cast (autocast: bf16 logits) for the CE, the top-k and its softmax
         if self._labels is not None:  # task ids known: the aux loss and gate accuracy of this projection
             if torch.compiler.is_compiling():
                 self._ce_sum = self._ce_sum + F.cross_entropy(logits, self._labels, ignore_index=-100,
@@ -165,7 +185,7 @@ class MeteoraRouter(Router):
         if torch.is_grad_enabled() and logits.requires_grad:  # the gates learn: the [T, L] form, fewest ops
             return Route(None, None, coef=top_k_coef(logits, self.top_k, self.temperature))
         ids, w = route_top_k(logits, self.top_k, self.temperature)
-        return Route(ids, w.to(x.dtype))
+        return Route(ids, w.to(dtype))
 
     def group_gates(self, states):
         """At inference (no task ids, no forced gates, no gradient, not compiling): the members' gate weights, for

@@ -191,6 +191,12 @@ class Router(nn.Module):
         (``shares_route``) needs none."""
         return None
 
+    def packed_gate(self, state) -> torch.Tensor | None:
+        """A gate weight [L, d_in] that the projection holding ``state`` may compute in its own base GEMM, then
+        route with ``route_logits(state, logits)`` (MeteoRA's gates while they learn); None (the default): the
+        projection asks ``route``."""
+        return None
+
     def projection_state(self, module_name: str) -> nn.Module | None:
         """This router's own module for one projection (MeteoRA's gate), handed to the wrapped layer when the router
         is installed so the layer's forward needs no lookup by name; None (the default) for routers without one."""
