@@ -37,6 +37,7 @@ import torch
 
 from kernels.dense import bank_matrices, compute_dtype
 from kernels.derived_cache import kept_when_frozen
+from kernels.packed_gate import packed_gate_gemm
 
 
 def multi_lora_coef(x: torch.Tensor, base: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scales: torch.Tensor,
@@ -77,8 +78,6 @@ def multi_lora_coef_packed(x: torch.Tensor, base_layer: torch.nn.Linear, A: torc
     every adapter's shrink and the gate's logits ``x @ gate^T`` in one GEMM (``kernels.packed_gate``), then
     ``route(logits)`` -> coef [T, L] (the router's rule and its losses), then the weighted expand. Base layer and
     bank frozen."""
-    from kernels.packed_gate import packed_gate_gemm
-
     lead, d_out = x.shape[:-1], base_layer.out_features
     x2 = x.reshape(-1, x.shape[-1])
     A_cat, B_cat, broken = bank_matrices(A, B, ranks)

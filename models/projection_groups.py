@@ -50,6 +50,8 @@ parameters. ``MultiLoRAModel.group_projections()`` turns it on (``group_projecti
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
@@ -63,6 +65,11 @@ PACK_ALIGN = 64
 # a uniform route's decode in one launch (``one_launch``: kernels.gemv_lora, the LoRA in the GEMV's epilogue) up to
 # this many tokens a call; a prefill keeps cuBLAS's GEMM and the addmm (a GEMV-shaped kernel is the wrong tool there)
 ONE_LAUNCH_MAX_TOKENS = 16
+
+
+# id of a shared route's ids tensor -> (a weak reference to it, its version, bank size, (adapters its rows use, ids
+# renumbered) or None): found once per route for every group (ProjectionGroup._routed_subset), dropped with the route
+_SUBSETS: dict = {}
 
 
 class ProjectionGroup:
@@ -230,27 +237,55 @@ class ProjectionGroup:
         cannot be laid out now (inside a CUDA graph capture or a compile)."""
         from kernels import expand_shrunk
 
-        if not self._ready_rows(bank, gates.weights if gates is not None else None):
+        routed = self._routed_subset(route, len(bank)) if gates is None else None
+        subset = routed[0] if routed is not None else None
+        if not self._ready_rows(bank, gates.weights if gates is not None else None, subset):
             return None
-        n, L, R = len(self.members), self.L, self.R
+        n, R = len(self.members), self.R
+        L = self.L if subset is None else len(subset)
         o = self.out + self.extra
-        # a shared route (DLP, the oracle with mixed tasks) reads no gate logits: the GEMM stops at the bank rows,
-        # where their count keeps its output rows 16-byte aligned (unaligned rows slowed cuBLAS's bf16 GEMM by a
-        # third: PACK_ALIGN); MeteoRA's gates need every row
+        # a shared route (DLP, the oracle with mixed tasks) reads no gate logits: the GEMM stops at the bank rows
+        # (its routed adapters' only, when they are fewer than the bank's), where their count keeps its output rows
+        # 16-byte aligned (unaligned rows slowed cuBLAS's bf16 GEMM by a third: PACK_ALIGN); MeteoRA needs every row
         rows = o + n * L * R
         y_all = (nn.functional.linear(x, *self._rows_of(rows)) if gates is None and rows % 8 == 0
                  else nn.functional.linear(x, self.weight, self.bias))
         y2 = y_all.reshape(-1, y_all.shape[-1])
         h = y2[:, o:o + n * L * R].unflatten(1, (n, L, R))
         y = y2[:, :self.out]
-        Bc, col_member = self._expand_weights(bank, x.dtype, x.device)
+        Bc, col_member = self._expand_weights(bank, x.dtype, x.device, subset)
         if gates is not None:
             logits = y2[:, o + n * L * R:o + n * L * R + n * L].unflatten(1, (n, L))
             expand_shrunk(y, h, Bc, col_member, logits=logits, top_k=gates.top_k, temperature=gates.temperature,
                           out=y)
         else:
-            expand_shrunk(y, h, Bc, col_member, ids=route.ids, weights=route.weights, seq_ids=route.seq_ids, out=y)
+            ids = route.ids if routed is None else routed[1]
+            expand_shrunk(y, h, Bc, col_member, ids=ids, weights=route.weights, seq_ids=route.seq_ids, out=y)
         return y.reshape(*y_all.shape[:-1], self.out)
+
+    @staticmethod
+    def _routed_subset(route, L: int):
+        """``(subset, ids)`` where a shared route's rows use fewer adapters than the bank holds: the adapters they
+        use (sorted bank indices) and the route's ids renumbered into that list (-1 stays -1), so the GEMM computes
+        only their shrink (a DLP nucleus keeps 1-3 adapters a row: at batch 8 up to 16 of 28, at batch 1 two); None
+        to use every adapter. Found once per route (its ids tensor: a decode's steps and every group share it), by
+        reading the ids on the host outside a CUDA graph capture; a capture meets a route found before it."""
+        ids = route.ids
+        hit = _SUBSETS.get(id(ids))
+        if hit is not None and hit[0]() is ids and hit[1:3] == (ids._version, L):
+            return hit[3]
+        if torch.compiler.is_compiling() or (ids.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return None
+        used = sorted({int(a) for a in ids[ids >= 0].tolist()})
+        found = None
+        if 0 < len(used) < L:
+            where = torch.full((L,), -1, dtype=ids.dtype, device=ids.device)
+            where[used] = torch.arange(len(used), dtype=ids.dtype, device=ids.device)
+            found = (tuple(used), torch.where(ids >= 0, where[ids.clamp(min=0)], -1))
+        for k in [k for k, v in _SUBSETS.items() if v[0]() is None]:  # routes gone
+            del _SUBSETS[k]
+        _SUBSETS[id(ids)] = (weakref.ref(ids), ids._version, L, found)
+        return found
 
     # ---- packed adapters (copies, rebuilt when the bank changes) ------------------------------------------------
     def _cached(self, key, bank, build):
@@ -320,9 +355,10 @@ class ProjectionGroup:
             return torch.cat([B, B.new_zeros(self.extra - r, self.out)], 0).to(dtype)
         return self._cached(("rows", adapter, dtype), bank, build)
 
-    def _ready_rows(self, bank, gates) -> bool:
-        """Make the bank rows hold every adapter's ``A_m[a]^T`` (R rows each, rank padding zero) and, for MeteoRA,
-        the gate rows the members' gates: re-packed for a layout that does not fit (another L or R, or gates wanted
+    def _ready_rows(self, bank, gates, subset: tuple | None = None) -> bool:
+        """Make the bank rows hold every adapter's ``A_m[a]^T`` (R rows each, rank padding zero; with ``subset``
+        only those adapters', member by member at the start of the bank rows) and, for MeteoRA, the gate rows the
+        members' gates: re-packed for a layout that does not fit (another L or R, or gates wanted
         where there are no gate rows), rewritten in place for new contents (``bank.version``; a gate weight's
         pointer or version). A layout with gate rows also serves a route without gates (DLP, the oracle with mixed
         tasks: the GEMM computes the unused logits, about 1% more rows), so a model whose router alternates
@@ -332,7 +368,7 @@ class ProjectionGroup:
         L = len(bank)
         R = max(max(m.slots.host_ranks, default=0) for m in self.members)
         fits = (self.L, self.R) == (L, R) and (gates is None or self.gate_rows > 0)
-        bank_key = bank.version
+        bank_key = (bank.version, subset)
         gate_key = tuple((w.data_ptr(), w._version) for w in gates) if gates is not None else None
         if fits and self._rows == bank_key and (gates is None or self._gates_key == gate_key):
             return True
@@ -343,10 +379,13 @@ class ProjectionGroup:
         bank_at = self.out + self.extra  # member i's A^T rows at bank_at + i L R; the gate rows after them all
         with torch.no_grad():
             if self._rows != bank_key:
+                keep = list(subset) if subset is not None else None
+                U = L if keep is None else len(keep)
                 for i, m in enumerate(self.members):
                     A = self._live_A(m.slots, R)  # [L, d_in, R]
-                    o = bank_at + i * L * R
-                    self.weight[o:o + L * R] = A.transpose(1, 2).reshape(L * R, -1).to(self.weight.dtype)
+                    A = A if keep is None else A[keep]
+                    o = bank_at + i * U * R
+                    self.weight[o:o + U * R] = A.transpose(1, 2).reshape(U * R, -1).to(self.weight.dtype)
             if gates is not None and self._gates_key != gate_key:
                 o = bank_at + len(self.members) * L * R
                 self.weight[o:o + self.gate_rows] = torch.cat([w.detach() for w in gates], 0).to(self.weight.dtype)
@@ -355,9 +394,19 @@ class ProjectionGroup:
             self._gates_key = gate_key
         return True
 
-    def _expand_weights(self, bank, dtype, device):
+    def _expand_weights(self, bank, dtype, device, subset: tuple | None = None):
         """``(B [L, R, sum d_out], col_member [sum d_out])`` for ``kernels.expand_shrunk``: column c holds its
-        member's ``s B_m[a]`` (scales folded, rank padding zeroed by a select); ``col_member`` names c's member."""
+        member's ``s B_m[a]`` (scales folded, rank padding zeroed by a select); ``col_member`` names c's member.
+        With ``subset``: those adapters' B only, in its order."""
+        if subset is not None:  # the last subset's only (a decode's route keeps one; the next replaces it)
+            full, col = self._expand_weights(bank, dtype, device)
+            key = ("expand_subset", self.R, dtype, device)
+            hit = self._packed.get(key)
+            if hit is None or hit[0] != bank.version or hit[1][0] != subset:
+                with torch.no_grad():
+                    self._packed[key] = (bank.version, (subset, full[list(subset)].contiguous()))
+            return self._packed[key][1][1], col
+
         def build():
             B = torch.cat([self._live_B(m.slots, self.R) for m in self.members], 2).to(dtype).contiguous()
             sizes = torch.tensor(self.sizes, device=device)

@@ -22,6 +22,7 @@ PROMPTS = ["hello world, this is a test", "[INST] what is 2+2? [/INST]\n", "abc"
 ROUTERS = [
     ("oracle", {}, ["a", "b", "c"]),
     ("oracle", {}, ["a", "a", "a"]),          # one adapter for every row: the packed adapter alone
+    ("oracle", {}, ["c", "a", "c"]),          # two of the three adapters: their shrink rows only
     ("lora_b", {"adapter": "c"}, None),
     ("dlp", {"hidden": 32, "layers": 1}, None),
     ("base", {}, None),
@@ -306,3 +307,21 @@ def test_a_router_that_alternates_with_meteora_packs_once(assets):
         assert all(g.gate_rows > 0 for g in grouped._groups)
         assert weights is None or all(a is b for a, b in zip(now, weights, strict=True)), name  # not re-packed
         weights = now
+
+
+def test_a_shared_route_over_some_adapters_computes_only_their_shrink(assets):
+    """Rows routed to two of the bank's three adapters (a DLP nucleus, the oracle over a mixed batch): at decode the
+    group's GEMM stops after those two adapters' shrink rows, their ids renumbered into them; the tokens are the
+    ungrouped model's, and a route over every adapter takes the whole bank again."""
+    plain, grouped = _mm(assets, "oracle", {}, False), _mm(assets, "oracle", {}, True)
+    tok = plain.tokenizer
+    batch = tok(PROMPTS, return_tensors="pt", padding=True)
+    kw_gen = {"max_new_tokens": 3, "pad_token_id": tok.pad_token_id, "eos_token_id": None}
+    for task_ids, used in ((["c", "a", "c"], (0, 2)), (["a", "b", "c"], None)):
+        want = graph_generate(plain, batch["input_ids"], batch["attention_mask"], capture=False, task_ids=task_ids,
+                              **kw_gen)
+        got = graph_generate(grouped, batch["input_ids"], batch["attention_mask"], capture=False, task_ids=task_ids,
+                             **kw_gen)
+        assert torch.equal(got, want), task_ids
+        assert [grouped.bank.index(n) for n in ("a", "c")] == [0, 2]
+        assert all(g._rows[1] == used for g in grouped._groups), [g._rows for g in grouped._groups]
