@@ -23,6 +23,7 @@ def test_packed_gemm_is_the_concatenated_linear_with_its_gradients_in_x_and_the_
     dy = torch.randn(T, d_out + L * R + L, dtype=torch.float64, generator=g)
     parts = packed_gate_gemm(x, W, A_cat, G)
     assert [p.shape[1] for p in parts] == [d_out, L * R, L]
+    assert parts[0].stride(0) % 8 == 0  # the packed rows padded: the product's row stride a multiple of 8
     got = torch.cat(parts, 1)
     dx, dG = torch.autograd.grad(parts, (x, G), dy.split([d_out, L * R, L], 1))
     want = torch.nn.functional.linear(x, torch.cat([W, A_cat.t(), G], 0))

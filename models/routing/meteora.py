@@ -88,9 +88,10 @@ class MeteoraRouter(Router):
         self._gate_logits: list = []  # this forward's [T, L] logits per projection, not yet in _ce_sum
         self._confusion: torch.Tensor | None = None  # [L * L] (task, chosen task) counts (eval mode)
         self._projection_hits: torch.Tensor | None = None  # [P] top-1 hits per gate, in self.gates order (eval mode)
-        # while the gates learn, each projection packs its gate into its base GEMM (kernels.packed_gate); False runs
-        # the three GEMMs apart (the same route and losses; tests compare the two)
-        self.pack_gates = True
+        # while the gates learn, each projection may pack its gate into its base GEMM (kernels.packed_gate): the same
+        # route and losses (tests compare the two). Off until the H200 shows it faster: at 3934b2b, with the packed
+        # rows unaligned, the gates' step was 1.4x slower (the bench's loramux_gates_packed measures it)
+        self.pack_gates = False
 
     def config(self):
         return {"top_k": self.top_k, "temperature": self.temperature, "aux_loss_coef": self.aux_loss_coef}

@@ -99,6 +99,16 @@ train_profile() {
     "bench.train.batch_sizes=[$b]" 'bench.train.extra_batch_sizes=[]' \
     "bench.train.profile=[$(IFS=,; echo "${labels[*]}")]" bench.train.table_name=train_throughput_profile
 }
+# the gates packed (kernels.packed_gate) beside unpacked, peft and loramux_single, compiled layers captured, batch 64,
+# 5 rounds, table train_throughput_packed (~2 minutes; at 3934b2b, before the packed rows were aligned: packed
+# 0.528x peft, loramux_single 1.006x)
+train_packed() {
+  step train_packed timeout "${STEP_LIMIT:-240}" python3 -m pipeline.bench experiment=train_throughput \
+    bench.train.repeats=5 'bench.train.variants=[loramux_gates_packed,loramux_gates,peft_single,loramux_single]' \
+    'bench.train.compiled=[true]' 'bench.train.compile_modes=[default]' 'bench.train.graphs=[true]' \
+    bench.train.compiled_graph=true 'bench.train.batch_sizes=[64]' 'bench.train.extra_batch_sizes=[]' \
+    bench.train.table_name=train_throughput_packed
+}
 # inductor's autotuned Triton GEMMs with their pointwise neighbours fused into the epilogue
 # (max-autotune-no-cudagraphs) beside the default compile, both captured, peft / loramux_single / the gates at batch
 # 64, 6 rounds, table train_throughput_autotune (the autotuning adds minutes to the warm-up: not yet timed)
