@@ -73,17 +73,22 @@ def weighted_expand(b2: torch.Tensor, h: torch.Tensor, coef: torch.Tensor, A: to
 
 
 def multi_lora_coef_packed(x: torch.Tensor, base_layer: torch.nn.Linear, A: torch.Tensor, B: torch.Tensor,
-                           scales: torch.Tensor, ranks: torch.Tensor, gate: torch.Tensor, route) -> torch.Tensor:
-    """``multi_lora_coef`` on ``base_layer(x)`` with the coefficients of a gate that learns: the base output,
-    every adapter's shrink and the gate's logits ``x @ gate^T`` in one GEMM (``kernels.packed_gate``), then
-    ``route(logits)`` -> coef [T, L] (the router's rule and its losses), then the weighted expand. Base layer and
-    bank frozen."""
+                           scales: torch.Tensor, ranks: torch.Tensor, gate: torch.Tensor, route,
+                           with_base: bool = True) -> torch.Tensor:
+    """``multi_lora_coef`` on ``base_layer(x)`` with the coefficients of a gate that learns: the base output
+    (``with_base``; else ``base_layer`` runs apart), every adapter's shrink and the gate's logits ``x @ gate^T`` in
+    one GEMM (``kernels.packed_gate``), then ``route(logits)`` -> coef [T, L] (the router's rule and its losses),
+    then the weighted expand. Base layer and bank frozen."""
     lead, d_out = x.shape[:-1], base_layer.out_features
     x2 = x.reshape(-1, x.shape[-1])
     A_cat, B_cat, broken = bank_matrices(A, B, ranks)
-    b2, h, logits = packed_gate_gemm(x2, base_layer.weight, A_cat, gate)
-    if base_layer.bias is not None:
-        b2 = b2 + base_layer.bias.to(b2.dtype)
+    if with_base:
+        b2, h, logits = packed_gate_gemm(x2, base_layer.weight, A_cat, gate)
+        if base_layer.bias is not None:
+            b2 = b2 + base_layer.bias.to(b2.dtype)
+    else:
+        h, logits = packed_gate_gemm(x2, None, A_cat, gate)
+        b2 = base_layer(x2)
     out = weighted_expand(b2, h, route(logits), A, B, ranks, scales, B_cat, broken, b2.dtype)
     return out.reshape(*lead, d_out)
 

@@ -42,31 +42,33 @@ class _PackedGateGEMM(torch.autograd.Function):
     def forward(ctx, x2, W, A_cat, G):
         dt = _compute_dtype(x2)
         xc = x2.to(dt)
-        sizes = (W.shape[0], A_cat.shape[1], G.shape[0])
+        blocks = ([] if W is None else [W.to(dt)]) + [A_cat.t().to(dt), G.to(dt)]
+        sizes = tuple(b.shape[0] for b in blocks)
         pad = -sum(sizes) % ALIGN
-        packed = torch.cat([W.to(dt), A_cat.t().to(dt), G.to(dt), G.new_zeros(pad, G.shape[1], dtype=dt)], 0)
+        packed = torch.cat([*blocks, G.new_zeros(pad, G.shape[1], dtype=dt)], 0)
         with torch.autocast(x2.device.type, enabled=False):
-            y = torch.mm(xc, packed.t())  # [T, d_out + L*R + L + pad]
+            y = torch.mm(xc, packed.t())  # [T, (d_out +) L*R + L + pad]
         ctx.save_for_backward(xc, packed)
         ctx.x_dtype, ctx.g_dtype, ctx.sizes = x2.dtype, G.dtype, (*sizes, pad)
-        # three views of the one product: their gradients come back apart (autograd would assemble the gradient of
-        # slices taken outside as a zero fill and a copy per slice, and add them)
-        return tuple(y.split(ctx.sizes, dim=1)[:3])
+        # views of the one product: their gradients come back apart (autograd would assemble the gradient of slices
+        # taken outside as a zero fill and a copy per slice, and add them)
+        return tuple(y.split(ctx.sizes, dim=1)[:len(sizes)])
 
     @staticmethod
-    def backward(ctx, dy_base, dh, dlogits):
+    def backward(ctx, *grads):
         xc, packed = ctx.saved_tensors
         parts = [torch.zeros(xc.shape[0], n, dtype=packed.dtype, device=xc.device) if d is None else d.to(packed.dtype)
-                 for d, n in zip((dy_base, dh, dlogits, None), ctx.sizes, strict=True)]
+                 for d, n in zip((*grads, None), ctx.sizes, strict=True)]
         dx = torch.mm(torch.cat(parts, 1), packed).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
-        dG = torch.mm(parts[2].t(), xc).to(ctx.g_dtype) if ctx.needs_input_grad[3] else None
+        dG = torch.mm(parts[-2].t(), xc).to(ctx.g_dtype) if ctx.needs_input_grad[3] else None
         return dx, None, None, dG
 
 
-def packed_gate_gemm(x2: torch.Tensor, W: torch.Tensor, A_cat: torch.Tensor, G: torch.Tensor) -> tuple:
+def packed_gate_gemm(x2: torch.Tensor, W: torch.Tensor | None, A_cat: torch.Tensor, G: torch.Tensor) -> tuple:
     """``x2 @ [W; A_cat^T; G]^T`` for x2 [T, d_in], W [d_out, d_in], A_cat [d_in, L*R], G [L, d_in], as its three
     column blocks ``(base [T, d_out] (no bias), h [T, L*R] (every adapter's shrink), logits [T, L])``, views of one
-    product; differentiable in x2 and G only (W and A_cat must be frozen: they get no gradient)."""
-    if W.requires_grad or A_cat.requires_grad:
+    product; W None: ``(h, logits)`` of ``x2 @ [A_cat^T; G]^T`` (the base GEMM left apart). Differentiable in x2 and
+    G only (W and A_cat must be frozen: they get no gradient)."""
+    if (W is not None and W.requires_grad) or A_cat.requires_grad:
         raise ValueError("packed_gate_gemm: the base weight and the bank must be frozen (they get no gradient here)")
     return _PackedGateGEMM.apply(x2, W, A_cat, G)

@@ -113,7 +113,8 @@ class MultiLoRALinear(nn.Module):
         if not frozen or len(self.ctx.bank) == 0 or resolve_backend(x, A, B) == "reference":
             return None
         return multi_lora_coef_packed(x, self.base_layer, A, B, slots.scales, slots.ranks, gate,
-                                      lambda logits: router.route_logits(self.route_state, logits).coef)
+                                      lambda logits: router.route_logits(self.route_state, logits).coef,
+                                      with_base=router.pack_base)
 
     def extra_repr(self) -> str:
         return f"{self.module_name}, adapters={len(self.ctx.bank)}"

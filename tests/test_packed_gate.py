@@ -30,6 +30,13 @@ def test_packed_gemm_is_the_concatenated_linear_with_its_gradients_in_x_and_the_
     wdx, wdG = torch.autograd.grad(want, (x, G), dy)
     for a, b in ((got, want), (dx, wdx), (dG, wdG)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    h, logits = packed_gate_gemm(x, None, A_cat, G)  # the base GEMM apart: the shrink and the logits
+    want2 = torch.nn.functional.linear(x, torch.cat([A_cat.t(), G], 0))
+    torch.testing.assert_close(torch.cat([h, logits], 1), want2, rtol=1e-12, atol=1e-12)
+    dx2, dG2 = torch.autograd.grad((h, logits), (x, G), dy.split([d_out, L * R, L], 1)[1:])
+    wdx2, wdG2 = torch.autograd.grad(want2, (x, G), dy[:, d_out:])
+    torch.testing.assert_close(dx2, wdx2, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dG2, wdG2, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="base weight and the bank must be frozen"):
         packed_gate_gemm(x, W.requires_grad_(), A_cat, G)
 
@@ -48,8 +55,8 @@ def _gates_model(dtype=torch.float32):
     return mm, params, len(dirs)
 
 
-def _step(mm, params, n, packed: bool, train: bool = True):
-    mm.router.pack_gates = packed
+def _step(mm, params, n, packed: bool, train: bool = True, with_base: bool = True):
+    mm.router.pack_gates, mm.router.pack_base = packed, with_base
     mm.train(train)
     ids = torch.randint(5, 100, (3, 11), generator=torch.Generator().manual_seed(1))
     with torch.enable_grad():
@@ -58,12 +65,14 @@ def _step(mm, params, n, packed: bool, train: bool = True):
     return out.loss.detach(), out["aux_loss"].detach(), grads, mm.router.gate_confusion()
 
 
+@pytest.mark.parametrize("with_base", [True, False], ids=["base_packed", "base_apart"])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "validation"])
-def test_a_packed_gate_step_equals_the_unpacked_one(train):
+def test_a_packed_gate_step_equals_the_unpacked_one(train, with_base):
     """The same loss, aux loss and gate gradients (and, in eval mode with grad on as the route stage validates, the
-    same routing counts) packed or not, in fp64 where the two orders of the same products agree to rounding."""
+    same routing counts) packed or not, the base weight in the packed GEMM or not, in fp64 where the two orders of
+    the same products agree to rounding."""
     mm, params, n = _gates_model(torch.float64)
-    got, want = _step(mm, params, n, True, train), _step(mm, params, n, False, train)
+    got, want = _step(mm, params, n, True, train, with_base), _step(mm, params, n, False, train)
     torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(got[1], want[1], rtol=1e-10, atol=1e-12)
     for a, b in zip(got[2], want[2], strict=True):

@@ -92,6 +92,7 @@ class MeteoraRouter(Router):
         # route and losses (tests compare the two). Off until the H200 shows it faster: at 3934b2b, with the packed
         # rows unaligned, the gates' step was 1.4x slower (the bench's loramux_gates_packed measures it)
         self.pack_gates = False
+        self.pack_base = True  # with pack_gates: the base weight in the same GEMM too (False: shrink and gate only)
 
     def config(self):
         return {"top_k": self.top_k, "temperature": self.temperature, "aux_loss_coef": self.aux_loss_coef}

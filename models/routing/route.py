@@ -191,6 +191,8 @@ class Router(nn.Module):
         (``shares_route``) needs none."""
         return None
 
+    pack_base = False  # with a packed gate: whether the projection's base weight joins its GEMM
+
     def packed_gate(self, state) -> torch.Tensor | None:
         """A gate weight [L, d_in] that the projection holding ``state`` may compute in its own base GEMM, then
         route with ``route_logits(state, logits)`` (MeteoRA's gates while they learn); None (the default): the

@@ -15,6 +15,8 @@ the configured ``adapter`` (r, alpha, targets), batch B x ``bench.train.seq_len`
                    with LM loss + the gate CE against each row's task
   loramux_gates_packed  the same, each projection's base output, shrink and gate logits as one GEMM
                    (``kernels.packed_gate``; the router's ``pack_gates``)
+  loramux_gates_packed_lora  the same with the shrink and gate logits as one GEMM, the base GEMM apart
+                   (``pack_base`` false)
 
 each in ``precision`` fp32 or bf16 (autocast; trained parameters and their AdamW state fp32, frozen weights stored
 in bf16, as the pipeline's GPU trainer runs), ``compiled`` false / true (every decoder layer compiled with
@@ -59,7 +61,8 @@ from pipeline.stages.bench_timing import random_adapter, rebuild_cli, rebuild_pa
 log = logging.getLogger(__name__)
 
 TABLE = "train_throughput"  # the table's default name under bench.table_dir (bench.train.table_name)
-VARIANTS = ("peft_single", "loramux_single", "loramux_joint", "loramux_gates", "loramux_gates_packed")
+VARIANTS = ("peft_single", "loramux_single", "loramux_joint", "loramux_gates", "loramux_gates_packed",
+            "loramux_gates_packed_lora")
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -161,7 +164,8 @@ def build_trainee(setting: Setting, make_model, adapter_dir, num_adapters: int, 
         mm = MultiLoRAModel.from_adapters(model, {f"a{i}": adapter_dir for i in range(n)}, check_base_name=False)
         if setting.variant.startswith("loramux_gates"):
             mm.set_router("meteora", top_k=top_k)
-            mm.router.pack_gates = setting.variant == "loramux_gates_packed"  # kernels.packed_gate
+            mm.router.pack_gates = setting.variant.startswith("loramux_gates_packed")  # kernels.packed_gate
+            mm.router.pack_base = setting.variant == "loramux_gates_packed"
             params = mm.set_trainable("gates")
         else:
             params = mm.set_trainable("adapters")

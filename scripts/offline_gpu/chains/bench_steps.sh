@@ -104,7 +104,8 @@ train_profile() {
 # 0.528x peft, loramux_single 1.006x)
 train_packed() {
   step train_packed timeout "${STEP_LIMIT:-240}" python3 -m pipeline.bench experiment=train_throughput \
-    bench.train.repeats=5 'bench.train.variants=[loramux_gates_packed,loramux_gates,peft_single,loramux_single]' \
+    bench.train.repeats=5 \
+    'bench.train.variants=[loramux_gates_packed,loramux_gates_packed_lora,loramux_gates,peft_single,loramux_single]' \
     'bench.train.compiled=[true]' 'bench.train.compile_modes=[default]' 'bench.train.graphs=[true]' \
     bench.train.compiled_graph=true 'bench.train.batch_sizes=[64]' 'bench.train.extra_batch_sizes=[]' \
     bench.train.table_name=train_throughput_packed
