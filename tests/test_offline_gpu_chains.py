@@ -67,11 +67,14 @@ def test_bench_steps_compose_and_train_decides_every_target_in_one_run(tmp_path)
     from pipeline.stages import train_throughput as tt
 
     _composed_steps(tmp_path, "train", "train_gates_compiled", "train_precision", "train_compiled_graph", "e2e",
-                    "e2e_eager", "train_profile")
+                    "e2e_eager", "train_profile", "train_packed", "train_autotune")
     train = OmegaConf.load(tmp_path / "train.yaml").bench.train
     settings = tt.settings_from(train)
-    # every variant at 16 and 64, eager and compiled layers, each captured as one step; the gates also at 256
-    for v in tt.VARIANTS:
+    # every variant a target names at 16 and 64, eager and compiled layers, each captured as one step; the gates also
+    # at 256 (the packed gates' variants are forms of the gates, timed by their own step, train_packed)
+    targeted = ("peft_single", "loramux_single", "loramux_joint", "loramux_gates")
+    assert set(targeted) < set(tt.VARIANTS)
+    for v in targeted:
         for b in (16, 64):
             assert {(s.compiled, s.graph) for s in settings if s.variant == v and s.batch_size == b} == {
                 (False, True), (True, True)}
@@ -81,7 +84,7 @@ def test_bench_steps_compose_and_train_decides_every_target_in_one_run(tmp_path)
     both = tt.settings_from(OmegaConf.load(tmp_path / "train_compiled_graph.yaml").bench.train)
     assert {(s.compiled, s.graph) for s in both} == {(False, True), (True, True)}  # eager or compiled, captured
     prec = tt.settings_from(OmegaConf.load(tmp_path / "train_precision.yaml").bench.train)
-    assert {(s.variant, s.precision) for s in prec} == {(v, p) for v in tt.VARIANTS for p in ("bf16", "fp32")}
+    assert {(s.variant, s.precision) for s in prec} == {(v, p) for v in targeted for p in ("bf16", "fp32")}
     assert {(s.compiled, s.graph, s.batch_size) for s in prec} == {(False, True, 64)}
     prof = OmegaConf.load(tmp_path / "train_profile.yaml").bench.train
     assert set(prof.profile) == {s.label for s in tt.settings_from(prof)}  # every setting it times is profiled
@@ -89,3 +92,9 @@ def test_bench_steps_compose_and_train_decides_every_target_in_one_run(tmp_path)
         e2e = OmegaConf.load(tmp_path / f"e2e_b{b}.yaml").bench.e2e
         assert list(e2e.batch_sizes) == [b] and e2e.merge and list(e2e.engines) == ["graph"]
     assert list(OmegaConf.load(tmp_path / "e2e_eager.yaml").bench.e2e.engines) == ["eager"]
+    packed = tt.settings_from(OmegaConf.load(tmp_path / "train_packed.yaml").bench.train)
+    assert {s.variant for s in packed} == {"loramux_gates_packed", "loramux_gates_packed_lora", "loramux_gates",
+                                           "peft_single", "loramux_single"}
+    assert {(s.compiled, s.graph, s.batch_size) for s in packed} == {(True, True, 64)}
+    tuned = tt.settings_from(OmegaConf.load(tmp_path / "train_autotune.yaml").bench.train)
+    assert {(s.compile_mode, s.graph) for s in tuned} == {(None, True), ("max-autotune-no-cudagraphs", True)}
