@@ -34,7 +34,10 @@ How.
   gates (``n x L`` rows), so the one base GEMM gives each token its base outputs, ``h[m, a] = x @ A_m[a]`` for
   every member and adapter, and the gate logits; one launch of ``kernels.expand_shrunk`` then picks each token's
   adapters (the shared route's ids and weights, or each member's top-k of its logits, softmax / T) and adds
-  ``sum_k w_k h[m, a_k] @ s B_m[a_k]``, reading only the routed adapters' B. Two launches per group at decode
+  ``sum_k w_k h[m, a_k] @ s B_m[a_k]``, reading only the routed adapters' B. A route shared by every projection
+  (DLP, the mixed oracle) whose rows use fewer adapters than the bank holds gets only those adapters' A rows in its
+  GEMM (written once per route, outside a capture; its ids renumbered into them): a nucleus of two reads two of
+  28 adapters' shrink rows at batch 1, not all. Two launches per group at decode
   whatever the route; the extra GEMM rows are the adapters' A (about 4% of an 8B model's weights at 28 adapters
   of rank 8 on all 7 projections). The rows are laid out when first needed (outside a CUDA graph capture) and
   rewritten when ``AdapterBank.version`` or a gate weight moves.
