@@ -97,7 +97,7 @@ class ProjectionGroup:
         self._rows = None  # the bank version the bank rows hold (None: not written since the last pack)
         self._gates_key: tuple | None = None  # the gates' (ptr, version) the gate rows hold
         self._pending: tuple | None = None  # (x, [outputs of members 1..], how many taken)
-        self._packed: dict = {}  # (what, dtype, device) -> (bank.version, packed tensors)
+        self._packed: dict = {}  # (what, dtype, device) -> ((bank.version, tag), packed tensors)
         self.one_launch: bool | str = False  # a uniform decode as one kernels.gemv_lora launch (a str: its backend)
 
     # ---- base weights ------------------------------------------------------------------------------------------
@@ -291,14 +291,15 @@ class ProjectionGroup:
         return found
 
     # ---- packed adapters (copies, rebuilt when the bank changes) ------------------------------------------------
-    def _cached(self, key, bank, build):
-        """``build()``, kept under ``key`` until ``bank.version`` moves."""
+    def _cached(self, key, bank, build, tag=None):
+        """``build()``, kept under ``key`` until ``bank.version`` moves or another ``tag`` asks (one value per key:
+        a new tag replaces the last one's)."""
         hit = self._packed.get(key)
-        if hit is not None and hit[0] == bank.version:
+        if hit is not None and hit[0] == (bank.version, tag):
             return hit[1]
         with torch.no_grad():
             value = build()
-        self._packed[key] = (bank.version, value)
+        self._packed[key] = ((bank.version, tag), value)
         return value
 
     def _adapter_blocks(self, adapter: int):
@@ -403,12 +404,8 @@ class ProjectionGroup:
         With ``subset``: those adapters' B only, in its order."""
         if subset is not None:  # the last subset's only (a decode's route keeps one; the next replaces it)
             full, col = self._expand_weights(bank, dtype, device)
-            key = ("expand_subset", self.R, dtype, device)
-            hit = self._packed.get(key)
-            if hit is None or hit[0] != bank.version or hit[1][0] != subset:
-                with torch.no_grad():
-                    self._packed[key] = (bank.version, (subset, full[list(subset)].contiguous()))
-            return self._packed[key][1][1], col
+            return self._cached(("expand_subset", self.R, dtype, device), bank,
+                                lambda: full[list(subset)].contiguous(), tag=subset), col
 
         def build():
             B = torch.cat([self._live_B(m.slots, self.R) for m in self.members], 2).to(dtype).contiguous()

@@ -152,7 +152,7 @@ class MeteoraRouter(Router):
         """While the gates learn (grad enabled, the gate's weight trained): this projection's gate weight, for the
         projection to compute its logits in its own base GEMM (``kernels.packed_gate``) and route from them with
         ``route_logits``; None otherwise."""
-        if state is None or not torch.is_grad_enabled() or not state.weight.requires_grad or not self.pack_gates:
+        if not self.pack_gates or state is None or not torch.is_grad_enabled() or not state.weight.requires_grad:
             return None
         return state.weight
 

@@ -170,6 +170,8 @@ class Router(nn.Module):
     #: True when every projection of a forward gets the same route (from ``route`` of any one of them): grouped
     #: projections (``models.projection_groups``) then run one packed LoRA
     shares_route = False
+    #: with a packed gate (``packed_gate``): whether the projection's base weight joins the gate's GEMM
+    pack_base = False
 
     def __init__(self, ctx: RouteContext):
         super().__init__()
@@ -190,8 +192,6 @@ class Router(nn.Module):
         default) leaves each projection to route itself. A router whose route is the same for every projection
         (``shares_route``) needs none."""
         return None
-
-    pack_base = False  # with a packed gate: whether the projection's base weight joins its GEMM
 
     def packed_gate(self, state) -> torch.Tensor | None:
         """A gate weight [L, d_in] that the projection holding ``state`` may compute in its own base GEMM, then

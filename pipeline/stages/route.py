@@ -130,7 +130,7 @@ class RouterTrainModule(L.LightningModule):
         return loss.detach(), {k: v.detach() for k, v in parts.items()}
 
     def _drop_compiled_layers(self, why: str) -> bool:
-        """A capture failed (``why``): where the layers are compiled (``train_speed.compile=true`` under the graph),
+        """A capture failed (``why``): where the layers are compiled (``train_speed.compile``, auto on one GPU),
         run them eagerly and capture again, the form the stage ran before compiled captures; True where it did."""
         dropped = uncompile_layers(self.mm.model) > 0
         if dropped:
