@@ -324,13 +324,6 @@ class ProjectionGroup:
         return have, torch.arange(have, device=sl.A.device)[None, :] < sl.ranks[:, None]
 
     @classmethod
-    def _live_A(cls, sl, w: int):
-        """One member's ``A [L, d_in, w]`` (its dtype), rank padding and columns past its own width zero."""
-        have, live = cls._live(sl, w)
-        A = torch.where(live[:, None, :], sl.A[:, :, :have], torch.zeros((), dtype=sl.A.dtype, device=sl.A.device))
-        return nn.functional.pad(A, (0, w - have)) if have < w else A
-
-    @classmethod
     def _live_B(cls, sl, w: int):
         """One member's ``s B [L, w, d_out]`` (fp32, the scales folded in), rank padding and rows past its own
         width zero."""
@@ -383,13 +376,11 @@ class ProjectionGroup:
         bank_at = self.out + self.extra  # member i's A^T rows at bank_at + i L R; the gate rows after them all
         with torch.no_grad():
             if self._rows != bank_key:
-                keep = list(subset) if subset is not None else None
-                U = L if keep is None else len(keep)
+                U = L if subset is None else len(subset)
+                keep = None if subset is None else torch.tensor(subset, device=self.weight.device)
+                rows = self.weight[bank_at:bank_at + len(self.members) * U * R].view(len(self.members), U, R, -1)
                 for i, m in enumerate(self.members):
-                    A = self._live_A(m.slots, R)  # [L, d_in, R]
-                    A = A if keep is None else A[keep]
-                    o = bank_at + i * U * R
-                    self.weight[o:o + U * R] = A.transpose(1, 2).reshape(U * R, -1).to(self.weight.dtype)
+                    self._write_bank_rows(rows[i], m.slots, subset, keep)
             if gates is not None and self._gates_key != gate_key:
                 o = bank_at + len(self.members) * L * R
                 self.weight[o:o + self.gate_rows] = torch.cat([w.detach() for w in gates], 0).to(self.weight.dtype)
@@ -397,6 +388,24 @@ class ProjectionGroup:
         if gates is not None:
             self._gates_key = gate_key
         return True
+
+    @staticmethod
+    def _write_bank_rows(dst, sl, subset: tuple | None, keep):
+        """``dst [U, R, d_in]`` := one member's ``A[a]^T`` for the adapters ``subset`` names (``keep``: the same on
+        the device; None: every adapter), rank padding and rows past the member's width zero. A gather and one
+        transposing copy: a shared route's subset changes with each batch of prompts, so this runs once per
+        generate call (about 200 members at 8B), not once per bank version."""
+        w = dst.shape[1]
+        have = min(w, sl.A.shape[2])
+        A = sl.A[:, :, :have] if keep is None else sl.A.index_select(0, keep)[:, :, :have]  # [U, d_in, have]
+        ranks = sl.host_ranks if subset is None else [sl.host_ranks[a] for a in subset]
+        if min(ranks, default=have) < have:  # some adapter narrower than the rows: its padding columns zeroed
+            r = sl.ranks if keep is None else sl.ranks.index_select(0, keep)
+            live = torch.arange(have, device=A.device)[None, :] < r[:, None]
+            A = torch.where(live[:, None, :], A, torch.zeros((), dtype=A.dtype, device=A.device))
+        dst[:, :have].copy_(A.transpose(1, 2))
+        if have < w:
+            dst[:, have:].zero_()
 
     def _expand_weights(self, bank, dtype, device, subset: tuple | None = None):
         """``(B [L, R, sum d_out], col_member [sum d_out])`` for ``kernels.expand_shrunk``: column c holds its

@@ -312,12 +312,14 @@ def test_a_router_that_alternates_with_meteora_packs_once(assets):
 def test_a_shared_route_over_some_adapters_computes_only_their_shrink(assets):
     """Rows routed to two of the bank's three adapters (a DLP nucleus, the oracle over a mixed batch): at decode the
     group's GEMM stops after those two adapters' shrink rows, their ids renumbered into them; the tokens are the
-    ungrouped model's, and a route over every adapter takes the whole bank again."""
+    ungrouped model's, and a route over every adapter takes the whole bank again, another subset its own rows."""
     plain, grouped = _mm(assets, "oracle", {}, False), _mm(assets, "oracle", {}, True)
     tok = plain.tokenizer
     batch = tok(PROMPTS, return_tensors="pt", padding=True)
     kw_gen = {"max_new_tokens": 3, "pad_token_id": tok.pad_token_id, "eos_token_id": None}
-    for task_ids, used in ((["c", "a", "c"], (0, 2)), (["a", "b", "c"], None)):
+    # each call's subset rewrites the bank rows (a new batch of prompts, a new subset), back and forth
+    for task_ids, used in ((["c", "a", "c"], (0, 2)), (["a", "b", "c"], None), (["b", "a", "b"], (0, 1)),
+                           (["c", "a", "c"], (0, 2))):
         want = graph_generate(plain, batch["input_ids"], batch["attention_mask"], capture=False, task_ids=task_ids,
                               **kw_gen)
         got = graph_generate(grouped, batch["input_ids"], batch["attention_mask"], capture=False, task_ids=task_ids,

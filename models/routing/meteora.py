@@ -88,11 +88,13 @@ class MeteoraRouter(Router):
         self._gate_logits: list = []  # this forward's [T, L] logits per projection, not yet in _ce_sum
         self._confusion: torch.Tensor | None = None  # [L * L] (task, chosen task) counts (eval mode)
         self._projection_hits: torch.Tensor | None = None  # [P] top-1 hits per gate, in self.gates order (eval mode)
-        # while the gates learn, each projection may pack its gate into its base GEMM (kernels.packed_gate): the same
-        # route and losses (tests compare the two). Off until the H200 shows it faster: at 3934b2b, with the packed
-        # rows unaligned, the gates' step was 1.4x slower (the bench's loramux_gates_packed measures it)
-        self.pack_gates = False
-        self.pack_base = True  # with pack_gates: the base weight in the same GEMM too (False: shrink and gate only)
+        # while the gates learn, each projection computes its adapters' shrink and its gate's logits as one GEMM
+        # (kernels.packed_gate; the same route and losses, tests compare the forms). The base GEMM stays apart
+        # (pack_base): on the H200 at batch 64 the shrink+gate packing was the fastest gate-training step, 1.06x the
+        # unpacked one, while packing the base weight too was slower than both (its rows copy the output gradient
+        # into one packed tensor); the bench's loramux_gates_{unpacked,packed} time the other two forms
+        self.pack_gates = True
+        self.pack_base = False
 
     def config(self):
         return {"top_k": self.top_k, "temperature": self.temperature, "aux_loss_coef": self.aux_loss_coef}

@@ -12,11 +12,13 @@ the configured ``adapter`` (r, alpha, targets), batch B x ``bench.train.seq_len`
   loramux_joint    a bank of ``num_adapters``, each batch row routed to its own adapter (row i -> adapter i mod L),
                    every adapter's A/B trained: joint fine-tuning
   loramux_gates    MeteoRA: per-projection token gates over ``num_adapters`` frozen adapters (top-k), gates trained
-                   with LM loss + the gate CE against each row's task
+                   with LM loss + the gate CE against each row's task, in the router's default form (its
+                   ``pack_gates`` / ``pack_base``)
   loramux_gates_packed  the same, each projection's base output, shrink and gate logits as one GEMM
-                   (``kernels.packed_gate``; the router's ``pack_gates``)
+                   (``kernels.packed_gate``: ``pack_gates`` and ``pack_base``)
   loramux_gates_packed_lora  the same with the shrink and gate logits as one GEMM, the base GEMM apart
-                   (``pack_base`` false)
+                   (``pack_gates``, ``pack_base`` false)
+  loramux_gates_unpacked  the same with the base, shrink and gate GEMMs apart (``pack_gates`` false)
 
 each in ``precision`` fp32 or bf16 (autocast; trained parameters and their AdamW state fp32, frozen weights stored
 in bf16, as the pipeline's GPU trainer runs), ``compiled`` false / true (every decoder layer compiled with
@@ -61,8 +63,11 @@ from pipeline.stages.bench_timing import random_adapter, rebuild_cli, rebuild_pa
 log = logging.getLogger(__name__)
 
 TABLE = "train_throughput"  # the table's default name under bench.table_dir (bench.train.table_name)
+# the gate-training forms the bench names apart from the router's default: (pack_gates, pack_base)
+GATE_FORMS = {"loramux_gates_packed": (True, True), "loramux_gates_packed_lora": (True, False),
+              "loramux_gates_unpacked": (False, False)}
 VARIANTS = ("peft_single", "loramux_single", "loramux_joint", "loramux_gates", "loramux_gates_packed",
-            "loramux_gates_packed_lora")
+            "loramux_gates_packed_lora", "loramux_gates_unpacked")
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -164,8 +169,9 @@ def build_trainee(setting: Setting, make_model, adapter_dir, num_adapters: int, 
         mm = MultiLoRAModel.from_adapters(model, {f"a{i}": adapter_dir for i in range(n)}, check_base_name=False)
         if setting.variant.startswith("loramux_gates"):
             mm.set_router("meteora", top_k=top_k)
-            mm.router.pack_gates = setting.variant.startswith("loramux_gates_packed")  # kernels.packed_gate
-            mm.router.pack_base = setting.variant == "loramux_gates_packed"
+            form = GATE_FORMS.get(setting.variant)  # None: the router's defaults
+            if form is not None:
+                mm.router.pack_gates, mm.router.pack_base = form  # kernels.packed_gate
             params = mm.set_trainable("gates")
         else:
             params = mm.set_trainable("adapters")
