@@ -34,10 +34,7 @@ How.
   gates (``n x L`` rows), so the one base GEMM gives each token its base outputs, ``h[m, a] = x @ A_m[a]`` for
   every member and adapter, and the gate logits; one launch of ``kernels.expand_shrunk`` then picks each token's
   adapters (the shared route's ids and weights, or each member's top-k of its logits, softmax / T) and adds
-  ``sum_k w_k h[m, a_k] @ s B_m[a_k]``, reading only the routed adapters' B. A route shared by every projection
-  (DLP, the mixed oracle) whose rows use fewer adapters than the bank holds gets only those adapters' A rows in its
-  GEMM (written once per route, outside a capture; its ids renumbered into them): a nucleus of two reads two of
-  28 adapters' shrink rows at batch 1, not all. Two launches per group at decode
+  ``sum_k w_k h[m, a_k] @ s B_m[a_k]``, reading only the routed adapters' B. Two launches per group at decode
   whatever the route; the extra GEMM rows are the adapters' A (about 4% of an 8B model's weights at 28 adapters
   of rank 8 on all 7 projections). The rows are laid out when first needed (outside a CUDA graph capture) and
   rewritten when ``AdapterBank.version`` or a gate weight moves.
@@ -53,8 +50,6 @@ parameters. ``MultiLoRAModel.group_projections()`` turns it on (``group_projecti
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 from torch import nn
 
@@ -68,11 +63,6 @@ PACK_ALIGN = 64
 # a uniform route's decode in one launch (``one_launch``: kernels.gemv_lora, the LoRA in the GEMV's epilogue) up to
 # this many tokens a call; a prefill keeps cuBLAS's GEMM and the addmm (a GEMV-shaped kernel is the wrong tool there)
 ONE_LAUNCH_MAX_TOKENS = 16
-
-
-# id of a shared route's ids tensor -> (a weak reference to it, its version, bank size, (adapters its rows use, ids
-# renumbered) or None): found once per route for every group (ProjectionGroup._routed_subset), dropped with the route
-_SUBSETS: dict = {}
 
 
 class ProjectionGroup:
@@ -97,7 +87,7 @@ class ProjectionGroup:
         self._rows = None  # the bank version the bank rows hold (None: not written since the last pack)
         self._gates_key: tuple | None = None  # the gates' (ptr, version) the gate rows hold
         self._pending: tuple | None = None  # (x, [outputs of members 1..], how many taken)
-        self._packed: dict = {}  # (what, dtype, device) -> ((bank.version, tag), packed tensors)
+        self._packed: dict = {}  # (what, dtype, device) -> (bank.version, packed tensors)
         self.one_launch: bool | str = False  # a uniform decode as one kernels.gemv_lora launch (a str: its backend)
 
     # ---- base weights ------------------------------------------------------------------------------------------
@@ -240,66 +230,38 @@ class ProjectionGroup:
         cannot be laid out now (inside a CUDA graph capture or a compile)."""
         from kernels import expand_shrunk
 
-        routed = self._routed_subset(route, len(bank)) if gates is None else None
-        subset = routed[0] if routed is not None else None
-        if not self._ready_rows(bank, gates.weights if gates is not None else None, subset):
+        if not self._ready_rows(bank, gates.weights if gates is not None else None):
             return None
-        n, R = len(self.members), self.R
-        L = self.L if subset is None else len(subset)
+        n, L, R = len(self.members), self.L, self.R
         o = self.out + self.extra
-        # a shared route (DLP, the oracle with mixed tasks) reads no gate logits: the GEMM stops at the bank rows
-        # (its routed adapters' only, when they are fewer than the bank's), where their count keeps its output rows
-        # 16-byte aligned (unaligned rows slowed cuBLAS's bf16 GEMM by a third: PACK_ALIGN); MeteoRA needs every row
-        rows = o + n * L * R
-        y_all = (nn.functional.linear(x, *self._rows_of(rows)) if gates is None and rows % 8 == 0
-                 else nn.functional.linear(x, self.weight, self.bias))
+        # every row of the packed weight, a shared route's too (DLP, the oracle with mixed tasks: the gate logits
+        # unread). Two narrower forms were slower on the H200 in the interleaved e2e run: stopping the GEMM before
+        # the gate rows (row counts 8- but not PACK_ALIGN-aligned) and computing only the shrink of the adapters a
+        # route's rows use (rows rewritten at each generate call: a new batch of prompts, a new subset). DLP's
+        # 2-nucleus at batch 8 went from 1.156x base to 1.20-1.21x, MeteoRA's top-2 (its full rows rewritten after
+        # each DLP call) from 1.18x to 1.23-1.24x
+        y_all = nn.functional.linear(x, self.weight, self.bias)
         y2 = y_all.reshape(-1, y_all.shape[-1])
         h = y2[:, o:o + n * L * R].unflatten(1, (n, L, R))
         y = y2[:, :self.out]
-        Bc, col_member = self._expand_weights(bank, x.dtype, x.device, subset)
+        Bc, col_member = self._expand_weights(bank, x.dtype, x.device)
         if gates is not None:
             logits = y2[:, o + n * L * R:o + n * L * R + n * L].unflatten(1, (n, L))
             expand_shrunk(y, h, Bc, col_member, logits=logits, top_k=gates.top_k, temperature=gates.temperature,
                           out=y)
         else:
-            ids = route.ids if routed is None else routed[1]
-            expand_shrunk(y, h, Bc, col_member, ids=ids, weights=route.weights, seq_ids=route.seq_ids, out=y)
+            expand_shrunk(y, h, Bc, col_member, ids=route.ids, weights=route.weights, seq_ids=route.seq_ids, out=y)
         return y.reshape(*y_all.shape[:-1], self.out)
 
-    @staticmethod
-    def _routed_subset(route, L: int):
-        """``(subset, ids)`` where a shared route's rows use fewer adapters than the bank holds: the adapters they
-        use (sorted bank indices) and the route's ids renumbered into that list (-1 stays -1), so the GEMM computes
-        only their shrink (a DLP nucleus keeps 1-3 adapters a row: at batch 8 up to 16 of 28, at batch 1 two); None
-        to use every adapter. Found once per route (its ids tensor: a decode's steps and every group share it), by
-        reading the ids on the host outside a CUDA graph capture; a capture meets a route found before it."""
-        ids = route.ids
-        hit = _SUBSETS.get(id(ids))
-        if hit is not None and hit[0]() is ids and hit[1:3] == (ids._version, L):
-            return hit[3]
-        if torch.compiler.is_compiling() or (ids.is_cuda and torch.cuda.is_current_stream_capturing()):
-            return None
-        used = sorted({int(a) for a in ids[ids >= 0].tolist()})
-        found = None
-        if 0 < len(used) < L:
-            where = torch.full((L,), -1, dtype=ids.dtype, device=ids.device)
-            where[used] = torch.arange(len(used), dtype=ids.dtype, device=ids.device)
-            found = (tuple(used), torch.where(ids >= 0, where[ids.clamp(min=0)], -1))
-        for k in [k for k, v in _SUBSETS.items() if v[0]() is None]:  # routes gone
-            del _SUBSETS[k]
-        _SUBSETS[id(ids)] = (weakref.ref(ids), ids._version, L, found)
-        return found
-
     # ---- packed adapters (copies, rebuilt when the bank changes) ------------------------------------------------
-    def _cached(self, key, bank, build, tag=None):
-        """``build()``, kept under ``key`` until ``bank.version`` moves or another ``tag`` asks (one value per key:
-        a new tag replaces the last one's)."""
+    def _cached(self, key, bank, build):
+        """``build()``, kept under ``key`` until ``bank.version`` moves."""
         hit = self._packed.get(key)
-        if hit is not None and hit[0] == (bank.version, tag):
+        if hit is not None and hit[0] == bank.version:
             return hit[1]
         with torch.no_grad():
             value = build()
-        self._packed[key] = ((bank.version, tag), value)
+        self._packed[key] = (bank.version, value)
         return value
 
     def _adapter_blocks(self, adapter: int):
@@ -322,6 +284,13 @@ class ProjectionGroup:
         never enters)."""
         have = min(w, sl.A.shape[2])
         return have, torch.arange(have, device=sl.A.device)[None, :] < sl.ranks[:, None]
+
+    @classmethod
+    def _live_A(cls, sl, w: int):
+        """One member's ``A [L, d_in, w]`` (its dtype), rank padding and columns past its own width zero."""
+        have, live = cls._live(sl, w)
+        A = torch.where(live[:, None, :], sl.A[:, :, :have], torch.zeros((), dtype=sl.A.dtype, device=sl.A.device))
+        return nn.functional.pad(A, (0, w - have)) if have < w else A
 
     @classmethod
     def _live_B(cls, sl, w: int):
@@ -352,10 +321,9 @@ class ProjectionGroup:
             return torch.cat([B, B.new_zeros(self.extra - r, self.out)], 0).to(dtype)
         return self._cached(("rows", adapter, dtype), bank, build)
 
-    def _ready_rows(self, bank, gates, subset: tuple | None = None) -> bool:
-        """Make the bank rows hold every adapter's ``A_m[a]^T`` (R rows each, rank padding zero; with ``subset``
-        only those adapters', member by member at the start of the bank rows) and, for MeteoRA, the gate rows the
-        members' gates: re-packed for a layout that does not fit (another L or R, or gates wanted
+    def _ready_rows(self, bank, gates) -> bool:
+        """Make the bank rows hold every adapter's ``A_m[a]^T`` (R rows each, rank padding zero) and, for MeteoRA,
+        the gate rows the members' gates: re-packed for a layout that does not fit (another L or R, or gates wanted
         where there are no gate rows), rewritten in place for new contents (``bank.version``; a gate weight's
         pointer or version). A layout with gate rows also serves a route without gates (DLP, the oracle with mixed
         tasks: the GEMM computes the unused logits, about 1% more rows), so a model whose router alternates
@@ -365,7 +333,7 @@ class ProjectionGroup:
         L = len(bank)
         R = max(max(m.slots.host_ranks, default=0) for m in self.members)
         fits = (self.L, self.R) == (L, R) and (gates is None or self.gate_rows > 0)
-        bank_key = (bank.version, subset)
+        bank_key = bank.version
         gate_key = tuple((w.data_ptr(), w._version) for w in gates) if gates is not None else None
         if fits and self._rows == bank_key and (gates is None or self._gates_key == gate_key):
             return True
@@ -376,11 +344,10 @@ class ProjectionGroup:
         bank_at = self.out + self.extra  # member i's A^T rows at bank_at + i L R; the gate rows after them all
         with torch.no_grad():
             if self._rows != bank_key:
-                U = L if subset is None else len(subset)
-                keep = None if subset is None else torch.tensor(subset, device=self.weight.device)
-                rows = self.weight[bank_at:bank_at + len(self.members) * U * R].view(len(self.members), U, R, -1)
                 for i, m in enumerate(self.members):
-                    self._write_bank_rows(rows[i], m.slots, subset, keep)
+                    A = self._live_A(m.slots, R)  # [L, d_in, R]
+                    o = bank_at + i * L * R
+                    self.weight[o:o + L * R] = A.transpose(1, 2).reshape(L * R, -1).to(self.weight.dtype)
             if gates is not None and self._gates_key != gate_key:
                 o = bank_at + len(self.members) * L * R
                 self.weight[o:o + self.gate_rows] = torch.cat([w.detach() for w in gates], 0).to(self.weight.dtype)
@@ -389,33 +356,9 @@ class ProjectionGroup:
             self._gates_key = gate_key
         return True
 
-    @staticmethod
-    def _write_bank_rows(dst, sl, subset: tuple | None, keep):
-        """``dst [U, R, d_in]`` := one member's ``A[a]^T`` for the adapters ``subset`` names (``keep``: the same on
-        the device; None: every adapter), rank padding and rows past the member's width zero. A gather and one
-        transposing copy: a shared route's subset changes with each batch of prompts, so this runs once per
-        generate call (about 200 members at 8B), not once per bank version."""
-        w = dst.shape[1]
-        have = min(w, sl.A.shape[2])
-        A = sl.A[:, :, :have] if keep is None else sl.A.index_select(0, keep)[:, :, :have]  # [U, d_in, have]
-        ranks = sl.host_ranks if subset is None else [sl.host_ranks[a] for a in subset]
-        if min(ranks, default=have) < have:  # some adapter narrower than the rows: its padding columns zeroed
-            r = sl.ranks if keep is None else sl.ranks.index_select(0, keep)
-            live = torch.arange(have, device=A.device)[None, :] < r[:, None]
-            A = torch.where(live[:, None, :], A, torch.zeros((), dtype=A.dtype, device=A.device))
-        dst[:, :have].copy_(A.transpose(1, 2))
-        if have < w:
-            dst[:, have:].zero_()
-
-    def _expand_weights(self, bank, dtype, device, subset: tuple | None = None):
+    def _expand_weights(self, bank, dtype, device):
         """``(B [L, R, sum d_out], col_member [sum d_out])`` for ``kernels.expand_shrunk``: column c holds its
-        member's ``s B_m[a]`` (scales folded, rank padding zeroed by a select); ``col_member`` names c's member.
-        With ``subset``: those adapters' B only, in its order."""
-        if subset is not None:  # the last subset's only (a decode's route keeps one; the next replaces it)
-            full, col = self._expand_weights(bank, dtype, device)
-            return self._cached(("expand_subset", self.R, dtype, device), bank,
-                                lambda: full[list(subset)].contiguous(), tag=subset), col
-
+        member's ``s B_m[a]`` (scales folded, rank padding zeroed by a select); ``col_member`` names c's member."""
         def build():
             B = torch.cat([self._live_B(m.slots, self.R) for m in self.members], 2).to(dtype).contiguous()
             sizes = torch.tensor(self.sizes, device=device)

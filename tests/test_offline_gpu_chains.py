@@ -93,7 +93,7 @@ def test_bench_steps_compose_and_train_decides_every_target_in_one_run(tmp_path)
         assert list(e2e.batch_sizes) == [b] and e2e.merge and list(e2e.engines) == ["graph"]
     assert list(OmegaConf.load(tmp_path / "e2e_eager.yaml").bench.e2e.engines) == ["eager"]
     packed = tt.settings_from(OmegaConf.load(tmp_path / "train_packed.yaml").bench.train)
-    assert {s.variant for s in packed} == {"loramux_gates_packed", "loramux_gates_unpacked", "loramux_gates",
+    assert {s.variant for s in packed} == {"loramux_gates_packed", "loramux_gates_packed_lora", "loramux_gates",
                                            "peft_single", "loramux_single"}
     assert {(s.compiled, s.graph, s.batch_size) for s in packed} == {(True, True, 64)}
     tuned = tt.settings_from(OmegaConf.load(tmp_path / "train_autotune.yaml").bench.train)

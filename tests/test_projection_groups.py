@@ -22,7 +22,7 @@ PROMPTS = ["hello world, this is a test", "[INST] what is 2+2? [/INST]\n", "abc"
 ROUTERS = [
     ("oracle", {}, ["a", "b", "c"]),
     ("oracle", {}, ["a", "a", "a"]),          # one adapter for every row: the packed adapter alone
-    ("oracle", {}, ["c", "a", "c"]),          # two of the three adapters: their shrink rows only
+    ("oracle", {}, ["c", "a", "c"]),          # two of the three adapters
     ("lora_b", {"adapter": "c"}, None),
     ("dlp", {"hidden": 32, "layers": 1}, None),
     ("base", {}, None),
@@ -309,21 +309,22 @@ def test_a_router_that_alternates_with_meteora_packs_once(assets):
         weights = now
 
 
-def test_a_shared_route_over_some_adapters_computes_only_their_shrink(assets):
-    """Rows routed to two of the bank's three adapters (a DLP nucleus, the oracle over a mixed batch): at decode the
-    group's GEMM stops after those two adapters' shrink rows, their ids renumbered into them; the tokens are the
-    ungrouped model's, and a route over every adapter takes the whole bank again, another subset its own rows."""
+def test_shared_routes_over_other_adapters_each_call_keep_one_layout(assets):
+    """Each generate call routes its rows to other adapters (a DLP nucleus per prompt, the oracle over a mixed
+    batch): the tokens are the ungrouped model's every time, and the bank rows, laid out at the first call, are never
+    rewritten for a later route (a per-route layout, rewritten each call, was slower on the H200)."""
     plain, grouped = _mm(assets, "oracle", {}, False), _mm(assets, "oracle", {}, True)
     tok = plain.tokenizer
     batch = tok(PROMPTS, return_tensors="pt", padding=True)
     kw_gen = {"max_new_tokens": 3, "pad_token_id": tok.pad_token_id, "eos_token_id": None}
-    # each call's subset rewrites the bank rows (a new batch of prompts, a new subset), back and forth
-    for task_ids, used in ((["c", "a", "c"], (0, 2)), (["a", "b", "c"], None), (["b", "a", "b"], (0, 1)),
-                           (["c", "a", "c"], (0, 2))):
+    layout = None
+    for task_ids in (["c", "a", "c"], ["a", "b", "c"], ["b", "a", "b"], ["c", "a", "c"]):
         want = graph_generate(plain, batch["input_ids"], batch["attention_mask"], capture=False, task_ids=task_ids,
                               **kw_gen)
         got = graph_generate(grouped, batch["input_ids"], batch["attention_mask"], capture=False, task_ids=task_ids,
                              **kw_gen)
         assert torch.equal(got, want), task_ids
-        assert [grouped.bank.index(n) for n in ("a", "c")] == [0, 2]
-        assert all(g._rows[1] == used for g in grouped._groups), [g._rows for g in grouped._groups]
+        now = [(g.weight, g.weight._version, g._rows) for g in grouped._groups]
+        assert all(r == grouped.bank.version for _, _, r in now)
+        assert layout is None or all(a[0] is b[0] and a[1] == b[1] for a, b in zip(now, layout, strict=True)), task_ids
+        layout = now

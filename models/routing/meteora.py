@@ -88,12 +88,13 @@ class MeteoraRouter(Router):
         self._gate_logits: list = []  # this forward's [T, L] logits per projection, not yet in _ce_sum
         self._confusion: torch.Tensor | None = None  # [L * L] (task, chosen task) counts (eval mode)
         self._projection_hits: torch.Tensor | None = None  # [P] top-1 hits per gate, in self.gates order (eval mode)
-        # while the gates learn, each projection computes its adapters' shrink and its gate's logits as one GEMM
-        # (kernels.packed_gate; the same route and losses, tests compare the forms). The base GEMM stays apart
-        # (pack_base): on the H200 at batch 64 the shrink+gate packing was the fastest gate-training step, 1.06x the
-        # unpacked one, while packing the base weight too was slower than both (its rows copy the output gradient
-        # into one packed tensor); the bench's loramux_gates_{unpacked,packed} time the other two forms
-        self.pack_gates = True
+        # while the gates learn, each projection may compute its adapters' shrink and its gate's logits as one GEMM
+        # (kernels.packed_gate; pack_base: the base weight in it too): the same route and losses, tests compare the
+        # forms. Off: on the H200 (batch 64, compiled layers, captured step) the three GEMMs apart were the fastest
+        # form in two runs at 7601e65 (0.763x peft; shrink+gate packed 0.748x, all three 0.721x). One run at
+        # 98d18e4 had shrink+gate packed at 0.804x, not reproduced. The bench's loramux_gates_packed{,_lora} time
+        # the packed forms
+        self.pack_gates = False
         self.pack_base = False
 
     def config(self):

@@ -99,14 +99,14 @@ train_profile() {
     "bench.train.batch_sizes=[$b]" 'bench.train.extra_batch_sizes=[]' \
     "bench.train.profile=[$(IFS=,; echo "${labels[*]}")]" bench.train.table_name=train_throughput_profile
 }
-# the gates' forms (kernels.packed_gate: the router's default, shrink + gate logits in one GEMM; that GEMM with the
-# base weight too; the three apart) beside peft and loramux_single, compiled layers captured, batch 64, 5 rounds,
-# table train_throughput_packed (~3 minutes; at 98d18e4: shrink+gate 0.804x peft, all three packed 0.729x, apart
-# 0.758x, loramux_single 1.01x)
+# the gates' forms (kernels.packed_gate: shrink + gate logits in one GEMM; that GEMM with the base weight too; the
+# router's default, the three apart) beside peft and loramux_single, compiled layers captured, batch 64, 5 rounds,
+# table train_throughput_packed (~2.5 minutes; at 7601e65: apart 0.763x peft, shrink+gate 0.748x, all three 0.721x,
+# loramux_single 1.008x; one run at 98d18e4 had shrink+gate at 0.804x)
 train_packed() {
   step train_packed timeout "${STEP_LIMIT:-240}" python3 -m pipeline.bench experiment=train_throughput \
     bench.train.repeats=5 \
-    'bench.train.variants=[loramux_gates_packed,loramux_gates_unpacked,loramux_gates,peft_single,loramux_single]' \
+    'bench.train.variants=[loramux_gates_packed,loramux_gates_packed_lora,loramux_gates,peft_single,loramux_single]' \
     'bench.train.compiled=[true]' 'bench.train.compile_modes=[default]' 'bench.train.graphs=[true]' \
     bench.train.compiled_graph=true 'bench.train.batch_sizes=[64]' 'bench.train.extra_batch_sizes=[]' \
     bench.train.table_name=train_throughput_packed
