@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import time
 
 import torch
 
@@ -78,11 +79,13 @@ def _cache_kwarg(model) -> str:
 @torch.no_grad()
 def graph_generate(mm, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
                    eos_token_id: int | None, pad_token_id: int, task_ids=None, logits_processor=None,
-                   capture: bool = True) -> torch.Tensor:
+                   capture: bool = True, phases: dict | None = None) -> torch.Tensor:
     """Greedy decoding of left-padded ``input_ids`` [B, P]: ``[B, P + n]`` as ``generate`` returns it (n <= the
     budget: it stops when every row has produced EOS; a finished row continues with ``pad_token_id``; no EOS:
     exactly ``max_new_tokens``). ``mm``: a ``MultiLoRAModel`` (``task_ids`` route its rows), or any transformers
-    causal LM, peft's ``PeftModel`` included (the benchmarks' base and peft rows)."""
+    causal LM, peft's ``PeftModel`` included (the benchmarks' base and peft rows). ``phases``: a dict to fill with
+    the seconds of each phase (``PHASES``) and ``replayed_steps``, the device synchronised at each boundary (a
+    benchmark's split of one call; it costs the overlap of host and device there, so time the call apart)."""
     from transformers.cache_utils import Cache
 
     routed = hasattr(mm, "routing") and hasattr(mm, "ctx")
@@ -107,6 +110,7 @@ def graph_generate(mm, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
     finished = torch.zeros(B, dtype=torch.bool, device=dev)
     processors = list(logits_processor or [])
 
+    clock = _PhaseClock(dev, phases)
     with _phase(mm, routed, task_ids, B, prefill=True):
         pos = mask.cumsum(-1) - 1
         pos.masked_fill_(mask == 0, 1)
@@ -115,6 +119,7 @@ def graph_generate(mm, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
     nxt = _choose(logits, seq[:, :P], processors, finished, eos_token_id, pad_token_id)
     seq[:, P] = nxt
     n = 1  # tokens generated so far
+    clock.mark("prefill")
     if N == 1 or bool(finished.all()):
         return seq[:, :P + n]
 
@@ -161,20 +166,52 @@ def graph_generate(mm, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
                 out = step()
             torch.cuda.current_stream().wait_stream(side)
             advance(out)
+            clock.mark("first_step")
             if n < N and not bool(finished.all()):
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
                     out = step()
+            clock.mark("capture")
+        first = n
         while n < N and not bool(finished.all()):
             if graph is not None:
                 graph.replay()
             else:
                 out = step()
             advance(out)
+        clock.mark("replay", replayed_steps=n - first)
     if graph is not None:  # the graph's private pool back to the driver, not kept reserved by this process: the
         del graph, out     # evaluate processes of a reproduce share one GPU (an H200 run had a finetune beside two
         torch.cuda.empty_cache()  # evaluates go out of memory: they held 58 and 72 GiB)
     return seq[:, :P + n]
+
+
+#: the phases of a call ``graph_generate(phases=...)`` times: the prefill with the first token's choice; the eager
+#: first decode step (on CUDA: the capture's warm-up, where routers lay out what the capture reads); the capture; the
+#: replays (or, uncaptured, the eager steps) of the remaining tokens. A phase that did not run is absent.
+PHASES = ("prefill", "first_step", "capture", "replay")
+
+
+class _PhaseClock:
+    """Wall seconds between marks, the device synchronised at each (``graph_generate(phases=...)``); nothing at all
+    when ``phases`` is None."""
+
+    def __init__(self, device, phases: dict | None):
+        self.device, self.phases = device, phases
+        self.last = self._now() if phases is not None else 0.0
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def mark(self, name: str, **extra) -> None:
+        if self.phases is None:
+            return
+        now = self._now()
+        self.phases[name] = now - self.last
+        self.phases.update(extra)
+        self.last = now
 
 
 def _choose(logits, seq_so_far, processors, finished, eos_token_id, pad_token_id):

@@ -56,6 +56,15 @@ def test_stage_on_the_cpu_stand_in(tmp_path):
     assert (tmp_path / "e2e_decode.md").read_text() == e2e.markdown(doc)
     assert "(random weights, float32 on cpu:" in e2e.markdown(doc)
     assert doc["provenance"]["git_sha"] not in ("", "unknown")
+    # the graph engine's calls taken apart by phase (bench.e2e.split_calls, default 3): every strategy, its replayed
+    # steps, a table of them; the eager engine has none
+    graph = next(r for r in doc["records"] if r["engine"] == "static+graph")
+    assert set(graph["phases"]) == set(graph["rounds"])
+    assert all(ph["replayed_steps"] == 2 and ph["replay"] > 0 for ph in graph["phases"].values())
+    assert "phases" not in next(r for r in doc["records"] if r["engine"] == "eager")
+    split = e2e.phases_table(doc["records"])
+    assert len(split) == 2 + len(graph["phases"]) and "## Where a graph-engine call's decode time goes" in e2e.markdown(doc)
+    assert any(line.startswith("| static+graph | all7 | 2 | base |") and line.endswith("| 1.0 |") for line in split)
 
 
 def _base_and_peft(tmp_path):

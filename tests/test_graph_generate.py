@@ -91,6 +91,26 @@ def test_plain_and_peft_models_decode_as_their_generate(assets):
         assert torch.equal(got, want)
 
 
+def test_phases_split_a_call_without_changing_its_tokens(assets):
+    """``phases`` times the prefill and the decode steps of a call (uncaptured on the CPU: no first step or capture
+    phase) and counts the steps after the first token; the tokens are those of the same call without it."""
+    from models.graph_generate import PHASES
+
+    base, _ = assets
+    model, tok = load_base_model(base)
+    batch = tok(PROMPTS, return_tensors="pt", padding=True)
+    kw = {"max_new_tokens": 5, "eos_token_id": None, "pad_token_id": tok.pad_token_id, "capture": False}
+    want = graph_generate(model, batch["input_ids"], batch["attention_mask"], **kw)
+    phases: dict = {}
+    got = graph_generate(model, batch["input_ids"], batch["attention_mask"], phases=phases, **kw)
+    assert torch.equal(got, want)
+    assert set(phases) == {"prefill", "replay", "replayed_steps"} and set(phases) - {"replayed_steps"} <= set(PHASES)
+    assert phases["replayed_steps"] == 4 and all(phases[k] > 0 for k in ("prefill", "replay"))
+    one: dict = {}
+    graph_generate(model, batch["input_ids"], batch["attention_mask"], phases=one, **{**kw, "max_new_tokens": 1})
+    assert set(one) == {"prefill"}  # one token: the prefill's only
+
+
 def test_engine_checks_its_first_call_and_falls_back_on_a_disagreement(assets, monkeypatch):
     """pipeline.stages.decode_engine: auto's first call is checked against generate (recorded); a graph decode that
     disagrees (here: one whose tokens are shifted) hands the run to generate, which gives this call's answer too."""

@@ -27,6 +27,9 @@ targets, batch) every strategy is warmed up (compiles happen there), then timed 
 runs, per strategy, one 1-token and one N-token greedy generation of the same prompts (``min_new_tokens`` forces
 the length, checked); decode ms/token = (t_N - t_1) / (N - 1), prefill ms = t_1; medians over rounds. Every
 record (one per engine x targets x batch) keeps its per-round times, so ``rows`` are rebuilt from raw records.
+The graph engine's record also takes ``split_calls`` calls per strategy apart by phase after the rounds (the
+eager first step and the capture, paid once a call, against the replays, paid once a token: ``phases_table``), so
+a ratio's gap can be told apart into per-call and per-token costs.
 """
 
 from __future__ import annotations
@@ -160,15 +163,36 @@ def _decode(model, ids, mask, engine: str | None = None, **kw):
     if engine != "graph":
         return model.generate(input_ids=ids, attention_mask=mask, **kw)
     return graph_generate(model, ids, mask, max_new_tokens=kw["max_new_tokens"], eos_token_id=None, pad_token_id=0,
-                          capture=ids.is_cuda)
+                          capture=ids.is_cuda, phases=kw.get("phases"))
+
+
+def split_calls(gens: dict, ids, mask, new_tokens: int, calls: int) -> dict:
+    """The graph engine's decode time taken apart, per strategy: ``calls`` N-token generations each with the device
+    synchronised between phases (``models.graph_generate.PHASES``), after the timed rounds and apart from them (the
+    synchronisations cost overlap). Per strategy the median seconds of each phase and the replayed steps: what a
+    call pays once (the eager first step, where routers lay out what the capture reads, and the capture) against
+    what it pays per token (the replays)."""
+    out = {}
+    for s, gen in gens.items():
+        runs = []
+        for _ in range(max(1, calls)):
+            phases: dict = {}
+            with torch.no_grad():
+                gen(ids, mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, engine="graph", phases=phases)
+            runs.append(phases)
+        out[s] = {k: statistics.median(r[k] for r in runs) for k in runs[0] if all(k in r for r in runs)}
+    return out
 
 
 def measure(contestants: Contestants, engine: str, batch: int, prompt_len: int, new_tokens: int, vocab: int,
-            device, warmup: int, repeats: int, backend: str, deadline: float | None = None) -> dict:
+            device, warmup: int, repeats: int, backend: str, deadline: float | None = None,
+            split: int = 0) -> dict:
     """One record: every strategy's per-round (t_1, t_N) for this engine and batch, warm-ups first. A strategy
     whose warm-up (its compile, for the static engine) would start after ``deadline`` (``time.perf_counter``) is
     left out of the record and named in its ``skipped`` list (a run under a time limit keeps what it measured); one
-    whose warm-up raises a RuntimeError is left out and named in ``failed`` with the error's first line."""
+    whose warm-up raises a RuntimeError is left out and named in ``failed`` with the error's first line. ``split``:
+    for the graph engine, that many calls per strategy taken apart by phase after the rounds (``split_calls``,
+    the record's ``phases``)."""
     ids, mask = random_batch(vocab, batch, prompt_len, device, seed=0)
     kw = _generate_kwargs(engine, backend)
     peak: dict = {}
@@ -202,6 +226,8 @@ def measure(contestants: Contestants, engine: str, batch: int, prompt_len: int, 
             rounds[s].append((_timed(gen, ids, mask, 1, kw, device), _timed(gen, ids, mask, new_tokens, kw, device)))
     rec = {"engine": ENGINE_LABELS[engine], "batch_size": batch,
            "prompt_len": prompt_len, "new_tokens": new_tokens, "rounds": rounds, "peak_gb": peak, "warmup_s": warm}
+    if engine == "graph" and split > 0:
+        rec["phases"] = split_calls(gens, ids, mask, new_tokens, split)
     return {**rec, **({"skipped": skipped} if skipped else {}), **({"failed": failed} if failed else {})}
 
 
@@ -291,7 +317,35 @@ def markdown(doc: dict) -> str:
     lines += ["", ("## Targets (decode ms/token ratio, paired by round: median [95% interval of the median, order "
                    "statistics; min..max below 6 rounds])"), "",
               *targets_table(doc["targets"])]
+    split = phases_table(doc["records"])
+    if split:
+        lines += ["", "## Where a graph-engine call's decode time goes", "",
+                  ("Calls apart from the rounds, the device synchronised between phases (`bench.e2e.split_calls` "
+                   "per strategy, medians): the eager first decode step (routers lay out what the capture reads) "
+                   "and the capture are paid once a call, the replays once a token; decode ms/token above is "
+                   "(first step + capture + replays) / (N - 1)."), "", *split]
     return "\n".join(lines) + "\n"
+
+
+def phases_table(records: list[dict]) -> list[str]:
+    """Markdown lines of each graph-engine record's ``phases`` (``split_calls``): per strategy the first step and
+    the capture (ms a call), the replays (ms a token) and their ratio to the base's; [] where none was taken."""
+    lines = []
+    for rec in records:
+        for s, ph in (rec.get("phases") or {}).items():
+            steps = ph.get("replayed_steps") or 0
+            if not steps or "replay" not in ph:
+                continue
+            per = 1000 * ph["replay"] / steps
+            base = (rec["phases"].get("base") or {})
+            ref = 1000 * base["replay"] / base["replayed_steps"] if base.get("replayed_steps") else None
+            lines.append(f"| {rec['engine']} | {rec['targets']} | {rec['batch_size']} | {s} | "
+                         f"{round(1000 * ph.get('first_step', 0.0), 2)} | {round(1000 * ph.get('capture', 0.0), 2)} | "
+                         f"{round(per, 4)} | {round(per / ref, 3) if ref else None} |")
+    if not lines:
+        return []
+    return ["| engine | targets | batch | strategy | first step ms | capture ms | replay ms/token | replay x base |",
+            "|" + " --- |" * 8, *lines]
 
 
 def targets_table(targets: list[dict]) -> list[str]:
@@ -326,7 +380,7 @@ def run(settings: dict, make_model, adapter_cfg: dict, vocab: int, device, recor
                     rec = measure(contestants, engine, int(b), int(settings["prompt_len"]),
                                   int(settings["new_tokens"]), vocab, device, int(settings["warmup"]),
                                   int(settings["repeats"]), str(settings.get("compile_backend", "inductor")),
-                                  deadline)
+                                  deadline, int(settings.get("split_calls", 0)))
                     records_out.append({**rec, "targets": targets, "num_adapters": int(settings["num_adapters"])})
                     log.info("e2e_decode: %s %s b=%s measured", targets, engine, b)
             del contestants
