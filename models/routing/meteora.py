@@ -93,9 +93,8 @@ class MeteoraRouter(Router):
         # forms. Off: on the H200 (batch 64, compiled layers, captured step) the three GEMMs apart were the fastest
         # form in two runs at 7601e65 (0.763x peft; shrink+gate packed 0.748x, all three 0.721x). One run at
         # 98d18e4 had shrink+gate packed at 0.804x, not reproduced. The bench's loramux_gates_packed{,_lora} time
-        # the packed forms
+        # the packed forms. pack_base: Router's class default (False)
         self.pack_gates = False
-        self.pack_base = False
 
     def config(self):
         return {"top_k": self.top_k, "temperature": self.temperature, "aux_loss_coef": self.aux_loss_coef}

@@ -166,7 +166,7 @@ def _decode(model, ids, mask, engine: str | None = None, **kw):
                           capture=ids.is_cuda, phases=kw.get("phases"))
 
 
-def split_calls(gens: dict, ids, mask, new_tokens: int, calls: int) -> dict:
+def split_calls(gens: dict, ids, mask, new_tokens: int, calls: int, device) -> dict:
     """The graph engine's decode time taken apart, per strategy: ``calls`` N-token generations each with the device
     synchronised between phases (``models.graph_generate.PHASES``), after the timed rounds and apart from them (the
     synchronisations cost overlap). Per strategy the median seconds of each phase and the replayed steps: what a
@@ -177,8 +177,7 @@ def split_calls(gens: dict, ids, mask, new_tokens: int, calls: int) -> dict:
         runs = []
         for _ in range(max(1, calls)):
             phases: dict = {}
-            with torch.no_grad():
-                gen(ids, mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, engine="graph", phases=phases)
+            _timed(gen, ids, mask, new_tokens, {"engine": "graph", "phases": phases}, device)
             runs.append(phases)
         out[s] = {k: statistics.median(r[k] for r in runs) for k in runs[0] if all(k in r for r in runs)}
     return out
@@ -227,7 +226,7 @@ def measure(contestants: Contestants, engine: str, batch: int, prompt_len: int, 
     rec = {"engine": ENGINE_LABELS[engine], "batch_size": batch,
            "prompt_len": prompt_len, "new_tokens": new_tokens, "rounds": rounds, "peak_gb": peak, "warmup_s": warm}
     if engine == "graph" and split > 0:
-        rec["phases"] = split_calls(gens, ids, mask, new_tokens, split)
+        rec["phases"] = split_calls(gens, ids, mask, new_tokens, split, device)
     return {**rec, **({"skipped": skipped} if skipped else {}), **({"failed": failed} if failed else {})}
 
 
@@ -332,13 +331,14 @@ def phases_table(records: list[dict]) -> list[str]:
     the capture (ms a call), the replays (ms a token) and their ratio to the base's; [] where none was taken."""
     lines = []
     for rec in records:
-        for s, ph in (rec.get("phases") or {}).items():
+        phases = rec.get("phases") or {}
+        base = phases.get("base") or {}
+        ref = 1000 * base["replay"] / base["replayed_steps"] if base.get("replayed_steps") else None
+        for s, ph in phases.items():
             steps = ph.get("replayed_steps") or 0
             if not steps or "replay" not in ph:
                 continue
             per = 1000 * ph["replay"] / steps
-            base = (rec["phases"].get("base") or {})
-            ref = 1000 * base["replay"] / base["replayed_steps"] if base.get("replayed_steps") else None
             lines.append(f"| {rec['engine']} | {rec['targets']} | {rec['batch_size']} | {s} | "
                          f"{round(1000 * ph.get('first_step', 0.0), 2)} | {round(1000 * ph.get('capture', 0.0), 2)} | "
                          f"{round(per, 4)} | {round(per / ref, 3) if ref else None} |")
