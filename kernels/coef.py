@@ -8,7 +8,7 @@ scatters, a mask, selects), about twenty small ops per projection call on top of
 again in the backward. Training the gates runs that at every one of SmolLM2's 210 projections per step, so the op
 count, not the arithmetic, sets the step time (host launches in eager mode, kernels in a CUDA graph). The gate can
 instead write its top-k softmax straight into a [T, L] zero matrix (``torch.zeros().scatter``: one op), and the
-products need only ``coef * s`` where routed (the router builds the matrix: ``models.routing.route.top_k_coef``):
+products need only ``coef * s`` where routed (the router builds the matrix: ``kernels.gate_mix.top_k_coef``):
 
     h   = (x @ A_cat).view(T, L, R) * coef[:, :, None]               A_cat [d_in, L*R], B_cat [L*R, d_out]
     out = base + h.view(T, L*R) @ (s B_cat)                          each adapter's rows of B_cat times its s_a
@@ -37,20 +37,22 @@ import torch
 
 from kernels.dense import bank_matrices, compute_dtype
 from kernels.derived_cache import kept_when_frozen
+from kernels.gate_mix import TopKGate
 from kernels.packed_gate import packed_gate_gemm
 
 
 def multi_lora_coef(x: torch.Tensor, base: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scales: torch.Tensor,
                     ranks: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
-    """``base`` plus the LoRA deltas weighted by ``coef`` [T, L] (T = prod of x's leading dims); x [..., d_in],
+    """``base`` plus the LoRA deltas weighted by ``coef`` [T, L] (or a ``TopKGate``: its route; T = prod of x's
+    leading dims); x [..., d_in],
     base [..., d_out], A [L, d_in, R], B [L, R, d_out], scales / ranks [L]. On CUDA the products run in the
     activations' dtype (autocast casts them as any matmul), on the CPU in fp32 (fp64 for fp64)."""
     lead = base.shape[:-1]
     x2, b2 = x.reshape(-1, x.shape[-1]), base.reshape(-1, base.shape[-1])
     T, L = x2.shape[0], A.shape[0]
-    if coef.shape != (T, L):
-        raise ValueError(f"multi_lora_coef: coef has shape {tuple(coef.shape)}, expected [tokens, adapters] = "
-                         f"[{T}, {L}]")
+    shape = tuple((coef.logits if isinstance(coef, TopKGate) else coef).shape)
+    if shape != (T, L):
+        raise ValueError(f"multi_lora_coef: coef has shape {shape}, expected [tokens, adapters] = [{T}, {L}]")
     acc = compute_dtype(x2)
     A_cat, B_cat, broken = bank_matrices(A, B, ranks)
     out = weighted_expand(b2, x2.to(acc) @ A_cat.to(acc), coef, A, B, ranks, scales, B_cat, broken, acc)
@@ -61,12 +63,16 @@ def weighted_expand(b2: torch.Tensor, h: torch.Tensor, coef: torch.Tensor, A: to
                     ranks: torch.Tensor, scales: torch.Tensor, B_cat: torch.Tensor, broken: torch.Tensor,
                     acc: torch.dtype) -> torch.Tensor:
     """``b2 + (h * coef per adapter) @ (s B_cat)`` for the shrink ``h`` [T, L*R] (every adapter's, from
-    ``x @ A_cat`` or the packed GEMM of ``kernels.packed_gate``), ``coef`` [T, L], in ``acc``."""
+    ``x @ A_cat`` or the packed GEMM of ``kernels.packed_gate``), ``coef`` [T, L] or a ``kernels.gate_mix.TopKGate``
+    (its route and CE computed with the multiply, one kernel each way), in ``acc``."""
     T, (L, _, R) = h.shape[0], A.shape
-    c = coef
-    if not bank_known_clean(A, B, ranks, broken):  # routed to a broken adapter: NaN, that token only
-        c = torch.where((coef != 0) & broken, float("nan"), c)
-    hc = h.to(acc).view(T, L, R) * c.to(acc)[:, :, None]
+    if isinstance(coef, TopKGate):  # the gate's logits and rule: route, NaN select and multiply in one kernel
+        hc = coef.mix(h.to(acc), broken, R)
+    else:
+        c = coef
+        if not bank_known_clean(A, B, ranks, broken):  # routed to a broken adapter: NaN, that token only
+            c = torch.where((coef != 0) & broken, float("nan"), c)
+        hc = h.to(acc).view(T, L, R) * c.to(acc)[:, :, None]
     # base + product as an add, not addmm(base, ...): addmm copies base into its output first (a device copy per
     # call); the add fuses into the output's readers under torch.compile
     return torch.add(b2.to(acc), torch.mm(hc.view(T, L * R), scaled_expand(B_cat, scales, R, acc)))
@@ -120,6 +126,8 @@ def multi_lora_coef_reference(x: torch.Tensor, base: torch.Tensor, A: torch.Tens
     added; fp32 accumulation (fp64 for fp64 inputs)."""
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     lead = base.shape[:-1]
+    if isinstance(coef, TopKGate):
+        coef = coef.dense()
     x2, out = x.reshape(-1, x.shape[-1]).to(acc), base.reshape(-1, base.shape[-1]).to(acc)
     for a in range(A.shape[0]):
         r = int(ranks[a])

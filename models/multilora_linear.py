@@ -75,10 +75,10 @@ class MultiLoRALinear(nn.Module):
         if route is None or len(self.ctx.bank) == 0:
             return y
         slots = self.slots
-        if route.coef is not None:  # token routes as one [T, L] matrix (gates that learn): the torch form only
+        if route.per_token is not None:  # token routes as one [T, L] matrix or gate (gates that learn): dense form
             A, B = slots.tight()
             coef_op = multi_lora_coef_reference if resolve_backend(x, A, B) == "reference" else multi_lora_coef
-            return coef_op(x, y, A, B, slots.scales, slots.ranks, route.coef)
+            return coef_op(x, y, A, B, slots.scales, slots.ranks, route.per_token)
         if route.lora is not None:  # the router's own plain LoRA for every row (merge): two GEMMs, any rank
             return multi_lora_uniform(x, y, *route.lora)
         A, B, scales, ranks = slots.A, slots.B, slots.scales, slots.ranks
@@ -113,7 +113,7 @@ class MultiLoRALinear(nn.Module):
         if not frozen or len(self.ctx.bank) == 0 or resolve_backend(x, A, B) == "reference":
             return None
         return multi_lora_coef_packed(x, self.base_layer, A, B, slots.scales, slots.ranks, gate,
-                                      lambda logits: router.route_logits(self.route_state, logits).coef,
+                                      lambda logits: router.route_logits(self.route_state, logits).per_token,
                                       with_base=router.pack_base)
 
     def extra_repr(self) -> str:

@@ -194,7 +194,7 @@ class ProjectionGroup:
         route = router.route(leader.module_name, x, leader.route_state)
         if route is None:
             return nn.functional.linear(x, *self._rows_of(self.out))
-        if route.coef is not None or route.lora is not None:
+        if route.per_token is not None or route.lora is not None:
             return None
         if route.uniform is not None:
             return self._uniform(x, bank, route.uniform)

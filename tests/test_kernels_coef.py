@@ -10,7 +10,8 @@ from test_kernels import TOL, make_inputs, rel_err
 from kernels import multi_lora, multi_lora_coef
 from kernels.coef import bank_known_clean, multi_lora_coef_reference
 from kernels.dense import bank_matrices
-from models.routing.route import route_top_k, top_k_coef
+from kernels.gate_mix import top_k_coef
+from models.routing.route import route_top_k
 
 LEAVES = ("x", "base", "A", "B", "coef")
 

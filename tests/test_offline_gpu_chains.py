@@ -67,7 +67,7 @@ def test_bench_steps_compose_and_train_decides_every_target_in_one_run(tmp_path)
     from pipeline.stages import train_throughput as tt
 
     _composed_steps(tmp_path, "train", "train_gates_compiled", "train_precision", "train_compiled_graph", "e2e",
-                    "e2e_eager", "train_profile", "train_packed", "train_autotune")
+                    "e2e_eager", "train_profile", "train_packed", "train_fused", "train_autotune")
     train = OmegaConf.load(tmp_path / "train.yaml").bench.train
     settings = tt.settings_from(train)
     # every variant a target names at 16 and 64, eager and compiled layers, each captured as one step; the gates also
@@ -96,5 +96,9 @@ def test_bench_steps_compose_and_train_decides_every_target_in_one_run(tmp_path)
     assert {s.variant for s in packed} == {"loramux_gates_packed", "loramux_gates_packed_lora", "loramux_gates",
                                            "peft_single", "loramux_single"}
     assert {(s.compiled, s.graph, s.batch_size) for s in packed} == {(True, True, 64)}
+    fused = tt.settings_from(OmegaConf.load(tmp_path / "train_fused.yaml").bench.train)
+    assert {s.variant for s in fused} == {"loramux_gates_unfused", "loramux_gates", "loramux_gates_packed_lora",
+                                          "peft_single", "loramux_single"}
+    assert {(s.compiled, s.graph, s.batch_size) for s in fused} == {(True, True, 64)}
     tuned = tt.settings_from(OmegaConf.load(tmp_path / "train_autotune.yaml").bench.train)
     assert {(s.compile_mode, s.graph) for s in tuned} == {(None, True), ("max-autotune-no-cudagraphs", True)}

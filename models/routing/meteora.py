@@ -17,8 +17,10 @@ cross-entropy (on all tokens, prompt included, as MeteoRA's script does, or answ
 cross-entropy against the row's task id; its routing accuracy (measured in eval mode: validation) is the fraction of
 (token, projection) gates whose top-1 is the row's task, also counted per task (``gate_hits_by_task``) and per
 projection (``gate_hits_by_projection``: which layers' gates lose it; a layer-0 gate sees no context). While the
-gates learn (grad enabled, gate logits need a gradient) a projection's route is the [T, L] coefficient matrix of
-``kernels.multi_lora_coef`` (the same weights, fewer ops per call), and over a frozen bank each projection packs
+gates learn (grad enabled, gate logits need a gradient) a projection's route is the [T, L] form of
+``kernels.multi_lora_coef`` (the same weights, fewer ops per call): on CUDA the gate's logits and rule
+(``kernels.gate_mix.TopKGate``: the route, the multiply with the shrink and this gate's CE in one kernel each way),
+elsewhere the coefficient matrix; over a frozen bank each projection packs
 its gate into its base GEMM (``packed_gate``, ``route_logits``: one GEMM for the base output, the shrink and the
 logits, one for the input gradient; ``kernels.packed_gate``); inference routes with ids/weights, which the Triton
 kernels read.
@@ -30,9 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.gate_mix import TopKGate, top_k_coef
 from models.adapter_bank import slot_key
 from models.routing.registry import strategy
-from models.routing.route import GroupGates, Route, Router, expand_rows, route_top_k, top_k_coef
+from models.routing.route import GroupGates, Route, Router, expand_rows, route_top_k
 
 
 def _number(x) -> bool:
@@ -95,6 +98,11 @@ class MeteoraRouter(Router):
         # 98d18e4 had shrink+gate packed at 0.804x, not reproduced. The bench's loramux_gates_packed{,_lora} time
         # the packed forms. pack_base: Router's class default (False)
         self.pack_gates = False
+        # while the gates learn: the top-k route, its NaN select, the multiply with the shrink and this gate's CE as
+        # one Triton kernel forward and one backward (kernels.gate_mix; "auto": on CUDA), instead of the five to
+        # seven kernels per projection torch.compile makes of them; "triton": everywhere (the CPU under
+        # TRITON_INTERPRET=1, tests); "off": the coefficient matrix (kernels.coef)
+        self.fused_route = "auto"
 
     def config(self):
         return {"top_k": self.top_k, "temperature": self.temperature, "aux_loss_coef": self.aux_loss_coef}
@@ -161,11 +169,18 @@ class MeteoraRouter(Router):
     def route_logits(self, gate, logits, dtype=None):
         """The route of one projection from its gate's ``logits`` [T, L] (``gate``: that projection's gate module):
         the aux loss and accuracy counts of this projection, then the top-k route (inference weights in ``dtype``,
-        the activations', default the logits')."""
+        the activations', default the logits'). While the gate learns the route is the [T, L] form: a ``TopKGate``
+        whose op computes this projection's CE with the route (``fused_route``), else a coefficient matrix."""
         dtype = logits.dtype if dtype is None else dtype
-        logits = logits.float()  # one cast (autocast: bf16 logits) for the CE, the top-k and its softmax
+        learning = torch.is_grad_enabled() and logits.requires_grad and not self.ctx.force_gates
+        fused = learning and (self.fused_route == "triton" or (self.fused_route == "auto" and logits.is_cuda))
+        raw = logits
+        if not fused or self._confusion is not None:
+            logits = logits.float()  # one cast (autocast: bf16 logits) for the CE, the top-k and its softmax
         if self._labels is not None:  # task ids known: the aux loss and gate accuracy of this projection
-            if torch.compiler.is_compiling():
+            if fused:
+                pass  # the op adds it (_add_ce)
+            elif torch.compiler.is_compiling():
                 self._ce_sum = self._ce_sum + F.cross_entropy(logits, self._labels, ignore_index=-100,
                                                               reduction="sum")
             else:
@@ -181,15 +196,22 @@ class MeteoraRouter(Router):
                 # compiled decoder layer specialise to each layer
                 self._projection_hits = self._projection_hits.index_add(0, gate.projection_index,
                                                                         hit.sum().reshape(1))
+        if fused:  # route, NaN select, multiply and CE in one kernel each way (kernels.gate_mix), raw logits in
+            return Route(None, None, gate=TopKGate(raw, self.top_k, self.temperature, labels=self._labels,
+                                                   on_ce=self._add_ce, backend="triton"))
         if self.ctx.force_gates:
             if self._labels is None:
                 raise ValueError("force_gates needs task_ids: pass task_ids= with force_gates=True")
             onehot = F.one_hot(self._forced, logits.shape[-1]).to(torch.float32)
             logits = onehot * 1e4
-        if torch.is_grad_enabled() and logits.requires_grad:  # the gates learn: the [T, L] form, fewest ops
+        if learning:  # the gates learn: the [T, L] form, fewest ops
             return Route(None, None, coef=top_k_coef(logits, self.top_k, self.temperature))
         ids, w = route_top_k(logits, self.top_k, self.temperature)
         return Route(ids, w.to(dtype))
+
+    def _add_ce(self, ce_sum: torch.Tensor) -> None:
+        """One projection's summed gate CE, from the op that computed it with the route (``TopKGate.on_ce``)."""
+        self._ce_sum = self._ce_sum + ce_sum
 
     def group_gates(self, states):
         """At inference (no task ids, no forced gates, no gradient, not compiling): the members' gate weights, for

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from kernels.gate_mix import TopKGate
+
 
 @dataclass
 class Route:
@@ -40,6 +42,9 @@ class Route:
     (``kernels.multi_lora_uniform``) on the torch and Triton backends alike (only ``reference`` keeps its loop).
     ``coef``: the route as one [T, L] matrix of per-(token, adapter) weights instead of ids/weights (MeteoRA's gates
     while they train: ``kernels.multi_lora_coef``); ids and weights are then None.
+    ``gate``: the same route still as its gate's logits and rule (``kernels.gate_mix.TopKGate``): the op applies it
+    to the shrink in one kernel with the gate's CE (MeteoRA's gates while they train, on CUDA); ids, weights and
+    coef are then None. ``per_token`` is whichever of the two is set.
     ``one_per_row``: sentence routing where ids [S, 1] give every sequence exactly one adapter with weight 1 (the
     oracle over a batch of several tasks: a joint fine-tuning step), known by the router without reading the
     device; on the torch backend the layer then runs ``kernels.multi_lora_per_row`` (two batched GEMMs) where the
@@ -52,6 +57,12 @@ class Route:
     uniform: int | None = None
     coef: torch.Tensor | None = None
     one_per_row: bool = False
+    gate: TopKGate | None = None
+
+    @property
+    def per_token(self):
+        """The [T, L] form of a token route: ``coef`` or ``gate`` (None for ids/weights routes)."""
+        return self.coef if self.coef is not None else self.gate
 
 
 @dataclass
@@ -95,28 +106,6 @@ def route_top_k(logits: torch.Tensor, k: int, temperature: float = 1.0):
     vals, ids = torch.topk(logits, k, dim=-1)
     vals = vals.float()
     return ids, torch.softmax(vals / temperature if temperature != 1.0 else vals, dim=-1)
-
-
-def top_k_coef(logits: torch.Tensor, k: int, temperature: float = 1.0) -> torch.Tensor:
-    """``route_top_k`` as one [T, L] matrix (``kernels.multi_lora_coef``'s route): the top-k softmax weights at the
-    chosen adapters of each row of ``logits``, zeros elsewhere (fp32).
-
-    The k adapters are found as k row maxima, each masked out before the next, not by ``torch.topk``: on a GPU topk
-    is a sort (three kernels, ~80 us a call on a [16384, 28] gate, 10% of a compiled gate-training step at batch
-    64), while a row maximum is one small reduction that torch.compile fuses with the softmax. The softmax over the
-    chosen logits, the rest at -inf, is ``route_top_k``'s softmax over its k values; its gradient reaches the
-    chosen logits only, as through ``route_top_k``'s scatter."""
-    vals = logits.float()
-    if temperature != 1.0:
-        vals = vals / temperature
-    left_out = torch.ones(vals.shape, dtype=torch.bool, device=vals.device)  # no gradient: masks built in place
-    rest = vals.detach()
-    for i in range(min(k, vals.shape[-1])):
-        _, idx = rest.max(dim=-1, keepdim=True)
-        left_out.scatter_(-1, idx, False)
-        if i + 1 < k:
-            rest = rest.scatter(-1, idx, float("-inf"))
-    return torch.softmax(torch.where(left_out, float("-inf"), vals), dim=-1)
 
 
 def route_top_p(probs: torch.Tensor, p: float, fusion: str = "softmax", max_kept: int | None = None):

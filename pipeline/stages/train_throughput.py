@@ -19,6 +19,8 @@ the configured ``adapter`` (r, alpha, targets), batch B x ``bench.train.seq_len`
   loramux_gates_packed_lora  the same with the shrink and gate logits as one GEMM, the base GEMM apart
                    (``pack_gates``, ``pack_base`` false)
   loramux_gates_unpacked  the same with the base, shrink and gate GEMMs apart (``pack_gates`` false)
+  loramux_gates_unfused  the router's default GEMMs with the route as a coefficient matrix (``fused_route`` off:
+                   torch.compile's kernels for the top-k, the multiply and the CE, not ``kernels.gate_mix``'s)
 
 each in ``precision`` fp32 or bf16 (autocast; trained parameters and their AdamW state fp32, frozen weights stored
 in bf16, as the pipeline's GPU trainer runs), ``compiled`` false / true (every decoder layer compiled with
@@ -63,11 +65,12 @@ from pipeline.stages.bench_timing import random_adapter, rebuild_cli, rebuild_pa
 log = logging.getLogger(__name__)
 
 TABLE = "train_throughput"  # the table's default name under bench.table_dir (bench.train.table_name)
-# the gate-training forms the bench names apart from the router's default: (pack_gates, pack_base)
-GATE_FORMS = {"loramux_gates_packed": (True, True), "loramux_gates_packed_lora": (True, False),
-              "loramux_gates_unpacked": (False, False)}
-VARIANTS = ("peft_single", "loramux_single", "loramux_joint", "loramux_gates", "loramux_gates_packed",
-            "loramux_gates_packed_lora", "loramux_gates_unpacked")
+# the gate-training forms the bench names apart from the router's default: the MeteoraRouter attributes they set
+GATE_FORMS = {"loramux_gates_packed": {"pack_gates": True, "pack_base": True},
+              "loramux_gates_packed_lora": {"pack_gates": True, "pack_base": False},
+              "loramux_gates_unpacked": {"pack_gates": False, "pack_base": False},
+              "loramux_gates_unfused": {"fused_route": "off"}}
+VARIANTS = ("peft_single", "loramux_single", "loramux_joint", "loramux_gates", *GATE_FORMS)
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -169,9 +172,8 @@ def build_trainee(setting: Setting, make_model, adapter_dir, num_adapters: int, 
         mm = MultiLoRAModel.from_adapters(model, {f"a{i}": adapter_dir for i in range(n)}, check_base_name=False)
         if setting.variant.startswith("loramux_gates"):
             mm.set_router("meteora", top_k=top_k)
-            form = GATE_FORMS.get(setting.variant)  # None: the router's defaults
-            if form is not None:
-                mm.router.pack_gates, mm.router.pack_base = form  # kernels.packed_gate
+            for attr, value in GATE_FORMS.get(setting.variant, {}).items():  # none: the router's defaults
+                setattr(mm.router, attr, value)  # kernels.packed_gate, kernels.gate_mix
             params = mm.set_trainable("gates")
         else:
             params = mm.set_trainable("adapters")

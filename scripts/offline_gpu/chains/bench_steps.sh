@@ -111,6 +111,17 @@ train_packed() {
     bench.train.compiled_graph=true 'bench.train.batch_sizes=[64]' 'bench.train.extra_batch_sizes=[]' \
     bench.train.table_name=train_throughput_packed
 }
+# the gates' route fused (kernels.gate_mix: top-k, multiply and CE one Triton kernel each way, the router's default on
+# CUDA) beside the coefficient matrix torch.compile makes kernels of (loramux_gates_unfused), the shrink+gate packed
+# form, peft and loramux_single, compiled layers captured, batch 64, 5 rounds, table train_throughput_fused
+train_fused() {
+  step train_fused timeout "${STEP_LIMIT:-240}" python3 -m pipeline.bench experiment=train_throughput \
+    bench.train.repeats=5 \
+    'bench.train.variants=[loramux_gates_unfused,loramux_gates,loramux_gates_packed_lora,peft_single,loramux_single]' \
+    'bench.train.compiled=[true]' 'bench.train.compile_modes=[default]' 'bench.train.graphs=[true]' \
+    bench.train.compiled_graph=true 'bench.train.batch_sizes=[64]' 'bench.train.extra_batch_sizes=[]' \
+    bench.train.table_name=train_throughput_fused
+}
 # inductor's autotuned Triton GEMMs with their pointwise neighbours fused into the epilogue
 # (max-autotune-no-cudagraphs) beside the default compile, both captured, peft / loramux_single / the gates at batch
 # 64, 6 rounds, table train_throughput_autotune (the autotuning adds minutes to the warm-up: not yet timed)
