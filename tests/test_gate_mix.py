@@ -203,6 +203,7 @@ def test_gpu_kernels_at_a_training_shape_match_and_capture(dtype):
     ``dtype`` against the float64 definition, forward and backward, and the forward replayed from a CUDA graph."""
     T, L, R, k = 16384, 28, 8, 2
     h, z, labels, dhc, dce = _inputs(T, L, R, True, 7)
+    h, z = h.to(dtype).double(), z.to(dtype).double()  # the definition on the inputs as the kernels get them
     broken = torch.zeros(L, dtype=torch.bool)
     want = _run(h, z, labels, broken, k, 1.0, R, dhc, dce, "torch", torch.float64)
     cuda = [t.cuda() for t in (h, z, labels, broken, dhc, dce)]
@@ -210,7 +211,7 @@ def test_gpu_kernels_at_a_training_shape_match_and_capture(dtype):
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
     for name, a, b in zip(("hc", "ce", "dh", "dlogits"), got, want, strict=True):
         rtol = 1e-4 if name == "ce" else tol  # a sum of 16k fp32 terms either way
-        torch.testing.assert_close(a.cpu(), b, rtol=rtol, atol=tol, msg=name)
+        torch.testing.assert_close(a.cpu(), b, rtol=rtol, atol=tol, msg=lambda m, name=name: f"{name}: {m}")
     hd, zd = cuda[0].to(dtype), cuda[1].to(dtype)
     graph = torch.cuda.CUDAGraph()
     with torch.no_grad(), torch.cuda.graph(graph):

@@ -91,13 +91,13 @@ class MeteoraRouter(Router):
         self._gate_logits: list = []  # this forward's [T, L] logits per projection, not yet in _ce_sum
         self._confusion: torch.Tensor | None = None  # [L * L] (task, chosen task) counts (eval mode)
         self._projection_hits: torch.Tensor | None = None  # [P] top-1 hits per gate, in self.gates order (eval mode)
-        # while the gates learn, each projection may compute its adapters' shrink and its gate's logits as one GEMM
-        # (kernels.packed_gate; pack_base: the base weight in it too): the same route and losses, tests compare the
-        # forms. Off: on the H200 (batch 64, compiled layers, captured step) the three GEMMs apart were the fastest
-        # form in two runs at 7601e65 (0.763x peft; shrink+gate packed 0.748x, all three 0.721x). One run at
-        # 98d18e4 had shrink+gate packed at 0.804x, not reproduced. The bench's loramux_gates_packed{,_lora} time
-        # the packed forms. pack_base: Router's class default (False)
-        self.pack_gates = False
+        # while the gates learn (grad enabled, the gate's weight trained) each projection computes its adapters'
+        # shrink and its gate's logits as one GEMM (kernels.packed_gate; pack_base: the base weight in it too,
+        # Router's class default False): the same route and losses, tests compare the forms. With the fused route
+        # below, on the H200 (batch 64, compiled layers, captured step, one run at 597b8ad) this form was the
+        # fastest, 0.842x peft, against 0.752x with the three GEMMs apart and 0.774x apart and unfused
+        # (outputs/tables/train_throughput_fused.md); without the fused route the forms were within 0.72-0.80x
+        self.pack_gates = True
         # while the gates learn: the top-k route, its NaN select, the multiply with the shrink and this gate's CE as
         # one Triton kernel forward and one backward (kernels.gate_mix; "auto": on CUDA), instead of the five to
         # seven kernels per projection torch.compile makes of them; "triton": everywhere (the CPU under
