@@ -121,6 +121,7 @@ def graph_generate(mm, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
     n = 1  # tokens generated so far
     clock.mark("prefill")
     if N == 1 or bool(finished.all()):
+        clock.close()
         return seq[:, :P + n]
 
     # decode state in fixed buffers: the token fed, its position, the key mask. SDPA takes a boolean mask (True:
@@ -160,6 +161,7 @@ def graph_generate(mm, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
         graph, out = None, None
         if capture and dev.type == "cuda":
             # warm-up on a side stream (as CUDA graph capture asks), as the real first decode step
+            clock.begin("first_step")
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
@@ -167,12 +169,14 @@ def graph_generate(mm, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
             torch.cuda.current_stream().wait_stream(side)
             advance(out)
             clock.mark("first_step")
+            clock.begin("capture")
             if n < N and not bool(finished.all()):
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
                     out = step()
             clock.mark("capture")
         first = n
+        clock.begin("replay")
         while n < N and not bool(finished.all()):
             if graph is not None:
                 graph.replay()
@@ -180,6 +184,7 @@ def graph_generate(mm, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
                 out = step()
             advance(out)
         clock.mark("replay", replayed_steps=n - first)
+    clock.close()
     if graph is not None:  # the graph's private pool back to the driver, not kept reserved by this process: the
         del graph, out     # evaluate processes of a reproduce share one GPU (an H200 run had a finetune beside two
         torch.cuda.empty_cache()  # evaluates go out of memory: they held 58 and 72 GiB)
@@ -194,11 +199,27 @@ PHASES = ("prefill", "first_step", "capture", "replay")
 
 class _PhaseClock:
     """Wall seconds between marks, the device synchronised at each (``graph_generate(phases=...)``); nothing at all
-    when ``phases`` is None."""
+    when ``phases`` is None. Under ``torch.profiler`` each phase is also a range (``graph_generate.<phase>``) in the
+    trace, so a profiled call's ops and kernels can be told apart by phase."""
 
     def __init__(self, device, phases: dict | None):
         self.device, self.phases = device, phases
         self.last = self._now() if phases is not None else 0.0
+        self._range = None
+        self.begin(PHASES[0])
+
+    def begin(self, name: str) -> None:
+        """Opens phase ``name``'s profiler range (only while a profiler records)."""
+        self.close()
+        if torch.autograd.profiler._is_profiler_enabled:
+            self._range = torch.profiler.record_function(f"graph_generate.{name}")
+            self._range.__enter__()
+
+    def close(self) -> None:
+        """Ends the open phase's profiler range (a call that returns before its last phase)."""
+        if self._range is not None:
+            self._range.__exit__(None, None, None)
+            self._range = None
 
     def _now(self) -> float:
         if self.device.type == "cuda":
@@ -206,6 +227,8 @@ class _PhaseClock:
         return time.perf_counter()
 
     def mark(self, name: str, **extra) -> None:
+        """Ends phase ``name``: its range, and with ``phases`` its seconds (the device synchronised first)."""
+        self.close()
         if self.phases is None:
             return
         now = self._now()

@@ -41,7 +41,8 @@ def test_stage_on_the_cpu_stand_in(tmp_path):
            "bench.e2e.engines=[eager,graph]",
            "bench.e2e.strategies=[base,peft,oracle,dlp-nucleus2,oracle+grouped,dlp-nucleus2+grouped,oracle+onelaunch]",
            "bench.e2e.batch_sizes=[2]", "bench.e2e.num_adapters=3", "bench.e2e.new_tokens=3",
-           "bench.e2e.prompt_len=6", "bench.e2e.repeats=2", f"hydra.run.dir={tmp_path / 'run'}"]
+           "bench.e2e.prompt_len=6", "bench.e2e.repeats=2", "bench.e2e.profile_calls=[base,dlp-nucleus2+grouped]",
+           f"hydra.run.dir={tmp_path / 'run'}"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     doc = json.loads((tmp_path / "e2e_decode.json").read_text())
@@ -65,6 +66,14 @@ def test_stage_on_the_cpu_stand_in(tmp_path):
     split = e2e.phases_table(doc["records"])
     assert len(split) == 2 + len(graph["phases"]) and "## Where a graph-engine call's decode time goes" in e2e.markdown(doc)
     assert any(line.startswith("| static+graph | all7 | 2 | base |") and line.endswith("| 1.0 |") for line in split)
+    # one graph-engine call of each named strategy profiled into the run dir, its phases as ranges (on the CPU no
+    # capture: the prefill and the eager steps)
+    profiles = sorted(p.name for p in (tmp_path / "run").glob("profile_e2e_*.txt"))
+    assert profiles == ["profile_e2e_base_b2.txt", "profile_e2e_dlp-nucleus2_grouped_b2.txt"]
+    text = (tmp_path / "run" / "profile_e2e_dlp-nucleus2_grouped_b2.txt").read_text()
+    phase_rows = [line.split("|")[1].strip() for line in text.split("## by self")[0].splitlines()
+                  if line.startswith("| ") and not line.startswith("| phase") and not line.startswith("| ---")]
+    assert phase_rows == ["prefill", "replay"] and "## by self device time" in text and "aten::" in text
 
 
 def _base_and_peft(tmp_path):

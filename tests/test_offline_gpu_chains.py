@@ -67,7 +67,7 @@ def test_bench_steps_compose_and_train_decides_every_target_in_one_run(tmp_path)
     from pipeline.stages import train_throughput as tt
 
     _composed_steps(tmp_path, "train", "train_gates_compiled", "train_precision", "train_compiled_graph", "e2e",
-                    "e2e_eager", "train_profile", "train_packed", "train_fused", "train_autotune")
+                    "e2e_eager", "train_profile", "train_packed", "train_fused", "train_autotune", "e2e_profile")
     train = OmegaConf.load(tmp_path / "train.yaml").bench.train
     settings = tt.settings_from(train)
     # every variant a target names at 16 and 64, eager and compiled layers, each captured as one step; the gates also
@@ -92,6 +92,8 @@ def test_bench_steps_compose_and_train_decides_every_target_in_one_run(tmp_path)
         e2e = OmegaConf.load(tmp_path / f"e2e_b{b}.yaml").bench.e2e
         assert list(e2e.batch_sizes) == [b] and e2e.merge and list(e2e.engines) == ["graph"]
     assert list(OmegaConf.load(tmp_path / "e2e_eager.yaml").bench.e2e.engines) == ["eager"]
+    prof = OmegaConf.load(tmp_path / "e2e_profile.yaml").bench
+    assert set(prof.e2e.profile_calls) == set(prof.e2e.strategies) and prof.table_dir.endswith("e2e_profile")
     packed = tt.settings_from(OmegaConf.load(tmp_path / "train_packed.yaml").bench.train)
     assert {s.variant for s in packed} == {"loramux_gates_packed", "loramux_gates_packed_lora", "loramux_gates",
                                            "peft_single", "loramux_single"}

@@ -359,7 +359,7 @@ def e2e_suite(cfg: DictConfig, run) -> float | None:
     records: list = []
     adapter = OmegaConf.to_container(cfg.adapter, resolve=True)
     e2e.run(settings, make_model, adapter, config["vocab_size"], device, records, routers,
-            cfg.bench.get("max_seconds"))
+            cfg.bench.get("max_seconds"), profile_dir=run.run_dir)
     prov = provenance(int(cfg.seed))
     for rec in records:
         rec["provenance"] = prov

@@ -183,15 +183,44 @@ def split_calls(gens: dict, ids, mask, new_tokens: int, calls: int, device) -> d
     return out
 
 
+def profile_calls(gens: dict, ids, mask, new_tokens: int, device, out_dir: Path, batch: int, rows: int = 40) -> list:
+    """One graph-engine call of each strategy in ``gens`` under ``torch.profiler`` (after the rounds), written to
+    ``out_dir/profile_e2e_<strategy>_b<batch>.txt``: the call's phases (``graph_generate``'s ranges: host and
+    device time of the prefill, the eager first step, the capture, the replays), then its ops by self device time
+    and by self CPU time. Where a call's once-a-call cost goes (the page's last table says how large it is)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    written = []
+    for s, gen in gens.items():
+        with profile(activities=acts) as prof:
+            _timed(gen, ids, mask, new_tokens, {"engine": "graph"}, device)
+        ka = prof.key_averages()
+        sort_dev = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        phases = [e for e in ka if e.key.startswith("graph_generate.")]
+        lines = [f"# {s} at batch {batch}: one graph-engine call of {new_tokens} new tokens, torch.profiler", "",
+                 "## phases (host: the range's CPU time; device: the kernels launched inside it)", "",
+                 "| phase | host ms | device ms |", "| --- | --- | --- |"]
+        lines += [f"| {e.key.removeprefix('graph_generate.')} | {e.cpu_time_total / 1e3:.2f} | "
+                  f"{getattr(e, 'device_time_total', 0.0) / 1e3:.2f} |" for e in phases]
+        text = ("\n".join(lines) + "\n\n## by self device time\n" + ka.table(sort_by=sort_dev, row_limit=rows)
+                + "\n\n## by self CPU time\n" + ka.table(sort_by="self_cpu_time_total", row_limit=rows))
+        path = out_dir / f"profile_e2e_{s.replace('+', '_')}_b{batch}.txt"
+        path.write_text(text)
+        written.append(path)
+    return written
+
+
 def measure(contestants: Contestants, engine: str, batch: int, prompt_len: int, new_tokens: int, vocab: int,
             device, warmup: int, repeats: int, backend: str, deadline: float | None = None,
-            split: int = 0) -> dict:
+            split: int = 0, profile: tuple = (), profile_dir: Path | None = None) -> dict:
     """One record: every strategy's per-round (t_1, t_N) for this engine and batch, warm-ups first. A strategy
     whose warm-up (its compile, for the static engine) would start after ``deadline`` (``time.perf_counter``) is
     left out of the record and named in its ``skipped`` list (a run under a time limit keeps what it measured); one
     whose warm-up raises a RuntimeError is left out and named in ``failed`` with the error's first line. ``split``:
     for the graph engine, that many calls per strategy taken apart by phase after the rounds (``split_calls``,
-    the record's ``phases``)."""
+    the record's ``phases``); ``profile``: strategies of which one graph-engine call is then profiled into
+    ``profile_dir`` (``profile_calls``)."""
     ids, mask = random_batch(vocab, batch, prompt_len, device, seed=0)
     kw = _generate_kwargs(engine, backend)
     peak: dict = {}
@@ -227,6 +256,9 @@ def measure(contestants: Contestants, engine: str, batch: int, prompt_len: int, 
            "prompt_len": prompt_len, "new_tokens": new_tokens, "rounds": rounds, "peak_gb": peak, "warmup_s": warm}
     if engine == "graph" and split > 0:
         rec["phases"] = split_calls(gens, ids, mask, new_tokens, split, device)
+    if engine == "graph" and profile and profile_dir is not None:
+        profile_calls({s: g for s, g in gens.items() if s in profile}, ids, mask, new_tokens, device, profile_dir,
+                      batch)
     return {**rec, **({"skipped": skipped} if skipped else {}), **({"failed": failed} if failed else {})}
 
 
@@ -359,7 +391,7 @@ def targets_table(targets: list[dict]) -> list[str]:
 
 
 def run(settings: dict, make_model, adapter_cfg: dict, vocab: int, device, records_out: list, routers: dict,
-        max_seconds: float | None = None) -> None:
+        max_seconds: float | None = None, profile_dir: Path | None = None) -> None:
     """Measure every (targets, engine, batch) of ``settings`` (``bench.e2e``), appending one record each; ``routers``:
     label -> the strategy of each loramux row (``pipeline.stages.bench.bench_routers``). No warm-up starts after
     ``max_seconds`` (``bench.max_seconds``): what was left is named in the records' ``skipped``."""
@@ -380,7 +412,8 @@ def run(settings: dict, make_model, adapter_cfg: dict, vocab: int, device, recor
                     rec = measure(contestants, engine, int(b), int(settings["prompt_len"]),
                                   int(settings["new_tokens"]), vocab, device, int(settings["warmup"]),
                                   int(settings["repeats"]), str(settings.get("compile_backend", "inductor")),
-                                  deadline, int(settings.get("split_calls", 0)))
+                                  deadline, int(settings.get("split_calls", 0)),
+                                  tuple(settings.get("profile_calls") or ()), profile_dir)
                     records_out.append({**rec, "targets": targets, "num_adapters": int(settings["num_adapters"])})
                     log.info("e2e_decode: %s %s b=%s measured", targets, engine, b)
             del contestants

@@ -111,6 +111,16 @@ train_packed() {
     bench.train.compiled_graph=true 'bench.train.batch_sizes=[64]' 'bench.train.extra_batch_sizes=[]' \
     bench.train.table_name=train_throughput_packed
 }
+# one graph-engine call per strategy profiled at batch 8 after 3 short rounds (profile_e2e_*_b8.txt in the run dir:
+# host and device time of each phase, ops by device and CPU time): where the eager first step and the capture, paid
+# once a call, go for the base beside the grouped DLP and oracle. Its table goes apart ($LMX/e2e_profile), not into
+# the e2e table (~2 minutes)
+e2e_profile() {
+  step e2e_profile timeout 240 python3 -m pipeline.bench experiment=e2e_decode 'bench.e2e.targets=[all7]' \
+    'bench.e2e.batch_sizes=[8]' 'bench.e2e.engines=[graph]' bench.e2e.repeats=3 bench.e2e.split_calls=1 \
+    'bench.e2e.strategies=[base,oracle+grouped,dlp-nucleus2+grouped]' \
+    'bench.e2e.profile_calls=[base,oracle+grouped,dlp-nucleus2+grouped]' "bench.table_dir=$LMX/e2e_profile"
+}
 # the gates' route fused (kernels.gate_mix: top-k, multiply and CE one Triton kernel each way, the router's default on
 # CUDA) beside the coefficient matrix torch.compile makes kernels of (loramux_gates_unfused), the shrink+gate packed
 # form, peft and loramux_single, compiled layers captured, batch 64, 5 rounds, table train_throughput_fused
