@@ -19,7 +19,13 @@ How it equals ``MultiLoRAModel.generate(do_sample=False)``:
   pad for rows that have finished, stop when every row has (or after ``max_new_tokens``).
 
 Every tensor the graph reads is this call's (its cache, buffers, the routers' prefill decisions), so a graph is
-captured per call and dropped after it; capture costs about one decode step. ``capture=False`` runs the same loop
+captured per call and dropped after it; capture costs about one decode step. The eager first decode step before it
+is the capture's warm-up: it runs whatever a step does lazily (routers and projection groups lay out the rows the
+step reads, caches fill, kernels compile) outside the capture, where a capture could not. A later call whose
+``_decode_signature`` (shapes, dtype, router and its parameters, bank version, task ids, every projection group's
+layout) equals one a warm-up left behind finds nothing lazy to do: it captures at once and its first decode step is
+the graph's first replay, one eager decode step less per call (the routed models' eager steps cost two to three
+times the base model's host time on the H200). ``capture=False`` runs the same loop
 eagerly (the CPU, and the tests that check it against ``generate`` token for token). Sliding-window layers
 (Gemma 3) keep full static layers and get their own decode mask, the full one cut to the last ``sliding_window``
 cache positions (transformers takes a dict of prepared masks by layer type).
@@ -160,15 +166,20 @@ def graph_generate(mm, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
     with _phase(mm, routed, task_ids, B, prefill=False):
         graph, out = None, None
         if capture and dev.type == "cuda":
-            # warm-up on a side stream (as CUDA graph capture asks), as the real first decode step
-            clock.begin("first_step")
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                out = step()
-            torch.cuda.current_stream().wait_stream(side)
-            advance(out)
-            clock.mark("first_step")
+            warmed = _warm_signatures(mm)
+            if _decode_signature(mm, routed, B, P, N) not in warmed:
+                # warm-up on a side stream (as CUDA graph capture asks), as the real first decode step
+                clock.begin("first_step")
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    out = step()
+                torch.cuda.current_stream().wait_stream(side)
+                advance(out)
+                clock.mark("first_step")
+                if len(warmed) >= WARM_SIGNATURES:
+                    warmed.clear()
+                warmed.add(_decode_signature(mm, routed, B, P, N))  # the state this warm-up left
             clock.begin("capture")
             if n < N and not bool(finished.all()):
                 graph = torch.cuda.CUDAGraph()
@@ -191,9 +202,45 @@ def graph_generate(mm, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
     return seq[:, :P + n]
 
 
+#: decode signatures a model remembers as warmed (``_decode_signature``); past this many it forgets them all
+WARM_SIGNATURES = 64
+
+
+def _warm_signatures(mm) -> set:
+    """The signatures whose warm-up ran on ``mm`` (kept on the model object itself)."""
+    return mm.__dict__.setdefault("_lmx_warm_decode", set())
+
+
+def _decode_signature(mm, routed: bool, B: int, P: int, N: int) -> tuple:
+    """Everything that decides what a decode step of this call does lazily, read on the host (one device read: the
+    task ids in force). Equal signatures: the step reads the same layouts, caches and compiled kernels, all made by
+    the warm-up that left the signature. Shapes, parameter dtype, autocast; a plain model's active peft adapters; a
+    ``MultiLoRAModel``'s router (the object, its class and knobs, every parameter's storage and version: gates that
+    trained since re-lay their rows; a sentence router's prefill decision shapes), bank version and size, task ids,
+    forced gates, and every projection group's ``decode_state``."""
+    dtype = next(mm.parameters()).dtype
+    cast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+    sig = (B, P, N, dtype, cast)
+    if not routed:
+        return (*sig, type(mm).__name__, repr(getattr(mm, "active_adapters", None)))
+    router, ctx = mm.ctx.router, mm.ctx
+    knobs = repr(router.config()) if router is not None and hasattr(router, "config") else None
+    params = () if router is None else tuple((p.data_ptr(), p._version) for p in router.parameters())
+    tasks = None if ctx.task_ids is None else tuple(torch.as_tensor(ctx.task_ids).reshape(-1).tolist())
+    groups = tuple(g.decode_state() for g in getattr(mm, "_groups", ()))
+    # a sentence router's prefill decision: its shapes (the nucleus width K is a kernel's compile-time constant), the
+    # adapter every row uses when known on the host, a per-token prefill route
+    seq = getattr(router, "_seq", None)
+    decision = (None if seq is None else tuple(tuple(t.shape) for t in seq), getattr(router, "_uniform", None),
+                getattr(router, "_tok", None) is not None)
+    return (*sig, id(router), type(router).__name__, knobs, params, decision, ctx.bank.version, len(ctx.bank),
+            tasks, bool(ctx.force_gates), groups)
+
+
 #: the phases of a call ``graph_generate(phases=...)`` times: the prefill with the first token's choice; the eager
-#: first decode step (on CUDA: the capture's warm-up, where routers lay out what the capture reads); the capture; the
-#: replays (or, uncaptured, the eager steps) of the remaining tokens. A phase that did not run is absent.
+#: first decode step (on CUDA: the capture's warm-up, where routers lay out what the capture reads; absent in a warm
+#: call); the capture; the replays (or, uncaptured, the eager steps) of the remaining tokens. A phase that did not run
+#: is absent.
 PHASES = ("prefill", "first_step", "capture", "replay")
 
 

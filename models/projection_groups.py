@@ -142,6 +142,13 @@ class ProjectionGroup:
         self.weight, self.bias, self.views, self.ptrs, self._pending, self._packed = None, None, [], [], None, {}
         self._rows = self._gates_key = None
 
+    def decode_state(self) -> tuple:
+        """What a decode step finds laid out in this group: its bank layout (L, R), the bank version and gate
+        weights its rows hold, the uniform adapter in its shrink rows, the packed weight's storage and the launch
+        form (``models.graph_generate`` keys a warm capture on it: equal states, nothing to lay out)."""
+        ptr = None if self.weight is None else self.weight.data_ptr()
+        return (self.L, self.R, self._rows, self._gates_key, self._shrink, ptr, self.one_launch, self.intact())
+
     def intact(self) -> bool:
         """The members still hold the packed views: a weight replaced, or moved off them by ``model.to(dtype)``
         (which swaps a parameter's data in place), breaks the group (its members then run alone). An in-place

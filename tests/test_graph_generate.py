@@ -163,3 +163,48 @@ def test_bf16_autocast_keys_and_values_share_the_cache_dtype(assets):
     assert torch.equal(got, want)
     for a, b in zip(rec_got.scores, rec_want.scores, strict=True):
         torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
+
+
+def test_a_decode_signature_changes_with_whatever_a_capture_would_lay_out(assets):
+    """A warm call (graph_generate on CUDA: no eager first step) is taken only where the signature equals one a
+    warm-up left. It must be the same for a repeated call and differ with the shapes, the router (another one, its
+    knobs, trained gates), the task ids, a prefill decision's width, the bank version and a group's shrink rows."""
+    from models.graph_generate import _decode_signature
+
+    mm = _mm(assets, "oracle", group_projections=True)
+    tok = mm.tokenizer
+    batch = tok(PROMPTS, return_tensors="pt", padding=True)
+
+    def sig(task_ids=None, n=3):
+        with mm.routing(task_ids, None, None, 3), torch.no_grad():
+            mm(**batch)  # a prefill: sentence routers decide, groups lay out what the route reads
+            return _decode_signature(mm, True, 3, batch["input_ids"].shape[1], n)
+
+    first = sig(["a", "a", "a"])
+    assert sig(["a", "a", "a"]) == first
+    assert sig(["a", "a", "a"], n=4) != first
+    assert sig(["b", "b", "b"]) != first  # another uniform adapter: other shrink rows
+    assert sig(["a", "b", "c"]) != first
+    mm.set_router("meteora", top_k=2)
+    gates = sig()
+    assert gates != first and sig() == gates
+    mm.set_router(mm.router.__class__(mm.ctx, top_k=1))
+    assert sig() != gates
+    with torch.no_grad():
+        next(mm.router.parameters()).add_(0.01)  # a gate that trained: its rows must be laid out again
+    top1 = sig()
+    assert sig() == top1
+    with torch.no_grad():
+        next(mm.router.parameters()).add_(0.01)
+    assert sig() != top1
+    mm.set_router("dlp", hidden=32, layers=1, max_kept=1)
+    one = sig()
+    assert sig() == one and mm.router._seq[0].shape[1] == 1
+    mm.router.max_kept = None  # a wider nucleus: another knob, and decisions of another width
+    assert sig() != one
+    mm.router.max_kept = 1
+    mm.bank.version += 1  # the bank changed (a hot swap): every layout is stale
+    assert sig() != one
+    plain, _ = load_base_model(assets[0])
+    a = _decode_signature(plain, False, 3, 5, 3)
+    assert a == _decode_signature(plain, False, 3, 5, 3) and a != _decode_signature(plain, False, 3, 5, 4)

@@ -171,3 +171,37 @@ def test_cuda_grouped_projections_decode_as_the_ungrouped_model(assets, router, 
         n = batch["input_ids"].shape[1]
         assert int(got.min()) >= 0 and int(got.max()) < mm.model.config.vocab_size
     assert torch.equal(got[:, :n], want[:, :n])
+
+
+@pytest.mark.parametrize("grouped", [False, True], ids=["ungrouped", "grouped"])
+def test_cuda_warm_graph_calls_decode_as_generate_across_routers_and_prompts(assets, grouped):
+    """graph_generate's warm calls (a signature a warm-up left: captured at once, no eager first step) give
+    generate's tokens, call after call on one model while the router, the task ids and the prompts change between
+    them (as the e2e benchmark interleaves strategies); a repeated call is warm, a changed one warms up again."""
+    from models.graph_generate import graph_generate
+
+    torch.manual_seed(0)
+    mm = _mm(assets, router="oracle", group_projections=grouped).eval()
+    tok = mm.tokenizer
+    routers = {"oracle": mm.router, "meteora": mm.build_router("meteora", top_k=2),
+               "dlp": mm.build_router("dlp", hidden=32, layers=1, max_kept=2)}
+    prompts = [PROMPTS, [p[::-1] + " ok" for p in PROMPTS]]
+    plan = [("oracle", ["a", "a", "a"], 0), ("dlp", None, 0), ("oracle", ["a", "a", "a"], 1), ("meteora", None, 0),
+            ("dlp", None, 1), ("oracle", ["b", "b", "b"], 0), ("meteora", None, 1), ("dlp", None, 0),
+            ("oracle", ["a", "b", "c"], 1), ("oracle", ["a", "a", "a"], 0), ("oracle", ["a", "a", "a"], 0),
+            ("dlp", None, 0), ("dlp", None, 0)]
+    warm = []
+    for name, task_ids, which in plan:
+        mm.set_router(routers[name])
+        batch = tok(prompts[which], return_tensors="pt", padding=True).to("cuda")
+        route = {"task_ids": task_ids} if task_ids else {}
+        want = mm.generate(**batch, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id,
+                           eos_token_id=None, min_new_tokens=12, **route)
+        phases: dict = {}
+        got = graph_generate(mm, batch["input_ids"], batch["attention_mask"], max_new_tokens=12, eos_token_id=None,
+                             pad_token_id=tok.pad_token_id, task_ids=task_ids, capture=True, phases=phases)
+        assert torch.equal(got, want), (name, task_ids, which)
+        warm.append("first_step" not in phases)
+    # the first call warms up; a call repeated with nothing changed between is warm (a sentence router's decision
+    # shapes and the task ids are in the signature, the prompt text is not)
+    assert warm[0] is False and warm[10] and warm[12], warm
