@@ -23,9 +23,9 @@ captured per call and dropped after it; capture costs about one decode step. The
 is the capture's warm-up: it runs whatever a step does lazily (routers and projection groups lay out the rows the
 step reads, caches fill, kernels compile) outside the capture, where a capture could not. A later call whose
 ``_decode_signature`` (shapes, dtype, router and its parameters, bank version, task ids, every projection group's
-layout) equals one a warm-up left behind finds nothing lazy to do: it captures at once and its first decode step is
-the graph's first replay, one eager decode step less per call (the routed models' eager steps cost two to three
-times the base model's host time on the H200). ``capture=False`` runs the same loop
+layout) equals one a warm-up left behind finds nothing lazy to do: with ``warm_start`` it captures at once and its
+first decode step is the graph's first replay, one eager decode step less per call (the routed models' eager steps
+cost two to three times the base model's host time on the H200). Off by default until its GPU test has run. ``capture=False`` runs the same loop
 eagerly (the CPU, and the tests that check it against ``generate`` token for token). Sliding-window layers
 (Gemma 3) keep full static layers and get their own decode mask, the full one cut to the last ``sliding_window``
 cache positions (transformers takes a dict of prepared masks by layer type).
@@ -85,13 +85,15 @@ def _cache_kwarg(model) -> str:
 @torch.no_grad()
 def graph_generate(mm, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
                    eos_token_id: int | None, pad_token_id: int, task_ids=None, logits_processor=None,
-                   capture: bool = True, phases: dict | None = None) -> torch.Tensor:
+                   capture: bool = True, phases: dict | None = None, warm_start: bool = False) -> torch.Tensor:
     """Greedy decoding of left-padded ``input_ids`` [B, P]: ``[B, P + n]`` as ``generate`` returns it (n <= the
     budget: it stops when every row has produced EOS; a finished row continues with ``pad_token_id``; no EOS:
     exactly ``max_new_tokens``). ``mm``: a ``MultiLoRAModel`` (``task_ids`` route its rows), or any transformers
     causal LM, peft's ``PeftModel`` included (the benchmarks' base and peft rows). ``phases``: a dict to fill with
     the seconds of each phase (``PHASES``) and ``replayed_steps``, the device synchronised at each boundary (a
-    benchmark's split of one call; it costs the overlap of host and device there, so time the call apart)."""
+    benchmark's split of one call; it costs the overlap of host and device there, so time the call apart).
+    ``warm_start``: a call whose decode signature a warm-up left captures at once (module doc); off by default until
+    its GPU test (tests/test_models_gpu.py, warm calls across routers and prompts) has passed on the H200."""
     from transformers.cache_utils import Cache
 
     routed = hasattr(mm, "routing") and hasattr(mm, "ctx")
@@ -167,7 +169,7 @@ def graph_generate(mm, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
         graph, out = None, None
         if capture and dev.type == "cuda":
             warmed = _warm_signatures(mm)
-            if _decode_signature(mm, routed, B, P, N) not in warmed:
+            if not warm_start or _decode_signature(mm, routed, B, P, N) not in warmed:
                 # warm-up on a side stream (as CUDA graph capture asks), as the real first decode step
                 clock.begin("first_step")
                 side = torch.cuda.Stream()
@@ -177,9 +179,10 @@ def graph_generate(mm, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
                 torch.cuda.current_stream().wait_stream(side)
                 advance(out)
                 clock.mark("first_step")
-                if len(warmed) >= WARM_SIGNATURES:
-                    warmed.clear()
-                warmed.add(_decode_signature(mm, routed, B, P, N))  # the state this warm-up left
+                if warm_start:
+                    if len(warmed) >= WARM_SIGNATURES:
+                        warmed.clear()
+                    warmed.add(_decode_signature(mm, routed, B, P, N))  # the state this warm-up left
             clock.begin("capture")
             if n < N and not bool(finished.all()):
                 graph = torch.cuda.CUDAGraph()

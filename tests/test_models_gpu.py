@@ -199,7 +199,8 @@ def test_cuda_warm_graph_calls_decode_as_generate_across_routers_and_prompts(ass
                            eos_token_id=None, min_new_tokens=12, **route)
         phases: dict = {}
         got = graph_generate(mm, batch["input_ids"], batch["attention_mask"], max_new_tokens=12, eos_token_id=None,
-                             pad_token_id=tok.pad_token_id, task_ids=task_ids, capture=True, phases=phases)
+                             pad_token_id=tok.pad_token_id, task_ids=task_ids, capture=True, phases=phases,
+                             warm_start=True)
         assert torch.equal(got, want), (name, task_ids, which)
         warm.append("first_step" not in phases)
     # the first call warms up; a call repeated with nothing changed between is warm (a sentence router's decision
