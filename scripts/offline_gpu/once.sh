@@ -15,7 +15,10 @@ source scripts/offline_gpu/chains/bench_steps.sh
 for s in "$@"; do
   declare -F "$s" > /dev/null || { echo "once.sh: no step '$s' in chains/bench_steps.sh" >&2; exit 2; }
 done
-for s in "$@"; do "$s" >> /root/lmx/chain.log 2>&1; done
+pack() { (cd /root/lmx && tar czf "$OUT/lmx.tgz.part" --exclude=./cache --exclude=./src --exclude=wandb . &&
+          mv "$OUT/lmx.tgz.part" "$OUT/lmx.tgz"); }
+# packed after every step: a call stopped at its time limit still brings back the steps it finished
+for s in "$@"; do "$s" >> /root/lmx/chain.log 2>&1; pack; done
 tail -n 8 /root/lmx/chain.log
 for f in /root/lmx/logs/*.log; do [ -f "$f" ] && { echo "== $f"; tail -n 2 "$f"; }; done
-cd /root/lmx && tar czf "$OUT/lmx.tgz" --exclude=./cache --exclude=./src --exclude=wandb . && ls "$OUT"
+ls "$OUT"
