@@ -48,17 +48,26 @@ def _shrink_offsets(rows, aa, rr, sht, R):
 
 
 @triton.jit
-def gate_mix_fwd_kernel(h_ptr, z_ptr, y_ptr, brk_ptr, hc_ptr, ce_ptr, T, L, R, sht, szt, shct, inv_temp,
-                        K: tl.constexpr, BT: tl.constexpr, BL: tl.constexpr, BR: tl.constexpr,
-                        HAS_LABELS: tl.constexpr):  # fmt: skip
+def _tile(z_ptr, brk_ptr, T, L, R, szt, inv_temp, K: tl.constexpr, BT: tl.constexpr, BL: tl.constexpr,
+          BR: tl.constexpr):
+    """A program's rows, adapters and rank columns with their masks (``m3``: the [BT, BL, BR] shrink tile), the
+    rows' logits and route, and where a routed adapter is broken (its coefficient made NaN)."""
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
     aa = tl.arange(0, BL)
     rr = tl.arange(0, BR)
     row_ok, a_ok = rows < T, aa < L
     z, coef = _route(z_ptr, rows, row_ok, aa, a_ok, szt, inv_temp, K)
     broken = tl.load(brk_ptr + aa, mask=a_ok, other=0) != 0
-    c = tl.where((coef != 0.0) & broken[None, :], float("nan"), coef)
     m3 = row_ok[:, None, None] & a_ok[None, :, None] & (rr < R)[None, None, :]
+    return rows, aa, rr, row_ok, a_ok, m3, z, coef, (coef != 0.0) & broken[None, :]
+
+
+@triton.jit
+def gate_mix_fwd_kernel(h_ptr, z_ptr, y_ptr, brk_ptr, hc_ptr, ce_ptr, T, L, R, sht, szt, shct, inv_temp,
+                        K: tl.constexpr, BT: tl.constexpr, BL: tl.constexpr, BR: tl.constexpr,
+                        HAS_LABELS: tl.constexpr):  # fmt: skip
+    rows, aa, rr, row_ok, a_ok, m3, z, coef, made_nan = _tile(z_ptr, brk_ptr, T, L, R, szt, inv_temp, K, BT, BL, BR)
+    c = tl.where(made_nan, float("nan"), coef)
     h = tl.load(h_ptr + _shrink_offsets(rows, aa, rr, sht, R), mask=m3, other=0.0)
     cq = c.to(h.dtype).to(tl.float32)  # the coefficient in h's dtype, as the torch form multiplies
     hc = h.to(tl.float32) * cq[:, :, None]
@@ -77,15 +86,8 @@ def gate_mix_bwd_kernel(dhc_ptr, dce_ptr, h_ptr, z_ptr, y_ptr, brk_ptr, dh_ptr, 
                         sdht, sdzt, inv_temp,
                         K: tl.constexpr, BT: tl.constexpr, BL: tl.constexpr, BR: tl.constexpr,
                         HAS_LABELS: tl.constexpr):  # fmt: skip
-    rows = tl.program_id(0) * BT + tl.arange(0, BT)
-    aa = tl.arange(0, BL)
-    rr = tl.arange(0, BR)
-    row_ok, a_ok = rows < T, aa < L
-    z, coef = _route(z_ptr, rows, row_ok, aa, a_ok, szt, inv_temp, K)
-    broken = tl.load(brk_ptr + aa, mask=a_ok, other=0) != 0
-    made_nan = (coef != 0.0) & broken[None, :]
+    rows, aa, rr, row_ok, a_ok, m3, z, coef, made_nan = _tile(z_ptr, brk_ptr, T, L, R, szt, inv_temp, K, BT, BL, BR)
     c = tl.where(made_nan, float("nan"), coef)
-    m3 = row_ok[:, None, None] & a_ok[None, :, None] & (rr < R)[None, None, :]
     d = tl.load(dhc_ptr + _shrink_offsets(rows, aa, rr, sdt, R), mask=m3, other=0.0).to(tl.float32)
     h = tl.load(h_ptr + _shrink_offsets(rows, aa, rr, sht, R), mask=m3, other=0.0)
     cq = c.to(h.dtype).to(tl.float32)

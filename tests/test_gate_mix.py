@@ -14,6 +14,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before kernels.triton_gate_mix is first imported
 
+from test_packed_gate import _gates_model as gates_model
+from test_packed_gate import _step as packed_gate_step
+
 from kernels.gate_mix import TopKGate, gate_mix, gate_mix_torch, top_k_coef
 from kernels.switches import poisoned_buffers
 
@@ -135,27 +138,10 @@ def test_a_top_k_gate_hands_its_ce_to_its_router_once():
     assert len(seen) == 2 and torch.allclose(seen[1], want_ce)
 
 
-def _gates_model():
-    import tempfile
-
-    from models import MultiLoRAModel, load_base_model
-    from models.tiny import save_test_assets
-
-    base, dirs = save_test_assets(tempfile.mkdtemp())
-    model, tok = load_base_model(base)
-    torch.manual_seed(0)
-    mm = MultiLoRAModel.from_adapters(model, {n: str(d) for n, d in dirs.items()}, tokenizer=tok, router="meteora")
-    return mm, mm.set_trainable("gates"), len(dirs)
-
-
 def _step(mm, params, n, fused: str, train: bool = True, packed: bool = False):
-    mm.router.fused_route, mm.router.pack_gates = fused, packed
-    mm.train(train)
-    ids = torch.randint(5, 100, (3, 11), generator=torch.Generator().manual_seed(1))
-    with torch.enable_grad():
-        out = mm(input_ids=ids, labels=ids, task_ids=torch.arange(3) % n)
-        grads = torch.autograd.grad(out.loss, params)
-    return out.loss.detach(), out["aux_loss"].detach(), grads, mm.router.gate_confusion()
+    """tests/test_packed_gate.py's gate step (loss, aux loss, gate gradients, confusion) with the route ``fused``."""
+    mm.router.fused_route = fused
+    return packed_gate_step(mm, params, n, packed, train, with_base=False)
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["apart", "packed"])
@@ -163,7 +149,7 @@ def _step(mm, params, n, fused: str, train: bool = True, packed: bool = False):
 def test_a_fused_gate_step_equals_the_coefficient_matrix_step(train, packed):
     """The same loss, aux loss (MeteoRA's CE, now summed by the kernel) and gate gradients, and in eval mode the same
     routing counts, with the fused route (the Triton kernels, interpreted) as with the coefficient matrix."""
-    mm, params, n = _gates_model()
+    mm, params, n = gates_model()
     got, want = _step(mm, params, n, "triton", train, packed), _step(mm, params, n, "off", train, packed)
     assert got[1] > 0
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
@@ -180,7 +166,7 @@ def test_the_fused_route_compiles_without_a_graph_break():
 
     from models.compile import compile_layers
 
-    mm, params, n = _gates_model()
+    mm, params, n = gates_model()
     eager = _step(mm, params, n, "triton")
     torch._dynamo.reset()
     counters.clear()

@@ -115,6 +115,17 @@ def configurations():
         if dt == "bf16":  # the benchmark's wider d_in step
             out.append(("gemv_lora bf16 BN=16 BK=256", tgl.gemv_lora_kernel, ptrs,
                         {"BT": gl.BLOCK_T, "BN": 16, "BE": 32, "BK": 256, "HAS_LORA": True, "F32": False, **spec}))
+    from kernels import triton_gate_mix as tgm  # lazy, as above
+
+    # a learning gate's route, multiply and CE (kernels.gate_mix), forward and backward, at SmolLM2's gate-training
+    # shape (28 adapters of rank 8, top-2, labels), the logits in bf16 (autocast's) or fp32
+    bt, bl, br = tgm._blocks(28, 8, "cuda")
+    for dt in ("bf16", "fp32"):
+        ptrs = {"y_ptr": "*i64", "brk_ptr": "*i1", "ce_ptr": "*fp32", "dce_ptr": "*fp32", "inv_temp": "fp32",
+                **{n: f"*{dt}" for n in ("h_ptr", "z_ptr", "hc_ptr", "dhc_ptr", "dh_ptr", "dz_ptr")}}  # fmt: skip
+        for name, kernel in (("fwd", tgm.gate_mix_fwd_kernel), ("bwd", tgm.gate_mix_bwd_kernel)):
+            out.append((f"gate_mix_{name} {dt}", kernel, ptrs,
+                        {"K": 2, "BT": bt, "BL": bl, "BR": br, "HAS_LABELS": True}))
     return out
 
 
@@ -133,7 +144,7 @@ def main(argv=None) -> None:
                "token_expand fp32 seq=False", "grouped_expand bf16", "bank_shrink bf16 BM=16",
                "bank_expand bf16 BM=16", "bank_expand bf16 BM=128 L>64", "shrunk_expand bf16 logits",
                "shrunk_expand bf16 logits r8 L28 BN=32",
-               "shrunk_expand fp32 seq", "gemv_lora bf16 BN=32")  # fmt: skip
+               "shrunk_expand fp32 seq", "gemv_lora bf16 BN=32", "gate_mix_fwd bf16", "gate_mix_bwd bf16")  # fmt: skip
         configs = [c for c in configs if c[0] in few]
     for name, fn, ptrs, constants in configs:
         sig, consts = signature(fn, ptrs, constants)
