@@ -25,7 +25,12 @@ step reads, caches fill, kernels compile) outside the capture, where a capture c
 ``_decode_signature`` (shapes, dtype, router and its parameters, bank version, task ids, every projection group's
 layout) equals one a warm-up left behind finds nothing lazy to do: with ``warm_start`` it captures at once and its
 first decode step is the graph's first replay, one eager decode step less per call (the routed models' eager steps
-cost two to three times the base model's host time on the H200). Off by default until its GPU test has run. ``capture=False`` runs the same loop
+cost two to three times the base model's host time on the H200). With ``keep_graph`` the graph itself stays on
+the model (``_KeptGraph``, up to ``KEPT_GRAPHS`` by shape, router and task ids) with its KV cache and buffers: a later
+call of the same signature empties the cache in place, refills the buffers with its prompt, copies its sentence
+router's decision into the tensors the graph reads, and replays from its first decode step, with no eager step and
+no capture. Both are off by default until their GPU test has run; on the CPU ``simulate_graphs`` runs their
+bookkeeping against generate (tests/test_graph_generate.py). ``capture=False`` runs the same loop
 eagerly (the CPU, and the tests that check it against ``generate`` token for token). Sliding-window layers
 (Gemma 3) keep full static layers and get their own decode mask, the full one cut to the last ``sliding_window``
 cache positions (transformers takes a dict of prepared masks by layer type).
@@ -85,15 +90,19 @@ def _cache_kwarg(model) -> str:
 @torch.no_grad()
 def graph_generate(mm, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
                    eos_token_id: int | None, pad_token_id: int, task_ids=None, logits_processor=None,
-                   capture: bool = True, phases: dict | None = None, warm_start: bool = False) -> torch.Tensor:
+                   capture: bool = True, phases: dict | None = None, warm_start: bool = False,
+                   keep_graph: bool = False) -> torch.Tensor:
     """Greedy decoding of left-padded ``input_ids`` [B, P]: ``[B, P + n]`` as ``generate`` returns it (n <= the
     budget: it stops when every row has produced EOS; a finished row continues with ``pad_token_id``; no EOS:
     exactly ``max_new_tokens``). ``mm``: a ``MultiLoRAModel`` (``task_ids`` route its rows), or any transformers
     causal LM, peft's ``PeftModel`` included (the benchmarks' base and peft rows). ``phases``: a dict to fill with
     the seconds of each phase (``PHASES``) and ``replayed_steps``, the device synchronised at each boundary (a
     benchmark's split of one call; it costs the overlap of host and device there, so time the call apart).
-    ``warm_start``: a call whose decode signature a warm-up left captures at once (module doc); off by default until
-    its GPU test (tests/test_models_gpu.py, warm calls across routers and prompts) has passed on the H200."""
+    ``warm_start``: a call whose decode signature a warm-up left captures at once (module doc). ``keep_graph``
+    (implies ``warm_start``): the captured graph, its KV cache and buffers stay on the model after the call, and a
+    later call with the same signature replays it without capturing (``_KeptGraph``; ``release_graphs`` frees
+    them).
+    Both off by default until their GPU test (tests/test_models_gpu.py) has passed on the H200."""
     from transformers.cache_utils import Cache
 
     routed = hasattr(mm, "routing") and hasattr(mm, "ctx")
@@ -106,9 +115,11 @@ def graph_generate(mm, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
         dtype = torch.float32
     cfg = _text_config(mm)
     types = _layer_types(cfg)
-    # every layer a full static layer (a sliding-window layer too: its window is in its mask), so one buffer layout
-    # and one mask per layer type serve every step
-    cache = Cache(layers=[_static_layer(P + N) for _ in types])
+    # captured: on CUDA a CUDA graph; on the CPU only for the tests (``simulate_graphs``: a stand-in replaying the
+    # captured call's step, reading that call's tensors as a graph would)
+    graphing = capture and (dev.type == "cuda" or _SIMULATE[0])
+    keep_graph = keep_graph and graphing
+    warm_start = warm_start or keep_graph
     window = int(cfg.sliding_window) if "sliding_attention" in types else None
     ckw = _cache_kwarg(model.get_base_model() if hasattr(model, "get_base_model") else model)
     mask = attention_mask.to(dev).long()
@@ -120,6 +131,21 @@ def graph_generate(mm, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
 
     clock = _PhaseClock(dev, phases)
     with _phase(mm, routed, task_ids, B, prefill=True):
+        kept, key = None, None
+        if keep_graph and _keeps_graphs(mm, routed):
+            key = (B, P, N, dev, *_route_key(mm, routed))
+            kept = _kept_graphs(mm).get(key)
+        if kept is not None:  # its cache again (the graph reads it), emptied as a fresh one is
+            cache = kept.cache
+            for layer in cache.layers:
+                for name in ("keys", "values", "cumulative_length"):
+                    t = getattr(layer, name, None)
+                    if torch.is_tensor(t):
+                        t.zero_()
+        else:
+            # every layer a full static layer (a sliding-window layer too: its window is in its mask), so one buffer
+            # layout and one mask per layer type serve every step
+            cache = Cache(layers=[_static_layer(P + N) for _ in types])
         pos = mask.cumsum(-1) - 1
         pos.masked_fill_(mask == 0, 1)
         logits = model(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=True,
@@ -134,20 +160,27 @@ def graph_generate(mm, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
 
     # decode state in fixed buffers: the token fed, its position, the key mask. SDPA takes a boolean mask (True:
     # attend) in any compute dtype, autocast included; the eager attention adds the mask (0: attend, min: not)
-    tok = nxt[:, None].clone()
-    dpos = real[:, None].clone()  # the first generated token sits at position real (0-based)
     if getattr(model.config, "_attn_implementation", None) == "sdpa":
         attend, blocked, mask_dtype = True, False, torch.bool
     else:
         attend, blocked, mask_dtype = 0.0, torch.finfo(dtype).min, dtype
-    dmask = torch.full((B, 1, 1, P + N), blocked, dtype=mask_dtype, device=dev)
+    if kept is not None:  # the kept graph's buffers, refilled in place for this call
+        tok, dpos, dmask, cur, smask, idx = kept.buffers
+        tok.copy_(nxt[:, None])
+        dpos.copy_(real[:, None])
+        dmask.fill_(blocked)
+        cur.fill_(P)
+    else:
+        tok = nxt[:, None].clone()
+        dpos = real[:, None].clone()  # the first generated token sits at position real (0-based)
+        dmask = torch.full((B, 1, 1, P + N), blocked, dtype=mask_dtype, device=dev)
+        cur = torch.tensor([P], dtype=torch.long, device=dev)  # the cache index the fed token is written at
+        smask = idx = None
+        if window is not None:  # sliding-window layers see the keys of the last `window` cache positions only
+            idx = torch.arange(P + N, device=dev)
+            smask = dmask.clone()
     dmask[:, 0, 0, :P].masked_fill_(mask.bool(), attend)
-    cur = torch.tensor([P], dtype=torch.long, device=dev)  # the cache index the fed token is written at
-    masks = dmask
-    if window is not None:  # sliding-window layers see the keys of the last `window` cache positions only
-        idx = torch.arange(P + N, device=dev)
-        smask = dmask.clone()
-        masks = {"full_attention": dmask, "sliding_attention": smask}
+    masks = dmask if window is None else {"full_attention": dmask, "sliding_attention": smask}
 
     def step():
         dmask.index_fill_(3, cur, attend)
@@ -167,28 +200,48 @@ def graph_generate(mm, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
 
     with _phase(mm, routed, task_ids, B, prefill=False):
         graph, out = None, None
-        if capture and dev.type == "cuda":
-            warmed = _warm_signatures(mm)
-            if not warm_start or _decode_signature(mm, routed, B, P, N) not in warmed:
-                # warm-up on a side stream (as CUDA graph capture asks), as the real first decode step
-                clock.begin("first_step")
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    out = step()
-                torch.cuda.current_stream().wait_stream(side)
-                advance(out)
-                clock.mark("first_step")
-                if warm_start:
-                    if len(warmed) >= WARM_SIGNATURES:
-                        warmed.clear()
-                    warmed.add(_decode_signature(mm, routed, B, P, N))  # the state this warm-up left
-            clock.begin("capture")
-            if n < N and not bool(finished.all()):
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    out = step()
-            clock.mark("capture")
+        if graphing:
+            sig = _decode_signature(mm, routed, B, P, N) if warm_start else None
+            if kept is not None and kept.signature == sig:  # the same work as the kept graph's capture: replay it
+                kept.take_decision(mm, routed)
+                graph, out = kept.graph, kept.out
+            else:
+                if kept is not None:  # another signature: its graph goes, its cache and buffers stay (in use)
+                    kept.graph = kept.out = None
+                    _kept_graphs(mm).pop(key)
+                warmed = _warm_signatures(mm)
+                if not warm_start or sig not in warmed:
+                    # warm-up on a side stream (as CUDA graph capture asks), as the real first decode step
+                    clock.begin("first_step")
+                    if dev.type == "cuda":
+                        side = torch.cuda.Stream()
+                        side.wait_stream(torch.cuda.current_stream())
+                        with torch.cuda.stream(side):
+                            out = step()
+                        torch.cuda.current_stream().wait_stream(side)
+                    else:
+                        out = step()
+                    advance(out)
+                    clock.mark("first_step")
+                    if warm_start:
+                        if len(warmed) >= WARM_SIGNATURES:
+                            warmed.clear()
+                        sig = _decode_signature(mm, routed, B, P, N)  # the state this warm-up left
+                        warmed.add(sig)
+                clock.begin("capture")
+                if n < N and not bool(finished.all()):
+                    decision = _decision(mm, routed)  # what the graph reads of the router's prefill decision
+                    if dev.type == "cuda":
+                        graph = torch.cuda.CUDAGraph()
+                        with torch.cuda.graph(graph):
+                            out = step()
+                    else:
+                        graph = _StepGraph(step, dtype, mm.ctx.router if routed else None, decision)
+                        out = graph.out
+                    if key is not None:
+                        _keep(mm, key, _KeptGraph(sig, graph, out, cache, (tok, dpos, dmask, cur, smask, idx),
+                                                  decision))
+                clock.mark("capture")
         first = n
         clock.begin("replay")
         while n < N and not bool(finished.all()):
@@ -199,10 +252,113 @@ def graph_generate(mm, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
             advance(out)
         clock.mark("replay", replayed_steps=n - first)
     clock.close()
-    if graph is not None:  # the graph's private pool back to the driver, not kept reserved by this process: the
-        del graph, out     # evaluate processes of a reproduce share one GPU (an H200 run had a finetune beside two
-        torch.cuda.empty_cache()  # evaluates go out of memory: they held 58 and 72 GiB)
+    if graph is not None and key is None and dev.type == "cuda":  # the graph's private pool back to the driver,
+        del graph, out  # not kept reserved by this process: the evaluate processes of a reproduce share one GPU (an
+        torch.cuda.empty_cache()  # H200 run had a finetune beside two evaluates go out of memory)
     return seq[:, :P + n]
+
+
+_SIMULATE = [False]  # simulate_graphs() sets it
+
+
+@contextlib.contextmanager
+def simulate_graphs():
+    """Tests on the CPU: ``graph_generate(capture=True)`` "captures" a ``_StepGraph`` where CUDA would capture a
+    graph, so the warm start and the kept graphs' bookkeeping (a later call's prompt, cache and router decision in
+    the tensors the captured step reads) run without a GPU."""
+    _SIMULATE[0] = True
+    try:
+        yield
+    finally:
+        _SIMULATE[0] = False
+
+
+class _StepGraph:
+    """A CUDA graph's stand-in on the CPU: ``replay`` runs the captured call's step closure, so it reads that call's
+    tensors (cache, buffers) as the graph would, and the router's decision tensors of the capture (put back on the
+    router first: a graph reads their storage, whatever the router holds now), and writes its logits into one
+    ``out`` tensor kept across replays. Capturing runs nothing (as a capture computes nothing)."""
+
+    def __init__(self, step, dtype: torch.dtype, router=None, decision=None):
+        self.step, self.out = step, torch.empty(0, dtype=dtype)
+        self.router, self.decision = router, decision
+
+    def replay(self) -> None:
+        if self.decision is not None:
+            self.router._seq = self.decision
+        res = self.step()
+        if res.dtype != self.out.dtype:
+            raise RuntimeError(f"_StepGraph: logits in {res.dtype}, the model's parameters in {self.out.dtype}")
+        self.out.resize_(res.shape).copy_(res)
+
+
+#: decode graphs a model keeps (``graph_generate(keep_graph=True)``), the oldest dropped first: one per router and
+#: shape a benchmark interleaves (each holds its KV cache: ~100 MB at LLaMA-3-8B, batch 8, 192 positions)
+KEPT_GRAPHS = 4
+
+
+class _KeptGraph:
+    """A decode graph kept on its model between calls: the ``signature`` it was captured for, the graph and its
+    logits, and everything it reads that a call would otherwise make anew: the KV cache, the decode buffers (token,
+    position, masks, cache index) and the router's prefill decision (a sentence router's ``_seq`` tensors, into
+    which a later call's decision is copied)."""
+
+    def __init__(self, signature, graph, out, cache, buffers, decision):
+        self.signature, self.graph, self.out = signature, graph, out
+        self.cache, self.buffers, self.decision = cache, buffers, decision
+
+    def take_decision(self, mm, routed: bool) -> None:
+        """This call's router decision into the tensors the graph reads (equal shapes: the signature says so)."""
+        if not routed or self.decision is None:
+            return
+        router = mm.ctx.router
+        for held, new in zip(self.decision, router._seq, strict=True):
+            if held is not new:
+                held.copy_(new)
+        router._seq = self.decision
+
+
+def _kept_graphs(mm) -> dict:
+    """The model's kept graphs by (B, P, N, device, router, task ids), oldest first."""
+    return mm.__dict__.setdefault("_lmx_kept_graphs", {})
+
+
+def _keep(mm, key, kept: _KeptGraph) -> None:
+    graphs = _kept_graphs(mm)
+    graphs.pop(key, None)
+    while len(graphs) >= KEPT_GRAPHS:
+        graphs.pop(next(iter(graphs)))
+    graphs[key] = kept
+
+
+def _route_key(mm, routed: bool) -> tuple:
+    """The part of a kept graph's key known before the prefill: the router object and the task ids in force."""
+    if not routed:
+        return (None, None)
+    tids = mm.ctx.task_ids
+    return (id(mm.ctx.router), None if tids is None else tuple(torch.as_tensor(tids).reshape(-1).tolist()))
+
+
+def release_graphs(mm) -> None:
+    """Frees the decode graphs, KV caches and buffers ``graph_generate(keep_graph=True)`` kept on ``mm``."""
+    if mm.__dict__.pop("_lmx_kept_graphs", None) and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _keeps_graphs(mm, routed: bool) -> bool:
+    """Can a graph of this model be replayed by a later call? A plain model, or a router whose only per-call state
+    the graph reads is a sentence router's prefill decision (``_seq``: the oracle, LoRA-B, DLP) or none (MeteoRA's
+    gates, no router); not merge (its merged adapter is made anew per call) nor a per-token prefill route."""
+    if not routed:
+        return True
+    router = mm.ctx.router
+    return router is None or bool(getattr(router, "keeps_decode_graph", False))
+
+
+def _decision(mm, routed: bool):
+    router = mm.ctx.router if routed else None
+    seq = getattr(router, "_seq", None)
+    return None if seq is None else tuple(seq)
 
 
 #: decode signatures a model remembers as warmed (``_decode_signature``); past this many it forgets them all

@@ -42,7 +42,7 @@ def test_stage_on_the_cpu_stand_in(tmp_path):
            "bench.e2e.strategies=[base,peft,oracle,dlp-nucleus2,oracle+grouped,dlp-nucleus2+grouped,oracle+onelaunch]",
            "bench.e2e.batch_sizes=[2]", "bench.e2e.num_adapters=3", "bench.e2e.new_tokens=3",
            "bench.e2e.prompt_len=6", "bench.e2e.repeats=2", "bench.e2e.profile_calls=[base,dlp-nucleus2+grouped]",
-           "bench.e2e.warm_start=true",
+           "bench.e2e.warm_start=true", "bench.e2e.keep_graph=true",
            f"hydra.run.dir={tmp_path / 'run'}"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -65,8 +65,9 @@ def test_stage_on_the_cpu_stand_in(tmp_path):
     assert all(ph["replayed_steps"] == 2 and ph["replay"] > 0 for ph in graph["phases"].values())
     assert "phases" not in next(r for r in doc["records"] if r["engine"] == "eager")
     # the graph engine's warm start is the record's and the page's (the eager engine has none)
-    assert graph["warm_start"] is True and "warm_start" not in next(r for r in doc["records"] if r["engine"] == "eager")
-    assert "static+graph all7 batch 2 at git" in e2e.markdown(doc) and "(warm start)" in e2e.markdown(doc)
+    assert graph["warm_start"] is True and graph["keep_graph"] is True
+    assert "warm_start" not in next(r for r in doc["records"] if r["engine"] == "eager")
+    assert "static+graph all7 batch 2 at git" in e2e.markdown(doc) and "(kept graph)" in e2e.markdown(doc)
     split = e2e.phases_table(doc["records"])
     assert len(split) == 2 + len(graph["phases"]) and "## Where a graph-engine call's decode time goes" in e2e.markdown(doc)
     assert any(line.startswith("| static+graph | all7 | 2 | base |") and line.endswith("| 1.0 |") for line in split)

@@ -208,3 +208,44 @@ def test_a_decode_signature_changes_with_whatever_a_capture_would_lay_out(assets
     plain, _ = load_base_model(assets[0])
     a = _decode_signature(plain, False, 3, 5, 3)
     assert a == _decode_signature(plain, False, 3, 5, 3) and a != _decode_signature(plain, False, 3, 5, 4)
+
+
+@pytest.mark.parametrize("mode", ["warm_start", "keep_graph"])
+@pytest.mark.parametrize("grouped", [False, True], ids=["ungrouped", "grouped"])
+def test_warm_and_kept_graph_calls_decode_as_generate_across_routers_and_prompts(assets, grouped, mode):
+    """The warm start and the kept graphs' bookkeeping on the CPU (``simulate_graphs``: a captured call's step
+    closure replayed in place of a CUDA graph, reading that call's tensors as the graph would): call after call on
+    one model while the router, the task ids and the prompts change, generate's tokens; a repeated call takes no
+    eager first step (and, kept, no capture). A later call's prompt reaches the kept cache and buffers, and a
+    sentence router's new decision the tensors the kept step reads: else its tokens would be the first call's."""
+    from models.graph_generate import release_graphs, simulate_graphs
+
+    mm = _mm(assets, "oracle", group_projections=grouped)
+    tok = mm.tokenizer
+    torch.manual_seed(0)
+    routers = {"oracle": mm.router, "meteora": mm.build_router("meteora", top_k=2),
+               "dlp": mm.build_router("dlp", hidden=32, layers=1, max_kept=2)}
+    prompts = [PROMPTS, PROMPTS[::-1]]  # the same padded length, other rows: a stale cache or decision shows
+    # four (router, task ids) keys: every kept graph stays (KEPT_GRAPHS); consecutive calls of one router are warm
+    plan = [("dlp", None, 0), ("dlp", None, 1), ("oracle", ["a", "a", "a"], 0), ("meteora", None, 0),
+            ("oracle", ["b", "b", "b"], 1), ("dlp", None, 0), ("oracle", ["a", "a", "a"], 1), ("meteora", None, 1),
+            ("dlp", None, 0), ("dlp", None, 1)]
+    warm = []
+    with simulate_graphs():
+        for name, task_ids, which in plan:
+            mm.set_router(routers[name])
+            batch = tok(prompts[which], return_tensors="pt", padding=True)
+            route = {"task_ids": task_ids} if task_ids else {}
+            want = mm.generate(**batch, max_new_tokens=6, min_new_tokens=6, do_sample=False, eos_token_id=None,
+                               pad_token_id=tok.pad_token_id, **route)
+            phases: dict = {}
+            got = graph_generate(mm, batch["input_ids"], batch["attention_mask"], max_new_tokens=6,
+                                 eos_token_id=None, pad_token_id=tok.pad_token_id, task_ids=task_ids, capture=True,
+                                 phases=phases, **{mode: True})
+            assert torch.equal(got, want), (name, task_ids, which)
+            warm.append("first_step" not in phases and (mode == "warm_start" or "capture" not in phases))
+    assert warm[0] is False and warm[1] and warm[9], warm  # DLP again at the same shapes: other prompts, warm
+    if mode == "keep_graph":
+        assert 0 < len(mm.__dict__["_lmx_kept_graphs"]) <= 4
+        release_graphs(mm)
+        assert "_lmx_kept_graphs" not in mm.__dict__

@@ -173,12 +173,14 @@ def test_cuda_grouped_projections_decode_as_the_ungrouped_model(assets, router, 
     assert torch.equal(got[:, :n], want[:, :n])
 
 
+@pytest.mark.parametrize("mode", ["warm_start", "keep_graph"])
 @pytest.mark.parametrize("grouped", [False, True], ids=["ungrouped", "grouped"])
-def test_cuda_warm_graph_calls_decode_as_generate_across_routers_and_prompts(assets, grouped):
-    """graph_generate's warm calls (a signature a warm-up left: captured at once, no eager first step) give
-    generate's tokens, call after call on one model while the router, the task ids and the prompts change between
-    them (as the e2e benchmark interleaves strategies); a repeated call is warm, a changed one warms up again."""
-    from models.graph_generate import graph_generate
+def test_cuda_warm_graph_calls_decode_as_generate_across_routers_and_prompts(assets, grouped, mode):
+    """graph_generate's warm calls (a signature a warm-up left: captured at once, no eager first step; with
+    ``keep_graph`` the graph kept from an earlier call replayed, no capture either) give generate's tokens, call
+    after call on one model while the router, the task ids and the prompts change between them (as the e2e benchmark
+    interleaves strategies); a repeated call is warm, a changed one warms up again."""
+    from models.graph_generate import graph_generate, release_graphs
 
     torch.manual_seed(0)
     mm = _mm(assets, router="oracle", group_projections=grouped).eval()
@@ -200,9 +202,11 @@ def test_cuda_warm_graph_calls_decode_as_generate_across_routers_and_prompts(ass
         phases: dict = {}
         got = graph_generate(mm, batch["input_ids"], batch["attention_mask"], max_new_tokens=12, eos_token_id=None,
                              pad_token_id=tok.pad_token_id, task_ids=task_ids, capture=True, phases=phases,
-                             warm_start=True)
+                             **{mode: True})
         assert torch.equal(got, want), (name, task_ids, which)
-        warm.append("first_step" not in phases)
+        warm.append("first_step" not in phases and (mode == "warm_start" or "capture" not in phases))
     # the first call warms up; a call repeated with nothing changed between is warm (a sentence router's decision
     # shapes and the task ids are in the signature, the prompt text is not)
     assert warm[0] is False and warm[10] and warm[12], warm
+    release_graphs(mm)
+    assert "_lmx_kept_graphs" not in mm.__dict__

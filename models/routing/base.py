@@ -10,4 +10,6 @@ from models.routing.route import Router
 class BaseRouter(Router):
     """Routes nothing: every wrapped projection returns its base output (``route`` is None)."""
 
+    keeps_decode_graph = True
+
     shares_route = True

@@ -44,6 +44,7 @@ def _positive_int(x) -> bool:
 
 @strategy("dlp")
 class DLPRouter(SequenceRouter):
+    keeps_decode_graph = True
     trainable = True
     #: what a router.json saved before a knob existed stands for (load_router reads it under the saved config)
     saved_before: ClassVar[dict] = {"prefix_windows": (), "span_tokens": None}

@@ -14,6 +14,8 @@ from models.routing.route import SequenceRouter
 
 @strategy("lora_b")
 class SingleAdapterRouter(SequenceRouter):
+    keeps_decode_graph = True
+
     @staticmethod
     def check(adapters: list, adapter: str | None = None) -> None:
         """Refuse an adapter the bank will not hold (one ValueError line); the stages call it before a model loads."""

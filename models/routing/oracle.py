@@ -14,6 +14,7 @@ from models.routing.route import SequenceRouter
 
 @strategy("oracle")
 class OracleRouter(SequenceRouter):
+    keeps_decode_graph = True
     needs_task_ids = True
     one_adapter_per_row = True
 

@@ -161,6 +161,9 @@ class Router(nn.Module):
     shares_route = False
     #: with a packed gate (``packed_gate``): whether the projection's base weight joins the gate's GEMM
     pack_base = False
+    #: True when a captured decode step reads no per-call state of the router but a sentence router's prefill
+    #: decision (``_seq``), so ``graph_generate(keep_graph=True)`` may replay it in a later call
+    keeps_decode_graph = False
 
     def __init__(self, ctx: RouteContext):
         super().__init__()

@@ -103,9 +103,9 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _generate_kwargs(engine: str, backend: str, warm_start: bool = False):
-    if engine == "graph":  # the contestants' callables take it to models.graph_generate
-        return {"engine": "graph", "warm_start": warm_start}
+def _generate_kwargs(engine: str, backend: str, graph_kw: dict | None = None):
+    if engine == "graph":  # the contestants' callables take it to models.graph_generate (warm_start, keep_graph)
+        return {"engine": "graph", **(graph_kw or {})}
     if engine == "eager":
         return generate_kwargs("eager")
     return generate_kwargs("static", compile_config(backend, "reduce-overhead" if backend == "inductor" else None,
@@ -163,10 +163,11 @@ def _decode(model, ids, mask, engine: str | None = None, **kw):
     if engine != "graph":
         return model.generate(input_ids=ids, attention_mask=mask, **kw)
     return graph_generate(model, ids, mask, max_new_tokens=kw["max_new_tokens"], eos_token_id=None, pad_token_id=0,
-                          capture=ids.is_cuda, phases=kw.get("phases"), warm_start=kw.get("warm_start", False))
+                          capture=ids.is_cuda, phases=kw.get("phases"), warm_start=kw.get("warm_start", False),
+                          keep_graph=kw.get("keep_graph", False))
 
 
-def split_calls(gens: dict, ids, mask, new_tokens: int, calls: int, device, warm_start: bool = False) -> dict:
+def split_calls(gens: dict, ids, mask, new_tokens: int, calls: int, device, graph_kw: dict | None = None) -> dict:
     """The graph engine's decode time taken apart, per strategy: ``calls`` N-token generations each with the device
     synchronised between phases (``models.graph_generate.PHASES``), after the timed rounds and apart from them (the
     synchronisations cost overlap). Per strategy the median seconds of each phase and the replayed steps: what a
@@ -177,14 +178,14 @@ def split_calls(gens: dict, ids, mask, new_tokens: int, calls: int, device, warm
         runs = []
         for _ in range(max(1, calls)):
             phases: dict = {}
-            _timed(gen, ids, mask, new_tokens, {"engine": "graph", "phases": phases, "warm_start": warm_start}, device)
+            _timed(gen, ids, mask, new_tokens, {"engine": "graph", "phases": phases, **(graph_kw or {})}, device)
             runs.append(phases)
         out[s] = {k: statistics.median(r[k] for r in runs) for k in runs[0] if all(k in r for r in runs)}
     return out
 
 
 def profile_calls(gens: dict, ids, mask, new_tokens: int, device, out_dir: Path, batch: int, rows: int = 40,
-                  warm_start: bool = False) -> list:
+                  graph_kw: dict | None = None) -> list:
     """One graph-engine call of each strategy in ``gens`` under ``torch.profiler`` (after the rounds), written to
     ``out_dir/profile_e2e_<strategy>_b<batch>.txt``: the call's phases (``graph_generate``'s ranges: host and
     device time of the prefill, the eager first step, the capture, the replays), then its ops by self device time
@@ -195,7 +196,7 @@ def profile_calls(gens: dict, ids, mask, new_tokens: int, device, out_dir: Path,
     written = []
     for s, gen in gens.items():
         with profile(activities=acts) as prof:
-            _timed(gen, ids, mask, new_tokens, {"engine": "graph", "warm_start": warm_start}, device)
+            _timed(gen, ids, mask, new_tokens, {"engine": "graph", **(graph_kw or {})}, device)
         ka = prof.key_averages()
         sort_dev = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         phases = [e for e in ka if e.key.startswith("graph_generate.")]
@@ -214,16 +215,18 @@ def profile_calls(gens: dict, ids, mask, new_tokens: int, device, out_dir: Path,
 
 def measure(contestants: Contestants, engine: str, batch: int, prompt_len: int, new_tokens: int, vocab: int,
             device, warmup: int, repeats: int, backend: str, deadline: float | None = None,
-            split: int = 0, profile: tuple = (), profile_dir: Path | None = None, warm_start: bool = False) -> dict:
+            split: int = 0, profile: tuple = (), profile_dir: Path | None = None, graph_kw: dict | None = None) -> dict:
     """One record: every strategy's per-round (t_1, t_N) for this engine and batch, warm-ups first. A strategy
     whose warm-up (its compile, for the static engine) would start after ``deadline`` (``time.perf_counter``) is
     left out of the record and named in its ``skipped`` list (a run under a time limit keeps what it measured); one
     whose warm-up raises a RuntimeError is left out and named in ``failed`` with the error's first line. ``split``:
     for the graph engine, that many calls per strategy taken apart by phase after the rounds (``split_calls``,
     the record's ``phases``); ``profile``: strategies of which one graph-engine call is then profiled into
-    ``profile_dir`` (``profile_calls``); ``warm_start``: the graph engine's (``models.graph_generate``)."""
+    ``profile_dir`` (``profile_calls``); ``graph_kw``: the graph engine's ``warm_start`` / ``keep_graph``
+    (``models.graph_generate``), kept in the record where set."""
+    graph_kw = {k: True for k, v in (graph_kw or {}).items() if v}
     ids, mask = random_batch(vocab, batch, prompt_len, device, seed=0)
-    kw = _generate_kwargs(engine, backend, warm_start)
+    kw = _generate_kwargs(engine, backend, graph_kw)
     peak: dict = {}
     skipped: list = []
     failed: dict = {}  # strategy -> the first line of its warm-up's error
@@ -253,13 +256,13 @@ def measure(contestants: Contestants, engine: str, batch: int, prompt_len: int, 
         for s in round_order(list(gens), i):
             gen = gens[s]
             rounds[s].append((_timed(gen, ids, mask, 1, kw, device), _timed(gen, ids, mask, new_tokens, kw, device)))
-    rec = {"engine": ENGINE_LABELS[engine], "batch_size": batch, **({"warm_start": True} if warm_start and engine == "graph" else {}),
+    rec = {"engine": ENGINE_LABELS[engine], "batch_size": batch, **(graph_kw if engine == "graph" else {}),
            "prompt_len": prompt_len, "new_tokens": new_tokens, "rounds": rounds, "peak_gb": peak, "warmup_s": warm}
     if engine == "graph" and split > 0:
-        rec["phases"] = split_calls(gens, ids, mask, new_tokens, split, device, warm_start)
+        rec["phases"] = split_calls(gens, ids, mask, new_tokens, split, device, graph_kw)
     if engine == "graph" and profile and profile_dir is not None:
         profile_calls({s: g for s, g in gens.items() if s in profile}, ids, mask, new_tokens, device, profile_dir,
-                      batch, warm_start=warm_start)
+                      batch, graph_kw=graph_kw)
     return {**rec, **({"skipped": skipped} if skipped else {}), **({"failed": failed} if failed else {})}
 
 
@@ -315,8 +318,8 @@ def measured_at(records: list) -> list[str]:
     for r in records:
         p = r.get("provenance") or {}
         seen.setdefault((r["engine"], r["targets"], r["batch_size"]),
-                        (str(p.get("git_sha"))[:7], str(p.get("date"))[:16], " (warm start)" if r.get("warm_start")
-                         else ""))
+                        (str(p.get("git_sha"))[:7], str(p.get("date"))[:16],
+                         " (kept graph)" if r.get("keep_graph") else " (warm start)" if r.get("warm_start") else ""))
     return [f"{e} {tg} batch {b} at git {g} {d}{w}" for (e, tg, b), (g, d, w) in sorted(seen.items())]
 
 
@@ -416,7 +419,7 @@ def run(settings: dict, make_model, adapter_cfg: dict, vocab: int, device, recor
                                   int(settings["repeats"]), str(settings.get("compile_backend", "inductor")),
                                   deadline, int(settings.get("split_calls", 0)),
                                   tuple(settings.get("profile_calls") or ()), profile_dir,
-                                  bool(settings.get("warm_start", False)))
+                                  {k: bool(settings.get(k, False)) for k in ("warm_start", "keep_graph")})
                     records_out.append({**rec, "targets": targets, "num_adapters": int(settings["num_adapters"])})
                     log.info("e2e_decode: %s %s b=%s measured", targets, engine, b)
             del contestants

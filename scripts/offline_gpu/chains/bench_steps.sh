@@ -28,13 +28,14 @@ train_compiled_graph() {
 }
 # the e2e decode targets: graph engine, all 7 projections, the grouped strategies, $E2E_REPEATS interleaved rounds
 # (default 15), batch 1 then batch 8 ($E2E_BATCHES), each merged into the table (~5 minutes); E2E_WARM=true: the
-# graph engine's warm start (a record says so; the table's measured line names it)
+# graph engine's warm start, E2E_KEEP=true: its kept graphs (a record says so; the table's measured line names it)
 e2e() {
   local b
   for b in ${E2E_BATCHES:-1 8}; do
     step "e2e_b$b" timeout 270 python3 -m pipeline.bench experiment=e2e_decode 'bench.e2e.targets=[all7]' \
       "bench.e2e.batch_sizes=[$b]" 'bench.e2e.engines=[graph]' bench.e2e.merge=true \
       "bench.e2e.repeats=${E2E_REPEATS:-15}" "bench.e2e.warm_start=${E2E_WARM:-false}" \
+      "bench.e2e.keep_graph=${E2E_KEEP:-false}" \
       'bench.e2e.strategies=[base,peft,oracle+grouped,meteora-top2+grouped,dlp-nucleus2+grouped]'
   done
 }
