@@ -365,7 +365,8 @@ def markdown(doc: dict) -> str:
 
 def phases_table(records: list[dict]) -> list[str]:
     """Markdown lines of each graph-engine record's ``phases`` (``split_calls``): per strategy the first step and
-    the capture (ms a call), the replays (ms a token) and their ratio to the base's; [] where none was taken."""
+    the capture (ms a call; "–" where the calls took none: a warm start, a kept graph), the replays (ms a token)
+    and their ratio to the base's; [] where none was taken."""
     lines = []
     for rec in records:
         phases = rec.get("phases") or {}
@@ -376,8 +377,8 @@ def phases_table(records: list[dict]) -> list[str]:
             if not steps or "replay" not in ph:
                 continue
             per = 1000 * ph["replay"] / steps
-            lines.append(f"| {rec['engine']} | {rec['targets']} | {rec['batch_size']} | {s} | "
-                         f"{round(1000 * ph.get('first_step', 0.0), 2)} | {round(1000 * ph.get('capture', 0.0), 2)} | "
+            once = [f"{round(1000 * ph[k], 2)}" if k in ph else "–" for k in ("first_step", "capture")]
+            lines.append(f"| {rec['engine']} | {rec['targets']} | {rec['batch_size']} | {s} | {once[0]} | {once[1]} | "
                          f"{round(per, 4)} | {round(per / ref, 3) if ref else None} |")
     if not lines:
         return []
