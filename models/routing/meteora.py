@@ -97,8 +97,9 @@ class MeteoraRouter(Router):
         # Router's class default False): the same route and losses, tests compare the forms. With the fused route
         # below, on the H200 (batch 64, compiled layers, captured step, one run at 597b8ad) this form was the
         # fastest, 0.842x peft, against 0.752x with the three GEMMs apart and 0.774x apart and unfused
-        # (outputs/tables/train_throughput_fused.md); without the fused route the forms were within 0.72-0.80x
-        self.pack_gates = True
+        # (outputs/tables/train_throughput_fused.md); without the fused route the forms were within 0.72-0.80x.
+        # "auto": on CUDA (where it was measured; the CPU keeps the three GEMMs apart), True / False: everywhere
+        self.pack_gates: bool | str = "auto"
         # while the gates learn: the top-k route, its NaN select, the multiply with the shrink and this gate's CE as
         # one Triton kernel forward and one backward (kernels.gate_mix; "auto": on CUDA), instead of the five to
         # seven kernels per projection torch.compile makes of them; "triton": everywhere (the CPU under
@@ -163,7 +164,9 @@ class MeteoraRouter(Router):
         """While the gates learn (grad enabled, the gate's weight trained): this projection's gate weight, for the
         projection to compute its logits in its own base GEMM (``kernels.packed_gate``) and route from them with
         ``route_logits``; None otherwise."""
-        if not self.pack_gates or state is None or not torch.is_grad_enabled() or not state.weight.requires_grad:
+        if state is None or not torch.is_grad_enabled() or not state.weight.requires_grad:
+            return None
+        if not (self.pack_gates is True or (self.pack_gates == "auto" and state.weight.is_cuda)):
             return None
         return state.weight
 
