@@ -37,7 +37,7 @@ import torch
 
 from kernels.dense import bank_matrices, compute_dtype
 from kernels.derived_cache import kept_when_frozen
-from kernels.gate_mix import TopKGate
+from kernels.gate_mix import TopKGate, mix_coef
 from kernels.packed_gate import packed_gate_gemm
 
 
@@ -68,11 +68,8 @@ def weighted_expand(b2: torch.Tensor, h: torch.Tensor, coef: torch.Tensor, A: to
     T, (L, _, R) = h.shape[0], A.shape
     if isinstance(coef, TopKGate):  # the gate's logits and rule: route, NaN select and multiply in one kernel
         hc = coef.mix(h.to(acc), broken, R)
-    else:
-        c = coef
-        if not bank_known_clean(A, B, ranks, broken):  # routed to a broken adapter: NaN, that token only
-            c = torch.where((coef != 0) & broken, float("nan"), c)
-        hc = h.to(acc).view(T, L, R) * c.to(acc)[:, :, None]
+    else:  # routed to a broken adapter: NaN, that token only (no select where the bank is known clean)
+        hc = mix_coef(h, coef, broken, R, acc, select=not bank_known_clean(A, B, ranks, broken))
     # base + product as an add, not addmm(base, ...): addmm copies base into its output first (a device copy per
     # call); the add fuses into the output's readers under torch.compile
     return torch.add(b2.to(acc), torch.mm(hc.view(T, L * R), scaled_expand(B_cat, scales, R, acc)))

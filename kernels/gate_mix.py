@@ -62,15 +62,29 @@ def top_k_coef(logits: torch.Tensor, k: int, temperature: float = 1.0) -> torch.
     return torch.softmax(torch.where(left_out, float("-inf"), vals), dim=-1)
 
 
+def gate_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """MeteoRA's gate loss before its mean: the cross-entropy of ``logits`` [T, L] (in fp32) against each token's
+    task ``labels`` [T], summed over the labelled tokens (``-100``: none)."""
+    return F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum")
+
+
+def mix_coef(h: torch.Tensor, coef: torch.Tensor, broken: torch.Tensor, R: int, dtype: torch.dtype,
+             select: bool = True) -> torch.Tensor:
+    """Every adapter's shrink ``h`` [T, L*R] times its coefficient ``coef`` [T, L], in ``dtype``; with ``select``,
+    NaN in the coefficient of a routed (``coef != 0``) ``broken`` adapter (a caller that knows the bank clean skips
+    the select)."""
+    T, L = coef.shape
+    c = torch.where((coef != 0) & broken, float("nan"), coef) if select else coef
+    return (h.to(dtype).view(T, L, R) * c.to(dtype)[:, :, None]).view(T, L * R)
+
+
 def gate_mix_torch(h, logits, labels, broken, top_k: int, temperature: float, R: int):
     """The definition in plain torch ops (autograd differentiates it): ``(hc, ce_sum)``, hc in h's dtype."""
-    T, L = logits.shape
     coef = top_k_coef(logits, top_k, temperature)
-    c = torch.where((coef != 0) & broken.to(coef.device), float("nan"), coef)
-    hc = (h.view(T, L, R) * c.to(h.dtype)[:, :, None]).view(T, L * R)
+    hc = mix_coef(h, coef, broken.to(coef.device), R, h.dtype)
     if labels is None:
         return hc, torch.zeros((), dtype=torch.float32, device=h.device)
-    return hc, F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum")
+    return hc, gate_ce(logits, labels)
 
 
 @torch.library.custom_op("loramux::gate_mix", mutates_args=())
@@ -176,5 +190,5 @@ class TopKGate:
     def dense(self) -> torch.Tensor:
         """The route as a [T, L] coefficient matrix (the reference loop's input), its CE handed to ``on_ce``."""
         if self.labels is not None and self.on_ce is not None:
-            self.on_ce(F.cross_entropy(self.logits.float(), self.labels, ignore_index=-100, reduction="sum"))
+            self.on_ce(gate_ce(self.logits, self.labels))
         return top_k_coef(self.logits, self.top_k, self.temperature)

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.gate_mix import TopKGate, top_k_coef
+from kernels.gate_mix import TopKGate, gate_ce, top_k_coef
 from models.adapter_bank import slot_key
 from models.routing.registry import strategy
 from models.routing.route import GroupGates, Route, Router, expand_rows, route_top_k
@@ -182,11 +182,10 @@ class MeteoraRouter(Router):
         if not fused or self._confusion is not None:
             logits = logits.float()  # one cast (autocast: bf16 logits) for the CE, the top-k and its softmax
         if self._labels is not None:  # task ids known: the aux loss and gate accuracy of this projection
-            if fused:
-                pass  # the op adds it (_add_ce)
+            if fused:  # the op computes this projection's CE with its route and adds it (_add_ce)
+                pass
             elif torch.compiler.is_compiling():
-                self._ce_sum = self._ce_sum + F.cross_entropy(logits, self._labels, ignore_index=-100,
-                                                              reduction="sum")
+                self._ce_sum = self._ce_sum + gate_ce(logits, self._labels)
             else:
                 self._gate_logits.append(logits)
             if self._confusion is not None:
@@ -237,8 +236,7 @@ class MeteoraRouter(Router):
             return None
         if self._gate_logits:  # the kept projections' CE, once over all of them (then folded into _ce_sum)
             n = len(self._gate_logits)
-            self._ce_sum = self._ce_sum + F.cross_entropy(torch.cat(self._gate_logits, 0), self._labels.repeat(n),
-                                                          ignore_index=-100, reduction="sum")
+            self._ce_sum = self._ce_sum + gate_ce(torch.cat(self._gate_logits, 0), self._labels.repeat(n))
             self._gate_logits = []
         return self._ce_sum / self._pairs()
 
