@@ -333,10 +333,12 @@ def _keep(mm, key, kept: _KeptGraph) -> None:
 
 def _route_key(mm, routed: bool) -> tuple:
     """The part of a kept graph's key known before the prefill: the router object and the task ids in force."""
-    if not routed:
-        return (None, None)
-    tids = mm.ctx.task_ids
-    return (id(mm.ctx.router), None if tids is None else tuple(torch.as_tensor(tids).reshape(-1).tolist()))
+    return (id(mm.ctx.router), _task_tuple(mm.ctx)) if routed else (None, None)
+
+
+def _task_tuple(ctx) -> tuple | None:
+    """The task ids in force, read to the host (one device read), or None."""
+    return None if ctx.task_ids is None else tuple(torch.as_tensor(ctx.task_ids).reshape(-1).tolist())
 
 
 def release_graphs(mm) -> None:
@@ -385,7 +387,7 @@ def _decode_signature(mm, routed: bool, B: int, P: int, N: int) -> tuple:
     router, ctx = mm.ctx.router, mm.ctx
     knobs = repr(router.config()) if router is not None and hasattr(router, "config") else None
     params = () if router is None else tuple((p.data_ptr(), p._version) for p in router.parameters())
-    tasks = None if ctx.task_ids is None else tuple(torch.as_tensor(ctx.task_ids).reshape(-1).tolist())
+    tasks = _task_tuple(ctx)
     groups = tuple(g.decode_state() for g in getattr(mm, "_groups", ()))
     # a sentence router's prefill decision: its shapes (the nucleus width K is a kernel's compile-time constant), the
     # adapter every row uses when known on the host, a per-token prefill route

@@ -167,36 +167,37 @@ def _decode(model, ids, mask, engine: str | None = None, **kw):
                           keep_graph=kw.get("keep_graph", False))
 
 
-def split_calls(gens: dict, ids, mask, new_tokens: int, calls: int, device, graph_kw: dict | None = None) -> dict:
+def split_calls(gens: dict, ids, mask, new_tokens: int, calls: int, device, kw: dict | None = None) -> dict:
     """The graph engine's decode time taken apart, per strategy: ``calls`` N-token generations each with the device
     synchronised between phases (``models.graph_generate.PHASES``), after the timed rounds and apart from them (the
     synchronisations cost overlap). Per strategy the median seconds of each phase and the replayed steps: what a
     call pays once (the eager first step, where routers lay out what the capture reads, and the capture) against
-    what it pays per token (the replays)."""
+    what it pays per token (the replays). ``kw``: the graph engine's generate kwargs (``_generate_kwargs``)."""
     out = {}
     for s, gen in gens.items():
         runs = []
         for _ in range(max(1, calls)):
             phases: dict = {}
-            _timed(gen, ids, mask, new_tokens, {"engine": "graph", "phases": phases, **(graph_kw or {})}, device)
+            _timed(gen, ids, mask, new_tokens, {**(kw or {"engine": "graph"}), "phases": phases}, device)
             runs.append(phases)
         out[s] = {k: statistics.median(r[k] for r in runs) for k in runs[0] if all(k in r for r in runs)}
     return out
 
 
 def profile_calls(gens: dict, ids, mask, new_tokens: int, device, out_dir: Path, batch: int, rows: int = 40,
-                  graph_kw: dict | None = None) -> list:
+                  kw: dict | None = None) -> list:
     """One graph-engine call of each strategy in ``gens`` under ``torch.profiler`` (after the rounds), written to
     ``out_dir/profile_e2e_<strategy>_b<batch>.txt``: the call's phases (``graph_generate``'s ranges: host and
     device time of the prefill, the eager first step, the capture, the replays), then its ops by self device time
-    and by self CPU time. Where a call's once-a-call cost goes (the page's last table says how large it is)."""
+    and by self CPU time. Where a call's once-a-call cost goes (the page's last table says how large it is);
+    ``kw``: the graph engine's generate kwargs (``_generate_kwargs``)."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     written = []
     for s, gen in gens.items():
         with profile(activities=acts) as prof:
-            _timed(gen, ids, mask, new_tokens, {"engine": "graph", **(graph_kw or {})}, device)
+            _timed(gen, ids, mask, new_tokens, kw or {"engine": "graph"}, device)
         ka = prof.key_averages()
         sort_dev = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         phases = [e for e in ka if e.key.startswith("graph_generate.")]
@@ -259,10 +260,10 @@ def measure(contestants: Contestants, engine: str, batch: int, prompt_len: int, 
     rec = {"engine": ENGINE_LABELS[engine], "batch_size": batch, **(graph_kw if engine == "graph" else {}),
            "prompt_len": prompt_len, "new_tokens": new_tokens, "rounds": rounds, "peak_gb": peak, "warmup_s": warm}
     if engine == "graph" and split > 0:
-        rec["phases"] = split_calls(gens, ids, mask, new_tokens, split, device, graph_kw)
+        rec["phases"] = split_calls(gens, ids, mask, new_tokens, split, device, kw)
     if engine == "graph" and profile and profile_dir is not None:
         profile_calls({s: g for s, g in gens.items() if s in profile}, ids, mask, new_tokens, device, profile_dir,
-                      batch, graph_kw=graph_kw)
+                      batch, kw=kw)
     return {**rec, **({"skipped": skipped} if skipped else {}), **({"failed": failed} if failed else {})}
 
 
