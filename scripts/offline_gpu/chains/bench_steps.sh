@@ -106,12 +106,17 @@ train_profile() {
 # table train_throughput_packed (~2.5 minutes; at 7601e65: apart 0.763x peft, shrink+gate 0.748x, all three 0.721x,
 # loramux_single 1.008x; one run at 98d18e4 had shrink+gate at 0.804x)
 train_packed() {
-  step train_packed timeout "${STEP_LIMIT:-240}" python3 -m pipeline.bench experiment=train_throughput \
-    bench.train.repeats=5 \
-    'bench.train.variants=[loramux_gates_packed,loramux_gates_packed_lora,loramux_gates,peft_single,loramux_single]' \
+  gate_forms train_packed loramux_gates_packed,loramux_gates_packed_lora,loramux_gates,peft_single,loramux_single
+}
+# gate_forms <step> <variants>: the variants, compiled layers captured, batch 64, 5 rounds, table
+# train_throughput_<step without its train_ prefix>. A helper of the steps, not one: declared as `function`, which
+# once.sh does not list among the steps (it lists `name() {` lines)
+function gate_forms {
+  step "$1" timeout "${STEP_LIMIT:-240}" python3 -m pipeline.bench experiment=train_throughput \
+    bench.train.repeats=5 "bench.train.variants=[$2]" \
     'bench.train.compiled=[true]' 'bench.train.compile_modes=[default]' 'bench.train.graphs=[true]' \
     bench.train.compiled_graph=true 'bench.train.batch_sizes=[64]' 'bench.train.extra_batch_sizes=[]' \
-    bench.train.table_name=train_throughput_packed
+    "bench.train.table_name=train_throughput_${1#train_}"
 }
 # one graph-engine call per strategy profiled at batch 8 after 3 short rounds (profile_e2e_*_b8.txt in the run dir:
 # host and device time of each phase, ops by device and CPU time): where the eager first step and the capture, paid
@@ -127,12 +132,7 @@ e2e_profile() {
 # CUDA) beside the coefficient matrix torch.compile makes kernels of (loramux_gates_unfused), the shrink+gate packed
 # form, peft and loramux_single, compiled layers captured, batch 64, 5 rounds, table train_throughput_fused
 train_fused() {
-  step train_fused timeout "${STEP_LIMIT:-240}" python3 -m pipeline.bench experiment=train_throughput \
-    bench.train.repeats=5 \
-    'bench.train.variants=[loramux_gates_unfused,loramux_gates,loramux_gates_packed_lora,peft_single,loramux_single]' \
-    'bench.train.compiled=[true]' 'bench.train.compile_modes=[default]' 'bench.train.graphs=[true]' \
-    bench.train.compiled_graph=true 'bench.train.batch_sizes=[64]' 'bench.train.extra_batch_sizes=[]' \
-    bench.train.table_name=train_throughput_fused
+  gate_forms train_fused loramux_gates_unfused,loramux_gates,loramux_gates_packed_lora,peft_single,loramux_single
 }
 # inductor's autotuned Triton GEMMs with their pointwise neighbours fused into the epilogue
 # (max-autotune-no-cudagraphs) beside the default compile, both captured, peft / loramux_single / the gates at batch
