@@ -24,12 +24,16 @@ def test_eos_is_forbidden_until_every_answer_is_there():
     outputs = ["1. yes\n2.", "1. yes\n2. no\n3. ", "1. yes\n2. no\n3. maybe", "3. c\n1. a\n2. b"]
     gate = EOSUntilAnswers(tok, prompt_len=len(prompt), n=3)
     eos = tok.eos_token_id
+    special = sorted(set(tok.all_special_ids) | {eos})
+    assert len(special) > 1  # the tokenizer has special tokens besides EOS (SmolLM2's: <|endoftext|>, <|im_start|>)
     blocked = []
     for text in outputs:
         ids = torch.tensor([prompt + tok(text, add_special_tokens=False)["input_ids"]])
         scores = gate(ids, torch.zeros(1, len(tok)))
-        blocked.append(bool(torch.isinf(scores[0, eos])))
-        assert torch.isfinite(scores[0, :eos]).all() and torch.isfinite(scores[0, eos + 1:]).all()  # only EOS
+        inf = torch.isinf(scores[0])
+        blocked.append(bool(inf[eos]))
+        assert inf[special].tolist() == [blocked[-1]] * len(special)  # every special token with EOS
+        assert inf.sum() == (len(special) if blocked[-1] else 0)  # and no ordinary token
     assert blocked == [True, True, False, False]
 
 
@@ -47,6 +51,24 @@ def test_generation_goes_on_past_eos_until_n_answers():
     gated = model.generate(**ids, **kw, logits_processor=LogitsProcessorList([gate]))
     new = gated[0, ids["input_ids"].shape[1]:]
     assert len(new) == 12 and tok.eos_token_id not in new.tolist()
+
+
+@needs_tiny_model
+def test_generation_does_not_escape_through_another_special_token():
+    """Denied EOS, a model takes the next end-like token (here every special token is made likelier than any
+    text): it writes nothing, so the row would run to max_new_tokens and come back empty. The gate holds them all
+    back, so the row writes text."""
+    model, tok = _model()
+    ids = tok(["[INST] 1+1? [/INST]\n"], return_tensors="pt", add_special_tokens=False)
+    special = sorted(set(tok.all_special_ids) | {tok.eos_token_id})
+    bias = {(s,): 1e4 * (2.0 if s == tok.eos_token_id else 1.0) for s in special}
+    gate = EOSUntilAnswers(tok, ids["input_ids"].shape[1], n=3)
+    gated = model.generate(**ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id,
+                           eos_token_id=tok.eos_token_id, sequence_bias=bias,
+                           logits_processor=LogitsProcessorList([gate]))
+    new = gated[0, ids["input_ids"].shape[1]:].tolist()
+    assert len(new) == 12 and not set(new) & set(special)
+    assert tok.decode(new, skip_special_tokens=True)  # text (this random model writes line breaks)
 
 
 @needs_tiny_model

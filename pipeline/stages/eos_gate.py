@@ -1,10 +1,15 @@
-"""EOS held back until a composite-n output holds n answers: a ``transformers`` logits processor.
+"""EOS (and every other special token) held back until a composite-n output holds n answers: a logits processor.
 
 MeteoRA trains its adapters on prompt + answer with no EOS after the answer, so in a composite prompt its model goes
 on from one answer to the next. Ours end every training answer with EOS (``data.append_eos``) so single-task
 generation stops by itself; in a composite prompt that EOS ends the list after its first answer. This processor sets
 EOS's logit to -inf in every row whose generated text does not yet hold n non-empty numbered answers
-(``data.composite.parse_composite``), so the model must go on; once a row has them, EOS is free again. The other
+(``data.composite.parse_composite``), so the model must go on; once a row has them, EOS is free again.
+
+Every special token is held back with EOS, not EOS alone: a model denied its EOS takes the next end-like token
+(SmolLM2's ``<|endoftext|>`` and ``<|im_start|>`` beside its EOS ``<|im_end|>``), which does not stop generation and
+decodes to nothing (``skip_special_tokens``), so the row runs to its token budget and comes back empty: the
+composite table then reads "no answers" where the model was never let write one. The other
 route to the same end, adapters trained without EOS (``data.append_eos=false``), changes single-task generation too;
 this one changes composite generation only.
 
@@ -21,11 +26,13 @@ from data.composite import parse_composite
 
 
 class EOSUntilAnswers(LogitsProcessor):
-    """Forbid the EOS token(s) in rows whose new text holds fewer than ``n`` non-empty numbered answers."""
+    """Forbid the EOS token(s) and the tokenizer's other special tokens in rows whose new text holds fewer than
+    ``n`` non-empty numbered answers."""
 
     def __init__(self, tokenizer, prompt_len: int, n: int, eos_token_id=None):
         eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
-        self.eos = [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
+        eos = [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
+        self.eos = sorted(set(eos) | {int(i) for i in tokenizer.all_special_ids})  # every token that writes no text
         self.tokenizer, self.prompt_len, self.n = tokenizer, int(prompt_len), int(n)
         self.done: set[int] = set()  # rows that hold n answers already: a row's answers only grow, so it keeps them
 
@@ -47,8 +54,8 @@ class EOSUntilAnswers(LogitsProcessor):
                 self.done.add(b)
         if short:
             scores = scores.clone()
-            scores[torch.tensor(short, device=scores.device)[:, None], torch.tensor(self.eos, device=scores.device)] \
-                = float("-inf")
+            held = torch.tensor([e for e in self.eos if e < scores.shape[1]], device=scores.device)
+            scores[torch.tensor(short, device=scores.device)[:, None], held] = float("-inf")
         return scores
 
 
