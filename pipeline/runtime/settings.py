@@ -264,7 +264,7 @@ RULES: list[tuple[str, Callable[[Any], bool], str, str, tuple | None]] = [
     ("data.val_split", lambda x: x in SPLITS, f"one of {', '.join(SPLITS)}", "val", None),
     ("data.test_split", lambda x: x in SPLITS, f"one of {', '.join(SPLITS)}", "test", None),
     ("data.max_length", at_least(1), "a number of tokens >= 1", "256", None),
-    ("data.max_prompt_tokens", at_least(1), "a number of tokens >= 1", "1024", None),
+    ("data.max_prompt_tokens", at_least(1), "a number of tokens >= 1", "4096", None),
     ("data.train_limit", optional(at_least(1)), "null (all rows) or a number of rows >= 1", "200", None),
     ("data.val_limit", optional(at_least(1)), "null (all rows) or a number of rows >= 1", "32", None),
     ("data.test_limit", optional(at_least(1)), "null (all rows) or a number of rows >= 1", "16", None),

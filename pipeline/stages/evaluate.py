@@ -101,7 +101,7 @@ def _one_job(items):
 
 
 def generate_groups(trainer, mm, tokenizer, groups: list[PromptGroup], *, batch_size: int = 8,
-                    max_prompt_tokens: int = 1024, engine: DecodeEngine | None = None) -> list[Generations] | None:
+                    max_prompt_tokens: int, engine: DecodeEngine | None = None) -> list[Generations] | None:
     """Generate every group through ``trainer.predict`` (sharded across its processes); rank 0 gets the
     ``Generations`` (``seconds``: the busiest rank's time inside generate, so process start-up is not counted),
     the other ranks None."""
