@@ -90,11 +90,13 @@ class PromptGroup:
 
 @dataclass
 class Generations:
-    """Outputs in input order (None = skipped), sentence routes where the router made one, and timing:
-    ``seconds`` the whole set's generation time, ``own_seconds`` this group's generate calls (summed over ranks)."""
+    """Outputs in input order (None = skipped), sentence routes where the router made one, how each row ended
+    (``ends``: ``{"new_tokens", "eos"}``, None = skipped), and timing: ``seconds`` the whole set's generation time,
+    ``own_seconds`` this group's generate calls (summed over ranks)."""
 
     texts: list
     routes: list = field(default_factory=list)
+    ends: list = field(default_factory=list)
     skipped: int = 0
     seconds: float = 0.0
     new_tokens: int = 0
@@ -132,14 +134,15 @@ def plan_jobs(tokenizer, groups: list[PromptGroup], batch_size: int, max_prompt_
 def assemble(groups: list[PromptGroup], skipped: list[int], outputs: list[dict], seconds: float) -> list[Generations]:
     """Job outputs (any order, from any rank) -> one ``Generations`` per group, in input order; ``seconds`` is the
     generation time of the whole set (each group's share of it is in ``new_tokens``)."""
-    gens = [Generations(texts=[None] * len(g.prompts), routes=[None] * len(g.prompts), skipped=s,
-                        max_new_tokens=int(g.max_new_tokens)) for g, s in zip(groups, skipped)]
+    gens = [Generations(texts=[None] * len(g.prompts), routes=[None] * len(g.prompts), ends=[None] * len(g.prompts),
+                        skipped=s, max_new_tokens=int(g.max_new_tokens)) for g, s in zip(groups, skipped)]
     for out in outputs:
         g = gens[out["group"]]
-        for i, text, route in zip(out["indices"], out["texts"], out["routes"]):
+        ends = out.get("ends") or [None] * len(out["indices"])
+        for i, text, route, end in zip(out["indices"], out["texts"], out["routes"], ends, strict=True):
             if g.texts[i] is not None:
                 raise RuntimeError(f"prompt {i} of group {out['group']} was generated twice")
-            g.texts[i], g.routes[i] = text, route
+            g.texts[i], g.routes[i], g.ends[i] = text, route, end
         g.new_tokens += out["new_tokens"]
         g.own_seconds += out["seconds"]
     for g in gens:

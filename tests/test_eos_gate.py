@@ -79,3 +79,19 @@ def test_plan_jobs_carry_the_answer_count():
     groups = [PromptGroup(["1. a", "2. b c"], None, 8, min_answers=3), PromptGroup(["d"], None, 4)]
     jobs, _ = plan_jobs(tok, groups, 8, 100)
     assert [j["min_answers"] for j in jobs] == [3, None]
+
+
+def test_a_row_end_says_whether_it_stopped_by_eos_and_after_how_many_tokens():
+    from data.batches import Generations
+    from pipeline.stages.evaluate import no_text_at_budget, row_end
+
+    eos, pad = 2, 0
+    assert row_end([5, 6, eos, eos], eos, pad) == {"new_tokens": 2, "eos": True}
+    assert row_end([eos, eos], eos, eos) == {"new_tokens": 0, "eos": True}  # pad = EOS (SmolLM2)
+    assert row_end([5, 6, 7], eos, pad) == {"new_tokens": 3, "eos": False}  # the whole budget
+    assert row_end([5, pad, pad], eos, pad) == {"new_tokens": 1, "eos": False}  # stopped by another stop token
+    assert row_end([1, 1, 1], eos, pad) == {"new_tokens": 3, "eos": False}
+    g = Generations(texts=["", "", "x", None, ""], max_new_tokens=3,
+                    ends=[row_end([1, 1, 1], eos, pad), row_end([eos], eos, pad), row_end([5, 6, 7], eos, pad), None,
+                          row_end([1, pad, pad], eos, pad)])
+    assert no_text_at_budget([g]) == 1  # only the row that looped on a special token to its budget

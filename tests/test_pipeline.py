@@ -143,7 +143,13 @@ def test_evaluate_scores_each_strategy_and_saves_predictions(smoke):
             assert 0.0 <= rec["metrics"][f"{task}/score"] <= 1.0
             assert rec["metrics"][f"{task}/n"] == 4
         lines = [json.loads(x) for x in (exp / "evaluate" / label / "predictions.jsonl").read_text().splitlines()]
-        assert len(lines) == 8 and {"prompt", "answer", "prediction"} <= lines[0].keys()
+        assert len(lines) == 8 and {"prompt", "answer", "prediction", "new_tokens", "eos"} <= lines[0].keys()
+        for x in lines:  # how each row ended: by EOS within its task's budget, or at the budget
+            budget = rec["metrics"][f"{x['task']}/max_new_tokens"]
+            assert 0 <= x["new_tokens"] <= budget and (x["eos"] or x["new_tokens"] == budget)
+        assert rec["metrics"]["no_text_at_budget"] == sum(
+            1 for x in lines if x["prediction"] == "" and not x["eos"]
+            and x["new_tokens"] == rec["metrics"][f"{x['task']}/max_new_tokens"])
     comp = _metrics(exp, "evaluate", "composite2-dlp")
     assert comp["composite_n"] == 2 and 0.0 <= comp["metrics"]["attempts"] <= 2.0
     pred = json.loads((exp / "evaluate" / "composite2-dlp" / "predictions.jsonl").read_text().splitlines()[0])

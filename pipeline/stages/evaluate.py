@@ -80,7 +80,19 @@ def run_job(mm, tokenizer, job: dict, engine: DecodeEngine | None = None) -> dic
                   for row in range(len(job["indices"]))]
     return {"group": job["group"], "indices": list(job["indices"]), "routes": routes,
             "texts": [tokenizer.decode(t, skip_special_tokens=True).strip() for t in new],
+            "ends": [row_end(t.tolist(), tokenizer.eos_token_id, tokenizer.pad_token_id) for t in new],
             "new_tokens": int((new != tokenizer.pad_token_id).sum()), "seconds": time.perf_counter() - t0}
+
+
+def row_end(new: list[int], eos: int | None, pad: int | None) -> dict:
+    """How one row's generation ended: ``{"new_tokens": tokens before its EOS (or before the padding of a row that
+    stopped, or all of them), "eos": whether it stopped by EOS}``. A row with no text that ran its whole budget
+    without EOS wrote only special tokens (``no_text_at_budget``): a model denied its EOS may loop on another."""
+    if eos is not None and eos in new:
+        return {"new_tokens": new.index(eos), "eos": True}
+    if pad is not None and pad in new:
+        return {"new_tokens": new.index(pad), "eos": False}
+    return {"new_tokens": len(new), "eos": False}
 
 
 class GenerationModule(L.LightningModule):
@@ -160,9 +172,9 @@ def _score_single_tasks(cfg, rows, gens):
         metrics[f"{task}/max_new_tokens"] = g.max_new_tokens
         metrics[f"{task}/gen_seconds"] = round(g.own_seconds, 3)  # where a run's generation time goes, per task
         skipped, new_tokens = skipped + g.skipped, new_tokens + g.new_tokens
-        for i, (r, p, route) in enumerate(zip(task_rows_, g.texts, g.routes)):
+        for i, (r, p, route, end) in enumerate(zip(task_rows_, g.texts, g.routes, g.ends)):
             lines.append({"task": task, "index": i, "prompt": r["prompt"], "answer": r["answer"], "prediction": p,
-                          "route": route})
+                          "route": route, **(end or {})})
     scores = [metrics[f"{t}/score"] for t in cfg.tasks if metrics.get(f"{t}/score") is not None]
     metrics["main"] = sum(scores) / len(scores) if scores else None
     return metrics, lines, list(cfg.tasks), skipped, new_tokens
@@ -209,9 +221,15 @@ def _score_composite(n, subtasks, ds, g):
     metrics.update({k: rep[k] for k in ("attempts", "correct", "rows", "missing", "extra", "duplicate")})
     metrics["max_new_tokens"] = g.max_new_tokens
     metrics["main"] = rep["correct"] / n
-    lines = [{"index": i, "prompt": row["prompt"], "answers": row["answers"], "prediction": p, "route": r}
-             for i, (row, p, r) in enumerate(zip(ds, g.texts, g.routes))]
+    lines = [{"index": i, "prompt": row["prompt"], "answers": row["answers"], "prediction": p, "route": r,
+              **(end or {})} for i, (row, p, r, end) in enumerate(zip(ds, g.texts, g.routes, g.ends))]
     return metrics, lines, subtasks, g.skipped, g.new_tokens
+
+
+def no_text_at_budget(gens) -> int:
+    """Rows that ran their whole answer budget without EOS and wrote no text (``row_end``)."""
+    return sum(1 for g in gens for text, end in zip(g.texts, g.ends)
+               if text == "" and end and not end["eos"] and end["new_tokens"] >= g.max_new_tokens)
 
 
 def _grouped(setting, mm) -> bool:
@@ -247,6 +265,7 @@ def evaluate(cfg: DictConfig) -> float | None:
         else:
             metrics, lines, tasks, skipped, new_tokens = _score_single_tasks(cfg, rows, gens)
         seconds = gens[0].seconds if gens else 0.0
+        metrics["no_text_at_budget"] = no_text_at_budget(gens)
         metrics.update({"skipped_long": skipped, "gen_seconds": round(seconds, 3),
                         "new_tokens_per_s": round(new_tokens / max(seconds, 1e-9), 2),
                         "processes": trainer.world_size, "projection_groups": grouped, **engine.record()})
