@@ -159,9 +159,10 @@ def test_meteora_composite_table_reads_meteora_tasks_adapters(tables):
     assert [(r["n"], r["subtask"]) for r in t["rows"]] == [(2, "winowhy"), (2, "disfl_qa")]
     assert all(r.keys() == {"n", "subtask", "metric", "meteora", "lora_b", "meteora_answered", "lora_b_answered",
                             "runs"} for r in t["rows"])
-    assert [(p["n"], p["measure"]) for p in t["per_n"]] == [(2, "attempts"), (2, "correct")]
+    assert [(p["n"], p["measure"]) for p in t["per_n"]] == [(2, "attempts"), (2, "correct"), (2, "no_text_at_budget")]
     lora_b = _evaluate_metrics(tables, "meteora_composite", "composite2-lora_b")
     assert t["per_n"][0]["lora_b"] == pytest.approx(lora_b["attempts"])
+    assert t["per_n"][2]["lora_b"] == lora_b["no_text_at_budget"]
     for r in t["rows"]:
         assert r["lora_b_answered"] == pytest.approx(1 - lora_b[f"{r['subtask']}/empty"] / lora_b[f"{r['subtask']}/n"])
     [claim] = t["claims"]

@@ -60,7 +60,8 @@ def test_row_stats_sum_to_the_metrics_score_reports():
 
 
 # ----------------------------------------------------------------------------------- synthetic records
-def _write_run(root, step: str, task: str, preds: list[str], golds: list[str], strategy: str, composite=None):
+def _write_run(root, step: str, task: str, preds: list[str], golds: list[str], strategy: str, composite=None,
+               extra_metrics=None):
     import json
 
     run = root / "evaluate" / step
@@ -82,6 +83,7 @@ def _write_run(root, step: str, task: str, preds: list[str], golds: list[str], s
                  for i, (p, g) in enumerate(zip(preds, golds))]
         metrics = {f"{task}/{k}": v for k, v in score(task, preds, golds).items()}
         tasks = [task]
+    metrics.update(extra_metrics or {})
     (run / "predictions.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     write_metrics(run, stage="evaluate", experiment="synthetic", tasks=tasks, strategy=strategy, metrics=metrics,
                   provenance={"git_sha": "0" * 40, "date": "2026-01-01T00:00:00+00:00"},
@@ -134,6 +136,19 @@ def test_composite_ties_are_no_wins_and_few_attempts_are_untestable(tmp_path):
     [c] = build_paper_table("meteora_composite", collect_records(tmp_path / "few"))["claims"]
     assert c["by_n"]["3"]["attempts"]["meteora"] == pytest.approx(1.0)
     assert c["verdict"] is None and "meteora attempts 1.00 < 0.8 n = 2.4" in c["reason"]
+    assert "special tokens" not in c["reason"]  # nothing recorded about how rows ended
+
+    (tmp_path / "loop").mkdir()  # every MeteoRA row ran its budget writing only special tokens (no text)
+    _write_run(tmp_path / "loop", "composite3-meteora-top2", "", [""] * 200, golds, "meteora-top2", subs,
+               extra_metrics={"no_text_at_budget": 200})
+    _write_run(tmp_path / "loop", "composite3-lora_b", "", [both] * 200, golds, "lora_b", subs,
+               extra_metrics={"no_text_at_budget": 0})
+    t = build_paper_table("meteora_composite", collect_records(tmp_path / "loop"))
+    assert [p for p in t["per_n"] if p["measure"] == "no_text_at_budget"] == [
+        {"n": 3, "measure": "no_text_at_budget", "meteora": 200, "lora_b": 0}]
+    [c] = t["claims"]
+    assert c["verdict"] is None and "meteora attempts 0.00" in c["reason"]
+    assert "meteora: 200 rows ran their whole budget writing no text" in c["reason"] and "lora_b:" not in c["reason"]
 
 
 def test_composite_majority_verdict():

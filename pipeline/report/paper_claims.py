@@ -107,16 +107,20 @@ def _gap_split(rows: list[dict], src: dict, metrics: dict, avg: dict) -> dict:
     return out
 
 
-def _composite_n(n: int, rows: list[dict], attempts: dict, src: dict) -> dict:
-    """One n of claim 2: point wins, per-sub-task intervals, and the verdict (None when untestable)."""
+def _composite_n(n: int, rows: list[dict], attempts: dict, src: dict, silent: dict | None = None) -> dict:
+    """One n of claim 2: point wins, per-sub-task intervals, and the verdict (None when untestable). ``silent``: per
+    side, the rows that ran their whole budget writing no text (special tokens only), where recorded."""
     both = [r for r in rows if r.get("meteora") is not None and r.get("lora_b") is not None]
     wins = sum(r["meteora"] > r["lora_b"] for r in both)
     out = {"wins": f"{wins}/{len(both)}", "attempts": attempts}
     low = {side: a for side, a in attempts.items() if a is not None and a < MIN_ATTEMPTS * n}
     if low:
+        loops = {side: k for side, k in (silent or {}).items() if side in low and k}
+        why = ("; " + ", ".join(f"{side}: {k:g} rows ran their whole budget writing no text (special tokens only)"
+                                for side, k in sorted(loops.items()))) if loops else ""
         out.update(verdict=None, reason=", ".join(f"{side} attempts {a:.2f} < {MIN_ATTEMPTS} n = {MIN_ATTEMPTS * n:g}"
                                                   for side, a in sorted(low.items())) +
-                   ": the model does not answer the numbered list, so the comparison measures the answer format")
+                   ": the model does not answer the numbered list, so the comparison measures the answer format" + why)
         return out
     ivs = []
     for r in both:
@@ -134,9 +138,9 @@ def meteora_composite_claims(body: dict) -> list[dict]:
     rows, per_n, src = body["rows"], body.get("per_n", []), body.get("_sources", {})
     by_n = {}
     for n in sorted({r["n"] for r in rows}):
-        attempts = {side: next((p[side] for p in per_n if p["n"] == n and p["measure"] == "attempts"), None)
-                    for side in ("meteora", "lora_b")}
-        by_n[n] = _composite_n(n, [r for r in rows if r["n"] == n], attempts, src.get(n, src.get(str(n), {})))
+        attempts, silent = ({side: next((p[side] for p in per_n if p["n"] == n and p["measure"] == measure), None)
+                             for side in ("meteora", "lora_b")} for measure in ("attempts", "no_text_at_budget"))
+        by_n[n] = _composite_n(n, [r for r in rows if r["n"] == n], attempts, src.get(n, src.get(str(n), {})), silent)
     totals = {n: [r for r in rows if r["n"] == n and r.get("meteora") is not None and r.get("lora_b") is not None]
               for n in by_n}
     holds = all(len(t) > 0 and sum(r["meteora"] > r["lora_b"] for r in t) > len(t) / 2 for t in totals.values()) \

@@ -22,7 +22,8 @@ Rows per table (scores: accuracy and ROUGE as fractions in [0, 1], BLEU 0-100; N
   it, the curve).
 * ``meteora_composite``: ``{n, subtask, metric, meteora, lora_b, meteora_answered, lora_b_answered, runs}``
   (``*_answered``: share of rows with a non-empty answer to that sub-task); top-level ``per_n`` =
-  ``[{n, measure: "attempts" | "correct", meteora, lora_b}]`` (MeteoRA's attempts and correct of each n).
+  ``[{n, measure: "attempts" | "correct" | "no_text_at_budget", meteora, lora_b}]`` (MeteoRA's attempts and correct
+  of each n; the rows that ran their whole budget writing no text, where the records count them).
 * ``dlp_tasks``: ``{task, kind: mcq | qa, metric, base, single_lora, dlp, runs}``; MCQ tasks one ``accuracy`` row,
   QA tasks one row per metric: their own accuracy (if any), ``bleu``, ``rouge1``, ``rougeL`` (BLEU/ROUGE a task's
   registry does not score are computed here from the run's predictions.jsonl with the same metric modules).
@@ -216,7 +217,9 @@ def meteora_composite(records: list[dict]) -> dict:
                 row[f"{side}_answered"] = _num(1 - empty / count) if empty is not None and count else None
             row["runs"] = _runs({side: group.get(side) for side in ("meteora", "lora_b")})
             rows.append(row)
-        for measure in ("attempts", "correct"):
+        for measure in ("attempts", "correct", "no_text_at_budget"):  # the last where the records have it
+            if measure == "no_text_at_budget" and not any(measure in r["metrics"] for r in recs):
+                continue
             per_n.append({"n": n, "measure": measure,
                           **{side: _num(group[side]["metrics"].get(measure)) if side in group else None
                              for side in ("meteora", "lora_b")}})
