@@ -3,12 +3,13 @@ the tiny random LLaMA's real `generate`."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from needs_assets import needs_tiny_model
 from transformers import LogitsProcessorList
 
 from data.assets import cache_dir
-from pipeline.stages.eos_gate import EOSUntilAnswers
+from pipeline.stages.eos_gate import EOSUntilAnswers, silent_ids
 
 
 def _model():
@@ -24,8 +25,9 @@ def test_eos_is_forbidden_until_every_answer_is_there():
     outputs = ["1. yes\n2.", "1. yes\n2. no\n3. ", "1. yes\n2. no\n3. maybe", "3. c\n1. a\n2. b"]
     gate = EOSUntilAnswers(tok, prompt_len=len(prompt), n=3)
     eos = tok.eos_token_id
-    special = sorted(set(tok.all_special_ids) | {eos})
-    assert len(special) > 1  # the tokenizer has special tokens besides EOS (SmolLM2's: <|endoftext|>, <|im_start|>)
+    special = sorted(silent_ids(tok) | {eos})
+    assert set(tok.all_special_ids) < set(special)  # SmolLM2's tokenizer: 17 special added tokens, 3 named ones
+    assert all(tok.decode([i], skip_special_tokens=True) == "" for i in special)  # none of them writes text
     blocked = []
     for text in outputs:
         ids = torch.tensor([prompt + tok(text, add_special_tokens=False)["input_ids"]])
@@ -60,7 +62,7 @@ def test_generation_does_not_escape_through_another_special_token():
     back, so the row writes text."""
     model, tok = _model()
     ids = tok(["[INST] 1+1? [/INST]\n"], return_tensors="pt", add_special_tokens=False)
-    special = sorted(set(tok.all_special_ids) | {tok.eos_token_id})
+    special = sorted(silent_ids(tok) | {tok.eos_token_id})
     bias = {(s,): 1e4 * (2.0 if s == tok.eos_token_id else 1.0) for s in special}
     gate = EOSUntilAnswers(tok, ids["input_ids"].shape[1], n=3)
     gated = model.generate(**ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id,
@@ -95,3 +97,19 @@ def test_a_row_end_says_whether_it_stopped_by_eos_and_after_how_many_tokens():
                     ends=[row_end([1, 1, 1], eos, pad), row_end([eos], eos, pad), row_end([5, 6, 7], eos, pad), None,
                           row_end([1, pad, pad], eos, pad)])
     assert no_text_at_budget([g]) == 1  # only the row that looped on a special token to its budget
+
+
+@pytest.mark.parametrize("name", ["SmolLM2-135M-Instruct", "gemma-3-270m"])
+def test_silent_ids_are_exactly_the_tokens_decode_drops(name):
+    """Every token of the vocabulary that decodes to nothing with skip_special_tokens is held back, and no other."""
+    from transformers import AutoTokenizer
+
+    path = cache_dir() / "models" / name
+    if not (path / "tokenizer.json").exists():
+        pytest.skip(f"{name} is not in the asset cache (make assets)")
+    tok = AutoTokenizer.from_pretrained(path)
+    ids = sorted(silent_ids(tok))
+    assert all(tok.decode([i], skip_special_tokens=True) == "" for i in ids)
+    assert set(tok.all_special_ids) <= set(ids) and len(ids) > len(tok.all_special_ids)
+    added = sorted(set(tok.added_tokens_decoder) - set(ids))  # added tokens left free write text
+    assert all(tok.decode([i], skip_special_tokens=True) != "" for i in added)

@@ -6,9 +6,9 @@ generation stops by itself; in a composite prompt that EOS ends the list after i
 EOS's logit to -inf in every row whose generated text does not yet hold n non-empty numbered answers
 (``data.composite.parse_composite``), so the model must go on; once a row has them, EOS is free again.
 
-Every special token is held back with EOS, not EOS alone: a model denied its EOS takes the next end-like token
-(SmolLM2's ``<|endoftext|>`` and ``<|im_start|>`` beside its EOS ``<|im_end|>``), which does not stop generation and
-decodes to nothing (``skip_special_tokens``), so the row runs to its token budget and comes back empty: the
+Every token that writes no text (``silent_ids``) is held back with EOS, not EOS alone: a model denied its EOS takes
+the next end-like token (SmolLM2's ``<|endoftext|>`` and ``<|im_start|>`` beside its EOS ``<|im_end|>``), which does
+not stop generation and decodes to nothing (``skip_special_tokens``), so the row runs to its token budget and comes back empty: the
 composite table then reads "no answers" where the model was never let write one. The other
 route to the same end, adapters trained without EOS (``data.append_eos=false``), changes single-task generation too;
 this one changes composite generation only.
@@ -25,6 +25,14 @@ from transformers import LogitsProcessor
 from data.composite import parse_composite
 
 
+def silent_ids(tokenizer) -> set[int]:
+    """The tokens that write no text: those ``decode(skip_special_tokens=True)`` drops, i.e. the named special
+    tokens and every added token marked special (SmolLM2: 17, its ``<|endoftext|>``, ``<|im_start|>``, ``<repo_name>``
+    ...; Gemma 3: some 6000, ``<unused*>`` and image tokens among them; ``all_special_ids`` names 3 and 5 of them)."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return {int(i) for i in tokenizer.all_special_ids} | {int(i) for i, tok in added.items() if tok.special}
+
+
 class EOSUntilAnswers(LogitsProcessor):
     """Forbid the EOS token(s) and the tokenizer's other special tokens in rows whose new text holds fewer than
     ``n`` non-empty numbered answers."""
@@ -32,7 +40,7 @@ class EOSUntilAnswers(LogitsProcessor):
     def __init__(self, tokenizer, prompt_len: int, n: int, eos_token_id=None):
         eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
         eos = [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
-        self.eos = sorted(set(eos) | {int(i) for i in tokenizer.all_special_ids})  # every token that writes no text
+        self.eos = sorted(set(eos) | silent_ids(tokenizer))
         self.tokenizer, self.prompt_len, self.n = tokenizer, int(prompt_len), int(n)
         self.done: set[int] = set()  # rows that hold n answers already: a row's answers only grow, so it keeps them
 
@@ -59,4 +67,4 @@ class EOSUntilAnswers(LogitsProcessor):
         return scores
 
 
-__all__ = ["EOSUntilAnswers"]
+__all__ = ["EOSUntilAnswers", "silent_ids"]
