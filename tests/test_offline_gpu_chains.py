@@ -67,7 +67,8 @@ def test_bench_steps_compose_and_train_decides_every_target_in_one_run(tmp_path)
     from pipeline.stages import train_throughput as tt
 
     _composed_steps(tmp_path, "train", "train_gates_compiled", "train_precision", "train_compiled_graph", "e2e",
-                    "e2e_eager", "train_profile", "train_packed", "train_fused", "train_autotune", "e2e_profile")
+                    "e2e_eager", "train_profile", "train_packed", "train_fused", "train_autotune", "e2e_profile",
+                    "dlp_latency")
     train = OmegaConf.load(tmp_path / "train.yaml").bench.train
     settings = tt.settings_from(train)
     # every variant a target names at 16 and 64, eager and compiled layers, each captured as one step; the gates also
@@ -104,3 +105,8 @@ def test_bench_steps_compose_and_train_decides_every_target_in_one_run(tmp_path)
     assert {(s.compiled, s.graph, s.batch_size) for s in fused} == {(True, True, 64)}
     tuned = tt.settings_from(OmegaConf.load(tmp_path / "train_autotune.yaml").bench.train)
     assert {(s.compile_mode, s.graph) for s in tuned} == {(None, True), ("max-autotune-no-cudagraphs", True)}
+    lat = OmegaConf.load(tmp_path / "dlp_latency.yaml")  # a node with the packages only: no shape reads an asset
+    from pipeline.stages.bench import SHAPES
+
+    assert lat.name == "dlp_latency" and lat.bench.shapes[0] == "llama3_8b"
+    assert all(s in SHAPES for s in lat.bench.shapes) and lat.plan.bench and not lat.plan.finetune
