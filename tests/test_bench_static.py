@@ -10,7 +10,7 @@ from hydra.core.global_hydra import GlobalHydra
 
 from pipeline.runtime.compose import compose
 from pipeline.stages.bench import LLAMA3_8B, SHAPES, ShapeBench, TimeBudget, shape_model
-from pipeline.stages.bench_timing import compile_config, random_batch, time_generate
+from pipeline.stages.bench_timing import compile_config, random_batch, time_generate, time_interleaved
 
 CONF = str(__import__("pathlib").Path(__file__).resolve().parent.parent / "conf")
 
@@ -78,6 +78,25 @@ def test_short_generation_is_an_error(tiny8b):
         return tiny8b.generate(input_ids=i, attention_mask=m, max_new_tokens=1, **kw)
     with pytest.raises(RuntimeError, match="asked for exactly 3"):
         time_generate(stops_early, ids, mask, 3, warmup=0, repeats=1)
+
+
+def test_interleaved_rounds_rotate_the_contestants_and_keep_every_pair():
+    """time_interleaved: each contestant warms up alone (one 1-token call, ``warmup`` N-token calls), then round i
+    runs one (1-token, N-token) pair of each, the order rotated by i; every pair comes back in ``rounds``."""
+    calls = []
+
+    def contestant(name):
+        def gen(ids, mask, max_new_tokens, **kw):
+            calls.append((name, max_new_tokens))
+            return torch.cat([ids, ids.new_zeros(ids.shape[0], max_new_tokens)], 1)
+        return gen
+    ids, mask = random_batch(100, 1, 4, "cpu")
+    out = time_interleaved({k: contestant(k) for k in "abc"}, ids, mask, 5, warmup=1, repeats=4)
+    warm = [(k, n) for k in "abc" for n in (1, 5)]
+    rounds = [(k, n) for order in ("abc", "bca", "cab", "abc") for k in order for n in (1, 5)]
+    assert calls == warm + rounds
+    assert all(len(out[k]["rounds"]) == 4 and all(t1 >= 0 and tn >= 0 for t1, tn in out[k]["rounds"]) for k in "abc")
+    assert all(out[k]["decode_ms_per_token"] >= 0 and out[k]["peak_mem_gb"] is None for k in "abc")
 
 
 def test_time_budget_skips_what_did_not_start(tiny8b):

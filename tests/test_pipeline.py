@@ -158,11 +158,18 @@ def test_evaluate_scores_each_strategy_and_saves_predictions(smoke):
 
 def test_bench_rows_have_ratios(smoke):
     _, exp = smoke
-    rows = _metrics(exp, "bench", "bench")["rows"]
+    rec = _metrics(exp, "bench", "bench")
+    rows = rec["rows"]
     assert {r["strategy"] for r in rows} == {"base", "oracle", "dlp"}
     assert {r["num_adapters"] for r in rows if r["strategy"] == "dlp"} == {1, 2}
     assert all(r["decode_ms_per_token"] >= 0 and r["prefill_tok_s"] > 0 for r in rows)
-    assert [r["ratio_to_base"] for r in rows if r["strategy"] == "base"] == [1.0]
+    # eager: base timed beside each bank size (its rounds interleaved with the routers'), each ratio to its own base
+    base = [r for r in rows if r["strategy"] == "base"]
+    assert [r["ratio_to_base"] for r in base] == [1.0, 1.0] and [r["alongside"] for r in base] == [1, 2]
+    for r in rows:
+        ref = next(b for b in base if b["alongside"] == r["alongside"])
+        assert r["ratio_to_base"] == pytest.approx(r["decode_ms_per_token"] / ref["decode_ms_per_token"], abs=2e-3)
+        assert len(r["rounds"]) == rec["bench"]["repeats"]
 
 
 def test_report_tables_and_plots(smoke):

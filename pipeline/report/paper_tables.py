@@ -32,7 +32,8 @@ Rows per table (scores: accuracy and ROUGE as fractions in [0, 1], BLEU 0-100; N
 * ``dlp_latency``: ``{model, n_adapters, phase: prefill | decode, base_ms, single_lora_ms, dlp_ms,
   meteora_top2_ms, runs}``: prefill = time to the first token of the whole batch (ms), decode = ms per new token;
   ``single_lora`` = one unmerged peft LoRA; rows of one engine/batch/prompt length (``setting``), other
-  engines' rows in ``other_engines``.
+  engines' rows in ``other_engines``; base and single LoRA at each n are the ones timed together with that bank
+  size, whose raw interleaved rounds are in ``rounds`` (``{model: {n: {strategy: [[t_1, t_N], ...]}}}``).
 * ``head_to_head``: ``{strategy, avg_score, decode_ms, peak_mem_gb, runs}``: mean single-task score (BLEU/100),
   decode ms/token and CUDA peak memory at the experiment's adapter count; ``composite`` = composite-n ``correct``
   and ``attempts``; ``task_metrics``: the metric each task's score is (what the claims' intervals resample).
@@ -343,10 +344,25 @@ def latency_rows(brows: list[dict], setting: dict) -> list[dict]:
             return _num(hit[-1].get(field[phase])) if hit else None
         ns = sorted({r["num_adapters"] for r in mrows if r["strategy"] in LATENCY_COLUMNS.values()})
         for n in ns:
+            group = [r for r in mrows if r.get("alongside") == n]  # timed together with bank size n
             for phase in ("prefill", "decode"):
-                out.append({"model": model, "n_adapters": n, "phase": phase, "base_ms": get("base", None, phase),
-                            "single_lora_ms": get("peft", None, phase),
+                out.append({"model": model, "n_adapters": n, "phase": phase,
+                            "base_ms": get("base", None, phase, group) if group else get("base", None, phase),
+                            "single_lora_ms": get("peft", None, phase, group) if group else get("peft", None, phase),
                             **{col: get(s, n, phase) for col, s in LATENCY_COLUMNS.items()}})
+    return out
+
+
+def latency_rounds(brows: list[dict], setting: dict) -> dict:
+    """``{model: {n: {strategy: [[t_1, t_N], ...]}}}``: the interleaved rounds of each bank size's round group
+    (base, peft and the routers timed together, ``bench.ShapeBench.measure_together``) in the table's setting;
+    empty for rows timed one strategy after another (tables before the rounds were kept)."""
+    out: dict = {}
+    for r in brows:
+        if (r.get("rounds") and r.get("alongside") is not None and r["engine"] == setting["engine"]
+                and r["batch_size"] == setting["batch_size"] and r["prompt_len"] == setting["prompt_len"]):
+            out.setdefault(r.get("model", r["shape"]), {}).setdefault(str(r["alongside"]), {})[r["strategy"]] = \
+                r["rounds"]
     return out
 
 
@@ -368,7 +384,11 @@ def dlp_latency(records: list[dict], claim_model: str = "llama3_8b", engine: str
     bench = next((r for r in records if r["stage"] == "bench"), None)
     for row in [*rows, *[r for o in others.values() for r in o["rows"]]]:
         row["runs"] = _runs({"ms": bench})
-    return {"rows": rows, "setting": setting, "other_engines": others, "claim_model": claim_model}
+    out = {"rows": rows, "setting": setting, "other_engines": others, "claim_model": claim_model}
+    rounds = latency_rounds(brows, setting) if setting else {}
+    if rounds:  # the raw per-round times the claims' intervals come from
+        out["rounds"] = rounds
+    return out
 
 
 # ------------------------------------------------------------------------------------------- head_to_head

@@ -28,7 +28,9 @@ cache without compile. Each row's ``engine`` says what ran: ``eager``, ``static+
 
 Each row: model, prefill tokens/s and ms, decode ms/token, ``peak_mem_gb`` (CUDA max_memory_allocated over the
 timed calls; None on CPU) and ``ratio_to_base`` = decode time over the base model's with the same shape, engine,
-batch and prompt length. On CUDA the kernels/ micro-benchmark (``python -m kernels.bench``) runs too when
+batch and prompt length. Eager rows are timed per bank size together (base, peft and every router, interleaved
+rounds: ``bench_shape``), so a row's ``alongside`` names its round group, its ``rounds`` the raw (t_1, t_N) pairs,
+and its ratio is to the base timed beside it. On CUDA the kernels/ micro-benchmark (``python -m kernels.bench``) runs too when
 ``bench.kernel_micro``. Combinations a device cannot run are logged and left out (never silently faked).
 """
 
@@ -59,7 +61,13 @@ from pipeline.runtime.settings import check_settings
 from pipeline.runtime.stage import StageRun
 from pipeline.stages import e2e_decode as e2e
 from pipeline.stages import train_throughput as tt
-from pipeline.stages.bench_timing import compile_config, random_adapter, random_batch, time_generate
+from pipeline.stages.bench_timing import (
+    compile_config,
+    random_adapter,
+    random_batch,
+    time_generate,
+    time_interleaved,
+)
 
 log = logging.getLogger(__name__)
 SUITES = ("latency", "train_throughput", "e2e_decode")
@@ -80,9 +88,10 @@ SHAPES = {"llama3_8b": (LLAMA3_8B, True),
                                  "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}, False)}
 
 
-def shape_model(config: dict, device, dtype=torch.bfloat16):
-    """A frozen random-weight LLaMA of ``config`` (``common.random_llama``), in ``dtype`` on ``device``, ready to generate."""
-    model = random_llama(config, dtype=dtype, device=device)
+def shape_model(config: dict, device, dtype=torch.bfloat16, seed: int | None = None):
+    """A frozen random-weight LLaMA of ``config`` (``common.random_llama``), in ``dtype`` on ``device``, ready to generate
+    (``seed``: the same weights for every copy of the shape)."""
+    model = random_llama(config, dtype=dtype, device=device, seed=seed)
     model.requires_grad_(False)
     model.generation_config.pad_token_id = config["eos_token_id"]
     return model
@@ -103,7 +112,7 @@ def build_shape(cfg: DictConfig, shape: str):
         log.warning("bench: shape %s needs a CUDA GPU (16 GB of bf16 weights); skipped on this machine (its CPU "
                     "stand-in is llama3_8b_tiny)", shape)
         return None
-    model = shape_model(config, device)
+    model = shape_model(config, device, seed=int(cfg.seed))
     model.config.name_or_path = f"random-{shape}"
     return model, config["vocab_size"], device, shape
 
@@ -183,8 +192,9 @@ class ShapeBench:
                 self.model.__dict__.pop("_compiled_call", None)
         return "static", self._time(generate, b, s, "static", None)
 
-    def measure(self, strategy: str, n: int, generate) -> None:
-        for engine in self.engines:
+    def measure(self, strategy: str, n: int, generate, engines=None) -> None:
+        """One strategy alone under ``engines`` (default every configured one): one row per batch and prompt."""
+        for engine in self.engines if engines is None else engines:
             if engine == "static" and not self._static_allowed(strategy, n):
                 continue
             for b in self.b_cfg.batch_sizes:
@@ -205,6 +215,32 @@ class ShapeBench:
                                       "strategy": strategy, "num_adapters": n, "batch_size": b, "prompt_len": s,
                                       "new_tokens": int(self.b_cfg.new_tokens), **m})
 
+    def measure_together(self, gens: dict, alongside: int | None) -> None:
+        """Eager decode of several strategies (``{strategy: (num_adapters, generate)}``) in interleaved rounds
+        (``time_interleaved``), one row each per batch and prompt, with its ``rounds`` and ``alongside`` (the bank
+        size of the round group, so the base and peft rows timed beside each bank size pair with its rows)."""
+        if "eager" not in self.engines or not gens:
+            return
+        for b in self.b_cfg.batch_sizes:
+            for s in self.b_cfg.prompt_lengths:
+                b, s = int(b), int(s)
+                if not self.budget.left(f"{self.shape}/eager/{'+'.join(gens)}/n{alongside}/b{b}/s{s}"):
+                    continue
+                ids, mask = random_batch(self.vocab, b, s, self.device, seed=int(self.cfg.seed))
+                try:
+                    out = time_interleaved({k: g for k, (_, g) in gens.items()}, ids, mask,
+                                           int(self.b_cfg.new_tokens), warmup=int(self.b_cfg.warmup),
+                                           repeats=int(self.b_cfg.repeats))
+                except Exception as err:  # noqa: BLE001 a combination this device cannot run is reported
+                    log.warning("bench: %s %s n=%s eager b=%s s=%s failed: %s", self.shape, list(gens), alongside,
+                                b, s, err)
+                    continue
+                for strategy, (n, _) in gens.items():
+                    self.rows.append({"model": self.label, "shape": self.shape, "engine": "eager",
+                                      "strategy": strategy, "num_adapters": n, "batch_size": b, "prompt_len": s,
+                                      "new_tokens": int(self.b_cfg.new_tokens), "alongside": alongside,
+                                      **out[strategy]})
+
 
 def bench_routers(cfg: DictConfig, strategies=None) -> dict:
     """``{label: Strategy}`` of the loramux rows in ``strategies`` (default ``bench.strategies``): each label's router
@@ -220,7 +256,12 @@ def bench_routers(cfg: DictConfig, strategies=None) -> dict:
 
 def bench_shape(cfg: DictConfig, shape: str, rows: list, budget: TimeBudget | None = None,
                 routers: dict | None = None) -> None:
-    """All rows of one shape (appended to ``rows``); ``routers``: ``bench_routers(cfg)``."""
+    """All rows of one shape (appended to ``rows``); ``routers``: ``bench_routers(cfg)``.
+
+    Eager: per bank size n, the base model, peft's single LoRA and every router over a bank of n adapters are timed
+    together in interleaved rounds (``ShapeBench.measure_together``), each on its own copy of the model (the bank
+    wraps its model's projections in place), so every ratio to base or peft has its baseline timed beside it, round
+    by round. Static (compiled: each combination compiles once): one strategy after another."""
     routers = bench_routers(cfg) if routers is None else routers
     built = build_shape(cfg, shape)
     if built is None:
@@ -228,43 +269,59 @@ def bench_shape(cfg: DictConfig, shape: str, rows: list, budget: TimeBudget | No
     model, vocab, device, label = built
     strategies = list(cfg.bench.strategies)
     sb = ShapeBench(cfg, shape, model, vocab, device, label, rows, budget)
+    static = [e for e in sb.engines if e != "eager"]
     with tempfile.TemporaryDirectory(prefix="loramux-bench-") as tmp:
         adapter = random_adapter(model, Path(tmp) / "random", cfg.adapter, int(cfg.seed))
+        plain = {}
         if "base" in strategies:
-            sb.measure("base", 0, lambda i, m, **k: model.generate(input_ids=i, attention_mask=m, **k))
+            plain["base"] = (0, lambda i, m, **k: model.generate(input_ids=i, attention_mask=m, **k))
         if "peft" in strategies:
-            pm = PeftModel.from_pretrained(model, str(adapter))
+            pm = PeftModel.from_pretrained(build_shape(cfg, shape)[0], str(adapter))
             pm.eval()
-            sb.measure("peft", 1, lambda i, m, **k: pm.generate(input_ids=i, attention_mask=m, **k))
-            model = pm.unload()
-            sb.model = model
-        for n in cfg.bench.num_adapters if routers else []:
+            plain["peft"] = (1, lambda i, m, **k: pm.generate(input_ids=i, attention_mask=m, **k))
+        for strategy, (n, gen) in plain.items():
+            sb.model = pm.base_model.model if strategy == "peft" else model  # what the static engine compiles
+            sb.measure(strategy, n, gen, engines=static)
+        sb.model = model
+        ns = [int(n) for n in cfg.bench.num_adapters] if routers else []
+        if not ns:
+            sb.measure_together(plain, None)
+        bank_model = build_shape(cfg, shape)[0] if ns else None
+        for n in ns:
             if sb.budget.spent():  # no bank is built for combinations that will not run
                 sb.budget.skipped.append(f"{shape}/*/n{n}")
                 continue
-            mm = MultiLoRAModel.from_adapters(model, {f"a{i}": adapter for i in range(int(n))}, router="base",
+            mm = MultiLoRAModel.from_adapters(bank_model, {f"a{i}": adapter for i in range(n)}, router="base",
                                               check_base_name=False)
+            banked = {}
             for st, strategy in routers.items():
                 try:
-                    mm.set_router(strategy.build, **strategy.knobs)
+                    router = mm.build_router(strategy.build, **strategy.knobs)
                 except ValueError as err:  # a router this bank cannot hold (top_k above its size): no row
                     log.info("bench: %s at %s adapters skipped: %s", st, n, err)
                     continue
 
-                def gen(i, a, mm=mm, needs=strategy.needs_task_ids, **k):
+                def gen(i, a, mm=mm, router=router, needs=strategy.needs_task_ids, **k):
+                    mm.set_router(router)
                     mm.set_routing(task_ids=[0] * i.shape[0] if needs else None)  # the oracle: adapter a0
                     return mm.generate(i, attention_mask=a, **k)
-                sb.measure(st, int(n), gen)
-            model = mm.unwrap()
+                banked[st] = (n, gen)
+            sb.measure_together({**plain, **banked}, n)
+            sb.model = bank_model
+            for st, (_, gen) in banked.items():
+                sb.measure(st, n, gen, engines=static)
             sb.model = model
+            bank_model = mm.unwrap()
 
 
 def add_ratios(rows: list) -> None:
-    """``ratio_to_base`` = decode ms/token over base's, same shape / engine / batch / prompt length."""
-    base = {(r["shape"], r["engine"], r["batch_size"], r["prompt_len"]): r["decode_ms_per_token"]
-            for r in rows if r["strategy"] == "base"}
+    """``ratio_to_base`` = decode ms/token over base's, same shape / engine / batch / prompt length and, where the
+    rows were timed together, the same round group (``alongside``)."""
+    def key(r):
+        return r["shape"], r["engine"], r["batch_size"], r["prompt_len"], r.get("alongside")
+    base = {key(r): r["decode_ms_per_token"] for r in rows if r["strategy"] == "base"}
     for r in rows:
-        ref = base.get((r["shape"], r["engine"], r["batch_size"], r["prompt_len"]))
+        ref = base.get(key(r))
         r["ratio_to_base"] = round(r["decode_ms_per_token"] / ref, 3) if ref else None
 
 

@@ -4,7 +4,8 @@ Decode cost is separated from prefill by timing two greedy generations of the sa
 and one of N (``min_new_tokens`` forces the length, and the output length is checked: a random-weight model
 that emits EOS early would otherwise time fewer steps): decode ms/token = (t_N - t_1) / (N - 1), prefill
 tokens/s = batch x prompt tokens / t_1. Each is the median of ``repeats`` runs after one untimed 1-token call and
-``warmup`` N-token runs; CUDA is
+``warmup`` N-token runs (``time_interleaved``: several contestants' runs in interleaved rounds, each pair kept, so
+two contestants' times pair up by round); CUDA is
 synchronised around every timed call, and ``peak_mem_gb`` is ``torch.cuda.max_memory_allocated`` over the
 timed calls (None on CPU).
 
@@ -72,14 +73,9 @@ def generate_kwargs(engine: str, compile=None) -> dict:
     return kw
 
 
-def time_generate(generate, ids, mask, new_tokens: int, *, warmup: int = 1, repeats: int = 3,
-                  engine: str = "eager", compile=None) -> dict:
-    """``{"prefill_tok_s", "prefill_ms", "decode_ms_per_token", "t1_s", "tN_s", "peak_mem_gb"}`` for
-    ``generate(ids, mask, **kw)``; raises when the output is not exactly ``new_tokens`` long."""
-    kw = generate_kwargs(engine, compile)
-    new_tokens = max(2, int(new_tokens))
-    cuda = ids.device.type == "cuda"
-
+def _timer(generate, ids, mask, kw: dict):
+    """``once(n)``: the seconds of one greedy generate call of exactly ``n`` new tokens, the device synchronised
+    around it (raises when the output is not ``n`` long: a decode time would be wrong)."""
     def once(n):
         _sync(ids.device)
         t0 = time.perf_counter()
@@ -92,23 +88,64 @@ def time_generate(generate, ids, mask, new_tokens: int, *, warmup: int = 1, repe
             raise RuntimeError(f"generate made {seqs.shape[-1] - ids.shape[-1]} new tokens, asked for exactly {n} "
                                f"(min_new_tokens ignored?); decode time would be wrong")
         return seconds
+    return once
 
-    once(1)  # untimed: first-call costs (lazy init, cache allocation) never land in t_1, even with warmup=0
-    for _ in range(max(0, warmup)):
-        once(new_tokens)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(ids.device)
-    # interleaved pairs (1 token, then new_tokens): a slow stretch of the host lands in both halves of a pair, and
+
+def _summary(pairs: list, ids, new_tokens: int, peak) -> dict:
     # the decode time is the median of the pairs' differences, not a difference of two medians taken apart
-    pairs = [(once(1), once(new_tokens)) for _ in range(max(1, repeats))]
     t1 = statistics.median(a for a, _ in pairs)
     tn = statistics.median(b for _, b in pairs)
     decode = statistics.median(b - a for a, b in pairs)
-    peak = round(torch.cuda.max_memory_allocated(ids.device) / 2**30, 3) if cuda else None
     b, s = ids.shape
     return {"prefill_tok_s": round(b * s / t1, 2), "prefill_ms": round(1000 * t1, 3),
             "decode_ms_per_token": round(1000 * max(decode, 0) / (new_tokens - 1), 4),
             "t1_s": round(t1, 5), "tN_s": round(tn, 5), "peak_mem_gb": peak}
+
+
+def _peak(device):
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None
+
+
+def time_generate(generate, ids, mask, new_tokens: int, *, warmup: int = 1, repeats: int = 3,
+                  engine: str = "eager", compile=None) -> dict:
+    """``{"prefill_tok_s", "prefill_ms", "decode_ms_per_token", "t1_s", "tN_s", "peak_mem_gb"}`` for
+    ``generate(ids, mask, **kw)``; raises when the output is not exactly ``new_tokens`` long."""
+    new_tokens = max(2, int(new_tokens))
+    once = _timer(generate, ids, mask, generate_kwargs(engine, compile))
+    once(1)  # untimed: first-call costs (lazy init, cache allocation) never land in t_1, even with warmup=0
+    for _ in range(max(0, warmup)):
+        once(new_tokens)
+    if ids.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(ids.device)
+    # interleaved pairs (1 token, then new_tokens): a slow stretch of the host lands in both halves of a pair
+    pairs = [(once(1), once(new_tokens)) for _ in range(max(1, repeats))]
+    return _summary(pairs, ids, new_tokens, _peak(ids.device))
+
+
+def time_interleaved(gens: dict, ids, mask, new_tokens: int, *, warmup: int = 1, repeats: int = 3,
+                     engine: str = "eager") -> dict:
+    """``time_generate`` for several contestants (``{name: generate}``) at once, in interleaved rounds: each warms
+    up alone (its ``peak_mem_gb`` is the peak of its warm-up), then round i times one (t_1, t_N) pair of every
+    contestant in ``round_order(names, i)``. ``{name: time_generate's dict + "rounds": [[t_1, t_N], ...]}``: the
+    i-th pair of two contestants share a round (a slow phase of the host hits both), so their decode-time ratio
+    pairs up by round (``pipeline.report.statistics.paired_time_ratios``)."""
+    new_tokens = max(2, int(new_tokens))
+    kw = generate_kwargs(engine)
+    timers = {name: _timer(g, ids, mask, kw) for name, g in gens.items()}
+    peaks = {}
+    for name, once in timers.items():
+        if ids.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(ids.device)
+        once(1)
+        for _ in range(max(0, warmup)):
+            once(new_tokens)
+        peaks[name] = _peak(ids.device)
+    pairs: dict = {name: [] for name in timers}
+    for i in range(max(1, repeats)):
+        for name in round_order(list(timers), i):
+            pairs[name].append((timers[name](1), timers[name](new_tokens)))
+    return {name: {**_summary(p, ids, new_tokens, peaks[name]), "rounds": [[round(a, 6), round(b, 6)] for a, b in p]}
+            for name, p in pairs.items()}
 
 
 def round_order(items: list, i: int) -> list:

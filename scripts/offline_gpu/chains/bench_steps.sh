@@ -49,8 +49,8 @@ e2e_eager() {
 # the op micro-benchmark at this commit (~2 minutes)
 kernel_bench() { step kernel_bench timeout 300 python3 -m kernels.bench --out "$LMX/tables"; }
 # DLP-LoRA's latency table (decode against the number of adapters; random-weight shapes, so no asset), with its
-# report and raw records under /root/lmx/{tables,records} (bench.max_seconds 360: ~7 minutes)
-dlp_latency() { step dlp_latency timeout 560 python3 -m pipeline.reproduce experiment=dlp_latency logger=csv; }
+# report and raw records under /root/lmx/{tables,records} (bench.max_seconds 420: ~8.5 minutes, a call of its own)
+dlp_latency() { step dlp_latency timeout 575 python3 -m pipeline.reproduce experiment=dlp_latency logger=csv; }
 # the gates' tokens/s target alone (an absolute rate, no ratio): compiled layers at batch 256, their best batch at
 # 9d88c5b, 6 rounds, its own table (~1.5 minutes)
 train_gates_compiled() {
