@@ -405,8 +405,8 @@ def head_to_head(records: list[dict], engine: str = "eager") -> dict:
            setting["batch_size"] and r["prompt_len"] == setting["prompt_len"]]
     n_max = max((r["num_adapters"] for r in sel), default=None)
     bench_at = {}
-    for r in sel:
-        if r["strategy"] in ("base", "peft") or r["num_adapters"] == n_max:
+    for r in sel:  # base and peft: the ones timed beside the bank of n_max where they were timed together
+        if (r["strategy"] in ("base", "peft") and r.get("alongside") in (None, n_max)) or r["num_adapters"] == n_max:
             bench_at[_canon(r["strategy"])] = r
     labels = list(dict.fromkeys([_canon(s) for s in ev] + list(bench_at)))
     ev_c = {_canon(k): v for k, v in ev.items()}
