@@ -36,7 +36,8 @@ Rows per table (scores: accuracy and ROUGE as fractions in [0, 1], BLEU 0-100; N
   size, whose raw interleaved rounds are in ``rounds`` (``{model: {n: {strategy: [[t_1, t_N], ...]}}}``).
 * ``head_to_head``: ``{strategy, avg_score, decode_ms, peak_mem_gb, runs}``: mean single-task score (BLEU/100),
   decode ms/token and CUDA peak memory at the experiment's adapter count; ``composite`` = composite-n ``correct``
-  and ``attempts``; ``task_metrics``: the metric each task's score is (what the claims' intervals resample).
+  and ``attempts``; ``task_metrics``: the metric each task's score is (what the claims' intervals resample);
+  ``rounds``: the decode timings' raw interleaved rounds where the bench kept them (the speed claim's interval).
 """
 
 from __future__ import annotations
@@ -423,8 +424,12 @@ def head_to_head(records: list[dict], engine: str = "eager") -> dict:
                   "attempts": _num(r["metrics"].get("attempts"))} for s, r in comp.items()]
     recs = list(ev_c.values())
     task_metrics = {t: primary_metric(t, recs) for t in _ordered_tasks(recs)}
-    return {"rows": rows, "setting": {**(setting or {}), "num_adapters": n_max}, "composite": composite,
-            "task_metrics": {t: m for t, m in task_metrics.items() if m}, "_sources": ev_c}
+    out = {"rows": rows, "setting": {**(setting or {}), "num_adapters": n_max}, "composite": composite,
+           "task_metrics": {t: m for t, m in task_metrics.items() if m}, "_sources": ev_c}
+    rounds = {s: b["rounds"] for s, b in bench_at.items() if b.get("rounds") and b.get("alongside") == n_max}
+    if rounds:  # the raw interleaved rounds of the bank of n_max (base, peft and the routers timed together)
+        out["rounds"] = rounds
+    return out
 
 
 BUILDERS = {"meteora_tasks": meteora_tasks, "meteora_composite": meteora_composite, "dlp_tasks": dlp_tasks,
