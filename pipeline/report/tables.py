@@ -9,7 +9,7 @@ Which table a record feeds depends on its stage:
   DLP-LoRA T1/T2.
 * ``evaluate`` with ``composite_n`` -> ``composite_<n>``: rows = sub-tasks + attempts + correct, one column per
   strategy; MeteoRA's composite table.
-* ``bench``     -> ``latency``: the bench rows (strategy, adapters, batch, lengths, prefill tok/s, decode
+* ``bench``     -> ``latency``: the bench rows (strategy, adapters, round group, batch, lengths, prefill tok/s, decode
   ms/token, ratio to base under the same engine); DLP-LoRA T4/T6.
 
 When a sweep is rerun, the newest record of each (stage, strategy, tasks, composite_n) wins.
@@ -121,8 +121,8 @@ def composite_tables(records: list[dict]) -> list[Table]:
     return out
 
 
-LATENCY_COLUMNS = ["shape", "engine", "strategy", "num_adapters", "batch_size", "prompt_len", "new_tokens",
-                   "prefill_tok_s", "decode_ms_per_token", "ratio_to_base"]
+LATENCY_COLUMNS = ["shape", "engine", "strategy", "num_adapters", "alongside", "batch_size", "prompt_len",
+                   "new_tokens", "prefill_tok_s", "decode_ms_per_token", "ratio_to_base"]
 
 
 def latency_table(records: list[dict]) -> Table | None:
@@ -133,7 +133,9 @@ def latency_table(records: list[dict]) -> Table | None:
     if not rows:
         return None
     return Table("latency", "End-to-end latency", LATENCY_COLUMNS, rows,
-                 "decode ms/token; ratio_to_base = decode time over the base model's under the same engine")
+                 "decode ms/token; alongside = the bank size of the interleaved rounds the row was timed in (base "
+                 "and peft are timed beside every bank); ratio_to_base = decode time over the base model's timed "
+                 "with it (same engine and round group)")
 
 
 def build_tables(records: list[dict]) -> list[Table]:

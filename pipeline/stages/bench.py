@@ -192,28 +192,35 @@ class ShapeBench:
                 self.model.__dict__.pop("_compiled_call", None)
         return "static", self._time(generate, b, s, "static", None)
 
+    def _grid(self, what: str):
+        """The (batch, prompt length) pairs of the bench the time budget still lets start (``what`` names the
+        combination in the budget's list of skipped ones)."""
+        for b in self.b_cfg.batch_sizes:
+            for s in self.b_cfg.prompt_lengths:
+                if self.budget.left(f"{self.shape}/{what}/b{b}/s{s}"):
+                    yield int(b), int(s)
+
+    def _row(self, engine: str, strategy: str, n: int, b: int, s: int, measured: dict, **extra) -> None:
+        self.rows.append({"model": self.label, "shape": self.shape, "engine": engine, "strategy": strategy,
+                          "num_adapters": n, "batch_size": b, "prompt_len": s,
+                          "new_tokens": int(self.b_cfg.new_tokens), **extra, **measured})
+
     def measure(self, strategy: str, n: int, generate, engines=None) -> None:
         """One strategy alone under ``engines`` (default every configured one): one row per batch and prompt."""
         for engine in self.engines if engines is None else engines:
             if engine == "static" and not self._static_allowed(strategy, n):
                 continue
-            for b in self.b_cfg.batch_sizes:
-                for s in self.b_cfg.prompt_lengths:
-                    b, s = int(b), int(s)
-                    if not self.budget.left(f"{self.shape}/{engine}/{strategy}/n{n}/b{b}/s{s}"):
-                        continue
-                    try:
-                        if engine == "static":
-                            ran, m = self._static(generate, b, s)
-                        else:
-                            ran, m = engine, self._time(generate, b, s, engine)
-                    except Exception as err:  # noqa: BLE001 a combination this device cannot run is reported
-                        log.warning("bench: %s %s n=%s %s b=%s s=%s failed: %s", self.shape, strategy, n, engine,
-                                    b, s, err)
-                        continue
-                    self.rows.append({"model": self.label, "shape": self.shape, "engine": ran,
-                                      "strategy": strategy, "num_adapters": n, "batch_size": b, "prompt_len": s,
-                                      "new_tokens": int(self.b_cfg.new_tokens), **m})
+            for b, s in self._grid(f"{engine}/{strategy}/n{n}"):
+                try:
+                    if engine == "static":
+                        ran, m = self._static(generate, b, s)
+                    else:
+                        ran, m = engine, self._time(generate, b, s, engine)
+                except Exception as err:  # noqa: BLE001 a combination this device cannot run is reported
+                    log.warning("bench: %s %s n=%s %s b=%s s=%s failed: %s", self.shape, strategy, n, engine, b, s,
+                                err)
+                    continue
+                self._row(ran, strategy, n, b, s, m)
 
     def measure_together(self, gens: dict, alongside: int | None) -> None:
         """Eager decode of several strategies (``{strategy: (num_adapters, generate)}``) in interleaved rounds
@@ -221,25 +228,17 @@ class ShapeBench:
         size of the round group, so the base and peft rows timed beside each bank size pair with its rows)."""
         if "eager" not in self.engines or not gens:
             return
-        for b in self.b_cfg.batch_sizes:
-            for s in self.b_cfg.prompt_lengths:
-                b, s = int(b), int(s)
-                if not self.budget.left(f"{self.shape}/eager/{'+'.join(gens)}/n{alongside}/b{b}/s{s}"):
-                    continue
-                ids, mask = random_batch(self.vocab, b, s, self.device, seed=int(self.cfg.seed))
-                try:
-                    out = time_interleaved({k: g for k, (_, g) in gens.items()}, ids, mask,
-                                           int(self.b_cfg.new_tokens), warmup=int(self.b_cfg.warmup),
-                                           repeats=int(self.b_cfg.repeats))
-                except Exception as err:  # noqa: BLE001 a combination this device cannot run is reported
-                    log.warning("bench: %s %s n=%s eager b=%s s=%s failed: %s", self.shape, list(gens), alongside,
-                                b, s, err)
-                    continue
-                for strategy, (n, _) in gens.items():
-                    self.rows.append({"model": self.label, "shape": self.shape, "engine": "eager",
-                                      "strategy": strategy, "num_adapters": n, "batch_size": b, "prompt_len": s,
-                                      "new_tokens": int(self.b_cfg.new_tokens), "alongside": alongside,
-                                      **out[strategy]})
+        for b, s in self._grid(f"eager/{'+'.join(gens)}/n{alongside}"):
+            ids, mask = random_batch(self.vocab, b, s, self.device, seed=int(self.cfg.seed))
+            try:
+                out = time_interleaved({k: g for k, (_, g) in gens.items()}, ids, mask, int(self.b_cfg.new_tokens),
+                                       warmup=int(self.b_cfg.warmup), repeats=int(self.b_cfg.repeats))
+            except Exception as err:  # noqa: BLE001 a combination this device cannot run is reported
+                log.warning("bench: %s %s n=%s eager b=%s s=%s failed: %s", self.shape, list(gens), alongside, b, s,
+                            err)
+                continue
+            for strategy, (n, _) in gens.items():
+                self._row("eager", strategy, n, b, s, out[strategy], alongside=alongside)
 
 
 def bench_routers(cfg: DictConfig, strategies=None) -> dict:
