@@ -193,6 +193,7 @@ def demo_block(demo_dir: Path) -> str:
     if latency.is_file():
         with open(latency) as f:
             lat = [{"strategy": r["strategy"], "adapters": int(r["num_adapters"]),
+                    **({"timed with bank of": r["alongside"] or "–"} if "alongside" in r else {}),
                     "decode ms/token": float(r["decode_ms_per_token"]), "ratio to base": float(r["ratio_to_base"])}
                    for r in csv.DictReader(f)]
         lines += _md_table(lat)
