@@ -43,6 +43,7 @@ class EOSUntilAnswers(LogitsProcessor):
         self.eos = sorted(set(eos) | silent_ids(tokenizer))
         self.tokenizer, self.prompt_len, self.n = tokenizer, int(prompt_len), int(n)
         self.done: set[int] = set()  # rows that hold n answers already: a row's answers only grow, so it keeps them
+        self._held: dict = {}  # (device, vocabulary width) -> the held-back ids as a tensor there (made once)
 
     def answered(self, text: str) -> int:
         return sum(1 for a in parse_composite(text, self.n) if a.strip())
@@ -62,7 +63,10 @@ class EOSUntilAnswers(LogitsProcessor):
                 self.done.add(b)
         if short:
             scores = scores.clone()
-            held = torch.tensor([e for e in self.eos if e < scores.shape[1]], device=scores.device)
+            key = (scores.device, scores.shape[1])
+            if key not in self._held:
+                self._held[key] = torch.tensor([e for e in self.eos if e < scores.shape[1]], device=scores.device)
+            held = self._held[key]
             scores[torch.tensor(short, device=scores.device)[:, None], held] = float("-inf")
         return scores
 
