@@ -56,14 +56,28 @@ def test_experiment_composes_with_stage(stage, experiment, tmp_path, _compose):
 def test_reproduce_plan_steps_compose(experiment, _compose):
     """Every run the reproduce plan would start is a valid config of its stage."""
     reproduce = _compose("reproduce", [f"experiment={experiment}"])
-    plan = reproduce.plan
-    for entry in list(plan.evaluate.values()) + list(plan.composite_strategies.values()):
-        _compose("evaluate", [f"experiment={experiment}", *entry])
-    for router, ovs in plan.route.items():
-        _compose("route", [f"experiment={experiment}", f"router={router}", *ovs])
+    for s in plan_steps(reproduce):
+        if s["stage"] in ("route", "evaluate"):  # a route step's overrides name its router
+            _compose(s["stage"], [f"experiment={experiment}", *s["overrides"]])
     finetune = [s["step"] for s in plan_steps(reproduce) if s["stage"] == "finetune"]
     for task in finetune[:1] + [t for t in finetune if t == "lora_b"]:
         _compose("finetune", [f"experiment={experiment}", f"task={task}"])
+
+
+def test_an_experiment_drops_an_inherited_step_by_setting_it_to_null(_compose):
+    """meteora_composite_noeos = meteora_tasks' training plan + meteora_composite's runs, on adapters trained
+    without EOS: meteora_tasks' single-task evaluations, set to null, are no steps."""
+    cfg = _compose("reproduce", ["experiment=meteora_composite_noeos"])
+    steps = [(s["stage"], s["step"]) for s in plan_steps(cfg)]
+    assert steps[:3] == [("finetune", "all"), ("finetune", "lora_b"), ("route", "meteora")]
+    assert steps[3:] == [("evaluate", f"composite{n}-{s}") for n in (3, 5, 10) for s in ("meteora-top2", "lora_b")]
+    tasks = _compose("reproduce", ["experiment=meteora_tasks"])
+    assert {s for st, s in [(s["stage"], s["step"]) for s in plan_steps(tasks)] if st == "evaluate"} == set(
+        cfg.plan.evaluate)  # every single-task evaluation of meteora_tasks, each dropped
+    assert all(v is None for v in cfg.plan.evaluate.values())
+    assert cfg.data.append_eos is False and cfg.paths.adapters_dir.endswith("meteora_composite_noeos/adapters")
+    assert cfg.trainer.max_steps == tasks.trainer.max_steps and cfg.router.train.steps == tasks.router.train.steps
+    assert cfg.composite_rows == 200 and cfg.paper_table_file == "meteora_composite_noeos"
 
 
 def test_adapter_defaults_match_the_papers(_compose):

@@ -9,7 +9,8 @@ steps run in parallel) the task adapters are trained together by one ``finetune 
 ``plan.finetune_overrides`` (step -> its own finetune overrides, e.g. LoRA-B's longer budget: ``lora_b:
 [trainer.max_steps=1750]``; the joint run's step is ``all``), ``plan.route`` (router -> route overrides),
 ``plan.evaluate`` (label -> evaluate overrides), ``plan.composite`` x ``plan.composite_strategies``
-(composite-n runs), ``plan.bench``. Each step composes its stage's config with the same experiment and
+(composite-n runs), ``plan.bench``; a label set to null is no step (an experiment built on another drops an
+inherited step that way). Each step composes its stage's config with the same experiment and
 command-line overrides plus the step's own, and runs in this process with a fixed run dir
 ``outputs/<name>/<stage>/<step>/``; a step whose metrics.json (and artefact: adapter, router) already exists is
 skipped, so an interrupted reproduce continues where it stopped (``force=true`` reruns everything). The report
@@ -95,6 +96,12 @@ def joint_finetune(cfg: DictConfig) -> bool:
     return gpu or int(cfg.get("parallel", 1) or 1) <= 1
 
 
+def _steps(section) -> list:
+    """A plan section's ``(label, overrides)`` pairs; a label set to null is no step (an experiment that builds on
+    another drops an inherited step that way: ``plan.evaluate.merge: null``)."""
+    return [(label, ovs) for label, ovs in (section or {}).items() if ovs is not None]
+
+
 def plan_steps(cfg: DictConfig) -> list[dict]:
     """The ordered steps: ``{"stage", "step", "overrides", "artefact"}`` (artefact: a file, or a list of files, that
     must exist). With ``joint_finetune`` the task adapters of ``plan.finetune`` are one step, ``finetune/all``."""
@@ -117,13 +124,13 @@ def plan_steps(cfg: DictConfig) -> list[dict]:
     for task in finetune:
         steps.append({"stage": "finetune", "step": str(task), "overrides": [f"task={task}", *own.get(str(task), [])],
                       "artefact": adapters / str(task) / "adapter_config.json"})
-    for router, ovs in (cfg.plan.route or {}).items():
+    for router, ovs in _steps(cfg.plan.route):
         steps.append({"stage": "route", "step": str(router), "overrides": [f"router={router}", *ovs],
                       "artefact": routers / str(router) / "router.json"})
-    for label, ovs in (cfg.plan.evaluate or {}).items():
+    for label, ovs in _steps(cfg.plan.evaluate):
         steps.append({"stage": "evaluate", "step": str(label), "overrides": list(ovs), "artefact": None})
     for n in cfg.plan.composite or []:
-        for label, ovs in (cfg.plan.composite_strategies or {}).items():
+        for label, ovs in _steps(cfg.plan.composite_strategies):
             steps.append({"stage": "evaluate", "step": f"composite{n}-{label}",
                           "overrides": [*ovs, f"composite_n={n}"], "artefact": None})
     if cfg.plan.get("bench"):
