@@ -203,8 +203,8 @@ def _timing_claim(text: str, per_round: list[float], threshold: str, bar: float,
 
 def _round_ratios(mine: list, ref: list) -> list:
     """Per interleaved round (in round order), ``mine``'s decode time over ``ref``'s (``t_N - t_1`` each); None
-    where ``ref`` measured no decode time."""
-    return [(a[1] - a[0]) / (b[1] - b[0]) if b[1] > b[0] else None for a, b in zip(mine, ref)]
+    where either side measured no decode time (host noise over too few tokens)."""
+    return [(a[1] - a[0]) / (b[1] - b[0]) if b[1] > b[0] and a[1] > a[0] else None for a, b in zip(mine, ref)]
 
 
 def dlp_latency_claims(body: dict) -> list[dict]:
