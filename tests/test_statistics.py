@@ -138,7 +138,7 @@ def test_composite_ties_are_no_wins_and_few_attempts_are_untestable(tmp_path):
     assert c["verdict"] is None and "meteora attempts 1.00 < 0.8 n = 2.4" in c["reason"]
     assert "special tokens" not in c["reason"]  # nothing recorded about how rows ended
 
-    (tmp_path / "loop").mkdir()  # every MeteoRA row ran its budget writing only special tokens (no text)
+    (tmp_path / "loop").mkdir()  # every MeteoRA row ran its budget writing no text (special tokens, whitespace)
     _write_run(tmp_path / "loop", "composite3-meteora-top2", "", [""] * 200, golds, "meteora-top2", subs,
                extra_metrics={"no_text_at_budget": 200})
     _write_run(tmp_path / "loop", "composite3-lora_b", "", [both] * 200, golds, "lora_b", subs,

@@ -109,14 +109,15 @@ def _gap_split(rows: list[dict], src: dict, metrics: dict, avg: dict) -> dict:
 
 def _composite_n(n: int, rows: list[dict], attempts: dict, src: dict, silent: dict | None = None) -> dict:
     """One n of claim 2: point wins, per-sub-task intervals, and the verdict (None when untestable). ``silent``: per
-    side, the rows that ran their whole budget writing no text (special tokens only), where recorded."""
+    side, the rows that ran their whole budget writing no text (only special tokens or whitespace), where recorded."""
     both = [r for r in rows if r.get("meteora") is not None and r.get("lora_b") is not None]
     wins = sum(r["meteora"] > r["lora_b"] for r in both)
     out = {"wins": f"{wins}/{len(both)}", "attempts": attempts}
     low = {side: a for side, a in attempts.items() if a is not None and a < MIN_ATTEMPTS * n}
     if low:
         loops = {side: k for side, k in (silent or {}).items() if side in low and k}
-        why = ("; " + ", ".join(f"{side}: {k:g} rows ran their whole budget writing no text (special tokens only)"
+        why = ("; " + ", ".join(f"{side}: {k:g} rows ran their whole budget writing no text (only special tokens or "
+                                "whitespace)"
                                 for side, k in sorted(loops.items()))) if loops else ""
         out.update(verdict=None, reason=", ".join(f"{side} attempts {a:.2f} < {MIN_ATTEMPTS} n = {MIN_ATTEMPTS * n:g}"
                                                   for side, a in sorted(low.items())) +

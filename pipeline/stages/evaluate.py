@@ -87,7 +87,8 @@ def run_job(mm, tokenizer, job: dict, engine: DecodeEngine | None = None) -> dic
 def row_end(new: list[int], eos: int | None, pad: int | None) -> dict:
     """How one row's generation ended: ``{"new_tokens": tokens before its EOS (or before the padding of a row that
     stopped, or all of them), "eos": whether it stopped by EOS}``. A row with no text that ran its whole budget
-    without EOS wrote only special tokens (``no_text_at_budget``): a model denied its EOS may loop on another."""
+    without EOS wrote only special tokens or whitespace (``no_text_at_budget``): a model denied its EOS may loop on
+    another special token, a random one on line breaks."""
     if eos is not None and eos in new:
         return {"new_tokens": new.index(eos), "eos": True}
     if pad is not None and pad in new:
@@ -227,7 +228,8 @@ def _score_composite(n, subtasks, ds, g):
 
 
 def no_text_at_budget(gens) -> int:
-    """Rows that ran their whole answer budget without EOS and wrote no text (``row_end``)."""
+    """Rows that ran their whole answer budget without EOS and wrote no text (only special tokens or whitespace;
+    ``row_end``)."""
     return sum(1 for g in gens for text, end in zip(g.texts, g.ends)
                if text == "" and end and not end["eos"] and end["new_tokens"] >= g.max_new_tokens)
 
