@@ -160,6 +160,23 @@ def test_empty_adapter_dir_in_an_experiment_names_the_finetune_command(outputs, 
         run_stage("route", [], out, tmp_path / "run")
 
 
+@pytest.mark.parametrize(("experiment", "router", "missing"), [
+    ("meteora_composite", "lora_b", r"adapter 'lora_b' is missing at .*/meteora_tasks/adapters/lora_b"),
+    ("meteora_composite", "meteora", r"router 'meteora' is missing at .*/meteora_tasks/routers/meteora"),
+    ("meteora_composite_cotrained", "meteora", r"router 'meteora' is missing at .*/meteora_tasks_cotrained/routers/meteora"),
+])
+def test_what_another_experiment_trains_names_that_experiment(experiment, router, missing, tmp_path, compose):
+    """meteora_composite (and its variants) read meteora_tasks' adapters and gates: a missing one names the
+    experiment that trains them, not a finetune / route of this one (which trains nothing of it)."""
+    from pipeline.runtime.multilora import plan_multilora
+
+    other = missing.split("/")[1]
+    cfg = compose("evaluate", [f"experiment={experiment}", f"paths.output_root={tmp_path}", f"router={router}"])
+    with pytest.raises(FileNotFoundError, match=rf"^{missing}; run the experiment that trains it first: python -m "
+                                                rf"pipeline.reproduce experiment={other}$"):
+        plan_multilora(cfg)
+
+
 # ------------------------------------------------------------------------------- the command line's one line
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a CUDA GPU")
 SMOKE_ADAPTERS = "paths.adapters_dir={adapters}"  # the module's smoke adapters, for rows refused after they are found
