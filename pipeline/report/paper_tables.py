@@ -345,11 +345,12 @@ def latency_rows(brows: list[dict], setting: dict) -> list[dict]:
             return _num(hit[-1].get(field[phase])) if hit else None
         ns = sorted({r["num_adapters"] for r in mrows if r["strategy"] in LATENCY_COLUMNS.values()})
         for n in ns:
-            group = [r for r in mrows if r.get("alongside") == n]  # timed together with bank size n
+            # base and peft: the ones timed together with bank size n, where they were
+            beside = [r for r in mrows if r.get("alongside") == n] or mrows
             for phase in ("prefill", "decode"):
                 out.append({"model": model, "n_adapters": n, "phase": phase,
-                            "base_ms": get("base", None, phase, group) if group else get("base", None, phase),
-                            "single_lora_ms": get("peft", None, phase, group) if group else get("peft", None, phase),
+                            "base_ms": get("base", None, phase, beside),
+                            "single_lora_ms": get("peft", None, phase, beside),
                             **{col: get(s, n, phase) for col, s in LATENCY_COLUMNS.items()}})
     return out
 
