@@ -96,14 +96,14 @@ def adapter_paths(cfg: DictConfig) -> dict[str, Path]:
     return {name: root / name for name in names}
 
 
-def _producer(cfg: DictConfig, key: str) -> str | None:
-    """The experiment whose outputs ``paths.<key>`` reads, where it is another experiment's (meteora_composite and
-    head_to_head read meteora_tasks' adapters: ``outputs/meteora_tasks/adapters``); None where it is this one's."""
+def _missing_fix(cfg: DictConfig, key: str, own_command: str) -> str:
+    """How to make a missing adapter or router of ``paths.<key>``: where that dir is another experiment's
+    (meteora_composite and head_to_head read meteora_tasks' adapters: ``outputs/meteora_tasks/adapters``), that
+    experiment's reproduce; else ``own_command``, this experiment's finetune or route."""
     d, root = Path(str(cfg.paths[key])), Path(str(cfg.paths.output_root))
-    own = Path(str(cfg.paths.exp_dir))
-    if d.parent == own or d.parent.parent != root:
-        return None
-    return d.parent.name
+    if d.parent == Path(str(cfg.paths.exp_dir)) or d.parent.parent != root:
+        return f"train it first: {own_command}"
+    return f"run the experiment that trains it first: python -m pipeline.reproduce experiment={d.parent.name}"
 
 
 def adapter_dirs(cfg: DictConfig) -> dict[str, Path]:
@@ -114,9 +114,7 @@ def adapter_dirs(cfg: DictConfig) -> dict[str, Path]:
     out = {}
     for name, d in paths.items():
         if not (d / "adapter_config.json").is_file():
-            other = _producer(cfg, "adapters_dir")
-            fix = (f"run the experiment that trains it first: python -m pipeline.reproduce experiment={other}"
-                   if other else f"train it first: python -m pipeline.finetune experiment={cfg.name} task={name}")
+            fix = _missing_fix(cfg, "adapters_dir", f"python -m pipeline.finetune experiment={cfg.name} task={name}")
             raise FileNotFoundError(f"adapter {name!r} is missing at {d}; {fix}")
         out[name] = verify_adapter(d)  # size + sha256 recorded at save time
     return out
@@ -159,9 +157,7 @@ def plan_multilora(cfg: DictConfig, *, fresh: bool = False, composite_n: int | N
     checkpoint = Path(str(cfg.router.checkpoint)) if cfg.router.checkpoint is not None else None
     load = checkpoint is not None and not fresh
     if load and not (checkpoint / "router.json").is_file():
-        other = _producer(cfg, "routers_dir")
-        fix = (f"run the experiment that trains it first: python -m pipeline.reproduce experiment={other}" if other
-               else f"train it first: python -m pipeline.route experiment={cfg.name} router={checkpoint.name}")
+        fix = _missing_fix(cfg, "routers_dir", f"python -m pipeline.route experiment={cfg.name} router={checkpoint.name}")
         raise FileNotFoundError(f"router {checkpoint.name!r} is missing at {checkpoint}; {fix}")
     cotrained = cotrained_source(cfg, checkpoint if load else None)
     # a router trained together with its adapters (router.train.train_loras) runs on those, not on the ones it
