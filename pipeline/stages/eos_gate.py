@@ -8,10 +8,10 @@ EOS's logit to -inf in every row whose generated text does not yet hold n non-em
 
 Every token that writes no text (``silent_ids``) is held back with EOS, not EOS alone: a model denied its EOS takes
 the next end-like token (SmolLM2's ``<|endoftext|>`` and ``<|im_start|>`` beside its EOS ``<|im_end|>``), which does
-not stop generation and decodes to nothing (``skip_special_tokens``), so the row runs to its token budget and comes back empty: the
-composite table then reads "no answers" where the model was never let write one. The other
-route to the same end, adapters trained without EOS (``data.append_eos=false``), changes single-task generation too;
-this one changes composite generation only.
+not stop generation and decodes to nothing (``skip_special_tokens``), so the row runs to its token budget and comes
+back empty: the composite table then reads "no answers" where the model was never let write one. The other route to
+the same end, adapters trained without EOS (``data.append_eos=false``), changes single-task generation too; this one
+changes composite generation only.
 
     gate = EOSUntilAnswers(tokenizer, prompt_len=ids.shape[1], n=3)
     mm.generate(ids, ..., logits_processor=LogitsProcessorList([gate]))
@@ -40,16 +40,16 @@ class EOSUntilAnswers(LogitsProcessor):
     def __init__(self, tokenizer, prompt_len: int, n: int, eos_token_id=None):
         eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
         eos = [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None]
-        self.eos = sorted(set(eos) | silent_ids(tokenizer))
+        self.held = sorted(set(eos) | silent_ids(tokenizer))  # EOS and every other token that writes no text
         self.tokenizer, self.prompt_len, self.n = tokenizer, int(prompt_len), int(n)
         self.done: set[int] = set()  # rows that hold n answers already: a row's answers only grow, so it keeps them
-        self._held: dict = {}  # (device, vocabulary width) -> the held-back ids as a tensor there (made once)
+        self._held_on: dict = {}  # (device, vocabulary width) -> ``held`` as a tensor there (made once)
 
     def answered(self, text: str) -> int:
         return sum(1 for a in parse_composite(text, self.n) if a.strip())
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if not self.eos:
+        if not self.held:
             return scores
         if input_ids.shape[1] <= self.prompt_len:  # a generation starts (the processor may serve more than one)
             self.done = set()
@@ -64,10 +64,9 @@ class EOSUntilAnswers(LogitsProcessor):
         if short:
             scores = scores.clone()
             key = (scores.device, scores.shape[1])
-            if key not in self._held:
-                self._held[key] = torch.tensor([e for e in self.eos if e < scores.shape[1]], device=scores.device)
-            held = self._held[key]
-            scores[torch.tensor(short, device=scores.device)[:, None], held] = float("-inf")
+            if key not in self._held_on:
+                self._held_on[key] = torch.tensor([e for e in self.held if e < scores.shape[1]], device=scores.device)
+            scores[torch.tensor(short, device=scores.device)[:, None], self._held_on[key]] = float("-inf")
         return scores
 
 
