@@ -31,6 +31,7 @@ from pipeline.report.statistics import (
     median_verdict,
     paired_time_ratios,
     point_holds,
+    round_time_ratios,
     unit,
     verdict,
 )
@@ -202,12 +203,6 @@ def _timing_claim(text: str, per_round: list[float], threshold: str, bar: float,
                            "level": round(iv["coverage"], 4), "method": "order statistics", "rows": len(per_round)})
 
 
-def _round_ratios(mine: list, ref: list) -> list:
-    """Per interleaved round (in round order), ``mine``'s decode time over ``ref``'s (``t_N - t_1`` each); None
-    where either side measured no decode time (host noise over too few tokens)."""
-    return [(a[1] - a[0]) / (b[1] - b[0]) if b[1] > b[0] and a[1] > a[0] else None for a, b in zip(mine, ref)]
-
-
 def dlp_latency_claims(body: dict) -> list[dict]:
     """Claim 5 from DLP-LoRA's latency table: DLP over peft's single LoRA and MeteoRA top-2 over the base model, the
     mean over the bank sizes. Where the table keeps its rounds (each bank size timed together with base and peft),
@@ -228,7 +223,7 @@ def dlp_latency_claims(body: dict) -> list[dict]:
         who = {"dlp": "DLP", "meteora-top2": "MeteoRA top-2"}[strategy]
         whom = {"peft": "single LoRA", "base": "the base model"}[ref]
         text = f"{label}. decode with {who} at most {bar}x {whom} on {model} ({paper})"
-        groups = {int(n): _round_ratios(g[strategy], g[ref]) for n, g in rounds.items() if strategy in g and ref in g}
+        groups = {int(n): round_time_ratios(g[strategy], g[ref]) for n, g in rounds.items() if strategy in g and ref in g}
         if groups:
             width = min(len(v) for v in groups.values())
             per_round = [float(np.mean([groups[n][i] for n in groups])) for i in range(width)

@@ -151,6 +151,7 @@ __all__ = [
     "median_interval",
     "median_verdict",
     "point_holds",
+    "round_time_ratios",
     "rounded",
     "unit",
     "verdict",
@@ -162,6 +163,13 @@ def paired_time_ratios(mine: list, ref: list) -> list[float]:
     1-token and an N-token generation, so ``t_N - t_1`` is the decode time; rounds where ``ref`` measured no
     decode time are left out. The same rounds on both sides: a slow phase of the machine hits both alike."""
     return sorted((a[1] - a[0]) / (b[1] - b[0]) for a, b in zip(mine, ref) if b[1] > b[0])
+
+
+def round_time_ratios(mine: list, ref: list) -> list:
+    """Per interleaved round, in round order (so ratios of several pairs line up by round), ``mine``'s decode time
+    over ``ref``'s (``t_N - t_1`` each); None where either side measured no decode time (host noise over too few
+    tokens)."""
+    return [(a[1] - a[0]) / (b[1] - b[0]) if b[1] > b[0] and a[1] > a[0] else None for a, b in zip(mine, ref)]
 
 
 def median_interval(values: list[float], level: float = LEVEL) -> dict:
