@@ -8,6 +8,7 @@ different steps and the loop stops when all have.
 
 import pytest
 import torch
+from needs_assets import needs_bigbench
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from models import MultiLoRAModel, load_base_model
@@ -126,7 +127,8 @@ def test_engine_checks_its_first_call_and_falls_back_on_a_disagreement(assets, m
     engine.to_check = True  # as auto on CUDA
     assert torch.equal(engine(mm, batch["input_ids"], batch["attention_mask"], **kw), want)
     assert engine.record() == {"generation_engine": "graph",
-                               "graph_check": {"rows": 3, "rows_equal": 3, "tokens_compared": 6}}
+                               "graph_check": {"rows": 3, "rows_equal": 3, "rows_near_tie": 0, "tokens_compared": 6,
+                                               "parted": []}}
 
     real = decode_engine.graph_generate
     monkeypatch.setattr(decode_engine, "graph_generate", lambda *a, **k: real(*a, **k).roll(1, dims=1))
@@ -135,6 +137,66 @@ def test_engine_checks_its_first_call_and_falls_back_on_a_disagreement(assets, m
     assert torch.equal(engine(mm, batch["input_ids"], batch["attention_mask"], **kw), want)
     assert engine.name == "generate" and engine.check["rows_equal"] == 0
     assert DecodeEngine("auto", mm).name == "generate"  # the CPU: generate
+
+
+class Tie(LogitsProcessor):
+    """At new token ``step``, scores row 0's token ``a`` at ``TOP`` and token ``b`` at ``TOP + apart``, above every
+    other token: generate takes ``b``, or ``a`` (argmax's first) on an exact tie."""
+
+    TOP = 1000.0
+
+    def __init__(self, prompt_len: int, step: int, a: int, b: int, apart: float):
+        self.col, self.a, self.b, self.apart = prompt_len + step, a, b, apart
+
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[1] == self.col:
+            scores = scores.clone()
+            scores[0, self.a], scores[0, self.b] = self.TOP, self.TOP + self.apart
+        return scores
+
+
+@pytest.mark.parametrize("apart", [0.0, 2**-13, 0.5])
+def test_engine_check_lets_a_row_part_at_a_near_tie_and_no_further(assets, monkeypatch, apart):
+    """A graph decode whose row 0 takes the other of two tokens that generate's scores put within the tolerance (an
+    exact tie; 2^-13 apart at 1000, two fp32 steps there, under fp32's 4 x 1.2e-7 x 1000) agrees: the run keeps the graph, and the check
+    records where and by how much the row parted. Half a logit apart is no near-tie: 2 of 3 rows agree, and the run
+    falls back to generate, whose tokens this call returns."""
+    from pipeline.stages import decode_engine
+    from pipeline.stages.decode_engine import NEAR_TIE_EPS, DecodeEngine
+
+    mm = _mm(assets, "oracle")
+    tok = mm.tokenizer
+    batch = tok(PROMPTS, return_tensors="pt", padding=True)
+    P, step, a, b = batch["input_ids"].shape[1], 2, 5, 7
+    tie = Tie(P, step, a, b, apart)
+    kw = {"max_new_tokens": 6, "pad_token_id": tok.pad_token_id, "eos_token_id": None, "task_ids": ["a", "b", "c"],
+          "logits_processor": [tie]}
+    want = mm.generate(**batch, do_sample=False, **{**kw, "logits_processor": LogitsProcessorList([tie])})
+    assert int(want[0, P + step]) == (b if apart else a)
+    other = a if apart else b
+    real = decode_engine.graph_generate
+
+    def parted(*args, **kwargs):  # the graph's tokens, row 0 taking the other of the two at `step`
+        out = real(*args, **kwargs)
+        out[0, P + step] = other
+        return out
+
+    monkeypatch.setattr(decode_engine, "graph_generate", parted)
+    engine = DecodeEngine("graph", mm)
+    engine.to_check = True
+    got = engine(mm, batch["input_ids"], batch["attention_mask"], **kw)
+    check = engine.check
+    assert check["rows_equal"] == 2 and len(check["parted"]) == 1
+    row = check["parted"][0]
+    assert (row["row"], row["step"]) == (0, step)
+    assert row["margin"] == pytest.approx(apart, abs=1e-5)
+    assert row["tolerance"] == pytest.approx(NEAR_TIE_EPS * torch.finfo(torch.float32).eps * (Tie.TOP + apart), rel=1e-3)
+    if apart < 0.5:
+        assert row["near_tie"] and check["rows_near_tie"] == 1 and engine.name == "graph"
+        assert int(got[0, P + step]) == other  # the graph's tokens
+    else:
+        assert not row["near_tie"] and check["rows_near_tie"] == 0 and engine.name == "generate"
+        assert torch.equal(got, want)
 
 
 def test_bf16_autocast_keys_and_values_share_the_cache_dtype(assets):
@@ -249,3 +311,30 @@ def test_warm_and_kept_graph_calls_decode_as_generate_across_routers_and_prompts
         assert 0 < len(mm.__dict__["_lmx_kept_graphs"]) <= 4
         release_graphs(mm)
         assert "_lmx_kept_graphs" not in mm.__dict__
+
+
+@pytest.mark.slow
+@needs_bigbench
+def test_engine_check_passes_the_real_model_in_bf16_on_composite_prompts():
+    """SmolLM2 under bf16 autocast on composite-3 prompts in MeteoRA's format (free text: every row runs all the
+    check's tokens, where bf16 near-ties flip greedy choices; on the development CPU 2 of these 4 rows part from
+    generate's within the first 32 tokens): every row agrees, equal or parted at a near-tie, so the run keeps the
+    graph."""
+    from data.assets import cache_dir
+    from data.batches import encode_prompts, left_pad
+    from data.composite import build_composite
+    from pipeline.stages.decode_engine import CHECK_TOKENS, DecodeEngine
+    from pipeline.stages.eos_gate import EOSUntilAnswers
+
+    model, tok = load_base_model(cache_dir() / "models" / "SmolLM2-135M-Instruct")
+    ds = build_composite("composite3", rows=4, repeat_short=True)
+    ids, mask = left_pad(encode_prompts(tok, list(ds["prompt"])), tok.pad_token_id)
+    engine = DecodeEngine("graph", model)
+    engine.to_check = True
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        engine(model, ids, mask, max_new_tokens=CHECK_TOKENS, pad_token_id=tok.pad_token_id,
+               eos_token_id=tok.eos_token_id, logits_processor=[EOSUntilAnswers(tok, ids.shape[1], 3)])
+    check = engine.check
+    assert check["tokens_compared"] == CHECK_TOKENS
+    assert all(p["near_tie"] for p in check["parted"]), check["parted"]
+    assert check["rows_equal"] + check["rows_near_tie"] == 4 and engine.name == "graph"

@@ -4,17 +4,34 @@
     graph      ``models.graph_generate``: static KV cache, the decode step captured once per call as a CUDA graph
                and replayed per token (on the CPU the same loop without capture)
     auto       graph on CUDA where the model supports it (full and sliding-window attention layers), generate
-               elsewhere; the first call is run both ways and compared, and a disagreement (fewer than
-               ``MIN_AGREEMENT`` of the rows with the same first ``CHECK_TOKENS`` new tokens: bf16 near-ties can
-               flip a greedy choice, a wrong route or position flips most rows) or a capture error falls back to
-               generate for the rest of the run
+               elsewhere; the first call is run both ways and compared (``agreement``), and a disagreement or a
+               capture error falls back to generate for the rest of the run
 
-What ran is recorded in the run's metrics.json (``generation_engine``, ``graph_check``).
+The check (``agreement``). A row agrees when its first ``CHECK_TOKENS`` new tokens equal generate's, or when they
+part at a near-tie: at the first token where they differ (both loops were fed the same tokens until then),
+generate's own scores put the graph's token within ``NEAR_TIE_EPS`` machine epsilons of the compute dtype (times
+the top score) of generate's choice. Fewer than ``MIN_AGREEMENT`` of the rows agreeing is a disagreement.
+
+Why near-ties count. bf16 logits of SmolLM2 are quantised to 1/8 around 20; on composite prompts (free text, every
+row runs all ``CHECK_TOKENS``), about 5% of generate's steps have their top two scores within 1/8 and 1% tie
+exactly (SmolLM2 under bf16 autocast on the CPU). The static cache's attention reduces over more (masked) keys than
+generate's, so its logits differ by a few bf16 steps and such a tie may go either way. On the H200, exact equality
+alone passed single-task runs (answers of a few tokens: 197-199 of 199 rows equal) but sent most composite runs to
+generate (32 to 38 of 40), which cost composite-10 about five minutes per strategy. A wrong route, position or
+mask moves logits by whole units from the first token on, far past the tolerance. The tolerance, 4 epsilons times
+the top score, is 4 to 8 bf16 steps at the top score (0.625 at 20): the rows that parted on the CPU did so by 1 to
+2 steps, and the two loops' logits of one step differ by up to 0.6 across the vocabulary.
+
+What ran is recorded in the run's metrics.json (``generation_engine``, ``graph_check``: rows, rows equal, rows
+parted at a near-tie, tokens compared, and the margin and tolerance of every row that parted).
 """
 
 from __future__ import annotations
 
 import logging
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from models.graph_generate import graph_generate, supports
 from pipeline.runtime.entry import first_line
@@ -22,8 +39,9 @@ from pipeline.runtime.settings import GENERATION_ENGINES
 
 log = logging.getLogger(__name__)
 
-MIN_AGREEMENT = 0.9  # auto's first-call check: the share of rows whose tokens must equal generate's
+MIN_AGREEMENT = 0.9  # auto's first-call check: the share of rows that must agree with generate's
 CHECK_TOKENS = 32  # ... over their first this many new tokens
+NEAR_TIE_EPS = 4  # a row parting from generate's by a margin within this many epsilons x the top score agrees
 
 
 class DecodeEngine:
@@ -55,25 +73,71 @@ class DecodeEngine:
             return _generate(mm, ids, mask, **kw)
         if self.to_check:
             self.to_check = False
-            ref = _generate(mm, ids, mask, **kw)
-            # the first CHECK_TOKENS new tokens: a long bf16 answer may part ways after a near-tie, a wrong position
-            # or route parts them at once
-            n = min(out.shape[1], ref.shape[1], ids.shape[1] + CHECK_TOKENS)
-            same = int((out[:, :n] == ref[:, :n]).all(dim=1).sum())
-            self.check = {"rows": int(ids.shape[0]), "rows_equal": same, "tokens_compared": n - int(ids.shape[1])}
-            if same < MIN_AGREEMENT * ids.shape[0]:
-                log.warning("generation.engine: the CUDA graph decode agreed with generate on %d of %d rows; "
-                            "generate for the rest of the run", same, ids.shape[0])
+            margins = _Margins(out, ids.shape[1], CHECK_TOKENS)
+            ref = _generate(mm, ids, mask, **{**kw, "logits_processor": [*(kw.get("logits_processor") or []),
+                                                                          margins]})
+            self.check = agreement(out, ref, ids.shape[1], margins, _compute_dtype(mm, ids.device))
+            agree = self.check["rows_equal"] + self.check["rows_near_tie"]
+            if agree < MIN_AGREEMENT * ids.shape[0]:
+                log.warning("generation.engine: the CUDA graph decode agreed with generate on %d of %d rows (%d equal, "
+                            "%d parted at a near-tie); generate for the rest of the run", agree, ids.shape[0],
+                            self.check["rows_equal"], self.check["rows_near_tie"])
                 self.name = "generate"
                 return ref
-            log.info("generation.engine: graph decode checked against generate: %d of %d rows equal", same,
-                     ids.shape[0])
+            log.info("generation.engine: graph decode checked against generate: %d of %d rows equal, %d parted at a "
+                     "near-tie", self.check["rows_equal"], ids.shape[0], self.check["rows_near_tie"])
         return out
+
+
+class _Margins(LogitsProcessor):
+    """Placed last in generate's processors for the check: at each of the first ``steps`` new tokens, how far the
+    graph's token scores below generate's choice (the top of the scores every other processor has made; inf where a
+    processor forbade the graph's token) and that top score. Returns the scores unchanged."""
+
+    def __init__(self, graph_ids: torch.Tensor, prompt_len: int, steps: int):
+        self.graph, self.prompt_len, self.steps = graph_ids, int(prompt_len), int(steps)
+        self.gaps: list[torch.Tensor] = []
+        self.tops: list[torch.Tensor] = []
+
+    def __call__(self, input_ids, scores):
+        col = input_ids.shape[1]  # the column this step's token goes to
+        if col - self.prompt_len < self.steps and col < self.graph.shape[1]:
+            top = scores.max(-1).values
+            theirs = scores.gather(1, self.graph[:, col, None].to(scores.device)).squeeze(1)
+            self.gaps.append((top - theirs).float().nan_to_num(nan=float("inf")))
+            self.tops.append(top.float())
+        return scores
+
+
+def agreement(out: torch.Tensor, ref: torch.Tensor, prompt_len: int, margins: _Margins, dtype: torch.dtype) -> dict:
+    """The graph's tokens ``out`` against generate's ``ref`` over the first new tokens both have (module doc):
+    rows equal, rows parted at a near-tie, and each parting row's step, margin and tolerance."""
+    n = min(out.shape[1], ref.shape[1], prompt_len + len(margins.gaps))
+    differ = (out[:, prompt_len:n] != ref[:, prompt_len:n]).cpu()
+    eps = torch.finfo(dtype).eps
+    parted = []
+    for row in differ.any(dim=1).nonzero().flatten().tolist():
+        t = int(differ[row].nonzero()[0])
+        gap, top = float(margins.gaps[t][row]), float(margins.tops[t][row])
+        tol = NEAR_TIE_EPS * eps * abs(top)
+        parted.append({"row": row, "step": t, "margin": float(f"{gap:.4g}"), "tolerance": float(f"{tol:.4g}"),
+                       "near_tie": gap <= tol})
+    return {"rows": int(out.shape[0]), "rows_equal": int(out.shape[0]) - len(parted),
+            "rows_near_tie": sum(p["near_tie"] for p in parted), "tokens_compared": n - prompt_len,
+            "parted": parted}
+
+
+def _compute_dtype(mm, device: torch.device) -> torch.dtype:
+    """The dtype the model's matmuls run in: autocast's where it is on (evaluate's bf16-mixed), else the weights'."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    dtype = next(mm.parameters()).dtype
+    return dtype if dtype.is_floating_point else torch.float32
 
 
 def _generate(mm, ids, mask, *, max_new_tokens, pad_token_id, eos_token_id, task_ids=None, logits_processor=None):
     kw = {"task_ids": task_ids} if task_ids is not None else {}
     if logits_processor:
-        kw["logits_processor"] = logits_processor
+        kw["logits_processor"] = LogitsProcessorList(logits_processor)
     return mm.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                        pad_token_id=pad_token_id, eos_token_id=eos_token_id, **kw)
