@@ -154,3 +154,17 @@ def test_compiled_decode_of_a_routed_model_is_one_graph(tiny8b, tmp_path, router
         mm.unwrap()
         tiny8b.__dict__.pop("_compiled_call", None)
         torch._dynamo.reset()
+
+
+def test_a_strategy_that_cannot_run_leaves_its_round_group_timed_without_it():
+    """Eager rounds time a bank size's strategies together; dlp_segments reads the prompt's text, which a
+    random-weight shape has no tokenizer for. It is reported and left out, and every other strategy of its group
+    still gets its row (a group that failed as a whole left head_to_head's bench with no row at all)."""
+    from pipeline.stages.bench import bench_shape
+
+    cfg = _bench_cfg(["bench.engines=[eager]", "bench.strategies=[base,oracle,dlp_segments]",
+                      "bench.num_adapters=[2]", "bench.repeats=2"])
+    rows: list = []
+    bench_shape(cfg, "llama3_8b_tiny", rows)
+    assert {r["strategy"] for r in rows} == {"base", "oracle"}
+    assert all(r["alongside"] == 2 and len(r["rounds"]) == 2 for r in rows)
