@@ -201,8 +201,9 @@ def test_engine_check_lets_a_row_part_at_a_near_tie_and_no_further(assets, monke
 
 def test_bf16_autocast_keys_and_values_share_the_cache_dtype(assets):
     """Under bf16 autocast the keys leave the rotary embedding in fp32 and the values stay bf16; transformers 5.17's
-    static layer sizes both buffers from the keys and refused the values (index_copy_ dtype error on an H200). The
-    cache stores the values in the keys' dtype (exact), and the decode still equals generate's tokens, its step logits within bf16 rounding (the static cache's
+    static layer sizes both buffers from the keys and refused the values (index_copy_ dtype error on an H200).
+    Outside autocast the cache stores the values in the keys' dtype (exact; under autocast both in bf16: the next
+    test), and the decode still equals generate's tokens, its step logits within bf16 rounding (the static cache's
     attention reduces over more, masked, keys)."""
     from models.graph_generate import _static_layer
 
@@ -225,6 +226,41 @@ def test_bf16_autocast_keys_and_values_share_the_cache_dtype(assets):
     assert torch.equal(got, want)
     for a, b in zip(rec_got.scores, rec_want.scores, strict=True):
         torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
+
+
+def test_under_autocast_the_cache_holds_bf16_and_the_logits_do_not_change(assets, monkeypatch):
+    """Under bf16 autocast the attention casts keys and values to bf16 anyway, so the static cache stores them in
+    bf16: half the bytes of an fp32 cache, and the same tokens and step logits to the bit as a cache that keeps the
+    keys in fp32 (and the values cast up to them)."""
+    from transformers.cache_utils import StaticLayer
+
+    from models import graph_generate as gg
+
+    layer = gg._static_layer(4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        keys, values = layer.update(torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8).bfloat16(),
+                                    cache_kwargs={"cache_position": torch.arange(3)})
+    assert keys.dtype == values.dtype == torch.bfloat16
+
+    class Fp32Layer(StaticLayer):  # the keys' dtype for both, under autocast too
+        def update(self, key_states, value_states, *args, **kwargs):
+            return super().update(key_states, value_states.to(key_states.dtype), *args, **kwargs)
+
+    mm = _mm(assets, "meteora", top_k=2)
+    tok = mm.tokenizer
+    batch = tok(PROMPTS, return_tensors="pt", padding=True)
+    kw = {"max_new_tokens": 6, "pad_token_id": tok.pad_token_id, "eos_token_id": None}
+    runs = {}
+    for name in ("bf16", "fp32"):
+        if name == "fp32":
+            monkeypatch.setattr(gg, "_static_layer", lambda n: Fp32Layer(max_cache_len=n))
+        rec = Record()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = gg.graph_generate(mm, batch["input_ids"], batch["attention_mask"], capture=False,
+                                    logits_processor=[rec], **kw)
+        runs[name] = (out, rec.scores)
+    assert torch.equal(runs["bf16"][0], runs["fp32"][0])
+    assert all(torch.equal(a, b) for a, b in zip(runs["bf16"][1], runs["fp32"][1], strict=True))
 
 
 def test_a_decode_signature_changes_with_whatever_a_capture_would_lay_out(assets):
