@@ -115,19 +115,33 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
-def plan_jobs(tokenizer, groups: list[PromptGroup], batch_size: int, max_prompt_tokens: int):
-    """``(jobs, skipped per group)``: each job is one generate call, ``{"group", "indices", "input_ids", ...}``."""
+def plan_jobs(tokenizer, groups: list[PromptGroup], batch_size: int, max_prompt_tokens: int,
+              max_batch_tokens: int | None = None):
+    """``(jobs, skipped per group)``: each job is one generate call, ``{"group", "indices", "input_ids", ...}``.
+
+    A job holds at most ``batch_size`` prompts of one group (shortest first) and, with ``max_batch_tokens``, at
+    most that many KV-cache positions: its rows x (its longest prompt + the group's ``max_new_tokens``), what a
+    static cache of the graph decode allocates and what a dynamic one grows to. A prompt over the bound alone is a
+    job of one. Long prompts thus come in smaller jobs than short ones (SmolLM2 in bf16 holds 23 KB of keys and
+    values per position: 256 prompts of 4096 tokens with 574 new ones would hold 28 GB)."""
     jobs, skipped = [], []
     for g, group in enumerate(groups):
         enc = encode_prompts(tokenizer, group.prompts)
         keep = [i for i, e in enumerate(enc) if 0 < len(e) <= max_prompt_tokens]
         order = sorted(keep, key=lambda i: len(enc[i]))
         skipped.append(len(enc) - len(keep))
-        for s in range(0, len(order), batch_size):
-            batch = order[s:s + batch_size]
+        new = int(group.max_new_tokens)
+        start = 0
+        while start < len(order):
+            end = start + 1  # rows order[start:end]; the next one is the longest if it joins (shortest first)
+            while end < len(order) and end - start < batch_size and (
+                    max_batch_tokens is None or (end - start + 1) * (len(enc[order[end]]) + new) <= max_batch_tokens):
+                end += 1
+            batch = order[start:end]
             jobs.append({"group": g, "indices": batch, "input_ids": [enc[i] for i in batch],
                          "task_ids": [group.task_ids[i] for i in batch] if group.task_ids is not None else None,
-                         "max_new_tokens": int(group.max_new_tokens), "min_answers": group.min_answers})
+                         "max_new_tokens": new, "min_answers": group.min_answers})
+            start = end
     return jobs, skipped
 
 

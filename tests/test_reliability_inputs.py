@@ -361,6 +361,37 @@ def test_prompt_longer_than_the_context_is_skipped_and_counted():
     assert sorted(i for j in jobs for i in j["indices"]) == [0, 2]
 
 
+def test_long_prompts_come_in_smaller_generate_calls():
+    """generation.max_batch_tokens bounds a generate call's KV cache, its rows x (its longest prompt + the new
+    tokens): short prompts fill batch_size, longer ones come fewer per call, one over the bound alone. Every prompt
+    goes once, shortest first, and no call could have taken the next prompt."""
+    from transformers import AutoTokenizer
+
+    from data.batches import PromptGroup, encode_prompts, plan_jobs
+
+    tok = AutoTokenizer.from_pretrained(str(TINY))
+    prompts = [" ".join(["word"] * n) for n in (3, 50, 5, 40, 4, 60, 2, 200, 6)]
+    lens = [len(e) for e in encode_prompts(tok, prompts)]
+    new, size, bound = 10, 4, 150
+    jobs, skipped = plan_jobs(tok, [PromptGroup(prompts, max_new_tokens=new)], batch_size=size,
+                              max_prompt_tokens=1000, max_batch_tokens=bound)
+    assert skipped == [0]
+    order = [i for j in jobs for i in j["indices"]]
+    assert sorted(order) == list(range(len(prompts))) and [lens[i] for i in order] == sorted(lens)
+
+    def cost(rows):
+        return len(rows) * (max(lens[i] for i in rows) + new)
+
+    for job, nxt in zip(jobs, jobs[1:] + [None], strict=True):
+        rows = job["indices"]
+        assert len(rows) <= size and (len(rows) == 1 or cost(rows) <= bound), (rows, cost(rows))
+        if nxt is not None:  # the next prompt did not fit
+            assert len(rows) == size or cost(rows + nxt["indices"][:1]) > bound
+    assert [len(j["indices"]) for j in jobs][-1] == 1 and jobs[-1]["indices"] == [7]  # 200 words: alone
+    unbounded, _ = plan_jobs(tok, [PromptGroup(prompts, max_new_tokens=new)], batch_size=size, max_prompt_tokens=1000)
+    assert [len(j["indices"]) for j in unbounded] == [4, 4, 1]
+
+
 def test_generation_that_returns_nothing_is_scored_empty_and_counted():
     from data.scoring import score
 

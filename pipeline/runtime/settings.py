@@ -88,6 +88,7 @@ GENERATION_ENGINES = ("auto", "graph", "generate")
 @dataclass
 class GenerationSettings:
     batch_size: int = MISSING  # prompts per generate call
+    max_batch_tokens: int | None = MISSING  # KV-cache positions per generate call (data.batches.plan_jobs)
     engine: str = MISSING  # auto | graph | generate (pipeline/stages/decode_engine.py)
     group_projections: Any = MISSING  # auto | true | false: q / k / v and gate / up as one projection each
     max_new_tokens: Any = MISSING  # a number of tokens, or auto (pipeline/stages/answer_budget.py)
@@ -271,6 +272,8 @@ RULES: list[tuple[str, Callable[[Any], bool], str, str, tuple | None]] = [
     ("data.mix_cap_per_task", at_least(1), "a number of rows >= 1", "1000", None),
     ("data.num_workers", at_least(0), ">= 0", "0", None),
     ("generation.batch_size", at_least(1), "a number of prompts per generate call >= 1", "8", None),
+    ("generation.max_batch_tokens", optional(at_least(1)),
+     "null (no bound) or a number of KV-cache positions per generate call >= 1", "262144", None),
     ("generation.engine", lambda x: x in GENERATION_ENGINES, f"one of {', '.join(GENERATION_ENGINES)}", "auto", None),
     ("generation.group_projections", lambda x: x in (True, False, "auto"), "auto (on CUDA), true or false", "auto",
      None),

@@ -114,11 +114,12 @@ def _one_job(items):
 
 
 def generate_groups(trainer, mm, tokenizer, groups: list[PromptGroup], *, batch_size: int = 8,
-                    max_prompt_tokens: int, engine: DecodeEngine | None = None) -> list[Generations] | None:
+                    max_prompt_tokens: int, max_batch_tokens: int | None = None,
+                    engine: DecodeEngine | None = None) -> list[Generations] | None:
     """Generate every group through ``trainer.predict`` (sharded across its processes); rank 0 gets the
     ``Generations`` (``seconds``: the busiest rank's time inside generate, so process start-up is not counted),
     the other ranks None."""
-    jobs, skipped = plan_jobs(tokenizer, groups, batch_size, max_prompt_tokens)
+    jobs, skipped = plan_jobs(tokenizer, groups, batch_size, max_prompt_tokens, max_batch_tokens)
     outputs = trainer.predict(GenerationModule(mm, tokenizer, engine),
                               dataloaders=DataLoader(jobs, batch_size=1, collate_fn=_one_job)) if jobs else []
     outputs = list(outputs or [])
@@ -259,7 +260,8 @@ def evaluate(cfg: DictConfig) -> float | None:
         trainer = predict_trainer(cfg, bool(cfg.progress))
         engine = DecodeEngine(str(cfg.generation.engine), mm)
         gens = generate_groups(trainer, mm, tokenizer, groups, batch_size=int(cfg.generation.batch_size),
-                               max_prompt_tokens=int(cfg.data.max_prompt_tokens), engine=engine)
+                               max_prompt_tokens=int(cfg.data.max_prompt_tokens),
+                               max_batch_tokens=cfg.generation.max_batch_tokens, engine=engine)
         if gens is None:  # another DDP rank: its share went to rank 0, which scores and writes
             return None
         if n:
