@@ -41,7 +41,7 @@ dtype (5.17 then refused the bf16 values). The cache here stores keys and values
 which autocast runs in bf16, would cast an fp32 cache to bf16 anyway, so the logits are the same to the bit as an
 fp32 cache's (and generate's, whose dynamic cache keeps the fp32 keys), at half its memory and without that cast of
 the whole cache in every layer at every decode step. At evaluate's long prompts the cache is most of the memory and
-of a decode step's traffic: 265 prompts of up to 4096 tokens with 574 new ones (paragraph_segmentation) hold 57 GB
+of a decode step's traffic: 256 prompts of up to 4096 tokens with 574 new ones (paragraph_segmentation) hold 55 GB
 of SmolLM2 keys and values in fp32. Outside autocast the values take the keys' dtype (the same).
 """
 
