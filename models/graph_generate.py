@@ -39,8 +39,7 @@ Under autocast (evaluate's bf16-mixed) the keys leave the rotary embedding in fp
 fp32 cos / sin) while the values stay bf16, and transformers' static layer allocates both buffers in the keys'
 dtype (5.17 then refused the bf16 values). The cache here stores keys and values in autocast's dtype: the attention,
 which autocast runs in bf16, would cast an fp32 cache to bf16 anyway, so the logits are the same to the bit as an
-fp32 cache's (and generate's, whose dynamic cache keeps the fp32 keys), at half its memory and without that cast of
-the whole cache in every layer at every decode step. At evaluate's long prompts the cache is most of the memory and
+fp32 cache's, at half its memory and without that cast of the whole cache in every layer at every decode step. At evaluate's long prompts the cache is most of the memory and
 of a decode step's traffic: 256 prompts of up to 4096 tokens with 574 new ones (paragraph_segmentation) hold 55 GB
 of SmolLM2 keys and values in fp32. Outside autocast the values take the keys' dtype (the same).
 """
