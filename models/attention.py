@@ -18,11 +18,28 @@ its rows is padded: transformers skips it then, but only outside a capture; the 
 recompiled inside the capture that way). A padded batch passes its mask and keeps it. This assumes rows are never
 packed (several sequences in one row told apart by position ids), and no stage here packs rows. Outside a capture
 the logits are the same as plain ``sdpa``.
+
+``gqa_decode(model)`` (a context manager) makes the model attend through ``sdpa_gqa_decode`` for its duration:
+transformers' SDPA attention, except that a single query token per row over grouped key / value heads (a decode
+step; SmolLM2: 9 query heads on 3 KV heads, LLaMA-3-8B 32 on 8, Gemma-3-270M 4 on 1) runs as one SDPA of each KV
+head's group of query heads, packed as that head's query positions, on the cache as it is. transformers up to 5.17
+(the GPU's) instead repeats every key and value head once per query head of its group whenever a mask is given,
+as a decode step over a padded batch or a static cache always has: it writes and reads the whole cache twice to
+three times more at every step, in every layer (at evaluate's long prompts, the cache is most of a decode step's
+traffic). transformers 5.24 packs the same way itself. The same arithmetic: each query head meets its own KV head's
+keys, only the kernel's batching differs (float rounding). Models on other attention implementations are left
+as they are.
 """
 
 from __future__ import annotations
 
+import contextlib
+
+import torch
+
 NAME = "sdpa_unpadded"
+DECODE = "sdpa_gqa_decode"
+SDPA = ("sdpa", NAME, DECODE)  # the implementations that attend through SDPA
 
 
 def _mask_unless_padded(*args, attention_mask=None, **kwargs):
@@ -54,3 +71,55 @@ def capture_stable_sdpa(model):
     if config is not None and getattr(config, "_attn_implementation", None) == "sdpa":
         config._attn_implementation = register()
     return model
+
+
+def _gqa_decode_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """``sdpa_gqa_decode``: one query token per row over grouped KV heads as one SDPA per KV head's group (module
+    doc); anything else (prefill, no grouping, no mask, a position bias, dropout) is transformers' SDPA attention.
+    Returns ``([B, 1, heads, head_dim], None)`` as that does."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    groups = int(getattr(module, "num_key_value_groups", 1) or 1)
+    if (query.shape[2] != 1 or groups <= 1 or attention_mask is None or attention_mask.dim() != 4
+            or attention_mask.shape[1] != 1 or attention_mask.shape[2] != 1 or dropout
+            or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None
+            or query.shape[1] != key.shape[1] * groups):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    b, heads, _, dim = query.shape
+    packed = query.reshape(b, heads // groups, groups, dim)  # query head h sits in KV head h // groups' group
+    out = torch.nn.functional.scaled_dot_product_attention(packed, key, value, attn_mask=attention_mask,
+                                                           scale=scaling)
+    return out.reshape(b, heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
+
+
+def register_gqa_decode() -> str:
+    """Register ``sdpa_gqa_decode`` with transformers' attention and mask interfaces (idempotent; the mask of a
+    prefill is SDPA's); returns its name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(DECODE, _gqa_decode_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(DECODE, sdpa_mask)
+    return DECODE
+
+
+@contextlib.contextmanager
+def gqa_decode(model):
+    """While open, ``model`` (a transformers model, or a peft model around one) attends through ``sdpa_gqa_decode``
+    where it attended through SDPA (its config and its text config, a multimodal model's); restored on leaving."""
+    config = getattr(model, "config", None)
+    text = getattr(config, "get_text_config", lambda: config)() if config is not None else None
+    configs = [c for c in {id(c): c for c in (config, text) if c is not None}.values()]
+    before = [(c, getattr(c, "_attn_implementation", None)) for c in configs]
+    swap = [c for c, impl in before if impl in SDPA]
+    if swap:
+        name = register_gqa_decode()
+        for c in swap:
+            c._attn_implementation = name
+    try:
+        yield
+    finally:
+        for c, impl in before:  # the top config first: its setter also sets its sub-configs
+            if c in swap:
+                c._attn_implementation = impl

@@ -53,6 +53,8 @@ import time
 
 import torch
 
+from models.attention import SDPA, gqa_decode
+
 
 def _text_config(mm):
     cfg = (mm.model if hasattr(mm, "ctx") else mm).config
@@ -108,7 +110,18 @@ def graph_generate(mm, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
     (implies ``warm_start``): the captured graph, its KV cache and buffers stay on the model after the call, and a
     later call with the same signature replays it without capturing (``_KeptGraph``; ``release_graphs`` frees
     them).
-    Both off by default until their GPU test (tests/test_models_gpu.py) has passed on the H200."""
+    Both off by default until their GPU test (tests/test_models_gpu.py) has passed on the H200.
+    A model on SDPA attends through ``models.attention.gqa_decode`` for the call (grouped KV heads not repeated at
+    decode)."""
+    with gqa_decode(mm.model if hasattr(mm, "routing") and hasattr(mm, "ctx") else mm):
+        return _graph_generate(mm, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                               eos_token_id=eos_token_id, pad_token_id=pad_token_id, task_ids=task_ids,
+                               logits_processor=logits_processor, capture=capture, phases=phases,
+                               warm_start=warm_start, keep_graph=keep_graph)
+
+
+def _graph_generate(mm, input_ids, attention_mask, *, max_new_tokens, eos_token_id, pad_token_id, task_ids,
+                    logits_processor, capture, phases, warm_start, keep_graph) -> torch.Tensor:
     from transformers.cache_utils import Cache
 
     routed = hasattr(mm, "routing") and hasattr(mm, "ctx")
@@ -166,7 +179,7 @@ def graph_generate(mm, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
 
     # decode state in fixed buffers: the token fed, its position, the key mask. SDPA takes a boolean mask (True:
     # attend) in any compute dtype, autocast included; the eager attention adds the mask (0: attend, min: not)
-    if getattr(model.config, "_attn_implementation", None) == "sdpa":
+    if getattr(model.config, "_attn_implementation", None) in SDPA:
         attend, blocked, mask_dtype = True, False, torch.bool
     else:
         attend, blocked, mask_dtype = 0.0, torch.finfo(dtype).min, dtype

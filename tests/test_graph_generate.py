@@ -374,3 +374,59 @@ def test_engine_check_passes_the_real_model_in_bf16_on_composite_prompts():
     assert check["tokens_compared"] == CHECK_TOKENS
     assert all(p["near_tie"] for p in check["parted"]), check["parted"]
     assert check["rows_equal"] + check["rows_near_tie"] == 4 and engine.name == "graph"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_gqa_decode_attention_is_repeated_kv_attention(dtype):
+    """models.attention's decode attention: one query token per row over grouped KV heads, packed per KV head,
+    equals SDPA over keys and values repeated per query head (what transformers 5.17 runs), float64 to rounding;
+    masked-out positions (left padding, cache positions not written yet: zeros in a static cache, huge here) never
+    reach the output."""
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    from models.attention import _gqa_decode_forward
+
+    torch.manual_seed(0)
+    b, kv, groups, length, dim = 3, 3, 3, 11, 8
+    q = torch.randn(b, kv * groups, 1, dim, dtype=dtype)
+    k = torch.randn(b, kv, length, dim, dtype=dtype)
+    v = torch.randn(b, kv, length, dim, dtype=dtype)
+    mask = torch.ones(b, 1, 1, length, dtype=torch.bool)
+    mask[0, ..., :4] = False  # left padding
+    mask[:, ..., 9:] = False  # static cache positions not written yet
+    k[:, :, 9:], v[:, :, 9:] = 1e4, 1e4
+
+    class Module:
+        num_key_value_groups = groups
+
+    got, _ = _gqa_decode_forward(Module(), q, k, v, mask, scaling=0.3)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q, repeat_kv(k[:, :, :9], groups), repeat_kv(v[:, :, :9], groups), attn_mask=mask[..., :9], scale=0.3)
+    assert got.shape == (b, 1, kv * groups, dim)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(got, want.transpose(1, 2), atol=tol, rtol=tol)
+
+
+def test_graph_generate_attends_through_gqa_decode_and_gives_the_model_back(assets, monkeypatch):
+    """The tiny LLaMA (4 query heads on 2 KV heads) decodes through the packed attention (every decode step of every
+    layer, none of the prefill), with generate's tokens, and leaves the model on SDPA."""
+    from models import attention
+
+    model, tok = load_base_model(assets[0])
+    assert model.config._attn_implementation == "sdpa" and model.config.num_key_value_heads == 2
+    calls = []
+    real = attention._gqa_decode_forward
+
+    def spy(module, query, *args, **kwargs):
+        calls.append(query.shape[2])
+        return real(module, query, *args, **kwargs)
+
+    monkeypatch.setattr(attention, "_gqa_decode_forward", spy)
+    batch = tok(PROMPTS, return_tensors="pt", padding=True)
+    kw = {"max_new_tokens": 5, "eos_token_id": None, "pad_token_id": tok.pad_token_id}
+    want = model.generate(**batch, do_sample=False, min_new_tokens=5, **kw)
+    got = graph_generate(model, batch["input_ids"], batch["attention_mask"], capture=False, **kw)
+    assert torch.equal(got, want)
+    layers = model.config.num_hidden_layers
+    assert calls == [batch["input_ids"].shape[1]] * layers + [1] * (4 * layers)
+    assert model.config._attn_implementation == "sdpa"
