@@ -106,8 +106,11 @@ def register_gqa_decode() -> str:
 
 @contextlib.contextmanager
 def gqa_decode(model):
-    """While open, ``model`` (a transformers model, or a peft model around one) attends through ``sdpa_gqa_decode``
-    where it attended through SDPA (its config and its text config, a multimodal model's); restored on leaving."""
+    """While open, ``model`` (a transformers model, a peft model around one, or a ``MultiLoRAModel``: its model)
+    attends through ``sdpa_gqa_decode`` where it attended through SDPA (its config and its text config, a multimodal
+    model's); restored on leaving."""
+    if hasattr(model, "routing") and hasattr(model, "ctx"):  # a MultiLoRAModel
+        model = model.model
     config = getattr(model, "config", None)
     text = getattr(config, "get_text_config", lambda: config)() if config is not None else None
     configs = [c for c in {id(c): c for c in (config, text) if c is not None}.values()]

@@ -113,7 +113,7 @@ def graph_generate(mm, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
     Both off by default until their GPU test (tests/test_models_gpu.py) has passed on the H200.
     A model on SDPA attends through ``models.attention.gqa_decode`` for the call (grouped KV heads not repeated at
     decode)."""
-    with gqa_decode(mm.model if hasattr(mm, "routing") and hasattr(mm, "ctx") else mm):
+    with gqa_decode(mm):
         return _graph_generate(mm, input_ids, attention_mask, max_new_tokens=max_new_tokens,
                                eos_token_id=eos_token_id, pad_token_id=pad_token_id, task_ids=task_ids,
                                logits_processor=logits_processor, capture=capture, phases=phases,

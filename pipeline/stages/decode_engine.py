@@ -33,6 +33,7 @@ import logging
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from models.attention import gqa_decode
 from models.graph_generate import graph_generate, supports
 from pipeline.runtime.entry import first_line
 from pipeline.runtime.settings import GENERATION_ENGINES
@@ -136,8 +137,10 @@ def _compute_dtype(mm, device: torch.device) -> torch.dtype:
 
 
 def _generate(mm, ids, mask, *, max_new_tokens, pad_token_id, eos_token_id, task_ids=None, logits_processor=None):
+    """transformers' greedy generate, its decode steps attending as the graph decode's do (``gqa_decode``)."""
     kw = {"task_ids": task_ids} if task_ids is not None else {}
     if logits_processor:
         kw["logits_processor"] = LogitsProcessorList(logits_processor)
-    return mm.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                       pad_token_id=pad_token_id, eos_token_id=eos_token_id, **kw)
+    with gqa_decode(mm):
+        return mm.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                           pad_token_id=pad_token_id, eos_token_id=eos_token_id, **kw)
