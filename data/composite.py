@@ -104,18 +104,23 @@ def build_composite(
     )
 
 
+def numbered_lines(text: str):
+    """``(number, answer)`` of every line of ``text`` that starts with a number and a dot ("3. north"), in order."""
+    for match in re.finditer(r"^[ \t]*(\d+)\.(?!\d)[ \t]*(.*?)[ \t]*$", text or "", flags=re.MULTILINE):
+        yield int(match.group(1)), match.group(2)
+
+
 def parse_report(text: str, n: int) -> tuple[list[str], dict[str, int]]:
     """(answers 1..n, counts of missing / extra / duplicate numbers) from one model output."""
     found: dict[int, str] = {}
     extra = duplicate = 0
-    for match in re.finditer(r"^[ \t]*(\d+)\.(?!\d)[ \t]*(.*?)[ \t]*$", text or "", flags=re.MULTILINE):
-        i = int(match.group(1))
+    for i, answer in numbered_lines(text):
         if not 1 <= i <= n:
             extra += 1
         elif i in found:
             duplicate += 1
         else:
-            found[i] = match.group(2)
+            found[i] = answer
     answers = [found.get(i, "") for i in range(1, n + 1)]
     return answers, {"missing": n - len(found), "extra": extra, "duplicate": duplicate}
 

@@ -113,3 +113,39 @@ def test_silent_ids_are_exactly_the_tokens_decode_drops(name):
     assert set(tok.all_special_ids) <= set(ids) and len(ids) > len(tok.all_special_ids)
     added = sorted(set(tok.added_tokens_decoder) - set(ids))  # added tokens left free write text
     assert all(tok.decode([i], skip_special_tokens=True) != "" for i in added)
+
+
+@pytest.mark.parametrize("name", ["SmolLM2-135M-Instruct", "gemma-3-270m"])
+def test_the_incremental_count_equals_parsing_the_whole_output_at_every_step(name):
+    """The gate counts a row's answers incrementally (complete lines once, then the open line); at every step of
+    random outputs made of numbered-list pieces (numbers, dots, line breaks, words, decimals, a repeated or empty
+    number, a multi-byte character, a special token) it holds back exactly the rows that parsing the whole decoded
+    output says are short, a row once complete staying free."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    path = cache_dir() / "models" / name
+    if not (path / "tokenizer.json").exists():
+        pytest.skip(f"{name} is not in the asset cache (make assets)")
+    tok = AutoTokenizer.from_pretrained(path)
+    pieces = ["1.", "2.", " 3.", "3.", "\n", "\n\n", " yes", "no", "12.", ".", " ", "é", "3.5", " Answer", "\t",
+              "2. b\n", "\n1.", " four", "7", "0.", "\n1. yes", "\n2. no", "\n3. maybe", "\n2.", "\n3."]
+    pieces = [tok(p, add_special_tokens=False)["input_ids"] for p in pieces] + [[tok.eos_token_id]]
+    rng = random.Random(0)
+    n, rows, steps, prompt = 3, 8, 60, [tok.eos_token_id] * 3
+    outs = []
+    for _ in range(rows):
+        seq = []
+        while len(seq) < steps:
+            seq += rng.choice(pieces)
+        outs.append(seq[:steps])
+    gate = EOSUntilAnswers(tok, prompt_len=len(prompt), n=n)
+    done = [False] * rows
+    for k in range(steps + 1):
+        ids = torch.tensor([prompt + o[:k] for o in outs])
+        blocked = torch.isinf(gate(ids, torch.zeros(rows, len(tok)))[:, tok.eos_token_id]).tolist()
+        for b in range(rows):
+            done[b] = done[b] or gate.answered(tok.decode(outs[b][:k], skip_special_tokens=True)) >= n
+        assert blocked == [not d for d in done], (k, blocked, done)
+    assert 0 < sum(done) < rows  # some rows complete along the way, some never
