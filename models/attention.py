@@ -107,22 +107,35 @@ def register_gqa_decode() -> str:
 @contextlib.contextmanager
 def gqa_decode(model):
     """While open, ``model`` (a transformers model, a peft model around one, or a ``MultiLoRAModel``: its model)
-    attends through ``sdpa_gqa_decode`` where it attended through SDPA (its config and its text config, a multimodal
-    model's); restored on leaving."""
+    attends through ``sdpa_gqa_decode`` where it attended through SDPA (its config, its text config and every
+    sub-config); on leaving every one of them gets its own implementation back."""
     if hasattr(model, "routing") and hasattr(model, "ctx"):  # a MultiLoRAModel
         model = model.model
     config = getattr(model, "config", None)
-    text = getattr(config, "get_text_config", lambda: config)() if config is not None else None
-    configs = [c for c in {id(c): c for c in (config, text) if c is not None}.values()]
+    configs = _configs(config) if config is not None else []
     before = [(c, getattr(c, "_attn_implementation", None)) for c in configs]
-    swap = [c for c, impl in before if impl in SDPA]
-    if swap:
-        name = register_gqa_decode()
-        for c in swap:
-            c._attn_implementation = name
+    if config is None or getattr(config, "_attn_implementation", None) not in SDPA:
+        yield
+        return
+    config._attn_implementation = register_gqa_decode()  # its setter sets the sub-configs too
+    for c, impl in before[1:]:  # a sub-config on another implementation keeps it
+        if impl not in SDPA:
+            c._attn_implementation = impl
     try:
         yield
     finally:
-        for c, impl in before:  # the top config first: its setter also sets its sub-configs
-            if c in swap:
-                c._attn_implementation = impl
+        for c, impl in before:  # the top config first: its setter sets the sub-configs, each then gets its own
+            c._attn_implementation = impl
+
+
+def _configs(config) -> list:
+    """``config``, then its text config and every sub-config reachable from it, each once."""
+    seen, order, stack = set(), [], [config, getattr(config, "get_text_config", lambda: config)()]
+    while stack:
+        c = stack.pop(0)
+        if c is None or id(c) in seen or not hasattr(c, "_attn_implementation"):
+            continue
+        seen.add(id(c))
+        order.append(c)
+        stack += [getattr(c, key, None) for key in getattr(c, "sub_configs", {}) or {}]
+    return order

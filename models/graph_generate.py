@@ -36,8 +36,8 @@ eagerly (the CPU, and the tests that check it against ``generate`` token for tok
 cache positions (transformers takes a dict of prepared masks by layer type).
 
 Under autocast (evaluate's bf16-mixed) the keys leave the rotary embedding in fp32 (bf16 ``k_proj`` output times
-fp32 cos / sin) while the values stay bf16, and transformers' static layer allocates both buffers in the keys'
-dtype (5.17 then refused the bf16 values). The cache here stores keys and values in autocast's dtype: the attention,
+fp32 cos / sin) while the values stay bf16; transformers 5.17's static layer allocates both buffers in the keys'
+dtype, and then refused the bf16 values. The cache here stores keys and values in autocast's dtype: the attention,
 which autocast runs in bf16, would cast an fp32 cache to bf16 anyway, so the logits are the same to the bit as an
 fp32 cache's, at half its memory and without that cast of the whole cache in every layer at every decode step. At evaluate's long prompts the cache is most of the memory and
 of a decode step's traffic: 256 prompts of up to 4096 tokens with 574 new ones (paragraph_segmentation) hold 55 GB
@@ -152,7 +152,7 @@ def _graph_generate(mm, input_ids, attention_mask, *, max_new_tokens, eos_token_
     with _phase(mm, routed, task_ids, B, prefill=True):
         kept, key = None, None
         if keep_graph and _keeps_graphs(mm, routed):
-            key = (B, P, N, dev, *_route_key(mm, routed))
+            key = (B, P, N, dev, _cache_dtype(dev), *_route_key(mm, routed))
             kept = _kept_graphs(mm).get(key)
         if kept is not None:  # its cache again (the graph reads it), emptied as a fresh one is
             cache = kept.cache
@@ -255,7 +255,7 @@ def _graph_generate(mm, input_ids, attention_mask, *, max_new_tokens, eos_token_
                         with torch.cuda.graph(graph):
                             out = step()
                     else:
-                        graph = _StepGraph(step, dtype, mm.ctx.router if routed else None, decision)
+                        graph = _StepGraph(step, _cache_dtype(dev) or dtype, mm.ctx.router if routed else None, decision)
                         out = graph.out
                     if key is not None:
                         _keep(mm, key, _KeptGraph(sig, graph, out, cache, (tok, dpos, dmask, cur, smask, idx),
@@ -307,7 +307,7 @@ class _StepGraph:
             self.router._seq = self.decision
         res = self.step()
         if res.dtype != self.out.dtype:
-            raise RuntimeError(f"_StepGraph: logits in {res.dtype}, the model's parameters in {self.out.dtype}")
+            raise RuntimeError(f"_StepGraph: logits in {res.dtype}, expected {self.out.dtype} (the parameters' or autocast's)")
         self.out.resize_(res.shape).copy_(res)
 
 
@@ -338,7 +338,7 @@ class _KeptGraph:
 
 
 def _kept_graphs(mm) -> dict:
-    """The model's kept graphs by (B, P, N, device, router, task ids), oldest first."""
+    """The model's kept graphs by (B, P, N, device, cache dtype under autocast, router, task ids), oldest first."""
     return mm.__dict__.setdefault("_lmx_kept_graphs", {})
 
 
@@ -348,6 +348,12 @@ def _keep(mm, key, kept: _KeptGraph) -> None:
     while len(graphs) >= KEPT_GRAPHS:
         graphs.pop(next(iter(graphs)))
     graphs[key] = kept
+
+
+def _cache_dtype(dev) -> torch.dtype | None:
+    """The dtype a static cache made now would hold where autocast decides it (``_static_layer_class``), else None:
+    a kept cache serves only calls that would make the same."""
+    return torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else None
 
 
 def _route_key(mm, routed: bool) -> tuple:

@@ -430,3 +430,45 @@ def test_graph_generate_attends_through_gqa_decode_and_gives_the_model_back(asse
     layers = model.config.num_hidden_layers
     assert calls == [batch["input_ids"].shape[1]] * layers + [1] * (4 * layers)
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_gqa_decode_gives_every_config_its_own_attention_back():
+    """A multimodal config (Gemma 3: text and vision sub-configs): the top config's setter sets its sub-configs, so
+    on entering, the text config follows it onto the decode attention but a vision config on eager stays there, and
+    on leaving each one has its own implementation again."""
+    from types import SimpleNamespace
+
+    from transformers import Gemma3Config
+
+    from models.attention import DECODE, gqa_decode
+
+    config = Gemma3Config()
+    config._attn_implementation = "sdpa"
+    config.vision_config._attn_implementation = "eager"
+    model = SimpleNamespace(config=config)
+    with gqa_decode(model):
+        assert config._attn_implementation == config.text_config._attn_implementation == DECODE
+        assert config.vision_config._attn_implementation == "eager"
+    assert config._attn_implementation == config.text_config._attn_implementation == "sdpa"
+    assert config.vision_config._attn_implementation == "eager"
+    config._attn_implementation = "eager"  # not on SDPA: left alone
+    with gqa_decode(model):
+        assert config._attn_implementation == config.text_config._attn_implementation == "eager"
+
+
+def test_a_kept_graph_serves_only_calls_whose_cache_dtype_is_its_own(assets):
+    """A graph kept under bf16 autocast holds a bf16 cache; a later call of the same shapes without autocast makes
+    its own fp32 cache (the kept one would refuse its fp32 keys), and both decode as generate."""
+    from models.graph_generate import release_graphs, simulate_graphs
+
+    mm = _mm(assets, "oracle")
+    tok = mm.tokenizer
+    batch = tok(PROMPTS, return_tensors="pt", padding=True)
+    kw = {"max_new_tokens": 5, "eos_token_id": None, "pad_token_id": tok.pad_token_id, "task_ids": ["a", "b", "c"]}
+    want = mm.generate(**batch, do_sample=False, min_new_tokens=5, **kw)
+    with simulate_graphs():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            graph_generate(mm, batch["input_ids"], batch["attention_mask"], keep_graph=True, **kw)
+        got = graph_generate(mm, batch["input_ids"], batch["attention_mask"], keep_graph=True, **kw)
+    release_graphs(mm)
+    assert torch.equal(got, want)

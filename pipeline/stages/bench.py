@@ -232,7 +232,7 @@ class ShapeBench:
             return
         for b, s in self._grid(f"eager/{'+'.join(gens)}/n{alongside}"):
             ids, mask = random_batch(self.vocab, b, s, self.device, seed=int(self.cfg.seed))
-            runs = {k: v for k, v in gens.items() if self._runs(k, alongside, v[1], ids, mask)}
+            runs = {k: v for k, v in gens.items() if self._runs(k, v[0], v[1], ids, mask)}
             if not runs:
                 continue
             try:
@@ -246,11 +246,12 @@ class ShapeBench:
                 self._row("eager", strategy, n, b, s, out[strategy], alongside=alongside)
 
     def _runs(self, strategy: str, n, generate, ids, mask) -> bool:
-        """Does ``strategy`` generate one token on this batch? One that cannot (e.g. dlp_segments without a
-        tokenizer on a random-weight shape) is reported and left out of its round group, so the others are timed."""
+        """Does ``strategy`` generate on this batch (a prefill and a decode step)? One that cannot (e.g. dlp_segments
+        without a tokenizer on a random-weight shape) is reported and left out of its round group, so the others are
+        timed."""
         try:
             with torch.no_grad():
-                generate(ids, mask, max_new_tokens=1, min_new_tokens=1, **generate_kwargs("eager"))
+                generate(ids, mask, max_new_tokens=2, min_new_tokens=2, **generate_kwargs("eager"))
         except Exception as err:  # noqa: BLE001 reported, the group goes on without it
             log.warning("bench: %s %s n=%s eager b=%s s=%s failed, timed without it: %s", self.shape, strategy, n,
                         ids.shape[0], ids.shape[1], err)

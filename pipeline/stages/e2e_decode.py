@@ -22,7 +22,9 @@ up,down) or ``qv`` projections. Strategies, each in its own model instance where
 Engines: ``eager`` (``generate`` with the dynamic cache), ``static+compile`` (static KV cache, the decode step
 compiled with ``reduce-overhead``: CUDA graphs; CUDA only unless ``e2e.allow_static_on_cpu``) and ``static+graph``
 (``models.graph_generate``, what evaluate runs on CUDA: static KV cache, the eager decode step captured as one CUDA
-graph per call, no compile; on the CPU the same loop uncaptured). For one (engine,
+graph per call, no compile, its decode steps over grouped KV heads unrepeated (``models.attention.gqa_decode``,
+since 3d97585; the other engines run transformers' attention, so compare ratios within an engine); on the CPU
+the same loop uncaptured). For one (engine,
 targets, batch) every strategy is warmed up (compiles happen there), then timed in interleaved rounds: each round
 runs, per strategy, one 1-token and one N-token greedy generation of the same prompts (``min_new_tokens`` forces
 the length, checked); decode ms/token = (t_N - t_1) / (N - 1), prefill ms = t_1; medians over rounds. Every
