@@ -126,9 +126,12 @@ def test_engine_checks_its_first_call_and_falls_back_on_a_disagreement(assets, m
     engine = DecodeEngine("graph", mm)
     engine.to_check = True  # as auto on CUDA
     assert torch.equal(engine(mm, batch["input_ids"], batch["attention_mask"], **kw), want)
-    assert engine.record() == {"generation_engine": "graph",
-                               "graph_check": {"rows": 3, "rows_equal": 3, "rows_near_tie": 0, "tokens_compared": 6,
-                                               "parted": []}}
+    record = engine.record()
+    assert {k: record[k] for k in ("generation_engine", "graph_check")} == {
+        "generation_engine": "graph",
+        "graph_check": {"rows": 3, "rows_equal": 3, "rows_near_tie": 0, "tokens_compared": 6, "parted": []}}
+    phases = record["graph_phases"]  # one call: its prefill, then 5 decode steps uncaptured on the CPU
+    assert phases["calls"] == 1 and phases["replayed_steps"] == 5 and phases["prefill"] > 0 and phases["replay"] > 0
 
     real = decode_engine.graph_generate
     monkeypatch.setattr(decode_engine, "graph_generate", lambda *a, **k: real(*a, **k).roll(1, dims=1))

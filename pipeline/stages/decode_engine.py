@@ -23,7 +23,9 @@ the top score, is 4 to 8 bf16 steps at the top score (0.625 at 20): the rows tha
 2 steps, and the two loops' logits of one step differ by up to 0.6 across the vocabulary.
 
 What ran is recorded in the run's metrics.json (``generation_engine``, ``graph_check``: rows, rows equal, rows
-parted at a near-tie, tokens compared, and the margin and tolerance of every row that parted).
+parted at a near-tie, tokens compared, and the margin and tolerance of every row that parted; ``graph_phases``: the
+graph calls' seconds by phase, prefill / first eager step / capture / replays, the device synchronised at each
+boundary, and their replayed steps: replay / replayed_steps is a decode step's time, to set beside the host's).
 """
 
 from __future__ import annotations
@@ -57,15 +59,23 @@ class DecodeEngine:
         self.name = "graph" if wanted and supports(mm) else "generate"
         self.to_check = choice == "auto" and self.name == "graph"
         self.check: dict | None = None
+        self.phases: dict = {}  # the graph calls' phases summed (``graph_generate(phases=...)``) and their count
 
     def record(self) -> dict:
-        return {"generation_engine": self.name, "graph_check": self.check}
+        """What ran: the engine, the first call's check, and where the graph calls' time went (seconds per phase
+        summed over calls, replayed decode steps, calls; None without a graph call)."""
+        phases = {k: round(v, 3) if isinstance(v, float) else v for k, v in self.phases.items()} or None
+        return {"generation_engine": self.name, "graph_check": self.check, "graph_phases": phases}
 
     def __call__(self, mm, ids, mask, **kw):
         if self.name == "generate":
             return _generate(mm, ids, mask, **kw)
         try:
-            out = graph_generate(mm, ids, mask, capture=self.cuda, **kw)
+            phases: dict = {}
+            out = graph_generate(mm, ids, mask, capture=self.cuda, phases=phases, **kw)
+            for k, v in phases.items():
+                self.phases[k] = self.phases.get(k, 0) + v
+            self.phases["calls"] = self.phases.get("calls", 0) + 1
         except (RuntimeError, ValueError, AssertionError) as e:  # a capture the stack cannot do: keep the run going
             error = first_line(e)[:200]
             log.warning("generation.engine: the CUDA graph decode failed (%s); generate for the rest of the run",
