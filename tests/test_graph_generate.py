@@ -139,6 +139,13 @@ def test_engine_checks_its_first_call_and_falls_back_on_a_disagreement(assets, m
     engine.to_check = True
     assert torch.equal(engine(mm, batch["input_ids"], batch["attention_mask"], **kw), want)
     assert engine.name == "generate" and engine.check["rows_equal"] == 0
+
+    # generate runs only the tokens the check compares (CHECK_TOKENS); a disagreement then runs the whole call
+    monkeypatch.setattr(decode_engine, "CHECK_TOKENS", 2)
+    engine = DecodeEngine("graph", mm)
+    engine.to_check = True
+    assert torch.equal(engine(mm, batch["input_ids"], batch["attention_mask"], **kw), want)
+    assert engine.name == "generate" and engine.check["tokens_compared"] == 2
     assert DecodeEngine("auto", mm).name == "generate"  # the CPU: generate
 
 
