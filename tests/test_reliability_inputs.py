@@ -196,6 +196,9 @@ ENTRY_ROWS = [  # (id, stage, argv, the exact stderr line as a regex); every row
     ("generation_batch_zero", "evaluate", ["experiment=smoke", "generation.batch_size=0"],
      (r"error: generation.batch_size=0 must be a number of prompts per generate call >= 1; set e.g. "
       r"generation.batch_size=8")),
+    ("max_batch_tokens_zero", "evaluate", ["experiment=smoke", "generation.max_batch_tokens=0"],
+     (r"error: generation.max_batch_tokens=0 must be null \(no bound\) or a number of KV-cache positions per generate "
+      r"call >= 1; set e.g. generation.max_batch_tokens=262144")),
     ("router_schedule_unknown", "route", ["experiment=smoke", "router=meteora", "router.train.schedule=step"],
      r"error: router.train.schedule='step' must be constant or cosine; set e.g. router.train.schedule=cosine"),
     ("generation_engine_unknown", "evaluate", ["experiment=smoke", "generation.engine=fast"],
