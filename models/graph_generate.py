@@ -39,9 +39,10 @@ Under autocast (evaluate's bf16-mixed) the keys leave the rotary embedding in fp
 fp32 cos / sin) while the values stay bf16; transformers 5.17's static layer allocates both buffers in the keys'
 dtype, and then refused the bf16 values. The cache here stores keys and values in autocast's dtype: the attention,
 which autocast runs in bf16, would cast an fp32 cache to bf16 anyway, so the logits are the same to the bit as an
-fp32 cache's, at half its memory and without that cast of the whole cache in every layer at every decode step. At evaluate's long prompts the cache is most of the memory and
-of a decode step's traffic: 256 prompts of up to 4096 tokens with 574 new ones (paragraph_segmentation) hold 55 GB
-of SmolLM2 keys and values in fp32. Outside autocast the values take the keys' dtype (the same).
+fp32 cache's, at half its memory and without that cast of the whole cache in every layer at every decode step. At
+evaluate's long prompts the cache is most of the memory and of a decode step's traffic: 256 prompts of up to 4096
+tokens with 574 new ones (paragraph_segmentation) hold 55 GB of SmolLM2 keys and values in fp32. Outside autocast
+the values take the keys' dtype (the same).
 """
 
 from __future__ import annotations
@@ -255,7 +256,8 @@ def _graph_generate(mm, input_ids, attention_mask, *, max_new_tokens, eos_token_
                         with torch.cuda.graph(graph):
                             out = step()
                     else:
-                        graph = _StepGraph(step, _cache_dtype(dev) or dtype, mm.ctx.router if routed else None, decision)
+                        graph = _StepGraph(step, _cache_dtype(dev) or dtype, mm.ctx.router if routed else None,
+                                           decision)
                         out = graph.out
                     if key is not None:
                         _keep(mm, key, _KeptGraph(sig, graph, out, cache, (tok, dpos, dmask, cur, smask, idx),
@@ -307,7 +309,8 @@ class _StepGraph:
             self.router._seq = self.decision
         res = self.step()
         if res.dtype != self.out.dtype:
-            raise RuntimeError(f"_StepGraph: logits in {res.dtype}, expected {self.out.dtype} (the parameters' or autocast's)")
+            raise RuntimeError(f"_StepGraph: logits in {res.dtype}, expected {self.out.dtype} (the parameters' or "
+                               "autocast's)")
         self.out.resize_(res.shape).copy_(res)
 
 

@@ -168,9 +168,9 @@ class Tie(LogitsProcessor):
 @pytest.mark.parametrize("apart", [0.0, 2**-13, 0.5])
 def test_engine_check_lets_a_row_part_at_a_near_tie_and_no_further(assets, monkeypatch, apart):
     """A graph decode whose row 0 takes the other of two tokens that generate's scores put within the tolerance (an
-    exact tie; 2^-13 apart at 1000, two fp32 steps there, under fp32's 4 x 1.2e-7 x 1000) agrees: the run keeps the graph, and the check
-    records where and by how much the row parted. Half a logit apart is no near-tie: 2 of 3 rows agree, and the run
-    falls back to generate, whose tokens this call returns."""
+    exact tie; 2^-13 apart at 1000, two fp32 steps there, under fp32's 4 x 1.2e-7 x 1000) agrees: the run keeps the
+    graph, and the check records where and by how much the row parted. Half a logit apart is no near-tie: 2 of 3
+    rows agree, and the run falls back to generate, whose tokens this call returns."""
     from pipeline.stages import decode_engine
     from pipeline.stages.decode_engine import NEAR_TIE_EPS, DecodeEngine
 
@@ -200,7 +200,8 @@ def test_engine_check_lets_a_row_part_at_a_near_tie_and_no_further(assets, monke
     row = check["parted"][0]
     assert (row["row"], row["step"]) == (0, step)
     assert row["margin"] == pytest.approx(apart, abs=1e-5)
-    assert row["tolerance"] == pytest.approx(NEAR_TIE_EPS * torch.finfo(torch.float32).eps * (Tie.TOP + apart), rel=1e-3)
+    eps = torch.finfo(torch.float32).eps
+    assert row["tolerance"] == pytest.approx(NEAR_TIE_EPS * eps * (Tie.TOP + apart), rel=1e-3)
     if apart < 0.5:
         assert row["near_tie"] and check["rows_near_tie"] == 1 and engine.name == "graph"
         assert int(got[0, P + step]) == other  # the graph's tokens
@@ -482,3 +483,24 @@ def test_a_kept_graph_serves_only_calls_whose_cache_dtype_is_its_own(assets):
         got = graph_generate(mm, batch["input_ids"], batch["attention_mask"], keep_graph=True, **kw)
     release_graphs(mm)
     assert torch.equal(got, want)
+
+
+def test_the_near_tie_tolerance_follows_the_precision_of_the_matmuls(assets):
+    """fp32 weights at torch's "highest" matmul precision: fp32's epsilon; at "high" TF32's (10 mantissa bits), at
+    "medium" bf16's; under bf16 autocast bf16's."""
+    from pipeline.stages.decode_engine import compute_eps
+
+    model, _ = load_base_model(assets[0])
+    cpu = torch.device("cpu")
+    before = torch.get_float32_matmul_precision()
+    try:
+        eps = {}
+        for precision in ("highest", "high", "medium"):
+            torch.set_float32_matmul_precision(precision)
+            eps[precision] = compute_eps(model, cpu)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert eps == {"highest": torch.finfo(torch.float32).eps, "high": 2.0**-10,
+                   "medium": torch.finfo(torch.bfloat16).eps}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert compute_eps(model, cpu) == torch.finfo(torch.bfloat16).eps

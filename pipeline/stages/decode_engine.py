@@ -9,8 +9,9 @@
 
 The check (``agreement``). A row agrees when its first ``CHECK_TOKENS`` new tokens equal generate's, or when they
 part at a near-tie: at the first token where they differ (both loops were fed the same tokens until then),
-generate's own scores put the graph's token within ``NEAR_TIE_EPS`` machine epsilons of the compute dtype (times
-the top score) of generate's choice. Fewer than ``MIN_AGREEMENT`` of the rows agreeing is a disagreement.
+generate's own scores put the graph's token within ``NEAR_TIE_EPS`` machine epsilons of the matmuls
+(``compute_eps``; times the top score) of generate's choice. Fewer than ``MIN_AGREEMENT`` of the rows agreeing is a
+disagreement.
 
 Why near-ties count. bf16 logits of SmolLM2 are quantised to 1/8 around 20; on composite prompts (free text, every
 row runs all ``CHECK_TOKENS``), about 5% of generate's steps have their top two scores within 1/8 and 1% tie
@@ -90,12 +91,12 @@ class DecodeEngine:
             margins = _Margins(out, ids.shape[1], checked)
             ref = _generate(mm, ids, mask, **{**kw, "max_new_tokens": checked,
                                               "logits_processor": [*(kw.get("logits_processor") or []), margins]})
-            self.check = agreement(out, ref, ids.shape[1], margins, _compute_dtype(mm, ids.device))
+            self.check = agreement(out, ref, ids.shape[1], margins, compute_eps(mm, ids.device))
             agree = self.check["rows_equal"] + self.check["rows_near_tie"]
             if agree < MIN_AGREEMENT * ids.shape[0]:
-                log.warning("generation.engine: the CUDA graph decode agreed with generate on %d of %d rows (%d equal, "
-                            "%d parted at a near-tie); generate for the rest of the run", agree, ids.shape[0],
-                            self.check["rows_equal"], self.check["rows_near_tie"])
+                log.warning("generation.engine: the CUDA graph decode agreed with generate on %d of %d rows "
+                            "(%d equal, %d parted at a near-tie); generate for the rest of the run", agree,
+                            ids.shape[0], self.check["rows_equal"], self.check["rows_near_tie"])
                 self.name = "generate"
                 return ref if checked == int(kw["max_new_tokens"]) else _generate(mm, ids, mask, **kw)
             log.info("generation.engine: graph decode checked against generate: %d of %d rows equal, %d parted at a "
@@ -123,12 +124,12 @@ class _Margins(LogitsProcessor):
         return scores
 
 
-def agreement(out: torch.Tensor, ref: torch.Tensor, prompt_len: int, margins: _Margins, dtype: torch.dtype) -> dict:
+def agreement(out: torch.Tensor, ref: torch.Tensor, prompt_len: int, margins: _Margins, eps: float) -> dict:
     """The graph's tokens ``out`` against generate's ``ref`` over the first new tokens both have (module doc):
-    rows equal, rows parted at a near-tie, and each parting row's step, margin and tolerance."""
+    rows equal, rows parted at a near-tie, and each parting row's step, margin and tolerance (``eps``: the machine
+    epsilon of the matmuls, ``compute_eps``)."""
     n = min(out.shape[1], ref.shape[1], prompt_len + len(margins.gaps))
     differ = (out[:, prompt_len:n] != ref[:, prompt_len:n]).cpu()
-    eps = torch.finfo(dtype).eps
     parted = []
     for row in differ.any(dim=1).nonzero().flatten().tolist():
         t = int(differ[row].nonzero()[0])
@@ -141,12 +142,21 @@ def agreement(out: torch.Tensor, ref: torch.Tensor, prompt_len: int, margins: _M
             "parted": parted}
 
 
-def _compute_dtype(mm, device: torch.device) -> torch.dtype:
-    """The dtype the model's matmuls run in: autocast's where it is on (evaluate's bf16-mixed), else the weights'."""
+#: the machine epsilon of fp32 matmuls by torch.get_float32_matmul_precision: TF32 (10 mantissa bits) at "high",
+#: bf16 at "medium"
+FP32_MATMUL_EPS = {"highest": torch.finfo(torch.float32).eps, "high": 2.0**-10,
+                   "medium": torch.finfo(torch.bfloat16).eps}
+
+
+def compute_eps(mm, device: torch.device) -> float:
+    """The machine epsilon of the model's matmuls: autocast's dtype where it is on (evaluate's bf16-mixed), else the
+    weights' (fp32 as ``torch.set_float32_matmul_precision`` lets it run: TF32 or bf16 below "highest")."""
     if torch.is_autocast_enabled(device.type):
-        return torch.get_autocast_dtype(device.type)
+        return float(torch.finfo(torch.get_autocast_dtype(device.type)).eps)
     dtype = next(mm.parameters()).dtype
-    return dtype if dtype.is_floating_point else torch.float32
+    if dtype == torch.float32 or not dtype.is_floating_point:
+        return float(FP32_MATMUL_EPS.get(torch.get_float32_matmul_precision(), torch.finfo(torch.float32).eps))
+    return float(torch.finfo(dtype).eps)
 
 
 def _generate(mm, ids, mask, *, max_new_tokens, pad_token_id, eos_token_id, task_ids=None, logits_processor=None):
