@@ -110,3 +110,21 @@ def test_bench_steps_compose_and_train_decides_every_target_in_one_run(tmp_path)
 
     assert lat.name == "dlp_latency" and lat.bench.shapes[0] == "llama3_8b"
     assert all(s in SHAPES for s in lat.bench.shapes) and lat.plan.bench and not lat.plan.finetune
+
+
+def test_dry_run_runs_an_experiments_plan_on_the_tiny_model(tmp_path):
+    """scripts/offline_gpu/dry_run.sh: an experiment's whole reproduce plan on the CPU (here dlp_latency's bench step,
+    on the SmolLM2 shape's 2-layer stand-in) into DRY_ROOT, its table written; no experiment named: exit 2."""
+    import os
+    import sys
+
+    script = CHAINS.parent / "dry_run.sh"
+    env = {**os.environ, "DRY_ROOT": str(tmp_path), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    run = subprocess.run(["bash", str(script), "dlp_latency", "bench.shapes=[smollm2_135m_tiny]",
+                          "bench.num_adapters=[1]", "bench.repeats=1", "bench.new_tokens=3"],
+                         cwd=CHAINS.parents[2], env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (tmp_path / "tables" / "dlp_latency.md").is_file()
+    bad = subprocess.run(["bash", str(script)], cwd=CHAINS.parents[2], env=env, capture_output=True, text=True,
+                         check=False)
+    assert bad.returncode == 2 and "name the experiment" in bad.stderr
