@@ -96,20 +96,14 @@ class EOSUntilAnswers(LogitsProcessor):
         start = row.last_break if row.last_break is not None else 0
         tail = self.tokenizer.decode(row.tokens[start:], skip_special_tokens=True)
         line = tail[tail.rfind("\n") + 1:] if row.last_break is not None else tail
-        found = dict(row.found)
-        for number, answer in _numbered_lines(line, self.n):
-            found.setdefault(number, answer)
-        return sum(1 for a in found.values() if a.strip())
+        return sum(1 for a in _first_answers(line, self.n, row.found).values() if a.strip())
 
     def _complete(self, row: _Row) -> dict[int, str]:
         """The first answer to each number 1..n in the row's complete lines (those before its last line break)."""
         if row.last_break is None:
             return {}
         text = self.tokenizer.decode(row.tokens[:row.last_break + 1], skip_special_tokens=True)
-        found: dict[int, str] = {}
-        for number, answer in _numbered_lines(text[:text.rfind("\n")], self.n):
-            found.setdefault(number, answer)
-        return found
+        return _first_answers(text[:text.rfind("\n")], self.n)
 
     def _writes_break(self, token: int) -> bool:
         if token not in self._breaks:
@@ -127,12 +121,15 @@ class _Row:
         self.found: dict[int, str] = {}
 
 
-def _numbered_lines(text: str, n: int):
-    """``(number, answer)`` of each numbered line of ``text`` with a number in 1..n, in order (as
-    ``data.composite.parse_report`` reads them: a repeated number's first answer is the one that counts)."""
+def _first_answers(text: str, n: int, before: dict[int, str] | None = None) -> dict[int, str]:
+    """``before`` (the answers of the lines ahead of ``text``) with the first answer ``text`` gives each number in
+    1..n that ``before`` lacks, as ``data.composite.parse_report`` reads a whole output (a repeated number's first
+    answer is the one that counts)."""
+    found = dict(before or {})
     for number, answer in numbered_lines(text):
         if 1 <= number <= n:
-            yield number, answer
+            found.setdefault(number, answer)
+    return found
 
 
 __all__ = ["EOSUntilAnswers", "silent_ids"]
