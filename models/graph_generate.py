@@ -80,8 +80,7 @@ def _static_layer_class():
 
     class SameDtypeStaticLayer(StaticLayer):
         def update(self, key_states, value_states, *args, **kwargs):
-            dev = key_states.device.type
-            dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else key_states.dtype
+            dtype = _cache_dtype(key_states.device) or key_states.dtype
             return super().update(key_states.to(dtype), value_states.to(dtype), *args, **kwargs)
 
     return SameDtypeStaticLayer
@@ -354,8 +353,8 @@ def _keep(mm, key, kept: _KeptGraph) -> None:
 
 
 def _cache_dtype(dev) -> torch.dtype | None:
-    """The dtype a static cache made now would hold where autocast decides it (``_static_layer_class``), else None:
-    a kept cache serves only calls that would make the same."""
+    """The dtype a static cache made now holds where autocast decides it (``_static_layer_class``), else None (the
+    keys' own): a kept cache serves only calls that would make the same."""
     return torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else None
 
 
