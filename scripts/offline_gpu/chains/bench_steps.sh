@@ -26,17 +26,22 @@ train_compiled_graph() {
     bench.train.compiled_graph=true 'bench.train.batch_sizes=[8,64]' 'bench.train.extra_batch_sizes=[]' \
     bench.train.table_name=train_throughput_compiled_graph
 }
-# the e2e decode targets: graph engine, all 7 projections, the grouped strategies, $E2E_REPEATS interleaved rounds
-# (default 15), batch 1 then batch 8 ($E2E_BATCHES), each merged into the table (~5 minutes); E2E_WARM=true: the
-# graph engine's warm start, E2E_KEEP=true: its kept graphs (a record says so; the table's measured line names it)
+# the e2e decode targets: graph engine, the grouped strategies ($E2E_STRATEGIES, comma-separated), $E2E_REPEATS
+# interleaved rounds (default 15), for each of $E2E_TARGETS (default all7) batch 1 then batch 8 ($E2E_BATCHES), each
+# merged into the table (~100 s a call of 5 strategies); kept graphs unless E2E_KEEP=false (each call captures anew),
+# E2E_WARM=true: the warm start (a record says which; the table's measured line names it). Under once.sh each call's
+# table is packed as soon as it is written, so a call stopped at its limit brings back the calls before
 e2e() {
-  local b
-  for b in ${E2E_BATCHES:-1 8}; do
-    step "e2e_b$b" timeout 270 python3 -m pipeline.bench experiment=e2e_decode 'bench.e2e.targets=[all7]' \
-      "bench.e2e.batch_sizes=[$b]" 'bench.e2e.engines=[graph]' bench.e2e.merge=true \
-      "bench.e2e.repeats=${E2E_REPEATS:-15}" "bench.e2e.warm_start=${E2E_WARM:-false}" \
-      "bench.e2e.keep_graph=${E2E_KEEP:-false}" \
-      'bench.e2e.strategies=[base,peft,oracle+grouped,meteora-top2+grouped,dlp-nucleus2+grouped]'
+  local b t
+  for t in ${E2E_TARGETS:-all7}; do
+    for b in ${E2E_BATCHES:-1 8}; do
+      step "e2e_${t}_b$b" timeout 270 python3 -m pipeline.bench experiment=e2e_decode "bench.e2e.targets=[$t]" \
+        "bench.e2e.batch_sizes=[$b]" 'bench.e2e.engines=[graph]' bench.e2e.merge=true \
+        "bench.e2e.repeats=${E2E_REPEATS:-15}" "bench.e2e.warm_start=${E2E_WARM:-false}" \
+        "bench.e2e.keep_graph=${E2E_KEEP:-true}" \
+        "bench.e2e.strategies=[${E2E_STRATEGIES:-base,peft,oracle+grouped,meteora-top2+grouped,dlp-nucleus2+grouped}]"
+      if declare -F pack > /dev/null; then pack; fi
+    done
   done
 }
 # the eager target (oracle <= peft, ungrouped and grouped, all 7 projections, batch 1), 9 rounds, merged into the
