@@ -168,3 +168,20 @@ def test_a_strategy_that_cannot_run_leaves_its_round_group_timed_without_it():
     bench_shape(cfg, "llama3_8b_tiny", rows)
     assert {r["strategy"] for r in rows} == {"base", "oracle"}
     assert all(r["alongside"] == 2 and len(r["rounds"]) == 2 for r in rows)
+
+
+def test_bank_rows_decode_on_the_grouped_model_as_evaluate_does():
+    """bench.group_projections=true (auto on CUDA, as evaluate's generation.group_projections): the loramux rows
+    decode with q / k / v and gate / up grouped, eager and under the static engine's compile, and say so; base and
+    peft are never grouped; with false nothing is."""
+    from pipeline.stages.bench import bench_shape
+
+    for on in (True, False):
+        cfg = _bench_cfg(["bench.engines=[eager,static]", "bench.static.backend=eager",
+                          "bench.strategies=[base,peft,dlp,meteora-top2]", "bench.num_adapters=[2]",
+                          "bench.static.strategies=[dlp]", f"bench.group_projections={str(on).lower()}"])
+        rows: list = []
+        bench_shape(cfg, "llama3_8b_tiny", rows)
+        got = {(r["strategy"], r["engine"]): r["grouped"] for r in rows}
+        assert got == {("base", "eager"): False, ("peft", "eager"): False, ("dlp", "eager"): on,
+                       ("meteora-top2", "eager"): on, ("dlp", "static+compile"): on}, got

@@ -231,13 +231,14 @@ def test_one_launch_decode_equals_the_two_launch_group(assets, monkeypatch, rout
     assert len(calls) == touched * 2 and all(s[0] == 3 for s in calls)  # 2 decode steps x 3 rows; no prefill
 
 
-def test_evaluate_groups_projections_on_cuda_only_when_auto():
-    """generation.group_projections=auto groups a model on a CUDA device (where the e2e table timed it faster) and
-    leaves a CPU model alone; true / false are obeyed."""
-    from pipeline.stages.evaluate import _grouped
+def test_group_projections_setting_groups_on_cuda_only_when_auto():
+    """generation.group_projections / bench.group_projections = auto groups a model on a CUDA device (where the e2e
+    table timed it faster) and leaves a CPU model alone; true / false are obeyed."""
+    from pipeline.runtime.multilora import groups_wanted
 
     cpu = torch.nn.Linear(2, 2)
-    assert _grouped("auto", cpu) is False and _grouped(True, cpu) is True and _grouped(False, cpu) is False
+    assert groups_wanted("auto", cpu) is False and groups_wanted(True, cpu) is True
+    assert groups_wanted(False, cpu) is False
 
 
 @pytest.mark.parametrize("router, kw", [("meteora", {"top_k": 2}), ("dlp", {"hidden": 32, "layers": 1})])

@@ -167,6 +167,14 @@ def plan_multilora(cfg: DictConfig, *, fresh: bool = False, composite_n: int | N
     return MultiLoRAPlan(strategy, dirs, checkpoint, load)
 
 
+def groups_wanted(setting, mm: MultiLoRAModel) -> bool:
+    """A ``group_projections`` setting (``generation.`` / ``bench.``): true / false, or auto = on where the model
+    sits on a CUDA device (grouping saves launches, which only a GPU's decode pays for)."""
+    if setting == "auto":
+        return next(mm.parameters()).device.type == "cuda"
+    return bool(setting)
+
+
 def build_multilora(cfg: DictConfig, model=None, tokenizer=None, *, plan: MultiLoRAPlan | None = None):
     """``(MultiLoRAModel, tokenizer)``: ``plan``'s adapters and router on ``cfg.model`` (or the given model)."""
     plan = plan or plan_multilora(cfg)

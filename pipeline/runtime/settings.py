@@ -132,6 +132,7 @@ class BenchSettings:
     warmup: int = MISSING
     repeats: int = MISSING
     kernel_micro: bool = MISSING
+    group_projections: Any = MISSING  # auto | true | false: the bank's model grouped as evaluate's (latency suite)
     max_seconds: float | None = MISSING
     train: Any = MISSING  # suite=train_throughput (pipeline/stages/train_throughput.py)
     e2e: Any = MISSING  # suite=e2e_decode (pipeline/stages/e2e_decode.py)
@@ -290,6 +291,8 @@ RULES: list[tuple[str, Callable[[Any], bool], str, str, tuple | None]] = [
     ("bench.warmup", at_least(0), ">= 0", "1", ("bench",)),
     ("bench.repeats", at_least(1), ">= 1", "3", ("bench",)),
     ("bench.max_seconds", optional(positive), "null (no limit) or > 0", "360", ("bench",)),
+    ("bench.group_projections", lambda x: x in (True, False, "auto"), "auto (on CUDA), true or false", "auto",
+     ("bench",)),
     ("train_speed.compile", lambda x: x in (True, False, "auto"), "auto, true or false", "auto", None),
     ("train_speed.frozen_bf16", lambda x: x in (True, False, "auto"), "auto, true or false", "auto", None),
     ("train_speed.cuda_graph", lambda x: x in (True, False, "auto"), "auto, true or false", "auto", None),

@@ -25,6 +25,9 @@ Engines (``pipeline.stages.bench_timing``): ``eager``; ``static`` = static KV ca
 cache without compile. Each row's ``engine`` says what ran: ``eager``, ``static+compile`` or ``static``.
 ``bench.static.{shapes,strategies,num_adapters}`` restrict the static grid (each combination compiles once).
 ``bench.max_seconds``: no combination starts after it (skipped ones are listed in metrics.json).
+``bench.group_projections`` (auto: on CUDA, as evaluate's ``generation.group_projections``): the bank's model runs
+q / k / v and gate / up as one projection each (``MultiLoRAModel.group_projections``), so the loramux rows time
+the decode evaluate runs; a row's ``grouped`` says whether it was.
 
 Each row: model, prefill tokens/s and ms, decode ms/token, ``peak_mem_gb`` (CUDA max_memory_allocated over the
 timed calls; None on CPU) and ``ratio_to_base`` = decode time over the base model's with the same shape, engine,
@@ -56,7 +59,7 @@ from kernels.bench import kernel_bench as kbench
 from models import MultiLoRAModel
 from pipeline.runtime.compose import compose
 from pipeline.runtime.entry import CONF_DIR, cli, user_errors
-from pipeline.runtime.multilora import strategy_of
+from pipeline.runtime.multilora import groups_wanted, strategy_of
 from pipeline.runtime.settings import check_settings
 from pipeline.runtime.stage import StageRun
 from pipeline.stages import e2e_decode as e2e
@@ -148,6 +151,7 @@ class ShapeBench:
         self.budget = budget or TimeBudget(None)
         self.cfg, self.b_cfg, self.shape, self.model = cfg, cfg.bench, shape, model
         self.vocab, self.device, self.label, self.rows = vocab, device, label, rows
+        self.grouped = False  # the bank's model now has its projections grouped (bench.group_projections)
         st = self.b_cfg.static
         self.static = st
         engines = list(self.b_cfg.engines)
@@ -205,7 +209,8 @@ class ShapeBench:
     def _row(self, engine: str, strategy: str, n: int, b: int, s: int, measured: dict, **extra) -> None:
         self.rows.append({"model": self.label, "shape": self.shape, "engine": engine, "strategy": strategy,
                           "num_adapters": n, "batch_size": b, "prompt_len": s,
-                          "new_tokens": int(self.b_cfg.new_tokens), **extra, **measured})
+                          "new_tokens": int(self.b_cfg.new_tokens), "grouped": self.grouped and strategy not in PLAIN,
+                          **extra, **measured})
 
     def measure(self, strategy: str, n: int, generate, engines=None) -> None:
         """One strategy alone under ``engines`` (default every configured one): one row per batch and prompt."""
@@ -310,6 +315,7 @@ def bench_shape(cfg: DictConfig, shape: str, rows: list, budget: TimeBudget | No
                 continue
             mm = MultiLoRAModel.from_adapters(bank_model, {f"a{i}": adapter for i in range(n)}, router="base",
                                               check_base_name=False, tokenizer=tok)  # dlp_segments reads the text
+            sb.grouped = groups_wanted(cfg.bench.group_projections, mm) and mm.group_projections() > 0
             banked = {}
             for st, strategy in routers.items():
                 try:

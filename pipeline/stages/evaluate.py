@@ -47,7 +47,7 @@ from data.task_rows import task_rows
 from data.task_table import SELECTIONS
 from pipeline.runtime.distributed import gather_to_zero
 from pipeline.runtime.entry import CONF_DIR, cli, user_errors
-from pipeline.runtime.multilora import build_multilora, plan_multilora
+from pipeline.runtime.multilora import build_multilora, groups_wanted, plan_multilora
 from pipeline.runtime.settings import check_settings
 from pipeline.runtime.stage import StageRun
 from pipeline.stages.answer_budget import composite_budget, task_budget
@@ -235,13 +235,6 @@ def no_text_at_budget(gens) -> int:
                if text == "" and end and not end["eos"] and end["new_tokens"] >= g.max_new_tokens)
 
 
-def _grouped(setting, mm) -> bool:
-    """``generation.group_projections``: true / false, or auto = on where the model sits on a CUDA device."""
-    if setting == "auto":
-        return next(mm.parameters()).device.type == "cuda"
-    return bool(setting)
-
-
 def evaluate(cfg: DictConfig) -> float | None:
     """Evaluate ``cfg.router`` on the tasks (or composite-n); return the mean task score (None on ranks > 0)."""
     check_settings(cfg)
@@ -251,7 +244,7 @@ def evaluate(cfg: DictConfig) -> float | None:
     with StageRun(cfg) as run:
         mm, tokenizer = build_multilora(cfg, plan=plan)
         mm.eval()
-        grouped = mm.group_projections() if _grouped(cfg.generation.group_projections, mm) else 0
+        grouped = mm.group_projections() if groups_wanted(cfg.generation.group_projections, mm) else 0
         if n:
             subtasks, ds, group = _composite_group(cfg, n, subtasks, tokenizer)
             groups = [group]
