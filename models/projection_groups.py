@@ -43,6 +43,11 @@ How.
   computes itself as before.
 - Merge's per-projection LoRA, and any prefill but a uniform one, run each member alone (on its view): a prefill
   is compute-bound, where the members' own routed kernels are the right tool.
+- A sibling no adapter touches (k_proj under DLP-LoRA's q / v adapters) joins its group as a
+  ``models.plain_member.PlainMember``: its base rows are packed with the others and it takes its share of the
+  group's GEMM; to the group it is a member whose adapters all have rank 0 (no shrink rows, zero expand columns).
+  MeteoRA's per-projection gates have no gate for it, so under MeteoRA such a group's members run alone. A group
+  with no adapter rank at all (o_proj / down_proj under q / v adapters) is not formed.
 
 Inference only: with gradients enabled (training) every member runs as before, so autograd sees the bank's own
 parameters. ``MultiLoRAModel.group_projections()`` turns it on (``group_projections(False)`` gives every member its own weight again).
@@ -52,6 +57,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from models.plain_member import PlainMember
 
 #: sibling projection names that read the same input, in the order the HF blocks call them
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("o_proj",), ("down_proj",))
@@ -72,8 +79,13 @@ class ProjectionGroup:
     The packed weight's rows: ``[members' base rows (out) | uniform shrink (extra) | every adapter's A^T
     (n x L x R) | gates (n x L, or none) | zero rows up to a multiple of PACK_ALIGN]``."""
 
-    def __init__(self, members: list):
+    def __init__(self, members: list, parent: nn.Module | None = None, names: tuple = ()):
         self.members = members
+        # the block and member names, where a plain sibling (models.plain_member) stands in for an nn.Linear that
+        # unpack puts back; routes and the bank are read through the first wrapped member
+        self.parent, self.names = parent, names
+        self.plain = any(isinstance(m, PlainMember) for m in members)
+        self.router_member = next(m for m in members if not isinstance(m, PlainMember))
         self.sizes = [m.out_features for m in members]
         self.out = sum(self.sizes)
         self.weight = None  # [rows, d_in]: the members' base weights (views), then the rows above
@@ -88,13 +100,16 @@ class ProjectionGroup:
         self._gates_key: tuple | None = None  # the gates' (ptr, version) the gate rows hold
         self._pending: tuple | None = None  # (x, [outputs of members 1..], how many taken)
         self._packed: dict = {}  # (what, dtype, device) -> (bank.version, packed tensors)
+        self._touch: tuple | None = None  # (bank.version, whether an adapter has a rank in a member)
         self.one_launch: bool | str = False  # a uniform decode as one kernels.gemv_lora launch (a str: its backend)
 
     # ---- base weights ------------------------------------------------------------------------------------------
     @staticmethod
-    def can_pack(members) -> bool:
-        ws = [m.base_layer.weight for m in members]
-        biases = [m.base_layer.bias for m in members]
+    def can_pack(layers) -> bool:
+        """Can these base ``nn.Linear`` layers share one packed weight (one dtype, device and input width; biases
+        on all or none)?"""
+        ws = [lin.weight for lin in layers]
+        biases = [lin.bias for lin in layers]
         same = all(w.dtype == ws[0].dtype and w.device == ws[0].device and w.shape[1] == ws[0].shape[1] for w in ws)
         return same and (all(b is None for b in biases) or all(b is not None for b in biases))
 
@@ -139,6 +154,9 @@ class ProjectionGroup:
             if lin.bias is not None:
                 lin.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=lin.bias.requires_grad)
             object.__setattr__(m, "group", None)
+        for name, m in zip(self.names, self.members):
+            if isinstance(m, PlainMember) and getattr(self.parent, name, None) is m:
+                setattr(self.parent, name, m.base_layer)
         self.weight, self.bias, self.views, self.ptrs, self._pending, self._packed = None, None, [], [], None, {}
         self._rows = self._gates_key = None
 
@@ -167,7 +185,7 @@ class ProjectionGroup:
         """The first member's output, the others kept for their calls on ``x``; None: run the member alone."""
         if torch.is_grad_enabled() or not self.intact():
             return None
-        y = self._output(x, self.members[0].ctx.router)
+        y = self._output(x, self.router_member.ctx.router)
         if y is None:
             return None
         outs = list(y.split(self.sizes, dim=-1))
@@ -191,11 +209,14 @@ class ProjectionGroup:
         """The group's packed output ``[..., sum d_out]`` (base + LoRA), or None where its members must run alone:
         a per-projection route form (merge's LoRA, MeteoRA's gates while they record a loss), or a prefill that
         is not uniform."""
-        leader, bank = self.members[0], self.members[0].ctx.bank
+        leader = self.router_member  # the route of the first wrapped member (a plain leader has none)
+        bank = leader.ctx.bank
         prefill = x.dim() == 3 and x.shape[1] > 1
-        if router is None or len(bank) == 0:
+        if router is None or len(bank) == 0 or not self._touched(bank):
             return nn.functional.linear(x, *self._rows_of(self.out))
         if not router.shares_route:  # per-projection routes (MeteoRA's gates): the group's gates in its GEMM
+            if self.plain:  # a sibling without adapters has no gate to pack: the members run alone
+                return None
             gates = None if prefill else router.group_gates([m.route_state for m in self.members])
             return None if gates is None else self._routed_expand(x, bank, gates=gates)
         route = router.route(leader.module_name, x, leader.route_state)
@@ -206,6 +227,13 @@ class ProjectionGroup:
         if route.uniform is not None:
             return self._uniform(x, bank, route.uniform)
         return None if prefill else self._routed_expand(x, bank, route=route)
+
+    def _touched(self, bank) -> bool:
+        """Does any adapter of the bank have a rank in this group (a group of projections none touches, e.g. o_proj
+        under q / v adapters, is its base GEMM alone)? Kept per bank version."""
+        if self._touch is None or self._touch[0] != bank.version:
+            self._touch = (bank.version, any(any(m.slots.host_ranks) for m in self.members))
+        return self._touch[1]
 
     def _uniform(self, x, bank, adapter: int):
         """One adapter for every row: its shrink in the base GEMM (the shrink rows), one ``addmm`` for the expand."""
@@ -354,7 +382,7 @@ class ProjectionGroup:
                 for i, m in enumerate(self.members):
                     A = self._live_A(m.slots, R)  # [L, d_in, R]
                     o = bank_at + i * L * R
-                    self.weight[o:o + L * R] = A.transpose(1, 2).reshape(L * R, -1).to(self.weight.dtype)
+                    self.weight[o:o + L * R] = A.transpose(1, 2).reshape(L * R, A.shape[1]).to(self.weight.dtype)
             if gates is not None and self._gates_key != gate_key:
                 o = bank_at + len(self.members) * L * R
                 self.weight[o:o + self.gate_rows] = torch.cat([w.detach() for w in gates], 0).to(self.weight.dtype)
@@ -375,11 +403,23 @@ class ProjectionGroup:
 
 
 def find_groups(model: nn.Module, wrapped_type) -> list[ProjectionGroup]:
-    """Every group of sibling wrapped projections in ``model`` (``GROUPS``) whose base weights can be packed."""
-    groups = []
+    """Every group of sibling projections in ``model`` (``GROUPS``) with at least one wrapped member, the others
+    wrapped or plain ``nn.Linear`` (each put on its block as a ``PlainMember``: DLP-LoRA's q / v adapters still group
+    with k), whose base weights can be packed."""
+    found = []
     for parent in model.modules():
         for names in GROUPS:
-            members = [getattr(parent, n, None) for n in names]
-            if all(isinstance(m, wrapped_type) for m in members) and ProjectionGroup.can_pack(members):
-                groups.append(ProjectionGroup(members))
+            mods = [getattr(parent, n, None) for n in names]
+            wrapped = [m for m in mods if isinstance(m, wrapped_type)]
+            if not wrapped or not all(isinstance(m, wrapped_type) or type(m) is nn.Linear for m in mods):
+                continue
+            if ProjectionGroup.can_pack([m.base_layer if isinstance(m, wrapped_type) else m for m in mods]):
+                found.append((parent, names, mods, wrapped[0].slots))
+    groups = []
+    for parent, names, mods, like in found:  # the blocks changed only after the walk over them
+        members = [m if isinstance(m, wrapped_type) else PlainMember(m, like) for m in mods]
+        for name, m in zip(names, members):
+            if isinstance(m, PlainMember):
+                setattr(parent, name, m)
+        groups.append(ProjectionGroup(members, parent, names))
     return groups

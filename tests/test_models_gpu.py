@@ -16,6 +16,17 @@ def assets(tmp_path_factory):
     return save_test_assets(tmp_path_factory.mktemp("gpu"))
 
 
+@pytest.fixture(scope="module")
+def qv_assets(assets, tmp_path_factory):
+    """DLP-LoRA-style adapters (q and v only; c: q only) on the same tiny model: k_proj joins q / v's group plain."""
+    from models.tiny import save_random_peft_adapter
+
+    base, root = assets[0], tmp_path_factory.mktemp("gpu_qv")
+    specs = {"a": {"r": 8}, "b": {"r": 4, "lora_alpha": 8}, "c": {"r": 8, "lora_alpha": 32, "targets": ("q_proj",)}}
+    return base, {n: save_random_peft_adapter(base, root / n, seed=i + 7, **spec) for i, (n, spec) in
+                  enumerate(specs.items())}
+
+
 def _mm(assets, dtype="float32", **kw):
     base, dirs = assets
     model, tok = load_base_model(base, dtype=dtype, device="cuda")
@@ -142,12 +153,16 @@ def test_cuda_graph_decode_under_bf16_autocast(assets):
                                                    ("dlp", {"hidden": 32, "layers": 1}, None),
                                                    ("meteora", {"top_k": 2}, None)])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_cuda_grouped_projections_decode_as_the_ungrouped_model(assets, router, kw, task_ids, dtype):
+@pytest.mark.parametrize("which", ["all7", "qv"])
+def test_cuda_grouped_projections_decode_as_the_ungrouped_model(assets, qv_assets, router, kw, task_ids, dtype,
+                                                                which):
     """models.projection_groups on CUDA: the uniform route's shrink in the base GEMM (cuBLAS), the packed bank
     through the Triton kernels at decode, each under a captured CUDA graph: the ungrouped model's tokens (bf16: the
-    first 8 of them; a near-tie may part a row later) and close prefill logits."""
+    first 8 of them; a near-tie may part a row later) and close prefill logits. ``qv``: adapters on q and v only,
+    k in their group as a plain member (models.plain_member)."""
     from models.graph_generate import graph_generate
 
+    assets = qv_assets if which == "qv" else assets
     runs = []
     for grouped in (False, True):
         torch.manual_seed(0)

@@ -89,6 +89,68 @@ def test_grouped_logits_and_tokens_equal_the_ungrouped_model(assets, router, kw,
     assert len(calls) == (14 if per_member else 0) and all(c == per_member for c in calls.values())
 
 
+@pytest.fixture(scope="module")
+def qv_assets(assets, tmp_path_factory):
+    """DLP-LoRA-style adapters on the same tiny model: q and v only (c: q only), mixed ranks, one rsLoRA."""
+    from models.tiny import save_random_peft_adapter
+
+    base, root = assets[0], tmp_path_factory.mktemp("qv_adapters")
+    specs = {"a": {"r": 8}, "b": {"r": 4, "lora_alpha": 8, "use_rslora": True},
+             "c": {"r": 8, "lora_alpha": 32, "targets": ("q_proj",)}}
+    return base, {n: save_random_peft_adapter(base, root / n, seed=i + 7, **spec) for i, (n, spec) in
+                  enumerate(specs.items())}
+
+
+@pytest.mark.parametrize("router, kw, task_ids", ROUTERS)
+def test_q_v_adapters_group_with_a_plain_k(qv_assets, router, kw, task_ids):
+    """DLP-LoRA's adapters touch q and v only: k_proj stays a plain nn.Linear, yet the three read the same x. Grouped,
+    k stands in as a PlainMember whose share of the packed GEMM it takes (its own nn.Linear does not run at a decode
+    step the group computes), o / gate / up / down (no adapter) stay as they are, and logits and decoded tokens equal
+    the ungrouped model's; ungrouping puts the plain k back with its own weight and the same state dict."""
+    from models.plain_member import PlainMember
+
+    base, dirs = qv_assets
+
+    def build(grouped):
+        model, tok = load_base_model(base)
+        torch.manual_seed(0)
+        return MultiLoRAModel.from_adapters(model, {n: str(d) for n, d in dirs.items()}, router=router,
+                                            tokenizer=tok, group_projections=grouped, **kw).eval()
+
+    plain, grouped = build(False), build(True)
+    keys = set(plain.model.state_dict())
+    blocks = [m for m in grouped.model.modules() if hasattr(m, "k_proj")]
+    assert len(grouped._groups) == 2 and all(isinstance(b.k_proj, PlainMember) for b in blocks)
+    assert all(type(b.o_proj) is torch.nn.Linear for b in blocks)  # a group needs an adapter in it
+    k_calls = []
+    for b in blocks:
+        b.k_proj.base_layer.register_forward_hook(lambda *a: k_calls.append(1))
+    tok = plain.tokenizer
+    batch = tok(PROMPTS, return_tensors="pt", padding=True)
+    extra = {"task_ids": task_ids} if task_ids is not None else {}
+    with torch.no_grad():
+        torch.testing.assert_close(grouped(**batch, **extra).logits, plain(**batch, **extra).logits,
+                                   atol=2e-5, rtol=1e-5)
+    k_calls.clear()
+    kw_gen = {"max_new_tokens": 6, "pad_token_id": tok.pad_token_id, "eos_token_id": None, **extra}
+    want_scores, got_scores = Record(), Record()
+    want = graph_generate(plain, batch["input_ids"], batch["attention_mask"], capture=False,
+                          logits_processor=[want_scores], **kw_gen)
+    got = graph_generate(grouped, batch["input_ids"], batch["attention_mask"], capture=False,
+                         logits_processor=[got_scores], **kw_gen)
+    assert torch.equal(got, want)
+    for a, b in zip(got_scores.scores, want_scores.scores, strict=True):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+    # k's own layer runs where its group does not: the prefill of a route that is not one adapter for every row,
+    # every step of merge's per-projection LoRA and of MeteoRA's per-projection gates (no gate for k to pack)
+    uniform = kw.get("adapter") or (task_ids is not None and len(set(task_ids)) == 1)
+    per_block = 6 if router in ("merge", "meteora") else 0 if uniform or router == "base" else 1
+    assert len(k_calls) == per_block * len(blocks)
+    grouped.group_projections(False)
+    assert all(type(b.k_proj) is torch.nn.Linear for b in blocks) and set(grouped.model.state_dict()) == keys
+    assert all(b.k_proj.weight.is_contiguous() and b.k_proj.weight.storage_offset() == 0 for b in blocks)
+
+
 def test_training_runs_the_members_alone_with_the_bank_gradients(assets):
     """With gradients enabled nothing is grouped: the adapters' gradients are the ungrouped model's."""
     plain, grouped = _mm(assets, "oracle", {}, False), _mm(assets, "oracle", {}, True)
