@@ -25,12 +25,12 @@ from kernels import (
 from kernels.coef import multi_lora_coef_packed, multi_lora_coef_reference
 from kernels.op import resolve_backend
 from models.adapter_bank import slot_key
+from models.wrapped_linear import WrappedLinear
 
 
-class MultiLoRALinear(nn.Module):
+class MultiLoRALinear(WrappedLinear):
     def __init__(self, base_layer: nn.Linear, module_name: str, ctx):
-        super().__init__()
-        self.base_layer = base_layer
+        super().__init__(base_layer)
         self.module_name = module_name
         object.__setattr__(self, "ctx", ctx)  # shared RouteContext (holds bank and router), not a submodule
         # This projection's stacked adapters and its router's per-projection module (MeteoRA's gate), held by
@@ -38,33 +38,11 @@ class MultiLoRALinear(nn.Module):
         # as a key would specialise the compiled graph to each layer). Not submodules: the bank and router own them.
         object.__setattr__(self, "slots", ctx.bank.slots[slot_key(module_name)])
         object.__setattr__(self, "route_state", None)
-        # the q / k / v or gate / up group this projection belongs to when grouped (models.projection_groups)
-        object.__setattr__(self, "group", None)
-        object.__setattr__(self, "group_index", 0)
-
-    # what HF code may read off a projection
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self):
-        return self.base_layer.bias
-
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        group = self.group
-        if group is not None:  # grouped: the leader computes the group, the others take their share of it
-            out = group.lead(x) if self.group_index == 0 else group.take(self.group_index, x)
-            if out is not None:
-                return out
+        out = self.group_output(x)  # grouped: the leader computes the group, the others take their share of it
+        if out is not None:
+            return out
         router = self.ctx.router
         if router is not None and (gate := router.packed_gate(self.route_state)) is not None:
             out = self._packed_gate(x, router, gate)

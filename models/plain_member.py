@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from models.wrapped_linear import WrappedLinear
+
 
 class EmptySlots:
     """``ProjectionSlots``' view of a projection no adapter touches: as many adapters as the bank has (``like``,
@@ -54,38 +56,15 @@ class EmptySlots:
         return b.new_zeros(b.shape[0], 0, self.d_out)
 
 
-class PlainMember(nn.Module):
+class PlainMember(WrappedLinear):
     """A plain ``nn.Linear`` in a projection group (module doc): its output is the group's share when the leader
     computed it for this input, else its own."""
 
     def __init__(self, base_layer: nn.Linear, like):
-        super().__init__()
-        self.base_layer = base_layer
+        super().__init__(base_layer)
         object.__setattr__(self, "slots", EmptySlots(like, base_layer.in_features, base_layer.out_features))
         object.__setattr__(self, "route_state", None)
-        object.__setattr__(self, "group", None)
-        object.__setattr__(self, "group_index", 0)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self):
-        return self.base_layer.bias
-
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        group = self.group
-        if group is not None:
-            out = group.lead(x) if self.group_index == 0 else group.take(self.group_index, x)
-            if out is not None:
-                return out
-        return self.base_layer(x)
+        out = self.group_output(x)
+        return self.base_layer(x) if out is None else out

@@ -52,6 +52,20 @@ def _count_base_calls(mm):
     return calls
 
 
+def _same_decode(plain, grouped, batch, extra):
+    """6 greedy tokens of both models (the graph decode's loop, uncaptured): the same tokens, and the decode steps'
+    logits too."""
+    kw_gen = {"max_new_tokens": 6, "pad_token_id": plain.tokenizer.pad_token_id, "eos_token_id": None, **extra}
+    want_scores, got_scores = Record(), Record()
+    want = graph_generate(plain, batch["input_ids"], batch["attention_mask"], capture=False,
+                          logits_processor=[want_scores], **kw_gen)
+    got = graph_generate(grouped, batch["input_ids"], batch["attention_mask"], capture=False,
+                         logits_processor=[got_scores], **kw_gen)
+    assert torch.equal(got, want)
+    for a, b in zip(got_scores.scores, want_scores.scores, strict=True):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("router, kw, task_ids", ROUTERS)
 def test_grouped_logits_and_tokens_equal_the_ungrouped_model(assets, router, kw, task_ids):
     plain, grouped = _mm(assets, router, kw, False), _mm(assets, router, kw, True)
@@ -72,15 +86,7 @@ def test_grouped_logits_and_tokens_equal_the_ungrouped_model(assets, router, kw,
     assert one is None or sum(g._shrink is not None for g in grouped._groups) == {"a": 8, "c": 4}[one]
 
     calls = _count_base_calls(grouped)
-    kw_gen = {"max_new_tokens": 6, "pad_token_id": tok.pad_token_id, "eos_token_id": None, **extra}
-    want_scores, got_scores = Record(), Record()
-    want_ids = graph_generate(plain, batch["input_ids"], batch["attention_mask"], capture=False,
-                              logits_processor=[want_scores], **kw_gen)
-    got_ids = graph_generate(grouped, batch["input_ids"], batch["attention_mask"], capture=False,
-                             logits_processor=[got_scores], **kw_gen)
-    assert torch.equal(got_ids, want_ids)
-    for a, b in zip(got_scores.scores, want_scores.scores, strict=True):  # the decode steps' logits too
-        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+    _same_decode(plain, grouped, batch, extra)
     # a member's own base layer runs when its group does not: every step for merge's per-projection LoRA; the
     # prefill of a route that is not one adapter for every row (dlp, the mixed oracle, MeteoRA's gates: their
     # decode steps run the group's GEMM and routed expand); never else
@@ -132,15 +138,7 @@ def test_q_v_adapters_group_with_a_plain_k(qv_assets, router, kw, task_ids):
         torch.testing.assert_close(grouped(**batch, **extra).logits, plain(**batch, **extra).logits,
                                    atol=2e-5, rtol=1e-5)
     k_calls.clear()
-    kw_gen = {"max_new_tokens": 6, "pad_token_id": tok.pad_token_id, "eos_token_id": None, **extra}
-    want_scores, got_scores = Record(), Record()
-    want = graph_generate(plain, batch["input_ids"], batch["attention_mask"], capture=False,
-                          logits_processor=[want_scores], **kw_gen)
-    got = graph_generate(grouped, batch["input_ids"], batch["attention_mask"], capture=False,
-                         logits_processor=[got_scores], **kw_gen)
-    assert torch.equal(got, want)
-    for a, b in zip(got_scores.scores, want_scores.scores, strict=True):
-        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+    _same_decode(plain, grouped, batch, extra)
     # k's own layer runs where its group does not: the prefill of a route that is not one adapter for every row,
     # every step of merge's per-projection LoRA and of MeteoRA's per-projection gates (no gate for k to pack)
     uniform = kw.get("adapter") or (task_ids is not None and len(set(task_ids)) == 1)
