@@ -90,8 +90,9 @@ def test_bench_steps_compose_and_train_decides_every_target_in_one_run(tmp_path)
     prof = OmegaConf.load(tmp_path / "train_profile.yaml").bench.train
     assert set(prof.profile) == {s.label for s in tt.settings_from(prof)}  # every setting it times is profiled
     for b in (1, 8):
-        e2e = OmegaConf.load(tmp_path / f"e2e_b{b}.yaml").bench.e2e
+        e2e = OmegaConf.load(tmp_path / f"e2e_all7_b{b}.yaml").bench.e2e
         assert list(e2e.batch_sizes) == [b] and e2e.merge and list(e2e.engines) == ["graph"]
+        assert list(e2e.targets) == ["all7"] and e2e.keep_graph  # the kept graphs unless E2E_KEEP=false
     assert list(OmegaConf.load(tmp_path / "e2e_eager.yaml").bench.e2e.engines) == ["eager"]
     prof = OmegaConf.load(tmp_path / "e2e_profile.yaml").bench
     assert set(prof.e2e.profile_calls) == set(prof.e2e.strategies) and prof.table_dir.endswith("e2e_profile")
