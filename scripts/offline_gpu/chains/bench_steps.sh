@@ -44,12 +44,17 @@ e2e() {
     done
   done
 }
-# the eager target (oracle <= peft, ungrouped and grouped, all 7 projections, batch 1), 9 rounds, merged into the
-# same table (~4 minutes)
+# the eager target (oracle <= peft, ungrouped and grouped, batch 1), 9 rounds, for each of $E2E_TARGETS (default
+# all7; qv: DLP-LoRA's q / v bank, e.g. E2E_EAGER_STRATEGIES=base,peft,dlp-nucleus2,dlp-nucleus2+grouped to time its
+# grouping), merged into the same table (~4 minutes a call)
 e2e_eager() {
-  step e2e_eager timeout 330 python3 -m pipeline.bench experiment=e2e_decode 'bench.e2e.targets=[all7]' \
-    'bench.e2e.batch_sizes=[1]' 'bench.e2e.engines=[eager]' bench.e2e.merge=true bench.e2e.repeats=9 \
-    'bench.e2e.strategies=[base,peft,oracle,oracle+grouped]'
+  local t
+  for t in ${E2E_TARGETS:-all7}; do
+    step "e2e_eager_$t" timeout 330 python3 -m pipeline.bench experiment=e2e_decode "bench.e2e.targets=[$t]" \
+      'bench.e2e.batch_sizes=[1]' 'bench.e2e.engines=[eager]' bench.e2e.merge=true bench.e2e.repeats=9 \
+      "bench.e2e.strategies=[${E2E_EAGER_STRATEGIES:-base,peft,oracle,oracle+grouped}]"
+    if declare -F pack > /dev/null; then pack; fi
+  done
 }
 # the op micro-benchmark at this commit (~2 minutes)
 kernel_bench() { step kernel_bench timeout 300 python3 -m kernels.bench --out "$LMX/tables"; }
