@@ -98,7 +98,7 @@ train_precision_routed() {
 # steps, a shared graph pool among them, and the route stage's captured step), their report in the log (~2 minutes)
 gpu_tests() {
   # shellcheck disable=SC2086
-  step gpu_tests timeout "${STEP_LIMIT:-300}" python3 -m pytest -q -m gpu -p no:cacheprovider \
+  step gpu_tests timeout "${STEP_LIMIT:-480}" python3 -m pytest -q -m gpu -p no:cacheprovider \
     ${GPU_TESTS:-tests/test_bench_train.py tests/test_route_graph.py}
 }
 # where a variant's time goes beside peft's (compiled layers captured, batch $PROFILE_BATCH, default 16): one step of
