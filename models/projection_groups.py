@@ -183,9 +183,12 @@ class ProjectionGroup:
     # ---- forward -----------------------------------------------------------------------------------------------
     def lead(self, x: torch.Tensor):
         """The first member's output, the others kept for their calls on ``x``; None: run the member alone."""
-        if torch.is_grad_enabled() or not self.intact():
+        router = self.router_member.ctx.router
+        if torch.is_grad_enabled() or (self.plain and router is not None and not router.shares_route):
+            return None  # training; or per-projection gates, none for the plain member (_output): before intact()
+        if not self.intact():
             return None
-        y = self._output(x, self.router_member.ctx.router)
+        y = self._output(x, router)
         if y is None:
             return None
         outs = list(y.split(self.sizes, dim=-1))
