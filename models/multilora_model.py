@@ -131,6 +131,13 @@ class MultiLoRAModel(nn.Module):
                 object.__setattr__(m, "group_index", i)
         return len(self._groups)
 
+    def decodes_grouped(self, router=None) -> bool:
+        """Does ``router`` (default the installed one) decode through the projection groups? Not where none are
+        formed, nor under per-projection gates (MeteoRA) where groups hold a plain member (``models.plain_member``):
+        those run their members alone."""
+        router = self.router if router is None else router
+        return bool(self._groups) and (router.shares_route or not any(g.plain for g in self._groups))
+
     # ---- strategy ----------------------------------------------------------------------------------------------
     def build_router(self, strategy, **kwargs) -> Router:
         """A fresh router for this model and bank (not installed): ``strategy`` is a registered name

@@ -9,7 +9,7 @@ Grouping q / k / v (``models.projection_groups``) then still packs the three bas
 where ungrouped the layer pays three base GEMMs and the routed LoRA of q and v apart. ``PlainMember`` stands in for
 the plain sibling while its group is packed: HF calls it like the ``nn.Linear`` it wraps, and it returns the share
 of the group's output the leader kept for that very input (else it computes its own base output). To the group it
-looks like a wrapped projection whose adapters all have rank 0 (``EmptySlots``): no shrink rows, zero expand
+looks like a wrapped projection whose adapters all have rank 0 (``EmptySlots``): no shrink or bank rows, zero expand
 columns. It is put on the block when its group is found and taken off again when the group is unpacked, so a
 saved or ungrouped model never sees it.
 """

@@ -46,8 +46,9 @@ How.
 - A sibling no adapter touches (k_proj under DLP-LoRA's q / v adapters) joins its group as a
   ``models.plain_member.PlainMember``: its base rows are packed with the others and it takes its share of the
   group's GEMM; to the group it is a member whose adapters all have rank 0 (no shrink rows, zero expand columns).
-  MeteoRA's per-projection gates have no gate for it, so under MeteoRA such a group's members run alone. A group
-  with no adapter rank at all (o_proj / down_proj under q / v adapters) is not formed.
+  MeteoRA's per-projection gates have no gate for it, so under MeteoRA such a group's members run alone; it has no
+  bank rows in the packed weight (its expand columns read a zero B). Siblings that are all plain (o_proj / down_proj
+  under q / v adapters) form no group; wrapped members no adapter touches run their group's base GEMM alone.
 
 Inference only: with gradients enabled (training) every member runs as before, so autograd sees the bank's own
 parameters. ``MultiLoRAModel.group_projections()`` turns it on (``group_projections(False)`` gives every member its own weight again).
@@ -77,7 +78,8 @@ class ProjectionGroup:
     (one, for o_proj / down_proj); members[0] leads.
 
     The packed weight's rows: ``[members' base rows (out) | uniform shrink (extra) | every adapter's A^T
-    (n x L x R) | gates (n x L, or none) | zero rows up to a multiple of PACK_ALIGN]``."""
+    (n x L x R, n the members with adapters: not a plain one) | gates (n x L, or none) | zero rows up to a multiple
+    of PACK_ALIGN]``."""
 
     def __init__(self, members: list, parent: nn.Module | None = None, names: tuple = ()):
         self.members = members
@@ -86,6 +88,8 @@ class ProjectionGroup:
         self.parent, self.names = parent, names
         self.plain = any(isinstance(m, PlainMember) for m in members)
         self.router_member = next(m for m in members if not isinstance(m, PlainMember))
+        # the members with bank rows (every adapter's A^T) in the packed weight: a plain member has none
+        self.banked = [m for m in members if not isinstance(m, PlainMember)]
         self.sizes = [m.out_features for m in members]
         self.out = sum(self.sizes)
         self.weight = None  # [rows, d_in]: the members' base weights (views), then the rows above
@@ -121,7 +125,7 @@ class ProjectionGroup:
         w0 = layers[0].weight
         r = sum(max(m.slots.host_ranks, default=0) for m in self.members)
         self.extra = -(-r // SHRINK_ALIGN) * SHRINK_ALIGN
-        n = len(self.members)
+        n = len(self.banked)
         self.L, self.R = bank_rows
         self.gate_rows = n * self.L if gates else 0
         rows = self.out + self.extra + n * self.L * self.R + self.gate_rows
@@ -215,8 +219,8 @@ class ProjectionGroup:
         leader = self.router_member  # the route of the first wrapped member (a plain leader has none)
         bank = leader.ctx.bank
         prefill = x.dim() == 3 and x.shape[1] > 1
-        if router is None or len(bank) == 0 or not self._touched(bank):
-            return nn.functional.linear(x, *self._rows_of(self.out))
+        if router is None or len(bank) == 0 or (router.shares_route and not self._touched(bank)):
+            return nn.functional.linear(x, *self._rows_of(self.out))  # (per-projection gates still record)
         if not router.shares_route:  # per-projection routes (MeteoRA's gates): the group's gates in its GEMM
             if self.plain:  # a sibling without adapters has no gate to pack: the members run alone
                 return None
@@ -270,7 +274,7 @@ class ProjectionGroup:
 
         if not self._ready_rows(bank, gates.weights if gates is not None else None):
             return None
-        n, L, R = len(self.members), self.L, self.R
+        n, L, R = len(self.banked), self.L, self.R
         o = self.out + self.extra
         # every row of the packed weight, a shared route's too (DLP, the oracle with mixed tasks: the gate logits
         # unread). Two narrower forms were slower on the H200 in the interleaved e2e run: stopping the GEMM before
@@ -382,12 +386,12 @@ class ProjectionGroup:
         bank_at = self.out + self.extra  # member i's A^T rows at bank_at + i L R; the gate rows after them all
         with torch.no_grad():
             if self._rows != bank_key:
-                for i, m in enumerate(self.members):
+                for i, m in enumerate(self.banked):
                     A = self._live_A(m.slots, R)  # [L, d_in, R]
                     o = bank_at + i * L * R
                     self.weight[o:o + L * R] = A.transpose(1, 2).reshape(L * R, A.shape[1]).to(self.weight.dtype)
             if gates is not None and self._gates_key != gate_key:
-                o = bank_at + len(self.members) * L * R
+                o = bank_at + len(self.banked) * L * R
                 self.weight[o:o + self.gate_rows] = torch.cat([w.detach() for w in gates], 0).to(self.weight.dtype)
         self._rows = bank_key
         if gates is not None:
@@ -400,7 +404,9 @@ class ProjectionGroup:
         def build():
             B = torch.cat([self._live_B(m.slots, self.R) for m in self.members], 2).to(dtype).contiguous()
             sizes = torch.tensor(self.sizes, device=device)
-            col = torch.repeat_interleave(torch.arange(len(self.members), device=device), sizes).to(torch.int32)
+            # column c's member in h: its banked index; a plain member's columns (B zero) read banked member 0
+            owner = [self.banked.index(m) if m in self.banked else 0 for m in self.members]
+            col = torch.repeat_interleave(torch.tensor(owner, device=device), sizes).to(torch.int32)
             return B, col
         return self._cached(("expand", self.R, dtype, device), bank, build)
 

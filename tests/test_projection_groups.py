@@ -139,6 +139,10 @@ def test_q_v_adapters_group_with_a_plain_k(qv_assets, router, kw, task_ids):
                                    atol=2e-5, rtol=1e-5)
     k_calls.clear()
     _same_decode(plain, grouped, batch, extra)
+    for g in grouped._groups:  # the bank rows (laid out by a routed decode) hold q's and v's adapters, none for k
+        assert g.L == 0 or g.weight.shape[0] == -(-(g.out + g.extra + 2 * g.L * g.R) // PACK_ALIGN) * PACK_ALIGN
+    routed = router == "dlp" or (router == "oracle" and len(set(task_ids)) > 1)  # a routed decode in the group
+    assert any(g.L for g in grouped._groups) == routed  # (MeteoRA: members alone, no gate for k)
     # k's own layer runs where its group does not: the prefill of a route that is not one adapter for every row,
     # every step of merge's per-projection LoRA and of MeteoRA's per-projection gates (no gate for k to pack)
     uniform = kw.get("adapter") or (task_ids is not None and len(set(task_ids)) == 1)

@@ -151,7 +151,7 @@ class ShapeBench:
         self.budget = budget or TimeBudget(None)
         self.cfg, self.b_cfg, self.shape, self.model = cfg, cfg.bench, shape, model
         self.vocab, self.device, self.label, self.rows = vocab, device, label, rows
-        self.grouped = False  # the bank's model now has its projections grouped (bench.group_projections)
+        self.grouped: dict = {}  # strategy -> it decodes through the bank's projection groups (group_projections)
         st = self.b_cfg.static
         self.static = st
         engines = list(self.b_cfg.engines)
@@ -209,7 +209,7 @@ class ShapeBench:
     def _row(self, engine: str, strategy: str, n: int, b: int, s: int, measured: dict, **extra) -> None:
         self.rows.append({"model": self.label, "shape": self.shape, "engine": engine, "strategy": strategy,
                           "num_adapters": n, "batch_size": b, "prompt_len": s,
-                          "new_tokens": int(self.b_cfg.new_tokens), "grouped": self.grouped and strategy not in PLAIN,
+                          "new_tokens": int(self.b_cfg.new_tokens), "grouped": self.grouped.get(strategy, False),
                           **extra, **measured})
 
     def measure(self, strategy: str, n: int, generate, engines=None) -> None:
@@ -315,7 +315,7 @@ def bench_shape(cfg: DictConfig, shape: str, rows: list, budget: TimeBudget | No
                 continue
             mm = MultiLoRAModel.from_adapters(bank_model, {f"a{i}": adapter for i in range(n)}, router="base",
                                               check_base_name=False, tokenizer=tok)  # dlp_segments reads the text
-            sb.grouped = groups_wanted(cfg.bench.group_projections, mm) and mm.group_projections() > 0
+            grouped = groups_wanted(cfg.bench.group_projections, mm) and mm.group_projections() > 0
             banked = {}
             for st, strategy in routers.items():
                 try:
@@ -329,6 +329,7 @@ def bench_shape(cfg: DictConfig, shape: str, rows: list, budget: TimeBudget | No
                     mm.set_routing(task_ids=[0] * i.shape[0] if needs else None)  # the oracle: adapter a0
                     return mm.generate(i, attention_mask=a, **k)
                 banked[st] = (n, gen)
+                sb.grouped[st] = bool(grouped) and mm.decodes_grouped(router)
             sb.measure_together({**plain, **banked}, n)
             sb.model = bank_model
             for st, (_, gen) in banked.items():

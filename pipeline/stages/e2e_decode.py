@@ -132,6 +132,7 @@ class Contestants:
 
     def __init__(self, make_model, adapter_cfg, targets: str, num_adapters: int, strategies, tmp: Path, routers):
         self.generate: dict = {}
+        self.members_alone: list = []  # "+grouped" strategies whose decode runs the members alone (decodes_grouped)
         base = make_model()
         adapter = random_adapter(base, tmp / f"adapter_{targets}", {**adapter_cfg, "target_modules": TARGETS[targets]})
         if "base" in strategies:
@@ -151,6 +152,9 @@ class Contestants:
             mm, spec = models[v], routers[router_label(s)]
             torch.manual_seed(0)
             router = mm.build_router(spec.build, **spec.knobs)
+            if v and not mm.decodes_grouped(router):  # e.g. MeteoRA's gates over a q / v bank (k has no gate)
+                log.warning("e2e_decode: %s decodes with its members alone (%s)", s, targets)
+                self.members_alone.append(s)
 
             def gen(i, m, mm=mm, router=router, oracle=router.needs_task_ids, **k):
                 mm.set_router(router)
@@ -266,7 +270,9 @@ def measure(contestants: Contestants, engine: str, batch: int, prompt_len: int, 
     if engine == "graph" and profile and profile_dir is not None:
         profile_calls({s: g for s, g in gens.items() if s in profile}, ids, mask, new_tokens, device, profile_dir,
                       batch, kw=kw)
-    return {**rec, **({"skipped": skipped} if skipped else {}), **({"failed": failed} if failed else {})}
+    alone = [s for s in contestants.members_alone if s in gens]
+    return {**rec, **({"skipped": skipped} if skipped else {}), **({"failed": failed} if failed else {}),
+            **({"members_alone": alone} if alone else {})}
 
 
 def rows_from(records: list[dict]) -> list[dict]:
@@ -353,6 +359,9 @@ def markdown(doc: dict) -> str:
         for s, err in (rec.get("failed") or {}).items():
             lines.append(f"| {rec['engine']} | {rec['targets']} | {rec['batch_size']} | {s} | | failed: "
                          f"{err.replace('|', '/')} | | | |")
+        for s in rec.get("members_alone") or ():
+            lines.append(f"| {rec['engine']} | {rec['targets']} | {rec['batch_size']} | {s} | | measured above; "
+                         "its decode ran the members alone (no gate for a plain member) | | | |")
     lines += ["", ("## Targets (decode ms/token ratio, paired by round: median [95% interval of the median, order "
                    "statistics; min..max below 6 rounds])"), "",
               *targets_table(doc["targets"])]
