@@ -434,6 +434,7 @@ def test_evaluate_graph_engine_predicts_what_generate_does(smoke, tmp_path):
                                       for x in (out / "predictions.jsonl").read_text().splitlines()]
             rec = json.loads((out / "metrics.json").read_text())["metrics"]
             assert rec["generation_engine"] == engine and (rec["projection_groups"] > 0) == grouped
+            assert rec["decodes_grouped"] == grouped  # oracle and base share their route: the groups decode
         assert preds["graph", False] == preds["generate", False] == preds["graph", True]
         assert len(preds["graph", False]) >= 2
 
