@@ -41,7 +41,7 @@ reproduce() {{  # the finetune steps' run dirs appear at once; all/ finishes, th
     assert t[("B", "start")] < t[("A", "end")]  # side by side after the fine-tuning: not one after the other
 
 
-def _composed_steps(tmp_path, *names):
+def _composed_steps(tmp_path, *names, env: dict | None = None, check: bool = True):
     """Run bench_steps.sh's step functions with ``step`` replaced by one that composes the step's Hydra config
     (``--cfg job``: printed, nothing run) with this Python: a typo in an override fails here, not on the GPU."""
     import sys
@@ -56,9 +56,20 @@ step() {{ local n=$1; shift; [ "$1" = timeout ] && shift 2; [ "$1" = env ] && {{
     (tmp_path / "outputs" / "tables").mkdir(parents=True)
     (tmp_path / "outputs" / "tables" / "e2e_decode.json").write_text("{}")
     script = "source scripts/offline_gpu/chains/bench_steps.sh; " + "; ".join(names)
-    env = {"LMX_ROOT": str(tmp_path / "lmx"), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
-    subprocess.run(["bash", "-euc", script], cwd=tmp_path, check=True, timeout=300, env=env)
+    env = {"LMX_ROOT": str(tmp_path / "lmx"), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", **(env or {})}
+    done = subprocess.run(["bash", "-euc", script], cwd=tmp_path, check=check, timeout=300, env=env,
+                          capture_output=not check, text=True)
     assert (tmp_path / "lmx" / "tables" / "e2e_decode.json").is_file()  # the e2e steps' merge base
+    return done
+
+
+def test_e2e_steps_refuse_comma_separated_targets(tmp_path):
+    """E2E_TARGETS="all7,qv" would be one call named after both: refused in one line that names the fix, exit 2,
+    before any bench call is composed."""
+    for step in ("e2e", "e2e_eager"):
+        done = _composed_steps(tmp_path / step, step, env={"E2E_TARGETS": "all7,qv"}, check=False)
+        assert done.returncode == 2 and 'separate targets by spaces (E2E_TARGETS="all7 qv")' in done.stderr
+        assert not list((tmp_path / step).glob("*.yaml"))
 
 
 def test_bench_steps_compose_and_train_decides_every_target_in_one_run(tmp_path):

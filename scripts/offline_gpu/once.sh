@@ -7,7 +7,7 @@
 set -uo pipefail
 sha=${1:-}; shift || true
 [[ $sha =~ ^[0-9a-f]{40}$ ]] || { echo "once.sh: give the full 40-hex git sha of this tree first" >&2; exit 2; }
-steps=$(sed -n 's/^\([a-z0-9_]*\)() {.*/\1/p' scripts/offline_gpu/chains/bench_steps.sh | tr '\n' ' ')
+steps=$(sed -n 's/^\([a-z0-9][a-z0-9_]*\)() {.*/\1/p' scripts/offline_gpu/chains/bench_steps.sh | tr '\n' ' ')
 (( $# )) || { echo "once.sh: name the steps to run (${steps% })" >&2; exit 2; }
 bash .gpubench/install.sh | tail -1
 mkdir -p /root/lmx/logs && echo "$sha" > /root/lmx/sha

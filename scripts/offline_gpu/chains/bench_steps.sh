@@ -31,8 +31,15 @@ train_compiled_graph() {
 # merged into the table (~100 s a call of 5 strategies); kept graphs unless E2E_KEEP=false (each call captures anew),
 # E2E_WARM=true: the warm start (a record says which; the table's measured line names it). Under once.sh each call's
 # table is packed as soon as it is written, so a call stopped at its limit brings back the calls before
+# E2E_TARGETS is space-separated (one bench call per target): a comma is refused before anything runs
+_e2e_targets() {
+  case "${E2E_TARGETS:-all7}" in
+    *,*) echo "E2E_TARGETS='$E2E_TARGETS': separate targets by spaces (E2E_TARGETS=\"all7 qv\")" >&2; return 2 ;;
+  esac
+}
 e2e() {
   local b t
+  _e2e_targets || return 2
   for t in ${E2E_TARGETS:-all7}; do
     for b in ${E2E_BATCHES:-1 8}; do
       step "e2e_${t}_b$b" timeout 270 python3 -m pipeline.bench experiment=e2e_decode "bench.e2e.targets=[$t]" \
@@ -49,6 +56,7 @@ e2e() {
 # grouping), merged into the same table (~4 minutes a call)
 e2e_eager() {
   local t
+  _e2e_targets || return 2
   for t in ${E2E_TARGETS:-all7}; do
     step "e2e_eager_$t" timeout 330 python3 -m pipeline.bench experiment=e2e_decode "bench.e2e.targets=[$t]" \
       'bench.e2e.batch_sizes=[1]' 'bench.e2e.engines=[eager]' bench.e2e.merge=true bench.e2e.repeats=9 \
