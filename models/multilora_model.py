@@ -136,7 +136,7 @@ class MultiLoRAModel(nn.Module):
         formed, nor under per-projection gates (MeteoRA) where groups hold a plain member (``models.plain_member``):
         those run their members alone."""
         router = self.router if router is None else router
-        return bool(self._groups) and (router.shares_route or not any(g.plain for g in self._groups))
+        return bool(self._groups) and all(g.serves(router) for g in self._groups)
 
     # ---- strategy ----------------------------------------------------------------------------------------------
     def build_router(self, strategy, **kwargs) -> Router:

@@ -86,10 +86,10 @@ class ProjectionGroup:
         # the block and member names, where a plain sibling (models.plain_member) stands in for an nn.Linear that
         # unpack puts back; routes and the bank are read through the first wrapped member
         self.parent, self.names = parent, names
-        self.plain = any(isinstance(m, PlainMember) for m in members)
-        self.router_member = next(m for m in members if not isinstance(m, PlainMember))
         # the members with bank rows (every adapter's A^T) in the packed weight: a plain member has none
         self.banked = [m for m in members if not isinstance(m, PlainMember)]
+        self.plain = len(self.banked) < len(members)
+        self.router_member = self.banked[0]
         self.sizes = [m.out_features for m in members]
         self.out = sum(self.sizes)
         self.weight = None  # [rows, d_in]: the members' base weights (views), then the rows above
@@ -188,9 +188,7 @@ class ProjectionGroup:
     def lead(self, x: torch.Tensor):
         """The first member's output, the others kept for their calls on ``x``; None: run the member alone."""
         router = self.router_member.ctx.router
-        if torch.is_grad_enabled() or (self.plain and router is not None and not router.shares_route):
-            return None  # training; or per-projection gates, none for the plain member (_output): before intact()
-        if not self.intact():
+        if torch.is_grad_enabled() or not self.serves(router) or not self.intact():
             return None
         y = self._output(x, router)
         if y is None:
@@ -198,6 +196,11 @@ class ProjectionGroup:
         outs = list(y.split(self.sizes, dim=-1))
         self._pending = (x, outs, 1) if len(outs) > 1 else None
         return outs[0]
+
+    def serves(self, router) -> bool:
+        """Can the group compute its members' decode under ``router``? Not under per-projection gates (MeteoRA)
+        while it holds a plain member, which has no gate to pack: its members then run alone."""
+        return router is None or router.shares_route or not self.plain
 
     def take(self, index: int, x: torch.Tensor):
         """Member ``index``'s output kept by the leader for this very ``x``; None otherwise."""
@@ -222,8 +225,6 @@ class ProjectionGroup:
         if router is None or len(bank) == 0 or (router.shares_route and not self._touched(bank)):
             return nn.functional.linear(x, *self._rows_of(self.out))  # (per-projection gates still record)
         if not router.shares_route:  # per-projection routes (MeteoRA's gates): the group's gates in its GEMM
-            if self.plain:  # a sibling without adapters has no gate to pack: the members run alone
-                return None
             gates = None if prefill else router.group_gates([m.route_state for m in self.members])
             return None if gates is None else self._routed_expand(x, bank, gates=gates)
         route = router.route(leader.module_name, x, leader.route_state)

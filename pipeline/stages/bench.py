@@ -315,7 +315,8 @@ def bench_shape(cfg: DictConfig, shape: str, rows: list, budget: TimeBudget | No
                 continue
             mm = MultiLoRAModel.from_adapters(bank_model, {f"a{i}": adapter for i in range(n)}, router="base",
                                               check_base_name=False, tokenizer=tok)  # dlp_segments reads the text
-            grouped = groups_wanted(cfg.bench.group_projections, mm) and mm.group_projections() > 0
+            if groups_wanted(cfg.bench.group_projections, mm):
+                mm.group_projections()
             banked = {}
             for st, strategy in routers.items():
                 try:
@@ -329,7 +330,7 @@ def bench_shape(cfg: DictConfig, shape: str, rows: list, budget: TimeBudget | No
                     mm.set_routing(task_ids=[0] * i.shape[0] if needs else None)  # the oracle: adapter a0
                     return mm.generate(i, attention_mask=a, **k)
                 banked[st] = (n, gen)
-                sb.grouped[st] = bool(grouped) and mm.decodes_grouped(router)
+                sb.grouped[st] = mm.decodes_grouped(router)
             sb.measure_together({**plain, **banked}, n)
             sb.model = bank_model
             for st, (_, gen) in banked.items():

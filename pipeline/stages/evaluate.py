@@ -266,7 +266,7 @@ def evaluate(cfg: DictConfig) -> float | None:
         metrics.update({"skipped_long": skipped, "gen_seconds": round(seconds, 3),
                         "new_tokens_per_s": round(new_tokens / max(seconds, 1e-9), 2),
                         "processes": trainer.world_size, "projection_groups": grouped,
-                        "decodes_grouped": bool(grouped) and mm.decodes_grouped(), **engine.record()})
+                        "decodes_grouped": mm.decodes_grouped(), **engine.record()})
         device = next(mm.parameters()).device
         if device.type == "cuda":  # what this process held at its peak (processes of a reproduce share one GPU)
             metrics.update({"peak_allocated_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 3),
