@@ -30,6 +30,10 @@ def test_verdicts_and_rows_follow_the_paired_rounds():
     assert got[("oracle", "base")]["verdict"] == "inconclusive"  # 1.05..1.25 around 1.10
     assert got[("meteora-top2", "base")]["verdict"] == "no" and got[("meteora-top2", "base")]["ratio"]["min"] == 2.0
     assert got[("dlp-nucleus2", "base")]["verdict"] is None  # not measured: untestable, said so
+    grouped = _record("static+graph", {"base": [(0.1, 1.1)] * 3, "oracle+grouped": [(0.1, 1.0)] * 3})
+    judged = {(t["strategy"], t["versus"]): t["verdict"] for t in e2e.verdicts([grouped])}
+    assert judged[("oracle+grouped", "base")] == "yes" and ("oracle", "base") not in judged  # its variant carries it
+    assert judged[("dlp-nucleus2", "base")] is None  # no variant of it ran either: said not measured
     rows = {r["strategy"]: r for r in e2e.rows_from([rec])}
     assert rows["oracle"]["decode_ms_per_token"] == 1000 * 1.15 / 4 and rows["peft"]["num_adapters"] == 1
     assert rows["base"]["prefill_ms"] == 100.0

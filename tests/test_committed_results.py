@@ -70,9 +70,21 @@ def test_tables_rebuild_from_their_committed_records_or_say_they_cannot(name):
         assert "not committed" in status  # said in README Results and the table's provenance
         return
     rebuilt = _plain(build_paper_table(table["table"], read_records(RECORDS / name)))
-    for key in ("rows", "claims"):
+    for key in ("rows", "claims", *(["grouped"] if "grouped" in table else [])):
         assert rebuilt[key] == table[key], key
     assert rebuilt["provenance"]["by_run"] == table["provenance"]["by_run"]
+
+
+def test_latency_table_says_which_routers_decoded_grouped():
+    from pipeline.report.paper_tables import latency_grouped
+
+    rows = [{"strategy": "dlp", "grouped": True}, {"strategy": "dlp", "grouped": False},
+            {"strategy": "meteora-top2", "grouped": False}, {"strategy": "base", "grouped": False}, {"strategy": "peft"}]
+    assert latency_grouped(rows) == {"dlp": "mixed", "meteora-top2": "no"}  # the routers' columns only
+    assert latency_grouped(rows[:1]) == {"dlp": "yes"} and latency_grouped([{"strategy": "dlp"}]) == {}
+    table = json.loads((TABLES / "dlp_latency.json").read_text())
+    if "grouped" in table:  # tables since the bench recorded it: the page says it
+        assert "decoded through the bank's projection groups" in (TABLES / "dlp_latency.md").read_text()
 
 
 def test_readme_results_blocks_are_the_committed_tables():

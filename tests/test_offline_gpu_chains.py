@@ -104,7 +104,9 @@ def test_bench_steps_compose_and_train_decides_every_target_in_one_run(tmp_path)
         e2e = OmegaConf.load(tmp_path / f"e2e_all7_b{b}.yaml").bench.e2e
         assert list(e2e.batch_sizes) == [b] and e2e.merge and list(e2e.engines) == ["graph"]
         assert list(e2e.targets) == ["all7"] and e2e.keep_graph  # the kept graphs unless E2E_KEEP=false
-    assert list(OmegaConf.load(tmp_path / "e2e_eager_all7.yaml").bench.e2e.engines) == ["eager"]
+    for b in (1, 8):  # the eager target at both batches too
+        eager = OmegaConf.load(tmp_path / f"e2e_eager_all7_b{b}.yaml").bench.e2e
+        assert list(eager.engines) == ["eager"] and list(eager.batch_sizes) == [b] and eager.merge
     prof = OmegaConf.load(tmp_path / "e2e_profile.yaml").bench
     assert set(prof.e2e.profile_calls) == set(prof.e2e.strategies) and prof.table_dir.endswith("e2e_profile")
     packed = tt.settings_from(OmegaConf.load(tmp_path / "train_packed.yaml").bench.train)

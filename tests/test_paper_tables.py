@@ -237,6 +237,7 @@ def test_dlp_latency_table_and_static_engine(tables):
     assert all(r[c] is not None and r[c] >= 0 for r in t["rows"] for c in ("base_ms", "single_lora_ms", "dlp_ms"))
     assert [r["meteora_top2_ms"] is None for r in t["rows"]].count(True) == 2  # top-2 needs 2 adapters
     assert t["setting"]["engine"] == "eager"
+    assert t["grouped"] == {"dlp": "no", "meteora-top2": "no"}  # bench.group_projections auto: grouped on CUDA only
     static = t["other_engines"]["static+compile"]["rows"]  # compiled (dynamo) on CPU, only where configured
     assert {(r["model"], r["n_adapters"]) for r in static} == {("llama3_8b_tiny", 2)}
     assert all(r[c] is not None for r in static for c in ("base_ms", "dlp_ms", "meteora_top2_ms"))

@@ -368,6 +368,17 @@ def latency_rounds(brows: list[dict], setting: dict) -> dict:
     return out
 
 
+def latency_grouped(brows: list[dict]) -> dict:
+    """``{strategy: "yes" | "no" | "mixed"}``: whether each router's rows decoded through the bank's projection
+    groups (a bench row's ``grouped``: ``MultiLoRAModel.decodes_grouped``; MeteoRA's per-projection gates leave a
+    group with a plain member to its members). Empty for rows from before the bench recorded it."""
+    seen: dict = {}
+    for r in brows:
+        if "grouped" in r and r["strategy"] in LATENCY_COLUMNS.values():
+            seen.setdefault(r["strategy"], set()).add(bool(r["grouped"]))
+    return {s: "mixed" if len(v) > 1 else "yes" if True in v else "no" for s, v in seen.items()}
+
+
 def _ratio(a, b):
     return None if a is None or not b else round(a / b, 4)
 
@@ -387,6 +398,9 @@ def dlp_latency(records: list[dict], claim_model: str = "llama3_8b", engine: str
     for row in [*rows, *[r for o in others.values() for r in o["rows"]]]:
         row["runs"] = _runs({"ms": bench})
     out = {"rows": rows, "setting": setting, "other_engines": others, "claim_model": claim_model}
+    grouped = latency_grouped(brows)
+    if grouped:
+        out["grouped"] = grouped
     rounds = latency_rounds(brows, setting) if setting else {}
     if rounds:  # the raw per-round times the claims' intervals come from
         out["rounds"] = rounds
@@ -586,6 +600,9 @@ def paper_markdown(name: str, table: dict, plot: Path | None, title: str | None 
     lines += ["## Rows", ""]
     if name == "dlp_latency":
         lines += [f"setting: {_md_cell(table.get('setting'))}; ratios are ms over ms", ""]
+        if table.get("grouped"):
+            lines += ["decoded through the bank's projection groups (`bench.group_projections`): "
+                      + ", ".join(f"{s} {v}" for s, v in table["grouped"].items()), ""]
         lines += _md_table(_latency_md_rows(table["rows"]))
         for engine, other in table.get("other_engines", {}).items():
             lines += [f"### engine {engine} ({_md_cell(other['setting'])})", ""]

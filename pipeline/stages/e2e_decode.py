@@ -295,7 +295,8 @@ def verdicts(records: list[dict]) -> list[dict]:
     """Each target per (targets, batch): the decode-time ratio per round (paired: same round), its median and a
     distribution-free 95% interval of the median (``pipeline.report.statistics.median_interval``; min..max below 6
     rounds); yes when the whole interval meets the target, no when none of it does, else inconclusive; None where a
-    side was not measured."""
+    side was not measured. A target is judged for each variant a group ran (``oracle+grouped``); the plain model's
+    own row is left out of a group that ran only its variants, and said not measured where none ran."""
     out = []
     for engine, mine, ref, limit in TARGET_RATIOS:
         for rec in records:
@@ -304,6 +305,8 @@ def verdicts(records: list[dict]) -> list[dict]:
             tried = set(rec["rounds"]) | set(rec.get("skipped", [])) | set(rec.get("failed", {}))
             if variant(mine) and mine not in tried:
                 continue  # a grouped / one-launch variant is judged where a run asked for it
+            if not variant(mine) and mine not in tried and any(router_label(s) == mine for s in tried):
+                continue  # only its variants ran in this group: they carry the target
             item = {"engine": engine, "strategy": mine, "versus": ref, "limit": limit, "targets": rec["targets"],
                     "batch_size": rec["batch_size"]}
             a, b = rec["rounds"].get(mine), rec["rounds"].get(ref)

@@ -51,17 +51,19 @@ e2e() {
     done
   done
 }
-# the eager target (oracle <= peft, ungrouped and grouped, batch 1), 9 rounds, for each of $E2E_TARGETS (default
-# all7; qv: DLP-LoRA's q / v bank, e.g. E2E_EAGER_STRATEGIES=base,peft,dlp-nucleus2,dlp-nucleus2+grouped to time its
-# grouping), merged into the same table (~4 minutes a call)
+# the eager target (oracle <= peft, ungrouped and grouped), 9 rounds, for each of $E2E_TARGETS (default all7; qv:
+# DLP-LoRA's q / v bank, e.g. E2E_EAGER_STRATEGIES=base,peft,dlp-nucleus2,dlp-nucleus2+grouped to time its grouping)
+# at each of $E2E_EAGER_BATCHES (default 1 and 8), merged into the same table (~2-3 minutes a call)
 e2e_eager() {
-  local t
+  local b t
   _e2e_targets || return 2
   for t in ${E2E_TARGETS:-all7}; do
-    step "e2e_eager_$t" timeout 330 python3 -m pipeline.bench experiment=e2e_decode "bench.e2e.targets=[$t]" \
-      'bench.e2e.batch_sizes=[1]' 'bench.e2e.engines=[eager]' bench.e2e.merge=true bench.e2e.repeats=9 \
-      "bench.e2e.strategies=[${E2E_EAGER_STRATEGIES:-base,peft,oracle,oracle+grouped}]"
-    if declare -F pack > /dev/null; then pack; fi
+    for b in ${E2E_EAGER_BATCHES:-1 8}; do
+      step "e2e_eager_${t}_b$b" timeout 330 python3 -m pipeline.bench experiment=e2e_decode "bench.e2e.targets=[$t]" \
+        "bench.e2e.batch_sizes=[$b]" 'bench.e2e.engines=[eager]' bench.e2e.merge=true bench.e2e.repeats=9 \
+        "bench.e2e.strategies=[${E2E_EAGER_STRATEGIES:-base,peft,oracle,oracle+grouped}]"
+      if declare -F pack > /dev/null; then pack; fi
+    done
   done
 }
 # the op micro-benchmark at this commit (~2 minutes)
