@@ -132,11 +132,11 @@ class MultiLoRAModel(nn.Module):
         return len(self._groups)
 
     def decodes_grouped(self, router=None) -> bool:
-        """Does ``router`` (default the installed one) decode through the projection groups? Not where none are
-        formed, nor under per-projection gates (MeteoRA) where groups hold a plain member (``models.plain_member``):
-        those run their members alone."""
+        """Does ``router`` (default the installed one) decode through the projection groups? Where groups are
+        formed, a router whose route every projection shares (oracle, DLP) and one that hands a group its members'
+        gates (MeteoRA: ``Router.groups_gates``) do; merge's per-projection LoRA runs the members alone."""
         router = self.router if router is None else router
-        return bool(self._groups) and all(g.serves(router) for g in self._groups)
+        return bool(self._groups) and (router is None or router.shares_route or router.groups_gates)
 
     # ---- strategy ----------------------------------------------------------------------------------------------
     def build_router(self, strategy, **kwargs) -> Router:

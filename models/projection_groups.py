@@ -46,8 +46,8 @@ How.
 - A sibling no adapter touches (k_proj under DLP-LoRA's q / v adapters) joins its group as a
   ``models.plain_member.PlainMember``: its base rows are packed with the others and it takes its share of the
   group's GEMM; to the group it is a member whose adapters all have rank 0 (no shrink rows, zero expand columns).
-  MeteoRA's per-projection gates have no gate for it, so under MeteoRA such a group's members run alone; it has no
-  bank rows in the packed weight (its expand columns read a zero B). Siblings that are all plain (o_proj / down_proj
+  It has no bank rows in the packed weight and no gate row (MeteoRA has no gate for it): its expand columns read a
+  zero B, so the gate they route by (the first banked member's) adds nothing. Siblings that are all plain (o_proj / down_proj
   under q / v adapters) form no group; wrapped members no adapter touches run their group's base GEMM alone.
 
 Inference only: with gradients enabled (training) every member runs as before, so autograd sees the bank's own
@@ -88,7 +88,6 @@ class ProjectionGroup:
         self.parent, self.names = parent, names
         # the members with bank rows (every adapter's A^T) in the packed weight: a plain member has none
         self.banked = [m for m in members if not isinstance(m, PlainMember)]
-        self.plain = len(self.banked) < len(members)
         self.router_member = self.banked[0]
         self.sizes = [m.out_features for m in members]
         self.out = sum(self.sizes)
@@ -188,7 +187,7 @@ class ProjectionGroup:
     def lead(self, x: torch.Tensor):
         """The first member's output, the others kept for their calls on ``x``; None: run the member alone."""
         router = self.router_member.ctx.router
-        if torch.is_grad_enabled() or not self.serves(router) or not self.intact():
+        if torch.is_grad_enabled() or not self.intact():
             return None
         y = self._output(x, router)
         if y is None:
@@ -196,11 +195,6 @@ class ProjectionGroup:
         outs = list(y.split(self.sizes, dim=-1))
         self._pending = (x, outs, 1) if len(outs) > 1 else None
         return outs[0]
-
-    def serves(self, router) -> bool:
-        """Can the group compute its members' decode under ``router``? Not under per-projection gates (MeteoRA)
-        while it holds a plain member, which has no gate to pack: its members then run alone."""
-        return router is None or router.shares_route or not self.plain
 
     def take(self, index: int, x: torch.Tensor):
         """Member ``index``'s output kept by the leader for this very ``x``; None otherwise."""
@@ -224,8 +218,10 @@ class ProjectionGroup:
         prefill = x.dim() == 3 and x.shape[1] > 1
         if router is None or len(bank) == 0 or (router.shares_route and not self._touched(bank)):
             return nn.functional.linear(x, *self._rows_of(self.out))  # (per-projection gates still record)
-        if not router.shares_route:  # per-projection routes (MeteoRA's gates): the group's gates in its GEMM
-            gates = None if prefill else router.group_gates([m.route_state for m in self.members])
+        if not router.shares_route:  # per-projection routes (MeteoRA's gates): the group's gates in its GEMM, one
+            # per member with adapters; a plain member (no gate) has zero expand columns, so whichever gate its
+            # columns read (banked member 0's, ``_expand_weights``) they add nothing
+            gates = None if prefill else router.group_gates([m.route_state for m in self.banked])
             return None if gates is None else self._routed_expand(x, bank, gates=gates)
         route = router.route(leader.module_name, x, leader.route_state)
         if route is None:

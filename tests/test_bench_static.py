@@ -185,9 +185,9 @@ def test_bank_rows_decode_on_the_grouped_model_as_evaluate_does():
         got = {(r["strategy"], r["engine"]): r["grouped"] for r in rows}
         assert got == {("base", "eager"): False, ("peft", "eager"): False, ("dlp", "eager"): on,
                        ("meteora-top2", "eager"): on, ("dlp", "static+compile"): on}, got
-    # DLP-LoRA's q / v bank: q / k / v group with k plain; MeteoRA's per-projection gates then run the members alone
+    # DLP-LoRA's q / v bank: q / k / v group with k plain; MeteoRA packs q's and v's gates (none for k) and groups too
     cfg = _bench_cfg(["bench.engines=[eager]", "bench.strategies=[dlp,meteora-top2]", "bench.num_adapters=[2]",
                       "bench.group_projections=true", "adapter=dlp"])
     rows = []
     bench_shape(cfg, "llama3_8b_tiny", rows)
-    assert {r["strategy"]: r["grouped"] for r in rows} == {"dlp": True, "meteora-top2": False}
+    assert {r["strategy"]: r["grouped"] for r in rows} == {"dlp": True, "meteora-top2": True}

@@ -140,13 +140,17 @@ def test_q_v_adapters_group_with_a_plain_k(qv_assets, router, kw, task_ids):
     k_calls.clear()
     _same_decode(plain, grouped, batch, extra)
     for g in grouped._groups:  # the bank rows (laid out by a routed decode) hold q's and v's adapters, none for k
-        assert g.L == 0 or g.weight.shape[0] == -(-(g.out + g.extra + 2 * g.L * g.R) // PACK_ALIGN) * PACK_ALIGN
-    routed = router == "dlp" or (router == "oracle" and len(set(task_ids)) > 1)  # a routed decode in the group
-    assert any(g.L for g in grouped._groups) == routed  # (MeteoRA: members alone, no gate for k)
+        rows = g.out + g.extra + 2 * g.L * g.R + g.gate_rows
+        assert g.L == 0 or g.weight.shape[0] == -(-rows // PACK_ALIGN) * PACK_ALIGN
+    # a routed decode in the group (MeteoRA: q's and v's gates packed, k's columns routed by q's gate, B zero)
+    routed = router in ("dlp", "meteora") or (router == "oracle" and len(set(task_ids)) > 1)
+    assert any(g.L for g in grouped._groups) == routed
+    assert all(g.gate_rows == (2 * g.L if router == "meteora" else 0) for g in grouped._groups)  # none for k
+    assert grouped.decodes_grouped() == (router != "merge")
     # k's own layer runs where its group does not: the prefill of a route that is not one adapter for every row,
-    # every step of merge's per-projection LoRA and of MeteoRA's per-projection gates (no gate for k to pack)
+    # every step of merge's per-projection LoRA
     uniform = kw.get("adapter") or (task_ids is not None and len(set(task_ids)) == 1)
-    per_block = 6 if router in ("merge", "meteora") else 0 if uniform or router == "base" else 1
+    per_block = 6 if router == "merge" else 0 if uniform or router == "base" else 1
     assert len(k_calls) == per_block * len(blocks)
     grouped.group_projections(False)
     assert all(type(b.k_proj) is torch.nn.Linear for b in blocks) and set(grouped.model.state_dict()) == keys

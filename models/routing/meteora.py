@@ -56,6 +56,7 @@ def _gate(d_in: int, num_adapters: int, index, dtype, device) -> nn.Linear:
 @strategy("meteora")
 class MeteoraRouter(Router):
     keeps_decode_graph = True
+    groups_gates = True
     trainable = True
     reads_answers = True
 

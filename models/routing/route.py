@@ -159,6 +159,9 @@ class Router(nn.Module):
     #: True when every projection of a forward gets the same route (from ``route`` of any one of them): grouped
     #: projections (``models.projection_groups``) then run one packed LoRA
     shares_route = False
+    #: True when ``group_gates`` gives a projection group its members' gates at decode (MeteoRA at inference), so
+    #: grouped projections decode as one packed GEMM and routed expand though each member routes itself
+    groups_gates = False
     #: with a packed gate (``packed_gate``): whether the projection's base weight joins the gate's GEMM
     pack_base = False
     #: True when a captured decode step reads no per-call state of the router but a sentence router's prefill

@@ -370,8 +370,9 @@ def latency_rounds(brows: list[dict], setting: dict) -> dict:
 
 def latency_grouped(brows: list[dict]) -> dict:
     """``{strategy: "yes" | "no" | "mixed"}``: whether each router's rows decoded through the bank's projection
-    groups (a bench row's ``grouped``: ``MultiLoRAModel.decodes_grouped``; MeteoRA's per-projection gates leave a
-    group with a plain member to its members). Empty for rows from before the bench recorded it."""
+    groups (a bench row's ``grouped``: ``MultiLoRAModel.decodes_grouped``; at 1df9a9e MeteoRA's per-projection gates
+    still left a q / v bank's groups, k without a gate, to their members). Empty for rows from before the bench
+    recorded it."""
     seen: dict = {}
     for r in brows:
         if "grouped" in r and r["strategy"] in LATENCY_COLUMNS.values():

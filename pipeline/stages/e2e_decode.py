@@ -132,7 +132,6 @@ class Contestants:
 
     def __init__(self, make_model, adapter_cfg, targets: str, num_adapters: int, strategies, tmp: Path, routers):
         self.generate: dict = {}
-        self.members_alone: list = []  # "+grouped" strategies whose decode runs the members alone (decodes_grouped)
         base = make_model()
         adapter = random_adapter(base, tmp / f"adapter_{targets}", {**adapter_cfg, "target_modules": TARGETS[targets]})
         if "base" in strategies:
@@ -152,9 +151,6 @@ class Contestants:
             mm, spec = models[v], routers[router_label(s)]
             torch.manual_seed(0)
             router = mm.build_router(spec.build, **spec.knobs)
-            if v and not mm.decodes_grouped(router):  # e.g. MeteoRA's gates over a q / v bank (k has no gate)
-                log.warning("e2e_decode: %s decodes with its members alone (%s)", s, targets)
-                self.members_alone.append(s)
 
             def gen(i, m, mm=mm, router=router, oracle=router.needs_task_ids, **k):
                 mm.set_router(router)
@@ -270,9 +266,7 @@ def measure(contestants: Contestants, engine: str, batch: int, prompt_len: int, 
     if engine == "graph" and profile and profile_dir is not None:
         profile_calls({s: g for s, g in gens.items() if s in profile}, ids, mask, new_tokens, device, profile_dir,
                       batch, kw=kw)
-    alone = [s for s in contestants.members_alone if s in gens]
-    return {**rec, **({"skipped": skipped} if skipped else {}), **({"failed": failed} if failed else {}),
-            **({"members_alone": alone} if alone else {})}
+    return {**rec, **({"skipped": skipped} if skipped else {}), **({"failed": failed} if failed else {})}
 
 
 def rows_from(records: list[dict]) -> list[dict]:
@@ -362,9 +356,9 @@ def markdown(doc: dict) -> str:
         for s, err in (rec.get("failed") or {}).items():
             lines.append(f"| {rec['engine']} | {rec['targets']} | {rec['batch_size']} | {s} | | failed: "
                          f"{err.replace('|', '/')} | | | |")
-        for s in rec.get("members_alone") or ():
+        for s in rec.get("members_alone") or ():  # records up to 1df9a9e: MeteoRA's q / v bank, k without a gate
             lines.append(f"| {rec['engine']} | {rec['targets']} | {rec['batch_size']} | {s} | | measured above; "
-                         "its decode ran the members alone (no gate for a plain member) | | | |")
+                         "its decode ran the members alone (the groups did not serve its router) | | | |")
     lines += ["", ("## Targets (decode ms/token ratio, paired by round: median [95% interval of the median, order "
                    "statistics; min..max below 6 rounds])"), "",
               *targets_table(doc["targets"])]
