@@ -61,6 +61,9 @@ def test_stage_on_the_cpu_stand_in(tmp_path):
     assert doc["rows"] == e2e.rows_from(doc["records"]) and doc["targets"] == e2e.verdicts(doc["records"])
     assert (tmp_path / "e2e_decode.md").read_text() == e2e.markdown(doc)
     assert "(random weights, float32 on cpu:" in e2e.markdown(doc)
+    measured = e2e.measured_at(doc["records"])  # each group's own round count, beside its provenance
+    assert [m.split(" at git")[0] for m in measured] == ["eager all7 batch 2", "static+graph all7 batch 2"]
+    assert measured[0].endswith("(2 rounds)") and measured[1].endswith("(2 rounds, kept graph)")
     assert doc["provenance"]["git_sha"] not in ("", "unknown")
     # the graph engine's calls taken apart by phase (bench.e2e.split_calls, default 3): every strategy, its replayed
     # steps, a table of them; the eager engine has none

@@ -318,14 +318,16 @@ def verdicts(records: list[dict]) -> list[dict]:
 
 
 def measured_at(records: list) -> list[str]:
-    """"<engine> <targets> batch <b> at <git> <date>" per measured group, for a table merged from several calls
-    (``bench.e2e.merge``): each group keeps the provenance of the call that measured it."""
+    """"<engine> <targets> batch <b> at <git> <date> (<n> rounds[, kept graph | warm start])" per measured group,
+    for a table merged from several calls (``bench.e2e.merge``): each group keeps the provenance and the round
+    count of the call that measured it."""
     seen: dict = {}
     for r in records:
         p = r.get("provenance") or {}
+        n = max((len(v) for v in r["rounds"].values()), default=0)
+        how = ", kept graph" if r.get("keep_graph") else ", warm start" if r.get("warm_start") else ""
         seen.setdefault((r["engine"], r["targets"], r["batch_size"]),
-                        (str(p.get("git_sha"))[:7], str(p.get("date"))[:16],
-                         " (kept graph)" if r.get("keep_graph") else " (warm start)" if r.get("warm_start") else ""))
+                        (str(p.get("git_sha"))[:7], str(p.get("date"))[:16], f" ({n} rounds{how})"))
     return [f"{e} {tg} batch {b} at git {g} {d}{w}" for (e, tg, b), (g, d, w) in sorted(seen.items())]
 
 
@@ -337,7 +339,8 @@ def markdown(doc: dict) -> str:
              written_by("e2e_decode", p),
              (f"Model: {c['shape']} (random weights, {where}); {c['num_adapters']} random r=8 adapters; prompt "
               f"{c['prompt_len']} tokens, {c['new_tokens']} new tokens, greedy; {c['warmup']} warm-up, then "
-              f"{c['repeats']} interleaved rounds, medians. Raw per-round times in the JSON beside this file; "
+              "interleaved rounds (each group's count below), medians. Raw per-round times in the JSON beside this "
+              "file; "
               "`python -m pipeline.e2e_decode <json>` rebuilds this page from them."),
              "Measured: " + "; ".join(measured_at(doc["records"])) + ".", "",
              "| engine | targets | batch | strategy | adapters | decode ms/token | x base | prefill ms | peak GB |",
