@@ -74,7 +74,7 @@ def test_stage_on_the_cpu_stand_in(tmp_path):
     # the graph engine's warm start is the record's and the page's (the eager engine has none)
     assert graph["warm_start"] is True and graph["keep_graph"] is True
     assert "warm_start" not in next(r for r in doc["records"] if r["engine"] == "eager")
-    assert "static+graph all7 batch 2 at git" in e2e.markdown(doc) and "(kept graph)" in e2e.markdown(doc)
+    assert "static+graph all7 batch 2 at git" in e2e.markdown(doc) and "rounds, kept graph)" in e2e.markdown(doc)
     split = e2e.phases_table(doc["records"])
     assert len(split) == 2 + len(graph["phases"]) and "## Where a graph-engine call's decode time goes" in e2e.markdown(doc)
     assert any(line.startswith("| static+graph | all7 | 2 | base |") and line.endswith("| 1.0 |") for line in split)
