@@ -174,6 +174,24 @@ def test_logits_blocks_inside_and_across_members(block_n):
     assert torch.isfinite(got).all() and rel_err(got, want) < 1e-5
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("route,K,temperature", [("logits", 2, 15.0), ("sentence", 2, 1.0)])
+def test_a_plain_members_columns_read_member_0_and_add_nothing(route, K, temperature, backend):
+    """A projection group's plain member (models.plain_member: k_proj beside q / v adapters) has no bank rows, no
+    gate and a zero B: its columns name banked member 0 (``col_member`` then goes back down, e.g. q, v, plain) and
+    route by member 0's logits, adding nothing. Its own h and logits slot is NaN here: never read."""
+    v, kw = make_case(route, K, temperature, (16, 16, 16), T=4, L=5, seed=31, device=DEV)
+    kw["col_member"] = torch.tensor([0] * 16 + [1] * 16 + [0] * 16, dtype=torch.int32, device=DEV)
+    kw["B"][:, :, 32:] = 0
+    v["h"][:, 2] = NAN
+    if "logits" in v:
+        v["logits"][:, 2] = NAN
+    got = call(v, kw, backend=backend, **({"block_n": 16} if backend == "triton" else {}))
+    assert torch.isfinite(got).all()
+    assert torch.equal(got[:, 32:], v["y"][:, 32:])  # the plain columns: the base output as it was
+    assert rel_err(got, brute(v, kw)) < 1e-5
+
+
 @pytest.mark.parametrize("block_t", [2, 4, 8])
 @pytest.mark.parametrize("route,K,temperature", [("sentence", 2, 1.0), ("token", 3, 1.0), ("logits", 2, 15.0)])
 def test_programs_of_several_tokens(route, K, temperature, block_t):
