@@ -131,12 +131,13 @@ class MultiLoRAModel(nn.Module):
                 object.__setattr__(m, "group_index", i)
         return len(self._groups)
 
-    def decodes_grouped(self, router=None) -> bool:
+    def decodes_grouped(self, router=None, compiled: bool = False) -> bool:
         """Does ``router`` (default the installed one) decode through the projection groups? Where groups are
         formed, a router whose route every projection shares (oracle, DLP) and one that hands a group its members'
-        gates (MeteoRA: ``Router.groups_gates``) do; merge's per-projection LoRA runs the members alone."""
+        gates (MeteoRA: ``Router.groups_gates``) do; merge's per-projection LoRA runs the members alone, and so do
+        MeteoRA's gates in a decode under ``torch.compile`` (``compiled``: its ``group_gates`` declines there)."""
         router = self.router if router is None else router
-        return bool(self._groups) and (router is None or router.shares_route or router.groups_gates)
+        return bool(self._groups) and (router is None or router.shares_route or (router.groups_gates and not compiled))
 
     # ---- strategy ----------------------------------------------------------------------------------------------
     def build_router(self, strategy, **kwargs) -> Router:

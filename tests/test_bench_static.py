@@ -173,18 +173,20 @@ def test_a_strategy_that_cannot_run_leaves_its_round_group_timed_without_it():
 def test_bank_rows_decode_on_the_grouped_model_as_evaluate_does():
     """bench.group_projections=true (auto on CUDA, as evaluate's generation.group_projections): the loramux rows
     decode with q / k / v and gate / up grouped, eager and under the static engine's compile, and say so; base and
-    peft are never grouped; with false nothing is."""
+    peft are never grouped; with false nothing is. MeteoRA's gates under compile route each projection themselves
+    (``group_gates`` declines while compiling): its static+compile rows say not grouped."""
     from pipeline.stages.bench import bench_shape
 
     for on in (True, False):
         cfg = _bench_cfg(["bench.engines=[eager,static]", "bench.static.backend=eager",
                           "bench.strategies=[base,peft,dlp,meteora-top2]", "bench.num_adapters=[2]",
-                          "bench.static.strategies=[dlp]", f"bench.group_projections={str(on).lower()}"])
+                          "bench.static.strategies=[dlp,meteora-top2]", f"bench.group_projections={str(on).lower()}"])
         rows: list = []
         bench_shape(cfg, "llama3_8b_tiny", rows)
         got = {(r["strategy"], r["engine"]): r["grouped"] for r in rows}
         assert got == {("base", "eager"): False, ("peft", "eager"): False, ("dlp", "eager"): on,
-                       ("meteora-top2", "eager"): on, ("dlp", "static+compile"): on}, got
+                       ("meteora-top2", "eager"): on, ("dlp", "static+compile"): on,
+                       ("meteora-top2", "static+compile"): False}, got
     # DLP-LoRA's q / v bank: q / k / v group with k plain; MeteoRA packs q's and v's gates (none for k) and groups too
     cfg = _bench_cfg(["bench.engines=[eager]", "bench.strategies=[dlp,meteora-top2]", "bench.num_adapters=[2]",
                       "bench.group_projections=true", "adapter=dlp"])

@@ -151,7 +151,8 @@ class ShapeBench:
         self.budget = budget or TimeBudget(None)
         self.cfg, self.b_cfg, self.shape, self.model = cfg, cfg.bench, shape, model
         self.vocab, self.device, self.label, self.rows = vocab, device, label, rows
-        self.grouped: dict = {}  # strategy -> it decodes through the bank's projection groups (group_projections)
+        # strategy -> (eager, compiled): it decodes through the bank's projection groups (group_projections)
+        self.grouped: dict = {}
         st = self.b_cfg.static
         self.static = st
         engines = list(self.b_cfg.engines)
@@ -207,10 +208,10 @@ class ShapeBench:
                     yield int(b), int(s)
 
     def _row(self, engine: str, strategy: str, n: int, b: int, s: int, measured: dict, **extra) -> None:
+        grouped = self.grouped.get(strategy, (False, False))[engine == "static+compile"]
         self.rows.append({"model": self.label, "shape": self.shape, "engine": engine, "strategy": strategy,
                           "num_adapters": n, "batch_size": b, "prompt_len": s,
-                          "new_tokens": int(self.b_cfg.new_tokens), "grouped": self.grouped.get(strategy, False),
-                          **extra, **measured})
+                          "new_tokens": int(self.b_cfg.new_tokens), "grouped": grouped, **extra, **measured})
 
     def measure(self, strategy: str, n: int, generate, engines=None) -> None:
         """One strategy alone under ``engines`` (default every configured one): one row per batch and prompt."""
@@ -330,7 +331,7 @@ def bench_shape(cfg: DictConfig, shape: str, rows: list, budget: TimeBudget | No
                     mm.set_routing(task_ids=[0] * i.shape[0] if needs else None)  # the oracle: adapter a0
                     return mm.generate(i, attention_mask=a, **k)
                 banked[st] = (n, gen)
-                sb.grouped[st] = mm.decodes_grouped(router)
+                sb.grouped[st] = (mm.decodes_grouped(router), mm.decodes_grouped(router, compiled=True))
             sb.measure_together({**plain, **banked}, n)
             sb.model = bank_model
             for st, (_, gen) in banked.items():
