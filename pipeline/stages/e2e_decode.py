@@ -340,8 +340,7 @@ def markdown(doc: dict) -> str:
              (f"Model: {c['shape']} (random weights, {where}); {c['num_adapters']} random r=8 adapters; prompt "
               f"{c['prompt_len']} tokens, {c['new_tokens']} new tokens, greedy; {c['warmup']} warm-up, then "
               "interleaved rounds (each group's count below), medians. Raw per-round times in the JSON beside this "
-              "file; "
-              "`python -m pipeline.e2e_decode <json>` rebuilds this page from them."),
+              "file; `python -m pipeline.e2e_decode <json>` rebuilds this page from them."),
              "Measured: " + "; ".join(measured_at(doc["records"])) + ".", "",
              "| engine | targets | batch | strategy | adapters | decode ms/token | x base | prefill ms | peak GB |",
              "|" + " --- |" * 9]
