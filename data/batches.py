@@ -165,14 +165,22 @@ def assemble(groups: list[PromptGroup], skipped: list[int], outputs: list[dict],
 
 
 class RoutedRowsCollator:
-    """Rows with a task index -> right-padded ``input_ids``, ``attention_mask``, ``labels``, ``task_ids``."""
+    """Rows with a task index -> right-padded ``input_ids``, ``attention_mask``, ``labels``, ``task_ids``; with
+    ``answer_mask``, also ``answer_mask`` [B, S] (1 on each row's answer tokens, from ``prompt_len``, as
+    ``routed_rows`` writes it), where a token router's accuracy is split into the prompt's and the answer's."""
 
-    def __init__(self, pad_token_id: int):
+    def __init__(self, pad_token_id: int, answer_mask: bool = False):
         self.pad = AnswerOnlyCollator(pad_token_id)
+        self.answer_mask = answer_mask
 
     def __call__(self, rows):
         batch = self.pad(rows)
         batch["task_ids"] = torch.tensor([r["task_id"] for r in rows], dtype=torch.long)
+        if self.answer_mask:
+            mask = torch.zeros_like(batch["attention_mask"])
+            for i, r in enumerate(rows):
+                mask[i, r["prompt_len"]:len(r["input_ids"])] = 1
+            batch["answer_mask"] = mask
         return batch
 
 
@@ -221,18 +229,20 @@ def routed_rows(tokenizer, tasks, split: str, per_task: int, *, max_length: int,
     """A router's training rows: ``per_task`` rows of each task's ``split``, each labelled with its task's index in
     ``tasks`` (``task_id``), shuffled together with ``seed``. ``prompt_only``: the prompt alone (a sentence
     classifier); else prompt + answer with answer labels, or labels on every token with ``lm_loss_on_prompt``
-    (MeteoRA's LM loss covers the prompt too)."""
+    (MeteoRA's LM loss covers the prompt too). Each row's ``prompt_len`` is its prompt's token count (all of a
+    ``prompt_only`` row): its answer tokens start there."""
     rows = []
     for idx, task in enumerate(tasks):
         task_rows_ = task_rows(str(task), split, per_task, split_seed)
         prompts = [r["prompt"] for r in task_rows_]
         if prompt_only:
             cut = [ids[:max_length] for ids in encode_prompts(tokenizer, prompts)]
-            encs = [{"input_ids": ids, "labels": [-100] * len(ids)} for ids in cut]
+            encs = [{"input_ids": ids, "labels": [-100] * len(ids), "prompt_len": len(ids)} for ids in cut]
         else:
             encs = encode_pairs(tokenizer, prompts, [r["answer"] for r in task_rows_], max_length, append_eos)
-            if lm_loss_on_prompt:
-                for enc in encs:
+            for enc in encs:
+                enc["prompt_len"] = enc["labels"].count(-100)  # encode_pairs: -100 on the prompt alone
+                if lm_loss_on_prompt:
                     enc["labels"] = list(enc["input_ids"])
         rows.extend({**enc, "task_id": idx} for enc in encs)
     random.Random(seed).shuffle(rows)

@@ -84,6 +84,45 @@ def test_gate_probe_on_a_route_record(tiny_record, tmp_path):
     assert doc["record"]["git_sha"] == "0" * 40 and len(doc["provenance"]["git_sha"]) >= 40
     page = (out / "gate_probe.md").read_text()
     assert "| 1 |" in page and "0.7500" in page and str(tiny_record) in page
+    # the validation accuracy split into answer and prompt tokens: their token-weighted mean is the whole
+    n_answers = s["val_answer_tokens"]
+    assert 3 * 4 <= n_answers < s["val_tokens"]  # every row has an answer token (its EOS at least), and a prompt
+    for r in doc["rows"]:
+        whole = (r["probe_val_answers"] * n_answers + r["probe_val_prompts"] * (s["val_tokens"] - n_answers))
+        assert whole / s["val_tokens"] == pytest.approx(r["probe_val"], abs=2e-4)
+    assert doc["best_probe_answers"] == max(r["probe_val_answers"] for r in doc["rows"])
+    assert "| on answer tokens | on prompt tokens |" in page and "On the answer tokens alone" in page
+
+
+def test_routed_rows_mark_where_each_answer_starts(tiny_record):
+    """``routed_rows``' ``prompt_len``: the prompt's token count, so that input_ids[prompt_len:] is the answer
+    (+ EOS) as ``encode_pairs`` builds it, whether the LM labels cover the prompt (MeteoRA's) or not; a
+    ``prompt_only`` row is all prompt. The collator's ``answer_mask`` marks exactly those tokens."""
+    from transformers import AutoTokenizer
+
+    from data.batches import RoutedRowsCollator, encode_pairs, routed_rows, routed_rows_settings
+    from data.task_rows import task_rows
+
+    with lzma.open(tiny_record / "config.yaml.xz", "rt") as f:
+        cfg = yaml.safe_load(f)
+    tok = AutoTokenizer.from_pretrained(cfg["model"]["name_or_path"])
+    settings = routed_rows_settings(cfg, tok, prompt_only=False)
+    rows = routed_rows(split=str(cfg["data"]["val_split"]), per_task=3, **settings)
+    for task_id, task in enumerate(TASKS):
+        mine = [r for r in rows if r["task_id"] == task_id]
+        src = task_rows(task, str(cfg["data"]["val_split"]), 3, int(cfg["data"]["split_seed"]))
+        built = encode_pairs(tok, [r["prompt"] for r in src], [r["answer"] for r in src], settings["max_length"],
+                             settings["append_eos"])
+        assert sorted((r["input_ids"], r["prompt_len"]) for r in mine) == sorted(
+            (b["input_ids"], b["labels"].count(-100)) for b in built)
+    assert all(r["labels"] == r["input_ids"] for r in rows)  # MeteoRA's LM loss on the prompt too
+    assert all(0 < r["prompt_len"] < len(r["input_ids"]) for r in rows)
+    batch = RoutedRowsCollator(tok.pad_token_id, answer_mask=True)(rows[:4])
+    for i, r in enumerate(rows[:4]):
+        want = [0] * r["prompt_len"] + [1] * (len(r["input_ids"]) - r["prompt_len"])
+        assert batch["answer_mask"][i].tolist() == want + [0] * (batch["answer_mask"].shape[1] - len(want))
+    only = routed_rows(split=str(cfg["data"]["val_split"]), per_task=2, **{**settings, "prompt_only": True})
+    assert all(r["prompt_len"] == len(r["input_ids"]) for r in only)
 
 
 def test_gate_probe_bad_input_is_one_line_exit_2(tiny_record, tmp_path, capsys):

@@ -317,6 +317,51 @@ def test_gate_hits_by_projection_sum_to_the_pooled_hits_and_match_each_gate_by_h
     assert mm.router.gate_hits_by_projection() is None  # a router without gates counts none
 
 
+def test_gate_hits_in_a_mask_split_the_per_task_hits_and_match_every_gate_by_hand(mm):
+    """``gate_hits_in(mask)``: per task, the (token, gate) hits and pairs over the labelled tokens inside the mask
+    (the answer tokens, in the route stage). A mask and its complement add up to ``gate_hits_by_task``; the counts
+    equal every gate's argmax == task at those tokens, counted by hand from the inputs the gates read; pad tokens
+    (no label) count nowhere, even inside the mask; train mode counts nothing."""
+    batch = _batch(mm)
+    attention = batch["attention_mask"]
+    assert int(attention.sum()) < attention.numel(), "the batch must hold pad tokens for the test to mean anything"
+    torch.manual_seed(5)
+    mm.set_router("meteora", top_k=2)
+    mm.eval()
+    seen = {}
+    hooks = [g.register_forward_hook(lambda m, args, out, k=k: seen.__setitem__(k, args[0].clone()))
+             for k, g in mm.router.gates.items()]  # (a hook that returns a value replaces the gate's output)
+    task = [2, 0, 2]
+    with torch.no_grad():
+        mm(**batch, task_ids=task)
+    for h in hooks:
+        h.remove()
+    mask = torch.zeros_like(attention)
+    mask[:, -4:] = 1
+    mask[1, 0] = 1
+    hits, pairs = mm.router.gate_hits_in(mask)
+    rest_hits, rest_pairs = mm.router.gate_hits_in(1 - mask)
+    all_hits, all_pairs = mm.router.gate_hits_by_task()
+    assert (hits + rest_hits).tolist() == all_hits.tolist() and (pairs + rest_pairs).tolist() == all_pairs.tolist()
+    ones = mm.router.gate_hits_in(torch.ones_like(mask))
+    assert ones[0].tolist() == all_hits.tolist() and ones[1].tolist() == all_pairs.tolist()
+    labels = torch.tensor(task)[:, None].expand_as(attention)
+    inside = (attention == 1) & (mask == 1)
+    want_hits, want_pairs = torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long)
+    for key, gate in mm.router.gates.items():
+        with torch.no_grad():
+            chosen = gate(seen[key]).argmax(-1).view_as(attention)
+        want_hits.index_add_(0, labels[inside], (chosen == labels)[inside].long())
+        want_pairs.index_add_(0, labels[inside], torch.ones_like(labels[inside]))
+    assert len(seen) == 14 and hits.tolist() == want_hits.tolist() and pairs.tolist() == want_pairs.tolist()
+    assert 0 < int(hits.sum()) < int(pairs.sum())  # fresh gates: some hits, not all
+    mm.train()
+    mm(**batch, task_ids=task)
+    assert mm.router.gate_hits_in(mask) is None
+    mm.set_router("oracle")
+    assert mm.router.gate_hits_in(mask) is None  # a router without gates counts none
+
+
 def test_gate_confusion_equals_every_gates_argmax_counted_by_hand(mm):
     """``gate_confusion``: [L, L] counts of (labelled token's task, its top-1 gate's choice) summed over every gate.
     Fresh gates, each gate's input caught by a forward hook: the matrix equals the argmax of each gate on the very

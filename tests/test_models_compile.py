@@ -97,7 +97,8 @@ def test_dynamic_compiles_once_for_every_batch_length(four_layers, dynamic, comp
 def test_gate_counts_per_projection_keep_one_graph_for_every_layer(four_layers):
     """Validation counts MeteoRA's top-1 hits per projection gate (eval mode): each gate adds its hits at the slot
     its own ``projection_index`` tensor names, so the compiled layers still share one graph (a Python index per
-    gate would compile one per layer), break no graph, and count what the eager model counts."""
+    gate would compile one per layer), break no graph, and count what the eager model counts; so do the per-token
+    hits (``gate_hits_in``)."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
@@ -118,6 +119,10 @@ def test_gate_counts_per_projection_keep_one_graph_for_every_layer(four_layers):
         with torch.no_grad():
             mm(input_ids=ids, labels=ids, task_ids=[0, 1, 2])
         counts.append([t.tolist() for t in mm.router.gate_hits_by_projection()])
+        answers = torch.zeros(3, 12, dtype=torch.long)
+        answers[:, 8:] = 1  # the per-token hits (gate_hits_in: the answer tokens' accuracy) counted in the graph too
+        counts.append([t.tolist() for t in mm.router.gate_hits_in(answers)])
+    assert counts[1][1] == [4 * 7 * 4] * 3  # 4 answer tokens of each row's task, routed by 4 x 7 gates
     assert len(graphs) == 1, f"{len(graphs)} graphs for 4 layers: a gate's count specialised the compiled code"
     assert sum(counters["graph_break"].values()) == breaks
-    assert counts[1] == counts[0] and len(counts[0][0]) == 4 * 7 and counts[0][1] == 3 * 12
+    assert counts[2:] == counts[:2] and len(counts[0][0]) == 4 * 7 and counts[0][1] == 3 * 12

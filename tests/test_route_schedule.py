@@ -76,3 +76,45 @@ def test_validation_sums_gate_hits_per_projection_over_its_batches(mm):
     assert sum(by_projection.values()) / len(by_projection) == pytest.approx(pooled, abs=1e-5)
     assert sum(by_layer.values()) / 2 == pytest.approx(pooled, abs=1e-5)
     assert 0 < pooled < 1  # fresh gates: neither all right nor all wrong
+
+
+def test_validation_splits_the_routing_accuracy_into_answer_and_prompt_tokens(mm):
+    """Batches that mark their answer tokens (``RoutedRowsCollator(answer_mask=True)``): validation sums the
+    answer tokens' per-task hits over its batches (``val_answer_hits``) as it sums all of them, and
+    ``span_accuracies`` gives the answers' and the prompts' accuracy, whose token-weighted mean is the pooled
+    accuracy; a batch without the mask (a router's training batches) counts no span."""
+    from data.batches import RoutedRowsCollator
+    from pipeline.stages.route import span_accuracies
+
+    torch.manual_seed(1)
+    mm.set_router("meteora", top_k=2)
+    module = RouterTrainModule(mm, lr=1e-3)
+    module.log = lambda *args, **kwargs: None
+    mm.eval()
+    g = torch.Generator().manual_seed(4)
+    rows = []
+    for i in range(7):
+        ids = torch.randint(0, 250, (int(torch.randint(6, 20, (1,), generator=g)),), generator=g).tolist()
+        rows.append({"input_ids": ids, "labels": list(ids), "task_id": i % 3, "prompt_len": len(ids) - 2 - i % 3})
+    collate = RoutedRowsCollator(mm.tokenizer.pad_token_id, answer_mask=True)
+    module.on_validation_epoch_start()
+    module.validation_step(RoutedRowsCollator(mm.tokenizer.pad_token_id)(rows[:2]), 0)
+    assert module.val_answer_hits is None and module.val_task_hits is not None
+    module.on_validation_epoch_start()
+    want = torch.zeros(3, dtype=torch.long)
+    for i, part in enumerate((rows[:3], rows[3:])):
+        batch = collate(part)
+        assert batch["answer_mask"].sum(1).tolist() == [2 + r["task_id"] for r in part]
+        module.validation_step(batch, i)
+        want += mm.router.gate_hits_in(batch["answer_mask"])[0]
+    hits, pairs = module.val_answer_hits
+    gates = len(mm.router.gates)
+    assert hits.tolist() == want.tolist()
+    assert pairs.tolist() == [gates * sum(2 + r["task_id"] for r in rows if r["task_id"] == t) for t in range(3)]
+    acc = span_accuracies(module.val_task_hits, module.val_answer_hits, ["a", "b", "c"])
+    all_hits, all_pairs = module.val_task_hits
+    n_answers, n_all = int(pairs.sum()), int(all_pairs.sum())
+    pooled = (acc["router_accuracy_answers"] * n_answers + acc["router_accuracy_prompts"] * (n_all - n_answers)) / n_all
+    assert pooled == pytest.approx(float(all_hits.sum() / all_pairs.sum()), abs=1e-5)
+    assert list(acc["router_accuracy_answers_by_task"]) == ["a", "b", "c"]
+    assert span_accuracies(module.val_task_hits, None, ["a", "b", "c"]) == {}

@@ -93,6 +93,7 @@ class MeteoraRouter(Router):
         self._gate_logits: list = []  # this forward's [T, L] logits per projection, not yet in _ce_sum
         self._confusion: torch.Tensor | None = None  # [L * L] (task, chosen task) counts (eval mode)
         self._projection_hits: torch.Tensor | None = None  # [P] top-1 hits per gate, in self.gates order (eval mode)
+        self._token_hits: torch.Tensor | None = None  # [B, S] top-1 hits per token, over every gate (eval mode)
         # while the gates learn (grad enabled, the gate's weight trained) each projection computes its adapters'
         # shrink and its gate's logits as one GEMM (kernels.packed_gate; pack_base: the base weight in it too,
         # Router's class default False): the same route and losses, tests compare the forms. With the fused route
@@ -132,7 +133,7 @@ class MeteoraRouter(Router):
         return [f"gates.{k}.weight" for k in self.gates]
 
     def begin_forward(self, input_ids, attention_mask, inputs_embeds, is_prefill):
-        self._labels = self._ce_sum = self._confusion = self._projection_hits = None
+        self._labels = self._ce_sum = self._confusion = self._projection_hits = self._token_hits = None
         self._gate_logits = []
         tid = self.ctx.task_ids
         if tid is None:
@@ -152,6 +153,7 @@ class MeteoraRouter(Router):
         if not self.training:
             self._confusion = torch.zeros(self._num_adapters() ** 2, dtype=torch.long, device=ref.device)
             self._projection_hits = torch.zeros(len(self.gates), dtype=torch.long, device=ref.device)
+            self._token_hits = torch.zeros((B, S), dtype=torch.long, device=ref.device)
 
     def projection_state(self, module_name):
         return self.gates[slot_key(module_name)]
@@ -200,6 +202,7 @@ class MeteoraRouter(Router):
                 # compiled decoder layer specialise to each layer
                 self._projection_hits = self._projection_hits.index_add(0, gate.projection_index,
                                                                         hit.sum().reshape(1))
+                self._token_hits = self._token_hits + hit.long().view_as(self._token_hits)  # prompt or answer
         if fused:  # route, NaN select, multiply and CE in one kernel each way (kernels.gate_mix), raw logits in
             return Route(None, None, gate=TopKGate(raw, self.top_k, self.temperature, labels=self._labels,
                                                    on_ce=self._add_ce, backend="triton"))
@@ -276,6 +279,24 @@ class MeteoraRouter(Router):
         if self._projection_hits is None:
             return None
         return self._projection_hits, (self._labels != -100).sum()
+
+    def gate_hits_in(self, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(hits [L], pairs [L])`` of the last forward in eval mode, over the labelled tokens where ``mask`` [B, S]
+        is nonzero: per task, the (token, projection) pairs whose top-1 gate chose it and all its pairs there; device
+        tensors, nothing read back to the host (None in train mode or without task ids). With the answer tokens as
+        the mask (``data.batches.RoutedRowsCollator(answer_mask=True)``) it splits the routing accuracy into the
+        answer's and the prompt's: an answer token is routed while the model writes, after the whole prompt has
+        been read, where the gate's choice changes what is generated; a prompt's first tokens may read alike across
+        tasks, so that no causal gate can tell them apart (``data.routing_ceiling``)."""
+        if self._token_hits is None:
+            return None
+        labels = self._labels.view_as(self._token_hits)
+        inside = ((mask.to(labels.device) != 0) & (labels != -100)).long()
+        task, L = labels.clamp(min=0).reshape(-1), self._num_adapters()
+        hits = torch.zeros(L, dtype=torch.long, device=labels.device).index_add(
+            0, task, (self._token_hits * inside).reshape(-1))
+        pairs = torch.zeros(L, dtype=torch.long, device=labels.device).index_add(0, task, inside.reshape(-1))
+        return hits, pairs * len(self.gates)
 
     def gate_accuracy(self) -> torch.Tensor | None:
         """Fraction of (token, projection) pairs whose top-1 gate choice is the token's task, in the last forward in

@@ -228,6 +228,10 @@ class Router(nn.Module):
         their task, and the labelled tokens (each gate routes every one), for a router with a gate per projection
         that counts them (MeteoRA's gates, in eval mode, in the order of its ``gates``); None for the others."""
 
+    def gate_hits_in(self, mask):
+        """``(hits [L], pairs [L])`` per task of the last forward over the tokens where ``mask`` [B, S] is nonzero
+        (e.g. the answers), for a router that counts them (MeteoRA's gates, in eval mode); None for the others."""
+
     def adapter_row_keys(self) -> list:
         """Names of state tensors whose dim 0 runs over adapters (reordered when a checkpoint's order differs)."""
         return []

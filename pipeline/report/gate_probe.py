@@ -43,29 +43,35 @@ from pipeline.report.records import read_route_record
 DEFAULT_LAYERS = "0,3,6,9,12,15,18,21,24,27,last"
 
 
-def projection_inputs(model, rows: list[dict], layers: list[int]) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-    """``({layer: [tokens, d_in] fp16}, labels [tokens])``: the input of each layer's ``self_attn.q_proj`` for
-    every token of ``rows`` (one row a forward, no padding), and each token's task id."""
+def projection_inputs(model, rows: list[dict], layers: list[int]) -> tuple[dict[int, torch.Tensor], torch.Tensor,
+                                                                          torch.Tensor]:
+    """``({layer: [tokens, d_in] fp16}, labels [tokens], answers [tokens] bool)``: the input of each layer's
+    ``self_attn.q_proj`` for every token of ``rows`` (one row a forward, no padding), each token's task id, and
+    whether it is an answer token (at or after the row's ``prompt_len``)."""
     caught: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
     hooks = [model.model.layers[i].self_attn.q_proj.register_forward_pre_hook(
         lambda m, args, i=i: caught[i].append(args[0][0].to(torch.float16))) for i in layers]
-    labels = []
+    labels, answers = [], []
     try:
         with torch.no_grad():
             for row in rows:
                 ids = torch.tensor(row["input_ids"], device=model.device)[None]
                 model(input_ids=ids)
                 labels.append(torch.full((ids.shape[1],), int(row["task_id"])))
+                answers.append(torch.arange(ids.shape[1]) >= int(row["prompt_len"]))
     finally:
         for h in hooks:
             h.remove()
-    return {i: torch.cat(caught[i]).cpu() for i in layers}, torch.cat(labels)
+    return {i: torch.cat(caught[i]).cpu() for i in layers}, torch.cat(labels), torch.cat(answers)
 
 
 def fit_probe(x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor, num_classes: int,
-              epochs: int = 15, lr: float = 3e-3, batch: int = 2048, seed: int = 0) -> dict:
+              epochs: int = 15, lr: float = 3e-3, batch: int = 2048, seed: int = 0,
+              val_answers: torch.Tensor | None = None) -> dict:
     """A ``Linear(d_in, num_classes, bias=False)`` (a gate's shape) fitted by AdamW on ``(x, y)`` for ``epochs``
-    shuffled passes; ``{"val": accuracy on (x_val, y_val), "train": accuracy on the training tokens}``."""
+    shuffled passes; ``{"val": accuracy on (x_val, y_val), "train": accuracy on the training tokens}``, and with
+    ``val_answers`` (a bool mask of the validation tokens) ``"val_answers"`` / ``"val_prompts"``: the validation
+    accuracy on the answer tokens and on the rest (None where there is none)."""
     g = torch.Generator().manual_seed(seed)
     probe = torch.nn.Linear(x.shape[1], num_classes, bias=False)
     torch.nn.init.zeros_(probe.weight)
@@ -80,8 +86,13 @@ def fit_probe(x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, y_val: torc
             loss.backward()
             opt.step()
     with torch.no_grad():
-        return {"val": round(float((probe(x_val).argmax(-1) == y_val).float().mean()), 4),
-                "train": round(float((probe(x).argmax(-1) == y).float().mean()), 4)}
+        right = probe(x_val).argmax(-1) == y_val
+        out = {"val": round(float(right.float().mean()), 4),
+               "train": round(float((probe(x).argmax(-1) == y).float().mean()), 4)}
+    if val_answers is not None:
+        for key, where in (("val_answers", val_answers), ("val_prompts", ~val_answers)):
+            out[key] = round(float(right[where].float().mean()), 4) if bool(where.any()) else None
+    return out
 
 
 def _record(record_dir: Path) -> tuple[dict, dict]:
@@ -128,14 +139,16 @@ def gate_probe(record_dir, per_task: int = 60, layers: str = DEFAULT_LAYERS, mod
     device = "cuda" if torch.cuda.is_available() else "cpu"
     hf_logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
-    x_train, y_train = projection_inputs(model, train, chosen)
-    x_val, y_val = projection_inputs(model, val, chosen)
+    x_train, y_train, _ = projection_inputs(model, train, chosen)
+    x_val, y_val, val_answers = projection_inputs(model, val, chosen)
     num_classes = len(rec["adapters"])
     gates = rec["router_accuracy_by_projection"]
     rows = []
     for i in chosen:
-        probe = fit_probe(x_train[i], y_train, x_val[i], y_val, num_classes, epochs=epochs, seed=seed)
+        probe = fit_probe(x_train[i], y_train, x_val[i], y_val, num_classes, epochs=epochs, seed=seed,
+                          val_answers=val_answers)
         rows.append({"layer": i, "probe_val": probe["val"], "probe_train": probe["train"],
+                     "probe_val_answers": probe["val_answers"], "probe_val_prompts": probe["val_prompts"],
                      "gate_q_proj": gates.get(f"model__layers__{i}__self_attn__q_proj")})
     target = rec.get("target_accuracy")
     best = max(r["probe_val"] for r in rows)
@@ -144,12 +157,21 @@ def gate_probe(record_dir, per_task: int = 60, layers: str = DEFAULT_LAYERS, mod
                        "router_accuracy": rec["metrics"].get("router_accuracy"), "steps": rec["metrics"].get("steps"),
                        "target_accuracy": target, "model": cfg["model"]["name_or_path"]},
             "setting": {"per_task": per_task, "train_rows": len(train), "train_tokens": int(y_train.numel()),
-                        "val_rows": len(val), "val_tokens": int(y_val.numel()), "epochs": epochs,
+                        "val_rows": len(val), "val_tokens": int(y_val.numel()),
+                        "val_answer_tokens": int(val_answers.sum()), "epochs": epochs,
                         "projection": "self_attn.q_proj input (= k_proj, v_proj)", "adapters": num_classes},
             "rows": rows,
             "pooled_probe": round(sum(r["probe_val"] for r in rows) / len(rows), 4),
+            "pooled_probe_answers": _mean_of(r["probe_val_answers"] for r in rows),
             "best_probe": best,
+            "best_probe_answers": max((r["probe_val_answers"] for r in rows if r["probe_val_answers"] is not None),
+                                      default=None),
             "best_probe_reaches_target": None if target is None else best >= float(target)}
+
+
+def _mean_of(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return round(sum(values) / len(values), 4) if values else None
 
 
 def markdown(doc: dict) -> str:
@@ -163,17 +185,26 @@ def markdown(doc: dict) -> str:
              (f"Probes: a `Linear(d_in, {s['adapters']})` per layer on the {s['projection']} of the base model "
              f"(no adapters), AdamW, {s['epochs']} passes over {s['train_tokens']:,} tokens of {s['train_rows']} "
              f"training rows; scored on the record's own {s['val_rows']} validation rows ({s['val_tokens']:,} "
-             f"tokens)."), "",
-             "| layer | probe (validation) | probe (training tokens) | the gates' q_proj (validation) |",
-             "| --- | --- | --- | --- |"]
+             f"tokens" + (f", {s['val_answer_tokens']:,} of them answer tokens" if "val_answer_tokens" in s else "")
+             + ")."), ""]
+    spans = "probe_val_answers" in doc["rows"][0]
+    head = ["layer", "probe (validation)", *(("on answer tokens", "on prompt tokens") if spans else ()),
+            "probe (training tokens)", "the gates' q_proj (validation)"]
+    lines += ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
     for row in doc["rows"]:
-        gate = "-" if row["gate_q_proj"] is None else f"{row['gate_q_proj']:.4f}"
-        lines.append(f"| {row['layer']} | {row['probe_val']:.4f} | {row['probe_train']:.4f} | {gate} |")
+        cells = [row["layer"], row["probe_val"], *((row["probe_val_answers"], row["probe_val_prompts"]) if spans
+                                                   else ()), row["probe_train"], row["gate_q_proj"]]
+        lines.append("| " + " | ".join("-" if c is None else str(c) if isinstance(c, int) else f"{c:.4f}"
+                                       for c in cells) + " |")
     reach = doc["best_probe_reaches_target"]
     verdict = ("no target in the record" if reach is None else
                "reaches the target" if reach else "falls short of the target")
     lines += ["", (f"Mean of the probes over these layers: {doc['pooled_probe']:.4f}. Best layer's probe: "
-                  f"{doc['best_probe']:.4f}: {verdict} ({r['target_accuracy']})."), ""]
+                  f"{doc['best_probe']:.4f}: {verdict} ({r['target_accuracy']}).")]
+    if doc.get("best_probe_answers") is not None:
+        lines.append(f"On the answer tokens alone (what a gate routes while the model writes): mean of the probes "
+                     f"{doc['pooled_probe_answers']:.4f}, best layer's {doc['best_probe_answers']:.4f}.")
+    lines.append("")
     return "\n".join(lines)
 
 

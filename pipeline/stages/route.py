@@ -16,7 +16,9 @@ accuracy curve (``pipeline/stages/target_accuracy.py``); a router that counts it
 gates) also gives each task's routing accuracy over the last validation (``router_accuracy_by_task``) and
 which tasks it takes for which (``router_confusion``: ``confusion_record``), and one that counts them per
 projection gate (MeteoRA's) each gate's and each layer's (``router_accuracy_by_projection``,
-``router_accuracy_by_layer``: ``projection_accuracies``), which say where the pooled accuracy is lost, beside
+``router_accuracy_by_layer``: ``projection_accuracies``), which say where the pooled accuracy is lost, and its
+accuracy on the answer tokens apart from the prompt's (``router_accuracy_answers`` / ``_prompts`` /
+``_answers_by_task``: ``span_accuracies``; the answers are where it routes while the model writes), beside
 two references computed from the rows (``data.routing_ceiling``): the most any causal token router can score
 on the validation rows (``router_accuracy_ceiling``) and what a router reading one token scores there
 (``router_accuracy_one_token``: a layer-0 q / k / v gate's view). The router
@@ -107,6 +109,7 @@ class RouterTrainModule(L.LightningModule):
         self.val_task_hits = None  # (hits [L], pairs [L]) summed over the last validation (routers that count them)
         self.val_projection_hits = None  # (hits [P], tokens) likewise, per projection gate (MeteoRA's)
         self.val_confusion = None  # [L, L] (task, chosen task) counts summed over the last validation (MeteoRA's)
+        self.val_answer_hits = None  # (hits [L], pairs [L]) on the answer tokens alone, likewise (MeteoRA's)
         self.step_checks = StepChecks("router loss is {loss} at step {step}; lower router.train.lr")  # the NaN stop
         self.graph = graph  # the whole training step replayed as a CUDA graph (train_speed.cuda_graph)
         if graph is not None:  # attention whose mask is the same while capturing as in the warm-up (models.attention)
@@ -176,7 +179,7 @@ class RouterTrainModule(L.LightningModule):
         return None if self.graph is not None else loss  # graph: nothing left for Lightning to backpropagate
 
     def on_validation_epoch_start(self) -> None:
-        self.val_task_hits = self.val_projection_hits = self.val_confusion = None
+        self.val_task_hits = self.val_projection_hits = self.val_confusion = self.val_answer_hits = None
 
     def on_validation_epoch_end(self) -> None:
         reduce = self.trainer.strategy.reduce  # every rank's counts: the whole validation set's
@@ -186,11 +189,15 @@ class RouterTrainModule(L.LightningModule):
             self.val_projection_hits = tuple(reduce(t, reduce_op="sum") for t in self.val_projection_hits)
         if self.val_confusion is not None:
             self.val_confusion = reduce(self.val_confusion, reduce_op="sum")
+        if self.val_answer_hits is not None:
+            self.val_answer_hits = tuple(reduce(t, reduce_op="sum") for t in self.val_answer_hits)
 
     def validation_step(self, batch, batch_idx):
         loss, parts = self._step(batch)
         self.val_task_hits = _add_counts(self.val_task_hits, self.mm.router.gate_hits_by_task())
         self.val_projection_hits = _add_counts(self.val_projection_hits, self.mm.router.gate_hits_by_projection())
+        if "answer_mask" in batch:
+            self.val_answer_hits = _add_counts(self.val_answer_hits, self.mm.router.gate_hits_in(batch["answer_mask"]))
         confusion = self.mm.router.gate_confusion()
         if confusion is not None:
             self.val_confusion = confusion if self.val_confusion is None else self.val_confusion + confusion
@@ -247,7 +254,8 @@ def route(cfg: DictConfig) -> float | None:
         bs = int(train_cfg.batch_size)
         sampler = ResumableSampler(len(train), int(cfg.seed))  # shuffled by (seed, epoch): replayable on resume
         train_dl = DataLoader(train, batch_size=bs, sampler=sampler, collate_fn=collate)
-        val_dl = DataLoader(val, batch_size=bs, shuffle=False, collate_fn=collate)
+        val_dl = DataLoader(val, batch_size=bs, shuffle=False,  # validation marks the answer tokens (span_accuracies)
+                            collate_fn=RoutedRowsCollator(tokenizer.pad_token_id, answer_mask=mm.router.reads_answers))
         # GPU: the step as one CUDA graph (MeteoRA's gates: a LM step) or compiled decoder layers, frozen weights
         # in bf16 (a strategy whose training runs no LM: nothing to compile or capture)
         graph = GraphedStep(rows=bs, bucket=int(cfg.train_speed.graph_bucket), pad_token_id=int(tokenizer.pad_token_id),
@@ -307,6 +315,8 @@ def route(cfg: DictConfig) -> float | None:
                                  "router_confusion": confusion_record(module.val_confusion, list(mm.adapter_names)),
                                  **projection_accuracies(module.val_projection_hits,
                                                          list(getattr(mm.router, "gates", {}))),
+                                 **span_accuracies(module.val_task_hits, module.val_answer_hits,
+                                                   list(mm.adapter_names)),
                                  **routing_ceiling(mm.router, train, val, list(mm.adapter_names))})
 
 
@@ -331,6 +341,30 @@ def task_accuracies(counts, adapters: list[str]) -> dict | None:
         return None
     hits, pairs = (t.tolist() for t in counts)
     return {name: (round(h / p, 6) if p else None) for name, h, p in zip(adapters, hits, pairs, strict=True)}
+
+
+def span_accuracies(all_counts, answer_counts, adapters: list[str]) -> dict:
+    """The last validation's routing accuracy split by where the token stands in its row, from
+    ``RouterTrainModule.val_task_hits`` (every labelled token) and ``val_answer_hits`` (the answer tokens alone):
+
+    ``router_accuracy_answers``          on the answer tokens: where the gates route while the model writes
+    ``router_accuracy_prompts``          on the prompt tokens (the rest)
+    ``router_accuracy_answers_by_task``  {adapter name: its answer tokens' accuracy}
+
+    A route run's target is its pooled accuracy (MeteoRA's: every token), in which a prompt's first tokens, read
+    alike by several tasks, weigh as much as the answer; the split says whether the routing the answers get is
+    better than the pooled figure. Empty for a router that does not count them (None where a span has no token)."""
+    if all_counts is None or answer_counts is None:
+        return {}
+    hits, pairs = (t.tolist() for t in all_counts)
+    a_hits, a_pairs = (t.tolist() for t in answer_counts)
+
+    def ratio(h, p):
+        return round(h / p, 6) if p else None
+
+    return {"router_accuracy_answers": ratio(sum(a_hits), sum(a_pairs)),
+            "router_accuracy_prompts": ratio(sum(hits) - sum(a_hits), sum(pairs) - sum(a_pairs)),
+            "router_accuracy_answers_by_task": task_accuracies(answer_counts, adapters)}
 
 
 def confusion_record(counts, adapters: list[str]) -> dict | None:
