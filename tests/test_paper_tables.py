@@ -121,7 +121,8 @@ def test_meteora_tasks_table(tables):
     assert [r["task"] for r in t["rows"]] == TASKS
     for r in t["rows"]:
         assert r.keys() == {"task", "metric", "peft", "meteora_top1", "meteora_top2", "lora_b", "merge", "gate_accuracy",
-                            "gate_confused_with", "runs"}
+                            "gate_accuracy_answers", "gate_confused_with", "runs"}
+        assert 0 <= r["gate_accuracy_answers"] <= 1  # the route run's own count on the task's answer tokens
         assert all(r[c] is not None for c in ("peft", "meteora_top1", "meteora_top2", "lora_b", "merge"))
         assert r["runs"]["peft"] == "evaluate/oracle" and r["runs"]["meteora_top2"] == "evaluate/meteora-top2"
     by = {r["task"]: r for r in t["rows"]}
@@ -133,6 +134,12 @@ def test_meteora_tasks_table(tables):
     gap = (by["winowhy"]["peft"] + by["disfl_qa"]["peft"] - by["winowhy"]["meteora_top2"]
            - by["disfl_qa"]["meteora_top2"]) / 2
     assert m["peft_minus_top2"] == pytest.approx(gap, abs=1e-6) and claim["holds"] == (gap <= 0.02)
+    router = t["router"]  # the route run's accuracy on its answer and prompt tokens, which pool to its whole count
+    route = json.loads((tables / "meteora_tasks" / "route" / "meteora" / "metrics.json").read_text())
+    counts = route["router_confusion"]["counts"]
+    pooled = sum(counts[i][i] for i in range(len(counts))) / sum(map(sum, counts))
+    assert 0 <= router["answers"] <= 1 and 0 <= router["prompts"] <= 1
+    assert min(router["answers"], router["prompts"]) - 1e-6 <= pooled <= max(router["answers"], router["prompts"]) + 1e-6
     assert claim["interval"]["estimate"] == pytest.approx(gap, abs=1e-6)  # the same rows, paired
     assert claim["interval"]["rows"] == 2 * 3  # 3 test rows per task
     assert t["router"]["run"] == "route/meteora" and 0 <= t["router"]["router_accuracy"] <= 1

@@ -104,3 +104,26 @@ def test_the_record_tool_names_the_fix_for_a_dir_that_is_no_route_record(tmp_pat
     assert main([str(tmp_path)]) == 2
     assert "is not a route record" in capsys.readouterr().err
     assert main([]) == 2
+
+
+def test_the_table_splits_the_gates_accuracy_into_answers_and_prompts_where_the_record_does():
+    """A route record with ``router_accuracy_answers`` (routes since the split was recorded): the router line gives
+    both spans and each meteora_tasks row its answer tokens' accuracy (``gate_accuracy_answers``, right after
+    ``gate_accuracy``); an older record's table keeps its columns as they were."""
+    from pipeline.report.paper_tables import meteora_tasks, router_info, router_line
+
+    route = {"stage": "route", "strategy": "meteora", "metrics": {"router_accuracy": 0.72, "steps": 10},
+             "router_accuracy_by_task": {"a": 0.6, "b": 0.8}}
+    split = {**route, "router_accuracy_answers": 0.9412, "router_accuracy_prompts": 0.7,
+             "router_accuracy_answers_by_task": {"a": 0.88, "b": 1.0}}
+    line = router_line(router_info(split))
+    assert ("validation routing accuracy 0.72 after 10 steps; 0.9412 on the answer tokens (where it routes while "
+            "the model writes), 0.7 on the prompt tokens") in line
+    assert "answer tokens" not in router_line(router_info(route))
+    ev = {"stage": "evaluate", "strategy": "oracle", "tasks": ["a", "b"],
+          "metrics": {"a/accuracy": 0.5, "b/accuracy": 0.25}}
+    rows = meteora_tasks([ev, split])["rows"]
+    assert [r["gate_accuracy_answers"] for r in rows] == [0.88, 1.0]
+    keys = list(rows[0])
+    assert keys[keys.index("gate_accuracy") + 1] == "gate_accuracy_answers"
+    assert all("gate_accuracy_answers" not in r for r in meteora_tasks([ev, route])["rows"])

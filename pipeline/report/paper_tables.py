@@ -13,9 +13,11 @@ Claims: ``pipeline.report.paper_claims`` (point estimate, paired bootstrap inter
 Rows per table (scores: accuracy and ROUGE as fractions in [0, 1], BLEU 0-100; None where a run is missing):
 
 * ``meteora_tasks``: ``{task, metric, peft, meteora_top1, meteora_top2, lora_b, merge, gate_accuracy,
-  gate_confused_with, runs}`` (+ ``peft_cotrained`` where its run exists); ``peft`` = the oracle (each task's own
+  gate_confused_with, runs}`` (+ ``peft_cotrained`` where its run exists, ``gate_accuracy_answers`` where the route
+  record splits its accuracy); ``peft`` = the oracle (each task's own
   adapter); ``metric`` = accuracy where the task has it, else rougeL, else bleu; ``gate_accuracy`` = the route
-  stage's validation routing accuracy on the task's tokens (None where the route record has no per-task counts);
+  stage's validation routing accuracy on the task's tokens (None where the route record has no per-task counts),
+  ``gate_accuracy_answers`` the same on its answer tokens alone (where the gates route while the model writes);
   ``gate_confused_with`` = the tasks the gates chose instead, with their share of the task's (token, gate) pairs
   (the route record's ``router_confusion``; None without it). Top-level ``router``: the MeteoRA gates' route
   stage (validation token routing accuracy, steps, the target accuracy and the step it was reached, what stopped
@@ -131,6 +133,7 @@ def meteora_tasks(records: list[dict]) -> dict:
     recs = [ev[s] for s in columns.values() if s in ev]
     route = _route(records, "meteora")
     gates = (route or {}).get("router_accuracy_by_task") or {}  # each task's gate routing accuracy (validation)
+    answers = (route or {}).get("router_accuracy_answers_by_task")  # the same on its answer tokens (newer records)
     confused = ((route or {}).get("router_confusion") or {}).get("confused_with") or {}
     rows = []
     for task in _ordered_tasks(recs):
@@ -139,6 +142,8 @@ def meteora_tasks(records: list[dict]) -> dict:
         for col, label in columns.items():
             row[col] = _num(ev[label]["metrics"].get(f"{task}/{metric}")) if label in ev and metric else None
         row["gate_accuracy"] = _num(gates.get(task))
+        if answers is not None:
+            row["gate_accuracy_answers"] = _num(answers.get(task))
         row["gate_confused_with"] = confused_cell(confused.get(task))
         row["runs"] = _runs({**{col: ev.get(label) for col, label in columns.items()},
                              "gate_accuracy": route if task in gates else None})
@@ -171,6 +176,8 @@ def router_info(route: dict | None) -> dict | None:
             "target_accuracy": _num(route.get("target_accuracy")),
             "target_reached_step": route.get("target_reached_step"), "stopped_by": stopped_by(route),
             "curve": [[int(s), _num(a)] for s, a in route.get("router_accuracy_curve") or []],
+            **({"answers": _num(route["router_accuracy_answers"]), "prompts": _num(route["router_accuracy_prompts"])}
+               if "router_accuracy_answers" in route else {}),
             **({"ceiling": _num(route["router_accuracy_ceiling"])} if "router_accuracy_ceiling" in route else {}),
             **({"one_token": _num(route["router_accuracy_one_token"])} if "router_accuracy_one_token" in route else {})}
 
@@ -557,6 +564,9 @@ def router_line(router: dict) -> str:
     if router.get("train_loras"):
         line += (" trained together with the LoRA weights (router.train.train_loras; its strategies' rows ran on the "
                  "adapters it ended with)")
+    if router.get("answers") is not None:
+        line += (f"; {_md_cell(router['answers'])} on the answer tokens (where it routes while the model writes), "
+                 f"{_md_cell(router['prompts'])} on the prompt tokens")
     if router.get("lm_loss") is not None:
         line += f"; validation LM loss {_md_cell(router['lm_loss'])}"
     if router.get("target_accuracy") is not None:
