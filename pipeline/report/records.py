@@ -150,18 +150,30 @@ def read_records(records_dir) -> list[dict]:
         raise FileNotFoundError(f"records={str(root)!r} holds no {INDEX}: not a records dir; give "
                                 f"outputs/records/<experiment> (written by the report stage of a paper experiment)")
     out = []
-    for entry in json.loads((root / INDEX).read_text())["experiment_runs"]:
-        path = root / entry["run"] / f"metrics.json{SUFFIX}"
+    for run in _index_runs(root / INDEX):
+        path = root / run / f"metrics.json{SUFFIX}"
         try:
-            rec = json.loads(_read(root / entry["run"] / "metrics.json") or "")
+            rec = json.loads(_read(root / run / "metrics.json") or "")
         except (ValueError, lzma.LZMAError) as e:
             raise ValueError(f"{path}: not a readable record ({e}); restore it from git") from None
         missing = [k for k in REQUIRED if k not in rec]
         if missing:
             raise ValueError(f"{path}: the record lacks {missing}; restore it from git")
-        rec["_path"], rec["_run"] = str(path), entry["run"]
+        rec["_path"], rec["_run"] = str(path), run
         out.append(rec)
     return out
+
+
+def _index_runs(index: Path) -> list[str]:
+    """The run names an ``index.json`` lists; a file that is not one (truncated, hand-edited, another tool's
+    ``index.json``) is one ValueError naming it and the fix, not a bare JSONDecodeError or a KeyError traceback."""
+    try:
+        return [str(entry["run"]) for entry in json.loads(index.read_text())["experiment_runs"]]
+    except (ValueError, KeyError, TypeError) as e:
+        why = (f"{type(e).__name__}: {e}" if isinstance(e, ValueError) else
+               "no experiment_runs list of {run: ...}")
+        raise ValueError(f"{index}: not a records index ({why}); restore it from git, or rebuild the records dir "
+                         f"with the report stage of its experiment") from None
 
 
 LOST = ("raw records not committed: this table was made before tables kept their runs' metrics.json and "
