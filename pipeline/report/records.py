@@ -134,12 +134,16 @@ def read_run(run_dir) -> dict | None:
 
 def read_route_record(record_dir) -> tuple[dict, dict]:
     """``(composed config, metrics record)`` of a route run, a committed record dir or a run dir (what the offline
-    tools over a route record read); one ValueError line naming the fix when the dir holds no such pair."""
+    tools over a route record read); one ValueError line naming the fix when the dir holds no such pair, or holds
+    another stage's record."""
     rec = read_run(record_dir)
     cfg = config_of(rec) if rec is not None else None
     if rec is None or cfg is None:
         raise ValueError(f"{record_dir} is not a route record (no metrics.json and config.yaml, plain or .xz): give "
                          f"a committed route record dir, e.g. outputs/records/meteora_tasks/route/meteora")
+    if rec.get("stage") != "route":  # an evaluate / finetune record beside it: no router.train in its config
+        raise ValueError(f"{record_dir} holds a record of the {rec.get('stage')} stage, not of route: give the "
+                         f"route run's dir, e.g. outputs/records/meteora_tasks/route/meteora")
     return cfg, rec
 
 
