@@ -52,11 +52,32 @@ def _named(e: OSError, path: Path) -> OSError:
     return e
 
 
+def file_in_the_way(path) -> Path | None:
+    """The regular file (or other non-directory) at ``path`` or at one of its parents, which stops ``path`` from
+    being a directory; None when there is none."""
+    path = Path(path)
+    return next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+
+
+def _make_parent(path: Path) -> None:
+    """``mkdir -p`` of ``path``'s directory. An output path that runs through a regular file (``out_dir=`` a file
+    the user meant to read, say) is one NotADirectoryError naming the file: mkdir's own FileExistsError names
+    neither the file in the way nor the fix, and is no user error to the stage entry points."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = file_in_the_way(path.parent)
+        if blocker is None:
+            raise
+        raise NotADirectoryError(f"cannot write {path}: {blocker} is a file, not a directory; point the output "
+                                 f"at a directory (or move that file away)") from None
+
+
 def atomic_write_with(path, write: Callable[[str], object]) -> Path:
     """Let ``write(tmp_path)`` produce the file (``torch.save``, ``safetensors.save_file`` ...), then rename it
     over ``path``; if ``write`` raises (e.g. ``OSError(ENOSPC)``), the previous ``path`` is untouched."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -94,7 +115,7 @@ def atomic_write_text(path, text: str) -> Path:
 def atomic_dir(path):
     """Yield a temp dir beside ``path``; on success it replaces ``path`` (old version removed), else vanishes."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
     try:

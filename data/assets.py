@@ -40,7 +40,7 @@ import zipfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from common.atomic import file_digest, replace_dir
+from common.atomic import file_digest, file_in_the_way, replace_dir
 from common.random_llama import random_llama
 from data.errors import LoramuxDataError
 from data.task_table import bigbench_dirs
@@ -128,9 +128,16 @@ def verify_sha256(path: Path, expected: str, what: str) -> None:
 
 @contextlib.contextmanager
 def _staging(label: str):
-    """A fresh dir under <cache>/.tmp (same filesystem as the targets, so the final move is one rename)."""
+    """A fresh dir under <cache>/.tmp (same filesystem as the targets, so the final move is one rename). The first
+    write into the cache: a LORAMUX_CACHE that names a file, or a dir this user cannot write, is refused here."""
     root = cache_dir() / ".tmp"
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError, PermissionError) as e:
+        blocker = file_in_the_way(root)
+        why = f"{blocker} is a file, not a directory" if blocker else e.strerror or type(e).__name__
+        raise LoramuxDataError(f"cannot make the asset cache at {cache_dir()}: {why}; point LORAMUX_CACHE at a "
+                               f"directory you can write (or unset it: ~/.cache/loramux)") from None
     _remove_stale_staging(root)
     path = Path(tempfile.mkdtemp(prefix=f"{label}-{os.getpid()}-", dir=root))
     try:

@@ -112,3 +112,25 @@ def test_a_stale_readme_block_is_found_and_rewritten(tmp_path, capsys):
     readme.write_text(text.replace("<!-- /generated:claims -->", ""))
     assert main(["--readme", str(readme), "--tables", str(TABLES)]) == 2
     assert "generated block 'claims'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("argv", "line"), [
+    (["--tables", "{tmp}/nosuch"], r"tables dir '.*/nosuch' does not exist; give the committed tables' dir, .*"),
+    (["--tables", "{tmp}"], r"tables dir '.*' holds no table \(\*\.json\); give the committed tables' dir, .*"),
+    (["--check", "--tables", "{tmp}/nosuch"], r"tables dir '.*/nosuch' does not exist; .*"),
+    (["--check", "--readme", "{tmp}"], r"readme '.*' is a directory; give the repository's README.md .*"),
+    (["--check", "--readme", "{tmp}/nosuch.md"], r"readme '.*/nosuch.md' does not exist; give the repository's .*"),
+])
+def test_a_mistyped_readme_or_tables_path_is_one_line_and_the_readme_is_kept(tmp_path, capsys, argv, line):
+    """A tables dir that is not there (or holds no table) would make every block say "not committed": written
+    over the README, that drops all its results, so it is refused; a README path that is a directory or missing is
+    one line too (it was a traceback / a bare errno line)."""
+    import re
+
+    readme = tmp_path / "README.md"
+    shutil.copy(ROOT / "README.md", readme)
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    assert main(["--readme", str(readme), *argv]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and re.fullmatch(f"error: {line}", err.strip()), err
+    assert readme.read_bytes() == (ROOT / "README.md").read_bytes()

@@ -180,3 +180,17 @@ def test_local_gguf_is_checked_before_anything_is_built(cache, tmp_path):
     with pytest.raises(LoramuxDataError, match="sha256 mismatch"):
         assets.fetch_model(gguf=foreign, log=lambda _: None)
     assert not (cache / "models" / assets.MODEL_NAME).exists()
+
+
+def test_a_cache_variable_that_names_a_file_is_one_clear_error(tmp_path, monkeypatch, capsys):
+    """LORAMUX_CACHE pointed at a file (a tarball of the cache, say): one line naming it and the fix, exit 2."""
+    from data.fetch import main
+
+    afile = tmp_path / "cache.tar"
+    afile.write_text("not a directory")
+    monkeypatch.setenv("LORAMUX_CACHE", str(afile))
+    assert main(["--model", "--gguf", str(tmp_path / "absent.gguf")]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: cannot make the asset cache at {afile}: {afile} is a file, not a directory; point "
+                   f"LORAMUX_CACHE at a directory you can write (or unset it: ~/.cache/loramux)\n")
+    assert afile.read_text() == "not a directory"

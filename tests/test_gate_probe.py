@@ -133,3 +133,9 @@ def test_gate_probe_bad_input_is_one_line_exit_2(tiny_record, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "not a layer of this 2-layer model" in err
     assert not out.exists()  # nothing written on bad input
+    afile = tmp_path / "afile"
+    afile.write_text("kept")
+    assert main([str(tiny_record), "--out", str(afile / "tables")]) == 2  # refused before the forward passes
+    assert capsys.readouterr().err == (f"gate_probe: --out {afile / 'tables'}: {afile} is a file, not a directory; "
+                                       "give a directory for gate_probe.json / .md\n")
+    assert afile.read_text() == "kept"

@@ -158,6 +158,19 @@ def test_bench_refuses_without_a_gpu(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("argv", [["--overhead", "--device", "gpu"], ["--shapes", "3"]])
+def test_bench_refuses_an_unknown_device_or_shape_before_it_starts(tmp_path, argv, capsys):
+    """A device torch does not know, or a shape index past SHAPES: argparse's usage error (exit 2) naming the
+    choices, before any timing starts or any file is written."""
+    from kernels.bench.kernel_bench import main
+
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--out", str(tmp_path / "out")])
+    assert e.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err.splitlines()[-1]
+    assert not (tmp_path / "out").exists()
+
+
 def records():
     """Hand-built rows (two groups, T = 1, every mode; T = 8 seq with one and eight tokens per program; made-up
     numbers, not results). The T = 1 rows carry no block_t, as records made before it (read as 1)."""

@@ -264,6 +264,18 @@ ENTRY_ROWS = [  # (id, stage, argv, the exact stderr line as a regex); every row
      r"error: bench.num_adapters=\[0\] must be a list of adapter counts >= 1; set e.g. bench.num_adapters=\[1,4\]"),
     ("parallel_zero", "reproduce", ["experiment=smoke", "parallel=0"],
      r"error: parallel=0 must be a number of steps run at once >= 1 \(1: one after another\); set e.g. parallel=1"),
+    # an output or input path of the report stage that is mistyped (a file where a dir goes, a damaged index)
+    ("report_out_dir_is_a_file", "report", ["experiment=smoke", "logger=none", "out_dir={afile}"],
+     (r"error: cannot write .*/afile/report.md: .*/afile is a file, not a directory; point the output at a "
+      r"directory \(or move that file away\)")),
+    ("report_source_dir_is_a_file", "report", ["experiment=smoke", "logger=none", "source_dir={afile}"],
+     r"error: report source_dir '.*/afile' is a file, not a directory; run the experiment's stages first .*"),
+    ("records_index_not_json", "report", ["experiment=smoke", "logger=none", "records={not_json}"],
+     (r"error: .*/not_json/index.json: not a records index \(JSONDecodeError: .*\); restore it from git, or "
+      r"rebuild the records dir with the report stage of its experiment")),
+    ("records_index_of_another_shape", "report", ["experiment=smoke", "logger=none", "records={no_runs}"],
+     (r"error: .*/no_runs/index.json: not a records index \(no experiment_runs list of \{run: \.\.\.\}\); "
+      r"restore it from git, or rebuild the records dir with the report stage of its experiment")),
     pytest.param("model_on_cuda", "evaluate", ["experiment=smoke", "model.device=cuda"],
                  r"error: model.device=cuda but no CUDA GPU is visible; use model.device=null \(the CPU\)", marks=NO_GPU,
                  id="model_on_cuda"),
@@ -287,8 +299,13 @@ def test_command_line_error_is_one_line_and_status_2(outputs, tmp_path, monkeypa
     from pipeline.runtime.entry import cli
 
     (tmp_path / "empty").mkdir()
+    (tmp_path / "afile").write_text("not a directory")
+    for records, index in (("not_json", '{"experiment_runs": [{"run": "evaluate/or'), ("no_runs", '{"runs": []}')):
+        (tmp_path / records).mkdir()
+        (tmp_path / records / "index.json").write_text(index)  # a truncated index; another tool's index.json
     out = tmp_path / "out"
-    argv = [a.format(adapters=outputs / "smoke" / "adapters", empty=tmp_path / "empty") for a in argv]
+    inputs = {p.name: p for p in tmp_path.iterdir()}
+    argv = [a.format(adapters=outputs / "smoke" / "adapters", **inputs) for a in argv]
     monkeypatch.setenv("LORAMUX_OUTPUTS", str(out))
     monkeypatch.setattr(sys, "argv", [f"pipeline/{stage}.py", *argv])
     with pytest.raises(SystemExit) as e:

@@ -127,3 +127,20 @@ def test_the_table_splits_the_gates_accuracy_into_answers_and_prompts_where_the_
     keys = list(rows[0])
     assert keys[keys.index("gate_accuracy") + 1] == "gate_accuracy_answers"
     assert all("gate_accuracy_answers" not in r for r in meteora_tasks([ev, route])["rows"])
+
+
+def test_the_record_tool_refuses_another_stages_record_and_an_unknown_option(capsys):
+    """An evaluate record beside the route one (it has a config too, with no router.train), and a mistyped
+    --one-token (which used to be dropped without a word): each one line naming the fix, exit 2."""
+    from pathlib import Path
+
+    from pipeline.report.routing_ceiling import main
+
+    records = Path(__file__).resolve().parent.parent / "outputs" / "records" / "meteora_tasks"
+    assert main([str(records / "evaluate" / "oracle")]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"routing_ceiling: {records / 'evaluate' / 'oracle'} holds a record of the evaluate stage, not "
+                   "of route: give the route run's dir, e.g. outputs/records/meteora_tasks/route/meteora\n")
+    assert main([str(records / "route" / "meteora"), "--one-tokn"]) == 2
+    assert capsys.readouterr().err == ("routing_ceiling: --one-tokn is not an option; usage: python -m "
+                                       "pipeline.report.routing_ceiling <route record dir> [--one-token]\n")

@@ -281,12 +281,13 @@ def _profile(d_in, d_out, T, r, path):
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__.splitlines()[0])
     ap.add_argument(
         "--out", default="outputs/tables", help="directory for kernel_bench.json and kernel_bench.md"
     )
     ap.add_argument("--tokens", type=int, nargs="*", default=TOKENS)
-    ap.add_argument("--shapes", type=int, nargs="*", default=None, help="indices into SHAPES")
+    ap.add_argument("--shapes", type=int, nargs="*", default=None, choices=range(len(SHAPES)),
+                    help="indices into SHAPES")
     ap.add_argument(
         "--profile", action="store_true", help="only print per-kernel profiles of a few configurations"
     )
@@ -295,7 +296,8 @@ def main(argv=None) -> None:
                     help="4096->4096 only, T in {1, 16, 64, 4096}, r in {8, 64} (with --overhead: fewer shapes)")
     ap.add_argument("--overhead", action="store_true",
                     help="time the host cost of 210 back-to-back decode calls instead (kernels.bench.overhead)")
-    ap.add_argument("--device", default="cuda", help="--overhead only: cuda, or cpu to time the CPU path")
+    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
+                    help="--overhead only: cuda, or cpu to time the CPU path")
     ap.add_argument("--paths", action="store_true",
                     help="A/B of the forward paths (routed vs bank, fwd) per bank size: writes kernel_bench_paths.*")
     ap.add_argument("--adapters", type=int, nargs="*", default=None, help=f"--paths: bank sizes L (default {L})")

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common.atomic import atomic_write_text
+from common.atomic import atomic_write_text, file_in_the_way
 from common.provenance import device_name, git_sha, versions
 from pipeline.report.records import read_route_record
 
@@ -220,6 +220,10 @@ def main(argv=None) -> int:
     try:
         if args.per_task < 1 or args.epochs < 1:
             raise ValueError("--per-task and --epochs must be >= 1")
+        blocker = file_in_the_way(args.out)  # found now, not after minutes of forward passes
+        if blocker is not None:
+            raise ValueError(f"--out {args.out}: {blocker} is a file, not a directory; give a directory for "
+                             f"gate_probe.json / .md")
         doc = gate_probe(args.record, args.per_task, args.layers, args.model, args.epochs)
     except ValueError as e:
         print(f"gate_probe: {e}", file=sys.stderr)

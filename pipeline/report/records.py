@@ -134,12 +134,16 @@ def read_run(run_dir) -> dict | None:
 
 def read_route_record(record_dir) -> tuple[dict, dict]:
     """``(composed config, metrics record)`` of a route run, a committed record dir or a run dir (what the offline
-    tools over a route record read); one ValueError line naming the fix when the dir holds no such pair."""
+    tools over a route record read); one ValueError line naming the fix when the dir holds no such pair, or holds
+    another stage's record."""
     rec = read_run(record_dir)
     cfg = config_of(rec) if rec is not None else None
     if rec is None or cfg is None:
         raise ValueError(f"{record_dir} is not a route record (no metrics.json and config.yaml, plain or .xz): give "
                          f"a committed route record dir, e.g. outputs/records/meteora_tasks/route/meteora")
+    if rec.get("stage") != "route":  # an evaluate / finetune record beside it: no router.train in its config
+        raise ValueError(f"{record_dir} holds a record of the {rec.get('stage')} stage, not of route: give the "
+                         f"route run's dir, e.g. outputs/records/meteora_tasks/route/meteora")
     return cfg, rec
 
 
@@ -150,18 +154,30 @@ def read_records(records_dir) -> list[dict]:
         raise FileNotFoundError(f"records={str(root)!r} holds no {INDEX}: not a records dir; give "
                                 f"outputs/records/<experiment> (written by the report stage of a paper experiment)")
     out = []
-    for entry in json.loads((root / INDEX).read_text())["experiment_runs"]:
-        path = root / entry["run"] / f"metrics.json{SUFFIX}"
+    for run in _index_runs(root / INDEX):
+        path = root / run / f"metrics.json{SUFFIX}"
         try:
-            rec = json.loads(_read(root / entry["run"] / "metrics.json") or "")
+            rec = json.loads(_read(root / run / "metrics.json") or "")
         except (ValueError, lzma.LZMAError) as e:
             raise ValueError(f"{path}: not a readable record ({e}); restore it from git") from None
         missing = [k for k in REQUIRED if k not in rec]
         if missing:
             raise ValueError(f"{path}: the record lacks {missing}; restore it from git")
-        rec["_path"], rec["_run"] = str(path), entry["run"]
+        rec["_path"], rec["_run"] = str(path), run
         out.append(rec)
     return out
+
+
+def _index_runs(index: Path) -> list[str]:
+    """The run names an ``index.json`` lists; a file that is not one (truncated, hand-edited, another tool's
+    ``index.json``) is one ValueError naming it and the fix, not a bare JSONDecodeError or a KeyError traceback."""
+    try:
+        return [str(entry["run"]) for entry in json.loads(index.read_text())["experiment_runs"]]
+    except (ValueError, KeyError, TypeError) as e:
+        why = (f"{type(e).__name__}: {e}" if isinstance(e, ValueError) else
+               "no experiment_runs list of {run: ...}")
+        raise ValueError(f"{index}: not a records index ({why}); restore it from git, or rebuild the records dir "
+                         f"with the report stage of its experiment") from None
 
 
 LOST = ("raw records not committed: this table was made before tables kept their runs' metrics.json and "

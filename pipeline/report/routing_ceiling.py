@@ -52,9 +52,12 @@ def ceiling_of_route_record(record_dir, one_token: bool = False) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    paths = [a for a in argv if not a.startswith("--")]
-    if len(paths) != 1:
-        print("usage: python -m pipeline.report.routing_ceiling <route record dir> [--one-token]", file=sys.stderr)
+    paths = [a for a in argv if not a.startswith("-")]
+    unknown = [a for a in argv if a.startswith("-") and a != "--one-token"]  # a typo must not drop --one-token
+    if len(paths) != 1 or unknown:
+        usage = "usage: python -m pipeline.report.routing_ceiling <route record dir> [--one-token]"
+        line = f"routing_ceiling: {' '.join(unknown)} is not an option; {usage}" if unknown else usage
+        print(line, file=sys.stderr)
         return 2
     try:
         got = ceiling_of_route_record(Path(paths[0]), one_token="--one-token" in argv)

@@ -220,8 +220,15 @@ BLOCKS = {"claims": claims_block, "kernel_targets": kernel_targets_block, "train
 
 
 def blocks(tables_dir) -> dict[str, str]:
-    """Every block's text from the committed tables under ``tables_dir`` (and ``<its parent>/demo``)."""
+    """Every block's text from the committed tables under ``tables_dir`` (and ``<its parent>/demo``). A dir that
+    holds no table at all is refused: it is a mistyped path, and every block would say "not committed", which
+    written over the README would drop all its results."""
     tables_dir = Path(tables_dir)
+    if not tables_dir.is_dir() or not any(tables_dir.glob("*.json")):
+        what = ("holds no table (*.json)" if tables_dir.is_dir() else
+                "is a file, not a directory" if tables_dir.exists() else "does not exist")
+        raise FileNotFoundError(f"tables dir {str(tables_dir)!r} {what}; give the committed tables' dir, "
+                                f"outputs/tables (--tables, or the report stage's paper_tables_dir=)")
     out = {name: fn(tables_dir).rstrip() for name, fn in BLOCKS.items()}
     out["demo"] = demo_block(tables_dir.parent / "demo")
     return out
@@ -246,9 +253,19 @@ def render(text: str, generated: dict[str, str]) -> str:
     return text
 
 
+def _readme(readme) -> Path:
+    """The README file to render into; a path that is a directory or is not there is one line naming the fix."""
+    path = Path(readme)
+    if not path.is_file():
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise FileNotFoundError(f"readme {str(path)!r} {what}; give the repository's README.md (--readme, or the "
+                                f"report stage's readme=)")
+    return path
+
+
 def stale_blocks(readme, tables_dir) -> list[str]:
     """Names of the README's blocks that differ from what the committed tables give."""
-    text = Path(readme).read_text()
+    text = _readme(readme).read_text()
     want = render(text, blocks(tables_dir))
     if want == text:
         return []
@@ -257,9 +274,7 @@ def stale_blocks(readme, tables_dir) -> list[str]:
 
 def update_readme(readme, tables_dir) -> Path:
     """Rewrite the README's generated blocks from ``tables_dir`` (atomically); return its path."""
-    path = Path(readme)
-    if not path.is_file():
-        raise FileNotFoundError(f"readme={str(path)!r} does not exist; give the repository's README.md")
+    path = _readme(readme)
     text = path.read_text()
     new = render(text, blocks(tables_dir))
     if new != text:

@@ -47,7 +47,8 @@ def collect_records(source_dir) -> list[dict]:
     """Every valid metrics.json below ``source_dir`` except reports' own; a broken file is skipped loudly."""
     source = Path(source_dir)
     if not source.is_dir():
-        raise FileNotFoundError(f"report source_dir {str(source)!r} does not exist; run the experiment's stages "
+        what = "is a file, not a directory" if source.exists() else "does not exist"
+        raise FileNotFoundError(f"report source_dir {str(source)!r} {what}; run the experiment's stages "
                                 f"first (python -m pipeline.reproduce experiment=<name>) or set source_dir=")
     records = []
     for path in find_metrics(source):
