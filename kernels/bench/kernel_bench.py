@@ -18,7 +18,6 @@ ratio_to_base = ms / ms(base, same shape and T, same direction, same run).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -27,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from common.atomic import atomic_write_text
+from common.cli_args import ArgumentParser, user_error
 from kernels import multi_lora, switches
 from kernels.bench.timing import provenance, time_ms
 
@@ -281,7 +281,7 @@ def _profile(d_in, d_out, T, r, path):
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__.splitlines()[0])
+    ap = ArgumentParser(prog="python -m kernels.bench", description=__doc__.splitlines()[0])
     ap.add_argument(
         "--out", default="outputs/tables", help="directory for kernel_bench.json and kernel_bench.md"
     )
@@ -321,9 +321,8 @@ def main(argv=None) -> None:
     if args.ranks:
         ranks = list(args.ranks)
     if not torch.cuda.is_available():
-        raise SystemExit(
-            "kernels.bench: needs a CUDA GPU; run it on the GPU machine (python -m kernels.bench --out DIR)"
-        )
+        raise SystemExit(user_error("kernels.bench needs a CUDA GPU; run it on the GPU machine "
+                                    "(python -m kernels.bench --out DIR)"))
     if args.profile:
         for d_in, d_out, T, r, path in [(4096, 4096, 4096, 16, "bank"), (4096, 4096, 4096, 16, "grouped"),
                                         (4096, 4096, 64, 8, "bank"), (4096, 4096, 64, 8, "token"),

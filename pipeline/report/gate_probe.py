@@ -27,7 +27,6 @@ and that record's sha). Minutes on a CPU (the forward passes); seconds on a GPU.
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import json
 import sys
@@ -37,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from common.atomic import atomic_write_text, file_in_the_way
+from common.cli_args import ArgumentParser, user_error
 from common.provenance import device_name, git_sha, versions
 from pipeline.report.records import read_route_record
 
@@ -209,7 +209,7 @@ def markdown(doc: dict) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pipeline.report.gate_probe", description=__doc__.splitlines()[0])
+    ap = ArgumentParser(prog="python -m pipeline.report.gate_probe", description=__doc__.splitlines()[0])
     ap.add_argument("record", help="a MeteoRA route record dir (config.yaml.xz + metrics.json.xz)")
     ap.add_argument("--per-task", type=int, default=60, help="training rows per task for the probes")
     ap.add_argument("--layers", default=DEFAULT_LAYERS, help="comma-separated layer indices, 'last' for the last")
@@ -226,8 +226,7 @@ def main(argv=None) -> int:
                              f"gate_probe.json / .md")
         doc = gate_probe(args.record, args.per_task, args.layers, args.model, args.epochs)
     except ValueError as e:
-        print(f"gate_probe: {e}", file=sys.stderr)
-        return 2
+        return user_error(e)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "gate_probe.json", json.dumps(doc, indent=1) + "\n")

@@ -12,9 +12,9 @@ at its ``model.name_or_path``, or the same model in this machine's cache), throu
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
+from common.cli_args import ArgumentParser, user_error
 from data.routing_ceiling import causal_routing_ceiling, one_token_routing
 from pipeline.report.records import read_route_record
 
@@ -51,19 +51,14 @@ def ceiling_of_route_record(record_dir, one_token: bool = False) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    paths = [a for a in argv if not a.startswith("-")]
-    unknown = [a for a in argv if a.startswith("-") and a != "--one-token"]  # a typo must not drop --one-token
-    if len(paths) != 1 or unknown:
-        usage = "usage: python -m pipeline.report.routing_ceiling <route record dir> [--one-token]"
-        line = f"routing_ceiling: {' '.join(unknown)} is not an option; {usage}" if unknown else usage
-        print(line, file=sys.stderr)
-        return 2
+    ap = ArgumentParser(prog="python -m pipeline.report.routing_ceiling", description=__doc__.splitlines()[0])
+    ap.add_argument("record", help="a MeteoRA route record dir (config.yaml.xz + metrics.json.xz)")
+    ap.add_argument("--one-token", action="store_true", help="also what a router reading one token scores there")
+    args = ap.parse_args(argv)  # a mistyped option is an error, not dropped: it must not lose --one-token
     try:
-        got = ceiling_of_route_record(Path(paths[0]), one_token="--one-token" in argv)
+        got = ceiling_of_route_record(Path(args.record), one_token=args.one_token)
     except (ValueError, FileNotFoundError) as e:
-        print(f"routing_ceiling: {e}", file=sys.stderr)
-        return 2
+        return user_error(e)
     print(json.dumps(got, indent=1))
     return 0
 

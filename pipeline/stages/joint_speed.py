@@ -18,7 +18,6 @@ separate, provenance) and ``<out>.md``. Extra arguments are Hydra overrides for 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
@@ -28,6 +27,7 @@ import tempfile
 from pathlib import Path
 
 from common.atomic import atomic_write_text
+from common.cli_args import ArgumentParser
 from common.provenance import provenance
 from data.task_rows import JOINT_TASK
 from pipeline.runtime.compose import compose
@@ -77,7 +77,7 @@ def render_md(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m pipeline.joint_speed", description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(prog="python -m pipeline.joint_speed", description=__doc__.split("\n\n")[0])
     ap.add_argument("--experiment", default="demo")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", default="outputs/tables/joint_finetune_cpu")

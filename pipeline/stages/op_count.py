@@ -11,12 +11,13 @@ other calls that launch nothing, and prints the total, per wrapped projection, a
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from collections import Counter
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+
+from common.cli_args import ArgumentParser
 
 NO_LAUNCH = {"aten::view", "aten::reshape", "aten::t", "aten::transpose", "aten::as_strided", "aten::expand",
              "aten::unsqueeze", "aten::squeeze", "aten::slice", "aten::select", "aten::permute", "aten::_unsafe_view",
@@ -133,7 +134,7 @@ def compiled_kernels(variant: str, batch: int = 2, seq: int = 16) -> int:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--router", default="meteora")
     p.add_argument("--trainable", default="gates")
     p.add_argument("--against-peft", action="store_true",

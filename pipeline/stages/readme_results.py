@@ -23,7 +23,6 @@ Blocks:
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import re
@@ -31,6 +30,7 @@ import sys
 from pathlib import Path
 
 from common.atomic import atomic_write_text
+from common.cli_args import ArgumentParser, user_error
 from pipeline.report.paper_claims import table_claims
 from pipeline.report.paper_tables import _md_cell, _md_table, interval_cell
 from pipeline.stages import e2e_decode as e2e
@@ -283,7 +283,7 @@ def update_readme(readme, tables_dir) -> Path:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pipeline.readme_results", description=__doc__.splitlines()[0])
+    ap = ArgumentParser(prog="python -m pipeline.readme_results", description=__doc__.splitlines()[0])
     ap.add_argument("--readme", default=str(ROOT / "README.md"))
     ap.add_argument("--tables", default=str(ROOT / "outputs" / "tables"))
     ap.add_argument("--check", action="store_true", help="exit 1 when a block differs from the tables")
@@ -298,8 +298,7 @@ def main(argv=None) -> int:
             return 0
         print(update_readme(args.readme, args.tables))
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return user_error(e)
     return 0
 
 

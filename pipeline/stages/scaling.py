@@ -18,7 +18,6 @@ and efficiency against the first run, loss-curve difference to it, router accura
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -31,6 +30,7 @@ import lightning as L
 import torch
 
 from common.atomic import atomic_write_text
+from common.cli_args import ArgumentParser
 from common.provenance import provenance
 from pipeline.runtime.compose import compose
 from pipeline.runtime.distributed import sum_over_ranks
@@ -156,7 +156,7 @@ def ensure_adapters(args, env: dict, work: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m pipeline.scaling", description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(prog="python -m pipeline.scaling", description=__doc__.split("\n\n")[0])
     ap.add_argument("--experiment", default="demo")
     ap.add_argument("--router", default="meteora", choices=["meteora", "dlp"])
     ap.add_argument("--runs", nargs="+", default=["gpu:1", "ddp:2", "fsdp:2"],
