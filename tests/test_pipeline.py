@@ -465,6 +465,12 @@ def test_route_trains_until_the_target_accuracy(smoke, tmp_path):
     assert set(hard["router_accuracy_one_token_by_task"]) == set(hard["adapters"])
     # where the accuracy is lost: each of the 7 x layers gates' accuracy over the last validation, and each layer's
     _assert_accuracy_by_projection_and_layer(hard)
+    # and on the answer tokens apart from the prompt's: a curve beside the monitored one, its last point the record's
+    answers = hard["router_accuracy_answers_curve"]
+    assert [s for s, _ in answers] == [2, 4, 6] and answers[-1][1] == pytest.approx(hard["router_accuracy_answers"],
+                                                                                    abs=1e-6)
+    assert 0 <= hard["router_accuracy_prompts"] <= 1 and set(hard["router_accuracy_answers_by_task"]) == set(
+        hard["adapters"])
 
 
 def test_route_with_train_loras_keeps_the_cotrained_adapters_and_evaluate_runs_on_them(smoke, tmp_path):

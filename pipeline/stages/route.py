@@ -69,7 +69,7 @@ from pipeline.runtime.step_graph import StepGraphs
 from pipeline.runtime.step_log import StepLog
 from pipeline.runtime.train_speed import apply_train_speed, bf16_trainer, cuda_graph_wanted
 from pipeline.stages.lora_training import adamw_with_schedule, lr_factor
-from pipeline.stages.target_accuracy import AccuracyCurve, target_callbacks
+from pipeline.stages.target_accuracy import ANSWERS_MONITOR, AccuracyCurve, target_callbacks
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +191,9 @@ class RouterTrainModule(L.LightningModule):
             self.val_confusion = reduce(self.val_confusion, reduce_op="sum")
         if self.val_answer_hits is not None:
             self.val_answer_hits = tuple(reduce(t, reduce_op="sum") for t in self.val_answer_hits)
+            hits, pairs = self.val_answer_hits  # every rank's already: the answer tokens' accuracy, in the curve too
+            if int(pairs.sum()):
+                self.log(ANSWERS_MONITOR, hits.sum().float() / pairs.sum(), sync_dist=False)
 
     def validation_step(self, batch, batch_idx):
         loss, parts = self._step(batch)
