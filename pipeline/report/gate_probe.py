@@ -11,7 +11,9 @@ rows per task, max length, the same tokenizer; ``data.batches.routed_rows``) and
 each task, runs the base model over them (no adapters), catches the input of each chosen layer's ``q_proj`` (what
 the q / k / v gates read), and fits one multinomial logistic regression per layer on the training tokens (AdamW,
 full passes, fixed seed). It then scores each probe on the validation tokens, beside the accuracy the record's
-gates reached at the same layer (``router_accuracy_by_projection``).
+gates reached at the same layer (``router_accuracy_by_projection``), and on the answer tokens apart from the
+prompt's (a row's answer starts at its ``prompt_len``): the answers are what a gate routes while the model writes,
+after the whole prompt, while a prompt's first tokens may read alike across tasks.
 
 What it measures, and what not:
 - The probes see the base model's hidden states; the gates saw those of the model with the routed adapters added,
