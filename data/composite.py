@@ -20,12 +20,20 @@ Prompt (MeteoRA's template, character for character)::
 
 where each test prompt is the sub-task's own single-task prompt (``[INST] ... [/INST]\n``, so test prompts are
 two blank lines apart). The examples are MeteoRA's two fixed ones (``data.composite_shots``: ordinary rows of each
-sub-task, built by the same code as the test prompts); an answer is one line (newlines become spaces).
+sub-task, built by the same code as the test prompts); an answer is one line (newlines become spaces). The layout
+is MeteoRA's character for character; the examples' text is the data's, so it differs where MeteoRA hand-typed
+its prefix unlike its own test rows: its question_selection / goal_step_wikihow choice lines carry no indentation
+and another order, its own choice lines and alpaca's empty input end "\n[/INST]" (its test rows, and ours,
+"\n [/INST]"), and two strings gained a period ("... never come back." and the answer "Place the camera on a
+sturdy base.").
 ``shots=1`` keeps Example 1 only, ``shots=0`` none (the instruction line still opens the questions).
 
 Parsing: answer i is the text after ``i.`` at the start of a line, up to the end of that line (MeteoRA's
 ``i. (.*?)(\\n|$)``, anchored to a line start so "11." never reads as "1.", and "2.5 m" is no answer 2); a missing
 number gives "". Numbers above n, and repeats of a number (the first one counts), are counted in the report.
+Where MeteoRA's eval.py reads otherwise, knowingly: it takes the first "i. " anywhere in the output, so an answer
+1 ending "in 1862. Then ..." gives answer 2 "Then ...", and a missing "1." line takes "11."'s answer; it needs the
+space ("1.yes" is empty there, "yes" here); it keeps trailing spaces ("correct " fails winowhy's exact match).
 
 Scoring: every sub-task with its own metrics (data.scoring.score) over the rows, plus MeteoRA's summaries:
 ``attempts`` = mean number of non-empty answers per row (n - empties/N), ``correct`` = sum of the sub-tasks'

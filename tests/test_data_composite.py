@@ -263,3 +263,28 @@ def test_bad_composite_input():
         build_composite(["strategyqa"], rows=3)
     with pytest.raises(LoramuxDataError, match=r"unknown task 'no_such_task'"):
         build_composite(["strategyqa", "no_such_task"], rows=3)
+
+
+def test_a_prompt_skipped_as_too_long_is_no_row_of_the_composite_scores():
+    """evaluate scores only the composite rows it generated (MeteoRA's N): a prompt over data.max_prompt_tokens
+    (its text None) neither lowers attempts nor counts as a wrong answer to every sub-task, so the record's metrics
+    are those of the rows the claims' intervals resample (claim_rows drops the same rows)."""
+    from datasets import Dataset
+
+    from data.batches import Generations
+    from pipeline.stages.evaluate import _score_composite
+
+    subtasks = ["winowhy", "strategyqa"]
+    ds = Dataset.from_dict({"prompt": ["p0", "p1", "p2"], "answers": [["correct", "Yes. It is."]] * 3,
+                            "subtasks": [subtasks] * 3})
+    texts = ["1. correct\n2. Yes.", None, "1. correct\n2. yes, it is"]
+    g = Generations(texts=texts, routes=[None] * 3, ends=[None] * 3, skipped=1)
+    metrics, lines, names, skipped, _ = _score_composite(2, subtasks, ds, g)
+    assert metrics["rows"] == 2 and metrics["attempts"] == 2.0 and metrics["missing"] == 0
+    assert metrics["winowhy/accuracy"] == 1.0 and metrics["strategyqa/accuracy"] == 1.0
+    assert metrics["correct"] == 2.0 and metrics["main"] == 1.0 and skipped == 1 and names == subtasks
+    assert [x["prediction"] for x in lines] == texts  # the skipped row is still listed, unscored
+
+    none = Generations(texts=[None] * 3, routes=[None] * 3, ends=[None] * 3, skipped=3)
+    metrics, lines, *_ = _score_composite(2, subtasks, ds, none)
+    assert metrics["rows"] == 0 and metrics["attempts"] is None and metrics["main"] is None and len(lines) == 3

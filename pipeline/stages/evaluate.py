@@ -214,15 +214,24 @@ def _composite_group(cfg, n, subtasks, tokenizer):
 
 
 def _score_composite(n, subtasks, ds, g):
-    outputs = ["" if p is None else p for p in g.texts]
-    rep = score_composite(outputs, ds)
+    """Metrics and prediction lines of a composite-n run. Only the rows that were generated are scored: a prompt
+    skipped as too long (text None, ``skipped_long``) is no row of the scores, as in MeteoRA's eval_model.py (it
+    never generates for such a prompt, so its N, the attempts' divisor, counts only the prompts it ran), as in
+    single-task scoring, and as in the claims' intervals (pipeline/report/claim_rows.py drops it too). Scored as
+    an empty output instead, it would cost every sub-task a wrong answer and attempts n / N per skipped row."""
+    kept = [i for i, p in enumerate(g.texts) if p is not None]
     metrics = {}
+    if kept:
+        rep = score_composite([g.texts[i] for i in kept], ds.select(kept))
+    else:  # every prompt too long: nothing to score
+        rep = {"per_task": {}, "attempts": None, "correct": None, "rows": 0,
+               "missing": 0, "extra": 0, "duplicate": 0}
     for name, m in rep["per_task"].items():
         metrics.update({f"{name}/{k}": v for k, v in m.items()})
         metrics[f"{name}/score"] = task_score(m)
     metrics.update({k: rep[k] for k in ("attempts", "correct", "rows", "missing", "extra", "duplicate")})
     metrics["max_new_tokens"] = g.max_new_tokens
-    metrics["main"] = rep["correct"] / n
+    metrics["main"] = rep["correct"] / n if rep["correct"] is not None else None
     lines = [{"index": i, "prompt": row["prompt"], "answers": row["answers"], "prediction": p, "route": r,
               **(end or {})} for i, (row, p, r, end) in enumerate(zip(ds, g.texts, g.routes, g.ends))]
     return metrics, lines, subtasks, g.skipped, g.new_tokens
