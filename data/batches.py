@@ -116,8 +116,13 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
 
 
 def plan_jobs(tokenizer, groups: list[PromptGroup], batch_size: int, max_prompt_tokens: int,
-              max_batch_tokens: int | None = None):
+              max_batch_tokens: int | None = None, context: int | None = None):
     """``(jobs, skipped per group)``: each job is one generate call, ``{"group", "indices", "input_ids", ...}``.
+
+    A prompt is skipped (counted, never generated) when it is longer than ``max_prompt_tokens``, or, with
+    ``context`` (the model's positions, ``max_position_embeddings``), when it and the group's ``max_new_tokens``
+    would run past them: the model would write its answer at positions it was never trained on. (MeteoRA bounds
+    the whole sequence the same way: generate's ``max_length``.)
 
     A job holds at most ``batch_size`` prompts of one group (shortest first) and, with ``max_batch_tokens``, at
     most that many KV-cache positions: its rows x (its longest prompt + the group's ``max_new_tokens``), what a
@@ -127,10 +132,11 @@ def plan_jobs(tokenizer, groups: list[PromptGroup], batch_size: int, max_prompt_
     jobs, skipped = [], []
     for g, group in enumerate(groups):
         enc = encode_prompts(tokenizer, group.prompts)
-        keep = [i for i, e in enumerate(enc) if 0 < len(e) <= max_prompt_tokens]
+        new = int(group.max_new_tokens)
+        keep = [i for i, e in enumerate(enc)
+                if 0 < len(e) <= max_prompt_tokens and (context is None or len(e) + new <= context)]
         order = sorted(keep, key=lambda i: len(enc[i]))
         skipped.append(len(enc) - len(keep))
-        new = int(group.max_new_tokens)
         start = 0
         while start < len(order):
             end = start + 1  # rows order[start:end]; the next one is the longest if it joins (shortest first)

@@ -381,6 +381,24 @@ def test_prompt_longer_than_the_context_is_skipped_and_counted():
     assert sorted(i for j in jobs for i in j["indices"]) == [0, 2]
 
 
+def test_a_prompt_whose_answer_would_pass_the_models_positions_is_skipped_and_counted():
+    """With ``context`` (the model's max_position_embeddings, which evaluate passes), a prompt that fits
+    ``max_prompt_tokens`` but leaves fewer than its group's ``max_new_tokens`` positions is skipped too: the answer
+    would be written where the model was never trained. Exactly filling the context is kept."""
+    from transformers import AutoTokenizer
+
+    from data.batches import PromptGroup, encode_prompts, plan_jobs
+
+    tok = AutoTokenizer.from_pretrained(str(TINY))
+    prompts = [" ".join(["word"] * n) for n in (5, 40, 20)]
+    lens = [len(e) for e in encode_prompts(tok, prompts)]
+    group = PromptGroup(prompts, max_new_tokens=10)
+    jobs, skipped = plan_jobs(tok, [group], batch_size=8, max_prompt_tokens=100, context=lens[2] + 10)
+    assert skipped == [1] and sorted(i for j in jobs for i in j["indices"]) == [0, 2]
+    jobs, skipped = plan_jobs(tok, [group], batch_size=8, max_prompt_tokens=100)  # no context given: all run
+    assert skipped == [0]
+
+
 def test_long_prompts_come_in_smaller_generate_calls():
     """generation.max_batch_tokens bounds a generate call's KV cache, its rows x (its longest prompt + the new
     tokens): short prompts fill batch_size, longer ones come fewer per call, one over the bound alone. Every prompt

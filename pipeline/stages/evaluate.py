@@ -118,8 +118,10 @@ def generate_groups(trainer, mm, tokenizer, groups: list[PromptGroup], *, batch_
                     engine: DecodeEngine | None = None) -> list[Generations] | None:
     """Generate every group through ``trainer.predict`` (sharded across its processes); rank 0 gets the
     ``Generations`` (``seconds``: the busiest rank's time inside generate, so process start-up is not counted),
-    the other ranks None."""
-    jobs, skipped = plan_jobs(tokenizer, groups, batch_size, max_prompt_tokens, max_batch_tokens)
+    the other ranks None. A prompt that, with its answer budget, would pass the model's positions is skipped
+    (``plan_jobs``' ``context``) as one over ``max_prompt_tokens`` is."""
+    context = getattr(mm.model.config, "max_position_embeddings", None)
+    jobs, skipped = plan_jobs(tokenizer, groups, batch_size, max_prompt_tokens, max_batch_tokens, context=context)
     outputs = trainer.predict(GenerationModule(mm, tokenizer, engine),
                               dataloaders=DataLoader(jobs, batch_size=1, collate_fn=_one_job)) if jobs else []
     outputs = list(outputs or [])
