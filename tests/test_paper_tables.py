@@ -177,14 +177,31 @@ def test_meteora_composite_table_reads_meteora_tasks_adapters(tables):
         assert r["lora_b_answered"] == pytest.approx(1 - lora_b[f"{r['subtask']}/empty"] / lora_b[f"{r['subtask']}/n"])
     [claim] = t["claims"]
     wins = sum(r["meteora"] > r["lora_b"] for r in t["rows"])
-    assert claim["measured"] == {"composite-2": f"{wins}/2"} and claim["holds"] == (wins > 1)
+    assert claim["measured"] == {"composite-2": f"{wins}/2"}
     by_n = claim["by_n"]["2"]
     low = [s for s, a in by_n["attempts"].items() if a < 0.8 * 2]
-    if low:  # a random tiny model rarely answers a numbered list: then there is nothing to compare
+    if low:  # a random tiny model rarely answers a numbered list: then there is nothing to compare, even by points
         assert claim["verdict"] is None and by_n["verdict"] is None and "attempts" in claim["reason"]
+        assert claim["holds"] is None and by_n["untestable"]
     else:
         assert claim["verdict"] == by_n["verdict"] in ("yes", "no", "inconclusive")
+        assert claim["holds"] == (wins > 1)
+
     _png(tables, "meteora_composite")
+
+
+def test_composite_free_text_subtasks_are_compared_on_bleu_as_meteora_scores_them():
+    """A composite sub-task without accuracy is compared on BLEU (MeteoRA's eval.py: its only metric for
+    news_commentary_de, the one its "8 of 10" counts), not on the ROUGE-L single-task tables prefer."""
+    from pipeline.report.paper_tables import meteora_composite
+
+    def rec(strategy, bleu, rouge):
+        return {"stage": "evaluate", "strategy": strategy, "composite_n": 3, "tasks": ["winowhy", "alpaca"],
+                "metrics": {"winowhy/accuracy": 0.5, "alpaca/bleu": bleu, "alpaca/rougeL": rouge}}
+
+    rows = meteora_composite([rec("meteora-top2", 0.0, 0.241), rec("lora_b", 8.17, 0.167)])["rows"]
+    assert [(r["subtask"], r["metric"], r["meteora"], r["lora_b"]) for r in rows] == [
+        ("winowhy", "accuracy", 0.5, 0.5), ("alpaca", "bleu", 0.0, 8.17)]  # MeteoRA's own alpaca row: a loss
 
 
 def test_dlp_tasks_table(tables):

@@ -152,6 +152,7 @@ def test_evaluate_scores_each_strategy_and_saves_predictions(smoke):
             and x["new_tokens"] == rec["metrics"][f"{x['task']}/max_new_tokens"])
     comp = _metrics(exp, "evaluate", "composite2-dlp")
     assert comp["composite_n"] == 2 and 0.0 <= comp["metrics"]["attempts"] <= 2.0
+    assert comp["router_config"]["top_p"] == 0.6  # the knobs the router ran with, recorded beside its name
     pred = json.loads((exp / "evaluate" / "composite2-dlp" / "predictions.jsonl").read_text().splitlines()[0])
     assert pred["route"] is not None and abs(sum(pred["route"]["weights"]) - 1.0) < 1e-3  # dlp's nucleus
 

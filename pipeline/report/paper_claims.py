@@ -120,7 +120,7 @@ def _composite_n(n: int, rows: list[dict], attempts: dict, src: dict, silent: di
         why = ("; " + ", ".join(f"{side}: {k:g} rows ran their whole budget writing no text (only special tokens or "
                                 "whitespace)"
                                 for side, k in sorted(loops.items()))) if loops else ""
-        out.update(verdict=None, reason=", ".join(f"{side} attempts {a:.2f} < {MIN_ATTEMPTS} n = {MIN_ATTEMPTS * n:g}"
+        out.update(verdict=None, untestable=True, reason=", ".join(f"{side} attempts {a:.2f} < {MIN_ATTEMPTS} n = {MIN_ATTEMPTS * n:g}"
                                                   for side, a in sorted(low.items())) +
                    ": the model does not answer the numbered list, so the comparison measures the answer format" + why)
         return out
@@ -145,8 +145,9 @@ def meteora_composite_claims(body: dict) -> list[dict]:
         by_n[n] = _composite_n(n, [r for r in rows if r["n"] == n], attempts, src.get(n, src.get(str(n), {})), silent)
     totals = {n: [r for r in rows if r["n"] == n and r.get("meteora") is not None and r.get("lora_b") is not None]
               for n in by_n}
+    # the point comparison, except where an n is untestable (too few attempts: its scores measure the answer format)
     holds = all(len(t) > 0 and sum(r["meteora"] > r["lora_b"] for r in t) > len(t) / 2 for t in totals.values()) \
-        if by_n else None
+        if by_n and not any(b.get("untestable") for b in by_n.values()) else None
     verdicts = [b["verdict"] for b in by_n.values()]
     if "no" in verdicts:
         fixed = ("no", None)

@@ -290,7 +290,8 @@ def evaluate(cfg: DictConfig) -> float | None:
             run.tracker.log_table("evaluate/predictions", cols, rows_)
         label = str(cfg.router.label) if cfg.router.label is not None else mm.router.label
         return run.finish(tasks=tasks, strategy=label, metrics=metrics, main_metric="main",
-                          extra={"composite_n": n, "router": plan.strategy.name})
+                          extra={"composite_n": n, "router": plan.strategy.name,
+                                 "router_config": mm.router.config()})  # the knobs it ran with (MeteoRA's T)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
