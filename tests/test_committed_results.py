@@ -134,3 +134,28 @@ def test_a_mistyped_readme_or_tables_path_is_one_line_and_the_readme_is_kept(tmp
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and re.fullmatch(f"error: {line}", err.strip()), err
     assert readme.read_bytes() == (ROOT / "README.md").read_bytes()
+
+
+def test_reclaim_recomputes_a_recordless_tables_claims_from_its_rows_and_refuses_one_with_records(tmp_path, capsys):
+    """``python -m pipeline.report.reclaim``: a committed table without records gets its claims again by today's
+    rule from its own rows (the rows, provenance and everything else as they were; its page rewritten); a table
+    whose records are committed is refused (rebuild it from them), as is a file that is no table."""
+    from pipeline.report.reclaim import main, reclaim
+
+    table = json.loads((TABLES / "meteora_composite.json").read_text())
+    stale = {**table, "claims": [{**table["claims"][0], "holds": "stale", "measured": {}}]}
+    path = tmp_path / "meteora_composite.json"
+    path.write_text(json.dumps(stale))
+    got = reclaim(path, records_root=tmp_path / "records")
+    written = json.loads(path.read_text())
+    assert written == _plain(got) and written["claims"] == table["claims"]  # today's rule, from the rows alone
+    assert {k: v for k, v in written.items() if k != "claims"} == {k: v for k, v in table.items() if k != "claims"}
+    assert (tmp_path / "meteora_composite.md").read_text().startswith("# meteora_composite")
+    (tmp_path / "records" / "meteora_composite").mkdir(parents=True)
+    (tmp_path / "records" / "meteora_composite" / "index.json").write_text("{}")
+    with pytest.raises(ValueError, match="records are committed: rebuild it from them"):
+        reclaim(path, records_root=tmp_path / "records")
+    (tmp_path / "x.json").write_text("[1]")
+    assert main([str(tmp_path / "x.json")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "is not a paper table" in err

@@ -86,7 +86,8 @@ def claims_block(tables_dir: Path) -> str:
         p = t.get("provenance", {})
         sha = p.get("git_sha")
         sha = ", ".join(str(s)[:7] for s in sha) if isinstance(sha, list) else str(sha)[:7]
-        notes.append(f"- `{name}`: git {sha} · {p.get('device')} · {str(p.get('date'))[:10]} · {p.get('records')} "
+        ran = (p.get("runs") or [None, None])[-1] or p.get("date")  # when its runs ended, not when it was rebuilt
+        notes.append(f"- `{name}`: git {sha} · {p.get('device')} · {str(ran)[:10]} · {p.get('records')} "
                      f"runs · {records_status(name, t, tables_dir.parent / 'records')}")
     e2e = _load(tables_dir / "e2e_decode.json")  # claim 5 under CUDA graphs, from the decode bench's raw rounds
     if e2e is not None:
