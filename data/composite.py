@@ -84,6 +84,9 @@ def build_composite(
     composite rows come from the same held-out test sets as single-task evaluation. repeat_short: instead of
     stopping at the smallest test split, cycle it (row i takes its test row i mod size), e.g. composite10 offline,
     whose news_commentary_de substitute has 30 test rows; every composite row is still a distinct combination.
+    Each row's ``sources`` names the test row each sub-task's question came from (its index in that sub-task's
+    shuffled test rows): a cycled sub-task asks the same question in several rows, which a bootstrap over rows must
+    draw together (``pipeline.report.statistics``' clusters).
     """
     from datasets import Dataset, Features, Sequence, Value  # lazy: slow to import, only building needs it
 
@@ -99,16 +102,19 @@ def build_composite(
         rng.shuffle(test)
         tests.append(test)
     count = rows if repeat_short else min([rows] + [len(t) for t in tests])
-    prompts, answers = [], []
+    prompts, answers, sources = [], [], []
     for i in range(count):
         picked = [t[i % len(t)] for t in tests]
         prompts.append(prefix + "".join(r["prompt"] + "\n\n" for r in picked)[:-1])
         answers.append([r["answer"] for r in picked])
+        sources.append([i % len(t) for t in tests])
     features = Features(
-        {"prompt": Value("string"), "answers": Sequence(Value("string")), "subtasks": Sequence(Value("string"))}
+        {"prompt": Value("string"), "answers": Sequence(Value("string")), "subtasks": Sequence(Value("string")),
+         "sources": Sequence(Value("int64"))}
     )
     return Dataset.from_dict(
-        {"prompt": prompts, "answers": answers, "subtasks": [list(names)] * count}, features=features
+        {"prompt": prompts, "answers": answers, "subtasks": [list(names)] * count, "sources": sources},
+        features=features,
     )
 
 

@@ -56,7 +56,7 @@ def test_numbered_answers_round_trip(answers):
 @needs_bigbench
 def test_composite3_round_trip_scores_perfect_and_a_dropped_answer_costs_its_row():
     ds = build_composite("composite3", rows=16)
-    assert ds.column_names == ["prompt", "answers", "subtasks"] and len(ds) == 16
+    assert ds.column_names == ["prompt", "answers", "subtasks", "sources"] and len(ds) == 16
     assert ds[0]["subtasks"] == ["logical_deduction", "question_selection", "strategyqa"]
     outputs = [_gold_output(a) for a in ds["answers"]]
     report = score_composite(outputs, ds)
@@ -256,6 +256,9 @@ def test_composite10_has_ten_subtasks_and_is_capped_by_the_smallest_test_split()
     assert len(cycled) == smallest + 5 and len(set(cycled["prompt"])) == smallest + 5
     assert cycled[smallest]["answers"][7] == cycled[0]["answers"][7]  # news_commentary_de wraps around
     assert cycled[smallest]["answers"][0] != cycled[0]["answers"][0]
+    # each row names the test row each sub-task's question came from: the cycled one's repeat, the others' do not
+    assert cycled[smallest]["sources"][7] == cycled[0]["sources"][7] == 0
+    assert [r["sources"][0] for r in cycled] == list(range(smallest + 5))
 
 
 def test_bad_composite_input():
@@ -276,7 +279,7 @@ def test_a_prompt_skipped_as_too_long_is_no_row_of_the_composite_scores():
 
     subtasks = ["winowhy", "strategyqa"]
     ds = Dataset.from_dict({"prompt": ["p0", "p1", "p2"], "answers": [["correct", "Yes. It is."]] * 3,
-                            "subtasks": [subtasks] * 3})
+                            "subtasks": [subtasks] * 3, "sources": [[i, i] for i in range(3)]})
     texts = ["1. correct\n2. Yes.", None, "1. correct\n2. yes, it is"]
     g = Generations(texts=texts, routes=[None] * 3, ends=[None] * 3, skipped=1)
     metrics, lines, names, skipped, _ = _score_composite(2, subtasks, ds, g)
@@ -284,6 +287,7 @@ def test_a_prompt_skipped_as_too_long_is_no_row_of_the_composite_scores():
     assert metrics["winowhy/accuracy"] == 1.0 and metrics["strategyqa/accuracy"] == 1.0
     assert metrics["correct"] == 2.0 and metrics["main"] == 1.0 and skipped == 1 and names == subtasks
     assert [x["prediction"] for x in lines] == texts  # the skipped row is still listed, unscored
+    assert [x["sources"] for x in lines] == [[0, 0], [1, 1], [2, 2]]  # the questions each row asked (clusters)
 
     none = Generations(texts=[None] * 3, routes=[None] * 3, ends=[None] * 3, skipped=3)
     metrics, lines, *_ = _score_composite(2, subtasks, ds, none)

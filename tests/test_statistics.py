@@ -45,6 +45,27 @@ def test_interval_is_seeded_paired_and_about_the_right_width():
     assert same.low == same.high == same.estimate == 0.0
 
 
+def test_clustered_rows_are_drawn_together_and_widen_the_interval_as_fewer_independent_rows():
+    """``Side.clusters``: 30 questions each asked in 10 rows (a composite sub-task cycled over 300 rows) carry the
+    information of 30 rows, not 300: the clustered interval is about sqrt(10) times the row bootstrap's, a
+    one-row-per-cluster table gives the row bootstrap's interval back, and the point estimate does not move."""
+    rng = np.random.default_rng(2)
+    hits = np.repeat((rng.random(30) < 0.5).astype(float), 10)  # question q's answer in rows 10q .. 10q + 9
+    stats = np.stack([hits, np.ones(300)], 1)
+    rows = mean_difference({"t": Side("accuracy", stats)})
+    clustered = mean_difference({"t": Side("accuracy", stats, np.repeat(np.arange(30), 10))})
+    assert clustered.estimate == rows.estimate
+    ratio = (clustered.high - clustered.low) / (rows.high - rows.low)
+    assert 2.4 < ratio < 4.2  # sqrt(10) = 3.16
+    single = mean_difference({"t": Side("accuracy", stats, np.arange(300))})
+    assert (single.high - single.low) == pytest.approx(rows.high - rows.low, rel=0.15)
+    # paired: both sides drawn by the same clusters
+    other = np.stack([np.repeat((rng.random(30) < 0.5).astype(float), 10), np.ones(300)], 1)
+    ids = np.repeat(np.arange(30), 10)
+    paired_iv = mean_difference({"t": Side("accuracy", stats, ids)}, {"t": Side("accuracy", other, ids)})
+    assert paired_iv.low <= paired_iv.estimate <= paired_iv.high
+
+
 def test_row_stats_sum_to_the_metrics_score_reports():
     preds = ["yes. the cat sat on the mat", "", "No, it is not", "maybe", "Yes. A dog barked loudly today"]
     golds = ["Yes. The cat sat on a mat.", "No. x", "No. it is not so", "Yes. y", "Yes. A dog barked loudly."]
@@ -61,14 +82,14 @@ def test_row_stats_sum_to_the_metrics_score_reports():
 
 # ----------------------------------------------------------------------------------- synthetic records
 def _write_run(root, step: str, task: str, preds: list[str], golds: list[str], strategy: str, composite=None,
-               extra_metrics=None):
+               extra_metrics=None, sources=None):
     import json
 
     run = root / "evaluate" / step
     run.mkdir(parents=True)
     if composite:
-        lines = [{"index": i, "prompt": f"q{i}", "answers": g, "prediction": p} for i, (p, g) in
-                 enumerate(zip(preds, golds))]
+        lines = [{"index": i, "prompt": f"q{i}", "answers": g, "prediction": p,
+                  **({"sources": sources[i]} if sources else {})} for i, (p, g) in enumerate(zip(preds, golds))]
         from data.composite import parse_composite
 
         metrics = {}
@@ -149,6 +170,35 @@ def test_composite_ties_are_no_wins_and_few_attempts_are_untestable(tmp_path):
     [c] = t["claims"]
     assert c["verdict"] is None and "meteora attempts 0.00" in c["reason"]
     assert "meteora: 200 rows ran their whole budget writing no text" in c["reason"] and "lora_b:" not in c["reason"]
+
+
+def test_composite_rows_cluster_by_the_question_each_sub_task_asked(tmp_path):
+    """A composite record whose lines name their ``sources`` (evaluate writes them): each sub-task's rows are
+    clustered by the question they asked, so a sub-task cycled over 30 questions in 300 rows is resampled as 30,
+    on both sides of a pair; a record without sources (older ones) is resampled by rows, as before."""
+    from pipeline.report.claim_rows import paired, record_rows
+
+    subs = ["winowhy", "cs_algorithms"]
+    golds = [["correct", "2"]] * 300
+    rng = np.random.default_rng(3)
+    right = np.repeat(rng.random(30) < 0.6, 10)  # sub-task 0 cycles 30 questions; sub-task 1 has 300
+    preds = [f"1. {'correct' if r else 'incorrect'}\n2. 2" for r in right]
+    sources = [[i // 10, i] for i in range(300)]
+    _write_run(tmp_path / "new", "composite2-meteora-top2", "", preds, golds, "meteora-top2", subs, sources=sources)
+    _write_run(tmp_path / "old", "composite2-meteora-top2", "", preds, golds, "meteora-top2", subs)
+    [rec] = collect_records(tmp_path / "new")
+    rows = record_rows(rec)
+    assert rows["winowhy"].clusters == [i // 10 for i in range(300)] and rows["cs_algorithms"].clusters == list(
+        range(300))
+    a, b = paired(rows, rows, {"winowhy": "accuracy"})
+    assert (a["winowhy"].clusters == b["winowhy"].clusters).all()
+    clustered = mean_difference(a)
+    [old] = collect_records(tmp_path / "old")
+    plain, _ = paired(record_rows(old), record_rows(old), {"winowhy": "accuracy"})
+    assert plain["winowhy"].clusters is None
+    by_rows = mean_difference(plain)
+    assert clustered.estimate == by_rows.estimate == pytest.approx(right.mean())
+    assert (clustered.high - clustered.low) > 2.4 * (by_rows.high - by_rows.low)
 
 
 def test_composite_majority_verdict():

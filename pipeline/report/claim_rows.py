@@ -7,7 +7,8 @@
 Single-task records: each predictions line is one row of its task, keyed by (row index, prompt sha1); a skipped
 prompt (prediction None) is no row, as evaluate leaves it out of the scores. Composite records: a line holds n
 answers; sub-task j's row is the j-th answer parsed from the prediction (``data.composite.parse_composite``)
-against the j-th gold answer, keyed by the composite row. Statistics come from ``data.scoring.row_stats``, the
+against the j-th gold answer, keyed by the composite row, clustered by the question it asked (the line's
+``sources``: a cycled sub-task asks one question in several rows, drawn together by the bootstrap). Statistics come from ``data.scoring.row_stats``, the
 same rules the record's scores were computed with, so their sums give the record's metrics back.
 
 ``paired`` keeps, per task, the rows both sides have (same key: the same test prompt) in one order; it returns
@@ -34,6 +35,7 @@ class TaskRows:
 
     keys: list
     stats: dict
+    clusters: list | None = None  # composite rows: the sub-task question each row asked (repeats share one)
 
 
 def _key(line: dict) -> tuple:
@@ -45,7 +47,7 @@ def record_rows(rec: dict) -> dict[str, TaskRows]:
     """``{task: TaskRows}`` of an evaluate record, from its predictions (cached on the record)."""
     if "_rows" in rec:
         return rec["_rows"]
-    groups: dict[str, dict[str, list]] = defaultdict(lambda: {"keys": [], "pred": [], "gold": []})
+    groups: dict[str, dict[str, list]] = defaultdict(lambda: {"keys": [], "pred": [], "gold": [], "src": []})
     lines = predictions_of(rec)
     n = int(rec.get("composite_n") or 0)
     if n:
@@ -59,6 +61,7 @@ def record_rows(rec: dict) -> dict[str, TaskRows]:
                 g["keys"].append(_key(line))
                 g["pred"].append(answers[j])
                 g["gold"].append(str(line["answers"][j]))
+                g["src"].append(line["sources"][j] if "sources" in line else None)
     else:
         for line in lines:
             if line.get("prediction") is None:
@@ -67,7 +70,9 @@ def record_rows(rec: dict) -> dict[str, TaskRows]:
             g["keys"].append(_key(line))
             g["pred"].append(str(line["prediction"]))
             g["gold"].append(str(line["answer"]))
-    rec["_rows"] = {task: TaskRows(g["keys"], row_stats(task, g["pred"], g["gold"])) for task, g in groups.items()}
+    rec["_rows"] = {task: TaskRows(g["keys"], row_stats(task, g["pred"], g["gold"]),
+                                   g["src"] if g["src"] and None not in g["src"] else None)
+                    for task, g in groups.items()}
     return rec["_rows"]
 
 
@@ -80,7 +85,7 @@ def paired(a: dict[str, TaskRows], b: dict[str, TaskRows] | None, metrics: dict[
         if task not in a or metric not in a[task].stats:
             return None
         if b is None:
-            sa[task] = Side(metric, a[task].stats[metric])
+            sa[task] = Side(metric, a[task].stats[metric], _clusters(a[task], None))
             continue
         if task not in b or metric not in b[task].stats:
             return None
@@ -89,9 +94,17 @@ def paired(a: dict[str, TaskRows], b: dict[str, TaskRows] | None, metrics: dict[
         if not ia:
             return None
         ib = [where[a[task].keys[i]] for i in ia]
-        sa[task] = Side(metric, a[task].stats[metric][np.asarray(ia)])
-        sb[task] = Side(metric, b[task].stats[metric][np.asarray(ib)])
+        sa[task] = Side(metric, a[task].stats[metric][np.asarray(ia)], _clusters(a[task], ia))
+        sb[task] = Side(metric, b[task].stats[metric][np.asarray(ib)], _clusters(a[task], ia))
     return (sa, sb) if sa else None
+
+
+def _clusters(rows: TaskRows, keep: list[int] | None):
+    """The cluster ids of ``rows`` (those at ``keep``), or None where the record has none (single-task rows, and
+    composite records written before evaluate kept each row's ``sources``)."""
+    if rows.clusters is None:
+        return None
+    return np.asarray(rows.clusters if keep is None else [rows.clusters[i] for i in keep])
 
 
 __all__ = ["TaskRows", "paired", "record_rows"]

@@ -22,7 +22,10 @@ Verdicts, for a claim "statistic <= bar" (or ">=", or ">"):
 
 Scores enter the mean as fractions: BLEU (0-100) is divided by 100, as the tables' averages do. scipy's
 ``stats.bootstrap`` resamples paired samples but not within strata, and corpus BLEU is no mean of rows, so the
-resampling is written here: one multinomial draw of row counts per task and resample.
+resampling is written here: one multinomial draw of row counts per task and resample. Where a task's rows come in
+clusters that ask the same question (``Side.clusters``: a composite sub-task cycled over more rows than its test
+split holds), the draw is of clusters, each bringing all its rows, so repeats of one question do not narrow the
+interval as independent rows would.
 """
 
 from __future__ import annotations
@@ -44,10 +47,14 @@ TIE = 1e-9  # a statistic this close to the bar ties with it (float noise: 0.5 -
 
 @dataclass
 class Side:
-    """One strategy's rows of one task: the metric and its per-row statistics ``[N, k]`` (``data.scoring``)."""
+    """One strategy's rows of one task: the metric and its per-row statistics ``[N, k]`` (``data.scoring``);
+    ``clusters`` [N] (optional): rows with the same id ask the same question (a composite sub-task cycled over
+    more rows than it has test rows), so a resample draws them together: it draws the clusters with replacement,
+    each bringing all its rows, and the interval does not count one question as several independent rows."""
 
     metric: str
     stats: np.ndarray
+    clusters: np.ndarray | None = None
 
 
 @dataclass
@@ -92,7 +99,7 @@ def mean_difference(a: dict[str, Side], b: dict[str, Side] | None = None, *, res
         if n == 0 or any(s.stats.shape[0] != n for s in sides):
             raise ValueError(f"task {task}: sides have {[s.stats.shape[0] for s in sides]} rows; a paired "
                              f"comparison needs the same non-empty set of rows on both sides")
-        w = rng.multinomial(n, np.full(n, 1.0 / n), size=resamples).astype(float)  # [R, n] row counts
+        w = _draw(rng, n, sides[0].clusters, resamples)  # [R, n] row counts (paired: one draw for both sides)
         full = [_value(s) for s in sides]
         drawn = [_value(s, w) for s in sides]
         parts.append(full[0] - (full[1] if b is not None else 0.0))
@@ -102,6 +109,16 @@ def mean_difference(a: dict[str, Side], b: dict[str, Side] | None = None, *, res
     boot /= len(tasks)
     low, high = np.percentile(boot, [50 * (1 - level), 50 * (1 + level)])
     return Interval(float(np.mean(parts)), float(low), float(high), level, resamples, seed, rows, zero)
+
+
+def _draw(rng, n: int, clusters, resamples: int) -> np.ndarray:
+    """``[resamples, n]`` weights of the rows in each resample: a multinomial draw of ``n`` rows, or with
+    ``clusters`` (an id per row) of as many clusters as there are, each row weighted by its cluster's count."""
+    if clusters is None:
+        return rng.multinomial(n, np.full(n, 1.0 / n), size=resamples).astype(float)
+    _, inverse = np.unique(np.asarray(clusters), return_inverse=True)
+    k = int(inverse.max()) + 1
+    return rng.multinomial(k, np.full(k, 1.0 / k), size=resamples).astype(float)[:, inverse.reshape(-1)]
 
 
 def point_holds(value: float | None, bar: float, side: str) -> bool | None:

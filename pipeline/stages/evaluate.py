@@ -234,8 +234,9 @@ def _score_composite(n, subtasks, ds, g):
     metrics.update({k: rep[k] for k in ("attempts", "correct", "rows", "missing", "extra", "duplicate")})
     metrics["max_new_tokens"] = g.max_new_tokens
     metrics["main"] = rep["correct"] / n if rep["correct"] is not None else None
-    lines = [{"index": i, "prompt": row["prompt"], "answers": row["answers"], "prediction": p, "route": r,
-              **(end or {})} for i, (row, p, r, end) in enumerate(zip(ds, g.texts, g.routes, g.ends))]
+    lines = [{"index": i, "prompt": row["prompt"], "answers": row["answers"], "sources": row["sources"],
+              "prediction": p, "route": r, **(end or {})}
+             for i, (row, p, r, end) in enumerate(zip(ds, g.texts, g.routes, g.ends))]
     return metrics, lines, subtasks, g.skipped, g.new_tokens
 
 
