@@ -91,6 +91,9 @@ def test_gate_probe_on_a_route_record(tiny_record, tmp_path):
         whole = (r["probe_val_answers"] * n_answers + r["probe_val_prompts"] * (s["val_tokens"] - n_answers))
         assert whole / s["val_tokens"] == pytest.approx(r["probe_val"], abs=2e-4)
     assert doc["best_probe_answers"] == max(r["probe_val_answers"] for r in doc["rows"])
+    assert all(0 <= r["probe_answers_fit"] <= 1 and 0 <= r["probe_answers_fit_train"] <= 1 for r in doc["rows"])
+    assert doc["best_probe_answers_fit"] == max(r["probe_answers_fit"] for r in doc["rows"])
+    assert "| fitted on answers alone (answer tokens) |" in page and "fitted on the training rows' answer" in page
     assert "| on answer tokens | on prompt tokens |" in page and "On the answer tokens alone" in page
 
 

@@ -13,7 +13,9 @@ the q / k / v gates read), and fits one multinomial logistic regression per laye
 full passes, fixed seed). It then scores each probe on the validation tokens, beside the accuracy the record's
 gates reached at the same layer (``router_accuracy_by_projection``), and on the answer tokens apart from the
 prompt's (a row's answer starts at its ``prompt_len``): the answers are what a gate routes while the model writes,
-after the whole prompt, while a prompt's first tokens may read alike across tasks.
+after the whole prompt, while a prompt's first tokens may read alike across tasks. A second probe per layer is
+fitted on the answer tokens alone (``probe_answers_fit``): whether a gate that learned only where it matters could
+route the answers, which the whole-row probe, fitted mostly on prompt tokens, may not.
 
 What it measures, and what not:
 - The probes see the base model's hidden states; the gates saw those of the model with the routed adapters added,
@@ -141,17 +143,23 @@ def gate_probe(record_dir, per_task: int = 60, layers: str = DEFAULT_LAYERS, mod
     device = "cuda" if torch.cuda.is_available() else "cpu"
     hf_logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
-    x_train, y_train, _ = projection_inputs(model, train, chosen)
+    x_train, y_train, train_answers = projection_inputs(model, train, chosen)
     x_val, y_val, val_answers = projection_inputs(model, val, chosen)
     num_classes = len(rec["adapters"])
     gates = rec["router_accuracy_by_projection"]
     rows = []
+    # the answer-only probe takes as many optimizer steps as the whole-row one: more passes over fewer tokens
+    answer_epochs = epochs * max(1, round(len(y_train) / max(int(train_answers.sum()), 1)))
     for i in chosen:
         probe = fit_probe(x_train[i], y_train, x_val[i], y_val, num_classes, epochs=epochs, seed=seed,
                           val_answers=val_answers)
         rows.append({"layer": i, "probe_val": probe["val"], "probe_train": probe["train"],
                      "probe_val_answers": probe["val_answers"], "probe_val_prompts": probe["val_prompts"],
                      "gate_q_proj": gates.get(f"model__layers__{i}__self_attn__q_proj")})
+        if train_answers.any() and val_answers.any():  # could a gate that learned the answers alone route them?
+            own = fit_probe(x_train[i][train_answers], y_train[train_answers], x_val[i][val_answers],
+                            y_val[val_answers], num_classes, epochs=answer_epochs, seed=seed)
+            rows[-1].update(probe_answers_fit=own["val"], probe_answers_fit_train=own["train"])
     target = rec.get("target_accuracy")
     best = max(r["probe_val"] for r in rows)
     return {"provenance": provenance,
@@ -168,6 +176,8 @@ def gate_probe(record_dir, per_task: int = 60, layers: str = DEFAULT_LAYERS, mod
             "best_probe": best,
             "best_probe_answers": max((r["probe_val_answers"] for r in rows if r["probe_val_answers"] is not None),
                                       default=None),
+            "best_probe_answers_fit": max((r["probe_answers_fit"] for r in rows if r.get("probe_answers_fit")
+                                           is not None), default=None),
             "best_probe_reaches_target": None if target is None else best >= float(target)}
 
 
@@ -190,12 +200,15 @@ def markdown(doc: dict) -> str:
              f"tokens" + (f", {s['val_answer_tokens']:,} of them answer tokens" if "val_answer_tokens" in s else "")
              + ")."), ""]
     spans = "probe_val_answers" in doc["rows"][0]
+    fit = "probe_answers_fit" in doc["rows"][0]
     head = ["layer", "probe (validation)", *(("on answer tokens", "on prompt tokens") if spans else ()),
-            "probe (training tokens)", "the gates' q_proj (validation)"]
+            *(("fitted on answers alone (answer tokens)",) if fit else ()), "probe (training tokens)",
+            "the gates' q_proj (validation)"]
     lines += ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
     for row in doc["rows"]:
         cells = [row["layer"], row["probe_val"], *((row["probe_val_answers"], row["probe_val_prompts"]) if spans
-                                                   else ()), row["probe_train"], row["gate_q_proj"]]
+                                                   else ()), *((row["probe_answers_fit"],) if fit else ()),
+                 row["probe_train"], row["gate_q_proj"]]
         lines.append("| " + " | ".join("-" if c is None else str(c) if isinstance(c, int) else f"{c:.4f}"
                                        for c in cells) + " |")
     reach = doc["best_probe_reaches_target"]
@@ -206,6 +219,9 @@ def markdown(doc: dict) -> str:
     if doc.get("best_probe_answers") is not None:
         lines.append(f"On the answer tokens alone (what a gate routes while the model writes): mean of the probes "
                      f"{doc['pooled_probe_answers']:.4f}, best layer's {doc['best_probe_answers']:.4f}.")
+    if doc.get("best_probe_answers_fit") is not None:
+        lines.append(f"A probe fitted on the training rows' answer tokens alone (as many steps, more passes), scored "
+                     f"on the validation answers: best layer's {doc['best_probe_answers_fit']:.4f}.")
     lines.append("")
     return "\n".join(lines)
 
