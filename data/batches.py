@@ -86,6 +86,7 @@ class PromptGroup:
     task_ids: list | None = None  # one adapter name per prompt (the oracle), else None
     max_new_tokens: int = 16
     min_answers: int | None = None  # composite-n: EOS held back until n numbered answers (pipeline.stages.eos_gate)
+    no_repeat_ngram_size: int | None = None  # no n-gram twice in a row (pipeline.stages.no_repeat; None: off)
 
 
 @dataclass
@@ -146,7 +147,8 @@ def plan_jobs(tokenizer, groups: list[PromptGroup], batch_size: int, max_prompt_
             batch = order[start:end]
             jobs.append({"group": g, "indices": batch, "input_ids": [enc[i] for i in batch],
                          "task_ids": [group.task_ids[i] for i in batch] if group.task_ids is not None else None,
-                         "max_new_tokens": new, "min_answers": group.min_answers})
+                         "max_new_tokens": new, "min_answers": group.min_answers,
+                         "no_repeat_ngram_size": group.no_repeat_ngram_size})
             start = end
     return jobs, skipped
 

@@ -94,6 +94,7 @@ class GenerationSettings:
     max_new_tokens: Any = MISSING  # a number of tokens, or auto (pipeline/stages/answer_budget.py)
     composite_max_new_tokens_per_task: Any = MISSING  # a number of tokens, or auto
     composite_suppress_eos: bool = MISSING  # composite-n: EOS held back until n answers (pipeline/stages/eos_gate.py)
+    no_repeat_ngram_size: int | None = MISSING  # no n-gram twice in a row (pipeline/stages/no_repeat.py); null: off
     answer_quantile: float = MISSING  # auto: the quantile of the training answers' token lengths
     max_new_tokens_cap: int | None = MISSING  # auto: at most this many (null: no cap)
 
@@ -284,6 +285,7 @@ RULES: list[tuple[str, Callable[[Any], bool], str, str, tuple | None]] = [
      "a number of tokens >= 1 or auto (from the gold answers)", "24", None),
     ("generation.answer_quantile", lambda x: _number(x) and 0 < x <= 1, "a quantile in (0, 1]", "0.99", None),
     ("generation.max_new_tokens_cap", optional(at_least(1)), "null (no cap) or a number of tokens >= 1", "256", None),
+    ("generation.no_repeat_ngram_size", optional(at_least(1)), "null (off) or an n-gram length >= 1", "30", None),
     ("bench.num_adapters", ints_at_least(1), "a list of adapter counts >= 1", "[1,4]", ("bench",)),
     ("bench.batch_sizes", ints_at_least(1), "a list of batch sizes >= 1", "[1]", ("bench",)),
     ("bench.prompt_lengths", ints_at_least(1), "a list of prompt lengths >= 1", "[64]", ("bench",)),

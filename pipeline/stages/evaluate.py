@@ -53,6 +53,7 @@ from pipeline.runtime.stage import StageRun
 from pipeline.stages.answer_budget import composite_budget, task_budget
 from pipeline.stages.decode_engine import DecodeEngine
 from pipeline.stages.eos_gate import EOSUntilAnswers
+from pipeline.stages.no_repeat import NoRepeatNGram
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +65,12 @@ def run_job(mm, tokenizer, job: dict, engine: DecodeEngine | None = None) -> dic
     t0 = time.perf_counter()
     device = next(mm.parameters()).device
     ids, mask = left_pad(job["input_ids"], tokenizer.pad_token_id)
-    processors = None
+    processors = []
+    if job.get("no_repeat_ngram_size"):  # MeteoRA's no_repeat_ngram_size: no n-gram twice (the prompt's included)
+        processors.append(NoRepeatNGram(job["no_repeat_ngram_size"]))
     if job.get("min_answers"):  # composite-n: EOS held back until the output holds n answers
-        processors = LogitsProcessorList([EOSUntilAnswers(tokenizer, ids.shape[1], job["min_answers"])])
+        processors.append(EOSUntilAnswers(tokenizer, ids.shape[1], job["min_answers"]))
+    processors = LogitsProcessorList(processors) if processors else None
     engine = engine or DecodeEngine("generate", mm)
     gen = engine(mm, ids.to(device), mask.to(device), max_new_tokens=job["max_new_tokens"],
                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, task_ids=job["task_ids"],
@@ -161,7 +165,8 @@ def _single_task_groups(cfg, needs_task_ids: bool, tokenizer):
         rows[task] = task_rows(task, str(cfg.data.test_split), cfg.data.test_limit, int(cfg.data.split_seed))
         groups.append(PromptGroup([r["prompt"] for r in rows[task]],
                                   [task] * len(rows[task]) if needs_task_ids else None,
-                                  task_budget(cfg, task, tokenizer)))
+                                  task_budget(cfg, task, tokenizer),
+                                  no_repeat_ngram_size=cfg.generation.no_repeat_ngram_size))
     return rows, groups
 
 
@@ -212,7 +217,8 @@ def _composite_group(cfg, n, subtasks, tokenizer):
                          repeat_short=bool(cfg.composite_repeat_short))
     suppress = bool(cfg.generation.composite_suppress_eos)
     return subtasks, ds, PromptGroup(list(ds["prompt"]), None, composite_budget(cfg, subtasks, tokenizer),
-                                     min_answers=n if suppress else None)
+                                     min_answers=n if suppress else None,
+                                     no_repeat_ngram_size=cfg.generation.no_repeat_ngram_size)
 
 
 def _score_composite(n, subtasks, ds, g):
