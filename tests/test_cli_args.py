@@ -37,7 +37,8 @@ def test_user_error_prints_one_line_and_gives_2(capsys):
 
 
 @pytest.mark.parametrize("module", ["pipeline.readme_results", "pipeline.report.gate_probe",
-                                    "pipeline.report.routing_ceiling", "data.fetch", "data.tasks"])
+                                    "pipeline.report.routing_ceiling", "pipeline.report.reclaim", "data.fetch",
+                                    "data.tasks"])
 def test_each_plain_tool_answers_a_mistyped_option_in_one_line(module):
     """The real entry points, as a user runs them: a mistyped option is one line, exit 2."""
     proc = subprocess.run([sys.executable, "-m", module, "--no-such-option"], cwd=ROOT, capture_output=True,

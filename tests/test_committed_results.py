@@ -136,6 +136,30 @@ def test_a_mistyped_readme_or_tables_path_is_one_line_and_the_readme_is_kept(tmp
     assert readme.read_bytes() == (ROOT / "README.md").read_bytes()
 
 
+def test_a_tables_dir_of_some_tables_only_is_refused_unless_told_to_drop_the_rest(tmp_path, capsys):
+    """A dir that holds some of the committed tables (another output root's, say): rendered from it, README Results
+    would lose every table it lacks, so it is one line naming them, README untouched; ``--drop-missing`` lets them
+    go on purpose (the blocks then say "not committed"); the full dir passes."""
+    readme = tmp_path / "README.md"
+    shutil.copy(ROOT / "README.md", readme)
+    some = tmp_path / "tables"
+    some.mkdir()
+    for name in ("dlp_tasks", "kernel_bench"):
+        shutil.copy(TABLES / f"{name}.json", some)
+    assert main(["--readme", str(readme), "--tables", str(some)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "lacks meteora_tasks.json" in err and "e2e_decode.json" in err
+    assert "dlp_tasks.json" not in err and "kernel_bench.json," not in err and "--drop-missing" in err
+    assert readme.read_bytes() == (ROOT / "README.md").read_bytes()
+    assert main(["--readme", str(readme), "--tables", str(some), "--drop-missing"]) == 0
+    dropped = readme.read_text()
+    assert "_e2e_decode.json is not committed_" in dropped and "`meteora_tasks`" not in dropped.split(
+        "<!-- /generated:claims -->")[0].split("<!-- generated:claims")[1]
+    shutil.copy(ROOT / "README.md", readme)
+    assert main(["--readme", str(readme), "--tables", str(TABLES)]) == 0 and readme.read_bytes() == (
+        ROOT / "README.md").read_bytes()
+
+
 def test_reclaim_recomputes_a_recordless_tables_claims_from_its_rows_and_refuses_one_with_records(tmp_path, capsys):
     """``python -m pipeline.report.reclaim``: a committed table without records gets its claims again by today's
     rule from its own rows (the rows, provenance and everything else as they were; its page rewritten); a table

@@ -50,6 +50,9 @@ KERNEL_TARGETS = (("prefill T=4096, r ≤ 16: ≤ 1.08", "fwd", 4096, (8, 16), 1
                   ("decode T=64, r = 8: ≤ 1.15", "fwd", 64, (8,), 1.15),
                   ("backward T=4096: ≤ 1.3", "bwd", 4096, (8, 16, 64), 1.3))
 KERNEL_SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))
+#: the block that shows one table alone -> that table (``<stem>.json`` under the tables dir)
+BLOCK_TABLE = {"kernel_targets": "kernel_bench", "train_throughput": "train_throughput", "e2e_decode": "e2e_decode",
+               "head_to_head": "head_to_head", "multigpu": "multigpu"}
 
 
 def _load(path: Path) -> dict | None:
@@ -273,11 +276,39 @@ def stale_blocks(readme, tables_dir) -> list[str]:
     return [n for n, b in blocks(tables_dir).items() if f"{_markers(n)[0]}\n{b}\n{_markers(n)[1]}" not in text]
 
 
-def update_readme(readme, tables_dir) -> Path:
-    """Rewrite the README's generated blocks from ``tables_dir`` (atomically); return its path."""
+def _block(text: str, name: str) -> str:
+    """What README's generated block ``name`` holds now ("" where it has none)."""
+    begin, end = _markers(name)
+    if begin not in text or end not in text:
+        return ""
+    return text.split(begin, 1)[1].split(end, 1)[0]
+
+
+def tables_lost(text: str, tables_dir) -> list[str]:
+    """The tables README's generated blocks show that ``tables_dir`` lacks: rendered from that dir, their results
+    would vanish from the README (a dir of some tables only, such as another ``paths.output_root``'s). The claims
+    block names each paper table it shows (`` `stem` ``); every other block shows one table, unless it says that
+    table is not committed."""
+    tables_dir = Path(tables_dir)
+    claims = _block(text, "claims")
+    shown = [s for s in PAPER_FILES if f"`{s}`" in claims]
+    shown += [s for b, s in BLOCK_TABLE.items() if _block(text, b).strip() and "is not committed" not in _block(text, b)]
+    return [s for s in dict.fromkeys(shown) if not (tables_dir / f"{s}.json").is_file()]
+
+
+def update_readme(readme, tables_dir, drop_missing: bool = False) -> Path:
+    """Rewrite the README's generated blocks from ``tables_dir`` (atomically); return its path. A table the README
+    shows that the dir lacks is refused (``tables_lost``), README untouched, unless ``drop_missing``: its results
+    then leave the README on purpose."""
     path = _readme(readme)
     text = path.read_text()
-    new = render(text, blocks(tables_dir))
+    generated = blocks(tables_dir)  # a missing or empty dir is refused first
+    lost = [] if drop_missing else tables_lost(text, tables_dir)
+    if lost:
+        raise ValueError(f"tables dir {str(tables_dir)!r} lacks {', '.join(f'{s}.json' for s in lost)}, which README "
+                         f"Results show: give the dir of every committed table (outputs/tables), or drop them from "
+                         f"README on purpose (python -m pipeline.readme_results --drop-missing)")
+    new = render(text, generated)
     if new != text:
         atomic_write_text(path, new)
     return path.resolve()
@@ -288,6 +319,8 @@ def main(argv=None) -> int:
     ap.add_argument("--readme", default=str(ROOT / "README.md"))
     ap.add_argument("--tables", default=str(ROOT / "outputs" / "tables"))
     ap.add_argument("--check", action="store_true", help="exit 1 when a block differs from the tables")
+    ap.add_argument("--drop-missing", action="store_true",
+                    help="let a table README shows but --tables lacks leave README (refused otherwise)")
     args = ap.parse_args(argv)
     try:
         if args.check:
@@ -297,7 +330,7 @@ def main(argv=None) -> int:
                       file=sys.stderr)
                 return 1
             return 0
-        print(update_readme(args.readme, args.tables))
+        print(update_readme(args.readme, args.tables, drop_missing=args.drop_missing))
     except (ValueError, FileNotFoundError) as e:
         return user_error(e)
     return 0
