@@ -122,8 +122,9 @@ def plan_jobs(tokenizer, groups: list[PromptGroup], batch_size: int, max_prompt_
 
     A prompt is skipped (counted, never generated) when it is longer than ``max_prompt_tokens``, or, with
     ``context`` (the model's positions, ``max_position_embeddings``), when it and the group's ``max_new_tokens``
-    would run past them: the model would write its answer at positions it was never trained on. (MeteoRA bounds
-    the whole sequence the same way: generate's ``max_length``.)
+    would run past them: the model would write its answer at positions it was never trained on. (MeteoRA's
+    generate bounds prompt + answer by ``max_length``, which cuts the answer short; skipping keeps every scored
+    answer whole.)
 
     A job holds at most ``batch_size`` prompts of one group (shortest first) and, with ``max_batch_tokens``, at
     most that many KV-cache positions: its rows x (its longest prompt + the group's ``max_new_tokens``), what a

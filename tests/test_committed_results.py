@@ -179,6 +179,11 @@ def test_reclaim_recomputes_a_recordless_tables_claims_from_its_rows_and_refuses
     (tmp_path / "records" / "meteora_composite" / "index.json").write_text("{}")
     with pytest.raises(ValueError, match="records are committed: rebuild it from them"):
         reclaim(path, records_root=tmp_path / "records")
+    # by default the records are looked for beside the table's own dir, whatever the working directory
+    (tmp_path / "tables").mkdir()
+    (tmp_path / "tables" / "meteora_composite.json").write_text(json.dumps(stale))
+    with pytest.raises(ValueError, match="records are committed"):
+        reclaim(tmp_path / "tables" / "meteora_composite.json")
     (tmp_path / "x.json").write_text("[1]")
     assert main([str(tmp_path / "x.json")]) == 2
     err = capsys.readouterr().err

@@ -36,6 +36,9 @@ def test_a_new_call_starts_from_its_own_prompt_and_bad_n_is_refused():
     assert torch.isinf(p(first, torch.zeros(1, 4))[0, 2])  # "1 2" seen: after "1", 2 is banned
     other = torch.tensor([[3, 1]])  # a shorter sequence: another call, whose prompt holds no "1 2"
     assert not torch.isinf(p(other, torch.zeros(1, 4))).any()
+    more = torch.tensor([[3, 1, 3], [4, 4, 4]])  # more rows, as long or longer: a new call too (no IndexError)
+    got = p(more, torch.zeros(2, 12))
+    assert torch.isinf(got).nonzero().tolist() == [[0, 1], [1, 4]]  # row 0: "3 1" seen; row 1: "4 4"
     with pytest.raises(ValueError, match="must be >= 1"):
         NoRepeatNGram(0)
 

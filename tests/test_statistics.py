@@ -196,6 +196,10 @@ def test_composite_rows_cluster_by_the_question_each_sub_task_asked(tmp_path):
     [old] = collect_records(tmp_path / "old")
     plain, _ = paired(record_rows(old), record_rows(old), {"winowhy": "accuracy"})
     assert plain["winowhy"].clusters is None
+    # one side's record older than the other's: the pair is clustered whichever side names the questions
+    for x, y in ((rows, record_rows(old)), (record_rows(old), rows)):
+        sx, sy = paired(x, y, {"winowhy": "accuracy"})
+        assert sx["winowhy"].clusters.tolist() == sy["winowhy"].clusters.tolist() == rows["winowhy"].clusters
     by_rows = mean_difference(plain)
     assert clustered.estimate == by_rows.estimate == pytest.approx(right.mean())
     assert (clustered.high - clustered.low) > 2.4 * (by_rows.high - by_rows.low)

@@ -94,8 +94,10 @@ def paired(a: dict[str, TaskRows], b: dict[str, TaskRows] | None, metrics: dict[
         if not ia:
             return None
         ib = [where[a[task].keys[i]] for i in ia]
-        sa[task] = Side(metric, a[task].stats[metric][np.asarray(ia)], _clusters(a[task], ia))
-        sb[task] = Side(metric, b[task].stats[metric][np.asarray(ib)], _clusters(a[task], ia))
+        clusters = _clusters(a[task], ia)  # the same questions on both sides: whichever side's record names them
+        clusters = _clusters(b[task], ib) if clusters is None else clusters
+        sa[task] = Side(metric, a[task].stats[metric][np.asarray(ia)], clusters)
+        sb[task] = Side(metric, b[task].stats[metric][np.asarray(ib)], clusters)
     return (sa, sb) if sa else None
 
 

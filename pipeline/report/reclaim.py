@@ -6,8 +6,9 @@ A table made before tables kept their runs' records cannot be rebuilt (``python 
 records=...``), but its rows are still there. When the rule that turns rows into a claim changes (a claim that is
 untestable gets no point verdict, say), this writes the table's claims again by that rule, from those rows: the JSON
 (its ``claims``, everything else as it was) and its Markdown page, next to the table's existing figure. Intervals
-need per-row records, so such a table's claims stay point estimates. A table whose records are committed is
-refused: rebuild it from them instead, which recomputes rows and claims together.
+need per-row records, so such a table's claims stay point estimates; its rows stay as the code of its day built
+them (``meteora_composite``'s free-text sub-tasks on ROUGE-L, which claim 2 now reads as BLEU). A table whose
+records are committed is refused: rebuild it from them instead, which recomputes rows and claims together.
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ from common.cli_args import ArgumentParser, user_error
 from pipeline.report.paper_claims import table_claims
 from pipeline.report.paper_tables import paper_markdown
 
-RECORDS = Path("outputs/records")
 
-
-def reclaim(path, records_root=RECORDS) -> dict:
-    """The table at ``path`` with its claims recomputed from its rows (written back, JSON and Markdown)."""
+def reclaim(path, records_root=None) -> dict:
+    """The table at ``path`` with its claims recomputed from its rows (written back, JSON and Markdown).
+    ``records_root``: where its records would be, by default beside the tables dir (``outputs/records`` for
+    ``outputs/tables/<name>.json``, from wherever it is called)."""
     path = Path(path)
+    records_root = path.resolve().parent.parent / "records" if records_root is None else records_root
     if not path.is_file():
         raise FileNotFoundError(f"{path} is not a file; give a committed table, e.g. outputs/tables/<name>.json")
     try:

@@ -12,6 +12,9 @@ transformers' at every step (a test runs both on random sequences).
     ban = NoRepeatNGram(30)
     mm.generate(ids, ..., logits_processor=LogitsProcessorList([ban]))   # one instance per generate call
 
+(An instance called again with a shorter sequence or another number of rows starts afresh; one called for another
+prompt of the same shape would keep the first prompt's n-grams: make one per call, as evaluate's ``run_job`` does.)
+
 MeteoRA generates with it everywhere; here ``generation.no_repeat_ngram_size`` (null: off) turns it on, and the
 MeteoRA experiments set 30. It matters where a model loops (composite rows whose EOS is held back): a loop longer
 than n tokens cannot repeat.
@@ -43,7 +46,7 @@ class NoRepeatNGram(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         rows, length = input_ids.shape
-        if self.tables is None or length < self.length:  # a new call (or a shorter one): start from its prompt
+        if self.tables is None or length < self.length or rows != len(self.tables):  # another call: its own prompt
             self.tables, self.tails, self.length = [{} for _ in range(rows)], [[] for _ in range(rows)], 0
         new = input_ids[:, self.length:].tolist()
         for r in range(rows):
