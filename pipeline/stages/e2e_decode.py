@@ -320,14 +320,17 @@ def verdicts(records: list[dict]) -> list[dict]:
 def measured_at(records: list) -> list[str]:
     """"<engine> <targets> batch <b> at <git> <date> (<n> rounds[, kept graph | warm start])" per measured group,
     for a table merged from several calls (``bench.e2e.merge``): each group keeps the provenance and the round
-    count of the call that measured it."""
+    count of the call that measured it; where the groups ran on more than one device, each also names its own
+    (a group's ratios are paired within its rounds, so they compare across groups only on one device)."""
     seen: dict = {}
+    devices = {str((r.get("provenance") or {}).get("device")) for r in records}
     for r in records:
         p = r.get("provenance") or {}
         n = max((len(v) for v in r["rounds"].values()), default=0)
         how = ", kept graph" if r.get("keep_graph") else ", warm start" if r.get("warm_start") else ""
+        on = f" on {p.get('device')}" if len(devices) > 1 else ""
         seen.setdefault((r["engine"], r["targets"], r["batch_size"]),
-                        (str(p.get("git_sha"))[:7], str(p.get("date"))[:16], f" ({n} rounds{how})"))
+                        (str(p.get("git_sha"))[:7], str(p.get("date"))[:16] + on, f" ({n} rounds{how})"))
     return [f"{e} {tg} batch {b} at git {g} {d}{w}" for (e, tg, b), (g, d, w) in sorted(seen.items())]
 
 
