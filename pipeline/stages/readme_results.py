@@ -270,10 +270,10 @@ def _readme(readme) -> Path:
 def stale_blocks(readme, tables_dir) -> list[str]:
     """Names of the README's blocks that differ from what the committed tables give."""
     text = _readme(readme).read_text()
-    want = render(text, blocks(tables_dir))
-    if want == text:
+    generated = blocks(tables_dir)  # every table read once
+    if render(text, generated) == text:
         return []
-    return [n for n, b in blocks(tables_dir).items() if f"{_markers(n)[0]}\n{b}\n{_markers(n)[1]}" not in text]
+    return [n for n, b in generated.items() if f"{_markers(n)[0]}\n{b}\n{_markers(n)[1]}" not in text]
 
 
 def _block(text: str, name: str) -> str:
@@ -292,7 +292,8 @@ def tables_lost(text: str, tables_dir) -> list[str]:
     tables_dir = Path(tables_dir)
     claims = _block(text, "claims")
     shown = [s for s in PAPER_FILES if f"`{s}`" in claims]
-    shown += [s for b, s in BLOCK_TABLE.items() if _block(text, b).strip() and "is not committed" not in _block(text, b)]
+    held = {s: _block(text, b) for b, s in BLOCK_TABLE.items()}
+    shown += [s for s, body in held.items() if body.strip() and "is not committed" not in body]
     return [s for s in dict.fromkeys(shown) if not (tables_dir / f"{s}.json").is_file()]
 
 
