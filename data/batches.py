@@ -176,20 +176,25 @@ def assemble(groups: list[PromptGroup], skipped: list[int], outputs: list[dict],
 class RoutedRowsCollator:
     """Rows with a task index -> right-padded ``input_ids``, ``attention_mask``, ``labels``, ``task_ids``; with
     ``answer_mask``, also ``answer_mask`` [B, S] (1 on each row's answer tokens, from ``prompt_len``, as
-    ``routed_rows`` writes it), where a token router's accuracy is split into the prompt's and the answer's."""
+    ``routed_rows`` writes it), where a token router's accuracy is split into the prompt's and the answer's; with
+    ``gate_ce_mask``, the same mask as ``gate_ce_mask``: the tokens a token router's CE is taken over while it
+    trains (``router.train.gate_ce_on_prompt=false``: the answers alone)."""
 
-    def __init__(self, pad_token_id: int, answer_mask: bool = False):
+    def __init__(self, pad_token_id: int, answer_mask: bool = False, gate_ce_mask: bool = False):
         self.pad = AnswerOnlyCollator(pad_token_id)
-        self.answer_mask = answer_mask
+        self.answer_mask, self.gate_ce_mask = answer_mask, gate_ce_mask
 
     def __call__(self, rows):
         batch = self.pad(rows)
         batch["task_ids"] = torch.tensor([r["task_id"] for r in rows], dtype=torch.long)
-        if self.answer_mask:
+        if self.answer_mask or self.gate_ce_mask:
             mask = torch.zeros_like(batch["attention_mask"])
             for i, r in enumerate(rows):
                 mask[i, r["prompt_len"]:len(r["input_ids"])] = 1
-            batch["answer_mask"] = mask
+            if self.answer_mask:
+                batch["answer_mask"] = mask
+            if self.gate_ce_mask:
+                batch["gate_ce_mask"] = mask.clone()
         return batch
 
 

@@ -118,3 +118,53 @@ def test_validation_splits_the_routing_accuracy_into_answer_and_prompt_tokens(mm
     assert pooled == pytest.approx(float(all_hits.sum() / all_pairs.sum()), abs=1e-5)
     assert list(acc["router_accuracy_answers_by_task"]) == ["a", "b", "c"]
     assert span_accuracies(module.val_task_hits, None, ["a", "b", "c"]) == {}
+
+
+def test_gate_ce_mask_takes_the_training_ce_over_the_answer_tokens_alone(mm):
+    """``router.train.gate_ce_on_prompt=false``: the training batches carry ``gate_ce_mask`` (the answers, from each
+    row's ``prompt_len``) and a training step's gate CE is the mean over every gate of the CE at those tokens alone,
+    computed here by hand from the logits each gate made; with the mask all ones it is MeteoRA's CE over every
+    token; validation (eval mode) ignores the mask and keeps the CE over every token."""
+    import torch.nn.functional as F
+
+    from data.batches import RoutedRowsCollator
+
+    torch.manual_seed(3)
+    mm.set_router("meteora", top_k=2)
+    g = torch.Generator().manual_seed(8)
+    rows = []
+    for i in range(4):
+        ids = torch.randint(0, 250, (int(torch.randint(8, 16, (1,), generator=g)),), generator=g).tolist()
+        rows.append({"input_ids": ids, "labels": list(ids), "task_id": (i + 1) % 3, "prompt_len": len(ids) - 3 - i})
+    batch = RoutedRowsCollator(mm.tokenizer.pad_token_id, gate_ce_mask=True)(rows)
+    assert "answer_mask" not in batch and batch["gate_ce_mask"].sum(1).tolist() == [3, 4, 5, 6]
+    logits = {}
+    hooks = [gate.register_forward_hook(lambda m, a, out, k=k: logits.__setitem__(k, out.detach().float()))
+             for k, gate in mm.router.gates.items()]
+    labels = batch["task_ids"][:, None].expand_as(batch["attention_mask"]).reshape(-1)
+
+    def by_hand(mask):
+        inside = mask.reshape(-1) == 1
+        return float(torch.stack([F.cross_entropy(x[inside], labels[inside], reduction="sum")
+                                  for x in logits.values()]).sum() / (inside.sum() * len(logits)))
+
+    try:
+        mm.train()
+        _, parts = mm.router.training_loss(mm, batch)
+        answers = float(parts["aux_loss"])
+        assert answers == pytest.approx(by_hand(batch["gate_ce_mask"]), rel=1e-5)
+        _, parts = mm.router.training_loss(mm, {**batch, "gate_ce_mask": batch["attention_mask"]})
+        every = float(parts["aux_loss"])
+        assert every == pytest.approx(by_hand(batch["attention_mask"]), rel=1e-5)
+        assert abs(answers - every) > 1e-4  # the two token sets give two losses: the mask was read
+        unmasked = {k: v for k, v in batch.items() if k != "gate_ce_mask"}
+        _, parts = mm.router.training_loss(mm, unmasked)
+        assert float(parts["aux_loss"]) == pytest.approx(every, rel=1e-5)
+        mm.eval()
+        _, parts = mm.router.training_loss(mm, batch)
+        assert float(parts["aux_loss"]) == pytest.approx(by_hand(batch["attention_mask"]), rel=1e-5)
+        assert mm.router._ce_mask is None  # nothing kept past the step
+    finally:
+        for h in hooks:
+            h.remove()
+        mm.eval()

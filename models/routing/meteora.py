@@ -14,7 +14,9 @@ which makes the gated model exactly the oracle (a test and teacher-forcing switc
 
 Training (``training_loss``, the route stage): the full model runs with every gate routing every token; loss = LM
 cross-entropy (on all tokens, prompt included, as MeteoRA's script does, or answers only) + ``aux_loss_coef`` x gate
-cross-entropy against the row's task id; its routing accuracy (measured in eval mode: validation) is the fraction of
+cross-entropy against the row's task id (over every token, as the script, or with a batch's ``gate_ce_mask`` over
+the answer tokens alone: those the gates route while the model writes, where a prompt's first tokens may read
+alike across tasks); its routing accuracy (measured in eval mode: validation) is the fraction of
 (token, projection) gates whose top-1 is the row's task, also counted per task (``gate_hits_by_task``) and per
 projection (``gate_hits_by_projection``: which layers' gates lose it; a layer-0 gate sees no context). While the
 gates learn (grad enabled, gate logits need a gradient) a projection's route is the [T, L] form of
@@ -82,6 +84,7 @@ class MeteoraRouter(Router):
             slot_key(m): _gate(bank.module_shapes[m][0], L, i, p.dtype, p.device)
             for i, m in enumerate(bank.modules_wrapped)})
         self._labels: torch.Tensor | None = None
+        self._ce_mask: torch.Tensor | None = None  # [B, S]: the tokens the gates' CE covers in a training step
         self._forced: torch.Tensor | None = None
         # gate CE and top-1 hits summed over this forward's projections. Eagerly (and in a captured CUDA graph)
         # each projection's logits are kept and the CE is taken once over all of them (aux_loss): one
@@ -120,9 +123,15 @@ class MeteoraRouter(Router):
         this router): ``(LM + aux_loss_coef x gate CE, {lm_loss, aux_loss, router_accuracy})``. The rows are
         right-padded, as ``data.batches`` pads them: the model runs without the mask (``right_padded``), so the
         step reads nothing back to the host and a CUDA graph can hold it."""
-        with torch.enable_grad():  # validation too: the route stage's Trainer runs with inference_mode off
-            out = mm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                     task_ids=batch["task_ids"], right_padded=True)
+        # training with a ``gate_ce_mask`` (router.train.gate_ce_on_prompt=false): the gates' CE over its tokens
+        # alone (the answers'); validation keeps MeteoRA's CE over every token, so its curve reads as before
+        self._ce_mask = batch.get("gate_ce_mask") if self.training else None
+        try:
+            with torch.enable_grad():  # validation too: the route stage's Trainer runs with inference_mode off
+                out = mm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                         task_ids=batch["task_ids"], right_padded=True)
+        finally:
+            self._ce_mask = None
         parts = {k: out[k].detach() for k in ("lm_loss", "aux_loss") if out.get(k) is not None}
         accuracy = self.gate_accuracy()
         if accuracy is not None:
@@ -146,6 +155,8 @@ class MeteoraRouter(Router):
         self._forced = labels.reshape(-1).clone()  # pad tokens too, exactly as the oracle routes them
         if attention_mask is not None:  # masked_fill, not a boolean index: no nonzero(), nothing read back to the host
             labels.masked_fill_(attention_mask[:, -S:] == 0, -100)
+        if self.training and self._ce_mask is not None:  # the CE's tokens (training_loss): the answers alone
+            labels.masked_fill_(self._ce_mask[:, -S:].to(labels.device) == 0, -100)
         self._labels = labels.reshape(-1)
         self._ce_sum = torch.zeros((), dtype=torch.float32, device=ref.device)
         # routing accuracy where it is read (validation, evaluation: eval mode), per task and per projection; a

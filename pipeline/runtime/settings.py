@@ -179,6 +179,7 @@ class RouterTrain:
     rows_per_task: int = MISSING
     val_rows_per_task: int = MISSING
     lm_loss_on_prompt: bool = True  # a strategy that reads answers: the LM loss covers the prompt too (MeteoRA's script)
+    gate_ce_on_prompt: bool = True  # MeteoRA's gates: their CE covers every token (the script); false: the answers'
     train_loras: bool = False  # also train the adapters, kept beside the router (MeteoRA's script does)
     lora_lr: float | None = None  # train_loras: the adapters' own lr (null: lr, as MeteoRA's script)
     val_check_interval: int | None = None  # validate every N steps (null: trainer.val_check_interval)

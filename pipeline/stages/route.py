@@ -245,6 +245,9 @@ def route(cfg: DictConfig) -> float | None:
                          f"{' or router='.join(plan.trainable_names())}")
     name = plan.checkpoint.name  # the router's name in results: the dir evaluate reads it from (dlp for dlp_segments)
     train_cfg, steps = cfg.router.train, int(cfg.router.train.steps)
+    if not train_cfg.gate_ce_on_prompt and not getattr(plan.strategy.router_class, "reads_answers", False):
+        raise ValueError(f"router.train.gate_ce_on_prompt=false: router={plan.strategy.name} routes from the prompt "
+                         f"alone, with no gate CE over answer tokens; drop the override")
     # the step as one CUDA graph where it is a LM step (MeteoRA's gates), decided before anything loads or is written
     graphed = cuda_graph_wanted(cfg, graphable=bool(getattr(plan.strategy.router_class, "reads_answers", False)))
     resume = prepare_resume(cfg)  # a restarted run: its checkpoint (and wandb run id)
@@ -253,7 +256,7 @@ def route(cfg: DictConfig) -> float | None:
         rows = routed_rows_settings(cfg, tokenizer, prompt_only=not mm.router.reads_answers)
         train = routed_rows(split=str(cfg.data.train_split), per_task=int(train_cfg.rows_per_task), **rows)
         val = routed_rows(split=str(cfg.data.val_split), per_task=int(train_cfg.val_rows_per_task), **rows)
-        collate = RoutedRowsCollator(tokenizer.pad_token_id)
+        collate = RoutedRowsCollator(tokenizer.pad_token_id, gate_ce_mask=not train_cfg.gate_ce_on_prompt)
         bs = int(train_cfg.batch_size)
         sampler = ResumableSampler(len(train), int(cfg.seed))  # shuffled by (seed, epoch): replayable on resume
         train_dl = DataLoader(train, batch_size=bs, sampler=sampler, collate_fn=collate)
