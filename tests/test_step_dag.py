@@ -115,3 +115,71 @@ def test_a_failed_step_stops_only_what_reads_it(tmp_path, capsys):
         times(tag)
     assert not (tmp_path / "times" / "gates_eval").exists()
     assert "gates_eval: not run, it needs gates" in capsys.readouterr().out
+
+
+def _memory_plan(tmp_path: Path, lora_b_ooms: str):
+    """The joint fine-tune holds the GPU's memory while it runs (a file marks it); LoRA-B's fine-tune writes a CUDA
+    out-of-memory error and exits 1 when it starts while the mark is there (``lora_b_ooms="beside"``) or every
+    time (``"always"``); the gates and their evaluation read the task adapters, LoRA-B's evaluation LoRA-B's."""
+    steps, deps = _plan(tmp_path)
+    log, held = tmp_path / "times", tmp_path / "memory-held"
+    log.mkdir()
+    oom = "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 48.00 MiB."
+
+    def command(step, _overrides):
+        tag = step["tag"]
+        body = (f"import time,sys,pathlib; t0=time.time(); held=pathlib.Path({str(held)!r}); "
+                f"log=pathlib.Path({str(log / tag)!r}); ")
+        if tag == "tasks":
+            body += "held.write_text('x'); time.sleep(1.5); held.unlink(); "
+        elif tag == "lora_b":
+            cond = "time.sleep(0.5) or held.exists()" if lora_b_ooms == "beside" else "True"  # (the mark is up)
+            body += (f"n=len(list(log.parent.glob('lora_b*'))); log.with_name(f'lora_b.try{{n}}').write_text(str(t0))\n"
+                     f"if {cond}: print('Traceback ...'); print({oom!r}); sys.exit(1)\n")
+            body += "time.sleep(0.3); "
+        else:
+            body += "time.sleep(0.3); "
+        body += (f"log.write_text(f'{{t0}} {{time.time()}}'); "
+                 f"[pathlib.Path(a).write_text('x') for a in {[str(a) for a in step['artefact'] or []]!r}]")
+        return [sys.executable, "-c", body]
+
+    def times(tag):
+        start, end = (log / tag).read_text().split()
+        return float(start), float(end)
+
+    return steps, deps, command, times
+
+
+@pytest.mark.slow
+def test_a_step_out_of_gpu_memory_beside_another_runs_again_alone_and_first(tmp_path, capsys):
+    """LoRA-B's fine-tune runs out of memory beside the joint fine-tune: it runs again once the joint one ends,
+    alone (the gates and the oracle, ready at the same moment, wait for it), and everything finishes; the first
+    attempt's log is kept."""
+    steps, deps, command, times = _memory_plan(tmp_path, "beside")
+    run_parallel(steps, [], width=4, command=command, deps=deps)
+    tries = sorted((tmp_path / "times").glob("lora_b.try*"))
+    assert len(tries) == 2
+    assert float(tries[1].read_text()) >= times("tasks")[1]  # the retry began after the joint fine-tune ended
+    for tag in ("gates", "oracle"):  # ready when the joint one ended, they waited for the lone retry
+        assert times(tag)[0] >= times("lora_b")[1], tag
+    for tag in ("gates_eval", "lora_b_eval"):
+        times(tag)
+    first = (tmp_path / "lora_b" / "stage.oom-1.log").read_text()
+    assert "CUDA out of memory" in first and "CUDA out of memory" not in (tmp_path / "lora_b" / "stage.log").read_text()
+    assert "lora_b: ran out of GPU memory beside other steps" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_step_out_of_memory_alone_fails_and_is_not_run_again(tmp_path):
+    """Out of memory alone (width 1: nothing beside it), or again in its lone retry: the step fails as any other,
+    naming its log, and what reads it is not run."""
+    for width, tries_wanted in ((1, 1), (4, 2)):
+        root = tmp_path / f"w{width}"
+        root.mkdir()
+        steps, deps, command, times = _memory_plan(root, "always")
+        with pytest.raises(ChildProcessError) as err:
+            run_parallel(steps, [], width=width, command=command, deps=deps)
+        assert "finetune:lora_b (exit 1" in str(err.value)
+        assert "evaluate:lora_b_eval (not run: it reads what lora_b writes)" in str(err.value)
+        assert len(list((root / "times").glob("lora_b.try*"))) == tries_wanted
+        times("gates_eval")  # the rest ran

@@ -14,6 +14,12 @@ with stage barriers the route waited for LoRA-B too (an H200 session: 2.7 of its
 A step whose inputs come from another experiment (meteora_composite reads meteora_tasks' adapters and gates) waits
 for nothing here: no step of this plan writes them. A failed step stops only the steps that read what it writes:
 they are reported as not run, naming it; the others go on.
+
+Steps side by side share their GPU's memory. A step that runs out of it (its log ends in a CUDA out-of-memory
+error) while another step ran on the same GPU is run again, once, alone on it: nothing else starts there until it
+ends, and it goes before the steps that became ready meanwhile. What fits an H200 side by side may not fit an H100:
+on an H100 (80 GB) meteora_tasks' joint fine-tune of 28 adapters held 72 GB, and LoRA-B's fine-tune beside it failed
+for 48 MB. The first attempt's log is kept beside the new one (``stage.oom-1.log``).
 """
 
 from __future__ import annotations
@@ -80,18 +86,36 @@ def step_command(step: dict, overrides: list[str]) -> list[str]:
             f"hydra.run.dir={step['run_dir']}", "print_config=false"]
 
 
+#: what a CUDA out-of-memory failure writes to a step's log (torch's error and its message)
+OOM_MARKS = ("torch.OutOfMemoryError", "CUDA out of memory")
+
+
+def ran_out_of_memory(log_path: Path, tail_bytes: int = 65536) -> bool:
+    """Whether the end of a step's log holds a CUDA out-of-memory error."""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - tail_bytes))
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return False
+    return any(m in text for m in OOM_MARKS)
+
+
 def run_parallel(steps: list[dict], overrides: list[str], width: int, gpus: list[str] | None = None,
                  done: Callable[[dict], bool] | None = None, command: Callable = step_command,
                  deps: dict[str, list[str]] | None = None) -> None:
     """Run ``steps`` (in plan order, each with a ``tag``) as subprocesses, at most ``width`` at a time, each once the
-    steps it reads from have finished and pinned to the least busy of ``gpus`` (when there are two or more); raise
-    once, naming every failed step and every step left unrun because of one. ``done(step)``: did it finish
-    (default: exit 0); ``command(step, overrides)``: its command line; ``deps``: ``dependencies(steps, overrides)``
-    unless given."""
+    steps it reads from have finished and pinned to the least busy of ``gpus`` (when there are two or more); a step
+    that ran out of GPU memory beside another is run again alone (the module's docstring); raise once, naming every
+    failed step and every step left unrun because of one. ``done(step)``: did it finish (default: exit 0);
+    ``command(step, overrides)``: its command line; ``deps``: ``dependencies(steps, overrides)`` unless given."""
     deps = dependencies(steps, overrides) if deps is None else deps
     pending, running, finished, failed = list(steps), [], set(), set()
     problems: list[str] = []  # one line per failed or unrun step
     gpus = gpus if gpus and len(gpus) > 1 else []
+    alone: set[str] = set()  # steps to run again alone on their GPU (they ran out of memory beside another)
+    shared: set[str] = set()  # running steps that have had another step on their GPU
     while pending or running:
         for step in list(pending):  # steps whose inputs failed never start (and fail their own readers in turn)
             bad = [d for d in deps[step["tag"]] if d in failed]
@@ -101,11 +125,23 @@ def run_parallel(steps: list[dict], overrides: list[str], width: int, gpus: list
                 problems.append(f"{step['stage']}:{step['step']} (not run: it reads what {', '.join(bad)} writes)")
                 print(f"{step['tag']}: not run, it needs {', '.join(bad)}", flush=True)
         ready = [s for s in pending if all(d in finished for d in deps[s["tag"]])]
+        ready.sort(key=lambda s: s["tag"] not in alone)  # a step to run alone goes first
         while ready and len(running) < width:
+            busy = [r[3] for r in running]
+            lone = {r[3] for r in running if r[0]["tag"] in alone}  # GPUs a lone step holds
+            free = [g for g in gpus if g not in lone] if gpus else ([] if lone else [None])
+            if ready[0]["tag"] in alone:  # it needs a GPU with nothing on it; until one frees, nothing starts
+                idle = [g for g in free if g not in busy] if gpus else ([None] if not running else [])
+                if not idle:
+                    break
+                gpu = idle[0]
+            elif not free:
+                break
+            else:
+                gpu = least_busy_gpu(free, busy) if gpus else None
             step = ready.pop(0)
             pending.remove(step)
             step["run_dir"].mkdir(parents=True, exist_ok=True)
-            gpu = least_busy_gpu(gpus, [r[3] for r in running])
             env = {**os.environ, "PYTHONUNBUFFERED": "1", **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {})}
             with open(step["run_dir"] / "stage.log", "w") as log_file:
                 proc = subprocess.Popen(command(step, overrides), stdout=log_file, stderr=subprocess.STDOUT, env=env)
@@ -115,15 +151,27 @@ def run_parallel(steps: list[dict], overrides: list[str], width: int, gpus: list
         if not running and pending and not ready:  # cannot happen with deps drawn from plan order; never spin
             raise RuntimeError(f"reproduce: steps {[s['tag'] for s in pending]} wait for each other")
         time.sleep(0.2)
+        for r in running:  # who has shared a GPU (every step shares the one GPU when they are not pinned)
+            if sum(o[3] == r[3] for o in running) > 1:
+                shared.add(r[0]["tag"])
         for item in list(running):
             step, proc, t0, _ = item
             if proc.poll() is None:
                 continue
             running.remove(item)
+            tag = step["tag"]
             took, log_path = time.perf_counter() - t0, step["run_dir"] / "stage.log"
+            was_shared = tag in shared
+            shared.discard(tag)
             if proc.returncode == 0 and (done is None or done(step)):
-                finished.add(step["tag"])
-                print(f"{step['tag']}: finished in {took:.1f}s", flush=True)
+                finished.add(tag)
+                print(f"{tag}: finished in {took:.1f}s", flush=True)
+            elif was_shared and tag not in alone and ran_out_of_memory(log_path):
+                alone.add(tag)
+                log_path.replace(log_path.with_name("stage.oom-1.log"))
+                pending.insert(0, step)
+                print(f"{tag}: ran out of GPU memory beside other steps after {took:.1f}s; it runs again alone "
+                      f"(first log: {log_path.with_name('stage.oom-1.log')})", flush=True)
             else:
                 failed.add(step["tag"])
                 problems.append(f"{step['stage']}:{step['step']} (exit {proc.returncode}, log {log_path})")
