@@ -171,6 +171,18 @@ def test_composite_ties_are_no_wins_and_few_attempts_are_untestable(tmp_path):
     assert c["verdict"] is None and "meteora attempts 0.00" in c["reason"]
     assert "meteora: 200 rows ran their whole budget writing no text" in c["reason"] and "lora_b:" not in c["reason"]
 
+    (tmp_path / "one").mkdir()  # LoRA-B's evaluation did not run (its fine-tune failed): the reason says so
+    _write_run(tmp_path / "one", "composite3-meteora-top2", "", ["1. correct"] * 200, golds, "meteora-top2", subs)
+    [c] = build_paper_table("meteora_composite", collect_records(tmp_path / "one"))["claims"]
+    assert c["verdict"] is None and c["reason"].endswith("meteora attempts 1.00 < 0.8 n = 2.4: the model does not "
+                                                         "answer the numbered list, so the comparison measures the "
+                                                         "answer format; lora_b: no run at this n")
+    (tmp_path / "one_ok").mkdir()  # answered, but nothing to compare with
+    _write_run(tmp_path / "one_ok", "composite3-meteora-top2", "", [both] * 200, golds, "meteora-top2", subs)
+    [c] = build_paper_table("meteora_composite", collect_records(tmp_path / "one_ok"))["claims"]
+    assert c["verdict"] is None and c["by_n"]["3"]["reason"] == ("no sub-task has both sides scored; lora_b: no "
+                                                                 "run at this n")
+
 
 def test_composite_rows_cluster_by_the_question_each_sub_task_asked(tmp_path):
     """A composite record whose lines name their ``sources`` (evaluate writes them): each sub-task's rows are

@@ -115,6 +115,8 @@ def _composite_n(n: int, rows: list[dict], attempts: dict, src: dict, silent: di
     wins = sum(r["meteora"] > r["lora_b"] for r in both)
     out = {"wins": f"{wins}/{len(both)}", "attempts": attempts}
     low = {side: a for side, a in attempts.items() if a is not None and a < MIN_ATTEMPTS * n}
+    # a side with no run at this n (its evaluation failed or was not planned): said, so a "–" column is explained
+    absent = "".join(f"; {side}: no run at this n" for side, a in sorted(attempts.items()) if a is None)
     if low:
         loops = {side: k for side, k in (silent or {}).items() if side in low and k}
         why = ("; " + ", ".join(f"{side}: {k:g} rows ran their whole budget writing no text (only special tokens or "
@@ -122,7 +124,8 @@ def _composite_n(n: int, rows: list[dict], attempts: dict, src: dict, silent: di
                                 for side, k in sorted(loops.items()))) if loops else ""
         out.update(verdict=None, untestable=True, reason=", ".join(f"{side} attempts {a:.2f} < {MIN_ATTEMPTS} n = {MIN_ATTEMPTS * n:g}"
                                                   for side, a in sorted(low.items())) +
-                   ": the model does not answer the numbered list, so the comparison measures the answer format" + why)
+                   ": the model does not answer the numbered list, so the comparison measures the answer format" + why +
+                   absent)
         return out
     ivs = []
     for r in both:
@@ -132,7 +135,7 @@ def _composite_n(n: int, rows: list[dict], attempts: dict, src: dict, silent: di
             return out
         ivs.append(iv)
     v, counts = majority_verdict(ivs)
-    out.update(counts, verdict=v, reason=None if v else "no sub-task has both sides scored")
+    out.update(counts, verdict=v, reason=None if v else "no sub-task has both sides scored" + absent)
     return out
 
 

@@ -40,8 +40,9 @@ from pipeline.stages.train_throughput import targets_table
 ROOT = Path(__file__).resolve().parents[2]  # the checkout (pipeline/stages/ is two below it)
 PAPER_FILES = ("meteora_tasks", "meteora_tasks_cotrained", "meteora_tasks_cotrained_lora_lr",
                "meteora_tasks_cotrained_aux5", "meteora_tasks_cotrained_answers",
-               "meteora_tasks_cotrained_answers_lr1e5", "meteora_tasks_gemma", "meteora_composite",
-               "meteora_composite_cotrained", "meteora_composite_gemma", "dlp_tasks",
+               "meteora_tasks_cotrained_answers_lr1e5", "meteora_tasks_gate_ce_answers", "meteora_tasks_gemma",
+               "meteora_composite", "meteora_composite_cotrained", "meteora_composite_noeos",
+               "meteora_composite_gemma", "dlp_tasks",
                "dlp_tasks_gemma", "head_to_head", "dlp_latency")
 # (label, direction, T, ranks, bound): the fused op's time targets, as ratios to the base linear of the same shape
 KERNEL_TARGETS = (("prefill T=4096, r ≤ 16: ≤ 1.08", "fwd", 4096, (8, 16), 1.08),
