@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from common.atomic import atomic_write_text, file_in_the_way
 from common.cli_args import ArgumentParser, user_error
 from common.provenance import device_name, git_sha, versions
+from pipeline.report.paper_tables import _mean
 from pipeline.report.records import read_route_record
 
 DEFAULT_LAYERS = "0,3,6,9,12,15,18,21,24,27,last"
@@ -172,18 +173,13 @@ def gate_probe(record_dir, per_task: int = 60, layers: str = DEFAULT_LAYERS, mod
                         "projection": "self_attn.q_proj input (= k_proj, v_proj)", "adapters": num_classes},
             "rows": rows,
             "pooled_probe": round(sum(r["probe_val"] for r in rows) / len(rows), 4),
-            "pooled_probe_answers": _mean_of(r["probe_val_answers"] for r in rows),
+            "pooled_probe_answers": _mean((r["probe_val_answers"] for r in rows), digits=4),
             "best_probe": best,
             "best_probe_answers": max((r["probe_val_answers"] for r in rows if r["probe_val_answers"] is not None),
                                       default=None),
             "best_probe_answers_fit": max((r["probe_answers_fit"] for r in rows if r.get("probe_answers_fit")
                                            is not None), default=None),
             "best_probe_reaches_target": None if target is None else best >= float(target)}
-
-
-def _mean_of(values) -> float | None:
-    values = [v for v in values if v is not None]
-    return round(sum(values) / len(values), 4) if values else None
 
 
 def markdown(doc: dict) -> str:

@@ -82,9 +82,10 @@ def _unit(metric: str, v):
     return None if v is None else (v / 100.0 if metric == "bleu" else v)
 
 
-def _mean(vals):
+def _mean(vals, digits: int = 6):
+    """The mean of the values that are not None, rounded to ``digits``; None when there are none."""
     vals = [v for v in vals if v is not None]
-    return round(sum(vals) / len(vals), 6) if vals else None
+    return round(sum(vals) / len(vals), digits) if vals else None
 
 
 def _evaluate(records, composite: bool = False) -> dict[str, dict]:
