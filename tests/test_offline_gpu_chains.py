@@ -142,3 +142,21 @@ def test_dry_run_runs_an_experiments_plan_on_the_tiny_model(tmp_path):
     bad = subprocess.run(["bash", str(script)], cwd=CHAINS.parents[2], env=env, capture_output=True, text=True,
                          check=False)
     assert bad.returncode == 2 and "name the experiment" in bad.stderr
+
+
+def test_reproduce_gives_then_experiments_one_override_as_one_argument(tmp_path):
+    """reproduce.sh: the first experiment with its own overrides, then each of $THEN with $THEN_ARG (one override,
+    spaces and quotes kept) where it is set, with nothing where it is not."""
+    chains = tmp_path / "scripts" / "offline_gpu" / "chains"
+    chains.mkdir(parents=True)
+    shutil.copy(CHAINS / "reproduce.sh", chains / "reproduce.sh")
+    (chains / "common.sh").write_text(f"""
+reproduce() {{ printf '%s|' "$@" >> {tmp_path}/calls; echo >> {tmp_path}/calls; }}
+""")
+    cap = 'plan.route.meteora=["checkpoint.every_n_steps=1000", "+trainer.max_time=00:00:05:00"]'
+    for env, want in (({"THEN": "B C", "THEN_ARG": cap}, [f"B|{cap}|", f"C|{cap}|"]), ({"THEN": "B"}, ["B|"])):
+        (tmp_path / "calls").unlink(missing_ok=True)
+        out = subprocess.run(["bash", "scripts/offline_gpu/chains/reproduce.sh", "A", "x=1"], cwd=tmp_path, check=True,
+                             capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin", **env})
+        assert out.stdout.strip() == "DONE"
+        assert (tmp_path / "calls").read_text().splitlines() == ["A|x=1|", *want]

@@ -14,6 +14,9 @@ gemma=/root/gpu-bundle/gemma/gemma-3-270m-q4_k_m.gguf   # the second backbone, w
 [ -f "$gemma" ] && python3 -m data.fetch --gemma-gguf "$gemma" | tail -1
 rm -rf /root/lmx/src && mkdir /root/lmx/src && cp -r . /root/lmx/src/ && rm -rf /root/lmx/src/.gpu*
 cd /root/lmx/src
+# a chain started before on this node (one that failed at once, say) keeps its log apart: its DONE would end the
+# next poll.sh at once
+[ -f /root/lmx/chain.log ] && mv /root/lmx/chain.log "/root/lmx/chain.before-$(date +%s).log"
 # setsid: the chain outlives the call that started it (a call ends by killing its process group)
 setsid nohup bash "scripts/offline_gpu/chains/$chain.sh" "$@" >> /root/lmx/chain.log 2>&1 < /dev/null &
 sleep 5; cat /root/lmx/chain.log
