@@ -80,6 +80,24 @@ def test_an_experiment_drops_an_inherited_step_by_setting_it_to_null(_compose):
     assert cfg.composite_rows == 200 and cfg.paper_table_file == "meteora_composite_noeos"
 
 
+def test_the_answers_gate_ce_survives_a_cap_on_the_gates_time(_compose):
+    """meteora_tasks_gate_ce_answers' one change (the gates' CE on the answers alone) is set where an override of
+    the route step's list (the offline README's cap on the gates' time) cannot remove it, and reaches the composed
+    route step; its plan trains nothing but the gates and drops the evaluations that read no gate."""
+    cap = 'plan.route.meteora=["checkpoint.every_n_steps=1000","+trainer.max_time=00:00:05:00"]'
+    for extra in ([], [cap]):
+        cfg = _compose("reproduce", ["experiment=meteora_tasks_gate_ce_answers", *extra])
+        steps = {(s["stage"], s["step"]): s for s in plan_steps(cfg)}
+        assert sorted(steps) == [("evaluate", "meteora-top1"), ("evaluate", "meteora-top2"), ("evaluate", "oracle"),
+                                 ("route", "meteora")]
+        route = _compose("route", ["experiment=meteora_tasks_gate_ce_answers", *extra,
+                                   *steps[("route", "meteora")]["overrides"]])
+        assert route.router.train.gate_ce_on_prompt is False and route.router.train.target_accuracy is None
+        assert route.paths.adapters_dir.endswith("meteora_tasks/adapters")
+    assert route.trainer.max_time == "00:00:05:00"
+    assert _compose("route", ["experiment=meteora_tasks"]).router.train.gate_ce_on_prompt is True
+
+
 def test_adapter_defaults_match_the_papers(_compose):
     m = _compose("finetune", ["adapter=meteora"]).adapter
     assert (m.r, m.lora_alpha, m.lora_dropout) == (8, 16, 0.0)

@@ -115,8 +115,10 @@ def _composite_n(n: int, rows: list[dict], attempts: dict, src: dict, silent: di
     wins = sum(r["meteora"] > r["lora_b"] for r in both)
     out = {"wins": f"{wins}/{len(both)}", "attempts": attempts}
     low = {side: a for side, a in attempts.items() if a is not None and a < MIN_ATTEMPTS * n}
-    # a side with no run at this n (its evaluation failed or was not planned): said, so a "–" column is explained
-    absent = "".join(f"; {side}: no run at this n" for side, a in sorted(attempts.items()) if a is None)
+    # a side with no run at this n (its evaluation failed or was not planned: no attempts and no score in any row),
+    # said, so a "–" column is explained
+    absent = "".join(f"; {side}: no run at this n" for side, a in sorted(attempts.items())
+                     if a is None and all(r.get(side) is None for r in rows))
     if low:
         loops = {side: k for side, k in (silent or {}).items() if side in low and k}
         why = ("; " + ", ".join(f"{side}: {k:g} rows ran their whole budget writing no text (only special tokens or "
