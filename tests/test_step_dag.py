@@ -118,27 +118,29 @@ def test_a_failed_step_stops_only_what_reads_it(tmp_path, capsys):
 
 
 def _memory_plan(tmp_path: Path, lora_b_ooms: str):
-    """The joint fine-tune holds the GPU's memory while it runs (a file marks it); LoRA-B's fine-tune writes a CUDA
-    out-of-memory error and exits 1 when it starts while the mark is there (``lora_b_ooms="beside"``) or every
-    time (``"always"``); the gates and their evaluation read the task adapters, LoRA-B's evaluation LoRA-B's."""
+    """Fake steps that mark the GPU while they run (a file each). LoRA-B's fine-tune writes a CUDA out-of-memory
+    error and exits 1 when it finds the joint fine-tune ("tasks") running (``lora_b_ooms="beside_tasks"``), any
+    other step running (``"beside_any"``), or always (``"always"``); the gates and their evaluation read the task
+    adapters, LoRA-B's evaluation LoRA-B's. Each of LoRA-B's attempts leaves its start time (``lora_b.try<k>``)."""
     steps, deps = _plan(tmp_path)
-    log, held = tmp_path / "times", tmp_path / "memory-held"
+    log, marks = tmp_path / "times", tmp_path / "running"
     log.mkdir()
+    marks.mkdir()
     oom = "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 48.00 MiB."
+    cond = {"beside_tasks": "(marks / 'tasks').exists()", "beside_any": "any(marks.iterdir())",
+            "always": "True"}[lora_b_ooms]
 
     def command(step, _overrides):
         tag = step["tag"]
-        body = (f"import time,sys,pathlib; t0=time.time(); held=pathlib.Path({str(held)!r}); "
-                f"log=pathlib.Path({str(log / tag)!r}); ")
-        if tag == "tasks":
-            body += "held.write_text('x'); time.sleep(1.5); held.unlink(); "
-        elif tag == "lora_b":
-            cond = "time.sleep(0.5) or held.exists()" if lora_b_ooms == "beside" else "True"  # (the mark is up)
-            body += (f"n=len(list(log.parent.glob('lora_b*'))); log.with_name(f'lora_b.try{{n}}').write_text(str(t0))\n"
-                     f"if {cond}: print('Traceback ...'); print({oom!r}); sys.exit(1)\n")
-            body += "time.sleep(0.3); "
+        body = (f"import time,sys,pathlib; t0=time.time(); marks=pathlib.Path({str(marks)!r}); "
+                f"log=pathlib.Path({str(log / tag)!r})\n")
+        if tag == "lora_b":
+            body += ("n=len(list(log.parent.glob('lora_b.try*'))); log.with_name(f'lora_b.try{n}').write_text(str(t0))\n"
+                     f"time.sleep(0.5)\nif {cond}: print('Traceback ...'); print({oom!r}); sys.exit(1)\n"
+                     "time.sleep(0.3)\n")
         else:
-            body += "time.sleep(0.3); "
+            body += (f"(marks / {tag!r}).write_text('x'); time.sleep({1.5 if tag == 'tasks' else 1.0}); "
+                     f"(marks / {tag!r}).unlink()\n")
         body += (f"log.write_text(f'{{t0}} {{time.time()}}'); "
                  f"[pathlib.Path(a).write_text('x') for a in {[str(a) for a in step['artefact'] or []]!r}]")
         return [sys.executable, "-c", body]
@@ -147,39 +149,55 @@ def _memory_plan(tmp_path: Path, lora_b_ooms: str):
         start, end = (log / tag).read_text().split()
         return float(start), float(end)
 
-    return steps, deps, command, times
+    def tries():
+        return [float(p.read_text()) for p in sorted(log.glob("lora_b.try*"))]
+
+    return steps, deps, command, times, tries
 
 
 @pytest.mark.slow
-def test_a_step_out_of_gpu_memory_beside_another_runs_again_alone_and_first(tmp_path, capsys):
-    """LoRA-B's fine-tune runs out of memory beside the joint fine-tune: it runs again once the joint one ends,
-    alone (the gates and the oracle, ready at the same moment, wait for it), and everything finishes; the first
-    attempt's log is kept."""
-    steps, deps, command, times = _memory_plan(tmp_path, "beside")
+def test_a_step_out_of_gpu_memory_runs_again_once_what_it_ran_beside_has_ended(tmp_path, capsys):
+    """LoRA-B's fine-tune runs out of memory beside the joint fine-tune: it runs again once the joint one has ended,
+    first, and beside the gates and the oracle (ready at the same moment), as on an H100; everything finishes and
+    the first attempt's log is kept."""
+    steps, deps, command, times, tries = _memory_plan(tmp_path, "beside_tasks")
     run_parallel(steps, [], width=4, command=command, deps=deps)
-    tries = sorted((tmp_path / "times").glob("lora_b.try*"))
-    assert len(tries) == 2
-    assert float(tries[1].read_text()) >= times("tasks")[1]  # the retry began after the joint fine-tune ended
-    for tag in ("gates", "oracle"):  # ready when the joint one ended, they waited for the lone retry
-        assert times(tag)[0] >= times("lora_b")[1], tag
-    for tag in ("gates_eval", "lora_b_eval"):
+    first, again = tries()
+    assert first < times("tasks")[1] <= again  # the retry began after the joint fine-tune ended
+    assert times("gates")[0] < times("lora_b")[1]  # and the gates ran beside it
+    for tag in ("oracle", "gates_eval", "lora_b_eval"):
         times(tag)
-    first = (tmp_path / "lora_b" / "stage.oom-1.log").read_text()
-    assert "CUDA out of memory" in first and "CUDA out of memory" not in (tmp_path / "lora_b" / "stage.log").read_text()
-    assert "lora_b: ran out of GPU memory beside other steps" in capsys.readouterr().out
+    kept = (tmp_path / "lora_b" / "stage.oom-1.log").read_text()
+    assert "CUDA out of memory" in kept and "CUDA out of memory" not in (tmp_path / "lora_b" / "stage.log").read_text()
+    assert "lora_b: ran out of GPU memory beside tasks" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_out_of_memory_again_beside_others_runs_a_last_time_alone(tmp_path):
+    """LoRA-B runs out of memory beside anything: beside the joint fine-tune, then again beside the gates that started
+    with its retry; its last attempt waits until nothing runs, and nothing starts until it ends."""
+    steps, deps, command, times, tries = _memory_plan(tmp_path, "beside_any")
+    run_parallel(steps, [], width=4, command=command, deps=deps)
+    first, second, last = tries()
+    assert first < times("tasks")[1] <= second
+    others = [times(t) for t in ("tasks", "gates", "oracle", "gates_eval")]
+    for start, end in others:  # the lone attempt: no other step overlapped it
+        assert end <= last or start >= times("lora_b")[1]
+    assert (tmp_path / "lora_b" / "stage.oom-2.log").exists()
+    times("lora_b_eval")
 
 
 @pytest.mark.slow
 def test_a_step_out_of_memory_alone_fails_and_is_not_run_again(tmp_path):
-    """Out of memory alone (width 1: nothing beside it), or again in its lone retry: the step fails as any other,
+    """Out of memory with nothing beside it (width 1), or in its lone last attempt: the step fails as any other,
     naming its log, and what reads it is not run."""
-    for width, tries_wanted in ((1, 1), (4, 2)):
+    for width, attempts in ((1, 1), (4, 3)):
         root = tmp_path / f"w{width}"
         root.mkdir()
-        steps, deps, command, times = _memory_plan(root, "always")
+        steps, deps, command, times, tries = _memory_plan(root, "always")
         with pytest.raises(ChildProcessError) as err:
             run_parallel(steps, [], width=width, command=command, deps=deps)
         assert "finetune:lora_b (exit 1" in str(err.value)
         assert "evaluate:lora_b_eval (not run: it reads what lora_b writes)" in str(err.value)
-        assert len(list((root / "times").glob("lora_b.try*"))) == tries_wanted
+        assert len(tries()) == attempts
         times("gates_eval")  # the rest ran

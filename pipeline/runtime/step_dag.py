@@ -16,10 +16,12 @@ for nothing here: no step of this plan writes them. A failed step stops only the
 they are reported as not run, naming it; the others go on.
 
 Steps side by side share their GPU's memory. A step that runs out of it (its log ends in a CUDA out-of-memory
-error) while another step ran on the same GPU is run again, once, alone on it: nothing else starts there until it
-ends, and it goes before the steps that became ready meanwhile. What fits an H200 side by side may not fit an H100:
-on an H100 (80 GB) meteora_tasks' joint fine-tune of 28 adapters held 72 GB, and LoRA-B's fine-tune beside it failed
-for 48 MB. The first attempt's log is kept beside the new one (``stage.oom-1.log``).
+error) while other steps ran on the same GPU is run again, first before the steps that became ready meanwhile:
+once every step it ran beside has ended (others may start beside it then), and if it runs out again beside
+another, a last time alone on its GPU (nothing else starts there until it ends). What fits an H200 side by side
+may not fit an H100: on an H100 (80 GB) meteora_tasks' joint fine-tune of 28 adapters held 72 GB and LoRA-B's
+fine-tune beside it failed for 48 MB; run again once the joint one has ended, it runs beside the gates' route. Each
+earlier attempt's log is kept beside the new one (``stage.oom-1.log``, ``stage.oom-2.log``).
 """
 
 from __future__ import annotations
@@ -107,15 +109,17 @@ def run_parallel(steps: list[dict], overrides: list[str], width: int, gpus: list
                  deps: dict[str, list[str]] | None = None) -> None:
     """Run ``steps`` (in plan order, each with a ``tag``) as subprocesses, at most ``width`` at a time, each once the
     steps it reads from have finished and pinned to the least busy of ``gpus`` (when there are two or more); a step
-    that ran out of GPU memory beside another is run again alone (the module's docstring); raise once, naming every
+    that ran out of GPU memory beside others is run again (the module's docstring); raise once, naming every
     failed step and every step left unrun because of one. ``done(step)``: did it finish (default: exit 0);
     ``command(step, overrides)``: its command line; ``deps``: ``dependencies(steps, overrides)`` unless given."""
     deps = dependencies(steps, overrides) if deps is None else deps
     pending, running, finished, failed = list(steps), [], set(), set()
     problems: list[str] = []  # one line per failed or unrun step
     gpus = gpus if gpus and len(gpus) > 1 else []
-    alone: set[str] = set()  # steps to run again alone on their GPU (they ran out of memory beside another)
-    shared: set[str] = set()  # running steps that have had another step on their GPU
+    companions: dict[str, set[str]] = {}  # a running step -> the steps that have run beside it on its GPU
+    after: dict[str, set[str]] = {}  # a step to run again (out of memory) -> the steps that must have ended first
+    alone: set[str] = set()  # steps to run again alone on their GPU (out of memory twice beside others)
+    tries: dict[str, int] = {}  # out-of-memory attempts so far, per step run again
     while pending or running:
         for step in list(pending):  # steps whose inputs failed never start (and fail their own readers in turn)
             bad = [d for d in deps[step["tag"]] if d in failed]
@@ -124,9 +128,14 @@ def run_parallel(steps: list[dict], overrides: list[str], width: int, gpus: list
                 failed.add(step["tag"])
                 problems.append(f"{step['stage']}:{step['step']} (not run: it reads what {', '.join(bad)} writes)")
                 print(f"{step['tag']}: not run, it needs {', '.join(bad)}", flush=True)
-        ready = [s for s in pending if all(d in finished for d in deps[s["tag"]])]
-        ready.sort(key=lambda s: s["tag"] not in alone)  # a step to run alone goes first
+        on = {r[0]["tag"] for r in running}
+        ready = [s for s in pending if all(d in finished for d in deps[s["tag"]])
+                 and not after.get(s["tag"], set()) & on]
+        ready.sort(key=lambda s: s["tag"] not in tries)  # a step run again goes first
         while ready and len(running) < width:
+            if after.get(ready[0]["tag"], set()) & {r[0]["tag"] for r in running}:  # one it ran beside just started
+                ready.pop(0)
+                continue
             busy = [r[3] for r in running]
             lone = {r[3] for r in running if r[0]["tag"] in alone}  # GPUs a lone step holds
             free = [g for g in gpus if g not in lone] if gpus else ([] if lone else [None])
@@ -151,9 +160,8 @@ def run_parallel(steps: list[dict], overrides: list[str], width: int, gpus: list
         if not running and pending and not ready:  # cannot happen with deps drawn from plan order; never spin
             raise RuntimeError(f"reproduce: steps {[s['tag'] for s in pending]} wait for each other")
         time.sleep(0.2)
-        for r in running:  # who has shared a GPU (every step shares the one GPU when they are not pinned)
-            if sum(o[3] == r[3] for o in running) > 1:
-                shared.add(r[0]["tag"])
+        for r in running:  # who has run beside whom (every step shares the one GPU when they are not pinned)
+            companions.setdefault(r[0]["tag"], set()).update(o[0]["tag"] for o in running if o is not r and o[3] == r[3])
         for item in list(running):
             step, proc, t0, _ = item
             if proc.poll() is None:
@@ -161,17 +169,23 @@ def run_parallel(steps: list[dict], overrides: list[str], width: int, gpus: list
             running.remove(item)
             tag = step["tag"]
             took, log_path = time.perf_counter() - t0, step["run_dir"] / "stage.log"
-            was_shared = tag in shared
-            shared.discard(tag)
+            beside = companions.pop(tag, set())
             if proc.returncode == 0 and (done is None or done(step)):
                 finished.add(tag)
                 print(f"{tag}: finished in {took:.1f}s", flush=True)
-            elif was_shared and tag not in alone and ran_out_of_memory(log_path):
-                alone.add(tag)
-                log_path.replace(log_path.with_name("stage.oom-1.log"))
+            elif beside and tag not in alone and ran_out_of_memory(log_path):
+                n = tries[tag] = tries.get(tag, 0) + 1
+                kept = log_path.with_name(f"stage.oom-{n}.log")
+                log_path.replace(kept)
+                if n == 1:
+                    after[tag] = beside
+                    how = f"once {', '.join(sorted(beside))} ha{'s' if len(beside) == 1 else 've'} ended"
+                else:
+                    alone.add(tag)
+                    how = "alone"
                 pending.insert(0, step)
-                print(f"{tag}: ran out of GPU memory beside other steps after {took:.1f}s; it runs again alone "
-                      f"(first log: {log_path.with_name('stage.oom-1.log')})", flush=True)
+                print(f"{tag}: ran out of GPU memory beside {', '.join(sorted(beside))} after {took:.1f}s; it runs "
+                      f"again {how} (log kept: {kept})", flush=True)
             else:
                 failed.add(step["tag"])
                 problems.append(f"{step['stage']}:{step['step']} (exit {proc.returncode}, log {log_path})")
