@@ -172,7 +172,7 @@ def gate_probe(record_dir, per_task: int = 60, layers: str = DEFAULT_LAYERS, mod
                         "val_answer_tokens": int(val_answers.sum()), "epochs": epochs,
                         "projection": "self_attn.q_proj input (= k_proj, v_proj)", "adapters": num_classes},
             "rows": rows,
-            "pooled_probe": round(sum(r["probe_val"] for r in rows) / len(rows), 4),
+            "pooled_probe": _mean((r["probe_val"] for r in rows), digits=4),
             "pooled_probe_answers": _mean((r["probe_val_answers"] for r in rows), digits=4),
             "best_probe": best,
             "best_probe_answers": max((r["probe_val_answers"] for r in rows if r["probe_val_answers"] is not None),

@@ -118,8 +118,11 @@ def run_parallel(steps: list[dict], overrides: list[str], width: int, gpus: list
     gpus = gpus if gpus and len(gpus) > 1 else []
     companions: dict[str, set[str]] = {}  # a running step -> the steps that have run beside it on its GPU
     after: dict[str, set[str]] = {}  # a step to run again (out of memory) -> the steps that must have ended first
-    alone: set[str] = set()  # steps to run again alone on their GPU (out of memory twice beside others)
-    tries: dict[str, int] = {}  # out-of-memory attempts so far, per step run again
+    tries: dict[str, int] = {}  # out-of-memory attempts so far, per step run again (2: its last attempt is alone)
+
+    def alone(tag: str) -> bool:
+        return tries.get(tag, 0) >= 2
+
     while pending or running:
         for step in list(pending):  # steps whose inputs failed never start (and fail their own readers in turn)
             bad = [d for d in deps[step["tag"]] if d in failed]
@@ -128,18 +131,16 @@ def run_parallel(steps: list[dict], overrides: list[str], width: int, gpus: list
                 failed.add(step["tag"])
                 problems.append(f"{step['stage']}:{step['step']} (not run: it reads what {', '.join(bad)} writes)")
                 print(f"{step['tag']}: not run, it needs {', '.join(bad)}", flush=True)
-        on = {r[0]["tag"] for r in running}
-        ready = [s for s in pending if all(d in finished for d in deps[s["tag"]])
-                 and not after.get(s["tag"], set()) & on]
+        ready = [s for s in pending if all(d in finished for d in deps[s["tag"]])]
         ready.sort(key=lambda s: s["tag"] not in tries)  # a step run again goes first
         while ready and len(running) < width:
-            if after.get(ready[0]["tag"], set()) & {r[0]["tag"] for r in running}:  # one it ran beside just started
+            if after.get(ready[0]["tag"], set()) & {r[0]["tag"] for r in running}:  # one it ran beside still runs
                 ready.pop(0)
                 continue
             busy = [r[3] for r in running]
-            lone = {r[3] for r in running if r[0]["tag"] in alone}  # GPUs a lone step holds
+            lone = {r[3] for r in running if alone(r[0]["tag"])}  # GPUs a lone step holds
             free = [g for g in gpus if g not in lone] if gpus else ([] if lone else [None])
-            if ready[0]["tag"] in alone:  # it needs a GPU with nothing on it; until one frees, nothing starts
+            if alone(ready[0]["tag"]):  # it needs a GPU with nothing on it; until one frees, nothing starts
                 idle = [g for g in free if g not in busy] if gpus else ([None] if not running else [])
                 if not idle:
                     break
@@ -173,16 +174,13 @@ def run_parallel(steps: list[dict], overrides: list[str], width: int, gpus: list
             if proc.returncode == 0 and (done is None or done(step)):
                 finished.add(tag)
                 print(f"{tag}: finished in {took:.1f}s", flush=True)
-            elif beside and tag not in alone and ran_out_of_memory(log_path):
+            elif beside and not alone(tag) and ran_out_of_memory(log_path):
                 n = tries[tag] = tries.get(tag, 0) + 1
                 kept = log_path.with_name(f"stage.oom-{n}.log")
                 log_path.replace(kept)
-                if n == 1:
-                    after[tag] = beside
-                    how = f"once {', '.join(sorted(beside))} ha{'s' if len(beside) == 1 else 've'} ended"
-                else:
-                    alone.add(tag)
-                    how = "alone"
+                after[tag] = beside
+                how = "alone" if alone(tag) else \
+                    f"once {', '.join(sorted(beside))} ha{'s' if len(beside) == 1 else 've'} ended"
                 pending.insert(0, step)
                 print(f"{tag}: ran out of GPU memory beside {', '.join(sorted(beside))} after {took:.1f}s; it runs "
                       f"again {how} (log kept: {kept})", flush=True)

@@ -245,11 +245,12 @@ def route(cfg: DictConfig) -> float | None:
                          f"{' or router='.join(plan.trainable_names())}")
     name = plan.checkpoint.name  # the router's name in results: the dir evaluate reads it from (dlp for dlp_segments)
     train_cfg, steps = cfg.router.train, int(cfg.router.train.steps)
-    if not train_cfg.gate_ce_on_prompt and not getattr(plan.strategy.router_class, "reads_answers", False):
+    reads_answers = bool(getattr(plan.strategy.router_class, "reads_answers", False))  # a LM step: MeteoRA's gates
+    if not train_cfg.gate_ce_on_prompt and not reads_answers:
         raise ValueError(f"router.train.gate_ce_on_prompt=false: router={plan.strategy.name} routes from the prompt "
                          f"alone, with no gate CE over answer tokens; drop the override")
-    # the step as one CUDA graph where it is a LM step (MeteoRA's gates), decided before anything loads or is written
-    graphed = cuda_graph_wanted(cfg, graphable=bool(getattr(plan.strategy.router_class, "reads_answers", False)))
+    # the step as one CUDA graph where it is a LM step, decided before anything loads or is written
+    graphed = cuda_graph_wanted(cfg, graphable=reads_answers)
     resume = prepare_resume(cfg)  # a restarted run: its checkpoint (and wandb run id)
     with StageRun(cfg) as run:
         mm, tokenizer = build_multilora(cfg, plan=plan)
