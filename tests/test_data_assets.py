@@ -196,3 +196,124 @@ def test_a_cache_variable_that_names_a_file_is_one_clear_error(tmp_path, monkeyp
     assert err == (f"error: cannot make the asset cache at {afile}: {afile} is a file, not a directory; point "
                    f"LORAMUX_CACHE at a directory you can write (or unset it: ~/.cache/loramux)\n")
     assert afile.read_text() == "not a directory"
+
+
+def _tree(root: Path, files: dict[str, str]) -> Path:
+    """A BIG-bench tree on disk (what a clone of google/BIG-bench holds), from the same relpaths as the sdist."""
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    return root
+
+
+def test_a_bigbench_tree_fills_the_cache_as_the_sdist_does_and_names_its_commit(cache, tmp_path):
+    """--bigbench-dir: the same task files as from the sdist (same hashes, same layout), and MANIFEST.json (so every
+    run's provenance, ``bigbench_source``) names the tree and, for a git clone, its commit."""
+    import subprocess
+
+    sdist = tmp_path / "bigbench-1.0.0.tar.gz"
+    digest = _fake_sdist(sdist, FAKE)
+    want = ["strategyqa", "logical_deduction", "winowhy"]
+    from_sdist = json.loads((assets.fetch_bigbench(want, sdist=sdist, sha256=digest, log=lambda s: None)
+                             / "MANIFEST.json").read_text())
+    assert assets.bigbench_source() == {"source": f"sdist bigbench==1.0.0 sha256 {digest}", "files": 4}
+
+    tree = _tree(tmp_path / "BIG-bench", FAKE)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "init.defaultBranch=main"]
+    subprocess.run([*git, "init", "-q", str(tree)], check=True)
+    subprocess.run([*git, "-C", str(tree), "add", "-A"], check=True)
+    subprocess.run([*git, "-C", str(tree), "commit", "-qm", "tasks"], check=True)
+    sha = subprocess.run(["git", "-C", str(tree), "rev-parse", "HEAD"], check=True, capture_output=True,
+                         text=True).stdout.strip()
+    root = assets.fetch_bigbench(want, force=True, source_dir=tree, log=lambda s: None)
+    manifest = json.loads((root / "MANIFEST.json").read_text())
+    assert manifest["files"] == from_sdist["files"] and manifest["dirs"] == from_sdist["dirs"]
+    assert manifest["source"] == f"dir {tree.resolve()} git {sha}" and manifest["sha256"] is None
+    assert assets.bigbench_source() == {"source": f"dir {tree.resolve()} git {sha}", "files": 4}
+    assert not any("corrupt" in p or "file missing" in p for p in assets.check())  # hashes as MANIFEST says
+    (tree / "bigbench/benchmark_tasks/winowhy/task.json").write_text(_task(5))  # an edit under the task files
+    manifest = json.loads((assets.fetch_bigbench(want, force=True, source_dir=tree, log=lambda s: None)
+                           / "MANIFEST.json").read_text())
+    assert manifest["source"].endswith(f"git {sha}+dirty")
+    assert _leftovers(cache) == []
+
+
+def test_bad_bigbench_sources_are_one_line_each_and_keep_the_cache(cache, tmp_path, capsys):
+    from data.fetch import main
+
+    sdist = tmp_path / "bigbench-1.0.0.tar.gz"
+    digest = _fake_sdist(sdist, FAKE)
+    assets.fetch_bigbench(["strategyqa"], sdist=sdist, sha256=digest, log=lambda s: None)
+    before = (cache / "bigbench" / "MANIFEST.json").read_text()
+    not_a_tree = tmp_path / "empty"
+    not_a_tree.mkdir()
+    cases = {("--bigbench-dir", str(tmp_path / "absent")): "no such directory",
+             ("--bigbench-dir", str(not_a_tree)): "no bigbench/benchmark_tasks/ under it",
+             ("--bigbench-sdist", str(tmp_path / "absent.tar.gz")): "no such file; give the path of bigbench-1.0.0",
+             ("--bigbench-sdist", str(sdist), "--bigbench-dir", str(not_a_tree)): "give one BIG-bench source"}
+    for argv, words in cases.items():
+        assert main(list(argv)) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and words in err and err.count("\n") == 1, err
+    assert (cache / "bigbench" / "MANIFEST.json").read_text() == before
+    assert _leftovers(cache) == []
+
+
+@pytest.fixture
+def index_without_bigbench(tmp_path, monkeypatch):
+    """A package index (PEP 503 pages over HTTP on localhost) that lists bigbench 0.0.1 only, as PyPI's did from
+    2026-12: pip and the simple-API reader both talk to it (PIP_INDEX_URL), and nothing else is searched."""
+    import functools
+    import http.server
+    import threading
+
+    page = tmp_path / "index" / "bigbench"
+    page.mkdir(parents=True)
+    (page / "index.html").write_text('<html><body><a href="bigbench-0.0.1.tar.gz#sha256=00">bigbench-0.0.1.tar.gz'
+                                     "</a></body></html>")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "index"))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("PIP_INDEX_URL", f"http://127.0.0.1:{server.server_address[1]}/")
+    monkeypatch.setenv("PIP_EXTRA_INDEX_URL", "")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "index"))  # no wheel dir with bigbench in it
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    yield
+    server.shutdown()
+
+
+def test_an_sdist_the_index_no_longer_offers_is_one_line_or_skipped_when_told(cache, index_without_bigbench):
+    """`make test` fetches with --skip-unavailable: the missing sdist is reported in one line, exit 0, nothing is
+    written; without the flag (make assets, make demo) the same line is an error naming the other sources."""
+    import subprocess
+    import sys
+
+    fetch = [sys.executable, "-m", "data.fetch", "--bigbench"]
+    proc = subprocess.run(fetch, check=False, capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("error: bigbench==1.0.0 is not offered by the package index (simple API: ")
+    assert "bigbench-1.0.0.tar.gz is not listed on http://127.0.0.1" in proc.stderr
+    assert "--bigbench-sdist PATH" in proc.stderr and "--bigbench-dir DIR" in proc.stderr
+    proc = subprocess.run([*fetch, "--skip-unavailable"], check=False, capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("skipped bigbench: unavailable: bigbench==1.0.0 is not offered by the package")
+    assert not (cache / "bigbench").exists() and _leftovers(cache) == []
+    # a wrong file is no outage: --skip-unavailable does not hide it
+    bad = cache.parent / "bigbench-1.0.0.tar.gz"
+    bad.write_bytes(b"x")
+    proc = subprocess.run([*fetch, "--skip-unavailable", "--bigbench-sdist", str(bad)], check=False,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "sha256 mismatch for bigbench==1.0.0" in proc.stderr
+
+
+def test_runs_over_tasks_record_where_their_bigbench_files_came_from(cache, tmp_path):
+    from pipeline.runtime.stage import run_provenance
+
+    assert "data" not in run_provenance(0, ["strategyqa"])  # nothing cached: nothing to name
+    sdist = tmp_path / "bigbench-1.0.0.tar.gz"
+    digest = _fake_sdist(sdist, FAKE)
+    assets.fetch_bigbench(["strategyqa"], sdist=sdist, sha256=digest, log=lambda s: None)
+    assert run_provenance(0, ["strategyqa"])["data"] == {
+        "bigbench": {"source": f"sdist bigbench==1.0.0 sha256 {digest}", "files": 1}}
+    assert "data" not in run_provenance(0, [])  # a run over no task (a latency bench) read none

@@ -1,6 +1,7 @@
 """data.routing_ceiling: the best causal token router's accuracy on labelled rows, counted by hand on small cases."""
 
 import pytest
+from needs_assets import needs_bigbench
 
 from data.routing_ceiling import causal_routing_ceiling, one_token_routing
 
@@ -50,6 +51,7 @@ def test_the_table_router_line_gives_the_ceiling_where_the_route_record_has_it()
     assert "a router reading one token (a layer-0 q / k / v gate's view) scores 0.367 there" in line
 
 
+@needs_bigbench
 def test_the_committed_route_record_rebuilds_its_validation_rows(tmp_path):
     """python -m pipeline.report.routing_ceiling on the committed meteora_tasks route record: its validation rows rebuilt from
     its own config, the ceiling above the gates' accuracy, every task scored (needs the SmolLM2 tokenizer at the

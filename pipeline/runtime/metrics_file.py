@@ -6,7 +6,8 @@ Schema (wandb is a mirror of it, never the source of truth)::
      "metrics": {"arithmetic/accuracy": 0.41, ..., "main": 0.37},      # flat name -> number
      "main_metric": "main",                                             # what sweepers optimise
      "rows": [{...}, ...],                                              # optional table rows (bench, per-task)
-     "provenance": {"git_sha", "device", "versions", "date", "seed"}}
+     "provenance": {"git_sha", "device", "versions", "date", "seed",
+                    "data": {"bigbench": {"source", "files"}}}}     # "data": runs over tasks (BIG-bench's origin)
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from common.provenance import provenance
+from data.assets import bigbench_source
 from pipeline.runtime.config_tree import show_and_save_config
 from pipeline.runtime.distributed import is_global_zero, wait_for_all
 from pipeline.runtime.metrics_file import write_metrics
@@ -80,13 +81,25 @@ class StageRun:
             self.finished = True
             return float(value) if value is not None else None
         path = write_metrics(self.run_dir, stage=self.stage, experiment=str(self.cfg.name), tasks=tasks,
-                             strategy=strategy, metrics=metrics, provenance=provenance(int(self.cfg.seed)),
+                             strategy=strategy, metrics=metrics, provenance=run_provenance(int(self.cfg.seed), tasks),
                              main_metric=main_metric, rows=rows,
                              extra={**(extra or {}), "wall_time_s": round(time.perf_counter() - self.t0, 3)})
         self.tracker.log_metrics({f"{self.stage}/{k}": v for k, v in metrics.items()})
         log.info("%s: wrote %s", self.stage, path)
         self.finished = True
         return float(value) if value is not None else None
+
+
+def run_provenance(seed: int, tasks) -> dict:
+    """``common.provenance.provenance`` plus, for a run over tasks (each reads BIG-bench task files, an HF task its
+    named BIG-bench substitute offline), where the cached files came from (``data.bigbench``: the pinned sdist and
+    its sha256, or a BIG-bench tree and its commit; ``data.fetch``)."""
+    out = provenance(seed)
+    if tasks:
+        source = bigbench_source()
+        if source is not None:
+            out["data"] = {"bigbench": source}
+    return out
 
 
 def stage_callbacks(cfg) -> list:
