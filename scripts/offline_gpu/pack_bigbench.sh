@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 cache=${LORAMUX_CACHE:-$HOME/.cache/loramux}
-[ -f "$cache/bigbench/MANIFEST.json" ] || { echo "no BIG-bench in $cache: run make assets first" >&2; exit 2; }
+[ -f "$cache/bigbench/MANIFEST.json" ] || { echo "no BIG-bench in $cache: run make assets first (where the index lacks its sdist: python -m data.fetch --bigbench-sdist PATH or --bigbench-dir DIR)" >&2; exit 2; }
 rm -rf .gpubb && mkdir .gpubb
 tar czf .gpubb/bb.tgz -C "$cache" bigbench
 ls -la .gpubb
