@@ -317,3 +317,20 @@ def test_runs_over_tasks_record_where_their_bigbench_files_came_from(cache, tmp_
     assert run_provenance(0, ["strategyqa"])["data"] == {
         "bigbench": {"source": f"sdist bigbench==1.0.0 sha256 {digest}", "files": 1}}
     assert "data" not in run_provenance(0, [])  # a run over no task (a latency bench) read none
+
+
+def test_a_table_names_the_bigbench_source_its_runs_read():
+    """A paper table's provenance (and its Markdown head) names where its runs' task files came from; tables of
+    runs that name none (every committed one: recorded before runs carried it) are unchanged."""
+    from pipeline.report.paper_tables import table_provenance
+
+    def rec(step, data):
+        prov = {"git_sha": "abc", "device": "cpu", "versions": {"torch": "2"}, "date": "2026-12-05", **data}
+        return {"stage": "evaluate", "strategy": step, "step": step, "provenance": prov}
+
+    clone = {"data": {"bigbench": {"source": "dir /bb git 0123", "files": 3}}}
+    assert table_provenance([rec("a", clone), rec("b", clone)], {})["bigbench"] == "dir /bb git 0123"
+    other = {"data": {"bigbench": {"source": "sdist bigbench==1.0.0 sha256 1bb3", "files": 3}}}
+    assert table_provenance([rec("a", clone), rec("b", other)], {})["bigbench"] == [
+        "dir /bb git 0123", "sdist bigbench==1.0.0 sha256 1bb3"]  # runs that read different sources: both named
+    assert "bigbench" not in table_provenance([rec("a", {})], {})

@@ -5,7 +5,7 @@ figure), built from one experiment's metrics.json records, with the papers' clai
     write_paper_table("dlp_tasks", records, "outputs/tables", config={...})   # the report stage calls this
 
 JSON: ``{"table", "provenance": {git_sha, device, torch, triton, transformers, versions, by_run, report_config,
-date, runs, wall_time_s, records}, "rows": [...], "claims": [{claim, measured, threshold, holds, interval, verdict,
+date, runs, wall_time_s, records, bigbench (where the runs name their BIG-bench source)}, "rows": [...], "claims": [{claim, measured, threshold, holds, interval, verdict,
 reason}], ...}``. ``provenance.by_run`` holds, per run that made a row (``<stage>/<step>``), its git sha, date,
 wall time, ``allow_dirty`` and its own composed config (the ``config.yaml`` the stage saved; ``report_config`` is
 the report call's, ``runs`` the first and last run date); each row's ``runs`` names the run of each column.
@@ -505,7 +505,10 @@ def table_provenance(records: list[dict], config: dict | None, used: set[str] | 
     versions = [p.get("versions", {}) for p in prov]
     times = [wall_time_s(r) for r in records]
     runs = {run_key(r): run_provenance(r) for r in records if used is None or run_key(r) in used}
-    return {"git_sha": _one_or_all(p.get("git_sha") for p in prov),
+    # where the runs' BIG-bench task files came from (the pinned sdist, or a clone and its commit), when they say
+    bigbench = _one_or_all(((p.get("data") or {}).get("bigbench") or {}).get("source") for p in prov)
+    return {**({"bigbench": bigbench} if bigbench else {}),
+            "git_sha": _one_or_all(p.get("git_sha") for p in prov),
             "device": _one_or_all(p.get("device") for p in prov),
             "torch": _one_or_all(v.get("torch") for v in versions),
             "triton": _one_or_all(v.get("triton") for v in versions),
@@ -596,6 +599,8 @@ def paper_markdown(name: str, table: dict, plot: Path | None, title: str | None 
     p = table["provenance"]
     head = (f"git `{p['git_sha']}` · {p['device']} · torch {p['torch']} · triton {p['triton']} · "
             f"transformers {p['transformers']} · {p['date']} · {p['records']} runs, {p['wall_time_s']} s")
+    if p.get("bigbench"):
+        head += f" · BIG-bench: {p['bigbench']}"
     heading = name if title in (None, name) else f"{title} (paper table {name})"
     lines = [f"# {heading}", "", head, "", "## Claims", ""]
     claims = [{**c, "95% interval": interval_cell(c.get("interval")), "holds (point)": c["holds"]}
