@@ -72,6 +72,16 @@ def test_e2e_steps_refuse_comma_separated_targets(tmp_path):
         assert not list((tmp_path / step).glob("*.yaml"))
 
 
+def test_dlp_latency_step_takes_its_overrides_from_the_environment(tmp_path):
+    """DLP_LATENCY_ARGS reaches the step's reproduce call, one override per word (a shorter budget where less device
+    time is left)."""
+    from omegaconf import OmegaConf
+
+    _composed_steps(tmp_path, "dlp_latency", env={"DLP_LATENCY_ARGS": "bench.max_seconds=300 bench.repeats=5"})
+    lat = OmegaConf.load(tmp_path / "dlp_latency.yaml")
+    assert (lat.bench.max_seconds, lat.bench.repeats, lat.name) == (300, 5, "dlp_latency")
+
+
 def test_bench_steps_compose_and_train_decides_every_target_in_one_run(tmp_path):
     from omegaconf import OmegaConf
 

@@ -70,7 +70,11 @@ e2e_eager() {
 kernel_bench() { step kernel_bench timeout 300 python3 -m kernels.bench --out "$LMX/tables"; }
 # DLP-LoRA's latency table (decode against the number of adapters; random-weight shapes, so no asset), with its
 # report and raw records under /root/lmx/{tables,records} (bench.max_seconds 420: ~8.5 minutes, a call of its own)
-dlp_latency() { step dlp_latency timeout 575 python3 -m pipeline.reproduce experiment=dlp_latency logger=csv; }
+# DLP_LATENCY_ARGS: space-separated overrides (e.g. bench.max_seconds=300 where less device time is left)
+dlp_latency() {
+  # shellcheck disable=SC2086  # one override per word
+  step dlp_latency timeout 575 python3 -m pipeline.reproduce experiment=dlp_latency logger=csv ${DLP_LATENCY_ARGS:-}
+}
 # the gates' tokens/s target alone (an absolute rate, no ratio): compiled layers at batch 256, their best batch at
 # 9d88c5b, 6 rounds, its own table (~1.5 minutes)
 train_gates_compiled() {
