@@ -3,9 +3,10 @@
 No flag means `--model --bigbench`; `--gemma` adds the second backbone, Gemma-3-270M (model=gemma3_270m). A second run finds everything and says "already present: ..." in seconds.
 `--gguf PATH` builds the model from a local copy of the pinned GGUF (offline GPU nodes). `--bigbench-sdist PATH` takes
 BIG-bench from a local copy of the pinned sdist, `--bigbench-dir DIR` from a BIG-bench tree (a clone of
-google/BIG-bench: its commit is recorded). `--skip-unavailable` reports an asset its source does not offer now in one
-line and goes on (exit 0; what `make test` runs: the tests that read it skip and say why). `--check` re-hashes the
-cache and prints one line per problem (exit status 1 if there is any).
+google/BIG-bench: its commit is recorded; `--list-bigbench-dirs` prints the paths a sparse clone needs).
+`--skip-unavailable` reports an asset its source does not offer now in one line and goes on (exit 0; what `make test`
+runs: the tests that read it skip and say why). `--check` re-hashes the cache and prints one line per problem (exit
+status 1 if there is any).
 """
 
 from __future__ import annotations
@@ -43,7 +44,12 @@ def main(argv: list[str] | None = None) -> int:
                         "google/BIG-bench, or of an unpacked sdist); its commit is recorded, no hash pins it")
     parser.add_argument("--skip-unavailable", action="store_true", help="an asset its source does not offer now "
                         "(not listed on the index, no network) is reported in one line and skipped (exit 0)")
+    parser.add_argument("--list-bigbench-dirs", action="store_true", help="print the BIG-bench task dirs the "
+                        "registry reads, one per line (for a sparse clone of google/BIG-bench), and exit")
     args = parser.parse_args(argv)
+    if args.list_bigbench_dirs:
+        print("\n".join(f"{assets.BIGBENCH_PREFIX}{d}" for d in sorted(assets.bigbench_dirs())))
+        return 0
     args.gemma = args.gemma or args.gemma_gguf is not None
     args.bigbench = args.bigbench or bool(args.bigbench_sdist or args.bigbench_dir)
     if not (args.model or args.bigbench or args.check or args.gemma):

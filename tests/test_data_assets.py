@@ -334,3 +334,19 @@ def test_a_table_names_the_bigbench_source_its_runs_read():
     assert table_provenance([rec("a", clone), rec("b", other)], {})["bigbench"] == [
         "dir /bb git 0123", "sdist bigbench==1.0.0 sha256 1bb3"]  # runs that read different sources: both named
     assert "bigbench" not in table_provenance([rec("a", {})], {})
+
+
+def test_a_sparse_clone_of_the_listed_dirs_fills_everything_the_registry_reads(cache, tmp_path, capsys):
+    """`--list-bigbench-dirs` names every path the registry reads, so a sparse clone of just those (the README's
+    commands) is a whole source: `--bigbench-dir` over it leaves `check` no BIG-bench problem."""
+    from data.fetch import main
+    from data.task_table import bigbench_dirs
+
+    assert main(["--list-bigbench-dirs"]) == 0
+    listed = capsys.readouterr().out.split()
+    assert listed == [f"bigbench/benchmark_tasks/{d}" for d in sorted(bigbench_dirs())]
+    tree = _tree(tmp_path / "BIG-bench", {f"{d}/task.json": _task() for d in listed})
+    assert main(["--bigbench-dir", str(tree)]) == 0
+    capsys.readouterr()
+    assert not [p for p in assets.check() if "BIG-bench" in p]
+    assert len(json.loads((cache / "bigbench" / "MANIFEST.json").read_text())["files"]) == len(listed)
