@@ -529,14 +529,27 @@ def _copy_task_json(tree: Path, dest: Path, dirs: set[str]) -> dict[str, str]:
     for d in sorted(dirs):
         for path in sorted((base / d).glob("**/task.json")):
             rel = path.relative_to(base).as_posix()
-            parts = rel.split("/")
-            if len(parts) > 3 or not _wanted("/".join(parts[:-1]), dirs):
-                continue
-            target = dest / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, target)
-            files[rel] = sha256_file(target)
+            if _kept(rel, dirs):
+                with open(path, "rb") as src:
+                    files[rel] = _write_hashed(src, dest / rel)
     return files
+
+
+def _kept(rel: str, dirs: set[str]) -> bool:
+    """Whether a task file under benchmark_tasks/ (``<dir>/[<sub>/]task.json``) belongs to a wanted dir."""
+    parts = rel.split("/")
+    return len(parts) <= 3 and ".." not in parts and _wanted("/".join(parts[:-1]), dirs)
+
+
+def _write_hashed(src, target: Path) -> str:
+    """Copy the stream ``src`` to ``target`` (parents made), hashing it on the way; its sha256."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    with open(target, "wb") as out:
+        for block in iter(lambda: src.read(1 << 20), b""):
+            digest.update(block)
+            out.write(block)
+    return digest.hexdigest()
 
 
 def _extract_task_json(archive: Path, dest: Path, dirs: set[str]) -> dict[str, str]:
@@ -549,17 +562,9 @@ def _extract_task_json(archive: Path, dest: Path, dirs: set[str]) -> dict[str, s
                 if not (member.isfile() and name.startswith(BIGBENCH_PREFIX) and name.endswith("/task.json")):
                     continue
                 rel = name[len(BIGBENCH_PREFIX):]
-                parts = rel.split("/")
-                if len(parts) > 3 or ".." in parts or not _wanted("/".join(parts[:-1]), dirs):
-                    continue
-                target = dest / rel
-                target.parent.mkdir(parents=True, exist_ok=True)
-                digest = hashlib.sha256()
-                with tar.extractfile(member) as src, open(target, "wb") as out:
-                    for block in iter(lambda: src.read(1 << 20), b""):
-                        digest.update(block)
-                        out.write(block)
-                files[rel] = digest.hexdigest()
+                if _kept(rel, dirs):
+                    with tar.extractfile(member) as src:
+                        files[rel] = _write_hashed(src, dest / rel)
     except (tarfile.TarError, OSError, EOFError) as err:
         raise LoramuxDataError(
             f"cannot read {archive.name} as a .tar.gz ({err}); delete it and re-run `python -m data.fetch --bigbench`"
