@@ -455,6 +455,8 @@ def fetch_bigbench(
     want = set(bigbench_dirs(None if tasks is None else list(tasks)))
     root = bigbench_dir()
     manifest = _read_manifest(root)
+    if is_standin(manifest):
+        manifest = None  # generated stand-in files (data/standin.py) are replaced whole, never kept as present
     have = set(manifest["dirs"]) if manifest else set()
     if not force and want <= have and all((root / f).is_file() for f in manifest["files"]):
         log(f"already present: {root} ({len(manifest['files'])} task files)")
@@ -495,6 +497,17 @@ def fetch_bigbench(
             archive.unlink()
     _timed(log, f"extracted {len(files)} task files ({len(want)} dirs) into {root}", start)
     return root
+
+
+def is_standin(manifest: dict | None) -> bool:
+    """Whether a BIG-bench cache's MANIFEST.json is data/standin.py's generated stand-in, not BIG-bench."""
+    return bool(manifest and manifest.get("standin"))
+
+
+def real_bigbench() -> bool:
+    """Whether the cache holds BIG-bench's own task files (from the sdist or a tree), not a stand-in."""
+    manifest = _read_manifest(bigbench_dir())
+    return manifest is not None and not is_standin(manifest)
 
 
 def bigbench_source() -> dict | None:

@@ -15,6 +15,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import sys
 
+import needs_assets  # noqa: F401  first: where BIG-bench is absent it points LORAMUX_CACHE at the stand-in
 import pytest
 import torch
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from needs_assets import needs_bigbench, needs_tiny_model
+from needs_assets import needs_task_files, needs_tiny_model
 from omegaconf import OmegaConf
 
 from data.assets import cache_dir
 from data.tasks import load_split
 from pipeline.stages.answer_budget import NUMBERING_TOKENS, answer_budget, composite_budget, task_budget
 
-pytestmark = [needs_bigbench, needs_tiny_model]
+pytestmark = [needs_task_files, needs_tiny_model]
 
 
 @pytest.fixture(scope="module")

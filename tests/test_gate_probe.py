@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from needs_assets import needs_bigbench
+from needs_assets import needs_task_files
 
 from pipeline.report.gate_probe import fit_probe, main, parse_layers
 
@@ -68,7 +68,7 @@ def tiny_record(tmp_path_factory):
     return d
 
 
-@needs_bigbench
+@needs_task_files
 def test_gate_probe_on_a_route_record(tiny_record, tmp_path):
     out = tmp_path / "tables"
     assert main([str(tiny_record), "--per-task", "4", "--layers", "0,last", "--epochs", "3", "--out", str(out)]) == 0
@@ -99,7 +99,7 @@ def test_gate_probe_on_a_route_record(tiny_record, tmp_path):
     assert "| on answer tokens | on prompt tokens |" in page and "On the answer tokens alone" in page
 
 
-@needs_bigbench
+@needs_task_files
 def test_routed_rows_mark_where_each_answer_starts(tiny_record):
     """``routed_rows``' ``prompt_len``: the prompt's token count, so that input_ids[prompt_len:] is the answer
     (+ EOS) as ``encode_pairs`` builds it, whether the LM labels cover the prompt (MeteoRA's) or not; a

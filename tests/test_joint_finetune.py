@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from needs_assets import needs_bigbench, needs_tiny_model
+from needs_assets import needs_task_files, needs_tiny_model
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model_state_dict
 from safetensors.torch import load_file
 from torch._dynamo.utils import counters
@@ -64,7 +64,7 @@ def run_finetune(compose):
 
 # ------------------------------------------------------------------------------------------------ the acceptance test
 @needs_tiny_model
-@needs_bigbench
+@needs_task_files
 def test_joint_run_equals_three_separate_runs(tmp_path, run_finetune):
     joint_out, sep_out = tmp_path / "joint", tmp_path / "sep"
     mean_val = run_finetune([*RUN, "task=all", f"paths.output_root={joint_out}"], tmp_path / "run-all")
@@ -282,7 +282,7 @@ runpy.run_module("pipeline.finetune", run_name="__main__")
 
 @pytest.mark.slow
 @needs_tiny_model
-@needs_bigbench
+@needs_task_files
 def test_joint_run_killed_mid_training_resumes_to_the_uninterrupted_adapters(tmp_path, caplog, run_finetune):
     """adapter=dlp (LoRA dropout 0.1: the RNG resumes too); SIGKILL at step 5, periodic checkpoint at step 3."""
     over = [*RUN[:-1], "task=all", "adapter=dlp", "trainer.max_steps=7", "trainer.val_check_interval=7",
@@ -308,7 +308,7 @@ def test_joint_run_killed_mid_training_resumes_to_the_uninterrupted_adapters(tmp
 
 
 @needs_tiny_model
-@needs_bigbench
+@needs_task_files
 def test_joint_nan_loss_stops_in_one_line_keeping_the_last_checkpoint(tmp_path, run_finetune):
     run = tmp_path / "run"
     with pytest.raises(FloatingPointError) as e:
@@ -374,7 +374,7 @@ def test_reproduce_plans_one_joint_finetune_step_and_lora_b_its_own(tmp_path, co
 
 @pytest.mark.slow
 @needs_tiny_model
-@needs_bigbench
+@needs_task_files
 def test_joint_speed_times_both_modes_and_writes_the_table(tmp_path):
     out = tmp_path / "tables" / "joint"
     result = joint_speed(["--experiment", "smoke", "--repeats", "1", "--out", str(out), "trainer.max_steps=2"])

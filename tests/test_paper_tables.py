@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 from hydra.core.global_hydra import GlobalHydra
-from needs_assets import needs_bigbench, needs_tiny_model
+from needs_assets import needs_task_files, needs_tiny_model
 
 from pipeline.runtime.compose import compose
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
-pytestmark = [needs_tiny_model, needs_bigbench, pytest.mark.slow]  # ~2.5 min: 31 stage runs in one chain
+pytestmark = [needs_tiny_model, needs_task_files, pytest.mark.slow]  # ~2.5 min: 31 stage runs in one chain
 TASKS = ["winowhy", "disfl_qa"]  # an MCQ task and a QA task whose registry scores no BLEU/ROUGE (computed here)
 SMALL = ["model=tiny", "logger=none", "print_config=false", "trainer.max_steps=2", "trainer.val_check_interval=2",
          "trainer.enable_progress_bar=false", "data.train_limit=8", "data.val_limit=2", "data.test_limit=3",

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.core.global_hydra import GlobalHydra
-from needs_assets import needs_bigbench, needs_tiny_model
+from needs_assets import needs_task_files, needs_tiny_model
 from omegaconf import open_dict
 
 from data.assets import cache_dir
@@ -55,7 +55,7 @@ def _metrics(exp: Path, stage: str, step: str) -> dict:
     return json.loads((exp / stage / step / "metrics.json").read_text())
 
 
-@needs_bigbench
+@needs_task_files
 def test_every_stage_wrote_metrics_json(smoke):
     _, exp = smoke
     schema = {"stage", "experiment", "tasks", "strategy", "metrics", "provenance"}
@@ -70,7 +70,7 @@ def test_every_stage_wrote_metrics_json(smoke):
     assert len(found["finetune"]) == 2 and len(found["route"]) == 2  # the task adapters' joint run, and lora_b
 
 
-@needs_bigbench
+@needs_task_files
 def test_finetune_writes_a_standard_peft_adapter(smoke):
     from peft import PeftConfig
 
@@ -107,7 +107,7 @@ def test_answer_only_labels():
 
 
 @needs_tiny_model
-@needs_bigbench
+@needs_task_files
 def test_batched_encoding_gives_every_row_the_ids_of_its_own_call():
     """Stages encode a task's rows in one batched tokenizer call; each row must get exactly what encoding it alone
     gives (long and short prompts, an empty answer, a prompt cut from the left)."""
@@ -125,7 +125,7 @@ def test_batched_encoding_gives_every_row_the_ids_of_its_own_call():
     assert encode_prompts(tok, []) == [] and encode_pairs(tok, [], [], 8) == []
 
 
-@needs_bigbench
+@needs_task_files
 def test_routers_trained_and_saved(smoke):
     _, exp = smoke
     for router in ("meteora", "dlp"):
@@ -137,7 +137,7 @@ def test_routers_trained_and_saved(smoke):
     assert dlp["router_accuracy_by_projection"] is None and dlp["router_accuracy_by_layer"] is None
 
 
-@needs_bigbench
+@needs_task_files
 def test_evaluate_scores_each_strategy_and_saves_predictions(smoke):
     _, exp = smoke
     for label in ("base", "oracle", "meteora-top2", "dlp", "lora_b"):
@@ -161,7 +161,7 @@ def test_evaluate_scores_each_strategy_and_saves_predictions(smoke):
     assert pred["route"] is not None and abs(sum(pred["route"]["weights"]) - 1.0) < 1e-3  # dlp's nucleus
 
 
-@needs_bigbench
+@needs_task_files
 def test_bench_rows_have_ratios(smoke):
     _, exp = smoke
     rec = _metrics(exp, "bench", "bench")
@@ -178,7 +178,7 @@ def test_bench_rows_have_ratios(smoke):
         assert len(r["rounds"]) == rec["bench"]["repeats"]
 
 
-@needs_bigbench
+@needs_task_files
 def test_report_tables_and_plots(smoke):
     _, exp = smoke
     md = (exp / "report.md").read_text()
@@ -194,7 +194,7 @@ def test_report_tables_and_plots(smoke):
         assert (exp / "plots" / png).read_bytes()[:4] == b"\x89PNG"
 
 
-@needs_bigbench
+@needs_task_files
 def test_reproduce_skips_finished_steps(smoke, capsys):
     from pipeline.stages.reproduce import reproduce
 
@@ -274,7 +274,7 @@ def read_wandb_records(path: Path):
     return out
 
 
-@needs_bigbench
+@needs_task_files
 def test_wandb_offline_run_holds_the_report_table(smoke, monkeypatch):
     from pipeline.stages.report import report
 
@@ -320,7 +320,7 @@ def _plain(rec: dict) -> dict:
     return {k: v for k, v in rec.items() if not k.startswith("_")}
 
 
-@needs_bigbench
+@needs_task_files
 def test_records_round_trip_and_rebuild_the_tables(smoke, tmp_path):
     """The smoke runs' metrics.json, predictions and configs, written compressed and read back, give the same paper
     tables (rows, claims with their intervals, each run's provenance) as the run dirs."""
@@ -356,7 +356,7 @@ def test_records_round_trip_and_rebuild_the_tables(smoke, tmp_path):
 
 
 @pytest.mark.slow  # real training subprocesses: tens of seconds
-@needs_bigbench
+@needs_task_files
 def test_report_rebuilds_a_paper_table_from_records_offline(smoke, tmp_path):
     """`python -m pipeline.report ... records=<dir>`: the table from the committed records alone; a dir that is
     not a records dir is one error line and exit 2."""
@@ -403,7 +403,7 @@ def test_reproduce_refuses_unknown_or_dirty_code_unless_allowed(tmp_path):
     assert prov["git_sha"] == "0123abc+dirty" and prov["allow_dirty"] is True
 
 
-@needs_bigbench
+@needs_task_files
 def test_evaluate_gives_each_task_its_answer_budget(smoke, tmp_path):
     """generation.max_new_tokens=auto: each task generates up to its own budget from its gold answers (recorded);
     composite-n sums its sub-tasks' budgets."""
@@ -428,7 +428,7 @@ def test_evaluate_gives_each_task_its_answer_budget(smoke, tmp_path):
                                             for t in ("object_counting", "winowhy"))
 
 
-@needs_bigbench
+@needs_task_files
 def test_evaluate_graph_engine_predicts_what_generate_does(smoke, tmp_path):
     """generation.engine=graph (models.graph_generate; uncaptured on the CPU) writes the same predictions as
     transformers' generate, single tasks (oracle) and composite-2 (EOS held back by a logits processor), and so
@@ -452,7 +452,7 @@ def test_evaluate_graph_engine_predicts_what_generate_does(smoke, tmp_path):
         assert len(preds["graph", False]) >= 2
 
 
-@needs_bigbench
+@needs_task_files
 def test_route_trains_until_the_target_accuracy(smoke, tmp_path):
     """router.train.target_accuracy: the fit stops at the first validation at or above it (steps is the bound);
     the route record keeps the curve and the step; an unreachable target runs every step and says so."""
@@ -487,7 +487,7 @@ def test_route_trains_until_the_target_accuracy(smoke, tmp_path):
         hard["adapters"])
 
 
-@needs_bigbench
+@needs_task_files
 def test_route_with_train_loras_keeps_the_cotrained_adapters_and_evaluate_runs_on_them(smoke, tmp_path):
     """router.train.train_loras=true (MeteoRA's script: gates and LoRA weights trained together): the router dir
     holds the adapters it ended with, as PEFT dirs peft loads, different from the ones it started from, and its

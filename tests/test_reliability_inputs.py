@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.core.global_hydra import GlobalHydra
-from needs_assets import needs_bigbench, needs_tiny_model
+from needs_assets import needs_task_files, needs_tiny_model
 
 from data.assets import cache_dir
 from pipeline.runtime.compose import compose
@@ -446,7 +446,7 @@ def test_composite_answer_list_with_missing_and_extra_numbers_is_counted():
     assert report == {"missing": 1, "extra": 1, "duplicate": 1}
 
 
-@needs_bigbench
+@needs_task_files
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(outputs, tmp_path):
     """lr = 1e30 blows the adapter up: the run stops at the first non-finite loss, the step's checkpoint stays;
     resuming it with another lr is refused (another config), and a truncated checkpoint is refused too."""
@@ -476,7 +476,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(outpu
         resume_point(run)
 
 
-@needs_bigbench
+@needs_task_files
 def test_nan_loss_found_at_the_end_names_the_step_it_happened(outputs, tmp_path):
     """The NaN check is deferred (a step reads nothing back: pipeline/runtime/step_checks.py): with no log line and
     no checkpoint before the last step, the run trains on past the blow-up, then stops naming the step the
@@ -610,7 +610,7 @@ def test_truncated_metrics_json_is_refused_in_one_line(tmp_path):
         read_metrics(tmp_path / "metrics.json")
 
 
-@needs_bigbench
+@needs_task_files
 def test_adapter_damaged_after_training_is_refused_by_its_recorded_checksum(outputs, tmp_path):
     """Same size, one flipped byte: safetensors still loads it, the sha256 in loramux.json does not match."""
     from peft import PeftModel

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from needs_assets import needs_bigbench, needs_tiny_model
+from needs_assets import needs_task_files, needs_tiny_model
 
 from data.assets import cache_dir
 
@@ -110,7 +110,7 @@ def _kill_then_resume(stage, overrides, tmp_path, kill_at, outputs=None, caplog=
     return tmp_path / "ref-run", tmp_path / "run"
 
 
-@needs_bigbench
+@needs_task_files
 def test_finetune_killed_mid_training_resumes_to_the_uninterrupted_adapter(tmp_path, caplog):
     from safetensors.torch import load_file
 
@@ -136,7 +136,7 @@ def adapters(tmp_path_factory):
 
 
 @pytest.mark.parametrize("router", ["meteora"])
-@needs_bigbench
+@needs_task_files
 def test_route_killed_mid_training_resumes_to_the_uninterrupted_router(adapters, tmp_path, router, caplog):
     from safetensors.torch import load_file
 
@@ -149,7 +149,7 @@ def test_route_killed_mid_training_resumes_to_the_uninterrupted_router(adapters,
     assert comparable(ref / "metrics.json") == comparable(run / "metrics.json")
 
 
-@needs_bigbench
+@needs_task_files
 def test_finetune_twice_with_one_seed_gives_identical_metrics_json(tmp_path):
     """Determinism: two uninterrupted runs, same seed -> the same metrics.json (minus the fields above)."""
     overrides = ["task=object_counting", "trainer.max_steps=3"]

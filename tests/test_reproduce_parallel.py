@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from needs_assets import needs_bigbench, needs_tiny_model
+from needs_assets import needs_task_files, needs_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = needs_tiny_model
@@ -34,7 +34,7 @@ def _reproduce(root: Path, dlp_hidden: int, *extra: str) -> subprocess.Completed
 
 
 @pytest.mark.slow  # real training subprocesses: tens of seconds
-@needs_bigbench
+@needs_task_files
 def test_parallel_steps_fail_alone_then_resume(tmp_path):
     exp = tmp_path / "smoke"
     broken = _reproduce(tmp_path, 0, "gpus=[7,9]")  # ids a CPU build ignores: pinning is only printed

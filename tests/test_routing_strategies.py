@@ -8,13 +8,13 @@ import sys
 import textwrap
 
 import pytest
-from needs_assets import needs_bigbench, needs_tiny_model
+from needs_assets import needs_task_files, needs_tiny_model
 
 from data.assets import cache_dir
 from models.tiny import save_random_peft_adapter
 from pipeline.stages.evaluate import evaluate
 
-pytestmark = [needs_tiny_model, needs_bigbench]
+pytestmark = [needs_tiny_model, needs_task_files]
 TASKS = ("object_counting", "winowhy")
 
 STRATEGY = '''

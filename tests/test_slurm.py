@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from needs_assets import needs_bigbench, needs_tiny_model
+from needs_assets import needs_task_files, needs_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 SLURM_DIR = Path(os.environ.get("LORAMUX_SLURM_DIR", "/tmp/loramux-slurm"))
@@ -104,7 +104,7 @@ def _array_id(sweep: Path) -> str:
     return array_id
 
 
-@needs_bigbench
+@needs_task_files
 def test_finetune_sweep_of_two_tasks_on_slurm(cluster, tmp_path):
     overrides = [*SMOKE, *SLURM, f"task={','.join(TASKS)}"]
     proc = subprocess.run([sys.executable, "-c", MULTIRUN, *overrides], check=False, cwd=ROOT,
@@ -173,7 +173,7 @@ def _start_requeued_now(job: str, env: dict, timeout: float = 90.0) -> None:
 
 
 @pytest.mark.slow
-@needs_bigbench
+@needs_task_files
 def test_preempted_job_checkpoints_requeues_and_ends_with_the_same_adapter(cluster, tmp_path):
     """SIGUSR2 (submitit's preemption / time-limit signal) mid-training: the job saves a checkpoint, submitit
     requeues it, it resumes in the same run dir with the same wandb run, and its adapter equals the adapter of the

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from needs_assets import needs_bigbench, needs_tiny_model
+from needs_assets import needs_task_files, needs_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = needs_tiny_model
@@ -54,7 +54,7 @@ def _copy_of(sweep_outputs: Path, dest: Path) -> None:
 
 
 @pytest.mark.slow  # real training subprocesses: tens of seconds
-@needs_bigbench
+@needs_task_files
 def test_finetune_multirun_over_two_tasks(two_task_sweep, tmp_path):
     """`python -m pipeline.finetune -m task=a,b`: two jobs, two adapters, one sweep dir, report aggregates it."""
     out, proc = two_task_sweep
@@ -87,7 +87,7 @@ def test_sweeps_started_in_the_same_second_get_their_own_dirs(tmp_path):
 
 
 @pytest.mark.slow  # real training subprocesses: tens of seconds
-@needs_bigbench
+@needs_task_files
 def test_relaunched_sweep_skips_finished_jobs_and_force_reruns_them(two_task_sweep, tmp_path):
     first_out, first = two_task_sweep  # the first launch: `_sweep(<outputs>, "task=object_counting,winowhy")`
     assert first.returncode == 0, first.stderr[-3000:]

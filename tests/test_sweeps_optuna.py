@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from needs_assets import needs_bigbench, needs_tiny_model
+from needs_assets import needs_task_files, needs_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = needs_tiny_model
 
 
 @pytest.mark.slow  # real training subprocesses: tens of seconds
-@needs_bigbench
+@needs_task_files
 def test_optuna_two_trials_minimise_validation_loss(tmp_path):
     cmd = [sys.executable, "-m", "pipeline.finetune", "experiment=smoke", "task=object_counting",
            "hparams_search=adapter_optuna", "hydra.sweeper.n_trials=2", "logger=none", "print_config=false",
