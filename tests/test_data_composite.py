@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from needs_assets import needs_bigbench
+from needs_assets import needs_bigbench, needs_task_files
 
 from data.composite import (
     INSTRUCTION,
@@ -53,10 +53,10 @@ def test_numbered_answers_round_trip(answers):
     assert parse_composite(_gold_output(answers), len(answers)) == answers
 
 
-@needs_bigbench
+@needs_task_files
 def test_composite3_round_trip_scores_perfect_and_a_dropped_answer_costs_its_row():
-    ds = build_composite("composite3", rows=16)
-    assert ds.column_names == ["prompt", "answers", "subtasks", "sources"] and len(ds) == 16
+    ds = build_composite("composite3", rows=10)
+    assert ds.column_names == ["prompt", "answers", "subtasks", "sources"] and len(ds) == 10
     assert ds[0]["subtasks"] == ["logical_deduction", "question_selection", "strategyqa"]
     outputs = [_gold_output(a) for a in ds["answers"]]
     report = score_composite(outputs, ds)
@@ -70,13 +70,13 @@ def test_composite3_round_trip_scores_perfect_and_a_dropped_answer_costs_its_row
     lines = dropped[0].splitlines(keepends=True)
     dropped[0] = lines[0] + lines[2]  # row 0 loses its answer to sub-task 2
     report = score_composite(dropped, ds)
-    assert report["per_task"]["question_selection"]["accuracy"] == pytest.approx(15 / 16)
+    assert report["per_task"]["question_selection"]["accuracy"] == pytest.approx(9 / 10)
     assert report["per_task"]["question_selection"]["empty"] == 1
     assert report["per_task"]["logical_deduction"]["accuracy"] == 1.0
-    assert report["attempts"] == pytest.approx(3 - 1 / 16) and report["missing"] == 1
+    assert report["attempts"] == pytest.approx(3 - 1 / 10) and report["missing"] == 1
 
 
-@needs_bigbench
+@needs_task_files
 def test_rows_join_the_ith_shuffled_test_prompt_after_the_fixed_examples():
     """Row i = the fixed prefix + the i-th prompt of each sub-task's test rows shuffled by one random.Random(seed)
     stream in sub-task order (MeteoRA's procedure), two blank lines apart; the example rows are never asked."""
@@ -100,7 +100,6 @@ def test_rows_join_the_ith_shuffled_test_prompt_after_the_fixed_examples():
         composite_prefix(["strategyqa", "winowhy"], shots=3)
 
 
-@needs_bigbench
 def test_meteoras_sub_task_lists_and_order():
     assert select("composite3") == ("logical_deduction", "question_selection", "strategyqa")
     assert select("composite5") == ("logical_deduction", "question_selection", "abstract_narrative_understanding",
@@ -245,20 +244,25 @@ def test_golden_single_task_prompts_are_meteoras(task, where):
     assert _sorted_choices(want) in hits
 
 
-@needs_bigbench
+@needs_task_files
 def test_composite10_has_ten_subtasks_and_is_capped_by_the_smallest_test_split():
     ds = build_composite("composite10", rows=500, shots=1)
     assert len(ds[0]["subtasks"]) == 10 and len(ds[0]["answers"]) == 10
-    shot = {r["prompt"] for r in fixed_shots("news_commentary_de", 1)}
-    smallest = sum(r["prompt"] not in shot for r in load_split("news_commentary_de", "test"))
+    sizes = []  # each sub-task's test rows less its example row (on BIG-bench the smallest is news_commentary_de's)
+    for name in select("composite10"):
+        shot = {r["prompt"] for r in fixed_shots(name, 1)}
+        sizes.append(sum(r["prompt"] not in shot for r in load_split(name, "test")))
+    smallest, k = min(sizes), sizes.index(min(sizes))
     assert len(ds) == smallest  # the smallest sub-task test split (less an example row)
+    sizes = [len(load_split(name, "test")) for name in select("composite10")]  # no example rows: whole splits
+    smallest, k, longest = min(sizes), sizes.index(min(sizes)), sizes.index(max(sizes))
     cycled = build_composite("composite10", rows=smallest + 5, shots=0, repeat_short=True)
     assert len(cycled) == smallest + 5 and len(set(cycled["prompt"])) == smallest + 5
-    assert cycled[smallest]["answers"][7] == cycled[0]["answers"][7]  # news_commentary_de wraps around
-    assert cycled[smallest]["answers"][0] != cycled[0]["answers"][0]
+    assert cycled[smallest]["answers"][k] == cycled[0]["answers"][k]  # the smallest wraps around
     # each row names the test row each sub-task's question came from: the cycled one's repeat, the others' do not
-    assert cycled[smallest]["sources"][7] == cycled[0]["sources"][7] == 0
-    assert [r["sources"][0] for r in cycled] == list(range(smallest + 5))
+    assert cycled[smallest]["sources"][k] == cycled[0]["sources"][k] == 0
+    assert cycled[smallest]["sources"][longest] == smallest
+    assert [r["sources"][longest] for r in cycled] == list(range(smallest + 5))
 
 
 def test_bad_composite_input():

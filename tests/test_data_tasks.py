@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from needs_assets import needs_bigbench
+from needs_assets import needs_bigbench, needs_task_files
 
 from data.errors import LoramuxDataError
 from data.task_table import COMPOSITE3, COMPOSITE5, COMPOSITE10, DLP26_MCQ, DLP26_QA
@@ -143,7 +143,7 @@ def test_substitutes_serve_hf_tasks_offline():
     assert len(load_split("cnn_dailymail", "test", max_test=3)) == 3
 
 
-@needs_bigbench
+@needs_task_files
 def test_empty_split_is_one_clear_error():
     with pytest.raises(LoramuxDataError, match=r"split 'val' of task strategyqa is empty .*raise max_val"):
         load_split("strategyqa", "val", max_val=0)
