@@ -10,18 +10,22 @@ registry names (data/task_table.py), a `task.json` of the same schema (`examples
     {"input": "Stand-in winowhy 7: what is 3 plus 12?",
      "target_scores": {"It is 15.": 1, "It is 16.": 0, "It is 13.": 0}}                              # mcq
 
-Each task gets 60 to 180 distinct questions (`ROWS`) (per `comment` filter where several tasks share a dir), the task's kind
-(free text or choices, as the registry says), and, for a task whose composite prompts open with MeteoRA's fixed
-examples (data/composite_shots.py), rows that those examples find, so composite-n builds as on real data.
+Each task gets 60 to 180 distinct questions (`ROWS`; a `comment` of its filter where several tasks share a dir),
+the task's kind (free text or choices, as the registry says), and, for a task whose composite prompts open with
+MeteoRA's fixed examples (data/composite_shots.py), rows that those examples find, so composite-n builds as on real
+data.
 
-These numbers mean nothing about any task. The cache's MANIFEST.json says `"standin": true`, its `source` (which
+These numbers mean nothing about any task. The cache's MANIFEST.json says `"standin": <VERSION>`, its `source` (which
 every run's provenance and every paper table's head carry) says "stand-in", `data.fetch --bigbench` replaces it
 rather than finding it "already present", and tests that read BIG-bench's own content keep `needs_bigbench`
 (tests/needs_assets.py), which a stand-in does not satisfy. The tests build it into a cache of its own
 (`<cache>/standin/`, the models linked from the real cache) and only where the real files are absent.
 
-    from data.standin import fill_standin_cache
-    cache = fill_standin_cache(Path("~/.cache/loramux/standin").expanduser(), models=real_cache / "models")
+    from data.standin import standin_beside
+    os.environ["LORAMUX_CACHE"] = str(standin_beside())    # <cache>/standin, the models linked from <cache>/models
+
+or, in a shell (scripts/offline_gpu/dry_run.sh does so where BIG-bench is absent):
+`export LORAMUX_CACHE=$(python -m data.standin)`.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import tempfile
 from pathlib import Path
 
 from common.atomic import replace_dir
-from data.assets import MANIFEST
+from data.assets import MANIFEST, cache_dir
 from data.composite_shots import SHOTS, SUBSTITUTE_SHOTS, Shot
 from data.task_table import TASKS, bigbench_dirs
 
@@ -143,4 +147,21 @@ def fill_standin_cache(cache: Path, models: Path | None = None) -> Path:
     return cache
 
 
-__all__ = ["ROWS", "SOURCE", "VERSION", "fill_standin_cache", "task_files"]
+def standin_beside(cache: Path | None = None) -> Path:
+    """The stand-in cache that goes with a cache (default: this process's, ``data.assets.cache_dir()``): its
+    ``standin/`` subdir, filled, the models linked from the cache's own ``models/``."""
+    cache = cache_dir() if cache is None else Path(cache)
+    return fill_standin_cache(cache / "standin", models=cache / "models")
+
+
+def main() -> int:
+    """``python -m data.standin``: fill the stand-in beside this cache and print its path (for LORAMUX_CACHE)."""
+    print(standin_beside())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+__all__ = ["ROWS", "SOURCE", "VERSION", "fill_standin_cache", "standin_beside", "task_files"]

@@ -86,10 +86,14 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_terminal_summary(terminalreporter):
-    """Where assets were missing, say at the end how many tests did not run for it, and how to get them: a run
-    with the BIG-bench cache empty (its sdist no longer on the index) must not pass for a whole run unnoticed."""
-    from needs_assets import MISSING_ASSET
+    """Where assets were missing, say at the end that the stand-in task files were read, how many tests did not run
+    for it, and how to get them: a run with the BIG-bench cache empty (its sdist no longer on the index) must not
+    pass for a whole run unnoticed."""
+    from needs_assets import MISSING_ASSET, STANDIN
 
+    if STANDIN is not None:
+        terminalreporter.write_sep("!", "BIG-bench absent: tests over tasks ran on generated stand-in task files "
+                                   f"({STANDIN}, data/standin.py)", yellow=True)
     skipped = [r for r in terminalreporter.stats.get("skipped", [])
                if isinstance(r.longrepr, tuple) and MISSING_ASSET in str(r.longrepr[-1])]
     if skipped:

@@ -28,9 +28,9 @@ REAL_CACHE = cache_dir()  # the cache this run started with (LORAMUX_CACHE, else
 REAL_BIGBENCH = real_bigbench()
 STANDIN = None
 if not REAL_BIGBENCH and os.environ.get("LORAMUX_STANDIN", "1") != "0":
-    from data.standin import fill_standin_cache
+    from data.standin import standin_beside
 
-    STANDIN = fill_standin_cache(REAL_CACHE / "standin", models=REAL_CACHE / "models")
+    STANDIN = standin_beside(REAL_CACHE)
     os.environ["LORAMUX_CACHE"] = str(STANDIN)
 
 _FETCH = ("run `python -m data.fetch --bigbench` (or --bigbench-sdist PATH / --bigbench-dir DIR where the index "
