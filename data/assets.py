@@ -422,7 +422,8 @@ def _write_asset_record(path: Path, **info) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- BIG-bench
-def _read_manifest(root: Path) -> dict | None:
+def read_manifest(root: Path) -> dict | None:
+    """A BIG-bench cache dir's MANIFEST.json, None where it is missing or unreadable."""
     try:
         return json.loads((root / MANIFEST).read_text())
     except (OSError, ValueError):
@@ -454,7 +455,7 @@ def fetch_bigbench(
         raise LoramuxDataError("give one BIG-bench source: --bigbench-sdist or --bigbench-dir, not both")
     want = set(bigbench_dirs(None if tasks is None else list(tasks)))
     root = bigbench_dir()
-    manifest = _read_manifest(root)
+    manifest = read_manifest(root)
     if is_standin(manifest):
         manifest = None  # generated stand-in files (data/standin.py) are replaced whole, never kept as present
     have = set(manifest["dirs"]) if manifest else set()
@@ -504,16 +505,17 @@ def is_standin(manifest: dict | None) -> bool:
     return bool(manifest and manifest.get("standin"))
 
 
-def real_bigbench() -> bool:
-    """Whether the cache holds BIG-bench's own task files (from the sdist or a tree), not a stand-in."""
-    manifest = _read_manifest(bigbench_dir())
+def real_bigbench(cache: Path | None = None) -> bool:
+    """Whether the cache (default: this process's) holds BIG-bench's own task files (from the sdist or a tree), not
+    a stand-in."""
+    manifest = read_manifest(bigbench_dir() if cache is None else Path(cache) / "bigbench")
     return manifest is not None and not is_standin(manifest)
 
 
 def bigbench_source() -> dict | None:
     """Where the cached BIG-bench task files came from (``source``; for the pinned sdist its ``sha256``), read from
     MANIFEST.json: every run's provenance carries it. None where nothing is cached."""
-    manifest = _read_manifest(bigbench_dir())
+    manifest = read_manifest(bigbench_dir())
     if manifest is None:
         return None
     return {"source": manifest.get("source") or f"sdist {manifest.get('sdist')} sha256 {manifest.get('sha256')}",
@@ -597,7 +599,7 @@ def check(deep: bool = True) -> list[str]:
         if not _model_complete(path):
             problems.append(f"model {name} missing or incomplete at {path}: run `python -m data.fetch --model`")
     root = bigbench_dir()
-    manifest = _read_manifest(root)
+    manifest = read_manifest(root)
     if manifest is None:
         problems.append(f"BIG-bench data missing at {root} (no {MANIFEST}): run `python -m data.fetch --bigbench`")
         return problems

@@ -37,7 +37,7 @@ import tempfile
 from pathlib import Path
 
 from common.atomic import replace_dir
-from data.assets import MANIFEST, cache_dir
+from data.assets import MANIFEST, cache_dir, is_standin, read_manifest
 from data.composite_shots import SHOTS, SUBSTITUTE_SHOTS, Shot
 from data.task_table import TASKS, bigbench_dirs
 
@@ -120,13 +120,11 @@ def fill_standin_cache(cache: Path, models: Path | None = None) -> Path:
     staging dir and moves it in with renames (common.atomic.replace_dir), and all write the same bytes."""
     cache = Path(cache)
     root = cache / "bigbench"
-    try:
-        current = json.loads((root / MANIFEST).read_text()).get("standin") == VERSION
-    except (OSError, ValueError):
-        current = False
+    current = (read_manifest(root) or {}).get("standin") == VERSION
     if not current:
         cache.mkdir(parents=True, exist_ok=True)
         staged = Path(tempfile.mkdtemp(prefix=f".standin-{os.getpid()}-", dir=cache))
+        staged.chmod(0o755)  # as a fetched cache: readable by whoever runs the stages (mkdtemp makes it 0700)
         hashes, files = {}, task_files()
         for d, content in sorted(files.items()):
             path = staged / d / "task.json"
@@ -149,8 +147,10 @@ def fill_standin_cache(cache: Path, models: Path | None = None) -> Path:
 
 def standin_beside(cache: Path | None = None) -> Path:
     """The stand-in cache that goes with a cache (default: this process's, ``data.assets.cache_dir()``): its
-    ``standin/`` subdir, filled, the models linked from the cache's own ``models/``."""
+    ``standin/`` subdir, filled, the models linked from the cache's own ``models/``; a stand-in cache is its own."""
     cache = cache_dir() if cache is None else Path(cache)
+    if is_standin(read_manifest(cache / "bigbench")):
+        return fill_standin_cache(cache)  # already a stand-in cache (LORAMUX_CACHE set to one): no nesting
     return fill_standin_cache(cache / "standin", models=cache / "models")
 
 

@@ -17,6 +17,7 @@ counts every asset skip under one banner, so a run that could not read BIG-bench
 """
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -24,13 +25,16 @@ from data.assets import cache_dir, real_bigbench
 
 MISSING_ASSET = "cache missing"  # in every reason below: the summary finds these skips by it
 
-REAL_CACHE = cache_dir()  # the cache this run started with (LORAMUX_CACHE, else ~/.cache/loramux)
-REAL_BIGBENCH = real_bigbench()
+# the cache this run started with (LORAMUX_CACHE, else ~/.cache/loramux): pytest-xdist's workers inherit the
+# switched LORAMUX_CACHE, so the first process leaves the real one in LORAMUX_TEST_REAL_CACHE
+REAL_CACHE = Path(os.environ.get("LORAMUX_TEST_REAL_CACHE") or cache_dir())
+REAL_BIGBENCH = real_bigbench(REAL_CACHE)
 STANDIN = None
 if not REAL_BIGBENCH and os.environ.get("LORAMUX_STANDIN", "1") != "0":
     from data.standin import standin_beside
 
     STANDIN = standin_beside(REAL_CACHE)
+    os.environ["LORAMUX_TEST_REAL_CACHE"] = str(REAL_CACHE)
     os.environ["LORAMUX_CACHE"] = str(STANDIN)
 
 _FETCH = ("run `python -m data.fetch --bigbench` (or --bigbench-sdist PATH / --bigbench-dir DIR where the index "

@@ -102,3 +102,18 @@ def test_needs_bigbench_is_not_met_by_the_stand_in():
         pytest.skip("this run has BIG-bench's own files (or the stand-in is off): nothing to tell apart")
     assert not needs_assets.REAL_BIGBENCH
     assert Path(assets.cache_dir()) == needs_assets.STANDIN and needs_assets.REAL_CACHE != needs_assets.STANDIN
+
+
+def test_the_stand_in_beside_a_stand_in_is_itself(tmp_path, monkeypatch):
+    """A process started with LORAMUX_CACHE already at a stand-in (a pytest-xdist worker, dry_run.sh run twice)
+    gets that cache back, not a stand-in nested inside it."""
+    import subprocess
+    import sys
+
+    first = standin.standin_beside(tmp_path / "real")
+    assert first == tmp_path / "real" / "standin"
+    assert standin.standin_beside(first) == first and not (first / "standin").exists()
+    assert (first / "bigbench").stat().st_mode & 0o777 == 0o755
+    monkeypatch.setenv("LORAMUX_CACHE", str(first))
+    out = subprocess.run([sys.executable, "-m", "data.standin"], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str(first) and not (first / "standin").exists()
