@@ -117,3 +117,18 @@ def test_the_stand_in_beside_a_stand_in_is_itself(tmp_path, monkeypatch):
     monkeypatch.setenv("LORAMUX_CACHE", str(first))
     out = subprocess.run([sys.executable, "-m", "data.standin"], capture_output=True, text=True, check=True).stdout
     assert out.strip() == str(first) and not (first / "standin").exists()
+
+
+def test_the_gpu_packer_refuses_the_stand_in(tmp_path):
+    """scripts/offline_gpu/pack_bigbench.sh ships the cache's task files to a GPU node: never the stand-in's."""
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    cache = standin.standin_beside(tmp_path / "real")
+    packed = root / ".gpubb" / "bb.tgz"
+    before = packed.stat().st_mtime_ns if packed.exists() else None
+    proc = subprocess.run(["bash", "scripts/offline_gpu/pack_bigbench.sh"], cwd=root, capture_output=True, text=True,
+                          env={**os.environ, "LORAMUX_CACHE": str(cache)}, check=False)
+    assert proc.returncode == 2 and "stand-in" in proc.stderr and proc.stderr.count("\n") == 1
+    assert (packed.stat().st_mtime_ns if packed.exists() else None) == before  # what was packed stays as it was
