@@ -145,6 +145,13 @@ def fill_standin_cache(cache: Path, models: Path | None = None) -> Path:
     return cache
 
 
+def names_standin(source) -> bool:
+    """Whether a recorded BIG-bench source (a run's ``provenance.data.bigbench.source``, a table's
+    ``provenance.bigbench``: a string, or a list where runs read several) names this stand-in."""
+    sources = source if isinstance(source, list) else [source]
+    return any(str(s).startswith("stand-in") for s in sources if s)
+
+
 def standin_beside(cache: Path | None = None) -> Path:
     """The stand-in cache that goes with a cache (default: this process's, ``data.assets.cache_dir()``): its
     ``standin/`` subdir, filled, the models linked from the cache's own ``models/``; a stand-in cache is its own."""
@@ -164,4 +171,4 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 
-__all__ = ["ROWS", "SOURCE", "VERSION", "fill_standin_cache", "standin_beside", "task_files"]
+__all__ = ["ROWS", "SOURCE", "VERSION", "fill_standin_cache", "names_standin", "standin_beside", "task_files"]

@@ -160,6 +160,26 @@ def test_a_tables_dir_of_some_tables_only_is_refused_unless_told_to_drop_the_res
         ROOT / "README.md").read_bytes()
 
 
+def test_a_table_made_on_the_stand_in_never_enters_readme(tmp_path, capsys):
+    """A table whose runs read the generated stand-in task files (data/standin.py) is refused in one line, README
+    untouched: its numbers test the plumbing only. No committed table is one."""
+    from data.standin import SOURCE, names_standin
+
+    assert not any(names_standin(json.loads(p.read_text()).get("provenance", {}).get("bigbench"))
+                   for p in TABLES.glob("*.json"))
+    readme = tmp_path / "README.md"
+    shutil.copy(ROOT / "README.md", readme)
+    tables = tmp_path / "tables"
+    shutil.copytree(TABLES, tables)
+    table = json.loads((tables / "dlp_tasks.json").read_text())
+    table["provenance"]["bigbench"] = [SOURCE, "sdist bigbench==1.0.0 sha256 x"]  # one of its runs read it
+    (tables / "dlp_tasks.json").write_text(json.dumps(table))
+    assert main(["--readme", str(readme), "--tables", str(tables)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "dlp_tasks.json" in err and "stand-in" in err
+    assert readme.read_bytes() == (ROOT / "README.md").read_bytes()
+
+
 def test_reclaim_recomputes_a_recordless_tables_claims_from_its_rows_and_refuses_one_with_records(tmp_path, capsys):
     """``python -m pipeline.report.reclaim``: a committed table without records gets its claims again by today's
     rule from its own rows (the rows, provenance and everything else as they were; its page rewritten); a table

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from common.atomic import atomic_write_text
 from common.cli_args import ArgumentParser, user_error
+from data.standin import names_standin
 from pipeline.report.paper_claims import table_claims
 from pipeline.report.paper_tables import _md_cell, _md_table, interval_cell
 from pipeline.stages import e2e_decode as e2e
@@ -227,13 +228,19 @@ BLOCKS = {"claims": claims_block, "kernel_targets": kernel_targets_block, "train
 def blocks(tables_dir) -> dict[str, str]:
     """Every block's text from the committed tables under ``tables_dir`` (and ``<its parent>/demo``). A dir that
     holds no table at all is refused: it is a mistyped path, and every block would say "not committed", which
-    written over the README would drop all its results."""
+    written over the README would drop all its results. So is a table made on the stand-in task files."""
     tables_dir = Path(tables_dir)
     if not tables_dir.is_dir() or not any(tables_dir.glob("*.json")):
         what = ("holds no table (*.json)" if tables_dir.is_dir() else
                 "is a file, not a directory" if tables_dir.exists() else "does not exist")
         raise FileNotFoundError(f"tables dir {str(tables_dir)!r} {what}; give the committed tables' dir, "
                                 f"outputs/tables (--tables, or the report stage's paper_tables_dir=)")
+    standin = [p.stem for p in sorted(tables_dir.glob("*.json"))
+               if names_standin(((_load(p) or {}).get("provenance") or {}).get("bigbench"))]
+    if standin:
+        raise ValueError(f"{', '.join(f'{s}.json' for s in standin)} under {str(tables_dir)!r} were made on the "
+                         f"generated stand-in task files (data/standin.py), not BIG-bench: their numbers test the "
+                         f"plumbing only; rebuild them from runs on BIG-bench before they enter README")
     out = {name: fn(tables_dir).rstrip() for name, fn in BLOCKS.items()}
     out["demo"] = demo_block(tables_dir.parent / "demo")
     return out
