@@ -230,7 +230,7 @@ def download_sdist(spec: str, filename: str, dest: Path) -> Path:
         raise AssetUnavailable(
             f"{spec} is not offered by the package index (simple API: {first}; pip: {e.detail}); give a copy of "
             f"{filename} (--bigbench-sdist PATH), a BIG-bench clone (--bigbench-dir DIR), or set LORAMUX_CACHE to "
-            "an already filled cache") from None
+            "an already filled cache (to see the chain run without it: make demo-standin)") from None
 
 
 def _timed(log: Log, what: str, start: float) -> None:

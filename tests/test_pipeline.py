@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import needs_assets
 import pytest
 import torch
 from hydra.core.global_hydra import GlobalHydra
@@ -184,6 +185,7 @@ def test_report_tables_and_plots(smoke):
     md = (exp / "report.md").read_text()
     for title in ("Adapters (finetune)", "Per-task score by routing strategy", "Composite-2", "End-to-end latency"):
         assert title in md
+    assert ("Task files: stand-in" in md) == (needs_assets.STANDIN is not None)  # a stand-in run's report says so
     header = (exp / "tables" / "tasks.csv").read_text().splitlines()[0].split(",")
     assert header[0] == "task" and {"base", "oracle", "meteora-top2", "dlp", "lora_b"} <= set(header)
     evaluate = _metrics(exp, "evaluate", "oracle")

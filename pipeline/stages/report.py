@@ -29,6 +29,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from common.atomic import atomic_write_text
+from data.standin import SOURCE as STANDIN_SOURCE
+from data.standin import names_standin
 from pipeline.report.paper_tables import PAPER_TABLES, claims_summary, write_paper_table
 from pipeline.report.records import read_records, write_records
 from pipeline.report.render import bar_plot, latency_plot, radar_plot, to_markdown, write_table_files
@@ -70,6 +72,10 @@ def render_report(records: list[dict], out_dir, title: str, tracker=None) -> tup
     tables = build_tables(records)
     parts = [f"# {title}", "", (f"{len(records)} result files, {len(tables)} tables. Each table is also in "
                                 "`tables/<name>.csv`; numbers come from the metrics.json files of this run."), ""]
+    read = [((r.get("provenance") or {}).get("data") or {}).get("bigbench", {}).get("source") for r in records]
+    if names_standin(read):
+        parts += [(f"**Task files: {STANDIN_SOURCE}.** These numbers say whether the chain runs, nothing about a "
+                   "task or a method."), ""]
     for table in tables:
         write_table_files(table, out)
         plot = None
