@@ -307,6 +307,30 @@ def test_a_variant_table_keeps_its_own_file_name(tables, tmp_path):
     assert (tables / "tables" / "dlp_tasks.json").read_bytes() == before
 
 
+def test_a_table_of_stand_in_runs_never_goes_where_the_committed_tables_are(tables, tmp_path):
+    """Runs that read the generated stand-in task files (data/standin.py) get their paper table and records
+    written anywhere but the committed outputs/tables, outputs/records and outputs/demo: one line naming the fix."""
+    import copy
+
+    from data.standin import SOURCE
+    from pipeline.stages.readme_results import ROOT
+    from pipeline.stages.report import collect_records, write_experiment_table
+
+    records = copy.deepcopy(collect_records(tables / "dlp_tasks"))
+    for r in records:  # as the runs record it where the cache is the stand-in (whatever this run's cache is)
+        r["provenance"].setdefault("data", {})["bigbench"] = {"source": SOURCE, "files": 1}
+    for overrides in ([f"paths.output_root={ROOT / 'outputs'}"],  # both the table and the records
+                      [f"paper_tables_dir={tmp_path}", f"records_out={ROOT / 'outputs' / 'records' / 'x'}"],
+                      [f"paper_tables_dir={ROOT / 'outputs' / 'demo' / 'tables'}", f"records_out={tmp_path}"]):
+        GlobalHydra.instance().clear()
+        cfg = compose("report", ["experiment=dlp_tasks", *overrides])
+        with pytest.raises(ValueError, match=r"read the generated stand-in task files .*paths.output_root"):
+            write_experiment_table(cfg, records)
+    GlobalHydra.instance().clear()
+    cfg = compose("report", ["experiment=dlp_tasks", f"paths.output_root={tmp_path}"])
+    assert Path(write_experiment_table(cfg, records)["json"]).parent == tmp_path / "tables"
+
+
 def test_the_oracle_over_cotrained_adapters_is_a_column_where_its_run_exists(tables):
     """An evaluate run labelled oracle-cotrained (router.adapters_from: the oracle over the adapters MeteoRA's gates
     were trained with) adds the peft_cotrained column and its average, read from that run; without it the table

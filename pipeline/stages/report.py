@@ -39,7 +39,7 @@ from pipeline.runtime.entry import CONF_DIR, cli, user_errors
 from pipeline.runtime.metrics_file import find_metrics, read_metrics
 from pipeline.runtime.settings import check_settings
 from pipeline.runtime.stage import StageRun
-from pipeline.stages.readme_results import update_readme
+from pipeline.stages.readme_results import ROOT, update_readme
 
 log = logging.getLogger(__name__)
 SKIP_STAGES = ("report", "reproduce")
@@ -66,14 +66,22 @@ def collect_records(source_dir) -> list[dict]:
     return records
 
 
+#: the folders under outputs/ that git keeps (.gitignore): results people read; never written from stand-in runs
+COMMITTED_OUTPUTS = ("tables", "records", "demo")
+
+
+def bigbench_sources(records: list[dict]) -> list:
+    """Where each run's task files came from (``provenance.data.bigbench.source``; None for a run over no task)."""
+    return [(((r.get("provenance") or {}).get("data") or {}).get("bigbench") or {}).get("source") for r in records]
+
+
 def render_report(records: list[dict], out_dir, title: str, tracker=None) -> tuple[Path, list]:
     """Write tables, plots and report.md into ``out_dir``; mirror them to ``tracker``; return (report, tables)."""
     out = Path(out_dir)
     tables = build_tables(records)
     parts = [f"# {title}", "", (f"{len(records)} result files, {len(tables)} tables. Each table is also in "
                                 "`tables/<name>.csv`; numbers come from the metrics.json files of this run."), ""]
-    read = [((r.get("provenance") or {}).get("data") or {}).get("bigbench", {}).get("source") for r in records]
-    if names_standin(read):
+    if names_standin(bigbench_sources(records)):
         parts += [(f"**Task files: {STANDIN_SOURCE}.** These numbers say whether the chain runs, nothing about a "
                    "task or a method."), ""]
     for table in tables:
@@ -106,6 +114,13 @@ def write_experiment_table(cfg: DictConfig, records: list[dict]) -> dict:
     name = cfg.paper_table
     if not name or str(name) not in PAPER_TABLES:
         return {}
+    committed = [(ROOT / "outputs" / d).resolve() for d in COMMITTED_OUTPUTS]
+    into = [Path(str(d)).resolve() for d in (cfg.paper_tables_dir, cfg.get("records_out") or cfg.paper_tables_dir)]
+    if names_standin(bigbench_sources(records)) and any(c == d or c in d.parents for c in committed for d in into):
+        raise ValueError(f"the runs of {name} read the generated stand-in task files (data/standin.py), not "
+                         f"BIG-bench: their table and records may not go where the committed ones are "
+                         f"({', '.join(f'outputs/{d}' for d in COMMITTED_OUTPUTS)}); give another "
+                         f"paths.output_root (make demo-standin uses outputs/standin)")
     try:
         config = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     except Exception:  # noqa: BLE001 an interpolation only Hydra's runtime resolves: keep it as written
