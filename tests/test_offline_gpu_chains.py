@@ -42,16 +42,21 @@ reproduce() {{  # the finetune steps' run dirs appear at once; all/ finishes, th
 
 
 def _composed_steps(tmp_path, *names, env: dict | None = None, check: bool = True):
-    """Run bench_steps.sh's step functions with ``step`` replaced by one that composes the step's Hydra config
-    (``--cfg job``: printed, nothing run) with this Python: a typo in an override fails here, not on the GPU."""
-    import sys
+    """Run bench_steps.sh's step functions with ``step`` replaced by one that records the step's command line; then
+    compose each recorded ``python3 -m pipeline.<stage> <overrides>`` here, as that stage's ``--cfg job`` prints it
+    (``pipeline.runtime.compose``: the same composition, without a Python process per step), into ``<step>.yaml``:
+    a typo in an override fails here, not on the GPU. A step that runs anything but a pipeline stage fails too."""
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from pipeline.runtime.compose import compose
 
     chains = tmp_path / "scripts" / "offline_gpu" / "chains"
     chains.mkdir(parents=True)
     shutil.copy(CHAINS / "bench_steps.sh", chains / "bench_steps.sh")
     (chains / "common.sh").write_text(f"""
 step() {{ local n=$1; shift; [ "$1" = timeout ] && shift 2; [ "$1" = env ] && {{ shift; while [[ $1 == *=* ]]; do shift; done; }}
-         (cd {CHAINS.parents[2]} && {sys.executable} "${{@:2}}" --cfg job) > {tmp_path}/$n.yaml; }}
+         printf '%s\\0' "${{@:2}}" > {tmp_path}/$n.args; }}
 """)
     (tmp_path / "outputs" / "tables").mkdir(parents=True)
     (tmp_path / "outputs" / "tables" / "e2e_decode.json").write_text("{}")
@@ -60,6 +65,14 @@ step() {{ local n=$1; shift; [ "$1" = timeout ] && shift 2; [ "$1" = env ] && {{
     done = subprocess.run(["bash", "-euc", script], cwd=tmp_path, check=check, timeout=300, env=env,
                           capture_output=not check, text=True)
     assert (tmp_path / "lmx" / "tables" / "e2e_decode.json").is_file()  # the e2e steps' merge base
+    if done.returncode == 0:
+        for args_file in sorted(tmp_path.glob("*.args")):
+            args = args_file.read_text().split("\0")[:-1]
+            assert args[:1] == ["-m"] and args[1].startswith("pipeline."), f"{args_file.stem}: not a stage: {args}"
+            GlobalHydra.instance().clear()
+            cfg = compose(args[1].removeprefix("pipeline."), args[2:])
+            args_file.with_suffix(".yaml").write_text(OmegaConf.to_yaml(cfg))
+        GlobalHydra.instance().clear()
     return done
 
 
