@@ -66,11 +66,13 @@ def call(fn, inp, **kw):
 
 
 def run_with_grads(fn, inp, grad_out, **kw):
-    """Forward and backward of ``fn`` on leaf copies of ``inp``; returns (out, {name: grad})."""
+    """Forward and backward of ``fn`` on leaf copies of ``inp``; returns (out, {name: grad}). An input the output
+    does not read gets autograd's None, which is a zero gradient: zeros here, so a form that does not read it (the
+    reference, where a single token's every slot is empty) compares with one that returns zeros."""
     leaves = {k: (v.detach().clone().requires_grad_(True) if k in DIFF else v) for k, v in inp.items()}
     out = call(fn, leaves, **kw)
     out.backward(grad_out.to(out.dtype))
-    return out.detach(), {k: leaves[k].grad for k in DIFF}
+    return out.detach(), {k: torch.zeros_like(leaves[k]) if leaves[k].grad is None else leaves[k].grad for k in DIFF}
 
 
 def rel_err(a, b):
