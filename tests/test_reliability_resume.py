@@ -122,6 +122,25 @@ def test_finetune_killed_mid_training_resumes_to_the_uninterrupted_adapter(tmp_p
     assert comparable(run / "metrics.json")["metrics"]["steps"] == 8
 
 
+@needs_task_files
+def test_a_run_stopped_by_sigterm_exits_nonzero_checkpointed_and_resumes(tmp_path, caplog):
+    """SIGTERM (``timeout``, ``kill``, scancel): Lightning stops after the step and raises a SystemExit of no code,
+    which a shell reads as success; the run exits 1 with one line naming its checkpoint instead, writes no
+    metrics.json, and the same command resumes it to the end."""
+    overrides = ["task=winowhy", "adapter=dlp", "trainer.max_steps=8", "checkpoint.every_n_steps=100"]
+    cmd = [sys.executable, "-c", KILLER.replace("signal.SIGKILL", "signal.SIGTERM"), "finetune",
+           *_args(overrides, tmp_path / "out"), f"hydra.run.dir={tmp_path / 'run'}"]
+    env = {**os.environ, "KILL_AT_STEP": "3", "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    stopped = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert stopped.returncode == 1, stopped.stderr[-3000:]
+    assert stopped.stderr.strip().splitlines()[-1].startswith("stopped by SIGTERM after step 4, checkpointed in ")
+    assert not (tmp_path / "run" / "metrics.json").exists()
+    assert json.loads((tmp_path / "run" / "checkpoints" / "resume.json").read_text())["step"] == 4
+    run_in_process("finetune", overrides, tmp_path / "out", tmp_path / "run")
+    assert "resuming from" in caplog.text and "(step 4" in caplog.text
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["metrics"]["steps"] == 8
+
+
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory):
     """The smoke experiment's two adapters (random PEFT LoRAs on the tiny model) under a fresh outputs root."""

@@ -326,7 +326,8 @@ class RequeueCheckpoint(L.Callback):
 def fit_resumable(trainer, module, train_dl, val_dl, resume: ResumePoint | None, callback: RequeueCheckpoint) -> None:
     """``trainer.fit`` from ``resume`` (or from scratch); a NaN/inf loss (``FloatingPointError``, raised at a read
     point of the module's ``step_checks``: a log line, a checkpoint, the end of training) ends it with one line that
-    names the step and the last good checkpoint, kept."""
+    names the step and the last good checkpoint, kept. SIGTERM (``timeout``, ``kill``, scancel, preemption) ends it
+    with exit status 1 and one line naming the checkpoint ``RequeueCheckpoint.on_exception`` wrote, never 0."""
     try:
         trainer.fit(module, train_dataloaders=train_dl, val_dataloaders=val_dl,
                     ckpt_path=str(resume.checkpoint) if resume else None)
@@ -334,6 +335,9 @@ def fit_resumable(trainer, module, train_dl, val_dl, resume: ResumePoint | None,
         kept = (f"last good checkpoint: step {callback.saved_step}, kept in {callback.run_dir / CHECKPOINT.parent}"
                 if callback.saved_step else "no checkpoint was written before it (checkpoint.every_n_steps)")
         raise FloatingPointError(f"{e} ({kept})") from None
+    except SIGTERMException:  # Lightning's is a SystemExit with no code: a stopped run would exit 0, as if done
+        raise SystemExit(f"stopped by SIGTERM after step {trainer.global_step}, checkpointed in "
+                         f"{callback.run_dir / CHECKPOINT.parent}: the same command resumes it") from None
 
 
 def _wandb_run_id(trainer) -> str | None:
