@@ -130,16 +130,18 @@ def verify_sha256(path: Path, expected: str, what: str, fix: str = DOWNLOAD_FIX)
 
 
 @contextlib.contextmanager
-def _staging(label: str):
-    """A fresh dir under <cache>/.tmp (same filesystem as the targets, so the final move is one rename). The first
-    write into the cache: a LORAMUX_CACHE that names a file, or a dir this user cannot write, is refused here."""
-    root = cache_dir() / ".tmp"
+def staging(label: str, cache: Path | None = None):
+    """A fresh dir under <cache>/.tmp (``cache``: default this process's; same filesystem as the targets, so the final
+    move is one rename), removed on the way out. The first write into the cache: a LORAMUX_CACHE that names a file,
+    or a dir this user cannot write, is refused here."""
+    cache = cache_dir() if cache is None else Path(cache)
+    root = cache / ".tmp"
     try:
         root.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError, PermissionError) as e:
         blocker = file_in_the_way(root)
         why = f"{blocker} is a file, not a directory" if blocker else e.strerror or type(e).__name__
-        raise LoramuxDataError(f"cannot make the asset cache at {cache_dir()}: {why}; point LORAMUX_CACHE at a "
+        raise LoramuxDataError(f"cannot make the asset cache at {cache}: {why}; point LORAMUX_CACHE at a "
                                f"directory you can write (or unset it: ~/.cache/loramux)") from None
     _remove_stale_staging(root)
     path = Path(tempfile.mkdtemp(prefix=f"{label}-{os.getpid()}-", dir=root))
@@ -249,7 +251,7 @@ def fetch_model(force: bool = False, log: Log = print, gguf: Path | str | None =
         log(f"already present: {final}")
     else:
         start = time.perf_counter()
-        with _staging("model") as tmp:
+        with staging("model") as tmp:
             if gguf is not None:
                 gguf = _local_gguf(Path(gguf), tmp / "gguf")
             else:
@@ -305,7 +307,7 @@ def fetch_gemma(force: bool = False, log: Log = print, gguf: Path | str | None =
         log(f"already present: {final}")
         return final
     start = time.perf_counter()
-    with _staging("gemma") as tmp:
+    with staging("gemma") as tmp:
         if gguf is not None:
             target = _local_gguf(Path(gguf), tmp / "gguf", GEMMA_GGUF, GEMMA_GGUF_SHA256, "--gemma-gguf")
         else:
@@ -406,7 +408,7 @@ def fetch_tiny_model(force: bool = False, log: Log = print) -> Path:
         "rope_parameters": dict(getattr(base, "rope_parameters", None) or {"rope_type": "default", "rope_theta": 1e5}),
     }
     model = random_llama(config, seed=0)
-    with _staging("tiny") as tmp:
+    with staging("tiny") as tmp:
         model.save_pretrained(tmp / TINY_NAME)
         AutoTokenizer.from_pretrained(real).save_pretrained(tmp / TINY_NAME)
         _write_asset_record(tmp / TINY_NAME, source=f"random init (torch seed 0), tokenizer of {MODEL_NAME}",
@@ -465,7 +467,7 @@ def fetch_bigbench(
     if not force:
         want |= have
     start = time.perf_counter()
-    with _staging("bigbench") as tmp:
+    with staging("bigbench") as tmp:
         if source_dir is not None:
             source_dir = Path(source_dir).resolve()
             if not source_dir.is_dir():
@@ -546,7 +548,7 @@ def _copy_task_json(tree: Path, dest: Path, dirs: set[str]) -> dict[str, str]:
             rel = path.relative_to(base).as_posix()
             if _kept(rel, dirs):
                 with open(path, "rb") as src:
-                    files[rel] = _write_hashed(src, dest / rel)
+                    files[rel] = write_hashed(src, dest / rel)
     return files
 
 
@@ -556,7 +558,7 @@ def _kept(rel: str, dirs: set[str]) -> bool:
     return len(parts) <= 3 and ".." not in parts and _wanted("/".join(parts[:-1]), dirs)
 
 
-def _write_hashed(src, target: Path) -> str:
+def write_hashed(src, target: Path) -> str:
     """Copy the stream ``src`` to ``target`` (parents made), hashing it on the way; its sha256."""
     target.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
@@ -579,7 +581,7 @@ def _extract_task_json(archive: Path, dest: Path, dirs: set[str]) -> dict[str, s
                 rel = name[len(BIGBENCH_PREFIX):]
                 if _kept(rel, dirs):
                     with tar.extractfile(member) as src:
-                        files[rel] = _write_hashed(src, dest / rel)
+                        files[rel] = write_hashed(src, dest / rel)
     except (tarfile.TarError, OSError, EOFError) as err:
         raise LoramuxDataError(
             f"cannot read {archive.name} as a .tar.gz ({err}); delete it and re-run `python -m data.fetch --bigbench`"

@@ -30,14 +30,12 @@ or, in a shell (scripts/offline_gpu/dry_run.sh does so where BIG-bench is absent
 
 from __future__ import annotations
 
-import hashlib
+import io
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from common.atomic import replace_dir
-from data.assets import MANIFEST, cache_dir, is_standin, read_manifest
+from data.assets import MANIFEST, cache_dir, is_standin, read_manifest, staging, write_hashed
 from data.composite_shots import SHOTS, SUBSTITUTE_SHOTS, Shot
 from data.task_table import TASKS, bigbench_dirs
 
@@ -77,7 +75,7 @@ def _examples(task, op: int) -> list[dict]:
     ``task_files`` spreads them over the task's dirs where it has several."""
     label = task.name.replace("_", " ")
     mcq = task.kind == "mcq"
-    comment = None if task.bigbench_filter is None else task.bigbench_filter
+    comment = task.bigbench_filter
     out = []
     for i in range(ROWS[op % len(ROWS)]):
         text, value = _question(label, i, op)
@@ -117,25 +115,20 @@ def task_files() -> dict[str, dict]:
 def fill_standin_cache(cache: Path, models: Path | None = None) -> Path:
     """Make ``cache`` a cache whose ``bigbench/`` holds the stand-in (rebuilt only where its version differs) and
     whose ``models`` links to ``models``; returns ``cache``. Several processes may call it at once: each writes a
-    staging dir and moves it in with renames (common.atomic.replace_dir), and all write the same bytes."""
+    staging dir (``data.assets.staging``) and moves it in with renames (common.atomic.replace_dir), and all write
+    the same bytes."""
     cache = Path(cache)
     root = cache / "bigbench"
-    current = (read_manifest(root) or {}).get("standin") == VERSION
-    if not current:
-        cache.mkdir(parents=True, exist_ok=True)
-        staged = Path(tempfile.mkdtemp(prefix=f".standin-{os.getpid()}-", dir=cache))
-        staged.chmod(0o755)  # as a fetched cache: readable by whoever runs the stages (mkdtemp makes it 0700)
-        hashes, files = {}, task_files()
-        for d, content in sorted(files.items()):
-            path = staged / d / "task.json"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            data = json.dumps(content, indent=1).encode()
-            path.write_bytes(data)
-            hashes[f"{d}/task.json"] = hashlib.sha256(data).hexdigest()
-        record = {"source": SOURCE, "standin": VERSION, "sdist": None, "sha256": None,
-                  "dirs": sorted(files), "files": hashes}
-        (staged / MANIFEST).write_text(json.dumps(record, indent=1))
-        replace_dir(staged, root)
+    if (read_manifest(root) or {}).get("standin") != VERSION:
+        with staging("standin", cache) as tmp:  # as a fetch writes the cache: staged, hashed, moved in whole
+            files = task_files()
+            hashes = {f"{d}/task.json": write_hashed(io.BytesIO(json.dumps(content, indent=1).encode()),
+                                                     tmp / "bigbench" / d / "task.json")
+                      for d, content in sorted(files.items())}
+            record = {"source": SOURCE, "standin": VERSION, "sdist": None, "sha256": None,
+                      "dirs": sorted(files), "files": hashes}
+            (tmp / "bigbench" / MANIFEST).write_text(json.dumps(record, indent=1))
+            replace_dir(tmp / "bigbench", root)
     link = cache / "models"
     if models is not None and not link.exists():
         try:

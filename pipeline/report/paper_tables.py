@@ -498,6 +498,12 @@ def run_provenance(rec: dict) -> dict:
             "config": config_of(rec)}
 
 
+def bigbench_sources(records: list[dict]) -> list:
+    """Where each run's BIG-bench task files came from (``provenance.data.bigbench.source``: the pinned sdist, a
+    clone and its commit, or the stand-in; None for a run over no task)."""
+    return [(((r.get("provenance") or {}).get("data") or {}).get("bigbench") or {}).get("source") for r in records]
+
+
 def table_provenance(records: list[dict], config: dict | None, used: set[str] | None = None) -> dict:
     """The table's provenance: versions over all its records, each used run's own provenance and config, and the
     report call's config (``report_config``: where the table was written, not how its numbers were made)."""
@@ -505,8 +511,7 @@ def table_provenance(records: list[dict], config: dict | None, used: set[str] | 
     versions = [p.get("versions", {}) for p in prov]
     times = [wall_time_s(r) for r in records]
     runs = {run_key(r): run_provenance(r) for r in records if used is None or run_key(r) in used}
-    # where the runs' BIG-bench task files came from (the pinned sdist, or a clone and its commit), when they say
-    bigbench = _one_or_all(((p.get("data") or {}).get("bigbench") or {}).get("source") for p in prov)
+    bigbench = _one_or_all(bigbench_sources(records))  # where the runs' task files came from, when they say
     return {**({"bigbench": bigbench} if bigbench else {}),
             "git_sha": _one_or_all(p.get("git_sha") for p in prov),
             "device": _one_or_all(p.get("device") for p in prov),

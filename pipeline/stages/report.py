@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from common.atomic import atomic_write_text
 from data.standin import SOURCE as STANDIN_SOURCE
 from data.standin import names_standin
-from pipeline.report.paper_tables import PAPER_TABLES, claims_summary, write_paper_table
+from pipeline.report.paper_tables import PAPER_TABLES, bigbench_sources, claims_summary, write_paper_table
 from pipeline.report.records import read_records, write_records
 from pipeline.report.render import bar_plot, latency_plot, radar_plot, to_markdown, write_table_files
 from pipeline.report.tables import build_tables
@@ -68,11 +68,6 @@ def collect_records(source_dir) -> list[dict]:
 
 #: the folders under outputs/ that git keeps (.gitignore): results people read; never written from stand-in runs
 COMMITTED_OUTPUTS = ("tables", "records", "demo")
-
-
-def bigbench_sources(records: list[dict]) -> list:
-    """Where each run's task files came from (``provenance.data.bigbench.source``; None for a run over no task)."""
-    return [(((r.get("provenance") or {}).get("data") or {}).get("bigbench") or {}).get("source") for r in records]
 
 
 def render_report(records: list[dict], out_dir, title: str, tracker=None) -> tuple[Path, list]:
