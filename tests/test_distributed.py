@@ -25,7 +25,7 @@ import pytest
 from needs_assets import needs_task_files, needs_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
-pytestmark = [needs_tiny_model, pytest.mark.slow]  # ~2-4 min on 2 busy cores: 11 stage runs
+pytestmark = [needs_tiny_model, needs_task_files, pytest.mark.slow]  # ~2-4 min on 2 busy cores: 11 stage runs
 
 ROUTE = "'router.train.steps=4','router.train.val_rows_per_task=4','router.train.batch_size={bs}'"
 
@@ -80,7 +80,6 @@ def _rel_diff(a: dict, b: dict) -> float:
     return (num / max(sum(float(b[k].norm() ** 2) for k in b), 1e-30)) ** 0.5
 
 
-@needs_task_files
 def test_two_processes_really_ran(runs):
     _, two, log = runs
     assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in log
@@ -88,7 +87,6 @@ def test_two_processes_really_ran(runs):
     assert _metrics(two, "evaluate", "dlp")["processes"] == 2
 
 
-@needs_task_files
 def test_dlp_router_equals_one_process(runs):
     one, two, _ = runs
     # same rows per global step, per-sequence CE averaged over equal halves: the same math (measured 9e-8)
@@ -100,7 +98,6 @@ def test_dlp_router_equals_one_process(runs):
     assert b["router_accuracy"] == pytest.approx(a["router_accuracy"], abs=1e-6)
 
 
-@needs_task_files
 def test_meteora_gates_match_one_process(runs):
     """Through the fused multi-LoRA op. LM loss and gate CE are token means, taken per rank under DDP (per batch in
     validation too), so they weigh tokens a little differently from one process: measured 2e-3 on the gates,
@@ -115,7 +112,6 @@ def test_meteora_gates_match_one_process(runs):
     assert b["router_accuracy"] == pytest.approx(a["router_accuracy"], abs=0.02)
 
 
-@needs_task_files
 def test_finetuned_adapter_matches_one_process(runs):
     """Answer-token mean per rank (see above): LoRA B, which starts at 0 and so is the whole update, agrees to
     7.5% after 4 steps; validation loss to 1.5e-4."""
@@ -129,7 +125,6 @@ def test_finetuned_adapter_matches_one_process(runs):
     assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-3)
 
 
-@needs_task_files
 def test_sharded_evaluation_equals_one_process(runs):
     one, two, _ = runs
     timing = {"gen_seconds", "new_tokens_per_s", "processes"}
@@ -143,7 +138,6 @@ def test_sharded_evaluation_equals_one_process(runs):
         assert {k: v for k, v in b.items() if not timed(k)} == {k: v for k, v in a.items() if not timed(k)}
 
 
-@needs_task_files
 def test_one_wandb_run_and_one_metrics_file_per_job(runs):
     _, two, _ = runs
     jobs = sorted(p.parent for p in two.rglob("metrics.json"))
@@ -153,7 +147,6 @@ def test_one_wandb_run_and_one_metrics_file_per_job(runs):
     assert sorted(p.parent.parent for p in wandb_runs) == jobs
 
 
-@needs_task_files
 def test_scaling_entry_writes_multigpu_tables(runs, tmp_path):
     """`python -m pipeline.scaling` on CPU: route (MeteoRA gates) on 1 process vs DDP on 2 gloo processes at the
     same global batch; writes <out>.json/.md with provenance, loss curves and throughput."""
